@@ -1,0 +1,242 @@
+//! Backend configuration: what the command line (or an embedding program) asks for,
+//! parsed and validated into values the rest of the crate can trust.
+//!
+//! Owns: the syntax of `--port KIND:SOCKET[,SOCKET]`, core lists and MAC addresses, and
+//! every range check. Must not: create sockets or threads.
+
+use std::path::PathBuf;
+
+use crate::device::PortKind;
+use crate::error::{Error, Result};
+
+/// A port and the socket(s) of its device(s).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortSpec {
+    /// What the port does.
+    pub kind: PortKind,
+    /// One socket, or two for `xconnect`.
+    pub sockets: Vec<PathBuf>,
+}
+
+/// Everything the backend needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The ports.
+    pub ports: Vec<PortSpec>,
+    /// Queue pairs per device.
+    pub queue_pairs: u16,
+    /// Connect to listening front-ends instead of listening.
+    pub client: bool,
+    /// One worker per entry, pinned to that CPU (`None`: one unpinned worker).
+    pub cores: Option<Vec<usize>>,
+    /// Spin time without work before a worker sleeps (0: never sleep).
+    pub poll_us: u64,
+    /// Frame size of `gen` ports (without the virtio-net header).
+    pub pkt_size: u16,
+    /// Frames each `gen` device produces before it stops (`None`: unlimited).
+    pub gen_count: Option<u64>,
+    /// `reflect`: swap MAC addresses.
+    pub swap_mac: bool,
+    /// MTU reported in config space.
+    pub mtu: u16,
+    /// MAC of the first device (later devices count up in the last byte).
+    pub mac: [u8; 6],
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            ports: Vec::new(),
+            queue_pairs: 1,
+            client: false,
+            cores: None,
+            poll_us: 50,
+            pkt_size: 64,
+            gen_count: None,
+            swap_mac: false,
+            mtu: 1500,
+            mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+        }
+    }
+}
+
+/// Most queue pairs per device.
+pub const MAX_QUEUE_PAIRS: u16 = 64;
+
+/// Parses `KIND:SOCKET` or `xconnect:SOCKET_A,SOCKET_B`.
+pub fn parse_port(s: &str) -> Result<PortSpec> {
+    let (kind, rest) = s.split_once(':').ok_or_else(|| {
+        Error::Config(format!("port '{s}': expected KIND:SOCKET (e.g. sink:/tmp/vnet.sock)"))
+    })?;
+    let kind = match kind {
+        "sink" => PortKind::Sink,
+        "gen" => PortKind::Gen,
+        "reflect" => PortKind::Reflect,
+        "xconnect" => PortKind::Xconnect,
+        other => {
+            return Err(Error::Config(format!(
+                "unknown port kind '{other}' (expected sink, gen, reflect or xconnect)"
+            )))
+        }
+    };
+    let sockets: Vec<PathBuf> = rest.split(',').map(PathBuf::from).collect();
+    let want = if kind == PortKind::Xconnect { 2 } else { 1 };
+    if sockets.len() != want || sockets.iter().any(|p| p.as_os_str().is_empty()) {
+        return Err(Error::Config(format!(
+            "port '{s}': {} takes {want} socket path{}",
+            kind.name(),
+            if want == 2 { "s separated by a comma" } else { "" }
+        )));
+    }
+    Ok(PortSpec { kind, sockets })
+}
+
+/// Parses a CPU list such as `1`, `0,1` or `0-3`, checked against the CPUs this process
+/// may run on.
+pub fn parse_cores(s: &str) -> Result<Vec<usize>> {
+    let bad = |why: &str| Error::Config(format!("core list '{s}': {why}"));
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (part, part),
+        };
+        let a: usize = a.parse().map_err(|_| bad("expected numbers like 1, 0,1 or 0-3"))?;
+        let b: usize = b.parse().map_err(|_| bad("expected numbers like 1, 0,1 or 0-3"))?;
+        if a > b {
+            return Err(bad("range goes backwards"));
+        }
+        for c in a..=b {
+            if out.contains(&c) {
+                return Err(bad(&format!("cpu {c} listed twice")));
+            }
+            out.push(c);
+        }
+    }
+    let allowed = allowed_cpus();
+    if let Some(c) = out.iter().find(|c| !allowed.contains(c)) {
+        return Err(bad(&format!("cpu {c} is not available (usable: {allowed:?})")));
+    }
+    Ok(out)
+}
+
+/// CPUs this process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: `set` is a plain C struct filled by the kernel; CPU_ISSET only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return (0..std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).collect();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let bad = || Error::Config(format!("MAC address '{s}': expected six hex bytes like 52:54:00:12:34:56"));
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(Error::Config(format!("MAC address '{s}' is a multicast address")));
+    }
+    Ok(mac)
+}
+
+impl Config {
+    /// Checks the values that depend on each other.
+    pub fn validate(&self) -> Result<()> {
+        if self.ports.is_empty() {
+            return Err(Error::Config("no port given (use --port KIND:SOCKET)".into()));
+        }
+        if self.queue_pairs == 0 || self.queue_pairs > MAX_QUEUE_PAIRS {
+            return Err(Error::Config(format!("--queues must be 1..={MAX_QUEUE_PAIRS}")));
+        }
+        if !(68..=9000).contains(&self.mtu) {
+            return Err(Error::Config(format!("--mtu {} out of range 68..=9000", self.mtu)));
+        }
+        let max_pkt = self.mtu as u32 + 14;
+        if (self.pkt_size as u32) < 60 || self.pkt_size as u32 > max_pkt {
+            return Err(Error::Config(format!(
+                "--pkt-size {} out of range 60..={max_pkt} (MTU {} + 14)",
+                self.pkt_size, self.mtu
+            )));
+        }
+        if matches!(&self.cores, Some(c) if c.is_empty()) {
+            return Err(Error::Config("empty core list".into()));
+        }
+        let mut seen: Vec<&PathBuf> = Vec::new();
+        for p in self.ports.iter().flat_map(|p| &p.sockets) {
+            if seen.contains(&p) {
+                return Err(Error::Config(format!("socket {} used twice", p.display())));
+            }
+            seen.push(p);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_parse_and_reject() {
+        assert_eq!(
+            parse_port("sink:/tmp/a.sock").unwrap(),
+            PortSpec { kind: PortKind::Sink, sockets: vec!["/tmp/a.sock".into()] }
+        );
+        assert_eq!(parse_port("xconnect:/a,/b").unwrap().sockets.len(), 2);
+        assert!(parse_port("bogus:/a").unwrap_err().to_string().contains("unknown port kind 'bogus'"));
+        assert!(parse_port("sink").is_err());
+        assert!(parse_port("sink:/a,/b").is_err());
+        assert!(parse_port("xconnect:/a").is_err());
+        assert!(parse_port("gen:").is_err());
+    }
+
+    #[test]
+    fn cores_parse_and_reject() {
+        assert_eq!(parse_cores("0").unwrap(), vec![0]);
+        assert!(parse_cores("x").is_err());
+        assert!(parse_cores("1-0").is_err());
+        assert!(parse_cores("0,0").is_err());
+        assert!(parse_cores("100000").unwrap_err().to_string().contains("not available"));
+    }
+
+    #[test]
+    fn macs_parse_and_reject() {
+        assert_eq!(parse_mac("52:54:00:12:34:56").unwrap(), [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        assert!(parse_mac("52:54:00:12:34").is_err());
+        assert!(parse_mac("zz:54:00:12:34:56").is_err());
+        assert!(parse_mac("01:00:5e:00:00:01").is_err());
+    }
+
+    #[test]
+    fn validate_checks_ranges() {
+        let mut c = Config { ports: vec![parse_port("gen:/tmp/x").unwrap()], ..Config::default() };
+        assert!(c.validate().is_ok());
+        c.pkt_size = 59;
+        assert!(c.validate().is_err());
+        c.pkt_size = 1515;
+        assert!(c.validate().is_err());
+        c.pkt_size = 1514;
+        assert!(c.validate().is_ok());
+        c.queue_pairs = 0;
+        assert!(c.validate().is_err());
+        let dup = Config {
+            ports: vec![parse_port("sink:/a").unwrap(), parse_port("gen:/a").unwrap()],
+            ..Config::default()
+        };
+        assert!(dup.validate().unwrap_err().to_string().contains("used twice"));
+    }
+}

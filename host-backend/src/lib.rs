@@ -1,0 +1,186 @@
+//! A batching vhost-user virtio-net backend: the host side of the data path.
+//!
+//! Front-ends (QEMU, DPDK's virtio-user, our driver's virtio-user mode) connect to one
+//! unix socket per device. Each device belongs to a port (`sink`, `gen`, `reflect`,
+//! `xconnect`); pinned busy-poll workers move packets through a batched split-ring
+//! engine. Everything a guest writes is validated; a bad value breaks only that queue.
+//!
+//! ```no_run
+//! use host_backend::{config::{parse_port, Config}, Backend};
+//! let cfg = Config { ports: vec![parse_port("reflect:/tmp/vnet.sock")?], ..Config::default() };
+//! let backend = Backend::start(cfg)?;
+//! // ... a front-end connects to /tmp/vnet.sock and traffic flows ...
+//! for dev in backend.shutdown() {
+//!     println!("{}", dev.to_json());
+//! }
+//! # Ok::<(), host_backend::Error>(())
+//! ```
+//!
+//! Modules: [`memory`] (guest memory and translation), [`split_ring`] (the device-side
+//! ring engine), [`device`] (device state and the vhost-user handler), [`port`] (what
+//! each port does per burst), [`worker`] (busy-poll threads), [`server`] (sockets),
+//! [`stats`], [`config`].
+
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod memory;
+pub mod port;
+pub mod server;
+pub mod split_ring;
+pub mod stats;
+pub mod worker;
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+pub use error::{Error, Result};
+
+use config::Config;
+use device::{Device, DeviceParams, PortKind};
+use port::Path;
+use server::{Server, ServerHandle};
+use stats::DeviceSnapshot;
+use worker::{Engine, Worker};
+
+/// A running backend.
+pub struct Backend {
+    engine: Arc<Engine>,
+    devices: Vec<Arc<Device>>,
+    workers: Vec<JoinHandle<()>>,
+    servers: Vec<(ServerHandle, JoinHandle<()>)>,
+    started: Instant,
+}
+
+impl Backend {
+    /// Creates the sockets, starts the workers and the control threads.
+    pub fn start(cfg: Config) -> Result<Backend> {
+        cfg.validate()?;
+        let cores: Vec<Option<usize>> = match &cfg.cores {
+            Some(c) => c.iter().map(|&c| Some(c)).collect(),
+            None => vec![None],
+        };
+        let engine = Engine::new(cores.len())?;
+
+        // Devices and the paths that move their traffic.
+        let mut devices = Vec::new();
+        let mut paths = Vec::new();
+        for spec in &cfg.ports {
+            let devs: Vec<Arc<Device>> = spec
+                .sockets
+                .iter()
+                .map(|s| {
+                    let mut mac = cfg.mac;
+                    mac[5] = mac[5].wrapping_add(devices.len() as u8);
+                    let d = Device::new(
+                        DeviceParams {
+                            socket: s.clone(),
+                            kind: spec.kind,
+                            queue_pairs: cfg.queue_pairs,
+                            mac,
+                            mtu: cfg.mtu,
+                        },
+                        engine.clone(),
+                        (spec.kind == PortKind::Gen).then_some(cfg.gen_count).flatten(),
+                    );
+                    devices.push(d.clone());
+                    d
+                })
+                .collect();
+            for p in 0..cfg.queue_pairs {
+                let (rxq, txq) = (2 * p, 2 * p + 1);
+                match spec.kind {
+                    PortKind::Sink => paths.push(Path::sink(&devs[0], txq)),
+                    PortKind::Gen => paths.push(Path::gen(&devs[0], rxq, cfg.pkt_size)),
+                    PortKind::Reflect => {
+                        paths.push(Path::forward(&devs[0], txq, &devs[0], rxq, cfg.swap_mac))
+                    }
+                    PortKind::Xconnect => {
+                        paths.push(Path::forward(&devs[0], txq, &devs[1], rxq, false));
+                        paths.push(Path::forward(&devs[1], txq, &devs[0], rxq, false));
+                    }
+                }
+            }
+        }
+
+        // Sockets first (they can fail on bad paths), before any thread starts.
+        let listeners = if cfg.client {
+            None
+        } else {
+            Some(devices.iter().map(|d| server::listen(&d.params.socket)).collect::<Result<Vec<_>>>()?)
+        };
+
+        // Paths round-robin over workers: every ring is owned by exactly one worker.
+        let mut per_worker: Vec<Vec<Path>> = (0..cores.len()).map(|_| Vec::new()).collect();
+        for (i, p) in paths.into_iter().enumerate() {
+            per_worker[i % cores.len()].push(p);
+        }
+        let mut workers = Vec::new();
+        for (i, (cpu, paths)) in cores.iter().zip(per_worker).enumerate() {
+            workers.push(Worker::new(i, *cpu, paths, engine.clone(), cfg.poll_us).spawn()?);
+        }
+
+        let mut servers = Vec::new();
+        let mut listeners = listeners.map(|l| l.into_iter());
+        for d in &devices {
+            let (srv, handle) = Server::new(d.clone());
+            let name = format!("vnet-ctl-{}", servers.len());
+            let join = match listeners.as_mut().and_then(|l| l.next()) {
+                Some(listener) => {
+                    log::info!("listening on {}", d.params.socket.display());
+                    std::thread::Builder::new().name(name).spawn(move || srv.run_listening(listener))
+                }
+                None => {
+                    let path = d.params.socket.clone();
+                    std::thread::Builder::new().name(name).spawn(move || srv.run_client(path))
+                }
+            }
+            .map_err(|e| Error::Worker(format!("cannot start control thread: {e}")))?;
+            servers.push((handle, join));
+        }
+        Ok(Backend { engine, devices, workers, servers, started: Instant::now() })
+    }
+
+    /// The devices, in command-line order.
+    pub fn devices(&self) -> &[Arc<Device>] {
+        &self.devices
+    }
+
+    /// Statistics of every device now.
+    pub fn snapshot(&self) -> Vec<DeviceSnapshot> {
+        self.devices.iter().map(|d| d.snapshot()).collect()
+    }
+
+    /// Seconds since start.
+    pub fn elapsed_s(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// One statistics line as JSON (the format the README documents).
+    pub fn stats_json(&self, snaps: &[DeviceSnapshot], last: bool) -> String {
+        let devs: Vec<serde_json::Value> = snaps.iter().map(|s| s.to_json()).collect();
+        serde_json::json!({
+            "final": last,
+            "elapsed_s": (self.elapsed_s() * 1000.0).round() / 1000.0,
+            "devices": devs,
+        })
+        .to_string()
+    }
+
+    /// Stops workers and control threads, closes connections, removes the sockets, and
+    /// returns the final statistics.
+    pub fn shutdown(self) -> Vec<DeviceSnapshot> {
+        for (h, _) in &self.servers {
+            h.shutdown();
+        }
+        self.engine.stop();
+        for w in self.workers {
+            let _ = w.join();
+        }
+        for (_, j) in self.servers {
+            let _ = j.join();
+        }
+        self.devices.iter().map(|d| d.snapshot()).collect()
+    }
+}

@@ -1,0 +1,468 @@
+//! Ports: what happens to a device's traffic. Each port is made of paths, and each path
+//! owns the rings it touches (a ring belongs to exactly one path, a path to exactly one
+//! worker), so a burst never needs a lock.
+//!
+//! Owns: the per-burst packet work of `sink` (count and drop), `gen` (generate frames
+//! into the guest's receive buffers), and forwarding from one device's transmit queue to
+//! a receive queue (`reflect`: the same device; `xconnect`: the other device), with
+//! backpressure: a frame waits in the transmit ring until a receive buffer is free.
+//! Must not: talk to the front-end or change device state other than marking a queue
+//! broken (through [`Device::mark_broken`]).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use driver::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
+
+use crate::device::{ActiveRing, Device};
+use crate::split_ring::{copy_chain, gather, scatter, Bad, Chain, DeviceRing, Dir};
+use crate::stats::{BurstCounts, DropReason};
+
+/// Most chains handled per ring per burst.
+pub const BURST: u16 = 64;
+/// Ethernet header length.
+const ETH_HLEN: u64 = 14;
+/// Offset of the generator's magic and sequence number in its frames (after
+/// Ethernet, IPv4 and UDP headers).
+pub const GEN_SEQ_OFFSET: usize = 14 + 20 + 8;
+/// Magic bytes before the sequence number in generated frames.
+pub const GEN_MAGIC: [u8; 4] = *b"VNET";
+
+/// One queue of one device, as a path refers to it.
+pub struct QueueSlot {
+    /// The device.
+    pub dev: Arc<Device>,
+    /// Queue index within the device (even: receive, odd: transmit).
+    pub q: u16,
+    active: Option<ActiveRing>,
+}
+
+impl QueueSlot {
+    fn new(dev: &Arc<Device>, q: u16) -> Self {
+        QueueSlot { dev: dev.clone(), q, active: None }
+    }
+    fn pair(&self) -> usize {
+        self.q as usize / 2
+    }
+    fn ring(&mut self) -> Option<&mut DeviceRing> {
+        self.active.as_mut().map(|a| &mut a.ring)
+    }
+    /// Marks this queue broken and lets go of it.
+    fn fail(&mut self, bad: Bad) {
+        self.active = None;
+        self.dev.mark_broken(self.q, bad);
+    }
+}
+
+/// What a path does per burst.
+pub enum Job {
+    /// Count and drop what the guest transmits on `src`.
+    Sink,
+    /// Fill the guest's receive buffers on `dst` with generated frames.
+    Gen {
+        /// Virtio-net header followed by the frame template; the sequence number is
+        /// patched in per frame.
+        frame: Vec<u8>,
+        /// Next sequence number.
+        seq: u64,
+    },
+    /// Move frames from `src` (a transmit queue) to `dst` (a receive queue).
+    Forward {
+        /// Swap source and destination MAC addresses on the way.
+        swap_mac: bool,
+    },
+}
+
+/// A unit of work a worker runs every loop: one job on the rings it owns.
+pub struct Path {
+    job: Job,
+    src: Option<QueueSlot>,
+    dst: Option<QueueSlot>,
+    a: Box<Chain>,
+    b: Box<Chain>,
+    max_frame: u64,
+}
+
+/// Which side of a path a bad value came from.
+enum Side {
+    Src,
+    Dst,
+}
+
+impl Path {
+    fn new(job: Job, src: Option<QueueSlot>, dst: Option<QueueSlot>, mtu: u16) -> Path {
+        Path {
+            job,
+            src,
+            dst,
+            a: Box::default(),
+            b: Box::default(),
+            // MTU plus Ethernet header plus one VLAN tag.
+            max_frame: mtu as u64 + ETH_HLEN + 4,
+        }
+    }
+
+    /// A sink on `dev`'s transmit queue `q`.
+    pub fn sink(dev: &Arc<Device>, q: u16) -> Path {
+        Path::new(Job::Sink, Some(QueueSlot::new(dev, q)), None, dev.params.mtu)
+    }
+
+    /// A generator of `pkt_size`-byte frames into `dev`'s receive queue `q`.
+    pub fn gen(dev: &Arc<Device>, q: u16, pkt_size: u16) -> Path {
+        let mut frame = vec![0u8; NET_HDR_LEN];
+        frame[NET_HDR_NUM_BUFFERS..NET_HDR_NUM_BUFFERS + 2].copy_from_slice(&1u16.to_le_bytes());
+        frame.extend_from_slice(&udp_frame(dev.params.mac, pkt_size as usize));
+        Path::new(Job::Gen { frame, seq: 0 }, None, Some(QueueSlot::new(dev, q)), dev.params.mtu)
+    }
+
+    /// Forwarding from `src`'s transmit queue `sq` to `dst`'s receive queue `dq`.
+    pub fn forward(src: &Arc<Device>, sq: u16, dst: &Arc<Device>, dq: u16, swap_mac: bool) -> Path {
+        let mtu = src.params.mtu.min(dst.params.mtu);
+        Path::new(
+            Job::Forward { swap_mac },
+            Some(QueueSlot::new(src, sq)),
+            Some(QueueSlot::new(dst, dq)),
+            mtu,
+        )
+    }
+
+    fn slots(&mut self) -> impl Iterator<Item = &mut QueueSlot> {
+        self.src.iter_mut().chain(self.dst.iter_mut())
+    }
+
+    /// Lets go of every ring (their positions are written back to their devices).
+    pub fn detach(&mut self) {
+        for s in self.slots() {
+            if let Some(a) = s.active.take() {
+                s.dev.deactivate(s.q, a);
+            }
+        }
+    }
+
+    /// Takes every ring that may run now.
+    pub fn attach(&mut self) {
+        for s in self.slots() {
+            if s.active.is_none() {
+                s.active = s.dev.activate(s.q);
+            }
+        }
+    }
+
+    /// Whether any of the path's rings is active.
+    pub fn any_active(&self) -> bool {
+        self.src.iter().chain(self.dst.iter()).any(|s| s.active.is_some())
+    }
+
+    /// Raw kick eventfds of the active rings (for the worker's epoll set).
+    pub fn kick_fds(&self, out: &mut Vec<i32>) {
+        use std::os::fd::AsRawFd;
+        for s in self.src.iter().chain(self.dst.iter()) {
+            if let Some(k) = s.active.as_ref().and_then(|a| a.kick.as_ref()) {
+                out.push(k.as_raw_fd());
+            }
+        }
+    }
+
+    /// Enables or suppresses kicks on every active ring; when enabling, returns whether
+    /// work arrived meanwhile.
+    pub fn set_kicks(&mut self, enable: bool) -> bool {
+        let mut arrived = false;
+        for s in self.slots() {
+            if let Some(r) = s.ring() {
+                arrived |= r.set_kicks(enable);
+            }
+        }
+        arrived
+    }
+
+    /// Runs one burst; returns the number of chains it completed.
+    pub fn run(&mut self) -> usize {
+        let res = match self.job {
+            Job::Sink => self.run_sink(),
+            Job::Gen { .. } => self.run_gen(),
+            Job::Forward { swap_mac } => self.run_forward(swap_mac),
+        };
+        match res {
+            Ok(n) => n,
+            Err((side, bad)) => {
+                let slot = match side {
+                    Side::Src => self.src.as_mut(),
+                    Side::Dst => self.dst.as_mut(),
+                };
+                if let Some(s) = slot {
+                    s.fail(bad);
+                }
+                0
+            }
+        }
+    }
+
+    /// Classifies a transmitted chain: the frame length, or why it is dropped.
+    fn tx_frame(chain: &Chain, max_frame: u64) -> Result<u64, DropReason> {
+        if chain.truncated {
+            Err(DropReason::TooManySegments)
+        } else if chain.total < NET_HDR_LEN as u64 + ETH_HLEN {
+            Err(DropReason::ShortFrame)
+        } else if chain.total - NET_HDR_LEN as u64 > max_frame {
+            Err(DropReason::Oversize)
+        } else {
+            Ok(chain.total - NET_HDR_LEN as u64)
+        }
+    }
+
+    fn run_sink(&mut self) -> Result<usize, (Side, Bad)> {
+        let max_frame = self.max_frame;
+        let Some(src) = self.src.as_mut() else {
+            return Ok(0);
+        };
+        let pair = src.pair();
+        let Some(ring) = src.ring() else { return Ok(0) };
+        let n = ring.poll_avail().map_err(|b| (Side::Src, b))?.min(BURST);
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut c = BurstCounts::default();
+        let mut done = 0;
+        let mut failed = None;
+        for i in 0..n {
+            let walked = ring.head(i).and_then(|h| ring.walk(h, Dir::DeviceReads, &mut self.a).map(|_| h));
+            let head = match walked {
+                Ok(h) => h,
+                Err(b) => {
+                    failed = Some(b);
+                    break;
+                }
+            };
+            match Self::tx_frame(&self.a, max_frame) {
+                Ok(len) => {
+                    c.rx_packets += 1;
+                    c.rx_bytes += len;
+                }
+                Err(why) => c.drop(why),
+            }
+            ring.add_used(head, 0);
+            done += 1;
+        }
+        ring.consume(done);
+        ring.publish_used();
+        src.dev.stats[pair].flush_rx(&c);
+        match failed {
+            Some(b) => Err((Side::Src, b)),
+            None => Ok(done as usize),
+        }
+    }
+
+    fn run_gen(&mut self) -> Result<usize, (Side, Bad)> {
+        let Job::Gen { frame, seq } = &mut self.job else {
+            return Ok(0);
+        };
+        let Some(dst) = self.dst.as_mut() else {
+            return Ok(0);
+        };
+        let pair = dst.pair();
+        let dev = dst.dev.clone();
+        let Some(ring) = dst.ring() else { return Ok(0) };
+        let avail = ring.poll_avail().map_err(|b| (Side::Dst, b))?.min(BURST);
+        if avail == 0 {
+            return Ok(0);
+        }
+        let n = dev.take_gen_budget(avail as u64) as u16;
+        let mut c = BurstCounts::default();
+        let mut done = 0u16;
+        let mut dropped = 0u16;
+        let mut failed = None;
+        let need = frame.len() as u64;
+        for i in 0..n {
+            let walked = ring.head(i).and_then(|h| ring.walk(h, Dir::DeviceWrites, &mut self.b).map(|_| h));
+            let head = match walked {
+                Ok(h) => h,
+                Err(b) => {
+                    failed = Some(b);
+                    break;
+                }
+            };
+            let capacity: u64 = self.b.segs().iter().map(|s| s.len as u64).sum();
+            if capacity < need {
+                // The guest's buffer cannot hold the frame: drop the frame, leave the
+                // buffer where it is (as DPDK's vhost does without mergeable buffers).
+                c.drop(DropReason::RxBufferTooSmall);
+                dropped += 1;
+                break;
+            }
+            let at = NET_HDR_LEN + GEN_SEQ_OFFSET + GEN_MAGIC.len();
+            frame[at..at + 8].copy_from_slice(&seq.to_le_bytes());
+            *seq += 1;
+            scatter(&self.b, 0, frame);
+            ring.add_used(head, need as u32);
+            c.tx_packets += 1;
+            c.tx_bytes += need - NET_HDR_LEN as u64;
+            done += 1;
+        }
+        ring.consume(done);
+        ring.publish_used();
+        dev.stats[pair].flush_tx(&c);
+        dev.generated.fetch_add((done + dropped) as u64, Ordering::Relaxed);
+        dev.return_gen_budget((n - done - dropped) as u64);
+        match failed {
+            Some(b) => Err((Side::Dst, b)),
+            None => Ok(done as usize),
+        }
+    }
+
+    fn run_forward(&mut self, swap_mac: bool) -> Result<usize, (Side, Bad)> {
+        let max_frame = self.max_frame;
+        let (Some(src), Some(dst)) = (self.src.as_mut(), self.dst.as_mut()) else {
+            return Ok(0);
+        };
+        let (spair, dpair) = (src.pair(), dst.pair());
+        let (sdev, ddev) = (src.dev.clone(), dst.dev.clone());
+        let Some(sring) = src.active.as_mut().map(|a| &mut a.ring) else {
+            return Ok(0);
+        };
+        let ntx = sring.poll_avail().map_err(|b| (Side::Src, b))?.min(BURST);
+        if ntx == 0 {
+            return Ok(0);
+        }
+        let mut dring = dst.active.as_mut().map(|a| &mut a.ring);
+        let nrx = match dring.as_deref_mut() {
+            Some(r) => r.poll_avail().map_err(|b| (Side::Dst, b))?,
+            None => 0,
+        };
+        let peer_down = dring.is_none();
+        let mut sc = BurstCounts::default();
+        let mut dc = BurstCounts::default();
+        let (mut tx_done, mut rx_done) = (0u16, 0u16);
+        let mut failed = None;
+        for i in 0..ntx {
+            if !peer_down && rx_done == nrx {
+                break; // backpressure: the frame waits for a receive buffer
+            }
+            let walked = sring.head(i).and_then(|h| sring.walk(h, Dir::DeviceReads, &mut self.a).map(|_| h));
+            let th = match walked {
+                Ok(h) => h,
+                Err(b) => {
+                    failed = Some((Side::Src, b));
+                    break;
+                }
+            };
+            let len = match Self::tx_frame(&self.a, max_frame) {
+                Ok(len) => len,
+                Err(why) => {
+                    sc.drop(why);
+                    sring.add_used(th, 0);
+                    tx_done += 1;
+                    continue;
+                }
+            };
+            sc.rx_packets += 1;
+            sc.rx_bytes += len;
+            let Some(dr) = dring.as_deref_mut() else {
+                sc.drop(DropReason::PeerDown);
+                sring.add_used(th, 0);
+                tx_done += 1;
+                continue;
+            };
+            let walked = dr.head(rx_done).and_then(|h| dr.walk(h, Dir::DeviceWrites, &mut self.b).map(|_| h));
+            let rh = match walked {
+                Ok(h) => h,
+                Err(b) => {
+                    // The frame stays in the transmit ring; only the receive side is broken.
+                    sc.rx_packets -= 1;
+                    sc.rx_bytes -= len;
+                    failed = Some((Side::Dst, b));
+                    break;
+                }
+            };
+            let need = NET_HDR_LEN as u64 + len;
+            let capacity: u64 = self.b.segs().iter().map(|s| s.len as u64).sum();
+            sring.add_used(th, 0);
+            tx_done += 1;
+            if capacity < need {
+                dc.drop(DropReason::RxBufferTooSmall);
+                break; // the receive buffer stays; this frame is dropped
+            }
+            let mut hdr = [0u8; NET_HDR_LEN];
+            hdr[NET_HDR_NUM_BUFFERS..NET_HDR_NUM_BUFFERS + 2].copy_from_slice(&1u16.to_le_bytes());
+            scatter(&self.b, 0, &hdr);
+            copy_chain(&self.a, NET_HDR_LEN, &self.b, NET_HDR_LEN, len as usize);
+            if swap_mac {
+                let mut macs = [0u8; 12];
+                gather(&self.a, NET_HDR_LEN, &mut macs);
+                macs.rotate_left(6);
+                scatter(&self.b, NET_HDR_LEN, &macs);
+            }
+            dr.add_used(rh, need as u32);
+            rx_done += 1;
+            dc.tx_packets += 1;
+            dc.tx_bytes += len;
+        }
+        sring.consume(tx_done);
+        sring.publish_used();
+        if let Some(dr) = dring {
+            dr.consume(rx_done);
+            dr.publish_used();
+        }
+        sdev.stats[spair].flush_rx(&sc);
+        ddev.stats[dpair].flush_tx(&dc);
+        match failed {
+            Some(f) => Err(f),
+            None => Ok(tx_done as usize),
+        }
+    }
+}
+
+/// A UDP/IPv4 frame of `len` bytes (60 ≤ len) from 10.0.0.1:9 to 10.0.0.2:9, destined to
+/// `dst_mac`, whose payload starts with [`GEN_MAGIC`] and an 8-byte little-endian
+/// sequence number (patched per frame). The IPv4 header checksum is valid; the UDP
+/// checksum is 0 (none), which IPv4 allows.
+pub fn udp_frame(dst_mac: [u8; 6], len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[0..6].copy_from_slice(&dst_mac);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip_len = (len - 14) as u16;
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+    ip[8] = 64; // TTL
+    ip[9] = 17; // UDP
+    ip[12..16].copy_from_slice(&[10, 0, 0, 1]);
+    ip[16..20].copy_from_slice(&[10, 0, 0, 2]);
+    let csum = ipv4_checksum(ip);
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    let udp = &mut f[34..42];
+    udp[0..2].copy_from_slice(&9u16.to_be_bytes());
+    udp[2..4].copy_from_slice(&9u16.to_be_bytes());
+    udp[4..6].copy_from_slice(&(ip_len - 20).to_be_bytes());
+    f[GEN_SEQ_OFFSET..GEN_SEQ_OFFSET + 4].copy_from_slice(&GEN_MAGIC);
+    for (i, b) in f[GEN_SEQ_OFFSET + 12..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    f
+}
+
+/// The IPv4 header checksum (RFC 791) of `hdr` with its checksum field zero.
+pub fn ipv4_checksum(hdr: &[u8]) -> u16 {
+    let mut sum: u32 =
+        hdr.chunks(2).map(|w| u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]) as u32).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_frame_is_valid_udp_ipv4() {
+        let f = udp_frame([2, 0, 0, 0, 0, 2], 64);
+        assert_eq!(f.len(), 64);
+        assert_eq!(&f[12..14], &[0x08, 0x00]);
+        assert_eq!(ipv4_checksum(&f[14..34]), 0, "a valid header sums to 0xffff");
+        assert_eq!(u16::from_be_bytes([f[16], f[17]]), 50);
+        assert_eq!(u16::from_be_bytes([f[38], f[39]]), 30);
+        assert_eq!(&f[GEN_SEQ_OFFSET..GEN_SEQ_OFFSET + 4], b"VNET");
+    }
+}

@@ -1,0 +1,146 @@
+//! The control plane of one device: its vhost-user socket and the thread that serves it.
+//!
+//! Owns: listening (socket created mode 0600) or connecting (`--client`), accepting one
+//! front-end at a time, running the `vhost` crate's request loop against the device's
+//! [`Handler`], and resetting the device when the front-end goes away.
+//! Must not: touch rings or guest memory (the device and workers do).
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use log::{info, warn};
+use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
+
+use crate::device::{Device, Handler};
+use crate::error::{Error, Result};
+
+/// Creates the listening socket for `path`, readable and writable by its owner only.
+pub fn listen(path: &Path) -> Result<Listener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(Error::Socket {
+                path: path.into(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "directory does not exist"),
+            });
+        }
+    }
+    if path.as_os_str().len() >= 108 {
+        return Err(Error::Config(format!("socket path {} is longer than 107 bytes", path.display())));
+    }
+    // The umask applies to the bind(2) inside `Listener::new`, so the socket never
+    // exists with wider permissions. Sockets are created before any worker thread runs.
+    // SAFETY: umask has no memory effects.
+    let old = unsafe { libc::umask(0o177) };
+    let res = Listener::new(path, true);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    res.map_err(|e| Error::Socket { path: path.into(), source: std::io::Error::other(e.to_string()) })
+}
+
+/// Serves one device until `stop` is set.
+pub struct Server {
+    device: Arc<Device>,
+    stop: Arc<AtomicBool>,
+    /// A clone of the current connection, so `shutdown` can unblock the request loop.
+    conn: Arc<Mutex<Option<UnixStream>>>,
+}
+
+/// Handle to stop a [`Server`] thread.
+#[derive(Clone)]
+pub struct ServerHandle {
+    stop: Arc<AtomicBool>,
+    conn: Arc<Mutex<Option<UnixStream>>>,
+}
+
+impl ServerHandle {
+    /// Stops accepting and closes the current connection.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Server {
+    /// A server for `device`.
+    pub fn new(device: Arc<Device>) -> (Server, ServerHandle) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let conn = Arc::new(Mutex::new(None));
+        (Server { device, stop: stop.clone(), conn: conn.clone() }, ServerHandle { stop, conn })
+    }
+
+    /// Accepts front-ends on `listener` one after another. (The `vhost` crate's
+    /// `BackendListener` serves a single connection, so we accept ourselves and hand
+    /// each stream to a `BackendReqHandler`.)
+    pub fn run_listening(self, listener: Listener) {
+        let handler = Arc::new(Handler(self.device.clone()));
+        if let Err(e) = listener.set_nonblocking(true) {
+            warn!("{}: {e}", self.device.params.socket.display());
+        }
+        while !self.stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok(Some(stream)) => self.serve(BackendReqHandler::from_stream(stream, handler.clone())),
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => {
+                    warn!("{}: accept: {e}", self.device.params.socket.display());
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+
+    /// Connects to a listening front-end at `path`, and again after each disconnect.
+    pub fn run_client(self, path: PathBuf) {
+        let handler = Arc::new(Handler(self.device.clone()));
+        let mut waiting_logged = false;
+        while !self.stop.load(Ordering::Relaxed) {
+            match UnixStream::connect(&path) {
+                Ok(stream) => {
+                    waiting_logged = false;
+                    self.serve(BackendReqHandler::from_stream(stream, handler.clone()));
+                }
+                Err(e) => {
+                    if !waiting_logged {
+                        info!("{}: waiting for the front-end to listen ({e})", path.display());
+                        waiting_logged = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    fn serve(&self, mut conn: BackendReqHandler<Handler>) {
+        if let Ok(c) = conn.try_clone_connection() {
+            // Accepted sockets inherit the listener's non-blocking mode; the request
+            // loop wants blocking reads.
+            let _ = c.set_nonblocking(false);
+            *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+        }
+        self.device.connect();
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            match conn.handle_request() {
+                Ok(()) => {}
+                Err(VuError::Disconnected) | Err(VuError::PartialMessage) => break,
+                Err(VuError::SocketBroken(_)) => break,
+                Err(e) => {
+                    // A protocol error from the front-end: drop this connection, keep serving.
+                    warn!(
+                        "{}: vhost-user error: {e}; closing the connection",
+                        self.device.params.socket.display()
+                    );
+                    break;
+                }
+            }
+        }
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.device.disconnect();
+    }
+}

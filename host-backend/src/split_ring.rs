@@ -1,0 +1,547 @@
+//! The device side of a split virtqueue, written for batching (virtio 1.2 §2.7).
+//!
+//! Owns: one queue's ring pointers (translated once at activation), its private indices
+//! (`last_avail`, the shadow used index), the avail/used/notification protocol and the
+//! validation of everything the driver wrote: indices, heads, `next` links, chain
+//! lengths, indirect tables, buffer directions and addresses.
+//! Must not: decide what a packet means (the ports do), allocate, lock, or make a
+//! syscall other than the one call-eventfd write a burst may need.
+//!
+//! Shared ring memory is only touched through raw pointers with atomic or volatile
+//! accesses; no Rust reference into it is ever formed. The orderings:
+//! * `avail.idx` is loaded with `Acquire` once per burst: it pairs with the driver's
+//!   release (write barrier) after it wrote the avail entries and descriptors, so every
+//!   entry and descriptor read after that load is what the driver published.
+//! * Used elements are written with volatile stores and published by one `Release`
+//!   store of `used.idx` per burst: packet data written into device-writable buffers and
+//!   the elements themselves become visible to the driver before the new index.
+//! * Before reading `used_event` / `avail.flags` to decide whether to notify, and before
+//!   re-checking `avail.idx` after re-enabling kicks, a `SeqCst` fence orders our store
+//!   before that load (store→load), pairing with the driver's full barrier on its side,
+//!   so neither side can miss the other's update.
+//!
+//! A burst looks like: [`DeviceRing::poll_avail`] (one acquire load), [`DeviceRing::head`]
+//! and [`DeviceRing::walk`] over the run of new entries, [`DeviceRing::add_used`] per
+//! finished chain, [`DeviceRing::consume`], then one [`DeviceRing::publish_used`].
+
+use std::sync::atomic::{fence, AtomicU16, Ordering};
+use std::sync::Arc;
+
+use driver::layout::{self, Descriptor, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+
+use crate::memory::{GuestMemory, Hint};
+
+/// Most segments one chain may map to. Longer (valid) chains are dropped, counted as
+/// `too_many_segments`, and returned to the driver; they do not break the queue.
+pub const MAX_SEGS: usize = 64;
+/// Largest indirect table accepted, in descriptors. The spec sets no limit; a larger
+/// table is treated as malformed so that one chain cannot make us walk megabytes.
+pub const MAX_INDIRECT: u32 = 1024;
+
+/// A value the driver wrote that breaks the protocol. The queue that saw it is marked
+/// broken and is not touched again until the front-end sets it up anew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bad {
+    /// `avail.idx` moved by more than the ring size since we last consumed.
+    AvailJump { last_avail: u16, avail: u16 },
+    /// An avail entry names a head `>= size`.
+    HeadOutOfRange { head: u16 },
+    /// A `next` link points outside its table.
+    NextOutOfRange { next: u16 },
+    /// A chain is longer than its table (so it loops).
+    ChainTooLong,
+    /// A buffer lies (partly) outside guest memory or its address wraps.
+    BadAddress { addr: u64, len: u32 },
+    /// An indirect descriptor without the feature, with `NEXT`, inside an indirect
+    /// table, or with a length that is zero, not a multiple of 16 or too large.
+    BadIndirect { len: u32 },
+    /// An indirect table outside guest memory (or across a region boundary).
+    IndirectAddress { addr: u64, len: u32 },
+    /// A device-writable buffer on a queue the device reads, or the reverse.
+    Direction,
+    /// The ring areas are misaligned or outside guest memory.
+    RingAddress,
+}
+
+impl std::fmt::Display for Bad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Bad::AvailJump { last_avail, avail } => {
+                write!(f, "avail idx jumped from {last_avail} to {avail}, more than the ring size")
+            }
+            Bad::HeadOutOfRange { head } => write!(f, "head index {head} out of range"),
+            Bad::NextOutOfRange { next } => write!(f, "next index {next} out of range"),
+            Bad::ChainTooLong => write!(f, "descriptor chain loops or is longer than its table"),
+            Bad::BadAddress { addr, len } => {
+                write!(f, "buffer {addr:#x}+{len:#x} outside guest memory")
+            }
+            Bad::BadIndirect { len } => write!(f, "malformed indirect descriptor (len {len})"),
+            Bad::IndirectAddress { addr, len } => {
+                write!(f, "indirect table {addr:#x}+{len:#x} outside guest memory")
+            }
+            Bad::Direction => write!(f, "buffer direction does not match the queue"),
+            Bad::RingAddress => write!(f, "ring areas misaligned or outside guest memory"),
+        }
+    }
+}
+
+/// Which buffers a queue must carry: the device reads the transmit queue and writes the
+/// receive queue (§5.1.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// Every descriptor must be device-readable (a transmit queue).
+    DeviceReads,
+    /// Every descriptor must be device-writable (a receive queue).
+    DeviceWrites,
+}
+
+/// One contiguous piece of a buffer, in this process's address space.
+#[derive(Debug, Clone, Copy)]
+pub struct Seg {
+    /// Start of the piece (inside a guest memory mapping).
+    pub ptr: *mut u8,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// The buffers of one walked chain.
+pub struct Chain {
+    segs: [Seg; MAX_SEGS],
+    n: usize,
+    /// Total bytes over all descriptors (also those past `MAX_SEGS`).
+    pub total: u64,
+    /// More than `MAX_SEGS` pieces: `segs` holds only the first ones.
+    pub truncated: bool,
+}
+
+// SAFETY: a `Chain` is scratch space: its pointers are only dereferenced during the
+// burst that filled them, by the thread that owns the ring (and the `Arc<GuestMemory>`
+// keeping the mapping alive). Moving the empty or stale scratch to a worker is harmless.
+unsafe impl Send for Chain {}
+
+impl Default for Chain {
+    fn default() -> Self {
+        Chain {
+            segs: [Seg { ptr: std::ptr::null_mut(), len: 0 }; MAX_SEGS],
+            n: 0,
+            total: 0,
+            truncated: false,
+        }
+    }
+}
+
+impl Chain {
+    /// The recorded pieces.
+    pub fn segs(&self) -> &[Seg] {
+        &self.segs[..self.n]
+    }
+    fn clear(&mut self) {
+        self.n = 0;
+        self.total = 0;
+        self.truncated = false;
+    }
+    fn push(&mut self, ptr: *mut u8, len: u32) {
+        if self.n < MAX_SEGS {
+            self.segs[self.n] = Seg { ptr, len };
+            self.n += 1;
+        } else {
+            self.truncated = true;
+        }
+    }
+}
+
+/// Host addresses of the three ring areas of one queue.
+#[derive(Debug, Clone, Copy)]
+pub struct RingAreas {
+    /// Descriptor table.
+    pub desc: *mut u8,
+    /// Driver area (avail ring).
+    pub avail: *mut u8,
+    /// Device area (used ring).
+    pub used: *mut u8,
+}
+
+/// The device side of one split virtqueue, owned by exactly one worker.
+pub struct DeviceRing {
+    areas: RingAreas,
+    size: u16,
+    mask: u16,
+    last_avail: u16,
+    used_idx: u16,
+    pending_used: u16,
+    avail_cached: u16,
+    event_idx: bool,
+    indirect: bool,
+    mem: Arc<GuestMemory>,
+    hint: Hint,
+    notify_fd: Option<i32>,
+    /// Calls made to the driver (used-buffer notifications).
+    pub calls: u64,
+}
+
+// SAFETY: the raw pointers point into `mem`'s mappings, which the `Arc` keeps alive; a
+// `DeviceRing` is moved to its worker once and used by that thread only.
+unsafe impl Send for DeviceRing {}
+
+/// How a ring is placed and negotiated, as the control plane knows it.
+#[derive(Debug, Clone)]
+pub struct RingConfig {
+    /// Queue size (a power of two).
+    pub size: u16,
+    /// Front-end virtual addresses of the three areas.
+    pub desc_uva: u64,
+    /// Driver area.
+    pub avail_uva: u64,
+    /// Device area.
+    pub used_uva: u64,
+    /// Where to resume (`SET_VRING_BASE`).
+    pub base: u16,
+    /// `VIRTIO_RING_F_EVENT_IDX` negotiated.
+    pub event_idx: bool,
+    /// `VIRTIO_RING_F_INDIRECT_DESC` negotiated.
+    pub indirect: bool,
+}
+
+impl DeviceRing {
+    /// Translates and validates the ring areas and builds the ring, resuming at
+    /// `cfg.base` with every earlier buffer already used (the vhost-user convention:
+    /// the used index starts at the base). `call_fd` is the driver's call eventfd.
+    pub fn new(cfg: &RingConfig, mem: Arc<GuestMemory>, call_fd: Option<i32>) -> Result<Self, Bad> {
+        let size = cfg.size;
+        if size == 0 || !size.is_power_of_two() || size > layout::MAX_QUEUE_SIZE {
+            return Err(Bad::RingAddress);
+        }
+        if cfg.desc_uva % layout::DESC_ALIGN != 0
+            || cfg.avail_uva % layout::AVAIL_ALIGN != 0
+            || cfg.used_uva % layout::USED_ALIGN != 0
+        {
+            return Err(Bad::RingAddress);
+        }
+        let desc = mem.uva_to_host(cfg.desc_uva, layout::desc_table_bytes(size) as u64);
+        let avail = mem.uva_to_host(cfg.avail_uva, layout::avail_bytes(size) as u64);
+        let used = mem.uva_to_host(cfg.used_uva, layout::used_bytes(size) as u64);
+        let (Some(desc), Some(avail), Some(used)) = (desc, avail, used) else {
+            return Err(Bad::RingAddress);
+        };
+        let mut ring = DeviceRing {
+            areas: RingAreas { desc, avail, used },
+            size,
+            mask: size - 1,
+            last_avail: cfg.base,
+            used_idx: cfg.base,
+            pending_used: 0,
+            avail_cached: cfg.base,
+            event_idx: cfg.event_idx,
+            indirect: cfg.indirect,
+            mem,
+            hint: 0,
+            notify_fd: call_fd,
+            calls: 0,
+        };
+        // Publish where we stand, so a driver that restarts reads a consistent used idx.
+        ring.u16_at(ring.areas.used, layout::USED_IDX).store(cfg.base, Ordering::Release);
+        ring.set_kicks(false);
+        Ok(ring)
+    }
+
+    /// Queue size.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+    /// The next avail slot the device will consume (what `GET_VRING_BASE` reports).
+    pub fn last_avail(&self) -> u16 {
+        self.last_avail
+    }
+    /// The used index published so far.
+    pub fn used_idx(&self) -> u16 {
+        self.used_idx
+    }
+
+    #[inline]
+    fn u16_at(&self, area: *mut u8, off: usize) -> &AtomicU16 {
+        // SAFETY: `area + off` lies inside a ring area validated in `new` (all offsets
+        // used are within `avail_bytes`/`used_bytes`), is 2-byte aligned (area alignment
+        // was checked and every offset is even), and the mapping outlives `self`.
+        // `AtomicU16` may alias memory another process writes: that is what atomics are for.
+        unsafe { AtomicU16::from_ptr(area.add(off) as *mut u16) }
+    }
+
+    /// Loads `avail.idx` once (`Acquire`, see the module comment) and returns how many
+    /// new chains the driver has made available, or `Bad::AvailJump`.
+    #[inline]
+    pub fn poll_avail(&mut self) -> Result<u16, Bad> {
+        let avail = self.u16_at(self.areas.avail, layout::AVAIL_IDX).load(Ordering::Acquire);
+        let n = avail.wrapping_sub(self.last_avail);
+        if n > self.size {
+            return Err(Bad::AvailJump { last_avail: self.last_avail, avail });
+        }
+        self.avail_cached = avail;
+        Ok(n)
+    }
+
+    /// Chains known to be available since the last [`poll_avail`](Self::poll_avail),
+    /// without touching shared memory.
+    #[inline]
+    pub fn cached_avail(&self) -> u16 {
+        self.avail_cached.wrapping_sub(self.last_avail)
+    }
+
+    /// The head index of the `i`-th unconsumed avail entry (`i` < the value
+    /// [`poll_avail`](Self::poll_avail) returned), validated against the ring size.
+    #[inline]
+    pub fn head(&self, i: u16) -> Result<u16, Bad> {
+        let slot = self.last_avail.wrapping_add(i) & self.mask;
+        // SAFETY: `avail_entry(slot)` with `slot < size` is inside the driver area;
+        // 2-byte aligned; the entry was published before the avail idx we acquired.
+        let head =
+            unsafe { std::ptr::read_volatile(self.areas.avail.add(layout::avail_entry(slot)) as *const u16) };
+        let head = u16::from_le(head);
+        if head >= self.size {
+            return Err(Bad::HeadOutOfRange { head });
+        }
+        Ok(head)
+    }
+
+    #[inline]
+    fn read_desc(table: *const u8, i: u16) -> Descriptor {
+        // SAFETY: callers pass `i` below the table length they validated against the
+        // mapping (`size` for the main table, `len / 16` for an indirect table); the
+        // read is volatile because the driver owns this memory.
+        let raw =
+            unsafe { std::ptr::read_volatile(table.add(i as usize * layout::DESC_SIZE) as *const [u8; 16]) };
+        Descriptor::from_le_bytes(raw)
+    }
+
+    /// Walks the chain starting at `head`, checking every link, direction and address,
+    /// and records its buffers in `out`.
+    pub fn walk(&mut self, head: u16, dir: Dir, out: &mut Chain) -> Result<(), Bad> {
+        out.clear();
+        let mut table = self.areas.desc as *const u8;
+        let mut table_len = self.size as u32;
+        let mut idx = head;
+        let mut seen: u32 = 0;
+        let mut in_indirect = false;
+        loop {
+            seen += 1;
+            if seen > table_len {
+                return Err(Bad::ChainTooLong);
+            }
+            let d = Self::read_desc(table, idx);
+            if d.flags & DESC_F_INDIRECT != 0 {
+                if in_indirect
+                    || !self.indirect
+                    || d.flags & DESC_F_NEXT != 0
+                    || d.len == 0
+                    || d.len % layout::DESC_SIZE as u32 != 0
+                    || d.len / layout::DESC_SIZE as u32 > MAX_INDIRECT
+                {
+                    return Err(Bad::BadIndirect { len: d.len });
+                }
+                table = self
+                    .mem
+                    .translate_whole(&mut self.hint, d.addr, d.len as u64)
+                    .ok_or(Bad::IndirectAddress { addr: d.addr, len: d.len })?;
+                table_len = d.len / layout::DESC_SIZE as u32;
+                idx = 0;
+                seen = 0;
+                in_indirect = true;
+                continue;
+            }
+            let writable = d.flags & DESC_F_WRITE != 0;
+            if writable != (dir == Dir::DeviceWrites) {
+                return Err(Bad::Direction);
+            }
+            self.map_buffer(d.addr, d.len, out)?;
+            if d.flags & DESC_F_NEXT == 0 {
+                return Ok(());
+            }
+            if d.next as u32 >= table_len {
+                return Err(Bad::NextOutOfRange { next: d.next });
+            }
+            idx = d.next;
+        }
+    }
+
+    #[inline]
+    fn map_buffer(&mut self, addr: u64, len: u32, out: &mut Chain) -> Result<(), Bad> {
+        if addr.checked_add(len as u64).is_none() {
+            return Err(Bad::BadAddress { addr, len });
+        }
+        let mut gpa = addr;
+        let mut left = len as u64;
+        while left > 0 {
+            let (ptr, n) =
+                self.mem.translate(&mut self.hint, gpa, left).ok_or(Bad::BadAddress { addr, len })?;
+            out.push(ptr, n as u32);
+            gpa += n;
+            left -= n;
+        }
+        out.total += len as u64;
+        Ok(())
+    }
+
+    /// Writes the used element for `head` with `len` bytes written, after the ones
+    /// already pending; nothing is visible to the driver before
+    /// [`publish_used`](Self::publish_used).
+    #[inline]
+    pub fn add_used(&mut self, head: u16, len: u32) {
+        let slot = self.used_idx.wrapping_add(self.pending_used) & self.mask;
+        let off = layout::used_entry(slot);
+        // SAFETY: `used_entry(slot)` with `slot < size` plus 8 bytes is inside the device
+        // area (validated in `new`), 4-byte aligned (area alignment checked). The device
+        // owns used elements; volatile because the driver reads them concurrently.
+        unsafe {
+            let p = self.areas.used.add(off) as *mut u32;
+            std::ptr::write_volatile(p, (head as u32).to_le());
+            std::ptr::write_volatile(p.add(1), len.to_le());
+        }
+        self.pending_used += 1;
+    }
+
+    /// Marks `n` avail entries consumed (they must have been walked and completed, or
+    /// be about to be, with [`add_used`](Self::add_used)).
+    #[inline]
+    pub fn consume(&mut self, n: u16) {
+        self.last_avail = self.last_avail.wrapping_add(n);
+    }
+
+    /// Publishes every pending used element with one `Release` store of `used.idx` and
+    /// makes the burst's one notification decision: EVENT_IDX's `used_event` with the
+    /// spec's wrap-safe formula, or `VRING_AVAIL_F_NO_INTERRUPT`. Writes the call
+    /// eventfd when the driver asked for it. Returns whether it called.
+    #[inline]
+    pub fn publish_used(&mut self) -> bool {
+        if self.pending_used == 0 {
+            return false;
+        }
+        let old = self.used_idx;
+        let new = old.wrapping_add(self.pending_used);
+        self.pending_used = 0;
+        self.used_idx = new;
+        self.u16_at(self.areas.used, layout::USED_IDX).store(new, Ordering::Release);
+        let Some(fd) = self.notify_fd else {
+            return false;
+        };
+        // Store (used.idx) → load (used_event / flags): needs a full fence, see module doc.
+        fence(Ordering::SeqCst);
+        let notify = if self.event_idx {
+            let ev = self.u16_at(self.areas.avail, layout::used_event(self.size)).load(Ordering::Relaxed);
+            layout::need_event(ev, new, old)
+        } else {
+            let flags = self.u16_at(self.areas.avail, layout::AVAIL_FLAGS).load(Ordering::Relaxed);
+            flags & layout::AVAIL_F_NO_INTERRUPT == 0
+        };
+        if notify {
+            signal(fd);
+            self.calls += 1;
+        }
+        notify
+    }
+
+    /// Enables (before the worker sleeps) or suppresses (while it polls) the driver's
+    /// available-buffer notifications: `avail_event` with EVENT_IDX, else
+    /// `VRING_USED_F_NO_NOTIFY`. When enabling, returns whether new buffers arrived in
+    /// the meantime (the caller must then poll instead of sleeping).
+    pub fn set_kicks(&mut self, enable: bool) -> bool {
+        if self.event_idx {
+            // Kick me when avail idx moves past what I have consumed (enable), or only
+            // after a full u16 wrap (suppress).
+            let ev = if enable { self.last_avail } else { self.last_avail.wrapping_sub(1) };
+            self.u16_at(self.areas.used, layout::avail_event(self.size)).store(ev, Ordering::Relaxed);
+        } else {
+            let flags = if enable { 0 } else { layout::USED_F_NO_NOTIFY };
+            self.u16_at(self.areas.used, layout::USED_FLAGS).store(flags, Ordering::Relaxed);
+        }
+        if !enable {
+            return false;
+        }
+        // Store (event/flags) → load (avail.idx): full fence, see module doc.
+        fence(Ordering::SeqCst);
+        let avail = self.u16_at(self.areas.avail, layout::AVAIL_IDX).load(Ordering::Acquire);
+        avail != self.avail_cached
+    }
+}
+
+/// Writes 1 to an eventfd. Errors are ignored: the counter cannot overflow in practice
+/// and a closed fd only means the driver is gone.
+#[inline]
+pub fn signal(fd: i32) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a valid local to an fd; no memory is handed over.
+    let _ = unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+}
+
+/// Copies `len` bytes out of `chain` starting at byte `off` into `dst`. Returns the bytes
+/// copied (less than `len` if the chain is shorter).
+pub fn gather(chain: &Chain, mut off: usize, dst: &mut [u8]) -> usize {
+    let mut done = 0;
+    for s in chain.segs() {
+        let l = s.len as usize;
+        if off >= l {
+            off -= l;
+            continue;
+        }
+        let n = (l - off).min(dst.len() - done);
+        // SAFETY: `s.ptr + off .. + n` is inside a translated guest buffer; `dst` is ours.
+        // `copy` (memmove semantics) because guest memory is foreign; the bytes may be
+        // torn if the driver rewrites them concurrently, which only harms that driver.
+        unsafe { std::ptr::copy(s.ptr.add(off), dst.as_mut_ptr().add(done), n) };
+        done += n;
+        off = 0;
+        if done == dst.len() {
+            break;
+        }
+    }
+    done
+}
+
+/// Copies `src` into `chain` starting at byte `off`. Returns the bytes copied.
+pub fn scatter(chain: &Chain, mut off: usize, src: &[u8]) -> usize {
+    let mut done = 0;
+    for s in chain.segs() {
+        let l = s.len as usize;
+        if off >= l {
+            off -= l;
+            continue;
+        }
+        let n = (l - off).min(src.len() - done);
+        // SAFETY: the destination lies inside a translated, device-writable guest buffer.
+        unsafe { std::ptr::copy(src.as_ptr().add(done), s.ptr.add(off), n) };
+        done += n;
+        off = 0;
+        if done == src.len() {
+            break;
+        }
+    }
+    done
+}
+
+/// Copies `len` bytes from `src` (from byte `src_off`) to `dst` (from byte `dst_off`),
+/// piece by piece. Returns the bytes copied.
+pub fn copy_chain(src: &Chain, src_off: usize, dst: &Chain, dst_off: usize, len: usize) -> usize {
+    let (mut si, mut so) = (0usize, src_off);
+    let (mut di, mut dof) = (0usize, dst_off);
+    let (ss, ds) = (src.segs(), dst.segs());
+    let mut done = 0;
+    while done < len {
+        while si < ss.len() && so >= ss[si].len as usize {
+            so -= ss[si].len as usize;
+            si += 1;
+        }
+        while di < ds.len() && dof >= ds[di].len as usize {
+            dof -= ds[di].len as usize;
+            di += 1;
+        }
+        if si == ss.len() || di == ds.len() {
+            break;
+        }
+        let n = (ss[si].len as usize - so).min(ds[di].len as usize - dof).min(len - done);
+        // SAFETY: both ranges lie inside translated guest buffers (bounds from the segs);
+        // `copy` tolerates a malicious driver pointing both at the same memory.
+        unsafe { std::ptr::copy(ss[si].ptr.add(so), ds[di].ptr.add(dof), n) };
+        so += n;
+        dof += n;
+        done += n;
+    }
+    done
+}

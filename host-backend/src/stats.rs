@@ -1,0 +1,231 @@
+//! Per-queue-pair counters, shared between one worker (the only writer) and the stats
+//! reporter, and their text and JSON renderings.
+//!
+//! Owns: the counter layout and names, and the per-burst accumulator workers flush once
+//! per burst (one relaxed `fetch_add` per counter that changed, never per packet).
+//! Must not: know about rings or sockets.
+//!
+//! Direction naming is the device's, as DPDK's vhost PMD names it: `rx` = frames the
+//! guest transmitted to us, `tx` = frames we delivered into the guest's receive queue.
+//! Byte counts are frame bytes, without the 12-byte virtio-net header.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Why a frame was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum DropReason {
+    /// A descriptor broke the protocol (the queue is now broken).
+    BadDescriptor = 0,
+    /// A transmitted frame longer than MTU + Ethernet header (+ one VLAN tag).
+    Oversize,
+    /// The guest's receive buffer was too small for header and frame.
+    RxBufferTooSmall,
+    /// A transmitted chain shorter than the net header plus an Ethernet header.
+    ShortFrame,
+    /// The destination queue is not running (not connected, not enabled, or broken).
+    PeerDown,
+    /// A chain with more than `MAX_SEGS` buffers.
+    TooManySegments,
+}
+
+/// Number of drop reasons.
+pub const DROP_REASONS: usize = 6;
+/// JSON/text names of the drop reasons, in `DropReason` order.
+pub const DROP_NAMES: [&str; DROP_REASONS] =
+    ["bad_descriptor", "oversize", "rx_buffer_too_small", "short_frame", "peer_down", "too_many_segments"];
+
+/// Counters of one queue pair.
+#[derive(Debug, Default)]
+pub struct PairStats {
+    /// Frames received from the guest (its TX queue).
+    pub rx_packets: AtomicU64,
+    /// Their bytes.
+    pub rx_bytes: AtomicU64,
+    /// Frames delivered to the guest (its RX queue).
+    pub tx_packets: AtomicU64,
+    /// Their bytes.
+    pub tx_bytes: AtomicU64,
+    /// Drops by reason.
+    pub drops: [AtomicU64; DROP_REASONS],
+    /// A queue of this pair is broken.
+    pub broken: AtomicBool,
+}
+
+/// A worker's counts for one burst, flushed into [`PairStats`] at its end.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BurstCounts {
+    /// See [`PairStats`].
+    pub rx_packets: u64,
+    /// See [`PairStats`].
+    pub rx_bytes: u64,
+    /// See [`PairStats`].
+    pub tx_packets: u64,
+    /// See [`PairStats`].
+    pub tx_bytes: u64,
+    /// See [`PairStats`].
+    pub drops: [u64; DROP_REASONS],
+}
+
+impl BurstCounts {
+    /// Counts one drop.
+    #[inline]
+    pub fn drop(&mut self, why: DropReason) {
+        self.drops[why as usize] += 1;
+    }
+}
+
+fn add(c: &AtomicU64, v: u64) {
+    if v != 0 {
+        // Relaxed: a statistics counter; readers need no ordering with anything else.
+        c.fetch_add(v, Ordering::Relaxed);
+    }
+}
+
+impl PairStats {
+    /// Adds the receive-side (from guest) part of a burst.
+    pub fn flush_rx(&self, b: &BurstCounts) {
+        add(&self.rx_packets, b.rx_packets);
+        add(&self.rx_bytes, b.rx_bytes);
+        self.flush_drops(b);
+    }
+    /// Adds the transmit-side (to guest) part of a burst.
+    pub fn flush_tx(&self, b: &BurstCounts) {
+        add(&self.tx_packets, b.tx_packets);
+        add(&self.tx_bytes, b.tx_bytes);
+        self.flush_drops(b);
+    }
+    fn flush_drops(&self, b: &BurstCounts) {
+        for (c, v) in self.drops.iter().zip(b.drops) {
+            add(c, v);
+        }
+    }
+    /// A plain copy of the counters.
+    pub fn snapshot(&self) -> PairSnapshot {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PairSnapshot {
+            rx_packets: l(&self.rx_packets),
+            rx_bytes: l(&self.rx_bytes),
+            tx_packets: l(&self.tx_packets),
+            tx_bytes: l(&self.tx_bytes),
+            drops: std::array::from_fn(|i| l(&self.drops[i])),
+            broken: self.broken.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Counters of one queue pair at one moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PairSnapshot {
+    /// See [`PairStats`].
+    pub rx_packets: u64,
+    /// See [`PairStats`].
+    pub rx_bytes: u64,
+    /// See [`PairStats`].
+    pub tx_packets: u64,
+    /// See [`PairStats`].
+    pub tx_bytes: u64,
+    /// See [`PairStats`].
+    pub drops: [u64; DROP_REASONS],
+    /// See [`PairStats`].
+    pub broken: bool,
+}
+
+/// Counters of one device at one moment.
+#[derive(Debug, Clone)]
+pub struct DeviceSnapshot {
+    /// The device's socket path.
+    pub socket: String,
+    /// Port kind name.
+    pub port: &'static str,
+    /// A front-end is connected.
+    pub connected: bool,
+    /// Frames a `gen` port produced (delivered plus dropped).
+    pub generated: u64,
+    /// Per queue pair.
+    pub pairs: Vec<PairSnapshot>,
+}
+
+impl DeviceSnapshot {
+    /// Sum over the queue pairs.
+    pub fn total(&self) -> PairSnapshot {
+        let mut t = PairSnapshot::default();
+        for p in &self.pairs {
+            t.rx_packets += p.rx_packets;
+            t.rx_bytes += p.rx_bytes;
+            t.tx_packets += p.tx_packets;
+            t.tx_bytes += p.tx_bytes;
+            for i in 0..DROP_REASONS {
+                t.drops[i] += p.drops[i];
+            }
+            t.broken |= p.broken;
+        }
+        t
+    }
+
+    /// Queue pairs with a broken queue.
+    pub fn broken_pairs(&self) -> usize {
+        self.pairs.iter().filter(|p| p.broken).count()
+    }
+
+    fn drops_json(d: &[u64; DROP_REASONS]) -> serde_json::Value {
+        let m: serde_json::Map<String, serde_json::Value> =
+            DROP_NAMES.iter().zip(d).map(|(n, v)| (n.to_string(), (*v).into())).collect();
+        serde_json::Value::Object(m)
+    }
+
+    /// The JSON object documented in the README.
+    pub fn to_json(&self) -> serde_json::Value {
+        let t = self.total();
+        let queues: Vec<serde_json::Value> = self
+            .pairs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                serde_json::json!({
+                    "index": i,
+                    "rx_packets": p.rx_packets, "rx_bytes": p.rx_bytes,
+                    "tx_packets": p.tx_packets, "tx_bytes": p.tx_bytes,
+                    "drops": Self::drops_json(&p.drops),
+                    "broken": p.broken,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "socket": self.socket, "port": self.port, "connected": self.connected,
+            "rx_packets": t.rx_packets, "rx_bytes": t.rx_bytes,
+            "tx_packets": t.tx_packets, "tx_bytes": t.tx_bytes,
+            "generated": self.generated,
+            "drops": Self::drops_json(&t.drops),
+            "broken_queues": self.broken_pairs(),
+            "queues": queues,
+        })
+    }
+
+    /// Human-readable lines, in the spirit of testpmd's port statistics.
+    pub fn to_text(&self, prev: Option<&DeviceSnapshot>, secs: f64) -> String {
+        let t = self.total();
+        let rate = |now: u64, before: Option<u64>| match before {
+            Some(b) if secs > 0.0 => (now.saturating_sub(b)) as f64 / secs,
+            _ => 0.0,
+        };
+        let pt = prev.map(|p| p.total());
+        let drops: Vec<String> =
+            DROP_NAMES.iter().zip(t.drops).filter(|(_, v)| *v > 0).map(|(n, v)| format!("{n}={v}")).collect();
+        format!(
+            "  {} [{}] {}\n    RX-packets: {:<14} RX-bytes: {:<16} Rx-pps: {:.0}\n    TX-packets: {:<14} TX-bytes: {:<16} Tx-pps: {:.0}\n    generated: {}  broken queue pairs: {}  drops: {}\n",
+            self.socket,
+            self.port,
+            if self.connected { "connected" } else { "waiting for front-end" },
+            t.rx_packets,
+            t.rx_bytes,
+            rate(t.rx_packets, pt.map(|p| p.rx_packets)),
+            t.tx_packets,
+            t.tx_bytes,
+            rate(t.tx_packets, pt.map(|p| p.tx_packets)),
+            self.generated,
+            self.broken_pairs(),
+            if drops.is_empty() { "none".to_string() } else { drops.join(" ") },
+        )
+    }
+}

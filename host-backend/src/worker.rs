@@ -1,0 +1,251 @@
+//! Busy-poll workers and the engine that hands rings to them.
+//!
+//! Owns: the worker threads (one per `--cores` entry, pinned), their poll loop, the
+//! poll budget (`--poll-us`: how long a worker spins without work before it re-enables
+//! kicks and sleeps on the kick eventfds), and the generation protocol by which the
+//! control plane changes what workers run: [`Engine::sync`] bumps a generation and
+//! waits until every worker has re-read device state at a burst boundary.
+//! Must not: parse vhost-user messages or touch rings outside a path's burst.
+//!
+//! A worker checks one atomic (the generation) per loop iteration; everything else it
+//! touches on the hot path is its own.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::error::{Error, Result};
+use crate::port::Path;
+
+struct Slot {
+    /// The last generation this worker has applied.
+    seen: AtomicU64,
+    wake: EventFd,
+}
+
+/// Shared between the control plane and the workers.
+pub struct Engine {
+    generation: AtomicU64,
+    stop: AtomicBool,
+    slots: Vec<Slot>,
+}
+
+const WAKE_TOKEN: u64 = u64::MAX;
+
+impl Engine {
+    /// An engine for `workers` workers.
+    pub fn new(workers: usize) -> Result<Arc<Engine>> {
+        let slots = (0..workers)
+            .map(|_| {
+                Ok(Slot {
+                    seen: AtomicU64::new(0),
+                    wake: EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Arc::new(Engine { generation: AtomicU64::new(1), stop: AtomicBool::new(false), slots }))
+    }
+
+    /// Makes every worker drop its rings and re-activate from current device state, and
+    /// returns once all have done so (bounded: a worker finishes its burst first, which
+    /// takes microseconds). Must not be called with a device lock held.
+    pub fn sync(&self) {
+        // AcqRel: device-state writes made before this call (under the device mutex) are
+        // visible to a worker that observes the new generation (it also takes the mutex).
+        let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        for s in &self.slots {
+            let _ = s.wake.write(1);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (i, s) in self.slots.iter().enumerate() {
+            // Acquire: pairs with the worker's release store after its resync.
+            while s.seen.load(Ordering::Acquire) < g {
+                if self.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                if Instant::now() > deadline {
+                    warn!("worker {i} did not pick up a configuration change within 5 s");
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+    }
+
+    /// Asks every worker to let go of its rings and exit.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for s in &self.slots {
+            let _ = s.wake.write(1);
+        }
+    }
+}
+
+/// One busy-poll worker.
+pub struct Worker {
+    index: usize,
+    cpu: Option<usize>,
+    paths: Vec<Path>,
+    engine: Arc<Engine>,
+    poll: Duration,
+}
+
+impl Worker {
+    /// A worker running `paths` on `cpu` (unpinned if `None`).
+    pub fn new(
+        index: usize,
+        cpu: Option<usize>,
+        paths: Vec<Path>,
+        engine: Arc<Engine>,
+        poll_us: u64,
+    ) -> Worker {
+        Worker { index, cpu, paths, engine, poll: Duration::from_micros(poll_us) }
+    }
+
+    /// Starts the worker thread.
+    pub fn spawn(self) -> Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("vnet-worker-{}", self.index))
+            .spawn(move || self.run())
+            .map_err(|e| Error::Worker(format!("cannot start worker thread: {e}")))
+    }
+
+    fn pin(&self) {
+        let Some(cpu) = self.cpu else { return };
+        // SAFETY: `set` is a plain C struct initialised by CPU_ZERO/CPU_SET; the call
+        // only reads it.
+        let rc = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_ZERO(&mut set);
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        };
+        if rc != 0 {
+            warn!("worker {}: cannot pin to cpu {cpu}: {}", self.index, std::io::Error::last_os_error());
+        }
+    }
+
+    fn run(mut self) {
+        self.pin();
+        let slot = &self.engine.slots[self.index];
+        let mut seen = 0;
+        let mut epoll = None;
+        let mut kick_fds: Vec<i32> = Vec::new();
+        let mut idle_since: Option<Instant> = None;
+        let mut idle_loops: u32 = 0;
+        loop {
+            if self.engine.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            // Acquire: pairs with `sync`'s AcqRel increment.
+            let g = self.engine.generation.load(Ordering::Acquire);
+            if g != seen {
+                for p in &mut self.paths {
+                    p.detach();
+                }
+                for p in &mut self.paths {
+                    p.attach();
+                }
+                kick_fds.clear();
+                for p in &self.paths {
+                    p.kick_fds(&mut kick_fds);
+                }
+                epoll = self.build_epoll(&kick_fds);
+                seen = g;
+                // Release: our detach/attach (device state writes) happen-before `sync` returns.
+                slot.seen.store(g, Ordering::Release);
+                debug!("worker {}: generation {g}, {} kick fds", self.index, kick_fds.len());
+            }
+            let mut work = 0;
+            for p in &mut self.paths {
+                work += p.run();
+            }
+            if work > 0 {
+                idle_since = None;
+                continue;
+            }
+            let any_active = self.paths.iter().any(|p| p.any_active());
+            if any_active {
+                if self.poll.is_zero() {
+                    continue; // --poll-us 0: never sleep
+                }
+                idle_loops = idle_loops.wrapping_add(1);
+                if idle_loops % 128 != 0 {
+                    continue;
+                }
+                let start = *idle_since.get_or_insert_with(Instant::now);
+                if start.elapsed() < self.poll {
+                    continue;
+                }
+                // Re-enable kicks, then re-check: work that raced in means no sleep.
+                let mut arrived = false;
+                for p in &mut self.paths {
+                    arrived |= p.set_kicks(true);
+                }
+                if arrived {
+                    for p in &mut self.paths {
+                        p.set_kicks(false);
+                    }
+                    idle_since = None;
+                    continue;
+                }
+            }
+            if let Some(ep) = &epoll {
+                Self::sleep(ep, &kick_fds, slot);
+            }
+            if any_active {
+                for p in &mut self.paths {
+                    p.set_kicks(false);
+                }
+            }
+            idle_since = None;
+        }
+        for p in &mut self.paths {
+            p.detach();
+        }
+    }
+
+    fn build_epoll(&self, kick_fds: &[i32]) -> Option<Epoll> {
+        let ep = match Epoll::new() {
+            Ok(ep) => ep,
+            Err(e) => {
+                warn!("worker {}: epoll: {e}; polling without sleeping", self.index);
+                return None;
+            }
+        };
+        use std::os::fd::AsRawFd;
+        let wake = self.engine.slots[self.index].wake.as_raw_fd();
+        let _ = ep.ctl(ControlOperation::Add, wake, EpollEvent::new(EventSet::IN, WAKE_TOKEN));
+        for (i, fd) in kick_fds.iter().enumerate() {
+            // A shared fd appears once: EEXIST on the second add is fine.
+            let _ = ep.ctl(ControlOperation::Add, *fd, EpollEvent::new(EventSet::IN, i as u64));
+        }
+        Some(ep)
+    }
+
+    /// Sleeps until a kick, a wake-up from the control plane, or one second passes; then
+    /// drains the eventfds that fired.
+    fn sleep(ep: &Epoll, kick_fds: &[i32], slot: &Slot) {
+        let mut events = [EpollEvent::default(); 16];
+        let n = ep.wait(1000, &mut events).unwrap_or(0);
+        for ev in &events[..n] {
+            let fd = if ev.data() == WAKE_TOKEN {
+                let _ = slot.wake.read();
+                continue;
+            } else {
+                match kick_fds.get(ev.data() as usize) {
+                    Some(fd) => *fd,
+                    None => continue,
+                }
+            };
+            let mut v: u64 = 0;
+            // SAFETY: reads 8 bytes into a local from an eventfd that epoll reported
+            // readable, so the read does not block.
+            let _ = unsafe { libc::read(fd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+        }
+    }
+}
