@@ -545,3 +545,7 @@ pub fn copy_chain(src: &Chain, src_off: usize, dst: &Chain, dst_off: usize, len:
     }
     done
 }
+
+#[cfg(test)]
+#[path = "split_ring_tests.rs"]
+mod tests;
