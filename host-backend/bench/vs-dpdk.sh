@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Side by side: our host-backend against DPDK 22.11's own vhost PMD (net_vhost), with
+# DPDK's virtio-user testpmd as the front-end in both cases, one polling core per side.
+# Runs are interleaved (ours, DPDK, ours, DPDK, ...) because DPDK's rate on this kind of
+# machine jumps between a fast and a slow level; every run is sampled once a second.
+#
+# Usage (as root, from the repository root, after `cargo build --release -p host-backend`):
+#   host-backend/bench/vs-dpdk.sh
+# Environment: RUNS=3 DUR=5 WARM=2 SIZES="64" MODES="gtx grx" HOST_CPU=1 GUEST_CPU=0
+#   gtx: guest TX  = virtio-user txonly -> backend sink (ours) / rxonly (DPDK vhost)
+#   grx: guest RX  = backend gen (ours) / txonly (DPDK vhost) -> virtio-user rxonly
+# The metric is read on the virtio-user side for both backends (its Tx-pps for gtx, its
+# Rx-pps for grx), so both are measured by the same instrument.
+# Output: one line per (mode, size, backend): median/min/max of the run means, and
+# p10/p50/p90 of all 1-second samples plus how many samples sat below half the p90
+# (the slow level); then the ratio ours/DPDK of the p90s and of the medians.
+set -u
+RUNS=${RUNS:-3}
+DUR=${DUR:-5}
+WARM=${WARM:-2}
+SIZES=${SIZES:-64}
+MODES=${MODES:-"gtx grx"}
+HOST_CPU=${HOST_CPU:-1}
+GUEST_CPU=${GUEST_CPU:-0}
+BIN=${BIN:-target/release/host-backend}
+
+[ "$(id -u)" = 0 ] || { echo "vs-dpdk.sh: must run as root (hugepages)" >&2; exit 1; }
+command -v dpdk-testpmd >/dev/null || { echo "vs-dpdk.sh: dpdk-testpmd missing (apt-get install dpdk-dev)" >&2; exit 1; }
+[ -x "$BIN" ] || { echo "vs-dpdk.sh: $BIN missing (cargo build --release -p host-backend)" >&2; exit 1; }
+[ "$(awk '/HugePages_Free/ {print $2}' /proc/meminfo)" -ge 400 ] || { echo "vs-dpdk.sh: need >= 400 free 2 MiB hugepages" >&2; exit 1; }
+
+WORK=$(mktemp -d /tmp/vnet-bench.XXXXXX)
+SOCK=$WORK/vhost.sock
+PIDS=""
+cleanup() {
+    for p in $PIDS; do kill -TERM "$p" 2>/dev/null; done
+    sleep 0.5
+    for p in $PIDS; do kill -KILL "$p" 2>/dev/null; done
+    rm -rf "$WORK" /dev/hugepages/vnetbench-*
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_for() { # file pattern timeout_s
+    local i
+    for i in $(seq $(( $3 * 10 ))); do grep -q -- "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+    return 1
+}
+
+# run_one BACKEND MODE SIZE TAG -> writes 1-second samples (pps) to $WORK/TAG.samples
+run_one() {
+    local be=$1 mode=$2 size=$3 tag=$4 hpid gpid kind hfwd gfwd
+    rm -f "$SOCK"
+    case $mode in gtx) kind=sink; hfwd=rxonly; gfwd=txonly ;; grx) kind=gen; hfwd=txonly; gfwd=rxonly ;; esac
+    if [ "$be" = ours ]; then
+        "$BIN" --port "$kind:$SOCK" --cores "$HOST_CPU" --poll-us 0 --pkt-size "$size" \
+            >"$WORK/$tag.host.log" 2>&1 &
+        hpid=$!
+        wait_for "$WORK/$tag.host.log" "listening on" 10 || { echo "FAIL host"; return 1; }
+    else
+        mkfifo "$WORK/$tag.hin"; exec 7<>"$WORK/$tag.hin"
+        dpdk-testpmd --lcores="0@${GUEST_CPU},1@${HOST_CPU}" --no-pci --file-prefix=vnetbench-host -m 512 \
+            --vdev "net_vhost0,iface=$SOCK,queues=1" -- -i --nb-cores=1 --rxq=1 --txq=1 \
+            --txpkts="$size" --total-num-mbufs=16384 <"$WORK/$tag.hin" >"$WORK/$tag.host.log" 2>&1 7>&- &
+        hpid=$!
+        wait_for "$WORK/$tag.host.log" "testpmd>" 20 || { echo "FAIL host"; return 1; }
+    fi
+    PIDS="$hpid"
+    mkfifo "$WORK/$tag.gin"; exec 8<>"$WORK/$tag.gin"
+    dpdk-testpmd --lcores="0@${HOST_CPU},1@${GUEST_CPU}" --no-pci --file-prefix=vnetbench-guest -m 512 \
+        --single-file-segments --vdev "net_virtio_user0,path=$SOCK,queues=1,packed_vq=0" \
+        -- -i --nb-cores=1 --rxq=1 --txq=1 --txpkts="$size" --total-num-mbufs=16384 \
+        <"$WORK/$tag.gin" >"$WORK/$tag.guest.log" 2>&1 7>&- 8>&- &
+    gpid=$!
+    PIDS="$hpid $gpid"
+    wait_for "$WORK/$tag.guest.log" "testpmd>" 20 || { echo "FAIL guest"; return 1; }
+    if [ "$be" = dpdk ]; then echo "set fwd $hfwd" >&7; echo start >&7; fi
+    sleep 0.2
+    echo "set fwd $gfwd" >&8; echo start >&8
+    sleep "$WARM"
+    echo "show port stats all" >&8
+    local k; for k in $(seq "$DUR"); do sleep 1; echo "show port stats all" >&8; done
+    echo stop >&8; echo quit >&8
+    [ "$be" = dpdk ] && { echo stop >&7; echo quit >&7; }
+    for k in $(seq 100); do kill -0 "$gpid" 2>/dev/null || break; sleep 0.1; done
+    kill -TERM $hpid $gpid 2>/dev/null
+    wait $gpid $hpid 2>/dev/null
+    PIDS=""
+    exec 8>&-; [ "$be" = dpdk ] && exec 7>&-
+    local key=Tx-pps; [ "$mode" = grx ] && key=Rx-pps
+    awk -v k="$key:" '$1 == k {n++; if (n > 1) print $2}' "$WORK/$tag.guest.log" >"$WORK/$tag.samples"
+    [ -s "$WORK/$tag.samples" ] || { echo "FAIL no samples"; return 1; }
+}
+
+summary() { # files... -> "median min max | p10 p50 p90 slow"
+    local means
+    means=$(for f in "$@"; do awk '{s+=$1; n++} END {if (n) printf "%d\n", s/n}' "$f"; done | sort -n)
+    cat "$@" | sort -n | awk -v means="$means" '
+        {a[NR]=$1}
+        END {
+            nm = split(means, m, "\n");
+            med = (nm % 2) ? m[(nm+1)/2] : (m[nm/2] + m[nm/2+1]) / 2;
+            r10 = int(0.1*NR+0.999); r50 = int(0.5*NR+0.999); r90 = int(0.9*NR+0.999);
+            if (r10 < 1) r10 = 1;
+            slow = 0; for (i = 1; i <= NR; i++) if (a[i] < a[r90]/2) slow++;
+            printf "%.2f %.2f %.2f %.2f %.2f %.2f %d/%d\n", med/1e6, m[1]/1e6, m[nm]/1e6, a[r10]/1e6, a[r50]/1e6, a[r90]/1e6, slow, NR
+        }'
+}
+
+echo "# $(date -u +%FT%TZ) $(dpdk-testpmd -v 2>&1 | grep -o 'DPDK [0-9.]*' | head -1) | $(lscpu | sed -n 's/^Model name: *//p') x $(nproc)"
+echo "# RUNS=$RUNS DUR=${DUR}s WARM=${WARM}s; backend on cpu$HOST_CPU, virtio-user on cpu$GUEST_CPU; Mpps"
+for mode in $MODES; do
+    for size in $SIZES; do
+        for r in $(seq "$RUNS"); do
+            for be in ours dpdk; do
+                run_one "$be" "$mode" "$size" "${mode}_${size}_${be}_$r" >/dev/null || echo "# run $be $mode $size #$r failed" >&2
+            done
+        done
+        declare -A res
+        for be in ours dpdk; do
+            files=$(ls "$WORK"/${mode}_${size}_${be}_*.samples 2>/dev/null)
+            if [ -z "$files" ]; then res[$be]=""; echo "$mode ${size}B $be: FAILED"; continue; fi
+            res[$be]=$(summary $files)
+            set -- ${res[$be]}
+            printf "%s %sB %-4s: median %s (min %s max %s) | 1s p10/p50/p90 %s/%s/%s | slow samples %s\n" \
+                "$mode" "$size" "$be" "$1" "$2" "$3" "$4" "$5" "$6" "$7"
+        done
+        if [ -n "${res[ours]}" ] && [ -n "${res[dpdk]}" ]; then
+            set -- ${res[ours]}; om=$1; o90=$6
+            set -- ${res[dpdk]}; dm=$1; d90=$6
+            awk -v om="$om" -v dm="$dm" -v o="$o90" -v d="$d90" -v t="$mode ${size}B" \
+                'BEGIN {printf "%s ratio ours/dpdk: p90 %.2fx, median %.2fx\n", t, o/d, om/dm}'
+        fi
+    done
+done
