@@ -319,7 +319,11 @@ impl DeviceRing {
         let mut table = self.areas.desc as *const u8;
         let mut table_len = self.size as u32;
         let mut idx = head;
+        // `seen` bounds the walk through the current table (a loop revisits an entry);
+        // `buffers` bounds the whole chain: "a driver MUST NOT create a descriptor chain
+        // longer than the Queue Size" (§2.7.5.3.1), indirect entries included.
         let mut seen: u32 = 0;
+        let mut buffers: u32 = 0;
         let mut in_indirect = false;
         loop {
             seen += 1;
@@ -346,6 +350,10 @@ impl DeviceRing {
                 seen = 0;
                 in_indirect = true;
                 continue;
+            }
+            buffers += 1;
+            if buffers > self.size as u32 {
+                return Err(Bad::ChainTooLong);
             }
             let writable = d.flags & DESC_F_WRITE != 0;
             if writable != (dir == Dir::DeviceWrites) {

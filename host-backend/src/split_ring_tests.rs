@@ -350,6 +350,18 @@ fn rejects_every_kind_of_malformed_chain() {
         }),
         Err(Bad::IndirectAddress { .. })
     ));
+    // an indirect table longer than the ring (8): no loop, but a chain of 9 buffers
+    assert_eq!(
+        bad_walk(|f| {
+            for i in 0..9u16 {
+                let flags = if i < 8 { DESC_F_NEXT } else { 0 };
+                f.drv.write_desc(INDIRECT, i, d(DATA, 8, flags, i + 1));
+            }
+            f.drv.write_desc(DESC, 0, d(INDIRECT, 9 * 16, DESC_F_INDIRECT, 0));
+            raw_avail(f, 0);
+        }),
+        Err(Bad::ChainTooLong)
+    );
     // a loop inside an indirect table
     assert_eq!(
         bad_walk(|f| {

@@ -1,0 +1,673 @@
+//! A minimal, deliberately low-level vhost-user front-end for tests: it plays the guest.
+//!
+//! [`RawFrontend`] owns one memfd of "guest memory", shares it with a backend through
+//! `SET_MEM_TABLE` (DPDK virtio-user's convention: guest-physical address = this
+//! process's virtual address of the mapping, `mmap_offset` 0), lays split rings out in
+//! it with a bump allocator, and lets a test write ring memory by hand: descriptors,
+//! avail slots, the avail index. Tests can therefore build both correct and hostile
+//! rings. The control plane is the `vhost` crate's [`Frontend`].
+//!
+//! Two layers, which must not be mixed on the same queue:
+//!
+//! * **Raw access**: [`RawFrontend::write_desc`], [`RawFrontend::write_desc_at`],
+//!   [`RawFrontend::write_avail_slot`], [`RawFrontend::set_avail_idx`],
+//!   [`RawFrontend::used_idx`], [`RawFrontend::used_elem`], [`RawFrontend::kick`]. They
+//!   write exactly what they are told and keep no state.
+//! * **Well-behaved traffic**: [`RawFrontend::send_frames`], [`RawFrontend::reclaim`],
+//!   [`RawFrontend::post_rx_buffers`], [`RawFrontend::poll_rx`],
+//!   [`RawFrontend::recv_frames`]. They keep their own free list and shadow indices per
+//!   queue, one descriptor per buffer, and check every used element the device returns.
+//!
+//! Ring memory is shared with another process that writes it concurrently (the used
+//! ring) or reads it concurrently (everything else), so this module never forms a Rust
+//! reference to plain data in the mapping: bytes are read and written with volatile
+//! accesses, and the two indices that publish data (avail idx, used idx) with atomics.
+//! Layout arithmetic, the descriptor encoding, flags and feature bits come from
+//! [`driver::layout`]; nothing here duplicates them.
+//!
+//! The host is assumed little-endian (as the virtio 1.x ring format is).
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use driver::layout::{self, features, Descriptor};
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+/// How long [`RawFrontend::connect`] retries while the socket does not exist yet or
+/// refuses connections.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Queue-index bound the `vhost` frontend enforces on its side. `GET_QUEUE_NUM` is not
+/// sent: for virtio-net, QEMU and DPDK read its answer as a number of queue *pairs*,
+/// while `vhost::Frontend` would take it as the number of vrings and then refuse the
+/// TX queue of the last pair.
+const DEFAULT_MAX_QUEUES: u64 = 64;
+
+/// Default capacity of a TX buffer the convenience layer allocates per descriptor.
+const TX_BUF_MIN: usize = 2048;
+
+/// Guest-physical addresses of the three areas of one split ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingAddrs {
+    /// Descriptor table.
+    pub desc: u64,
+    /// Driver area (avail ring).
+    pub avail: u64,
+    /// Device area (used ring).
+    pub used: u64,
+}
+
+/// One shared mapping of a memfd: the guest's memory.
+struct GuestMem {
+    /// Keeps the memfd open for the life of the mapping (the backend got its own copy
+    /// of the fd through `SET_MEM_TABLE`).
+    file: File,
+    base: *mut u8,
+    size: usize,
+}
+
+impl GuestMem {
+    fn new(size: usize) -> Result<GuestMem, String> {
+        if size == 0 {
+            return Err("guest memory size must be non-zero".into());
+        }
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let page = if page > 0 { page as usize } else { 4096 };
+        let size = size
+            .checked_next_multiple_of(page)
+            .ok_or_else(|| format!("guest memory size {size} too large"))?;
+        // SAFETY: the name is a valid NUL-terminated C string; flags are valid.
+        let fd = unsafe { libc::memfd_create(c"vnet-rawfront".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a freshly created descriptor that nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size as u64).map_err(|e| format!("ftruncate memfd to {size}: {e}"))?;
+        // SAFETY: a fresh shared mapping of a file we own, at an address the kernel
+        // chooses; no existing memory is affected.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(format!("mmap memfd: {}", std::io::Error::last_os_error()));
+        }
+        Ok(GuestMem { file, base: base.cast(), size })
+    }
+
+    fn start(&self) -> u64 {
+        self.base as u64
+    }
+
+    /// Translates `[gpa, gpa + len)` to a pointer into the mapping, or explains why the
+    /// range is not entirely inside guest memory.
+    fn ptr(&self, gpa: u64, len: usize) -> Result<*mut u8, String> {
+        let start = self.start();
+        let end = gpa.checked_add(len as u64).ok_or_else(|| format!("range {gpa:#x}+{len:#x} overflows"))?;
+        if gpa < start || end > start + self.size as u64 {
+            return Err(format!(
+                "range {gpa:#x}..{end:#x} is outside guest memory {start:#x}..{:#x}",
+                start + self.size as u64
+            ));
+        }
+        // SAFETY: gpa - start < size (checked above), so the offset stays inside the
+        // mapping of `size` bytes that starts at `base`.
+        Ok(unsafe { self.base.add((gpa - start) as usize) })
+    }
+
+    fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), String> {
+        let p = self.ptr(gpa, bytes.len())?;
+        for (i, b) in bytes.iter().enumerate() {
+            // SAFETY: p..p+len is inside the live mapping (checked by `ptr`); a volatile
+            // byte store never forms a reference to memory the backend also touches.
+            unsafe { p.add(i).write_volatile(*b) };
+        }
+        Ok(())
+    }
+
+    fn read(&self, gpa: u64, len: usize) -> Result<Vec<u8>, String> {
+        let p = self.ptr(gpa, len)?;
+        let mut out = Vec::with_capacity(len);
+        for i in 0..len {
+            // SAFETY: as in `write`: in bounds, volatile, no reference formed.
+            out.push(unsafe { p.add(i).read_volatile() });
+        }
+        Ok(out)
+    }
+
+    /// The atomic u16 at `gpa` (which must be 2-aligned and inside guest memory).
+    fn atomic_u16(&self, gpa: u64) -> Result<&AtomicU16, String> {
+        if gpa & 1 != 0 {
+            return Err(format!("ring index at {gpa:#x} is not 2-byte aligned"));
+        }
+        let p = self.ptr(gpa, 2)?;
+        // SAFETY: p is 2-aligned, inside the mapping, and valid for the life of `self`
+        // (the borrow ties the reference to it). AtomicU16 has the size and alignment
+        // of u16, and every access through it is atomic, so the backend process
+        // writing the same word concurrently is not a data race on our side.
+        Ok(unsafe { AtomicU16::from_ptr(p.cast()) })
+    }
+
+    fn read_u32(&self, gpa: u64) -> Result<u32, String> {
+        let b = self.read(gpa, 4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+}
+
+impl Drop for GuestMem {
+    fn drop(&mut self) {
+        // SAFETY: base/size are exactly the mapping created in `new`, and no pointer
+        // into it outlives `self` (every accessor borrows `self`).
+        unsafe { libc::munmap(self.base.cast(), self.size) };
+    }
+}
+
+/// Per-queue state: where the ring is, its eventfds, and the convenience layer's
+/// bookkeeping.
+struct Queue {
+    size: u16,
+    addrs: RingAddrs,
+    kick: EventFd,
+    /// Kept open so the backend's call eventfd stays valid; the tests poll instead.
+    _call: EventFd,
+    /// Descriptor ids free for the convenience layer.
+    free: Vec<u16>,
+    /// Shadow of the avail idx the convenience layer last published.
+    next_avail: u16,
+    /// Used idx up to which the convenience layer has consumed completions.
+    last_used: u16,
+    /// Per descriptor id: (gpa, capacity) of the buffer the convenience layer attached.
+    bufs: Vec<Option<(u64, u32)>>,
+    /// Per descriptor id: length posted, while the device owns the buffer.
+    inflight: Vec<Option<u32>>,
+}
+
+/// One vhost-user device connection, seen from the guest's side. See the module docs.
+pub struct RawFrontend {
+    frontend: Frontend,
+    features: u64,
+    protocol_features: u64,
+    mem: GuestMem,
+    /// Next free byte offset of the bump allocator.
+    next_free: usize,
+    queues: Vec<Option<Queue>>,
+}
+
+impl RawFrontend {
+    /// Connects to the backend socket at `path` (retrying for up to [`CONNECT_TIMEOUT`]
+    /// while it does not exist yet or refuses), then: `SET_OWNER`, `GET_FEATURES`,
+    /// `GET_PROTOCOL_FEATURES` / `SET_PROTOCOL_FEATURES` (acking what the backend offers
+    /// of MQ, REPLY_ACK and CONFIG; with REPLY_ACK every later message asks for an ack,
+    /// so a backend's refusal surfaces as an `Err`), `SET_FEATURES` with `(want_features & offered) | VERSION_1 |
+    /// VHOST_USER_F_PROTOCOL_FEATURES`, and `SET_MEM_TABLE` with one memfd region of
+    /// `mem_size` bytes (rounded up to a page).
+    pub fn connect(path: &Path, mem_size: usize, want_features: u64) -> Result<Self, String> {
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        let sock = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(format!("connect {}: {e}", path.display())),
+            }
+        };
+        let mut frontend = Frontend::from_stream(sock, DEFAULT_MAX_QUEUES);
+        let step = |what: &str, e: vhost::Error| format!("{what}: {e}");
+
+        frontend.set_owner().map_err(|e| step("SET_OWNER", e))?;
+        let offered = frontend.get_features().map_err(|e| step("GET_FEATURES", e))?;
+        let proto_bit = features::bit(features::VHOST_USER_PROTOCOL_FEATURES);
+        if offered & proto_bit == 0 {
+            return Err(format!(
+                "backend does not offer VHOST_USER_F_PROTOCOL_FEATURES (features {offered:#x})"
+            ));
+        }
+        let proto_offered = frontend.get_protocol_features().map_err(|e| step("GET_PROTOCOL_FEATURES", e))?;
+        let proto_acked = proto_offered
+            & (VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::CONFIG);
+        frontend.set_protocol_features(proto_acked).map_err(|e| step("SET_PROTOCOL_FEATURES", e))?;
+        if proto_acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        let negotiated = (want_features & offered) | features::bit(features::VERSION_1) | proto_bit;
+        frontend.set_features(negotiated).map_err(|e| step("SET_FEATURES", e))?;
+
+        let mem = GuestMem::new(mem_size)?;
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: mem.start(),
+            memory_size: mem.size as u64,
+            userspace_addr: mem.start(),
+            mmap_offset: 0,
+            mmap_handle: mem.file.as_raw_fd(),
+        };
+        frontend.set_mem_table(&[region]).map_err(|e| step("SET_MEM_TABLE", e))?;
+
+        Ok(RawFrontend {
+            frontend,
+            features: negotiated,
+            protocol_features: proto_acked.bits(),
+            mem,
+            next_free: 0,
+            queues: Vec::new(),
+        })
+    }
+
+    /// The feature bits sent with `SET_FEATURES`.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// The vhost-user protocol feature bits acked.
+    pub fn protocol_features(&self) -> u64 {
+        self.protocol_features
+    }
+
+    /// `(first guest address, size in bytes)` of guest memory.
+    pub fn mem_range(&self) -> (u64, u64) {
+        (self.mem.start(), self.mem.size as u64)
+    }
+
+    /// Bump-allocates `len` bytes of zeroed guest memory aligned to `align` (a power of
+    /// two) and returns its guest address (= virtual address here). Memory is never
+    /// freed or reused.
+    pub fn alloc(&mut self, len: usize, align: usize) -> Result<u64, String> {
+        if !align.is_power_of_two() {
+            return Err(format!("alignment {align} is not a power of two"));
+        }
+        // Aligns the absolute address (= guest address), not just the offset.
+        let start = self.mem.start() as usize;
+        let addr = (start + self.next_free).checked_next_multiple_of(align).ok_or("allocation overflow")?;
+        let end = addr.checked_add(len).ok_or("allocation overflow")?;
+        if end > start + self.mem.size {
+            return Err(format!(
+                "guest memory exhausted: {len} bytes (align {align}) do not fit, {} of {} used",
+                self.next_free, self.mem.size
+            ));
+        }
+        self.next_free = end - start;
+        Ok(addr as u64)
+    }
+
+    /// Copies `bytes` into guest memory at `gpa` (volatile byte stores).
+    pub fn write_mem(&self, gpa: u64, bytes: &[u8]) -> Result<(), String> {
+        self.mem.write(gpa, bytes)
+    }
+
+    /// Copies `len` bytes of guest memory at `gpa` out (volatile byte loads).
+    pub fn read_mem(&self, gpa: u64, len: usize) -> Result<Vec<u8>, String> {
+        self.mem.read(gpa, len)
+    }
+
+    /// Lays out a split ring of `size` entries for queue `index` in fresh guest memory
+    /// and starts it: see [`RawFrontend::setup_queue_at`].
+    pub fn setup_queue(&mut self, index: u16, size: u16) -> Result<(), String> {
+        let desc = self.alloc(layout::desc_table_bytes(size), 4096)?;
+        let avail = self.alloc(layout::avail_bytes(size), 64)?;
+        let used = self.alloc(layout::used_bytes(size), 64)?;
+        self.setup_queue_at(index, size, RingAddrs { desc, avail, used })
+    }
+
+    /// Starts queue `index` with a ring of `size` entries at `addrs`, which may be
+    /// anywhere (even outside guest memory, for hostile tests): `SET_VRING_NUM`,
+    /// `SET_VRING_ADDR`, `SET_VRING_BASE(0)`, `SET_VRING_CALL`, `SET_VRING_KICK`,
+    /// `SET_VRING_ENABLE(1)`. Every message is sent even if an earlier one fails (a
+    /// backend may legitimately refuse a bad ring address); the first failure is
+    /// returned. The queue is recorded either way, so it can still be kicked.
+    pub fn setup_queue_at(&mut self, index: u16, size: u16, addrs: RingAddrs) -> Result<(), String> {
+        if size == 0 || size > layout::MAX_QUEUE_SIZE {
+            return Err(format!("queue size {size} out of range"));
+        }
+        let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+        let call = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+        let q = index as usize;
+        let mut errors: Vec<String> = Vec::new();
+        let mut note = |what: &str, r: Result<(), vhost::Error>| {
+            if let Err(e) = r {
+                errors.push(format!("queue {index}: {what}: {e}"));
+            }
+        };
+        let config = VringConfigData {
+            queue_max_size: size,
+            queue_size: size,
+            flags: 0,
+            desc_table_addr: addrs.desc,
+            used_ring_addr: addrs.used,
+            avail_ring_addr: addrs.avail,
+            log_addr: None,
+        };
+        note("SET_VRING_NUM", self.frontend.set_vring_num(q, size));
+        note("SET_VRING_ADDR", self.frontend.set_vring_addr(q, &config));
+        note("SET_VRING_BASE", self.frontend.set_vring_base(q, 0));
+        note("SET_VRING_CALL", self.frontend.set_vring_call(q, &call));
+        note("SET_VRING_KICK", self.frontend.set_vring_kick(q, &kick));
+        note("SET_VRING_ENABLE", self.frontend.set_vring_enable(q, true));
+
+        if self.queues.len() <= q {
+            self.queues.resize_with(q + 1, || None);
+        }
+        self.queues[q] = Some(Queue {
+            size,
+            addrs,
+            kick,
+            _call: call,
+            free: (0..size).rev().collect(),
+            next_avail: 0,
+            last_used: 0,
+            bufs: vec![None; size as usize],
+            inflight: vec![None; size as usize],
+        });
+        match errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends `SET_VRING_ENABLE(enable)` for queue `index`.
+    pub fn set_vring_enable(&mut self, index: u16, enable: bool) -> Result<(), String> {
+        self.frontend
+            .set_vring_enable(index as usize, enable)
+            .map_err(|e| format!("queue {index}: SET_VRING_ENABLE({enable}): {e}"))
+    }
+
+    /// Size and ring addresses of a queue set up earlier.
+    pub fn ring(&self, queue: u16) -> Result<(u16, RingAddrs), String> {
+        let q = self.queue(queue)?;
+        Ok((q.size, q.addrs))
+    }
+
+    fn queue(&self, queue: u16) -> Result<&Queue, String> {
+        self.queues
+            .get(queue as usize)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| format!("queue {queue} was not set up"))
+    }
+
+    fn queue_mut(&mut self, queue: u16) -> Result<&mut Queue, String> {
+        self.queues
+            .get_mut(queue as usize)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| format!("queue {queue} was not set up"))
+    }
+
+    // ---- raw ring access ------------------------------------------------------------
+
+    /// Writes descriptor `i` (must be `< size`) of `queue`'s descriptor table.
+    pub fn write_desc(&self, queue: u16, i: u16, d: Descriptor) -> Result<(), String> {
+        let q = self.queue(queue)?;
+        if i >= q.size {
+            return Err(format!("descriptor {i} outside ring of {}", q.size));
+        }
+        self.write_desc_at(q.addrs.desc + (i as u64) * layout::DESC_SIZE as u64, d)
+    }
+
+    /// Writes a descriptor anywhere in guest memory (an indirect table entry, say).
+    pub fn write_desc_at(&self, gpa: u64, d: Descriptor) -> Result<(), String> {
+        self.mem.write(gpa, &d.to_le_bytes())
+    }
+
+    /// Writes `head` into avail-ring slot `slot % size` (plain volatile stores: they are
+    /// published by the next [`RawFrontend::set_avail_idx`]).
+    pub fn write_avail_slot(&self, queue: u16, slot: u16, head: u16) -> Result<(), String> {
+        let q = self.queue(queue)?;
+        let off = layout::avail_entry(slot % q.size) as u64;
+        self.mem.write(q.addrs.avail + off, &head.to_le_bytes())
+    }
+
+    /// Stores `idx` into `avail.idx` with Release ordering, so the backend's Acquire
+    /// load of it also sees every descriptor and avail slot written before.
+    pub fn set_avail_idx(&self, queue: u16, idx: u16) -> Result<(), String> {
+        let q = self.queue(queue)?;
+        let a = self.mem.atomic_u16(q.addrs.avail + layout::AVAIL_IDX as u64)?;
+        // Release: publishes the descriptors and avail slots written before this store.
+        a.store(idx, Ordering::Release);
+        Ok(())
+    }
+
+    /// Writes `avail.flags` (e.g. [`layout::AVAIL_F_NO_INTERRUPT`]).
+    pub fn set_avail_flags(&self, queue: u16, flags: u16) -> Result<(), String> {
+        let q = self.queue(queue)?;
+        let a = self.mem.atomic_u16(q.addrs.avail + layout::AVAIL_FLAGS as u64)?;
+        // Relaxed: a hint for the device; no data is published with it.
+        a.store(flags, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Loads `used.idx` with Acquire ordering, so used elements read afterwards are at
+    /// least as new as the index.
+    pub fn used_idx(&self, queue: u16) -> Result<u16, String> {
+        let q = self.queue(queue)?;
+        let a = self.mem.atomic_u16(q.addrs.used + layout::USED_IDX as u64)?;
+        // Acquire: pairs with the device's Release store of used.idx.
+        Ok(a.load(Ordering::Acquire))
+    }
+
+    /// Reads used element `slot % size` as `(id, len)`. Call after [`RawFrontend::used_idx`]
+    /// showed the element published.
+    pub fn used_elem(&self, queue: u16, slot: u16) -> Result<(u32, u32), String> {
+        let q = self.queue(queue)?;
+        let at = q.addrs.used + layout::used_entry(slot % q.size) as u64;
+        Ok((self.mem.read_u32(at)?, self.mem.read_u32(at + 4)?))
+    }
+
+    /// Signals `queue`'s kick eventfd.
+    pub fn kick(&self, queue: u16) -> Result<(), String> {
+        let q = self.queue(queue)?;
+        q.kick.write(1).map_err(|e| format!("queue {queue}: kick: {e}"))
+    }
+
+    /// Polls until `used.idx == target`, for at most `timeout`.
+    pub fn wait_used_idx(&self, queue: u16, target: u16, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.used_idx(queue)?;
+            if now == target {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("queue {queue}: used idx is {now} after {timeout:?}, expected {target}"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    // ---- well-behaved traffic -------------------------------------------------------
+
+    /// Takes the completions the device published since the last call, checking each:
+    /// the id must name a descriptor this layer posted and still owned by the device,
+    /// and the used index may not run ahead of what was posted. Returns
+    /// `(id, used len, posted len)` per completion and frees the descriptors.
+    fn reap(&mut self, queue: u16) -> Result<Vec<(u16, u32, u32)>, String> {
+        let used = self.used_idx(queue)?;
+        let mut out = Vec::new();
+        let (mut last, size) = {
+            let q = self.queue(queue)?;
+            (q.last_used, q.size)
+        };
+        let outstanding = {
+            let q = self.queue(queue)?;
+            q.next_avail.wrapping_sub(q.last_used)
+        };
+        if used.wrapping_sub(last) > outstanding {
+            return Err(format!(
+                "queue {queue}: used idx {used} ran ahead: last seen {last}, {outstanding} outstanding"
+            ));
+        }
+        while last != used {
+            let (id, len) = self.used_elem(queue, last)?;
+            let q = self.queue_mut(queue)?;
+            if id >= size as u32 {
+                return Err(format!("queue {queue}: used id {id} out of range"));
+            }
+            let posted = q.inflight[id as usize]
+                .take()
+                .ok_or_else(|| format!("queue {queue}: used id {id} was not in flight"))?;
+            q.free.push(id as u16);
+            out.push((id as u16, len, posted));
+            last = last.wrapping_add(1);
+            q.last_used = last;
+        }
+        Ok(out)
+    }
+
+    /// Posts one descriptor `d` (whose buffer the caller prepared) under id `id`.
+    fn post(&mut self, queue: u16, id: u16, d: Descriptor) -> Result<(), String> {
+        self.write_desc(queue, id, d)?;
+        let slot = self.queue(queue)?.next_avail;
+        self.write_avail_slot(queue, slot, id)?;
+        let q = self.queue_mut(queue)?;
+        q.inflight[id as usize] = Some(d.len);
+        q.next_avail = slot.wrapping_add(1);
+        Ok(())
+    }
+
+    /// Publishes everything posted so far (one Release store) and kicks.
+    fn publish(&mut self, queue: u16) -> Result<(), String> {
+        let idx = self.queue(queue)?.next_avail;
+        self.set_avail_idx(queue, idx)?;
+        self.kick(queue)
+    }
+
+    /// A descriptor id and a buffer of at least `cap` bytes attached to it.
+    fn take_buffer(&mut self, queue: u16, cap: usize) -> Result<(u16, u64), String> {
+        let id =
+            self.queue_mut(queue)?.free.pop().ok_or_else(|| format!("queue {queue}: no free descriptor"))?;
+        let have = self.queue(queue)?.bufs[id as usize];
+        let gpa = match have {
+            Some((gpa, c)) if c as usize >= cap => gpa,
+            _ => {
+                let cap = cap.max(TX_BUF_MIN);
+                let gpa = match self.alloc(cap, 64) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        self.queue_mut(queue)?.free.push(id);
+                        return Err(e);
+                    }
+                };
+                self.queue_mut(queue)?.bufs[id as usize] = Some((gpa, cap as u32));
+                gpa
+            }
+        };
+        Ok((id, gpa))
+    }
+
+    /// Frees TX descriptors the device has completed; returns how many.
+    pub fn reclaim(&mut self, queue: u16) -> Result<usize, String> {
+        Ok(self.reap(queue)?.len())
+    }
+
+    /// Number of buffers posted by the convenience layer and not yet completed.
+    pub fn in_flight(&self, queue: u16) -> Result<u16, String> {
+        let q = self.queue(queue)?;
+        Ok(q.next_avail.wrapping_sub(q.last_used))
+    }
+
+    /// Sends each frame on `queue` (normally 1, the TX queue of pair 0) as one
+    /// device-readable descriptor holding a zeroed 12-byte `virtio_net_hdr_v1` followed
+    /// by the frame; publishes them with one avail-idx store and kicks. Completed TX
+    /// descriptors are reclaimed first; fails if the ring has no room.
+    pub fn send_frames(&mut self, queue: u16, frames: &[Vec<u8>]) -> Result<(), String> {
+        self.reclaim(queue)?;
+        for f in frames {
+            let total = layout::NET_HDR_LEN + f.len();
+            let len = u32::try_from(total).map_err(|_| "frame too long".to_string())?;
+            let (id, gpa) = self.take_buffer(queue, total)?;
+            self.write_mem(gpa, &[0u8; layout::NET_HDR_LEN])?;
+            self.write_mem(gpa + layout::NET_HDR_LEN as u64, f)?;
+            let d = Descriptor { addr: gpa, len, flags: 0, next: 0 };
+            self.post(queue, id, d)?;
+        }
+        self.publish(queue)
+    }
+
+    /// Waits until every TX buffer posted on `queue` has been completed (and reclaims
+    /// them), for at most `timeout`.
+    pub fn wait_tx_done(&mut self, queue: u16, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.reclaim(queue)?;
+            let left = self.in_flight(queue)?;
+            if left == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("queue {queue}: {left} TX buffers still in flight after {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Posts `n` device-writable buffers of `buf_len` bytes each on `queue` (normally
+    /// 0, the RX queue of pair 0), one descriptor each; publishes and kicks.
+    pub fn post_rx_buffers(&mut self, queue: u16, n: u16, buf_len: u32) -> Result<(), String> {
+        for _ in 0..n {
+            let (id, gpa) = self.take_buffer(queue, buf_len as usize)?;
+            let d = Descriptor { addr: gpa, len: buf_len, flags: layout::DESC_F_WRITE, next: 0 };
+            self.post(queue, id, d)?;
+        }
+        self.publish(queue)
+    }
+
+    /// Collects the frames the device wrote into posted RX buffers since the last call,
+    /// the 12-byte net header stripped, in used-ring order. A used length shorter than
+    /// the header or longer than the buffer is an error. Buffers are not re-posted.
+    pub fn poll_rx(&mut self, queue: u16) -> Result<Vec<Vec<u8>>, String> {
+        let done = self.reap(queue)?;
+        let mut frames = Vec::with_capacity(done.len());
+        for (id, len, posted) in done {
+            if (len as usize) < layout::NET_HDR_LEN || len > posted {
+                return Err(format!(
+                    "queue {queue}: used len {len} for id {id} outside [{}, {posted}]",
+                    layout::NET_HDR_LEN
+                ));
+            }
+            let (gpa, _) = self.queue(queue)?.bufs[id as usize]
+                .ok_or_else(|| format!("queue {queue}: id {id} has no buffer"))?;
+            frames.push(self.read_mem(gpa + layout::NET_HDR_LEN as u64, len as usize - layout::NET_HDR_LEN)?);
+        }
+        Ok(frames)
+    }
+
+    /// Polls [`RawFrontend::poll_rx`] until `n` frames arrived, for at most `timeout`.
+    /// More than `n` frames is an error too (the caller asked for an exact count).
+    pub fn recv_frames(&mut self, queue: u16, n: usize, timeout: Duration) -> Result<Vec<Vec<u8>>, String> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        loop {
+            got.extend(self.poll_rx(queue)?);
+            if got.len() >= n {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("queue {queue}: received {} of {n} frames in {timeout:?}", got.len()));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if got.len() > n {
+            return Err(format!("queue {queue}: received {} frames, expected {n}", got.len()));
+        }
+        Ok(got)
+    }
+}
