@@ -1,9 +1,56 @@
-//! The guest-side virtio-net poll-mode driver.
+//! A userspace virtio-net poll-mode driver.
 //!
-//! Today this crate holds only [`layout`]: the virtio split-ring layout, feature bits
-//! and net header that both sides of a ring share (the driver here, the device side in
-//! `host-backend`), so there is exactly one copy of that arithmetic in the tree. The
-//! driver itself (ports, queue pairs, the buffer pool, the virtio-user and VFIO-PCI
-//! transports) is built on top of it by later work; nothing here pretends to be it.
+//! A [`Port`] is one virtio-net device reached through a transport (today virtio-user:
+//! the driver is the vhost-user front-end of a back-end's unix socket). It hands out
+//! [`QueuePair`]s whose halves ([`RxQueue`], [`TxQueue`]) move packets in bursts, each
+//! usable from its own thread without locks. Packets are [`Packet`]s: owned buffers from
+//! a [`Mempool`] with XDP-style headroom and tailroom, returned to their pool on drop.
+//!
+//! ```
+//! use driver::{Port, PortConfig};
+//! # let dir = std::env::temp_dir().join(format!("vnet-doc-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir).unwrap();
+//! # let sock = dir.join("reflect.sock");
+//! # let backend = host_backend::Backend::start(host_backend::config::Config {
+//! #     ports: vec![host_backend::config::parse_port(&format!("reflect:{}", sock.display())).unwrap()],
+//! #     ..Default::default()
+//! # }).unwrap();
+//! // A back-end (here our host-backend's `reflect` port) listens on `sock`.
+//! let mut port = Port::open(PortConfig::virtio_user(&sock))?;
+//! println!("MAC {:02x?}, MTU {}", port.info().mac, port.info().mtu);
+//! let mut qp = port.queue_pair(0).unwrap();
+//!
+//! // Send one frame...
+//! let mut pkt = port.pool().alloc().unwrap();
+//! pkt.set_data(&[0xffu8; 64])?;
+//! let mut batch = vec![pkt];
+//! assert_eq!(qp.tx.tx_burst(&mut batch), 1);
+//!
+//! // ...and receive it back from the reflecting back-end.
+//! let mut rx = Vec::with_capacity(32);
+//! let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+//! while qp.rx.rx_burst(&mut rx, 32) == 0 && std::time::Instant::now() < deadline {}
+//! assert_eq!(rx[0].data(), &[0xffu8; 64][..]);
+//! drop(rx);
+//! port.close(vec![qp])?;
+//! # backend.shutdown();
+//! # Ok::<(), driver::Error>(())
+//! ```
+//!
+//! Modules: [`layout`] (ring layout shared with the host backend), [`dma`] (the DMA
+//! arena), [`mempool`] (buffers and packets), [`ring`] (the driver-side split ring),
+//! [`queue`] (rx/tx bursts), [`transport`] (virtio-user), [`port`] (device init).
 
+pub mod dma;
+pub mod error;
 pub mod layout;
+pub mod mempool;
+pub mod port;
+pub mod queue;
+pub mod ring;
+pub mod transport;
+
+pub use error::{DeviceError, Error, Result};
+pub use mempool::{Mempool, Packet};
+pub use port::{Port, PortConfig, PortInfo, TransportConfig};
+pub use queue::{QueuePair, QueueStatsSnapshot, RxQueue, TxQueue};

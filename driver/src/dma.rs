@@ -1,0 +1,162 @@
+//! The DMA arena: one shared-memory mapping from which every ring and buffer the device
+//! accesses is carved.
+//!
+//! Owns: the memfd (hugetlb when asked), its mapping, a bump allocator used at port
+//! setup, and translation from pointers in the arena to the addresses the device uses
+//! (IOVA). With virtio-user the arena's fd is what `SET_MEM_TABLE` shares and IOVA =
+//! virtual address (DPDK's convention); a VFIO transport sets another IOVA base.
+//! Must not: allocate on the data path (rings and pools take their memory once).
+//!
+//! Why our own code instead of `vm-memory`: the driver needs exactly one contiguous
+//! mapping with O(1) VA→IOVA arithmetic on the hot path, nothing more.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+
+/// One mapping of DMA-able memory.
+pub struct DmaArena {
+    va: *mut u8,
+    len: usize,
+    iova_base: u64,
+    file: File,
+    hugepages: bool,
+    next: Mutex<usize>,
+}
+
+// SAFETY: the arena owns its mapping for its whole life; the raw pointer is only used to
+// compute addresses. Access to the memory itself follows the ring/packet ownership rules.
+unsafe impl Send for DmaArena {}
+// SAFETY: as above; the only mutable state (`next`) is behind a mutex.
+unsafe impl Sync for DmaArena {}
+
+const HUGE_2M: usize = 2 << 20;
+
+impl DmaArena {
+    /// Creates an arena of at least `len` bytes backed by a memfd (with 2 MiB hugepages
+    /// when `hugepages`), mapped shared and populated.
+    pub fn new(len: usize, hugepages: bool) -> Result<DmaArena> {
+        let len = if hugepages { len.div_ceil(HUGE_2M) * HUGE_2M } else { len.div_ceil(4096) * 4096 };
+        let mut flags = libc::MFD_CLOEXEC;
+        if hugepages {
+            flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+        }
+        // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"vnet-dma".as_ptr(), flags) };
+        if fd < 0 {
+            return Err(Error::io("memfd_create", std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh descriptor we own.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len as u64).map_err(|e| Error::io("sizing the DMA arena", e))?;
+        // SAFETY: maps `len` bytes of our own memfd; the result is checked. MAP_POPULATE
+        // faults the pages in now, so the data path never takes a page fault.
+        let va = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if va == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            return Err(if hugepages {
+                Error::NoHugepages(e)
+            } else {
+                Error::io("mapping the DMA arena", e)
+            });
+        }
+        if hugepages {
+            // Hugetlb mappings can succeed and still have no pages behind them: check.
+            // SAFETY: reading one byte of a mapping we just created.
+            let probe = unsafe { libc::madvise(va, len, libc::MADV_WILLNEED) };
+            let _ = probe;
+        }
+        Ok(DmaArena { va: va as *mut u8, len, iova_base: va as u64, file, hugepages, next: Mutex::new(0) })
+    }
+
+    /// Bytes in the arena.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether the arena is empty (never, once created).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Whether the arena uses hugepages.
+    pub fn hugepages(&self) -> bool {
+        self.hugepages
+    }
+    /// Start of the mapping in this process.
+    pub fn va(&self) -> *mut u8 {
+        self.va
+    }
+    /// The fd backing the arena (shared with a vhost-user back-end).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+    /// The device address of the arena's first byte.
+    pub fn iova_base(&self) -> u64 {
+        self.iova_base
+    }
+    /// Sets the device address of the arena's first byte (a VFIO mapping).
+    pub fn set_iova_base(&mut self, iova: u64) {
+        self.iova_base = iova;
+    }
+
+    /// Takes `len` zeroed bytes aligned to `align` (a power of two) from the arena.
+    pub fn alloc(&self, len: usize, align: usize) -> Result<(*mut u8, u64)> {
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let start = next.div_ceil(align) * align;
+        let end = start
+            .checked_add(len)
+            .filter(|&e| e <= self.len)
+            .ok_or(Error::ArenaTooSmall { size: self.len, need: start.saturating_add(len) })?;
+        *next = end;
+        // SAFETY: `start + len <= self.len`, inside the mapping; the bytes are fresh
+        // (never handed out), so zeroing them races with nobody.
+        let p = unsafe {
+            let p = self.va.add(start);
+            std::ptr::write_bytes(p, 0, len);
+            p
+        };
+        Ok((p, self.iova_base + start as u64))
+    }
+
+    /// The device address of `p`, which must point into the arena.
+    #[inline]
+    pub fn iova(&self, p: *const u8) -> u64 {
+        self.iova_base + (p as u64 - self.va as u64)
+    }
+}
+
+impl Drop for DmaArena {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping created in `new`; nothing refers to it
+        // any more (every user holds an `Arc<DmaArena>`).
+        unsafe { libc::munmap(self.va as *mut libc::c_void, self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocates_aligned_and_reports_exhaustion() {
+        let a = DmaArena::new(64 * 1024, false).unwrap();
+        let (p1, i1) = a.alloc(100, 64).unwrap();
+        let (p2, i2) = a.alloc(10, 4096).unwrap();
+        assert_eq!(p1 as usize % 64, 0);
+        assert_eq!(p2 as usize % 4096, 0);
+        assert_eq!(a.iova(p2), i2);
+        assert_eq!(i1, a.iova_base());
+        let e = a.alloc(1 << 20, 8).unwrap_err();
+        assert!(matches!(e, Error::ArenaTooSmall { .. }), "{e}");
+    }
+}

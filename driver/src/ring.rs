@@ -1,0 +1,369 @@
+//! The driver side of a split virtqueue, written for batching (virtio 1.2 §2.7).
+//!
+//! Owns: one queue's ring memory (in the DMA arena), descriptor bookkeeping in
+//! driver-private arrays (an O(1) free stack and a token per descriptor), the avail
+//! publish and kick decision, and the validation of everything the device writes into
+//! the used ring. Must not: know what a buffer holds (the rx/tx queues do) or allocate.
+//!
+//! Each buffer is one descriptor (virtio-net header and frame are contiguous in one pool
+//! buffer), so a head is a descriptor and chains never form on the driver side.
+//!
+//! Shared memory is touched only through raw pointers with volatile or atomic accesses:
+//! * descriptors and avail entries are written with volatile stores, then published by
+//!   one `Release` store of `avail.idx` per burst, so the device, after its acquire load
+//!   of the index, sees them complete;
+//! * `used.idx` is loaded with `Acquire` (pairs with the device's release store after it
+//!   wrote used elements and received data), then elements are read volatile;
+//! * the kick decision reads `avail_event`/`used.flags` after a `SeqCst` fence that
+//!   orders the avail-index store before that load (store→load), pairing with the
+//!   device's fence when it re-enables notifications.
+
+use std::sync::atomic::{fence, AtomicU16, Ordering};
+use std::sync::Arc;
+
+use crate::dma::DmaArena;
+use crate::error::{DeviceError, Result};
+use crate::layout::{self, Descriptor, DESC_F_WRITE};
+use crate::transport::Notifier;
+
+/// Device addresses of a ring's three areas (what the transport tells the device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingAddrs {
+    /// Descriptor table.
+    pub desc: u64,
+    /// Driver area (avail ring).
+    pub avail: u64,
+    /// Device area (used ring).
+    pub used: u64,
+}
+
+const NO_TOKEN: u32 = u32::MAX;
+
+/// One split virtqueue, driver side.
+pub struct DriverRing {
+    desc: *mut u8,
+    avail: *mut u8,
+    used: *mut u8,
+    addrs: RingAddrs,
+    size: u16,
+    mask: u16,
+    /// Free descriptor ids (a stack: O(1) pop and push).
+    free: Box<[u16]>,
+    nfree: u16,
+    /// What each in-flight descriptor carries, and the length posted.
+    tokens: Box<[u32]>,
+    posted_len: Box<[u32]>,
+    /// Next avail index to fill, and the value last published.
+    avail_idx: u16,
+    published: u16,
+    last_used: u16,
+    event_idx: bool,
+    notifier: Option<Notifier>,
+    /// Kicks sent.
+    pub kicks: u64,
+    _arena: Arc<DmaArena>,
+}
+
+// SAFETY: the ring's pointers point into an arena kept alive by `_arena`; a ring is used
+// by one thread at a time (`&mut self` for every operation).
+unsafe impl Send for DriverRing {}
+
+impl DriverRing {
+    /// Carves a ring of `size` entries (a power of two) from `arena`.
+    pub fn new(arena: &Arc<DmaArena>, size: u16, event_idx: bool) -> Result<DriverRing> {
+        if size == 0 || !size.is_power_of_two() || size > layout::MAX_QUEUE_SIZE {
+            return Err(crate::Error::Config(format!("ring size {size} is not a power of two in 1..=32768")));
+        }
+        let (desc, desc_iova) = arena.alloc(layout::desc_table_bytes(size), 4096)?;
+        let (avail, avail_iova) = arena.alloc(layout::avail_bytes(size), 64)?;
+        let (used, used_iova) = arena.alloc(layout::used_bytes(size), 4096)?;
+        let r = DriverRing {
+            desc,
+            avail,
+            used,
+            addrs: RingAddrs { desc: desc_iova, avail: avail_iova, used: used_iova },
+            size,
+            mask: size - 1,
+            free: (0..size).rev().collect(),
+            nfree: size,
+            tokens: vec![NO_TOKEN; size as usize].into_boxed_slice(),
+            posted_len: vec![0; size as usize].into_boxed_slice(),
+            avail_idx: 0,
+            published: 0,
+            last_used: 0,
+            event_idx,
+            notifier: None,
+            kicks: 0,
+            _arena: arena.clone(),
+        };
+        // We poll: ask the device not to interrupt us.
+        if event_idx {
+            r.u16_at(r.avail, layout::used_event(size)).store(u16::MAX, Ordering::Relaxed);
+        } else {
+            r.u16_at(r.avail, layout::AVAIL_FLAGS).store(layout::AVAIL_F_NO_INTERRUPT, Ordering::Relaxed);
+        }
+        Ok(r)
+    }
+
+    /// The ring's device addresses.
+    pub fn addrs(&self) -> RingAddrs {
+        self.addrs
+    }
+    /// Ring size.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+    /// Free descriptors.
+    pub fn free_count(&self) -> u16 {
+        self.nfree
+    }
+    /// Descriptors the device holds.
+    pub fn in_flight(&self) -> u16 {
+        self.size - self.nfree
+    }
+    /// Sets how this ring kicks the device (after the transport set it up).
+    pub fn set_notifier(&mut self, n: Notifier) {
+        self.notifier = Some(n);
+    }
+
+    #[inline]
+    fn u16_at(&self, area: *mut u8, off: usize) -> &AtomicU16 {
+        // SAFETY: `area + off` is inside a ring area allocated in `new` for this size,
+        // 2-byte aligned (areas are 64/4096-aligned, offsets even); atomics may alias
+        // memory the device writes.
+        unsafe { AtomicU16::from_ptr(area.add(off) as *mut u16) }
+    }
+
+    /// Makes one buffer available: writes its descriptor and avail entry (not yet
+    /// visible: see [`publish`](Self::publish)). `token` comes back from
+    /// [`pop_used`](Self::pop_used); `None` makes the descriptor id the token. Returns the
+    /// descriptor id, or `None` if no descriptor is free.
+    #[inline]
+    pub fn post(&mut self, addr: u64, len: u32, device_writes: bool, token: Option<u32>) -> Option<u16> {
+        if self.nfree == 0 {
+            return None;
+        }
+        self.nfree -= 1;
+        let id = self.free[self.nfree as usize];
+        let d = Descriptor { addr, len, flags: if device_writes { DESC_F_WRITE } else { 0 }, next: 0 };
+        // SAFETY: `id < size`: the descriptor is inside the table; the device does not
+        // read it before the avail index we publish later names it.
+        unsafe {
+            std::ptr::write_volatile(
+                self.desc.add(id as usize * layout::DESC_SIZE) as *mut [u8; 16],
+                d.to_le_bytes(),
+            )
+        };
+        let slot = self.avail_idx & self.mask;
+        // SAFETY: `avail_entry(slot)` with `slot < size` is inside the driver area, aligned.
+        unsafe {
+            std::ptr::write_volatile(self.avail.add(layout::avail_entry(slot)) as *mut u16, id.to_le())
+        };
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.tokens[id as usize] = token.unwrap_or(id as u32);
+        self.posted_len[id as usize] = len;
+        Some(id)
+    }
+
+    /// Publishes everything posted since the last publish with one `Release` store of
+    /// `avail.idx`, and makes the burst's one kick decision (EVENT_IDX's `avail_event`
+    /// with the spec's wrap-safe formula, or `VRING_USED_F_NO_NOTIFY`). Returns whether
+    /// it kicked.
+    #[inline]
+    pub fn publish(&mut self) -> bool {
+        let (old, new) = (self.published, self.avail_idx);
+        if old == new {
+            return false;
+        }
+        self.u16_at(self.avail, layout::AVAIL_IDX).store(new, Ordering::Release);
+        self.published = new;
+        // Store (avail.idx) → load (avail_event / flags): full fence.
+        fence(Ordering::SeqCst);
+        let kick = if self.event_idx {
+            let ev = self.u16_at(self.used, layout::avail_event(self.size)).load(Ordering::Relaxed);
+            layout::need_event(ev, new, old)
+        } else {
+            self.u16_at(self.used, layout::USED_FLAGS).load(Ordering::Relaxed) & layout::USED_F_NO_NOTIFY == 0
+        };
+        if kick {
+            if let Some(n) = &self.notifier {
+                n.notify();
+                self.kicks += 1;
+            }
+        }
+        kick
+    }
+
+    /// Loads `used.idx` once (`Acquire`) and returns how many buffers the device has
+    /// returned since the last [`pop_used`](Self::pop_used), validated against what is
+    /// in flight.
+    #[inline]
+    pub fn poll_used(&self) -> std::result::Result<u16, DeviceError> {
+        let idx = self.u16_at(self.used, layout::USED_IDX).load(Ordering::Acquire);
+        let n = idx.wrapping_sub(self.last_used);
+        let in_flight = self.in_flight();
+        if n > in_flight {
+            return Err(DeviceError::UsedIdxJump { moved: n, in_flight });
+        }
+        Ok(n)
+    }
+
+    /// Takes the next used element (call at most as often as `poll_used` allowed):
+    /// returns the token posted with that buffer and the length the device wrote, after
+    /// checking the id and length. The descriptor goes back on the free stack.
+    #[inline]
+    pub fn pop_used(&mut self) -> std::result::Result<(u32, u32), DeviceError> {
+        let slot = self.last_used & self.mask;
+        // SAFETY: `used_entry(slot)` with `slot < size` plus 8 bytes is inside the device
+        // area; 4-aligned. Volatile: the device owns this memory; our acquire load of
+        // `used.idx` ordered these reads after its writes.
+        let (id, len) = unsafe {
+            let p = self.used.add(layout::used_entry(slot)) as *const u32;
+            (u32::from_le(std::ptr::read_volatile(p)), u32::from_le(std::ptr::read_volatile(p.add(1))))
+        };
+        if id >= self.size as u32 {
+            return Err(DeviceError::UsedIdOutOfRange { id });
+        }
+        let token = self.tokens[id as usize];
+        if token == NO_TOKEN {
+            return Err(DeviceError::UsedIdNotInFlight { id });
+        }
+        let posted = self.posted_len[id as usize];
+        if len > posted {
+            return Err(DeviceError::UsedLenTooLarge { len, posted });
+        }
+        self.tokens[id as usize] = NO_TOKEN;
+        self.free[self.nfree as usize] = id as u16;
+        self.nfree += 1;
+        self.last_used = self.last_used.wrapping_add(1);
+        Ok((token, len))
+    }
+
+    /// Tokens of every buffer still in flight (to return them to the pool at close).
+    pub fn drain_in_flight(&mut self) -> impl Iterator<Item = u32> + '_ {
+        self.tokens.iter_mut().filter(|t| **t != NO_TOKEN).map(|t| std::mem::replace(t, NO_TOKEN))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(size: u16, event_idx: bool) -> DriverRing {
+        let arena = Arc::new(DmaArena::new(1 << 20, false).unwrap());
+        DriverRing::new(&arena, size, event_idx).unwrap()
+    }
+
+    /// Plays the device: completes `n` avail entries in order with `len`.
+    fn complete(r: &DriverRing, from_avail: u16, n: u16, len: u32) {
+        let used_idx = r.u16_at(r.used, layout::USED_IDX).load(Ordering::Relaxed);
+        for i in 0..n {
+            let slot = from_avail.wrapping_add(i) & r.mask;
+            // SAFETY: test-only reads/writes inside the ring areas.
+            unsafe {
+                let id = std::ptr::read_volatile(r.avail.add(layout::avail_entry(slot)) as *const u16);
+                let e = r.used.add(layout::used_entry(used_idx.wrapping_add(i) & r.mask)) as *mut u32;
+                std::ptr::write_volatile(e, id as u32);
+                std::ptr::write_volatile(e.add(1), len);
+            }
+        }
+        r.u16_at(r.used, layout::USED_IDX).store(used_idx.wrapping_add(n), Ordering::Release);
+    }
+
+    fn write_used(r: &DriverRing, id: u32, len: u32) {
+        let used_idx = r.u16_at(r.used, layout::USED_IDX).load(Ordering::Relaxed);
+        // SAFETY: test-only write inside the used ring.
+        unsafe {
+            let e = r.used.add(layout::used_entry(used_idx & r.mask)) as *mut u32;
+            std::ptr::write_volatile(e, id);
+            std::ptr::write_volatile(e.add(1), len);
+        }
+        r.u16_at(r.used, layout::USED_IDX).store(used_idx.wrapping_add(1), Ordering::Release);
+    }
+
+    #[test]
+    fn post_publish_and_reclaim_in_bulk_across_wraps() {
+        let mut r = ring(8, false);
+        let mut avail = 0u16;
+        for round in 0..50u32 {
+            let n = (round % 8 + 1) as u16;
+            for k in 0..n {
+                assert!(r.post(0x1000 + k as u64, 100, true, Some(round * 100 + k as u32)).is_some());
+            }
+            r.publish();
+            complete(&r, avail, n, 60);
+            avail = avail.wrapping_add(n);
+            assert_eq!(r.poll_used().unwrap(), n);
+            for k in 0..n {
+                assert_eq!(r.pop_used().unwrap(), (round * 100 + k as u32, 60));
+            }
+            assert_eq!(r.free_count(), 8);
+        }
+        assert!(r.post(0, 1, false, None).is_some());
+        for _ in 0..7 {
+            assert!(r.post(0, 1, false, None).is_some());
+        }
+        assert!(r.post(0, 1, false, None).is_none(), "full");
+    }
+
+    #[test]
+    fn rejects_bad_used_entries() {
+        let mut r = ring(8, false);
+        r.post(0x1000, 100, true, Some(7));
+        r.publish();
+        write_used(&r, 9, 10);
+        assert_eq!(r.poll_used().unwrap(), 1);
+        assert_eq!(r.pop_used(), Err(DeviceError::UsedIdOutOfRange { id: 9 }));
+
+        let mut r = ring(8, false);
+        r.post(0x1000, 100, true, Some(7));
+        r.publish();
+        write_used(&r, 3, 10); // descriptor 3 was never posted (the stack hands out 0 first)
+        assert_eq!(r.pop_used(), Err(DeviceError::UsedIdNotInFlight { id: 3 }));
+
+        let mut r = ring(8, false);
+        r.post(0x1000, 100, true, Some(7));
+        r.publish();
+        write_used(&r, 0, 101);
+        assert_eq!(r.pop_used(), Err(DeviceError::UsedLenTooLarge { len: 101, posted: 100 }));
+
+        let mut r = ring(8, false);
+        r.post(0x1000, 100, true, Some(7));
+        r.publish();
+        write_used(&r, 0, 10);
+        write_used(&r, 0, 10);
+        assert_eq!(r.poll_used(), Err(DeviceError::UsedIdxJump { moved: 2, in_flight: 1 }));
+        // A double completion of the same id is caught even within the in-flight budget.
+        let mut r = ring(8, false);
+        r.post(0x1000, 100, true, Some(7));
+        r.post(0x2000, 100, true, Some(8));
+        r.publish();
+        write_used(&r, 0, 10);
+        write_used(&r, 0, 10);
+        assert_eq!(r.poll_used(), Ok(2));
+        assert_eq!(r.pop_used(), Ok((7, 10)));
+        assert_eq!(r.pop_used(), Err(DeviceError::UsedIdNotInFlight { id: 0 }));
+    }
+
+    #[test]
+    fn kicks_only_when_the_device_asks() {
+        let mut r = ring(8, false);
+        r.u16_at(r.used, layout::USED_FLAGS).store(layout::USED_F_NO_NOTIFY, Ordering::Relaxed);
+        r.post(0, 1, false, None);
+        assert!(!r.publish());
+        r.u16_at(r.used, layout::USED_FLAGS).store(0, Ordering::Relaxed);
+        r.post(0, 1, false, None);
+        assert!(r.publish());
+        assert!(!r.publish(), "nothing new, no kick");
+
+        let mut r = ring(16, true);
+        r.u16_at(r.used, layout::avail_event(16)).store(3, Ordering::Relaxed);
+        let mut kicks = 0;
+        for _ in 0..4 {
+            r.post(0, 1, false, None);
+            r.post(0, 1, false, None);
+            kicks += r.publish() as u32;
+        }
+        assert_eq!(kicks, 1, "only the publish that moved avail idx past 3 (2 -> 4) kicks");
+    }
+}

@@ -1,0 +1,212 @@
+//! The virtio-user transport: the driver is the vhost-user front-end of a back-end's
+//! unix socket (as DPDK's virtio-user is), for containers, tests and benchmarks.
+//!
+//! Owns: the connection (the `vhost` crate's `Frontend`), sharing the DMA arena with
+//! `SET_MEM_TABLE` (guest-physical address = virtual address, DPDK's convention), the
+//! kick and call eventfds, and the vhost-user message sequence for init and reset.
+//! Must not: touch rings (the data path polls them directly and kicks through a
+//! `Notifier`).
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{NetConfig, Notifier, Transport};
+use crate::dma::DmaArena;
+use crate::error::{Error, Result};
+use crate::layout::{features as f, net_config};
+
+/// Protocol features the driver uses when the back-end offers them.
+const WANTED_PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
+    .union(VhostUserProtocolFeatures::REPLY_ACK)
+    .union(VhostUserProtocolFeatures::CONFIG);
+
+/// A vhost-user connection acting as a virtio transport.
+pub struct VhostUserTransport {
+    path: PathBuf,
+    fe: Frontend,
+    region: VhostUserMemoryRegionInfo,
+    protocol: VhostUserProtocolFeatures,
+    fallback_mac: [u8; 6],
+    queues: Vec<Option<(Arc<EventFd>, EventFd)>>,
+    /// `VHOST_USER_F_PROTOCOL_FEATURES` was negotiated: rings start disabled and need
+    /// `SET_VRING_ENABLE`.
+    protocol_negotiated: bool,
+    _arena: Arc<DmaArena>,
+}
+
+fn vu(request: &'static str) -> impl Fn(vhost::Error) -> Error {
+    move |e| Error::VhostUser { request, reason: e.to_string() }
+}
+
+impl VhostUserTransport {
+    /// Connects to the back-end at `path` and takes ownership of the device; `arena`
+    /// becomes its guest memory. `max_queues` bounds the queue indices used; `mac` is
+    /// the address used when the back-end does not provide config space.
+    pub fn connect(path: &Path, arena: Arc<DmaArena>, max_queues: u16, mac: [u8; 6]) -> Result<Self> {
+        let connect_err = |reason: String| Error::Connect { path: path.into(), reason };
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(connect_err("no such socket (is the back-end running?)".into()))
+            }
+            Err(e) => return Err(connect_err(e.to_string())),
+            Ok(m) => {
+                use std::os::unix::fs::FileTypeExt;
+                if !m.file_type().is_socket() {
+                    return Err(connect_err("not a unix socket".into()));
+                }
+            }
+        }
+        let fe = Frontend::connect(path, max_queues as u64).map_err(|e| connect_err(e.to_string()))?;
+        fe.set_owner().map_err(vu("SET_OWNER"))?;
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: arena.va() as u64,
+            memory_size: arena.len() as u64,
+            userspace_addr: arena.va() as u64,
+            mmap_offset: 0,
+            mmap_handle: arena.file().as_raw_fd(),
+        };
+        Ok(VhostUserTransport {
+            path: path.into(),
+            fe,
+            region,
+            protocol: VhostUserProtocolFeatures::empty(),
+            fallback_mac: mac,
+            queues: (0..max_queues).map(|_| None).collect(),
+            protocol_negotiated: false,
+            _arena: arena,
+        })
+    }
+}
+
+impl Transport for VhostUserTransport {
+    fn describe(&self) -> String {
+        format!("virtio-user {}", self.path.display())
+    }
+
+    fn device_features(&mut self) -> Result<u64> {
+        self.fe.get_features().map_err(vu("GET_FEATURES"))
+    }
+
+    fn negotiate(&mut self, features: u64) -> Result<()> {
+        let offered = self.device_features()?;
+        let proto_bit = f::bit(f::VHOST_USER_PROTOCOL_FEATURES);
+        let mut features = features;
+        if offered & proto_bit != 0 {
+            features |= proto_bit;
+            self.protocol_negotiated = true;
+            let p = self.fe.get_protocol_features().map_err(vu("GET_PROTOCOL_FEATURES"))?;
+            self.protocol = p & WANTED_PROTOCOL;
+            self.fe.set_protocol_features(self.protocol).map_err(vu("SET_PROTOCOL_FEATURES"))?;
+            if self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                // Every later request waits for the back-end's acknowledgement, so a
+                // refusal (of features, memory, rings) is an error here, not silence.
+                self.fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+            }
+        }
+        if features & !offered != 0 {
+            return Err(Error::FeaturesRefused(features & !offered));
+        }
+        self.fe.set_features(features).map_err(|e| match e {
+            vhost::Error::VhostUserProtocol(_) => Error::FeaturesRefused(features),
+            e => vu("SET_FEATURES")(e),
+        })?;
+        self.fe.set_mem_table(std::slice::from_ref(&self.region)).map_err(vu("SET_MEM_TABLE"))?;
+        Ok(())
+    }
+
+    fn config(&mut self, features: u64) -> Result<NetConfig> {
+        let mut cfg = NetConfig {
+            mac: self.fallback_mac,
+            status: net_config::S_LINK_UP,
+            max_queue_pairs: 1,
+            mtu: 1500,
+        };
+        if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Ok(cfg);
+        }
+        let buf = [0u8; net_config::LEN];
+        let (_, data) = self
+            .fe
+            .get_config(0, net_config::LEN as u32, VhostUserConfigFlags::WRITABLE, &buf)
+            .map_err(vu("GET_CONFIG"))?;
+        if data.len() < net_config::LEN {
+            return Err(Error::VhostUser {
+                request: "GET_CONFIG",
+                reason: format!("{} bytes returned", data.len()),
+            });
+        }
+        let u16_at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]);
+        if features & f::bit(f::NET_MAC) != 0 {
+            cfg.mac.copy_from_slice(&data[net_config::MAC..net_config::MAC + 6]);
+        }
+        if features & f::bit(f::NET_STATUS) != 0 {
+            cfg.status = u16_at(net_config::STATUS);
+        }
+        if features & f::bit(f::NET_MQ) != 0 {
+            cfg.max_queue_pairs = u16_at(net_config::MAX_VQ_PAIRS).max(1);
+        }
+        if features & f::bit(f::NET_MTU) != 0 {
+            cfg.mtu = u16_at(net_config::MTU);
+        }
+        Ok(cfg)
+    }
+
+    fn setup_queue(&mut self, index: u16, size: u16, addrs: crate::ring::RingAddrs) -> Result<Notifier> {
+        let i = index as usize;
+        if i >= self.queues.len() {
+            return Err(Error::Config(format!("queue {index} beyond the {} configured", self.queues.len())));
+        }
+        let kick = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?);
+        let call = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?;
+        self.fe.set_vring_num(i, size).map_err(vu("SET_VRING_NUM"))?;
+        let cfg = VringConfigData {
+            queue_max_size: size,
+            queue_size: size,
+            flags: 0,
+            desc_table_addr: addrs.desc,
+            used_ring_addr: addrs.used,
+            avail_ring_addr: addrs.avail,
+            log_addr: None,
+        };
+        self.fe.set_vring_addr(i, &cfg).map_err(vu("SET_VRING_ADDR"))?;
+        self.fe.set_vring_base(i, 0).map_err(vu("SET_VRING_BASE"))?;
+        // We poll and ask the device not to interrupt us; the call eventfd exists because
+        // vhost-user requires one, and is never read.
+        self.fe.set_vring_call(i, &call).map_err(vu("SET_VRING_CALL"))?;
+        self.fe.set_vring_kick(i, &kick).map_err(vu("SET_VRING_KICK"))?;
+        self.queues[i] = Some((kick.clone(), call));
+        Ok(Notifier::EventFd(kick))
+    }
+
+    fn start(&mut self, queues: u16) -> Result<()> {
+        // Without protocol features rings start enabled (vhost-user "Ring states").
+        if self.protocol_negotiated {
+            for q in 0..queues {
+                self.fe.set_vring_enable(q as usize, true).map_err(vu("SET_VRING_ENABLE"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<()> {
+        // GET_VRING_BASE stops each ring: afterwards the back-end touches neither the
+        // ring nor its buffers, so they can go back to the pool.
+        let mut first_err = None;
+        for q in 0..self.queues.len() {
+            if self.queues[q].is_none() {
+                continue;
+            }
+            if let Err(e) = self.fe.get_vring_base(q) {
+                first_err.get_or_insert(vu("GET_VRING_BASE")(e));
+            }
+            self.queues[q] = None;
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
