@@ -38,11 +38,12 @@
 //! ```
 //!
 //! Modules: [`layout`] (ring layout shared with the host backend), [`dma`] (the DMA
-//! arena), [`mempool`] (buffers and packets), [`ring`] (the driver-side split ring),
+//! arena), [`frame`] (header builders and checksums), [`mempool`] (buffers and packets), [`ring`] (the driver-side split ring),
 //! [`queue`] (rx/tx bursts), [`transport`] (virtio-user), [`port`] (device init).
 
 pub mod dma;
 pub mod error;
+pub mod frame;
 pub mod layout;
 pub mod mempool;
 pub mod port;

@@ -428,7 +428,7 @@ pub fn udp_frame(dst_mac: [u8; 6], len: usize) -> Vec<u8> {
     ip[9] = 17; // UDP
     ip[12..16].copy_from_slice(&[10, 0, 0, 1]);
     ip[16..20].copy_from_slice(&[10, 0, 0, 2]);
-    let csum = ipv4_checksum(ip);
+    let csum = driver::frame::inet_checksum(ip);
     ip[10..12].copy_from_slice(&csum.to_be_bytes());
     let udp = &mut f[34..42];
     udp[0..2].copy_from_slice(&9u16.to_be_bytes());
@@ -441,16 +441,6 @@ pub fn udp_frame(dst_mac: [u8; 6], len: usize) -> Vec<u8> {
     f
 }
 
-/// The IPv4 header checksum (RFC 791) of `hdr` with its checksum field zero.
-pub fn ipv4_checksum(hdr: &[u8]) -> u16 {
-    let mut sum: u32 =
-        hdr.chunks(2).map(|w| u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]) as u32).sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,7 +450,7 @@ mod tests {
         let f = udp_frame([2, 0, 0, 0, 0, 2], 64);
         assert_eq!(f.len(), 64);
         assert_eq!(&f[12..14], &[0x08, 0x00]);
-        assert_eq!(ipv4_checksum(&f[14..34]), 0, "a valid header sums to 0xffff");
+        assert_eq!(driver::frame::inet_checksum(&f[14..34]), 0, "a valid header sums to 0xffff");
         assert_eq!(u16::from_be_bytes([f[16], f[17]]), 50);
         assert_eq!(u16::from_be_bytes([f[38], f[39]]), 30);
         assert_eq!(&f[GEN_SEQ_OFFSET..GEN_SEQ_OFFSET + 4], b"VNET");

@@ -4,3 +4,4 @@
 pub mod dpdk;
 pub mod harness;
 pub mod rawfront;
+pub mod vdfront;
