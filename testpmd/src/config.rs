@@ -1,0 +1,383 @@
+//! testpmd's command line: DPDK testpmd's option names and meanings where they exist,
+//! parsed and validated into a [`Config`].
+//!
+//! Owns: option syntax (`--vdev virtio_user0,path=..`, `--eth-peer N,MAC`, ...) and every
+//! range check that does not need an open port. Must not: open ports or start threads.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::Parser;
+
+/// A forwarding mode (DPDK testpmd's `--forward-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FwdMode {
+    /// Forward as received, port pairs to each other.
+    Io,
+    /// Rewrite source MAC (port's) and destination MAC (the peer's).
+    Mac,
+    /// Swap source and destination MACs.
+    MacSwap,
+    /// Receive and drop.
+    RxOnly,
+    /// Transmit UDP/IPv4 frames of `--txpkts` bytes.
+    TxOnly,
+    /// Transmit frames of many flows.
+    FlowGen,
+    /// Answer ARP requests and ICMP echo requests.
+    IcmpEcho,
+}
+
+impl FwdMode {
+    /// All modes, in help order.
+    pub const ALL: [FwdMode; 7] = [
+        FwdMode::Io,
+        FwdMode::Mac,
+        FwdMode::MacSwap,
+        FwdMode::RxOnly,
+        FwdMode::TxOnly,
+        FwdMode::FlowGen,
+        FwdMode::IcmpEcho,
+    ];
+    /// The mode's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            FwdMode::Io => "io",
+            FwdMode::Mac => "mac",
+            FwdMode::MacSwap => "macswap",
+            FwdMode::RxOnly => "rxonly",
+            FwdMode::TxOnly => "txonly",
+            FwdMode::FlowGen => "flowgen",
+            FwdMode::IcmpEcho => "icmpecho",
+        }
+    }
+}
+
+impl FromStr for FwdMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        FwdMode::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
+            format!(
+                "unknown forwarding mode '{s}' (expected one of: {})",
+                FwdMode::ALL.map(|m| m.name()).join(", ")
+            )
+        })
+    }
+}
+
+/// A virtio-user port from `--vdev virtio_user<N>,path=SOCK[,queues=N][,queue_size=N][,mac=..][,packed_vq=0|1]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VdevSpec {
+    /// The back-end socket.
+    pub path: PathBuf,
+    /// Queue pairs (DPDK's `queues=`).
+    pub queues: Option<u16>,
+    /// Ring size.
+    pub queue_size: u16,
+    /// MAC to use if the device reports none.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("invalid MAC address '{s}' (expected aa:bb:cc:dd:ee:ff)");
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 || parts.iter().any(|p| p.len() != 2) {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    Ok(mac)
+}
+
+/// Parses one `--vdev` value.
+pub fn parse_vdev(s: &str) -> Result<VdevSpec, String> {
+    let mut parts = s.split(',');
+    let name = parts.next().unwrap_or_default();
+    let name = name.strip_prefix("net_").unwrap_or(name);
+    if !name.starts_with("virtio_user") {
+        return Err(format!(
+            "--vdev {s}: only virtio_user devices are supported (e.g. virtio_user0,path=/tmp/sock)"
+        ));
+    }
+    let mut spec = VdevSpec { path: PathBuf::new(), queues: None, queue_size: 256, mac: None };
+    for kv in parts {
+        let (k, v) = kv.split_once('=').ok_or_else(|| format!("--vdev {s}: '{kv}' is not key=value"))?;
+        let num =
+            |what: &str| v.parse::<u16>().map_err(|_| format!("--vdev {s}: {what}={v} is not a number"));
+        match k {
+            "path" => spec.path = PathBuf::from(v),
+            "queues" => spec.queues = Some(num("queues")?),
+            "queue_size" => spec.queue_size = num("queue_size")?,
+            "mac" => spec.mac = Some(parse_mac(v)?),
+            "packed_vq" => match v {
+                "0" => {}
+                "1" => return Err(format!("--vdev {s}: packed_vq=1: the packed ring is not supported yet")),
+                _ => return Err(format!("--vdev {s}: packed_vq must be 0 or 1")),
+            },
+            other => return Err(format!("--vdev {s}: unknown argument '{other}'")),
+        }
+    }
+    if spec.path.as_os_str().is_empty() {
+        return Err(format!("--vdev {s}: path=SOCKET is required"));
+    }
+    if spec.queue_size == 0 || !spec.queue_size.is_power_of_two() {
+        return Err(format!("--vdev {s}: queue_size={} is not a power of two", spec.queue_size));
+    }
+    Ok(spec)
+}
+
+/// Parses `--eth-peer N,MAC`.
+pub fn parse_eth_peer(s: &str) -> Result<(u16, [u8; 6]), String> {
+    let (port, mac) = s.split_once(',').ok_or_else(|| format!("--eth-peer {s}: expected PORT,MAC"))?;
+    let port = port.parse().map_err(|_| format!("--eth-peer {s}: '{port}' is not a port number"))?;
+    Ok((port, parse_mac(mac)?))
+}
+
+/// How statistics are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatsFormat {
+    /// DPDK testpmd's layout.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The command line.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "testpmd",
+    version,
+    about = "A DPDK-style testpmd on the vnet virtio-net poll-mode driver.",
+    long_about = "A DPDK-style testpmd on the vnet virtio-net poll-mode driver.\n\n\
+        With no --vdev or -a it runs its embedded default: our host backend in the same process \
+        (a reflect port on a private unix socket), one virtio-user port on it, io forwarding for \
+        --duration seconds, then the summary."
+)]
+pub struct Args {
+    /// A virtio-user port: virtio_user0,path=SOCK[,queues=N][,queue_size=N][,mac=MAC][,packed_vq=0]
+    #[arg(long = "vdev", value_name = "DEVARGS")]
+    pub vdev: Vec<String>,
+    /// A VFIO-PCI port by PCI address (BDF), e.g. 0000:00:03.0.
+    #[arg(short = 'a', long = "allow", value_name = "BDF")]
+    pub pci: Vec<String>,
+    /// Forwarding mode: io, mac, macswap, rxonly, txonly, flowgen, icmpecho.
+    #[arg(long = "forward-mode", default_value = "io")]
+    pub forward_mode: String,
+    /// Packets per burst.
+    #[arg(long, default_value_t = 32)]
+    pub burst: usize,
+    /// Frame length of txonly/flowgen packets (without CRC).
+    #[arg(long, default_value_t = 64)]
+    pub txpkts: usize,
+    /// Receive queues per port (must equal --txq: queues come in pairs).
+    #[arg(long, default_value_t = 1)]
+    pub rxq: u16,
+    /// Transmit queues per port.
+    #[arg(long, default_value_t = 1)]
+    pub txq: u16,
+    /// Forwarding cores (threads).
+    #[arg(long = "nb-cores", default_value_t = 1)]
+    pub nb_cores: usize,
+    /// CPUs to pin forwarding threads to, e.g. 0 or 0,1 (default: unpinned).
+    #[arg(long, value_name = "LIST")]
+    pub cores: Option<String>,
+    /// Destination MAC for port N in mac/txonly/flowgen modes: N,MAC (repeatable).
+    #[arg(long = "eth-peer", value_name = "N,MAC")]
+    pub eth_peer: Vec<String>,
+    /// Print port statistics every N seconds (0: only at stop).
+    #[arg(long = "stats-period", default_value_t = 0)]
+    pub stats_period: u64,
+    /// Statistics format.
+    #[arg(long = "stats-format", value_enum, default_value_t = StatsFormat::Text)]
+    pub stats_format: StatsFormat,
+    /// Buffers per port pool (default: twice what the rings hold).
+    #[arg(long = "total-num-mbufs")]
+    pub total_num_mbufs: Option<u32>,
+    /// Headroom before packet data in every buffer.
+    #[arg(long, default_value_t = 256)]
+    pub headroom: u16,
+    /// Interactive prompt.
+    #[arg(short = 'i', long = "interactive")]
+    pub interactive: bool,
+    /// Seconds to forward before stopping (non-interactive; default: until SIGINT,
+    /// or 10 s for the embedded default).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Number of flows in flowgen mode.
+    #[arg(long = "flowgen-flows", default_value_t = 1024)]
+    pub flowgen_flows: u32,
+    /// Injects this many bursts at start (like `start tx_first N`), for loops.
+    #[arg(long = "tx-first", value_name = "BURSTS")]
+    pub tx_first: Option<u32>,
+    /// Back DMA memory with hugepages.
+    #[arg(long)]
+    pub hugepages: bool,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Ports.
+    pub vdevs: Vec<VdevSpec>,
+    /// Forwarding mode.
+    pub mode: FwdMode,
+    /// Burst size.
+    pub burst: usize,
+    /// txonly/flowgen frame length.
+    pub txpkts: usize,
+    /// Queue pairs per port.
+    pub queues: u16,
+    /// Forwarding threads.
+    pub nb_cores: usize,
+    /// CPU pinning of forwarding threads.
+    pub cores: Option<Vec<usize>>,
+    /// Peer MACs by port.
+    pub eth_peers: Vec<(u16, [u8; 6])>,
+    /// Stats period.
+    pub stats_period: u64,
+    /// Stats format.
+    pub stats_format: StatsFormat,
+    /// Pool size per port.
+    pub mbufs: Option<u32>,
+    /// Headroom.
+    pub headroom: u16,
+    /// Interactive.
+    pub interactive: bool,
+    /// Run time.
+    pub duration: Option<f64>,
+    /// flowgen flows.
+    pub flows: u32,
+    /// Bursts to inject at start.
+    pub tx_first: Option<u32>,
+    /// Hugepages.
+    pub hugepages: bool,
+    /// No port given: the embedded default.
+    pub embedded: bool,
+}
+
+/// Largest burst.
+pub const MAX_BURST: usize = 512;
+
+impl Config {
+    /// Validates `args`.
+    pub fn from_args(a: &Args) -> Result<Config, String> {
+        if !a.pci.is_empty() {
+            return Err(format!(
+                "-a {}: the VFIO-PCI transport is not available yet; use --vdev virtio_user0,path=SOCK",
+                a.pci[0]
+            ));
+        }
+        let vdevs = a.vdev.iter().map(|v| parse_vdev(v)).collect::<Result<Vec<_>, _>>()?;
+        let mode: FwdMode = a.forward_mode.parse()?;
+        if a.burst == 0 || a.burst > MAX_BURST {
+            return Err(format!("--burst {} out of range 1..={MAX_BURST}", a.burst));
+        }
+        if a.txpkts < 60 {
+            return Err(format!("--txpkts {} is below the 60-byte Ethernet minimum", a.txpkts));
+        }
+        if a.txpkts > 9000 + 14 {
+            return Err(format!("--txpkts {} is above any MTU this driver supports", a.txpkts));
+        }
+        if a.rxq != a.txq {
+            return Err(format!("--rxq {} and --txq {} differ: virtio queues come in pairs", a.rxq, a.txq));
+        }
+        if a.rxq == 0 {
+            return Err("--rxq must be at least 1".into());
+        }
+        if a.nb_cores == 0 {
+            return Err("--nb-cores must be at least 1".into());
+        }
+        if a.headroom < 12 {
+            return Err(format!("--headroom {} is below the 12-byte virtio-net header", a.headroom));
+        }
+        if matches!(a.duration, Some(d) if !(d > 0.0 && d.is_finite())) {
+            return Err("--duration must be a positive number of seconds".into());
+        }
+        let cores = match &a.cores {
+            None => None,
+            Some(s) => Some(host_backend::config::parse_cores(s).map_err(|e| e.to_string())?),
+        };
+        for q in vdevs.iter().filter_map(|v| v.queues) {
+            if q != a.rxq {
+                return Err(format!("--vdev queues={q} differs from --rxq {}", a.rxq));
+            }
+        }
+        Ok(Config {
+            embedded: vdevs.is_empty(),
+            vdevs,
+            mode,
+            burst: a.burst,
+            txpkts: a.txpkts,
+            queues: a.rxq,
+            nb_cores: a.nb_cores,
+            cores,
+            eth_peers: a.eth_peer.iter().map(|p| parse_eth_peer(p)).collect::<Result<_, _>>()?,
+            stats_period: a.stats_period,
+            stats_format: a.stats_format,
+            mbufs: a.total_num_mbufs,
+            headroom: a.headroom,
+            interactive: a.interactive,
+            duration: a.duration,
+            flows: a.flowgen_flows.max(1),
+            tx_first: a.tx_first,
+            hugepages: a.hugepages,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(args: &[&str]) -> Result<Config, String> {
+        let mut v = vec!["testpmd"];
+        v.extend_from_slice(args);
+        let a = Args::try_parse_from(v).map_err(|e| e.to_string())?;
+        Config::from_args(&a)
+    }
+
+    #[test]
+    fn parses_dpdk_style_options() {
+        let c = cfg(&[
+            "--vdev",
+            "net_virtio_user0,path=/tmp/a.sock,queues=2,queue_size=512,mac=02:00:00:00:00:05",
+            "--forward-mode=macswap",
+            "--burst=64",
+            "--rxq=2",
+            "--txq=2",
+            "--eth-peer=0,02:00:00:00:00:09",
+            "--txpkts=128",
+        ])
+        .unwrap();
+        assert_eq!(c.vdevs[0].path, PathBuf::from("/tmp/a.sock"));
+        assert_eq!((c.vdevs[0].queues, c.vdevs[0].queue_size), (Some(2), 512));
+        assert_eq!(c.vdevs[0].mac, Some([2, 0, 0, 0, 0, 5]));
+        assert_eq!(c.mode, FwdMode::MacSwap);
+        assert_eq!((c.burst, c.queues, c.txpkts), (64, 2, 128));
+        assert_eq!(c.eth_peers, vec![(0, [2, 0, 0, 0, 0, 9])]);
+        assert!(!c.embedded);
+        assert!(cfg(&[]).unwrap().embedded);
+    }
+
+    #[test]
+    fn rejects_bad_input_with_a_clear_reason() {
+        let err = |a: &[&str]| cfg(a).unwrap_err();
+        assert!(err(&["--forward-mode=warp"]).contains("unknown forwarding mode 'warp'"));
+        assert!(err(&["--txpkts=59"]).contains("below the 60-byte"));
+        assert!(err(&["--txpkts=9100"]).contains("above any MTU"));
+        assert!(err(&["--burst=0"]).contains("--burst"));
+        assert!(err(&["--rxq=2", "--txq=1"]).contains("differ"));
+        assert!(err(&["--vdev", "virtio_user0"]).contains("path=SOCKET is required"));
+        assert!(err(&["--vdev", "virtio_user0,path=/x,packed_vq=1"]).contains("packed ring is not supported"));
+        assert!(err(&["--vdev", "virtio_user0,path=/x,queue_size=100"]).contains("power of two"));
+        assert!(err(&["--vdev", "net_tap0,iface=x"]).contains("only virtio_user"));
+        assert!(err(&["--vdev", "virtio_user0,path=/x,bogus=1"]).contains("unknown argument 'bogus'"));
+        assert!(err(&["--eth-peer=0,zz"]).contains("invalid MAC"));
+        assert!(err(&["-a", "0000:00:03.0"]).contains("VFIO-PCI transport is not available"));
+        assert!(err(&["--bogus-option"]).contains("--bogus-option"));
+        assert!(err(&["--headroom=4"]).contains("headroom"));
+    }
+}

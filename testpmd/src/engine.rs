@@ -1,0 +1,291 @@
+//! Forwarding engines and the per-core forwarding loop.
+//!
+//! Owns: what each `--forward-mode` does to a burst (DPDK testpmd's semantics), the
+//! stream model (one stream = a receive queue of one port and a transmit queue of its
+//! peer port, each queue in exactly one stream), per-stream forward counters, and the
+//! loop a forwarding thread runs over the streams it owns.
+//! Must not: open ports or print.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use driver::frame::{self, ETH_HLEN, IPV4_HLEN};
+use driver::{Mempool, Packet, RxQueue, TxQueue};
+
+use crate::config::FwdMode;
+
+/// Forward counters of one stream (single writer: its forwarding thread).
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct StreamStats {
+    /// Packets received on the stream's receive queue.
+    pub rx_packets: AtomicU64,
+    /// Packets the engine dropped after receiving them (e.g. icmpecho non-requests).
+    pub rx_dropped: AtomicU64,
+    /// Packets queued on the transmit queue.
+    pub tx_packets: AtomicU64,
+    /// Packets that did not fit the transmit ring (freed).
+    pub tx_dropped: AtomicU64,
+}
+
+#[inline]
+fn bump(c: &AtomicU64, v: u64) {
+    if v != 0 {
+        c.store(c.load(Ordering::Relaxed) + v, Ordering::Relaxed);
+    }
+}
+
+/// What the engines need to know about a port.
+#[derive(Clone)]
+pub struct PortCtx {
+    /// Port id.
+    pub id: u16,
+    /// Its MAC.
+    pub mac: [u8; 6],
+    /// Its peer's MAC (`--eth-peer`, default 02:00:00:00:00:<id>).
+    pub peer: [u8; 6],
+    /// Its buffer pool.
+    pub pool: Mempool,
+}
+
+/// Settings the engines read; copied into each forwarding thread at start.
+#[derive(Clone, Debug)]
+pub struct FwdParams {
+    /// Mode.
+    pub mode: FwdMode,
+    /// Burst size.
+    pub burst: usize,
+    /// txonly/flowgen frame length.
+    pub txpkts: usize,
+    /// flowgen flows.
+    pub flows: u32,
+}
+
+/// One receive queue → one transmit queue.
+pub struct Stream {
+    /// Receiving port.
+    pub rx_port: u16,
+    /// Queue index (same on both ports).
+    pub queue: u16,
+    /// Transmitting port.
+    pub tx_port: u16,
+    /// Receive half.
+    pub rxq: RxQueue,
+    /// Transmit half.
+    pub txq: TxQueue,
+    /// Counters.
+    pub stats: Arc<StreamStats>,
+}
+
+/// The frame txonly sends: UDP/IPv4 from 198.18.0.1:9 to 198.18.0.2:9 (DPDK's txonly
+/// addresses), valid checksums.
+pub fn txonly_template(len: usize, src: [u8; 6], dst: [u8; 6]) -> Vec<u8> {
+    frame::udp4_frame(len, dst, src, [198, 18, 0, 1], [198, 18, 0, 2], 9, 9, |i| i as u8)
+}
+
+/// Per-thread state of an engine (templates built once, flow counter).
+pub struct EngineState {
+    params: FwdParams,
+    /// txonly/flowgen template per transmitting port id.
+    templates: Vec<Vec<u8>>,
+    next_flow: u32,
+    batch: Vec<Packet>,
+}
+
+impl EngineState {
+    /// State for `params` over `ports`.
+    pub fn new(params: FwdParams, ports: &[PortCtx]) -> Self {
+        let templates = ports.iter().map(|p| txonly_template(params.txpkts, p.mac, p.peer)).collect();
+        let batch = Vec::with_capacity(params.burst);
+        EngineState { params, templates, next_flow: 0, batch }
+    }
+
+    /// Fills `self.batch` with up to `burst` generated packets for `port`.
+    fn generate(&mut self, port: &PortCtx, flowgen: bool) {
+        let n = self.params.burst;
+        port.pool.alloc_bulk(n, &mut self.batch);
+        let tpl = &self.templates[port.id as usize];
+        for p in self.batch.iter_mut() {
+            // The template fits: txpkts <= MTU + 14 was checked against the port.
+            let _ = p.set_data(tpl);
+            if flowgen {
+                let flow = self.next_flow;
+                self.next_flow = (self.next_flow + 1) % self.params.flows;
+                let d = p.data_mut();
+                let ip = &mut d[ETH_HLEN..ETH_HLEN + IPV4_HLEN];
+                ip[18..20].copy_from_slice(&(flow as u16).to_be_bytes());
+                ip[10..12].copy_from_slice(&[0, 0]);
+                let c = frame::inet_checksum(ip);
+                ip[10..12].copy_from_slice(&c.to_be_bytes());
+                // The UDP checksum covered the old address: IPv4 allows "none".
+                d[ETH_HLEN + IPV4_HLEN + 6..ETH_HLEN + IPV4_HLEN + 8].copy_from_slice(&[0, 0]);
+            }
+        }
+    }
+
+    /// Runs one burst of the engine on `s`; returns the packets moved.
+    pub fn burst(&mut self, s: &mut Stream, ports: &[PortCtx]) -> usize {
+        let mode = self.params.mode;
+        let mut rx_dropped = 0u64;
+        let received = match mode {
+            FwdMode::TxOnly | FwdMode::FlowGen => {
+                self.generate(&ports[s.tx_port as usize], mode == FwdMode::FlowGen);
+                0
+            }
+            _ => {
+                let n = s.rxq.rx_burst(&mut self.batch, self.params.burst);
+                if n == 0 {
+                    return 0;
+                }
+                n
+            }
+        };
+        match mode {
+            FwdMode::RxOnly => {
+                self.batch.clear();
+                bump(&s.stats.rx_packets, received as u64);
+                return received;
+            }
+            FwdMode::Mac => {
+                let tx = &ports[s.tx_port as usize];
+                for p in self.batch.iter_mut() {
+                    let d = p.data_mut();
+                    if d.len() >= 12 {
+                        d[0..6].copy_from_slice(&tx.peer);
+                        d[6..12].copy_from_slice(&tx.mac);
+                    }
+                }
+            }
+            FwdMode::MacSwap => {
+                for p in self.batch.iter_mut() {
+                    let d = p.data_mut();
+                    if d.len() >= 12 {
+                        let (a, b) = d[..12].split_at_mut(6);
+                        a.swap_with_slice(b);
+                    }
+                }
+            }
+            FwdMode::IcmpEcho => {
+                let me = ports[s.rx_port as usize].mac;
+                let before = self.batch.len();
+                self.batch.retain_mut(|p| icmpecho_reply(p, me));
+                rx_dropped = (before - self.batch.len()) as u64;
+            }
+            FwdMode::Io | FwdMode::TxOnly | FwdMode::FlowGen => {}
+        }
+        let sent = s.txq.tx_burst(&mut self.batch);
+        let dropped = self.batch.len();
+        self.batch.clear(); // frees what did not fit
+        bump(&s.stats.rx_packets, received as u64);
+        bump(&s.stats.rx_dropped, rx_dropped);
+        bump(&s.stats.tx_packets, sent as u64);
+        bump(&s.stats.tx_dropped, dropped as u64);
+        received.max(sent)
+    }
+
+    /// Sends `bursts` bursts of txonly packets on `s` (DPDK's `start tx_first`).
+    pub fn tx_first(&mut self, s: &mut Stream, ports: &[PortCtx], bursts: u32) {
+        for _ in 0..bursts {
+            self.generate(&ports[s.tx_port as usize], false);
+            let sent = s.txq.tx_burst(&mut self.batch);
+            bump(&s.stats.tx_packets, sent as u64);
+            bump(&s.stats.tx_dropped, self.batch.len() as u64);
+            self.batch.clear();
+        }
+    }
+}
+
+/// Turns an ARP request or ICMP echo request into its reply in place (DPDK icmpecho:
+/// ARP requests are answered with this port's MAC for the address asked; echo requests
+/// addressed to this MAC or broadcast are answered). Returns `false` for anything else
+/// (the caller drops it).
+pub fn icmpecho_reply(p: &mut Packet, me: [u8; 6]) -> bool {
+    let d = p.data_mut();
+    match frame::ethertype(d) {
+        Some(frame::ETHERTYPE_ARP) => {
+            // Ethernet/IPv4 ARP request (RFC 826): htype 1, ptype 0x0800, hlen 6, plen 4, op 1.
+            if d.len() < ETH_HLEN + 28 || d[ETH_HLEN..ETH_HLEN + 8] != [0, 1, 8, 0, 6, 4, 0, 1] {
+                return false;
+            }
+            let a = ETH_HLEN;
+            let sha: [u8; 6] = d[a + 8..a + 14].try_into().expect("6 bytes");
+            let spa: [u8; 4] = d[a + 14..a + 18].try_into().expect("4 bytes");
+            let tpa: [u8; 4] = d[a + 24..a + 28].try_into().expect("4 bytes");
+            frame::write_eth(d, sha, me, frame::ETHERTYPE_ARP);
+            d[a + 7] = 2; // reply
+            d[a + 8..a + 14].copy_from_slice(&me);
+            d[a + 14..a + 18].copy_from_slice(&tpa);
+            d[a + 18..a + 24].copy_from_slice(&sha);
+            d[a + 24..a + 28].copy_from_slice(&spa);
+            true
+        }
+        Some(frame::ETHERTYPE_IPV4) => {
+            let l4 = ETH_HLEN + IPV4_HLEN;
+            if d.len() < l4 + 8 || d[ETH_HLEN] != 0x45 || d[ETH_HLEN + 9] != frame::IPPROTO_ICMP || d[l4] != 8
+            {
+                return false;
+            }
+            if d[0..6] != me && d[0..6] != [0xff; 6] {
+                return false;
+            }
+            let total = u16::from_be_bytes([d[ETH_HLEN + 2], d[ETH_HLEN + 3]]) as usize;
+            if ETH_HLEN + total > d.len() || total < IPV4_HLEN + 8 {
+                return false;
+            }
+            let src: [u8; 6] = d[6..12].try_into().expect("6 bytes");
+            frame::write_eth(d, src, me, frame::ETHERTYPE_IPV4);
+            let ip = &mut d[ETH_HLEN..l4];
+            let (s, t) = ip[12..20].split_at_mut(4);
+            s.swap_with_slice(t);
+            ip[10..12].copy_from_slice(&[0, 0]);
+            let c = frame::inet_checksum(ip);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            let icmp = &mut d[l4..ETH_HLEN + total];
+            icmp[0] = 0; // echo reply
+            icmp[2..4].copy_from_slice(&[0, 0]);
+            let c = frame::inet_checksum(icmp);
+            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The loop of one forwarding thread: bursts over its streams until `stop`; returns the
+/// streams so forwarding can restart later.
+pub fn forward(
+    mut streams: Vec<Stream>,
+    ports: Vec<PortCtx>,
+    params: FwdParams,
+    tx_first: Option<u32>,
+    cpu: Option<usize>,
+    stop: Arc<AtomicBool>,
+) -> Vec<Stream> {
+    if let Some(c) = cpu {
+        pin(c);
+    }
+    let mut eng = EngineState::new(params, &ports);
+    if let Some(n) = tx_first {
+        for s in streams.iter_mut() {
+            eng.tx_first(s, &ports, n);
+        }
+    }
+    while !stop.load(Ordering::Relaxed) {
+        for s in streams.iter_mut() {
+            eng.burst(s, &ports);
+        }
+    }
+    streams
+}
+
+fn pin(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t filled by CPU_SET is a valid argument; the call only reads it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        log::warn!("cannot pin forwarding thread to cpu {cpu}: {}", std::io::Error::last_os_error());
+    }
+}

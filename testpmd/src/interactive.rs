@@ -1,0 +1,137 @@
+//! The interactive prompt (`-i`): DPDK testpmd's commands, with line editing and
+//! history (rustyline) on a terminal and plain line reading otherwise (scripts, tests).
+//!
+//! Owns: command parsing and dispatch. Must not: hold forwarding state (the app does).
+
+use std::io::BufRead;
+
+use crate::app::App;
+use crate::config::{FwdMode, MAX_BURST};
+
+const HELP: &str = "\
+Commands:
+  start                       start forwarding
+  start tx_first [N]          inject N (default 1) bursts first, then forward
+  stop                        stop forwarding and show forward statistics
+  show port stats all|N       port statistics (Rx-pps/Tx-pps since the last show)
+  show port info all|N        MAC, link, MTU, features, queues
+  clear port stats all|N      reset port statistics
+  set fwd MODE                io, mac, macswap, rxonly, txonly, flowgen, icmpecho
+  set burst N                 packets per burst
+  set txpkts N                txonly/flowgen frame length
+  help                        this text
+  quit                        stop, close the ports and exit
+";
+
+fn port_arg(s: Option<&str>) -> Result<Option<usize>, String> {
+    match s {
+        Some("all") => Ok(None),
+        Some(n) => {
+            n.parse().map(Some).map_err(|_| format!("Bad arguments: '{n}' is not a port number or 'all'"))
+        }
+        None => Err("Bad arguments: expected 'all' or a port number".into()),
+    }
+}
+
+/// Runs one command line; returns `false` on `quit`.
+pub fn execute(app: &mut App, line: &str) -> Result<bool, String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let idle = |app: &App, what: &str| {
+        if app.is_running() {
+            Err(format!("Please stop forwarding first ({what} cannot change while it runs)"))
+        } else {
+            Ok(())
+        }
+    };
+    match words.as_slice() {
+        [] => {}
+        ["help"] => print!("{HELP}"),
+        ["quit"] | ["exit"] => return Ok(false),
+        ["start"] => app.start(None),
+        ["start", "tx_first"] => app.start(Some(1)),
+        ["start", "tx_first", n] => {
+            let n = n.parse().map_err(|_| format!("Bad arguments: tx_first '{n}' is not a number"))?;
+            app.start(Some(n))
+        }
+        ["stop"] => {
+            app.stop();
+        }
+        ["show", "port", "stats", p] => app.show_port_stats(port_arg(Some(p))?)?,
+        ["show", "port", "info", p] => app.show_port_info(port_arg(Some(p))?)?,
+        ["clear", "port", "stats", p] => app.clear_port_stats(port_arg(Some(p))?)?,
+        ["set", "fwd", m] => {
+            idle(app, "the forwarding mode")?;
+            let mode: FwdMode = m.parse()?;
+            if matches!(mode, FwdMode::TxOnly | FwdMode::FlowGen) && app.nb_ports() == 0 {
+                return Err("no ports".into());
+            }
+            app.cfg.mode = mode;
+            println!("Set {} packet forwarding mode", mode.name());
+        }
+        ["set", "burst", n] => {
+            idle(app, "the burst size")?;
+            let n: usize = n.parse().map_err(|_| format!("Bad arguments: burst '{n}' is not a number"))?;
+            if n == 0 || n > MAX_BURST {
+                return Err(format!("burst must be 1..={MAX_BURST}"));
+            }
+            app.cfg.burst = n;
+            println!("Number of packets per burst set to {n}");
+        }
+        ["set", "txpkts", n] => {
+            idle(app, "the packet length")?;
+            let n: usize = n.parse().map_err(|_| format!("Bad arguments: txpkts '{n}' is not a number"))?;
+            if n < 60 || n > 1514 {
+                return Err(format!("txpkts {n} out of range 60..=1514"));
+            }
+            app.cfg.txpkts = n;
+        }
+        _ => return Err(format!("Bad arguments: unknown command '{line}' (type 'help')")),
+    }
+    Ok(true)
+}
+
+/// The prompt loop; returns at `quit` or end of input.
+pub fn run(app: &mut App) {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        let mut rl = match rustyline::DefaultEditor::new() {
+            Ok(rl) => rl,
+            Err(e) => {
+                eprintln!("testpmd: line editing unavailable ({e}); reading plain lines");
+                return run_plain(app);
+            }
+        };
+        loop {
+            match rl.readline("testpmd> ") {
+                Ok(line) => {
+                    let _ = rl.add_history_entry(line.as_str());
+                    match execute(app, &line) {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(e) => println!("{e}"),
+                    }
+                }
+                Err(_) => break, // Ctrl-D / Ctrl-C
+            }
+        }
+    } else {
+        run_plain(app);
+    }
+}
+
+fn run_plain(app: &mut App) {
+    use std::io::Write;
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        print!("testpmd> ");
+        let _ = std::io::stdout().flush();
+        let Some(Ok(line)) = lines.next() else { break };
+        println!("{}", line.trim_end());
+        match execute(app, &line) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => println!("{e}"),
+        }
+    }
+}
