@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Side by side: our host-backend against DPDK 22.11's own vhost PMD (net_vhost), with
-# DPDK's virtio-user testpmd as the front-end in both cases, one polling core per side.
+# Side by side with DPDK 22.11, one polling core per side, on the same machine:
+#  * backend scenarios (be-*): our host-backend vs DPDK's vhost PMD (net_vhost), both
+#    driven by DPDK's virtio-user testpmd; the metric is read on the virtio-user side.
+#  * front-end scenarios (fe-*): our driver (our testpmd, virtio-user) vs DPDK's
+#    virtio-user PMD, both against DPDK's net_vhost; the metric is read on the vhost side.
 # Runs are interleaved (ours, DPDK, ours, DPDK, ...) because DPDK's rate on this kind of
 # machine jumps between a fast and a slow level; every run is sampled once a second.
 #
 # Usage (as root, from the repository root, after `cargo build --release -p host-backend`):
 #   host-backend/bench/vs-dpdk.sh
-# Environment: RUNS=3 DUR=5 WARM=2 SIZES="64" MODES="gtx grx" HOST_CPU=1 GUEST_CPU=0
-#   gtx: guest TX  = virtio-user txonly -> backend sink (ours) / rxonly (DPDK vhost)
-#   grx: guest RX  = backend gen (ours) / txonly (DPDK vhost) -> virtio-user rxonly
-# The metric is read on the virtio-user side for both backends (its Tx-pps for gtx, its
-# Rx-pps for grx), so both are measured by the same instrument.
+# Environment: RUNS=3 DUR=5 WARM=2 SIZES="64" MODES="be-gtx be-grx fe-gtx fe-grx"
+#   HOST_CPU=1 GUEST_CPU=0 BIN=target/release/host-backend PMD=target/release/testpmd
+#   be-gtx: virtio-user txonly -> backend sink (ours) / rxonly (DPDK)   metric: virtio-user Tx-pps
+#   be-grx: backend gen (ours) / txonly (DPDK) -> virtio-user rxonly    metric: virtio-user Rx-pps
+#   fe-gtx: front-end txonly (ours / DPDK) -> DPDK vhost rxonly          metric: vhost Rx-pps
+#   fe-grx: DPDK vhost txonly -> front-end rxonly (ours / DPDK)          metric: vhost Tx-pps
+# Within a scenario both contenders are measured by the same instrument.
 # Output: one line per (mode, size, backend): median/min/max of the run means, and
 # p10/p50/p90 of all 1-second samples plus how many samples sat below half the p90
 # (the slow level); then the ratio ours/DPDK of the p90s and of the medians.
@@ -19,14 +24,16 @@ RUNS=${RUNS:-3}
 DUR=${DUR:-5}
 WARM=${WARM:-2}
 SIZES=${SIZES:-64}
-MODES=${MODES:-"gtx grx"}
+MODES=${MODES:-"be-gtx be-grx fe-gtx fe-grx"}
 HOST_CPU=${HOST_CPU:-1}
 GUEST_CPU=${GUEST_CPU:-0}
 BIN=${BIN:-target/release/host-backend}
+PMD=${PMD:-target/release/testpmd}
 
 [ "$(id -u)" = 0 ] || { echo "vs-dpdk.sh: must run as root (hugepages)" >&2; exit 1; }
 command -v dpdk-testpmd >/dev/null || { echo "vs-dpdk.sh: dpdk-testpmd missing (apt-get install dpdk-dev)" >&2; exit 1; }
 [ -x "$BIN" ] || { echo "vs-dpdk.sh: $BIN missing (cargo build --release -p host-backend)" >&2; exit 1; }
+[ -x "$PMD" ] || { echo "vs-dpdk.sh: $PMD missing (cargo build --release -p testpmd)" >&2; exit 1; }
 [ "$(awk '/HugePages_Free/ {print $2}' /proc/meminfo)" -ge 400 ] || { echo "vs-dpdk.sh: need >= 400 free 2 MiB hugepages" >&2; exit 1; }
 
 WORK=$(mktemp -d /tmp/vnet-bench.XXXXXX)
@@ -47,49 +54,89 @@ wait_for() { # file pattern timeout_s
     return 1
 }
 
-# run_one BACKEND MODE SIZE TAG -> writes 1-second samples (pps) to $WORK/TAG.samples
-run_one() {
-    local be=$1 mode=$2 size=$3 tag=$4 hpid gpid kind hfwd gfwd
-    rm -f "$SOCK"
-    case $mode in gtx) kind=sink; hfwd=rxonly; gfwd=txonly ;; grx) kind=gen; hfwd=txonly; gfwd=rxonly ;; esac
-    if [ "$be" = ours ]; then
-        "$BIN" --port "$kind:$SOCK" --cores "$HOST_CPU" --poll-us 0 --pkt-size "$size" \
-            >"$WORK/$tag.host.log" 2>&1 &
-        hpid=$!
-        wait_for "$WORK/$tag.host.log" "listening on" 10 || { echo "FAIL host"; return 1; }
-    else
-        mkfifo "$WORK/$tag.hin"; exec 7<>"$WORK/$tag.hin"
-        dpdk-testpmd --lcores="0@${GUEST_CPU},1@${HOST_CPU}" --no-pci --file-prefix=vnetbench-host -m 512 \
-            --vdev "net_vhost0,iface=$SOCK,queues=1" -- -i --nb-cores=1 --rxq=1 --txq=1 \
-            --txpkts="$size" --total-num-mbufs=16384 <"$WORK/$tag.hin" >"$WORK/$tag.host.log" 2>&1 7>&- &
-        hpid=$!
-        wait_for "$WORK/$tag.host.log" "testpmd>" 20 || { echo "FAIL host"; return 1; }
-    fi
-    PIDS="$hpid"
-    mkfifo "$WORK/$tag.gin"; exec 8<>"$WORK/$tag.gin"
-    dpdk-testpmd --lcores="0@${HOST_CPU},1@${GUEST_CPU}" --no-pci --file-prefix=vnetbench-guest -m 512 \
+start_dpdk_vhost() { # FWD SIZE TAG -> sets HPID, fd 7 is its stdin
+    mkfifo "$WORK/$3.hin"; exec 7<>"$WORK/$3.hin"
+    stdbuf -oL dpdk-testpmd --lcores="0@${GUEST_CPU},1@${HOST_CPU}" --no-pci --file-prefix=vnetbench-host -m 512 \
+        --vdev "net_vhost0,iface=$SOCK,queues=1" -- -i --nb-cores=1 --rxq=1 --txq=1 \
+        --txpkts="$2" --total-num-mbufs=16384 <"$WORK/$3.hin" >"$WORK/$3.host.log" 2>&1 7>&- &
+    HPID=$!
+    wait_for "$WORK/$3.host.log" "testpmd>" 20 || return 1
+    echo "set fwd $1" >&7
+}
+
+start_dpdk_virtio() { # FWD SIZE TAG -> sets GPID, fd 8 is its stdin
+    mkfifo "$WORK/$3.gin"; exec 8<>"$WORK/$3.gin"
+    stdbuf -oL dpdk-testpmd --lcores="0@${HOST_CPU},1@${GUEST_CPU}" --no-pci --file-prefix=vnetbench-guest -m 512 \
         --single-file-segments --vdev "net_virtio_user0,path=$SOCK,queues=1,packed_vq=0" \
-        -- -i --nb-cores=1 --rxq=1 --txq=1 --txpkts="$size" --total-num-mbufs=16384 \
-        <"$WORK/$tag.gin" >"$WORK/$tag.guest.log" 2>&1 7>&- 8>&- &
-    gpid=$!
-    PIDS="$hpid $gpid"
-    wait_for "$WORK/$tag.guest.log" "testpmd>" 20 || { echo "FAIL guest"; return 1; }
-    if [ "$be" = dpdk ]; then echo "set fwd $hfwd" >&7; echo start >&7; fi
-    sleep 0.2
-    echo "set fwd $gfwd" >&8; echo start >&8
+        -- -i --nb-cores=1 --rxq=1 --txq=1 --txpkts="$2" --total-num-mbufs=16384 \
+        <"$WORK/$3.gin" >"$WORK/$3.guest.log" 2>&1 7>&- 8>&- &
+    GPID=$!
+    wait_for "$WORK/$3.guest.log" "testpmd>" 20 || return 1
+    echo "set fwd $1" >&8
+}
+
+# Samples "show port stats all" once a second on the testpmd whose stdin is fd $1.
+sample() {
     sleep "$WARM"
-    echo "show port stats all" >&8
-    local k; for k in $(seq "$DUR"); do sleep 1; echo "show port stats all" >&8; done
-    echo stop >&8; echo quit >&8
-    [ "$be" = dpdk ] && { echo stop >&7; echo quit >&7; }
-    for k in $(seq 100); do kill -0 "$gpid" 2>/dev/null || break; sleep 0.1; done
-    kill -TERM $hpid $gpid 2>/dev/null
-    wait $gpid $hpid 2>/dev/null
+    echo "show port stats all" >&"$1"
+    local k; for k in $(seq "$DUR"); do sleep 1; echo "show port stats all" >&"$1"; done
+}
+
+stop_all() {
+    { echo stop; echo quit; } >&7 2>/dev/null
+    { echo stop; echo quit; } >&8 2>/dev/null
+    local k; for k in $(seq 50); do kill -0 $PIDS 2>/dev/null || break; sleep 0.1; done
+    kill -TERM $PIDS 2>/dev/null
+    wait $PIDS 2>/dev/null
     PIDS=""
-    exec 8>&-; [ "$be" = dpdk ] && exec 7>&-
-    local key=Tx-pps; [ "$mode" = grx ] && key=Rx-pps
-    awk -v k="$key:" '$1 == k {n++; if (n > 1) print $2}' "$WORK/$tag.guest.log" >"$WORK/$tag.samples"
-    [ -s "$WORK/$tag.samples" ] || { echo "FAIL no samples"; return 1; }
+    exec 7>&- 8>&-
+}
+
+# run_one WHO SCENARIO SIZE TAG -> writes 1-second samples (pps) to $WORK/TAG.samples
+run_one() {
+    local who=$1 sc=$2 size=$3 tag=$4 log key
+    rm -f "$SOCK"; HPID=""; GPID=""
+    case $sc in
+    be-gtx|be-grx)
+        local kind=sink hfwd=rxonly gfwd=txonly
+        [ "$sc" = be-grx ] && { kind=gen; hfwd=txonly; gfwd=rxonly; }
+        if [ "$who" = ours ]; then
+            "$BIN" --port "$kind:$SOCK" --cores "$HOST_CPU" --poll-us 0 --pkt-size "$size" \
+                >"$WORK/$tag.host.log" 2>&1 &
+            HPID=$!; PIDS=$HPID
+            wait_for "$WORK/$tag.host.log" "listening on" 10 || return 1
+        else
+            start_dpdk_vhost "$hfwd" "$size" "$tag" || return 1
+            PIDS=$HPID; echo start >&7
+        fi
+        start_dpdk_virtio "$gfwd" "$size" "$tag" || return 1
+        PIDS="$HPID $GPID"
+        sleep 0.2; echo start >&8
+        sample 8
+        log=$WORK/$tag.guest.log; key=Tx-pps; [ "$sc" = be-grx ] && key=Rx-pps ;;
+    fe-gtx|fe-grx)
+        local hfwd=rxonly gfwd=txonly
+        [ "$sc" = fe-grx ] && { hfwd=txonly; gfwd=rxonly; }
+        start_dpdk_vhost "$hfwd" "$size" "$tag" || return 1
+        PIDS=$HPID
+        if [ "$who" = ours ]; then
+            "$PMD" --vdev "virtio_user0,path=$SOCK" --forward-mode "$gfwd" --txpkts "$size" --cores "$GUEST_CPU" \
+                --duration $(( WARM + DUR + 3 )) >"$WORK/$tag.guest.log" 2>&1 &
+            GPID=$!
+            wait_for "$WORK/$tag.guest.log" "packet forwarding" 10 || return 1
+        else
+            start_dpdk_virtio "$gfwd" "$size" "$tag" || return 1
+            echo start >&8
+        fi
+        PIDS="$HPID $GPID"
+        sleep 0.2; echo start >&7
+        sample 7
+        log=$WORK/$tag.host.log; key=Rx-pps; [ "$sc" = fe-grx ] && key=Tx-pps ;;
+    *) echo "unknown scenario $sc" >&2; return 1 ;;
+    esac
+    stop_all
+    awk -v k="$key:" '$1 == k {n++; if (n > 1) print $2}' "$log" >"$WORK/$tag.samples"
+    [ -s "$WORK/$tag.samples" ] || return 1
 }
 
 summary() { # files... -> "median min max | p10 p50 p90 slow"
@@ -113,7 +160,7 @@ for mode in $MODES; do
     for size in $SIZES; do
         for r in $(seq "$RUNS"); do
             for be in ours dpdk; do
-                run_one "$be" "$mode" "$size" "${mode}_${size}_${be}_$r" >/dev/null || echo "# run $be $mode $size #$r failed" >&2
+                run_one "$be" "$mode" "$size" "${mode}_${size}_${be}_$r" >/dev/null || { echo "# run $be $mode $size #$r failed" >&2; stop_all; }
             done
         done
         declare -A res
