@@ -434,4 +434,73 @@ mod tests {
         }
         assert_eq!(p.available(), 256);
     }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Alloc(usize),
+        Free(usize),
+        PushHead(usize, usize),
+        PullHead(usize, usize),
+        PushTail(usize, usize),
+        TrimTail(usize, usize),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (1usize..40).prop_map(Op::Alloc),
+            (0usize..64).prop_map(Op::Free),
+            (0usize..64, 0usize..300).prop_map(|(i, n)| Op::PushHead(i, n)),
+            (0usize..64, 0usize..300).prop_map(|(i, n)| Op::PullHead(i, n)),
+            (0usize..64, 0usize..2200).prop_map(|(i, n)| Op::PushTail(i, n)),
+            (0usize..64, 0usize..2200).prop_map(|(i, n)| Op::TrimTail(i, n)),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Random allocations, drops and head/tail adjustments: every buffer is either
+        /// held once or free, adjustments never leave the buffer, and dropping everything
+        /// returns the pool to full.
+        #[test]
+        fn no_buffer_lost_or_duplicated(ops in proptest::collection::vec(op(), 1..200)) {
+            let p = pool(48);
+            let mut held: Vec<Packet> = Vec::with_capacity(64);
+            for o in ops {
+                match o {
+                    Op::Alloc(n) => { p.alloc_bulk(n, &mut held); }
+                    Op::Free(i) => if !held.is_empty() { held.swap_remove(i % held.len()); },
+                    Op::PushHead(i, n) | Op::PullHead(i, n) | Op::PushTail(i, n) | Op::TrimTail(i, n) => {
+                        if held.is_empty() { continue; }
+                        let k = i % held.len();
+                        let pk = &mut held[k];
+                        let (room_h, room_t, len) = (pk.headroom(), pk.tailroom(), pk.len());
+                        let ok = match o {
+                            Op::PushHead(..) => pk.push_head(n).is_ok(),
+                            Op::PullHead(..) => pk.pull_head(n).is_ok(),
+                            Op::PushTail(..) => pk.push_tail(n).is_ok(),
+                            _ => pk.trim_tail(n).is_ok(),
+                        };
+                        let allowed = match o {
+                            Op::PushHead(..) => n <= room_h,
+                            Op::PushTail(..) => n <= room_t,
+                            _ => n <= len,
+                        };
+                        proptest::prop_assert_eq!(ok, allowed);
+                        proptest::prop_assert_eq!(pk.headroom() + 12 + pk.len() + pk.tailroom(), DEFAULT_BUF_SIZE as usize);
+                        // The data slice stays inside this packet's own buffer.
+                        let (base, _) = p.buf(pk.idx);
+                        let d = pk.data().as_ptr() as usize;
+                        proptest::prop_assert!(d >= base as usize && d + pk.len() <= base as usize + DEFAULT_BUF_SIZE as usize);
+                    }
+                }
+                let mut idx: Vec<u32> = held.iter().map(|k| k.idx).collect();
+                idx.sort_unstable();
+                idx.dedup();
+                proptest::prop_assert_eq!(idx.len(), held.len(), "a buffer handed out twice");
+                proptest::prop_assert_eq!(held.len() as u32 + p.available(), 48);
+            }
+            drop(held);
+            proptest::prop_assert_eq!(p.available(), 48);
+        }
+    }
 }

@@ -83,8 +83,8 @@ sample() {
 }
 
 stop_all() {
-    { echo stop; echo quit; } >&7 2>/dev/null
-    { echo stop; echo quit; } >&8 2>/dev/null
+    { echo stop; echo quit; } 2>/dev/null >&7
+    { echo stop; echo quit; } 2>/dev/null >&8
     local k; for k in $(seq 50); do kill -0 $PIDS 2>/dev/null || break; sleep 0.1; done
     kill -TERM $PIDS 2>/dev/null
     wait $PIDS 2>/dev/null
