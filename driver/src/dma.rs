@@ -4,7 +4,9 @@
 //! Owns: the memfd (hugetlb when asked), its mapping, a bump allocator used at port
 //! setup, and translation from pointers in the arena to the addresses the device uses
 //! (IOVA). With virtio-user the arena's fd is what `SET_MEM_TABLE` shares and IOVA =
-//! virtual address (DPDK's convention); a VFIO transport sets another IOVA base.
+//! virtual address (DPDK's convention); a VFIO transport with an IOMMU maps the arena at
+//! an IOVA base of its choosing; without an IOMMU it installs the physical address of
+//! every hugepage ([`IovaMap::Pages`]), and allocations then never cross a page.
 //! Must not: allocate on the data path (rings and pools take their memory once).
 //!
 //! Why our own code instead of `vm-memory`: the driver needs exactly one contiguous
@@ -16,11 +18,26 @@ use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 
+/// How arena offsets become device addresses.
+#[derive(Debug, Clone)]
+pub enum IovaMap {
+    /// IOVA = base + offset (virtio-user: base = VA; VFIO type-1: the mapped IOVA).
+    Linear(u64),
+    /// Physically addressed pages (VFIO no-IOMMU): IOVA = `pa[offset >> shift]` +
+    /// offset within the page. Only memory inside one page is contiguous for the device.
+    Pages {
+        /// log2 of the page size.
+        shift: u32,
+        /// Physical address of each page of the arena.
+        pa: Box<[u64]>,
+    },
+}
+
 /// One mapping of DMA-able memory.
 pub struct DmaArena {
     va: *mut u8,
     len: usize,
-    iova_base: u64,
+    map: IovaMap,
     file: File,
     hugepages: bool,
     next: Mutex<usize>,
@@ -77,7 +94,14 @@ impl DmaArena {
             let probe = unsafe { libc::madvise(va, len, libc::MADV_WILLNEED) };
             let _ = probe;
         }
-        Ok(DmaArena { va: va as *mut u8, len, iova_base: va as u64, file, hugepages, next: Mutex::new(0) })
+        Ok(DmaArena {
+            va: va as *mut u8,
+            len,
+            map: IovaMap::Linear(va as u64),
+            file,
+            hugepages,
+            next: Mutex::new(0),
+        })
     }
 
     /// Bytes in the arena.
@@ -102,17 +126,41 @@ impl DmaArena {
     }
     /// The device address of the arena's first byte.
     pub fn iova_base(&self) -> u64 {
-        self.iova_base
+        self.iova(self.va)
     }
-    /// Sets the device address of the arena's first byte (a VFIO mapping).
-    pub fn set_iova_base(&mut self, iova: u64) {
-        self.iova_base = iova;
+    /// How offsets translate to device addresses.
+    pub fn iova_map(&self) -> &IovaMap {
+        &self.map
+    }
+    /// Sets how offsets translate to device addresses (a transport's DMA mapping). Must
+    /// happen before anything is allocated.
+    pub fn set_iova_map(&mut self, map: IovaMap) {
+        self.map = map;
+    }
+    /// The largest run of bytes guaranteed contiguous for the device, if the arena is not
+    /// contiguous as a whole (a physically addressed page).
+    pub fn contiguous_chunk(&self) -> Option<usize> {
+        match &self.map {
+            IovaMap::Linear(_) => None,
+            IovaMap::Pages { shift, .. } => Some(1usize << shift),
+        }
     }
 
-    /// Takes `len` zeroed bytes aligned to `align` (a power of two) from the arena.
+    /// Takes `len` zeroed bytes aligned to `align` (a power of two) from the arena,
+    /// contiguous for the device (never across a physically addressed page).
     pub fn alloc(&self, len: usize, align: usize) -> Result<(*mut u8, u64)> {
         let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        let start = next.div_ceil(align) * align;
+        let mut start = next.div_ceil(align) * align;
+        if let Some(chunk) = self.contiguous_chunk() {
+            if len > chunk {
+                return Err(crate::Error::Config(format!(
+                    "a {len}-byte DMA allocation cannot be contiguous in {chunk}-byte pages"
+                )));
+            }
+            if start / chunk != (start + len - 1) / chunk {
+                start = (start / chunk + 1) * chunk;
+            }
+        }
         let end = start
             .checked_add(len)
             .filter(|&e| e <= self.len)
@@ -125,13 +173,17 @@ impl DmaArena {
             std::ptr::write_bytes(p, 0, len);
             p
         };
-        Ok((p, self.iova_base + start as u64))
+        Ok((p, self.iova(p)))
     }
 
     /// The device address of `p`, which must point into the arena.
     #[inline]
     pub fn iova(&self, p: *const u8) -> u64 {
-        self.iova_base + (p as u64 - self.va as u64)
+        let off = p as u64 - self.va as u64;
+        match &self.map {
+            IovaMap::Linear(base) => base + off,
+            IovaMap::Pages { shift, pa } => pa[(off >> shift) as usize] + (off & ((1u64 << shift) - 1)),
+        }
     }
 }
 
@@ -158,5 +210,19 @@ mod tests {
         assert_eq!(i1, a.iova_base());
         let e = a.alloc(1 << 20, 8).unwrap_err();
         assert!(matches!(e, Error::ArenaTooSmall { .. }), "{e}");
+    }
+
+    #[test]
+    fn page_mapped_arenas_never_straddle_a_page() {
+        let mut a = DmaArena::new(4 * 4096, false).unwrap();
+        a.set_iova_map(IovaMap::Pages { shift: 12, pa: vec![0x9000, 0x3000, 0x7000, 0x1000].into() });
+        let (p1, i1) = a.alloc(3000, 64).unwrap();
+        assert_eq!((p1 as usize - a.va() as usize, i1), (0, 0x9000));
+        let (p2, i2) = a.alloc(3000, 64).unwrap();
+        assert_eq!(p2 as usize - a.va() as usize, 4096, "moved to the next page");
+        assert_eq!(i2, 0x3000);
+        // SAFETY: pointer arithmetic inside the allocation just made.
+        assert_eq!(a.iova(unsafe { p2.add(100) }), 0x3000 + 100);
+        assert!(a.alloc(5000, 64).is_err(), "larger than a page");
     }
 }

@@ -39,7 +39,11 @@ struct FreeList {
 struct PoolInner {
     arena: Arc<DmaArena>,
     base: *mut u8,
-    base_iova: u64,
+    /// Buffers per device-contiguous chunk and the chunk's size (the whole pool when the
+    /// arena is contiguous; a hugepage when it is physically addressed), so no buffer
+    /// straddles memory the device sees as discontiguous.
+    per_chunk: u32,
+    chunk: usize,
     buf_size: u32,
     headroom: u16,
     count: u32,
@@ -76,12 +80,36 @@ impl Mempool {
                 "buffer size {buf_size} must be a multiple of 64 and larger than the headroom {headroom}"
             )));
         }
-        let total = count as usize * buf_size as usize;
-        let (base, base_iova) = arena.alloc(total, 4096)?;
+        let (per_chunk, chunk) = match arena.contiguous_chunk() {
+            None => (count, count as usize * buf_size as usize),
+            Some(c) => ((c / buf_size as usize) as u32, c),
+        };
+        if per_chunk == 0 {
+            return Err(Error::Config(format!("buffers of {buf_size} bytes do not fit the arena's pages")));
+        }
+        let chunks = count.div_ceil(per_chunk) as usize;
+        let total = if chunks == 1 { count as usize * buf_size as usize } else { chunks * chunk };
+        let align = arena.contiguous_chunk().unwrap_or(4096);
+        let base = if chunks == 1 {
+            arena.alloc(total, 4096)?.0
+        } else {
+            // One allocation per chunk, consecutive in the arena (a fresh arena hands them
+            // out back to back at chunk alignment).
+            let first = arena.alloc(chunk, align)?.0;
+            for i in 1..chunks {
+                let (p, _) = arena.alloc(chunk, align)?;
+                // SAFETY: pointer arithmetic only, to compare addresses.
+                if p != unsafe { first.add(i * chunk) } {
+                    return Err(Error::Config("DMA arena chunks are not consecutive".into()));
+                }
+            }
+            first
+        };
         let inner = Box::new(PoolInner {
             arena,
             base,
-            base_iova,
+            per_chunk,
+            chunk,
             buf_size,
             headroom,
             count,
@@ -160,9 +188,8 @@ impl Mempool {
     #[inline]
     pub(crate) fn buf(&self, idx: u32) -> (*mut u8, u64) {
         let i = self.inner();
-        let off = idx as usize * i.buf_size as usize;
-        // SAFETY: `idx < count`, so the buffer lies inside the pool's arena allocation.
-        (unsafe { i.base.add(off) }, i.base_iova + off as u64)
+        let p = i.buf_ptr(idx);
+        (p, i.arena.iova(p))
     }
 
     /// Whether `p` came from this pool.
@@ -172,6 +199,14 @@ impl Mempool {
 }
 
 impl PoolInner {
+    #[inline]
+    fn buf_ptr(&self, idx: u32) -> *mut u8 {
+        let off = (idx / self.per_chunk) as usize * self.chunk
+            + (idx % self.per_chunk) as usize * self.buf_size as usize;
+        // SAFETY: `idx < count`, so the offset lies inside the pool's arena allocation.
+        unsafe { self.base.add(off) }
+    }
+
     /// Pushes indices back; frees the pool if it is orphaned and now full.
     ///
     /// # Safety
@@ -235,9 +270,7 @@ impl Packet {
         unsafe { self.pool.as_ref() }
     }
     fn base(&self) -> *mut u8 {
-        let i = self.inner();
-        // SAFETY: `idx < count`: inside the pool's allocation.
-        unsafe { i.base.add(self.idx as usize * i.buf_size as usize) }
+        self.inner().buf_ptr(self.idx)
     }
     /// The packet bytes.
     pub fn data(&self) -> &[u8] {
@@ -331,10 +364,9 @@ impl Packet {
     /// Device address and pointer of the packet's virtio-net header slot (the 12 bytes
     /// just before the data).
     pub(crate) fn header_slot(&self) -> (*mut u8, u64) {
-        let i = self.inner();
-        let start = self.idx as usize * i.buf_size as usize + self.off as usize - NET_HDR_LEN;
         // SAFETY: `off >= NET_HDR_LEN` (headroom invariant), inside the buffer.
-        (unsafe { i.base.add(start) }, i.base_iova + start as u64)
+        let p = unsafe { self.base().add(self.off as usize - NET_HDR_LEN) };
+        (p, self.inner().arena.iova(p))
     }
 }
 
@@ -362,6 +394,20 @@ mod tests {
     fn pool(n: u32) -> Mempool {
         let arena = Arc::new(DmaArena::new(4 << 20, false).unwrap());
         Mempool::new(arena, n, DEFAULT_BUF_SIZE, DEFAULT_HEADROOM).unwrap()
+    }
+
+    #[test]
+    fn buffers_never_straddle_a_physical_page() {
+        let mut arena = DmaArena::new(64 * 4096, false).unwrap();
+        let pages: Vec<u64> = (0..64u64).map(|i| 0x100_0000 + (63 - i) * 0x1000).collect();
+        arena.set_iova_map(crate::dma::IovaMap::Pages { shift: 12, pa: pages.into() });
+        let p = Mempool::new(Arc::new(arena), 20, 1536, 256).unwrap();
+        for i in 0..20 {
+            let (ptr, iova) = p.buf(i);
+            let off = ptr as usize - p.arena().va() as usize;
+            assert_eq!(off / 4096, (off + 1535) / 4096, "buffer {i} straddles a page");
+            assert_eq!(iova, p.arena().iova(ptr));
+        }
     }
 
     #[test]
