@@ -27,6 +27,8 @@ use crate::layout::NET_HDR_LEN;
 
 /// Default headroom before packet data, as XDP reserves (`VIRTIO_XDP_HEADROOM`).
 pub const DEFAULT_HEADROOM: u16 = 256;
+/// Largest buffer: packet offsets and lengths are `u16`.
+pub const MAX_BUF_SIZE: u32 = 65472;
 /// Default total size of one buffer.
 pub const DEFAULT_BUF_SIZE: u32 = 2048 + DEFAULT_HEADROOM as u32;
 
@@ -75,9 +77,10 @@ impl Mempool {
                 "headroom {headroom} is below the {NET_HDR_LEN}-byte virtio-net header"
             )));
         }
-        if buf_size % 64 != 0 || buf_size <= headroom as u32 {
+        if buf_size % 64 != 0 || buf_size <= headroom as u32 || buf_size > MAX_BUF_SIZE {
             return Err(Error::Config(format!(
-                "buffer size {buf_size} must be a multiple of 64 and larger than the headroom {headroom}"
+                "buffer size {buf_size} must be a multiple of 64, larger than the headroom {headroom} \
+                 and at most {MAX_BUF_SIZE} (packet offsets and lengths are 16-bit)"
             )));
         }
         let (per_chunk, chunk) = match arena.contiguous_chunk() {

@@ -147,6 +147,17 @@ impl Port {
                 cfg.ring_size
             )));
         }
+        // Buffer geometry, checked before anything is connected: headroom, the frame and
+        // the reserved tailroom must fit one buffer (and lengths fit the packet's u16s).
+        let frame_room = (cfg.buf_size as usize)
+            .checked_sub(cfg.headroom as usize + cfg.tailroom as usize)
+            .filter(|r| *r >= 60)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "buffers of {} bytes cannot hold {} bytes of headroom, {} of tailroom and a 60-byte frame",
+                    cfg.buf_size, cfg.headroom, cfg.tailroom
+                ))
+            })?;
         let nrings = 2 * cfg.queue_pairs as u32;
         let buffers = cfg.buffers.unwrap_or(2 * nrings * cfg.ring_size as u32);
         if buffers < cfg.queue_pairs as u32 * cfg.ring_size as u32 {
@@ -188,7 +199,6 @@ impl Port {
                 cfg.queue_pairs, config.max_queue_pairs
             )));
         }
-        let frame_room = cfg.buf_size as usize - cfg.headroom as usize - cfg.tailroom as usize;
         if frame_room < config.mtu as usize + 14 {
             return Err(Error::Config(format!(
                 "buffers of {} bytes with {} headroom and {} tailroom hold {frame_room}-byte frames, below MTU {} + 14",

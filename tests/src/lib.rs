@@ -2,6 +2,7 @@
 //! for our binaries ([`harness`]), DPDK's testpmd as a peer ([`dpdk`]), and a raw
 //! vhost-user front-end that writes rings by hand ([`rawfront`]).
 pub mod dpdk;
+pub mod evildevice;
 pub mod harness;
 pub mod rawfront;
 pub mod vdfront;

@@ -1,0 +1,1211 @@
+//! A deliberately misbehaving vhost-user virtio-net device, for testing that the driver
+//! treats the device as hostile (DESIGN.md, "Trust": used ids and lengths are checked).
+//!
+//! The device runs in its own process (the `evil-device` binary of this crate, see
+//! [`device_main`]) so that it shares with the driver under test exactly what a real
+//! back-end shares: a unix socket, eventfds and the front-end's memory. The test side
+//! drives it through [`EvilDevice`].
+//!
+//! # The device
+//!
+//! `evil-device SOCKET MODE [--good N] [--lifetime SECS]` listens on `SOCKET`, serves one
+//! front-end with the `vhost` crate's back-end request handler and exits when it goes
+//! away (or after `--lifetime` seconds, default 60, so that no test can hang on it). It
+//! offers `VERSION_1 | MAC | STATUS | MTU | VHOST_USER_F_PROTOCOL_FEATURES`, the protocol
+//! features `MQ | REPLY_ACK | CONFIG`, and a config space with a fixed MAC
+//! ([`DEVICE_MAC`]), link up, one queue pair and MTU 1500. It maps the front-end's memory
+//! (`SET_MEM_TABLE`), translates ring addresses through each region's front-end virtual
+//! address and buffer addresses through its guest-physical address, and once both rings
+//! of pair 0 are started (addresses, kick fd, enabled) it polls them:
+//!
+//! * it reflects every frame the driver transmits (queue 1) into the next receive buffer
+//!   (queue 0), completing the transmit buffer first and then the receive buffer, each
+//!   with its own used-index release store; in `good` mode it does so forever;
+//! * in a bad mode it reflects the first `N` frames (`--good`, default 3) faithfully, then
+//!   waits for the next [`TRIGGER_FRAMES`] transmit buffers (made available in one burst)
+//!   and answers them with the misbehaviour of its [`Mode`]: one bad used entry on the
+//!   receive queue, or with a `-tx` suffix on the transmit queue. After that it never
+//!   touches either ring again (it still answers vhost-user requests and snapshots).
+//!
+//! | mode | what the device writes | the driver must report |
+//! |---|---|---|
+//! | `id-out-of-range[-tx]` | a used element with id = queue size | `UsedIdOutOfRange` |
+//! | `id-not-in-flight` | (rx: every descriptor is posted, so) a legitimate completion of a receive buffer and the same id again in the same publish | `UsedIdNotInFlight` |
+//! | `id-not-in-flight-tx` | a used element naming the highest transmit descriptor id the driver never made available | `UsedIdNotInFlight` |
+//! | `id-twice[-tx]` | a legitimate completion and the same id again, in one publish | `UsedIdNotInFlight` |
+//! | `len-too-large[-tx]` | a used length one byte larger than the posted buffer | `UsedLenTooLarge` |
+//! | `idx-jump[-tx]` | the used index advanced by the buffers in flight plus one (on rx, only once the ring is full, so the driver's count cannot move under it) | `UsedIdxJump` |
+//!
+//! In receive-queue modes both trigger frames are completed correctly on the transmit
+//! queue; in transmit-queue modes nothing is written to the receive queue.
+//!
+//! Where the device writes data for a bad entry into a receive buffer, that data carries
+//! [`POISON`], so a test can prove no such packet was ever delivered.
+//!
+//! # Control channel
+//!
+//! The device prints one line on stdout per event: `STARTED` when the rings first run,
+//! the report of the bad entry it wrote ([`format_report`]: `BAD queue=Q kind=... `), and
+//! `DISCONNECTED`. It reads commands on stdin: `snap Q` answers
+//! `SNAP q=Q avail_idx=I hash=H`, a hash of everything the driver writes into queue Q's
+//! memory (descriptor table and avail ring), or `SNAP q=Q none`; `stats` answers
+//! `STATS frames=F dead=D`.
+//!
+//! Ring memory is only touched through raw pointers with volatile or atomic accesses,
+//! never through Rust references, as the driver and the host backend do.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use driver::layout::{self, features as f, net_config, Descriptor, DESC_F_WRITE, NET_HDR_LEN};
+use driver::DeviceError;
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{
+    Backend, BackendListener, Error as VuError, GpuBackend, Listener, VhostUserBackendReqHandler,
+};
+use vhost::VhostUserMemoryRegionBase;
+use vm_memory::{FileOffset, MmapRegion};
+
+use crate::harness::{self, TempDir};
+
+type VuResult<T> = std::result::Result<T, VuError>;
+
+/// The driver's receive queue of pair 0.
+pub const RX_QUEUE: u16 = 0;
+/// The driver's transmit queue of pair 0.
+pub const TX_QUEUE: u16 = 1;
+/// Transmit buffers the test makes available in one burst to trigger the misbehaviour.
+pub const TRIGGER_FRAMES: usize = 2;
+/// Frames reflected faithfully before the trigger, unless `--good` says otherwise.
+pub const DEFAULT_GOOD_FRAMES: u32 = 3;
+/// Marker in every byte the device writes for a bad receive entry.
+pub const POISON: &[u8; 16] = b"EVIL-DEVICE-DATA";
+/// The MAC address in the device's config space.
+pub const DEVICE_MAC: [u8; 6] = [0x02, 0xe7, 0x11, 0xde, 0x71, 0xce];
+/// The MTU in the device's config space.
+pub const DEVICE_MTU: u16 = 1500;
+
+// ------------------------------------------------------------------------------ modes
+
+/// One way of breaking the used-ring protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// A used id at or beyond the queue size.
+    IdOutOfRange,
+    /// A used id the driver has not in flight (rx: a double completion, since every
+    /// receive descriptor is posted; tx: an id never made available).
+    IdNotInFlight,
+    /// The same used id twice in one publish.
+    IdTwice,
+    /// A used length larger than the posted buffer.
+    LenTooLarge,
+    /// The used index moved by more than the buffers in flight.
+    IdxJump,
+}
+
+impl Fault {
+    /// Every fault.
+    pub const ALL: [Fault; 5] =
+        [Fault::IdOutOfRange, Fault::IdNotInFlight, Fault::IdTwice, Fault::LenTooLarge, Fault::IdxJump];
+
+    /// The mode name (without the queue suffix).
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::IdOutOfRange => "id-out-of-range",
+            Fault::IdNotInFlight => "id-not-in-flight",
+            Fault::IdTwice => "id-twice",
+            Fault::LenTooLarge => "len-too-large",
+            Fault::IdxJump => "idx-jump",
+        }
+    }
+}
+
+/// What the device does: reflect faithfully (`fault: None`) or break `queue`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode {
+    /// The misbehaviour, if any.
+    pub fault: Option<Fault>,
+    /// The queue it is applied to ([`RX_QUEUE`] or [`TX_QUEUE`]).
+    pub queue: u16,
+}
+
+impl Mode {
+    /// The faithful device.
+    pub const GOOD: Mode = Mode { fault: None, queue: RX_QUEUE };
+
+    /// Parses `good`, `FAULT` (receive queue) or `FAULT-tx` (transmit queue).
+    pub fn parse(s: &str) -> Result<Mode, String> {
+        if s == "good" {
+            return Ok(Mode::GOOD);
+        }
+        let (name, queue) = match s.strip_suffix("-tx") {
+            Some(n) => (n, TX_QUEUE),
+            None => (s, RX_QUEUE),
+        };
+        Fault::ALL.iter().find(|f| f.name() == name).map(|&f| Mode { fault: Some(f), queue }).ok_or_else(
+            || {
+                let names: Vec<_> = Fault::ALL.iter().map(|f| f.name()).collect();
+                format!("unknown mode {s:?}: good, or one of {names:?} with an optional -tx suffix")
+            },
+        )
+    }
+
+    /// The mode as [`parse`](Self::parse) reads it.
+    pub fn name(&self) -> String {
+        match self.fault {
+            None => "good".into(),
+            Some(f) if self.queue == TX_QUEUE => format!("{}-tx", f.name()),
+            Some(f) => f.name().into(),
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------ reports
+
+/// The line the device prints after writing a bad entry on `queue`: the error the driver
+/// must report for it.
+pub fn format_report(queue: u16, e: &DeviceError) -> String {
+    match *e {
+        DeviceError::UsedIdOutOfRange { id } => format!("BAD queue={queue} kind=id-out-of-range id={id}"),
+        DeviceError::UsedIdNotInFlight { id } => format!("BAD queue={queue} kind=id-not-in-flight id={id}"),
+        DeviceError::UsedLenTooLarge { len, posted } => {
+            format!("BAD queue={queue} kind=len-too-large len={len} posted={posted}")
+        }
+        DeviceError::UsedIdxJump { moved, in_flight } => {
+            format!("BAD queue={queue} kind=idx-jump moved={moved} in_flight={in_flight}")
+        }
+    }
+}
+
+/// Parses a [`format_report`] line.
+pub fn parse_report(line: &str) -> Option<(u16, DeviceError)> {
+    let mut words = line.split_whitespace();
+    if words.next()? != "BAD" {
+        return None;
+    }
+    let mut kv = std::collections::HashMap::new();
+    for w in words {
+        let (k, v) = w.split_once('=')?;
+        kv.insert(k, v);
+    }
+    let num = |k: &str| kv.get(k).and_then(|v| v.parse::<u32>().ok());
+    let queue = u16::try_from(num("queue")?).ok()?;
+    let e = match *kv.get("kind")? {
+        "id-out-of-range" => DeviceError::UsedIdOutOfRange { id: num("id")? },
+        "id-not-in-flight" => DeviceError::UsedIdNotInFlight { id: num("id")? },
+        "len-too-large" => DeviceError::UsedLenTooLarge { len: num("len")?, posted: num("posted")? },
+        "idx-jump" => DeviceError::UsedIdxJump {
+            moved: u16::try_from(num("moved")?).ok()?,
+            in_flight: u16::try_from(num("in_flight")?).ok()?,
+        },
+        _ => return None,
+    };
+    Some((queue, e))
+}
+
+// ------------------------------------------------------------------------------ device state
+
+/// One region of the front-end's memory, mapped here.
+struct Region {
+    gpa: u64,
+    uva: u64,
+    len: u64,
+    map: MmapRegion<()>,
+}
+
+/// Which address space an address is in.
+#[derive(Clone, Copy)]
+enum Space {
+    /// Guest-physical (descriptor buffer addresses).
+    Gpa,
+    /// Front-end virtual (ring addresses in `SET_VRING_ADDR`).
+    Uva,
+}
+
+#[derive(Default)]
+struct Queue {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    addr_set: bool,
+    kick: Option<File>,
+    call: Option<File>,
+    err: Option<File>,
+    enabled: bool,
+    /// Stopped by GET_VRING_BASE (until the next SET_VRING_KICK).
+    stopped: bool,
+    /// Next avail entry to consume.
+    last_avail: u16,
+    /// Next used index to publish.
+    used_idx: u16,
+    /// Descriptor ids the driver has ever made available.
+    seen: Vec<bool>,
+}
+
+/// The rings of one queue, resolved to pointers into the mapped memory. Only valid while
+/// the [`State`] lock that produced it is held (the mapping lives in the state).
+#[derive(Clone, Copy)]
+struct Ring {
+    size: u16,
+    desc: *mut u8,
+    avail: *mut u8,
+    used: *mut u8,
+}
+
+impl Ring {
+    fn mask(&self) -> u16 {
+        self.size - 1
+    }
+
+    fn u16_atomic(&self, p: *mut u8) -> &AtomicU16 {
+        // SAFETY: every caller passes a pointer to a 2-byte field inside a ring area that
+        // `State::ring` bounds-checked against a mapped region (areas are at least
+        // 2-aligned: the driver aligns them and `State::ring` checks it); atomics may
+        // alias memory the other process writes.
+        unsafe { AtomicU16::from_ptr(p as *mut u16) }
+    }
+
+    /// `avail.idx`, Acquire: pairs with the driver's Release store after it wrote the
+    /// descriptors and avail entries it publishes.
+    fn avail_idx(&self) -> u16 {
+        // SAFETY: AVAIL_IDX (2) + 2 <= avail_bytes(size), checked in `State::ring`.
+        self.u16_atomic(unsafe { self.avail.add(layout::AVAIL_IDX) }).load(Ordering::Acquire)
+    }
+
+    /// The descriptor id in avail entry `i` (free-running index).
+    fn avail_id(&self, i: u16) -> u16 {
+        // SAFETY: `avail_entry(i & mask)` + 2 <= avail_bytes(size); 2-aligned. Volatile:
+        // the driver owns this memory; our acquire load of `avail.idx` ordered this read
+        // after its write.
+        u16::from_le(unsafe {
+            std::ptr::read_volatile(self.avail.add(layout::avail_entry(i & self.mask())) as *const u16)
+        })
+    }
+
+    /// Descriptor `id` (< size).
+    fn desc(&self, id: u16) -> Descriptor {
+        // SAFETY: `id < size`, so the 16 bytes lie inside the descriptor table checked in
+        // `State::ring`; volatile as for `avail_id`.
+        let b = unsafe {
+            std::ptr::read_volatile(self.desc.add(id as usize * layout::DESC_SIZE) as *const [u8; 16])
+        };
+        Descriptor::from_le_bytes(b)
+    }
+
+    /// Writes used element `i` (free-running index); published by `publish_used`.
+    fn put_used(&self, i: u16, id: u32, len: u32) {
+        // SAFETY: `used_entry(i & mask)` + 8 <= used_bytes(size), 4-aligned (checked in
+        // `State::ring`). Volatile: the driver reads it only after our release store of
+        // `used.idx`.
+        unsafe {
+            let p = self.used.add(layout::used_entry(i & self.mask())) as *mut u32;
+            std::ptr::write_volatile(p, id.to_le());
+            std::ptr::write_volatile(p.add(1), len.to_le());
+        }
+    }
+
+    /// `used.idx`, Release: the used elements and buffer contents written before are
+    /// visible to the driver's acquire load.
+    fn publish_used(&self, idx: u16) {
+        // SAFETY: USED_IDX (2) + 2 <= used_bytes(size).
+        self.u16_atomic(unsafe { self.used.add(layout::USED_IDX) }).store(idx, Ordering::Release);
+    }
+
+    /// `used.flags` (Relaxed: a hint the driver reads after its own fence).
+    fn set_used_flags(&self, flags: u16) {
+        // SAFETY: USED_FLAGS (0) + 2 <= used_bytes(size).
+        self.u16_atomic(unsafe { self.used.add(layout::USED_FLAGS) }).store(flags, Ordering::Relaxed);
+    }
+
+    /// FNV-1a over everything the driver writes into this queue: the descriptor table
+    /// and the whole driver area.
+    fn driver_hash(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |p: *const u8, n: usize| {
+            for i in 0..n {
+                // SAFETY: `p + n` is the end of an area checked in `State::ring`; volatile
+                // byte reads of memory the driver may write concurrently.
+                let b = unsafe { std::ptr::read_volatile(p.add(i)) };
+                h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+            }
+        };
+        eat(self.desc, layout::desc_table_bytes(self.size));
+        eat(self.avail, layout::avail_bytes(self.size));
+        h
+    }
+}
+
+struct State {
+    mode: Mode,
+    good_frames: u32,
+    acked_features: u64,
+    regions: Vec<Region>,
+    queues: [Queue; 2],
+    /// Frames reflected faithfully.
+    frames: u64,
+    /// The bad entry is written (or the driver broke the protocol): rings untouched.
+    dead: bool,
+    started: bool,
+}
+
+/// A problem with what the driver (front-end) wrote: the device stops its data path.
+struct Stop(String);
+
+fn stop<T>(msg: impl Into<String>) -> Result<T, Stop> {
+    Err(Stop(msg.into()))
+}
+
+impl State {
+    fn new(mode: Mode, good_frames: u32) -> State {
+        State {
+            mode,
+            good_frames,
+            acked_features: 0,
+            regions: Vec::new(),
+            queues: [Queue::default(), Queue::default()],
+            frames: 0,
+            dead: false,
+            started: false,
+        }
+    }
+
+    /// Host pointer for `[addr, addr + len)` in `space`, if one region holds all of it.
+    fn translate(&self, space: Space, addr: u64, len: u64) -> Option<*mut u8> {
+        let end = addr.checked_add(len)?;
+        self.regions.iter().find_map(|r| {
+            let start = match space {
+                Space::Gpa => r.gpa,
+                Space::Uva => r.uva,
+            };
+            if addr >= start && end <= start + r.len {
+                // SAFETY: `addr - start + len <= r.len`, the size of the mapping.
+                Some(unsafe { r.map.as_ptr().add((addr - start) as usize) })
+            } else {
+                None
+            }
+        })
+    }
+
+    fn runnable(&self, q: usize) -> bool {
+        let qu = &self.queues[q];
+        let protocol = self.acked_features & f::bit(f::VHOST_USER_PROTOCOL_FEATURES) != 0;
+        !self.regions.is_empty()
+            && qu.size != 0
+            && qu.addr_set
+            && qu.kick.is_some()
+            && (qu.enabled || !protocol)
+            && !qu.stopped
+    }
+
+    /// Queue `q`'s rings, if it is runnable and its areas are mapped.
+    fn ring(&self, q: usize) -> Option<Ring> {
+        if !self.runnable(q) {
+            return None;
+        }
+        let qu = &self.queues[q];
+        let size = qu.size;
+        let desc = self.translate(Space::Uva, qu.desc, layout::desc_table_bytes(size) as u64)?;
+        let avail = self.translate(Space::Uva, qu.avail, layout::avail_bytes(size) as u64)?;
+        let used = self.translate(Space::Uva, qu.used, layout::used_bytes(size) as u64)?;
+        if desc as usize & 15 != 0 || avail as usize & 1 != 0 || used as usize & 3 != 0 {
+            return None;
+        }
+        Some(Ring { size, desc, avail, used })
+    }
+
+    /// Consumes the next avail entry of queue `q`: its id and descriptor, checked.
+    fn take_avail(&mut self, q: usize, ring: &Ring) -> Result<(u16, Descriptor), Stop> {
+        let qu = &mut self.queues[q];
+        if qu.seen.len() != ring.size as usize {
+            qu.seen = vec![false; ring.size as usize];
+        }
+        let id = ring.avail_id(qu.last_avail);
+        if id >= ring.size {
+            return stop(format!("queue {q}: avail entry names descriptor {id} of {}", ring.size));
+        }
+        let d = ring.desc(id);
+        let want_write = q == RX_QUEUE as usize;
+        if d.flags & !DESC_F_WRITE != 0 || (d.flags & DESC_F_WRITE != 0) != want_write {
+            return stop(format!("queue {q}: descriptor {id} has flags {:#x}", d.flags));
+        }
+        if (d.len as usize) < NET_HDR_LEN || d.len > 65_536 {
+            return stop(format!("queue {q}: descriptor {id} has length {}", d.len));
+        }
+        qu.last_avail = qu.last_avail.wrapping_add(1);
+        qu.seen[id as usize] = true;
+        Ok((id, d))
+    }
+
+    /// Pointer to the whole buffer of `d`.
+    fn buffer(&self, d: &Descriptor) -> Result<*mut u8, Stop> {
+        match self.translate(Space::Gpa, d.addr, d.len as u64) {
+            Some(p) => Ok(p),
+            None => stop(format!("buffer {:#x}+{} is outside the memory table", d.addr, d.len)),
+        }
+    }
+
+    /// Writes `bytes` (a virtio-net header is put in front) into receive buffer `d`;
+    /// returns the used length.
+    fn fill_rx(&self, d: &Descriptor, bytes: &[u8]) -> Result<u32, Stop> {
+        let total = NET_HDR_LEN + bytes.len();
+        if total > d.len as usize {
+            return stop(format!("receive buffer of {} bytes for a {total}-byte frame", d.len));
+        }
+        let dst = self.buffer(d)?;
+        let mut hdr = [0u8; NET_HDR_LEN];
+        hdr[layout::NET_HDR_NUM_BUFFERS..].copy_from_slice(&1u16.to_le_bytes());
+        // SAFETY: `dst` points at `d.len >= total` mapped bytes of a buffer the driver
+        // made available to the device (it does not touch it until we complete it); raw
+        // copies, no reference into the shared memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(hdr.as_ptr(), dst, NET_HDR_LEN);
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst.add(NET_HDR_LEN), bytes.len());
+        }
+        Ok(total as u32)
+    }
+
+    /// The frame (without the virtio-net header) in transmit buffer `d`.
+    fn read_tx(&self, d: &Descriptor) -> Result<Vec<u8>, Stop> {
+        let src = self.buffer(d)?;
+        let mut v = vec![0u8; d.len as usize - NET_HDR_LEN];
+        // SAFETY: `src` points at `d.len` mapped bytes of a buffer the driver made
+        // available; copied out with a raw copy.
+        unsafe { std::ptr::copy_nonoverlapping(src.add(NET_HDR_LEN), v.as_mut_ptr(), v.len()) };
+        Ok(v)
+    }
+
+    /// Completes buffer `id` of queue `q` with `len` and publishes it.
+    fn complete(&mut self, q: usize, ring: &Ring, id: u16, len: u32) {
+        let qu = &mut self.queues[q];
+        ring.put_used(qu.used_idx, id as u32, len);
+        qu.used_idx = qu.used_idx.wrapping_add(1);
+        ring.publish_used(qu.used_idx);
+    }
+
+    /// One pass over the rings.
+    fn step(&mut self) {
+        if self.dead {
+            return;
+        }
+        if let Err(Stop(msg)) = self.step_inner() {
+            eprintln!("evil-device: the front-end broke the protocol, data path stopped: {msg}");
+            println!("BROKEN {msg}");
+            self.dead = true;
+        }
+    }
+
+    fn step_inner(&mut self) -> Result<(), Stop> {
+        let (Some(rx), Some(tx)) = (self.ring(0), self.ring(1)) else { return Ok(()) };
+        if !self.started {
+            self.started = true;
+            // We poll: no kicks needed.
+            rx.set_used_flags(layout::USED_F_NO_NOTIFY);
+            tx.set_used_flags(layout::USED_F_NO_NOTIFY);
+            println!("STARTED");
+        }
+        loop {
+            let pending = tx.avail_idx().wrapping_sub(self.queues[1].last_avail);
+            if pending == 0 {
+                return Ok(());
+            }
+            if pending > tx.size {
+                return stop(format!("transmit avail index {pending} ahead of the device"));
+            }
+            if let Some(fault) = self.mode.fault {
+                if self.frames >= self.good_frames as u64 {
+                    if (pending as usize) < TRIGGER_FRAMES {
+                        return Ok(());
+                    }
+                    if let Some(report) = self.trigger(fault, &rx, &tx)? {
+                        self.dead = true;
+                        println!("{report}");
+                    }
+                    return Ok(());
+                }
+            }
+            if rx.avail_idx() == self.queues[0].last_avail {
+                return Ok(()); // no receive buffer yet
+            }
+            let (tid, td) = self.take_avail(1, &tx)?;
+            let frame = self.read_tx(&td)?;
+            let (rid, rd) = self.take_avail(0, &rx)?;
+            let len = self.fill_rx(&rd, &frame)?;
+            // Transmit completion first, so a driver that saw the frame come back also
+            // sees its transmit buffer done.
+            self.complete(1, &tx, tid, 0);
+            self.complete(0, &rx, rid, len);
+            self.frames += 1;
+        }
+    }
+
+    /// Writes the bad entry for `fault`, once its preconditions hold; returns the report,
+    /// or `None` to be called again later.
+    fn trigger(&mut self, fault: Fault, rx: &Ring, tx: &Ring) -> Result<Option<String>, Stop> {
+        let q = self.mode.queue;
+        if q == RX_QUEUE {
+            let rx_avail = rx.avail_idx();
+            let offered = rx_avail.wrapping_sub(self.queues[0].last_avail);
+            let in_flight = rx_avail.wrapping_sub(self.queues[0].used_idx);
+            let ready = match fault {
+                // The driver keeps its receive ring full; once it is, its in-flight count
+                // cannot change until we complete something.
+                Fault::IdxJump => in_flight == rx.size,
+                Fault::IdNotInFlight | Fault::IdTwice => offered >= 1 && in_flight >= 2,
+                Fault::IdOutOfRange | Fault::LenTooLarge => offered >= 1,
+            };
+            if !ready {
+                return Ok(None);
+            }
+            // Both trigger frames are transmitted correctly: only the receive queue is bad.
+            let mut frames = Vec::new();
+            for _ in 0..TRIGGER_FRAMES {
+                let (tid, td) = self.take_avail(1, tx)?;
+                frames.push(self.read_tx(&td)?);
+                self.complete(1, tx, tid, 0);
+            }
+            let poison: Vec<u8> = POISON.iter().copied().cycle().take(64).collect();
+            let rxq = 0;
+            let e = match fault {
+                Fault::IdOutOfRange => {
+                    let (_, rd) = self.take_avail(rxq, rx)?;
+                    let len = self.fill_rx(&rd, &poison)?;
+                    let id = rx.size as u32;
+                    self.put_raw(rxq, rx, &[(id, len)]);
+                    DeviceError::UsedIdOutOfRange { id }
+                }
+                Fault::IdNotInFlight | Fault::IdTwice => {
+                    // Every receive descriptor is in flight: the only id not in flight is
+                    // one we complete in the same publish.
+                    let (rid, rd) = self.take_avail(rxq, rx)?;
+                    let len = self.fill_rx(&rd, &frames[0])?;
+                    self.put_raw(rxq, rx, &[(rid as u32, len), (rid as u32, len)]);
+                    self.frames += 1;
+                    DeviceError::UsedIdNotInFlight { id: rid as u32 }
+                }
+                Fault::LenTooLarge => {
+                    let (rid, rd) = self.take_avail(rxq, rx)?;
+                    let room = rd.len as usize - NET_HDR_LEN;
+                    let fill: Vec<u8> = POISON.iter().copied().cycle().take(room).collect();
+                    self.fill_rx(&rd, &fill)?;
+                    self.put_raw(rxq, rx, &[(rid as u32, rd.len + 1)]);
+                    DeviceError::UsedLenTooLarge { len: rd.len + 1, posted: rd.len }
+                }
+                Fault::IdxJump => self.jump(rxq, rx, in_flight),
+            };
+            return Ok(Some(format_report(q, &e)));
+        }
+
+        // Transmit queue: both trigger buffers are consumed; what comes back is bad.
+        let txq = 1;
+        let in_flight = tx.avail_idx().wrapping_sub(self.queues[txq].used_idx);
+        let (a, da) = self.take_avail(txq, tx)?;
+        for _ in 1..TRIGGER_FRAMES {
+            self.take_avail(txq, tx)?;
+        }
+        let e = match fault {
+            Fault::IdOutOfRange => {
+                let id = tx.size as u32;
+                self.put_raw(txq, tx, &[(id, 0)]);
+                DeviceError::UsedIdOutOfRange { id }
+            }
+            Fault::IdNotInFlight => {
+                let seen = &self.queues[txq].seen;
+                let Some(id) = (0..tx.size).rev().find(|&i| !seen[i as usize]) else {
+                    return stop("every transmit descriptor has been used: no id left that was never posted");
+                };
+                self.put_raw(txq, tx, &[(id as u32, 0)]);
+                DeviceError::UsedIdNotInFlight { id: id as u32 }
+            }
+            Fault::IdTwice => {
+                self.put_raw(txq, tx, &[(a as u32, 0), (a as u32, 0)]);
+                DeviceError::UsedIdNotInFlight { id: a as u32 }
+            }
+            Fault::LenTooLarge => {
+                self.put_raw(txq, tx, &[(a as u32, da.len + 1)]);
+                DeviceError::UsedLenTooLarge { len: da.len + 1, posted: da.len }
+            }
+            Fault::IdxJump => self.jump(txq, tx, in_flight),
+        };
+        Ok(Some(format_report(q, &e)))
+    }
+
+    /// Writes `entries` as used elements of queue `q` and publishes them with one store.
+    fn put_raw(&mut self, q: usize, ring: &Ring, entries: &[(u32, u32)]) {
+        let qu = &mut self.queues[q];
+        for &(id, len) in entries {
+            ring.put_used(qu.used_idx, id, len);
+            qu.used_idx = qu.used_idx.wrapping_add(1);
+        }
+        ring.publish_used(qu.used_idx);
+    }
+
+    /// Moves queue `q`'s used index by `in_flight + 1` without writing elements.
+    fn jump(&mut self, q: usize, ring: &Ring, in_flight: u16) -> DeviceError {
+        let moved = in_flight + 1;
+        let qu = &mut self.queues[q];
+        qu.used_idx = qu.used_idx.wrapping_add(moved);
+        ring.publish_used(qu.used_idx);
+        DeviceError::UsedIdxJump { moved, in_flight }
+    }
+
+    fn snapshot(&self, q: usize) -> String {
+        match self.queues.get(q).and_then(|_| self.ring(q)) {
+            Some(r) => format!("SNAP q={q} avail_idx={} hash={:016x}", r.avail_idx(), r.driver_hash()),
+            None => format!("SNAP q={q} none"),
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------ vhost-user
+
+struct Shared {
+    state: Mutex<State>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn queue<T>(&self, index: u32, f: impl FnOnce(&mut Queue) -> VuResult<T>) -> VuResult<T> {
+        let mut st = self.lock();
+        let q = st.queues.get_mut(index as usize).ok_or(VuError::InvalidParam)?;
+        f(q)
+    }
+}
+
+struct Handler(Arc<Shared>);
+
+const OFFERED_FEATURES: u64 = f::bit(f::VERSION_1)
+    | f::bit(f::NET_MAC)
+    | f::bit(f::NET_STATUS)
+    | f::bit(f::NET_MTU)
+    | f::bit(f::VHOST_USER_PROTOCOL_FEATURES);
+
+fn offered_protocol() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG
+}
+
+fn config_space() -> [u8; net_config::LEN] {
+    let mut c = [0u8; net_config::LEN];
+    c[net_config::MAC..net_config::MAC + 6].copy_from_slice(&DEVICE_MAC);
+    c[net_config::STATUS..net_config::STATUS + 2].copy_from_slice(&net_config::S_LINK_UP.to_le_bytes());
+    c[net_config::MAX_VQ_PAIRS..net_config::MAX_VQ_PAIRS + 2].copy_from_slice(&1u16.to_le_bytes());
+    c[net_config::MTU..net_config::MTU + 2].copy_from_slice(&DEVICE_MTU.to_le_bytes());
+    c
+}
+
+fn unsupported<T>(what: &'static str) -> VuResult<T> {
+    Err(VuError::InvalidOperation(what))
+}
+
+impl VhostUserBackendReqHandler for Handler {
+    fn set_owner(&self) -> VuResult<()> {
+        Ok(())
+    }
+    fn reset_owner(&self) -> VuResult<()> {
+        let mut st = self.0.lock();
+        st.queues = [Queue::default(), Queue::default()];
+        st.started = false;
+        Ok(())
+    }
+    fn reset_device(&self) -> VuResult<()> {
+        self.reset_owner()
+    }
+    fn get_features(&self) -> VuResult<u64> {
+        Ok(OFFERED_FEATURES)
+    }
+    fn set_features(&self, features: u64) -> VuResult<()> {
+        if features & !OFFERED_FEATURES != 0 {
+            return Err(VuError::InvalidParam);
+        }
+        self.0.lock().acked_features = features;
+        Ok(())
+    }
+    fn set_mem_table(
+        &self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        if ctx.len() != files.len() {
+            return Err(VuError::InvalidParam);
+        }
+        let mut regions = Vec::with_capacity(ctx.len());
+        for (r, file) in ctx.iter().zip(files) {
+            let (gpa, len, uva, off) = (r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset);
+            if len == 0
+                || gpa.checked_add(len).is_none()
+                || uva.checked_add(len).is_none()
+                || off.checked_add(len).is_none()
+            {
+                return Err(VuError::InvalidParam);
+            }
+            let size = usize::try_from(len).map_err(|_| VuError::InvalidParam)?;
+            let map = MmapRegion::<()>::from_file(FileOffset::new(file, off), size).map_err(|e| {
+                eprintln!("evil-device: mmap of region gpa {gpa:#x} len {len:#x}: {e}");
+                VuError::InvalidParam
+            })?;
+            regions.push(Region { gpa, uva, len, map });
+        }
+        self.0.lock().regions = regions;
+        Ok(None)
+    }
+    fn set_vring_num(&self, index: u32, num: u32) -> VuResult<()> {
+        if num == 0 || num > layout::MAX_QUEUE_SIZE as u32 || !num.is_power_of_two() {
+            return Err(VuError::InvalidParam);
+        }
+        self.0.queue(index, |q| {
+            q.size = num as u16;
+            Ok(())
+        })
+    }
+    fn set_vring_addr(
+        &self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        self.0.queue(index, |q| {
+            q.desc = descriptor;
+            q.used = used;
+            q.avail = available;
+            q.addr_set = true;
+            Ok(())
+        })
+    }
+    fn set_vring_base(&self, index: u32, base: u32) -> VuResult<()> {
+        let base = u16::try_from(base).map_err(|_| VuError::InvalidParam)?;
+        self.0.queue(index, |q| {
+            q.last_avail = base;
+            q.used_idx = base;
+            Ok(())
+        })
+    }
+    fn get_vring_base(&self, index: u32) -> VuResult<VhostUserVringState> {
+        // Stops the ring. The data path runs under the same lock, so once this returns
+        // the device touches neither the ring nor its buffers.
+        let base = self.0.queue(index, |q| {
+            q.stopped = true;
+            Ok(q.last_avail)
+        })?;
+        Ok(VhostUserVringState::new(index, base as u32))
+    }
+    fn set_vring_kick(&self, index: u8, fd: Option<File>) -> VuResult<()> {
+        self.0.queue(index as u32, |q| {
+            q.kick = fd;
+            q.stopped = false;
+            Ok(())
+        })
+    }
+    fn set_vring_call(&self, index: u8, fd: Option<File>) -> VuResult<()> {
+        self.0.queue(index as u32, |q| {
+            q.call = fd;
+            Ok(())
+        })
+    }
+    fn set_vring_err(&self, index: u8, fd: Option<File>) -> VuResult<()> {
+        self.0.queue(index as u32, |q| {
+            q.err = fd;
+            Ok(())
+        })
+    }
+    fn get_protocol_features(&self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(offered_protocol())
+    }
+    fn set_protocol_features(&self, features: u64) -> VuResult<()> {
+        if features & !offered_protocol().bits() != 0 {
+            return Err(VuError::InvalidParam);
+        }
+        Ok(())
+    }
+    fn get_queue_num(&self) -> VuResult<u64> {
+        Ok(1)
+    }
+    fn set_vring_enable(&self, index: u32, enable: bool) -> VuResult<()> {
+        self.0.queue(index, |q| {
+            q.enabled = enable;
+            Ok(())
+        })
+    }
+    fn get_config(&self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
+        let cfg = config_space();
+        let end = offset.checked_add(size).ok_or(VuError::InvalidParam)? as usize;
+        cfg.get(offset as usize..end).map(<[u8]>::to_vec).ok_or(VuError::InvalidParam)
+    }
+    fn set_config(&self, _offset: u32, _buf: &[u8], _flags: VhostUserConfigFlags) -> VuResult<()> {
+        unsupported("virtio-net config space is read-only")
+    }
+    fn set_backend_req_fd(&self, _backend: Backend) {}
+    fn set_gpu_socket(&self, _gpu_backend: GpuBackend) -> VuResult<()> {
+        unsupported("not a GPU device")
+    }
+    fn get_shared_object(&self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        unsupported("no shared objects")
+    }
+    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        unsupported("inflight tracking not offered")
+    }
+    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
+        unsupported("inflight tracking not offered")
+    }
+    fn get_max_mem_slots(&self) -> VuResult<u64> {
+        unsupported("CONFIGURE_MEM_SLOTS not offered")
+    }
+    fn add_mem_region(
+        &self,
+        _region: &VhostUserSingleMemoryRegion,
+        _fd: File,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
+        unsupported("CONFIGURE_MEM_SLOTS not offered")
+    }
+    fn remove_mem_region(&self, _region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        unsupported("CONFIGURE_MEM_SLOTS not offered")
+    }
+    fn set_device_state_fd(
+        &self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        unsupported("device state transfer not offered")
+    }
+    fn check_device_state(&self) -> VuResult<()> {
+        unsupported("device state transfer not offered")
+    }
+    fn get_shmem_config(&self) -> VuResult<VhostUserShMemConfig> {
+        unsupported("no shared memory regions")
+    }
+    fn set_log_base(&self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        unsupported("dirty logging not offered")
+    }
+}
+
+// ------------------------------------------------------------------------------ device main
+
+const USAGE: &str = "usage: evil-device SOCKET MODE [--good N] [--lifetime SECS]";
+
+/// The `evil-device` binary: serves one front-end on the socket in `args`, then exits.
+/// Returns the process exit code.
+pub fn device_main(args: Vec<OsString>) -> i32 {
+    let mut pos = Vec::new();
+    let mut good = DEFAULT_GOOD_FRAMES;
+    let mut lifetime = 60u64;
+    let mut it = args.into_iter().map(|a| a.to_string_lossy().into_owned());
+    while let Some(a) = it.next() {
+        let mut num = |name: &str| -> Option<u64> {
+            let v = it.next().and_then(|v| v.parse().ok());
+            if v.is_none() {
+                eprintln!("evil-device: {name} needs a number\n{USAGE}");
+            }
+            v
+        };
+        match a.as_str() {
+            "--good" => match num("--good") {
+                Some(n) => good = n as u32,
+                None => return 2,
+            },
+            "--lifetime" => match num("--lifetime") {
+                Some(n) => lifetime = n,
+                None => return 2,
+            },
+            _ => pos.push(a),
+        }
+    }
+    let [sock, mode] = pos.as_slice() else {
+        eprintln!("{USAGE}");
+        return 2;
+    };
+    let mode = match Mode::parse(mode) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("evil-device: {e}\n{USAGE}");
+            return 2;
+        }
+    };
+
+    // Never outlive a test that forgot us.
+    thread::spawn(move || {
+        thread::sleep(Duration::from_secs(lifetime));
+        eprintln!("evil-device: lifetime of {lifetime} s is over, exiting");
+        std::process::exit(3);
+    });
+
+    let shared = Arc::new(Shared { state: Mutex::new(State::new(mode, good)) });
+    let mut listener = match Listener::new(sock, true) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("evil-device: cannot listen on {sock}: {e}");
+            return 1;
+        }
+    };
+    eprintln!("evil-device: mode {} (good frames {good}) listening on {sock}", mode.name());
+
+    {
+        let shared = shared.clone();
+        thread::spawn(move || loop {
+            shared.lock().step();
+            thread::sleep(Duration::from_micros(100));
+        });
+    }
+    {
+        let shared = shared.clone();
+        thread::spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { break };
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let reply = match words.as_slice() {
+                    ["snap", q] => match q.parse::<usize>() {
+                        Ok(q) => shared.lock().snapshot(q),
+                        Err(_) => format!("ERR bad queue {q:?}"),
+                    },
+                    ["stats"] => {
+                        let st = shared.lock();
+                        format!("STATS frames={} dead={}", st.frames, st.dead)
+                    }
+                    _ => format!("ERR unknown command {line:?}"),
+                };
+                println!("{reply}");
+            }
+        });
+    }
+
+    let handler = Arc::new(Handler(shared));
+    let mut conn = match BackendListener::new(&mut listener, handler).and_then(|mut l| l.accept()) {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            eprintln!("evil-device: accept returned no connection");
+            return 1;
+        }
+        Err(e) => {
+            eprintln!("evil-device: accept: {e}");
+            return 1;
+        }
+    };
+    loop {
+        match conn.handle_request() {
+            Ok(()) => {}
+            Err(VuError::Disconnected) | Err(VuError::PartialMessage) | Err(VuError::SocketBroken(_)) => {
+                println!("DISCONNECTED");
+                return 0;
+            }
+            Err(e) => {
+                eprintln!("evil-device: vhost-user error: {e}; closing");
+                println!("DISCONNECTED");
+                return 1;
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------ test side
+
+/// What the stdout reader shares with [`EvilDevice`].
+#[derive(Default)]
+struct Lines {
+    unread: VecDeque<String>,
+    all: Vec<String>,
+    closed: bool,
+}
+
+/// An `evil-device` process serving a socket in a private temp dir; killed on drop.
+pub struct EvilDevice {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Arc<(Mutex<Lines>, Condvar)>,
+    reader: Option<JoinHandle<()>>,
+    sock: PathBuf,
+    log_path: PathBuf,
+    _dir: TempDir,
+}
+
+impl EvilDevice {
+    /// Starts `bin` (the `evil-device` executable) in `mode` with `good` faithful frames
+    /// before the misbehaviour, and waits (max 10 s) for its socket.
+    pub fn spawn(bin: &Path, mode: Mode, good: u32) -> EvilDevice {
+        let dir = TempDir::new(&format!("evil-{}", mode.name()));
+        let sock = dir.join("evil.sock");
+        let log_path = dir.join("evil-device.stderr");
+        let log = File::create(&log_path).unwrap_or_else(|e| panic!("create {}: {e}", log_path.display()));
+        let mut child = Command::new(bin)
+            .arg(&sock)
+            .arg(mode.name())
+            .args(["--good", &good.to_string(), "--lifetime", "60"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stdin = child.stdin.take();
+        let lines = Arc::new((Mutex::new(Lines::default()), Condvar::new()));
+        let reader = {
+            let lines = lines.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    let (m, cv) = &*lines;
+                    let mut l = m.lock().unwrap_or_else(|e| e.into_inner());
+                    l.all.push(line.clone());
+                    l.unread.push_back(line);
+                    cv.notify_all();
+                }
+                let (m, cv) = &*lines;
+                m.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+                cv.notify_all();
+            })
+        };
+        let mut dev = EvilDevice { child, stdin, lines, reader: Some(reader), sock, log_path, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !dev.sock.exists() {
+            if let Ok(Some(st)) = dev.child.try_wait() {
+                panic!("evil-device exited ({st}) before creating its socket; log:\n{}", dev.log());
+            }
+            if Instant::now() > deadline {
+                panic!("evil-device: no socket within 10 s; log:\n{}", dev.log());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        dev
+    }
+
+    /// The socket to connect the driver to.
+    pub fn socket(&self) -> &Path {
+        &self.sock
+    }
+
+    /// The device's stderr so far, and every stdout line.
+    pub fn log(&self) -> String {
+        let mut s = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let (m, _) = &*self.lines;
+        let l = m.lock().unwrap_or_else(|e| e.into_inner());
+        s.push_str("--- stdout ---\n");
+        for line in &l.all {
+            s.push_str(line);
+            s.push('\n');
+        }
+        s
+    }
+
+    /// Waits (max `timeout`) for the next stdout line starting with `prefix` (skipping
+    /// others); `None` on timeout or when the device has closed stdout.
+    pub fn wait_line(&self, prefix: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let (m, cv) = &*self.lines;
+        let mut l = m.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            while let Some(line) = l.unread.pop_front() {
+                if line.starts_with(prefix) {
+                    return Some(line);
+                }
+            }
+            let now = Instant::now();
+            if l.closed || now >= deadline {
+                return None;
+            }
+            l = cv.wait_timeout(l, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Sends a command and waits (max 5 s) for its reply line starting with `reply`.
+    pub fn request(&mut self, cmd: &str, reply: &str) -> String {
+        let stdin = self.stdin.as_mut().expect("evil-device stdin");
+        writeln!(stdin, "{cmd}")
+            .and_then(|_| stdin.flush())
+            .unwrap_or_else(|e| panic!("evil-device {cmd}: {e}"));
+        self.wait_line(reply, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("evil-device: no reply to {cmd:?}; log:\n{}", self.log()))
+    }
+
+    /// What the driver itself writes into queue `q`'s memory right now (see the module
+    /// documentation); equal snapshots mean the driver did not touch the queue.
+    pub fn snapshot(&mut self, q: u16) -> String {
+        self.request(&format!("snap {q}"), "SNAP")
+    }
+
+    /// Frames the device has reflected faithfully.
+    pub fn frames(&mut self) -> u64 {
+        let line = self.request("stats", "STATS");
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("frames="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("evil-device: bad stats line {line:?}"))
+    }
+
+    /// Waits (max `timeout`) for the report of the bad entry: the queue and the error the
+    /// driver must report.
+    pub fn wait_report(&self, timeout: Duration) -> (u16, DeviceError) {
+        let line = self.wait_line("BAD", timeout).unwrap_or_else(|| {
+            panic!("evil-device wrote no bad entry within {timeout:?}; log:\n{}", self.log())
+        });
+        parse_report(&line).unwrap_or_else(|| panic!("evil-device: unparsable report {line:?}"))
+    }
+
+    /// Whether the device process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for EvilDevice {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        if matches!(self.child.try_wait(), Ok(None)) {
+            harness::signal(self.child.id(), libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_round_trip() {
+        assert_eq!(Mode::parse("good").unwrap(), Mode::GOOD);
+        for fault in Fault::ALL {
+            for queue in [RX_QUEUE, TX_QUEUE] {
+                let m = Mode { fault: Some(fault), queue };
+                assert_eq!(Mode::parse(&m.name()).unwrap(), m);
+            }
+        }
+        assert!(Mode::parse("nice").is_err());
+        assert!(Mode::parse("idx-jump-rx").is_err());
+    }
+
+    #[test]
+    fn reports_round_trip() {
+        for e in [
+            DeviceError::UsedIdOutOfRange { id: 256 },
+            DeviceError::UsedIdNotInFlight { id: 3 },
+            DeviceError::UsedLenTooLarge { len: 1997, posted: 1996 },
+            DeviceError::UsedIdxJump { moved: 257, in_flight: 256 },
+        ] {
+            for q in [0, 1] {
+                assert_eq!(parse_report(&format_report(q, &e)), Some((q, e)));
+            }
+        }
+        assert_eq!(parse_report("SNAP q=0 none"), None);
+    }
+}

@@ -1,0 +1,469 @@
+//! The driver treats the device as hostile (DESIGN.md, "Trust": used ids and lengths
+//! are checked).
+//!
+//! Every test starts an `evil-device` process (`vnet_tests::evildevice`), opens a
+//! `driver::Port` on it in virtio-user mode, reflects a few frames faithfully, then makes
+//! the device write one bad used entry (one variant per test, on the receive or the
+//! transmit queue) and proves that:
+//!
+//! * the driver does not panic, and the queue reports exactly the matching
+//!   `DeviceError` (the one the device says it provoked, itself checked against what the
+//!   driver posted), while the other queue of the pair is unaffected;
+//! * `port.stats()` counts exactly one device error;
+//! * no packet is delivered and no buffer is freed on the strength of the bad entry
+//!   (exact packet counters, no device-written poison in any received packet, and the
+//!   pool's free count plus the buffers in flight plus the packets the test holds add up
+//!   to the pool's capacity at every step);
+//! * further bursts on the stopped queue return 0 and do not touch its ring (the device
+//!   hashes the descriptor table and avail ring before and after);
+//! * after `port.close`, every buffer is back exactly once: the pool is full, never
+//!   over-full, and allocating all of it yields distinct buffers.
+//!
+//! A `good` test shows the evil device is a faithful device when told to be: hundreds
+//! of frames reflected byte-for-byte with exact counters.
+
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use driver::layout::{features, NET_HDR_LEN};
+use driver::{DeviceError, Mempool, Packet, Port, PortConfig, QueuePair};
+use vnet_tests::evildevice::{
+    EvilDevice, Fault, Mode, DEVICE_MAC, DEVICE_MTU, POISON, RX_QUEUE, TRIGGER_FRAMES, TX_QUEUE,
+};
+use vnet_tests::harness;
+
+/// The device binary (cargo builds a package's binaries for its integration tests).
+const BIN: &str = env!("CARGO_BIN_EXE_evil-device");
+/// Frames reflected faithfully before the device misbehaves.
+const GOOD_FRAMES: u32 = 3;
+/// Bound on every wait for the device or the data path.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bursts on a stopped queue that must all return 0 without touching its ring.
+const DEAD_BURSTS: usize = 100;
+/// Frame sizes the faithful device reflects.
+const SIZES: [usize; 8] = [60, 64, 65, 128, 333, 512, 1000, 1514];
+
+/// An Ethernet frame of `len` bytes with locally administered MACs, the local
+/// experimental EtherType and a payload that depends on `seed`.
+fn frame(len: usize, seed: u32) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[..6].copy_from_slice(&DEVICE_MAC);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+    f[12..14].copy_from_slice(&[0x88, 0xb5]);
+    f[14..18].copy_from_slice(&seed.to_be_bytes());
+    for (i, b) in f.iter_mut().enumerate().skip(18) {
+        *b = (i as u32).wrapping_mul(7).wrapping_add(seed.wrapping_mul(13)) as u8;
+    }
+    f
+}
+
+fn contains_poison(data: &[u8]) -> bool {
+    data.windows(POISON.len()).any(|w| w == POISON)
+}
+
+struct Setup {
+    dev: EvilDevice,
+    cfg: PortConfig,
+    port: Port,
+    qp: QueuePair,
+    /// A handle that outlives the port, to check every buffer comes back.
+    pool: Mempool,
+}
+
+fn open(mode: Mode) -> Setup {
+    let dev = EvilDevice::spawn(Path::new(BIN), mode, GOOD_FRAMES);
+    let cfg = PortConfig::virtio_user(dev.socket());
+    let mut port = Port::open(cfg.clone())
+        .unwrap_or_else(|e| panic!("Port::open on the {} device: {e}; log:\n{}", mode.name(), dev.log()));
+    let info = port.info().clone();
+    assert_eq!(info.mac, DEVICE_MAC, "MAC from the device's config space");
+    assert_eq!(info.mtu, DEVICE_MTU, "MTU from the device's config space");
+    assert!(info.link_up, "status from the device's config space says link up");
+    assert_eq!(info.ring_size, cfg.ring_size);
+    let want = features::bit(features::VERSION_1)
+        | features::bit(features::NET_MAC)
+        | features::bit(features::NET_STATUS)
+        | features::bit(features::NET_MTU);
+    assert_eq!(info.features, want, "negotiated {:#x}", info.features);
+    let qp = port.queue_pair(0).expect("queue pair 0");
+    let pool = port.pool().clone();
+    Setup { dev, cfg, port, qp, pool }
+}
+
+impl Setup {
+    /// Pool accounting: free buffers + receive and transmit buffers in flight + packets
+    /// the test holds = capacity (nothing lost, nothing freed twice).
+    fn check_pool(&self, held: usize, what: &str) {
+        let avail = self.pool.available();
+        let cap = self.pool.capacity();
+        assert!(avail <= cap, "{what}: {avail} free buffers in a pool of {cap}");
+        let rx = self.qp.rx.in_flight() as usize;
+        let tx = self.qp.tx.in_flight() as usize;
+        assert_eq!(
+            avail as usize + rx + tx + held,
+            cap as usize,
+            "{what}: {avail} free + {rx} rx in flight + {tx} tx in flight + {held} held != {cap}"
+        );
+    }
+
+    fn packet(&self, bytes: &[u8]) -> Packet {
+        let mut p = self.pool.alloc().expect("the pool has a free buffer");
+        p.set_data(bytes).expect("frame fits a buffer");
+        p
+    }
+
+    /// Sends `f` and waits for it to come back.
+    fn round_trip(&mut self, f: &[u8]) {
+        let mut v = vec![self.packet(f)];
+        assert_eq!(self.qp.tx.tx_burst(&mut v), 1, "ring has room for one frame");
+        let mut rx = Vec::with_capacity(32);
+        let deadline = Instant::now() + IO_TIMEOUT;
+        while rx.is_empty() {
+            self.qp.rx.rx_burst(&mut rx, 32);
+            if Instant::now() > deadline {
+                panic!(
+                    "no reflected frame within {IO_TIMEOUT:?} (rx error {:?}, tx error {:?}); log:\n{}",
+                    self.qp.rx.error(),
+                    self.qp.tx.error(),
+                    self.dev.log()
+                );
+            }
+            thread::yield_now();
+        }
+        assert_eq!(rx.len(), 1, "one frame sent, one back");
+        assert_eq!(rx[0].data(), f, "reflected byte-for-byte");
+    }
+
+    /// Closes the port and proves every buffer came back exactly once.
+    fn close_and_check_buffers(self) {
+        let Setup { mut dev, port, qp, pool, .. } = self;
+        port.close(vec![qp]).unwrap_or_else(|e| panic!("close: {e}; log:\n{}", dev.log()));
+        let cap = pool.capacity();
+        assert_eq!(pool.available(), cap, "after close every buffer is back, once");
+        let mut all = Vec::with_capacity(cap as usize + 1);
+        assert_eq!(pool.alloc_bulk(cap as usize + 1, &mut all), cap as usize);
+        assert!(pool.alloc().is_none(), "the pool holds exactly its capacity");
+        let mut ptrs: Vec<usize> = all.iter().map(|p| p.data().as_ptr() as usize).collect();
+        ptrs.sort_unstable();
+        ptrs.dedup();
+        assert_eq!(ptrs.len(), cap as usize, "no buffer handed out twice");
+        let spacing = ptrs.windows(2).map(|w| w[1] - w[0]).min().unwrap_or(usize::MAX);
+        assert!(spacing >= pool.buf_size() as usize, "buffers overlap: {spacing} bytes apart");
+        drop(all);
+        assert_eq!(pool.available(), cap);
+        // Closing the port closed the connection: the device saw it go.
+        assert!(
+            dev.wait_line("DISCONNECTED", IO_TIMEOUT).is_some(),
+            "the device did not see the front-end disconnect; log:\n{}",
+            dev.log()
+        );
+        let deadline = Instant::now() + IO_TIMEOUT;
+        while dev.is_running() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The error the device provoked must be the one its mode promises, with values the
+/// test derives from what the driver posted (not only from the device's word).
+fn check_report(s: &Setup, mode: Mode, trigger: &[Vec<u8>], e: DeviceError) {
+    let size = s.cfg.ring_size;
+    let rx_posted = s.cfg.buf_size - s.cfg.headroom as u32 - s.cfg.tailroom as u32 + NET_HDR_LEN as u32;
+    let tx_posted = (trigger[0].len() + NET_HDR_LEN) as u32;
+    let fault = mode.fault.expect("a bad mode");
+    let ok = match (fault, mode.queue, e) {
+        (Fault::IdOutOfRange, _, DeviceError::UsedIdOutOfRange { id }) => id == size as u32,
+        // Receive: a double completion of a posted descriptor.
+        (Fault::IdNotInFlight | Fault::IdTwice, RX_QUEUE, DeviceError::UsedIdNotInFlight { id }) => {
+            id < size as u32
+        }
+        // Transmit: the highest id, never posted (the driver hands out low ids first and
+        // this test never has more than a few frames in flight).
+        (Fault::IdNotInFlight, TX_QUEUE, DeviceError::UsedIdNotInFlight { id }) => id == size as u32 - 1,
+        (Fault::IdTwice, TX_QUEUE, DeviceError::UsedIdNotInFlight { id }) => id < TRIGGER_FRAMES as u32 + 1,
+        (Fault::LenTooLarge, RX_QUEUE, DeviceError::UsedLenTooLarge { len, posted }) => {
+            posted == rx_posted && len == posted + 1
+        }
+        (Fault::LenTooLarge, TX_QUEUE, DeviceError::UsedLenTooLarge { len, posted }) => {
+            posted == tx_posted && len == posted + 1
+        }
+        // Receive: the ring is full; transmit: only the trigger frames are in flight.
+        (Fault::IdxJump, RX_QUEUE, DeviceError::UsedIdxJump { moved, in_flight }) => {
+            in_flight == size && moved == size + 1
+        }
+        (Fault::IdxJump, TX_QUEUE, DeviceError::UsedIdxJump { moved, in_flight }) => {
+            in_flight == TRIGGER_FRAMES as u16 && moved == in_flight + 1
+        }
+        _ => false,
+    };
+    assert!(ok, "mode {} produced the unexpected report {e:?}", mode.name());
+}
+
+fn bad_device(mode: Mode) {
+    let _serial = harness::serial();
+    let fault = mode.fault.expect("a bad mode");
+    let mut s = open(mode);
+    let size = s.cfg.ring_size;
+    s.check_pool(0, "after open");
+
+    // A faithful start.
+    for i in 0..GOOD_FRAMES {
+        s.round_trip(&frame(SIZES[i as usize % SIZES.len()], i));
+        s.check_pool(0, "after a good round trip");
+    }
+    assert_eq!(s.dev.frames(), GOOD_FRAMES as u64);
+
+    // The trigger: TRIGGER_FRAMES frames in one burst.
+    let trigger: Vec<Vec<u8>> = (0..TRIGGER_FRAMES).map(|k| frame(100 + k, 1000 + k as u32)).collect();
+    let mut v: Vec<Packet> = trigger.iter().map(|b| s.packet(b)).collect();
+    assert_eq!(s.qp.tx.tx_burst(&mut v), TRIGGER_FRAMES);
+    let (queue, expected) = s.dev.wait_report(IO_TIMEOUT);
+    assert_eq!(queue, mode.queue, "the device broke the queue its mode names");
+    check_report(&s, mode, &trigger, expected);
+
+    // Drive both halves until the bad queue stops (and, when the receive queue is the
+    // bad one, the transmit queue has everything back).
+    let mut got: Vec<Packet> = Vec::with_capacity(64);
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        s.qp.rx.rx_burst(&mut got, 32);
+        s.qp.tx.reclaim();
+        s.check_pool(got.len(), "while the device misbehaves");
+        let stopped = match mode.queue {
+            RX_QUEUE => s.qp.rx.error().is_some() && s.qp.tx.in_flight() == 0,
+            _ => s.qp.tx.error().is_some(),
+        };
+        if stopped {
+            break;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "mode {}: the driver did not stop the queue within {IO_TIMEOUT:?}: rx error {:?}, tx error {:?}, \
+                 tx in flight {}; log:\n{}",
+                mode.name(),
+                s.qp.rx.error(),
+                s.qp.tx.error(),
+                s.qp.tx.in_flight(),
+                s.dev.log()
+            );
+        }
+        thread::yield_now();
+    }
+
+    // Exactly the matching error, on exactly the bad queue.
+    let (bad_err, other_err) = match mode.queue {
+        RX_QUEUE => (s.qp.rx.error(), s.qp.tx.error()),
+        _ => (s.qp.tx.error(), s.qp.rx.error()),
+    };
+    assert_eq!(bad_err, Some(expected), "mode {}", mode.name());
+    assert_eq!(other_err, None, "mode {}: the other queue of the pair is unaffected", mode.name());
+    let st = s.port.stats();
+    assert_eq!(st.len(), 1);
+    assert_eq!(st[0].device_errors, 1, "one device error counted: {:?}", st[0]);
+
+    // Nothing delivered from the bad entry. Only the receive double completion carries a
+    // legitimate first completion: the first trigger frame, reflected correctly.
+    let legit_first = mode.queue == RX_QUEUE && matches!(fault, Fault::IdNotInFlight | Fault::IdTwice);
+    let want_after: Vec<&[u8]> = if legit_first { vec![&trigger[0][..]] } else { vec![] };
+    let got_after: Vec<&[u8]> = got.iter().map(|p| p.data()).collect();
+    assert_eq!(got_after, want_after, "mode {}: packets delivered after the trigger", mode.name());
+    assert!(got.iter().all(|p| !contains_poison(p.data())), "a packet carries device poison");
+    let rx_packets = GOOD_FRAMES as u64 + want_after.len() as u64;
+    assert_eq!(st[0].rx_packets, rx_packets, "{:?}", st[0]);
+    let rx_bytes: u64 = (0..GOOD_FRAMES).map(|i| SIZES[i as usize % SIZES.len()] as u64).sum::<u64>()
+        + want_after.iter().map(|d| d.len() as u64).sum::<u64>();
+    assert_eq!(st[0].rx_bytes, rx_bytes, "{:?}", st[0]);
+    assert_eq!(st[0].rx_errors, 0, "{:?}", st[0]);
+    assert_eq!(st[0].tx_packets, GOOD_FRAMES as u64 + TRIGGER_FRAMES as u64, "{:?}", st[0]);
+
+    // What is still in flight: nothing was taken back on the strength of the bad entry.
+    let (rx_in_flight, tx_in_flight) = match (mode.queue, fault) {
+        (RX_QUEUE, Fault::IdNotInFlight | Fault::IdTwice) => (size - 1, 0),
+        (RX_QUEUE, _) => (size, 0),
+        (_, Fault::IdTwice) => (size, TRIGGER_FRAMES as u16 - 1),
+        (_, _) => (size, TRIGGER_FRAMES as u16),
+    };
+    assert_eq!(s.qp.rx.in_flight(), rx_in_flight, "mode {}: receive buffers in flight", mode.name());
+    assert_eq!(s.qp.tx.in_flight(), tx_in_flight, "mode {}: transmit buffers in flight", mode.name());
+    s.check_pool(got.len(), "after the queue stopped");
+
+    // The stopped queue stays stopped and does not touch its ring.
+    let before = s.dev.snapshot(mode.queue);
+    assert!(!before.ends_with("none"), "the device cannot see queue {}: {before}", mode.queue);
+    for _ in 0..DEAD_BURSTS {
+        if mode.queue == RX_QUEUE {
+            assert_eq!(s.qp.rx.rx_burst(&mut got, 32), 0, "a stopped receive queue delivers nothing");
+        } else {
+            let mut pkts: Vec<Packet> = (0..4).map(|i| s.packet(&frame(64, 2000 + i))).collect();
+            assert_eq!(s.qp.tx.tx_burst(&mut pkts), 0, "a stopped transmit queue takes nothing");
+            assert_eq!(pkts.len(), 4, "the packets stay with the caller");
+            assert_eq!(s.qp.tx.reclaim(), 0);
+            drop(pkts);
+        }
+        s.check_pool(got.len(), "bursting on the stopped queue");
+    }
+    let after = s.dev.snapshot(mode.queue);
+    assert_eq!(before, after, "mode {}: the driver touched the stopped queue's ring", mode.name());
+    assert_eq!(bad_err, if mode.queue == RX_QUEUE { s.qp.rx.error() } else { s.qp.tx.error() });
+    let st2 = s.port.stats();
+    assert_eq!(st2[0].device_errors, 1, "the stop is counted once: {:?}", st2[0]);
+    assert_eq!(st2[0].rx_packets, rx_packets);
+    assert_eq!(st2[0].tx_packets, st[0].tx_packets);
+
+    drop(got);
+    s.check_pool(0, "after dropping the received packets");
+    s.close_and_check_buffers();
+}
+
+fn rx(fault: Fault) -> Mode {
+    Mode { fault: Some(fault), queue: RX_QUEUE }
+}
+
+fn tx(fault: Fault) -> Mode {
+    Mode { fault: Some(fault), queue: TX_QUEUE }
+}
+
+#[test]
+fn rx_used_id_out_of_range() {
+    bad_device(rx(Fault::IdOutOfRange));
+}
+
+#[test]
+fn rx_used_id_not_in_flight() {
+    bad_device(rx(Fault::IdNotInFlight));
+}
+
+#[test]
+fn rx_used_id_twice() {
+    bad_device(rx(Fault::IdTwice));
+}
+
+#[test]
+fn rx_used_len_too_large() {
+    bad_device(rx(Fault::LenTooLarge));
+}
+
+#[test]
+fn rx_used_idx_jump() {
+    bad_device(rx(Fault::IdxJump));
+}
+
+#[test]
+fn tx_used_id_out_of_range() {
+    bad_device(tx(Fault::IdOutOfRange));
+}
+
+#[test]
+fn tx_used_id_never_posted() {
+    bad_device(tx(Fault::IdNotInFlight));
+}
+
+#[test]
+fn tx_used_id_twice() {
+    bad_device(tx(Fault::IdTwice));
+}
+
+#[test]
+fn tx_used_len_too_large() {
+    bad_device(tx(Fault::LenTooLarge));
+}
+
+#[test]
+fn tx_used_idx_jump() {
+    bad_device(tx(Fault::IdxJump));
+}
+
+/// The evil device in `good` mode is a faithful device: every frame comes back
+/// byte-for-byte, in order, with exact counters on both sides, across many ring wraps.
+#[test]
+fn good_device_reflects_faithfully() {
+    const FRAMES: usize = 1000;
+    let _serial = harness::serial();
+    let mut s = open(Mode::GOOD);
+    s.check_pool(0, "after open");
+    let frames: Vec<Vec<u8>> = (0..FRAMES).map(|i| frame(SIZES[i % SIZES.len()], i as u32)).collect();
+
+    let mut pending: Vec<Packet> = Vec::with_capacity(32);
+    let mut rx: Vec<Packet> = Vec::with_capacity(64);
+    let (mut next, mut received) = (0usize, 0usize);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while received < FRAMES {
+        while pending.len() < 32 && next < FRAMES {
+            pending.push(s.packet(&frames[next]));
+            next += 1;
+        }
+        s.qp.tx.tx_burst(&mut pending);
+        s.qp.rx.rx_burst(&mut rx, 64);
+        s.check_pool(pending.len() + rx.len(), "while reflecting");
+        for p in rx.drain(..) {
+            assert!(received < FRAMES, "more frames back than sent");
+            assert_eq!(p.data(), &frames[received][..], "frame {received} reflected byte-for-byte");
+            received += 1;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{received} of {FRAMES} frames back after 30 s; stats {:?}; log:\n{}",
+                s.port.stats(),
+                s.dev.log()
+            );
+        }
+        thread::yield_now();
+    }
+    // Transmit buffers all come back too.
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while s.qp.tx.in_flight() > 0 && Instant::now() < deadline {
+        s.qp.tx.reclaim();
+        thread::yield_now();
+    }
+    assert_eq!(s.qp.tx.in_flight(), 0, "every transmit buffer completed");
+    // Nothing more arrives.
+    thread::sleep(Duration::from_millis(50));
+    assert_eq!(s.qp.rx.rx_burst(&mut rx, 64), 0, "no extra frames");
+
+    let bytes: u64 = frames.iter().map(|f| f.len() as u64).sum();
+    let st = s.port.stats();
+    assert_eq!(st[0].tx_packets, FRAMES as u64, "{:?}", st[0]);
+    assert_eq!(st[0].tx_bytes, bytes, "{:?}", st[0]);
+    assert_eq!(st[0].rx_packets, FRAMES as u64, "{:?}", st[0]);
+    assert_eq!(st[0].rx_bytes, bytes, "{:?}", st[0]);
+    assert_eq!(st[0].rx_errors, 0, "{:?}", st[0]);
+    assert_eq!(st[0].device_errors, 0, "{:?}", st[0]);
+    assert_eq!(s.qp.rx.error(), None);
+    assert_eq!(s.qp.tx.error(), None);
+    assert_eq!(s.dev.frames(), FRAMES as u64, "the device reflected every frame once");
+    assert_eq!(s.qp.rx.in_flight(), s.cfg.ring_size, "the receive ring is kept full");
+    s.check_pool(0, "after reflecting");
+    s.close_and_check_buffers();
+}
+
+/// A receive buffer's posted length must never exceed the buffer: a tailroom larger than
+/// the buffer is a configuration error (it used to wrap `buf_size - headroom - tailroom`
+/// and post ~4 GiB receive descriptors, letting used lengths run past the buffer).
+#[test]
+fn tailroom_larger_than_the_buffer_is_refused() {
+    let _serial = harness::serial();
+    let dev = EvilDevice::spawn(Path::new(BIN), Mode::GOOD, GOOD_FRAMES);
+    let mut cfg = PortConfig::virtio_user(dev.socket());
+    cfg.tailroom = (cfg.buf_size - cfg.headroom as u32 + 52) as u16;
+    let (buf_size, headroom, tailroom) = (cfg.buf_size, cfg.headroom, cfg.tailroom);
+    match Port::open(cfg) {
+        Err(driver::Error::Config(_)) => {}
+        Err(e) => panic!("expected a configuration error, got {e}"),
+        Ok(mut port) => {
+            // Let the device look at a receive descriptor: it refuses the length.
+            let mut qp = port.queue_pair(0).expect("queue pair 0");
+            let mut p = port.pool().alloc().expect("a buffer");
+            p.set_data(&frame(60, 0)).expect("fits");
+            let mut v = vec![p];
+            qp.tx.tx_burst(&mut v);
+            let seen = dev.wait_line("BROKEN", IO_TIMEOUT);
+            drop(qp);
+            drop(port);
+            panic!(
+                "Port::open accepted tailroom {tailroom} with {buf_size}-byte buffers and {headroom} headroom; \
+                 the device saw: {seen:?}"
+            );
+        }
+    }
+}
