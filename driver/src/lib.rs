@@ -52,6 +52,6 @@ pub mod ring;
 pub mod transport;
 
 pub use error::{DeviceError, Error, Result};
-pub use mempool::{Mempool, Packet};
+pub use mempool::{free_bulk, Mempool, Packet};
 pub use port::{Port, PortConfig, PortInfo, TransportConfig};
 pub use queue::{QueuePair, QueueStatsSnapshot, RxQueue, TxQueue};

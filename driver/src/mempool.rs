@@ -201,6 +201,33 @@ impl Mempool {
     }
 }
 
+/// Drops every packet in `pkts`, returning each run of packets from the same pool under
+/// one lock (dropping them one by one takes the pool lock per packet).
+pub fn free_bulk(pkts: &mut Vec<Packet>) {
+    const RUN: usize = 64;
+    let mut idx = [0u32; RUN];
+    let mut n = 0;
+    let mut pool: Option<NonNull<PoolInner>> = None;
+    for p in pkts.drain(..) {
+        if pool != Some(p.pool) || n == RUN {
+            if let Some(pl) = pool {
+                // SAFETY: the indices in `idx` are outstanding buffers of `pl`, which
+                // keeps it alive until they are back.
+                unsafe { PoolInner::put(pl, &idx[..n]) };
+            }
+            pool = Some(p.pool);
+            n = 0;
+        }
+        idx[n] = p.idx;
+        n += 1;
+        std::mem::forget(p);
+    }
+    if let Some(pl) = pool {
+        // SAFETY: as above.
+        unsafe { PoolInner::put(pl, &idx[..n]) };
+    }
+}
+
 impl PoolInner {
     #[inline]
     fn buf_ptr(&self, idx: u32) -> *mut u8 {
@@ -449,6 +476,19 @@ mod tests {
         assert_eq!(p.available(), 54);
         drop(held);
         assert_eq!(p.available(), 64);
+    }
+
+    #[test]
+    fn free_bulk_returns_packets_to_their_own_pools() {
+        let (a, b) = (pool(40), pool(40));
+        let mut v = Vec::with_capacity(100);
+        a.alloc_bulk(30, &mut v);
+        b.alloc_bulk(5, &mut v);
+        a.alloc_bulk(10, &mut v);
+        assert_eq!((a.available(), b.available()), (0, 35));
+        free_bulk(&mut v);
+        assert!(v.is_empty());
+        assert_eq!((a.available(), b.available()), (40, 40));
     }
 
     #[test]

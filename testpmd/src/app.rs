@@ -406,7 +406,7 @@ impl App {
             let mut got = 0;
             for s in self.streams.iter_mut() {
                 got += s.rxq.rx_burst(&mut batch, 64);
-                batch.clear();
+                driver::free_bulk(&mut batch);
             }
             if got > 0 {
                 n += got as u64;

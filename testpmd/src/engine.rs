@@ -142,7 +142,7 @@ impl EngineState {
         };
         match mode {
             FwdMode::RxOnly => {
-                self.batch.clear();
+                driver::free_bulk(&mut self.batch);
                 bump(&s.stats.rx_packets, received as u64);
                 return received;
             }
@@ -175,7 +175,7 @@ impl EngineState {
         }
         let sent = s.txq.tx_burst(&mut self.batch);
         let dropped = self.batch.len();
-        self.batch.clear(); // frees what did not fit
+        driver::free_bulk(&mut self.batch); // frees what did not fit
         bump(&s.stats.rx_packets, received as u64);
         bump(&s.stats.rx_dropped, rx_dropped);
         bump(&s.stats.tx_packets, sent as u64);
@@ -190,7 +190,7 @@ impl EngineState {
             let sent = s.txq.tx_burst(&mut self.batch);
             bump(&s.stats.tx_packets, sent as u64);
             bump(&s.stats.tx_dropped, self.batch.len() as u64);
-            self.batch.clear();
+            driver::free_bulk(&mut self.batch);
         }
     }
 }
