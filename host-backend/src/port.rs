@@ -153,14 +153,19 @@ impl Path {
         self.src.iter().chain(self.dst.iter()).any(|s| s.active.is_some())
     }
 
-    /// Raw kick eventfds of the active rings (for the worker's epoll set).
-    pub fn kick_fds(&self, out: &mut Vec<i32>) {
+    /// Raw kick eventfds of the active rings (for the worker's epoll set). Returns
+    /// `false` if an active ring has no kick fd (a front-end in polling mode, vhost-user's
+    /// "no fd" flag): then the worker must never sleep.
+    pub fn kick_fds(&self, out: &mut Vec<i32>) -> bool {
         use std::os::fd::AsRawFd;
-        for s in self.src.iter().chain(self.dst.iter()) {
-            if let Some(k) = s.active.as_ref().and_then(|a| a.kick.as_ref()) {
-                out.push(k.as_raw_fd());
+        let mut all = true;
+        for a in self.src.iter().chain(self.dst.iter()).filter_map(|s| s.active.as_ref()) {
+            match &a.kick {
+                Some(k) => out.push(k.as_raw_fd()),
+                None => all = false,
             }
         }
+        all
     }
 
     /// Enables or suppresses kicks on every active ring; when enabling, returns whether

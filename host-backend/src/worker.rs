@@ -135,6 +135,7 @@ impl Worker {
         let mut seen = 0;
         let mut epoll = None;
         let mut kick_fds: Vec<i32> = Vec::new();
+        let mut can_sleep = true;
         let mut idle_since: Option<Instant> = None;
         let mut idle_loops: u32 = 0;
         loop {
@@ -151,8 +152,9 @@ impl Worker {
                     p.attach();
                 }
                 kick_fds.clear();
+                can_sleep = true;
                 for p in &self.paths {
-                    p.kick_fds(&mut kick_fds);
+                    can_sleep &= p.kick_fds(&mut kick_fds);
                 }
                 epoll = self.build_epoll(&kick_fds);
                 seen = g;
@@ -170,8 +172,8 @@ impl Worker {
             }
             let any_active = self.paths.iter().any(|p| p.any_active());
             if any_active {
-                if self.poll.is_zero() {
-                    continue; // --poll-us 0: never sleep
+                if self.poll.is_zero() || !can_sleep {
+                    continue; // --poll-us 0, or a ring without a kick fd: never sleep
                 }
                 idle_loops = idle_loops.wrapping_add(1);
                 if idle_loops % 128 != 0 {
