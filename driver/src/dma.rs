@@ -146,21 +146,17 @@ impl DmaArena {
         }
     }
 
+    /// Bytes handed out so far (0 until the first allocation: the time to install an
+    /// IOVA map).
+    pub fn allocated(&self) -> usize {
+        *self.next.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Takes `len` zeroed bytes aligned to `align` (a power of two) from the arena,
     /// contiguous for the device (never across a physically addressed page).
     pub fn alloc(&self, len: usize, align: usize) -> Result<(*mut u8, u64)> {
         let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        let mut start = next.div_ceil(align) * align;
-        if let Some(chunk) = self.contiguous_chunk() {
-            if len > chunk {
-                return Err(crate::Error::Config(format!(
-                    "a {len}-byte DMA allocation cannot be contiguous in {chunk}-byte pages"
-                )));
-            }
-            if start / chunk != (start + len - 1) / chunk {
-                start = (start / chunk + 1) * chunk;
-            }
-        }
+        let start = place(*next, len, align, self.contiguous_chunk())?;
         let end = start
             .checked_add(len)
             .filter(|&e| e <= self.len)
@@ -184,6 +180,54 @@ impl DmaArena {
             IovaMap::Linear(base) => base + off,
             IovaMap::Pages { shift, pa } => pa[(off >> shift) as usize] + (off & ((1u64 << shift) - 1)),
         }
+    }
+}
+
+/// Where the bump allocator puts `len` bytes aligned to `align` when the next free
+/// offset is `next`: aligned, and moved to the next `chunk` boundary rather than
+/// straddle one (physically addressed pages).
+fn place(next: usize, len: usize, align: usize, chunk: Option<usize>) -> Result<usize> {
+    let mut start = next.div_ceil(align) * align;
+    if let Some(chunk) = chunk {
+        if len > chunk {
+            return Err(Error::Config(format!(
+                "a {len}-byte DMA allocation cannot be contiguous in {chunk}-byte pages"
+            )));
+        }
+        if len > 0 && start / chunk != (start + len - 1) / chunk {
+            start = (start / chunk + 1) * chunk;
+        }
+    }
+    Ok(start)
+}
+
+/// A dry run of an arena's allocator: sizes an arena before it exists, for the same
+/// sequence of allocations (and the same page rule) the real one will see.
+#[derive(Debug, Clone)]
+pub struct ArenaPlan {
+    next: usize,
+    chunk: Option<usize>,
+}
+
+impl ArenaPlan {
+    /// A plan for an arena whose device-contiguous chunk is `chunk` (None: contiguous as
+    /// a whole; `Some(2 MiB)`: physically addressed hugepages).
+    pub fn new(chunk: Option<usize>) -> ArenaPlan {
+        ArenaPlan { next: 0, chunk }
+    }
+    /// Reserves `len` bytes at `align`, as [`DmaArena::alloc`] would; returns the offset.
+    pub fn alloc(&mut self, len: usize, align: usize) -> Result<usize> {
+        let start = place(self.next, len, align, self.chunk)?;
+        self.next = start + len;
+        Ok(start)
+    }
+    /// The device-contiguous chunk the plan respects.
+    pub fn chunk(&self) -> Option<usize> {
+        self.chunk
+    }
+    /// Bytes the planned allocations need.
+    pub fn size(&self) -> usize {
+        self.next
     }
 }
 
@@ -224,5 +268,22 @@ mod tests {
         // SAFETY: pointer arithmetic inside the allocation just made.
         assert_eq!(a.iova(unsafe { p2.add(100) }), 0x3000 + 100);
         assert!(a.alloc(5000, 64).is_err(), "larger than a page");
+    }
+
+    #[test]
+    fn plans_match_the_allocator() {
+        let seq = [(3000usize, 64usize), (3000, 64), (100, 4096), (4000, 16), (10, 2)];
+        for chunk in [None, Some(4096usize)] {
+            let mut a = DmaArena::new(8 * 4096, false).unwrap();
+            if chunk.is_some() {
+                a.set_iova_map(IovaMap::Pages { shift: 12, pa: (0..8).map(|i| i * 0x1000).collect() });
+            }
+            let mut plan = ArenaPlan::new(chunk);
+            for (len, align) in seq {
+                let (p, _) = a.alloc(len, align).unwrap();
+                assert_eq!(plan.alloc(len, align).unwrap(), p as usize - a.va() as usize);
+            }
+            assert_eq!(plan.size(), a.allocated());
+        }
     }
 }

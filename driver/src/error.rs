@@ -86,6 +86,48 @@ pub enum Error {
         /// What the back-end or the socket said.
         reason: String,
     },
+    /// The PCI device is not bound to `vfio-pci` (or to no driver at all).
+    #[error(
+        "PCI device {bdf} is {}, not to vfio-pci: bind it first \
+         (echo vfio-pci > /sys/bus/pci/devices/{bdf}/driver_override; \
+         echo {bdf} > /sys/bus/pci/drivers/vfio-pci/bind, after unbinding it from its driver)",
+        match driver { Some(d) => format!("bound to {d}"), None => "bound to no driver".to_string() }
+    )]
+    NotBoundToVfio {
+        /// The PCI address.
+        bdf: String,
+        /// The driver it is bound to, if any.
+        driver: Option<String>,
+    },
+    /// The device's IOMMU group holds devices not bound to `vfio-pci`.
+    #[error(
+        "VFIO group {group} of {bdf} is not viable: every device in \
+         /sys/kernel/iommu_groups/{group}/devices must be bound to vfio-pci or to no driver"
+    )]
+    GroupNotViable {
+        /// The PCI address.
+        bdf: String,
+        /// The IOMMU group number.
+        group: u32,
+    },
+    /// A VFIO operation failed (names the operation and the reason, with a hint for the
+    /// usual mistakes).
+    #[error("VFIO {op}: {reason}")]
+    Vfio {
+        /// What was being done (an ioctl, a file, a step).
+        op: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The PCI device is not a usable modern virtio-net device, or broke the virtio-PCI
+    /// protocol during setup.
+    #[error("virtio-pci {bdf}: {reason}")]
+    VirtioPci {
+        /// The PCI address.
+        bdf: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// The device misbehaved.
     #[error("device error: {0}")]
     Device(#[from] DeviceError),

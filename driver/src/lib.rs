@@ -1,7 +1,8 @@
 //! A userspace virtio-net poll-mode driver.
 //!
-//! A [`Port`] is one virtio-net device reached through a transport (today virtio-user:
-//! the driver is the vhost-user front-end of a back-end's unix socket). It hands out
+//! A [`Port`] is one virtio-net device reached through a transport: virtio-user (the
+//! driver is the vhost-user front-end of a back-end's unix socket) or VFIO-PCI (a
+//! virtio-net PCI device bound to `vfio-pci`, see [`PortConfig::vfio_pci`]). It hands out
 //! [`QueuePair`]s whose halves ([`RxQueue`], [`TxQueue`]) move packets in bursts, each
 //! usable from its own thread without locks. Packets are [`Packet`]s: owned buffers from
 //! a [`Mempool`] with XDP-style headroom and tailroom, returned to their pool on drop.
@@ -39,7 +40,8 @@
 //!
 //! Modules: [`layout`] (ring layout shared with the host backend), [`dma`] (the DMA
 //! arena), [`frame`] (header builders and checksums), [`mempool`] (buffers and packets), [`ring`] (the driver-side split ring),
-//! [`queue`] (rx/tx bursts), [`transport`] (virtio-user), [`port`] (device init).
+//! [`queue`] (rx/tx bursts), [`transport`] (virtio-user and virtio-PCI), [`vfio`]
+//! (userspace VFIO: groups, BARs, DMA mapping), [`port`] (device init).
 
 pub mod dma;
 pub mod error;
@@ -50,6 +52,7 @@ pub mod port;
 pub mod queue;
 pub mod ring;
 pub mod transport;
+pub mod vfio;
 
 pub use error::{DeviceError, Error, Result};
 pub use mempool::{free_bulk, Mempool, Packet};

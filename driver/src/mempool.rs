@@ -53,6 +53,68 @@ struct PoolInner {
     free: spin::Mutex<FreeList>,
 }
 
+/// How a pool of `count` buffers sits in its arena: one allocation when the arena is
+/// contiguous (or the pool fits one chunk), else one allocation per device-contiguous
+/// chunk, back to back.
+struct PoolLayout {
+    per_chunk: u32,
+    chunk: usize,
+    chunks: usize,
+    /// Bytes of the single allocation (when `chunks == 1`).
+    total: usize,
+    /// Alignment of each allocation.
+    align: usize,
+}
+
+impl PoolLayout {
+    fn new(count: u32, buf_size: u32, contiguous: Option<usize>) -> Result<PoolLayout> {
+        let (per_chunk, chunk) = match contiguous {
+            None => (count, count as usize * buf_size as usize),
+            Some(c) => ((c / buf_size as usize) as u32, c),
+        };
+        if per_chunk == 0 {
+            return Err(Error::Config(format!("buffers of {buf_size} bytes do not fit the arena's pages")));
+        }
+        let chunks = count.div_ceil(per_chunk) as usize;
+        let total = if chunks == 1 { count as usize * buf_size as usize } else { chunks * chunk };
+        let align = if chunks == 1 { 4096 } else { contiguous.unwrap_or(4096) };
+        Ok(PoolLayout { per_chunk, chunk, chunks, total, align })
+    }
+}
+
+/// Checks the pool parameters [`Mempool::new`] accepts (before an arena exists).
+pub fn check_geometry(count: u32, buf_size: u32, headroom: u16) -> Result<()> {
+    if count == 0 {
+        return Err(Error::Config("the buffer pool needs at least one buffer".into()));
+    }
+    if (headroom as usize) < NET_HDR_LEN {
+        return Err(Error::Config(format!(
+            "headroom {headroom} is below the {NET_HDR_LEN}-byte virtio-net header"
+        )));
+    }
+    if buf_size % 64 != 0 || buf_size <= headroom as u32 || buf_size > MAX_BUF_SIZE {
+        return Err(Error::Config(format!(
+            "buffer size {buf_size} must be a multiple of 64, larger than the headroom {headroom} \
+             and at most {MAX_BUF_SIZE} (packet offsets and lengths are 16-bit)"
+        )));
+    }
+    Ok(())
+}
+
+/// Reserves in `plan` what [`Mempool::new`] will take from the arena for `count`
+/// buffers of `buf_size` bytes (to size an arena before creating it).
+pub fn plan(plan: &mut crate::dma::ArenaPlan, count: u32, buf_size: u32) -> Result<()> {
+    let l = PoolLayout::new(count.max(1), buf_size.max(1), plan.chunk())?;
+    if l.chunks == 1 {
+        plan.alloc(l.total, l.align)?;
+    } else {
+        for _ in 0..l.chunks {
+            plan.alloc(l.chunk, l.align)?;
+        }
+    }
+    Ok(())
+}
+
 /// A pool of packet buffers. Cloning makes another handle to the same pool.
 pub struct Mempool {
     inner: NonNull<PoolInner>,
@@ -69,32 +131,11 @@ impl Mempool {
     /// Carves `count` buffers of `buf_size` bytes (cache-line aligned) from `arena`,
     /// with `headroom` bytes before packet data.
     pub fn new(arena: Arc<DmaArena>, count: u32, buf_size: u32, headroom: u16) -> Result<Mempool> {
-        if count == 0 {
-            return Err(Error::Config("the buffer pool needs at least one buffer".into()));
-        }
-        if (headroom as usize) < NET_HDR_LEN {
-            return Err(Error::Config(format!(
-                "headroom {headroom} is below the {NET_HDR_LEN}-byte virtio-net header"
-            )));
-        }
-        if buf_size % 64 != 0 || buf_size <= headroom as u32 || buf_size > MAX_BUF_SIZE {
-            return Err(Error::Config(format!(
-                "buffer size {buf_size} must be a multiple of 64, larger than the headroom {headroom} \
-                 and at most {MAX_BUF_SIZE} (packet offsets and lengths are 16-bit)"
-            )));
-        }
-        let (per_chunk, chunk) = match arena.contiguous_chunk() {
-            None => (count, count as usize * buf_size as usize),
-            Some(c) => ((c / buf_size as usize) as u32, c),
-        };
-        if per_chunk == 0 {
-            return Err(Error::Config(format!("buffers of {buf_size} bytes do not fit the arena's pages")));
-        }
-        let chunks = count.div_ceil(per_chunk) as usize;
-        let total = if chunks == 1 { count as usize * buf_size as usize } else { chunks * chunk };
-        let align = arena.contiguous_chunk().unwrap_or(4096);
+        check_geometry(count, buf_size, headroom)?;
+        let PoolLayout { per_chunk, chunk, chunks, total, align } =
+            PoolLayout::new(count, buf_size, arena.contiguous_chunk())?;
         let base = if chunks == 1 {
-            arena.alloc(total, 4096)?.0
+            arena.alloc(total, align)?.0
         } else {
             // One allocation per chunk, consecutive in the arena (a fresh arena hands them
             // out back to back at chunk alignment).
@@ -437,6 +478,32 @@ mod tests {
             let off = ptr as usize - p.arena().va() as usize;
             assert_eq!(off / 4096, (off + 1535) / 4096, "buffer {i} straddles a page");
             assert_eq!(iova, p.arena().iova(ptr));
+        }
+    }
+
+    #[test]
+    fn plans_size_pools_and_rings_exactly() {
+        // A physically addressed arena (4 KiB "pages" here) and a linear one: the plan
+        // Port::open sizes the arena with must match what the pool and rings take.
+        for chunk in [Some(4096usize), None] {
+            let mut plan = crate::dma::ArenaPlan::new(chunk);
+            super::plan(&mut plan, 20, 1536).unwrap();
+            let rings = crate::ring::DriverRing::allocations(64);
+            for (len, align) in rings {
+                plan.alloc(len, align).unwrap();
+            }
+            let mut arena = DmaArena::new(plan.size(), false).unwrap();
+            if chunk.is_some() {
+                let n = arena.len() / 4096;
+                arena.set_iova_map(crate::dma::IovaMap::Pages {
+                    shift: 12,
+                    pa: (0..n as u64).map(|i| i << 12).collect(),
+                });
+            }
+            let arena = Arc::new(arena);
+            let _p = Mempool::new(arena.clone(), 20, 1536, 256).unwrap();
+            let _r = crate::ring::DriverRing::new(&arena, 64, false).unwrap();
+            assert_eq!(arena.allocated(), plan.size(), "{chunk:?}");
         }
     }
 

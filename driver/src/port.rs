@@ -11,14 +11,15 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::dma::DmaArena;
+use crate::dma::{ArenaPlan, DmaArena};
 use crate::error::{Error, Result};
 use crate::layout::{self, features as f};
-use crate::mempool::{Mempool, DEFAULT_BUF_SIZE, DEFAULT_HEADROOM};
+use crate::mempool::{self, Mempool, DEFAULT_BUF_SIZE, DEFAULT_HEADROOM};
 use crate::queue::{PairStats, QueuePair, QueueStatsSnapshot, RxQueue, TxQueue};
 use crate::ring::DriverRing;
+use crate::transport::pci::PciTransport;
 use crate::transport::vhost_user::VhostUserTransport;
-use crate::transport::Transport;
+use crate::transport::{NetConfig, Transport};
 
 /// Which transport a port uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +28,12 @@ pub enum TransportConfig {
     VirtioUser {
         /// The back-end's unix socket.
         path: PathBuf,
+    },
+    /// VFIO-PCI: a virtio-net PCI device bound to `vfio-pci` (type-1 IOMMU or no-IOMMU
+    /// mode, whichever its VFIO group is; no-IOMMU forces hugepages).
+    VfioPci {
+        /// PCI address, `DDDD:BB:DD.F` (or `BB:DD.F`).
+        bdf: String,
     },
 }
 
@@ -50,7 +57,8 @@ pub struct PortConfig {
     /// Optional features to negotiate when the device offers them (VERSION_1 is always
     /// required; the defaults add MAC, STATUS, MTU, EVENT_IDX and, with several pairs, MQ).
     pub features: u64,
-    /// Back the DMA arena with 2 MiB hugepages.
+    /// Back the DMA arena with 2 MiB hugepages (always on for VFIO no-IOMMU, where the
+    /// device uses physical addresses).
     pub hugepages: bool,
     /// MAC to use when the device does not report one.
     pub mac: Option<[u8; 6]>,
@@ -60,8 +68,18 @@ impl PortConfig {
     /// Defaults for a virtio-user port on `path`: one queue pair, 256-entry rings,
     /// 256-byte headroom in 2304-byte buffers.
     pub fn virtio_user(path: impl Into<PathBuf>) -> PortConfig {
+        Self::with_transport(TransportConfig::VirtioUser { path: path.into() })
+    }
+
+    /// Defaults for a VFIO-PCI port on the device at `bdf` (bound to `vfio-pci`): as
+    /// [`PortConfig::virtio_user`].
+    pub fn vfio_pci(bdf: impl Into<String>) -> PortConfig {
+        Self::with_transport(TransportConfig::VfioPci { bdf: bdf.into() })
+    }
+
+    fn with_transport(transport: TransportConfig) -> PortConfig {
         PortConfig {
-            transport: TransportConfig::VirtioUser { path: path.into() },
+            transport,
             queue_pairs: 1,
             ring_size: 256,
             buffers: None,
@@ -83,6 +101,9 @@ pub fn default_features() -> u64 {
         | f::bit(f::RING_EVENT_IDX)
         | f::bit(f::NET_MQ)
 }
+
+/// The hugepage size a physically addressed arena uses.
+const HUGE_2M: usize = 2 << 20;
 
 /// Features this driver knows how to use (others are never acknowledged).
 const SUPPORTED: u64 = f::bit(f::VERSION_1)
@@ -166,17 +187,64 @@ impl Port {
                 cfg.queue_pairs, cfg.ring_size
             )));
         }
-        let ring_bytes =
-            layout::desc_table_bytes(cfg.ring_size) + 3 * 4096 + layout::used_bytes(cfg.ring_size);
-        let need = nrings as usize * ring_bytes + buffers as usize * cfg.buf_size as usize + 4096;
-        let arena = Arc::new(DmaArena::new(need, cfg.hugepages)?);
-        let pool = Mempool::new(arena.clone(), buffers, cfg.buf_size, cfg.headroom)?;
+        mempool::check_geometry(buffers, cfg.buf_size, cfg.headroom)?;
         let mac = cfg.mac.unwrap_or_else(random_mac);
         let mut transport: Box<dyn Transport> = match &cfg.transport {
             TransportConfig::VirtioUser { path } => {
-                Box::new(VhostUserTransport::connect(path, arena.clone(), nrings as u16, mac)?)
+                Box::new(VhostUserTransport::connect(path, nrings as u16, mac)?)
             }
+            TransportConfig::VfioPci { bdf } => Box::new(PciTransport::open(bdf, mac)?),
         };
+
+        // The DMA arena: sized for the pool and rings as the device will address them
+        // (whole, or physical hugepage by hugepage), and made reachable by the device
+        // before anything is carved from it.
+        let physical = transport.needs_physical_dma();
+        let mut plan = ArenaPlan::new(physical.then_some(HUGE_2M));
+        mempool::plan(&mut plan, buffers, cfg.buf_size)?;
+        for _ in 0..nrings {
+            for (len, align) in DriverRing::allocations(cfg.ring_size) {
+                plan.alloc(len, align)?;
+            }
+        }
+        let mut arena = DmaArena::new(plan.size(), cfg.hugepages || physical).map_err(|e| match e {
+            Error::NoHugepages(io) if physical => Error::Vfio {
+                op: "allocating the DMA arena",
+                reason: format!(
+                    "no-IOMMU mode needs hugepages (the device uses physical addresses): {io}; \
+                     reserve some in /proc/sys/vm/nr_hugepages"
+                ),
+            },
+            e => e,
+        })?;
+        transport.map_dma(&mut arena)?;
+        let arena = Arc::new(arena);
+        match Self::init(&cfg, transport.as_mut(), &arena, buffers, frame_room) {
+            Ok((info, pool, pairs, stats, stopped)) => {
+                Ok(Port { transport, info, pool, pairs, stats, stopped, closed: false })
+            }
+            Err(e) => {
+                // Stop the device before the rings and buffers it may know go away (the
+                // arena itself lives until after this reset).
+                if let Err(r) = transport.reset() {
+                    log::debug!("{}: reset after a failed open: {r}", transport.describe());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Feature negotiation, pool and queues, DRIVER_OK (§3.1.1 steps 4-8).
+    #[allow(clippy::type_complexity)]
+    fn init(
+        cfg: &PortConfig,
+        transport: &mut dyn Transport,
+        arena: &Arc<DmaArena>,
+        buffers: u32,
+        frame_room: usize,
+    ) -> Result<(PortInfo, Mempool, Vec<Option<QueuePair>>, Vec<Arc<PairStats>>, Arc<AtomicBool>)> {
+        let nrings = 2 * cfg.queue_pairs as u32;
+        let pool = Mempool::new(arena.clone(), buffers, cfg.buf_size, cfg.headroom)?;
 
         // Feature negotiation (§3.1.1 steps 4-6).
         let offered = transport.device_features()?;
@@ -190,9 +258,9 @@ impl Port {
         if cfg.queue_pairs == 1 {
             want &= !f::bit(f::NET_MQ);
         }
-        let features = want & offered;
+        let features = (want | transport.platform_features()) & offered;
         transport.negotiate(features)?;
-        let config = transport.config(features)?;
+        let config: NetConfig = transport.config(features)?;
         if features & f::bit(f::NET_MQ) != 0 && cfg.queue_pairs > config.max_queue_pairs {
             return Err(Error::Config(format!(
                 "{} queue pairs asked for, the device has {}",
@@ -213,8 +281,8 @@ impl Port {
         let mut stats = Vec::new();
         for p in 0..cfg.queue_pairs {
             let st = Arc::new(PairStats::default());
-            let mut rx_ring = DriverRing::new(&arena, cfg.ring_size, event_idx)?;
-            let mut tx_ring = DriverRing::new(&arena, cfg.ring_size, event_idx)?;
+            let mut rx_ring = DriverRing::new(arena, cfg.ring_size, event_idx)?;
+            let mut tx_ring = DriverRing::new(arena, cfg.ring_size, event_idx)?;
             rx_ring.set_notifier(transport.setup_queue(2 * p, cfg.ring_size, rx_ring.addrs())?);
             tx_ring.set_notifier(transport.setup_queue(2 * p + 1, cfg.ring_size, tx_ring.addrs())?);
             let mut rx = RxQueue::new(rx_ring, pool.clone(), st.clone(), cfg.tailroom, stopped.clone());
@@ -233,7 +301,7 @@ impl Port {
             queue_pairs: cfg.queue_pairs,
             ring_size: cfg.ring_size,
         };
-        Ok(Port { transport, info, pool, pairs, stats, stopped, closed: false })
+        Ok((info, pool, pairs, stats, stopped))
     }
 
     /// What the port is.

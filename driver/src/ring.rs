@@ -74,9 +74,10 @@ impl DriverRing {
         if size == 0 || !size.is_power_of_two() || size > layout::MAX_QUEUE_SIZE {
             return Err(crate::Error::Config(format!("ring size {size} is not a power of two in 1..=32768")));
         }
-        let (desc, desc_iova) = arena.alloc(layout::desc_table_bytes(size), 4096)?;
-        let (avail, avail_iova) = arena.alloc(layout::avail_bytes(size), 64)?;
-        let (used, used_iova) = arena.alloc(layout::used_bytes(size), 4096)?;
+        let [d, a, u] = Self::allocations(size);
+        let (desc, desc_iova) = arena.alloc(d.0, d.1)?;
+        let (avail, avail_iova) = arena.alloc(a.0, a.1)?;
+        let (used, used_iova) = arena.alloc(u.0, u.1)?;
         let r = DriverRing {
             desc,
             avail,
@@ -103,6 +104,16 @@ impl DriverRing {
             r.u16_at(r.avail, layout::AVAIL_FLAGS).store(layout::AVAIL_F_NO_INTERRUPT, Ordering::Relaxed);
         }
         Ok(r)
+    }
+
+    /// What [`DriverRing::new`] takes from the arena, in order: `(bytes, alignment)` of
+    /// the descriptor table, the avail ring and the used ring (to size an arena).
+    pub const fn allocations(size: u16) -> [(usize, usize); 3] {
+        [
+            (layout::desc_table_bytes(size), 4096),
+            (layout::avail_bytes(size), 64),
+            (layout::used_bytes(size), 4096),
+        ]
     }
 
     /// The ring's device addresses.

@@ -93,16 +93,22 @@ impl App {
     pub fn open(cfg: Config, out: Box<dyn Write + Send>) -> Result<App, String> {
         let mut ports = Vec::new();
         let mut ctx = Vec::new();
-        for (i, v) in cfg.vdevs.iter().enumerate() {
-            let mut pc = PortConfig::virtio_user(&v.path);
+        // PCI ports first, then virtio-user ones (DPDK's port order).
+        let specs = cfg.pci.iter().map(|bdf| (PortConfig::vfio_pci(bdf), bdf.clone())).chain(
+            cfg.vdevs.iter().map(|v| {
+                let mut pc = PortConfig::virtio_user(&v.path);
+                pc.ring_size = v.queue_size;
+                pc.mac = v.mac;
+                (pc, v.path.display().to_string())
+            }),
+        );
+        for (i, (mut pc, name)) in specs.enumerate() {
             pc.queue_pairs = cfg.queues;
-            pc.ring_size = v.queue_size;
             pc.buffers = cfg.mbufs;
             pc.headroom = cfg.headroom;
             pc.buf_size = (cfg.headroom as u32 + 2048).div_ceil(64) * 64;
-            pc.mac = v.mac;
             pc.hugepages = cfg.hugepages;
-            let port = Port::open(pc).map_err(|e| format!("port {i} ({}): {e}", v.path.display()))?;
+            let port = Port::open(pc).map_err(|e| format!("port {i} ({name}): {e}"))?;
             let info = port.info().clone();
             if matches!(cfg.mode, FwdMode::TxOnly | FwdMode::FlowGen) && cfg.txpkts > info.mtu as usize + 14 {
                 return Err(format!(

@@ -220,7 +220,10 @@ pub struct Args {
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Ports.
+    /// VFIO-PCI ports (`-a`), normalised PCI addresses; opened before the virtio-user
+    /// ports, as DPDK probes PCI devices before vdevs.
+    pub pci: Vec<String>,
+    /// virtio-user ports.
     pub vdevs: Vec<VdevSpec>,
     /// Forwarding mode.
     pub mode: FwdMode,
@@ -264,12 +267,11 @@ pub const MAX_BURST: usize = 512;
 impl Config {
     /// Validates `args`.
     pub fn from_args(a: &Args) -> Result<Config, String> {
-        if !a.pci.is_empty() {
-            return Err(format!(
-                "-a {}: the VFIO-PCI transport is not available yet; use --vdev virtio_user0,path=SOCK",
-                a.pci[0]
-            ));
-        }
+        let pci = a
+            .pci
+            .iter()
+            .map(|b| driver::vfio::parse_bdf(b).map_err(|e| format!("-a {b}: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
         let vdevs = a.vdev.iter().map(|v| parse_vdev(v)).collect::<Result<Vec<_>, _>>()?;
         let mode: FwdMode = a.forward_mode.parse()?;
         if a.burst == 0 || a.burst > MAX_BURST {
@@ -306,7 +308,8 @@ impl Config {
             }
         }
         Ok(Config {
-            embedded: vdevs.is_empty(),
+            embedded: vdevs.is_empty() && pci.is_empty(),
+            pci,
             vdevs,
             mode,
             burst: a.burst,
@@ -363,6 +366,13 @@ mod tests {
     }
 
     #[test]
+    fn pci_ports_by_address() {
+        let c = cfg(&["-a", "00:03.0", "-a", "0000:00:04.0"]).unwrap();
+        assert_eq!(c.pci, vec!["0000:00:03.0".to_string(), "0000:00:04.0".to_string()]);
+        assert!(!c.embedded);
+    }
+
+    #[test]
     fn rejects_bad_input_with_a_clear_reason() {
         let err = |a: &[&str]| cfg(a).unwrap_err();
         assert!(err(&["--forward-mode=warp"]).contains("unknown forwarding mode 'warp'"));
@@ -376,7 +386,7 @@ mod tests {
         assert!(err(&["--vdev", "net_tap0,iface=x"]).contains("only virtio_user"));
         assert!(err(&["--vdev", "virtio_user0,path=/x,bogus=1"]).contains("unknown argument 'bogus'"));
         assert!(err(&["--eth-peer=0,zz"]).contains("invalid MAC"));
-        assert!(err(&["-a", "0000:00:03.0"]).contains("VFIO-PCI transport is not available"));
+        assert!(err(&["-a", "00:03"]).contains("not a PCI address"));
         assert!(err(&["--bogus-option"]).contains("--bogus-option"));
         assert!(err(&["--headroom=4"]).contains("headroom"));
     }

@@ -1,17 +1,20 @@
 //! The transport seam: how the virtio-net device logic reaches a device.
 //!
 //! Owns: the [`Transport`] trait every transport implements (virtio-user over a
-//! vhost-user socket today; VFIO-PCI later) and the [`Notifier`] a queue kicks with.
+//! vhost-user socket; virtio-PCI over VFIO) and the [`Notifier`] a queue kicks with.
 //! Must not: hold data-path state; after setup the data path only uses a `Notifier`.
 
+pub mod pci;
 pub mod vhost_user;
 
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::dma::DmaArena;
 use crate::error::Result;
 use crate::ring::RingAddrs;
+use crate::vfio::RegionMap;
 
 /// How a queue notifies the device that buffers are available ("kick"). An enum rather
 /// than a trait object: the kick is on the data path and has few, fixed forms.
@@ -19,7 +22,24 @@ use crate::ring::RingAddrs;
 pub enum Notifier {
     /// Write to the back-end's kick eventfd (virtio-user).
     EventFd(Arc<EventFd>),
+    /// Write the queue index to the queue's doorbell in a mapped BAR (virtio-PCI; the
+    /// address was computed once at queue setup, so a kick is one MMIO write).
+    Mmio {
+        /// The doorbell (2-byte aligned, inside `map`).
+        addr: *mut u16,
+        /// What to write: the queue index (no `VIRTIO_F_NOTIFICATION_DATA`).
+        value: u16,
+        /// Keeps the BAR mapped while any ring can still kick.
+        map: Arc<RegionMap>,
+    },
 }
+
+// SAFETY: `Mmio`'s pointer is into a BAR mapping kept alive by the `Arc<RegionMap>` next
+// to it; a doorbell write is a single volatile store, which any thread may issue (the
+// device serialises them). The other variant is an `Arc<EventFd>`, Send and Sync.
+unsafe impl Send for Notifier {}
+// SAFETY: as above; `notify` takes `&self` and only stores to the doorbell.
+unsafe impl Sync for Notifier {}
 
 impl Notifier {
     /// Notifies the device.
@@ -30,6 +50,14 @@ impl Notifier {
             // which the caller sees as no progress.
             Notifier::EventFd(e) => {
                 let _ = e.write(1);
+            }
+            // The ring's SeqCst fence before the kick decision orders the avail-index
+            // store before this write (on x86 stores are not reordered anyway).
+            Notifier::Mmio { addr, value, map: _ } => {
+                // SAFETY: `addr` is an aligned doorbell inside the BAR mapping that the
+                // `map` Arc keeps alive (checked at setup); a volatile 16-bit store is
+                // the access the device expects (virtio 1.2 §4.1.5.2).
+                unsafe { addr.write_volatile(value.to_le()) }
             }
         }
     }
@@ -53,6 +81,21 @@ pub struct NetConfig {
 pub trait Transport: Send {
     /// A short description for messages (the socket path, the PCI address).
     fn describe(&self) -> String;
+    /// Whether the device addresses the DMA arena physically, page by page (VFIO
+    /// no-IOMMU): the arena must then use 2 MiB hugepages, and nothing carved from it
+    /// may cross one.
+    fn needs_physical_dma(&self) -> bool {
+        false
+    }
+    /// Makes the freshly created DMA arena reachable by the device and installs its
+    /// address map ([`DmaArena::set_iova_map`]), before anything is carved from it
+    /// (VFIO: `MAP_DMA` or physical addresses; virtio-user: the memory table to share).
+    fn map_dma(&mut self, arena: &mut DmaArena) -> Result<()>;
+    /// Transport-level features the driver acknowledges whenever the device offers them
+    /// (virtio-PCI: `VIRTIO_F_ACCESS_PLATFORM`, which such a device requires).
+    fn platform_features(&self) -> u64 {
+        0
+    }
     /// Features the device offers.
     fn device_features(&mut self) -> Result<u64>;
     /// Acknowledges `features` and checks that the device accepted them (FEATURES_OK

@@ -7,6 +7,7 @@
 //! Must not: touch rings (the data path polls them directly and kicks through a
 //! `Notifier`).
 
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,14 +31,15 @@ const WANTED_PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
 pub struct VhostUserTransport {
     path: PathBuf,
     fe: Frontend,
-    region: VhostUserMemoryRegionInfo,
+    /// The DMA arena as one memory region (set by `map_dma`), and the fd it names: our
+    /// own duplicate, so the region stays valid whatever happens to the arena's handles.
+    region: Option<(VhostUserMemoryRegionInfo, File)>,
     protocol: VhostUserProtocolFeatures,
     fallback_mac: [u8; 6],
     queues: Vec<Option<(Arc<EventFd>, EventFd)>>,
     /// `VHOST_USER_F_PROTOCOL_FEATURES` was negotiated: rings start disabled and need
     /// `SET_VRING_ENABLE`.
     protocol_negotiated: bool,
-    _arena: Arc<DmaArena>,
 }
 
 fn vu(request: &'static str) -> impl Fn(vhost::Error) -> Error {
@@ -45,10 +47,11 @@ fn vu(request: &'static str) -> impl Fn(vhost::Error) -> Error {
 }
 
 impl VhostUserTransport {
-    /// Connects to the back-end at `path` and takes ownership of the device; `arena`
-    /// becomes its guest memory. `max_queues` bounds the queue indices used; `mac` is
-    /// the address used when the back-end does not provide config space.
-    pub fn connect(path: &Path, arena: Arc<DmaArena>, max_queues: u16, mac: [u8; 6]) -> Result<Self> {
+    /// Connects to the back-end at `path` and takes ownership of the device; the DMA
+    /// arena given to [`Transport::map_dma`] becomes its guest memory. `max_queues`
+    /// bounds the queue indices used; `mac` is the address used when the back-end does
+    /// not provide config space.
+    pub fn connect(path: &Path, max_queues: u16, mac: [u8; 6]) -> Result<Self> {
         let connect_err = |reason: String| Error::Connect { path: path.into(), reason };
         match std::fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -64,22 +67,14 @@ impl VhostUserTransport {
         }
         let fe = Frontend::connect(path, max_queues as u64).map_err(|e| connect_err(e.to_string()))?;
         fe.set_owner().map_err(vu("SET_OWNER"))?;
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: arena.va() as u64,
-            memory_size: arena.len() as u64,
-            userspace_addr: arena.va() as u64,
-            mmap_offset: 0,
-            mmap_handle: arena.file().as_raw_fd(),
-        };
         Ok(VhostUserTransport {
             path: path.into(),
             fe,
-            region,
+            region: None,
             protocol: VhostUserProtocolFeatures::empty(),
             fallback_mac: mac,
             queues: (0..max_queues).map(|_| None).collect(),
             protocol_negotiated: false,
-            _arena: arena,
         })
     }
 }
@@ -87,6 +82,21 @@ impl VhostUserTransport {
 impl Transport for VhostUserTransport {
     fn describe(&self) -> String {
         format!("virtio-user {}", self.path.display())
+    }
+
+    fn map_dma(&mut self, arena: &mut DmaArena) -> Result<()> {
+        // Guest-physical address = virtual address (DPDK virtio-user's convention), which
+        // is the arena's default linear map: nothing to install.
+        let file = arena.file().try_clone().map_err(|e| Error::io("duplicating the DMA arena fd", e))?;
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: arena.iova_base(),
+            memory_size: arena.len() as u64,
+            userspace_addr: arena.va() as u64,
+            mmap_offset: 0,
+            mmap_handle: file.as_raw_fd(),
+        };
+        self.region = Some((region, file));
+        Ok(())
     }
 
     fn device_features(&mut self) -> Result<u64> {
@@ -116,7 +126,11 @@ impl Transport for VhostUserTransport {
             vhost::Error::VhostUserProtocol(_) => Error::FeaturesRefused(features),
             e => vu("SET_FEATURES")(e),
         })?;
-        self.fe.set_mem_table(std::slice::from_ref(&self.region)).map_err(vu("SET_MEM_TABLE"))?;
+        let (region, _) = self
+            .region
+            .as_ref()
+            .ok_or_else(|| Error::Config("virtio-user: no DMA arena shared before negotiation".into()))?;
+        self.fe.set_mem_table(std::slice::from_ref(region)).map_err(vu("SET_MEM_TABLE"))?;
         Ok(())
     }
 
