@@ -236,6 +236,12 @@ impl Mempool {
         (p, i.arena.iova(p))
     }
 
+    /// Whether the device this pool serves can reach `p`'s buffer (it lives in the same
+    /// DMA arena).
+    pub fn reaches(&self, p: &Packet) -> bool {
+        Arc::ptr_eq(&self.inner().arena, &p.inner().arena)
+    }
+
     /// Whether `p` came from this pool.
     pub fn owns(&self, p: &Packet) -> bool {
         p.pool == self.inner

@@ -45,6 +45,10 @@ pub struct TxStats {
     pub bytes: AtomicU64,
     /// Packets `tx_burst` handed back because the ring was full.
     pub full: AtomicU64,
+    /// Packets from another port's memory, copied into this port's buffers.
+    pub copied: AtomicU64,
+    /// Such packets dropped because this port's pool was empty (or its buffers too small).
+    pub nobuf: AtomicU64,
     /// Protocol violations by the device (the queue stopped).
     pub device_errors: AtomicU64,
 }
@@ -66,6 +70,10 @@ pub struct QueueStatsSnapshot {
     pub tx_bytes: u64,
     /// Packets returned to the caller because the ring was full.
     pub tx_full: u64,
+    /// Packets copied in from another port's memory.
+    pub tx_copied: u64,
+    /// Packets dropped because no buffer was free to copy them into.
+    pub tx_nobuf: u64,
     /// Device protocol violations seen on either queue.
     pub device_errors: u64,
 }
@@ -91,6 +99,8 @@ impl PairStats {
             tx_packets: l(&self.tx.packets),
             tx_bytes: l(&self.tx.bytes),
             tx_full: l(&self.tx.full),
+            tx_copied: l(&self.tx.copied),
+            tx_nobuf: l(&self.tx.nobuf),
             device_errors: l(&self.rx.device_errors) + l(&self.tx.device_errors),
         }
     }
@@ -288,7 +298,9 @@ impl TxQueue {
 
     /// Queues packets from the front of `pkts` for transmission, as many as the ring has
     /// room for, with one avail publish and at most one kick. The packets it could not
-    /// queue stay in `pkts`. Returns how many it queued.
+    /// queue stay in `pkts`. Returns how many it took (queued, or dropped and counted in
+    /// `tx_nobuf` when a packet from another port's memory found no buffer to be copied
+    /// into). Packets from this port's pool go out without a copy.
     pub fn tx_burst(&mut self, pkts: &mut Vec<Packet>) -> usize {
         self.reclaim();
         if self.error.is_some() {
@@ -296,7 +308,25 @@ impl TxQueue {
         }
         let k = pkts.len().min(self.ring.free_count() as usize);
         let mut bytes = 0u64;
+        let (mut copied, mut sent) = (0u64, 0usize);
         for p in pkts.drain(..k) {
+            // A buffer from another port's arena is not in this device's memory (the
+            // device could not reach it): copy it into one of ours.
+            let p = if self.pool.reaches(&p) {
+                p
+            } else {
+                let own = self.pool.alloc().and_then(|mut own| own.set_data(p.data()).ok().map(|_| own));
+                match own {
+                    Some(own) => {
+                        copied += 1;
+                        own
+                    }
+                    None => {
+                        bump(&self.stats.tx.nobuf, 1);
+                        continue; // dropped: no buffer here to carry it
+                    }
+                }
+            };
             let (hdr, iova) = p.header_slot();
             // SAFETY: the 12 bytes before the data are this packet's header slot (the
             // pool keeps `off >= NET_HDR_LEN`); the packet is ours until posted.
@@ -308,9 +338,11 @@ impl TxQueue {
                 unreachable!("free descriptors were counted above")
             };
             self.inflight[id as usize] = Some(p);
+            sent += 1;
         }
         self.ring.publish();
-        bump(&self.stats.tx.packets, k as u64);
+        bump(&self.stats.tx.packets, sent as u64);
+        bump(&self.stats.tx.copied, copied);
         bump(&self.stats.tx.bytes, bytes);
         bump(&self.stats.tx.full, pkts.len() as u64);
         k

@@ -1,0 +1,933 @@
+//! End-to-end tests of the `testpmd` binary: the real executable (a child process, see
+//! `vnet_tests::testpmd_proc`) against the real `host-backend` (another child process),
+//! and where a test needs to see frames, our driver library in this test process on
+//! the other device of an `xconnect` port.
+//!
+//! Every test takes the cross-binary [`serial`] lock first, bounds every wait (a testpmd
+//! or backend that hangs is killed and the test fails with its output), and checks exact
+//! outcomes: exit codes, the one stderr line of a rejected command line, frame bytes,
+//! and counters on both sides.
+//!
+//! Backend direction names are the device's: `rx_*` = frames the front-end sent,
+//! `tx_*` = frames delivered into the front-end's receive queue. `xconnect:A,B` moves
+//! A's transmit queue into B's receive queue and back; the backend's default MAC is
+//! 52:54:00:12:34:56 for the first device and counts up for later ones.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use driver::{Packet, Port, PortConfig, QueuePair};
+use serde_json::Value;
+use vnet_tests::dpdk::PortCounts;
+use vnet_tests::harness::{counter, device, serial, total_drops, Backend, TempDir};
+use vnet_tests::testpmd_proc::{
+    accumulated_forward_stats, forward_stats, forward_stats_json, forward_totals, json_port_counts,
+    nic_stats, number_after, port_mac, run, Exit, Spawn, Testpmd,
+};
+
+/// Upper bound for a testpmd run that is expected to end by itself.
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Upper bound for a rejected command line.
+const REJECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Upper bound for any traffic phase.
+const TRAFFIC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Silence that ends a receive phase (catches extra frames).
+const QUIET: Duration = Duration::from_millis(300);
+/// Frames per driver burst.
+const BURST: usize = 32;
+/// The "... packet forwarding - ports=" line testpmd prints once forwarding runs.
+const FORWARDING: &str = "packet forwarding - ports=";
+/// The vdev ring size (testpmd's default queue_size).
+const RING: u64 = 256;
+/// Most frames a [`Peer`] has out at once: a ring minus a burst.
+const WINDOW: usize = RING as usize - BURST;
+
+// ------------------------------------------------------------------------------ helpers
+
+fn vdev(n: usize, sock: &Path) -> String {
+    format!("virtio_user{n},path={}", sock.display())
+}
+
+fn port_arg(kind: &str, sock: &Path) -> String {
+    format!("{kind}:{}", sock.display())
+}
+
+fn xconnect_arg(a: &Path, b: &Path) -> String {
+    format!("xconnect:{},{}", a.display(), b.display())
+}
+
+/// Asserts a rejected command line: exit `code`, nothing on stdout, exactly one
+/// non-empty stderr line, starting with "testpmd: " and containing every `needle`.
+fn assert_rejected(exit: &Exit, code: i32, needles: &[&str]) {
+    assert_eq!(exit.code(), code, "exit code\n{exit}");
+    let lines: Vec<&str> = exit.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected exactly one stderr line\n{exit}");
+    assert!(lines[0].starts_with("testpmd: "), "stderr line not prefixed 'testpmd: '\n{exit}");
+    for n in needles {
+        assert!(lines[0].contains(n), "stderr line lacks {n:?}\n{exit}");
+    }
+    assert!(exit.stdout.trim().is_empty(), "a rejected run printed on stdout\n{exit}");
+}
+
+/// Asserts a clean exit 0.
+fn assert_ok(exit: &Exit) {
+    assert_eq!(exit.code(), 0, "testpmd failed\n{exit}");
+}
+
+/// The backend's device object for `sock` in `stats`, checked for no broken queue and
+/// no drop.
+fn clean_device<'a>(stats: &'a Value, sock: &Path) -> &'a Value {
+    let dev = device(stats, sock);
+    assert_eq!(counter(dev, "broken_queues"), 0, "broken queues: {dev}");
+    assert_eq!(total_drops(dev), 0, "backend dropped frames: {dev}");
+    dev
+}
+
+fn fwd(out: &str, port: usize) -> PortCounts {
+    forward_stats(out, port).unwrap_or_else(|| panic!("no forward statistics for port {port} in:\n{out}"))
+}
+
+/// Runs `f` on a helper thread and waits at most `timeout` (a peer that stops answering
+/// vhost-user requests fails the test instead of hanging it).
+fn within<T: Send + 'static>(what: &str, timeout: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    let h = thread::Builder::new()
+        .name("bounded".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .expect("spawn a helper thread");
+    match rx.recv_timeout(timeout) {
+        Ok(v) => {
+            let _ = h.join();
+            v
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what}: no result within {timeout:?}"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => match h.join() {
+            Err(p) => std::panic::resume_unwind(p),
+            Ok(()) => panic!("{what}: helper thread ended without a result"),
+        },
+    }
+}
+
+/// Our driver on one device: the far end of an `xconnect` from testpmd's port.
+struct Peer {
+    port: Port,
+    qp: QueuePair,
+}
+
+impl Peer {
+    fn open(sock: &Path) -> Peer {
+        let cfg = PortConfig::virtio_user(sock);
+        let mut port = within("Port::open", Duration::from_secs(20), move || Port::open(cfg))
+            .unwrap_or_else(|e| panic!("Port::open({}): {e}", sock.display()));
+        let qp = port.queue_pair(0).expect("queue pair 0");
+        Peer { port, qp }
+    }
+
+    fn mac(&self) -> [u8; 6] {
+        self.port.info().mac
+    }
+
+    /// Sends every frame of `frames` (in order) and meanwhile receives; returns what
+    /// arrived, as soon as `expect` frames have, then keeps receiving for [`QUIET`] to
+    /// catch extra ones. Panics at the deadline, with `diag()` (the peers' state).
+    ///
+    /// At most [`WINDOW`] frames are out (sent and not yet back) at any time, so the
+    /// forwarder's transmit ring always has room for a whole burst: a forwarder may
+    /// legitimately drop (and count in TX-dropped) a burst that does not fit its ring,
+    /// which happens when a receive-ring backlog is forwarded faster than the device
+    /// drains the transmit ring.
+    fn exchange(&mut self, frames: &[Vec<u8>], expect: usize, diag: &dyn Fn() -> String) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + TRAFFIC_TIMEOUT;
+        let pool = self.port.pool().clone();
+        let mut next = 0;
+        let mut pending: Vec<Packet> = Vec::with_capacity(BURST);
+        let mut batch: Vec<Packet> = Vec::with_capacity(BURST);
+        let mut got = Vec::new();
+        while next < frames.len() || !pending.is_empty() || got.len() < expect {
+            while pending.len() < BURST && next < frames.len() && next < got.len() + WINDOW {
+                let Some(mut p) = pool.alloc() else { break };
+                p.set_data(&frames[next]).expect("a test frame fits a buffer");
+                pending.push(p);
+                next += 1;
+            }
+            if !pending.is_empty() {
+                self.qp.tx.tx_burst(&mut pending);
+            } else {
+                self.qp.tx.reclaim();
+            }
+            self.qp.rx.rx_burst(&mut batch, BURST);
+            got.extend(batch.drain(..).map(|p| p.data().to_vec()));
+            if Instant::now() >= deadline {
+                let back: Vec<u32> = got.iter().filter_map(|f| seq_of(f)).collect();
+                let missing: Vec<u32> = (0..frames.len() as u32).filter(|s| !back.contains(s)).collect();
+                panic!(
+                    "missing test frames (by sequence number): {missing:?}\n\
+                     queued {} of {} frames, received {} of {expect} before the deadline; our port: \
+                     tx in flight {}, rx posted {}, stats {:?}, tx error {:?}, rx error {:?}\n{}",
+                    next - pending.len(),
+                    frames.len(),
+                    got.len(),
+                    self.qp.tx.in_flight(),
+                    self.qp.rx.in_flight(),
+                    self.port.stats(),
+                    self.qp.tx.error(),
+                    self.qp.rx.error(),
+                    diag()
+                );
+            }
+        }
+        let mut last = Instant::now();
+        while last.elapsed() < QUIET {
+            self.qp.tx.reclaim();
+            if self.qp.rx.rx_burst(&mut batch, BURST) > 0 {
+                got.extend(batch.drain(..).map(|p| p.data().to_vec()));
+                last = Instant::now();
+            }
+        }
+        got
+    }
+
+    /// Closes the port (bounded); every buffer must be back in the pool.
+    fn close(self) {
+        let pool = self.port.pool().clone();
+        let Peer { port, qp } = self;
+        within("Port::close", Duration::from_secs(20), move || port.close(vec![qp]))
+            .unwrap_or_else(|e| panic!("Port::close: {e}"));
+        assert_eq!(pool.available(), pool.capacity(), "buffers missing from the peer's pool after close");
+    }
+}
+
+/// The Internet checksum (RFC 1071), written here independently of the driver's.
+fn csum(data: &[u8]) -> u16 {
+    let mut sum: u64 = 0;
+    for (i, b) in data.iter().enumerate() {
+        sum += if i % 2 == 0 { (*b as u64) << 8 } else { *b as u64 };
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn put_csum(buf: &mut [u8], at: usize, range: std::ops::Range<usize>) {
+    buf[at..at + 2].copy_from_slice(&[0, 0]);
+    let c = csum(&buf[range]);
+    buf[at..at + 2].copy_from_slice(&c.to_be_bytes());
+}
+
+/// A UDP/IPv4 test frame of `len` bytes whose payload starts with `seq` and then varies
+/// with it, from `src` to `dst`.
+fn test_frame(len: usize, dst: [u8; 6], src: [u8; 6], seq: u32) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[0..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&src);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip_len = (len - 14) as u16;
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&ip_len.to_be_bytes());
+    f[22] = 64;
+    f[23] = 17;
+    f[26..30].copy_from_slice(&[10, 1, 0, 1]);
+    f[30..34].copy_from_slice(&[10, 1, 0, 2]);
+    put_csum(&mut f, 24, 14..34);
+    f[34..36].copy_from_slice(&4000u16.to_be_bytes());
+    f[36..38].copy_from_slice(&4001u16.to_be_bytes());
+    f[38..40].copy_from_slice(&(ip_len - 20).to_be_bytes());
+    f[42..46].copy_from_slice(&seq.to_le_bytes());
+    for (i, b) in f[46..].iter_mut().enumerate() {
+        *b = (i as u32).wrapping_mul(31).wrapping_add(seq.wrapping_mul(7)) as u8;
+    }
+    f
+}
+
+/// The sequence number of a [`test_frame`].
+fn seq_of(f: &[u8]) -> Option<u32> {
+    (f.len() >= 46 && f[12..14] == [0x08, 0x00] && f[23] == 17)
+        .then(|| u32::from_le_bytes([f[42], f[43], f[44], f[45]]))
+}
+
+/// `n` test frames of lengths spread over 60..=1514, from `src` to `dst`.
+fn test_frames(n: u32, dst: [u8; 6], src: [u8; 6]) -> Vec<Vec<u8>> {
+    (0..n).map(|s| test_frame(60 + (s as usize * 7919) % 1455, dst, src, s)).collect()
+}
+
+/// Starts testpmd on `args` and waits until it forwards; reads port 0's MAC.
+fn start_forwarding(args: &[&str]) -> (Testpmd, [u8; 6]) {
+    let mut tp = Testpmd::spawn(args);
+    tp.wait_stdout(FORWARDING, Duration::from_secs(20));
+    let mac =
+        port_mac(&tp.stdout(), 0).unwrap_or_else(|| panic!("no MAC address for port 0\n{}", tp.outputs()));
+    (tp, mac)
+}
+
+/// What testpmd printed (with `--stats-period 1`: its port counters every second) and
+/// the backend's latest statistics.
+fn diag(tp: &Testpmd, backend: &Backend) -> String {
+    // SIGINT makes it print its forward statistics.
+    tp.signal(libc::SIGINT);
+    thread::sleep(Duration::from_secs(1));
+    format!("backend stats: {:?}\nbackend log:\n{}\n{}", backend.latest_stats(), backend.log(), tp.outputs())
+}
+
+/// Stops a testpmd that forwards until a signal (SIGINT), expecting exit 0.
+fn interrupt(tp: Testpmd) -> Exit {
+    tp.signal(libc::SIGINT);
+    let exit = tp.wait(Duration::from_secs(20));
+    assert_ok(&exit);
+    exit
+}
+
+// ------------------------------------------------------------------------------ 1. rejected input
+
+/// Command lines testpmd rejects before touching any port: one stderr line naming the
+/// problem, exit 1 (exit 2 for what the option parser itself rejects, like clap).
+#[test]
+fn rejects_bad_command_lines() {
+    let _serial = serial();
+    let e = run(&["--forward-mode", "warp"], REJECT_TIMEOUT);
+    assert_rejected(
+        &e,
+        1,
+        &["unknown forwarding mode 'warp'", "io, mac, macswap, rxonly, txonly, flowgen, icmpecho"],
+    );
+
+    let e = run(&["--bogus-option"], REJECT_TIMEOUT);
+    assert_rejected(&e, 2, &["'--bogus-option'"]);
+
+    let e = run(&["--txpkts", "59"], REJECT_TIMEOUT);
+    assert_rejected(&e, 1, &["--txpkts 59", "60-byte"]);
+
+    let e = run(&["--vdev", "virtio_user0,path=/nonexistent/x.sock"], REJECT_TIMEOUT);
+    assert_rejected(&e, 1, &["/nonexistent/x.sock", "no such socket"]);
+}
+
+/// `--txpkts` above the port's MTU + 14 is rejected once the port reports its MTU
+/// (1000 here); exactly MTU + 14 is accepted and every frame the sink counts has that
+/// length.
+#[test]
+fn rejects_txpkts_above_the_port_mtu() {
+    let _serial = serial();
+    let dir = TempDir::new("tp-mtu");
+    let sock = dir.join("sink.sock");
+    let backend = Backend::start(&["--port", &port_arg("sink", &sock), "--mtu", "1000"]);
+    let vd = vdev(0, &sock);
+
+    let e = run(&["--vdev", &vd, "--forward-mode", "txonly", "--txpkts", "1100"], REJECT_TIMEOUT);
+    assert_rejected(&e, 1, &["--txpkts 1100", "MTU 1000"]);
+
+    let ok = run(
+        &["--vdev", &vd, "--forward-mode", "txonly", "--txpkts", "1014", "--duration", "0.5"],
+        RUN_TIMEOUT,
+    );
+    assert_ok(&ok);
+    let f = fwd(&ok.stdout, 0);
+    assert!(f.tx_packets > 0, "nothing sent: {f:?}\n{ok}");
+
+    let fin = backend.stop();
+    let dev = clean_device(&fin, &sock);
+    assert_eq!(counter(dev, "rx_packets"), f.tx_packets, "sink count vs testpmd TX-packets\n{ok}");
+    assert_eq!(counter(dev, "rx_bytes"), f.tx_packets * 1014, "every frame is 1014 bytes");
+}
+
+/// A socket inside a directory of mode 000: connecting is denied. Root bypasses file
+/// permissions, so as root this testpmd runs as user `nobody` (uid and gid switched,
+/// supplementary groups cleared, like `setpriv --reuid nobody --regid nogroup
+/// --clear-groups`); the path up to the locked directory stays searchable for it.
+#[test]
+fn rejects_a_socket_it_may_not_open() {
+    use std::os::unix::fs::PermissionsExt;
+    let _serial = serial();
+    let dir = TempDir::new("tp-perm");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod tempdir");
+    let locked = dir.join("locked");
+    std::fs::create_dir(&locked).expect("mkdir locked");
+    let sock = locked.join("s.sock");
+    let backend = Backend::start(&["--port", &port_arg("sink", &sock)]);
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).expect("chmod 000");
+
+    // SAFETY: geteuid has no preconditions.
+    let user = if unsafe { libc::geteuid() } == 0 { Some(nobody()) } else { None };
+    let vd = vdev(0, &sock);
+    let e = Testpmd::spawn_with(&["--vdev", &vd], Spawn { stdin: false, user }).wait(REJECT_TIMEOUT);
+    assert_rejected(&e, 1, &[&sock.display().to_string(), "Permission denied"]);
+
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o700)).expect("chmod back");
+    let fin = backend.stop();
+    let dev = clean_device(&fin, &sock);
+    assert_eq!(counter(dev, "rx_packets"), 0);
+}
+
+/// (uid, gid) of user `nobody`.
+fn nobody() -> (u32, u32) {
+    // SAFETY: getpwnam takes a NUL-terminated name and returns a pointer into static
+    // storage (or null); we copy the two ids out immediately, single-threaded use here
+    // is serialised by the test lock.
+    unsafe {
+        let pw = libc::getpwnam(c"nobody".as_ptr());
+        assert!(!pw.is_null(), "no user 'nobody' on this system: cannot test permission checks as root");
+        ((*pw).pw_uid, (*pw).pw_gid)
+    }
+}
+
+/// Two queue pairs against a device started with `--queues 1`: the device does not
+/// offer VIRTIO_NET_F_MQ, so the port cannot open.
+#[test]
+fn rejects_multiqueue_on_a_single_queue_device() {
+    let _serial = serial();
+    let dir = TempDir::new("tp-mq");
+    let sock = dir.join("sink.sock");
+    let backend = Backend::start(&["--port", &port_arg("sink", &sock), "--queues", "1"]);
+    let e = run(&["--vdev", &vdev(0, &sock), "--rxq", "2", "--txq", "2"], REJECT_TIMEOUT);
+    assert_rejected(&e, 1, &["VIRTIO_NET_F_MQ", &sock.display().to_string()]);
+    let fin = backend.stop();
+    clean_device(&fin, &sock);
+}
+
+// ------------------------------------------------------------------------------ 2. forwarding modes
+
+/// txonly into a `sink`: the sink counts exactly the frames testpmd reports as sent
+/// (TX-packets), all `--txpkts` long; testpmd receives nothing.
+///
+/// (TX-packets counts frames placed in the ring, and testpmd resets the device at exit
+/// without waiting for the ring to drain; the busy-polling sink empties a 256-entry ring
+/// in microseconds, long before testpmd has printed its statistics and closed the port.)
+#[test]
+fn txonly_sink_counts_exactly_what_testpmd_sent() {
+    let _serial = serial();
+    let dir = TempDir::new("tp-txonly-sink");
+    let sock = dir.join("sink.sock");
+    let backend = Backend::start(&["--port", &port_arg("sink", &sock)]);
+    let exit = run(
+        &["--vdev", &vdev(0, &sock), "--forward-mode", "txonly", "--txpkts", "128", "--duration", "2"],
+        RUN_TIMEOUT,
+    );
+    assert_ok(&exit);
+    let f = fwd(&exit.stdout, 0);
+    assert_eq!((f.rx_packets, f.rx_dropped), (0, 0), "{exit}");
+    assert!(f.tx_packets > 1000, "txonly hardly sent anything: {f:?}");
+    let fin = backend.stop();
+    let dev = clean_device(&fin, &sock);
+    assert_eq!(counter(dev, "rx_packets"), f.tx_packets, "sink rx_packets vs testpmd TX-packets\n{exit}");
+    assert_eq!(counter(dev, "rx_bytes"), f.tx_packets * 128);
+    assert_eq!(counter(dev, "tx_packets"), 0);
+}
+
+/// txonly through `xconnect:A,B` into our driver on B: every frame is exactly
+/// `--txpkts` bytes, byte-identical to the first, a valid UDP/IPv4 frame (checksums
+/// included) from testpmd's port MAC to the `--eth-peer` MAC, 198.18.0.1:9 ->
+/// 198.18.0.2:9. The driver receives exactly what the backend moved; testpmd's count
+/// exceeds that only by what was still in A's transmit ring when it reset the device.
+#[test]
+fn txonly_frames_are_valid_udp_ipv4() {
+    const LEN: usize = 200;
+    const PEER: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
+    let _serial = serial();
+    let dir = TempDir::new("tp-txonly-x");
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let backend = Backend::start(&["--port", &xconnect_arg(&a, &b)]);
+    let mut peer = Peer::open(&b);
+    let mut tp = Testpmd::spawn(&[
+        "--vdev",
+        &vdev(0, &a),
+        "--forward-mode",
+        "txonly",
+        "--txpkts",
+        &LEN.to_string(),
+        "--eth-peer",
+        "0,02:00:00:00:00:99",
+        "--duration",
+        "2",
+    ]);
+
+    let deadline = Instant::now() + TRAFFIC_TIMEOUT;
+    let mut batch = Vec::with_capacity(BURST);
+    let mut first: Option<Vec<u8>> = None;
+    let (mut count, mut bad) = (0u64, 0u64);
+    let mut bad_sample = None;
+    let mut last = Instant::now();
+    loop {
+        if peer.qp.rx.rx_burst(&mut batch, BURST) == 0 {
+            if !tp.running() && last.elapsed() > QUIET {
+                break;
+            }
+            assert!(Instant::now() < deadline, "testpmd still running at the deadline\n{}", tp.outputs());
+            continue;
+        }
+        last = Instant::now();
+        for p in batch.drain(..) {
+            count += 1;
+            let d = p.data();
+            match &first {
+                None => first = Some(d.to_vec()),
+                Some(f) if f.as_slice() == d => {}
+                Some(_) => {
+                    bad += 1;
+                    bad_sample.get_or_insert_with(|| d.to_vec());
+                }
+            }
+        }
+    }
+    let exit = tp.wait(Duration::from_secs(10));
+    assert_ok(&exit);
+    let f = fwd(&exit.stdout, 0);
+    let mac = port_mac(&exit.stdout, 0).expect("port 0 MAC");
+
+    assert_eq!(bad, 0, "{bad} of {count} frames differ from the first; one: {bad_sample:02x?}");
+    let fr = first.unwrap_or_else(|| panic!("no frame arrived\n{exit}"));
+    assert_eq!(fr.len(), LEN, "frame length: {fr:02x?}");
+    assert!(driver::frame::valid_udp4(&fr), "not a valid UDP/IPv4 frame: {fr:02x?}");
+    assert_eq!(csum(&fr[14..34]), 0, "IPv4 header checksum");
+    assert_eq!(&fr[0..6], &PEER, "destination MAC = --eth-peer");
+    assert_eq!(&fr[6..12], &mac, "source MAC = testpmd's port MAC");
+    assert_eq!(&fr[12..14], &[0x08, 0x00], "EtherType IPv4");
+    assert_eq!(u16::from_be_bytes([fr[16], fr[17]]) as usize, LEN - 14, "IPv4 total length");
+    assert_eq!(fr[23], 17, "protocol UDP");
+    assert_eq!((&fr[26..30], &fr[30..34]), (&[198, 18, 0, 1][..], &[198, 18, 0, 2][..]), "addresses");
+    assert_eq!((&fr[34..36], &fr[36..38]), (&[0, 9][..], &[0, 9][..]), "ports");
+    assert_eq!(u16::from_be_bytes([fr[38], fr[39]]) as usize, LEN - 34, "UDP length");
+
+    peer.close();
+    let fin = backend.stop();
+    let (da, db) = (clean_device(&fin, &a), clean_device(&fin, &b));
+    assert_eq!(counter(da, "rx_packets"), counter(db, "tx_packets"), "backend moved A -> B");
+    assert_eq!(counter(db, "tx_packets"), count, "the driver received every frame the backend delivered");
+    assert_eq!(counter(db, "tx_bytes"), count * LEN as u64);
+    assert_eq!((counter(db, "rx_packets"), counter(da, "tx_packets")), (0, 0), "nothing went B -> A");
+    assert_eq!((f.rx_packets, f.rx_dropped), (0, 0));
+    let left = f.tx_packets.checked_sub(count).unwrap_or_else(|| {
+        panic!("the driver received {count} frames, more than testpmd sent ({})", f.tx_packets)
+    });
+    eprintln!("txonly: testpmd sent {}, received {count}, left in A's ring at reset: {left}", f.tx_packets);
+    assert!(left <= RING, "{left} frames lost: more than A's transmit ring holds\n{exit}");
+}
+
+/// macswap: our driver on B sends 2000 distinct frames (60..=1514 bytes) through
+/// `xconnect:A,B` to testpmd on A, which sends each back; every one returns once, in
+/// order, with source and destination MACs swapped and every other byte equal.
+#[test]
+fn macswap_returns_every_frame_with_macs_swapped() {
+    const N: u32 = 2000;
+    let _serial = serial();
+    let dir = TempDir::new("tp-macswap");
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let backend = Backend::start(&["--port", &xconnect_arg(&a, &b)]);
+    let mut peer = Peer::open(&b);
+    let (tp, _) =
+        start_forwarding(&["--vdev", &vdev(0, &a), "--forward-mode", "macswap", "--stats-period", "1"]);
+
+    let frames = test_frames(N, [0x02, 0, 0, 0, 0xaa, 0x01], [0x02, 0, 0, 0, 0xbb, 0x02]);
+    let got = peer.exchange(&frames, N as usize, &|| diag(&tp, &backend));
+    assert_eq!(got.len(), N as usize, "frames back");
+    for (i, (sent, back)) in frames.iter().zip(&got).enumerate() {
+        let mut want = sent.clone();
+        want[0..6].copy_from_slice(&sent[6..12]);
+        want[6..12].copy_from_slice(&sent[0..6]);
+        assert_eq!(back, &want, "frame {i} (len {}) did not come back MAC-swapped", sent.len());
+    }
+
+    let exit = interrupt(tp);
+    let f = fwd(&exit.stdout, 0);
+    assert_eq!(f, PortCounts { rx_packets: N as u64, rx_dropped: 0, tx_packets: N as u64, tx_dropped: 0 });
+    peer.close();
+    let fin = backend.stop();
+    let bytes: u64 = frames.iter().map(|f| f.len() as u64).sum();
+    for s in [&a, &b] {
+        let d = clean_device(&fin, s);
+        assert_eq!((counter(d, "rx_packets"), counter(d, "tx_packets")), (N as u64, N as u64), "{d}");
+        assert_eq!((counter(d, "rx_bytes"), counter(d, "tx_bytes")), (bytes, bytes), "{d}");
+    }
+}
+
+/// mac: every frame comes back with destination = the `--eth-peer` MAC and source =
+/// testpmd's port MAC, the rest unchanged.
+#[test]
+fn mac_mode_rewrites_both_addresses() {
+    const N: u32 = 500;
+    const PEER: [u8; 6] = [0x02, 0, 0, 0, 0, 0x42];
+    let _serial = serial();
+    let dir = TempDir::new("tp-mac");
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let backend = Backend::start(&["--port", &xconnect_arg(&a, &b)]);
+    let mut peer = Peer::open(&b);
+    let (tp, mac) = start_forwarding(&[
+        "--vdev",
+        &vdev(0, &a),
+        "--forward-mode",
+        "mac",
+        "--eth-peer",
+        "0,02:00:00:00:00:42",
+        "--stats-period",
+        "1",
+    ]);
+
+    let frames = test_frames(N, [0x02, 0, 0, 0, 0xaa, 0x01], [0x02, 0, 0, 0, 0xbb, 0x02]);
+    let got = peer.exchange(&frames, N as usize, &|| diag(&tp, &backend));
+    assert_eq!(got.len(), N as usize, "frames back");
+    for (i, (sent, back)) in frames.iter().zip(&got).enumerate() {
+        let mut want = sent.clone();
+        want[0..6].copy_from_slice(&PEER);
+        want[6..12].copy_from_slice(&mac);
+        assert_eq!(back, &want, "frame {i}");
+    }
+    let exit = interrupt(tp);
+    assert_eq!(
+        fwd(&exit.stdout, 0),
+        PortCounts { rx_packets: N as u64, rx_dropped: 0, tx_packets: N as u64, tx_dropped: 0 }
+    );
+    peer.close();
+    let fin = backend.stop();
+    clean_device(&fin, &a);
+    clean_device(&fin, &b);
+}
+
+/// Hand-built ARP request (RFC 826) for `tpa` from `sha`/`spa`, padded to 60 bytes with
+/// 0xee.
+fn arp_request(sha: [u8; 6], spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0xeeu8; 60];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&sha);
+    f[12..14].copy_from_slice(&[0x08, 0x06]);
+    f[14..22].copy_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f[22..28].copy_from_slice(&sha);
+    f[28..32].copy_from_slice(&spa);
+    f[32..38].copy_from_slice(&[0; 6]);
+    f[38..42].copy_from_slice(&tpa);
+    f
+}
+
+/// Hand-built ICMP echo request (RFC 792): 56 payload bytes, identifier 0xbeef.
+fn echo_request(dst: [u8; 6], src: [u8; 6], sip: [u8; 4], dip: [u8; 4], seq: u16) -> Vec<u8> {
+    let mut f = vec![0u8; 14 + 20 + 8 + 56];
+    f[0..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&src);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip = [0x45, 0, 0, 84, 0x12, 0x34, 0x40, 0, 64, 1, 0, 0];
+    f[14..26].copy_from_slice(&ip);
+    f[26..30].copy_from_slice(&sip);
+    f[30..34].copy_from_slice(&dip);
+    put_csum(&mut f, 24, 14..34);
+    f[34] = 8;
+    f[35] = 0;
+    f[38..40].copy_from_slice(&0xbeefu16.to_be_bytes());
+    f[40..42].copy_from_slice(&seq.to_be_bytes());
+    for (i, b) in f[42..].iter_mut().enumerate() {
+        *b = 0x30 + i as u8;
+    }
+    put_csum(&mut f, 36, 34..98);
+    f
+}
+
+/// icmpecho: testpmd on A answers an ARP request for any address with its port MAC
+/// and ICMP echo requests to its MAC or broadcast; everything else is dropped. The
+/// replies are checked byte for byte against replies built here by hand.
+#[test]
+fn icmpecho_answers_arp_and_echo_requests() {
+    let _serial = serial();
+    let dir = TempDir::new("tp-icmpecho");
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let backend = Backend::start(&["--port", &xconnect_arg(&a, &b)]);
+    let mut peer = Peer::open(&b);
+    let me = peer.mac();
+    let (tp, them) =
+        start_forwarding(&["--vdev", &vdev(0, &a), "--forward-mode", "icmpecho", "--stats-period", "1"]);
+    assert_ne!(me, them);
+    let (my_ip, their_ip) = ([192, 0, 2, 1], [192, 0, 2, 2]);
+
+    let arp = arp_request(me, my_ip, their_ip);
+    let echo = echo_request(them, me, my_ip, their_ip, 7);
+    let echo_bcast = echo_request([0xff; 6], me, my_ip, their_ip, 8);
+    let mut arp_reply_in = arp.clone();
+    arp_reply_in[21] = 2; // an ARP reply: not a request, dropped
+    let echo_other = echo_request([0x02, 9, 9, 9, 9, 9], me, my_ip, their_ip, 9); // not its MAC: dropped
+    let udp = test_frame(100, them, me, 1); // not ARP/ICMP: dropped
+    let sent = vec![arp.clone(), echo.clone(), arp_reply_in, udp, echo_other, echo_bcast.clone()];
+    let got = peer.exchange(&sent, 3, &|| diag(&tp, &backend));
+
+    // ARP reply: to the requester, from testpmd's MAC; op 2; sender = testpmd's MAC and
+    // the address asked for; target = the requester; padding unchanged.
+    let mut want_arp = arp.clone();
+    want_arp[0..6].copy_from_slice(&me);
+    want_arp[6..12].copy_from_slice(&them);
+    want_arp[21] = 2;
+    want_arp[22..28].copy_from_slice(&them);
+    want_arp[28..32].copy_from_slice(&their_ip);
+    want_arp[32..38].copy_from_slice(&me);
+    want_arp[38..42].copy_from_slice(&my_ip);
+
+    // Echo reply: MACs and IPs swapped, type 0, both checksums recomputed; identifier,
+    // sequence and payload unchanged.
+    let want_echo = |req: &[u8]| {
+        let mut w = req.to_vec();
+        w[0..6].copy_from_slice(&me);
+        w[6..12].copy_from_slice(&them);
+        w[26..30].copy_from_slice(&their_ip);
+        w[30..34].copy_from_slice(&my_ip);
+        put_csum(&mut w, 24, 14..34);
+        w[34] = 0;
+        put_csum(&mut w, 36, 34..98);
+        w
+    };
+    assert_eq!(got.len(), 3, "replies: {got:02x?}");
+    assert_eq!(got[0], want_arp, "ARP reply");
+    for (reply, req) in [(&got[1], &echo), (&got[2], &echo_bcast)] {
+        assert_eq!(reply, &want_echo(req), "ICMP echo reply");
+        assert_eq!(csum(&reply[14..34]), 0, "IPv4 header checksum");
+        assert_eq!(csum(&reply[34..]), 0, "ICMP checksum");
+        assert_eq!(&reply[38..], &req[38..], "identifier, sequence and payload");
+    }
+
+    let exit = interrupt(tp);
+    let f = fwd(&exit.stdout, 0);
+    // RX-packets counts every frame received, RX-dropped the ones the engine dropped.
+    assert_eq!(f, PortCounts { rx_packets: 6, rx_dropped: 3, tx_packets: 3, tx_dropped: 0 }, "{exit}");
+    peer.close();
+    let fin = backend.stop();
+    let (da, db) = (clean_device(&fin, &a), clean_device(&fin, &b));
+    assert_eq!((counter(db, "rx_packets"), counter(da, "tx_packets")), (6, 6));
+    assert_eq!((counter(da, "rx_packets"), counter(db, "tx_packets")), (3, 3));
+    // DPDK's RX-total is every frame that reached the port (RX-packets + the port's
+    // misses): 6 here. RX-dropped counts frames already in RX-packets, so adding them
+    // again would count the 3 dropped frames twice.
+    assert_eq!(forward_totals(&exit.stdout, 0), Some((6, 3)), "RX-total / TX-total\n{exit}");
+}
+
+/// io between the two devices of one `xconnect`, `--tx-first 4 --duration 2`.
+///
+/// Streams: port 0 RX -> port 1 TX and port 1 RX -> port 0 TX. With the xconnect (A's
+/// TX to B's RX and back) that makes two closed loops, each seeded with 4 bursts of 32
+/// (I = 128) frames by tx_first on its transmitting port:
+///   loop 0: port 0 TX -> backend A->B -> port 1 RX -> (stream 1) -> port 0 TX
+///   loop 1: port 1 TX -> backend B->A -> port 0 RX -> (stream 0) -> port 1 TX
+/// io forwards every frame it receives (RX-dropped 0); 128 frames never fill a 256-entry
+/// ring (TX-dropped 0); the backend applies backpressure (no drop). So every frame is
+/// kept, and at stop each loop's I frames are in flight (in a ring, between a TX and an
+/// RX count):
+///   TX-packets(0) = RX-packets(1) + I,   TX-packets(1) = RX-packets(0) + I,
+///   total TX = total RX + 2 I.
+/// Backend: A.rx = B.tx and B.rx = A.tx (it moves every frame it takes), and between
+/// the two testpmd counts of its loop: RX-packets(1) <= B.tx and A.rx <= TX-packets(0)
+/// (the I in-flight frames of a loop were either still in the transmit ring or already
+/// in the receive ring when testpmd reset the devices).
+#[test]
+fn io_between_two_ports_keeps_every_packet() {
+    const I: u64 = 4 * 32;
+    let _serial = serial();
+    let dir = TempDir::new("tp-io2");
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let backend = Backend::start(&["--port", &xconnect_arg(&a, &b)]);
+    let exit = run(
+        &[
+            "--vdev",
+            &vdev(0, &a),
+            "--vdev",
+            &vdev(1, &b),
+            "--forward-mode",
+            "io",
+            "--tx-first",
+            "4",
+            "--duration",
+            "2",
+            "--stats-format",
+            "json",
+        ],
+        RUN_TIMEOUT,
+    );
+    assert_ok(&exit);
+    let log = backend.log();
+    let fin = backend.stop();
+    // First: every buffer testpmd posted was one the device may read (a frame received
+    // on one port and sent on the other must still be in that device's memory).
+    let (da, db) = (device(&fin, &a), device(&fin, &b));
+    for d in [da, db] {
+        assert_eq!(
+            counter(d, "broken_queues"),
+            0,
+            "backend marked a queue broken: {d}\nbackend log:\n{log}\n{exit}"
+        );
+        assert_eq!(total_drops(d), 0, "backend dropped frames: {d}\nbackend log:\n{log}");
+    }
+    let js = forward_stats_json(&exit.stdout).unwrap_or_else(|| panic!("no forward_stats JSON line\n{exit}"));
+    let p = json_port_counts(&js);
+    assert_eq!(p.len(), 2, "{js}");
+    for (i, c) in p.iter().enumerate() {
+        assert_eq!((c.rx_dropped, c.tx_dropped), (0, 0), "port {i}: {js}");
+        assert!(c.rx_packets > 10_000, "port {i}: the loop hardly ran: {js}");
+    }
+    assert_eq!(p[0].tx_packets, p[1].rx_packets + I, "loop 0: {js}");
+    assert_eq!(p[1].tx_packets, p[0].rx_packets + I, "loop 1: {js}");
+    let (tx, rx) = (p[0].tx_packets + p[1].tx_packets, p[0].rx_packets + p[1].rx_packets);
+    assert_eq!(tx, rx + 2 * I, "total TX = total RX + in flight");
+
+    let (a_rx, a_tx, b_rx, b_tx) = (
+        counter(da, "rx_packets"),
+        counter(da, "tx_packets"),
+        counter(db, "rx_packets"),
+        counter(db, "tx_packets"),
+    );
+    assert_eq!(a_rx, b_tx, "backend: A's TX all went to B");
+    assert_eq!(b_rx, a_tx, "backend: B's TX all went to A");
+    eprintln!("io: testpmd {p:?}; backend A rx {a_rx} tx {a_tx}, B rx {b_rx} tx {b_tx}");
+    assert!(
+        p[1].rx_packets <= b_tx && a_rx <= p[0].tx_packets,
+        "loop 0: port1 RX {} <= backend A->B {a_rx} <= port0 TX {}",
+        p[1].rx_packets,
+        p[0].tx_packets
+    );
+    assert!(
+        p[0].rx_packets <= a_tx && b_rx <= p[1].tx_packets,
+        "loop 1: port0 RX {} <= backend B->A {b_rx} <= port1 TX {}",
+        p[0].rx_packets,
+        p[1].tx_packets
+    );
+    // Bytes: tx_first frames are 64 bytes and io does not change lengths.
+    assert_eq!(counter(da, "rx_bytes"), a_rx * 64);
+    assert_eq!(counter(db, "rx_bytes"), b_rx * 64);
+}
+
+/// flowgen through `xconnect:A,B` into our driver: valid UDP/IPv4 frames of `--txpkts`
+/// bytes whose destination address walks exactly `--flowgen-flows` flows.
+#[test]
+fn flowgen_frames_cover_every_flow() {
+    const LEN: usize = 90;
+    const FLOWS: u64 = 8;
+    let _serial = serial();
+    let dir = TempDir::new("tp-flowgen");
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let backend = Backend::start(&["--port", &xconnect_arg(&a, &b)]);
+    let mut peer = Peer::open(&b);
+    let mut tp = Testpmd::spawn(&[
+        "--vdev",
+        &vdev(0, &a),
+        "--forward-mode",
+        "flowgen",
+        "--txpkts",
+        &LEN.to_string(),
+        "--flowgen-flows",
+        &FLOWS.to_string(),
+        "--duration",
+        "1",
+    ]);
+    let deadline = Instant::now() + TRAFFIC_TIMEOUT;
+    let mut batch = Vec::with_capacity(BURST);
+    let mut flows = std::collections::BTreeSet::new();
+    let (mut count, mut invalid) = (0u64, Vec::new());
+    let mut last = Instant::now();
+    loop {
+        if peer.qp.rx.rx_burst(&mut batch, BURST) == 0 {
+            if !tp.running() && last.elapsed() > QUIET {
+                break;
+            }
+            assert!(Instant::now() < deadline, "testpmd still running at the deadline\n{}", tp.outputs());
+            continue;
+        }
+        last = Instant::now();
+        for p in batch.drain(..) {
+            count += 1;
+            let d = p.data();
+            if d.len() != LEN || !driver::frame::valid_udp4(d) || d[30..32] != [198, 18] {
+                if invalid.len() < 3 {
+                    invalid.push(d.to_vec());
+                }
+                continue;
+            }
+            flows.insert(u16::from_be_bytes([d[32], d[33]]) as u64);
+        }
+    }
+    let exit = tp.wait(Duration::from_secs(10));
+    assert_ok(&exit);
+    assert!(invalid.is_empty(), "invalid frames: {invalid:02x?}");
+    assert_eq!(flows, (0..FLOWS).collect(), "flows seen");
+    peer.close();
+    let fin = backend.stop();
+    let db = clean_device(&fin, &b);
+    assert_eq!(counter(db, "tx_packets"), count);
+    let f = fwd(&exit.stdout, 0);
+    assert!(count <= f.tx_packets && f.tx_packets - count <= RING, "sent {} received {count}", f.tx_packets);
+}
+
+// ------------------------------------------------------------------------------ 3. interactive
+
+/// The prompt over a pipe: `start`, `show port stats all`, `stop`, `quit` with rxonly
+/// against a `gen` port that makes exactly 1000 frames of 100 bytes.
+#[test]
+fn interactive_prompt_over_stdin() {
+    const N: u64 = 1000;
+    let _serial = serial();
+    let dir = TempDir::new("tp-interactive");
+    let sock = dir.join("gen.sock");
+    let backend =
+        Backend::start(&["--port", &port_arg("gen", &sock), "--count", &N.to_string(), "--pkt-size", "100"]);
+    let mut tp = Testpmd::spawn_with(
+        &["-i", "--vdev", &vdev(0, &sock), "--forward-mode", "rxonly"],
+        Spawn { stdin: true, user: None },
+    );
+    tp.wait_stdout("testpmd> ", Duration::from_secs(20));
+    tp.send("start");
+    tp.wait_stdout("rxonly packet forwarding - ports=1", Duration::from_secs(10));
+    backend.wait_stats(Duration::from_secs(20), |s| counter(device(s, &sock), "tx_packets") == N);
+    // Everything is in the receive ring; give the forwarding thread a moment.
+    thread::sleep(Duration::from_millis(300));
+    tp.send("show port stats all");
+    tp.wait_stdout("NIC statistics for port 0", Duration::from_secs(10));
+    tp.send("stop");
+    tp.wait_stdout("Forward statistics for port 0", Duration::from_secs(10));
+    tp.send("quit");
+    let exit = tp.wait(Duration::from_secs(20));
+    assert_ok(&exit);
+
+    let nic = nic_stats(&exit.stdout, 0).unwrap_or_else(|| panic!("no NIC statistics\n{exit}"));
+    assert_eq!((nic.rx_packets, nic.rx_bytes), (N, N * 100), "{exit}");
+    assert_eq!((nic.rx_errors, nic.rx_nombuf, nic.tx_packets, nic.tx_bytes), (0, 0, 0, 0), "{exit}");
+    assert_eq!(
+        fwd(&exit.stdout, 0),
+        PortCounts { rx_packets: N, rx_dropped: 0, tx_packets: 0, tx_dropped: 0 }
+    );
+    assert!(accumulated_forward_stats(&exit.stdout).is_some(), "no accumulated block\n{exit}");
+    for cmd in ["start", "show port stats all", "stop", "quit"] {
+        assert!(exit.stdout.contains(&format!("testpmd> {cmd}\n")), "prompt echo of {cmd:?}\n{exit}");
+    }
+    assert!(exit.stdout.contains("Bye..."), "{exit}");
+    let fin = backend.stop();
+    let dev = clean_device(&fin, &sock);
+    assert_eq!(counter(dev, "generated"), N);
+}
+
+// ------------------------------------------------------------------------------ 4. embedded default
+
+/// No port option: the embedded reflect loop runs, checks its own accounting and says
+/// so; the printed numbers agree with each other.
+#[test]
+fn embedded_default_accounts_for_every_packet() {
+    let _serial = serial();
+    let exit = run(&["--duration", "2"], RUN_TIMEOUT);
+    assert_ok(&exit);
+    let out = &exit.stdout;
+    assert!(out.contains("unaccounted loss: 0\n"), "{exit}");
+    let f = fwd(out, 0);
+    assert!(f.rx_packets > 10_000 && f.tx_packets > 10_000, "hardly forwarded: {f:?}");
+    assert_eq!((f.rx_dropped, f.tx_dropped), (0, 0));
+    // The summary: "testpmd sent S and received R (+D drained at stop)" and "backend
+    // received S', sent R', dropped 0".
+    let line = |start: &str| {
+        out.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no line starting {start:?}\n{exit}"))
+    };
+    let ours = line("testpmd sent ");
+    let theirs = line("backend received ");
+    let num = |l: &str, key: &str| number_after(l, key).unwrap_or_else(|| panic!("no {key:?} in {l:?}"));
+    let (sent, received, drained) = (num(ours, "testpmd sent"), num(ours, "and received"), num(ours, "(+"));
+    let (be_rx, be_tx, be_drop) =
+        (num(theirs, "backend received"), num(theirs, ", sent"), num(theirs, ", dropped"));
+    assert_eq!((sent, received), (f.tx_packets, f.rx_packets), "summary vs forward statistics");
+    assert_eq!((be_rx, be_tx, be_drop), (sent, received + drained, 0), "{exit}");
+    // 8 bursts of 32 were injected (tx_first 8), all in flight at stop, all drained.
+    assert_eq!(drained, 8 * 32, "{exit}");
+    assert_eq!(sent, received + drained);
+    assert!(exit.stderr.contains("embedded host backend (reflect)"), "{exit}");
+}
