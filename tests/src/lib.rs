@@ -1,6 +1,6 @@
 //! Support for the cross-process and interop tests in `tests/tests/`: a process harness
 //! for our binaries ([`harness`]), DPDK's testpmd as a peer ([`dpdk`]), and a raw
-//! vhost-user front-end that writes rings by hand ([`rawfront`]); QEMU guests
+//! vhost-user front-end that writes rings by hand ([`rawfront`]).
 pub mod dpdk;
 pub mod evildevice;
 pub mod harness;
