@@ -85,8 +85,11 @@ struct QueueState {
     err: Option<Arc<EventFd>>,
     /// A kick fd (or the no-fd polling flag) arrived since the ring was last stopped.
     started: bool,
-    /// `SET_VRING_ENABLE` state.
-    enabled: bool,
+    /// The last `SET_VRING_ENABLE`, if one was applied. `None` counts as enabled: QEMU
+    /// (7.2) sends its enables at realize, before SET_FEATURES, and the `vhost` crate's
+    /// request loop refuses them then (before our handler sees them; see server.rs), so
+    /// a started ring runs unless the front-end explicitly disabled it.
+    enabled: Option<bool>,
     /// Saw a bad value; stays off until the front-end sets the ring up again.
     broken: bool,
     /// Held off by the control plane while it changes the ring.
@@ -185,19 +188,19 @@ impl Device {
         c
     }
 
-    /// Whether queue `q` may run now (rule of vhost-user §"Ring states": started by a
-    /// kick fd, enabled by `SET_VRING_ENABLE` once protocol features are negotiated).
+    /// Whether queue `q` may run now (vhost-user §"Ring states": started by a kick fd,
+    /// and not disabled by `SET_VRING_ENABLE`; see `QueueState::enabled` for why a ring
+    /// that was never enabled explicitly still runs).
     fn runnable(st: &State, q: usize) -> bool {
         let Some(qs) = st.queues.get(q) else {
             return false;
         };
-        let proto = st.acked_features & f::bit(f::VHOST_USER_PROTOCOL_FEATURES) != 0;
         st.connected
             && st.mem.is_some()
             && qs.addr_set
             && qs.size != 0
             && qs.started
-            && (qs.enabled || !proto)
+            && qs.enabled != Some(false)
             && !qs.broken
             && !qs.paused
     }
@@ -382,6 +385,7 @@ impl VhostUserBackendReqHandler for Handler {
     }
     fn set_features(&self, features: u64) -> VuResult<()> {
         let offered = offered_features(self.0.params.queue_pairs);
+        log::debug!("{}: SET_FEATURES {features:#x}", self.0.params.socket.display());
         if features & !offered != 0 {
             warn!(
                 "{}: front-end acked features {:#x} we did not offer",
@@ -454,6 +458,7 @@ impl VhostUserBackendReqHandler for Handler {
         })
     }
     fn get_vring_base(&self, index: u32) -> VuResult<VhostUserVringState> {
+        log::debug!("{}: GET_VRING_BASE {index}", self.0.params.socket.display());
         // Stops the ring (vhost-user: "the back-end must stop the ring"); the pause in
         // `change_queue` makes the worker write its final position back first.
         self.0.change_queue(index, |q| {
@@ -464,6 +469,7 @@ impl VhostUserBackendReqHandler for Handler {
         Ok(VhostUserVringState::new(index, base as u32))
     }
     fn set_vring_kick(&self, index: u8, fd: Option<File>) -> VuResult<()> {
+        log::debug!("{}: SET_VRING_KICK {index} (fd: {})", self.0.params.socket.display(), fd.is_some());
         let kick = eventfd_from(fd);
         self.0.change_queue(index as u32, |q| {
             q.kick = kick;
@@ -497,8 +503,9 @@ impl VhostUserBackendReqHandler for Handler {
         Ok(self.0.params.queue_pairs as u64)
     }
     fn set_vring_enable(&self, index: u32, enable: bool) -> VuResult<()> {
+        log::debug!("{}: SET_VRING_ENABLE {index} {enable}", self.0.params.socket.display());
         self.0.change_queue(index, |q| {
-            q.enabled = enable;
+            q.enabled = Some(enable);
             Ok(())
         })
     }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
 
 use crate::device::{Device, Handler};
@@ -130,6 +130,19 @@ impl Server {
                 Ok(()) => {}
                 Err(VuError::Disconnected) | Err(VuError::PartialMessage) => break,
                 Err(VuError::SocketBroken(_)) => break,
+                Err(VuError::InactiveFeature(f)) => {
+                    // QEMU (7.2) sends SET_VRING_ENABLE at device realize, before any
+                    // SET_FEATURES; the `vhost` crate refuses it because
+                    // VHOST_USER_F_PROTOCOL_FEATURES is not acknowledged yet, after the
+                    // message was read in full. QEMU enables the rings again once it
+                    // has set features (vhost_dev_start), so the early request can be
+                    // dropped without losing state; the connection stays up.
+                    debug!(
+                        "{}: request before feature {:#x} was acknowledged; ignored",
+                        self.device.params.socket.display(),
+                        f.bits()
+                    );
+                }
                 Err(e) => {
                     // A protocol error from the front-end: drop this connection, keep serving.
                     warn!(

@@ -1,9 +1,11 @@
 //! Support for the cross-process and interop tests in `tests/tests/`: a process harness
 //! for our binaries ([`harness`]), DPDK's testpmd as a peer ([`dpdk`]), and a raw
-//! vhost-user front-end that writes rings by hand ([`rawfront`]).
+//! vhost-user front-end that writes rings by hand ([`rawfront`]); QEMU guests
+//! running our driver through VFIO ([`vm`]).
 pub mod dpdk;
 pub mod evildevice;
 pub mod harness;
 pub mod rawfront;
 pub mod testpmd_proc;
 pub mod vdfront;
+pub mod vm;

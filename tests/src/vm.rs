@@ -1,0 +1,366 @@
+//! QEMU guests for the VM tests (`tests/tests/vm_*.rs`).
+//!
+//! * [`build_image`] runs `tests/vm/build-image.sh`: a Debian kernel and an initramfs with
+//!   the VFIO modules, our `testpmd` and `tests/vm/guest-init.sh` as `/init`, cached
+//!   under `<target>/vm/`.
+//! * [`Qemu`] boots it under TCG with one `virtio-net-pci` device whose data plane is a
+//!   vhost-user socket (our backend's), the serial console in a file; it is killed on drop.
+//! * [`GuestReport`] reads what `/init` printed: its `VNET-` markers, the testpmd output
+//!   between `VNET-TESTPMD BEGIN`/`END`, and the `forward_stats` JSON line.
+//!
+//! The guest's `/init` takes its parameters from the kernel command line
+//! (`vt.mode=noiommu vt.fwd=txonly vt.secs=5 ...`, see guest-init.sh).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::{signal, wait_timeout, workspace_bin, TempDir};
+
+/// The guest image: kernel and initramfs.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub vmlinuz: PathBuf,
+    pub initrd: PathBuf,
+    /// How long `build-image.sh` took.
+    pub build_time: Duration,
+}
+
+/// Longest a (cold) image build may take: it downloads about 215 MB of Debian packages.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
+
+/// Builds (or reuses) the guest image with `tests/vm/build-image.sh`, putting our
+/// `testpmd` of the test's own build profile into it. Panics with the script's output if
+/// it fails (a missing prerequisite is a failure, never a skip).
+pub fn build_image() -> Image {
+    let testpmd = workspace_bin("testpmd");
+    // target/<profile>/testpmd -> target/vm
+    let target_dir = testpmd
+        .parent()
+        .and_then(Path::parent)
+        .expect("build_image: testpmd is not in target/<profile>/")
+        .to_path_buf();
+    let vm_dir = target_dir.join("vm");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/build-image.sh");
+    let dir = TempDir::new("vm-build");
+    let log_path = dir.join("build-image.log");
+    let log = File::create(&log_path).expect("build_image: create log");
+    let t0 = Instant::now();
+    let mut child = Command::new("bash")
+        .arg(&script)
+        .env("VNET_TESTPMD", &testpmd)
+        .env("VNET_VM_DIR", &vm_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone().expect("build_image: dup log")))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap_or_else(|e| panic!("build_image: cannot run {}: {e}", script.display()));
+    let status = wait_timeout(&mut child, BUILD_TIMEOUT).unwrap_or_else(|| {
+        signal(child.id(), libc::SIGKILL);
+        let _ = child.wait();
+        panic!(
+            "build_image: {} did not finish within {BUILD_TIMEOUT:?}:\n{}",
+            script.display(),
+            read_lossy(&log_path)
+        )
+    });
+    let out = read_lossy(&log_path);
+    if !status.success() {
+        panic!("build_image: {} failed ({status}):\n{out}", script.display());
+    }
+    let img_dir = out
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("VNET-IMAGE "))
+        .map(|s| PathBuf::from(s.trim()))
+        .unwrap_or_else(|| panic!("build_image: no VNET-IMAGE line in the output:\n{out}"));
+    let image = Image {
+        vmlinuz: img_dir.join("vmlinuz"),
+        initrd: img_dir.join("initrd.img"),
+        build_time: t0.elapsed(),
+    };
+    assert!(
+        image.vmlinuz.exists() && image.initrd.exists(),
+        "build_image: {img_dir:?} lacks vmlinuz/initrd.img"
+    );
+    image
+}
+
+/// How to boot the guest.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// The vhost-user socket (QEMU connects to it as the front-end).
+    pub socket: PathBuf,
+    /// Guest parameters appended to the kernel command line, e.g. `vt.fwd=txonly vt.secs=5`.
+    pub params: String,
+    /// vCPUs.
+    pub smp: u32,
+    /// Guest RAM in MiB (one shared memfd).
+    pub mem_mib: u32,
+    /// The NIC's MAC address.
+    pub mac: String,
+}
+
+impl VmConfig {
+    /// No-IOMMU mode (no vIOMMU device; the guest loads vfio with
+    /// enable_unsafe_noiommu_mode=1) with `params` for the guest's /init.
+    pub fn noiommu(socket: &Path, params: &str) -> VmConfig {
+        VmConfig {
+            socket: socket.to_path_buf(),
+            params: format!("vt.mode=noiommu {params}"),
+            smp: 2,
+            mem_mib: 1024,
+            mac: "52:54:00:12:34:56".into(),
+        }
+    }
+}
+
+/// A running QEMU (TCG) guest; killed on drop.
+pub struct Qemu {
+    child: Option<Child>,
+    started: Instant,
+    serial_path: PathBuf,
+    log_path: PathBuf,
+    cmdline: Vec<String>,
+    _dir: TempDir,
+}
+
+impl Qemu {
+    /// Boots `image` with `cfg` under TCG: q35, a pcie-root-port with a modern-only
+    /// `virtio-net-pci` (no option ROM) on `-netdev vhost-user`, guest RAM from a shared
+    /// memfd (the backend maps it), serial console into a file, no display, no reboot.
+    pub fn start(image: &Image, cfg: &VmConfig) -> Qemu {
+        let dir = TempDir::new("vm-qemu");
+        let serial_path = dir.join("serial.log");
+        let log_path = dir.join("qemu.log");
+        let mem = format!("{}M", cfg.mem_mib);
+        let append = format!("console=ttyS0 panic=-1 quiet loglevel=4 {}", cfg.params);
+        let args: Vec<String> = vec![
+            "-accel".into(),
+            "tcg".into(),
+            "-machine".into(),
+            "q35".into(),
+            "-cpu".into(),
+            "max".into(),
+            "-smp".into(),
+            cfg.smp.to_string(),
+            "-m".into(),
+            mem.clone(),
+            "-object".into(),
+            format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            "-numa".into(),
+            "node,memdev=mem".into(),
+            "-chardev".into(),
+            format!("socket,id=c0,path={}", cfg.socket.display()),
+            "-netdev".into(),
+            "vhost-user,id=n0,chardev=c0".into(),
+            "-device".into(),
+            "pcie-root-port,id=rp0,chassis=1,slot=1".into(),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=n0,mac={},romfile=,bus=rp0,disable-legacy=on", cfg.mac),
+            "-kernel".into(),
+            image.vmlinuz.display().to_string(),
+            "-initrd".into(),
+            image.initrd.display().to_string(),
+            "-append".into(),
+            append,
+            "-nographic".into(),
+            "-serial".into(),
+            format!("file:{}", serial_path.display()),
+            "-monitor".into(),
+            "none".into(),
+            "-no-reboot".into(),
+        ];
+        let log = File::create(&log_path).expect("Qemu::start: create qemu.log");
+        let child = Command::new("qemu-system-x86_64")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("Qemu::start: dup log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("Qemu::start: cannot run qemu-system-x86_64 ({e}); apt-get install qemu-system-x86")
+            });
+        let mut cmdline = vec!["qemu-system-x86_64".to_string()];
+        cmdline.extend(args);
+        Qemu { child: Some(child), started: Instant::now(), serial_path, log_path, cmdline, _dir: dir }
+    }
+
+    /// The serial console so far, without carriage returns.
+    pub fn serial(&self) -> String {
+        read_lossy(&self.serial_path).replace('\r', "")
+    }
+
+    /// QEMU's own stdout/stderr so far.
+    pub fn qemu_log(&self) -> String {
+        read_lossy(&self.log_path)
+    }
+
+    /// The QEMU command line.
+    pub fn cmdline(&self) -> String {
+        self.cmdline.join(" ")
+    }
+
+    /// Time since QEMU was started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Whether QEMU has exited.
+    pub fn has_exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            None => true,
+        }
+    }
+
+    /// Waits until the serial console contains `pattern` (a substring: the console may
+    /// prefix lines with escape codes); returns the time since QEMU started. Panics with
+    /// the console and QEMU's log if the guest reports "VNET-RESULT FAIL" or QEMU exits
+    /// first, or `timeout` passes.
+    pub fn wait_serial(&mut self, pattern: &str, timeout: Duration) -> Duration {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let serial = self.serial();
+            if serial.contains(pattern) {
+                return self.elapsed();
+            }
+            if let Some(reason) = GuestReport::new(serial).marker("VNET-RESULT FAIL") {
+                panic!("the guest failed ({reason}) before printing {pattern:?}\n{}", self.diagnostics());
+            }
+            if self.has_exited() {
+                // One last look: the file may have grown right before the exit.
+                if self.serial().contains(pattern) {
+                    return self.elapsed();
+                }
+                panic!("QEMU exited before the guest printed {pattern:?}\n{}", self.diagnostics());
+            }
+            if Instant::now() >= deadline {
+                panic!("the guest did not print {pattern:?} within {timeout:?}\n{}", self.diagnostics());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits (max `timeout`, then kills it and panics) for QEMU to exit; returns its
+    /// status and the time since it started.
+    pub fn wait_exit(&mut self, timeout: Duration) -> (ExitStatus, Duration) {
+        let child = self.child.as_mut().expect("Qemu::wait_exit: already reaped");
+        match wait_timeout(child, timeout) {
+            Some(st) => (st, self.started.elapsed()),
+            None => {
+                self.kill();
+                panic!("QEMU did not exit within {timeout:?} (killed)\n{}", self.diagnostics());
+            }
+        }
+    }
+
+    /// Kills QEMU (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if matches!(c.try_wait(), Ok(None)) {
+                signal(c.id(), libc::SIGKILL);
+            }
+            let _ = c.wait();
+        }
+    }
+
+    /// The command line, QEMU's log and the serial console, for failure messages.
+    pub fn diagnostics(&self) -> String {
+        format!(
+            "--- QEMU command line\n{}\n--- QEMU log\n{}\n--- serial console\n{}",
+            self.cmdline(),
+            self.qemu_log(),
+            self.serial()
+        )
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What the guest's /init printed (see tests/vm/guest-init.sh).
+#[derive(Debug, Clone)]
+pub struct GuestReport {
+    /// The whole serial console.
+    pub serial: String,
+}
+
+impl GuestReport {
+    pub fn new(serial: String) -> GuestReport {
+        GuestReport { serial }
+    }
+
+    /// The text after the first occurrence of `marker` on its line (`None` if absent).
+    pub fn marker(&self, marker: &str) -> Option<String> {
+        self.serial.lines().find_map(|l| l.find(marker).map(|i| l[i + marker.len()..].trim().to_string()))
+    }
+
+    /// `Some(true)` for "VNET-RESULT PASS", `Some(false)` for FAIL, `None` if absent.
+    pub fn passed(&self) -> Option<bool> {
+        self.marker("VNET-RESULT ").map(|r| r.starts_with("PASS"))
+    }
+
+    /// testpmd's output: the lines between the BEGIN and END markers, without the
+    /// "TP| " / "TP! " prefixes.
+    pub fn testpmd_output(&self) -> String {
+        let mut out = String::new();
+        let mut inside = false;
+        for l in self.serial.lines() {
+            if l.contains("VNET-TESTPMD BEGIN") {
+                inside = true;
+            } else if l.contains("VNET-TESTPMD END") {
+                inside = false;
+            } else if inside {
+                out.push_str(l.strip_prefix("TP| ").or_else(|| l.strip_prefix("TP! ")).unwrap_or(l));
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// testpmd's exit code from the END marker.
+    pub fn testpmd_rc(&self) -> Option<i32> {
+        let end = self.marker("VNET-TESTPMD END rc=")?;
+        end.split_whitespace().next()?.parse().ok()
+    }
+
+    /// The `{"type":"forward_stats",...}` object testpmd printed at stop.
+    pub fn forward_stats(&self) -> Option<Value> {
+        self.serial.lines().filter(|l| l.starts_with("TP| ")).find_map(|l| {
+            let i = l.find('{')?;
+            let v: Value = serde_json::from_str(&l[i..]).ok()?;
+            (v.get("type").and_then(Value::as_str) == Some("forward_stats")).then_some(v)
+        })
+    }
+
+    /// `port`'s counter `name` in the forward stats (rx_packets, rx_dropped, tx_packets,
+    /// tx_dropped); panics with the console if missing.
+    pub fn fwd_counter(&self, port: usize, name: &str) -> u64 {
+        let fs = self
+            .forward_stats()
+            .unwrap_or_else(|| panic!("the guest's testpmd printed no forward_stats line\n{}", self.serial));
+        fs.get("ports")
+            .and_then(|p| p.get(port))
+            .and_then(|p| p.get(name))
+            .and_then(Value::as_u64)
+            .unwrap_or_else(|| panic!("forward_stats has no ports[{port}].{name}: {fs}"))
+    }
+
+    /// Guest uptime (s) printed with the marker's `start=`/`end=`/`uptime=` field.
+    pub fn field(&self, marker: &str, key: &str) -> Option<f64> {
+        let rest = self.marker(marker)?;
+        rest.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+    }
+}
+
+fn read_lossy(p: &Path) -> String {
+    std::fs::read(p).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+}

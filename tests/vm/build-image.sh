@@ -1,0 +1,242 @@
+#!/usr/bin/env bash
+# Builds the guest image of the VM tests (tests/tests/vm_noiommu.rs): a Debian 6.1 kernel
+# and an initramfs with busybox, the VFIO modules (plus a vfio.ko rebuilt with no-IOMMU
+# support), our testpmd with its shared libraries, and tests/vm/guest-init.sh as /init.
+#
+#   tests/vm/build-image.sh          # -> target/vm/image/{vmlinuz,initrd.img,manifest}
+#
+# Everything it downloads or builds is cached under target/vm/ (gitignored with target/):
+# a warm run only re-checks testpmd with cargo and repacks the initramfs if an input
+# changed (a few seconds). It needs root only to apt-get install missing host tools.
+#
+# Environment:
+#   VNET_VM_DIR=DIR        cache and output directory (default: <cargo target dir>/vm,
+#                          i.e. $CARGO_TARGET_DIR/vm or <repo>/target/vm)
+#   VNET_TESTPMD=PATH      use this testpmd binary instead of `cargo build --release -p testpmd`
+#   VNET_VM_APT=0          never apt-get install missing host tools (fail instead)
+#   VNET_KERNEL_ABI=6.1.0-56  VNET_KERNEL_VERSION=6.1.192-2
+#                          the pinned Debian kernel: linux-image-<ABI>-amd64, linux-headers-
+#                          <ABI>-{amd64,common}, linux-kbuild-6.1 and linux-source-6.1, all of
+#                          exactly this version (the rebuilt vfio.ko must match the kernel).
+#
+# Host packages (Debian 12): apt (apt-get download, dpkg -x), cpio, gzip, xz-utils, make,
+# gcc-12, binutils (strip), libelf1 and libssl3 (linux-kbuild's tools), libc-bin (ldd), cargo.
+# The tests also need qemu-system-x86. Missing ones are installed when running as root.
+#
+# Output: the last line is "VNET-IMAGE <dir>" with vmlinuz and initrd.img in <dir>.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+KABI=${VNET_KERNEL_ABI:-6.1.0-56}
+KVERSION=${VNET_KERNEL_VERSION:-6.1.192-2}
+KSERIES=${KABI%.*-*}                     # 6.1
+KVER=$KABI-amd64                         # uname -r of the guest
+VM=${VNET_VM_DIR:-${CARGO_TARGET_DIR:-$REPO/target}/vm}
+CACHE=$VM/cache
+IMG=$VM/image
+T0=${EPOCHREALTIME/./}
+
+say() { local t=$(( ${EPOCHREALTIME/./} - T0 )); printf '[build-image %3d.%ds] %s\n' $((t / 1000000)) $((t / 100000 % 10)) "$*" >&2; }
+die() { echo "build-image.sh: ERROR: $*" >&2; exit 1; }
+
+# ---- host tools ------------------------------------------------------------------------
+# command -> Debian package
+declare -A TOOLS=([apt-get]=apt [dpkg]=dpkg [cpio]=cpio [gzip]=gzip [xz]=xz-utils [make]=make
+                  [gcc-12]=gcc-12 [strip]=binutils [ldd]=libc-bin [sha256sum]=coreutils
+                  [qemu-system-x86_64]=qemu-system-x86)
+missing=()
+for t in "${!TOOLS[@]}"; do command -v "$t" >/dev/null || missing+=("${TOOLS[$t]}"); done
+# the prebuilt tools of linux-kbuild (objtool, modpost, ...) link these at run time
+[ -e /usr/lib/x86_64-linux-gnu/libelf.so.1 ] || missing+=(libelf1)
+[ -e /usr/lib/x86_64-linux-gnu/libssl.so.3 ] || missing+=(libssl3)
+if [ ${#missing[@]} -gt 0 ]; then
+    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+    if [ "${VNET_VM_APT:-1}" != 0 ] && [ "$(id -u)" = 0 ]; then
+        say "installing missing host packages: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}" >&2 \
+            || { apt-get -o DPkg::Lock::Timeout=600 update -q >&2 &&
+                 apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}" >&2; } \
+            || die "apt-get install ${missing[*]} failed"
+    else
+        die "missing host packages: ${missing[*]} (apt-get install ${missing[*]}; run as root to let this script do it)"
+    fi
+fi
+command -v cargo >/dev/null || [ -n "${VNET_TESTPMD:-}" ] || die "cargo not found in PATH (or set VNET_TESTPMD)"
+
+mkdir -p "$CACHE/debs" "$IMG"
+# apt-get download runs as the unprivileged _apt user where it can: let it write here
+chmod 0777 "$CACHE/debs" 2>/dev/null || true
+
+# deb PKG [VERSION]: prints the path of the cached .deb, downloading it if needed.
+# With VERSION the exact version is fetched (apt-get download PKG=VERSION); without it a
+# cached deb of any version is reused, else the candidate is fetched.
+deb() {
+    local p=$1 v=${2:-} f
+    if [ -n "$v" ]; then
+        f="$CACHE/debs/${p}_${v/:/%3a}_amd64.deb"; [ -e "$f" ] || f="$CACHE/debs/${p}_${v/:/%3a}_all.deb"
+    else
+        f=$(ls "$CACHE/debs/${p}_"*.deb 2>/dev/null | head -n1 || true)
+    fi
+    if [ -z "$f" ] || [ ! -s "$f" ]; then
+        say "apt-get download $p${v:+=$v}"
+        (cd "$CACHE/debs" && apt-get download -q "$p${v:+=$v}") >"$CACHE/apt-download.log" 2>&1 \
+            || { apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null 2>&1 || true
+                 (cd "$CACHE/debs" && apt-get download -q "$p${v:+=$v}") >"$CACHE/apt-download.log" 2>&1; } \
+            || die "apt-get download $p${v:+=$v} failed (is $p $v still in the apt sources? set VNET_KERNEL_ABI/VNET_KERNEL_VERSION to the current pair):
+$(cat "$CACHE/apt-download.log")"
+        if [ -n "$v" ]; then
+            f=$(ls "$CACHE/debs/${p}_${v/:/%3a}_"*.deb 2>/dev/null | head -n1 || true)
+        else
+            f=$(ls "$CACHE/debs/${p}_"*.deb 2>/dev/null | head -n1 || true)
+        fi
+        [ -n "$f" ] && [ -s "$f" ] || die "apt-get download $p: no .deb appeared in $CACHE/debs"
+    fi
+    echo "$f"
+}
+
+# ---- 1. kernel (pinned) and its VFIO modules, in load order -------------------------------
+# The order is checked against each module's modinfo "depends=" (Debian ships no modules.dep).
+MODS=(vfio vfio_iommu_type1 vfio_virqfd irqbypass vfio-pci-core vfio-pci)
+K=$CACHE/kernel-$KVER-$KVERSION
+if [ ! -e "$K/.done" ]; then
+    rm -rf "$K" "$K.x"; mkdir -p "$K/modules" "$K.x"
+    dpkg -x "$(deb "linux-image-$KVER" "$KVERSION")" "$K.x"
+    cp "$K.x/boot/vmlinuz-$KVER" "$K/vmlinuz"
+    cp "$K.x/boot/config-$KVER" "$K/config"
+    for m in "${MODS[@]}"; do
+        p=$(find "$K.x/lib/modules/$KVER/kernel" -name "$m.ko" -print -quit)
+        [ -n "$p" ] || die "module $m.ko not found in linux-image-$KVER"
+        cp "$p" "$K/modules/"
+    done
+    rm -rf "$K.x"
+    touch "$K/.done"
+fi
+grep -q '^CONFIG_VFIO_NOIOMMU=y' "$K/config" && NOIOMMU_BUILTIN=1 || NOIOMMU_BUILTIN=0
+say "kernel $KVER ($KVERSION), CONFIG_VFIO_NOIOMMU builtin: $NOIOMMU_BUILTIN"
+loaded=" "
+for m in "${MODS[@]}"; do
+    deps=$(grep -a -o 'depends=[^[:cntrl:]]*' "$K/modules/$m.ko" | head -n1 | cut -d= -f2 | tr ',' ' ')
+    for d in $deps; do
+        case "$loaded" in *" $d "* | *" ${d//_/-} "*) ;; *) die "module $m depends on $d, which is not loaded before it" ;; esac
+    done
+    loaded="$loaded$m "
+done
+
+# ---- 3. vfio.ko with CONFIG_VFIO_NOIOMMU (Debian builds it without) ----------------------------
+N=$CACHE/noiommu-$KVER-$KVERSION
+if [ "$NOIOMMU_BUILTIN" = 0 ] && [ ! -e "$N/.done" ]; then
+    say "rebuilding vfio.ko with -DCONFIG_VFIO_NOIOMMU=1 (linux-source-$KSERIES $KVERSION)"
+    rm -rf "$N"; mkdir -p "$N/root" "$N/build"
+    for p in "linux-headers-$KVER" "linux-headers-$KABI-common" "linux-kbuild-$KSERIES"; do
+        dpkg -x "$(deb "$p" "$KVERSION")" "$N/root"
+    done
+    H=$N/root/usr/src/linux-headers-$KVER
+    # the flavour's Makefile includes the -common tree by its installed absolute path
+    echo "include $N/root/usr/src/linux-headers-$KABI-common/Makefile" > "$H/Makefile"
+    # the kbuild tools are symlinked from /usr/lib/linux-kbuild-X: point them into our tree
+    for l in "$H/scripts" "$H/tools"; do
+        if [ -L "$l" ]; then ln -sfn "$N/root/usr/lib/linux-kbuild-$KSERIES/$(basename "$l")" "$l"; fi
+    done
+    SRC=linux-source-$KSERIES
+    dpkg --fsys-tarfile "$(deb "$SRC" "$KVERSION")" | tar -xO "./usr/src/$SRC.tar.xz" \
+        | xz -dc | tar -x -C "$N" --wildcards "$SRC/drivers/vfio/*"
+    V=$N/$SRC/drivers/vfio
+    # vfio.ko's objects as listed in drivers/vfio/Makefile ("vfio-y += a.o b.o ...")
+    objs=$(sed -n '/^vfio-y/,/^$/p' "$V/Makefile" | grep -oE '[a-z_]+\.o' | tr '\n' ' ')
+    [ -n "$objs" ] || die "cannot read vfio-y from $V/Makefile"
+    for o in $objs; do cp "$V/${o%.o}.c" "$N/build/"; done
+    cp "$V"/*.h "$N/build/"
+    printf 'obj-m := vfio.o\nvfio-y := %s\nccflags-y += -DCONFIG_VFIO_NOIOMMU=1\n' "$objs" > "$N/build/Makefile"
+    make -C "$H" M="$N/build" -j"$(nproc)" modules >"$N/make.log" 2>&1 \
+        || die "vfio.ko build failed:
+$(tail -n 30 "$N/make.log")"
+    [ -e "$N/build/vfio.ko" ] || die "vfio.ko build produced no module: $(tail -n 20 "$N/make.log")"
+    # It must export the stock module's symbol CRCs or the stock vfio_iommu_type1 and
+    # vfio-pci-core refuse to load against it.
+    diff <(awk -F'\t' '{print $1, $2}' "$N/build/Module.symvers" | sort) \
+         <(awk -F'\t' '$3 == "drivers/vfio/vfio" {print $1, $2}' "$H/Module.symvers" | sort) >/dev/null \
+        || die "rebuilt vfio.ko exports different symbol CRCs than the stock one"
+    grep -q -a enable_unsafe_noiommu_mode "$N/build/vfio.ko" \
+        || die "rebuilt vfio.ko has no enable_unsafe_noiommu_mode parameter"
+    cp "$N/build/vfio.ko" "$N/vfio.ko"
+    rm -rf "$N/root" "$N/build" "$N/linux-source-$KSERIES"    # 90 MB of headers and sources
+    touch "$N/.done"
+    say "vfio.ko rebuilt (symbol CRCs identical to the stock module)"
+fi
+
+# ---- 4. busybox (static) -------------------------------------------------------------------
+B=$CACHE/busybox
+if [ ! -e "$B/.done" ]; then
+    rm -rf "$B"; mkdir -p "$B"
+    dpkg -x "$(deb busybox-static)" "$B"
+    touch "$B/.done"
+fi
+
+# ---- 5. testpmd ---------------------------------------------------------------------------
+if [ -n "${VNET_TESTPMD:-}" ]; then
+    TP=$VNET_TESTPMD
+else
+    say "cargo build --release -p testpmd"
+    (cd "$REPO" && cargo build --release -q -p testpmd --bin testpmd) >&2 || die "cargo build --release -p testpmd failed"
+    TP=${CARGO_TARGET_DIR:-$REPO/target}/release/testpmd
+fi
+[ -x "$TP" ] || die "testpmd binary $TP not found"
+# shared libraries as ldd lists them (the dynamic loader appears as an absolute path)
+mapfile -t LIBS < <(ldd "$TP" | awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]+ \(/ {print $1}' | sort -u)
+[ ${#LIBS[@]} -gt 0 ] || die "ldd $TP listed no libraries"
+# glibc dlopen()s libgcc_s for pthread_cancel/unwinding: make sure it is there
+if ! printf '%s\n' "${LIBS[@]}" | grep -q libgcc_s; then
+    g=$(ldconfig -p | awk '/libgcc_s\.so\.1 .*x86-64/ {print $NF; exit}')
+    if [ -n "$g" ]; then LIBS+=("$g"); fi
+fi
+
+# ---- 6. rootfs + initramfs (only when an input changed) ------------------------------------
+INPUTS=("$HERE/guest-init.sh" "$TP" "${LIBS[@]}" "$B/bin/busybox" "$K/vmlinuz")
+for m in "${MODS[@]}"; do INPUTS+=("$K/modules/$m.ko"); done
+if [ "$NOIOMMU_BUILTIN" = 0 ]; then INPUTS+=("$N/vfio.ko"); fi
+KEY=$( { echo "$KVER $KVERSION ${MODS[*]}"; sha256sum "${INPUTS[@]}" | cut -d' ' -f1; } | sha256sum | cut -d' ' -f1)
+if [ -s "$IMG/initrd.img" ] && [ -s "$IMG/vmlinuz" ] && [ "$(cat "$IMG/.key" 2>/dev/null)" = "$KEY" ]; then
+    say "image up to date"
+else
+    R=$CACHE/rootfs
+    rm -rf "$R"
+    mkdir -p "$R"/{bin,sbin,dev,proc,sys,tmp,run,etc,lib/modules,var/run,dev/hugepages}
+    cp "$B/bin/busybox" "$R/bin/busybox"
+    # `busybox --list` includes "busybox" itself: linking it onto the binary would be a loop
+    for a in $("$R/bin/busybox" --list); do
+        [ "$a" = busybox ] || [ -e "$R/bin/$a" ] || ln -s busybox "$R/bin/$a"
+    done
+    : > "$R/lib/modules/load-order"
+    for m in "${MODS[@]}"; do
+        strip --strip-debug -o "$R/lib/modules/$m.ko" "$K/modules/$m.ko"
+        echo "$m.ko" >> "$R/lib/modules/load-order"
+    done
+    if [ "$NOIOMMU_BUILTIN" = 0 ]; then
+        strip --strip-debug -o "$R/lib/modules/vfio-noiommu.ko" "$N/vfio.ko"
+    fi
+    strip -o "$R/bin/testpmd" "$TP"
+    for l in "${LIBS[@]}"; do
+        mkdir -p "$R$(dirname "$l")"
+        cp -L "$l" "$R$l"
+    done
+    install -m 0755 "$HERE/guest-init.sh" "$R/init"
+    {
+        echo "kernel $KVER $KVERSION"
+        echo "testpmd $(sha256sum "$TP" | cut -d' ' -f1) $TP"
+        echo "modules $(tr '\n' ' ' < "$R/lib/modules/load-order")"
+        echo "libs ${LIBS[*]}"
+        echo "noiommu-vfio $([ "$NOIOMMU_BUILTIN" = 0 ] && echo rebuilt || echo builtin)"
+    } > "$R/etc/vnet-image"
+    cp "$K/vmlinuz" "$IMG/vmlinuz.tmp"
+    (cd "$R" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet -R 0:0) \
+        | gzip -1 > "$IMG/initrd.img.tmp"
+    mv "$IMG/vmlinuz.tmp" "$IMG/vmlinuz"
+    mv "$IMG/initrd.img.tmp" "$IMG/initrd.img"
+    cp "$R/etc/vnet-image" "$IMG/manifest"
+    echo "$KEY" > "$IMG/.key"
+    say "initrd.img $(stat -c %s "$IMG/initrd.img") bytes (rootfs $(du -sh "$R" | cut -f1)), vmlinuz $(stat -c %s "$IMG/vmlinuz") bytes"
+fi
+say "done"
+echo "VNET-IMAGE $IMG"

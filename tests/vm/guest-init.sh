@@ -1,0 +1,127 @@
+#!/bin/sh
+# /init of the VM tests' initramfs (busybox sh; built by tests/vm/build-image.sh).
+#
+# Loads the VFIO modules, binds the virtio-net PCI device (1af4:1041) to vfio-pci through
+# driver_override, reserves hugepages, runs our testpmd on it and powers off. Everything
+# the host checks is a line on the serial console starting with "VNET-" (markers may be
+# preceded by console escape codes: match them as substrings); testpmd's stdout lines
+# are prefixed "TP| " and its stderr lines "TP! ", between
+#   ===== VNET-TESTPMD BEGIN <command line> =====   and   ===== VNET-TESTPMD END rc=N =====
+# The last line is "VNET-RESULT PASS" or "VNET-RESULT FAIL <reason>".
+#
+# Kernel command line parameters:
+#   vt.mode=noiommu|viommu    load vfio with enable_unsafe_noiommu_mode=1 (the rebuilt
+#                             vfio-noiommu.ko), or use a vIOMMU (default noiommu)
+#   vt.fwd=none|txonly|rxonly|io|...   testpmd --forward-mode; none = bind only (default none)
+#   vt.secs=N                 testpmd --duration (default 5)
+#   vt.txfirst=N              --tx-first N (default 4 in io mode, none otherwise)
+#   vt.tp=A,B,...             extra testpmd arguments, commas become spaces
+#   vt.hugepages=N            2 MiB pages to reserve (default 128)
+#   vt.shell=1                start a shell instead of powering off (debugging)
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts /dev/hugepages /tmp /run
+mount -t tmpfs tmpfs /tmp
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+echo
+echo "VNET-INIT uptime=$(uptime_s) kernel=$(uname -r) cpus=$(nproc) mem=$(awk '/MemTotal/ {print $2 "kB"}' /proc/meminfo)"
+
+MODE=noiommu FWD=none SECS=5 TXFIRST="" TPEXTRA="" HUGEPAGES=128 DEBUG_SHELL=0
+for a in $(cat /proc/cmdline); do
+    case "$a" in
+        vt.mode=*) MODE=${a#*=} ;;
+        vt.fwd=*) FWD=${a#*=} ;;
+        vt.secs=*) SECS=${a#*=} ;;
+        vt.txfirst=*) TXFIRST=${a#*=} ;;
+        vt.tp=*) TPEXTRA=$(echo "${a#*=}" | tr ',' ' ') ;;
+        vt.hugepages=*) HUGEPAGES=${a#*=} ;;
+        vt.shell=1) DEBUG_SHELL=1 ;;
+    esac
+done
+[ "$FWD" = io ] && [ -z "$TXFIRST" ] && TXFIRST=4
+echo "VNET-PARAMS mode=$MODE fwd=$FWD secs=$SECS txfirst=${TXFIRST:-none} tp='$TPEXTRA' hugepages=$HUGEPAGES"
+
+finish() {
+    echo "VNET-RESULT $* uptime=$(uptime_s)"
+    if [ "$DEBUG_SHELL" = 1 ]; then exec setsid cttyhack sh; fi
+    sync
+    poweroff -f
+}
+fail() {
+    dmesg | grep -iE 'vfio|iommu|virtio|pci 0000:0[1-9]' | tail -n 15 | sed 's/^/VNET-DMESG /'
+    finish FAIL "$*"
+}
+
+# ---- modules ------------------------------------------------------------------------------
+for ko in $(cat /lib/modules/load-order); do
+    file=$ko args=""
+    if [ "$ko" = vfio.ko ] && [ "$MODE" = noiommu ]; then
+        args="enable_unsafe_noiommu_mode=1"
+        # Debian's vfio.ko has no CONFIG_VFIO_NOIOMMU; build-image.sh ships a rebuilt one
+        [ -e /lib/modules/vfio-noiommu.ko ] && file=vfio-noiommu.ko
+    fi
+    if insmod "/lib/modules/$file" $args 2>/tmp/insmod.err; then
+        echo "VNET-MODULE ok $file $args"
+    else
+        echo "VNET-MODULE FAIL $file $args: $(cat /tmp/insmod.err)"
+        fail "insmod $file"
+    fi
+done
+if [ "$MODE" = noiommu ]; then
+    p=/sys/module/vfio/parameters/enable_unsafe_noiommu_mode
+    [ -e $p ] || fail "vfio has no enable_unsafe_noiommu_mode parameter (built without CONFIG_VFIO_NOIOMMU)"
+    echo "VNET-NOIOMMU enable_unsafe_noiommu_mode=$(cat $p)"
+    [ "$(cat $p)" = Y ] || fail "no-IOMMU mode is not enabled"
+fi
+
+# ---- the virtio-net device ------------------------------------------------------------------
+BDF=""
+for d in /sys/bus/pci/devices/*; do
+    if [ "$(cat "$d/vendor")" = 0x1af4 ] && [ "$(cat "$d/device")" = 0x1041 ]; then BDF=${d##*/}; break; fi
+done
+[ -n "$BDF" ] || { ls /sys/bus/pci/devices | sed 's/^/VNET-PCI /'; fail "no virtio-net PCI device 1af4:1041"; }
+D=/sys/bus/pci/devices/$BDF
+echo "VNET-DEV $BDF vendor=$(cat $D/vendor) device=$(cat $D/device) class=$(cat $D/class)"
+
+# ---- bind it to vfio-pci ----------------------------------------------------------------------
+echo vfio-pci > "$D/driver_override"
+[ -e "$D/driver" ] && echo "$BDF" > "$D/driver/unbind"
+if ! echo "$BDF" > /sys/bus/pci/drivers/vfio-pci/bind 2>/tmp/bind.err; then
+    echo "VNET-BIND-ERROR $(cat /tmp/bind.err)"
+fi
+DRV=$(basename "$(readlink "$D/driver" 2>/dev/null)" 2>/dev/null)
+echo "VNET-BIND $BDF driver=${DRV:-none}"
+[ "$DRV" = vfio-pci ] || fail "binding $BDF to vfio-pci failed"
+GRP=$(basename "$(readlink "$D/iommu_group")")
+if [ "$MODE" = noiommu ]; then NODE=/dev/vfio/noiommu-$GRP; else NODE=/dev/vfio/$GRP; fi
+echo "VNET-VFIO group=$GRP nodes=$(ls /dev/vfio | tr '\n' ' ')"
+[ -c "$NODE" ] || fail "$NODE does not exist"
+[ -c /dev/vfio/vfio ] || fail "/dev/vfio/vfio does not exist"
+echo "VNET-VFIO-OK $NODE"
+
+# ---- hugepages ------------------------------------------------------------------------------
+echo "$HUGEPAGES" > /proc/sys/vm/nr_hugepages
+mount -t hugetlbfs nodev /dev/hugepages
+echo "VNET-HUGEPAGES $(awk '/HugePages_Total/ {t=$2} /HugePages_Free/ {f=$2} END {print "total=" t " free=" f}' /proc/meminfo)"
+
+[ "$FWD" = none ] && finish PASS "bind-only"
+
+# ---- testpmd --------------------------------------------------------------------------------
+set -- testpmd -a "$BDF" --forward-mode="$FWD" --duration "$SECS" --stats-format json
+[ -n "$TXFIRST" ] && set -- "$@" --tx-first "$TXFIRST"
+# shellcheck disable=SC2086 # TPEXTRA is a word list on purpose
+set -- "$@" $TPEXTRA
+echo "===== VNET-TESTPMD BEGIN $* ====="
+T_START=$(uptime_s)
+# stdout streams live; a watchdog kills testpmd if it overruns --duration by far
+{ timeout -s KILL $((SECS + 120)) "$@" 2>/tmp/tp.err </dev/null; echo $? > /tmp/tp.rc; } | sed 's/^/TP| /'
+RC=$(cat /tmp/tp.rc)
+sed 's/^/TP! /' /tmp/tp.err
+echo "===== VNET-TESTPMD END rc=$RC start=$T_START end=$(uptime_s) ====="
+if [ "$RC" != 0 ]; then
+    echo "VNET-TESTPMD-ERROR rc=$RC: $(grep -v '^\[' /tmp/tp.err | tail -n 1)"
+    fail "testpmd exited with $RC"
+fi
+finish PASS "testpmd"
