@@ -9,13 +9,15 @@
 #
 # Usage (as root, from the repository root, after `cargo build --release -p host-backend`):
 #   host-backend/bench/vs-dpdk.sh
-# Environment: RUNS=3 DUR=5 WARM=2 SIZES="64" MODES="be-gtx be-grx fe-gtx fe-grx"
+# Environment: RUNS=3 DUR=5 WARM=2 SIZES="64 1514" MODES="be-gtx be-grx fe-gtx fe-grx"
 #   HOST_CPU=1 GUEST_CPU=0 BIN=target/release/host-backend PMD=target/release/testpmd
 #   be-gtx: virtio-user txonly -> backend sink (ours) / rxonly (DPDK)   metric: virtio-user Tx-pps
 #   be-grx: backend gen (ours) / txonly (DPDK) -> virtio-user rxonly    metric: virtio-user Rx-pps
 #   fe-gtx: front-end txonly (ours / DPDK) -> DPDK vhost rxonly          metric: vhost Rx-pps
 #   fe-grx: DPDK vhost txonly -> front-end rxonly (ours / DPDK)          metric: vhost Tx-pps
 # Within a scenario both contenders are measured by the same instrument.
+# Sizes are frame lengths without CRC (testpmd --txpkts); 1514 is the largest frame of a
+# 1500-byte MTU, which our testpmd and backend enforce (DPDK's notes use 1518).
 # Output: one line per (mode, size, backend): median/min/max of the run means, and
 # p10/p50/p90 of all 1-second samples plus how many samples sat below half the p90
 # (the slow level); then the ratio ours/DPDK of the p90s and of the medians.
@@ -23,7 +25,7 @@ set -u
 RUNS=${RUNS:-3}
 DUR=${DUR:-5}
 WARM=${WARM:-2}
-SIZES=${SIZES:-64}
+SIZES=${SIZES:-"64 1514"}
 MODES=${MODES:-"be-gtx be-grx fe-gtx fe-grx"}
 HOST_CPU=${HOST_CPU:-1}
 GUEST_CPU=${GUEST_CPU:-0}
