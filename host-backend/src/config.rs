@@ -31,8 +31,12 @@ pub struct Config {
     pub cores: Option<Vec<usize>>,
     /// Spin time without work before a worker sleeps (0: never sleep).
     pub poll_us: u64,
-    /// Frame size of `gen` ports (without the virtio-net header).
+    /// Frame size of `gen` ports (without the virtio-net header); with `gso_size`, the
+    /// size of one TCP super-frame.
     pub pkt_size: u16,
+    /// `gen`: send TCP/IPv4 super-frames cut at this MSS, whole (guest TSO4) or in
+    /// segments, as the guest's offloads allow; offers GUEST_CSUM and GUEST_TSO4.
+    pub gso_size: Option<u16>,
     /// Frames each `gen` device produces before it stops (`None`: unlimited).
     pub gen_count: Option<u64>,
     /// `reflect`: swap MAC addresses.
@@ -52,6 +56,7 @@ impl Default for Config {
             cores: None,
             poll_us: 50,
             pkt_size: 64,
+            gso_size: None,
             gen_count: None,
             swap_mac: false,
             mtu: 1500,
@@ -165,12 +170,33 @@ impl Config {
         if !(68..=9000).contains(&self.mtu) {
             return Err(Error::Config(format!("--mtu {} out of range 68..=9000", self.mtu)));
         }
-        let max_pkt = self.mtu as u32 + 14;
-        if (self.pkt_size as u32) < 60 || self.pkt_size as u32 > max_pkt {
-            return Err(Error::Config(format!(
-                "--pkt-size {} out of range 60..={max_pkt} (MTU {} + 14)",
-                self.pkt_size, self.mtu
-            )));
+        if let Some(mss) = self.gso_size {
+            // A segment is Ethernet + IPv4 + TCP (54 bytes) + MSS and must fit the MTU.
+            let max_mss = self.mtu as u32 - 40;
+            if mss == 0 || mss as u32 > max_mss {
+                return Err(Error::Config(format!(
+                    "--gso-size {mss} out of range 1..={max_mss} (MTU {} - 40)",
+                    self.mtu
+                )));
+            }
+            if !self.ports.iter().any(|p| p.kind == PortKind::Gen) {
+                return Err(Error::Config("--gso-size applies to gen ports, and there is none".into()));
+            }
+            if (self.pkt_size as usize) < crate::gso::HDRS + crate::gso::PAYLOAD_TAG {
+                return Err(Error::Config(format!(
+                    "--pkt-size {} too small for a TCP super-frame (at least {})",
+                    self.pkt_size,
+                    crate::gso::HDRS + crate::gso::PAYLOAD_TAG
+                )));
+            }
+        } else {
+            let max_pkt = self.mtu as u32 + 14;
+            if (self.pkt_size as u32) < 60 || self.pkt_size as u32 > max_pkt {
+                return Err(Error::Config(format!(
+                    "--pkt-size {} out of range 60..={max_pkt} (MTU {} + 14)",
+                    self.pkt_size, self.mtu
+                )));
+            }
         }
         if matches!(&self.cores, Some(c) if c.is_empty()) {
             return Err(Error::Config("empty core list".into()));
@@ -238,5 +264,27 @@ mod tests {
             ..Config::default()
         };
         assert!(dup.validate().unwrap_err().to_string().contains("used twice"));
+    }
+
+    #[test]
+    fn gso_size_needs_a_gen_port_and_a_segment_within_the_mtu() {
+        let mut c = Config {
+            ports: vec![parse_port("gen:/tmp/x").unwrap()],
+            gso_size: Some(1460),
+            pkt_size: 65535,
+            ..Config::default()
+        };
+        assert!(c.validate().is_ok(), "super-frames may exceed the MTU");
+        c.gso_size = Some(1461);
+        assert!(c.validate().unwrap_err().to_string().contains("--gso-size"));
+        c.gso_size = Some(0);
+        assert!(c.validate().is_err());
+        c.gso_size = Some(1000);
+        c.pkt_size = 65;
+        assert!(c.validate().unwrap_err().to_string().contains("too small"));
+        c.pkt_size = 66;
+        assert!(c.validate().is_ok());
+        c.ports = vec![parse_port("reflect:/tmp/x").unwrap()];
+        assert!(c.validate().unwrap_err().to_string().contains("gen port"));
     }
 }

@@ -11,6 +11,20 @@
 //! then followed by [`Engine::sync`], which returns once every worker has dropped what
 //! it held and re-activated what may run. A change to a queue that is running first
 //! pauses it (sync), so the worker's final position is written back before the change.
+//!
+//! The control queue (virtio 1.2 §5.1.6.5) changes device state the same way: the
+//! control worker hands each command to [`Device::apply_ctrl`], which replaces the
+//! receive configuration ([`RxConfig`]: filters, MAC, guest offloads) or the number of
+//! active queue pairs under the lock and then runs [`Engine::sync_workers`]; a data
+//! worker re-activating a receive ring takes the new `Arc<RxConfig>` with it, so the
+//! data path reads filters without a lock or an atomic. The acknowledgement is written
+//! only after that sync, so a driver that saw `VIRTIO_NET_OK` never receives a frame
+//! the new state rejects.
+//!
+//! Queue indices: the front-end's vhost-user index `i` is data queue `i` (`2p` receive,
+//! `2p + 1` transmit of pair `p`), except the control queue, which is at `2N` when MQ is
+//! negotiated and at 2 otherwise (§5.1.2); internally it is always index `2N`
+//! ([`Device::ctrl_queue`]).
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
@@ -19,7 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use driver::layout::{features as f, net_config};
-use log::{info, warn};
+use log::{debug, info, warn};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserVringAddrFlags,
     VhostUserVringState,
@@ -27,10 +41,12 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Error as VuError, Result as VuResult, VhostUserBackendReqHandler};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::ctrl::{self, Command, Refused, RxConfig};
 use crate::memory::{GuestMemory, RegionDesc};
 use crate::split_ring::{signal, Bad, DeviceRing, RingConfig};
-use crate::stats::{DeviceSnapshot, DropReason, PairStats};
+use crate::stats::{CtrlSnapshot, DeviceSnapshot, DropReason, PairStats};
 use crate::worker::Engine;
+use virtio_bindings::virtio_net as vn;
 
 /// What a port does with its device's traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +86,9 @@ pub struct DeviceParams {
     pub mac: [u8; 6],
     /// MTU in config space.
     pub mtu: u16,
+    /// Guest offload features offered (`GUEST_CSUM`, `GUEST_TSO4`): only where the port
+    /// can produce such packets (a `gen` port with `--gso-size`).
+    pub guest_offloads: u64,
 }
 
 #[derive(Default)]
@@ -96,13 +115,56 @@ struct QueueState {
     paused: bool,
 }
 
-#[derive(Default)]
 struct State {
     connected: bool,
     acked_features: u64,
     acked_protocol: u64,
     mem: Option<Arc<GuestMemory>>,
+    /// Data queues `0..2N`, then the control queue at `2N`.
     queues: Vec<QueueState>,
+    /// What the device delivers into receive queues; replaced as a whole by commands.
+    rx: Arc<RxConfig>,
+    /// Queue pairs whose receive queues carry traffic (`VQ_PAIRS_SET`).
+    active_pairs: u16,
+}
+
+impl State {
+    /// The state after reset (and before any front-end).
+    fn reset(params: &DeviceParams, connected: bool) -> State {
+        State {
+            connected,
+            acked_features: 0,
+            acked_protocol: 0,
+            mem: None,
+            queues: (0..params.queue_pairs as usize * 2 + 1).map(|_| QueueState::default()).collect(),
+            rx: Arc::new(RxConfig::reset(params.mac, 0)),
+            active_pairs: params.queue_pairs,
+        }
+    }
+
+    fn acked(&self, feature: u32) -> bool {
+        self.acked_features & f::bit(feature) != 0
+    }
+
+    /// Number of data queue pairs the device has (`N`).
+    fn pairs(&self) -> usize {
+        self.queues.len() / 2
+    }
+
+    /// The internal index of the front-end's queue `index`, if the device has it.
+    fn queue_index(&self, index: u32) -> Option<usize> {
+        let (index, n) = (index as usize, self.pairs());
+        if self.acked(f::NET_CTRL_VQ) {
+            let mq = self.acked(f::NET_MQ);
+            if index == if mq { 2 * n } else { 2 } {
+                return Some(2 * n);
+            }
+            if !mq && index >= 2 {
+                return None; // one pair only, and the control queue is index 2
+            }
+        }
+        (index < 2 * n).then_some(index)
+    }
 }
 
 /// A ring handed to a worker, with what it needs besides the ring itself.
@@ -111,6 +173,9 @@ pub struct ActiveRing {
     pub ring: DeviceRing,
     /// The kick eventfd the worker sleeps on, if any.
     pub kick: Option<Arc<EventFd>>,
+    /// The device's receive configuration when the ring was activated (filters and
+    /// guest offloads for a receive queue); replaced by re-activation after a change.
+    pub rx: Arc<RxConfig>,
     /// Keeps the call eventfd open while the ring uses its raw fd.
     _call: Option<Arc<EventFd>>,
 }
@@ -127,11 +192,21 @@ pub struct Device {
     /// Frames a `gen` port may still produce (`u64::MAX`: unlimited).
     pub gen_budget: AtomicU64,
     logged_broken: AtomicBool,
+    /// Control commands acknowledged `VIRTIO_NET_OK`.
+    pub ctrl_ok: AtomicU64,
+    /// Control commands refused (`VIRTIO_NET_ERR`, or unanswerable).
+    pub ctrl_err: AtomicU64,
+    /// The control queue saw a protocol violation and stopped.
+    pub ctrl_broken: AtomicBool,
+    logged_ctrl: AtomicBool,
     engine: Arc<Engine>,
 }
 
-/// Features this device offers.
-pub fn offered_features(queue_pairs: u16) -> u64 {
+/// Features this device offers: the ring and config-space features, the control queue
+/// with RX mode (and its extra modes), VLAN filter, MAC address and guest-offload
+/// commands, MQ when there is more than one pair, and the guest offloads the port can
+/// produce (`params.guest_offloads`).
+pub fn offered_features(params: &DeviceParams) -> u64 {
     let mut v = f::bit(f::VERSION_1)
         | f::bit(f::NET_MAC)
         | f::bit(f::NET_STATUS)
@@ -139,8 +214,15 @@ pub fn offered_features(queue_pairs: u16) -> u64 {
         | f::bit(f::RING_EVENT_IDX)
         | f::bit(f::RING_INDIRECT_DESC)
         | f::bit(f::IN_ORDER)
-        | f::bit(f::VHOST_USER_PROTOCOL_FEATURES);
-    if queue_pairs > 1 {
+        | f::bit(f::VHOST_USER_PROTOCOL_FEATURES)
+        | f::bit(f::NET_CTRL_VQ)
+        | f::bit(vn::VIRTIO_NET_F_CTRL_RX)
+        | f::bit(vn::VIRTIO_NET_F_CTRL_RX_EXTRA)
+        | f::bit(vn::VIRTIO_NET_F_CTRL_VLAN)
+        | f::bit(vn::VIRTIO_NET_F_CTRL_MAC_ADDR)
+        | f::bit(vn::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
+        | (params.guest_offloads & ctrl::GUEST_OFFLOADS);
+    if params.queue_pairs > 1 {
         v |= f::bit(f::NET_MQ);
     }
     v
@@ -155,20 +237,25 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
 impl Device {
     /// A device with no front-end yet.
     pub fn new(params: DeviceParams, engine: Arc<Engine>, gen_count: Option<u64>) -> Arc<Device> {
-        let nq = params.queue_pairs as usize * 2;
         let stats = (0..params.queue_pairs).map(|_| PairStats::default()).collect();
         Arc::new(Device {
+            state: Mutex::new(State::reset(&params, false)),
             params,
-            state: Mutex::new(State {
-                queues: (0..nq).map(|_| QueueState::default()).collect(),
-                ..State::default()
-            }),
             stats,
             generated: AtomicU64::new(0),
             gen_budget: AtomicU64::new(gen_count.unwrap_or(u64::MAX)),
             logged_broken: AtomicBool::new(false),
+            ctrl_ok: AtomicU64::new(0),
+            ctrl_err: AtomicU64::new(0),
+            ctrl_broken: AtomicBool::new(false),
+            logged_ctrl: AtomicBool::new(false),
             engine,
         })
+    }
+
+    /// Internal index of the control queue (`2N`).
+    pub fn ctrl_queue(&self) -> u16 {
+        2 * self.params.queue_pairs
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -177,10 +264,12 @@ impl Device {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The virtio-net config space (§5.1.4): MAC, link up, pairs, MTU.
+    /// The virtio-net config space (§5.1.4): MAC (as `MAC_ADDR_SET` last set it), link
+    /// up, pairs, MTU.
     pub fn config_space(&self) -> [u8; net_config::LEN] {
         let mut c = [0u8; net_config::LEN];
-        c[net_config::MAC..net_config::MAC + 6].copy_from_slice(&self.params.mac);
+        let mac = self.lock().rx.mac;
+        c[net_config::MAC..net_config::MAC + 6].copy_from_slice(&mac);
         c[net_config::STATUS..net_config::STATUS + 2].copy_from_slice(&net_config::S_LINK_UP.to_le_bytes());
         c[net_config::MAX_VQ_PAIRS..net_config::MAX_VQ_PAIRS + 2]
             .copy_from_slice(&self.params.queue_pairs.to_le_bytes());
@@ -188,14 +277,24 @@ impl Device {
         c
     }
 
-    /// Whether queue `q` may run now (vhost-user §"Ring states": started by a kick fd,
-    /// and not disabled by `SET_VRING_ENABLE`; see `QueueState::enabled` for why a ring
-    /// that was never enabled explicitly still runs).
+    /// Whether queue `q` (internal index) may run now (vhost-user §"Ring states": started
+    /// by a kick fd, and not disabled by `SET_VRING_ENABLE`; see `QueueState::enabled` for
+    /// why a ring that was never enabled explicitly still runs), plus virtio's rules: a
+    /// receive queue of a pair beyond `VQ_PAIRS_SET` carries nothing (its transmit queue
+    /// still runs, so what the guest sends there is consumed), and the control queue
+    /// exists only with `CTRL_VQ`.
     fn runnable(st: &State, q: usize) -> bool {
         let Some(qs) = st.queues.get(q) else {
             return false;
         };
-        st.connected
+        let n = st.pairs();
+        let allowed = if q == 2 * n {
+            st.acked(f::NET_CTRL_VQ)
+        } else {
+            q % 2 == 1 || q / 2 < st.active_pairs as usize
+        };
+        allowed
+            && st.connected
             && st.mem.is_some()
             && qs.addr_set
             && qs.size != 0
@@ -226,8 +325,9 @@ impl Device {
         };
         let call = qs.call.clone();
         let kick = qs.kick.clone();
+        let rx = st.rx.clone();
         match DeviceRing::new(&cfg, mem, call.as_ref().map(|c| c.as_raw_fd())) {
-            Ok(ring) => Some(ActiveRing { ring, kick, _call: call }),
+            Ok(ring) => Some(ActiveRing { ring, kick, rx, _call: call }),
             Err(bad) => {
                 drop(st);
                 self.mark_broken(q, bad);
@@ -256,9 +356,15 @@ impl Device {
             qs.broken = true;
             qs.err.clone()
         };
-        let pair = &self.stats[q as usize / 2];
-        pair.broken.store(true, Ordering::Relaxed);
-        pair.drops[DropReason::BadDescriptor as usize].fetch_add(1, Ordering::Relaxed);
+        match self.stats.get(q as usize / 2) {
+            Some(pair) => {
+                pair.broken.store(true, Ordering::Relaxed);
+                pair.drops[DropReason::BadDescriptor as usize].fetch_add(1, Ordering::Relaxed);
+            }
+            // The control queue. Relaxed: a statistics flag; the queue itself is stopped
+            // through `qs.broken` under the lock.
+            None => self.ctrl_broken.store(true, Ordering::Relaxed),
+        }
         if !self.logged_broken.swap(true, Ordering::Relaxed) {
             warn!("{}: queue {q} broken: {bad}", self.params.socket.display());
         }
@@ -291,59 +397,120 @@ impl Device {
         }
     }
 
+    /// Applies one control command (`data`: its device-readable bytes) and returns the
+    /// acknowledgement. A valid command changes device state under the lock, then (if it
+    /// changed anything) every data worker re-activates its rings from it
+    /// ([`Engine::sync_workers`]) before this returns `VIRTIO_NET_OK`: the change is in
+    /// effect for every frame the guest sees after the acknowledgement. Called by the
+    /// control worker only (never with a lock held).
+    pub fn apply_ctrl(&self, data: &[u8]) -> u8 {
+        let (parsed, changed) = {
+            let mut st = self.lock();
+            let parsed = ctrl::parse(data, st.acked_features, self.params.queue_pairs);
+            let changed = match &parsed {
+                Ok(Command::VqPairs(n)) => std::mem::replace(&mut st.active_pairs, *n) != *n,
+                Ok(cmd) => {
+                    let mut rx = (*st.rx).clone();
+                    rx.apply(cmd);
+                    let changed = rx != *st.rx;
+                    st.rx = Arc::new(rx);
+                    changed
+                }
+                Err(_) => false,
+            };
+            (parsed, changed)
+        };
+        match parsed {
+            Ok(cmd) => {
+                // A command that changes nothing (the driver repeating itself) costs the
+                // data workers no resync.
+                if changed {
+                    self.engine.sync_workers();
+                }
+                // Relaxed: statistics counters, ordered with nothing else.
+                self.ctrl_ok.fetch_add(1, Ordering::Relaxed);
+                debug!("{}: control command {cmd:?} applied", self.params.socket.display());
+                ctrl::ACK_OK
+            }
+            Err(why) => {
+                self.refuse_ctrl(&why);
+                ctrl::ACK_ERR
+            }
+        }
+    }
+
+    /// Counts a refused control command (logged once per connection, then at debug level).
+    pub fn refuse_ctrl(&self, why: &Refused) {
+        // Relaxed: a statistics counter and a log-once flag, ordered with nothing else.
+        self.ctrl_err.fetch_add(1, Ordering::Relaxed);
+        if !self.logged_ctrl.swap(true, Ordering::Relaxed) {
+            warn!("{}: control command refused: {why}", self.params.socket.display());
+        } else {
+            debug!("{}: control command refused: {why}", self.params.socket.display());
+        }
+    }
+
     /// Statistics at this moment.
     pub fn snapshot(&self) -> DeviceSnapshot {
+        let (connected, rx, active_pairs) = {
+            let st = self.lock();
+            (st.connected, st.rx.clone(), st.active_pairs)
+        };
         DeviceSnapshot {
             socket: self.params.socket.display().to_string(),
             port: self.params.kind.name(),
-            connected: self.lock().connected,
+            connected,
             generated: self.generated.load(Ordering::Relaxed),
             pairs: self.stats.iter().map(|s| s.snapshot()).collect(),
+            ctrl: CtrlSnapshot {
+                ok: self.ctrl_ok.load(Ordering::Relaxed),
+                err: self.ctrl_err.load(Ordering::Relaxed),
+                broken: self.ctrl_broken.load(Ordering::Relaxed),
+            },
+            active_pairs,
+            rx_filter: rx.to_json(),
         }
     }
 
     /// A front-end connected: start from a clean device.
     pub fn connect(&self) {
-        {
-            let mut st = self.lock();
-            let nq = st.queues.len();
-            *st = State {
-                connected: true,
-                queues: (0..nq).map(|_| QueueState::default()).collect(),
-                ..State::default()
-            };
-        }
+        *self.lock() = State::reset(&self.params, true);
         self.logged_broken.store(false, Ordering::Relaxed);
+        self.logged_ctrl.store(false, Ordering::Relaxed);
         info!("{}: front-end connected", self.params.socket.display());
         self.engine.sync();
     }
 
     /// The front-end went away: reset the device (workers drop its rings and memory).
     pub fn disconnect(&self) {
-        {
-            let mut st = self.lock();
-            let nq = st.queues.len();
-            *st = State { queues: (0..nq).map(|_| QueueState::default()).collect(), ..State::default() };
-        }
+        *self.lock() = State::reset(&self.params, false);
         self.engine.sync();
         info!("{}: front-end disconnected, device reset", self.params.socket.display());
     }
 
-    /// Applies `change` to queue `q`: pauses it first if it is running, so that the
-    /// worker's position is written back before the change, then lets workers pick up
-    /// the result.
-    fn change_queue(&self, q: u32, change: impl FnOnce(&mut QueueState) -> VuResult<()>) -> VuResult<()> {
-        let q = q as usize;
-        let running = {
+    /// Applies `change` to the front-end's queue `index`: pauses it first if it is
+    /// running, so that the worker's position is written back before the change, then
+    /// lets workers pick up the result.
+    fn change_queue(&self, index: u32, change: impl FnOnce(&mut QueueState) -> VuResult<()>) -> VuResult<()> {
+        self.change_queue_at(index, change).map(|_| ())
+    }
+
+    /// [`change_queue`](Self::change_queue), returning the queue's internal index.
+    fn change_queue_at(
+        &self,
+        index: u32,
+        change: impl FnOnce(&mut QueueState) -> VuResult<()>,
+    ) -> VuResult<usize> {
+        let (q, running) = {
             let mut st = self.lock();
-            if q >= st.queues.len() {
+            let Some(q) = st.queue_index(index) else {
                 return Err(VuError::InvalidParam);
-            }
+            };
             let running = Self::runnable(&st, q);
             if running {
                 st.queues[q].paused = true;
             }
-            running
+            (q, running)
         };
         if running {
             self.engine.sync();
@@ -355,7 +522,7 @@ impl Device {
             change(qs)
         };
         self.engine.sync();
-        res
+        res.map(|()| q)
     }
 }
 
@@ -381,10 +548,10 @@ impl VhostUserBackendReqHandler for Handler {
         self.reset_owner()
     }
     fn get_features(&self) -> VuResult<u64> {
-        Ok(offered_features(self.0.params.queue_pairs))
+        Ok(offered_features(&self.0.params))
     }
     fn set_features(&self, features: u64) -> VuResult<()> {
-        let offered = offered_features(self.0.params.queue_pairs);
+        let offered = offered_features(&self.0.params);
         log::debug!("{}: SET_FEATURES {features:#x}", self.0.params.socket.display());
         if features & !offered != 0 {
             warn!(
@@ -394,7 +561,22 @@ impl VhostUserBackendReqHandler for Handler {
             );
             return Err(VuError::InvalidParam);
         }
-        self.0.lock().acked_features = features;
+        {
+            let mut st = self.0.lock();
+            if st.acked_features != features {
+                // Feature-derived defaults (§5.1.6.5): empty VLAN table with CTRL_VLAN,
+                // every negotiated guest offload on, one pair with CTRL_VQ and MQ (the
+                // driver enables more with VQ_PAIRS_SET); without CTRL_VQ every pair
+                // carries traffic and SET_VRING_ENABLE decides (QEMU, DPDK).
+                st.acked_features = features;
+                st.rx = Arc::new(RxConfig::reset(st.rx.mac, features));
+                st.active_pairs = if st.acked(f::NET_CTRL_VQ) && st.acked(f::NET_MQ) {
+                    1
+                } else {
+                    self.0.params.queue_pairs
+                };
+            }
+        }
         self.0.engine.sync();
         Ok(())
     }
@@ -461,11 +643,11 @@ impl VhostUserBackendReqHandler for Handler {
         log::debug!("{}: GET_VRING_BASE {index}", self.0.params.socket.display());
         // Stops the ring (vhost-user: "the back-end must stop the ring"); the pause in
         // `change_queue` makes the worker write its final position back first.
-        self.0.change_queue(index, |q| {
+        let q = self.0.change_queue_at(index, |q| {
             q.started = false;
             Ok(())
         })?;
-        let base = self.0.lock().queues[index as usize].base;
+        let base = self.0.lock().queues[q].base;
         Ok(VhostUserVringState::new(index, base as u32))
     }
     fn set_vring_kick(&self, index: u8, fd: Option<File>) -> VuResult<()> {
@@ -569,5 +751,107 @@ impl VhostUserBackendReqHandler for Handler {
     }
     fn set_log_base(&self, _log: &vhost::vhost_user::message::VhostUserLog, _file: File) -> VuResult<()> {
         Err(VuError::InvalidOperation("dirty logging not offered"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ctrl::{ACK_ERR, ACK_OK};
+
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+
+    fn device(pairs: u16, guest_offloads: u64) -> Arc<Device> {
+        let params = DeviceParams {
+            socket: "/nonexistent/test.sock".into(),
+            kind: PortKind::Reflect,
+            queue_pairs: pairs,
+            mac: MAC,
+            mtu: 1500,
+            guest_offloads,
+        };
+        // No workers: every sync returns at once.
+        let d = Device::new(params, Engine::new(0, 0).unwrap(), None);
+        d.connect();
+        d
+    }
+
+    fn ctrl_features() -> u64 {
+        f::bit(f::VERSION_1)
+            | f::bit(f::NET_CTRL_VQ)
+            | f::bit(vn::VIRTIO_NET_F_CTRL_RX)
+            | f::bit(vn::VIRTIO_NET_F_CTRL_MAC_ADDR)
+            | f::bit(vn::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
+    }
+
+    #[test]
+    fn offers_control_features_and_guest_offloads_only_when_asked() {
+        let one = offered_features(&device(1, 0).params);
+        for b in [
+            f::NET_CTRL_VQ,
+            vn::VIRTIO_NET_F_CTRL_RX,
+            vn::VIRTIO_NET_F_CTRL_RX_EXTRA,
+            vn::VIRTIO_NET_F_CTRL_VLAN,
+            vn::VIRTIO_NET_F_CTRL_MAC_ADDR,
+            vn::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
+        ] {
+            assert_ne!(one & f::bit(b), 0, "bit {b}");
+        }
+        assert_eq!(one & (f::bit(f::NET_MQ) | ctrl::GUEST_OFFLOADS), 0);
+        let csum_tso = f::bit(vn::VIRTIO_NET_F_GUEST_CSUM) | f::bit(vn::VIRTIO_NET_F_GUEST_TSO4);
+        let two = offered_features(&device(2, csum_tso).params);
+        assert_eq!(two & (f::bit(f::NET_MQ) | ctrl::GUEST_OFFLOADS), f::bit(f::NET_MQ) | csum_tso);
+    }
+
+    #[test]
+    fn control_queue_index_follows_negotiation() {
+        let d = device(2, 0);
+        let h = Handler(d.clone());
+        assert!(h.set_vring_num(4, 64).is_err(), "no control queue before CTRL_VQ");
+        assert!(h.set_vring_num(3, 64).is_ok());
+        h.set_features(ctrl_features() | f::bit(f::NET_MQ)).unwrap();
+        assert_eq!(d.lock().queue_index(4), Some(4));
+        assert!(h.set_vring_num(4, 64).is_ok());
+        assert!(h.set_vring_num(5, 64).is_err());
+        // CTRL_VQ without MQ: one pair, control queue at index 2.
+        h.set_features(ctrl_features()).unwrap();
+        assert_eq!(d.lock().queue_index(2), Some(4));
+        assert_eq!(d.lock().queue_index(3), None);
+        assert_eq!(d.lock().queue_index(1), Some(1));
+        // Neither: data queues only (DPDK and QEMU terminate the control queue).
+        h.set_features(f::bit(f::VERSION_1) | f::bit(f::NET_MQ)).unwrap();
+        assert_eq!(d.lock().queue_index(3), Some(3));
+        assert_eq!(d.lock().queue_index(4), None);
+    }
+
+    #[test]
+    fn commands_change_device_state_and_reset_restores_it() {
+        let d = device(2, 0);
+        let h = Handler(d.clone());
+        // Before features: nothing is negotiated, every command is refused.
+        assert_eq!(d.apply_ctrl(&[4, 0, 2, 0]), ACK_ERR);
+        h.set_features(ctrl_features() | f::bit(f::NET_MQ)).unwrap();
+        assert_eq!(d.snapshot().active_pairs, 1, "MQ starts with one pair");
+        assert_eq!(d.apply_ctrl(&[4, 0, 2, 0]), ACK_OK);
+        assert_eq!(d.snapshot().active_pairs, 2);
+        assert_eq!(d.apply_ctrl(&[4, 0, 3, 0]), ACK_ERR);
+        assert_eq!(d.apply_ctrl(&[0, 0, 0]), ACK_OK); // promiscuous off
+        assert_eq!(d.apply_ctrl(&[2, 0, 1, 0]), ACK_ERR); // VLAN not negotiated
+        let new_mac = [2, 0, 0, 0, 0, 7];
+        let mut cmd = vec![1, 1];
+        cmd.extend_from_slice(&new_mac);
+        assert_eq!(d.apply_ctrl(&cmd), ACK_OK);
+        assert_eq!(&d.config_space()[..6], &new_mac, "config space follows MAC_ADDR_SET");
+        let s = d.snapshot();
+        assert_eq!((s.ctrl.ok, s.ctrl.err, s.ctrl.broken), (3, 3, false));
+        assert_eq!(s.rx_filter["promisc"], false);
+        // Same features again: state kept; other features: feature defaults.
+        h.set_features(ctrl_features() | f::bit(f::NET_MQ)).unwrap();
+        assert_eq!(d.snapshot().active_pairs, 2);
+        d.disconnect();
+        d.connect();
+        let s = d.snapshot();
+        assert_eq!(&d.config_space()[..6], &MAC);
+        assert_eq!((s.active_pairs, s.rx_filter["promisc"].as_bool()), (2, Some(true)));
     }
 }

@@ -5,6 +5,13 @@
 //! `xconnect`); pinned busy-poll workers move packets through a batched split-ring
 //! engine. Everything a guest writes is validated; a bad value breaks only that queue.
 //!
+//! Each device also serves a control queue (`VIRTIO_NET_F_CTRL_VQ`) to front-ends that
+//! negotiate it: RX mode, MAC and VLAN filters, MAC address, `VQ_PAIRS_SET` and guest
+//! offloads ([`ctrl`]), applied to what the device delivers into the guest's receive
+//! queues. One control worker thread owns every device's control queue and sleeps
+//! until kicked; QEMU and DPDK's virtio-user terminate the control queue themselves and
+//! use `SET_VRING_ENABLE`, which keeps deciding which pairs run.
+//!
 //! ```no_run
 //! use host_backend::{config::{parse_port, Config}, Backend};
 //! let cfg = Config { ports: vec![parse_port("reflect:/tmp/vnet.sock")?], ..Config::default() };
@@ -17,13 +24,16 @@
 //! ```
 //!
 //! Modules: [`memory`] (guest memory and translation), [`split_ring`] (the device-side
-//! ring engine), [`device`] (device state and the vhost-user handler), [`port`] (what
-//! each port does per burst), [`worker`] (busy-poll threads), [`server`] (sockets),
-//! [`stats`], [`config`].
+//! ring engine), [`device`] (device state and the vhost-user handler), [`ctrl`] (control
+//! commands and receive filters), [`port`] (what each port does per burst), [`gso`] (the
+//! generator's TCP super-frames), [`worker`] (busy-poll threads and the control worker),
+//! [`server`] (sockets), [`stats`], [`config`].
 
 pub mod config;
+pub mod ctrl;
 pub mod device;
 pub mod error;
+pub mod gso;
 pub mod memory;
 pub mod port;
 pub mod server;
@@ -44,6 +54,14 @@ use server::{Server, ServerHandle};
 use stats::DeviceSnapshot;
 use worker::{Engine, Worker};
 
+/// Guest offloads a `gen` port with `--gso-size` offers: checksum and TCPv4
+/// segmentation (it generates TCP/IPv4 only, so not TSO6, ECN, UFO or USO).
+fn gso_offloads() -> u64 {
+    use driver::layout::features::bit;
+    use virtio_bindings::virtio_net as vn;
+    bit(vn::VIRTIO_NET_F_GUEST_CSUM) | bit(vn::VIRTIO_NET_F_GUEST_TSO4)
+}
+
 /// A running backend.
 pub struct Backend {
     engine: Arc<Engine>,
@@ -61,7 +79,8 @@ impl Backend {
             Some(c) => c.iter().map(|&c| Some(c)).collect(),
             None => vec![None],
         };
-        let engine = Engine::new(cores.len())?;
+        // One slot per data worker, then the control worker's.
+        let engine = Engine::new(cores.len(), 1)?;
 
         // Devices and the paths that move their traffic.
         let mut devices = Vec::new();
@@ -80,6 +99,11 @@ impl Backend {
                             queue_pairs: cfg.queue_pairs,
                             mac,
                             mtu: cfg.mtu,
+                            guest_offloads: if spec.kind == PortKind::Gen && cfg.gso_size.is_some() {
+                                gso_offloads()
+                            } else {
+                                0
+                            },
                         },
                         engine.clone(),
                         (spec.kind == PortKind::Gen).then_some(cfg.gen_count).flatten(),
@@ -92,7 +116,7 @@ impl Backend {
                 let (rxq, txq) = (2 * p, 2 * p + 1);
                 match spec.kind {
                     PortKind::Sink => paths.push(Path::sink(&devs[0], txq)),
-                    PortKind::Gen => paths.push(Path::gen(&devs[0], rxq, cfg.pkt_size)),
+                    PortKind::Gen => paths.push(Path::gen(&devs[0], rxq, cfg.pkt_size, cfg.gso_size)),
                     PortKind::Reflect => {
                         paths.push(Path::forward(&devs[0], txq, &devs[0], rxq, cfg.swap_mac))
                     }
@@ -120,6 +144,9 @@ impl Backend {
         for (i, (cpu, paths)) in cores.iter().zip(per_worker).enumerate() {
             workers.push(Worker::new(i, *cpu, paths, engine.clone(), cfg.poll_us).spawn()?);
         }
+        // Every device's control queue on the control worker (the last engine slot).
+        let ctrl_paths = devices.iter().map(Path::ctrl).collect();
+        workers.push(Worker::control(cores.len(), ctrl_paths, engine.clone()).spawn()?);
 
         let mut servers = Vec::new();
         let mut listeners = listeners.map(|l| l.into_iter());

@@ -46,9 +46,14 @@ struct Args {
     /// (0 = never sleep).
     #[arg(long, default_value_t = 50)]
     poll_us: u64,
-    /// Frame size of gen ports in bytes (60 to MTU+14).
+    /// Frame size of gen ports in bytes (60 to MTU+14; with --gso-size, the TCP
+    /// super-frame size, up to 65535).
     #[arg(long, default_value_t = 64)]
     pkt_size: u16,
+    /// gen: send TCP/IPv4 super-frames of --pkt-size bytes cut at this MSS: whole while
+    /// the guest has TSO4 on, as segments otherwise (offers GUEST_CSUM and GUEST_TSO4).
+    #[arg(long, value_name = "MSS")]
+    gso_size: Option<u16>,
     /// gen: frames per device before it stops (default: unlimited).
     #[arg(long)]
     count: Option<u64>,
@@ -77,6 +82,7 @@ fn config_from(args: &Args) -> host_backend::Result<Config> {
         cores: args.cores.as_deref().map(config::parse_cores).transpose()?,
         poll_us: args.poll_us,
         pkt_size: args.pkt_size,
+        gso_size: args.gso_size,
         gen_count: args.count,
         swap_mac: args.swap_mac,
         mtu: args.mtu,

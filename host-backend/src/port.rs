@@ -5,21 +5,35 @@
 //! Owns: the per-burst packet work of `sink` (count and drop), `gen` (generate frames
 //! into the guest's receive buffers), and forwarding from one device's transmit queue to
 //! a receive queue (`reflect`: the same device; `xconnect`: the other device), with
-//! backpressure: a frame waits in the transmit ring until a receive buffer is free.
+//! backpressure: a frame waits in the transmit ring until a receive buffer is free; and
+//! the control queue path (read a command, have the device apply it, write the ack).
 //! Must not: talk to the front-end or change device state other than marking a queue
-//! broken (through [`Device::mark_broken`]).
+//! broken (through [`Device::mark_broken`]) and applying control commands (through
+//! [`Device::apply_ctrl`], on the control worker only).
+//!
+//! What is delivered into a receive queue follows the receiving device's [`RxConfig`],
+//! the `Arc` its receive ring was activated with (no lock, no atomic per frame): a frame
+//! its filters reject is consumed and counted as `filtered` without using a receive
+//! buffer; `gen` addresses the device's current MAC and, with `--gso-size`, sends TCP
+//! super-frames whole only while guest TSO is on (segments otherwise, see [`crate::gso`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use driver::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
 
+use crate::ctrl::{self, Refused, RxConfig};
 use crate::device::{ActiveRing, Device};
+use crate::gso::TcpGen;
 use crate::split_ring::{copy_chain, gather, scatter, Bad, Chain, DeviceRing, Dir};
 use crate::stats::{BurstCounts, DropReason};
 
 /// Most chains handled per ring per burst.
 pub const BURST: u16 = 64;
+/// Most control commands handled per burst (each may wait for a resync of the workers).
+pub const CTRL_BURST: u16 = 16;
+/// Frame bytes the receive filter looks at: destination MAC up to the VLAN tag's id.
+const FILTER_BYTES: usize = 16;
 /// Ethernet header length.
 const ETH_HLEN: u64 = 14;
 /// Offset of the generator's magic and sequence number in its frames (after
@@ -47,6 +61,11 @@ impl QueueSlot {
     fn ring(&mut self) -> Option<&mut DeviceRing> {
         self.active.as_mut().map(|a| &mut a.ring)
     }
+    /// The active ring and the receive configuration it was activated with (borrowed:
+    /// cloning the `Arc` per burst would bounce its count between workers).
+    fn ring_rx(&mut self) -> Option<(&mut DeviceRing, &RxConfig)> {
+        self.active.as_mut().map(|a| (&mut a.ring, &*a.rx))
+    }
     /// Marks this queue broken and lets go of it.
     fn fail(&mut self, bad: Bad) {
         self.active = None;
@@ -65,6 +84,14 @@ pub enum Job {
         frame: Vec<u8>,
         /// Next sequence number.
         seq: u64,
+        /// `--gso-size`: TCP super-frames instead of `frame`.
+        tcp: Option<Box<TcpGen>>,
+    },
+    /// Serve the control queue `src`: each command is applied by its device and
+    /// acknowledged.
+    Ctrl {
+        /// The command bytes of one chain (capacity [`ctrl::CTRL_MAX_LEN`], allocated once).
+        buf: Vec<u8>,
     },
     /// Move frames from `src` (a transmit queue) to `dst` (a receive queue).
     Forward {
@@ -107,12 +134,21 @@ impl Path {
         Path::new(Job::Sink, Some(QueueSlot::new(dev, q)), None, dev.params.mtu)
     }
 
-    /// A generator of `pkt_size`-byte frames into `dev`'s receive queue `q`.
-    pub fn gen(dev: &Arc<Device>, q: u16, pkt_size: u16) -> Path {
+    /// A generator of `pkt_size`-byte frames into `dev`'s receive queue `q`: UDP, or
+    /// with `gso_size` TCP super-frames cut at that MSS (see [`crate::gso`]).
+    pub fn gen(dev: &Arc<Device>, q: u16, pkt_size: u16, gso_size: Option<u16>) -> Path {
+        let tcp = gso_size.map(|mss| Box::new(TcpGen::new(dev.params.mac, pkt_size as usize, mss)));
+        let udp_len = if tcp.is_some() { 60 } else { pkt_size as usize };
         let mut frame = vec![0u8; NET_HDR_LEN];
         frame[NET_HDR_NUM_BUFFERS..NET_HDR_NUM_BUFFERS + 2].copy_from_slice(&1u16.to_le_bytes());
-        frame.extend_from_slice(&udp_frame(dev.params.mac, pkt_size as usize));
-        Path::new(Job::Gen { frame, seq: 0 }, None, Some(QueueSlot::new(dev, q)), dev.params.mtu)
+        frame.extend_from_slice(&udp_frame(dev.params.mac, udp_len));
+        Path::new(Job::Gen { frame, seq: 0, tcp }, None, Some(QueueSlot::new(dev, q)), dev.params.mtu)
+    }
+
+    /// The control queue of `dev` (its internal index [`Device::ctrl_queue`]).
+    pub fn ctrl(dev: &Arc<Device>) -> Path {
+        let job = Job::Ctrl { buf: Vec::with_capacity(ctrl::CTRL_MAX_LEN) };
+        Path::new(job, Some(QueueSlot::new(dev, dev.ctrl_queue())), None, dev.params.mtu)
     }
 
     /// Forwarding from `src`'s transmit queue `sq` to `dst`'s receive queue `dq`.
@@ -184,8 +220,10 @@ impl Path {
     pub fn run(&mut self) -> usize {
         let res = match self.job {
             Job::Sink => self.run_sink(),
-            Job::Gen { .. } => self.run_gen(),
+            Job::Gen { tcp: None, .. } => self.run_gen(),
+            Job::Gen { tcp: Some(_), .. } => self.run_gen_tcp(),
             Job::Forward { swap_mac } => self.run_forward(swap_mac),
+            Job::Ctrl { .. } => self.run_ctrl(),
         };
         match res {
             Ok(n) => n,
@@ -258,7 +296,7 @@ impl Path {
     }
 
     fn run_gen(&mut self) -> Result<usize, (Side, Bad)> {
-        let Job::Gen { frame, seq } = &mut self.job else {
+        let Job::Gen { frame, seq, .. } = &mut self.job else {
             return Ok(0);
         };
         let Some(dst) = self.dst.as_mut() else {
@@ -266,13 +304,25 @@ impl Path {
         };
         let pair = dst.pair();
         let dev = dst.dev.clone();
-        let Some(ring) = dst.ring() else { return Ok(0) };
+        let Some((ring, rx)) = dst.ring_rx() else { return Ok(0) };
         let avail = ring.poll_avail().map_err(|b| (Side::Dst, b))?.min(BURST);
         if avail == 0 {
             return Ok(0);
         }
         let n = dev.take_gen_budget(avail as u64) as u16;
         let mut c = BurstCounts::default();
+        // Frames go to the guest's current address; the filter decides once per burst
+        // (every frame of a burst has the same header).
+        let eth = NET_HDR_LEN..NET_HDR_LEN + 6;
+        if frame[eth.clone()] != rx.mac {
+            frame[eth].copy_from_slice(&rx.mac);
+        }
+        if !rx.accepts(&frame[NET_HDR_LEN..NET_HDR_LEN + FILTER_BYTES]) {
+            c.drops[DropReason::Filtered as usize] += n as u64;
+            dev.stats[pair].flush_tx(&c);
+            dev.generated.fetch_add(n as u64, Ordering::Relaxed);
+            return Ok(0);
+        }
         let mut done = 0u16;
         let mut dropped = 0u16;
         let mut failed = None;
@@ -314,6 +364,140 @@ impl Path {
         }
     }
 
+    /// `gen` with `--gso-size`: one super-frame per receive buffer while guest TSO4 is
+    /// on, MSS-sized segments (one per buffer) otherwise; the budget (`--count`) and
+    /// `generated` count super-frames, `tx_packets` the frames delivered.
+    fn run_gen_tcp(&mut self) -> Result<usize, (Side, Bad)> {
+        let Job::Gen { seq, tcp: Some(tcp), .. } = &mut self.job else {
+            return Ok(0);
+        };
+        let Some(dst) = self.dst.as_mut() else {
+            return Ok(0);
+        };
+        let pair = dst.pair();
+        let dev = dst.dev.clone();
+        let Some((ring, rx)) = dst.ring_rx() else { return Ok(0) };
+        let avail = ring.poll_avail().map_err(|b| (Side::Dst, b))?.min(BURST);
+        if avail == 0 {
+            return Ok(0);
+        }
+        let mut c = BurstCounts::default();
+        let mut started = 0u64;
+        tcp.set_dst_mac(rx.mac);
+        if !rx.accepts(tcp.eth_header()) {
+            // Rejected: the rest of a super-frame in progress, and as many new ones as
+            // there are buffers, are dropped without touching a buffer.
+            if tcp.in_progress() {
+                tcp.abort();
+                c.drop(DropReason::Filtered);
+            }
+            let n = dev.take_gen_budget(avail as u64);
+            c.drops[DropReason::Filtered as usize] += n;
+            dev.stats[pair].flush_tx(&c);
+            dev.generated.fetch_add(n, Ordering::Relaxed);
+            *seq += n;
+            return Ok(0);
+        }
+        let (tso, csum) = (rx.tso4(), rx.csum());
+        let mut done = 0u16;
+        let mut failed = None;
+        for i in 0..avail {
+            if !tcp.in_progress() {
+                if dev.take_gen_budget(1) == 0 {
+                    break;
+                }
+                tcp.start(*seq);
+                *seq += 1;
+                started += 1;
+            }
+            let walked = ring.head(i).and_then(|h| ring.walk(h, Dir::DeviceWrites, &mut self.b).map(|_| h));
+            let head = match walked {
+                Ok(h) => h,
+                Err(b) => {
+                    failed = Some(b);
+                    break;
+                }
+            };
+            let capacity: u64 = self.b.segs().iter().map(|s| s.len as u64).sum();
+            if capacity < tcp.next_len(tso) as u64 {
+                // As in `run_gen`: the frame is dropped, the buffer stays.
+                tcp.abort();
+                c.drop(DropReason::RxBufferTooSmall);
+                break;
+            }
+            let len = tcp.emit(&self.b, tso, csum);
+            ring.add_used(head, len as u32);
+            c.tx_packets += 1;
+            c.tx_bytes += (len - NET_HDR_LEN) as u64;
+            done += 1;
+        }
+        ring.consume(done);
+        ring.publish_used();
+        dev.stats[pair].flush_tx(&c);
+        dev.generated.fetch_add(started, Ordering::Relaxed);
+        match failed {
+            Some(b) => Err((Side::Dst, b)),
+            None => Ok(done as usize),
+        }
+    }
+
+    /// The control queue: each chain is a command (device-readable bytes: class,
+    /// command, data) followed by room for the one-byte ack (device-writable). The device
+    /// applies it (and waits until the data workers run with the result) before the ack
+    /// is written; a refused command is acknowledged `VIRTIO_NET_ERR`. A chain that
+    /// breaks the ring protocol breaks the control queue only.
+    fn run_ctrl(&mut self) -> Result<usize, (Side, Bad)> {
+        let Job::Ctrl { buf } = &mut self.job else {
+            return Ok(0);
+        };
+        let Some(src) = self.src.as_mut() else {
+            return Ok(0);
+        };
+        let dev = src.dev.clone();
+        let Some(ring) = src.ring() else { return Ok(0) };
+        let n = ring.poll_avail().map_err(|b| (Side::Src, b))?.min(CTRL_BURST);
+        let mut done = 0;
+        let mut failed = None;
+        for i in 0..n {
+            let walked =
+                ring.head(i).and_then(|h| ring.walk(h, Dir::ReadsThenWrites, &mut self.a).map(|_| h));
+            let head = match walked {
+                Ok(h) => h,
+                Err(b) => {
+                    failed = Some(b);
+                    break;
+                }
+            };
+            let chain = &self.a;
+            let written = if chain.truncated || chain.total == chain.readable {
+                // No byte to acknowledge in (or it lies past the segments we mapped):
+                // the command is not applied and the chain is returned empty.
+                dev.refuse_ctrl(&Refused::NoAck);
+                0
+            } else {
+                let ack = if chain.readable > ctrl::CTRL_MAX_LEN as u64 {
+                    dev.refuse_ctrl(&Refused::TooLong { len: chain.readable });
+                    ctrl::ACK_ERR
+                } else {
+                    // No allocation: `buf` was created with CTRL_MAX_LEN capacity.
+                    buf.resize(chain.readable as usize, 0);
+                    gather(chain, 0, buf);
+                    dev.apply_ctrl(buf)
+                };
+                scatter(chain, chain.readable as usize, &[ack]);
+                1
+            };
+            ring.add_used(head, written);
+            done += 1;
+        }
+        ring.consume(done);
+        ring.publish_used();
+        match failed {
+            Some(b) => Err((Side::Src, b)),
+            None => Ok(done as usize),
+        }
+    }
+
     fn run_forward(&mut self, swap_mac: bool) -> Result<usize, (Side, Bad)> {
         let max_frame = self.max_frame;
         let (Some(src), Some(dst)) = (self.src.as_mut(), self.dst.as_mut()) else {
@@ -328,7 +512,11 @@ impl Path {
         if ntx == 0 {
             return Ok(0);
         }
-        let mut dring = dst.active.as_mut().map(|a| &mut a.ring);
+        let (mut dring, filter) = match dst.ring_rx() {
+            // The filter is looked at per frame only when it is not promiscuous.
+            Some((r, rx)) => (Some(r), Some(rx).filter(|rx| !rx.pass_all())),
+            None => (None, None),
+        };
         let nrx = match dring.as_deref_mut() {
             Some(r) => r.poll_avail().map_err(|b| (Side::Dst, b))?,
             None => 0,
@@ -367,6 +555,20 @@ impl Path {
                 tx_done += 1;
                 continue;
             };
+            if let Some(rx) = filter {
+                // The header as it will be delivered (addresses swapped with --swap-mac).
+                let mut hdr = [0u8; FILTER_BYTES];
+                let got = gather(&self.a, NET_HDR_LEN, &mut hdr);
+                if swap_mac {
+                    hdr[..12].rotate_left(6);
+                }
+                if !rx.accepts(&hdr[..got]) {
+                    dc.drop(DropReason::Filtered);
+                    sring.add_used(th, 0);
+                    tx_done += 1;
+                    continue;
+                }
+            }
             let walked = dr.head(rx_done).and_then(|h| dr.walk(h, Dir::DeviceWrites, &mut self.b).map(|_| h));
             let rh = match walked {
                 Ok(h) => h,

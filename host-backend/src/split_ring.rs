@@ -86,13 +86,18 @@ impl std::fmt::Display for Bad {
 }
 
 /// Which buffers a queue must carry: the device reads the transmit queue and writes the
-/// receive queue (§5.1.6).
+/// receive queue (§5.1.6); a control queue's chain is a command the device reads followed
+/// by the acknowledgement it writes (§5.1.6.5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dir {
     /// Every descriptor must be device-readable (a transmit queue).
     DeviceReads,
     /// Every descriptor must be device-writable (a receive queue).
     DeviceWrites,
+    /// Device-readable descriptors, then device-writable ones ("the driver MUST place any
+    /// device-writable descriptor elements after any device-readable descriptor elements",
+    /// §2.7.4.2); a readable one after a writable one is [`Bad::Direction`].
+    ReadsThenWrites,
 }
 
 /// One contiguous piece of a buffer, in this process's address space.
@@ -110,6 +115,9 @@ pub struct Chain {
     n: usize,
     /// Total bytes over all descriptors (also those past `MAX_SEGS`).
     pub total: u64,
+    /// Bytes in device-readable descriptors (all of `total` for a transmit chain, none
+    /// for a receive chain; the command part of a control chain).
+    pub readable: u64,
     /// More than `MAX_SEGS` pieces: `segs` holds only the first ones.
     pub truncated: bool,
 }
@@ -125,6 +133,7 @@ impl Default for Chain {
             segs: [Seg { ptr: std::ptr::null_mut(), len: 0 }; MAX_SEGS],
             n: 0,
             total: 0,
+            readable: 0,
             truncated: false,
         }
     }
@@ -138,6 +147,7 @@ impl Chain {
     fn clear(&mut self) {
         self.n = 0;
         self.total = 0;
+        self.readable = 0;
         self.truncated = false;
     }
     fn push(&mut self, ptr: *mut u8, len: u32) {
@@ -325,6 +335,7 @@ impl DeviceRing {
         let mut seen: u32 = 0;
         let mut buffers: u32 = 0;
         let mut in_indirect = false;
+        let mut writing = false;
         loop {
             seen += 1;
             if seen > table_len {
@@ -356,10 +367,19 @@ impl DeviceRing {
                 return Err(Bad::ChainTooLong);
             }
             let writable = d.flags & DESC_F_WRITE != 0;
-            if writable != (dir == Dir::DeviceWrites) {
+            let ok = match dir {
+                Dir::DeviceReads => !writable,
+                Dir::DeviceWrites => writable,
+                Dir::ReadsThenWrites => writable || !writing,
+            };
+            if !ok {
                 return Err(Bad::Direction);
             }
+            writing |= writable;
             self.map_buffer(d.addr, d.len, out)?;
+            if !writable {
+                out.readable += d.len as u64;
+            }
             if d.flags & DESC_F_NEXT == 0 {
                 return Ok(());
             }
@@ -557,3 +577,17 @@ pub fn copy_chain(src: &Chain, src_off: usize, dst: &Chain, dst_off: usize, len:
 #[cfg(test)]
 #[path = "split_ring_tests.rs"]
 mod tests;
+
+/// Helpers for other modules' unit tests.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::Chain;
+
+    /// A chain of one segment over `buf`, as a walk of a one-descriptor chain records it.
+    pub fn chain_over(buf: &mut [u8]) -> Chain {
+        let mut c = Chain::default();
+        c.push(buf.as_mut_ptr(), buf.len() as u32);
+        c.total = buf.len() as u64;
+        c
+    }
+}

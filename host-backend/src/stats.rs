@@ -27,13 +27,23 @@ pub enum DropReason {
     PeerDown,
     /// A chain with more than `MAX_SEGS` buffers.
     TooManySegments,
+    /// The receiving device's filters (RX mode, MAC table, VLAN table, set through its
+    /// control queue) reject the frame.
+    Filtered,
 }
 
 /// Number of drop reasons.
-pub const DROP_REASONS: usize = 6;
+pub const DROP_REASONS: usize = 7;
 /// JSON/text names of the drop reasons, in `DropReason` order.
-pub const DROP_NAMES: [&str; DROP_REASONS] =
-    ["bad_descriptor", "oversize", "rx_buffer_too_small", "short_frame", "peer_down", "too_many_segments"];
+pub const DROP_NAMES: [&str; DROP_REASONS] = [
+    "bad_descriptor",
+    "oversize",
+    "rx_buffer_too_small",
+    "short_frame",
+    "peer_down",
+    "too_many_segments",
+    "filtered",
+];
 
 /// Counters of one queue pair.
 #[derive(Debug, Default)]
@@ -144,6 +154,23 @@ pub struct DeviceSnapshot {
     pub generated: u64,
     /// Per queue pair.
     pub pairs: Vec<PairSnapshot>,
+    /// The control queue's commands.
+    pub ctrl: CtrlSnapshot,
+    /// Queue pairs whose receive queues carry traffic (`VQ_PAIRS_SET`).
+    pub active_pairs: u16,
+    /// The receive filter and guest-offload state (see `RxConfig::to_json`).
+    pub rx_filter: serde_json::Value,
+}
+
+/// Counters of one device's control queue.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CtrlSnapshot {
+    /// Commands acknowledged `VIRTIO_NET_OK`.
+    pub ok: u64,
+    /// Commands refused (`VIRTIO_NET_ERR`, or no room to acknowledge).
+    pub err: u64,
+    /// The control queue broke on a protocol violation.
+    pub broken: bool,
 }
 
 impl DeviceSnapshot {
@@ -199,6 +226,9 @@ impl DeviceSnapshot {
             "drops": Self::drops_json(&t.drops),
             "broken_queues": self.broken_pairs(),
             "queues": queues,
+            "ctrl": {"commands": self.ctrl.ok, "errors": self.ctrl.err, "broken": self.ctrl.broken},
+            "active_pairs": self.active_pairs,
+            "rx_filter": self.rx_filter,
         })
     }
 
@@ -213,7 +243,7 @@ impl DeviceSnapshot {
         let drops: Vec<String> =
             DROP_NAMES.iter().zip(t.drops).filter(|(_, v)| *v > 0).map(|(n, v)| format!("{n}={v}")).collect();
         format!(
-            "  {} [{}] {}\n    RX-packets: {:<14} RX-bytes: {:<16} Rx-pps: {:.0}\n    TX-packets: {:<14} TX-bytes: {:<16} Tx-pps: {:.0}\n    generated: {}  broken queue pairs: {}  drops: {}\n",
+            "  {} [{}] {}\n    RX-packets: {:<14} RX-bytes: {:<16} Rx-pps: {:.0}\n    TX-packets: {:<14} TX-bytes: {:<16} Tx-pps: {:.0}\n    generated: {}  broken queue pairs: {}  drops: {}\n    control: {} ok, {} refused{}  active pairs: {}\n",
             self.socket,
             self.port,
             if self.connected { "connected" } else { "waiting for front-end" },
@@ -226,6 +256,10 @@ impl DeviceSnapshot {
             self.generated,
             self.broken_pairs(),
             if drops.is_empty() { "none".to_string() } else { drops.join(" ") },
+            self.ctrl.ok,
+            self.ctrl.err,
+            if self.ctrl.broken { " (queue broken)" } else { "" },
+            self.active_pairs,
         )
     }
 }

@@ -9,6 +9,13 @@
 //!
 //! A worker checks one atomic (the generation) per loop iteration; everything else it
 //! touches on the hot path is its own.
+//!
+//! Besides the data workers there is one control worker ([`WorkerKind::Control`]): it
+//! owns every device's control queue (one ring, one owner, like every other ring),
+//! never busy-polls (it sleeps on the control queues' kick eventfds, or wakes every
+//! millisecond for a front-end that gave none), and applies commands through
+//! [`Engine::sync_workers`], which waits for the data workers only: the control worker
+//! calls it from inside its own burst, and waiting for itself would never return.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,15 +38,18 @@ struct Slot {
 pub struct Engine {
     generation: AtomicU64,
     stop: AtomicBool,
+    /// Data workers first, then control workers.
     slots: Vec<Slot>,
+    /// How many of `slots` are data workers.
+    data_workers: usize,
 }
 
 const WAKE_TOKEN: u64 = u64::MAX;
 
 impl Engine {
-    /// An engine for `workers` workers.
-    pub fn new(workers: usize) -> Result<Arc<Engine>> {
-        let slots = (0..workers)
+    /// An engine for `workers` data workers and `control` control workers.
+    pub fn new(workers: usize, control: usize) -> Result<Arc<Engine>> {
+        let slots = (0..workers + control)
             .map(|_| {
                 Ok(Slot {
                     seen: AtomicU64::new(0),
@@ -47,13 +57,29 @@ impl Engine {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Arc::new(Engine { generation: AtomicU64::new(1), stop: AtomicBool::new(false), slots }))
+        Ok(Arc::new(Engine {
+            generation: AtomicU64::new(1),
+            stop: AtomicBool::new(false),
+            slots,
+            data_workers: workers,
+        }))
     }
 
     /// Makes every worker drop its rings and re-activate from current device state, and
     /// returns once all have done so (bounded: a worker finishes its burst first, which
-    /// takes microseconds). Must not be called with a device lock held.
+    /// takes microseconds). Must not be called with a device lock held, nor by a worker.
     pub fn sync(&self) {
+        self.sync_slots(self.slots.len());
+    }
+
+    /// [`sync`](Self::sync) for the data workers only: what the control worker calls to
+    /// put a control command into effect before it acknowledges it. Control workers see
+    /// the new generation too and re-activate their rings after their burst.
+    pub fn sync_workers(&self) {
+        self.sync_slots(self.data_workers);
+    }
+
+    fn sync_slots(&self, wait_for: usize) {
         // AcqRel: device-state writes made before this call (under the device mutex) are
         // visible to a worker that observes the new generation (it also takes the mutex).
         let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
@@ -61,7 +87,7 @@ impl Engine {
             let _ = s.wake.write(1);
         }
         let deadline = Instant::now() + Duration::from_secs(5);
-        for (i, s) in self.slots.iter().enumerate() {
+        for (i, s) in self.slots.iter().enumerate().take(wait_for) {
             // Acquire: pairs with the worker's release store after its resync.
             while s.seen.load(Ordering::Acquire) < g {
                 if self.stop.load(Ordering::Relaxed) {
@@ -85,6 +111,19 @@ impl Engine {
     }
 }
 
+/// What a worker runs and how it waits for work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerKind {
+    /// Data paths: busy-polls for `--poll-us`, then sleeps on the kick eventfds.
+    Data,
+    /// Control queues: sleeps on their kick eventfds as soon as it is idle (every
+    /// millisecond it looks anyway when a ring has no kick fd).
+    Control,
+}
+
+/// How long the control worker sleeps between looks at a ring without a kick fd.
+const CONTROL_POLL_MS: i32 = 1;
+
 /// One busy-poll worker.
 pub struct Worker {
     index: usize,
@@ -92,10 +131,11 @@ pub struct Worker {
     paths: Vec<Path>,
     engine: Arc<Engine>,
     poll: Duration,
+    kind: WorkerKind,
 }
 
 impl Worker {
-    /// A worker running `paths` on `cpu` (unpinned if `None`).
+    /// A data worker running `paths` on `cpu` (unpinned if `None`), engine slot `index`.
     pub fn new(
         index: usize,
         cpu: Option<usize>,
@@ -103,13 +143,23 @@ impl Worker {
         engine: Arc<Engine>,
         poll_us: u64,
     ) -> Worker {
-        Worker { index, cpu, paths, engine, poll: Duration::from_micros(poll_us) }
+        Worker { index, cpu, paths, engine, poll: Duration::from_micros(poll_us), kind: WorkerKind::Data }
+    }
+
+    /// The control worker (unpinned) running the control-queue `paths`, engine slot
+    /// `index` (after every data worker's).
+    pub fn control(index: usize, paths: Vec<Path>, engine: Arc<Engine>) -> Worker {
+        Worker { index, cpu: None, paths, engine, poll: Duration::ZERO, kind: WorkerKind::Control }
     }
 
     /// Starts the worker thread.
     pub fn spawn(self) -> Result<std::thread::JoinHandle<()>> {
+        let name = match self.kind {
+            WorkerKind::Data => format!("vnet-worker-{}", self.index),
+            WorkerKind::Control => "vnet-control".to_string(),
+        };
         std::thread::Builder::new()
-            .name(format!("vnet-worker-{}", self.index))
+            .name(name)
             .spawn(move || self.run())
             .map_err(|e| Error::Worker(format!("cannot start worker thread: {e}")))
     }
@@ -171,6 +221,22 @@ impl Worker {
                 continue;
             }
             let any_active = self.paths.iter().any(|p| p.any_active());
+            if self.kind == WorkerKind::Control {
+                // Never spin: kicks stay enabled on control queues; re-check after
+                // enabling (work that raced in), then sleep until a kick or a wake-up.
+                let mut arrived = false;
+                for p in &mut self.paths {
+                    arrived |= p.set_kicks(true);
+                }
+                if !arrived {
+                    let timeout = if can_sleep || !any_active { 1000 } else { CONTROL_POLL_MS };
+                    match &epoll {
+                        Some(ep) => Self::sleep(ep, &kick_fds, slot, timeout),
+                        None => std::thread::sleep(Duration::from_millis(CONTROL_POLL_MS as u64)),
+                    }
+                }
+                continue;
+            }
             if any_active {
                 if self.poll.is_zero() || !can_sleep {
                     continue; // --poll-us 0, or a ring without a kick fd: never sleep
@@ -197,7 +263,7 @@ impl Worker {
                 }
             }
             if let Some(ep) = &epoll {
-                Self::sleep(ep, &kick_fds, slot);
+                Self::sleep(ep, &kick_fds, slot, 1000);
             }
             if any_active {
                 for p in &mut self.paths {
@@ -229,11 +295,11 @@ impl Worker {
         Some(ep)
     }
 
-    /// Sleeps until a kick, a wake-up from the control plane, or one second passes; then
+    /// Sleeps until a kick, a wake-up from the control plane, or `timeout_ms` pass; then
     /// drains the eventfds that fired.
-    fn sleep(ep: &Epoll, kick_fds: &[i32], slot: &Slot) {
+    fn sleep(ep: &Epoll, kick_fds: &[i32], slot: &Slot, timeout_ms: i32) {
         let mut events = [EpollEvent::default(); 16];
-        let n = ep.wait(1000, &mut events).unwrap_or(0);
+        let n = ep.wait(timeout_ms, &mut events).unwrap_or(0);
         for ev in &events[..n] {
             let fd = if ev.data() == WAKE_TOKEN {
                 let _ = slot.wake.read();

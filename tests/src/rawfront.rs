@@ -15,8 +15,11 @@
 //!   write exactly what they are told and keep no state.
 //! * **Well-behaved traffic**: [`RawFrontend::send_frames`], [`RawFrontend::reclaim`],
 //!   [`RawFrontend::post_rx_buffers`], [`RawFrontend::poll_rx`],
-//!   [`RawFrontend::recv_frames`]. They keep their own free list and shadow indices per
+//!   [`RawFrontend::recv_frames`] (and [`RawFrontend::recv_packets`], which keeps the
+//!   net header). They keep their own free list and shadow indices per
 //!   queue, one descriptor per buffer, and check every used element the device returns.
+//! * **Control queue**: [`RawFrontend::ctrl_command`] sends one command chain and waits
+//!   for the device to use it (one command at a time, descriptors from 0).
 //!
 //! Ring memory is shared with another process that writes it concurrently (the used
 //! ring) or reads it concurrently (everything else), so this module never forms a Rust
@@ -35,7 +38,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use driver::layout::{self, features, Descriptor};
-use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -392,6 +395,16 @@ impl RawFrontend {
             .map_err(|e| format!("queue {index}: SET_VRING_ENABLE({enable}): {e}"))
     }
 
+    /// `GET_CONFIG`: `len` bytes of the device's config space from `offset` (needs the
+    /// CONFIG protocol feature, which [`RawFrontend::connect`] acks when offered).
+    pub fn get_config(&mut self, offset: u32, len: u32) -> Result<Vec<u8>, String> {
+        let (_, payload) = self
+            .frontend
+            .get_config(offset, len, VhostUserConfigFlags::empty(), &vec![0u8; len as usize])
+            .map_err(|e| format!("GET_CONFIG: {e}"))?;
+        Ok(payload)
+    }
+
     /// Size and ring addresses of a queue set up earlier.
     pub fn ring(&self, queue: u16) -> Result<(u16, RingAddrs), String> {
         let q = self.queue(queue)?;
@@ -634,8 +647,14 @@ impl RawFrontend {
     /// the 12-byte net header stripped, in used-ring order. A used length shorter than
     /// the header or longer than the buffer is an error. Buffers are not re-posted.
     pub fn poll_rx(&mut self, queue: u16) -> Result<Vec<Vec<u8>>, String> {
+        let packets = self.poll_rx_packets(queue)?;
+        Ok(packets.into_iter().map(|p| p[layout::NET_HDR_LEN..].to_vec()).collect())
+    }
+
+    /// [`RawFrontend::poll_rx`] with the 12-byte net header kept in front of each frame.
+    pub fn poll_rx_packets(&mut self, queue: u16) -> Result<Vec<Vec<u8>>, String> {
         let done = self.reap(queue)?;
-        let mut frames = Vec::with_capacity(done.len());
+        let mut packets = Vec::with_capacity(done.len());
         for (id, len, posted) in done {
             if (len as usize) < layout::NET_HDR_LEN || len > posted {
                 return Err(format!(
@@ -645,9 +664,97 @@ impl RawFrontend {
             }
             let (gpa, _) = self.queue(queue)?.bufs[id as usize]
                 .ok_or_else(|| format!("queue {queue}: id {id} has no buffer"))?;
-            frames.push(self.read_mem(gpa + layout::NET_HDR_LEN as u64, len as usize - layout::NET_HDR_LEN)?);
+            packets.push(self.read_mem(gpa, len as usize)?);
         }
-        Ok(frames)
+        Ok(packets)
+    }
+
+    /// Polls [`RawFrontend::poll_rx_packets`] until `n` packets (net header included)
+    /// arrived, for at most `timeout`; more than `n` is an error.
+    pub fn recv_packets(&mut self, queue: u16, n: usize, timeout: Duration) -> Result<Vec<Vec<u8>>, String> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        loop {
+            got.extend(self.poll_rx_packets(queue)?);
+            if got.len() >= n {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("queue {queue}: received {} of {n} packets in {timeout:?}", got.len()));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if got.len() > n {
+            return Err(format!("queue {queue}: received {} packets, expected {n}", got.len()));
+        }
+        Ok(got)
+    }
+
+    // ---- control queue --------------------------------------------------------------
+
+    /// Sends one command on the control queue `queue` and waits (at most `timeout`) for
+    /// the device to use it: each of `readable` becomes one device-readable descriptor
+    /// (the class/command header and data, split as the caller likes), then one
+    /// device-writable descriptor of `ack_len` bytes (none if 0), chained from
+    /// descriptor 0. The ack buffer is filled with 0xee first, so an ack the device did
+    /// not write shows. Returns `(used len, first ack byte)`; the used id must be the
+    /// head. Commands go one at a time: the previous one must have been used.
+    pub fn ctrl_command(
+        &mut self,
+        queue: u16,
+        readable: &[&[u8]],
+        ack_len: u32,
+        timeout: Duration,
+    ) -> Result<(u32, Option<u8>), String> {
+        let n = readable.len() + usize::from(ack_len > 0);
+        let size = self.queue(queue)?.size as usize;
+        if n == 0 || n > size {
+            return Err(format!("control chain of {n} descriptors does not fit queue {queue}"));
+        }
+        let mut descs = Vec::with_capacity(n);
+        for part in readable {
+            let gpa = self.alloc(part.len().max(1), 64)?;
+            self.write_mem(gpa, part)?;
+            descs.push(Descriptor { addr: gpa, len: part.len() as u32, flags: 0, next: 0 });
+        }
+        let ack_gpa = if ack_len > 0 {
+            let gpa = self.alloc(ack_len as usize, 64)?;
+            self.write_mem(gpa, &vec![0xee; ack_len as usize])?;
+            descs.push(Descriptor { addr: gpa, len: ack_len, flags: layout::DESC_F_WRITE, next: 0 });
+            Some(gpa)
+        } else {
+            None
+        };
+        for (i, d) in descs.iter_mut().enumerate() {
+            if i + 1 < n {
+                d.flags |= layout::DESC_F_NEXT;
+                d.next = i as u16 + 1;
+            }
+            self.write_desc(queue, i as u16, *d)?;
+        }
+        let (slot, last_used) = {
+            let q = self.queue(queue)?;
+            (q.next_avail, q.last_used)
+        };
+        if slot != last_used {
+            return Err(format!("queue {queue}: a control command is still outstanding"));
+        }
+        self.write_avail_slot(queue, slot, 0)?;
+        let next = slot.wrapping_add(1);
+        self.queue_mut(queue)?.next_avail = next;
+        self.set_avail_idx(queue, next)?;
+        self.kick(queue)?;
+        self.wait_used_idx(queue, next, timeout)?;
+        self.queue_mut(queue)?.last_used = next;
+        let (id, len) = self.used_elem(queue, slot)?;
+        if id != 0 {
+            return Err(format!("queue {queue}: used id {id}, expected the head 0"));
+        }
+        let ack = match ack_gpa {
+            Some(gpa) => Some(self.read_mem(gpa, 1)?[0]),
+            None => None,
+        };
+        Ok((len, ack))
     }
 
     /// Polls [`RawFrontend::poll_rx`] until `n` frames arrived, for at most `timeout`.

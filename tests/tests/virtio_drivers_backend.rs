@@ -527,6 +527,14 @@ fn config_mac_and_features() {
         features::RING_INDIRECT_DESC,
         features::IN_ORDER,
         features::VHOST_USER_PROTOCOL_FEATURES,
+        // The control queue and its commands (no MQ with one pair, no guest offloads
+        // without `gen --gso-size`).
+        virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_VQ,
+        virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_RX,
+        virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_RX_EXTRA,
+        virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_VLAN,
+        virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_MAC_ADDR,
+        virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
     ]
     .iter()
     .fold(0u64, |acc, b| acc | features::bit(*b));
