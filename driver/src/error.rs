@@ -128,6 +128,100 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// An operation needs a feature that was not negotiated: the device does not offer
+    /// it, or the port was opened without it.
+    #[error(
+        "{what} needs {feature} (feature bit {bit}), which was not negotiated: the device does not \
+         offer it or the port was opened without it"
+    )]
+    Unsupported {
+        /// The operation (a control command, an XDP attach).
+        what: &'static str,
+        /// The feature's name.
+        feature: &'static str,
+        /// Its bit.
+        bit: u32,
+    },
+    /// The device answered a control command with `VIRTIO_NET_ERR`.
+    #[error("the device refused {command} (it answered VIRTIO_NET_ERR)")]
+    ControlRefused {
+        /// The command.
+        command: &'static str,
+    },
+    /// The device wrote an acknowledgement that is neither `VIRTIO_NET_OK` nor
+    /// `VIRTIO_NET_ERR` (or none at all).
+    #[error(
+        "{command}: the device wrote acknowledgement {ack:#04x}, neither VIRTIO_NET_OK nor VIRTIO_NET_ERR"
+    )]
+    ControlBadAck {
+        /// The command.
+        command: &'static str,
+        /// The byte it wrote (0xff: it wrote nothing).
+        ack: u8,
+    },
+    /// A control command got no acknowledgement in time from a device that has answered
+    /// control commands before (or a PCI device, which must serve its control queue).
+    /// The command stays posted; the next command first checks whether it completed.
+    #[error(
+        "{command}: no acknowledgement from {device} within {waited_ms} ms (the control queue may be \
+         stuck; the next command checks again)"
+    )]
+    ControlTimeout {
+        /// The command.
+        command: &'static str,
+        /// The port.
+        device: String,
+        /// How long it waited.
+        waited_ms: u64,
+    },
+    /// A vhost-user back-end offered `VIRTIO_NET_F_CTRL_VQ` but never answered the
+    /// control queue: under QEMU and DPDK's virtio-user the front-end terminates the
+    /// control queue itself, so back-ends such as DPDK's `net_vhost` offer the feature
+    /// without serving it.
+    #[error(
+        "{command}: {device} does not serve the control virtqueue: it offered VIRTIO_NET_F_CTRL_VQ but \
+         acknowledged no command within {waited_ms} ms (vhost-user back-ends such as DPDK's net_vhost \
+         leave the control queue to the front-end); control commands are unavailable on this port"
+    )]
+    ControlNotServed {
+        /// The command.
+        command: &'static str,
+        /// The port.
+        device: String,
+        /// How long it waited.
+        waited_ms: u64,
+    },
+    /// The port was closed (its device reset): no command can be sent any more.
+    #[error("{0}: the port is closed")]
+    PortClosed(String),
+    /// An XDP program cannot be attached because receive offloads that merge frames
+    /// (guest TSO/UFO/ECN/USO) are on and the device cannot switch them off.
+    #[error(
+        "cannot attach an XDP program: receive offloads {offloads} are on and the device cannot switch \
+         them off (VIRTIO_NET_F_CTRL_GUEST_OFFLOADS was not negotiated); open the port without them"
+    )]
+    XdpOffloads {
+        /// The offloads, by name.
+        offloads: String,
+    },
+    /// An XDP program cannot be attached because a full frame and the XDP headroom do not
+    /// fit one receive buffer.
+    #[error(
+        "cannot attach an XDP program: MTU {mtu} (a {frame}-byte frame) with {headroom} bytes of headroom \
+         (XDP needs {need}) does not fit the {room}-byte receive buffers"
+    )]
+    XdpGeometry {
+        /// The port's MTU.
+        mtu: u16,
+        /// The largest frame (MTU + Ethernet header).
+        frame: usize,
+        /// Headroom before the frame in every buffer.
+        headroom: usize,
+        /// Headroom XDP needs.
+        need: usize,
+        /// Buffer bytes for headroom and frame (tailroom excluded).
+        room: usize,
+    },
     /// The device misbehaved.
     #[error("device error: {0}")]
     Device(#[from] DeviceError),

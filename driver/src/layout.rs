@@ -154,9 +154,194 @@ pub mod features {
     /// `VHOST_USER_F_PROTOCOL_FEATURES` (vhost-user only, bit 30).
     pub const VHOST_USER_PROTOCOL_FEATURES: u32 = 30;
 
+    /// `VIRTIO_NET_F_GUEST_CSUM`: the driver accepts packets with a partial checksum.
+    pub const NET_GUEST_CSUM: u32 = virtio_net::VIRTIO_NET_F_GUEST_CSUM;
+    /// `VIRTIO_NET_F_CTRL_GUEST_OFFLOADS`: receive offloads can be switched at run time.
+    pub const NET_CTRL_GUEST_OFFLOADS: u32 = virtio_net::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS;
+    /// `VIRTIO_NET_F_GUEST_TSO4`: the driver accepts TCPv4 super-frames.
+    pub const NET_GUEST_TSO4: u32 = virtio_net::VIRTIO_NET_F_GUEST_TSO4;
+    /// `VIRTIO_NET_F_GUEST_TSO6`: the driver accepts TCPv6 super-frames.
+    pub const NET_GUEST_TSO6: u32 = virtio_net::VIRTIO_NET_F_GUEST_TSO6;
+    /// `VIRTIO_NET_F_GUEST_ECN`: TSO super-frames may carry ECN.
+    pub const NET_GUEST_ECN: u32 = virtio_net::VIRTIO_NET_F_GUEST_ECN;
+    /// `VIRTIO_NET_F_GUEST_UFO`: the driver accepts UDP fragmentation super-frames.
+    pub const NET_GUEST_UFO: u32 = virtio_net::VIRTIO_NET_F_GUEST_UFO;
+    /// `VIRTIO_NET_F_GUEST_USO4`: the driver accepts UDPv4 segmentation super-frames.
+    pub const NET_GUEST_USO4: u32 = virtio_net::VIRTIO_NET_F_GUEST_USO4;
+    /// `VIRTIO_NET_F_GUEST_USO6`: the driver accepts UDPv6 segmentation super-frames.
+    pub const NET_GUEST_USO6: u32 = virtio_net::VIRTIO_NET_F_GUEST_USO6;
+    /// `VIRTIO_NET_F_CTRL_RX`: promiscuous / all-multicast modes and the MAC table.
+    pub const NET_CTRL_RX: u32 = virtio_net::VIRTIO_NET_F_CTRL_RX;
+    /// `VIRTIO_NET_F_CTRL_VLAN`: VLAN filtering.
+    pub const NET_CTRL_VLAN: u32 = virtio_net::VIRTIO_NET_F_CTRL_VLAN;
+    /// `VIRTIO_NET_F_CTRL_RX_EXTRA`: the extra RX modes (all-unicast, no-multicast, ...).
+    pub const NET_CTRL_RX_EXTRA: u32 = virtio_net::VIRTIO_NET_F_CTRL_RX_EXTRA;
+    /// `VIRTIO_NET_F_GUEST_ANNOUNCE`.
+    pub const NET_GUEST_ANNOUNCE: u32 = virtio_net::VIRTIO_NET_F_GUEST_ANNOUNCE;
+    /// `VIRTIO_NET_F_CTRL_MAC_ADDR`: the MAC address can be set through the control queue.
+    pub const NET_CTRL_MAC_ADDR: u32 = virtio_net::VIRTIO_NET_F_CTRL_MAC_ADDR;
+
+    /// The receive offloads `VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET` switches, as feature
+    /// bits (its `u64` argument uses the feature bit numbers, §5.1.6.5.6.1).
+    pub const GUEST_OFFLOADS: u64 = bit(NET_GUEST_CSUM)
+        | bit(NET_GUEST_TSO4)
+        | bit(NET_GUEST_TSO6)
+        | bit(NET_GUEST_ECN)
+        | bit(NET_GUEST_UFO)
+        | bit(NET_GUEST_USO4)
+        | bit(NET_GUEST_USO6);
+    /// The receive offloads that make the device merge several wire frames into one
+    /// super-frame (Linux's `GUEST_OFFLOAD_GRO_HW_MASK`): what an XDP-style program,
+    /// which sees one buffer as one frame, cannot handle.
+    pub const GUEST_GRO_HW: u64 = bit(NET_GUEST_TSO4)
+        | bit(NET_GUEST_TSO6)
+        | bit(NET_GUEST_ECN)
+        | bit(NET_GUEST_UFO)
+        | bit(NET_GUEST_USO4)
+        | bit(NET_GUEST_USO6);
+
     /// The mask of one feature bit.
     pub const fn bit(b: u32) -> u64 {
         1u64 << b
+    }
+
+    /// The spec's name of feature bit `b` (for messages), or "feature bit" if unknown.
+    pub fn name(b: u32) -> &'static str {
+        match b {
+            NET_GUEST_CSUM => "VIRTIO_NET_F_GUEST_CSUM",
+            NET_CTRL_GUEST_OFFLOADS => "VIRTIO_NET_F_CTRL_GUEST_OFFLOADS",
+            NET_MTU => "VIRTIO_NET_F_MTU",
+            NET_MAC => "VIRTIO_NET_F_MAC",
+            NET_GUEST_TSO4 => "VIRTIO_NET_F_GUEST_TSO4",
+            NET_GUEST_TSO6 => "VIRTIO_NET_F_GUEST_TSO6",
+            NET_GUEST_ECN => "VIRTIO_NET_F_GUEST_ECN",
+            NET_GUEST_UFO => "VIRTIO_NET_F_GUEST_UFO",
+            NET_MRG_RXBUF => "VIRTIO_NET_F_MRG_RXBUF",
+            NET_STATUS => "VIRTIO_NET_F_STATUS",
+            NET_CTRL_VQ => "VIRTIO_NET_F_CTRL_VQ",
+            NET_CTRL_RX => "VIRTIO_NET_F_CTRL_RX",
+            NET_CTRL_VLAN => "VIRTIO_NET_F_CTRL_VLAN",
+            NET_CTRL_RX_EXTRA => "VIRTIO_NET_F_CTRL_RX_EXTRA",
+            NET_GUEST_ANNOUNCE => "VIRTIO_NET_F_GUEST_ANNOUNCE",
+            NET_MQ => "VIRTIO_NET_F_MQ",
+            NET_CTRL_MAC_ADDR => "VIRTIO_NET_F_CTRL_MAC_ADDR",
+            NET_GUEST_USO4 => "VIRTIO_NET_F_GUEST_USO4",
+            NET_GUEST_USO6 => "VIRTIO_NET_F_GUEST_USO6",
+            RING_INDIRECT_DESC => "VIRTIO_RING_F_INDIRECT_DESC",
+            RING_EVENT_IDX => "VIRTIO_RING_F_EVENT_IDX",
+            VERSION_1 => "VIRTIO_F_VERSION_1",
+            ACCESS_PLATFORM => "VIRTIO_F_ACCESS_PLATFORM",
+            RING_PACKED => "VIRTIO_F_RING_PACKED",
+            IN_ORDER => "VIRTIO_F_IN_ORDER",
+            _ => "feature bit",
+        }
+    }
+
+    /// The names of the feature bits set in `mask`, joined with `", "`.
+    pub fn names(mask: u64) -> String {
+        (0..64).filter(|b| mask & bit(*b) != 0).map(name).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// The virtio-net header's fields (`struct virtio_net_hdr_v1`, §5.1.6): byte offsets and
+/// the values of `flags` and `gso_type`.
+pub mod net_hdr {
+    use super::virtio_net;
+    /// `u8 flags`.
+    pub const FLAGS: usize = 0;
+    /// `u8 gso_type`.
+    pub const GSO_TYPE: usize = 1;
+    /// `le16 hdr_len`.
+    pub const HDR_LEN: usize = 2;
+    /// `le16 gso_size`.
+    pub const GSO_SIZE: usize = 4;
+    /// `le16 csum_start`.
+    pub const CSUM_START: usize = 6;
+    /// `le16 csum_offset`.
+    pub const CSUM_OFFSET: usize = 8;
+    /// `flags`: the checksum at `csum_start + csum_offset` is partial (to be completed).
+    pub const F_NEEDS_CSUM: u8 = virtio_net::VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+    /// `flags`: the device validated the checksum.
+    pub const F_DATA_VALID: u8 = virtio_net::VIRTIO_NET_HDR_F_DATA_VALID as u8;
+    /// `flags`: RSC coalescing information is present.
+    pub const F_RSC_INFO: u8 = virtio_net::VIRTIO_NET_HDR_F_RSC_INFO as u8;
+    /// `gso_type`: not a super-frame.
+    pub const GSO_NONE: u8 = virtio_net::VIRTIO_NET_HDR_GSO_NONE as u8;
+    /// `gso_type`: TCPv4 segmentation.
+    pub const GSO_TCPV4: u8 = virtio_net::VIRTIO_NET_HDR_GSO_TCPV4 as u8;
+    /// `gso_type`: UDP fragmentation (UFO).
+    pub const GSO_UDP: u8 = virtio_net::VIRTIO_NET_HDR_GSO_UDP as u8;
+    /// `gso_type`: TCPv6 segmentation.
+    pub const GSO_TCPV6: u8 = virtio_net::VIRTIO_NET_HDR_GSO_TCPV6 as u8;
+    /// `gso_type`: UDP segmentation (USO).
+    pub const GSO_UDP_L4: u8 = virtio_net::VIRTIO_NET_HDR_GSO_UDP_L4 as u8;
+    /// `gso_type` flag: the super-frame carries ECN (CWR set).
+    pub const GSO_ECN: u8 = virtio_net::VIRTIO_NET_HDR_GSO_ECN as u8;
+}
+
+/// The control virtqueue's commands (§5.1.6.5): every command is `struct
+/// virtio_net_ctrl_hdr { u8 class; u8 command; }`, command-specific data (device-
+/// readable), then one device-writable `u8 ack`.
+pub mod ctrl {
+    use super::virtio_net;
+    /// Bytes of the command header (class, command).
+    pub const HDR_LEN: usize = 2;
+    /// `ack`: the command succeeded.
+    pub const OK: u8 = virtio_net::VIRTIO_NET_OK as u8;
+    /// `ack`: the command failed.
+    pub const ERR: u8 = virtio_net::VIRTIO_NET_ERR as u8;
+    /// Class: receive filtering modes (`VIRTIO_NET_F_CTRL_RX`); data: `u8 on`.
+    pub const CLASS_RX: u8 = virtio_net::VIRTIO_NET_CTRL_RX as u8;
+    /// RX: promiscuous mode.
+    pub const RX_PROMISC: u8 = virtio_net::VIRTIO_NET_CTRL_RX_PROMISC as u8;
+    /// RX: receive every multicast frame.
+    pub const RX_ALLMULTI: u8 = virtio_net::VIRTIO_NET_CTRL_RX_ALLMULTI as u8;
+    /// RX (`CTRL_RX_EXTRA`): receive every unicast frame.
+    pub const RX_ALLUNI: u8 = virtio_net::VIRTIO_NET_CTRL_RX_ALLUNI as u8;
+    /// RX (`CTRL_RX_EXTRA`): no multicast.
+    pub const RX_NOMULTI: u8 = virtio_net::VIRTIO_NET_CTRL_RX_NOMULTI as u8;
+    /// RX (`CTRL_RX_EXTRA`): no unicast.
+    pub const RX_NOUNI: u8 = virtio_net::VIRTIO_NET_CTRL_RX_NOUNI as u8;
+    /// RX (`CTRL_RX_EXTRA`): no broadcast.
+    pub const RX_NOBCAST: u8 = virtio_net::VIRTIO_NET_CTRL_RX_NOBCAST as u8;
+    /// Class: MAC filtering.
+    pub const CLASS_MAC: u8 = virtio_net::VIRTIO_NET_CTRL_MAC as u8;
+    /// MAC (`CTRL_RX`): the filter table; data: two `struct virtio_net_ctrl_mac { le32
+    /// entries; u8 macs[entries][6]; }`, unicast then multicast.
+    pub const MAC_TABLE_SET: u8 = virtio_net::VIRTIO_NET_CTRL_MAC_TABLE_SET as u8;
+    /// MAC (`CTRL_MAC_ADDR`): the device's own address; data: `u8 mac[6]`.
+    pub const MAC_ADDR_SET: u8 = virtio_net::VIRTIO_NET_CTRL_MAC_ADDR_SET as u8;
+    /// Class: VLAN filtering (`CTRL_VLAN`); data: `le16 vid`.
+    pub const CLASS_VLAN: u8 = virtio_net::VIRTIO_NET_CTRL_VLAN as u8;
+    /// VLAN: accept frames of this VLAN.
+    pub const VLAN_ADD: u8 = virtio_net::VIRTIO_NET_CTRL_VLAN_ADD as u8;
+    /// VLAN: stop accepting frames of this VLAN.
+    pub const VLAN_DEL: u8 = virtio_net::VIRTIO_NET_CTRL_VLAN_DEL as u8;
+    /// Class: gratuitous-packet announcement (`GUEST_ANNOUNCE`).
+    pub const CLASS_ANNOUNCE: u8 = virtio_net::VIRTIO_NET_CTRL_ANNOUNCE as u8;
+    /// ANNOUNCE: acknowledge the announcement request.
+    pub const ANNOUNCE_ACK: u8 = virtio_net::VIRTIO_NET_CTRL_ANNOUNCE_ACK as u8;
+    /// Class: multi-queue (`MQ`).
+    pub const CLASS_MQ: u8 = virtio_net::VIRTIO_NET_CTRL_MQ as u8;
+    /// MQ: the number of queue pairs the device uses; data: `le16 virtqueue_pairs`.
+    pub const MQ_VQ_PAIRS_SET: u8 = virtio_net::VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8;
+    /// Smallest `virtqueue_pairs`.
+    pub const MQ_VQ_PAIRS_MIN: u16 = virtio_net::VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN as u16;
+    /// Largest `virtqueue_pairs`.
+    pub const MQ_VQ_PAIRS_MAX: u16 = virtio_net::VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX as u16;
+    /// Class: receive offloads (`CTRL_GUEST_OFFLOADS`).
+    pub const CLASS_GUEST_OFFLOADS: u8 = virtio_net::VIRTIO_NET_CTRL_GUEST_OFFLOADS as u8;
+    /// GUEST_OFFLOADS: the offloads in use; data: `le64 offloads` (feature bit numbers).
+    pub const GUEST_OFFLOADS_SET: u8 = virtio_net::VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET as u8;
+
+    /// Index of the control virtqueue: after every data queue, `2 * max_virtqueue_pairs`
+    /// when `VIRTIO_NET_F_MQ` is negotiated, else 2 (§5.1.2).
+    pub const fn queue_index(mq_negotiated: bool, max_virtqueue_pairs: u16) -> u32 {
+        if mq_negotiated {
+            2 * max_virtqueue_pairs as u32
+        } else {
+            2
+        }
     }
 }
 

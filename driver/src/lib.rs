@@ -38,11 +38,17 @@
 //! # Ok::<(), driver::Error>(())
 //! ```
 //!
+//! A port's [`Control`] sends control-queue commands (RX mode, MAC and VLAN filters,
+//! queue pairs, receive offloads) from any thread, and each [`RxQueue`] can run an
+//! XDP-style program ([`XdpProgram`]) on the frames it receives.
+//!
 //! Modules: [`layout`] (ring layout shared with the host backend), [`dma`] (the DMA
 //! arena), [`frame`] (header builders and checksums), [`mempool`] (buffers and packets), [`ring`] (the driver-side split ring),
-//! [`queue`] (rx/tx bursts), [`transport`] (virtio-user and virtio-PCI), [`vfio`]
-//! (userspace VFIO: groups, BARs, DMA mapping), [`port`] (device init).
+//! [`queue`] (rx/tx bursts, the XDP hook), [`ctrl`] (the control queue), [`transport`]
+//! (virtio-user and virtio-PCI), [`vfio`] (userspace VFIO: groups, BARs, DMA mapping),
+//! [`port`] (device init).
 
+pub mod ctrl;
 pub mod dma;
 pub mod error;
 pub mod frame;
@@ -54,7 +60,8 @@ pub mod ring;
 pub mod transport;
 pub mod vfio;
 
+pub use ctrl::Control;
 pub use error::{DeviceError, Error, Result};
 pub use mempool::{free_bulk, Mempool, Packet};
 pub use port::{Port, PortConfig, PortInfo, TransportConfig};
-pub use queue::{QueuePair, QueueStatsSnapshot, RxQueue, TxQueue};
+pub use queue::{QueuePair, QueueStatsSnapshot, RxMeta, RxQueue, TxQueue, XdpOut, XdpProgram, XdpVerdict};

@@ -329,6 +329,16 @@ impl Drop for Mempool {
     }
 }
 
+impl std::fmt::Debug for Mempool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mempool")
+            .field("capacity", &self.capacity())
+            .field("buf_size", &self.buf_size())
+            .field("headroom", &self.headroom())
+            .finish()
+    }
+}
+
 /// A packet in a pool buffer, owned: dropping it returns the buffer to its pool.
 pub struct Packet {
     pool: NonNull<PoolInner>,

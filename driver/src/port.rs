@@ -2,19 +2,40 @@
 //! it hands to the application.
 //!
 //! Owns: the virtio 1.2 §3.1.1 initialisation sequence (reset, feature negotiation with
-//! the device's acceptance checked, queue setup, DRIVER_OK), the DMA arena and buffer
-//! pool sizing, port information (MAC, MTU, link, features) and orderly close (device
-//! reset first, then buffers back to the pool).
-//! Must not: run on the data path (the queues do).
+//! the device's acceptance checked and the spec's feature dependencies applied, queue
+//! setup including the control queue, DRIVER_OK, activating the queue pairs), the DMA
+//! arena and buffer pool sizing, port information (MAC, MTU, link, features) and orderly
+//! close (device reset first, then buffers back to the pool).
+//! Must not: run on the data path (the queues do) or encode control commands (ctrl.rs).
+//!
+//! Queue pairs: `queue_pairs` are active at open; with `max_queue_pairs` more are set up
+//! (up to the device's maximum) so that [`Control::set_queue_pairs`] can change the
+//! count at run time. Over virtio-user every ring is enabled with `SET_VRING_ENABLE`
+//! and the control queue's `VQ_PAIRS_SET` chooses the pairs in use (the rings of
+//! inactive pairs are enabled only after it succeeded); a back-end that does not serve
+//! the control queue (DPDK's `net_vhost`) gets only the active pairs' rings enabled, as
+//! DPDK's virtio-user does. Over virtio-PCI every set-up queue is enabled and
+//! `VQ_PAIRS_SET` chooses.
+//!
+//! Receive offloads: GUEST_CSUM and the segmentation offloads (GUEST_TSO4/TSO6/ECN/UFO)
+//! are supported but not asked for by default. A partially checksummed frame forwarded
+//! by an application that ignores [`RxMeta`](crate::queue::RxMeta) would leave with a
+//! wrong checksum (the transmit path sends no offload request), and a segmentation
+//! super-frame can be up to 64 KiB while this driver posts one buffer per frame (no
+//! `MRG_RXBUF`): asking for TSO/UFO requires buffers with at least
+//! [`GSO_FRAME_ROOM`] bytes of frame room, the most a pool buffer holds with the default
+//! headroom and tailroom.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use crate::ctrl::{Control, ControlParams, ControlQueue, CTRL_RING_SIZE};
 use crate::dma::{ArenaPlan, DmaArena};
 use crate::error::{Error, Result};
-use crate::layout::{self, features as f};
-use crate::mempool::{self, Mempool, DEFAULT_BUF_SIZE, DEFAULT_HEADROOM};
+use crate::layout::{self, ctrl, features as f};
+use crate::mempool::{self, Mempool, DEFAULT_BUF_SIZE, DEFAULT_HEADROOM, MAX_BUF_SIZE};
 use crate::queue::{PairStats, QueuePair, QueueStatsSnapshot, RxQueue, TxQueue};
 use crate::ring::DriverRing;
 use crate::transport::pci::PciTransport;
@@ -42,8 +63,13 @@ pub enum TransportConfig {
 pub struct PortConfig {
     /// The transport.
     pub transport: TransportConfig,
-    /// Queue pairs to use.
+    /// Queue pairs active at open.
     pub queue_pairs: u16,
+    /// Queue pairs to set up if more than `queue_pairs` (clamped to the device's
+    /// maximum; needs `VIRTIO_NET_F_MQ` and the control queue), so that
+    /// [`Control::set_queue_pairs`] can grow the count at run time. `None`: exactly
+    /// `queue_pairs`.
+    pub max_queue_pairs: Option<u16>,
     /// Entries per ring (a power of two).
     pub ring_size: u16,
     /// Buffers in the pool (default: enough to fill every ring twice).
@@ -62,6 +88,14 @@ pub struct PortConfig {
     pub hugepages: bool,
     /// MAC to use when the device does not report one.
     pub mac: Option<[u8; 6]>,
+    /// How long a control command waits for the device's acknowledgement.
+    pub ctrl_timeout: Duration,
+    /// Use this buffer pool (another port's, see [`Port::pool`]) instead of creating
+    /// one: packets then move between the two ports without a copy (an XDP redirect, a
+    /// forwarding engine). The other port's DMA arena is shared with this device as a
+    /// second memory region, so virtio-user only. `buffers`, `buf_size` and `headroom`
+    /// are the pool's; it must have buffers for both ports' receive rings.
+    pub pool: Option<Mempool>,
 }
 
 impl PortConfig {
@@ -81,6 +115,7 @@ impl PortConfig {
         PortConfig {
             transport,
             queue_pairs: 1,
+            max_queue_pairs: None,
             ring_size: 256,
             buffers: None,
             buf_size: DEFAULT_BUF_SIZE,
@@ -89,17 +124,59 @@ impl PortConfig {
             features: default_features(),
             hugepages: false,
             mac: None,
+            ctrl_timeout: Duration::from_secs(1),
+            pool: None,
         }
     }
 }
 
-/// Optional features the driver asks for by default.
+/// Optional features the driver asks for by default: config space (MAC, STATUS, MTU),
+/// EVENT_IDX, multi-queue, and the control queue with every command class this driver
+/// sends. Receive offloads are opt-in (see the module documentation).
 pub fn default_features() -> u64 {
     f::bit(f::NET_MAC)
         | f::bit(f::NET_STATUS)
         | f::bit(f::NET_MTU)
         | f::bit(f::RING_EVENT_IDX)
         | f::bit(f::NET_MQ)
+        | f::bit(f::NET_CTRL_VQ)
+        | f::bit(f::NET_CTRL_RX)
+        | f::bit(f::NET_CTRL_VLAN)
+        | f::bit(f::NET_CTRL_MAC_ADDR)
+        | f::bit(f::NET_CTRL_GUEST_OFFLOADS)
+}
+
+/// The receive offloads that make the device send segmentation super-frames.
+const GSO_OFFLOADS: u64 = f::bit(f::NET_GUEST_TSO4) | f::bit(f::NET_GUEST_TSO6) | f::bit(f::NET_GUEST_UFO);
+
+/// Frame room (buffer bytes after the headroom, before the tailroom) a port needs to
+/// negotiate GUEST_TSO4/TSO6/UFO: the most a pool buffer holds with the default headroom
+/// and tailroom (buffers of [`MAX_BUF_SIZE`]). A device must not send a larger
+/// super-frame into such a buffer (ours drops it and counts `rx_buffer_too_small`).
+pub const GSO_FRAME_ROOM: usize = MAX_BUF_SIZE as usize - DEFAULT_HEADROOM as usize - 64;
+
+/// Applies the spec's feature dependencies (§5.1.3.1) to a negotiated set: the control
+/// command classes need the control queue, the segmentation offloads need GUEST_CSUM,
+/// ECN needs TSO.
+pub fn apply_dependencies(mut features: u64) -> u64 {
+    if features & f::bit(f::NET_CTRL_VQ) == 0 {
+        features &= !(f::bit(f::NET_CTRL_RX)
+            | f::bit(f::NET_CTRL_VLAN)
+            | f::bit(f::NET_CTRL_RX_EXTRA)
+            | f::bit(f::NET_GUEST_ANNOUNCE)
+            | f::bit(f::NET_CTRL_MAC_ADDR)
+            | f::bit(f::NET_CTRL_GUEST_OFFLOADS));
+    }
+    if features & f::bit(f::NET_CTRL_RX) == 0 {
+        features &= !f::bit(f::NET_CTRL_RX_EXTRA);
+    }
+    if features & f::bit(f::NET_GUEST_CSUM) == 0 {
+        features &= !(GSO_OFFLOADS | f::bit(f::NET_GUEST_USO4) | f::bit(f::NET_GUEST_USO6));
+    }
+    if features & (f::bit(f::NET_GUEST_TSO4) | f::bit(f::NET_GUEST_TSO6)) == 0 {
+        features &= !f::bit(f::NET_GUEST_ECN);
+    }
+    features
 }
 
 /// The hugepage size a physically addressed arena uses.
@@ -111,7 +188,15 @@ const SUPPORTED: u64 = f::bit(f::VERSION_1)
     | f::bit(f::NET_STATUS)
     | f::bit(f::NET_MTU)
     | f::bit(f::RING_EVENT_IDX)
-    | f::bit(f::NET_MQ);
+    | f::bit(f::NET_MQ)
+    | f::bit(f::NET_CTRL_VQ)
+    | f::bit(f::NET_CTRL_RX)
+    | f::bit(f::NET_CTRL_VLAN)
+    | f::bit(f::NET_CTRL_MAC_ADDR)
+    | f::bit(f::NET_CTRL_GUEST_OFFLOADS)
+    | f::bit(f::NET_GUEST_CSUM)
+    | GSO_OFFLOADS
+    | f::bit(f::NET_GUEST_ECN);
 
 /// What a port is, once open.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,10 +211,25 @@ pub struct PortInfo {
     pub link_up: bool,
     /// Negotiated feature bits.
     pub features: u64,
-    /// Queue pairs in use.
+    /// Queue pairs set up (and handed out by [`Port::queue_pair`]); those in use now are
+    /// [`Control::queue_pairs`].
     pub queue_pairs: u16,
+    /// Queue pairs the device has (1 without `VIRTIO_NET_F_MQ`).
+    pub max_queue_pairs: u16,
+    /// Whether the port has a control queue (`VIRTIO_NET_F_CTRL_VQ` negotiated).
+    pub control_queue: bool,
     /// Entries per ring.
     pub ring_size: u16,
+}
+
+/// What `Port::init` builds.
+struct Opened {
+    info: PortInfo,
+    pool: Mempool,
+    pairs: Vec<Option<QueuePair>>,
+    stats: Vec<Arc<PairStats>>,
+    stopped: Arc<AtomicBool>,
+    control: Control,
 }
 
 /// An open virtio-net port.
@@ -140,6 +240,7 @@ pub struct Port {
     pairs: Vec<Option<QueuePair>>,
     stats: Vec<Arc<PairStats>>,
     stopped: Arc<AtomicBool>,
+    control: Control,
     closed: bool,
 }
 
@@ -157,7 +258,7 @@ fn random_mac() -> [u8; 6] {
 
 impl Port {
     /// Opens a port: connects the transport, negotiates features, sets up and fills the
-    /// rings, and starts the device.
+    /// rings, starts the device and activates `queue_pairs` pairs.
     pub fn open(cfg: PortConfig) -> Result<Port> {
         if cfg.queue_pairs == 0 {
             return Err(Error::Config("a port needs at least one queue pair".into()));
@@ -168,6 +269,17 @@ impl Port {
                 cfg.ring_size
             )));
         }
+        if cfg.max_queue_pairs.is_some_and(|m| m > ctrl::MQ_VQ_PAIRS_MAX) {
+            return Err(Error::Config(format!("at most {} queue pairs", ctrl::MQ_VQ_PAIRS_MAX)));
+        }
+        // A shared pool brings its own geometry.
+        let mut cfg = cfg;
+        if let Some(p) = &cfg.pool {
+            cfg.buf_size = p.buf_size();
+            cfg.headroom = p.headroom();
+            cfg.buffers = Some(p.capacity());
+        }
+        let cfg = cfg;
         // Buffer geometry, checked before anything is connected: headroom, the frame and
         // the reserved tailroom must fit one buffer (and lengths fit the packet's u16s).
         let frame_room = (cfg.buf_size as usize)
@@ -179,20 +291,22 @@ impl Port {
                     cfg.buf_size, cfg.headroom, cfg.tailroom
                 ))
             })?;
-        let nrings = 2 * cfg.queue_pairs as u32;
-        let buffers = cfg.buffers.unwrap_or(2 * nrings * cfg.ring_size as u32);
-        if buffers < cfg.queue_pairs as u32 * cfg.ring_size as u32 {
-            return Err(Error::Config(format!(
-                "{buffers} buffers cannot fill {} receive rings of {}",
-                cfg.queue_pairs, cfg.ring_size
-            )));
+        // Sized for the most pairs the port may set up (the device's maximum is known only
+        // after negotiation, which needs the arena shared already).
+        let upper = cfg.queue_pairs.max(cfg.max_queue_pairs.unwrap_or(0));
+        let buffers_upper = cfg.buffers.unwrap_or(2 * 2 * upper as u32 * cfg.ring_size as u32);
+        if let Some(b) = cfg.buffers {
+            if b < cfg.queue_pairs as u32 * cfg.ring_size as u32 {
+                return Err(Error::Config(format!(
+                    "{b} buffers cannot fill {} receive rings of {}",
+                    cfg.queue_pairs, cfg.ring_size
+                )));
+            }
         }
-        mempool::check_geometry(buffers, cfg.buf_size, cfg.headroom)?;
+        mempool::check_geometry(buffers_upper, cfg.buf_size, cfg.headroom)?;
         let mac = cfg.mac.unwrap_or_else(random_mac);
         let mut transport: Box<dyn Transport> = match &cfg.transport {
-            TransportConfig::VirtioUser { path } => {
-                Box::new(VhostUserTransport::connect(path, nrings as u16, mac)?)
-            }
+            TransportConfig::VirtioUser { path } => Box::new(VhostUserTransport::connect(path, mac)?),
             TransportConfig::VfioPci { bdf } => Box::new(PciTransport::open(bdf, mac)?),
         };
 
@@ -201,8 +315,13 @@ impl Port {
         // before anything is carved from it.
         let physical = transport.needs_physical_dma();
         let mut plan = ArenaPlan::new(physical.then_some(HUGE_2M));
-        mempool::plan(&mut plan, buffers, cfg.buf_size)?;
-        for _ in 0..nrings {
+        if cfg.pool.is_none() {
+            mempool::plan(&mut plan, buffers_upper, cfg.buf_size)?;
+        }
+        for (len, align) in ControlQueue::allocations() {
+            plan.alloc(len, align)?;
+        }
+        for _ in 0..2 * upper as u32 {
             for (len, align) in DriverRing::allocations(cfg.ring_size) {
                 plan.alloc(len, align)?;
             }
@@ -218,34 +337,48 @@ impl Port {
             e => e,
         })?;
         transport.map_dma(&mut arena)?;
+        if let Some(p) = &cfg.pool {
+            transport.share_dma(p.arena())?;
+        }
         let arena = Arc::new(arena);
-        match Self::init(&cfg, transport.as_mut(), &arena, buffers, frame_room) {
-            Ok((info, pool, pairs, stats, stopped)) => {
-                Ok(Port { transport, info, pool, pairs, stats, stopped, closed: false })
-            }
+        let mut setup = None;
+        match Self::init(&cfg, transport.as_mut(), &arena, frame_room, &mut setup) {
+            Ok(p) => Ok(Port {
+                transport,
+                info: p.info,
+                pool: p.pool,
+                pairs: p.pairs,
+                stats: p.stats,
+                stopped: p.stopped,
+                control: p.control,
+                closed: false,
+            }),
             Err(e) => {
                 // Stop the device before the rings and buffers it may know go away (the
-                // arena itself lives until after this reset).
+                // arena itself lives until after this reset), then let the queues built
+                // so far return their buffers.
                 if let Err(r) = transport.reset() {
                     log::debug!("{}: reset after a failed open: {r}", transport.describe());
+                }
+                if let Some((stopped, pairs)) = setup.take() {
+                    stopped.store(true, Ordering::Release);
+                    drop(pairs);
                 }
                 Err(e)
             }
         }
     }
 
-    /// Feature negotiation, pool and queues, DRIVER_OK (§3.1.1 steps 4-8).
-    #[allow(clippy::type_complexity)]
+    /// Feature negotiation, pool and queues, DRIVER_OK, active pairs (§3.1.1 steps 4-8).
+    /// `built` receives the queues as they are made, so a failure after the device saw
+    /// them can reset it before their buffers return to the pool.
     fn init(
         cfg: &PortConfig,
         transport: &mut dyn Transport,
         arena: &Arc<DmaArena>,
-        buffers: u32,
         frame_room: usize,
-    ) -> Result<(PortInfo, Mempool, Vec<Option<QueuePair>>, Vec<Arc<PairStats>>, Arc<AtomicBool>)> {
-        let nrings = 2 * cfg.queue_pairs as u32;
-        let pool = Mempool::new(arena.clone(), buffers, cfg.buf_size, cfg.headroom)?;
-
+        built: &mut Option<(Arc<AtomicBool>, Vec<Option<QueuePair>>)>,
+    ) -> Result<Opened> {
         // Feature negotiation (§3.1.1 steps 4-6).
         let offered = transport.device_features()?;
         if offered & f::bit(f::VERSION_1) == 0 {
@@ -255,13 +388,27 @@ impl Port {
             return Err(Error::MissingFeature { name: "VIRTIO_NET_F_MQ", bit: f::NET_MQ });
         }
         let mut want = f::bit(f::VERSION_1) | (cfg.features & SUPPORTED);
-        if cfg.queue_pairs == 1 {
+        if cfg.queue_pairs == 1 && cfg.max_queue_pairs.unwrap_or(1) <= 1 {
             want &= !f::bit(f::NET_MQ);
         }
-        let features = (want | transport.platform_features()) & offered;
+        let features = apply_dependencies((want | transport.platform_features()) & offered);
+        if features & GSO_OFFLOADS != 0 && frame_room < GSO_FRAME_ROOM {
+            return Err(Error::Config(format!(
+                "receive offloads {} send super-frames of up to 64 KiB, but buffers of {} bytes with {} headroom \
+                 and {} tailroom hold {frame_room}-byte frames: use {MAX_BUF_SIZE}-byte buffers (frame room \
+                 {GSO_FRAME_ROOM}) or leave these features out",
+                f::names(features & GSO_OFFLOADS),
+                cfg.buf_size,
+                cfg.headroom,
+                cfg.tailroom
+            )));
+        }
         transport.negotiate(features)?;
         let config: NetConfig = transport.config(features)?;
-        if features & f::bit(f::NET_MQ) != 0 && cfg.queue_pairs > config.max_queue_pairs {
+        let mq = features & f::bit(f::NET_MQ) != 0;
+        let ctrl_vq = features & f::bit(f::NET_CTRL_VQ) != 0;
+        let dev_max = if mq { config.max_queue_pairs } else { 1 };
+        if mq && cfg.queue_pairs > dev_max {
             return Err(Error::Config(format!(
                 "{} queue pairs asked for, the device has {}",
                 cfg.queue_pairs, config.max_queue_pairs
@@ -273,35 +420,122 @@ impl Port {
                 cfg.buf_size, cfg.headroom, cfg.tailroom, config.mtu
             )));
         }
+        // Pairs beyond the active ones only help with a way to activate them.
+        let setup = if mq && ctrl_vq {
+            cfg.queue_pairs.max(cfg.max_queue_pairs.unwrap_or(0).min(dev_max))
+        } else {
+            cfg.queue_pairs
+        };
+        let buffers = cfg.buffers.unwrap_or(2 * 2 * setup as u32 * cfg.ring_size as u32);
+        if buffers < setup as u32 * cfg.ring_size as u32 {
+            return Err(Error::Config(format!(
+                "{buffers} buffers cannot fill {setup} receive rings of {}",
+                cfg.ring_size
+            )));
+        }
+        let pool = match &cfg.pool {
+            Some(p) => p.clone(),
+            None => Mempool::new(arena.clone(), buffers, cfg.buf_size, cfg.headroom)?,
+        };
 
-        // Queues (§3.1.1 step 7), receive rings filled before the device starts.
+        // Queues (§3.1.1 step 7): the control queue, then the data queues, receive rings
+        // filled before the device starts.
         let event_idx = features & f::bit(f::RING_EVENT_IDX) != 0;
+        let ctrl_queue = if ctrl_vq {
+            let index = ctrl::queue_index(mq, dev_max);
+            let index = u16::try_from(index)
+                .map_err(|_| Error::Config(format!("control queue index {index} is beyond 16 bits")))?;
+            let mut q = ControlQueue::new(arena, event_idx)?;
+            let ring = q.ring_mut();
+            ring.set_notifier(transport.setup_queue(index, CTRL_RING_SIZE, ring.addrs())?);
+            Some((index, q))
+        } else {
+            None
+        };
+        let ctrl_index = ctrl_queue.as_ref().map(|(i, _)| *i);
+        let control = Control::new(
+            ControlParams {
+                device: transport.describe(),
+                features,
+                virtio_user: transport.control_queue_may_be_unserved(),
+                timeout: cfg.ctrl_timeout,
+                pairs: setup,
+                active_pairs: 1,
+            },
+            ctrl_queue.map(|(_, q)| q),
+        );
         let stopped = Arc::new(AtomicBool::new(false));
         let mut pairs = Vec::new();
         let mut stats = Vec::new();
-        for p in 0..cfg.queue_pairs {
+        for p in 0..setup {
             let st = Arc::new(PairStats::default());
             let mut rx_ring = DriverRing::new(arena, cfg.ring_size, event_idx)?;
             let mut tx_ring = DriverRing::new(arena, cfg.ring_size, event_idx)?;
             rx_ring.set_notifier(transport.setup_queue(2 * p, cfg.ring_size, rx_ring.addrs())?);
             tx_ring.set_notifier(transport.setup_queue(2 * p + 1, cfg.ring_size, tx_ring.addrs())?);
-            let mut rx = RxQueue::new(rx_ring, pool.clone(), st.clone(), cfg.tailroom, stopped.clone());
+            let mut rx = RxQueue::new(
+                rx_ring,
+                pool.clone(),
+                st.clone(),
+                cfg.tailroom,
+                stopped.clone(),
+                control.clone(),
+                config.mtu,
+            );
             rx.refill();
             let tx = TxQueue::new(tx_ring, pool.clone(), st.clone(), stopped.clone());
             pairs.push(Some(QueuePair { index: p, rx, tx }));
             stats.push(st);
         }
-        transport.start(nrings as u16)?;
+        // Handed to the caller's cleanup until the port exists.
+        *built = Some((stopped.clone(), pairs));
+
+        // Start (step 8) with the control queue and the active pairs enabled; the rings
+        // of the other pairs once the device has been told how many pairs to use.
+        if let Some(i) = ctrl_index {
+            transport.enable_queue(i)?;
+        }
+        for q in 0..2 * cfg.queue_pairs {
+            transport.enable_queue(q)?;
+        }
+        transport.start()?;
+        let mut enable_rest = true;
+        if mq && ctrl_vq && (setup > 1 || cfg.queue_pairs > 1) {
+            match control.set_queue_pairs(cfg.queue_pairs) {
+                Ok(()) => {}
+                Err(e @ Error::ControlNotServed { .. }) => {
+                    // DPDK's net_vhost and the like: the active pairs' rings are enabled
+                    // (the vhost-user way to choose pairs); the others stay off.
+                    log::warn!("{e}; using the {} pair(s) enabled through vhost-user", cfg.queue_pairs);
+                    enable_rest = false;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if enable_rest {
+            for q in 2 * cfg.queue_pairs..2 * setup {
+                transport.enable_queue(q)?;
+            }
+        }
+        let pairs = built.take().map(|(_, p)| p).unwrap_or_default();
         let info = PortInfo {
             description: transport.describe(),
             mac: config.mac,
             mtu: config.mtu,
             link_up: config.status & layout::net_config::S_LINK_UP != 0,
             features,
-            queue_pairs: cfg.queue_pairs,
+            queue_pairs: setup,
+            max_queue_pairs: dev_max,
+            control_queue: ctrl_vq,
             ring_size: cfg.ring_size,
         };
-        Ok((info, pool, pairs, stats, stopped))
+        Ok(Opened { info, pool, pairs, stats, stopped, control })
+    }
+
+    /// The port's control queue: commands (RX mode, MAC and VLAN filters, queue pairs,
+    /// receive offloads) from any thread, while the queue pairs run on theirs.
+    pub fn control(&self) -> Control {
+        self.control.clone()
     }
 
     /// What the port is.
@@ -346,6 +580,8 @@ impl Port {
             return Ok(());
         }
         self.closed = true;
+        // No command may race with the reset (a command in progress finishes first).
+        self.control.close();
         let res = self.transport.reset();
         // Release: the queues' drop (acquire) sees the device reset before reusing buffers.
         self.stopped.store(true, Ordering::Release);

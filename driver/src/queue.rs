@@ -1,20 +1,164 @@
 //! Receive and transmit queues: the data path an application calls.
 //!
 //! Owns: one receive ring with its batched refill from the pool, one transmit ring with
-//! its batched completion reclaim, their statistics, and the virtio-net header handling
-//! (written in the 12 bytes before the packet data, so a packet is one descriptor).
-//! Must not: talk to the transport (kicks go through the ring's `Notifier`) or allocate.
+//! its batched completion reclaim, their statistics, the virtio-net header handling
+//! (written in the 12 bytes before the packet data, so a packet is one descriptor; the
+//! received one is exposed as [`RxMeta`]), and the XDP-style hook of each receive queue.
+//! Must not: talk to the transport (kicks go through the ring's `Notifier`; offload
+//! changes through the port's [`Control`]) or allocate on the data path.
 //!
 //! Each half is `Send` and used through `&mut self`, so the receive and transmit sides of
 //! a pair can run on different threads without locks.
+//!
+//! # The XDP-style hook
+//!
+//! [`RxQueue::attach_xdp`] installs an [`XdpProgram`] (a trait object, or any
+//! `FnMut(&mut Packet) -> XdpVerdict + Send` closure) that runs on every received frame
+//! inside `rx_burst`, before the application sees it. The program may grow or shrink
+//! the frame at both ends within the buffer's headroom and tailroom
+//! ([`Packet::push_head`] and friends) and answers:
+//! * [`XdpVerdict::Pass`]: delivered by `rx_burst` as usual;
+//! * [`XdpVerdict::Drop`]: the buffer goes straight back to the pool (recycled in the
+//!   same batch as the refill, one pool lock per burst);
+//! * [`XdpVerdict::Tx`]: queued in the receive queue's [`XdpOut::tx`], to go out on
+//!   the same queue pair without a copy;
+//! * [`XdpVerdict::Redirect`]`(t)`: queued in [`XdpOut::redirect`]`[t]` (t <
+//!   [`XDP_TARGETS`]), for whichever transmit queue the application maps `t` to: another
+//!   queue of this port (no copy), or another port's (no copy when that port's device
+//!   reaches the buffer; otherwise [`TxQueue::tx_burst`] copies and counts `tx_copied`).
+//!
+//! Tx and Redirect packets never wait on a lock: the receive and transmit halves may live
+//! on different threads, so `rx_burst` parks them in the queue's own [`XdpOut`] (vectors
+//! sized at attach, never grown) and the application hands them to the right
+//! `tx_burst` itself: [`RxQueue::xdp_out`] on any thread layout, or
+//! [`RxQueue::rx_burst_xdp`] when the pair's transmit half is on the same thread. When a
+//! vector is full, further packets for it are dropped and counted as `xdp_aborted`.
+//!
+//! Attaching switches the receive offloads that merge frames (guest TSO/UFO/ECN/USO) off
+//! through the control queue (`GUEST_OFFLOADS_SET`) for the whole port while any program
+//! is attached; detaching the last program restores them. Attaching fails, as Linux's
+//! `virtnet_xdp_set` does, when such offloads are on and the device cannot switch them
+//! off ([`Error::XdpOffloads`]), or when a full frame plus [`XDP_HEADROOM`] does not fit
+//! a buffer ([`Error::XdpGeometry`]). A super-frame the device had already placed in the
+//! ring before the switch is not shown to the program: it is dropped and counted as
+//! `xdp_aborted`. Attach and detach take `&mut self`, so they happen between two bursts
+//! of this queue while the other queues keep running: no frame in the ring is lost.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::error::DeviceError;
-use crate::layout::NET_HDR_LEN;
+use crate::ctrl::Control;
+use crate::error::{DeviceError, Error, Result};
+use crate::layout::{net_hdr, NET_HDR_LEN};
 use crate::mempool::{Mempool, Packet};
 use crate::ring::DriverRing;
+
+/// Headroom (pool headroom, the virtio-net header's 12 bytes included) a receive buffer
+/// needs for an XDP program, as Linux's `VIRTIO_XDP_HEADROOM`.
+pub const XDP_HEADROOM: usize = 256;
+/// Redirect targets an XDP program may name (`XdpVerdict::Redirect(0..XDP_TARGETS)`).
+pub const XDP_TARGETS: usize = 8;
+/// Bytes of the Ethernet header a full frame adds to the MTU.
+const ETH_HLEN: usize = 14;
+
+/// What an XDP program decides for one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpVerdict {
+    /// Deliver it through `rx_burst`.
+    Pass,
+    /// Recycle the buffer at once.
+    Drop,
+    /// Send it back out on the same queue pair (through [`XdpOut::tx`]).
+    Tx,
+    /// Send it out through the transmit queue the application maps this target to
+    /// (through [`XdpOut::redirect`]; targets `0..XDP_TARGETS`).
+    Redirect(u16),
+}
+
+/// A program run on every received frame of a queue (see the module documentation).
+pub trait XdpProgram: Send {
+    /// Looks at (and may rewrite, grow or shrink) one received frame.
+    fn run(&mut self, pkt: &mut Packet) -> XdpVerdict;
+}
+
+impl<F: FnMut(&mut Packet) -> XdpVerdict + Send> XdpProgram for F {
+    fn run(&mut self, pkt: &mut Packet) -> XdpVerdict {
+        self(pkt)
+    }
+}
+
+/// The packets an XDP program sent on: to be handed to `tx_burst` by the application.
+/// The vectors are sized at attach (the ring size each) and never grow.
+#[derive(Default)]
+pub struct XdpOut {
+    /// Answered [`XdpVerdict::Tx`]: for this queue pair's transmit half.
+    pub tx: Vec<Packet>,
+    /// Answered [`XdpVerdict::Redirect`]`(t)`, in `redirect[t]`.
+    pub redirect: Vec<Vec<Packet>>,
+}
+
+impl XdpOut {
+    /// Packets waiting.
+    pub fn len(&self) -> usize {
+        self.tx.len() + self.redirect.iter().map(Vec::len).sum::<usize>()
+    }
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Drops every waiting packet (buffers back to their pools).
+    pub fn clear(&mut self) {
+        crate::mempool::free_bulk(&mut self.tx);
+        for r in self.redirect.iter_mut() {
+            crate::mempool::free_bulk(r);
+        }
+    }
+}
+
+/// What the device said about a received frame: its virtio-net header (§5.1.6.4).
+/// Without receive offloads negotiated it is all zero.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RxMeta {
+    /// `VIRTIO_NET_HDR_F_*` ([`net_hdr::F_NEEDS_CSUM`], [`net_hdr::F_DATA_VALID`], ...).
+    pub flags: u8,
+    /// `VIRTIO_NET_HDR_GSO_*`: a super-frame to be segmented, or `GSO_NONE`.
+    pub gso_type: u8,
+    /// Length of the headers to replicate in each segment.
+    pub hdr_len: u16,
+    /// Payload bytes per segment.
+    pub gso_size: u16,
+    /// With `F_NEEDS_CSUM`: where checksumming starts.
+    pub csum_start: u16,
+    /// With `F_NEEDS_CSUM`: where the checksum goes, from `csum_start`.
+    pub csum_offset: u16,
+}
+
+impl RxMeta {
+    /// Decodes a received `virtio_net_hdr_v1`.
+    pub fn parse(h: &[u8; NET_HDR_LEN]) -> RxMeta {
+        let u = |o: usize| u16::from_le_bytes([h[o], h[o + 1]]);
+        RxMeta {
+            flags: h[net_hdr::FLAGS],
+            gso_type: h[net_hdr::GSO_TYPE],
+            hdr_len: u(net_hdr::HDR_LEN),
+            gso_size: u(net_hdr::GSO_SIZE),
+            csum_start: u(net_hdr::CSUM_START),
+            csum_offset: u(net_hdr::CSUM_OFFSET),
+        }
+    }
+    /// A segmentation super-frame (`gso_type` other than `GSO_NONE`).
+    pub fn is_gso(&self) -> bool {
+        self.gso_type & !net_hdr::GSO_ECN != net_hdr::GSO_NONE
+    }
+    /// The checksum is partial: the application must complete it (`F_NEEDS_CSUM`).
+    pub fn needs_csum(&self) -> bool {
+        self.flags & net_hdr::F_NEEDS_CSUM != 0
+    }
+    /// The device validated the checksum (`F_DATA_VALID`).
+    pub fn data_valid(&self) -> bool {
+        self.flags & net_hdr::F_DATA_VALID != 0
+    }
+}
 
 /// Most buffers refilled or reclaimed per step (bounds the stack scratch space).
 const BATCH: usize = 64;
@@ -23,10 +167,22 @@ const BATCH: usize = 64;
 #[derive(Debug, Default)]
 #[repr(align(64))]
 pub struct RxStats {
-    /// Packets delivered by `rx_burst`.
+    /// Frames received from the device (delivered by `rx_burst`; with an XDP program
+    /// attached, every frame it saw or could not see: the `xdp_*` counters add up to it).
     pub packets: AtomicU64,
-    /// Their bytes (without the virtio-net header).
+    /// Their bytes (without the virtio-net header), as received.
     pub bytes: AtomicU64,
+    /// XDP verdicts: Pass.
+    pub xdp_pass: AtomicU64,
+    /// XDP verdicts: Drop.
+    pub xdp_drop: AtomicU64,
+    /// XDP verdicts: Tx (queued in `XdpOut::tx`).
+    pub xdp_tx: AtomicU64,
+    /// XDP verdicts: Redirect (queued in `XdpOut::redirect`).
+    pub xdp_redirect: AtomicU64,
+    /// Frames dropped without a verdict taking effect: super-frames the program cannot
+    /// see whole, a full `XdpOut` vector, a redirect target out of range.
+    pub xdp_aborted: AtomicU64,
     /// Buffers the device returned too short to hold a header (recycled).
     pub errors: AtomicU64,
     /// Refills that found the pool empty.
@@ -76,6 +232,16 @@ pub struct QueueStatsSnapshot {
     pub tx_nobuf: u64,
     /// Device protocol violations seen on either queue.
     pub device_errors: u64,
+    /// XDP Pass verdicts.
+    pub xdp_pass: u64,
+    /// XDP Drop verdicts.
+    pub xdp_drop: u64,
+    /// XDP Tx verdicts.
+    pub xdp_tx: u64,
+    /// XDP Redirect verdicts.
+    pub xdp_redirect: u64,
+    /// Frames an XDP program could not act on (dropped).
+    pub xdp_aborted: u64,
 }
 
 /// Both halves' counters, shared with the port for reporting.
@@ -102,6 +268,11 @@ impl PairStats {
             tx_copied: l(&self.tx.copied),
             tx_nobuf: l(&self.tx.nobuf),
             device_errors: l(&self.rx.device_errors) + l(&self.tx.device_errors),
+            xdp_pass: l(&self.rx.xdp_pass),
+            xdp_drop: l(&self.rx.xdp_drop),
+            xdp_tx: l(&self.rx.xdp_tx),
+            xdp_redirect: l(&self.rx.xdp_redirect),
+            xdp_aborted: l(&self.rx.xdp_aborted),
         }
     }
 }
@@ -128,6 +299,52 @@ pub struct RxQueue {
     headroom: u16,
     error: Option<DeviceError>,
     stopped: Stopped,
+    xdp: Option<Box<dyn XdpProgram>>,
+    xdp_out: XdpOut,
+    control: Control,
+    mtu: u16,
+}
+
+/// Verdict counts of one burst.
+#[derive(Default)]
+struct Verdicts {
+    pass: u64,
+    drop: u64,
+    tx: u64,
+    redirect: u64,
+    aborted: u64,
+}
+
+/// Buffer indices to return to the pool, in batches of [`BATCH`] under one lock.
+struct Recycle<'a> {
+    pool: &'a Mempool,
+    idx: [u32; BATCH],
+    n: usize,
+}
+
+impl Recycle<'_> {
+    #[inline]
+    fn put(&mut self, i: u32) {
+        self.idx[self.n] = i;
+        self.n += 1;
+        if self.n == BATCH {
+            self.pool.put_indices(&self.idx);
+            self.n = 0;
+        }
+    }
+    /// Returns `p`'s buffer: batched if it is one of ours, else to its own pool.
+    #[inline]
+    fn packet(&mut self, p: Packet) {
+        if self.pool.owns(&p) {
+            self.put(p.into_raw().0);
+        } else {
+            drop(p);
+        }
+    }
+    fn flush(&mut self) {
+        self.pool.put_indices(&self.idx[..self.n]);
+        self.n = 0;
+    }
 }
 
 impl RxQueue {
@@ -137,10 +354,24 @@ impl RxQueue {
         stats: Arc<PairStats>,
         tailroom: u16,
         stopped: Stopped,
+        control: Control,
+        mtu: u16,
     ) -> Self {
         let headroom = pool.headroom();
         let post_len = pool.buf_size() - headroom as u32 - tailroom as u32 + NET_HDR_LEN as u32;
-        RxQueue { ring, pool, stats, post_len, headroom, error: None, stopped }
+        RxQueue {
+            ring,
+            pool,
+            stats,
+            post_len,
+            headroom,
+            error: None,
+            stopped,
+            xdp: None,
+            xdp_out: XdpOut::default(),
+            control,
+            mtu,
+        }
     }
 
     /// Posts free buffers until the ring is full or the pool is empty (one pool lock and
@@ -165,8 +396,33 @@ impl RxQueue {
 
     /// Appends up to `max` received packets to `batch` (which should have the capacity:
     /// then nothing allocates) and refills the ring. Returns how many were appended.
-    /// After a device error the queue is stopped and returns 0; see [`error`](Self::error).
+    /// With an XDP program attached, only the frames it passed are appended (see the
+    /// module documentation for the others). After a device error the queue is stopped
+    /// and returns 0; see [`error`](Self::error).
     pub fn rx_burst(&mut self, batch: &mut Vec<Packet>, max: usize) -> usize {
+        self.rx_inner(batch, None, max)
+    }
+
+    /// As [`rx_burst`](Self::rx_burst), and appends each delivered packet's
+    /// [`RxMeta`] to `meta` (the offload information from its virtio-net header: a
+    /// super-frame's `gso_type`/`gso_size`, a partial checksum to complete).
+    pub fn rx_burst_meta(&mut self, batch: &mut Vec<Packet>, meta: &mut Vec<RxMeta>, max: usize) -> usize {
+        self.rx_inner(batch, Some(meta), max)
+    }
+
+    /// As [`rx_burst`](Self::rx_burst), then sends the packets the XDP program answered
+    /// [`XdpVerdict::Tx`] for on `tx` (this pair's transmit half, on this thread).
+    /// Those that do not fit the ring wait in [`xdp_out`](Self::xdp_out) for the next
+    /// call. Redirected packets stay in `xdp_out().redirect` for the caller.
+    pub fn rx_burst_xdp(&mut self, batch: &mut Vec<Packet>, max: usize, tx: &mut TxQueue) -> usize {
+        let n = self.rx_inner(batch, None, max);
+        if !self.xdp_out.tx.is_empty() {
+            tx.tx_burst(&mut self.xdp_out.tx);
+        }
+        n
+    }
+
+    fn rx_inner(&mut self, batch: &mut Vec<Packet>, mut meta: Option<&mut Vec<RxMeta>>, max: usize) -> usize {
         if self.error.is_some() {
             return 0;
         }
@@ -174,37 +430,103 @@ impl RxQueue {
             Ok(n) => (n as usize).min(max),
             Err(e) => return self.fail(e),
         };
-        let (mut got, mut bytes, mut errors) = (0usize, 0u64, 0u64);
-        let mut recycle = [0u32; BATCH];
-        let mut nrec = 0;
+        if n == 0 {
+            return 0;
+        }
+        let (mut got, mut frames, mut bytes, mut errors) = (0usize, 0u64, 0u64, 0u64);
+        let mut v = Verdicts::default();
+        let mut failed = None;
+        let mut rec = Recycle { pool: &self.pool, idx: [0; BATCH], n: 0 };
+        let need_hdr = meta.is_some() || self.xdp.is_some();
         for _ in 0..n {
             let (idx, len) = match self.ring.pop_used() {
                 Ok(x) => x,
                 Err(e) => {
-                    self.fail(e);
+                    failed = Some(e);
                     break;
                 }
             };
             if (len as usize) < NET_HDR_LEN {
                 errors += 1;
-                recycle[nrec] = idx;
-                nrec += 1;
-                if nrec == BATCH {
-                    self.pool.put_indices(&recycle[..nrec]);
-                    nrec = 0;
-                }
+                rec.put(idx);
                 continue;
             }
             let data_len = len - NET_HDR_LEN as u32;
-            batch.push(self.pool.packet(idx, self.headroom, data_len as u16));
-            got += 1;
+            frames += 1;
             bytes += data_len as u64;
+            let m = if need_hdr {
+                let (base, _) = self.pool.buf(idx);
+                // SAFETY: the header slot is the 12 bytes before the data at `headroom`,
+                // inside buffer `idx`, which the device returned (its writes are ordered
+                // before our acquire load of used.idx in `poll_used`); ours alone now.
+                let h = unsafe {
+                    std::ptr::read(base.add(self.headroom as usize - NET_HDR_LEN) as *const [u8; NET_HDR_LEN])
+                };
+                RxMeta::parse(&h)
+            } else {
+                RxMeta::default()
+            };
+            let mut p = self.pool.packet(idx, self.headroom, data_len as u16);
+            if let Some(prog) = self.xdp.as_mut() {
+                if m.is_gso() {
+                    // Placed in the ring before the offloads were switched off: the
+                    // program sees single frames only.
+                    v.aborted += 1;
+                    rec.packet(p);
+                    continue;
+                }
+                let out = &mut self.xdp_out;
+                match prog.run(&mut p) {
+                    XdpVerdict::Pass => v.pass += 1,
+                    XdpVerdict::Drop => {
+                        v.drop += 1;
+                        rec.packet(p);
+                        continue;
+                    }
+                    XdpVerdict::Tx => {
+                        if out.tx.len() < out.tx.capacity() {
+                            out.tx.push(p);
+                            v.tx += 1;
+                        } else {
+                            v.aborted += 1;
+                            rec.packet(p);
+                        }
+                        continue;
+                    }
+                    XdpVerdict::Redirect(t) => {
+                        match out.redirect.get_mut(t as usize) {
+                            Some(q) if q.len() < q.capacity() => {
+                                q.push(p);
+                                v.redirect += 1;
+                            }
+                            _ => {
+                                v.aborted += 1;
+                                rec.packet(p);
+                            }
+                        }
+                        continue;
+                    }
+                }
+            }
+            batch.push(p);
+            if let Some(m2) = meta.as_deref_mut() {
+                m2.push(m);
+            }
+            got += 1;
         }
-        self.pool.put_indices(&recycle[..nrec]);
-        bump(&self.stats.rx.packets, got as u64);
-        bump(&self.stats.rx.bytes, bytes);
-        bump(&self.stats.rx.errors, errors);
-        if self.error.is_none() && n > 0 {
+        rec.flush();
+        let rx = &self.stats.rx;
+        bump(&rx.packets, frames);
+        bump(&rx.bytes, bytes);
+        bump(&rx.errors, errors);
+        bump(&rx.xdp_pass, v.pass);
+        bump(&rx.xdp_drop, v.drop);
+        bump(&rx.xdp_tx, v.tx);
+        bump(&rx.xdp_redirect, v.redirect);
+        bump(&rx.xdp_aborted, v.aborted);
+        if let Some(e) = failed {
+            self.fail(e);
+        } else {
             self.refill();
         }
         got
@@ -215,6 +537,60 @@ impl RxQueue {
         self.error = Some(e);
         bump(&self.stats.rx.device_errors, 1);
         0
+    }
+
+    /// Attaches an XDP program (replacing the one attached, if any). The first program
+    /// of the port switches the merging receive offloads off (see the module
+    /// documentation); fails with [`Error::XdpGeometry`] when a full frame and
+    /// [`XDP_HEADROOM`] do not fit a buffer, with [`Error::XdpOffloads`] when the
+    /// offloads cannot be switched off, or with the control command's error.
+    pub fn attach_xdp(&mut self, prog: Box<dyn XdpProgram>) -> Result<()> {
+        let headroom = self.headroom as usize;
+        let frame_room = self.post_len as usize - NET_HDR_LEN;
+        let frame = self.mtu as usize + ETH_HLEN;
+        if headroom < XDP_HEADROOM || frame_room < frame {
+            return Err(Error::XdpGeometry {
+                mtu: self.mtu,
+                frame,
+                headroom,
+                need: XDP_HEADROOM,
+                room: headroom + frame_room,
+            });
+        }
+        if self.xdp.is_none() {
+            self.control.xdp_attach()?;
+            let cap = self.ring.size() as usize;
+            if self.xdp_out.tx.capacity() < cap {
+                self.xdp_out.tx.reserve_exact(cap - self.xdp_out.tx.len());
+            }
+            while self.xdp_out.redirect.len() < XDP_TARGETS {
+                self.xdp_out.redirect.push(Vec::with_capacity(cap));
+            }
+        }
+        self.xdp = Some(prog);
+        Ok(())
+    }
+
+    /// Detaches the XDP program, if any: frames are delivered by `rx_burst` again from
+    /// the next burst on. The last program of the port restores the receive offloads;
+    /// if the device refuses, the program is detached anyway and the error returned.
+    /// Packets waiting in [`xdp_out`](Self::xdp_out) stay there for the caller.
+    pub fn detach_xdp(&mut self) -> Result<()> {
+        if self.xdp.take().is_none() {
+            return Ok(());
+        }
+        self.control.xdp_detach()
+    }
+
+    /// Whether an XDP program is attached.
+    pub fn xdp_attached(&self) -> bool {
+        self.xdp.is_some()
+    }
+
+    /// The packets the XDP program sent on, waiting for the application to pass them to
+    /// `tx_burst` (see the module documentation).
+    pub fn xdp_out(&mut self) -> &mut XdpOut {
+        &mut self.xdp_out
     }
 
     /// The device error that stopped this queue, if any.
@@ -229,6 +605,11 @@ impl RxQueue {
 
 impl Drop for RxQueue {
     fn drop(&mut self) {
+        if self.xdp.take().is_some() {
+            if let Err(e) = self.control.xdp_detach() {
+                log::warn!("restoring receive offloads after dropping an XDP program: {e}");
+            }
+        }
         if !self.stopped.load(Ordering::Acquire) {
             // The device may still write into posted buffers: they are not reused.
             return;
@@ -384,4 +765,294 @@ pub struct QueuePair {
     pub rx: RxQueue,
     /// Transmit half.
     pub tx: TxQueue,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ctrl::ControlParams;
+    use crate::dma::DmaArena;
+    use crate::layout::features as f;
+    use crate::ring::fake::FakeDevice;
+    use std::time::Duration;
+
+    const RING: u16 = 16;
+
+    /// A receive queue (and optionally its transmit half) over an in-process fake device.
+    struct Rig {
+        rx: RxQueue,
+        tx: TxQueue,
+        rx_dev: FakeDevice,
+        tx_dev: FakeDevice,
+        pool: Mempool,
+        stats: Arc<PairStats>,
+        stopped: Stopped,
+    }
+
+    fn control(features: u64) -> Control {
+        Control::new(
+            ControlParams {
+                device: "fake".into(),
+                features,
+                virtio_user: true,
+                timeout: Duration::from_millis(10),
+                pairs: 1,
+                active_pairs: 1,
+            },
+            None,
+        )
+    }
+
+    fn rig_with(headroom: u16, mtu: u16, features: u64) -> Rig {
+        let arena = Arc::new(DmaArena::new(4 << 20, false).unwrap());
+        let pool = Mempool::new(arena.clone(), 64, 2048 + headroom as u32, headroom).unwrap();
+        let stats = Arc::new(PairStats::default());
+        let stopped: Stopped = Arc::new(AtomicBool::new(false));
+        let rx_ring = DriverRing::new(&arena, RING, false).unwrap();
+        let tx_ring = DriverRing::new(&arena, RING, false).unwrap();
+        let (rx_dev, tx_dev) = (FakeDevice::new(&rx_ring), FakeDevice::new(&tx_ring));
+        let ctl = control(features);
+        let mut rx = RxQueue::new(rx_ring, pool.clone(), stats.clone(), 64, stopped.clone(), ctl, mtu);
+        rx.refill();
+        let tx = TxQueue::new(tx_ring, pool.clone(), stats.clone(), stopped.clone());
+        Rig { rx, tx, rx_dev, tx_dev, pool, stats, stopped }
+    }
+
+    fn rig() -> Rig {
+        rig_with(256, 1500, 0)
+    }
+
+    impl Rig {
+        /// The device delivers `frame` with header `hdr` into the next posted buffer.
+        fn deliver_with(&mut self, hdr: [u8; NET_HDR_LEN], frame: &[u8]) {
+            let (head, chain) = self.rx_dev.pop_avail().expect("a posted receive buffer");
+            let d = chain[0];
+            assert!(d.len as usize >= NET_HDR_LEN + frame.len());
+            self.rx_dev.write(d.addr, &hdr);
+            self.rx_dev.write(d.addr + NET_HDR_LEN as u64, frame);
+            self.rx_dev.push_used(head as u32, (NET_HDR_LEN + frame.len()) as u32);
+        }
+        fn deliver(&mut self, frame: &[u8]) {
+            self.deliver_with([0; NET_HDR_LEN], frame)
+        }
+        /// Frames the device took from the transmit ring: (header, frame).
+        fn transmitted(&mut self) -> Vec<(Vec<u8>, Vec<u8>)> {
+            let mut v = Vec::new();
+            while let Some((head, chain)) = self.tx_dev.pop_avail() {
+                let b = self.tx_dev.read(chain[0].addr, chain[0].len as usize);
+                v.push((b[..NET_HDR_LEN].to_vec(), b[NET_HDR_LEN..].to_vec()));
+                self.tx_dev.push_used(head as u32, 0);
+            }
+            v
+        }
+        fn snapshot(&self) -> QueueStatsSnapshot {
+            self.stats.snapshot()
+        }
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            // The "device" is gone: posted buffers may come back.
+            self.stopped.store(true, Ordering::Release);
+        }
+    }
+
+    fn frame(tag: u8, len: usize) -> Vec<u8> {
+        let mut f: Vec<u8> = (0..len).map(|i| i as u8 ^ 0x5a).collect();
+        f[0] = tag;
+        f
+    }
+
+    /// The program of the verdict tests: the first byte picks the verdict; Tx frames
+    /// grow a 4-byte tag at the head and lose 2 bytes at the tail, Redirect frames lose
+    /// 2 bytes at the head and grow 3 at the tail.
+    fn by_first_byte(p: &mut Packet) -> XdpVerdict {
+        match p.data()[0] {
+            0 => XdpVerdict::Pass,
+            1 => XdpVerdict::Drop,
+            2 => {
+                p.push_head(4).unwrap().copy_from_slice(&[0xaa, 0xbb, 0xcc, 0xdd]);
+                p.trim_tail(2).unwrap();
+                XdpVerdict::Tx
+            }
+            3 => {
+                p.pull_head(2).unwrap();
+                p.push_tail(3).unwrap().copy_from_slice(&[7, 8, 9]);
+                XdpVerdict::Redirect(1)
+            }
+            _ => XdpVerdict::Redirect(XDP_TARGETS as u16),
+        }
+    }
+
+    #[test]
+    fn every_verdict_does_what_it_says_with_head_and_tail_adjusted() {
+        let mut r = rig();
+        let full = r.pool.capacity();
+        r.rx.attach_xdp(Box::new(by_first_byte)).unwrap();
+        let frames: Vec<Vec<u8>> = (0..5u8).map(|t| frame(t, 60 + t as usize * 100)).collect();
+        for fr in &frames {
+            r.deliver(fr);
+        }
+        let mut batch = Vec::with_capacity(32);
+        assert_eq!(r.rx.rx_burst(&mut batch, 32), 1, "only the Pass frame is delivered");
+        assert_eq!(batch[0].data(), &frames[0][..]);
+
+        let out = r.rx.xdp_out();
+        assert_eq!(out.tx.len(), 1);
+        let mut want_tx = vec![0xaa, 0xbb, 0xcc, 0xdd];
+        want_tx.extend_from_slice(&frames[2][..frames[2].len() - 2]);
+        assert_eq!(out.tx[0].data(), &want_tx[..]);
+        assert_eq!(out.redirect[1].len(), 1);
+        let mut want_redir = frames[3][2..].to_vec();
+        want_redir.extend_from_slice(&[7, 8, 9]);
+        assert_eq!(out.redirect[1][0].data(), &want_redir[..]);
+        assert_eq!(out.len(), 2);
+
+        let s = r.snapshot();
+        assert_eq!((s.xdp_pass, s.xdp_drop, s.xdp_tx, s.xdp_redirect, s.xdp_aborted), (1, 1, 1, 1, 1));
+        assert_eq!(s.rx_packets, 5, "every frame received counts once");
+        assert_eq!(s.rx_bytes, frames.iter().map(|f| f.len() as u64).sum::<u64>());
+        // Drop and the aborted redirect went straight back: the ring is full again and
+        // only the three packets held by the test are out of the pool.
+        assert_eq!(r.rx.in_flight(), RING);
+        assert_eq!(r.pool.available(), full - RING as u32 - 3);
+
+        // The Tx packet goes out on the pair's transmit half without a copy, with a clean
+        // virtio-net header in the headroom the program left.
+        let n = r.tx.tx_burst(&mut r.rx.xdp_out().tx);
+        assert_eq!(n, 1);
+        let sent = r.transmitted();
+        assert_eq!(sent, vec![(vec![0; NET_HDR_LEN], want_tx.clone())]);
+        assert_eq!(r.snapshot().tx_copied, 0);
+        r.tx.reclaim();
+        drop(batch);
+        r.rx.xdp_out().clear();
+        assert_eq!(r.pool.available(), full - RING as u32, "no buffer lost");
+    }
+
+    #[test]
+    fn rx_burst_xdp_bounces_tx_packets_on_the_same_thread() {
+        let mut r = rig();
+        r.rx.attach_xdp(Box::new(|p: &mut Packet| {
+            let d = p.data_mut();
+            let (a, b) = d[..12].split_at_mut(6);
+            a.swap_with_slice(b);
+            XdpVerdict::Tx
+        }))
+        .unwrap();
+        let frames: Vec<Vec<u8>> = (0..8u8).map(|t| frame(t, 64 + t as usize)).collect();
+        for fr in &frames {
+            r.deliver(fr);
+        }
+        let mut batch = Vec::with_capacity(32);
+        assert_eq!(r.rx.rx_burst_xdp(&mut batch, 32, &mut r.tx), 0);
+        let sent = r.transmitted();
+        assert_eq!(sent.len(), 8);
+        for (fr, (_, got)) in frames.iter().zip(&sent) {
+            let mut want = fr.clone();
+            let (a, b) = want[..12].split_at_mut(6);
+            a.swap_with_slice(b);
+            assert_eq!(got, &want);
+        }
+        assert!(r.rx.xdp_out().is_empty());
+        assert_eq!(r.snapshot().xdp_tx, 8);
+    }
+
+    #[test]
+    fn a_full_output_vector_drops_and_counts() {
+        let mut r = rig();
+        r.rx.attach_xdp(Box::new(|_: &mut Packet| XdpVerdict::Tx)).unwrap();
+        let mut batch = Vec::with_capacity(32);
+        for _ in 0..2 {
+            for i in 0..RING {
+                r.deliver(&frame(i as u8, 60));
+            }
+            r.rx.rx_burst(&mut batch, 64);
+        }
+        let s = r.snapshot();
+        assert_eq!((s.xdp_tx, s.xdp_aborted), (RING as u64, RING as u64));
+        assert_eq!(r.rx.xdp_out().tx.len(), RING as usize);
+        assert_eq!(r.rx.xdp_out().tx.capacity(), RING as usize, "never grown");
+    }
+
+    #[test]
+    fn super_frames_are_not_shown_to_a_program_but_are_described_without_one() {
+        let mut r = rig();
+        let mut hdr = [0u8; NET_HDR_LEN];
+        hdr[net_hdr::FLAGS] = net_hdr::F_NEEDS_CSUM;
+        hdr[net_hdr::GSO_TYPE] = net_hdr::GSO_TCPV4;
+        hdr[net_hdr::HDR_LEN..net_hdr::HDR_LEN + 2].copy_from_slice(&54u16.to_le_bytes());
+        hdr[net_hdr::GSO_SIZE..net_hdr::GSO_SIZE + 2].copy_from_slice(&1448u16.to_le_bytes());
+        hdr[net_hdr::CSUM_START..net_hdr::CSUM_START + 2].copy_from_slice(&34u16.to_le_bytes());
+        hdr[net_hdr::CSUM_OFFSET..net_hdr::CSUM_OFFSET + 2].copy_from_slice(&16u16.to_le_bytes());
+        r.deliver_with(hdr, &frame(0, 1000));
+        r.deliver(&frame(0, 100));
+        let (mut batch, mut meta) = (Vec::with_capacity(8), Vec::with_capacity(8));
+        assert_eq!(r.rx.rx_burst_meta(&mut batch, &mut meta, 8), 2);
+        let want = RxMeta {
+            flags: net_hdr::F_NEEDS_CSUM,
+            gso_type: net_hdr::GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        assert_eq!(meta, vec![want, RxMeta::default()]);
+        assert!(meta[0].is_gso() && meta[0].needs_csum() && !meta[1].is_gso());
+        drop(batch);
+
+        let seen = Arc::new(AtomicU64::new(0));
+        let s2 = seen.clone();
+        r.rx.attach_xdp(Box::new(move |_: &mut Packet| {
+            s2.fetch_add(1, Ordering::Relaxed);
+            XdpVerdict::Pass
+        }))
+        .unwrap();
+        r.deliver_with(hdr, &frame(0, 1000));
+        r.deliver(&frame(0, 100));
+        let mut batch = Vec::with_capacity(8);
+        assert_eq!(r.rx.rx_burst(&mut batch, 8), 1);
+        assert_eq!(seen.load(Ordering::Relaxed), 1, "the program saw the single frame only");
+        assert_eq!((r.snapshot().xdp_pass, r.snapshot().xdp_aborted), (1, 1));
+    }
+
+    #[test]
+    fn attach_checks_geometry_and_offloads() {
+        // Headroom below XDP's 256 bytes.
+        let mut r = rig_with(128, 1500, 0);
+        let e = r.rx.attach_xdp(Box::new(|_: &mut Packet| XdpVerdict::Pass)).unwrap_err();
+        assert!(matches!(e, Error::XdpGeometry { headroom: 128, need: 256, .. }), "{e}");
+        // A 9000-byte MTU in 2 KiB buffers.
+        let mut r = rig_with(256, 9000, 0);
+        let e = r.rx.attach_xdp(Box::new(|_: &mut Packet| XdpVerdict::Pass)).unwrap_err();
+        assert!(matches!(e, Error::XdpGeometry { mtu: 9000, .. }), "{e}");
+        assert!(e.to_string().contains("MTU 9000"), "{e}");
+        // Guest TSO on and no way to switch it off.
+        let feats = f::bit(f::NET_GUEST_CSUM) | f::bit(f::NET_GUEST_TSO4);
+        let mut r = rig_with(256, 1500, feats);
+        let e = r.rx.attach_xdp(Box::new(|_: &mut Packet| XdpVerdict::Pass)).unwrap_err();
+        assert!(matches!(e, Error::XdpOffloads { .. }), "{e}");
+        assert!(!r.rx.xdp_attached());
+        // Checksum offload alone is fine (frames stay whole).
+        let mut r = rig_with(256, 1500, f::bit(f::NET_GUEST_CSUM));
+        r.rx.attach_xdp(Box::new(|_: &mut Packet| XdpVerdict::Pass)).unwrap();
+        assert!(r.rx.xdp_attached());
+        r.rx.detach_xdp().unwrap();
+        assert!(!r.rx.xdp_attached());
+        r.rx.detach_xdp().unwrap(); // nothing attached: nothing to do
+    }
+
+    #[test]
+    fn detach_delivers_everything_again() {
+        let mut r = rig();
+        r.rx.attach_xdp(Box::new(|_: &mut Packet| XdpVerdict::Drop)).unwrap();
+        r.deliver(&frame(0, 60));
+        let mut batch = Vec::with_capacity(8);
+        assert_eq!(r.rx.rx_burst(&mut batch, 8), 0);
+        r.rx.detach_xdp().unwrap();
+        r.deliver(&frame(0, 61));
+        assert_eq!(r.rx.rx_burst(&mut batch, 8), 1);
+        let s = r.snapshot();
+        assert_eq!((s.rx_packets, s.xdp_drop, s.xdp_pass), (2, 1, 0));
+    }
 }

@@ -5,8 +5,10 @@
 //! publish and kick decision, and the validation of everything the device writes into
 //! the used ring. Must not: know what a buffer holds (the rx/tx queues do) or allocate.
 //!
-//! Each buffer is one descriptor (virtio-net header and frame are contiguous in one pool
-//! buffer), so a head is a descriptor and chains never form on the driver side.
+//! A data buffer is one descriptor (virtio-net header and frame are contiguous in one
+//! pool buffer). Control commands are short chains ([`DriverRing::post_chain`]: readable
+//! command, writable ack); their links live in a driver-private array too, so freeing a
+//! chain never reads memory the device can write.
 //!
 //! Shared memory is touched only through raw pointers with volatile or atomic accesses:
 //! * descriptors and avail entries are written with volatile stores, then published by
@@ -23,7 +25,7 @@ use std::sync::Arc;
 
 use crate::dma::DmaArena;
 use crate::error::{DeviceError, Result};
-use crate::layout::{self, Descriptor, DESC_F_WRITE};
+use crate::layout::{self, Descriptor, DESC_F_NEXT, DESC_F_WRITE};
 use crate::transport::Notifier;
 
 /// Device addresses of a ring's three areas (what the transport tells the device).
@@ -38,6 +40,8 @@ pub struct RingAddrs {
 }
 
 const NO_TOKEN: u32 = u32::MAX;
+/// End of a chain in the driver-private link array.
+const NO_NEXT: u16 = u16::MAX;
 
 /// One split virtqueue, driver side.
 pub struct DriverRing {
@@ -50,9 +54,13 @@ pub struct DriverRing {
     /// Free descriptor ids (a stack: O(1) pop and push).
     free: Box<[u16]>,
     nfree: u16,
-    /// What each in-flight descriptor carries, and the length posted.
+    /// What each in-flight head carries, and the bytes posted in its chain.
     tokens: Box<[u32]>,
     posted_len: Box<[u32]>,
+    /// The next descriptor of each in-flight chain (`NO_NEXT` at its end).
+    links: Box<[u16]>,
+    /// Buffers (chain heads) the device holds.
+    heads: u16,
     /// Next avail index to fill, and the value last published.
     avail_idx: u16,
     published: u16,
@@ -89,6 +97,8 @@ impl DriverRing {
             nfree: size,
             tokens: vec![NO_TOKEN; size as usize].into_boxed_slice(),
             posted_len: vec![0; size as usize].into_boxed_slice(),
+            links: vec![NO_NEXT; size as usize].into_boxed_slice(),
+            heads: 0,
             avail_idx: 0,
             published: 0,
             last_used: 0,
@@ -128,9 +138,9 @@ impl DriverRing {
     pub fn free_count(&self) -> u16 {
         self.nfree
     }
-    /// Descriptors the device holds.
+    /// Buffers (descriptor chains) the device holds.
     pub fn in_flight(&self) -> u16 {
-        self.size - self.nfree
+        self.heads
     }
     /// Sets how this ring kicks the device (after the transport set it up).
     pub fn set_notifier(&mut self, n: Notifier) {
@@ -173,7 +183,56 @@ impl DriverRing {
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.tokens[id as usize] = token.unwrap_or(id as u32);
         self.posted_len[id as usize] = len;
+        self.links[id as usize] = NO_NEXT;
+        self.heads += 1;
         Some(id)
+    }
+
+    /// Makes one buffer of several parts available as a descriptor chain: `parts` are
+    /// `(addr, len, device_writes)` in order (the spec puts every device-readable part
+    /// before the device-writable ones). Not visible until [`publish`](Self::publish).
+    /// `token` comes back from [`pop_used`](Self::pop_used). Returns the head id, or
+    /// `None` if fewer than `parts.len()` descriptors are free (or `parts` is empty).
+    pub fn post_chain(&mut self, parts: &[(u64, u32, bool)], token: u32) -> Option<u16> {
+        if parts.is_empty() || parts.len() > self.nfree as usize {
+            return None;
+        }
+        // Take the ids first, so each descriptor can name its successor.
+        let n = parts.len();
+        let first = self.nfree as usize - n;
+        let ids: &[u16] = &self.free[first..self.nfree as usize];
+        let mut total = 0u32;
+        for (k, &(addr, len, writes)) in parts.iter().enumerate() {
+            let id = ids[k];
+            let next = ids.get(k + 1).copied();
+            let mut flags = if writes { DESC_F_WRITE } else { 0 };
+            if next.is_some() {
+                flags |= DESC_F_NEXT;
+            }
+            let d = Descriptor { addr, len, flags, next: next.unwrap_or(0) };
+            // SAFETY: `id < size`: inside the table; the device reads it only after the
+            // avail index we publish later names its head.
+            unsafe {
+                std::ptr::write_volatile(
+                    self.desc.add(id as usize * layout::DESC_SIZE) as *mut [u8; 16],
+                    d.to_le_bytes(),
+                )
+            };
+            self.links[id as usize] = next.unwrap_or(NO_NEXT);
+            total = total.saturating_add(len);
+        }
+        let head = ids[0];
+        self.nfree -= n as u16;
+        let slot = self.avail_idx & self.mask;
+        // SAFETY: `avail_entry(slot)` with `slot < size` is inside the driver area, aligned.
+        unsafe {
+            std::ptr::write_volatile(self.avail.add(layout::avail_entry(slot)) as *mut u16, head.to_le())
+        };
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.tokens[head as usize] = token;
+        self.posted_len[head as usize] = total;
+        self.heads += 1;
+        Some(head)
     }
 
     /// Publishes everything posted since the last publish with one `Release` store of
@@ -212,7 +271,7 @@ impl DriverRing {
     pub fn poll_used(&self) -> std::result::Result<u16, DeviceError> {
         let idx = self.u16_at(self.used, layout::USED_IDX).load(Ordering::Acquire);
         let n = idx.wrapping_sub(self.last_used);
-        let in_flight = self.in_flight();
+        let in_flight = self.heads;
         if n > in_flight {
             return Err(DeviceError::UsedIdxJump { moved: n, in_flight });
         }
@@ -244,15 +303,118 @@ impl DriverRing {
             return Err(DeviceError::UsedLenTooLarge { len, posted });
         }
         self.tokens[id as usize] = NO_TOKEN;
-        self.free[self.nfree as usize] = id as u16;
-        self.nfree += 1;
+        self.heads -= 1;
+        // Free the chain through the driver's own links (bounded: a chain never holds
+        // more than `size` descriptors, and the links were written by `post*`).
+        let mut d = id as u16;
+        for _ in 0..self.size {
+            self.free[self.nfree as usize] = d;
+            self.nfree += 1;
+            let next = std::mem::replace(&mut self.links[d as usize], NO_NEXT);
+            if next == NO_NEXT {
+                break;
+            }
+            d = next;
+        }
         self.last_used = self.last_used.wrapping_add(1);
         Ok((token, len))
     }
 
     /// Tokens of every buffer still in flight (to return them to the pool at close).
     pub fn drain_in_flight(&mut self) -> impl Iterator<Item = u32> + '_ {
+        self.heads = 0;
         self.tokens.iter_mut().filter(|t| **t != NO_TOKEN).map(|t| std::mem::replace(t, NO_TOKEN))
+    }
+}
+
+/// A device played in-process on a ring's memory, for unit tests of the modules above
+/// the ring (control queue, receive queue). Addresses are arena virtual addresses (a
+/// fresh arena maps IOVA = VA).
+#[cfg(test)]
+pub(crate) mod fake {
+    use super::*;
+
+    /// The device side of one [`DriverRing`].
+    pub(crate) struct FakeDevice {
+        desc: *mut u8,
+        avail: *mut u8,
+        used: *mut u8,
+        size: u16,
+        last_avail: u16,
+        used_idx: u16,
+    }
+
+    // SAFETY: test-only; the ring memory lives in an arena the test keeps alive, and the
+    // accesses are volatile/atomic as a real device's would be.
+    unsafe impl Send for FakeDevice {}
+
+    impl FakeDevice {
+        pub(crate) fn new(r: &DriverRing) -> FakeDevice {
+            FakeDevice {
+                desc: r.desc,
+                avail: r.avail,
+                used: r.used,
+                size: r.size,
+                last_avail: 0,
+                used_idx: 0,
+            }
+        }
+
+        fn u16_at(&self, area: *mut u8, off: usize) -> &AtomicU16 {
+            // SAFETY: inside the ring areas, 2-aligned.
+            unsafe { AtomicU16::from_ptr(area.add(off) as *mut u16) }
+        }
+
+        /// The next available chain: its head and descriptors.
+        pub(crate) fn pop_avail(&mut self) -> Option<(u16, Vec<Descriptor>)> {
+            let idx = self.u16_at(self.avail, layout::AVAIL_IDX).load(Ordering::Acquire);
+            if idx == self.last_avail {
+                return None;
+            }
+            let slot = self.last_avail & (self.size - 1);
+            self.last_avail = self.last_avail.wrapping_add(1);
+            let head = self.u16_at(self.avail, layout::avail_entry(slot)).load(Ordering::Relaxed);
+            let mut chain = Vec::new();
+            let mut id = head;
+            for _ in 0..self.size {
+                // SAFETY: `id < size` (the driver wrote it); inside the table.
+                let b = unsafe {
+                    std::ptr::read_volatile(self.desc.add(id as usize * layout::DESC_SIZE) as *const [u8; 16])
+                };
+                let d = Descriptor::from_le_bytes(b);
+                chain.push(d);
+                if d.flags & DESC_F_NEXT == 0 {
+                    break;
+                }
+                id = d.next;
+            }
+            Some((head, chain))
+        }
+
+        /// Returns buffer `id` with `len` bytes written.
+        pub(crate) fn push_used(&mut self, id: u32, len: u32) {
+            let slot = self.used_idx & (self.size - 1);
+            // SAFETY: inside the used ring.
+            unsafe {
+                let e = self.used.add(layout::used_entry(slot)) as *mut u32;
+                std::ptr::write_volatile(e, id);
+                std::ptr::write_volatile(e.add(1), len);
+            }
+            self.used_idx = self.used_idx.wrapping_add(1);
+            self.u16_at(self.used, layout::USED_IDX).store(self.used_idx, Ordering::Release);
+        }
+
+        /// Copies `len` bytes at device address `addr`.
+        pub(crate) fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+            // SAFETY: test-only: `addr` is an arena VA the driver posted.
+            unsafe { std::slice::from_raw_parts(addr as *const u8, len).to_vec() }
+        }
+
+        /// Writes `bytes` at device address `addr`.
+        pub(crate) fn write(&self, addr: u64, bytes: &[u8]) {
+            // SAFETY: test-only: `addr` is a device-writable arena VA the driver posted.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) }
+        }
     }
 }
 
@@ -354,6 +516,51 @@ mod tests {
         assert_eq!(r.poll_used(), Ok(2));
         assert_eq!(r.pop_used(), Ok((7, 10)));
         assert_eq!(r.pop_used(), Err(DeviceError::UsedIdNotInFlight { id: 0 }));
+    }
+
+    #[test]
+    fn chains_link_their_parts_and_free_them_whole() {
+        let mut r = ring(8, false);
+        let mut dev = fake::FakeDevice::new(&r);
+        for round in 0..20u32 {
+            let head =
+                r.post_chain(&[(0x1000, 2, false), (0x2000, 6, false), (0x3000, 1, true)], round).unwrap();
+            r.publish();
+            assert_eq!(r.in_flight(), 1);
+            assert_eq!(r.free_count(), 5);
+            let (h, chain) = dev.pop_avail().unwrap();
+            assert_eq!(h, head);
+            let got: Vec<(u64, u32, u16)> = chain.iter().map(|d| (d.addr, d.len, d.flags)).collect();
+            assert_eq!(
+                got,
+                vec![(0x1000, 2, DESC_F_NEXT), (0x2000, 6, DESC_F_NEXT), (0x3000, 1, DESC_F_WRITE)]
+            );
+            dev.push_used(head as u32, 1);
+            assert_eq!(r.poll_used(), Ok(1));
+            assert_eq!(r.pop_used(), Ok((round, 1)));
+            assert_eq!((r.free_count(), r.in_flight()), (8, 0), "the whole chain is free again");
+        }
+        // Too few free descriptors: refused, nothing taken.
+        for _ in 0..6 {
+            r.post(0, 1, false, None);
+        }
+        assert!(r.post_chain(&[(0, 1, false), (0, 1, false), (0, 1, true)], 0).is_none());
+        assert!(r.post_chain(&[], 0).is_none());
+        assert_eq!(r.free_count(), 2);
+    }
+
+    #[test]
+    fn a_used_id_naming_a_chain_tail_is_rejected() {
+        let mut r = ring(8, false);
+        let mut dev = fake::FakeDevice::new(&r);
+        let head = r.post_chain(&[(0x1000, 2, false), (0x3000, 1, true)], 5).unwrap();
+        r.publish();
+        let (_, chain) = dev.pop_avail().unwrap();
+        assert_ne!(chain.len(), 0);
+        let tail = (0..8u32).find(|&i| i != head as u32 && r.links[head as usize] as u32 == i).unwrap();
+        dev.push_used(tail, 1);
+        assert_eq!(r.poll_used(), Ok(1));
+        assert_eq!(r.pop_used(), Err(DeviceError::UsedIdNotInFlight { id: tail }));
     }
 
     #[test]

@@ -1,9 +1,16 @@
 //! The testpmd application state: open ports, the streams of the current forwarding
 //! configuration, forwarding threads, and statistics in DPDK testpmd's layout (or JSON).
 //!
-//! Owns: port setup from the configuration, start/stop of forwarding, `show port
-//! stats|info`, `clear port stats`, and the forward statistics printed at stop.
+//! Owns: port setup from the configuration (with the `--xdp-prog` program on every
+//! receive queue), start/stop of forwarding, `show port stats|info`, `clear port stats`,
+//! the control commands of the prompt (promiscuous and all-multicast modes, MAC address,
+//! VLAN filter, number of queue pairs), and the forward statistics printed at stop.
 //! Must not: parse the command line or prompt (config.rs and interactive.rs do).
+//!
+//! Queue pairs: in interactive mode each port sets up as many pairs as the device has
+//! (up to [`MAX_QUEUE_PAIRS`]) and activates `--rxq`; `port config all rxq N` changes the
+//! active count with the control queue's `VQ_PAIRS_SET` while forwarding is stopped, and
+//! the streams are rebuilt from the halves kept aside.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,9 +18,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use driver::{Port, PortConfig, QueueStatsSnapshot};
+use driver::{Packet, Port, PortConfig, QueueStatsSnapshot, RxQueue, TxQueue, XdpVerdict};
 
-use crate::config::{Config, FwdMode, StatsFormat};
+use crate::config::{Config, FwdMode, StatsFormat, XdpProg};
 use crate::engine::{forward, FwdParams, PortCtx, Stream, StreamStats};
 
 struct PortState {
@@ -22,6 +29,16 @@ struct PortState {
     base: QueueStatsSnapshot,
     /// Counters and time at the last `show port stats` (for the rates).
     last: (QueueStatsSnapshot, Instant),
+}
+
+/// Most queue pairs an interactive port sets up (for `port config all rxq N`).
+pub const MAX_QUEUE_PAIRS: u16 = 8;
+
+/// The queue halves of one port not in a stream (all of them while streams are rebuilt).
+#[derive(Default)]
+struct Halves {
+    rx: Vec<Option<RxQueue>>,
+    tx: Vec<Option<TxQueue>>,
 }
 
 struct Running {
@@ -50,6 +67,7 @@ pub struct App {
     ports: Vec<PortState>,
     ctx: Vec<PortCtx>,
     streams: Vec<Stream>,
+    halves: Vec<Halves>,
     stream_stats: Vec<Arc<StreamStats>>,
     running: Option<Running>,
     out: Box<dyn Write + Send>,
@@ -68,6 +86,11 @@ fn sum(v: &[QueueStatsSnapshot]) -> QueueStatsSnapshot {
         t.tx_copied += s.tx_copied;
         t.tx_nobuf += s.tx_nobuf;
         t.device_errors += s.device_errors;
+        t.xdp_pass += s.xdp_pass;
+        t.xdp_drop += s.xdp_drop;
+        t.xdp_tx += s.xdp_tx;
+        t.xdp_redirect += s.xdp_redirect;
+        t.xdp_aborted += s.xdp_aborted;
     }
     t
 }
@@ -84,6 +107,38 @@ fn sub(a: QueueStatsSnapshot, b: QueueStatsSnapshot) -> QueueStatsSnapshot {
         tx_copied: a.tx_copied - b.tx_copied,
         tx_nobuf: a.tx_nobuf - b.tx_nobuf,
         device_errors: a.device_errors - b.device_errors,
+        xdp_pass: a.xdp_pass - b.xdp_pass,
+        xdp_drop: a.xdp_drop - b.xdp_drop,
+        xdp_tx: a.xdp_tx - b.xdp_tx,
+        xdp_redirect: a.xdp_redirect - b.xdp_redirect,
+        xdp_aborted: a.xdp_aborted - b.xdp_aborted,
+    }
+}
+
+/// The program `--xdp-prog` names.
+fn xdp_program(p: XdpProg) -> Box<dyn driver::XdpProgram> {
+    match p {
+        XdpProg::Pass => Box::new(|_: &mut Packet| XdpVerdict::Pass),
+        XdpProg::Drop => Box::new(|_: &mut Packet| XdpVerdict::Drop),
+        XdpProg::Tx => Box::new(|p: &mut Packet| {
+            let d = p.data_mut();
+            if d.len() >= 12 {
+                let (a, b) = d[..12].split_at_mut(6);
+                a.swap_with_slice(b);
+            }
+            XdpVerdict::Tx
+        }),
+        // Target 0 of every queue is the redirect port (the engine maps it).
+        XdpProg::Redirect(_) => Box::new(|_: &mut Packet| XdpVerdict::Redirect(0)),
+    }
+}
+
+/// Parses `on|off`.
+pub fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("Bad arguments: '{s}' is not on or off")),
     }
 }
 
@@ -95,7 +150,7 @@ pub fn mac_str(m: &[u8; 6]) -> String {
 impl App {
     /// Opens every port of `cfg` and builds the streams.
     pub fn open(cfg: Config, out: Box<dyn Write + Send>) -> Result<App, String> {
-        let mut ports = Vec::new();
+        let mut ports: Vec<PortState> = Vec::new();
         let mut ctx = Vec::new();
         // PCI ports first, then virtio-user ones (DPDK's port order).
         let specs = cfg.pci.iter().map(|bdf| (PortConfig::vfio_pci(bdf), bdf.clone())).chain(
@@ -108,10 +163,26 @@ impl App {
         );
         for (i, (mut pc, name)) in specs.enumerate() {
             pc.queue_pairs = cfg.queues;
+            if cfg.interactive {
+                pc.max_queue_pairs = Some(MAX_QUEUE_PAIRS.max(cfg.queues));
+            }
             pc.buffers = cfg.mbufs;
             pc.headroom = cfg.headroom;
             pc.buf_size = (cfg.headroom as u32 + 2048).div_ceil(64) * 64;
             pc.hugepages = cfg.hugepages;
+            // XDP redirect between virtio-user ports: one pool for all of them, so a
+            // redirected packet is never copied (the later ports share the first one's
+            // memory with their devices).
+            let nports = cfg.vdevs.len();
+            if matches!(cfg.xdp, Some(XdpProg::Redirect(_))) && cfg.pci.is_empty() && nports > 1 {
+                if let Some(first) = ports.first() {
+                    pc.pool = Some(first.port.pool().clone());
+                } else {
+                    let pairs = pc.max_queue_pairs.unwrap_or(1).max(cfg.queues) as u32;
+                    let per_port = cfg.mbufs.unwrap_or(2 * 2 * pairs * pc.ring_size as u32);
+                    pc.buffers = Some(per_port * nports as u32);
+                }
+            }
             let port = Port::open(pc).map_err(|e| format!("port {i} ({name}): {e}"))?;
             let info = port.info().clone();
             if matches!(cfg.mode, FwdMode::TxOnly | FwdMode::FlowGen) && cfg.txpkts > info.mtu as usize + 14 {
@@ -130,27 +201,61 @@ impl App {
             let snap = sum(&port.stats());
             ports.push(PortState { port, base: snap, last: (snap, Instant::now()) });
         }
-        // Streams: port p's queue q receives; its peer (p ^ 1, or p itself for the odd
-        // last port, as testpmd's paired topology does) transmits. Every queue half is in
-        // exactly one stream.
         let n = ports.len();
-        let mut rx_halves: Vec<Vec<Option<driver::RxQueue>>> = Vec::new();
-        let mut tx_halves: Vec<Vec<Option<driver::TxQueue>>> = Vec::new();
-        for ps in ports.iter_mut() {
-            let (mut r, mut t) = (Vec::new(), Vec::new());
-            for qp in ps.port.take_queue_pairs() {
-                r.push(Some(qp.rx));
-                t.push(Some(qp.tx));
+        if let Some(XdpProg::Redirect(t)) = cfg.xdp {
+            if t as usize >= n {
+                return Err(format!("--xdp-prog redirect:{t}: there are {n} port(s)"));
             }
-            rx_halves.push(r);
-            tx_halves.push(t);
         }
+        let mut halves: Vec<Halves> = Vec::new();
+        for (i, ps) in ports.iter_mut().enumerate() {
+            let mut h = Halves::default();
+            for qp in ps.port.take_queue_pairs() {
+                let mut rx = qp.rx;
+                if let Some(x) = cfg.xdp {
+                    rx.attach_xdp(xdp_program(x))
+                        .map_err(|e| format!("port {i}: --xdp-prog {}: {e}", x.name()))?;
+                }
+                h.rx.push(Some(rx));
+                h.tx.push(Some(qp.tx));
+            }
+            halves.push(h);
+        }
+        if n % 2 == 1 && n > 1 {
+            let _ = writeln!(std::io::stderr(), "Warning! port-topology=paired and odd forward ports number, the last port will pair with itself.");
+        }
+        let mut app = App {
+            cfg,
+            ports,
+            ctx,
+            streams: Vec::new(),
+            halves,
+            stream_stats: Vec::new(),
+            running: None,
+            out,
+        };
+        app.build_streams()?;
+        Ok(app)
+    }
+
+    /// (Re)builds the streams for `cfg.queues` queues from the halves set aside.
+    /// Streams: port p's queue q receives; its peer (p ^ 1, or p itself for the odd last
+    /// port, as testpmd's paired topology does) transmits. Every active queue half is in
+    /// exactly one stream.
+    fn build_streams(&mut self) -> Result<(), String> {
+        for s in self.streams.drain(..) {
+            self.halves[s.rx_port as usize].rx[s.queue as usize] = Some(s.rxq);
+            self.halves[s.tx_port as usize].tx[s.queue as usize] = Some(s.txq);
+        }
+        let n = self.ports.len();
         let mut streams = Vec::new();
         for p in 0..n {
             let peer = if p ^ 1 < n { p ^ 1 } else { p };
-            for q in 0..cfg.queues as usize {
-                let (Some(rxq), Some(txq)) = (rx_halves[p][q].take(), tx_halves[peer][q].take()) else {
-                    return Err("internal error: a queue half was assigned twice".into());
+            for q in 0..self.cfg.queues as usize {
+                let rxq = self.halves[p].rx.get_mut(q).and_then(Option::take);
+                let txq = self.halves[peer].tx.get_mut(q).and_then(Option::take);
+                let (Some(rxq), Some(txq)) = (rxq, txq) else {
+                    return Err(format!("internal error: queue {q} of port {p} or {peer} is missing"));
                 };
                 streams.push(Stream {
                     rx_port: p as u16,
@@ -162,11 +267,9 @@ impl App {
                 });
             }
         }
-        if n % 2 == 1 && n > 1 {
-            let _ = writeln!(std::io::stderr(), "Warning! port-topology=paired and odd forward ports number, the last port will pair with itself.");
-        }
-        let stream_stats = streams.iter().map(|s| s.stats.clone()).collect();
-        Ok(App { cfg, ports, ctx, streams, stream_stats, running: None, out })
+        self.stream_stats = streams.iter().map(|s| s.stats.clone()).collect();
+        self.streams = streams;
+        Ok(())
     }
 
     fn say(&mut self, s: &str) {
@@ -199,11 +302,17 @@ impl App {
             burst: self.cfg.burst,
             txpkts: self.cfg.txpkts,
             flows: self.cfg.flows,
+            xdp: self.cfg.xdp,
         };
-        let cores = self.cfg.nb_cores.min(self.streams.len()).max(1);
+        // XDP Tx/Redirect packets of queue q go out on queue q of another stream: all
+        // streams of one queue index share a thread, so no packet crosses threads.
+        let by_queue = matches!(self.cfg.xdp, Some(XdpProg::Tx | XdpProg::Redirect(_)));
+        let groups = if by_queue { self.cfg.queues as usize } else { self.streams.len() };
+        let cores = self.cfg.nb_cores.min(groups).max(1);
         let mut per: Vec<Vec<Stream>> = (0..cores).map(|_| Vec::new()).collect();
         for (i, s) in self.streams.drain(..).enumerate() {
-            per[i % cores].push(s);
+            let k = if by_queue { s.queue as usize } else { i };
+            per[k % cores].push(s);
         }
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
@@ -243,6 +352,7 @@ impl App {
             }
         }
         self.streams.sort_by_key(|s| (s.rx_port, s.queue));
+        self.stream_stats = self.streams.iter().map(|s| s.stats.clone()).collect();
         let secs = r.started.elapsed().as_secs_f64();
         let totals = self.fwd_totals();
         self.print_fwd_stats(&totals, secs);
@@ -338,7 +448,9 @@ impl App {
                     "rx_packets": d.rx_packets, "rx_missed": 0, "rx_bytes": d.rx_bytes, "rx_errors": d.rx_errors,
                     "rx_nombuf": d.rx_nombuf, "tx_packets": d.tx_packets, "tx_errors": 0, "tx_bytes": d.tx_bytes,
                     "rx_pps": rx_pps.round() as u64, "tx_pps": tx_pps.round() as u64,
-                    "device_errors": d.device_errors}));
+                    "device_errors": d.device_errors,
+                    "xdp_pass": d.xdp_pass, "xdp_drop": d.xdp_drop, "xdp_tx": d.xdp_tx,
+                    "xdp_redirect": d.xdp_redirect, "xdp_aborted": d.xdp_aborted}));
                 continue;
             }
             s += &format!(
@@ -357,6 +469,14 @@ impl App {
                 "  TX-packets: {:<10} TX-errors: {:<10} TX-bytes:  {}\n",
                 d.tx_packets, 0, d.tx_bytes
             );
+            if self.cfg.xdp.is_some()
+                || d.xdp_pass + d.xdp_drop + d.xdp_tx + d.xdp_redirect + d.xdp_aborted > 0
+            {
+                s += &format!(
+                    "  XDP-pass: {:<12} XDP-drop: {:<12} XDP-tx: {:<12} XDP-redirect: {:<12} XDP-aborted: {}\n",
+                    d.xdp_pass, d.xdp_drop, d.xdp_tx, d.xdp_redirect, d.xdp_aborted
+                );
+            }
             s += "\n  Throughput (since last show)\n";
             s += &format!("  Rx-pps: {:>12.0}          Rx-bps: {:>12.0}\n", rx_pps, rx_bps);
             s += &format!("  Tx-pps: {:>12.0}          Tx-bps: {:>12.0}\n", tx_pps, tx_bps);
@@ -369,6 +489,11 @@ impl App {
         Ok(())
     }
 
+    /// Port `i`'s driver counters since open, over every queue.
+    pub fn port_totals(&self, i: usize) -> QueueStatsSnapshot {
+        sum(&self.ports[i].port.stats())
+    }
+
     /// `show port info all|N`.
     pub fn show_port_info(&mut self, which: Option<usize>) -> Result<(), String> {
         let range = self.port_range(which)?;
@@ -376,13 +501,24 @@ impl App {
         for i in range {
             let info = self.ports[i].port.info().clone();
             s += &format!("\n********************* Infos for port {i}  *********************\n");
-            s += &format!("MAC address: {}\n", mac_str(&info.mac));
+            s += &format!("MAC address: {}\n", mac_str(&self.ctx[i].mac));
             s += &format!("Device: {}\n", info.description);
             s += &format!("Link status: {}\n", if info.link_up { "up" } else { "down" });
             s += &format!("MTU: {}\n", info.mtu);
             s += &format!("Negotiated features: {:#x}\n", info.features);
-            s += &format!("Current number of RX queues: {}\n", info.queue_pairs);
-            s += &format!("Current number of TX queues: {}\n", info.queue_pairs);
+            let ctl = self.ports[i].port.control();
+            s += &format!("Current number of RX queues: {}\n", ctl.queue_pairs());
+            s += &format!("Max possible RX queues: {}\n", info.queue_pairs);
+            s += &format!("Current number of TX queues: {}\n", ctl.queue_pairs());
+            s += &format!("Max possible TX queues: {}\n", info.queue_pairs);
+            s += &format!(
+                "Control queue: {}\n",
+                if info.control_queue { "yes" } else { "no (VIRTIO_NET_F_CTRL_VQ not negotiated)" }
+            );
+            s += &format!(
+                "XDP program: {}\n",
+                self.cfg.xdp.map(|x| x.name()).unwrap_or_else(|| "none".into())
+            );
             s += &format!("Ring size: {}\n", info.ring_size);
             s += &format!(
                 "Buffers free in pool: {} of {}\n",
@@ -426,6 +562,72 @@ impl App {
         n
     }
 
+    /// `set promisc all|N on|off`.
+    pub fn set_promisc(&mut self, which: Option<usize>, on: bool) -> Result<(), String> {
+        for i in self.port_range(which)? {
+            self.ports[i].port.control().set_promisc(on).map_err(|e| format!("port {i}: {e}"))?;
+            self.say(&format!("Port {i}: promiscuous mode {}\n", if on { "enabled" } else { "disabled" }));
+        }
+        Ok(())
+    }
+
+    /// `set allmulti all|N on|off`.
+    pub fn set_allmulti(&mut self, which: Option<usize>, on: bool) -> Result<(), String> {
+        for i in self.port_range(which)? {
+            self.ports[i].port.control().set_allmulti(on).map_err(|e| format!("port {i}: {e}"))?;
+            self.say(&format!("Port {i}: all-multicast mode {}\n", if on { "enabled" } else { "disabled" }));
+        }
+        Ok(())
+    }
+
+    /// `mac_addr set N MAC`: the device's address (and the source MAC of mac/txonly).
+    pub fn set_mac_addr(&mut self, port: usize, mac: [u8; 6]) -> Result<(), String> {
+        if self.running.is_some() {
+            return Err("Please stop forwarding first (the MAC address cannot change while it runs)".into());
+        }
+        self.port_range(Some(port))?;
+        self.ports[port].port.control().set_mac_addr(mac).map_err(|e| format!("port {port}: {e}"))?;
+        self.ctx[port].mac = mac;
+        self.say(&format!("Port {port}: MAC address set to {}\n", mac_str(&mac)));
+        Ok(())
+    }
+
+    /// `rx_vlan add|rm ID all|N`.
+    pub fn rx_vlan(&mut self, add: bool, vid: u16, which: Option<usize>) -> Result<(), String> {
+        for i in self.port_range(which)? {
+            let c = self.ports[i].port.control();
+            if add { c.vlan_add(vid) } else { c.vlan_del(vid) }.map_err(|e| format!("port {i}: {e}"))?;
+            self.say(&format!(
+                "Port {i}: VLAN {vid} {}\n",
+                if add { "added to the filter" } else { "removed" }
+            ));
+        }
+        Ok(())
+    }
+
+    /// `port config all rxq|txq N`: every port uses N queue pairs (forwarding stopped).
+    pub fn config_queues(&mut self, n: u16) -> Result<(), String> {
+        if self.running.is_some() {
+            return Err("Please stop forwarding first (port config needs the ports stopped)".into());
+        }
+        for (i, ps) in self.ports.iter().enumerate() {
+            let max = ps.port.control().max_queue_pairs();
+            if n == 0 || n > max {
+                return Err(format!("port {i}: {n} queues: 1..={max} are set up on this port"));
+            }
+        }
+        for (i, ps) in self.ports.iter().enumerate() {
+            let c = ps.port.control();
+            if c.queue_pairs() != n {
+                c.set_queue_pairs(n).map_err(|e| format!("port {i}: {e}"))?;
+            }
+        }
+        self.cfg.queues = n;
+        self.build_streams()?;
+        self.say(&format!("All ports: {n} queue pair(s) (rxq = txq = {n})\n"));
+        Ok(())
+    }
+
     /// Stops forwarding if it runs, then closes every port (device reset, buffers back).
     pub fn close(mut self) -> Result<(), String> {
         if self.running.is_some() {
@@ -435,6 +637,7 @@ impl App {
         // Streams hold halves of different ports; the device reset happens first (in
         // `close`), so dropping the halves afterwards returns their buffers.
         let streams = std::mem::take(&mut self.streams);
+        let halves = std::mem::take(&mut self.halves);
         let mut res = Ok(());
         for (i, ps) in self.ports.drain(..).enumerate() {
             if let Err(e) = ps.port.close(std::mem::take(&mut pairs[i])) {
@@ -442,6 +645,7 @@ impl App {
             }
         }
         drop(streams);
+        drop(halves);
         self.say("\nBye...\n");
         res
     }

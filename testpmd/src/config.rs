@@ -65,6 +65,50 @@ impl FromStr for FwdMode {
     }
 }
 
+/// The XDP-style program `--xdp-prog` attaches to every receive queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpProg {
+    /// Every frame PASS (to the forwarding engine).
+    Pass,
+    /// Every frame DROP (recycled in the driver; the engine sees nothing).
+    Drop,
+    /// Every frame TX: MAC addresses swapped (as Linux's xdp2 sample), out on the same
+    /// port and queue.
+    Tx,
+    /// Every frame REDIRECT, unchanged, to this port's transmit queue of the same index.
+    Redirect(u16),
+}
+
+impl XdpProg {
+    /// The option value naming it.
+    pub fn name(self) -> String {
+        match self {
+            XdpProg::Pass => "pass".into(),
+            XdpProg::Drop => "drop".into(),
+            XdpProg::Tx => "tx".into(),
+            XdpProg::Redirect(p) => format!("redirect:{p}"),
+        }
+    }
+}
+
+impl FromStr for XdpProg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pass" => Ok(XdpProg::Pass),
+            "drop" => Ok(XdpProg::Drop),
+            "tx" => Ok(XdpProg::Tx),
+            _ => match s.strip_prefix("redirect:") {
+                Some(p) => p
+                    .parse()
+                    .map(XdpProg::Redirect)
+                    .map_err(|_| format!("--xdp-prog {s}: '{p}' is not a port number")),
+                None => Err(format!("--xdp-prog {s}: expected pass, drop, tx or redirect:PORT")),
+            },
+        }
+    }
+}
+
 /// A virtio-user port from `--vdev virtio_user<N>,path=SOCK[,queues=N][,queue_size=N][,mac=..][,packed_vq=0|1]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VdevSpec {
@@ -215,6 +259,11 @@ pub struct Args {
     /// Back DMA memory with hugepages.
     #[arg(long)]
     pub hugepages: bool,
+    /// Attach an XDP-style program to every receive queue: pass, drop, tx (MACs
+    /// swapped, out on the same port and queue) or redirect:PORT (to PORT's transmit
+    /// queue of the same index).
+    #[arg(long = "xdp-prog", value_name = "PROG")]
+    pub xdp_prog: Option<String>,
 }
 
 /// Validated configuration.
@@ -259,6 +308,8 @@ pub struct Config {
     pub hugepages: bool,
     /// No port given: the embedded default.
     pub embedded: bool,
+    /// The XDP-style program on every receive queue.
+    pub xdp: Option<XdpProg>,
 }
 
 /// Largest burst.
@@ -327,6 +378,7 @@ impl Config {
             flows: a.flowgen_flows.max(1),
             tx_first: a.tx_first,
             hugepages: a.hugepages,
+            xdp: a.xdp_prog.as_deref().map(str::parse).transpose()?,
         })
     }
 }
@@ -389,5 +441,21 @@ mod tests {
         assert!(err(&["-a", "00:03"]).contains("not a PCI address"));
         assert!(err(&["--bogus-option"]).contains("--bogus-option"));
         assert!(err(&["--headroom=4"]).contains("headroom"));
+        assert!(err(&["--xdp-prog=bounce"]).contains("expected pass, drop, tx or redirect:PORT"));
+        assert!(err(&["--xdp-prog=redirect:x"]).contains("not a port number"));
+    }
+
+    #[test]
+    fn xdp_programs_by_name() {
+        assert_eq!(cfg(&[]).unwrap().xdp, None);
+        for (s, p) in [
+            ("pass", XdpProg::Pass),
+            ("drop", XdpProg::Drop),
+            ("tx", XdpProg::Tx),
+            ("redirect:1", XdpProg::Redirect(1)),
+        ] {
+            assert_eq!(cfg(&["--xdp-prog", s]).unwrap().xdp, Some(p));
+            assert_eq!(p.name(), s);
+        }
     }
 }

@@ -2,8 +2,11 @@
 //!
 //! Owns: what each `--forward-mode` does to a burst (DPDK testpmd's semantics), the
 //! stream model (one stream = a receive queue of one port and a transmit queue of its
-//! peer port, each queue in exactly one stream), per-stream forward counters, and the
-//! loop a forwarding thread runs over the streams it owns.
+//! peer port, each queue in exactly one stream), per-stream forward counters, the loop a
+//! forwarding thread runs over the streams it owns, and the hand-over of the packets an
+//! XDP program sent on (Tx: to the stream transmitting on the receiving port's queue;
+//! Redirect: to the stream transmitting on the target port's queue, both of the same
+//! queue index and so on this thread).
 //! Must not: open ports or print.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,7 +15,7 @@ use std::sync::Arc;
 use driver::frame::{self, ETH_HLEN, IPV4_HLEN};
 use driver::{Mempool, Packet, RxQueue, TxQueue};
 
-use crate::config::FwdMode;
+use crate::config::{FwdMode, XdpProg};
 
 /// Forward counters of one stream (single writer: its forwarding thread).
 #[derive(Debug, Default)]
@@ -59,6 +62,8 @@ pub struct FwdParams {
     pub txpkts: usize,
     /// flowgen flows.
     pub flows: u32,
+    /// The XDP-style program on the receive queues.
+    pub xdp: Option<XdpProg>,
 }
 
 /// One receive queue → one transmit queue.
@@ -264,6 +269,7 @@ pub fn forward(
     if let Some(c) = cpu {
         pin(c);
     }
+    let routes = xdp_routes(&streams, params.xdp);
     let mut eng = EngineState::new(params, &ports);
     if let Some(n) = tx_first {
         for s in streams.iter_mut() {
@@ -271,11 +277,76 @@ pub fn forward(
         }
     }
     while !stop.load(Ordering::Relaxed) {
-        for s in streams.iter_mut() {
-            eng.burst(s, &ports);
+        for i in 0..streams.len() {
+            eng.burst(&mut streams[i], &ports);
+            if let Some(r) = routes.get(i) {
+                flush_xdp(&mut streams, i, *r);
+            }
         }
     }
     streams
+}
+
+/// Where the XDP output of each stream's receive queue goes: the index (in this
+/// thread's streams) of the stream transmitting on (rx port, queue) for Tx, and on
+/// (redirect port, queue) for Redirect. Empty without an XDP program that sends.
+pub fn xdp_routes(streams: &[Stream], xdp: Option<XdpProg>) -> Vec<(Option<usize>, Option<usize>)> {
+    let find = |port: u16, queue: u16| streams.iter().position(|t| t.tx_port == port && t.queue == queue);
+    match xdp {
+        Some(XdpProg::Tx) => streams.iter().map(|s| (find(s.rx_port, s.queue), None)).collect(),
+        Some(XdpProg::Redirect(p)) => streams.iter().map(|s| (None, find(p, s.queue))).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Two distinct streams, mutably.
+fn two(v: &mut [Stream], i: usize, j: usize) -> (&mut Stream, &mut Stream) {
+    if i < j {
+        let (a, b) = v.split_at_mut(j);
+        (&mut a[i], &mut b[0])
+    } else {
+        let (a, b) = v.split_at_mut(i);
+        (&mut b[0], &mut a[j])
+    }
+}
+
+/// Sends what stream `i`'s XDP program queued (Tx, Redirect target 0) on the streams
+/// `route` names, without a copy; what the transmit ring has no room for waits in the
+/// receive queue's XDP output for the next round. Output without a route (never, when
+/// streams are grouped by queue) is dropped and counted as `tx_dropped`.
+pub fn flush_xdp(streams: &mut [Stream], i: usize, route: (Option<usize>, Option<usize>)) {
+    for (redirect, target) in [(false, route.0), (true, route.1)] {
+        let pending = {
+            let out = streams[i].rxq.xdp_out();
+            if redirect {
+                out.redirect.first().map_or(0, Vec::len)
+            } else {
+                out.tx.len()
+            }
+        };
+        if pending == 0 {
+            continue;
+        }
+        let Some(j) = target else {
+            let out = streams[i].rxq.xdp_out();
+            let v = if redirect { &mut out.redirect[0] } else { &mut out.tx };
+            let n = v.len() as u64;
+            driver::free_bulk(v);
+            bump(&streams[i].stats.tx_dropped, n);
+            continue;
+        };
+        let (src, dst) = if i == j {
+            let s = &mut streams[i];
+            (&mut s.rxq, (&mut s.txq, &s.stats))
+        } else {
+            let (a, b) = two(streams, i, j);
+            (&mut a.rxq, (&mut b.txq, &b.stats))
+        };
+        let out = src.xdp_out();
+        let v = if redirect { &mut out.redirect[0] } else { &mut out.tx };
+        let sent = dst.0.tx_burst(v);
+        bump(&dst.1.tx_packets, sent as u64);
+    }
 }
 
 fn pin(cpu: usize) {

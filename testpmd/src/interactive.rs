@@ -5,8 +5,8 @@
 
 use std::io::BufRead;
 
-use crate::app::App;
-use crate::config::{FwdMode, MAX_BURST};
+use crate::app::{on_off, App};
+use crate::config::{parse_mac, FwdMode, MAX_BURST};
 
 const HELP: &str = "\
 Commands:
@@ -19,6 +19,11 @@ Commands:
   set fwd MODE                io, mac, macswap, rxonly, txonly, flowgen, icmpecho
   set burst N                 packets per burst
   set txpkts N                txonly/flowgen frame length
+  set promisc all|N on|off    promiscuous mode (control queue)
+  set allmulti all|N on|off   all-multicast mode (control queue)
+  mac_addr set N MAC          the port's MAC address (control queue)
+  rx_vlan add|rm ID all|N     accept / stop accepting VLAN ID (control queue)
+  port config all rxq|txq N   use N queue pairs on every port (forwarding stopped)
   help                        this text
   quit                        stop, close the ports and exit
 ";
@@ -84,6 +89,21 @@ pub fn execute(app: &mut App, line: &str) -> Result<bool, String> {
                 return Err(format!("txpkts {n} out of range 60..=1514"));
             }
             app.cfg.txpkts = n;
+        }
+        ["set", "promisc", p, v] => app.set_promisc(port_arg(Some(p))?, on_off(v)?)?,
+        ["set", "allmulti", p, v] => app.set_allmulti(port_arg(Some(p))?, on_off(v)?)?,
+        ["mac_addr", "set", p, mac] => {
+            let p = port_arg(Some(p))?.ok_or("Bad arguments: mac_addr set needs one port number")?;
+            app.set_mac_addr(p, parse_mac(mac)?)?
+        }
+        ["rx_vlan", op @ ("add" | "rm"), id, p] => {
+            let vid: u16 =
+                id.parse().map_err(|_| format!("Bad arguments: VLAN id '{id}' is not a number"))?;
+            app.rx_vlan(*op == "add", vid, port_arg(Some(p))?)?
+        }
+        ["port", "config", "all", "rxq" | "txq", n] => {
+            let n: u16 = n.parse().map_err(|_| format!("Bad arguments: '{n}' is not a number of queues"))?;
+            app.config_queues(n)?
         }
         _ => return Err(format!("Bad arguments: unknown command '{line}' (type 'help')")),
     }

@@ -117,10 +117,17 @@ fn run(args: Args) -> Result<(), String> {
         let drained = app.drain(100);
         app.show_port_stats(None)?;
         let (be_rx, be_tx, be_drops) = e.counts();
+        let port0 = app.port_totals(0);
         app.close()?;
         e.finish();
-        let t = totals.first().copied().unwrap_or_default();
-        let received = t.rx_packets + drained;
+        let mut t = totals.first().copied().unwrap_or_default();
+        let mut received = t.rx_packets + drained;
+        if cfg.xdp.is_some() {
+            // The program consumed some frames (Drop) or sent them itself (Tx): count what
+            // crossed the port, from the driver's counters (drained frames included).
+            t.tx_packets = port0.tx_packets;
+            received = port0.rx_packets;
+        }
         let unaccounted = (t.tx_packets as i128) - (received as i128) - (be_drops as i128);
         println!("\n  Embedded default summary (io through the host backend's reflect port):");
         println!(

@@ -91,6 +91,16 @@ pub trait Transport: Send {
     /// address map ([`DmaArena::set_iova_map`]), before anything is carved from it
     /// (VFIO: `MAP_DMA` or physical addresses; virtio-user: the memory table to share).
     fn map_dma(&mut self, arena: &mut DmaArena) -> Result<()>;
+    /// Makes another port's DMA arena (already mapped by that port) reachable by this
+    /// device too, at the addresses that arena uses, so the two ports can share a buffer
+    /// pool. Only transports whose device addresses are the same for every port can
+    /// (virtio-user: guest-physical = virtual address); called before negotiation.
+    fn share_dma(&mut self, _arena: &DmaArena) -> Result<()> {
+        Err(crate::Error::Config(format!(
+            "{}: sharing another port's buffer pool needs virtio-user (device addresses are per-device here)",
+            self.describe()
+        )))
+    }
     /// Transport-level features the driver acknowledges whenever the device offers them
     /// (virtio-PCI: `VIRTIO_F_ACCESS_PLATFORM`, which such a device requires).
     fn platform_features(&self) -> u64 {
@@ -105,8 +115,21 @@ pub trait Transport: Send {
     fn config(&mut self, features: u64) -> Result<NetConfig>;
     /// Tells the device where queue `index` lives; returns how to kick it.
     fn setup_queue(&mut self, index: u16, size: u16, addrs: RingAddrs) -> Result<Notifier>;
-    /// Starts the device with its first `queues` queues (DRIVER_OK).
-    fn start(&mut self, queues: u16) -> Result<()>;
+    /// Starts the device (DRIVER_OK). Queues it may use are enabled with
+    /// [`enable_queue`](Self::enable_queue), before or after.
+    fn start(&mut self) -> Result<()>;
+    /// Lets the device use queue `index`, which was set up (virtio-user:
+    /// `SET_VRING_ENABLE`; virtio-PCI enables each queue at setup and chooses the pairs
+    /// in use through the control queue, so there this does nothing).
+    fn enable_queue(&mut self, _index: u16) -> Result<()> {
+        Ok(())
+    }
+    /// Whether the device may offer `VIRTIO_NET_F_CTRL_VQ` without serving the control
+    /// queue: vhost-user back-ends, since QEMU and DPDK's virtio-user terminate the
+    /// control queue in the front-end. A PCI device always serves it.
+    fn control_queue_may_be_unserved(&self) -> bool {
+        false
+    }
     /// Resets the device: it stops using every ring and buffer.
     fn reset(&mut self) -> Result<()>;
 }

@@ -462,11 +462,11 @@ impl Transport for PciTransport {
         }
         if features & f::bit(f::NET_MQ) != 0 && features & f::bit(f::NET_CTRL_VQ) == 0 {
             // A PCI device starts with one queue pair and enables more only on the
-            // control queue's VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (§5.1.6.5.5); virtio-user
-            // enables rings through vhost-user instead.
+            // control queue's VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (§5.1.6.5.5; MQ requires
+            // CTRL_VQ); virtio-user enables rings through vhost-user instead.
             return Err(self.err(
                 "more than one queue pair needs the control queue (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET), \
-                 which the driver does not drive over virtio-PCI yet: use one queue pair",
+                 and VIRTIO_NET_F_CTRL_VQ was not negotiated: use one queue pair",
             ));
         }
         self.common.w32(common::DRIVER_FEATURE_SELECT, 0);
@@ -571,7 +571,7 @@ impl Transport for PciTransport {
         Ok(Notifier::Mmio { addr: addr as *mut u16, value: index, map: map.clone() })
     }
 
-    fn start(&mut self, _queues: u16) -> Result<()> {
+    fn start(&mut self) -> Result<()> {
         self.add_status(VIRTIO_CONFIG_S_DRIVER_OK as u8);
         let s = self.status();
         if s & (VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED) as u8 != 0

@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures, VHOST_USER_MAX_VRINGS};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -31,11 +31,13 @@ const WANTED_PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
 pub struct VhostUserTransport {
     path: PathBuf,
     fe: Frontend,
-    /// The DMA arena as one memory region (set by `map_dma`), and the fd it names: our
-    /// own duplicate, so the region stays valid whatever happens to the arena's handles.
-    region: Option<(VhostUserMemoryRegionInfo, File)>,
+    /// The DMA arena as one memory region (set by `map_dma`; then other ports' arenas
+    /// shared with `share_dma`), and the fd each names: our own duplicate, so a region
+    /// stays valid whatever happens to the arena's handles.
+    regions: Vec<(VhostUserMemoryRegionInfo, File)>,
     protocol: VhostUserProtocolFeatures,
     fallback_mac: [u8; 6],
+    /// Kick and call eventfds of each queue set up, by index (grown on demand).
     queues: Vec<Option<(Arc<EventFd>, EventFd)>>,
     /// `VHOST_USER_F_PROTOCOL_FEATURES` was negotiated: rings start disabled and need
     /// `SET_VRING_ENABLE`.
@@ -48,10 +50,9 @@ fn vu(request: &'static str) -> impl Fn(vhost::Error) -> Error {
 
 impl VhostUserTransport {
     /// Connects to the back-end at `path` and takes ownership of the device; the DMA
-    /// arena given to [`Transport::map_dma`] becomes its guest memory. `max_queues`
-    /// bounds the queue indices used; `mac` is the address used when the back-end does
-    /// not provide config space.
-    pub fn connect(path: &Path, max_queues: u16, mac: [u8; 6]) -> Result<Self> {
+    /// arena given to [`Transport::map_dma`] becomes its guest memory. `mac` is the
+    /// address used when the back-end does not provide config space.
+    pub fn connect(path: &Path, mac: [u8; 6]) -> Result<Self> {
         let connect_err = |reason: String| Error::Connect { path: path.into(), reason };
         match std::fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -65,15 +66,17 @@ impl VhostUserTransport {
                 }
             }
         }
-        let fe = Frontend::connect(path, max_queues as u64).map_err(|e| connect_err(e.to_string()))?;
+        // Queue indices are bounded by vhost-user's limit; which exist is the device's
+        // business (data queues, then the control queue at 2 * max_virtqueue_pairs).
+        let fe = Frontend::connect(path, VHOST_USER_MAX_VRINGS).map_err(|e| connect_err(e.to_string()))?;
         fe.set_owner().map_err(vu("SET_OWNER"))?;
         Ok(VhostUserTransport {
             path: path.into(),
             fe,
-            region: None,
+            regions: Vec::new(),
             protocol: VhostUserProtocolFeatures::empty(),
             fallback_mac: mac,
-            queues: (0..max_queues).map(|_| None).collect(),
+            queues: Vec::new(),
             protocol_negotiated: false,
         })
     }
@@ -87,6 +90,16 @@ impl Transport for VhostUserTransport {
     fn map_dma(&mut self, arena: &mut DmaArena) -> Result<()> {
         // Guest-physical address = virtual address (DPDK virtio-user's convention), which
         // is the arena's default linear map: nothing to install.
+        self.regions.clear();
+        self.share_dma(arena)
+    }
+
+    fn share_dma(&mut self, arena: &DmaArena) -> Result<()> {
+        if arena.iova_base() != arena.va() as u64 {
+            return Err(Error::Config(
+                "a DMA arena not addressed by its virtual address cannot be shared".into(),
+            ));
+        }
         let file = arena.file().try_clone().map_err(|e| Error::io("duplicating the DMA arena fd", e))?;
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: arena.iova_base(),
@@ -95,7 +108,7 @@ impl Transport for VhostUserTransport {
             mmap_offset: 0,
             mmap_handle: file.as_raw_fd(),
         };
-        self.region = Some((region, file));
+        self.regions.push((region, file));
         Ok(())
     }
 
@@ -126,11 +139,11 @@ impl Transport for VhostUserTransport {
             vhost::Error::VhostUserProtocol(_) => Error::FeaturesRefused(features),
             e => vu("SET_FEATURES")(e),
         })?;
-        let (region, _) = self
-            .region
-            .as_ref()
-            .ok_or_else(|| Error::Config("virtio-user: no DMA arena shared before negotiation".into()))?;
-        self.fe.set_mem_table(std::slice::from_ref(region)).map_err(vu("SET_MEM_TABLE"))?;
+        if self.regions.is_empty() {
+            return Err(Error::Config("virtio-user: no DMA arena shared before negotiation".into()));
+        }
+        let regions: Vec<VhostUserMemoryRegionInfo> = self.regions.iter().map(|(r, _)| *r).collect();
+        self.fe.set_mem_table(&regions).map_err(vu("SET_MEM_TABLE"))?;
         Ok(())
     }
 
@@ -173,8 +186,11 @@ impl Transport for VhostUserTransport {
 
     fn setup_queue(&mut self, index: u16, size: u16, addrs: crate::ring::RingAddrs) -> Result<Notifier> {
         let i = index as usize;
+        if i as u64 >= VHOST_USER_MAX_VRINGS {
+            return Err(Error::Config(format!("queue {index} beyond vhost-user's {VHOST_USER_MAX_VRINGS}")));
+        }
         if i >= self.queues.len() {
-            return Err(Error::Config(format!("queue {index} beyond the {} configured", self.queues.len())));
+            self.queues.resize_with(i + 1, || None);
         }
         let kick = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?);
         let call = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?;
@@ -198,14 +214,21 @@ impl Transport for VhostUserTransport {
         Ok(Notifier::EventFd(kick))
     }
 
-    fn start(&mut self, queues: u16) -> Result<()> {
+    fn start(&mut self) -> Result<()> {
+        // The device runs once its rings are enabled; nothing else to send.
+        Ok(())
+    }
+
+    fn enable_queue(&mut self, index: u16) -> Result<()> {
         // Without protocol features rings start enabled (vhost-user "Ring states").
         if self.protocol_negotiated {
-            for q in 0..queues {
-                self.fe.set_vring_enable(q as usize, true).map_err(vu("SET_VRING_ENABLE"))?;
-            }
+            self.fe.set_vring_enable(index as usize, true).map_err(vu("SET_VRING_ENABLE"))?;
         }
         Ok(())
+    }
+
+    fn control_queue_may_be_unserved(&self) -> bool {
+        true
     }
 
     fn reset(&mut self) -> Result<()> {
