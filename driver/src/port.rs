@@ -133,7 +133,7 @@ impl PortConfig {
 /// Optional features the driver asks for by default: config space (MAC, STATUS, MTU),
 /// EVENT_IDX, multi-queue, and the control queue with every command class this driver
 /// sends. Receive offloads are opt-in (see the module documentation).
-pub fn default_features() -> u64 {
+pub const fn default_features() -> u64 {
     f::bit(f::NET_MAC)
         | f::bit(f::NET_STATUS)
         | f::bit(f::NET_MTU)
@@ -184,16 +184,7 @@ const HUGE_2M: usize = 2 << 20;
 
 /// Features this driver knows how to use (others are never acknowledged).
 const SUPPORTED: u64 = f::bit(f::VERSION_1)
-    | f::bit(f::NET_MAC)
-    | f::bit(f::NET_STATUS)
-    | f::bit(f::NET_MTU)
-    | f::bit(f::RING_EVENT_IDX)
-    | f::bit(f::NET_MQ)
-    | f::bit(f::NET_CTRL_VQ)
-    | f::bit(f::NET_CTRL_RX)
-    | f::bit(f::NET_CTRL_VLAN)
-    | f::bit(f::NET_CTRL_MAC_ADDR)
-    | f::bit(f::NET_CTRL_GUEST_OFFLOADS)
+    | default_features()
     | f::bit(f::NET_GUEST_CSUM)
     | GSO_OFFLOADS
     | f::bit(f::NET_GUEST_ECN);
