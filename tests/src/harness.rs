@@ -17,7 +17,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -492,6 +492,31 @@ pub fn total_drops(dev: &Value) -> u64 {
         .iter()
         .map(|(k, v)| v.as_u64().unwrap_or_else(|| panic!("drops.{k} = {v} is not an unsigned integer")))
         .sum()
+}
+
+/// Runs `f` on its own thread and waits at most `timeout` for it: a peer that stops
+/// answering vhost-user requests fails the test instead of hanging it. (On a timeout the
+/// thread is left blocked; it unblocks when the peer process is killed as the test
+/// unwinds.)
+pub fn within<T: Send + 'static>(what: &str, timeout: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    let h = thread::Builder::new()
+        .name(what.chars().take(15).collect())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .expect("spawn a helper thread");
+    match rx.recv_timeout(timeout) {
+        Ok(v) => {
+            let _ = h.join();
+            v
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what}: no result within {timeout:?}"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => match h.join() {
+            Err(p) => std::panic::resume_unwind(p),
+            Ok(()) => panic!("{what}: helper thread ended without a result"),
+        },
+    }
 }
 
 #[cfg(test)]

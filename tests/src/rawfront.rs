@@ -30,8 +30,7 @@
 //!
 //! The host is assumed little-endian (as the virtio 1.x ring format is).
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -69,9 +68,10 @@ pub struct RingAddrs {
 
 /// One shared mapping of a memfd: the guest's memory.
 struct GuestMem {
-    /// Keeps the memfd open for the life of the mapping (the backend got its own copy
-    /// of the fd through `SET_MEM_TABLE`).
-    file: File,
+    /// The memfd and its shared mapping (the driver's DMA arena type: the same memory a
+    /// virtio-user front-end shares); the backend got its own copy of the fd through
+    /// `SET_MEM_TABLE`.
+    arena: driver::dma::DmaArena,
     base: *mut u8,
     size: usize,
 }
@@ -81,36 +81,8 @@ impl GuestMem {
         if size == 0 {
             return Err("guest memory size must be non-zero".into());
         }
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        let page = if page > 0 { page as usize } else { 4096 };
-        let size = size
-            .checked_next_multiple_of(page)
-            .ok_or_else(|| format!("guest memory size {size} too large"))?;
-        // SAFETY: the name is a valid NUL-terminated C string; flags are valid.
-        let fd = unsafe { libc::memfd_create(c"vnet-rawfront".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: fd is a freshly created descriptor that nothing else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size as u64).map_err(|e| format!("ftruncate memfd to {size}: {e}"))?;
-        // SAFETY: a fresh shared mapping of a file we own, at an address the kernel
-        // chooses; no existing memory is affected.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(format!("mmap memfd: {}", std::io::Error::last_os_error()));
-        }
-        Ok(GuestMem { file, base: base.cast(), size })
+        let arena = driver::dma::DmaArena::new(size, false).map_err(|e| format!("guest memory: {e}"))?;
+        Ok(GuestMem { base: arena.va(), size: arena.len(), arena })
     }
 
     fn start(&self) -> u64 {
@@ -169,14 +141,6 @@ impl GuestMem {
     fn read_u32(&self, gpa: u64) -> Result<u32, String> {
         let b = self.read(gpa, 4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-}
-
-impl Drop for GuestMem {
-    fn drop(&mut self) {
-        // SAFETY: base/size are exactly the mapping created in `new`, and no pointer
-        // into it outlives `self` (every accessor borrows `self`).
-        unsafe { libc::munmap(self.base.cast(), self.size) };
     }
 }
 
@@ -264,7 +228,7 @@ impl RawFrontend {
             memory_size: mem.size as u64,
             userspace_addr: mem.start(),
             mmap_offset: 0,
-            mmap_handle: mem.file.as_raw_fd(),
+            mmap_handle: mem.arena.file().as_raw_fd(),
         };
         frontend.set_mem_table(&[region]).map_err(|e| step("SET_MEM_TABLE", e))?;
 

@@ -40,8 +40,7 @@
 //! no other way to refuse).
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::ptr::NonNull;
@@ -141,8 +140,9 @@ impl Allocator {
 
 /// The process-wide guest memory: one shared memfd mapping, never unmapped.
 struct Arena {
-    /// Keeps the memfd open; `SET_MEM_TABLE` sends its fd to each backend.
-    file: File,
+    /// The memfd and its shared mapping (the driver's DMA arena type); `SET_MEM_TABLE`
+    /// sends its fd to each backend.
+    mem: driver::dma::DmaArena,
     /// Address of the mapping (= guest-physical address of its first byte).
     base: usize,
     size: usize,
@@ -151,32 +151,11 @@ struct Arena {
 
 impl Arena {
     fn create(size: usize) -> Result<Arena, String> {
-        // SAFETY: the name is a valid NUL-terminated C string and the flags are valid.
-        let fd = unsafe { libc::memfd_create(c"vnet-vdfront".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` was just created and nothing else owns it.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size as u64).map_err(|e| format!("ftruncate arena memfd to {size} bytes: {e}"))?;
-        // SAFETY: a fresh shared mapping of a file we own at an address the kernel chooses;
-        // no existing memory is affected.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(format!("mmap arena memfd ({size} bytes): {}", std::io::Error::last_os_error()));
-        }
+        let mem = driver::dma::DmaArena::new(size, false).map_err(|e| format!("arena: {e}"))?;
         // The mapping lives for the rest of the process: `Arena` sits in a static and is
         // never dropped, so every pointer handed out stays valid.
-        Ok(Arena { file, base: base as usize, size, alloc: Mutex::new(Allocator::new(size)) })
+        let (base, size) = (mem.va() as usize, mem.len());
+        Ok(Arena { mem, base, size, alloc: Mutex::new(Allocator::new(size)) })
     }
 
     fn contains(&self, addr: usize, len: usize) -> bool {
@@ -542,7 +521,7 @@ impl VhostUserTransport {
             memory_size: a.size as u64,
             userspace_addr: a.base as u64,
             mmap_offset: 0,
-            mmap_handle: a.file.as_raw_fd(),
+            mmap_handle: a.mem.file().as_raw_fd(),
         };
         self.frontend.set_mem_table(&[region]).map(|_| ()).map_err(|e| format!("SET_MEM_TABLE: {e}"))
     }

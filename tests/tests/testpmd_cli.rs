@@ -14,14 +14,13 @@
 //! 52:54:00:12:34:56 for the first device and counts up for later ones.
 
 use std::path::Path;
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use driver::{Packet, Port, PortConfig, QueuePair};
 use serde_json::Value;
 use vnet_tests::dpdk::PortCounts;
-use vnet_tests::harness::{counter, device, serial, total_drops, Backend, TempDir};
+use vnet_tests::harness::{counter, device, serial, total_drops, within, Backend, TempDir};
 use vnet_tests::testpmd_proc::{
     accumulated_forward_stats, forward_stats, forward_stats_json, forward_totals, json_port_counts,
     nic_stats, number_after, port_mac, run, Exit, Spawn, Testpmd,
@@ -87,29 +86,6 @@ fn clean_device<'a>(stats: &'a Value, sock: &Path) -> &'a Value {
 
 fn fwd(out: &str, port: usize) -> PortCounts {
     forward_stats(out, port).unwrap_or_else(|| panic!("no forward statistics for port {port} in:\n{out}"))
-}
-
-/// Runs `f` on a helper thread and waits at most `timeout` (a peer that stops answering
-/// vhost-user requests fails the test instead of hanging it).
-fn within<T: Send + 'static>(what: &str, timeout: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    let h = thread::Builder::new()
-        .name("bounded".into())
-        .spawn(move || {
-            let _ = tx.send(f());
-        })
-        .expect("spawn a helper thread");
-    match rx.recv_timeout(timeout) {
-        Ok(v) => {
-            let _ = h.join();
-            v
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what}: no result within {timeout:?}"),
-        Err(mpsc::RecvTimeoutError::Disconnected) => match h.join() {
-            Err(p) => std::panic::resume_unwind(p),
-            Ok(()) => panic!("{what}: helper thread ended without a result"),
-        },
-    }
 }
 
 /// Our driver on one device: the far end of an `xconnect` from testpmd's port.

@@ -4,8 +4,6 @@
 //! peer (so a peer that never answers fails the test instead of hanging it).
 #![allow(dead_code)]
 
-use std::sync::mpsc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use driver::{Mempool, Packet, Port, PortConfig, QueuePair, TxQueue};
@@ -196,30 +194,7 @@ pub fn drain_tx(tx: &mut TxQueue, deadline: Instant) {
     }
 }
 
-/// Runs `f` on its own thread and waits at most `timeout` for it: a peer that stops
-/// answering vhost-user requests fails the test instead of hanging it. (On a timeout the
-/// thread is left blocked; it unblocks when the peer process is killed as the test
-/// unwinds.)
-pub fn within<T: Send + 'static>(what: &str, timeout: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    let h = thread::Builder::new()
-        .name(what.chars().take(15).collect())
-        .spawn(move || {
-            let _ = tx.send(f());
-        })
-        .expect("spawn a helper thread");
-    match rx.recv_timeout(timeout) {
-        Ok(v) => {
-            let _ = h.join();
-            v
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what}: no result within {timeout:?}"),
-        Err(mpsc::RecvTimeoutError::Disconnected) => match h.join() {
-            Err(p) => std::panic::resume_unwind(p),
-            Ok(()) => panic!("{what}: helper thread ended without a result"),
-        },
-    }
-}
+pub use vnet_tests::harness::within;
 
 /// `Port::open` with a 20 s bound.
 pub fn open(cfg: PortConfig) -> driver::Result<Port> {
