@@ -41,6 +41,8 @@ pub struct Config {
     pub gen_count: Option<u64>,
     /// `reflect`: swap MAC addresses.
     pub swap_mac: bool,
+    /// Offer `VIRTIO_F_ACCESS_PLATFORM` and serve the IOTLB protocol (`--iommu`).
+    pub iommu: bool,
     /// MTU reported in config space.
     pub mtu: u16,
     /// MAC of the first device (later devices count up in the last byte).
@@ -59,6 +61,7 @@ impl Default for Config {
             gso_size: None,
             gen_count: None,
             swap_mac: false,
+            iommu: false,
             mtu: 1500,
             mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
         }

@@ -28,9 +28,11 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use driver::layout::{features as f, net_config};
 use log::{debug, info, warn};
@@ -42,9 +44,11 @@ use vhost::vhost_user::{Error as VuError, Result as VuResult, VhostUserBackendRe
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::ctrl::{self, Command, Refused, RxConfig};
+use crate::iotlb::{Iotlb, PendingMiss, MISS_RESEND, MISS_TIMEOUT, MSG_INVALIDATE, MSG_UPDATE};
+use crate::iotlb_channel::{self, BackendChannel, ChannelError, Header, Request};
 use crate::memory::{GuestMemory, RegionDesc};
 use crate::split_ring::{signal, Bad, DeviceRing, RingConfig};
-use crate::stats::{CtrlSnapshot, DeviceSnapshot, DropReason, PairStats};
+use crate::stats::{CtrlSnapshot, DeviceSnapshot, DropReason, IotlbSnapshot, PairStats};
 use crate::worker::Engine;
 use virtio_bindings::virtio_net as vn;
 
@@ -89,6 +93,9 @@ pub struct DeviceParams {
     /// Guest offload features offered (`GUEST_CSUM`, `GUEST_TSO4`): only where the port
     /// can produce such packets (a `gen` port with `--gso-size`).
     pub guest_offloads: u64,
+    /// Offer `VIRTIO_F_ACCESS_PLATFORM` and serve the IOTLB protocol (`--iommu`): for
+    /// front-ends whose device sits behind a vIOMMU (QEMU `iommu_platform=on`).
+    pub iommu: bool,
 }
 
 #[derive(Default)]
@@ -126,6 +133,8 @@ struct State {
     rx: Arc<RxConfig>,
     /// Queue pairs whose receive queues carry traffic (`VQ_PAIRS_SET`).
     active_pairs: u16,
+    /// The IOTLB of this connection (used when `ACCESS_PLATFORM` is negotiated).
+    iotlb: Arc<Iotlb>,
 }
 
 impl State {
@@ -139,6 +148,7 @@ impl State {
             queues: (0..params.queue_pairs as usize * 2 + 1).map(|_| QueueState::default()).collect(),
             rx: Arc::new(RxConfig::reset(params.mac, 0)),
             active_pairs: params.queue_pairs,
+            iotlb: Iotlb::new(),
         }
     }
 
@@ -199,7 +209,30 @@ pub struct Device {
     /// The control queue saw a protocol violation and stopped.
     pub ctrl_broken: AtomicBool,
     logged_ctrl: AtomicBool,
+    /// IOTLB counters.
+    pub iotlb_stats: IotlbCounters,
+    /// Where IOTLB misses go (`SET_BACKEND_REQ_FD`); `None` before the front-end sent it.
+    backend_channel: Mutex<Option<BackendChannel>>,
+    logged_iotlb: AtomicBool,
+    /// A ring waits for a translation: the next update resyncs the workers (which
+    /// retries ring activation and wakes a sleeping worker).
+    iotlb_waiting: AtomicBool,
     engine: Arc<Engine>,
+}
+
+/// What the IOTLB protocol did on one device (totals over all connections).
+#[derive(Debug, Default)]
+pub struct IotlbCounters {
+    /// Updates applied.
+    pub updates: AtomicU64,
+    /// Invalidations applied.
+    pub invalidates: AtomicU64,
+    /// Misses sent to the front-end.
+    pub misses: AtomicU64,
+    /// Requests refused (bad range or permission, unknown type, no `ACCESS_PLATFORM`).
+    pub refused: AtomicU64,
+    /// Addresses still untranslated after [`MISS_TIMEOUT`]: counted as bad descriptors.
+    pub timeouts: AtomicU64,
 }
 
 /// Features this device offers: the ring and config-space features, the control queue
@@ -225,13 +258,25 @@ pub fn offered_features(params: &DeviceParams) -> u64 {
     if params.queue_pairs > 1 {
         v |= f::bit(f::NET_MQ);
     }
+    if params.iommu {
+        v |= f::bit(f::ACCESS_PLATFORM);
+    }
     v
 }
 
-/// Protocol features this device offers. Never STATUS, RARP, MTU or IOTLB: the `vhost`
-/// crate's request loop rejects their messages (see `../shared/notes/crates.md`).
-pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG
+/// Protocol features this device offers: MQ, REPLY_ACK and CONFIG, plus BACKEND_REQ
+/// (the channel IOTLB misses travel on) with `--iommu`. Never STATUS, RARP or MTU: the
+/// `vhost` crate's request loop rejects their messages (see `../shared/notes/crates.md`);
+/// the IOTLB requests it rejects too are served by `iotlb_channel.rs` instead.
+pub fn offered_protocol_features(params: &DeviceParams) -> VhostUserProtocolFeatures {
+    let v = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG;
+    if params.iommu {
+        v | VhostUserProtocolFeatures::BACKEND_REQ
+    } else {
+        v
+    }
 }
 
 impl Device {
@@ -249,6 +294,10 @@ impl Device {
             ctrl_err: AtomicU64::new(0),
             ctrl_broken: AtomicBool::new(false),
             logged_ctrl: AtomicBool::new(false),
+            iotlb_stats: IotlbCounters::default(),
+            backend_channel: Mutex::new(None),
+            logged_iotlb: AtomicBool::new(false),
+            iotlb_waiting: AtomicBool::new(false),
             engine,
         })
     }
@@ -326,8 +375,18 @@ impl Device {
         let call = qs.call.clone();
         let kick = qs.kick.clone();
         let rx = st.rx.clone();
-        match DeviceRing::new(&cfg, mem, call.as_ref().map(|c| c.as_raw_fd())) {
+        // With ACCESS_PLATFORM every address the driver gives is an IOVA (vhost-user
+        // §"IOMMU support"), ring addresses included.
+        let iotlb = (feats & f::bit(f::ACCESS_PLATFORM) != 0).then(|| st.iotlb.clone());
+        match DeviceRing::new(&cfg, mem, call.as_ref().map(|c| c.as_raw_fd()), iotlb) {
             Ok(ring) => Some(ActiveRing { ring, kick, rx, _call: call }),
+            Err(Bad::IotlbMiss { iova, write }) => {
+                // Not the driver's fault (yet): ask, and retry when the answer arrives.
+                drop(st);
+                self.iotlb_waiting.store(true, Ordering::Relaxed);
+                self.send_miss(iova, write);
+                None
+            }
             Err(bad) => {
                 drop(st);
                 self.mark_broken(q, bad);
@@ -397,6 +456,122 @@ impl Device {
         }
     }
 
+    /// Asks the front-end for the translation of `iova` on the backend channel (logged
+    /// once if there is none: a front-end that negotiated ACCESS_PLATFORM without
+    /// BACKEND_REQ can never fill a miss).
+    fn send_miss(&self, iova: u64, write: bool) {
+        let chan = self.backend_channel.lock().unwrap_or_else(|e| e.into_inner());
+        let res = match chan.as_ref() {
+            Some(c) => c.send_miss(iova, write),
+            None => Err(std::io::Error::new(std::io::ErrorKind::NotConnected, "no backend channel")),
+        };
+        drop(chan);
+        match res {
+            // Relaxed: a statistics counter.
+            Ok(()) => {
+                self.iotlb_stats.misses.fetch_add(1, Ordering::Relaxed);
+                debug!("{}: IOTLB miss {iova:#x} ({})", self.params.socket.display(), rw(write));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {} // asked again later
+            Err(e) => {
+                if !self.logged_iotlb.swap(true, Ordering::Relaxed) {
+                    warn!("{}: cannot send IOTLB miss for {iova:#x}: {e}", self.params.socket.display());
+                }
+            }
+        }
+    }
+
+    /// A ring's chain needs a translation the IOTLB lacks. Asks the front-end (again
+    /// every [`MISS_RESEND`]) and returns `true` while the ring should wait and retry
+    /// that chain; `false` once the address stayed untranslated for [`MISS_TIMEOUT`]
+    /// (counted: the caller breaks the queue, as for any other bad address).
+    pub fn iotlb_miss(&self, pending: &mut Option<PendingMiss>, iova: u64, write: bool) -> bool {
+        let now = Instant::now();
+        match pending {
+            Some(p) if p.iova == iova => {
+                if now.duration_since(p.since) >= MISS_TIMEOUT {
+                    *pending = None;
+                    // Relaxed: a statistics counter.
+                    self.iotlb_stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        "{}: no IOTLB translation for {iova:#x} ({}) after {MISS_TIMEOUT:?}",
+                        self.params.socket.display(),
+                        rw(write)
+                    );
+                    return false;
+                }
+                if now.duration_since(p.asked) < MISS_RESEND {
+                    return true;
+                }
+                p.asked = now;
+            }
+            _ => *pending = Some(PendingMiss { iova, since: now, asked: now }),
+        }
+        self.iotlb_waiting.store(true, Ordering::Relaxed);
+        self.send_miss(iova, write);
+        true
+    }
+
+    /// Serves one IOTLB-protocol request whose header `hdr` was peeked on `sock` (see
+    /// `iotlb_channel.rs`). An update takes effect for the next lookup; an
+    /// invalidation is acknowledged only after every worker has dropped its cached
+    /// translations (a resync). An error closes the connection.
+    pub fn handle_iotlb_request(&self, sock: &UnixStream, hdr: &Header) -> Result<(), ChannelError> {
+        let ok = match iotlb_channel::read_request(sock, hdr)? {
+            Request::BackendChannel(s) => {
+                *self.backend_channel.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(BackendChannel::new(s)?);
+                debug!("{}: backend channel set", self.params.socket.display());
+                true
+            }
+            Request::Iotlb(m) => {
+                let st = self.lock();
+                let (platform, tlb) = (st.acked(f::ACCESS_PLATFORM), st.iotlb.clone());
+                drop(st);
+                let res = match m.kind {
+                    _ if !platform => Err("VIRTIO_F_ACCESS_PLATFORM is not negotiated".to_string()),
+                    MSG_UPDATE => tlb.update(m.mapping()).map_err(|e| e.to_string()).map(|replaced| {
+                        // Relaxed: a statistics counter.
+                        self.iotlb_stats.updates.fetch_add(1, Ordering::Relaxed);
+                        // A replaced mapping may sit in a worker's cache with its old
+                        // permission or target: resync as for an invalidation. A waiting
+                        // ring retries (and its worker wakes) through the resync too.
+                        if self.iotlb_waiting.swap(false, Ordering::Relaxed) || replaced {
+                            self.engine.sync();
+                        }
+                    }),
+                    MSG_INVALIDATE => {
+                        if tlb.invalidate(m.iova, m.size) {
+                            self.engine.sync();
+                        }
+                        self.iotlb_stats.invalidates.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }
+                    other => Err(format!("IOTLB message type {other} is not served")),
+                };
+                match res {
+                    Ok(()) => true,
+                    Err(why) => {
+                        self.iotlb_stats.refused.fetch_add(1, Ordering::Relaxed);
+                        warn!(
+                            "{}: IOTLB message refused ({why}): iova {:#x} size {:#x} uaddr {:#x} perm {}",
+                            self.params.socket.display(),
+                            m.iova,
+                            m.size,
+                            m.uaddr,
+                            m.perm
+                        );
+                        false
+                    }
+                }
+            }
+        };
+        if hdr.need_reply() {
+            iotlb_channel::reply(sock, hdr, ok)?;
+        }
+        Ok(())
+    }
+
     /// Applies one control command (`data`: its device-readable bytes) and returns the
     /// acknowledgement. A valid command changes device state under the lock, then (if it
     /// changed anything) every data worker re-activates its rings from it
@@ -452,9 +627,18 @@ impl Device {
 
     /// Statistics at this moment.
     pub fn snapshot(&self) -> DeviceSnapshot {
-        let (connected, rx, active_pairs) = {
+        let (connected, rx, active_pairs, tlb) = {
             let st = self.lock();
-            (st.connected, st.rx.clone(), st.active_pairs)
+            (st.connected, st.rx.clone(), st.active_pairs, st.iotlb.clone())
+        };
+        let c = &self.iotlb_stats;
+        let iotlb = IotlbSnapshot {
+            updates: c.updates.load(Ordering::Relaxed),
+            invalidates: c.invalidates.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+            timeouts: c.timeouts.load(Ordering::Relaxed),
+            entries: tlb.len() as u64,
         };
         DeviceSnapshot {
             socket: self.params.socket.display().to_string(),
@@ -469,14 +653,17 @@ impl Device {
             },
             active_pairs,
             rx_filter: rx.to_json(),
+            iotlb,
         }
     }
 
     /// A front-end connected: start from a clean device.
     pub fn connect(&self) {
         *self.lock() = State::reset(&self.params, true);
+        *self.backend_channel.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.logged_broken.store(false, Ordering::Relaxed);
         self.logged_ctrl.store(false, Ordering::Relaxed);
+        self.logged_iotlb.store(false, Ordering::Relaxed);
         info!("{}: front-end connected", self.params.socket.display());
         self.engine.sync();
     }
@@ -484,6 +671,7 @@ impl Device {
     /// The front-end went away: reset the device (workers drop its rings and memory).
     pub fn disconnect(&self) {
         *self.lock() = State::reset(&self.params, false);
+        *self.backend_channel.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.engine.sync();
         info!("{}: front-end disconnected, device reset", self.params.socket.display());
     }
@@ -674,7 +862,7 @@ impl VhostUserBackendReqHandler for Handler {
         })
     }
     fn get_protocol_features(&self) -> VuResult<VhostUserProtocolFeatures> {
-        Ok(offered_protocol_features())
+        Ok(offered_protocol_features(&self.0.params))
     }
     fn set_protocol_features(&self, features: u64) -> VuResult<()> {
         self.0.lock().acked_protocol = features;
@@ -754,6 +942,14 @@ impl VhostUserBackendReqHandler for Handler {
     }
 }
 
+fn rw(write: bool) -> &'static str {
+    if write {
+        "write"
+    } else {
+        "read"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -769,6 +965,7 @@ mod tests {
             mac: MAC,
             mtu: 1500,
             guest_offloads,
+            iommu: false,
         };
         // No workers: every sync returns at once.
         let d = Device::new(params, Engine::new(0, 0).unwrap(), None);

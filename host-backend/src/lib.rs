@@ -26,14 +26,17 @@
 //! Modules: [`memory`] (guest memory and translation), [`split_ring`] (the device-side
 //! ring engine), [`device`] (device state and the vhost-user handler), [`ctrl`] (control
 //! commands and receive filters), [`port`] (what each port does per burst), [`gso`] (the
-//! generator's TCP super-frames), [`worker`] (busy-poll threads and the control worker),
-//! [`server`] (sockets), [`stats`], [`config`].
+//! generator's TCP super-frames), [`iotlb`] (translations under a vIOMMU) and
+//! [`iotlb_channel`] (their vhost-user messages), [`worker`] (busy-poll threads and the
+//! control worker), [`server`] (sockets), [`stats`], [`config`].
 
 pub mod config;
 pub mod ctrl;
 pub mod device;
 pub mod error;
 pub mod gso;
+pub mod iotlb;
+pub mod iotlb_channel;
 pub mod memory;
 pub mod port;
 pub mod server;
@@ -104,6 +107,7 @@ impl Backend {
                             } else {
                                 0
                             },
+                            iommu: cfg.iommu,
                         },
                         engine.clone(),
                         (spec.kind == PortKind::Gen).then_some(cfg.gen_count).flatten(),

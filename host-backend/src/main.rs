@@ -60,6 +60,10 @@ struct Args {
     /// reflect: swap source and destination MAC addresses.
     #[arg(long)]
     swap_mac: bool,
+    /// Offer VIRTIO_F_ACCESS_PLATFORM and serve the vhost-user IOTLB protocol, for
+    /// front-ends behind a vIOMMU (QEMU: intel-iommu and iommu_platform=on).
+    #[arg(long)]
+    iommu: bool,
     /// MTU reported to front-ends.
     #[arg(long, default_value_t = 1500)]
     mtu: u16,
@@ -85,6 +89,7 @@ fn config_from(args: &Args) -> host_backend::Result<Config> {
         gso_size: args.gso_size,
         gen_count: args.count,
         swap_mac: args.swap_mac,
+        iommu: args.iommu,
         mtu: args.mtu,
         ..Config::default()
     };

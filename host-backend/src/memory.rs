@@ -184,6 +184,17 @@ impl GuestMemory {
         })
     }
 
+    /// Where the front-end virtual address `uva` lies here: its pointer, and how many
+    /// bytes of its region lie before it and from it to the region's end (the IOTLB
+    /// clips its translations to one region with these).
+    pub fn uva_span(&self, uva: u64) -> Option<(*mut u8, u64, u64)> {
+        self.regions.iter().find_map(|r| {
+            let off = uva.checked_sub(r.uva)?;
+            // SAFETY: `off < r.len`: inside this region's mapping.
+            (off < r.len).then(|| (unsafe { r.host.add(off as usize) }, off, r.len - off))
+        })
+    }
+
     /// Translates a front-end virtual address to the guest-physical address of the same
     /// byte (for logging and tests).
     pub fn uva_to_gpa(&self, uva: u64) -> Option<u64> {

@@ -25,6 +25,7 @@ use driver::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
 use crate::ctrl::{self, Refused, RxConfig};
 use crate::device::{ActiveRing, Device};
 use crate::gso::TcpGen;
+use crate::iotlb::PendingMiss;
 use crate::split_ring::{copy_chain, gather, scatter, Bad, Chain, DeviceRing, Dir};
 use crate::stats::{BurstCounts, DropReason};
 
@@ -49,11 +50,13 @@ pub struct QueueSlot {
     /// Queue index within the device (even: receive, odd: transmit).
     pub q: u16,
     active: Option<ActiveRing>,
+    /// Under a vIOMMU: the translation this queue waits for, if any.
+    miss: Option<PendingMiss>,
 }
 
 impl QueueSlot {
     fn new(dev: &Arc<Device>, q: u16) -> Self {
-        QueueSlot { dev: dev.clone(), q, active: None }
+        QueueSlot { dev: dev.clone(), q, active: None, miss: None }
     }
     fn pair(&self) -> usize {
         self.q as usize / 2
@@ -66,8 +69,18 @@ impl QueueSlot {
     fn ring_rx(&mut self) -> Option<(&mut DeviceRing, &RxConfig)> {
         self.active.as_mut().map(|a| (&mut a.ring, &*a.rx))
     }
-    /// Marks this queue broken and lets go of it.
+    /// Marks this queue broken and lets go of it; or, for an IOTLB miss, keeps the ring
+    /// (the chain stays available and is retried next burst) until the miss times out.
     fn fail(&mut self, bad: Bad) {
+        let bad = match bad {
+            Bad::IotlbMiss { iova, write } => {
+                if self.dev.iotlb_miss(&mut self.miss, iova, write) {
+                    return;
+                }
+                Bad::BadAddress { addr: iova, len: 0 }
+            }
+            other => other,
+        };
         self.active = None;
         self.dev.mark_broken(self.q, bad);
     }
@@ -226,7 +239,15 @@ impl Path {
             Job::Ctrl { .. } => self.run_ctrl(),
         };
         match res {
-            Ok(n) => n,
+            Ok(n) => {
+                if n > 0 {
+                    // A ring that made progress is not waiting for a translation.
+                    for s in self.src.iter_mut().chain(self.dst.iter_mut()) {
+                        s.miss = None;
+                    }
+                }
+                n
+            }
             Err((side, bad)) => {
                 let slot = match side {
                     Side::Src => self.src.as_mut(),

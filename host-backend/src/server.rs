@@ -2,7 +2,9 @@
 //!
 //! Owns: listening (socket created mode 0600) or connecting (`--client`), accepting one
 //! front-end at a time, running the `vhost` crate's request loop against the device's
-//! [`Handler`], and resetting the device when the front-end goes away.
+//! [`Handler`] (after a peek at each header routes the IOTLB requests that crate does
+//! not serve to `iotlb_channel.rs`), and resetting the device when the front-end goes
+//! away.
 //! Must not: touch rings or guest memory (the device and workers do).
 
 use std::os::unix::net::UnixStream;
@@ -16,6 +18,7 @@ use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
 
 use crate::device::{Device, Handler};
 use crate::error::{Error, Result};
+use crate::iotlb_channel;
 
 /// Creates the listening socket for `path`, readable and writable by its owner only.
 pub fn listen(path: &Path) -> Result<Listener> {
@@ -115,16 +118,41 @@ impl Server {
     }
 
     fn serve(&self, mut conn: BackendReqHandler<Handler>) {
-        if let Ok(c) = conn.try_clone_connection() {
-            // Accepted sockets inherit the listener's non-blocking mode; the request
-            // loop wants blocking reads.
-            let _ = c.set_nonblocking(false);
+        let sock = match conn.try_clone_connection() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("{}: cannot clone the connection: {e}", self.device.params.socket.display());
+                return;
+            }
+        };
+        // Accepted sockets inherit the listener's non-blocking mode; the request loop
+        // wants blocking reads.
+        let _ = sock.set_nonblocking(false);
+        if let Ok(c) = sock.try_clone() {
             *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
         }
         self.device.connect();
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 break;
+            }
+            match iotlb_channel::peek_header(&sock) {
+                Ok(Some(h)) if h.is_iotlb_protocol() => {
+                    if let Err(e) = self.device.handle_iotlb_request(&sock, &h) {
+                        warn!(
+                            "{}: vhost-user error: {e}; closing the connection",
+                            self.device.params.socket.display()
+                        );
+                        break;
+                    }
+                    continue;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    debug!("{}: connection: {e}", self.device.params.socket.display());
+                    break;
+                }
             }
             match conn.handle_request() {
                 Ok(()) => {}

@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use driver::layout::{self, Descriptor, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 
+use crate::iotlb::{Fault, Iotlb, IovaView};
 use crate::memory::{GuestMemory, Hint};
 
 /// Most segments one chain may map to. Longer (valid) chains are dropped, counted as
@@ -61,6 +62,10 @@ pub enum Bad {
     Direction,
     /// The ring areas are misaligned or outside guest memory.
     RingAddress,
+    /// Under a vIOMMU: the IOTLB has no translation for this IOVA yet. Not a protocol
+    /// violation by itself: the ring asks the front-end and retries the chain (see
+    /// `Device::iotlb_miss`); only an address that stays untranslated breaks the queue.
+    IotlbMiss { iova: u64, write: bool },
 }
 
 impl std::fmt::Display for Bad {
@@ -81,6 +86,9 @@ impl std::fmt::Display for Bad {
             }
             Bad::Direction => write!(f, "buffer direction does not match the queue"),
             Bad::RingAddress => write!(f, "ring areas misaligned or outside guest memory"),
+            Bad::IotlbMiss { iova, write } => {
+                write!(f, "no IOTLB translation for {iova:#x} ({})", if write { "write" } else { "read" })
+            }
         }
     }
 }
@@ -184,6 +192,8 @@ pub struct DeviceRing {
     indirect: bool,
     mem: Arc<GuestMemory>,
     hint: Hint,
+    /// With `ACCESS_PLATFORM`: addresses are IOVAs, translated through the IOTLB.
+    iova: Option<IovaView>,
     notify_fd: Option<i32>,
     /// Calls made to the driver (used-buffer notifications).
     pub calls: u64,
@@ -216,7 +226,14 @@ impl DeviceRing {
     /// Translates and validates the ring areas and builds the ring, resuming at
     /// `cfg.base` with every earlier buffer already used (the vhost-user convention:
     /// the used index starts at the base). `call_fd` is the driver's call eventfd.
-    pub fn new(cfg: &RingConfig, mem: Arc<GuestMemory>, call_fd: Option<i32>) -> Result<Self, Bad> {
+    /// With `iotlb` (`ACCESS_PLATFORM` negotiated) the ring and buffer addresses are
+    /// IOVAs; a missing translation is [`Bad::IotlbMiss`].
+    pub fn new(
+        cfg: &RingConfig,
+        mem: Arc<GuestMemory>,
+        call_fd: Option<i32>,
+        iotlb: Option<Arc<Iotlb>>,
+    ) -> Result<Self, Bad> {
         let size = cfg.size;
         if size == 0 || !size.is_power_of_two() || size > layout::MAX_QUEUE_SIZE {
             return Err(Bad::RingAddress);
@@ -227,12 +244,23 @@ impl DeviceRing {
         {
             return Err(Bad::RingAddress);
         }
-        let desc = mem.uva_to_host(cfg.desc_uva, layout::desc_table_bytes(size) as u64);
-        let avail = mem.uva_to_host(cfg.avail_uva, layout::avail_bytes(size) as u64);
-        let used = mem.uva_to_host(cfg.used_uva, layout::used_bytes(size) as u64);
-        let (Some(desc), Some(avail), Some(used)) = (desc, avail, used) else {
-            return Err(Bad::RingAddress);
-        };
+        let areas = [
+            (cfg.desc_uva, layout::desc_table_bytes(size) as u64, false),
+            (cfg.avail_uva, layout::avail_bytes(size) as u64, false),
+            (cfg.used_uva, layout::used_bytes(size) as u64, true),
+        ];
+        let mut view = iotlb.map(IovaView::new);
+        let mut host = [std::ptr::null_mut(); 3];
+        for (h, &(addr, len, write)) in host.iter_mut().zip(&areas) {
+            *h = match view.as_mut() {
+                None => mem.uva_to_host(addr, len).ok_or(Bad::RingAddress)?,
+                Some(v) => v.translate_whole(&mem, addr, len, write).map_err(|f| match f {
+                    Fault::Miss { iova } => Bad::IotlbMiss { iova, write },
+                    Fault::Denied { .. } => Bad::RingAddress,
+                })?,
+            };
+        }
+        let [desc, avail, used] = host;
         let mut ring = DeviceRing {
             areas: RingAreas { desc, avail, used },
             size,
@@ -245,6 +273,7 @@ impl DeviceRing {
             indirect: cfg.indirect,
             mem,
             hint: 0,
+            iova: view,
             notify_fd: call_fd,
             calls: 0,
         };
@@ -352,10 +381,16 @@ impl DeviceRing {
                 {
                     return Err(Bad::BadIndirect { len: d.len });
                 }
-                table = self
-                    .mem
-                    .translate_whole(&mut self.hint, d.addr, d.len as u64)
-                    .ok_or(Bad::IndirectAddress { addr: d.addr, len: d.len })?;
+                let bad = Bad::IndirectAddress { addr: d.addr, len: d.len };
+                table = match self.iova.as_mut() {
+                    None => self.mem.translate_whole(&mut self.hint, d.addr, d.len as u64).ok_or(bad)?,
+                    Some(v) => {
+                        v.translate_whole(&self.mem, d.addr, d.len as u64, false).map_err(|f| match f {
+                            Fault::Miss { iova } => Bad::IotlbMiss { iova, write: false },
+                            Fault::Denied { .. } => bad,
+                        })?
+                    }
+                };
                 table_len = d.len / layout::DESC_SIZE as u32;
                 idx = 0;
                 seen = 0;
@@ -376,7 +411,7 @@ impl DeviceRing {
                 return Err(Bad::Direction);
             }
             writing |= writable;
-            self.map_buffer(d.addr, d.len, out)?;
+            self.map_buffer(d.addr, d.len, writable, out)?;
             if !writable {
                 out.readable += d.len as u64;
             }
@@ -391,15 +426,20 @@ impl DeviceRing {
     }
 
     #[inline]
-    fn map_buffer(&mut self, addr: u64, len: u32, out: &mut Chain) -> Result<(), Bad> {
+    fn map_buffer(&mut self, addr: u64, len: u32, write: bool, out: &mut Chain) -> Result<(), Bad> {
         if addr.checked_add(len as u64).is_none() {
             return Err(Bad::BadAddress { addr, len });
         }
         let mut gpa = addr;
         let mut left = len as u64;
         while left > 0 {
-            let (ptr, n) =
-                self.mem.translate(&mut self.hint, gpa, left).ok_or(Bad::BadAddress { addr, len })?;
+            let (ptr, n) = match self.iova.as_mut() {
+                None => self.mem.translate(&mut self.hint, gpa, left).ok_or(Bad::BadAddress { addr, len })?,
+                Some(v) => v.translate(&self.mem, gpa, left, write).map_err(|f| match f {
+                    Fault::Miss { iova } => Bad::IotlbMiss { iova, write },
+                    Fault::Denied { .. } => Bad::BadAddress { addr, len },
+                })?,
+            };
             out.push(ptr, n as u32);
             gpa += n;
             left -= n;

@@ -144,7 +144,7 @@ fn fixture(size: u16, base: u16, event_idx: bool) -> Fixture {
         event_idx,
         indirect: true,
     };
-    let ring = DeviceRing::new(&cfg, mem.clone(), Some(call.as_raw_fd())).unwrap();
+    let ring = DeviceRing::new(&cfg, mem.clone(), Some(call.as_raw_fd()), None).unwrap();
     Fixture { drv, ring, mem, call }
 }
 
@@ -398,11 +398,11 @@ fn rejects_avail_jump_and_bad_ring_addresses() {
         cfg(BASE + MEM - 64, DESC + 0x1000, DESC + 0x2000), // table past the end
         cfg(0x1000, DESC + 0x1000, DESC + 0x2000),   // outside memory
     ] {
-        assert_eq!(DeviceRing::new(&c, mem.clone(), None).err(), Some(Bad::RingAddress));
+        assert_eq!(DeviceRing::new(&c, mem.clone(), None, None).err(), Some(Bad::RingAddress));
     }
     let mut c = cfg(DESC, DESC + 0x1000, DESC + 0x2000);
     c.size = 6;
-    assert_eq!(DeviceRing::new(&c, mem, None).err(), Some(Bad::RingAddress), "not a power of two");
+    assert_eq!(DeviceRing::new(&c, mem, None, None).err(), Some(Bad::RingAddress), "not a power of two");
 }
 
 #[test]

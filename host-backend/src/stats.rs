@@ -160,6 +160,25 @@ pub struct DeviceSnapshot {
     pub active_pairs: u16,
     /// The receive filter and guest-offload state (see `RxConfig::to_json`).
     pub rx_filter: serde_json::Value,
+    /// The IOTLB protocol (under a vIOMMU).
+    pub iotlb: IotlbSnapshot,
+}
+
+/// IOTLB counters of one device (see `device::IotlbCounters`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IotlbSnapshot {
+    /// Translations the front-end added.
+    pub updates: u64,
+    /// Invalidations the front-end sent.
+    pub invalidates: u64,
+    /// Misses we sent.
+    pub misses: u64,
+    /// Requests refused.
+    pub refused: u64,
+    /// Misses never answered (counted as bad descriptors).
+    pub timeouts: u64,
+    /// Translations held now.
+    pub entries: u64,
 }
 
 /// Counters of one device's control queue.
@@ -229,6 +248,11 @@ impl DeviceSnapshot {
             "ctrl": {"commands": self.ctrl.ok, "errors": self.ctrl.err, "broken": self.ctrl.broken},
             "active_pairs": self.active_pairs,
             "rx_filter": self.rx_filter,
+            "iotlb": {
+                "updates": self.iotlb.updates, "invalidates": self.iotlb.invalidates,
+                "misses": self.iotlb.misses, "refused": self.iotlb.refused,
+                "timeouts": self.iotlb.timeouts, "entries": self.iotlb.entries,
+            },
         })
     }
 

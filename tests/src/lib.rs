@@ -1,7 +1,8 @@
 //! Support for the cross-process and interop tests in `tests/tests/`: a process harness
 //! for our binaries ([`harness`]), DPDK's testpmd as a peer ([`dpdk`]), and a raw
 //! vhost-user front-end that writes rings by hand ([`rawfront`]); QEMU guests
-//! running our driver through VFIO ([`vm`]).
+//! running our driver through VFIO ([`vm`]) and the scenarios
+//! the VM tests run in both IOMMU modes ([`vmtest`]).
 pub mod dpdk;
 pub mod evildevice;
 pub mod harness;
@@ -9,3 +10,4 @@ pub mod rawfront;
 pub mod testpmd_proc;
 pub mod vdfront;
 pub mod vm;
+pub mod vmtest;

@@ -20,6 +20,13 @@
 //!   queue, one descriptor per buffer, and check every used element the device returns.
 //! * **Control queue**: [`RawFrontend::ctrl_command`] sends one command chain and waits
 //!   for the device to use it (one command at a time, descriptors from 0).
+//! * **vIOMMU** ([`RawFrontend::connect_iommu`]): `VIRTIO_F_ACCESS_PLATFORM` and the
+//!   backend channel negotiated; every address the front-end gives the device (ring
+//!   addresses, descriptors of the well-behaved layer) is then an IOVA, `gpa +
+//!   iova_offset`, which the test maps with [`RawFrontend::iotlb_update`], withdraws
+//!   with [`RawFrontend::iotlb_invalidate`], and whose misses it reads with
+//!   [`RawFrontend::next_miss`]. The IOTLB messages are encoded here from the
+//!   vhost-user specification, independently of the backend's code.
 //!
 //! Ring memory is shared with another process that writes it concurrently (the used
 //! ring) or reads it concurrently (everything else), so this module never forms a Rust
@@ -169,6 +176,13 @@ pub struct RawFrontend {
     frontend: Frontend,
     features: u64,
     protocol_features: u64,
+    /// Device address of guest address `gpa`: `gpa + iova_offset` (0 without a vIOMMU).
+    iova_offset: u64,
+    /// A second handle on the main socket, for IOTLB messages (which the `vhost`
+    /// crate's front-end cannot send).
+    raw: UnixStream,
+    /// With a vIOMMU: our end of the backend channel.
+    backend_chan: Option<UnixStream>,
     mem: GuestMem,
     /// Next free byte offset of the bump allocator.
     next_free: usize,
@@ -184,6 +198,29 @@ impl RawFrontend {
     /// VHOST_USER_F_PROTOCOL_FEATURES`, and `SET_MEM_TABLE` with one memfd region of
     /// `mem_size` bytes (rounded up to a page).
     pub fn connect(path: &Path, mem_size: usize, want_features: u64) -> Result<Self, String> {
+        Self::connect_inner(path, mem_size, want_features, None)
+    }
+
+    /// [`RawFrontend::connect`] behind a vIOMMU: also acks `VIRTIO_F_ACCESS_PLATFORM` and
+    /// `BACKEND_REQ` (failing if the backend does not offer them), sends
+    /// `SET_BACKEND_REQ_FD` with one end of a socket pair, and from then on gives the
+    /// device `gpa + iova_offset` wherever it gives an address. No translation exists
+    /// until the test sends one.
+    pub fn connect_iommu(
+        path: &Path,
+        mem_size: usize,
+        want_features: u64,
+        iova_offset: u64,
+    ) -> Result<Self, String> {
+        Self::connect_inner(path, mem_size, want_features, Some(iova_offset))
+    }
+
+    fn connect_inner(
+        path: &Path,
+        mem_size: usize,
+        want_features: u64,
+        iommu: Option<u64>,
+    ) -> Result<Self, String> {
         let deadline = Instant::now() + CONNECT_TIMEOUT;
         let sock = loop {
             match UnixStream::connect(path) {
@@ -199,6 +236,7 @@ impl RawFrontend {
                 Err(e) => return Err(format!("connect {}: {e}", path.display())),
             }
         };
+        let raw = sock.try_clone().map_err(|e| format!("clone socket: {e}"))?;
         let mut frontend = Frontend::from_stream(sock, DEFAULT_MAX_QUEUES);
         let step = |what: &str, e: vhost::Error| format!("{what}: {e}");
 
@@ -211,15 +249,27 @@ impl RawFrontend {
             ));
         }
         let proto_offered = frontend.get_protocol_features().map_err(|e| step("GET_PROTOCOL_FEATURES", e))?;
-        let proto_acked = proto_offered
-            & (VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::CONFIG);
+        let mut proto_want = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG;
+        let platform = features::bit(features::ACCESS_PLATFORM);
+        if iommu.is_some() {
+            proto_want |= VhostUserProtocolFeatures::BACKEND_REQ;
+            if !proto_offered.contains(VhostUserProtocolFeatures::BACKEND_REQ) || offered & platform == 0 {
+                return Err(format!(
+                    "backend offers no ACCESS_PLATFORM/BACKEND_REQ (features {offered:#x}, protocol {proto_offered:?})"
+                ));
+            }
+        }
+        let proto_acked = proto_offered & proto_want;
         frontend.set_protocol_features(proto_acked).map_err(|e| step("SET_PROTOCOL_FEATURES", e))?;
         if proto_acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
             frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
-        let negotiated = (want_features & offered) | features::bit(features::VERSION_1) | proto_bit;
+        let mut negotiated = (want_features & offered) | features::bit(features::VERSION_1) | proto_bit;
+        if iommu.is_some() {
+            negotiated |= platform;
+        }
         frontend.set_features(negotiated).map_err(|e| step("SET_FEATURES", e))?;
 
         let mem = GuestMem::new(mem_size)?;
@@ -231,15 +281,97 @@ impl RawFrontend {
             mmap_handle: mem.arena.file().as_raw_fd(),
         };
         frontend.set_mem_table(&[region]).map_err(|e| step("SET_MEM_TABLE", e))?;
+        let backend_chan = match iommu {
+            Some(_) => {
+                let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+                frontend.set_backend_request_fd(&theirs).map_err(|e| step("SET_BACKEND_REQ_FD", e))?;
+                Some(ours)
+            }
+            None => None,
+        };
 
         Ok(RawFrontend {
             frontend,
             features: negotiated,
             protocol_features: proto_acked.bits(),
+            iova_offset: iommu.unwrap_or(0),
+            raw,
+            backend_chan,
             mem,
             next_free: 0,
             queues: Vec::new(),
         })
+    }
+
+    /// The device address (IOVA) of guest address `gpa`.
+    pub fn iova(&self, gpa: u64) -> u64 {
+        gpa + self.iova_offset
+    }
+
+    /// Sends one `VHOST_USER_IOTLB_MSG` (request 22, NEED_REPLY) and returns whether the
+    /// backend acknowledged it with 0. (Also on a connection without a vIOMMU, where the
+    /// backend must refuse it.)
+    fn iotlb_msg(&self, iova: u64, size: u64, uaddr: u64, perm: u8, kind: u8) -> Result<bool, String> {
+        let sock = &self.raw;
+        let mut m = Vec::with_capacity(12 + 32);
+        m.extend_from_slice(&22u32.to_le_bytes());
+        m.extend_from_slice(&(0x1u32 | 0x8).to_le_bytes()); // version 1, NEED_REPLY
+        m.extend_from_slice(&32u32.to_le_bytes());
+        m.extend_from_slice(&iova.to_le_bytes());
+        m.extend_from_slice(&size.to_le_bytes());
+        m.extend_from_slice(&uaddr.to_le_bytes());
+        m.extend_from_slice(&[perm, kind, 0, 0, 0, 0, 0, 0]);
+        use std::io::{Read, Write};
+        (&*sock).write_all(&m).map_err(|e| format!("IOTLB_MSG: {e}"))?;
+        sock.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+        let mut r = [0u8; 20];
+        (&*sock).read_exact(&mut r).map_err(|e| format!("IOTLB_MSG reply: {e}"))?;
+        let word = |i: usize| u32::from_le_bytes(r[i..i + 4].try_into().expect("4 bytes"));
+        if word(0) != 22 || word(4) & 0x4 == 0 || word(8) != 8 {
+            return Err(format!("unexpected reply to IOTLB_MSG: {r:02x?}"));
+        }
+        Ok(u64::from_le_bytes(r[12..].try_into().expect("8 bytes")) == 0)
+    }
+
+    /// Maps `[iova, iova + size)` to guest memory at `gpa` with `perm` (1 read, 2 write,
+    /// 3 both): an IOTLB update. The front-end's address in the message is our virtual
+    /// address of `gpa` (which is `gpa` here). Returns whether the backend accepted it.
+    pub fn iotlb_update(&self, iova: u64, size: u64, gpa: u64, perm: u8) -> Result<bool, String> {
+        self.iotlb_msg(iova, size, gpa, perm, 2)
+    }
+
+    /// Maps all of guest memory at its IOVA, read-write, in one update.
+    pub fn iotlb_map_all(&self) -> Result<bool, String> {
+        let (start, size) = self.mem_range();
+        self.iotlb_update(self.iova(start), size, start, 3)
+    }
+
+    /// Withdraws `[iova, iova + size)`: an IOTLB invalidation. Returns whether the
+    /// backend acknowledged it (which it does only once no worker can use the old
+    /// translation any more).
+    pub fn iotlb_invalidate(&self, iova: u64, size: u64) -> Result<bool, String> {
+        self.iotlb_msg(iova, size, 0, 0, 3)
+    }
+
+    /// The next IOTLB miss the backend sent on the backend channel, as `(iova, perm)`,
+    /// or `None` if none arrives within `timeout`.
+    pub fn next_miss(&self, timeout: Duration) -> Result<Option<(u64, u8)>, String> {
+        use std::io::Read;
+        let chan = self.backend_chan.as_ref().ok_or("not connected with connect_iommu")?;
+        chan.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+        let mut m = [0u8; 44];
+        match (&*chan).read_exact(&mut m) {
+            Ok(()) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(format!("backend channel: {e}")),
+        }
+        let word = |i: usize| u32::from_le_bytes(m[i..i + 4].try_into().expect("4 bytes"));
+        if word(0) != 1 || word(8) != 32 || m[12 + 25] != 1 {
+            return Err(format!("unexpected backend request: {m:02x?}"));
+        }
+        Ok(Some((u64::from_le_bytes(m[12..20].try_into().expect("8 bytes")), m[12 + 24])))
     }
 
     /// The feature bits sent with `SET_FEATURES`.
@@ -320,9 +452,9 @@ impl RawFrontend {
             queue_max_size: size,
             queue_size: size,
             flags: 0,
-            desc_table_addr: addrs.desc,
-            used_ring_addr: addrs.used,
-            avail_ring_addr: addrs.avail,
+            desc_table_addr: addrs.desc + self.iova_offset,
+            used_ring_addr: addrs.used + self.iova_offset,
+            avail_ring_addr: addrs.avail + self.iova_offset,
             log_addr: None,
         };
         note("SET_VRING_NUM", self.frontend.set_vring_num(q, size));
@@ -573,7 +705,7 @@ impl RawFrontend {
             let (id, gpa) = self.take_buffer(queue, total)?;
             self.write_mem(gpa, &[0u8; layout::NET_HDR_LEN])?;
             self.write_mem(gpa + layout::NET_HDR_LEN as u64, f)?;
-            let d = Descriptor { addr: gpa, len, flags: 0, next: 0 };
+            let d = Descriptor { addr: gpa + self.iova_offset, len, flags: 0, next: 0 };
             self.post(queue, id, d)?;
         }
         self.publish(queue)
@@ -601,7 +733,12 @@ impl RawFrontend {
     pub fn post_rx_buffers(&mut self, queue: u16, n: u16, buf_len: u32) -> Result<(), String> {
         for _ in 0..n {
             let (id, gpa) = self.take_buffer(queue, buf_len as usize)?;
-            let d = Descriptor { addr: gpa, len: buf_len, flags: layout::DESC_F_WRITE, next: 0 };
+            let d = Descriptor {
+                addr: gpa + self.iova_offset,
+                len: buf_len,
+                flags: layout::DESC_F_WRITE,
+                next: 0,
+            };
             self.post(queue, id, d)?;
         }
         self.publish(queue)

@@ -1,264 +1,46 @@
 //! Our driver inside a QEMU guest, on a virtio-net PCI device bound to vfio-pci in
 //! no-IOMMU mode, against our host backend on the device's vhost-user socket.
 //!
-//! Each test builds (or reuses) the guest image (tests/vm/build-image.sh), starts
-//! `host-backend` with one port, boots QEMU (TCG) whose `virtio-net-pci` device uses the
-//! backend, and lets the guest's /init (tests/vm/guest-init.sh) load the VFIO modules
-//! with `enable_unsafe_noiommu_mode=1`, bind the device to vfio-pci and run our testpmd
-//! with `-a <BDF>`. A test passes only when the counts testpmd prints inside the guest
-//! and the counts of the backend agree exactly.
+//! The guest's /init (tests/vm/guest-init.sh) loads vfio with
+//! `enable_unsafe_noiommu_mode=1`, binds the device and runs our testpmd with
+//! `-a <BDF>`; the scenarios (tests/src/vmtest.rs) pass only when the counts testpmd
+//! prints inside the guest and the counts of the backend agree exactly.
 //!
 //! Needs root, qemu-system-x86 and the image's build tools (build-image.sh installs
 //! missing ones when run as root); a missing prerequisite fails the test. QEMU under TCG
 //! takes a whole CPU: the tests take the cross-process lock and boot one VM at a time.
 
-use std::path::Path;
-use std::time::{Duration, Instant};
-
 use serde_json::Value;
-use vnet_tests::harness::{counter, device, serial, total_drops, Backend, TempDir};
-use vnet_tests::vm::{build_image, GuestReport, Image, Qemu, VmConfig};
+use vnet_tests::harness::serial;
+use vnet_tests::vmtest::{self, Mode};
 
-/// QEMU start to the guest's /init (measured: 5-9 s on 2 shared cores).
-const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
-/// /init to the device bound to vfio-pci (measured: about 1 s).
-const BIND_TIMEOUT: Duration = Duration::from_secs(120);
-/// testpmd's burst size (its default) and the bursts io mode injects first (guest-init.sh).
-const BURST: u64 = 32;
-const IO_TX_FIRST: u64 = 4;
-
-/// Prints phase timings as they complete.
-struct Clock {
-    name: &'static str,
-    t0: Instant,
-    last: Instant,
-}
-
-impl Clock {
-    fn new(name: &'static str) -> Clock {
-        let now = Instant::now();
-        Clock { name, t0: now, last: now }
+/// The device never negotiated ACCESS_PLATFORM: no IOTLB traffic at all.
+fn assert_no_iotlb(dev: &Value) {
+    for k in ["updates", "invalidates", "misses"] {
+        assert_eq!(dev["iotlb"][k].as_u64(), Some(0), "iotlb.{k} without a vIOMMU: {dev}");
     }
-    /// Prints the time since the previous phase and since the start.
-    fn phase(&mut self, what: &str) {
-        let now = Instant::now();
-        eprintln!(
-            "[{}] {what}: {:.1} s (total {:.1} s)",
-            self.name,
-            (now - self.last).as_secs_f64(),
-            (now - self.t0).as_secs_f64()
-        );
-        self.last = now;
-    }
-}
-
-fn connected(stats: &Value, sock: &Path) -> bool {
-    device(stats, sock).get("connected").and_then(Value::as_bool) == Some(true)
-}
-
-/// Waits until the backend's stats show the device connected; panics with the backend's
-/// and QEMU's logs if QEMU exits or `timeout` passes first.
-fn wait_connected(backend: &Backend, qemu: &mut Qemu, sock: &Path, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !backend.latest_stats().is_some_and(|s| connected(&s, sock)) {
-        let why = if qemu.has_exited() {
-            "QEMU exited"
-        } else if Instant::now() >= deadline {
-            "timeout"
-        } else {
-            std::thread::sleep(Duration::from_millis(50));
-            continue;
-        };
-        panic!(
-            "the backend never reported QEMU connected ({why} after {:?}); last stats: {:?}\n\
-             --- backend log\n{}\n{}",
-            qemu.elapsed(),
-            backend.latest_stats().map(|s| s.to_string()),
-            backend.log(),
-            qemu.diagnostics()
-        );
-    }
-}
-
-/// One guest run against `backend`: boots, checks the backend sees QEMU connected, the
-/// modules and the no-IOMMU vfio-pci bind, waits for testpmd (unless `fwd` is "none")
-/// and for QEMU to power off. Returns what the guest printed.
-fn run_guest(
-    clock: &mut Clock,
-    image: &Image,
-    backend: &Backend,
-    sock: &Path,
-    fwd: &str,
-    secs: u64,
-) -> GuestReport {
-    let cfg = VmConfig::noiommu(sock, &format!("vt.fwd={fwd} vt.secs={secs}"));
-    let mut qemu = Qemu::start(image, &cfg);
-    eprintln!("[{}] {}", clock.name, qemu.cmdline());
-    wait_connected(backend, &mut qemu, sock, Duration::from_secs(30));
-    clock.phase("QEMU started, backend reports the front-end connected");
-    qemu.wait_serial("VNET-INIT", BOOT_TIMEOUT);
-    clock.phase("guest boot (QEMU start to /init)");
-    // Still connected once the guest runs (not just a connect-and-drop).
-    backend.wait_stats(Duration::from_secs(5), |s| connected(s, sock));
-    qemu.wait_serial("VNET-VFIO-OK", BIND_TIMEOUT);
-    clock.phase("modules loaded, device bound to vfio-pci (no-IOMMU)");
-    if fwd != "none" {
-        qemu.wait_serial("VNET-TESTPMD BEGIN", Duration::from_secs(60));
-        qemu.wait_serial("VNET-TESTPMD END", Duration::from_secs(secs + 180));
-        clock.phase(&format!("testpmd --forward-mode={fwd} --duration {secs} in the guest"));
-    }
-    let (status, _) = qemu.wait_exit(Duration::from_secs(60));
-    clock.phase("guest power-off, QEMU exited");
-    let report = GuestReport::new(qemu.serial());
-    let diag = qemu.diagnostics();
-    assert!(status.success(), "QEMU exited with {status}\n{diag}");
-    assert!(
-        report.serial.contains("VNET-NOIOMMU enable_unsafe_noiommu_mode=Y"),
-        "no-IOMMU mode is off\n{diag}"
-    );
-    assert!(report.serial.contains("VNET-VFIO-OK /dev/vfio/noiommu-"), "no /dev/vfio/noiommu-N\n{diag}");
-    if fwd != "none" {
-        let rc = report.testpmd_rc();
-        assert_eq!(
-            rc,
-            Some(0),
-            "testpmd in the guest failed (rc {rc:?}); its output:\n{}\n{diag}",
-            report.testpmd_output()
-        );
-        eprintln!("[{}] guest testpmd output:\n{}", clock.name, report.testpmd_output());
-    }
-    assert_eq!(report.passed(), Some(true), "the guest did not report VNET-RESULT PASS\n{diag}");
-    report
-}
-
-/// Starts our backend with one `kind` port on a socket in `dir`; `--poll-us` > 0 lets
-/// its worker sleep while QEMU boots instead of taking a CPU from TCG.
-fn start_backend(
-    clock: &mut Clock,
-    dir: &TempDir,
-    kind: &str,
-    extra: &[&str],
-) -> (Backend, std::path::PathBuf) {
-    let sock = dir.join("vhost.sock");
-    let port = format!("{kind}:{}", sock.display());
-    let mut args = vec!["--port", &port, "--poll-us", "1000"];
-    args.extend_from_slice(extra);
-    let backend = Backend::start(&args);
-    clock.phase(&format!("host-backend {kind} started"));
-    (backend, sock)
-}
-
-/// The backend's final device stats after QEMU has gone (waits until it has seen the
-/// disconnect, then stops it).
-fn finish_backend(backend: Backend, sock: &Path) -> Value {
-    backend.wait_stats(Duration::from_secs(10), |s| !connected(s, sock));
-    let fin = backend.stop();
-    device(&fin, sock).clone()
 }
 
 #[test]
 fn vm_noiommu_boot_bind_and_reconnect() {
     let _g = serial();
-    let mut clock = Clock::new("vm boot");
-    let image = build_image();
-    clock.phase("image (tests/vm/build-image.sh)");
-    let dir = TempDir::new("vm-boot");
-    let (backend, sock) = start_backend(&mut clock, &dir, "sink", &[]);
-    run_guest(&mut clock, &image, &backend, &sock, "none", 0);
-    // QEMU exits: the backend resets the device and serves the next front-end.
-    backend.wait_stats(Duration::from_secs(10), |s| !connected(s, &sock));
-    clock.phase("backend saw the disconnect");
-    run_guest(&mut clock, &image, &backend, &sock, "none", 0);
-    let dev = finish_backend(backend, &sock);
-    eprintln!("[vm boot] backend final: {dev}");
-    assert_eq!(counter(&dev, "broken_queues"), 0, "{dev}");
+    vmtest::boot_bind_and_reconnect(Mode::NoIommu);
 }
 
 #[test]
 fn vm_noiommu_txonly_to_sink() {
     let _g = serial();
-    let mut clock = Clock::new("vm txonly");
-    let image = build_image();
-    clock.phase("image (tests/vm/build-image.sh)");
-    let dir = TempDir::new("vm-txonly");
-    let (backend, sock) = start_backend(&mut clock, &dir, "sink", &[]);
-    let report = run_guest(&mut clock, &image, &backend, &sock, "txonly", 5);
-    let dev = finish_backend(backend, &sock);
-    let g_tx = report.fwd_counter(0, "tx_packets");
-    let g_txdrop = report.fwd_counter(0, "tx_dropped");
-    let b_rx = counter(&dev, "rx_packets");
-    eprintln!(
-        "[vm txonly] guest TX-packets {g_tx} (TX-dropped {g_txdrop}); backend rx_packets {b_rx}, drops {}",
-        total_drops(&dev)
-    );
-    assert!(g_tx > 0, "the guest sent nothing\n{}", report.serial);
-    assert_eq!(g_tx, b_rx, "guest TX != backend rx\nbackend: {dev}\n{}", report.testpmd_output());
-    assert_eq!(total_drops(&dev), 0, "backend drops: {dev}");
-    assert_eq!(counter(&dev, "broken_queues"), 0, "{dev}");
+    assert_no_iotlb(&vmtest::txonly_to_sink(Mode::NoIommu));
 }
 
 #[test]
 fn vm_noiommu_rxonly_from_gen() {
-    // About 1 Mpps reach the guest's testpmd under TCG: this takes 1-2 s of the 8.
-    const COUNT: u64 = 1_000_000;
     let _g = serial();
-    let mut clock = Clock::new("vm rxonly");
-    let image = build_image();
-    clock.phase("image (tests/vm/build-image.sh)");
-    let dir = TempDir::new("vm-rxonly");
-    let count = COUNT.to_string();
-    let (backend, sock) = start_backend(&mut clock, &dir, "gen", &["--count", &count]);
-    let report = run_guest(&mut clock, &image, &backend, &sock, "rxonly", 8);
-    let dev = finish_backend(backend, &sock);
-    let g_rx = report.fwd_counter(0, "rx_packets");
-    let b_tx = counter(&dev, "tx_packets");
-    let drops = total_drops(&dev);
-    eprintln!(
-        "[vm rxonly] guest RX-packets {g_rx}; backend tx_packets {b_tx}, generated {}, drops {drops} (--count {COUNT})",
-        counter(&dev, "generated")
-    );
-    assert_eq!(counter(&dev, "generated"), COUNT, "the backend did not generate --count frames: {dev}");
-    assert_eq!(b_tx, COUNT - drops, "backend tx + drops != --count: {dev}");
-    assert_eq!(g_rx, b_tx, "guest RX != backend tx\nbackend: {dev}\n{}", report.testpmd_output());
-    assert_eq!(counter(&dev, "broken_queues"), 0, "{dev}");
+    assert_no_iotlb(&vmtest::rxonly_from_gen(Mode::NoIommu));
 }
 
-/// io with `--tx-first 4` through a reflect port: the guest injects 4 bursts of 32, then
-/// sends back everything it receives; the backend sends back everything it receives.
-/// At stop the injected frames still in the loop sit in the guest's receive ring
-/// (delivered by the backend, not yet polled by testpmd, which does not drain). So, with
-/// T = 4 * 32 injected:
-///   guest TX + guest TX-dropped == T + guest RX   (io forwards every frame it receives)
-///   backend rx == guest TX,  backend tx == backend rx, no backend drops
-///   hence backend tx - guest RX == T - guest TX-dropped (the frames in flight at stop).
 #[test]
 fn vm_noiommu_io_through_reflect() {
     let _g = serial();
-    let mut clock = Clock::new("vm io");
-    let image = build_image();
-    clock.phase("image (tests/vm/build-image.sh)");
-    let dir = TempDir::new("vm-io");
-    let (backend, sock) = start_backend(&mut clock, &dir, "reflect", &[]);
-    let report = run_guest(&mut clock, &image, &backend, &sock, "io", 5);
-    let dev = finish_backend(backend, &sock);
-    let t = IO_TX_FIRST * BURST;
-    let g_rx = report.fwd_counter(0, "rx_packets");
-    let g_tx = report.fwd_counter(0, "tx_packets");
-    let g_txdrop = report.fwd_counter(0, "tx_dropped");
-    let b_rx = counter(&dev, "rx_packets");
-    let b_tx = counter(&dev, "tx_packets");
-    let drops = total_drops(&dev);
-    eprintln!(
-        "[vm io] guest RX {g_rx} TX {g_tx} TX-dropped {g_txdrop}; backend rx {b_rx} tx {b_tx} drops {drops}; \
-         injected {t}, in flight at stop {}",
-        b_tx as i128 - g_rx as i128
-    );
-    let ctx = format!("backend: {dev}\n{}", report.testpmd_output());
-    assert!(g_rx > 0, "the guest received nothing back\n{ctx}");
-    assert_eq!(g_tx + g_txdrop, t + g_rx, "guest: TX + TX-dropped != injected + RX\n{ctx}");
-    assert_eq!(b_rx, g_tx, "backend rx != guest TX\n{ctx}");
-    assert_eq!(drops, 0, "backend drops\n{ctx}");
-    assert_eq!(b_tx, b_rx, "backend tx != backend rx\n{ctx}");
-    assert_eq!(b_tx - g_rx, t - g_txdrop, "frames in flight at stop\n{ctx}");
-    assert_eq!(counter(&dev, "broken_queues"), 0, "{dev}");
+    assert_no_iotlb(&vmtest::io_through_reflect(Mode::NoIommu));
 }

@@ -14,10 +14,13 @@
 #                          i.e. $CARGO_TARGET_DIR/vm or <repo>/target/vm)
 #   VNET_TESTPMD=PATH      use this testpmd binary instead of `cargo build --release -p testpmd`
 #   VNET_VM_APT=0          never apt-get install missing host tools (fail instead)
-#   VNET_KERNEL_ABI=6.1.0-56  VNET_KERNEL_VERSION=6.1.192-2
-#                          the pinned Debian kernel: linux-image-<ABI>-amd64, linux-headers-
+#   VNET_KERNEL_ABI=6.1.0-57  VNET_KERNEL_VERSION=6.1.192-3
+#                          the Debian kernel: linux-image-<ABI>-amd64, linux-headers-
 #                          <ABI>-{amd64,common}, linux-kbuild-6.1 and linux-source-6.1, all of
 #                          exactly this version (the rebuilt vfio.ko must match the kernel).
+#                          Default: the kernel Debian's linux-image-amd64 points at now (the
+#                          archive keeps only the current set of these packages complete),
+#                          else 6.1.0-57 / 6.1.192-3.
 #
 # Host packages (Debian 12): apt (apt-get download, dpkg -x), cpio, gzip, xz-utils, make,
 # gcc-12, binutils (strip), libelf1 and libssl3 (linux-kbuild's tools), libc-bin (ldd), cargo.
@@ -28,8 +31,25 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-KABI=${VNET_KERNEL_ABI:-6.1.0-56}
-KVERSION=${VNET_KERNEL_VERSION:-6.1.192-2}
+# current_kernel: "<ABI> <VERSION>" of the kernel linux-image-amd64's candidate depends on.
+current_kernel() {
+    local v
+    v=$(apt-cache policy linux-image-amd64 2>/dev/null | awk '/Candidate:/ {print $2}')
+    [ -n "$v" ] && [ "$v" != "(none)" ] || return 1
+    apt-cache show "linux-image-amd64=$v" 2>/dev/null \
+        | sed -n 's/^Depends:.*linux-image-\([0-9][^ ]*\)-amd64 (= \([^)]*\)).*/\1 \2/p' | head -n1
+}
+if [ -z "${VNET_KERNEL_ABI:-}" ] || [ -z "${VNET_KERNEL_VERSION:-}" ]; then
+    cur=$(current_kernel || true)
+    if [ -z "$cur" ] && [ "$(id -u)" = 0 ]; then
+        apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null 2>&1 || true
+        cur=$(current_kernel || true)
+    fi
+    VNET_KERNEL_ABI=${VNET_KERNEL_ABI:-${cur%% *}}
+    VNET_KERNEL_VERSION=${VNET_KERNEL_VERSION:-${cur#* }}
+fi
+KABI=${VNET_KERNEL_ABI:-6.1.0-57}
+KVERSION=${VNET_KERNEL_VERSION:-6.1.192-3}
 KSERIES=${KABI%.*-*}                     # 6.1
 KVER=$KABI-amd64                         # uname -r of the guest
 VM=${VNET_VM_DIR:-${CARGO_TARGET_DIR:-$REPO/target}/vm}
