@@ -28,7 +28,8 @@
 //! commands and receive filters), [`port`] (what each port does per burst), [`gso`] (the
 //! generator's TCP super-frames), [`iotlb`] (translations under a vIOMMU) and
 //! [`iotlb_channel`] (their vhost-user messages), [`worker`] (busy-poll threads and the
-//! control worker), [`server`] (sockets), [`stats`], [`config`].
+//! control worker), [`ptr_ring`] (the batched pointer ring between host threads),
+//! [`server`] (sockets), [`stats`], [`config`].
 
 pub mod config;
 pub mod ctrl;
@@ -39,6 +40,7 @@ pub mod iotlb;
 pub mod iotlb_channel;
 pub mod memory;
 pub mod port;
+pub mod ptr_ring;
 pub mod server;
 pub mod split_ring;
 pub mod stats;
