@@ -460,11 +460,15 @@ impl Device {
     /// once if there is none: a front-end that negotiated ACCESS_PLATFORM without
     /// BACKEND_REQ can never fill a miss).
     fn send_miss(&self, iova: u64, write: bool) {
-        let chan = self.backend_channel.lock().unwrap_or_else(|e| e.into_inner());
+        let mut chan = self.backend_channel.lock().unwrap_or_else(|e| e.into_inner());
         let res = match chan.as_ref() {
             Some(c) => c.send_miss(iova, write),
             None => Err(std::io::Error::new(std::io::ErrorKind::NotConnected, "no backend channel")),
         };
+        if res.as_ref().is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock) {
+            // A failed or partial write leaves the channel out of step: stop using it.
+            *chan = None;
+        }
         drop(chan);
         match res {
             // Relaxed: a statistics counter.
