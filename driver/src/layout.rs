@@ -104,6 +104,13 @@ impl Descriptor {
     pub fn from_le_bytes(b: [u8; DESC_SIZE]) -> Self {
         let w0 = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
         let w1 = u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]);
+        Self::from_le_words(w0, w1)
+    }
+    /// Decodes a descriptor from its two little-endian 64-bit words as ring memory holds
+    /// them (address; length, flags and next).
+    #[inline]
+    pub fn from_le_words(w0: u64, w1: u64) -> Self {
+        let (w0, w1) = (u64::from_le(w0), u64::from_le(w1));
         Descriptor { addr: w0, len: w1 as u32, flags: (w1 >> 32) as u16, next: (w1 >> 48) as u16 }
     }
     /// Encodes the descriptor as ring memory holds it.

@@ -352,6 +352,7 @@ pub struct Packet {
 unsafe impl Send for Packet {}
 
 impl Packet {
+    #[inline]
     fn inner(&self) -> &PoolInner {
         // SAFETY: an outstanding buffer keeps its pool alive.
         unsafe { self.pool.as_ref() }
@@ -360,6 +361,7 @@ impl Packet {
         self.inner().buf_ptr(self.idx)
     }
     /// The packet bytes.
+    #[inline]
     pub fn data(&self) -> &[u8] {
         // SAFETY: `off + len <= buf_size` is an invariant of every constructor and
         // adjustment; the buffer belongs to this packet alone while it exists (the device
@@ -367,29 +369,35 @@ impl Packet {
         unsafe { std::slice::from_raw_parts(self.base().add(self.off as usize), self.len as usize) }
     }
     /// The packet bytes, writable.
+    #[inline]
     pub fn data_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `data`; `&mut self` makes the access exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.base().add(self.off as usize), self.len as usize) }
     }
     /// Packet length.
+    #[inline]
     pub fn len(&self) -> usize {
         self.len as usize
     }
     /// Whether the packet holds no bytes.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
     /// Bytes the packet may still grow at its head (the virtio-net header's 12 bytes are
     /// reserved and not counted).
+    #[inline]
     pub fn headroom(&self) -> usize {
         self.off as usize - NET_HDR_LEN
     }
     /// Bytes the packet may still grow at its tail.
+    #[inline]
     pub fn tailroom(&self) -> usize {
         self.inner().buf_size as usize - self.off as usize - self.len as usize
     }
     /// Grows the packet by `n` bytes at the head and returns the new head bytes
     /// (uninitialised contents: whatever the buffer held).
+    #[inline]
     pub fn push_head(&mut self, n: usize) -> Result<&mut [u8]> {
         if n > self.headroom() {
             return Err(Error::Config(format!(
@@ -402,6 +410,7 @@ impl Packet {
         Ok(&mut self.data_mut()[..n])
     }
     /// Shrinks the packet by `n` bytes at the head.
+    #[inline]
     pub fn pull_head(&mut self, n: usize) -> Result<()> {
         if n > self.len() {
             return Err(Error::Config(format!("pull_head({n}) exceeds the {}-byte packet", self.len)));
@@ -411,6 +420,7 @@ impl Packet {
         Ok(())
     }
     /// Grows the packet by `n` bytes at the tail and returns them.
+    #[inline]
     pub fn push_tail(&mut self, n: usize) -> Result<&mut [u8]> {
         if n > self.tailroom() {
             return Err(Error::Config(format!(
@@ -423,6 +433,7 @@ impl Packet {
         Ok(&mut self.data_mut()[old..])
     }
     /// Shrinks the packet by `n` bytes at the tail.
+    #[inline]
     pub fn trim_tail(&mut self, n: usize) -> Result<()> {
         if n > self.len() {
             return Err(Error::Config(format!("trim_tail({n}) exceeds the {}-byte packet", self.len)));
@@ -431,6 +442,7 @@ impl Packet {
         Ok(())
     }
     /// Sets the packet to `bytes` at the pool's default headroom.
+    #[inline]
     pub fn set_data(&mut self, bytes: &[u8]) -> Result<()> {
         let room = self.inner().buf_size as usize - self.inner().headroom as usize;
         if bytes.len() > room {

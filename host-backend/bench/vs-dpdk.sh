@@ -9,12 +9,20 @@
 #
 # Usage (as root, from the repository root, after `cargo build --release -p host-backend`):
 #   host-backend/bench/vs-dpdk.sh
-# Environment: RUNS=3 DUR=5 WARM=2 SIZES="64 1514" MODES="be-gtx be-grx fe-gtx fe-grx"
+# Environment: RUNS=3 DUR=5 WARM=2 SIZES="64 1514"
+#   MODES="be-gtx be-grx be-loop fe-gtx fe-grx fe-loop"
 #   HOST_CPU=1 GUEST_CPU=0 BIN=target/release/host-backend PMD=target/release/testpmd
 #   be-gtx: virtio-user txonly -> backend sink (ours) / rxonly (DPDK)   metric: virtio-user Tx-pps
 #   be-grx: backend gen (ours) / txonly (DPDK) -> virtio-user rxonly    metric: virtio-user Rx-pps
+#   be-loop: virtio-user macswap (start tx_first 32) <-> backend reflect (ours) / io (DPDK)
+#                                                                       metric: virtio-user Rx-pps
 #   fe-gtx: front-end txonly (ours / DPDK) -> DPDK vhost rxonly          metric: vhost Rx-pps
 #   fe-grx: DPDK vhost txonly -> front-end rxonly (ours / DPDK)          metric: vhost Tx-pps
+#   fe-loop: front-end macswap, 32 bursts injected (ours --tx-first 32 / DPDK start tx_first 32)
+#            <-> DPDK vhost io                                           metric: vhost Rx-pps
+# The loops are DPDK's loopback of ../shared/notes/dpdk.md with the injecting side on the
+# virtio-user end, so that the back-end contenders (our reflect, DPDK's io) do the same
+# thing: return every frame they receive.
 # Within a scenario both contenders are measured by the same instrument.
 # Sizes are frame lengths without CRC (testpmd --txpkts); 1514 is the largest frame of a
 # 1500-byte MTU, which our testpmd and backend enforce (DPDK's notes use 1518).
@@ -26,7 +34,7 @@ RUNS=${RUNS:-3}
 DUR=${DUR:-5}
 WARM=${WARM:-2}
 SIZES=${SIZES:-"64 1514"}
-MODES=${MODES:-"be-gtx be-grx fe-gtx fe-grx"}
+MODES=${MODES:-"be-gtx be-grx be-loop fe-gtx fe-grx fe-loop"}
 HOST_CPU=${HOST_CPU:-1}
 GUEST_CPU=${GUEST_CPU:-0}
 BIN=${BIN:-target/release/host-backend}
@@ -99,9 +107,10 @@ run_one() {
     local who=$1 sc=$2 size=$3 tag=$4 log key
     rm -f "$SOCK"; HPID=""; GPID=""
     case $sc in
-    be-gtx|be-grx)
-        local kind=sink hfwd=rxonly gfwd=txonly
+    be-gtx|be-grx|be-loop)
+        local kind=sink hfwd=rxonly gfwd=txonly gstart=start
         [ "$sc" = be-grx ] && { kind=gen; hfwd=txonly; gfwd=rxonly; }
+        [ "$sc" = be-loop ] && { kind=reflect; hfwd=io; gfwd=macswap; gstart="start tx_first 32"; }
         if [ "$who" = ours ]; then
             "$BIN" --port "$kind:$SOCK" --cores "$HOST_CPU" --poll-us 0 --pkt-size "$size" \
                 >"$WORK/$tag.host.log" 2>&1 &
@@ -113,22 +122,23 @@ run_one() {
         fi
         start_dpdk_virtio "$gfwd" "$size" "$tag" || return 1
         PIDS="$HPID $GPID"
-        sleep 0.2; echo start >&8
+        sleep 0.2; echo "$gstart" >&8
         sample 8
-        log=$WORK/$tag.guest.log; key=Tx-pps; [ "$sc" = be-grx ] && key=Rx-pps ;;
-    fe-gtx|fe-grx)
-        local hfwd=rxonly gfwd=txonly
+        log=$WORK/$tag.guest.log; key=Tx-pps; [ "$sc" != be-gtx ] && key=Rx-pps ;;
+    fe-gtx|fe-grx|fe-loop)
+        local hfwd=rxonly gfwd=txonly txfirst=""
         [ "$sc" = fe-grx ] && { hfwd=txonly; gfwd=rxonly; }
+        [ "$sc" = fe-loop ] && { hfwd=io; gfwd=macswap; txfirst=32; }
         start_dpdk_vhost "$hfwd" "$size" "$tag" || return 1
         PIDS=$HPID
         if [ "$who" = ours ]; then
             "$PMD" --vdev "virtio_user0,path=$SOCK" --forward-mode "$gfwd" --txpkts "$size" --cores "$GUEST_CPU" \
-                --duration $(( WARM + DUR + 3 )) >"$WORK/$tag.guest.log" 2>&1 &
+                ${txfirst:+--tx-first $txfirst} --duration $(( WARM + DUR + 3 )) >"$WORK/$tag.guest.log" 2>&1 &
             GPID=$!
             wait_for "$WORK/$tag.guest.log" "packet forwarding" 10 || return 1
         else
             start_dpdk_virtio "$gfwd" "$size" "$tag" || return 1
-            echo start >&8
+            echo "start${txfirst:+ tx_first $txfirst}" >&8
         fi
         PIDS="$HPID $GPID"
         sleep 0.2; echo start >&7

@@ -343,12 +343,25 @@ impl DeviceRing {
 
     #[inline]
     fn read_desc(table: *const u8, i: u16) -> Descriptor {
-        // SAFETY: callers pass `i` below the table length they validated against the
-        // mapping (`size` for the main table, `len / 16` for an indirect table); the
-        // read is volatile because the driver owns this memory.
-        let raw =
-            unsafe { std::ptr::read_volatile(table.add(i as usize * layout::DESC_SIZE) as *const [u8; 16]) };
-        Descriptor::from_le_bytes(raw)
+        // SAFETY (both reads): callers pass `i` below the table length they validated
+        // against the mapping (`size` for the main table, `len / 16` for an indirect
+        // table); volatile because the driver owns this memory.
+        let p = unsafe { table.add(i as usize * layout::DESC_SIZE) };
+        if p as usize % 8 == 0 {
+            // Two aligned 64-bit loads (the main table is 16-byte aligned, checked in
+            // `new`): a byte-array read compiles to 16 byte loads and ~30 shifts.
+            // SAFETY: as above, and `p` is 8-byte aligned.
+            let (w0, w1) = unsafe {
+                let q = p as *const u64;
+                (std::ptr::read_volatile(q), std::ptr::read_volatile(q.add(1)))
+            };
+            Descriptor::from_le_words(w0, w1)
+        } else {
+            // An indirect table the driver placed at an odd address (the spec does not
+            // forbid it).
+            // SAFETY: as above; a byte array has no alignment requirement.
+            Descriptor::from_le_bytes(unsafe { std::ptr::read_volatile(p as *const [u8; 16]) })
+        }
     }
 
     /// Walks the chain starting at `head`, checking every link, direction and address,

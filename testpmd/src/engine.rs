@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use driver::frame::{self, ETH_HLEN, IPV4_HLEN};
+use driver::frame::{self, ETH_HLEN, IPV4_HLEN, UDP_HLEN};
 use driver::{Mempool, Packet, RxQueue, TxQueue};
 
 use crate::config::{FwdMode, XdpProg};
@@ -83,9 +83,32 @@ pub struct Stream {
 }
 
 /// The frame txonly sends: UDP/IPv4 from 198.18.0.1:9 to 198.18.0.2:9 (DPDK's txonly
-/// addresses), valid checksums.
+/// addresses), a valid IPv4 header checksum and no UDP checksum (0, which IPv4 allows,
+/// as DPDK's txonly sends): only the headers are written per packet (see
+/// [`EngineState::new`]), so the checksum must not cover the payload.
 pub fn txonly_template(len: usize, src: [u8; 6], dst: [u8; 6]) -> Vec<u8> {
-    frame::udp4_frame(len, dst, src, [198, 18, 0, 1], [198, 18, 0, 2], 9, 9, |i| i as u8)
+    let mut f = frame::udp4_frame(len, dst, src, [198, 18, 0, 1], [198, 18, 0, 2], 9, 9, |i| i as u8);
+    let c = ETH_HLEN + IPV4_HLEN + 6;
+    if f.len() >= c + 2 {
+        f[c..c + 2].copy_from_slice(&[0, 0]);
+    }
+    f
+}
+
+/// Header bytes txonly and flowgen write per packet: Ethernet, IPv4 and UDP.
+const TX_HDR: usize = ETH_HLEN + IPV4_HLEN + UDP_HLEN;
+
+/// Writes `tpl` into every free buffer of `pool` at the default headroom, so that a
+/// generated packet only needs its headers written (DPDK's txonly, too, writes only
+/// headers per packet). A buffer that later carries other data (a received frame, in io
+/// mode before `start tx_first`) keeps those payload bytes: the UDP checksum is none.
+fn prefill(pool: &Mempool, tpl: &[u8]) {
+    let mut all = Vec::with_capacity(pool.available() as usize);
+    pool.alloc_bulk(pool.available() as usize, &mut all);
+    for p in all.iter_mut() {
+        let _ = p.set_data(tpl);
+    }
+    driver::free_bulk(&mut all);
 }
 
 /// Per-thread state of an engine (templates built once, flow counter).
@@ -98,9 +121,13 @@ pub struct EngineState {
 }
 
 impl EngineState {
-    /// State for `params` over `ports`.
+    /// State for `params` over `ports` (pre-filling their pools with the txonly payload).
     pub fn new(params: FwdParams, ports: &[PortCtx]) -> Self {
-        let templates = ports.iter().map(|p| txonly_template(params.txpkts, p.mac, p.peer)).collect();
+        let templates: Vec<Vec<u8>> =
+            ports.iter().map(|p| txonly_template(params.txpkts, p.mac, p.peer)).collect();
+        for (p, t) in ports.iter().zip(&templates) {
+            prefill(&p.pool, t);
+        }
         let batch = Vec::with_capacity(params.burst);
         EngineState { params, templates, next_flow: 0, batch }
     }
@@ -110,9 +137,13 @@ impl EngineState {
         let n = self.params.burst;
         port.pool.alloc_bulk(n, &mut self.batch);
         let tpl = &self.templates[port.id as usize];
+        let hdr = TX_HDR.min(tpl.len());
         for p in self.batch.iter_mut() {
-            // The template fits: txpkts <= MTU + 14 was checked against the port.
-            let _ = p.set_data(tpl);
+            // The template fits: txpkts <= MTU + 14 was checked against the port. The
+            // payload is in the buffer already (`prefill`).
+            if let Ok(d) = p.push_tail(tpl.len()) {
+                d[..hdr].copy_from_slice(&tpl[..hdr]);
+            }
             if flowgen {
                 let flow = self.next_flow;
                 self.next_flow = (self.next_flow + 1) % self.params.flows;
@@ -122,8 +153,6 @@ impl EngineState {
                 ip[10..12].copy_from_slice(&[0, 0]);
                 let c = frame::inet_checksum(ip);
                 ip[10..12].copy_from_slice(&c.to_be_bytes());
-                // The UDP checksum covered the old address: IPv4 allows "none".
-                d[ETH_HLEN + IPV4_HLEN + 6..ETH_HLEN + IPV4_HLEN + 8].copy_from_slice(&[0, 0]);
             }
         }
     }

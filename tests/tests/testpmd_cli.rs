@@ -465,6 +465,9 @@ fn txonly_frames_are_valid_udp_ipv4() {
     assert_eq!((&fr[26..30], &fr[30..34]), (&[198, 18, 0, 1][..], &[198, 18, 0, 2][..]), "addresses");
     assert_eq!((&fr[34..36], &fr[36..38]), (&[0, 9][..], &[0, 9][..]), "ports");
     assert_eq!(u16::from_be_bytes([fr[38], fr[39]]) as usize, LEN - 34, "UDP length");
+    // The payload is written once per buffer (testpmd pre-fills its pool), not per frame.
+    let pattern: Vec<u8> = (0..LEN - 42).map(|i| i as u8).collect();
+    assert_eq!(&fr[42..], &pattern[..], "txonly payload");
 
     peer.close();
     let fin = backend.stop();
