@@ -12,6 +12,8 @@
 # Environment: RUNS=3 DUR=5 WARM=2 SIZES="64 1514"
 #   MODES="be-gtx be-grx be-loop fe-gtx fe-grx fe-loop"
 #   HOST_CPU=1 GUEST_CPU=0 BIN=target/release/host-backend PMD=target/release/testpmd
+#   PMD_ARGS="--hugepages" (extra arguments of our testpmd: by default its DMA arena is
+#   in 2 MiB hugepages, as DPDK's memory always is)
 #   be-gtx: virtio-user txonly -> backend sink (ours) / rxonly (DPDK)   metric: virtio-user Tx-pps
 #   be-grx: backend gen (ours) / txonly (DPDK) -> virtio-user rxonly    metric: virtio-user Rx-pps
 #   be-loop: virtio-user macswap (start tx_first 32) <-> backend reflect (ours) / io (DPDK)
@@ -39,6 +41,7 @@ HOST_CPU=${HOST_CPU:-1}
 GUEST_CPU=${GUEST_CPU:-0}
 BIN=${BIN:-target/release/host-backend}
 PMD=${PMD:-target/release/testpmd}
+PMD_ARGS=${PMD_ARGS---hugepages}
 
 [ "$(id -u)" = 0 ] || { echo "vs-dpdk.sh: must run as root (hugepages)" >&2; exit 1; }
 command -v dpdk-testpmd >/dev/null || { echo "vs-dpdk.sh: dpdk-testpmd missing (apt-get install dpdk-dev)" >&2; exit 1; }
@@ -131,9 +134,12 @@ run_one() {
         [ "$sc" = fe-loop ] && { hfwd=io; gfwd=macswap; txfirst=32; }
         start_dpdk_vhost "$hfwd" "$size" "$tag" || return 1
         PIDS=$HPID
+        # A loop's frames are injected by the front-end: the vhost side must already
+        # forward, else they are lost before the loop closes.
+        [ "$sc" = fe-loop ] && echo start >&7
         if [ "$who" = ours ]; then
             "$PMD" --vdev "virtio_user0,path=$SOCK" --forward-mode "$gfwd" --txpkts "$size" --cores "$GUEST_CPU" \
-                ${txfirst:+--tx-first $txfirst} --duration $(( WARM + DUR + 3 )) >"$WORK/$tag.guest.log" 2>&1 &
+                ${txfirst:+--tx-first $txfirst} $PMD_ARGS --duration $(( WARM + DUR + 3 )) >"$WORK/$tag.guest.log" 2>&1 &
             GPID=$!
             wait_for "$WORK/$tag.guest.log" "packet forwarding" 10 || return 1
         else
@@ -141,7 +147,7 @@ run_one() {
             echo "start${txfirst:+ tx_first $txfirst}" >&8
         fi
         PIDS="$HPID $GPID"
-        sleep 0.2; echo start >&7
+        sleep 0.2; [ "$sc" = fe-loop ] || echo start >&7
         sample 7
         log=$WORK/$tag.host.log; key=Rx-pps; [ "$sc" = fe-grx ] && key=Tx-pps ;;
     *) echo "unknown scenario $sc" >&2; return 1 ;;
@@ -167,7 +173,7 @@ summary() { # files... -> "median min max | p10 p50 p90 slow"
 }
 
 echo "# $(date -u +%FT%TZ) $(dpdk-testpmd -v 2>&1 | grep -o 'DPDK [0-9.]*' | head -1) | $(lscpu | sed -n 's/^Model name: *//p') x $(nproc)"
-echo "# RUNS=$RUNS DUR=${DUR}s WARM=${WARM}s; backend on cpu$HOST_CPU, virtio-user on cpu$GUEST_CPU; Mpps"
+echo "# RUNS=$RUNS DUR=${DUR}s WARM=${WARM}s; backend on cpu$HOST_CPU, virtio-user on cpu$GUEST_CPU; our testpmd: $PMD_ARGS; Mpps"
 for mode in $MODES; do
     for size in $SIZES; do
         for r in $(seq "$RUNS"); do
