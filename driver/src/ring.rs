@@ -281,7 +281,7 @@ impl DriverRing {
     /// Takes the next used element (call at most as often as `poll_used` allowed):
     /// returns the token posted with that buffer and the length the device wrote, after
     /// checking the id and length. The descriptor goes back on the free stack.
-    #[inline]
+    #[inline(always)]
     pub fn pop_used(&mut self) -> std::result::Result<(u32, u32), DeviceError> {
         let slot = self.last_used & self.mask;
         // SAFETY: `used_entry(slot)` with `slot < size` plus 8 bytes is inside the device
