@@ -43,6 +43,9 @@ pub struct Config {
     pub swap_mac: bool,
     /// Offer `VIRTIO_F_ACCESS_PLATFORM` and serve the IOTLB protocol (`--iommu`).
     pub iommu: bool,
+    /// `xconnect`: each device's rings on its own worker, frames handed between them
+    /// through pointer rings (`--handoff`).
+    pub handoff: bool,
     /// MTU reported in config space.
     pub mtu: u16,
     /// MAC of the first device (later devices count up in the last byte).
@@ -62,6 +65,7 @@ impl Default for Config {
             gen_count: None,
             swap_mac: false,
             iommu: false,
+            handoff: false,
             mtu: 1500,
             mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
         }
@@ -172,6 +176,9 @@ impl Config {
         }
         if !(68..=9000).contains(&self.mtu) {
             return Err(Error::Config(format!("--mtu {} out of range 68..=9000", self.mtu)));
+        }
+        if self.handoff && !self.ports.iter().any(|p| p.kind == PortKind::Xconnect) {
+            return Err(Error::Config("--handoff applies to xconnect ports, and there is none".into()));
         }
         if let Some(mss) = self.gso_size {
             // A segment is Ethernet + IPv4 + TCP (54 bytes) + MSS and must fit the MTU.

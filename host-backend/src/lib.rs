@@ -36,6 +36,7 @@ pub mod ctrl;
 pub mod device;
 pub mod error;
 pub mod gso;
+pub mod handoff;
 pub mod iotlb;
 pub mod iotlb_channel;
 pub mod memory;
@@ -89,7 +90,13 @@ impl Backend {
 
         // Devices and the paths that move their traffic.
         let mut devices = Vec::new();
-        let mut paths = Vec::new();
+        // (group, path): paths of one group run on one worker; groups go round-robin.
+        let mut paths: Vec<(usize, Path)> = Vec::new();
+        let mut group = 0;
+        let mut next_group = || {
+            group += 1;
+            group - 1
+        };
         for spec in &cfg.ports {
             let devs: Vec<Arc<Device>> = spec
                 .sockets
@@ -118,17 +125,31 @@ impl Backend {
                     d
                 })
                 .collect();
+            // With --handoff, each device of a cross-connect is one group (both its rings
+            // on one worker); otherwise every path is a group of its own.
+            let (ga, gb) = (next_group(), next_group());
             for p in 0..cfg.queue_pairs {
                 let (rxq, txq) = (2 * p, 2 * p + 1);
                 match spec.kind {
-                    PortKind::Sink => paths.push(Path::sink(&devs[0], txq)),
-                    PortKind::Gen => paths.push(Path::gen(&devs[0], rxq, cfg.pkt_size, cfg.gso_size)),
+                    PortKind::Sink => paths.push((next_group(), Path::sink(&devs[0], txq))),
+                    PortKind::Gen => {
+                        paths.push((next_group(), Path::gen(&devs[0], rxq, cfg.pkt_size, cfg.gso_size)))
+                    }
                     PortKind::Reflect => {
-                        paths.push(Path::forward(&devs[0], txq, &devs[0], rxq, cfg.swap_mac))
+                        paths.push((next_group(), Path::forward(&devs[0], txq, &devs[0], rxq, cfg.swap_mac)))
+                    }
+                    PortKind::Xconnect if cfg.handoff => {
+                        let max_frame = cfg.mtu as usize + 18;
+                        let (s_ab, r_ab) = handoff::channel(max_frame);
+                        let (s_ba, r_ba) = handoff::channel(max_frame);
+                        paths.push((ga, Path::hand_out(&devs[0], txq, s_ab)));
+                        paths.push((ga, Path::hand_in(&devs[0], rxq, r_ba)));
+                        paths.push((gb, Path::hand_out(&devs[1], txq, s_ba)));
+                        paths.push((gb, Path::hand_in(&devs[1], rxq, r_ab)));
                     }
                     PortKind::Xconnect => {
-                        paths.push(Path::forward(&devs[0], txq, &devs[1], rxq, false));
-                        paths.push(Path::forward(&devs[1], txq, &devs[0], rxq, false));
+                        paths.push((next_group(), Path::forward(&devs[0], txq, &devs[1], rxq, false)));
+                        paths.push((next_group(), Path::forward(&devs[1], txq, &devs[0], rxq, false)));
                     }
                 }
             }
@@ -141,10 +162,16 @@ impl Backend {
             Some(devices.iter().map(|d| server::listen(&d.params.socket)).collect::<Result<Vec<_>>>()?)
         };
 
-        // Paths round-robin over workers: every ring is owned by exactly one worker.
+        // Groups round-robin over workers (in order of first use): every ring is owned
+        // by exactly one worker.
         let mut per_worker: Vec<Vec<Path>> = (0..cores.len()).map(|_| Vec::new()).collect();
-        for (i, p) in paths.into_iter().enumerate() {
-            per_worker[i % cores.len()].push(p);
+        let mut seen: Vec<usize> = Vec::new();
+        for (g, p) in paths {
+            let k = seen.iter().position(|&x| x == g).unwrap_or_else(|| {
+                seen.push(g);
+                seen.len() - 1
+            });
+            per_worker[k % cores.len()].push(p);
         }
         let mut workers = Vec::new();
         for (i, (cpu, paths)) in cores.iter().zip(per_worker).enumerate() {

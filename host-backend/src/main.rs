@@ -64,6 +64,10 @@ struct Args {
     /// front-ends behind a vIOMMU (QEMU: intel-iommu and iommu_platform=on).
     #[arg(long)]
     iommu: bool,
+    /// xconnect: serve each device on its own worker (round-robin over --cores) and hand
+    /// frames between the workers through batched pointer rings.
+    #[arg(long)]
+    handoff: bool,
     /// MTU reported to front-ends.
     #[arg(long, default_value_t = 1500)]
     mtu: u16,
@@ -90,6 +94,7 @@ fn config_from(args: &Args) -> host_backend::Result<Config> {
         gen_count: args.count,
         swap_mac: args.swap_mac,
         iommu: args.iommu,
+        handoff: args.handoff,
         mtu: args.mtu,
         ..Config::default()
     };

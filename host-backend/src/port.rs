@@ -25,6 +25,7 @@ use driver::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
 use crate::ctrl::{self, Refused, RxConfig};
 use crate::device::{ActiveRing, Device};
 use crate::gso::TcpGen;
+use crate::handoff::{Receiver, Sender};
 use crate::iotlb::PendingMiss;
 use crate::split_ring::{copy_chain, gather, scatter, Bad, Chain, DeviceRing, Dir};
 use crate::stats::{BurstCounts, DropReason};
@@ -111,6 +112,12 @@ pub enum Job {
         /// Swap source and destination MAC addresses on the way.
         swap_mac: bool,
     },
+    /// `--handoff`: copy what `src` (a transmit queue) sends into frame buffers handed
+    /// to another worker ([`crate::handoff`]).
+    HandOut(Box<Sender>),
+    /// `--handoff`: deliver frames another worker handed over into `dst` (a receive
+    /// queue).
+    HandIn(Box<Receiver>),
 }
 
 /// A unit of work a worker runs every loop: one job on the rings it owns.
@@ -175,6 +182,17 @@ impl Path {
         )
     }
 
+    /// `--handoff`: the sending half of a cross-connect direction, on `dev`'s transmit
+    /// queue `q` (the worker of `dev`).
+    pub fn hand_out(dev: &Arc<Device>, q: u16, sender: Sender) -> Path {
+        Path::new(Job::HandOut(Box::new(sender)), Some(QueueSlot::new(dev, q)), None, dev.params.mtu)
+    }
+
+    /// `--handoff`: the receiving half, on `dev`'s receive queue `q` (the worker of `dev`).
+    pub fn hand_in(dev: &Arc<Device>, q: u16, receiver: Receiver) -> Path {
+        Path::new(Job::HandIn(Box::new(receiver)), None, Some(QueueSlot::new(dev, q)), dev.params.mtu)
+    }
+
     fn slots(&mut self) -> impl Iterator<Item = &mut QueueSlot> {
         self.src.iter_mut().chain(self.dst.iter_mut())
     }
@@ -197,9 +215,12 @@ impl Path {
         }
     }
 
-    /// Whether any of the path's rings is active.
+    /// Whether any of the path's rings is active, or it is a handoff path (which may
+    /// always have frames from another worker).
     pub fn any_active(&self) -> bool {
-        self.src.iter().chain(self.dst.iter()).any(|s| s.active.is_some())
+        // A handoff path always may have work: frames from another worker.
+        matches!(self.job, Job::HandOut(_) | Job::HandIn(_))
+            || self.src.iter().chain(self.dst.iter()).any(|s| s.active.is_some())
     }
 
     /// Raw kick eventfds of the active rings (for the worker's epoll set). Returns
@@ -207,7 +228,9 @@ impl Path {
     /// "no fd" flag): then the worker must never sleep.
     pub fn kick_fds(&self, out: &mut Vec<i32>) -> bool {
         use std::os::fd::AsRawFd;
-        let mut all = true;
+        // Frames handed over by another worker arrive without a kick: a worker with a
+        // handoff path polls without sleeping.
+        let mut all = !matches!(self.job, Job::HandOut(_) | Job::HandIn(_));
         for a in self.src.iter().chain(self.dst.iter()).filter_map(|s| s.active.as_ref()) {
             match &a.kick {
                 Some(k) => out.push(k.as_raw_fd()),
@@ -237,6 +260,8 @@ impl Path {
             Job::Gen { tcp: Some(_), .. } => self.run_gen_tcp(),
             Job::Forward { swap_mac } => self.run_forward(swap_mac),
             Job::Ctrl { .. } => self.run_ctrl(),
+            Job::HandOut(_) => self.run_hand_out(),
+            Job::HandIn(_) => self.run_hand_in(),
         };
         match res {
             Ok(n) => {
@@ -262,7 +287,7 @@ impl Path {
     }
 
     /// Classifies a transmitted chain: the frame length, or why it is dropped.
-    fn tx_frame(chain: &Chain, max_frame: u64) -> Result<u64, DropReason> {
+    pub(crate) fn tx_frame(chain: &Chain, max_frame: u64) -> Result<u64, DropReason> {
         if chain.truncated {
             Err(DropReason::TooManySegments)
         } else if chain.total < NET_HDR_LEN as u64 + ETH_HLEN {
@@ -517,6 +542,31 @@ impl Path {
             Some(b) => Err((Side::Src, b)),
             None => Ok(done as usize),
         }
+    }
+
+    fn run_hand_out(&mut self) -> Result<usize, (Side, Bad)> {
+        let Job::HandOut(sender) = &mut self.job else { return Ok(0) };
+        let Some(src) = self.src.as_mut() else { return Ok(0) };
+        let pair = src.pair();
+        let Some(ring) = src.active.as_mut().map(|a| &mut a.ring) else {
+            sender.flush();
+            return Ok(0);
+        };
+        let mut c = BurstCounts::default();
+        let res = sender.run(ring, &mut self.a, BURST, self.max_frame, &mut c);
+        src.dev.stats[pair].flush_rx(&c);
+        res.map_err(|b| (Side::Src, b))
+    }
+
+    fn run_hand_in(&mut self) -> Result<usize, (Side, Bad)> {
+        let Job::HandIn(receiver) = &mut self.job else { return Ok(0) };
+        let Some(dst) = self.dst.as_mut() else { return Ok(0) };
+        let pair = dst.pair();
+        let dev = dst.dev.clone();
+        let mut c = BurstCounts::default();
+        let res = receiver.run(dst.ring_rx(), &mut self.b, BURST as usize, &mut c);
+        dev.stats[pair].flush_tx(&c);
+        res.map_err(|b| (Side::Dst, b))
     }
 
     fn run_forward(&mut self, swap_mac: bool) -> Result<usize, (Side, Bad)> {
