@@ -158,6 +158,15 @@ impl Chain {
         self.readable = 0;
         self.truncated = false;
     }
+    /// One buffer of `len` bytes (> 0) at `ptr`, readable by the device or not.
+    #[inline]
+    fn set_single(&mut self, ptr: *mut u8, len: u32, readable: bool) {
+        self.segs[0] = Seg { ptr, len };
+        self.n = 1;
+        self.total = len as u64;
+        self.readable = if readable { len as u64 } else { 0 };
+        self.truncated = false;
+    }
     fn push(&mut self, ptr: *mut u8, len: u32) {
         if self.n < MAX_SEGS {
             self.segs[self.n] = Seg { ptr, len };
@@ -364,9 +373,38 @@ impl DeviceRing {
         }
     }
 
-    /// Walks the chain starting at `head`, checking every link, direction and address,
-    /// and records its buffers in `out`.
+    /// Walks the chain starting at `head` (a value [`head`](Self::head) returned),
+    /// checking every link, direction and address, and records its buffers in `out`.
+    ///
+    /// The common case, one direct descriptor in one memory region without an IOMMU, is
+    /// decided here inline; anything else (and every case that fails a check) goes the
+    /// general way, which reads the descriptor again and decides everything itself, so the
+    /// result never depends on the shortcut.
+    #[inline]
     pub fn walk(&mut self, head: u16, dir: Dir, out: &mut Chain) -> Result<(), Bad> {
+        let d = Self::read_desc(self.areas.desc, head);
+        if d.flags & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 && d.len > 0 && self.iova.is_none() {
+            let writable = d.flags & DESC_F_WRITE != 0;
+            let ok = match dir {
+                Dir::DeviceReads => !writable,
+                Dir::DeviceWrites => writable,
+                Dir::ReadsThenWrites => true,
+            };
+            if ok {
+                if let Some((ptr, n)) = self.mem.translate(&mut self.hint, d.addr, d.len as u64) {
+                    if n == d.len as u64 {
+                        out.set_single(ptr, d.len, !writable);
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        self.walk_chain(head, dir, out)
+    }
+
+    /// [`walk`](Self::walk) for any chain: links, indirect tables, several regions.
+    #[inline(never)]
+    fn walk_chain(&mut self, head: u16, dir: Dir, out: &mut Chain) -> Result<(), Bad> {
         out.clear();
         let mut table = self.areas.desc as *const u8;
         let mut table_len = self.size as u32;
