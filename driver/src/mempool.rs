@@ -278,8 +278,13 @@ pub fn free_bulk(pkts: &mut Vec<Packet>) {
 impl PoolInner {
     #[inline]
     fn buf_ptr(&self, idx: u32) -> *mut u8 {
-        let off = (idx / self.per_chunk) as usize * self.chunk
-            + (idx % self.per_chunk) as usize * self.buf_size as usize;
+        // One chunk (a contiguous arena, the common case): no division per access.
+        let off = if self.per_chunk >= self.count {
+            idx as usize * self.buf_size as usize
+        } else {
+            (idx / self.per_chunk) as usize * self.chunk
+                + (idx % self.per_chunk) as usize * self.buf_size as usize
+        };
         // SAFETY: `idx < count`, so the offset lies inside the pool's arena allocation.
         unsafe { self.base.add(off) }
     }
@@ -357,6 +362,7 @@ impl Packet {
         // SAFETY: an outstanding buffer keeps its pool alive.
         unsafe { self.pool.as_ref() }
     }
+    #[inline]
     fn base(&self) -> *mut u8 {
         self.inner().buf_ptr(self.idx)
     }
