@@ -106,6 +106,8 @@ impl From<io::Error> for ChannelError {
 /// `None`: the front-end closed the connection.
 pub fn peek_header(sock: &UnixStream) -> io::Result<Option<Header>> {
     let mut b = [0u8; HDR_LEN];
+    // A peer that dies after part of a header leaves those bytes peekable forever.
+    let mut partial_ms = 0;
     loop {
         // SAFETY: `recv` writes at most `HDR_LEN` bytes into `b`, which is ours.
         let n = unsafe {
@@ -127,6 +129,10 @@ pub fn peek_header(sock: &UnixStream) -> io::Result<Option<Header>> {
             }
             n if (n as usize) < HDR_LEN => {
                 // The rest of the header is on its way (a peek returns what is there).
+                partial_ms += 1;
+                if partial_ms > 1000 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "partial message header"));
+                }
                 std::thread::sleep(Duration::from_millis(1));
             }
             _ => return Ok(Some(Header::parse(&b))),
@@ -318,6 +324,15 @@ mod tests {
         assert_eq!(&m[..12], &header(BACKEND_REQ_IOTLB_MSG, FLAG_VERSION, 32)[..]);
         let body = IotlbMsg::parse(m[12..].try_into().unwrap());
         assert_eq!((body.iova, body.perm, body.kind), (0xdead_b000, ACCESS_WRITE, MSG_MISS));
+    }
+
+    #[test]
+    fn a_header_cut_short_by_a_dead_peer_is_an_error() {
+        let (a, b) = UnixStream::pair().unwrap();
+        (&a).write_all(&header(REQ_IOTLB_MSG, FLAG_VERSION, 32)[..5]).unwrap();
+        drop(a);
+        let e = peek_header(&b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[test]
