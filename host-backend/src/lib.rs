@@ -127,7 +127,8 @@ impl Backend {
                 .collect();
             // With --handoff, each device of a cross-connect is one group (both its rings
             // on one worker); otherwise every path is a group of its own.
-            let (ga, gb) = (next_group(), next_group());
+            let device_groups =
+                (spec.kind == PortKind::Xconnect && cfg.handoff).then(|| (next_group(), next_group()));
             for p in 0..cfg.queue_pairs {
                 let (rxq, txq) = (2 * p, 2 * p + 1);
                 match spec.kind {
@@ -138,7 +139,8 @@ impl Backend {
                     PortKind::Reflect => {
                         paths.push((next_group(), Path::forward(&devs[0], txq, &devs[0], rxq, cfg.swap_mac)))
                     }
-                    PortKind::Xconnect if cfg.handoff => {
+                    PortKind::Xconnect if device_groups.is_some() => {
+                        let (ga, gb) = device_groups.expect("checked by the guard");
                         let max_frame = cfg.mtu as usize + 18;
                         let (s_ab, r_ab) = handoff::channel(max_frame);
                         let (s_ba, r_ba) = handoff::channel(max_frame);
@@ -162,16 +164,11 @@ impl Backend {
             Some(devices.iter().map(|d| server::listen(&d.params.socket)).collect::<Result<Vec<_>>>()?)
         };
 
-        // Groups round-robin over workers (in order of first use): every ring is owned
-        // by exactly one worker.
+        // Groups round-robin over workers (groups are numbered densely in the order they
+        // are first used): every ring is owned by exactly one worker.
         let mut per_worker: Vec<Vec<Path>> = (0..cores.len()).map(|_| Vec::new()).collect();
-        let mut seen: Vec<usize> = Vec::new();
         for (g, p) in paths {
-            let k = seen.iter().position(|&x| x == g).unwrap_or_else(|| {
-                seen.push(g);
-                seen.len() - 1
-            });
-            per_worker[k % cores.len()].push(p);
+            per_worker[g % cores.len()].push(p);
         }
         let mut workers = Vec::new();
         for (i, (cpu, paths)) in cores.iter().zip(per_worker).enumerate() {

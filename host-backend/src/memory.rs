@@ -173,15 +173,7 @@ impl GuestMemory {
     /// Translates a front-end virtual address range (ring addresses arrive as such
     /// unless GPA addressing is negotiated) that must lie inside one region.
     pub fn uva_to_host(&self, uva: u64, len: u64) -> Option<*mut u8> {
-        self.regions.iter().find_map(|r| {
-            let off = uva.checked_sub(r.uva)?;
-            if off < r.len && len <= r.len - off {
-                // SAFETY: `off + len <= r.len`: inside this region's mapping.
-                Some(unsafe { r.host.add(off as usize) })
-            } else {
-                None
-            }
-        })
+        self.uva_span(uva).and_then(|(p, _, after)| (len <= after).then_some(p))
     }
 
     /// Where the front-end virtual address `uva` lies here: its pointer, and how many

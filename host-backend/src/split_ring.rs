@@ -93,6 +93,15 @@ impl std::fmt::Display for Bad {
     }
 }
 
+/// The `Bad` for an IOTLB fault: a miss is retried (see [`Bad::IotlbMiss`]); a denied
+/// access is `denied`, what the same address would be without an IOMMU.
+fn iotlb_fault(f: Fault, write: bool, denied: Bad) -> Bad {
+    match f {
+        Fault::Miss { iova } => Bad::IotlbMiss { iova, write },
+        Fault::Denied { .. } => denied,
+    }
+}
+
 /// Which buffers a queue must carry: the device reads the transmit queue and writes the
 /// receive queue (§5.1.6); a control queue's chain is a command the device reads followed
 /// by the acknowledgement it writes (§5.1.6.5).
@@ -263,10 +272,9 @@ impl DeviceRing {
         for (h, &(addr, len, write)) in host.iter_mut().zip(&areas) {
             *h = match view.as_mut() {
                 None => mem.uva_to_host(addr, len).ok_or(Bad::RingAddress)?,
-                Some(v) => v.translate_whole(&mem, addr, len, write).map_err(|f| match f {
-                    Fault::Miss { iova } => Bad::IotlbMiss { iova, write },
-                    Fault::Denied { .. } => Bad::RingAddress,
-                })?,
+                Some(v) => v
+                    .translate_whole(&mem, addr, len, write)
+                    .map_err(|f| iotlb_fault(f, write, Bad::RingAddress))?,
             };
         }
         let [desc, avail, used] = host;
@@ -435,12 +443,9 @@ impl DeviceRing {
                 let bad = Bad::IndirectAddress { addr: d.addr, len: d.len };
                 table = match self.iova.as_mut() {
                     None => self.mem.translate_whole(&mut self.hint, d.addr, d.len as u64).ok_or(bad)?,
-                    Some(v) => {
-                        v.translate_whole(&self.mem, d.addr, d.len as u64, false).map_err(|f| match f {
-                            Fault::Miss { iova } => Bad::IotlbMiss { iova, write: false },
-                            Fault::Denied { .. } => bad,
-                        })?
-                    }
+                    Some(v) => v
+                        .translate_whole(&self.mem, d.addr, d.len as u64, false)
+                        .map_err(|f| iotlb_fault(f, false, bad))?,
                 };
                 table_len = d.len / layout::DESC_SIZE as u32;
                 idx = 0;
@@ -486,10 +491,9 @@ impl DeviceRing {
         while left > 0 {
             let (ptr, n) = match self.iova.as_mut() {
                 None => self.mem.translate(&mut self.hint, gpa, left).ok_or(Bad::BadAddress { addr, len })?,
-                Some(v) => v.translate(&self.mem, gpa, left, write).map_err(|f| match f {
-                    Fault::Miss { iova } => Bad::IotlbMiss { iova, write },
-                    Fault::Denied { .. } => Bad::BadAddress { addr, len },
-                })?,
+                Some(v) => v
+                    .translate(&self.mem, gpa, left, write)
+                    .map_err(|f| iotlb_fault(f, write, Bad::BadAddress { addr, len }))?,
             };
             out.push(ptr, n as u32);
             gpa += n;

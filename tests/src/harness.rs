@@ -461,6 +461,26 @@ pub(crate) fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitS
     }
 }
 
+// ------------------------------------------------------------------------------ frames
+
+/// A test Ethernet frame of `len` (>= 14) bytes: locally administered MACs, the local
+/// experimental EtherType 0x88b5, then `seed` (big-endian, when it fits) and a payload
+/// that depends on `seed` and the offset, so frames of different seeds differ.
+pub fn test_frame(len: usize, seed: u16) -> Vec<u8> {
+    assert!(len >= 14, "test_frame: {len} bytes cannot hold an Ethernet header");
+    let mut f = vec![0u8; len];
+    f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+    f[12..14].copy_from_slice(&[0x88, 0xb5]);
+    for (i, b) in f.iter_mut().enumerate().skip(14) {
+        *b = (i as u16).wrapping_mul(31).wrapping_add(seed) as u8;
+    }
+    if len >= 16 {
+        f[14..16].copy_from_slice(&seed.to_be_bytes());
+    }
+    f
+}
+
 // ------------------------------------------------------------------------------ stats JSON
 
 /// The device object of `stats["devices"]` whose `"socket"` equals `socket`; panics

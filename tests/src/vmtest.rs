@@ -201,6 +201,25 @@ pub fn finish_backend(backend: Backend, sock: &Path) -> Value {
     device(&fin, sock).clone()
 }
 
+/// What every scenario starts from: the image, our backend with one `kind` port, and a
+/// clock named after the scenario (the temporary directory holds the socket).
+struct Setup {
+    clock: Clock,
+    image: Image,
+    backend: Backend,
+    sock: PathBuf,
+    _dir: TempDir,
+}
+
+fn setup(mode: Mode, scenario: &str, kind: &str, extra: &[&str]) -> Setup {
+    let mut clock = Clock::new(&format!("vm {} {scenario}", mode.name()));
+    let image = build_image();
+    clock.phase("image (tests/vm/build-image.sh)");
+    let dir = TempDir::new(&format!("vm-{scenario}"));
+    let (backend, sock) = start_backend(&mut clock, mode, &dir, kind, extra);
+    Setup { clock, image, backend, sock, _dir: dir }
+}
+
 /// Prints the backend's IOTLB counters (what a vIOMMU run asked and was told).
 fn print_iotlb(clock: &Clock, dev: &Value) {
     if let Some(t) = dev.get("iotlb") {
@@ -211,11 +230,7 @@ fn print_iotlb(clock: &Clock, dev: &Value) {
 /// Boots the guest twice with nothing to forward: the device binds, and after QEMU exits
 /// the backend resets the device and serves the next front-end.
 pub fn boot_bind_and_reconnect(mode: Mode) -> Value {
-    let mut clock = Clock::new(&format!("vm {} boot", mode.name()));
-    let image = build_image();
-    clock.phase("image (tests/vm/build-image.sh)");
-    let dir = TempDir::new("vm-boot");
-    let (backend, sock) = start_backend(&mut clock, mode, &dir, "sink", &[]);
+    let Setup { mut clock, image, backend, sock, _dir } = setup(mode, "boot", "sink", &[]);
     run_guest(&mut clock, mode, &image, &backend, &sock, "none", 0);
     backend.wait_stats(Duration::from_secs(10), |s| !connected(s, &sock));
     clock.phase("backend saw the disconnect");
@@ -228,11 +243,7 @@ pub fn boot_bind_and_reconnect(mode: Mode) -> Value {
 
 /// Guest testpmd txonly into a sink: guest TX == backend rx, no drops.
 pub fn txonly_to_sink(mode: Mode) -> Value {
-    let mut clock = Clock::new(&format!("vm {} txonly", mode.name()));
-    let image = build_image();
-    clock.phase("image (tests/vm/build-image.sh)");
-    let dir = TempDir::new("vm-txonly");
-    let (backend, sock) = start_backend(&mut clock, mode, &dir, "sink", &[]);
+    let Setup { mut clock, image, backend, sock, _dir } = setup(mode, "txonly", "sink", &[]);
     let report = run_guest(&mut clock, mode, &image, &backend, &sock, "txonly", 5);
     let dev = finish_backend(backend, &sock);
     let g_tx = report.fwd_counter(0, "tx_packets");
@@ -256,12 +267,8 @@ pub fn txonly_to_sink(mode: Mode) -> Value {
 pub fn rxonly_from_gen(mode: Mode) -> Value {
     // About 1 Mpps reach the guest's testpmd under TCG: this takes 1-2 s of the 8.
     const COUNT: u64 = 1_000_000;
-    let mut clock = Clock::new(&format!("vm {} rxonly", mode.name()));
-    let image = build_image();
-    clock.phase("image (tests/vm/build-image.sh)");
-    let dir = TempDir::new("vm-rxonly");
     let count = COUNT.to_string();
-    let (backend, sock) = start_backend(&mut clock, mode, &dir, "gen", &["--count", &count]);
+    let Setup { mut clock, image, backend, sock, _dir } = setup(mode, "rxonly", "gen", &["--count", &count]);
     let report = run_guest(&mut clock, mode, &image, &backend, &sock, "rxonly", 8);
     let dev = finish_backend(backend, &sock);
     let g_rx = report.fwd_counter(0, "rx_packets");
@@ -289,11 +296,7 @@ pub fn rxonly_from_gen(mode: Mode) -> Value {
 ///   backend rx == guest TX,  backend tx == backend rx, no backend drops
 ///   hence backend tx - guest RX == T - guest TX-dropped (the frames in flight at stop).
 pub fn io_through_reflect(mode: Mode) -> Value {
-    let mut clock = Clock::new(&format!("vm {} io", mode.name()));
-    let image = build_image();
-    clock.phase("image (tests/vm/build-image.sh)");
-    let dir = TempDir::new("vm-io");
-    let (backend, sock) = start_backend(&mut clock, mode, &dir, "reflect", &[]);
+    let Setup { mut clock, image, backend, sock, _dir } = setup(mode, "io", "reflect", &[]);
     let report = run_guest(&mut clock, mode, &image, &backend, &sock, "io", 5);
     let dev = finish_backend(backend, &sock);
     let t = IO_TX_FIRST * BURST;

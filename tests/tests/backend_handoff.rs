@@ -22,18 +22,7 @@ const RX_BUF: u32 = 2048;
 const IO: Duration = Duration::from_secs(10);
 const STATS: Duration = Duration::from_secs(10);
 
-/// An Ethernet frame whose payload depends on `seed` and `len`.
-fn frame(len: usize, seed: u16) -> Vec<u8> {
-    let mut f = vec![0u8; len];
-    f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x0b]);
-    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x0a]);
-    f[12..14].copy_from_slice(&[0x88, 0xb5]);
-    f[14..16].copy_from_slice(&seed.to_be_bytes());
-    for (i, b) in f.iter_mut().enumerate().skip(16) {
-        *b = (i as u16).wrapping_mul(31).wrapping_add(seed) as u8;
-    }
-    f
-}
+use harness::test_frame as frame;
 
 fn guest(sock: &Path) -> RawFrontend {
     let mut fe = RawFrontend::connect(sock, MEM, 0).unwrap_or_else(|e| panic!("connect {sock:?}: {e}"));

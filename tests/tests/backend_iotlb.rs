@@ -35,16 +35,8 @@ const MISS_TIMEOUT: Duration = Duration::from_secs(8);
 const PAGE: u64 = 4096;
 const RX_BUF: u32 = 2048;
 
-/// An Ethernet frame of `len` bytes whose payload depends on `seed`.
 fn frame(len: usize, seed: u8) -> Vec<u8> {
-    let mut f = vec![0u8; len];
-    f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
-    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
-    f[12..14].copy_from_slice(&[0x88, 0xb5]);
-    for (i, b) in f.iter_mut().enumerate().skip(14) {
-        *b = (i as u8).wrapping_mul(13).wrapping_add(seed);
-    }
-    f
+    harness::test_frame(len, seed as u16)
 }
 
 fn start(dir: &TempDir, kind: &str) -> (Backend, std::path::PathBuf) {

@@ -60,17 +60,8 @@ const STATS_ARGS: [&str; 4] = ["--stats-format", "json", "--stats-period", "1"];
 
 // ---- small helpers ------------------------------------------------------------------
 
-/// An Ethernet frame of `len` bytes with locally administered MACs, the local
-/// experimental EtherType and a payload that depends on `seed`.
 fn frame(len: usize, seed: u8) -> Vec<u8> {
-    let mut f = vec![0u8; len];
-    f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
-    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
-    f[12..14].copy_from_slice(&[0x88, 0xb5]);
-    for (i, b) in f.iter_mut().enumerate().skip(14) {
-        *b = (i as u8).wrapping_mul(7).wrapping_add(seed);
-    }
-    f
+    harness::test_frame(len, seed as u16)
 }
 
 fn desc(addr: u64, len: u32, flags: u16, next: u16) -> Descriptor {
