@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use crate::dma::DmaArena;
 use crate::error::{DeviceError, Error, Result};
 use crate::layout::{ctrl, features as f};
-use crate::ring::DriverRing;
+use crate::ring::{DriverRing, RingFeatures};
 
 /// Entries in the control ring (one command of at most four descriptors in flight).
 pub const CTRL_RING_SIZE: u16 = 16;
@@ -184,8 +184,8 @@ impl ControlQueue {
     }
 
     /// Carves the control ring and its buffer from `arena`.
-    pub(crate) fn new(arena: &Arc<DmaArena>, event_idx: bool) -> Result<ControlQueue> {
-        let ring = DriverRing::new(arena, CTRL_RING_SIZE, event_idx)?;
+    pub(crate) fn new(arena: &Arc<DmaArena>, features: RingFeatures) -> Result<ControlQueue> {
+        let ring = DriverRing::new(arena, CTRL_RING_SIZE, features)?;
         let (buf, iova) = arena.alloc(BUF_SIZE, 64)?;
         Ok(ControlQueue {
             ring,
@@ -639,7 +639,7 @@ mod tests {
 
     fn rig_with(features: u64, virtio_user: bool) -> Rig {
         let arena = Arc::new(DmaArena::new(1 << 20, false).unwrap());
-        let q = ControlQueue::new(&arena, false).unwrap();
+        let q = ControlQueue::new(&arena, Default::default()).unwrap();
         let mut dev = FakeDevice::new(&q.ring);
         let (tx, seen) = mpsc::channel();
         let answer = Arc::new(Mutex::new(Answer::Ok));

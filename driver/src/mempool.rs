@@ -198,23 +198,35 @@ impl Mempool {
     /// Appends up to `n` fresh packets to `out` under one lock; returns how many.
     /// `out` should have spare capacity (then nothing allocates).
     pub fn alloc_bulk(&self, n: usize, out: &mut Vec<Packet>) -> usize {
+        let headroom = self.headroom();
         let mut fl = self.inner().free.lock();
-        let k = n.min(fl.stack.len());
-        for _ in 0..k {
-            let idx = fl.stack.pop().expect("counted above");
-            out.push(self.packet(idx, self.headroom(), 0));
-        }
+        let len = fl.stack.len();
+        let k = n.min(len);
+        out.extend(fl.stack.drain(len - k..).rev().map(|idx| self.packet(idx, headroom, 0)));
         k
     }
 
     /// Takes up to `out.len()` buffer indices (for ring refills) under one lock.
+    #[inline]
     pub(crate) fn take_indices(&self, out: &mut [u32]) -> usize {
         let mut fl = self.inner().free.lock();
-        let k = out.len().min(fl.stack.len());
-        for slot in out.iter_mut().take(k) {
-            *slot = fl.stack.pop().expect("counted above");
-        }
+        let len = fl.stack.len();
+        let k = out.len().min(len);
+        out[..k].copy_from_slice(&fl.stack[len - k..]);
+        fl.stack.truncate(len - k);
         k
+    }
+
+    /// The device address of every buffer as `base + index * step` when the pool is one
+    /// device-contiguous run (a linearly mapped arena), so a refill needs no lookup per
+    /// buffer: `Some((base, step))`; `None` otherwise (use [`buf`](Self::buf)).
+    #[inline]
+    pub(crate) fn linear_iova(&self) -> Option<(u64, u64)> {
+        let i = self.inner();
+        match i.arena.iova_map() {
+            crate::dma::IovaMap::Linear(_) if i.per_chunk >= i.count => Some((i.arena.iova(i.base), i.buf_size as u64)),
+            _ => None,
+        }
     }
 
     /// Returns buffer indices (ring reclaim) under one lock.
@@ -536,7 +548,7 @@ mod tests {
             }
             let arena = Arc::new(arena);
             let _p = Mempool::new(arena.clone(), 20, 1536, 256).unwrap();
-            let _r = crate::ring::DriverRing::new(&arena, 64, false).unwrap();
+            let _r = crate::ring::DriverRing::new(&arena, 64, Default::default()).unwrap();
             assert_eq!(arena.allocated(), plan.size(), "{chunk:?}");
         }
     }

@@ -37,7 +37,7 @@ use crate::error::{Error, Result};
 use crate::layout::{self, ctrl, features as f};
 use crate::mempool::{self, Mempool, DEFAULT_BUF_SIZE, DEFAULT_HEADROOM, MAX_BUF_SIZE};
 use crate::queue::{PairStats, QueuePair, QueueStatsSnapshot, RxQueue, TxQueue};
-use crate::ring::DriverRing;
+use crate::ring::{DriverRing, RingFeatures};
 use crate::transport::pci::PciTransport;
 use crate::transport::vhost_user::VhostUserTransport;
 use crate::transport::{NetConfig, Transport};
@@ -131,13 +131,14 @@ impl PortConfig {
 }
 
 /// Optional features the driver asks for by default: config space (MAC, STATUS, MTU),
-/// EVENT_IDX, multi-queue, and the control queue with every command class this driver
-/// sends. Receive offloads are opt-in (see the module documentation).
+/// EVENT_IDX, IN_ORDER, multi-queue, and the control queue with every command class
+/// this driver sends. Receive offloads are opt-in (see the module documentation).
 pub const fn default_features() -> u64 {
     f::bit(f::NET_MAC)
         | f::bit(f::NET_STATUS)
         | f::bit(f::NET_MTU)
         | f::bit(f::RING_EVENT_IDX)
+        | f::bit(f::IN_ORDER)
         | f::bit(f::NET_MQ)
         | f::bit(f::NET_CTRL_VQ)
         | f::bit(f::NET_CTRL_RX)
@@ -431,12 +432,12 @@ impl Port {
 
         // Queues (§3.1.1 step 7): the control queue, then the data queues, receive rings
         // filled before the device starts.
-        let event_idx = features & f::bit(f::RING_EVENT_IDX) != 0;
+        let ring_features = RingFeatures::from_features(features);
         let ctrl_queue = if ctrl_vq {
             let index = ctrl::queue_index(mq, dev_max);
             let index = u16::try_from(index)
                 .map_err(|_| Error::Config(format!("control queue index {index} is beyond 16 bits")))?;
-            let mut q = ControlQueue::new(arena, event_idx)?;
+            let mut q = ControlQueue::new(arena, ring_features)?;
             let ring = q.ring_mut();
             ring.set_notifier(transport.setup_queue(index, CTRL_RING_SIZE, ring.addrs())?);
             Some((index, q))
@@ -460,8 +461,8 @@ impl Port {
         let mut stats = Vec::new();
         for p in 0..setup {
             let st = Arc::new(PairStats::default());
-            let mut rx_ring = DriverRing::new(arena, cfg.ring_size, event_idx)?;
-            let mut tx_ring = DriverRing::new(arena, cfg.ring_size, event_idx)?;
+            let mut rx_ring = DriverRing::new(arena, cfg.ring_size, ring_features)?;
+            let mut tx_ring = DriverRing::new(arena, cfg.ring_size, ring_features)?;
             rx_ring.set_notifier(transport.setup_queue(2 * p, cfg.ring_size, rx_ring.addrs())?);
             tx_ring.set_notifier(transport.setup_queue(2 * p + 1, cfg.ring_size, tx_ring.addrs())?);
             let mut rx = RxQueue::new(

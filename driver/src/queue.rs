@@ -51,7 +51,7 @@ use crate::ctrl::Control;
 use crate::error::{DeviceError, Error, Result};
 use crate::layout::{net_hdr, NET_HDR_LEN};
 use crate::mempool::{Mempool, Packet};
-use crate::ring::DriverRing;
+use crate::ring::{DriverRing, PostSource, TokenSink, UsedSink};
 
 /// Headroom (pool headroom, the virtio-net header's 12 bytes included) a receive buffer
 /// needs for an XDP program, as Linux's `VIRTIO_XDP_HEADROOM`.
@@ -347,6 +347,51 @@ impl Recycle<'_> {
     }
 }
 
+/// The buffers of one refill: pool indices taken under one lock, posted at their
+/// header slots.
+struct RefillSource<'a> {
+    idx: [u32; BATCH],
+    pool: &'a Mempool,
+    linear: Option<(u64, u64)>,
+    off: u64,
+    post_len: u32,
+}
+
+impl PostSource for RefillSource<'_> {
+    #[inline(always)]
+    fn buffer(&mut self, k: usize, _id: u16) -> (u64, u32, u32) {
+        let i = self.idx[k & (BATCH - 1)]; // k < BATCH
+        let iova = match self.linear {
+            Some((base, step)) => base + i as u64 * step,
+            None => self.pool.buf(i).1,
+        };
+        (iova + self.off, self.post_len, i)
+    }
+}
+
+/// Where one plain receive burst puts its frames (see `rx_plain`).
+struct RxSink<'a, 'b> {
+    batch: &'b mut Vec<Packet>,
+    rec: Recycle<'a>,
+    headroom: u16,
+    bytes: u64,
+    errors: u64,
+}
+
+impl UsedSink for RxSink<'_, '_> {
+    #[inline(always)]
+    fn used(&mut self, idx: u32, len: u32) {
+        if (len as usize) < NET_HDR_LEN {
+            self.errors += 1;
+            self.rec.put(idx);
+            return;
+        }
+        let data_len = len - NET_HDR_LEN as u32;
+        self.bytes += data_len as u64;
+        self.batch.push(self.rec.pool.packet(idx, self.headroom, data_len as u16));
+    }
+}
+
 impl RxQueue {
     pub(crate) fn new(
         ring: DriverRing,
@@ -377,15 +422,19 @@ impl RxQueue {
     /// Posts free buffers until the ring is full or the pool is empty (one pool lock and
     /// one avail publish per batch).
     pub(crate) fn refill(&mut self) {
-        let mut idx = [0u32; BATCH];
+        let mut src = RefillSource {
+            idx: [0u32; BATCH],
+            pool: &self.pool,
+            linear: self.pool.linear_iova(),
+            // Where the device writes: the header slot, the 12 bytes before the data.
+            off: self.headroom as u64 - NET_HDR_LEN as u64,
+            post_len: self.post_len,
+        };
         while self.ring.free_count() > 0 {
             let want = (self.ring.free_count() as usize).min(BATCH);
-            let got = self.pool.take_indices(&mut idx[..want]);
-            for &i in &idx[..got] {
-                let (_, iova) = self.pool.buf(i);
-                let addr = iova + self.headroom as u64 - NET_HDR_LEN as u64;
-                self.ring.post(addr, self.post_len, true, Some(i));
-            }
+            let got = self.pool.take_indices(&mut src.idx[..want]);
+            // `got <= want <= free_count`: every index taken is posted.
+            self.ring.post_burst(got as u16, true, &mut src);
             if got < want {
                 bump(&self.stats.rx.nombuf, 1);
                 break;
@@ -432,6 +481,9 @@ impl RxQueue {
         };
         if n == 0 {
             return 0;
+        }
+        if meta.is_none() && self.xdp.is_none() {
+            return self.rx_plain(batch, n);
         }
         let (mut got, mut frames, mut bytes, mut errors) = (0usize, 0u64, 0u64, 0u64);
         let mut v = Verdicts::default();
@@ -528,6 +580,35 @@ impl RxQueue {
             self.fail(e);
         } else {
             self.refill();
+        }
+        got
+    }
+
+    /// `rx_inner` without an XDP program or metadata: `n` used buffers (`poll_used`
+    /// allowed them) straight into `batch`, in one ring loop.
+    #[inline(always)]
+    fn rx_plain(&mut self, batch: &mut Vec<Packet>, n: usize) -> usize {
+        let before = batch.len();
+        let mut sink = RxSink {
+            batch,
+            rec: Recycle { pool: &self.pool, idx: [0; BATCH], n: 0 },
+            headroom: self.headroom,
+            bytes: 0,
+            errors: 0,
+        };
+        let res = self.ring.pop_used_burst(n as u16, &mut sink);
+        sink.rec.flush();
+        let (bytes, errors) = (sink.bytes, sink.errors);
+        let got = batch.len() - before;
+        let rx = &self.stats.rx;
+        bump(&rx.packets, got as u64);
+        bump(&rx.bytes, bytes);
+        bump(&rx.errors, errors);
+        match res {
+            Ok(_) => self.refill(),
+            Err((_, e)) => {
+                self.fail(e);
+            }
         }
         got
     }
@@ -630,6 +711,50 @@ pub struct TxQueue {
     stopped: Stopped,
 }
 
+/// The packets of one transmit burst, moved out of the caller's vector into
+/// `inflight` as they are posted (see `tx_burst`).
+struct TxSource<'a> {
+    /// The first packet of the burst; the vector's length is 0 meanwhile.
+    pkts: *const Packet,
+    inflight: &'a mut [Option<Packet>],
+    bytes: u64,
+}
+
+impl PostSource for TxSource<'_> {
+    #[inline(always)]
+    fn buffer(&mut self, k: usize, id: u16) -> (u64, u32, u32) {
+        // SAFETY: `k` < the burst's count <= the packets initialized behind `pkts`, and
+        // each is read out exactly once (`tx_burst`).
+        let p = unsafe { std::ptr::read(self.pkts.add(k)) };
+        let (hdr, iova) = p.header_slot();
+        // SAFETY: the 12 bytes before the data are this packet's header slot (the pool
+        // keeps `off >= NET_HDR_LEN`); the packet is ours until posted.
+        unsafe { std::ptr::write_bytes(hdr, 0, NET_HDR_LEN) };
+        let len = p.len() as u32 + NET_HDR_LEN as u32;
+        self.bytes += p.len() as u64;
+        // The descriptor id (< ring size = `inflight.len()`) is the token: the packet
+        // waits in `inflight[id]`.
+        self.inflight[id as usize] = Some(p);
+        (iova, len, id as u32)
+    }
+}
+
+/// Where one reclaim puts the packets the device is done with.
+struct ReclaimSink<'a> {
+    inflight: &'a mut [Option<Packet>],
+    rec: Recycle<'a>,
+}
+
+impl TokenSink for ReclaimSink<'_> {
+    #[inline(always)]
+    fn token(&mut self, token: u32) {
+        // The token is the descriptor id (< ring size, the length of `inflight`).
+        if let Some(p) = self.inflight.get_mut(token as usize).and_then(Option::take) {
+            self.rec.packet(p);
+        }
+    }
+}
+
 impl TxQueue {
     pub(crate) fn new(ring: DriverRing, pool: Mempool, stats: Arc<PairStats>, stopped: Stopped) -> Self {
         let inflight = (0..ring.size()).map(|_| None).collect();
@@ -643,38 +768,26 @@ impl TxQueue {
             return 0;
         }
         let n = match self.ring.poll_used() {
-            Ok(n) => n as usize,
+            Ok(0) => return 0,
+            Ok(n) => n,
             Err(e) => {
                 self.fail(e);
                 return 0;
             }
         };
-        let mut own = [0u32; BATCH];
-        let mut nown = 0;
-        let mut done = 0;
-        for _ in 0..n {
-            let token = match self.ring.pop_used() {
-                Ok((t, _)) => t,
-                Err(e) => {
-                    self.fail(e);
-                    break;
-                }
-            };
-            done += 1;
-            let Some(p) = self.inflight[token as usize].take() else { continue };
-            if self.pool.owns(&p) {
-                own[nown] = p.into_raw().0;
-                nown += 1;
-                if nown == BATCH {
-                    self.pool.put_indices(&own);
-                    nown = 0;
-                }
-            } else {
-                drop(p); // back to the pool it came from
+        let mut sink = ReclaimSink {
+            inflight: &mut self.inflight,
+            rec: Recycle { pool: &self.pool, idx: [0; BATCH], n: 0 },
+        };
+        let res = self.ring.pop_used_tokens(n, &mut sink);
+        sink.rec.flush();
+        match res {
+            Ok(done) => done as usize,
+            Err((done, e)) => {
+                self.fail(e);
+                done as usize
             }
         }
-        self.pool.put_indices(&own[..nown]);
-        done
     }
 
     /// Queues packets from the front of `pkts` for transmission, as many as the ring has
@@ -688,6 +801,38 @@ impl TxQueue {
             return 0;
         }
         let k = pkts.len().min(self.ring.free_count() as usize);
+        // The common case, every packet from this port's pool, in one ring loop; packets
+        // from elsewhere (which may need a copy) take the general loop.
+        if !pkts[..k].iter().all(|p| self.pool.owns(p)) {
+            return self.tx_general(pkts, k);
+        }
+        let total = pkts.len();
+        // The vector forgets its packets while the first `k` are moved out (a panic in
+        // between would leak them, never drop one twice).
+        // SAFETY: shrinking the length only.
+        unsafe { pkts.set_len(0) };
+        let mut src = TxSource { pkts: pkts.as_ptr(), inflight: &mut self.inflight, bytes: 0 };
+        let sent = self.ring.post_burst(k as u16, false, &mut src) as usize;
+        let (bytes, base) = (src.bytes, src.pkts);
+        debug_assert_eq!(sent, k, "free descriptors were counted above");
+        // SAFETY: the first `k` packets were moved out above; the other `total - k` are
+        // still initialized in the buffer: shift them down and own them again.
+        unsafe {
+            let rest = total - k;
+            std::ptr::copy(base.add(k), pkts.as_mut_ptr(), rest);
+            pkts.set_len(rest);
+        }
+        self.ring.publish();
+        bump(&self.stats.tx.packets, sent as u64);
+        bump(&self.stats.tx.bytes, bytes);
+        bump(&self.stats.tx.full, pkts.len() as u64);
+        k
+    }
+
+    /// `tx_burst` for `k` packets of which some are not from this port's pool: those the
+    /// device cannot reach are copied into this port's buffers (or dropped and counted
+    /// when none is free).
+    fn tx_general(&mut self, pkts: &mut Vec<Packet>, k: usize) -> usize {
         let mut bytes = 0u64;
         let (mut copied, mut sent) = (0u64, 0usize);
         for p in pkts.drain(..k) {
@@ -808,8 +953,8 @@ mod tests {
         let pool = Mempool::new(arena.clone(), 64, 2048 + headroom as u32, headroom).unwrap();
         let stats = Arc::new(PairStats::default());
         let stopped: Stopped = Arc::new(AtomicBool::new(false));
-        let rx_ring = DriverRing::new(&arena, RING, false).unwrap();
-        let tx_ring = DriverRing::new(&arena, RING, false).unwrap();
+        let rx_ring = DriverRing::new(&arena, RING, Default::default()).unwrap();
+        let tx_ring = DriverRing::new(&arena, RING, Default::default()).unwrap();
         let (rx_dev, tx_dev) = (FakeDevice::new(&rx_ring), FakeDevice::new(&tx_ring));
         let ctl = control(features);
         let mut rx = RxQueue::new(rx_ring, pool.clone(), stats.clone(), 64, stopped.clone(), ctl, mtu);

@@ -5,6 +5,19 @@
 //! publish and kick decision, and the validation of everything the device writes into
 //! the used ring. Must not: know what a buffer holds (the rx/tx queues do) or allocate.
 //!
+//! Two bookkeeping modes, fixed for the ring's life ([`RingFeatures`]):
+//! * **any order** (the default): descriptor ids come from an O(1) free stack, and every
+//!   used element is read and checked against what is in flight;
+//! * **in order** (`VIRTIO_F_IN_ORDER` negotiated, §2.7.9 / §2.8.22): the device uses
+//!   buffers in the order they were made available, so the driver takes descriptors in
+//!   table order (wrapping at the end), keeps no free stack and no links, and knows which
+//!   buffer a used element is for before reading it. The avail ring's entries then repeat
+//!   lap after lap and are written only when they change (as DPDK does), so their cache
+//!   lines stay clean. A device may return a batch with one used element naming its last
+//!   buffer (§2.7.9); [`DriverRing::pop_used`] takes the earlier buffers of the batch as
+//!   used whole (their posted length, as Linux's in-order ring does), and
+//!   [`DriverRing::pop_used_token`] (transmit) reads no used element at all.
+//!
 //! A data buffer is one descriptor (virtio-net header and frame are contiguous in one
 //! pool buffer). Control commands are short chains ([`DriverRing::post_chain`]: readable
 //! command, writable ack); their links live in a driver-private array too, so freeing a
@@ -25,7 +38,7 @@ use std::sync::Arc;
 
 use crate::dma::DmaArena;
 use crate::error::{DeviceError, Result};
-use crate::layout::{self, Descriptor, DESC_F_NEXT, DESC_F_WRITE};
+use crate::layout::{self, DESC_F_NEXT, DESC_F_WRITE};
 use crate::transport::Notifier;
 
 /// Device addresses of a ring's three areas (what the transport tells the device).
@@ -39,7 +52,49 @@ pub struct RingAddrs {
     pub used: u64,
 }
 
+/// The negotiated features that change how a ring is driven.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RingFeatures {
+    /// `VIRTIO_F_RING_EVENT_IDX`: notifications through `avail_event`/`used_event`.
+    pub event_idx: bool,
+    /// `VIRTIO_F_IN_ORDER`: buffers are used in the order they were made available.
+    pub in_order: bool,
+}
+
+impl RingFeatures {
+    /// The ring features of a negotiated feature set.
+    pub fn from_features(features: u64) -> RingFeatures {
+        use crate::layout::features as f;
+        RingFeatures {
+            event_idx: features & f::bit(f::RING_EVENT_IDX) != 0,
+            in_order: features & f::bit(f::IN_ORDER) != 0,
+        }
+    }
+}
+
+/// Supplies the buffers of a [`DriverRing::post_burst`]. The data path implements it
+/// on small structs with an `#[inline(always)]` method, so that a burst compiles into one
+/// loop (a closure called from the burst's two loops would stay a call per buffer).
+pub trait PostSource {
+    /// The `k`-th buffer of the burst, on descriptor `id`: `(addr, len, token)`.
+    fn buffer(&mut self, k: usize, id: u16) -> (u64, u32, u32);
+}
+
+/// Receives the buffers of a [`DriverRing::pop_used_burst`], in order.
+pub trait UsedSink {
+    /// One used buffer: the token it was posted with and the length the device wrote.
+    fn used(&mut self, token: u32, len: u32);
+}
+
+/// Receives the tokens of a [`DriverRing::pop_used_tokens`], in order.
+pub trait TokenSink {
+    /// One used buffer's token.
+    fn token(&mut self, token: u32);
+}
+
 const NO_TOKEN: u32 = u32::MAX;
+/// No batch pending (in-order mode: see [`DriverRing::pop_used`]).
+const NO_BATCH: u32 = u32::MAX;
 /// End of a chain in the driver-private link array.
 const NO_NEXT: u16 = u16::MAX;
 
@@ -51,14 +106,24 @@ pub struct DriverRing {
     addrs: RingAddrs,
     size: u16,
     mask: u16,
-    /// Free descriptor ids (a stack: O(1) pop and push).
+    /// Free descriptor ids (a stack: O(1) pop and push). Any-order mode only.
     free: Box<[u16]>,
     nfree: u16,
     /// What each in-flight head carries, and the bytes posted in its chain.
     tokens: Box<[u32]>,
     posted_len: Box<[u32]>,
-    /// The next descriptor of each in-flight chain (`NO_NEXT` at its end).
+    /// Any-order mode: the next descriptor of each in-flight chain (`NO_NEXT` at its
+    /// end). In-order mode: the number of descriptors in the chain at each head.
     links: Box<[u16]>,
+    in_order: bool,
+    /// In-order mode: table position (wrapping counter) of the next descriptor to post,
+    /// and of the oldest in-flight chain's head.
+    next_desc: u16,
+    used_desc: u16,
+    /// In-order mode: the id and length of the used element that ends a batch being
+    /// taken (`NO_BATCH` when none).
+    batch_id: u32,
+    batch_len: u32,
     /// Buffers (chain heads) the device holds.
     heads: u16,
     /// Next avail index to fill, and the value last published.
@@ -78,7 +143,8 @@ unsafe impl Send for DriverRing {}
 
 impl DriverRing {
     /// Carves a ring of `size` entries (a power of two) from `arena`.
-    pub fn new(arena: &Arc<DmaArena>, size: u16, event_idx: bool) -> Result<DriverRing> {
+    pub fn new(arena: &Arc<DmaArena>, size: u16, features: RingFeatures) -> Result<DriverRing> {
+        let RingFeatures { event_idx, in_order } = features;
         if size == 0 || !size.is_power_of_two() || size > layout::MAX_QUEUE_SIZE {
             return Err(crate::Error::Config(format!("ring size {size} is not a power of two in 1..=32768")));
         }
@@ -98,6 +164,11 @@ impl DriverRing {
             tokens: vec![NO_TOKEN; size as usize].into_boxed_slice(),
             posted_len: vec![0; size as usize].into_boxed_slice(),
             links: vec![NO_NEXT; size as usize].into_boxed_slice(),
+            in_order,
+            next_desc: 0,
+            used_desc: 0,
+            batch_id: NO_BATCH,
+            batch_len: 0,
             heads: 0,
             avail_idx: 0,
             published: 0,
@@ -155,6 +226,43 @@ impl DriverRing {
         unsafe { AtomicU16::from_ptr(area.add(off) as *mut u16) }
     }
 
+    /// Whether the ring runs in in-order mode (`VIRTIO_F_IN_ORDER`).
+    pub fn in_order(&self) -> bool {
+        self.in_order
+    }
+
+    /// Writes descriptor `id` as two aligned 64-bit volatile stores.
+    #[inline(always)]
+    fn write_desc(&mut self, id: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let tail = len as u64 | (flags as u64) << 32 | (next as u64) << 48;
+        // SAFETY: `id < size`: the descriptor is inside the table, 16-aligned (the table
+        // is 4096-aligned); the device does not read it before the avail index we publish
+        // later names it (it may still read a stale copy of a descriptor it is done with,
+        // which only hurts itself).
+        unsafe {
+            let d = self.desc.add(id as usize * layout::DESC_SIZE) as *mut u64;
+            std::ptr::write_volatile(d, addr.to_le());
+            std::ptr::write_volatile(d.add(1), tail.to_le());
+        }
+    }
+
+    /// Puts chain head `id` in the next avail slot (not yet visible). In in-order mode
+    /// the entry usually holds `id` already from the previous lap: it is then left alone,
+    /// so the line stays clean in the device's cache.
+    #[inline(always)]
+    fn push_avail(&mut self, id: u16) {
+        let slot = self.avail_idx & self.mask;
+        // SAFETY: `avail_entry(slot)` with `slot < size` is inside the driver area,
+        // 2-aligned; only the driver writes it.
+        unsafe {
+            let e = self.avail.add(layout::avail_entry(slot)) as *mut u16;
+            if !self.in_order || std::ptr::read_volatile(e) != id.to_le() {
+                std::ptr::write_volatile(e, id.to_le());
+            }
+        }
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+    }
+
     /// Makes one buffer available: writes its descriptor and avail entry (not yet
     /// visible: see [`publish`](Self::publish)). `token` comes back from
     /// [`pop_used`](Self::pop_used); `None` makes the descriptor id the token. Returns the
@@ -165,25 +273,20 @@ impl DriverRing {
             return None;
         }
         self.nfree -= 1;
-        let id = self.free[self.nfree as usize];
-        let d = Descriptor { addr, len, flags: if device_writes { DESC_F_WRITE } else { 0 }, next: 0 };
-        // SAFETY: `id < size`: the descriptor is inside the table; the device does not
-        // read it before the avail index we publish later names it.
-        unsafe {
-            std::ptr::write_volatile(
-                self.desc.add(id as usize * layout::DESC_SIZE) as *mut [u8; 16],
-                d.to_le_bytes(),
-            )
+        let id = if self.in_order {
+            let id = self.next_desc & self.mask;
+            self.next_desc = self.next_desc.wrapping_add(1);
+            id
+        } else {
+            self.free[self.nfree as usize]
         };
-        let slot = self.avail_idx & self.mask;
-        // SAFETY: `avail_entry(slot)` with `slot < size` is inside the driver area, aligned.
-        unsafe {
-            std::ptr::write_volatile(self.avail.add(layout::avail_entry(slot)) as *mut u16, id.to_le())
-        };
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.tokens[id as usize] = token.unwrap_or(id as u32);
-        self.posted_len[id as usize] = len;
-        self.links[id as usize] = NO_NEXT;
+        self.write_desc(id, addr, len, if device_writes { DESC_F_WRITE } else { 0 }, 0);
+        self.push_avail(id);
+        let i = id as usize;
+        self.tokens[i] = token.unwrap_or(id as u32);
+        self.posted_len[i] = len;
+        // Any order: end of chain. In order: a chain of one.
+        self.links[i] = if self.in_order { 1 } else { NO_NEXT };
         self.heads += 1;
         Some(id)
     }
@@ -197,38 +300,39 @@ impl DriverRing {
         if parts.is_empty() || parts.len() > self.nfree as usize {
             return None;
         }
-        // Take the ids first, so each descriptor can name its successor.
         let n = parts.len();
+        // The ids, so each descriptor can name its successor: the top of the free stack,
+        // or in order the next positions in the table (§2.7.5.1 with IN_ORDER: `next` is
+        // x + 1, and 0 after the table's last entry).
         let first = self.nfree as usize - n;
-        let ids: &[u16] = &self.free[first..self.nfree as usize];
+        let id_of = |r: &DriverRing, k: usize| -> u16 {
+            if r.in_order {
+                r.next_desc.wrapping_add(k as u16) & r.mask
+            } else {
+                r.free[first + k]
+            }
+        };
         let mut total = 0u32;
         for (k, &(addr, len, writes)) in parts.iter().enumerate() {
-            let id = ids[k];
-            let next = ids.get(k + 1).copied();
+            let id = id_of(self, k);
+            let next = if k + 1 < n { Some(id_of(self, k + 1)) } else { None };
             let mut flags = if writes { DESC_F_WRITE } else { 0 };
             if next.is_some() {
                 flags |= DESC_F_NEXT;
             }
-            let d = Descriptor { addr, len, flags, next: next.unwrap_or(0) };
-            // SAFETY: `id < size`: inside the table; the device reads it only after the
-            // avail index we publish later names its head.
-            unsafe {
-                std::ptr::write_volatile(
-                    self.desc.add(id as usize * layout::DESC_SIZE) as *mut [u8; 16],
-                    d.to_le_bytes(),
-                )
-            };
-            self.links[id as usize] = next.unwrap_or(NO_NEXT);
+            self.write_desc(id, addr, len, flags, next.unwrap_or(0));
+            if !self.in_order {
+                self.links[id as usize] = next.unwrap_or(NO_NEXT);
+            }
             total = total.saturating_add(len);
         }
-        let head = ids[0];
+        let head = id_of(self, 0);
         self.nfree -= n as u16;
-        let slot = self.avail_idx & self.mask;
-        // SAFETY: `avail_entry(slot)` with `slot < size` is inside the driver area, aligned.
-        unsafe {
-            std::ptr::write_volatile(self.avail.add(layout::avail_entry(slot)) as *mut u16, head.to_le())
-        };
-        self.avail_idx = self.avail_idx.wrapping_add(1);
+        if self.in_order {
+            self.next_desc = self.next_desc.wrapping_add(n as u16);
+            self.links[head as usize] = n as u16;
+        }
+        self.push_avail(head);
         self.tokens[head as usize] = token;
         self.posted_len[head as usize] = total;
         self.heads += 1;
@@ -280,17 +384,17 @@ impl DriverRing {
 
     /// Takes the next used element (call at most as often as `poll_used` allowed):
     /// returns the token posted with that buffer and the length the device wrote, after
-    /// checking the id and length. The descriptor goes back on the free stack.
+    /// checking the id and length. The descriptors go back to the free ones.
+    ///
+    /// In in-order mode the buffer is known before the element is read: the element must
+    /// name it, or name a later in-flight head, which ends a batch (§2.7.9): the buffers
+    /// up to that head count as used whole (their posted length).
     #[inline(always)]
     pub fn pop_used(&mut self) -> std::result::Result<(u32, u32), DeviceError> {
-        let slot = self.last_used & self.mask;
-        // SAFETY: `used_entry(slot)` with `slot < size` plus 8 bytes is inside the device
-        // area; 4-aligned. Volatile: the device owns this memory; our acquire load of
-        // `used.idx` ordered these reads after its writes.
-        let (id, len) = unsafe {
-            let p = self.used.add(layout::used_entry(slot)) as *const u32;
-            (u32::from_le(std::ptr::read_volatile(p)), u32::from_le(std::ptr::read_volatile(p.add(1))))
-        };
+        if self.in_order {
+            return self.pop_used_in_order();
+        }
+        let (id, len) = self.read_used();
         if id >= self.size as u32 {
             return Err(DeviceError::UsedIdOutOfRange { id });
         }
@@ -320,10 +424,231 @@ impl DriverRing {
         Ok((token, len))
     }
 
+    /// The `(id, len)` of the used element at `last_used`.
+    #[inline(always)]
+    fn read_used(&self) -> (u32, u32) {
+        Self::read_used_at(self.used, self.last_used & self.mask)
+    }
+
+    /// The `(id, len)` of used element `slot` (`slot < size`) of the device area `used`.
+    #[inline(always)]
+    fn read_used_at(used: *mut u8, slot: u16) -> (u32, u32) {
+        // SAFETY: `used_entry(slot)` with `slot < size` plus 8 bytes is inside the device
+        // area, 4-aligned (elements start at offset 4 + 8k: read as two u32). Volatile:
+        // the device owns this memory; our acquire load of `used.idx` ordered these reads
+        // after its writes.
+        unsafe {
+            let p = used.add(layout::used_entry(slot)) as *const u32;
+            (u32::from_le(std::ptr::read_volatile(p)), u32::from_le(std::ptr::read_volatile(p.add(1))))
+        }
+    }
+
+    #[inline(always)]
+    fn pop_used_in_order(&mut self) -> std::result::Result<(u32, u32), DeviceError> {
+        let head = self.used_desc & self.mask;
+        let (id, len) = if self.batch_id == NO_BATCH { self.read_used() } else { (self.batch_id, self.batch_len) };
+        let len = if id == head as u32 {
+            self.batch_id = NO_BATCH;
+            let posted = self.posted_len[head as usize];
+            if len > posted {
+                return Err(DeviceError::UsedLenTooLarge { len, posted });
+            }
+            len
+        } else {
+            // A batch ending at `id`: it must be a position still in flight ahead of us.
+            if id >= self.size as u32 {
+                return Err(DeviceError::UsedIdOutOfRange { id });
+            }
+            let ahead = (id as u16).wrapping_sub(head) & self.mask;
+            let descs_in_flight = self.next_desc.wrapping_sub(self.used_desc);
+            if ahead >= descs_in_flight {
+                return Err(DeviceError::UsedIdNotInFlight { id });
+            }
+            self.batch_id = id;
+            self.batch_len = len;
+            self.posted_len[head as usize]
+        };
+        Ok((self.take_head(head), len))
+    }
+
+    /// In-order mode: retires the oldest in-flight chain, whose head is `head`, and
+    /// returns its token.
+    #[inline(always)]
+    fn take_head(&mut self, head: u16) -> u32 {
+        let n = self.links[head as usize];
+        self.used_desc = self.used_desc.wrapping_add(n);
+        self.nfree += n;
+        self.heads -= 1;
+        self.last_used = self.last_used.wrapping_add(1);
+        self.tokens[head as usize]
+    }
+
+    /// Takes the next used buffer's token, for a queue that needs neither the length nor
+    /// the used element (transmit). A ring is consumed through either this (and
+    /// [`pop_used_tokens`](Self::pop_used_tokens)) or [`pop_used`](Self::pop_used) (and
+    /// [`pop_used_burst`](Self::pop_used_burst)), not both: in in-order mode only the
+    /// latter keep track of a batch's used element. In in-order mode it reads nothing the device wrote:
+    /// `poll_used` has checked that the used index covers this buffer, and the buffers
+    /// are used in order, whether the device wrote one element each or one per batch.
+    /// In any-order mode it is [`pop_used`](Self::pop_used).
+    #[inline(always)]
+    pub fn pop_used_token(&mut self) -> std::result::Result<u32, DeviceError> {
+        if self.in_order {
+            let head = self.used_desc & self.mask;
+            Ok(self.take_head(head))
+        } else {
+            self.pop_used().map(|(t, _)| t)
+        }
+    }
+
+    /// Posts `n` single-descriptor buffers (at most [`free_count`](Self::free_count);
+    /// fewer if fewer are free) in one loop: `src` gives the `k`-th buffer, on
+    /// descriptor `id`, as `(addr, len, token)`. Not visible until [`publish`](Self::publish). Returns how
+    /// many were posted. The burst form of [`post`](Self::post): the ring's counters stay
+    /// in registers for the whole loop (the data path's refill and transmit).
+    #[inline(always)]
+    pub fn post_burst(
+        &mut self,
+        n: u16,
+        device_writes: bool,
+        src: &mut impl PostSource,
+    ) -> u16 {
+        let n = n.min(self.nfree);
+        if !self.in_order {
+            for k in 0..n as usize {
+                let id = self.free[self.nfree as usize - 1];
+                let (addr, len, token) = src.buffer(k, id);
+                self.post(addr, len, device_writes, Some(token));
+            }
+            return n;
+        }
+        let flags = if device_writes { DESC_F_WRITE } else { 0 };
+        let (mask, mut next_desc) = (self.mask, self.next_desc);
+        for k in 0..n as usize {
+            let id = next_desc & mask;
+            let (addr, len, token) = src.buffer(k, id);
+            self.write_desc(id, addr, len, flags, 0);
+            self.push_avail(id);
+            // SAFETY (the three stores): `id <= mask < size`, the length of each array.
+            unsafe {
+                *self.tokens.get_unchecked_mut(id as usize) = token;
+                *self.posted_len.get_unchecked_mut(id as usize) = len;
+                *self.links.get_unchecked_mut(id as usize) = 1;
+            }
+            next_desc = next_desc.wrapping_add(1);
+        }
+        self.next_desc = next_desc;
+        self.nfree -= n;
+        self.heads += n;
+        n
+    }
+
+    /// Takes `n` used buffers (at most what [`poll_used`](Self::poll_used) allowed),
+    /// passing each to `sink` in order; the burst form of
+    /// [`pop_used`](Self::pop_used), with the same checks. Returns how many it took, or
+    /// the device error that stopped it (the buffers before it were passed to `f`).
+    #[inline(always)]
+    pub fn pop_used_burst(
+        &mut self,
+        n: u16,
+        sink: &mut impl UsedSink,
+    ) -> std::result::Result<u16, (u16, DeviceError)> {
+        let mut k = 0;
+        while k < n {
+            if self.in_order && self.batch_id == NO_BATCH {
+                // The common case, one used element per buffer, with the counters in
+                // registers; anything else (a batch) goes through `pop_used`.
+                let (mask, mut used_desc, mut last_used) = (self.mask, self.used_desc, self.last_used);
+                let mut freed = 0u16;
+                let start = k;
+                while k < n {
+                    let head = used_desc & mask;
+                    let (id, len) = Self::read_used_at(self.used, last_used & mask);
+                    if id != head as u32 {
+                        break;
+                    }
+                    // SAFETY (the three loads): `head <= mask < size`, each array's length.
+                    let (posted, nd, token) = unsafe {
+                        (
+                            *self.posted_len.get_unchecked(head as usize),
+                            *self.links.get_unchecked(head as usize),
+                            *self.tokens.get_unchecked(head as usize),
+                        )
+                    };
+                    if len > posted {
+                        break;
+                    }
+                    used_desc = used_desc.wrapping_add(nd);
+                    last_used = last_used.wrapping_add(1);
+                    freed += nd;
+                    k += 1;
+                    sink.used(token, len);
+                }
+                self.used_desc = used_desc;
+                self.last_used = last_used;
+                self.nfree += freed;
+                self.heads -= k - start;
+                if k == n {
+                    break;
+                }
+            }
+            match self.pop_used() {
+                Ok((token, len)) => sink.used(token, len),
+                Err(e) => return Err((k, e)),
+            }
+            k += 1;
+        }
+        Ok(k)
+    }
+
+    /// Takes `n` used buffers' tokens (at most what [`poll_used`](Self::poll_used)
+    /// allowed), passing each to `sink` in order: the burst form of
+    /// [`pop_used_token`](Self::pop_used_token) (in in-order mode it reads no used
+    /// element).
+    #[inline(always)]
+    pub fn pop_used_tokens(&mut self, n: u16, sink: &mut impl TokenSink) -> std::result::Result<u16, (u16, DeviceError)> {
+        if !self.in_order {
+            for k in 0..n {
+                match self.pop_used() {
+                    Ok((t, _)) => sink.token(t),
+                    Err(e) => return Err((k, e)),
+                }
+            }
+            return Ok(n);
+        }
+        let (mask, mut used_desc) = (self.mask, self.used_desc);
+        let mut freed = 0u16;
+        for _ in 0..n {
+            let head = used_desc & mask;
+            // SAFETY: `head <= mask < size`, each array's length.
+            let (nd, token) =
+                unsafe { (*self.links.get_unchecked(head as usize), *self.tokens.get_unchecked(head as usize)) };
+            used_desc = used_desc.wrapping_add(nd);
+            freed += nd;
+            sink.token(token);
+        }
+        self.used_desc = used_desc;
+        self.last_used = self.last_used.wrapping_add(n);
+        self.nfree += freed;
+        self.heads -= n;
+        Ok(n)
+    }
+
     /// Tokens of every buffer still in flight (to return them to the pool at close).
     pub fn drain_in_flight(&mut self) -> impl Iterator<Item = u32> + '_ {
+        let mut out = Vec::with_capacity(self.heads as usize);
+        if self.in_order {
+            let mut pos = self.used_desc;
+            for _ in 0..self.heads {
+                let head = pos & self.mask;
+                out.push(self.tokens[head as usize]);
+                pos = pos.wrapping_add(self.links[head as usize]);
+            }
+        } else {
+            out.extend(self.tokens.iter_mut().filter(|t| **t != NO_TOKEN).map(|t| std::mem::replace(t, NO_TOKEN)));
+        }
         self.heads = 0;
-        self.tokens.iter_mut().filter(|t| **t != NO_TOKEN).map(|t| std::mem::replace(t, NO_TOKEN))
+        out.into_iter()
     }
 }
 
@@ -333,6 +658,7 @@ impl DriverRing {
 #[cfg(test)]
 pub(crate) mod fake {
     use super::*;
+    use crate::layout::Descriptor;
 
     /// The device side of one [`DriverRing`].
     pub(crate) struct FakeDevice {
@@ -424,7 +750,7 @@ mod tests {
 
     fn ring(size: u16, event_idx: bool) -> DriverRing {
         let arena = Arc::new(DmaArena::new(1 << 20, false).unwrap());
-        DriverRing::new(&arena, size, event_idx).unwrap()
+        DriverRing::new(&arena, size, RingFeatures { event_idx, in_order: false }).unwrap()
     }
 
     /// Plays the device: completes `n` avail entries in order with `len`.
@@ -583,5 +909,246 @@ mod tests {
             kicks += r.publish() as u32;
         }
         assert_eq!(kicks, 1, "only the publish that moved avail idx past 3 (2 -> 4) kicks");
+    }
+
+    fn ring_in_order(size: u16) -> DriverRing {
+        let arena = Arc::new(DmaArena::new(1 << 20, false).unwrap());
+        DriverRing::new(&arena, size, RingFeatures { event_idx: false, in_order: true }).unwrap()
+    }
+
+    /// Plays an in-order device that returns `n` buffers with a single used element
+    /// naming the last one (§2.7.9), and advances the used index by `n`.
+    fn complete_batch(r: &DriverRing, from_avail: u16, n: u16, len: u32) {
+        let used_idx = r.u16_at(r.used, layout::USED_IDX).load(Ordering::Relaxed);
+        let last = from_avail.wrapping_add(n - 1) & r.mask;
+        // SAFETY: test-only reads/writes inside the ring areas.
+        unsafe {
+            let id = std::ptr::read_volatile(r.avail.add(layout::avail_entry(last)) as *const u16);
+            let e = r.used.add(layout::used_entry(used_idx & r.mask)) as *mut u32;
+            std::ptr::write_volatile(e, id as u32);
+            std::ptr::write_volatile(e.add(1), len);
+        }
+        r.u16_at(r.used, layout::USED_IDX).store(used_idx.wrapping_add(n), Ordering::Release);
+    }
+
+    fn avail_entry(r: &DriverRing, slot: u16) -> u16 {
+        r.u16_at(r.avail, layout::avail_entry(slot & r.mask)).load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn in_order_takes_descriptors_in_table_order_across_wraps() {
+        let mut r = ring_in_order(8);
+        assert!(r.in_order());
+        let mut avail = 0u16;
+        let mut next_id = 0u16;
+        for round in 0..50u32 {
+            let n = (round % 8 + 1) as u16;
+            for k in 0..n {
+                let id = r.post(0x1000 + k as u64, 100, true, Some(round * 100 + k as u32)).unwrap();
+                assert_eq!(id, next_id & 7, "descriptors are taken in table order");
+                next_id = next_id.wrapping_add(1);
+            }
+            r.publish();
+            for k in 0..n {
+                assert_eq!(avail_entry(&r, avail.wrapping_add(k)), avail.wrapping_add(k) & 7);
+            }
+            complete(&r, avail, n, 60);
+            avail = avail.wrapping_add(n);
+            assert_eq!(r.poll_used().unwrap(), n);
+            for k in 0..n {
+                assert_eq!(r.pop_used().unwrap(), (round * 100 + k as u32, 60));
+            }
+            assert_eq!((r.free_count(), r.in_flight()), (8, 0));
+        }
+        for _ in 0..8 {
+            assert!(r.post(0, 1, false, None).is_some());
+        }
+        assert!(r.post(0, 1, false, None).is_none(), "full");
+    }
+
+    #[test]
+    fn in_order_batch_with_one_used_element() {
+        let mut r = ring_in_order(8);
+        for k in 0..5u32 {
+            r.post(0x1000, 100 + k, true, Some(10 + k));
+        }
+        r.publish();
+        complete_batch(&r, 0, 5, 60);
+        assert_eq!(r.poll_used(), Ok(5));
+        // The buffers before the batch's last count as used whole.
+        for k in 0..4u32 {
+            assert_eq!(r.pop_used(), Ok((10 + k, 100 + k)));
+        }
+        assert_eq!(r.pop_used(), Ok((14, 60)));
+        assert_eq!((r.free_count(), r.in_flight()), (8, 0));
+        // The next completion is written where the batch ended; a batch may also be taken
+        // over two bursts.
+        for k in 0..6u32 {
+            r.post(0x1000, 100, true, Some(20 + k));
+        }
+        r.publish();
+        complete(&r, 5, 2, 7);
+        complete_batch(&r, 7, 4, 9);
+        assert_eq!(r.poll_used(), Ok(6));
+        assert_eq!(r.pop_used(), Ok((20, 7)));
+        assert_eq!(r.pop_used(), Ok((21, 7)));
+        assert_eq!(r.pop_used(), Ok((22, 100)));
+        assert_eq!(r.poll_used(), Ok(3));
+        assert_eq!(r.pop_used(), Ok((23, 100)));
+        assert_eq!(r.pop_used(), Ok((24, 100)));
+        assert_eq!(r.pop_used(), Ok((25, 9)));
+        assert_eq!(r.poll_used(), Ok(0));
+    }
+
+    #[test]
+    fn in_order_transmit_reclaim_reads_no_used_element() {
+        let mut r = ring_in_order(8);
+        for round in 0..20u32 {
+            for k in 0..5u32 {
+                r.post(0x1000, 64, false, Some(round * 10 + k));
+            }
+            r.publish();
+            // The device moves the used index only: the elements hold garbage.
+            // SAFETY: test-only writes inside the used ring.
+            unsafe {
+                for s in 0..8 {
+                    let e = r.used.add(layout::used_entry(s)) as *mut u32;
+                    std::ptr::write_volatile(e, 0xdead_beef);
+                    std::ptr::write_volatile(e.add(1), u32::MAX);
+                }
+            }
+            let used = r.u16_at(r.used, layout::USED_IDX).load(Ordering::Relaxed);
+            r.u16_at(r.used, layout::USED_IDX).store(used.wrapping_add(5), Ordering::Release);
+            assert_eq!(r.poll_used(), Ok(5));
+            for k in 0..5u32 {
+                assert_eq!(r.pop_used_token(), Ok(round * 10 + k));
+            }
+            assert_eq!((r.free_count(), r.in_flight()), (8, 0));
+        }
+    }
+
+    #[test]
+    fn in_order_rejects_bad_used_entries() {
+        // Out of range.
+        let mut r = ring_in_order(8);
+        r.post(0x1000, 100, true, Some(7));
+        r.publish();
+        write_used(&r, 9, 10);
+        assert_eq!(r.pop_used(), Err(DeviceError::UsedIdOutOfRange { id: 9 }));
+        // A position that is not in flight (behind us, or never posted).
+        let mut r = ring_in_order(8);
+        r.post(0x1000, 100, true, Some(7));
+        r.post(0x1000, 100, true, Some(8));
+        r.publish();
+        write_used(&r, 2, 10);
+        assert_eq!(r.pop_used(), Err(DeviceError::UsedIdNotInFlight { id: 2 }));
+        let mut r = ring_in_order(8);
+        r.post(0x1000, 100, true, Some(7));
+        r.post(0x1000, 100, true, Some(8));
+        r.publish();
+        write_used(&r, 0, 10);
+        write_used(&r, 0, 10);
+        assert_eq!(r.pop_used(), Ok((7, 10)));
+        assert_eq!(r.pop_used(), Err(DeviceError::UsedIdNotInFlight { id: 0 }), "a double completion");
+        // Too long.
+        let mut r = ring_in_order(8);
+        r.post(0x1000, 100, true, Some(7));
+        r.publish();
+        write_used(&r, 0, 101);
+        assert_eq!(r.pop_used(), Err(DeviceError::UsedLenTooLarge { len: 101, posted: 100 }));
+        // The index jumping past what is in flight.
+        let mut r = ring_in_order(8);
+        r.post(0x1000, 100, true, Some(7));
+        r.publish();
+        let used = r.u16_at(r.used, layout::USED_IDX).load(Ordering::Relaxed);
+        r.u16_at(r.used, layout::USED_IDX).store(used.wrapping_add(2), Ordering::Release);
+        assert_eq!(r.poll_used(), Err(DeviceError::UsedIdxJump { moved: 2, in_flight: 1 }));
+    }
+
+    #[test]
+    fn in_order_chains_take_consecutive_descriptors_and_wrap() {
+        let mut r = ring_in_order(8);
+        let mut dev = fake::FakeDevice::new(&r);
+        // Move the table position to 6 with single buffers.
+        for t in 0..6u32 {
+            r.post(0x100, 1, false, Some(t));
+        }
+        r.publish();
+        for _ in 0..6 {
+            let (h, _) = dev.pop_avail().unwrap();
+            dev.push_used(h as u32, 0);
+        }
+        assert_eq!(r.poll_used(), Ok(6));
+        for t in 0..6u32 {
+            assert_eq!(r.pop_used_token(), Ok(t));
+        }
+        let head = r.post_chain(&[(0x1000, 2, false), (0x2000, 6, false), (0x3000, 1, true)], 77).unwrap();
+        assert_eq!(head, 6);
+        let single = r.post(0x4000, 9, true, Some(78)).unwrap();
+        assert_eq!(single, 1, "after the chain's 6, 7, 0");
+        r.publish();
+        let (h, chain) = dev.pop_avail().unwrap();
+        assert_eq!(h, 6);
+        // SAFETY: test-only read of the table: the chain's links are x + 1, wrapping to 0.
+        let next_of = |id: usize| unsafe {
+            std::ptr::read_volatile(r.desc.add(id * layout::DESC_SIZE + 14) as *const u16)
+        };
+        assert_eq!((next_of(6), next_of(7)), (7, 0));
+        let got: Vec<(u64, u32, u16)> = chain.iter().map(|d| (d.addr, d.len, d.flags)).collect();
+        assert_eq!(got, vec![(0x1000, 2, DESC_F_NEXT), (0x2000, 6, DESC_F_NEXT), (0x3000, 1, DESC_F_WRITE)]);
+        assert_eq!(r.free_count(), 4);
+        dev.push_used(6, 1);
+        let (h2, _) = dev.pop_avail().unwrap();
+        dev.push_used(h2 as u32, 9);
+        assert_eq!(r.poll_used(), Ok(2));
+        assert_eq!(r.pop_used(), Ok((77, 1)));
+        assert_eq!(r.pop_used(), Ok((78, 9)));
+        assert_eq!((r.free_count(), r.in_flight()), (8, 0));
+        // Drain sees in-flight tokens in order.
+        r.post_chain(&[(0, 1, false), (0, 1, true)], 5).unwrap();
+        r.post(0, 1, true, Some(6)).unwrap();
+        assert_eq!(r.drain_in_flight().collect::<Vec<_>>(), vec![5, 6]);
+    }
+
+    proptest::proptest! {
+        /// In-order mode against a model: random bursts of posts and random completions,
+        /// each either one element per buffer or one element per batch; every token comes
+        /// back once, in order, with the right length.
+        #[test]
+        fn in_order_matches_a_model(ops in proptest::collection::vec((1u16..=16, 0u16..=16, proptest::bool::ANY), 1..200)) {
+            let mut r = ring_in_order(16);
+            let mut posted = std::collections::VecDeque::new();
+            let mut next_token = 0u32;
+            let mut avail = 0u16;
+            for (post, done, batch) in ops {
+                let post = post.min(r.free_count());
+                for _ in 0..post {
+                    r.post(0x1000, 1000 + next_token % 7, true, Some(next_token)).unwrap();
+                    posted.push_back(next_token);
+                    next_token += 1;
+                }
+                r.publish();
+                let done = done.min(posted.len() as u16);
+                if done == 0 {
+                    continue;
+                }
+                let expect: Vec<(u32, u32)> = if batch {
+                    complete_batch(&r, avail, done, 5);
+                    (0..done).map(|k| {
+                        let t = posted.pop_front().unwrap();
+                        (t, if k + 1 == done { 5 } else { 1000 + t % 7 })
+                    }).collect()
+                } else {
+                    complete(&r, avail, done, 5);
+                    (0..done).map(|_| (posted.pop_front().unwrap(), 5)).collect()
+                };
+                avail = avail.wrapping_add(done);
+                proptest::prop_assert_eq!(r.poll_used(), Ok(done));
+                let got: Vec<(u32, u32)> = (0..done).map(|_| r.pop_used().unwrap()).collect();
+                proptest::prop_assert_eq!(got, expect);
+                proptest::prop_assert_eq!(r.in_flight() as usize, posted.len());
+                proptest::prop_assert_eq!(r.free_count() as usize, 16 - posted.len());
+            }
+        }
     }
 }

@@ -158,6 +158,9 @@ impl App {
                 let mut pc = PortConfig::virtio_user(&v.path);
                 pc.ring_size = v.queue_size;
                 pc.mac = v.mac;
+                if !v.in_order {
+                    pc.features &= !driver::layout::features::bit(driver::layout::features::IN_ORDER);
+                }
                 (pc, v.path.display().to_string())
             }),
         );

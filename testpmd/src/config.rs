@@ -109,7 +109,7 @@ impl FromStr for XdpProg {
     }
 }
 
-/// A virtio-user port from `--vdev virtio_user<N>,path=SOCK[,queues=N][,queue_size=N][,mac=..][,packed_vq=0|1]`.
+/// A virtio-user port from `--vdev virtio_user<N>,path=SOCK[,queues=N][,queue_size=N][,mac=..][,packed_vq=0|1][,in_order=0|1]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VdevSpec {
     /// The back-end socket.
@@ -120,6 +120,9 @@ pub struct VdevSpec {
     pub queue_size: u16,
     /// MAC to use if the device reports none.
     pub mac: Option<[u8; 6]>,
+    /// Negotiate `VIRTIO_F_IN_ORDER` when the device offers it (DPDK's `in_order=`,
+    /// default 1).
+    pub in_order: bool,
 }
 
 /// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
@@ -146,7 +149,7 @@ pub fn parse_vdev(s: &str) -> Result<VdevSpec, String> {
             "--vdev {s}: only virtio_user devices are supported (e.g. virtio_user0,path=/tmp/sock)"
         ));
     }
-    let mut spec = VdevSpec { path: PathBuf::new(), queues: None, queue_size: 256, mac: None };
+    let mut spec = VdevSpec { path: PathBuf::new(), queues: None, queue_size: 256, mac: None, in_order: true };
     for kv in parts {
         let (k, v) = kv.split_once('=').ok_or_else(|| format!("--vdev {s}: '{kv}' is not key=value"))?;
         let num =
@@ -156,6 +159,11 @@ pub fn parse_vdev(s: &str) -> Result<VdevSpec, String> {
             "queues" => spec.queues = Some(num("queues")?),
             "queue_size" => spec.queue_size = num("queue_size")?,
             "mac" => spec.mac = Some(parse_mac(v)?),
+            "in_order" => match v {
+                "0" => spec.in_order = false,
+                "1" => spec.in_order = true,
+                _ => return Err(format!("--vdev {s}: in_order must be 0 or 1")),
+            },
             "packed_vq" => match v {
                 "0" => {}
                 "1" => return Err(format!("--vdev {s}: packed_vq=1: the packed ring is not supported yet")),
@@ -201,7 +209,7 @@ pub enum StatsFormat {
         --duration seconds, then the summary."
 )]
 pub struct Args {
-    /// A virtio-user port: virtio_user0,path=SOCK[,queues=N][,queue_size=N][,mac=MAC][,packed_vq=0]
+    /// A virtio-user port: virtio_user0,path=SOCK[,queues=N][,queue_size=N][,mac=MAC][,packed_vq=0][,in_order=0|1]
     #[arg(long = "vdev", value_name = "DEVARGS")]
     pub vdev: Vec<String>,
     /// A VFIO-PCI port by PCI address (BDF), e.g. 0000:00:03.0.
@@ -434,6 +442,7 @@ mod tests {
         assert!(err(&["--rxq=2", "--txq=1"]).contains("differ"));
         assert!(err(&["--vdev", "virtio_user0"]).contains("path=SOCKET is required"));
         assert!(err(&["--vdev", "virtio_user0,path=/x,packed_vq=1"]).contains("packed ring is not supported"));
+        assert!(err(&["--vdev", "virtio_user0,path=/x,in_order=2"]).contains("in_order must be 0 or 1"));
         assert!(err(&["--vdev", "virtio_user0,path=/x,queue_size=100"]).contains("power of two"));
         assert!(err(&["--vdev", "net_tap0,iface=x"]).contains("only virtio_user"));
         assert!(err(&["--vdev", "virtio_user0,path=/x,bogus=1"]).contains("unknown argument 'bogus'"));

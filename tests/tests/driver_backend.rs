@@ -239,14 +239,32 @@ fn finish_reflect(port: driver::Port, qp: QueuePair, backend: Backend, sock: &Pa
 }
 
 /// `reflect --swap-mac`, one thread: N distinct frames out, the same N back in order,
-/// each equal byte for byte to what was sent with the MAC addresses swapped.
+/// each equal byte for byte to what was sent with the MAC addresses swapped. The backend
+/// offers `VIRTIO_F_IN_ORDER` and the driver takes it by default.
 #[test]
 fn reflect_swap_mac_returns_every_frame() {
+    reflect_one_thread(true);
+}
+
+/// As above with `VIRTIO_F_IN_ORDER` left out (DPDK's `in_order=0`): the driver's
+/// any-order bookkeeping (free stack, every used element read).
+#[test]
+fn reflect_swap_mac_returns_every_frame_without_in_order() {
+    reflect_one_thread(false);
+}
+
+fn reflect_one_thread(in_order: bool) {
     let _serial = serial();
     let dir = TempDir::new("drv-reflect");
     let sock = dir.join("reflect.sock");
     let backend = start_backend("reflect", &sock, &["--swap-mac"]);
-    let mut port = open_default(&sock);
+    let in_order_bit = driver::layout::features::bit(driver::layout::features::IN_ORDER);
+    let mut cfg = PortConfig::virtio_user(&sock);
+    if !in_order {
+        cfg.features &= !in_order_bit;
+    }
+    let mut port = open(cfg).unwrap_or_else(|e| panic!("Port::open({sock:?}): {e}"));
+    assert_eq!(port.info().features & in_order_bit != 0, in_order, "IN_ORDER negotiated: {:#x}", port.info().features);
     let mut qp = port.queue_pair(0).expect("queue pair 0");
     let pool = port.pool().clone();
 
