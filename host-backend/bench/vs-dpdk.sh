@@ -7,10 +7,11 @@
 # Runs are interleaved (ours, DPDK, ours, DPDK, ...) because DPDK's rate on this kind of
 # machine jumps between a fast and a slow level; every run is sampled once a second.
 #
-# Usage (as root, from the repository root, after `cargo build --release -p host-backend`):
+# Usage (as root, from the repository root, after `cargo build --release -p host-backend
+# -p testpmd && cargo build --release -p host-backend --example core_rtt`):
 #   host-backend/bench/vs-dpdk.sh
 # Environment: RUNS=3 DUR=5 WARM=2 SIZES="64 1514"
-#   MODES="be-gtx be-grx be-loop fe-gtx fe-grx fe-loop"
+#   MODES="be-gtx be-grx be-loop fe-gtx fe-grx fe-loop e2e-gtx e2e-grx e2e-loop"
 #   HOST_CPU=1 GUEST_CPU=0 BIN=target/release/host-backend PMD=target/release/testpmd
 #   PMD_ARGS="--hugepages" (extra arguments of our testpmd: by default its DMA arena is
 #   in 2 MiB hugepages, as DPDK's memory always is)
@@ -22,6 +23,12 @@
 #   fe-grx: DPDK vhost txonly -> front-end rxonly (ours / DPDK)          metric: vhost Tx-pps
 #   fe-loop: front-end macswap, 32 bursts injected (ours --tx-first 32 / DPDK start tx_first 32)
 #            <-> DPDK vhost io                                           metric: vhost Rx-pps
+#   e2e-*: the whole path, ours on both sides (our testpmd on our backend) against DPDK on
+#          both sides (virtio-user on net_vhost); metric read on the front-end testpmd
+#          (ours prints it with --stats-period 1):
+#   e2e-gtx: txonly -> sink / rxonly                                     metric: Tx-pps
+#   e2e-grx: gen / txonly -> rxonly                                      metric: Rx-pps
+#   e2e-loop: macswap, 32 bursts injected <-> reflect / io               metric: Rx-pps
 # The loops are DPDK's loopback of ../shared/notes/dpdk.md with the injecting side on the
 # virtio-user end, so that the back-end contenders (our reflect, DPDK's io) do the same
 # thing: return every frame they receive.
@@ -30,23 +37,29 @@
 # 1500-byte MTU, which our testpmd and backend enforce (DPDK's notes use 1518).
 # Output: one line per (mode, size, backend): median/min/max of the run means, and
 # p10/p50/p90 of all 1-second samples plus how many samples sat below half the p90
-# (the slow level); then the ratio ours/DPDK of the p90s and of the medians.
+# (the slow level); then the ratio ours/DPDK of the p90s and of the medians; then, per
+# contender, each run's mean with the machine's core-to-core round trip measured just
+# before and just after it (RTT, examples/core_rtt.rs): on this VM that round trip sits
+# near 100 ns or near 500 ns and moves between the two as the host places the vCPUs,
+# and every forwarding rate here follows it.
 set -u
 RUNS=${RUNS:-3}
 DUR=${DUR:-5}
 WARM=${WARM:-2}
 SIZES=${SIZES:-"64 1514"}
-MODES=${MODES:-"be-gtx be-grx be-loop fe-gtx fe-grx fe-loop"}
+MODES=${MODES:-"be-gtx be-grx be-loop fe-gtx fe-grx fe-loop e2e-gtx e2e-grx e2e-loop"}
 HOST_CPU=${HOST_CPU:-1}
 GUEST_CPU=${GUEST_CPU:-0}
 BIN=${BIN:-target/release/host-backend}
 PMD=${PMD:-target/release/testpmd}
 PMD_ARGS=${PMD_ARGS---hugepages}
+RTT=${RTT:-target/release/examples/core_rtt}
 
 [ "$(id -u)" = 0 ] || { echo "vs-dpdk.sh: must run as root (hugepages)" >&2; exit 1; }
 command -v dpdk-testpmd >/dev/null || { echo "vs-dpdk.sh: dpdk-testpmd missing (apt-get install dpdk-dev)" >&2; exit 1; }
 [ -x "$BIN" ] || { echo "vs-dpdk.sh: $BIN missing (cargo build --release -p host-backend)" >&2; exit 1; }
 [ -x "$PMD" ] || { echo "vs-dpdk.sh: $PMD missing (cargo build --release -p testpmd)" >&2; exit 1; }
+[ -x "$RTT" ] || { echo "vs-dpdk.sh: $RTT missing (cargo build --release -p host-backend --example core_rtt)" >&2; exit 1; }
 [ "$(awk '/HugePages_Free/ {print $2}' /proc/meminfo)" -ge 400 ] || { echo "vs-dpdk.sh: need >= 400 free 2 MiB hugepages" >&2; exit 1; }
 
 WORK=$(mktemp -d /tmp/vnet-bench.XXXXXX)
@@ -150,11 +163,45 @@ run_one() {
         sleep 0.2; [ "$sc" = fe-loop ] || echo start >&7
         sample 7
         log=$WORK/$tag.host.log; key=Rx-pps; [ "$sc" = fe-grx ] && key=Tx-pps ;;
+    e2e-gtx|e2e-grx|e2e-loop)
+        local kind=sink hfwd=rxonly gfwd=txonly txfirst=""
+        [ "$sc" = e2e-grx ] && { kind=gen; hfwd=txonly; gfwd=rxonly; }
+        [ "$sc" = e2e-loop ] && { kind=reflect; hfwd=io; gfwd=macswap; txfirst=32; }
+        key=Rx-pps; [ "$sc" = e2e-gtx ] && key=Tx-pps
+        if [ "$who" = ours ]; then
+            "$BIN" --port "$kind:$SOCK" --cores "$HOST_CPU" --poll-us 0 --pkt-size "$size" \
+                >"$WORK/$tag.host.log" 2>&1 &
+            HPID=$!; PIDS=$HPID
+            wait_for "$WORK/$tag.host.log" "listening on" 10 || return 1
+            # Our testpmd prints its statistics once a second (--stats-period 1): the
+            # first WARM are the warm-up, the next DUR the samples.
+            "$PMD" --vdev "virtio_user0,path=$SOCK" --forward-mode "$gfwd" --txpkts "$size" --cores "$GUEST_CPU" \
+                ${txfirst:+--tx-first $txfirst} $PMD_ARGS --stats-period 1 --duration $(( WARM + DUR + 1 )) \
+                >"$WORK/$tag.guest.log" 2>&1 &
+            GPID=$!; PIDS="$HPID $GPID"
+            wait "$GPID" 2>/dev/null
+            stop_all
+            awk -v k="$key:" -v w="$WARM" -v d="$DUR" '$1 == k {n++; if (n > w && n <= w + d) print $2}' \
+                "$WORK/$tag.guest.log" >"$WORK/$tag.samples"
+            [ -s "$WORK/$tag.samples" ] || return 1
+            return 0
+        fi
+        start_dpdk_vhost "$hfwd" "$size" "$tag" || return 1
+        PIDS=$HPID; echo start >&7
+        start_dpdk_virtio "$gfwd" "$size" "$tag" || return 1
+        PIDS="$HPID $GPID"
+        sleep 0.2; echo "start${txfirst:+ tx_first $txfirst}" >&8
+        sample 8
+        log=$WORK/$tag.guest.log ;;
     *) echo "unknown scenario $sc" >&2; return 1 ;;
     esac
     stop_all
     awk -v k="$key:" '$1 == k {n++; if (n > 1) print $2}' "$log" >"$WORK/$tag.samples"
     [ -s "$WORK/$tag.samples" ] || return 1
+}
+
+rtt() { # the machine's core-to-core round trip now, in ns ("-" if it cannot be measured)
+    "$RTT" "$GUEST_CPU" "$HOST_CPU" 0.3 2>/dev/null | sed -n 's/^rtt_ns=\([0-9]*\).*/\1/p' | grep . || echo -
 }
 
 summary() { # files... -> "median min max | p10 p50 p90 slow"
@@ -178,7 +225,10 @@ for mode in $MODES; do
     for size in $SIZES; do
         for r in $(seq "$RUNS"); do
             for be in ours dpdk; do
-                run_one "$be" "$mode" "$size" "${mode}_${size}_${be}_$r" >/dev/null || { echo "# run $be $mode $size #$r failed" >&2; stop_all; }
+                tag="${mode}_${size}_${be}_$r"
+                rtt_before=$(rtt)
+                run_one "$be" "$mode" "$size" "$tag" >/dev/null || { echo "# run $be $mode $size #$r failed" >&2; stop_all; }
+                echo "$rtt_before $(rtt)" >"$WORK/$tag.rtt"
             done
         done
         declare -A res
@@ -189,6 +239,36 @@ for mode in $MODES; do
             set -- ${res[$be]}
             printf "%s %sB %-4s: median %s (min %s max %s) | 1s p10/p50/p90 %s/%s/%s | slow samples %s\n" \
                 "$mode" "$size" "$be" "$1" "$2" "$3" "$4" "$5" "$6" "$7"
+        done
+        for be in ours dpdk; do
+            runs=""
+            for r in $(seq "$RUNS"); do
+                tag="${mode}_${size}_${be}_$r"
+                [ -s "$WORK/$tag.samples" ] || continue
+                runs="$runs $(awk '{s+=$1; n++} END {printf "%.2f", s/n/1e6}' "$WORK/$tag.samples")@$(tr ' ' / <"$WORK/$tag.rtt")"
+            done
+            echo "$mode ${size}B $be runs (Mpps@RTT ns before/after):$runs"
+        done
+        # The runs whose RTT before and after both sat on one machine level (fast: under
+        # 200 ns, slow: over 300 ns), compared level by level.
+        for lvl in fast slow; do
+            line=""
+            for be in ours dpdk; do
+                line="$line $be $(for r in $(seq "$RUNS"); do
+                    tag="${mode}_${size}_${be}_$r"
+                    [ -s "$WORK/$tag.samples" ] || continue
+                    read -r b a <"$WORK/$tag.rtt"
+                    case "$b$a" in *-*) continue ;; esac
+                    if { [ $lvl = fast ] && [ "$b" -lt 200 ] && [ "$a" -lt 200 ]; } ||
+                        { [ $lvl = slow ] && [ "$b" -gt 300 ] && [ "$a" -gt 300 ]; }; then
+                        awk '{s+=$1; n++} END {printf "%.4f\n", s/n/1e6}' "$WORK/$tag.samples"
+                    fi
+                done | awk '{s+=$1; n++} END {if (n) printf "%.2f(%d)", s/n, n; else printf "-(0)"}')"
+            done
+            echo "$line" | awk -v t="$mode ${size}B" -v l="$lvl" '{
+                split($2, o, "("); split($4, d, "(");
+                r = (o[1] != "-" && d[1] != "-" && d[1] > 0) ? sprintf("%.2fx", o[1] / d[1]) : "-";
+                printf "%s on the %s machine level: ours %s dpdk %s (mean Mpps (runs)), ratio %s\n", t, l, $2, $4, r }'
         done
         if [ -n "${res[ours]}" ] && [ -n "${res[dpdk]}" ]; then
             set -- ${res[ours]}; om=$1; o90=$6
