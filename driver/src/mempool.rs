@@ -248,6 +248,16 @@ impl Mempool {
         (p, i.arena.iova(p))
     }
 
+    /// Pointer to the virtio-net header slot of `p`, a packet of this pool (the pool's
+    /// geometry is read through this handle, so a loop over packets reads it once).
+    #[inline]
+    pub(crate) fn header_ptr(&self, p: &Packet) -> *mut u8 {
+        debug_assert!(self.owns(p));
+        // SAFETY: `p` is this pool's (its `off >= NET_HDR_LEN`, the headroom
+        // invariant): the slot is inside its buffer.
+        unsafe { self.inner().buf_ptr(p.idx).add(p.off as usize - NET_HDR_LEN) }
+    }
+
     /// Whether the device this pool serves can reach `p`'s buffer (it lives in the same
     /// DMA arena).
     pub fn reaches(&self, p: &Packet) -> bool {
@@ -480,10 +490,17 @@ impl Packet {
     }
     /// Device address and pointer of the packet's virtio-net header slot (the 12 bytes
     /// just before the data).
+    #[inline]
     pub(crate) fn header_slot(&self) -> (*mut u8, u64) {
-        // SAFETY: `off >= NET_HDR_LEN` (headroom invariant), inside the buffer.
-        let p = unsafe { self.base().add(self.off as usize - NET_HDR_LEN) };
+        let p = self.header_ptr();
         (p, self.inner().arena.iova(p))
+    }
+
+    /// Pointer to the packet's virtio-net header slot.
+    #[inline]
+    pub(crate) fn header_ptr(&self) -> *mut u8 {
+        // SAFETY: `off >= NET_HDR_LEN` (headroom invariant), inside the buffer.
+        unsafe { self.base().add(self.off as usize - NET_HDR_LEN) }
     }
 }
 

@@ -709,6 +709,8 @@ pub struct TxQueue {
     inflight: Box<[Option<Packet>]>,
     error: Option<DeviceError>,
     stopped: Stopped,
+    /// The CPU has a write prefetch (see `crate::prefetch`).
+    prefetchw: bool,
 }
 
 /// The packets of one transmit burst, moved out of the caller's vector into
@@ -716,6 +718,11 @@ pub struct TxQueue {
 struct TxSource<'a> {
     /// The first packet of the burst; the vector's length is 0 meanwhile.
     pkts: *const Packet,
+    /// The pool every packet of the burst comes from.
+    pool: &'a Mempool,
+    /// Device address minus host address in the pool, when that is one constant (see
+    /// [`Mempool::linear_iova`]).
+    iova_delta: Option<u64>,
     inflight: &'a mut [Option<Packet>],
     bytes: u64,
 }
@@ -726,15 +733,24 @@ impl PostSource for TxSource<'_> {
         // SAFETY: `k` < the burst's count <= the packets initialized behind `pkts`, and
         // each is read out exactly once (`tx_burst`).
         let p = unsafe { std::ptr::read(self.pkts.add(k)) };
-        let (hdr, iova) = p.header_slot();
+        let hdr = self.pool.header_ptr(&p);
+        let iova = match self.iova_delta {
+            Some(d) => (hdr as u64).wrapping_add(d),
+            None => p.header_slot().1,
+        };
         // SAFETY: the 12 bytes before the data are this packet's header slot (the pool
         // keeps `off >= NET_HDR_LEN`); the packet is ours until posted.
         unsafe { std::ptr::write_bytes(hdr, 0, NET_HDR_LEN) };
         let len = p.len() as u32 + NET_HDR_LEN as u32;
         self.bytes += p.len() as u64;
         // The descriptor id (< ring size = `inflight.len()`) is the token: the packet
-        // waits in `inflight[id]`.
-        self.inflight[id as usize] = Some(p);
+        // waits in `inflight[id]`, which is empty (a descriptor is free only once its
+        // packet was taken out by `reclaim`): written without dropping the old value.
+        let slot = &mut self.inflight[id as usize];
+        debug_assert!(slot.is_none());
+        // SAFETY: `slot` is a valid, aligned `Option<Packet>`; overwriting `None` leaks
+        // nothing.
+        unsafe { std::ptr::write(slot, Some(p)) };
         (iova, len, id as u32)
     }
 }
@@ -758,7 +774,7 @@ impl TokenSink for ReclaimSink<'_> {
 impl TxQueue {
     pub(crate) fn new(ring: DriverRing, pool: Mempool, stats: Arc<PairStats>, stopped: Stopped) -> Self {
         let inflight = (0..ring.size()).map(|_| None).collect();
-        TxQueue { ring, pool, stats, inflight, error: None, stopped }
+        TxQueue { ring, pool, stats, inflight, error: None, stopped, prefetchw: crate::prefetch::write_supported() }
     }
 
     /// Reclaims buffers the device has finished with (in one batch per pool lock);
@@ -802,16 +818,27 @@ impl TxQueue {
         }
         let k = pkts.len().min(self.ring.free_count() as usize);
         // The common case, every packet from this port's pool, in one ring loop; packets
-        // from elsewhere (which may need a copy) take the general loop.
-        if !pkts[..k].iter().all(|p| self.pool.owns(p)) {
-            return self.tx_general(pkts, k);
+        // from elsewhere (which may need a copy) take the general loop. The same pass
+        // asks for every header line, so that their transfers overlap instead of queueing
+        // behind each other in the ring loop.
+        for p in &pkts[..k] {
+            if !self.pool.owns(p) {
+                return self.tx_general(pkts, k);
+            }
+            crate::prefetch::write(self.pool.header_ptr(p), self.prefetchw);
         }
         let total = pkts.len();
         // The vector forgets its packets while the first `k` are moved out (a panic in
         // between would leak them, never drop one twice).
         // SAFETY: shrinking the length only.
         unsafe { pkts.set_len(0) };
-        let mut src = TxSource { pkts: pkts.as_ptr(), inflight: &mut self.inflight, bytes: 0 };
+        let mut src = TxSource {
+            pkts: pkts.as_ptr(),
+            pool: &self.pool,
+            iova_delta: self.pool.linear_iova().map(|(base, _)| base.wrapping_sub(self.pool.buf(0).0 as u64)),
+            inflight: &mut self.inflight,
+            bytes: 0,
+        };
         let sent = self.ring.post_burst(k as u16, false, &mut src) as usize;
         let (bytes, base) = (src.bytes, src.pkts);
         debug_assert_eq!(sent, k, "free descriptors were counted above");
