@@ -8,10 +8,11 @@
 //!
 //! # The device
 //!
-//! `evil-device SOCKET MODE [--good N] [--lifetime SECS]` listens on `SOCKET`, serves one
+//! `evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order]` listens on `SOCKET`, serves one
 //! front-end with the `vhost` crate's back-end request handler and exits when it goes
 //! away (or after `--lifetime` seconds, default 60, so that no test can hang on it). It
-//! offers `VERSION_1 | MAC | STATUS | MTU | VHOST_USER_F_PROTOCOL_FEATURES`, the protocol
+//! offers `VERSION_1 | MAC | STATUS | MTU | VHOST_USER_F_PROTOCOL_FEATURES` (plus
+//! `VIRTIO_F_IN_ORDER` with `--in-order`: it always uses buffers in order), the protocol
 //! features `MQ | REPLY_ACK | CONFIG`, and a config space with a fixed MAC
 //! ([`DEVICE_MAC`]), link up, one queue pair and MTU 1500. It maps the front-end's memory
 //! (`SET_MEM_TABLE`), translates ring addresses through each region's front-end virtual
@@ -351,6 +352,8 @@ impl Ring {
 struct State {
     mode: Mode,
     good_frames: u32,
+    /// Offer `VIRTIO_F_IN_ORDER` (`--in-order`).
+    in_order: bool,
     acked_features: u64,
     regions: Vec<Region>,
     queues: [Queue; 2],
@@ -369,10 +372,11 @@ fn stop<T>(msg: impl Into<String>) -> Result<T, Stop> {
 }
 
 impl State {
-    fn new(mode: Mode, good_frames: u32) -> State {
+    fn new(mode: Mode, good_frames: u32, in_order: bool) -> State {
         State {
             mode,
             good_frames,
+            in_order,
             acked_features: 0,
             regions: Vec::new(),
             queues: [Queue::default(), Queue::default()],
@@ -689,6 +693,13 @@ impl Shared {
 
 struct Handler(Arc<Shared>);
 
+impl Handler {
+    fn offered(&self) -> u64 {
+        let in_order = if self.0.lock().in_order { f::bit(f::IN_ORDER) } else { 0 };
+        OFFERED_FEATURES | in_order
+    }
+}
+
 const OFFERED_FEATURES: u64 = f::bit(f::VERSION_1)
     | f::bit(f::NET_MAC)
     | f::bit(f::NET_STATUS)
@@ -726,10 +737,10 @@ impl VhostUserBackendReqHandler for Handler {
         self.reset_owner()
     }
     fn get_features(&self) -> VuResult<u64> {
-        Ok(OFFERED_FEATURES)
+        Ok(self.offered())
     }
     fn set_features(&self, features: u64) -> VuResult<()> {
-        if features & !OFFERED_FEATURES != 0 {
+        if features & !self.offered() != 0 {
             return Err(VuError::InvalidParam);
         }
         self.0.lock().acked_features = features;
@@ -900,7 +911,7 @@ impl VhostUserBackendReqHandler for Handler {
 
 // ------------------------------------------------------------------------------ device main
 
-const USAGE: &str = "usage: evil-device SOCKET MODE [--good N] [--lifetime SECS]";
+const USAGE: &str = "usage: evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order]";
 
 /// The `evil-device` binary: serves one front-end on the socket in `args`, then exits.
 /// Returns the process exit code.
@@ -908,6 +919,7 @@ pub fn device_main(args: Vec<OsString>) -> i32 {
     let mut pos = Vec::new();
     let mut good = DEFAULT_GOOD_FRAMES;
     let mut lifetime = 60u64;
+    let mut in_order = false;
     let mut it = args.into_iter().map(|a| a.to_string_lossy().into_owned());
     while let Some(a) = it.next() {
         let mut num = |name: &str| -> Option<u64> {
@@ -926,6 +938,7 @@ pub fn device_main(args: Vec<OsString>) -> i32 {
                 Some(n) => lifetime = n,
                 None => return 2,
             },
+            "--in-order" => in_order = true,
             _ => pos.push(a),
         }
     }
@@ -948,7 +961,7 @@ pub fn device_main(args: Vec<OsString>) -> i32 {
         std::process::exit(3);
     });
 
-    let shared = Arc::new(Shared { state: Mutex::new(State::new(mode, good)) });
+    let shared = Arc::new(Shared { state: Mutex::new(State::new(mode, good, in_order)) });
     let mut listener = match Listener::new(sock, true) {
         Ok(l) => l,
         Err(e) => {
@@ -1040,6 +1053,11 @@ impl EvilDevice {
     /// Starts `bin` (the `evil-device` executable) in `mode` with `good` faithful frames
     /// before the misbehaviour, and waits (max 10 s) for its socket.
     pub fn spawn(bin: &Path, mode: Mode, good: u32) -> EvilDevice {
+        Self::spawn_with(bin, mode, good, false)
+    }
+
+    /// As [`spawn`](Self::spawn); `in_order` makes the device offer `VIRTIO_F_IN_ORDER`.
+    pub fn spawn_with(bin: &Path, mode: Mode, good: u32, in_order: bool) -> EvilDevice {
         let dir = TempDir::new(&format!("evil-{}", mode.name()));
         let sock = dir.join("evil.sock");
         let log_path = dir.join("evil-device.stderr");
@@ -1048,6 +1066,7 @@ impl EvilDevice {
             .arg(&sock)
             .arg(mode.name())
             .args(["--good", &good.to_string(), "--lifetime", "60"])
+            .args(in_order.then_some("--in-order"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

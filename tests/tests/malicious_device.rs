@@ -21,6 +21,12 @@
 //!
 //! A `good` test shows the evil device is a faithful device when told to be: hundreds
 //! of frames reflected byte-for-byte with exact counters.
+//!
+//! The `in_order_*` tests repeat the faults with `VIRTIO_F_IN_ORDER` negotiated (the
+//! device offers it with `--in-order`), where the driver knows which buffer a used
+//! element is for before it reads it: receive elements are still checked the same way,
+//! and the transmit reclaim reads no element at all, so only a used index that jumps
+//! past what is in flight can break the transmit queue there.
 
 use std::path::Path;
 use std::thread;
@@ -64,6 +70,7 @@ fn contains_poison(data: &[u8]) -> bool {
 
 struct Setup {
     dev: EvilDevice,
+    in_order: bool,
     cfg: PortConfig,
     port: Port,
     qp: QueuePair,
@@ -72,7 +79,11 @@ struct Setup {
 }
 
 fn open(mode: Mode) -> Setup {
-    let dev = EvilDevice::spawn(Path::new(BIN), mode, GOOD_FRAMES);
+    open_in(mode, false)
+}
+
+fn open_in(mode: Mode, in_order: bool) -> Setup {
+    let dev = EvilDevice::spawn_with(Path::new(BIN), mode, GOOD_FRAMES, in_order);
     let cfg = PortConfig::virtio_user(dev.socket());
     let mut port = Port::open(cfg.clone())
         .unwrap_or_else(|e| panic!("Port::open on the {} device: {e}; log:\n{}", mode.name(), dev.log()));
@@ -84,11 +95,12 @@ fn open(mode: Mode) -> Setup {
     let want = features::bit(features::VERSION_1)
         | features::bit(features::NET_MAC)
         | features::bit(features::NET_STATUS)
-        | features::bit(features::NET_MTU);
+        | features::bit(features::NET_MTU)
+        | if in_order { features::bit(features::IN_ORDER) } else { 0 };
     assert_eq!(info.features, want, "negotiated {:#x}", info.features);
     let qp = port.queue_pair(0).expect("queue pair 0");
     let pool = port.pool().clone();
-    Setup { dev, cfg, port, qp, pool }
+    Setup { dev, in_order, cfg, port, qp, pool }
 }
 
 impl Setup {
@@ -201,9 +213,17 @@ fn check_report(s: &Setup, mode: Mode, trigger: &[Vec<u8>], e: DeviceError) {
 }
 
 fn bad_device(mode: Mode) {
+    bad_device_in(mode, false);
+}
+
+fn bad_device_in(mode: Mode, in_order: bool) {
     let _serial = harness::serial();
     let fault = mode.fault.expect("a bad mode");
-    let mut s = open(mode);
+    let mut s = open_in(mode, in_order);
+    assert!(
+        !(in_order && mode.queue == TX_QUEUE && fault != Fault::IdxJump),
+        "in order, the transmit queue reads no used element: see in_order_tx_used_elements_are_not_read"
+    );
     let size = s.cfg.ring_size;
     s.check_pool(0, "after open");
 
@@ -466,4 +486,71 @@ fn tailroom_larger_than_the_buffer_is_refused() {
             );
         }
     }
+}
+
+#[test]
+fn in_order_rx_used_id_out_of_range() {
+    bad_device_in(rx(Fault::IdOutOfRange), true);
+}
+
+#[test]
+fn in_order_rx_used_id_twice() {
+    bad_device_in(rx(Fault::IdTwice), true);
+}
+
+#[test]
+fn in_order_rx_used_len_too_large() {
+    bad_device_in(rx(Fault::LenTooLarge), true);
+}
+
+#[test]
+fn in_order_rx_used_idx_jump() {
+    bad_device_in(rx(Fault::IdxJump), true);
+}
+
+#[test]
+fn in_order_tx_used_idx_jump() {
+    bad_device_in(tx(Fault::IdxJump), true);
+}
+
+/// In order, a transmit used element is never read (a device may write one for a whole
+/// batch, virtio 1.2 §2.7.9): an id out of range written there stops nothing, and the
+/// used index, which moved by one, frees exactly one buffer, the oldest in flight. The
+/// device then goes quiet; every buffer comes back at close.
+#[test]
+fn in_order_tx_used_elements_are_not_read() {
+    let _serial = harness::serial();
+    let mode = tx(Fault::IdOutOfRange);
+    let mut s = open_in(mode, true);
+    assert!(s.in_order);
+    let size = s.cfg.ring_size;
+    for i in 0..GOOD_FRAMES {
+        s.round_trip(&frame(SIZES[i as usize % SIZES.len()], i));
+        s.check_pool(0, "after a good round trip");
+    }
+    let trigger: Vec<Vec<u8>> = (0..TRIGGER_FRAMES).map(|k| frame(100 + k, 1000 + k as u32)).collect();
+    let mut v: Vec<Packet> = trigger.iter().map(|b| s.packet(b)).collect();
+    assert_eq!(s.qp.tx.tx_burst(&mut v), TRIGGER_FRAMES);
+    let (queue, claimed) = s.dev.wait_report(IO_TIMEOUT);
+    assert_eq!((queue, claimed), (TX_QUEUE, DeviceError::UsedIdOutOfRange { id: size as u32 }));
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while s.qp.tx.in_flight() as usize != TRIGGER_FRAMES - 1 {
+        s.qp.tx.reclaim();
+        assert!(Instant::now() < deadline, "the used index moved by one: one buffer must come back");
+        thread::yield_now();
+    }
+    let mut got: Vec<Packet> = Vec::with_capacity(32);
+    for _ in 0..DEAD_BURSTS {
+        assert_eq!(s.qp.rx.rx_burst(&mut got, 32), 0, "the device wrote nothing to the receive queue");
+        s.qp.tx.reclaim();
+    }
+    assert_eq!((s.qp.tx.error(), s.qp.rx.error()), (None, None));
+    assert_eq!(s.qp.tx.in_flight() as usize, TRIGGER_FRAMES - 1, "no more than the used index covers");
+    assert_eq!(s.qp.rx.in_flight(), size);
+    let st = s.port.stats();
+    assert_eq!(st[0].device_errors, 0, "{:?}", st[0]);
+    assert_eq!(st[0].tx_packets, GOOD_FRAMES as u64 + TRIGGER_FRAMES as u64, "{:?}", st[0]);
+    assert_eq!(st[0].rx_packets, GOOD_FRAMES as u64, "{:?}", st[0]);
+    s.check_pool(0, "after the reclaim");
+    s.close_and_check_buffers();
 }
