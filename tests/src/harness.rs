@@ -223,13 +223,20 @@ impl Backend {
         }
         let sockets = port_sockets(args);
 
-        let mut child = Command::new(bin)
-            .args(&argv)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap_or_else(|e| panic!("Backend::start: spawn {}: {e}", bin.display()));
+        let mut tries = 0;
+        let mut child = loop {
+            let err = log.try_clone().unwrap_or_else(|e| panic!("Backend::start: dup log fd: {e}"));
+            match Command::new(bin).args(&argv).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(err).spawn() {
+                Ok(c) => break c,
+                // A just-written executable is "busy" while another test thread's child,
+                // forked before that file was closed, has not reached its exec yet.
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                    tries += 1;
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("Backend::start: spawn {}: {e}", bin.display()),
+            }
+        };
         let pid = child.id();
         let stdout = child.stdout.take().expect("Backend::start: piped stdout");
         let state = Arc::new(Mutex::new(StdoutState::default()));
