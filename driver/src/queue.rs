@@ -740,7 +740,11 @@ impl PostSource for TxSource<'_> {
         };
         // SAFETY: the 12 bytes before the data are this packet's header slot (the pool
         // keeps `off >= NET_HDR_LEN`); the packet is ours until posted.
-        unsafe { std::ptr::write_bytes(hdr, 0, NET_HDR_LEN) };
+        unsafe {
+            if !header_is_zero(hdr) {
+                std::ptr::write_bytes(hdr, 0, NET_HDR_LEN);
+            }
+        }
         let len = p.len() as u32 + NET_HDR_LEN as u32;
         self.bytes += p.len() as u64;
         // The descriptor id (< ring size = `inflight.len()`) is the token: the packet
@@ -753,6 +757,24 @@ impl PostSource for TxSource<'_> {
         unsafe { std::ptr::write(slot, Some(p)) };
         (iova, len, id as u32)
     }
+}
+
+/// Whether the 12-byte virtio-net header at `hdr` is all zero: what a transmitted frame
+/// carries without offloads (flags, GSO type, sizes and checksum fields 0, and
+/// `num_buffers` 0 as the spec asks of a driver, §5.1.6.2.1). The transmit path writes a
+/// header only when it is not, as DPDK's PMD writes only differing fields: a line the
+/// device left zero then stays shared instead of being pulled over and dirtied (a
+/// back-end that writes `num_buffers` 1 into received frames, as ours does, still gets
+/// the header rewritten).
+///
+/// # Safety
+/// `hdr` points to 12 readable bytes no one writes meanwhile.
+#[inline(always)]
+unsafe fn header_is_zero(hdr: *const u8) -> bool {
+    // SAFETY: per the contract; unaligned reads (the slot is 4-aligned).
+    let (a, b) =
+        unsafe { (std::ptr::read_unaligned(hdr as *const u64), std::ptr::read_unaligned(hdr.add(8) as *const u32)) };
+    a | b as u64 == 0
 }
 
 /// Where one reclaim puts the packets the device is done with.
@@ -819,13 +841,18 @@ impl TxQueue {
         let k = pkts.len().min(self.ring.free_count() as usize);
         // The common case, every packet from this port's pool, in one ring loop; packets
         // from elsewhere (which may need a copy) take the general loop. The same pass
-        // asks for every header line, so that their transfers overlap instead of queueing
-        // behind each other in the ring loop.
+        // reads every header and asks for the lines of those that must be rewritten, so
+        // that their transfers overlap instead of queueing behind each other in the ring
+        // loop.
         for p in &pkts[..k] {
             if !self.pool.owns(p) {
                 return self.tx_general(pkts, k);
             }
-            crate::prefetch::write(self.pool.header_ptr(p), self.prefetchw);
+            let hdr = self.pool.header_ptr(p);
+            // SAFETY: the header slot of a packet of ours: 12 readable bytes.
+            if !unsafe { header_is_zero(hdr) } {
+                crate::prefetch::write(hdr, self.prefetchw);
+            }
         }
         let total = pkts.len();
         // The vector forgets its packets while the first `k` are moved out (a panic in
@@ -1100,6 +1127,29 @@ mod tests {
         drop(batch);
         r.rx.xdp_out().clear();
         assert_eq!(r.pool.available(), full - RING as u32, "no buffer lost");
+    }
+
+    /// A received frame sent back out carries an all-zero virtio-net header whatever the
+    /// device wrote into the header slot (offload flags, `num_buffers` 1), and one whose
+    /// slot is already zero goes out unchanged: the transmit path rewrites a header only
+    /// when it must, never leaves a stale one.
+    #[test]
+    fn forwarded_frames_go_out_with_a_zero_header() {
+        let mut r = rig();
+        let dirty = [1u8, 3, 14, 0, 0xb4, 5, 34, 0, 16, 0, 1, 0];
+        let frames: Vec<Vec<u8>> = (0..6u8).map(|t| frame(t, 60 + t as usize)).collect();
+        for (k, fr) in frames.iter().enumerate() {
+            r.deliver_with(if k % 2 == 0 { dirty } else { [0; NET_HDR_LEN] }, fr);
+        }
+        let mut batch = Vec::with_capacity(32);
+        assert_eq!(r.rx.rx_burst(&mut batch, 32), 6);
+        assert_eq!(r.tx.tx_burst(&mut batch), 6);
+        let sent = r.transmitted();
+        assert_eq!(sent.len(), 6);
+        for (fr, (hdr, got)) in frames.iter().zip(&sent) {
+            assert_eq!(hdr, &vec![0u8; NET_HDR_LEN]);
+            assert_eq!(got, fr);
+        }
     }
 
     #[test]
