@@ -224,7 +224,9 @@ impl Mempool {
     pub(crate) fn linear_iova(&self) -> Option<(u64, u64)> {
         let i = self.inner();
         match i.arena.iova_map() {
-            crate::dma::IovaMap::Linear(_) if i.per_chunk >= i.count => Some((i.arena.iova(i.base), i.buf_size as u64)),
+            crate::dma::IovaMap::Linear(_) if i.per_chunk >= i.count => {
+                Some((i.arena.iova(i.base), i.buf_size as u64))
+            }
             _ => None,
         }
     }

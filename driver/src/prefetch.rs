@@ -35,7 +35,9 @@ fn detect() -> bool {
     // extended leaf, and 0x8000_0001 is read only when it exists. (`__cpuid` is safe
     // from Rust 1.87 on, unsafe before: the workspace supports 1.80.)
     #[allow(unused_unsafe)]
-    unsafe { __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & (1 << 8) != 0 }
+    unsafe {
+        __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & (1 << 8) != 0
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]

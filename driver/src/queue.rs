@@ -772,8 +772,9 @@ impl PostSource for TxSource<'_> {
 #[inline(always)]
 unsafe fn header_is_zero(hdr: *const u8) -> bool {
     // SAFETY: per the contract; unaligned reads (the slot is 4-aligned).
-    let (a, b) =
-        unsafe { (std::ptr::read_unaligned(hdr as *const u64), std::ptr::read_unaligned(hdr.add(8) as *const u32)) };
+    let (a, b) = unsafe {
+        (std::ptr::read_unaligned(hdr as *const u64), std::ptr::read_unaligned(hdr.add(8) as *const u32))
+    };
     a | b as u64 == 0
 }
 
@@ -796,7 +797,15 @@ impl TokenSink for ReclaimSink<'_> {
 impl TxQueue {
     pub(crate) fn new(ring: DriverRing, pool: Mempool, stats: Arc<PairStats>, stopped: Stopped) -> Self {
         let inflight = (0..ring.size()).map(|_| None).collect();
-        TxQueue { ring, pool, stats, inflight, error: None, stopped, prefetchw: crate::prefetch::write_supported() }
+        TxQueue {
+            ring,
+            pool,
+            stats,
+            inflight,
+            error: None,
+            stopped,
+            prefetchw: crate::prefetch::write_supported(),
+        }
     }
 
     /// Reclaims buffers the device has finished with (in one batch per pool lock);

@@ -446,7 +446,8 @@ impl DriverRing {
     #[inline(always)]
     fn pop_used_in_order(&mut self) -> std::result::Result<(u32, u32), DeviceError> {
         let head = self.used_desc & self.mask;
-        let (id, len) = if self.batch_id == NO_BATCH { self.read_used() } else { (self.batch_id, self.batch_len) };
+        let (id, len) =
+            if self.batch_id == NO_BATCH { self.read_used() } else { (self.batch_id, self.batch_len) };
         let len = if id == head as u32 {
             self.batch_id = NO_BATCH;
             let posted = self.posted_len[head as usize];
@@ -507,12 +508,7 @@ impl DriverRing {
     /// many were posted. The burst form of [`post`](Self::post): the ring's counters stay
     /// in registers for the whole loop (the data path's refill and transmit).
     #[inline(always)]
-    pub fn post_burst(
-        &mut self,
-        n: u16,
-        device_writes: bool,
-        src: &mut impl PostSource,
-    ) -> u16 {
+    pub fn post_burst(&mut self, n: u16, device_writes: bool, src: &mut impl PostSource) -> u16 {
         let n = n.min(self.nfree);
         if !self.in_order {
             for k in 0..n as usize {
@@ -606,7 +602,11 @@ impl DriverRing {
     /// [`pop_used_token`](Self::pop_used_token) (in in-order mode it reads no used
     /// element).
     #[inline(always)]
-    pub fn pop_used_tokens(&mut self, n: u16, sink: &mut impl TokenSink) -> std::result::Result<u16, (u16, DeviceError)> {
+    pub fn pop_used_tokens(
+        &mut self,
+        n: u16,
+        sink: &mut impl TokenSink,
+    ) -> std::result::Result<u16, (u16, DeviceError)> {
         if !self.in_order {
             for k in 0..n {
                 match self.pop_used() {
@@ -621,8 +621,9 @@ impl DriverRing {
         for _ in 0..n {
             let head = used_desc & mask;
             // SAFETY: `head <= mask < size`, each array's length.
-            let (nd, token) =
-                unsafe { (*self.links.get_unchecked(head as usize), *self.tokens.get_unchecked(head as usize)) };
+            let (nd, token) = unsafe {
+                (*self.links.get_unchecked(head as usize), *self.tokens.get_unchecked(head as usize))
+            };
             used_desc = used_desc.wrapping_add(nd);
             freed += nd;
             sink.token(token);
@@ -645,7 +646,9 @@ impl DriverRing {
                 pos = pos.wrapping_add(self.links[head as usize]);
             }
         } else {
-            out.extend(self.tokens.iter_mut().filter(|t| **t != NO_TOKEN).map(|t| std::mem::replace(t, NO_TOKEN)));
+            out.extend(
+                self.tokens.iter_mut().filter(|t| **t != NO_TOKEN).map(|t| std::mem::replace(t, NO_TOKEN)),
+            );
         }
         self.heads = 0;
         out.into_iter()

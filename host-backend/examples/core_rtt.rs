@@ -42,7 +42,9 @@ fn arg<T: std::str::FromStr>(args: &[String], i: usize, default: T) -> T {
     match args.get(i) {
         None => default,
         Some(s) => s.parse().unwrap_or_else(|_| {
-            eprintln!("core_rtt: '{s}' is not a valid argument {i} (usage: core_rtt [CPU_A CPU_B [SECONDS]])");
+            eprintln!(
+                "core_rtt: '{s}' is not a valid argument {i} (usage: core_rtt [CPU_A CPU_B [SECONDS]])"
+            );
             std::process::exit(2)
         }),
     }

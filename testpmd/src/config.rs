@@ -149,7 +149,8 @@ pub fn parse_vdev(s: &str) -> Result<VdevSpec, String> {
             "--vdev {s}: only virtio_user devices are supported (e.g. virtio_user0,path=/tmp/sock)"
         ));
     }
-    let mut spec = VdevSpec { path: PathBuf::new(), queues: None, queue_size: 256, mac: None, in_order: true };
+    let mut spec =
+        VdevSpec { path: PathBuf::new(), queues: None, queue_size: 256, mac: None, in_order: true };
     for kv in parts {
         let (k, v) = kv.split_once('=').ok_or_else(|| format!("--vdev {s}: '{kv}' is not key=value"))?;
         let num =

@@ -226,7 +226,13 @@ impl Backend {
         let mut tries = 0;
         let mut child = loop {
             let err = log.try_clone().unwrap_or_else(|e| panic!("Backend::start: dup log fd: {e}"));
-            match Command::new(bin).args(&argv).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(err).spawn() {
+            match Command::new(bin)
+                .args(&argv)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(err)
+                .spawn()
+            {
                 Ok(c) => break c,
                 // A just-written executable is "busy" while another test thread's child,
                 // forked before that file was closed, has not reached its exec yet.

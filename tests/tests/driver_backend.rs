@@ -264,7 +264,12 @@ fn reflect_one_thread(in_order: bool) {
         cfg.features &= !in_order_bit;
     }
     let mut port = open(cfg).unwrap_or_else(|e| panic!("Port::open({sock:?}): {e}"));
-    assert_eq!(port.info().features & in_order_bit != 0, in_order, "IN_ORDER negotiated: {:#x}", port.info().features);
+    assert_eq!(
+        port.info().features & in_order_bit != 0,
+        in_order,
+        "IN_ORDER negotiated: {:#x}",
+        port.info().features
+    );
     let mut qp = port.queue_pair(0).expect("queue pair 0");
     let pool = port.pool().clone();
 

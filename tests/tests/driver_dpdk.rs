@@ -47,7 +47,11 @@ fn open_on(pmd: &Testpmd, sock: &Path) -> Port {
     );
     eprintln!("port against DPDK: {:?}", port.info());
     let in_order = driver::layout::features::bit(driver::layout::features::IN_ORDER);
-    assert_ne!(port.info().features & in_order, 0, "DPDK's vhost PMD offers IN_ORDER and the driver takes it");
+    assert_ne!(
+        port.info().features & in_order,
+        0,
+        "DPDK's vhost PMD offers IN_ORDER and the driver takes it"
+    );
     port
 }
 
