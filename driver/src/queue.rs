@@ -297,6 +297,9 @@ pub struct RxQueue {
     /// Bytes posted per buffer: header plus data room minus reserved tailroom.
     post_len: u32,
     headroom: u16,
+    /// The pool's buffer addresses as `(base, step)`, when linear
+    /// ([`Mempool::linear_iova`]: fixed for the pool's life).
+    linear_iova: Option<(u64, u64)>,
     error: Option<DeviceError>,
     stopped: Stopped,
     xdp: Option<Box<dyn XdpProgram>>,
@@ -406,6 +409,7 @@ impl RxQueue {
         let post_len = pool.buf_size() - headroom as u32 - tailroom as u32 + NET_HDR_LEN as u32;
         RxQueue {
             ring,
+            linear_iova: pool.linear_iova(),
             pool,
             stats,
             post_len,
@@ -425,7 +429,7 @@ impl RxQueue {
         let mut src = RefillSource {
             idx: [0u32; BATCH],
             pool: &self.pool,
-            linear: self.pool.linear_iova(),
+            linear: self.linear_iova,
             // Where the device writes: the header slot, the 12 bytes before the data.
             off: self.headroom as u64 - NET_HDR_LEN as u64,
             post_len: self.post_len,
@@ -711,6 +715,9 @@ pub struct TxQueue {
     stopped: Stopped,
     /// The CPU has a write prefetch (see `crate::prefetch`).
     prefetchw: bool,
+    /// Device address minus host address in the pool, when that is one constant
+    /// ([`Mempool::linear_iova`]: fixed for the pool's life).
+    iova_delta: Option<u64>,
 }
 
 /// The packets of one transmit burst, moved out of the caller's vector into
@@ -797,6 +804,7 @@ impl TokenSink for ReclaimSink<'_> {
 impl TxQueue {
     pub(crate) fn new(ring: DriverRing, pool: Mempool, stats: Arc<PairStats>, stopped: Stopped) -> Self {
         let inflight = (0..ring.size()).map(|_| None).collect();
+        let iova_delta = pool.linear_iova().map(|(base, _)| base.wrapping_sub(pool.buf(0).0 as u64));
         TxQueue {
             ring,
             pool,
@@ -805,6 +813,7 @@ impl TxQueue {
             error: None,
             stopped,
             prefetchw: crate::prefetch::write_supported(),
+            iova_delta,
         }
     }
 
@@ -871,7 +880,7 @@ impl TxQueue {
         let mut src = TxSource {
             pkts: pkts.as_ptr(),
             pool: &self.pool,
-            iova_delta: self.pool.linear_iova().map(|(base, _)| base.wrapping_sub(self.pool.buf(0).0 as u64)),
+            iova_delta: self.iova_delta,
             inflight: &mut self.inflight,
             bytes: 0,
         };

@@ -16,7 +16,7 @@
 //!   lines stay clean. A device may return a batch with one used element naming its last
 //!   buffer (§2.7.9); [`DriverRing::pop_used`] takes the earlier buffers of the batch as
 //!   used whole (their posted length, as Linux's in-order ring does), and
-//!   [`DriverRing::pop_used_token`] (transmit) reads no used element at all.
+//!   [`DriverRing::pop_used_tokens`] (transmit) reads no used element at all.
 //!
 //! A data buffer is one descriptor (virtio-net header and frame are contiguous in one
 //! pool buffer). Control commands are short chains ([`DriverRing::post_chain`]: readable
@@ -484,28 +484,10 @@ impl DriverRing {
         self.tokens[head as usize]
     }
 
-    /// Takes the next used buffer's token, for a queue that needs neither the length nor
-    /// the used element (transmit). A ring is consumed through either this (and
-    /// [`pop_used_tokens`](Self::pop_used_tokens)) or [`pop_used`](Self::pop_used) (and
-    /// [`pop_used_burst`](Self::pop_used_burst)), not both: in in-order mode only the
-    /// latter keep track of a batch's used element. In in-order mode it reads nothing the device wrote:
-    /// `poll_used` has checked that the used index covers this buffer, and the buffers
-    /// are used in order, whether the device wrote one element each or one per batch.
-    /// In any-order mode it is [`pop_used`](Self::pop_used).
-    #[inline(always)]
-    pub fn pop_used_token(&mut self) -> std::result::Result<u32, DeviceError> {
-        if self.in_order {
-            let head = self.used_desc & self.mask;
-            Ok(self.take_head(head))
-        } else {
-            self.pop_used().map(|(t, _)| t)
-        }
-    }
-
     /// Posts `n` single-descriptor buffers (at most [`free_count`](Self::free_count);
     /// fewer if fewer are free) in one loop: `src` gives the `k`-th buffer, on
-    /// descriptor `id`, as `(addr, len, token)`. Not visible until [`publish`](Self::publish). Returns how
-    /// many were posted. The burst form of [`post`](Self::post): the ring's counters stay
+    /// descriptor `id`, as `(addr, len, token)`. Not visible until
+    /// [`publish`](Self::publish). Returns how many were posted. The burst form of [`post`](Self::post): the ring's counters stay
     /// in registers for the whole loop (the data path's refill and transmit).
     #[inline(always)]
     pub fn post_burst(&mut self, n: u16, device_writes: bool, src: &mut impl PostSource) -> u16 {
@@ -598,9 +580,13 @@ impl DriverRing {
     }
 
     /// Takes `n` used buffers' tokens (at most what [`poll_used`](Self::poll_used)
-    /// allowed), passing each to `sink` in order: the burst form of
-    /// [`pop_used_token`](Self::pop_used_token) (in in-order mode it reads no used
-    /// element).
+    /// allowed), passing each to `sink` in order, for a queue that needs neither the
+    /// lengths nor the used elements (transmit). In in-order mode it reads nothing the
+    /// device wrote: `poll_used` has checked that the used index covers these buffers,
+    /// and they are used in order, whether the device wrote one element each or one per
+    /// batch. In any-order mode it is [`pop_used`](Self::pop_used) per buffer. A ring is
+    /// consumed through either this or `pop_used`/[`pop_used_burst`](Self::pop_used_burst),
+    /// not both: in in-order mode only the latter keep track of a batch's used element.
     #[inline(always)]
     pub fn pop_used_tokens(
         &mut self,
@@ -914,6 +900,13 @@ mod tests {
         assert_eq!(kicks, 1, "only the publish that moved avail idx past 3 (2 -> 4) kicks");
     }
 
+    /// Collects the tokens of `pop_used_tokens`.
+    impl TokenSink for Vec<u32> {
+        fn token(&mut self, token: u32) {
+            self.push(token);
+        }
+    }
+
     fn ring_in_order(size: u16) -> DriverRing {
         let arena = Arc::new(DmaArena::new(1 << 20, false).unwrap());
         DriverRing::new(&arena, size, RingFeatures { event_idx: false, in_order: true }).unwrap()
@@ -1023,9 +1016,9 @@ mod tests {
             let used = r.u16_at(r.used, layout::USED_IDX).load(Ordering::Relaxed);
             r.u16_at(r.used, layout::USED_IDX).store(used.wrapping_add(5), Ordering::Release);
             assert_eq!(r.poll_used(), Ok(5));
-            for k in 0..5u32 {
-                assert_eq!(r.pop_used_token(), Ok(round * 10 + k));
-            }
+            let mut got = Vec::new();
+            assert_eq!(r.pop_used_tokens(5, &mut got), Ok(5));
+            assert_eq!(got, (0..5u32).map(|k| round * 10 + k).collect::<Vec<_>>());
             assert_eq!((r.free_count(), r.in_flight()), (8, 0));
         }
     }
@@ -1082,9 +1075,9 @@ mod tests {
             dev.push_used(h as u32, 0);
         }
         assert_eq!(r.poll_used(), Ok(6));
-        for t in 0..6u32 {
-            assert_eq!(r.pop_used_token(), Ok(t));
-        }
+        let mut got = Vec::new();
+        assert_eq!(r.pop_used_tokens(6, &mut got), Ok(6));
+        assert_eq!(got, (0..6u32).collect::<Vec<_>>());
         let head = r.post_chain(&[(0x1000, 2, false), (0x2000, 6, false), (0x3000, 1, true)], 77).unwrap();
         assert_eq!(head, 6);
         let single = r.post(0x4000, 9, true, Some(78)).unwrap();
