@@ -153,38 +153,16 @@ impl Sender {
             return Ok(0); // the ring is full: the guest's frames wait in its ring
         }
         let n = ring.poll_avail()?.min(burst).min(self.idle.len() as u16);
-        let mut done = 0u16;
-        let mut failed = None;
-        for i in 0..n {
-            let head = match ring.head(i).and_then(|h| ring.walk(h, Dir::DeviceReads, chain).map(|_| h)) {
-                Ok(h) => h,
-                Err(b) => {
-                    failed = Some(b);
-                    break;
-                }
-            };
-            match Path::tx_frame(chain, max_frame) {
-                Ok(len) => {
-                    let idx = self.idle.pop().expect("n <= idle");
-                    // SAFETY: `idx` came from `idle`: this side owns it.
-                    let slot = unsafe { self.store.slot(idx) };
-                    gather(chain, NET_HDR_LEN, &mut slot[..len as usize]);
-                    self.out.push(token(idx, len as usize));
-                    c.rx_packets += 1;
-                    c.rx_bytes += len;
-                }
-                Err(why) => c.drop(why),
-            }
-            ring.add_used(head, 0);
-            done += 1;
-        }
-        ring.consume(done);
-        ring.publish_used();
+        let (idle, store, out) = (&mut self.idle, &self.store, &mut self.out);
+        let res = Path::consume_tx(ring, chain, n, max_frame, c, |chain, len| {
+            let idx = idle.pop().expect("n <= idle");
+            // SAFETY: `idx` came from `idle`: this side owns it.
+            let slot = unsafe { store.slot(idx) };
+            gather(chain, NET_HDR_LEN, &mut slot[..len as usize]);
+            out.push(token(idx, len as usize));
+        });
         self.full.produce_batch(&mut self.out);
-        match failed {
-            Some(b) => Err(b),
-            None => Ok(done as usize),
-        }
+        res
     }
 }
 

@@ -311,21 +311,41 @@ impl Path {
             return Ok(0);
         }
         let mut c = BurstCounts::default();
+        let res = Self::consume_tx(ring, &mut self.a, n, max_frame, &mut c, |_, _| {});
+        src.dev.stats[pair].flush_rx(&c);
+        res.map_err(|b| (Side::Src, b))
+    }
+
+    /// Takes `n` available chains from `ring` (a guest's transmit queue, `n` at most
+    /// what `poll_avail` reported): each is walked into `chain` and classified
+    /// ([`tx_frame`](Self::tx_frame)); a frame is counted in `c` and handed to
+    /// `frame(chain, len)`, a bad one counted as a drop. Every chain is completed with
+    /// length 0 and the used index published once. Returns the chains completed, or the
+    /// bad descriptor that stopped the burst (the chains before it are completed).
+    #[inline(always)]
+    pub(crate) fn consume_tx(
+        ring: &mut DeviceRing,
+        chain: &mut Chain,
+        n: u16,
+        max_frame: u64,
+        c: &mut BurstCounts,
+        mut frame: impl FnMut(&Chain, u64),
+    ) -> Result<usize, Bad> {
         let mut done = 0;
         let mut failed = None;
         for i in 0..n {
-            let walked = ring.head(i).and_then(|h| ring.walk(h, Dir::DeviceReads, &mut self.a).map(|_| h));
-            let head = match walked {
+            let head = match ring.head(i).and_then(|h| ring.walk(h, Dir::DeviceReads, chain).map(|_| h)) {
                 Ok(h) => h,
                 Err(b) => {
                     failed = Some(b);
                     break;
                 }
             };
-            match Self::tx_frame(&self.a, max_frame) {
+            match Self::tx_frame(chain, max_frame) {
                 Ok(len) => {
                     c.rx_packets += 1;
                     c.rx_bytes += len;
+                    frame(chain, len);
                 }
                 Err(why) => c.drop(why),
             }
@@ -334,9 +354,8 @@ impl Path {
         }
         ring.consume(done);
         ring.publish_used();
-        src.dev.stats[pair].flush_rx(&c);
         match failed {
-            Some(b) => Err((Side::Src, b)),
+            Some(b) => Err(b),
             None => Ok(done as usize),
         }
     }
