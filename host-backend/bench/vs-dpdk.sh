@@ -122,6 +122,8 @@ stop_all() {
 run_one() {
     local who=$1 sc=$2 size=$3 tag=$4 log key
     rm -f "$SOCK"; HPID=""; GPID=""
+    # DPDK's side of an e2e row is DPDK's side of the be row of the same name.
+    [ "$who" = dpdk ] && case $sc in e2e-*) sc=be-${sc#e2e-} ;; esac
     case $sc in
     be-gtx|be-grx|be-loop)
         local kind=sink hfwd=rxonly gfwd=txonly gstart=start
@@ -164,35 +166,26 @@ run_one() {
         sample 7
         log=$WORK/$tag.host.log; key=Rx-pps; [ "$sc" = fe-grx ] && key=Tx-pps ;;
     e2e-gtx|e2e-grx|e2e-loop)
-        local kind=sink hfwd=rxonly gfwd=txonly txfirst=""
-        [ "$sc" = e2e-grx ] && { kind=gen; hfwd=txonly; gfwd=rxonly; }
-        [ "$sc" = e2e-loop ] && { kind=reflect; hfwd=io; gfwd=macswap; txfirst=32; }
+        local kind=sink gfwd=txonly txfirst=""
+        [ "$sc" = e2e-grx ] && { kind=gen; gfwd=rxonly; }
+        [ "$sc" = e2e-loop ] && { kind=reflect; gfwd=macswap; txfirst=32; }
         key=Rx-pps; [ "$sc" = e2e-gtx ] && key=Tx-pps
-        if [ "$who" = ours ]; then
-            "$BIN" --port "$kind:$SOCK" --cores "$HOST_CPU" --poll-us 0 --pkt-size "$size" \
-                >"$WORK/$tag.host.log" 2>&1 &
-            HPID=$!; PIDS=$HPID
-            wait_for "$WORK/$tag.host.log" "listening on" 10 || return 1
-            # Our testpmd prints its statistics once a second (--stats-period 1): the
-            # first WARM are the warm-up, the next DUR the samples.
-            "$PMD" --vdev "virtio_user0,path=$SOCK" --forward-mode "$gfwd" --txpkts "$size" --cores "$GUEST_CPU" \
-                ${txfirst:+--tx-first $txfirst} $PMD_ARGS --stats-period 1 --duration $(( WARM + DUR + 1 )) \
-                >"$WORK/$tag.guest.log" 2>&1 &
-            GPID=$!; PIDS="$HPID $GPID"
-            wait "$GPID" 2>/dev/null
-            stop_all
-            awk -v k="$key:" -v w="$WARM" -v d="$DUR" '$1 == k {n++; if (n > w && n <= w + d) print $2}' \
-                "$WORK/$tag.guest.log" >"$WORK/$tag.samples"
-            [ -s "$WORK/$tag.samples" ] || return 1
-            return 0
-        fi
-        start_dpdk_vhost "$hfwd" "$size" "$tag" || return 1
-        PIDS=$HPID; echo start >&7
-        start_dpdk_virtio "$gfwd" "$size" "$tag" || return 1
-        PIDS="$HPID $GPID"
-        sleep 0.2; echo "start${txfirst:+ tx_first $txfirst}" >&8
-        sample 8
-        log=$WORK/$tag.guest.log ;;
+        "$BIN" --port "$kind:$SOCK" --cores "$HOST_CPU" --poll-us 0 --pkt-size "$size" \
+            >"$WORK/$tag.host.log" 2>&1 &
+        HPID=$!; PIDS=$HPID
+        wait_for "$WORK/$tag.host.log" "listening on" 10 || return 1
+        # Our testpmd prints its statistics once a second (--stats-period 1): the
+        # first WARM are the warm-up, the next DUR the samples.
+        "$PMD" --vdev "virtio_user0,path=$SOCK" --forward-mode "$gfwd" --txpkts "$size" --cores "$GUEST_CPU" \
+            ${txfirst:+--tx-first $txfirst} $PMD_ARGS --stats-period 1 --duration $(( WARM + DUR + 1 )) \
+            >"$WORK/$tag.guest.log" 2>&1 &
+        GPID=$!; PIDS="$HPID $GPID"
+        wait "$GPID" 2>/dev/null
+        stop_all
+        awk -v k="$key:" -v w="$WARM" -v d="$DUR" '$1 == k {n++; if (n > w && n <= w + d) print $2}' \
+            "$WORK/$tag.guest.log" >"$WORK/$tag.samples"
+        [ -s "$WORK/$tag.samples" ]
+        return ;;
     *) echo "unknown scenario $sc" >&2; return 1 ;;
     esac
     stop_all
