@@ -10,7 +10,8 @@
 # Usage (as root, from the repository root, after `cargo build --release -p host-backend
 # -p testpmd && cargo build --release -p host-backend --example core_rtt`):
 #   host-backend/bench/vs-dpdk.sh
-# Environment: RUNS=3 DUR=5 WARM=2 SIZES="64 1514"
+# Environment: RUNS=3 DUR=5 WARM=2 SIZES="64 1514" SAMPLES=0 (1: print each run's
+#   1-second samples too)
 #   MODES="be-gtx be-grx be-loop fe-gtx fe-grx fe-loop e2e-gtx e2e-grx e2e-loop"
 #   HOST_CPU=1 GUEST_CPU=0 BIN=target/release/host-backend PMD=target/release/testpmd
 #   PMD_ARGS="--hugepages" (extra arguments of our testpmd: by default its DMA arena is
@@ -54,6 +55,7 @@ BIN=${BIN:-target/release/host-backend}
 PMD=${PMD:-target/release/testpmd}
 PMD_ARGS=${PMD_ARGS---hugepages}
 RTT=${RTT:-target/release/examples/core_rtt}
+SAMPLES=${SAMPLES:-0}
 
 [ "$(id -u)" = 0 ] || { echo "vs-dpdk.sh: must run as root (hugepages)" >&2; exit 1; }
 command -v dpdk-testpmd >/dev/null || { echo "vs-dpdk.sh: dpdk-testpmd missing (apt-get install dpdk-dev)" >&2; exit 1; }
@@ -222,6 +224,9 @@ for mode in $MODES; do
                 rtt_before=$(rtt)
                 run_one "$be" "$mode" "$size" "$tag" >/dev/null || { echo "# run $be $mode $size #$r failed" >&2; stop_all; }
                 echo "$rtt_before $(rtt)" >"$WORK/$tag.rtt"
+                [ "$SAMPLES" = 1 ] && [ -s "$WORK/$tag.samples" ] &&
+                    echo "# $mode ${size}B $be #$r samples (Mpps, RTT ns $(cat "$WORK/$tag.rtt")):" \
+                        $(awk '{printf "%.2f ", $1/1e6}' "$WORK/$tag.samples")
             done
         done
         declare -A res
