@@ -55,7 +55,7 @@ pub mod frame;
 pub mod layout;
 pub mod mempool;
 pub mod port;
-mod prefetch;
+pub mod prefetch;
 pub mod queue;
 pub mod ring;
 pub mod transport;

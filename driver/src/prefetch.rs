@@ -9,6 +9,9 @@
 //! publish) waits for every such store; asking for all the lines of a burst first lets
 //! their transfers overlap. In the DPDK loop (`docs/PERFORMANCE.md`) this removed a
 //! level where our transmit burst took four times as long.
+//!
+//! Public because the host backend has the mirror image of this problem (the receive
+//! buffers it fills were written last by the driver) and uses the same check and hint.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -17,7 +20,7 @@ static WRITE_PREFETCH: AtomicU8 = AtomicU8::new(0);
 
 /// Whether this CPU has `PREFETCHW` (CPUID 0x8000_0001 ECX bit 8, "3DNowPrefetch";
 /// without it the instruction may fault).
-pub(crate) fn write_supported() -> bool {
+pub fn write_supported() -> bool {
     match WRITE_PREFETCH.load(Ordering::Relaxed) {
         0 => {
             let yes = detect();
@@ -48,7 +51,7 @@ fn detect() -> bool {
 /// Asks for the line holding `p` in a writable state, if `enabled` (the result of
 /// [`write_supported`]). A hint: it never faults, whatever `p` is.
 #[inline(always)]
-pub(crate) fn write(p: *const u8, enabled: bool) {
+pub fn write(p: *const u8, enabled: bool) {
     #[cfg(target_arch = "x86_64")]
     if enabled {
         // SAFETY: PREFETCHW (present: `enabled` comes from `write_supported`) only hints

@@ -612,6 +612,13 @@ impl Path {
             None => 0,
         };
         let peer_down = dring.is_none();
+        if let Some(dr) = dring.as_deref_mut() {
+            // The receive buffers' header line and first frame line, for the whole
+            // burst, before any copy (see `DeviceRing::prefetch_write`).
+            for j in 0..nrx.min(ntx) {
+                dr.prefetch_write(j, 2);
+            }
+        }
         let mut sc = BurstCounts::default();
         let mut dc = BurstCounts::default();
         let (mut tx_done, mut rx_done) = (0u16, 0u16);

@@ -214,6 +214,11 @@ proptest! {
             let n = f.ring.poll_avail().unwrap();
             prop_assert_eq!(n as usize, posted.len());
             prop_assert_eq!(orc.len(), posted.len());
+            // The write hint over the whole burst first, as a port does: it must change
+            // nothing the walks see (writable or not, indirect or not).
+            for i in 0..n {
+                f.ring.prefetch_write(i, 4);
+            }
             for (i, (head, bufs)) in posted.iter().enumerate() {
                 let h = f.ring.head(i as u16).unwrap();
                 prop_assert_eq!(h, *head);
@@ -262,9 +267,36 @@ fn bad_walk(setup: impl FnOnce(&mut Fixture)) -> Result<(), Bad> {
     f.drv.publish();
     let n = f.ring.poll_avail()?;
     assert_eq!(n, 1);
+    // The write hint goes over every malformed chain too: it must neither fault nor
+    // panic, and the walk still judges the chain.
+    f.ring.prefetch_write(0, 64);
     let h = f.ring.head(0)?;
     let mut c = Chain::default();
     f.ring.walk(h, Dir::DeviceReads, &mut c)
+}
+
+/// A burst of more used elements than the ring holds back privately: every element
+/// reaches its slot, in order, by the one publish.
+#[test]
+fn a_burst_larger_than_the_used_shadow_publishes_every_element() {
+    let mut f = fixture(256, 65500, false);
+    let n = SHADOW as u16 * 2 + 13;
+    let posted: Vec<u16> = (0..n).map(|_| f.drv.post(&[64], false, DESC_F_WRITE).0).collect();
+    f.drv.publish();
+    assert_eq!(f.ring.poll_avail().unwrap(), n);
+    let mut c = Chain::default();
+    for i in 0..n {
+        let h = f.ring.head(i).unwrap();
+        f.ring.walk(h, Dir::DeviceWrites, &mut c).unwrap();
+        f.ring.add_used(h, 1000 + i as u32);
+    }
+    f.ring.consume(n);
+    assert_eq!(f.drv.used_idx(), 65500, "nothing is published before publish_used");
+    f.ring.publish_used();
+    assert_eq!(f.drv.used_idx(), 65500u16.wrapping_add(n));
+    for (i, &h) in posted.iter().enumerate() {
+        assert_eq!(f.drv.used_elem(65500u16.wrapping_add(i as u16)), (h as u32, 1000 + i as u32));
+    }
 }
 
 fn raw_avail(f: &mut Fixture, head: u16) {
