@@ -382,6 +382,26 @@ impl DriverRing {
         Ok(n)
     }
 
+    /// How many of `n` returned buffers (at most what [`poll_used`](Self::poll_used)
+    /// allowed) a receive burst should take: all of them when there are at most four,
+    /// else as many as end on a multiple of four in the used index, leaving the rest (at
+    /// most three) for the next burst.
+    ///
+    /// Why (DPDK's split-ring receive does the same): the refill that follows posts as
+    /// many buffers as were taken, so the burst boundaries stay on whole cache lines of
+    /// descriptors (four per line). Without it a burst that ends inside a line leaves
+    /// the line half written when the device reads it, and every later refill writes
+    /// into a line the device is reading; that phase, once taken, persisted: a loop of
+    /// our `gen` into our `rxonly` ran at about 22 or about 50 Mpps per run.
+    #[inline]
+    pub fn line_aligned(&self, n: u16) -> u16 {
+        const PER_LINE: u16 = (64 / layout::DESC_SIZE) as u16;
+        if n <= PER_LINE {
+            return n;
+        }
+        n - self.last_used.wrapping_add(n) % PER_LINE
+    }
+
     /// Takes the next used element (call at most as often as `poll_used` allowed):
     /// returns the token posted with that buffer and the length the device wrote, after
     /// checking the id and length. The descriptors go back to the free ones.
@@ -792,6 +812,26 @@ mod tests {
             assert!(r.post(0, 1, false, None).is_some());
         }
         assert!(r.post(0, 1, false, None).is_none(), "full");
+    }
+
+    /// A receive burst ends on a multiple of four in the used index once it takes more
+    /// than four, whatever the starting point (also across the u16 wrap: 65536 is a
+    /// multiple of four), and never takes none of what it was offered.
+    #[test]
+    fn receive_bursts_end_on_a_line_of_descriptors() {
+        let mut r = ring(16, false);
+        for start in [0u16, 1, 2, 3, 65533, 65534, 65535] {
+            r.last_used = start;
+            for n in 0..=16u16 {
+                let k = r.line_aligned(n);
+                if n <= 4 {
+                    assert_eq!(k, n);
+                } else {
+                    assert_eq!(start.wrapping_add(k) % 4, 0, "start {start}, n {n}");
+                    assert!(k <= n && n - k <= 3 && k > 0, "start {start}, n {n}, k {k}");
+                }
+            }
+        }
     }
 
     #[test]
