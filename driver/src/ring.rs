@@ -391,8 +391,8 @@ impl DriverRing {
     /// many buffers as were taken, so the burst boundaries stay on whole cache lines of
     /// descriptors (four per line). Without it a burst that ends inside a line leaves
     /// the line half written when the device reads it, and every later refill writes
-    /// into a line the device is reading; that phase, once taken, persisted: a loop of
-    /// our `gen` into our `rxonly` ran at about 22 or about 50 Mpps per run.
+    /// into a line the device is reading; that phase, once taken, persisted: our `gen`
+    /// feeding our `rxonly` ran at about 22 or about 50 Mpps per run.
     #[inline]
     pub fn line_aligned(&self, n: u16) -> u16 {
         const PER_LINE: u16 = (64 / layout::DESC_SIZE) as u16;

@@ -545,7 +545,7 @@ impl DeviceRing {
     /// [`publish_used`](Self::publish_used).
     ///
     /// (Holding a burst's elements back and writing them in one run before the publish,
-    /// as DPDK's vhost does, was measured: about 5% more in one loop, 16 more
+    /// as DPDK's vhost does, was measured: about 5% more in be-loop, 16 more
     /// instructions per packet in every path. Not kept.)
     #[inline]
     pub fn add_used(&mut self, head: u16, len: u32) {
