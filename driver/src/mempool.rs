@@ -494,15 +494,9 @@ impl Packet {
     /// just before the data).
     #[inline]
     pub(crate) fn header_slot(&self) -> (*mut u8, u64) {
-        let p = self.header_ptr();
-        (p, self.inner().arena.iova(p))
-    }
-
-    /// Pointer to the packet's virtio-net header slot.
-    #[inline]
-    pub(crate) fn header_ptr(&self) -> *mut u8 {
         // SAFETY: `off >= NET_HDR_LEN` (headroom invariant), inside the buffer.
-        unsafe { self.base().add(self.off as usize - NET_HDR_LEN) }
+        let p = unsafe { self.base().add(self.off as usize - NET_HDR_LEN) };
+        (p, self.inner().arena.iova(p))
     }
 }
 
