@@ -701,10 +701,14 @@ impl Path {
             dc.tx_bytes += len;
         }
         sring.consume(tx_done);
-        sring.publish_used();
-        if let Some(dr) = dring {
-            dr.consume(rx_done);
-            dr.publish_used();
+        match dring {
+            Some(dr) => {
+                dr.consume(rx_done);
+                DeviceRing::publish_used_pair(sring, dr);
+            }
+            None => {
+                sring.publish_used();
+            }
         }
         sdev.stats[spair].flush_rx(&sc);
         ddev.stats[dpair].flush_tx(&dc);

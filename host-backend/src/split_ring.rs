@@ -22,7 +22,8 @@
 //!
 //! A burst looks like: [`DeviceRing::poll_avail`] (one acquire load), [`DeviceRing::head`]
 //! and [`DeviceRing::walk`] over the run of new entries, [`DeviceRing::add_used`] per
-//! finished chain, [`DeviceRing::consume`], then one [`DeviceRing::publish_used`].
+//! finished chain, [`DeviceRing::consume`], then one [`DeviceRing::publish_used`] (or
+//! [`DeviceRing::publish_used_pair`] for a burst that completes on two rings).
 
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 use std::sync::Arc;
@@ -575,19 +576,60 @@ impl DeviceRing {
     /// eventfd when the driver asked for it. Returns whether it called.
     #[inline]
     pub fn publish_used(&mut self) -> bool {
-        if self.pending_used == 0 {
+        let Some((old, new)) = self.store_used_idx() else {
             return false;
+        };
+        if self.notify_fd.is_none() {
+            return false;
+        }
+        // Store (used.idx) → load (used_event / flags): needs a full fence, see module doc.
+        fence(Ordering::SeqCst);
+        self.notify_after_fence(old, new)
+    }
+
+    /// [`publish_used`](Self::publish_used) for two rings at once (a forwarding burst's
+    /// source and destination), with one fence between both index stores and both
+    /// notification reads instead of one per ring. Returns whether each called.
+    ///
+    /// Why: the fence waits until the index store owns its line, which the driver polls
+    /// from the other core; two publishes in a row wait for two such transfers one after
+    /// the other, one fence for both lets them overlap.
+    #[inline]
+    pub fn publish_used_pair(a: &mut DeviceRing, b: &mut DeviceRing) -> (bool, bool) {
+        let pa = a.store_used_idx().filter(|_| a.notify_fd.is_some());
+        let pb = b.store_used_idx().filter(|_| b.notify_fd.is_some());
+        if pa.is_none() && pb.is_none() {
+            return (false, false);
+        }
+        // Both stores (used.idx) → both loads (used_event / flags), as in `publish_used`.
+        fence(Ordering::SeqCst);
+        let ca = pa.is_some_and(|(old, new)| a.notify_after_fence(old, new));
+        let cb = pb.is_some_and(|(old, new)| b.notify_after_fence(old, new));
+        (ca, cb)
+    }
+
+    /// The first half of a publish: the one `Release` store of `used.idx` covering every
+    /// pending element. Returns the old and new index, or `None` when nothing was pending.
+    #[inline]
+    fn store_used_idx(&mut self) -> Option<(u16, u16)> {
+        if self.pending_used == 0 {
+            return None;
         }
         let old = self.used_idx;
         let new = old.wrapping_add(self.pending_used);
         self.pending_used = 0;
         self.used_idx = new;
         self.u16_at(self.areas.used, layout::USED_IDX).store(new, Ordering::Release);
+        Some((old, new))
+    }
+
+    /// The second half, after the caller's `SeqCst` fence: the notification decision for
+    /// the step `old` → `new` of the used index, and the call when it is needed.
+    #[inline]
+    fn notify_after_fence(&mut self, old: u16, new: u16) -> bool {
         let Some(fd) = self.notify_fd else {
             return false;
         };
-        // Store (used.idx) → load (used_event / flags): needs a full fence, see module doc.
-        fence(Ordering::SeqCst);
         let notify = if self.event_idx {
             let ev = self.u16_at(self.areas.avail, layout::used_event(self.size)).load(Ordering::Relaxed);
             layout::need_event(ev, new, old)

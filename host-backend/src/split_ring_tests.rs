@@ -299,6 +299,44 @@ fn a_long_burst_publishes_every_element_at_once() {
     }
 }
 
+/// A forwarding burst publishes its two rings with one fence: each ring's used index,
+/// elements and notification decision come out as from its own `publish_used`.
+#[test]
+fn a_pair_publish_is_two_publishes() {
+    let mut a = fixture(16, 65533, false);
+    let mut b = fixture(16, 7, false);
+    // `a`'s driver asked for no interrupts, `b`'s did not.
+    a.drv.gm.write_obj(layout::AVAIL_F_NO_INTERRUPT, GuestAddress(a.drv.avail())).unwrap();
+    let mut c = Chain::default();
+    let mut heads: Vec<Vec<u16>> = Vec::new();
+    for (f, n) in [(&mut a, 5u16), (&mut b, 3)] {
+        let posted: Vec<u16> = (0..n).map(|_| f.drv.post(&[64], false, 0).0).collect();
+        f.drv.publish();
+        assert_eq!(f.ring.poll_avail().unwrap(), n);
+        for i in 0..n {
+            let h = f.ring.head(i).unwrap();
+            f.ring.walk(h, Dir::DeviceReads, &mut c).unwrap();
+            f.ring.add_used(h, 100 + i as u32);
+        }
+        f.ring.consume(n);
+        heads.push(posted);
+    }
+    assert_eq!((a.drv.used_idx(), b.drv.used_idx()), (65533, 7), "nothing before the publish");
+    assert_eq!(DeviceRing::publish_used_pair(&mut a.ring, &mut b.ring), (false, true));
+    assert_eq!((a.drv.used_idx(), b.drv.used_idx()), (65533u16.wrapping_add(5), 10));
+    for (f, base, posted) in [(&a, 65533u16, &heads[0]), (&b, 7, &heads[1])] {
+        for (i, &h) in posted.iter().enumerate() {
+            assert_eq!(f.drv.used_elem(base.wrapping_add(i as u16)), (h as u32, 100 + i as u32));
+        }
+    }
+    assert!(a.call.read().is_err(), "no call where the driver asked for none");
+    assert_eq!(b.call.read().unwrap(), 1);
+    // Nothing pending on either ring: no store, no call.
+    assert_eq!(DeviceRing::publish_used_pair(&mut a.ring, &mut b.ring), (false, false));
+    assert_eq!((a.drv.used_idx(), b.drv.used_idx()), (65533u16.wrapping_add(5), 10));
+    assert!(b.call.read().is_err());
+}
+
 fn raw_avail(f: &mut Fixture, head: u16) {
     let slot = f.drv.avail_idx & (f.drv.size - 1);
     f.drv.gm.write_obj(head, GuestAddress(f.drv.avail() + layout::avail_entry(slot) as u64)).unwrap();
