@@ -593,7 +593,8 @@ impl DeviceRing {
     ///
     /// Why: the fence waits until the index store owns its line, which the driver polls
     /// from the other core; two publishes in a row wait for two such transfers one after
-    /// the other, one fence for both lets them overlap.
+    /// the other, one fence for both lets them overlap. (No gain could be measured on the
+    /// machine of `docs/PERFORMANCE.md` when this was added: its levels drowned it.)
     #[inline]
     pub fn publish_used_pair(a: &mut DeviceRing, b: &mut DeviceRing) -> (bool, bool) {
         let pa = a.store_used_idx().filter(|_| a.notify_fd.is_some());
