@@ -480,7 +480,8 @@ impl RxQueue {
             return 0;
         }
         let n = match self.ring.poll_used() {
-            Ok(n) => self.ring.line_aligned(n.min(max.min(u16::MAX as usize) as u16)) as usize,
+            // `n` is a u16, so the smaller of the two fits one.
+            Ok(n) => self.ring.line_aligned((n as usize).min(max) as u16) as usize,
             Err(e) => return self.fail(e),
         };
         if n == 0 {
