@@ -18,10 +18,16 @@
 #   dpdk-grx   DPDK virtio-user rxonly                 DPDK net_vhost txonly          RX-packets
 #   dpdkv-gtx  DPDK net_vhost rxonly                   DPDK virtio-user txonly        RX-packets
 #   dpdkv-grx  DPDK net_vhost txonly                   DPDK virtio-user rxonly        TX-packets
+#   be-loop    ours: host-backend --port reflect       DPDK virtio-user macswap       backend rx_packets
+#   dpdkv-loop DPDK net_vhost io                       DPDK virtio-user macswap       RX-packets
 # Split ring, 256 entries, one queue pair, 64-byte frames, burst 32 (testpmd) / 64 (backend).
 # Comparable pairs: fe-gtx ~ dpdk-gtx (front-end transmit), fe-grx ~ dpdk-grx (front-end
 # receive), be-gtx ~ dpdkv-gtx (device side of guest TX; ours does not copy, DPDK's does),
-# be-grx ~ dpdkv-grx (device side of guest RX; both write the frame into guest buffers).
+# be-grx ~ dpdkv-grx (device side of guest RX; both write the frame into guest buffers),
+# be-loop ~ dpdkv-loop (the device side of a loop: each frame taken from the transmit ring
+# and written into a receive buffer of the same device; the peer starts with tx_first 32,
+# so 32 frames circulate). Loop packets are counted once (a frame the device took and gave
+# back), which is what both sides' receive counters say.
 #
 # DPDK under callgrind runs with --no-huge -m 512 --iova-mode=va (EAL memory is a memfd,
 # which vhost-user shares like a hugepage file); valgrind 3.19 needs no extra options for it.
@@ -45,8 +51,8 @@
 # Usage (as root, from the repository root, after
 # `cargo build --release -p host-backend -p testpmd`):
 #   host-backend/bench/callgrind.sh
-# Environment: PATHS="be-gtx be-grx fe-gtx fe-grx dpdk-gtx dpdk-grx dpdkv-gtx dpdkv-grx"
-#   TRAFFIC_S=3 (seconds of traffic for time-bounded paths; callgrind runs the measured
+# Environment: PATHS="be-gtx be-grx be-loop fe-gtx fe-grx dpdk-gtx dpdk-grx dpdkv-gtx dpdkv-grx
+#   dpdkv-loop" TRAFFIC_S=3 (seconds of traffic for time-bounded paths; callgrind runs the measured
 #   side ~50x slower), GEN_COUNT=2000000 (be-grx), CG_CPU=1 PEER_CPU=0, TOP=5 (functions by
 #   self cost listed per path), KEEP=1 (keep the work directory with the callgrind files),
 #   BIN=target/release/host-backend PMD=target/release/testpmd,
@@ -54,7 +60,7 @@
 #   otherwise, so it never runs next to the cross-process tests).
 set -euo pipefail
 
-PATHS=${PATHS:-"be-gtx be-grx fe-gtx fe-grx dpdk-gtx dpdk-grx dpdkv-gtx dpdkv-grx"}
+PATHS=${PATHS:-"be-gtx be-grx be-loop fe-gtx fe-grx dpdk-gtx dpdk-grx dpdkv-gtx dpdkv-grx dpdkv-loop"}
 TRAFFIC_S=${TRAFFIC_S:-3}
 GEN_COUNT=${GEN_COUNT:-2000000}
 CG_CPU=${CG_CPU:-1}
@@ -312,16 +318,18 @@ run_path() {
     local hfwd=rxonly gfwd=txonly
     rm -f "$SOCK"
     case $p in
-    be-gtx|be-grx)
+    be-gtx|be-grx|be-loop)
         # ours under callgrind is the vhost-user server: it starts first, then the peer
         # connects and forwards. be-grx: the gen port stops by itself after GEN_COUNT
         # frames; we stop it as soon as the JSON statistics (every second) show that.
-        local kind=sink key=rx_packets
+        # be-loop: the peer injects 32 frames and swaps the addresses of what comes back.
+        local kind=sink key=rx_packets gstart=start
         local -a extra=()
         [ $p = be-grx ] && { kind=gen; key=tx_packets; gfwd=rxonly; extra=(--count "$GEN_COUNT" --stats-period 1); }
+        [ $p = be-loop ] && { kind=reflect; gfwd=macswap; gstart="start tx_first 32"; }
         ours_backend_start ours --port "$kind:$SOCK" "${extra[@]}" || { why ours; return 1; }
         dpdk_start peer virtio no || { why peer; return 1; }
-        dpdk_cmd peer "set fwd $gfwd" start
+        dpdk_cmd peer "set fwd $gfwd" "$gstart"
         if [ $p = be-grx ]; then
             wait_for "$WORK/ours.log" "\"generated\":$GEN_COUNT," "$EXIT_S" "${PID[ours]}" || note "be-grx: GEN_COUNT not reached"
         else
@@ -370,23 +378,36 @@ run_path() {
         row $p "$(pmd_label "$cob" "$cfn")" "$incl" "$calls" "$n"
         row $p "forwarding lcore thread total" $(thread_total) "$n"
         tops $p "$n" ;;
-    dpdkv-gtx|dpdkv-grx)
+    dpdkv-gtx|dpdkv-grx|dpdkv-loop)
         # DPDK net_vhost under callgrind (the server: starts first, forwards only once
-        # the DPDK virtio-user peer forwards).
-        local key=RX lib=rte_vhost_dequeue_burst
+        # the DPDK virtio-user peer forwards). dpdkv-loop: the vhost side forwards (io)
+        # before the peer injects its 32 frames, so none is lost before the loop closes.
+        local key=RX lib=rte_vhost_dequeue_burst gstart=start
         [ $p = dpdkv-grx ] && { hfwd=txonly; gfwd=rxonly; key=TX; lib=rte_vhost_enqueue_burst; }
+        [ $p = dpdkv-loop ] && { hfwd=io; gfwd=macswap; gstart="start tx_first 32"; }
         dpdk_start cg vhost yes || { why cg; return 1; }
+        [ $p = dpdkv-loop ] && dpdk_cmd cg "set fwd $hfwd" start
         dpdk_start peer virtio no || { why peer; return 1; }
-        dpdk_cmd peer "set fwd $gfwd" start
-        dpdk_cmd cg "set fwd $hfwd" start
+        [ $p = dpdkv-loop ] || dpdk_cmd cg "set fwd $hfwd" start
+        dpdk_cmd peer "set fwd $gfwd" "$gstart"
         sleep "$TRAFFIC_S"
         dpdk_quit cg "$EXIT_S"; dpdk_quit peer 20
         n=$(dpdk_count "$WORK/cg.log" $key)
         parse_tag cg fn $lib || return 1
-        a=$(dpdk_burst_arc librte_net_vhost)
-        IFS=$'\t' read -r caller cob cfn calls incl <<<"$a"
-        row $p "$(pmd_label "$cob" "$cfn")" "$incl" "$calls" "$n"
-        row $p "$lib" $(fn_cost $lib librte_vhost) "$n"
+        if [ $p = dpdkv-loop ]; then
+            # io forwarding calls both bursts: one row per call arc into the PMD
+            awk -F'\t' '$1 == "A" && $2 ~ /dpdk-testpmd$/ && $4 ~ /librte_net_vhost/ {print $4 "\t" $5 "\t" $6 "\t" $7}' "$TSV" |
+                while IFS=$'\t' read -r cob cfn calls incl; do
+                    row $p "$(pmd_label "$cob" "$cfn")" "$incl" "$calls" "$n"
+                done
+            row $p rte_vhost_dequeue_burst $(fn_cost rte_vhost_dequeue_burst librte_vhost) "$n"
+            row $p rte_vhost_enqueue_burst $(fn_cost rte_vhost_enqueue_burst librte_vhost) "$n"
+        else
+            a=$(dpdk_burst_arc librte_net_vhost)
+            IFS=$'\t' read -r caller cob cfn calls incl <<<"$a"
+            row $p "$(pmd_label "$cob" "$cfn")" "$incl" "$calls" "$n"
+            row $p "$lib" $(fn_cost $lib librte_vhost) "$n"
+        fi
         row $p "forwarding lcore thread total" $(thread_total) "$n"
         tops $p "$n" ;;
     *) note "unknown path $p"; return 1 ;;
