@@ -143,7 +143,7 @@ impl GuestMemory {
     /// bytes (at most `len`) that are contiguous in the region holding `gpa`. `None` if
     /// `gpa` lies in no region. Checks the hinted region first and updates the hint on a
     /// miss (binary search over the sorted table).
-    #[inline]
+    #[inline(always)]
     pub fn translate(&self, hint: &mut Hint, gpa: u64, len: u64) -> Option<(*mut u8, u64)> {
         let r = match self.regions.get(*hint) {
             Some(r) if gpa.wrapping_sub(r.gpa) < r.len => r,

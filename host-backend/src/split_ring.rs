@@ -396,7 +396,7 @@ impl DeviceRing {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn read_desc(table: *const u8, i: u16) -> Descriptor {
         // SAFETY (both reads): callers pass `i` below the table length they validated
         // against the mapping (`size` for the main table, `len / 16` for an indirect
@@ -426,7 +426,13 @@ impl DeviceRing {
     /// decided here inline; anything else (and every case that fails a check) goes the
     /// general way, which reads the descriptor again and decides everything itself, so the
     /// result never depends on the shortcut.
-    #[inline]
+    ///
+    /// Always inlined, with the descriptor read and the address translation: with
+    /// `#[inline]` alone the compiler kept all three out of line in the burst loops (a
+    /// call, six saved registers and a returned result per chain). Inlining them took
+    /// `bench/callgrind.sh` from 325 to 271 Ir per packet on be-loop, 173 to 144 on be-grx
+    /// and 111 to 77 on be-gtx.
+    #[inline(always)]
     pub fn walk(&mut self, head: u16, dir: Dir, out: &mut Chain) -> Result<(), Bad> {
         let d = Self::read_desc(self.areas.desc, head);
         if d.flags & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 && d.len > 0 && self.iova.is_none() {
