@@ -20,14 +20,17 @@
 #   dpdkv-grx  DPDK net_vhost txonly                   DPDK virtio-user rxonly        TX-packets
 #   be-loop    ours: host-backend --port reflect       DPDK virtio-user macswap       backend rx_packets
 #   dpdkv-loop DPDK net_vhost io                       DPDK virtio-user macswap       RX-packets
+#   fe-loop    ours: testpmd macswap --tx-first 32      DPDK net_vhost io              testpmd rx_packets
+#   dpdk-loop  DPDK virtio-user macswap, tx_first 32    DPDK net_vhost io              RX-packets
 # Split ring, 256 entries, one queue pair, 64-byte frames, burst 32 (testpmd) / 64 (backend).
 # Comparable pairs: fe-gtx ~ dpdk-gtx (front-end transmit), fe-grx ~ dpdk-grx (front-end
 # receive), be-gtx ~ dpdkv-gtx (device side of guest TX; ours does not copy, DPDK's does),
 # be-grx ~ dpdkv-grx (device side of guest RX; both write the frame into guest buffers),
 # be-loop ~ dpdkv-loop (the device side of a loop: each frame taken from the transmit ring
-# and written into a receive buffer of the same device; the peer starts with tx_first 32,
-# so 32 frames circulate). Loop packets are counted once (a frame the device took and gave
-# back), which is what both sides' receive counters say.
+# and written into a receive buffer of the same device; the front-end starts with 32
+# bursts, which fill its 256-entry ring), fe-loop ~ dpdk-loop (the driver side of the same
+# loop: receive, swap the addresses, transmit). Loop packets are counted once (a frame
+# received and sent back), which is what the receive counters say.
 #
 # DPDK under callgrind runs with --no-huge -m 512 --iova-mode=va (EAL memory is a memfd,
 # which vhost-user shares like a hugepage file); valgrind 3.19 needs no extra options for it.
@@ -51,8 +54,8 @@
 # Usage (as root, from the repository root, after
 # `cargo build --release -p host-backend -p testpmd`):
 #   host-backend/bench/callgrind.sh
-# Environment: PATHS="be-gtx be-grx be-loop fe-gtx fe-grx dpdk-gtx dpdk-grx dpdkv-gtx dpdkv-grx
-#   dpdkv-loop" TRAFFIC_S=3 (seconds of traffic for time-bounded paths; callgrind runs the measured
+# Environment: PATHS="be-gtx be-grx be-loop fe-gtx fe-grx fe-loop dpdk-gtx dpdk-grx
+#   dpdk-loop dpdkv-gtx dpdkv-grx dpdkv-loop" TRAFFIC_S=3 (seconds of traffic for time-bounded paths; callgrind runs the measured
 #   side ~50x slower), GEN_COUNT=2000000 (be-grx), CG_CPU=1 PEER_CPU=0, TOP=5 (functions by
 #   self cost listed per path), KEEP=1 (keep the work directory with the callgrind files),
 #   BIN=target/release/host-backend PMD=target/release/testpmd,
@@ -60,7 +63,7 @@
 #   otherwise, so it never runs next to the cross-process tests).
 set -euo pipefail
 
-PATHS=${PATHS:-"be-gtx be-grx be-loop fe-gtx fe-grx dpdk-gtx dpdk-grx dpdkv-gtx dpdkv-grx dpdkv-loop"}
+PATHS=${PATHS:-"be-gtx be-grx be-loop fe-gtx fe-grx fe-loop dpdk-gtx dpdk-grx dpdk-loop dpdkv-gtx dpdkv-grx dpdkv-loop"}
 TRAFFIC_S=${TRAFFIC_S:-3}
 GEN_COUNT=${GEN_COUNT:-2000000}
 CG_CPU=${CG_CPU:-1}
@@ -177,10 +180,11 @@ ours_backend_start() { # TAG ARGS...: our host-backend under callgrind, waits un
     PID[$tag]=$!
     wait_for "$WORK/$tag.log" "listening on" "$STARTUP_S" "${PID[$tag]}"
 }
-ours_testpmd_start() { # TAG MODE: our testpmd under callgrind for TRAFFIC_S seconds of forwarding
-    local tag=$1
+ours_testpmd_start() { # TAG MODE [ARGS...]: our testpmd under callgrind for TRAFFIC_S seconds of forwarding
+    local tag=$1 mode=$2
+    shift 2
     taskset -c "$CG_CPU" "${VG[@]}" --callgrind-out-file="$WORK/$tag.cg" "$PMD" --vdev "virtio_user0,path=$SOCK" \
-        --forward-mode "$2" --txpkts $SIZE --cores "$CG_CPU" --duration "$TRAFFIC_S" --stats-format json \
+        --forward-mode "$mode" --txpkts $SIZE --cores "$CG_CPU" --duration "$TRAFFIC_S" --stats-format json "$@" \
         >"$WORK/$tag.log" 2>&1 9>&- &
     PID[$tag]=$!
     wait_for "$WORK/$tag.log" "packet forwarding" "$STARTUP_S" "${PID[$tag]}"
@@ -267,6 +271,17 @@ pmd_label() { # OBJ FN -> the checked name, else library+offset
     id=$(readelf -n "$1" 2>/dev/null | awk '/Build ID/ {print $3}') || true
     echo "${PMD_NAME[$id:$2]:-$(basename "$1")+$(printf '0x%x' "$2")}"
 }
+# A loop's forwarding calls both bursts: arc_rows PATH OBJ-REGEX PACKETS adds one row per
+# call arc from dpdk-testpmd into OBJ-REGEX in $TSV (defined before `row`, called after).
+# Arcs from different callers into the same function (testpmd's tx_first and its
+# forwarding loop both call the transmit burst) are summed.
+arc_rows() {
+    awk -F'\t' -v o="$2" '$1 == "A" && $2 ~ /dpdk-testpmd$/ && $4 ~ o {k = $4 "\t" $5; c[k] += $6; i[k] += $7}
+        END {for (k in c) printf "%s\t%.0f\t%.0f\n", k, c[k], i[k]}' "$TSV" |
+        while IFS=$'\t' read -r cob cfn calls incl; do
+            row "$1" "$(pmd_label "$cob" "$cfn")" "$incl" "$calls" "$3"
+        done
+}
 # The heaviest call arc from dpdk-testpmd into OBJ-REGEX in $TSV: "caller callee-obj callee calls incl"
 dpdk_burst_arc() {
     awk -F'\t' -v o="$1" '$1 == "A" && $2 ~ /dpdk-testpmd$/ && $4 ~ o && $7 > m {m = $7; r = $3 "\t" $4 "\t" $5 "\t" $6 "\t" $7}
@@ -341,18 +356,22 @@ run_path() {
         row $p "Path::run ($kind)" $(fn_cost host_backend::port::Path::run) "$n"
         row $p "worker thread total" $(thread_total) "$n"
         tops $p "$n" ;;
-    fe-gtx|fe-grx)
+    fe-gtx|fe-grx|fe-loop)
         # DPDK's net_vhost is the server and forwards before our testpmd connects;
-        # our testpmd forwards for TRAFFIC_S seconds and exits.
+        # our testpmd forwards for TRAFFIC_S seconds and exits. fe-loop: our testpmd
+        # injects 32 bursts and swaps the addresses of what comes back.
         local key=tx_packets burst=driver::queue::TxQueue::tx_burst
+        local -a extra=()
         [ $p = fe-grx ] && { hfwd=txonly; gfwd=rxonly; key=rx_packets; burst=driver::queue::RxQueue::rx_burst; }
+        [ $p = fe-loop ] && { hfwd=io; gfwd=macswap; key=rx_packets; burst=driver::queue::RxQueue::rx_burst; extra=(--tx-first 32); }
         dpdk_start peer vhost no || { why peer; return 1; }
         dpdk_cmd peer "set fwd $hfwd" start
-        ours_testpmd_start ours $gfwd || { why ours; return 1; }
+        ours_testpmd_start ours $gfwd "${extra[@]}" || { why ours; return 1; }
         stop_proc ours "" $((TRAFFIC_S + EXIT_S)); dpdk_quit peer 20
         n=$(testpmd_count "$WORK/ours.log" $key)
         parse_tag ours fn $burst || return 1
         row $p "${burst#driver::queue::}" $(fn_cost $burst) "$n"
+        [ $p = fe-loop ] && row $p "TxQueue::tx_burst" $(fn_cost driver::queue::TxQueue::tx_burst) "$n"
         if [ $p = fe-gtx ]; then
             row $p "Mempool::alloc_bulk" $(fn_cost driver::mempool::Mempool::alloc_bulk) "$n"
             row $p "txonly frame fill (push_tail + memcpy)" $(fill_cost) "$n"
@@ -360,28 +379,33 @@ run_path() {
         row $p "free_bulk" $(fn_cost driver::mempool::free_bulk) "$n"
         row $p "forwarding thread total ($gfwd)" $(thread_total) "$n"
         tops $p "$n" ;;
-    dpdk-gtx|dpdk-grx)
+    dpdk-gtx|dpdk-grx|dpdk-loop)
         # DPDK virtio-user under callgrind (memfd memory, --no-huge), DPDK net_vhost peer.
-        local key=TX
+        local key=TX gstart=start
         [ $p = dpdk-grx ] && { hfwd=txonly; gfwd=rxonly; key=RX; }
+        [ $p = dpdk-loop ] && { hfwd=io; gfwd=macswap; key=RX; gstart="start tx_first 32"; }
         dpdk_start peer vhost no || { why peer; return 1; }
         dpdk_cmd peer "set fwd $hfwd" start
         dpdk_start cg virtio yes || { why cg; return 1; }
-        dpdk_cmd cg "set fwd $gfwd" start
+        dpdk_cmd cg "set fwd $gfwd" "$gstart"
         sleep "$TRAFFIC_S"
         dpdk_quit cg "$EXIT_S"; dpdk_quit peer 20
         n=$(dpdk_count "$WORK/cg.log" $key)
         parse_tag cg arc librte_net_virtio || return 1
-        a=$(dpdk_burst_arc librte_net_virtio)
-        IFS=$'\t' read -r caller cob cfn calls incl <<<"$a"
         note "$p: DPDK virtio-user $(grep -ho "using [A-Za-z ]* path on port 0" "$WORK/cg.log" | tr '\n' ' ')"
-        row $p "$(pmd_label "$cob" "$cfn")" "$incl" "$calls" "$n"
+        if [ $p = dpdk-loop ]; then
+            arc_rows $p librte_net_virtio "$n"
+        else
+            a=$(dpdk_burst_arc librte_net_virtio)
+            IFS=$'\t' read -r caller cob cfn calls incl <<<"$a"
+            row $p "$(pmd_label "$cob" "$cfn")" "$incl" "$calls" "$n"
+        fi
         row $p "forwarding lcore thread total" $(thread_total) "$n"
         tops $p "$n" ;;
     dpdkv-gtx|dpdkv-grx|dpdkv-loop)
         # DPDK net_vhost under callgrind (the server: starts first, forwards only once
         # the DPDK virtio-user peer forwards). dpdkv-loop: the vhost side forwards (io)
-        # before the peer injects its 32 frames, so none is lost before the loop closes.
+        # before the peer injects its 32 bursts, so none is lost before the loop closes.
         local key=RX lib=rte_vhost_dequeue_burst gstart=start
         [ $p = dpdkv-grx ] && { hfwd=txonly; gfwd=rxonly; key=TX; lib=rte_vhost_enqueue_burst; }
         [ $p = dpdkv-loop ] && { hfwd=io; gfwd=macswap; gstart="start tx_first 32"; }
@@ -395,11 +419,7 @@ run_path() {
         n=$(dpdk_count "$WORK/cg.log" $key)
         parse_tag cg fn $lib || return 1
         if [ $p = dpdkv-loop ]; then
-            # io forwarding calls both bursts: one row per call arc into the PMD
-            awk -F'\t' '$1 == "A" && $2 ~ /dpdk-testpmd$/ && $4 ~ /librte_net_vhost/ {print $4 "\t" $5 "\t" $6 "\t" $7}' "$TSV" |
-                while IFS=$'\t' read -r cob cfn calls incl; do
-                    row $p "$(pmd_label "$cob" "$cfn")" "$incl" "$calls" "$n"
-                done
+            arc_rows $p librte_net_vhost "$n"
             row $p rte_vhost_dequeue_burst $(fn_cost rte_vhost_dequeue_burst librte_vhost) "$n"
             row $p rte_vhost_enqueue_burst $(fn_cost rte_vhost_enqueue_burst librte_vhost) "$n"
         else
