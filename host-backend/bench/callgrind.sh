@@ -55,8 +55,8 @@
 # `cargo build --release -p host-backend -p testpmd`):
 #   host-backend/bench/callgrind.sh
 # Environment: PATHS="be-gtx be-grx be-loop fe-gtx fe-grx fe-loop dpdk-gtx dpdk-grx
-#   dpdk-loop dpdkv-gtx dpdkv-grx dpdkv-loop" TRAFFIC_S=3 (seconds of traffic for time-bounded paths; callgrind runs the measured
-#   side ~50x slower), GEN_COUNT=2000000 (be-grx), CG_CPU=1 PEER_CPU=0, TOP=5 (functions by
+#   dpdk-loop dpdkv-gtx dpdkv-grx dpdkv-loop" (all by default), TRAFFIC_S=3 (seconds of
+#   traffic for time-bounded paths; callgrind runs the measured side ~50x slower), GEN_COUNT=2000000 (be-grx), CG_CPU=1 PEER_CPU=0, TOP=5 (functions by
 #   self cost listed per path), KEEP=1 (keep the work directory with the callgrind files),
 #   BIN=target/release/host-backend PMD=target/release/testpmd,
 #   VNET_LOCK_HELD=1 if the caller already holds /tmp/vnet-tests.lock (the script takes it
@@ -337,7 +337,7 @@ run_path() {
         # ours under callgrind is the vhost-user server: it starts first, then the peer
         # connects and forwards. be-grx: the gen port stops by itself after GEN_COUNT
         # frames; we stop it as soon as the JSON statistics (every second) show that.
-        # be-loop: the peer injects 32 frames and swaps the addresses of what comes back.
+        # be-loop: the peer injects 32 bursts and swaps the addresses of what comes back.
         local kind=sink key=rx_packets gstart=start
         local -a extra=()
         [ $p = be-grx ] && { kind=gen; key=tx_packets; gfwd=rxonly; extra=(--count "$GEN_COUNT" --stats-period 1); }
