@@ -56,8 +56,9 @@
 #   host-backend/bench/callgrind.sh
 # Environment: PATHS="be-gtx be-grx be-loop fe-gtx fe-grx fe-loop dpdk-gtx dpdk-grx
 #   dpdk-loop dpdkv-gtx dpdkv-grx dpdkv-loop" (all by default), TRAFFIC_S=3 (seconds of
-#   traffic for time-bounded paths; callgrind runs the measured side ~50x slower), GEN_COUNT=2000000 (be-grx), CG_CPU=1 PEER_CPU=0, TOP=5 (functions by
-#   self cost listed per path), KEEP=1 (keep the work directory with the callgrind files),
+#   traffic for time-bounded paths; callgrind runs the measured side ~50x slower),
+#   GEN_COUNT=2000000 (be-grx), CG_CPU=1 PEER_CPU=0, TOP=5 (functions by self cost
+#   listed per path), KEEP=1 (keep the work directory with the callgrind files),
 #   BIN=target/release/host-backend PMD=target/release/testpmd,
 #   VNET_LOCK_HELD=1 if the caller already holds /tmp/vnet-tests.lock (the script takes it
 #   otherwise, so it never runs next to the cross-process tests).
