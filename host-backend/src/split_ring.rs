@@ -177,6 +177,16 @@ impl Chain {
         self.readable = if readable { len as u64 } else { 0 };
         self.truncated = false;
     }
+    /// Where bytes `off .. off + len` are, when they all lie inside the first piece
+    /// (the case the copies below take inline).
+    #[inline(always)]
+    fn in_first(&self, off: usize, len: usize) -> Option<*mut u8> {
+        let s = self.segs().first()?;
+        let end = off.checked_add(len)?;
+        // SAFETY: `off <= end <= s.len`: the offset stays inside the first piece's
+        // translated buffer.
+        (end <= s.len as usize).then(|| unsafe { s.ptr.add(off) })
+    }
     fn push(&mut self, ptr: *mut u8, len: u32) {
         if self.n < MAX_SEGS {
             self.segs[self.n] = Seg { ptr, len };
@@ -695,13 +705,11 @@ pub fn signal(fd: i32) {
 /// copied (less than `len` if the chain is shorter).
 #[inline(always)]
 pub fn gather(chain: &Chain, off: usize, dst: &mut [u8]) -> usize {
-    if let Some(s) = chain.segs().first() {
-        if off.checked_add(dst.len()).is_some_and(|end| end <= s.len as usize) {
-            // SAFETY: `s.ptr + off .. + dst.len()` is inside the first translated guest
-            // buffer (checked just above); `dst` is ours. `copy` as in `gather_pieces`.
-            unsafe { std::ptr::copy(s.ptr.add(off), dst.as_mut_ptr(), dst.len()) };
-            return dst.len();
-        }
+    if let Some(p) = chain.in_first(off, dst.len()) {
+        // SAFETY: `p .. + dst.len()` is inside a translated guest buffer (`in_first`);
+        // `dst` is ours. `copy` as in `gather_pieces`.
+        unsafe { std::ptr::copy(p, dst.as_mut_ptr(), dst.len()) };
+        return dst.len();
     }
     gather_pieces(chain, off, dst)
 }
@@ -732,13 +740,11 @@ fn gather_pieces(chain: &Chain, mut off: usize, dst: &mut [u8]) -> usize {
 /// Copies `src` into `chain` starting at byte `off`. Returns the bytes copied.
 #[inline(always)]
 pub fn scatter(chain: &Chain, off: usize, src: &[u8]) -> usize {
-    if let Some(s) = chain.segs().first() {
-        if off.checked_add(src.len()).is_some_and(|end| end <= s.len as usize) {
-            // SAFETY: the destination range is inside the first translated, device-writable
-            // guest buffer (checked just above).
-            unsafe { std::ptr::copy(src.as_ptr(), s.ptr.add(off), src.len()) };
-            return src.len();
-        }
+    if let Some(p) = chain.in_first(off, src.len()) {
+        // SAFETY: `p .. + src.len()` is inside a translated, device-writable guest buffer
+        // (`in_first`).
+        unsafe { std::ptr::copy(src.as_ptr(), p, src.len()) };
+        return src.len();
     }
     scatter_pieces(chain, off, src)
 }
@@ -768,14 +774,11 @@ fn scatter_pieces(chain: &Chain, mut off: usize, src: &[u8]) -> usize {
 /// piece by piece. Returns the bytes copied.
 #[inline(always)]
 pub fn copy_chain(src: &Chain, src_off: usize, dst: &Chain, dst_off: usize, len: usize) -> usize {
-    if let (Some(s), Some(d)) = (src.segs().first(), dst.segs().first()) {
-        let fits = |off: usize, l: u32| off.checked_add(len).is_some_and(|end| end <= l as usize);
-        if fits(src_off, s.len) && fits(dst_off, d.len) {
-            // SAFETY: both ranges lie inside the first translated guest buffer of their
-            // chain (checked just above); `copy` as in `copy_pieces`.
-            unsafe { std::ptr::copy(s.ptr.add(src_off), d.ptr.add(dst_off), len) };
-            return len;
-        }
+    if let (Some(s), Some(d)) = (src.in_first(src_off, len), dst.in_first(dst_off, len)) {
+        // SAFETY: both ranges lie inside a translated guest buffer (`in_first`); `copy`
+        // as in `copy_pieces`.
+        unsafe { std::ptr::copy(s, d, len) };
+        return len;
     }
     copy_pieces(src, src_off, dst, dst_off, len)
 }
