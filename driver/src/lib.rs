@@ -42,8 +42,8 @@
 //! queue pairs, receive offloads) from any thread, and each [`RxQueue`] can run an
 //! XDP-style program ([`XdpProgram`]) on the frames it receives.
 //!
-//! Modules: [`layout`] (ring layout shared with the host backend), [`dma`] (the DMA
-//! arena), [`frame`] (header builders and checksums), [`mempool`] (buffers and packets), [`ring`] (the driver-side split ring),
+//! Modules: [`layout`] and [`frame`] (the wire format shared with the host backend,
+//! re-exported from the `vnet-spec` crate), [`dma`] (the DMA arena), [`mempool`] (buffers and packets), [`ring`] (the driver-side split ring),
 //! [`queue`] (rx/tx bursts, the XDP hook), [`ctrl`] (the control queue), [`transport`]
 //! (virtio-user and virtio-PCI), [`vfio`] (userspace VFIO: groups, BARs, DMA mapping),
 //! [`port`] (device init).
@@ -51,15 +51,16 @@
 pub mod ctrl;
 pub mod dma;
 pub mod error;
-pub mod frame;
-pub mod layout;
 pub mod mempool;
 pub mod port;
-pub mod prefetch;
 pub mod queue;
 pub mod ring;
 pub mod transport;
 pub mod vfio;
+
+/// The virtio-net wire format this driver shares with the host backend (the `vnet-spec`
+/// crate in `driver/spec/`): ring layout, feature bits, headers, frame builders.
+pub use spec::{frame, layout};
 
 pub use ctrl::Control;
 pub use error::{DeviceError, Error, Result};

@@ -52,6 +52,7 @@ use crate::error::{DeviceError, Error, Result};
 use crate::layout::{net_hdr, NET_HDR_LEN};
 use crate::mempool::{Mempool, Packet};
 use crate::ring::{DriverRing, PostSource, TokenSink, UsedSink};
+use spec::prefetch::WritePrefetch;
 
 /// Headroom (pool headroom, the virtio-net header's 12 bytes included) a receive buffer
 /// needs for an XDP program, as Linux's `VIRTIO_XDP_HEADROOM`.
@@ -714,8 +715,8 @@ pub struct TxQueue {
     inflight: Box<[Option<Packet>]>,
     error: Option<DeviceError>,
     stopped: Stopped,
-    /// The CPU has a write prefetch (see `crate::prefetch`).
-    prefetchw: bool,
+    /// The CPU's write prefetch, if it has one (see `spec::prefetch`).
+    prefetchw: Option<WritePrefetch>,
     /// Device address minus host address in the pool, when that is one constant
     /// ([`Mempool::linear_iova`]: fixed for the pool's life).
     iova_delta: Option<u64>,
@@ -813,7 +814,7 @@ impl TxQueue {
             inflight,
             error: None,
             stopped,
-            prefetchw: crate::prefetch::write_supported(),
+            prefetchw: WritePrefetch::detect(),
             iova_delta,
         }
     }
@@ -868,9 +869,11 @@ impl TxQueue {
                 return self.tx_general(pkts, k);
             }
             let hdr = self.pool.header_ptr(p);
-            // SAFETY: the header slot of a packet of ours: 12 readable bytes.
-            if !unsafe { header_is_zero(hdr) } {
-                crate::prefetch::write(hdr, self.prefetchw);
+            if let Some(pw) = self.prefetchw {
+                // SAFETY: the header slot of a packet of ours: 12 readable bytes.
+                if !unsafe { header_is_zero(hdr) } {
+                    pw.line(hdr);
+                }
             }
         }
         let total = pkts.len();

@@ -12,7 +12,7 @@
 //! A refused command is a [`Refused`] (acknowledged `VIRTIO_NET_ERR`), never a panic:
 //! every length comes from the guest and is checked before it is used.
 
-use driver::layout::features::bit;
+use spec::layout::features::bit;
 use virtio_bindings::virtio_net as vn;
 
 /// `VIRTIO_NET_OK`.

@@ -34,8 +34,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use driver::layout::{features as f, net_config};
 use log::{debug, info, warn};
+use spec::layout::{features as f, net_config};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserVringAddrFlags,
     VhostUserVringState,
@@ -797,7 +797,7 @@ impl VhostUserBackendReqHandler for Handler {
         Ok(None)
     }
     fn set_vring_num(&self, index: u32, num: u32) -> VuResult<()> {
-        if num == 0 || num > driver::layout::MAX_QUEUE_SIZE as u32 || !num.is_power_of_two() {
+        if num == 0 || num > spec::layout::MAX_QUEUE_SIZE as u32 || !num.is_power_of_two() {
             return Err(VuError::InvalidParam);
         }
         self.0.change_queue(index, |q| {

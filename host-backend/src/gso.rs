@@ -14,7 +14,7 @@ use virtio_bindings::virtio_net as vn;
 
 use crate::port::GEN_MAGIC;
 use crate::split_ring::{scatter, Chain};
-use driver::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
+use spec::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
 
 /// Ethernet + IPv4 + TCP header bytes before the payload (no options).
 pub const HDRS: usize = 14 + 20 + 20;

@@ -25,7 +25,7 @@
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use driver::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
+use spec::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
 
 use crate::ctrl::RxConfig;
 use crate::port::Path;

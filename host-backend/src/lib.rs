@@ -63,7 +63,7 @@ use worker::{Engine, Worker};
 /// Guest offloads a `gen` port with `--gso-size` offers: checksum and TCPv4
 /// segmentation (it generates TCP/IPv4 only, so not TSO6, ECN, UFO or USO).
 fn gso_offloads() -> u64 {
-    use driver::layout::features::bit;
+    use spec::layout::features::bit;
     use virtio_bindings::virtio_net as vn;
     bit(vn::VIRTIO_NET_F_GUEST_CSUM) | bit(vn::VIRTIO_NET_F_GUEST_TSO4)
 }

@@ -20,7 +20,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use driver::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
+use spec::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
 
 use crate::ctrl::{self, Refused, RxConfig};
 use crate::device::{ActiveRing, Device};
@@ -736,7 +736,7 @@ pub fn udp_frame(dst_mac: [u8; 6], len: usize) -> Vec<u8> {
     ip[9] = 17; // UDP
     ip[12..16].copy_from_slice(&[10, 0, 0, 1]);
     ip[16..20].copy_from_slice(&[10, 0, 0, 2]);
-    let csum = driver::frame::inet_checksum(ip);
+    let csum = spec::frame::inet_checksum(ip);
     ip[10..12].copy_from_slice(&csum.to_be_bytes());
     let udp = &mut f[34..42];
     udp[0..2].copy_from_slice(&9u16.to_be_bytes());
@@ -758,7 +758,7 @@ mod tests {
         let f = udp_frame([2, 0, 0, 0, 0, 2], 64);
         assert_eq!(f.len(), 64);
         assert_eq!(&f[12..14], &[0x08, 0x00]);
-        assert_eq!(driver::frame::inet_checksum(&f[14..34]), 0, "a valid header sums to 0xffff");
+        assert_eq!(spec::frame::inet_checksum(&f[14..34]), 0, "a valid header sums to 0xffff");
         assert_eq!(u16::from_be_bytes([f[16], f[17]]), 50);
         assert_eq!(u16::from_be_bytes([f[38], f[39]]), 30);
         assert_eq!(&f[GEN_SEQ_OFFSET..GEN_SEQ_OFFSET + 4], b"VNET");

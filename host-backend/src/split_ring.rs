@@ -28,7 +28,9 @@
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 use std::sync::Arc;
 
-use driver::layout::{self, Descriptor, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+use spec::layout::{self, Descriptor, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+
+use spec::prefetch::WritePrefetch;
 
 use crate::iotlb::{Fault, Iotlb, IovaView};
 use crate::memory::{GuestMemory, Hint};
@@ -225,7 +227,7 @@ pub struct DeviceRing {
     iova: Option<IovaView>,
     notify_fd: Option<i32>,
     /// The CPU has `PREFETCHW` (see [`prefetch_write`](Self::prefetch_write)).
-    write_prefetch: bool,
+    write_prefetch: Option<WritePrefetch>,
     /// Calls made to the driver (used-buffer notifications).
     pub calls: u64,
 }
@@ -305,7 +307,7 @@ impl DeviceRing {
             hint: 0,
             iova: view,
             notify_fd: call_fd,
-            write_prefetch: driver::prefetch::write_supported(),
+            write_prefetch: WritePrefetch::detect(),
             calls: 0,
         };
         // Publish where we stand, so a driver that restarts reads a consistent used idx.
@@ -386,7 +388,8 @@ impl DeviceRing {
     /// its usual rate (`docs/PERFORMANCE.md`).
     #[inline]
     pub fn prefetch_write(&mut self, i: u16, lines: usize) {
-        if !self.write_prefetch || self.iova.is_some() {
+        let Some(pw) = self.write_prefetch else { return };
+        if self.iova.is_some() {
             return;
         }
         let Ok(head) = self.head(i) else { return };
@@ -401,7 +404,7 @@ impl DeviceRing {
             if line >= end {
                 break;
             }
-            driver::prefetch::write(line as *const u8, true);
+            pw.line(line as *const u8);
             line += 64;
         }
     }

@@ -85,7 +85,7 @@ pub fn execute(app: &mut App, line: &str) -> Result<bool, String> {
         ["set", "txpkts", n] => {
             idle(app, "the packet length")?;
             let n: usize = n.parse().map_err(|_| format!("Bad arguments: txpkts '{n}' is not a number"))?;
-            if n < 60 || n > 1514 {
+            if !(60..=1514).contains(&n) {
                 return Err(format!("txpkts {n} out of range 60..=1514"));
             }
             app.cfg.txpkts = n;
@@ -121,17 +121,13 @@ pub fn run(app: &mut App) {
                 return run_plain(app);
             }
         };
-        loop {
-            match rl.readline("testpmd> ") {
-                Ok(line) => {
-                    let _ = rl.add_history_entry(line.as_str());
-                    match execute(app, &line) {
-                        Ok(true) => {}
-                        Ok(false) => break,
-                        Err(e) => println!("{e}"),
-                    }
-                }
-                Err(_) => break, // Ctrl-D / Ctrl-C
+        // Ends on Ctrl-D / Ctrl-C (an error from readline) or `quit`.
+        while let Ok(line) = rl.readline("testpmd> ") {
+            let _ = rl.add_history_entry(line.as_str());
+            match execute(app, &line) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => println!("{e}"),
             }
         }
     } else {

@@ -103,7 +103,7 @@ fn run(args: Args) -> Result<(), String> {
     }
     let period = Duration::from_secs(cfg.stats_period);
     let mut next_stats = Instant::now() + period;
-    while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
+    while !stop.load(Ordering::Relaxed) && deadline.map_or(true, |d| Instant::now() < d) {
         std::thread::sleep(Duration::from_millis(10));
         if !period.is_zero() && Instant::now() >= next_stats {
             next_stats += period;

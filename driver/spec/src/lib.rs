@@ -1,0 +1,13 @@
+//! The virtio-net wire format, shared by the guest driver (`driver/`) and the host
+//! backend (`host-backend/`): the only code the two sides of a ring have in common.
+//!
+//! Owns: the split-ring layout (offsets, sizes, the descriptor format, `need_event`),
+//! feature bits, the virtio-net header and control-queue constants, the device config
+//! space layout ([`layout`]); Ethernet/IPv4/UDP/ICMP/ARP header builders and the Internet
+//! checksum ([`frame`]); the write-prefetch hint ([`prefetch`]). Must not: touch ring
+//! memory (each side reads and writes its rings with its own atomics and orderings), own
+//! any state, or depend on either side's crate.
+
+pub mod frame;
+pub mod layout;
+pub mod prefetch;
