@@ -2,10 +2,10 @@
 //! configuration, forwarding threads, and statistics in DPDK testpmd's layout (or JSON).
 //!
 //! Owns: port setup from the configuration (with the `--xdp-prog` program on every
-//! receive queue), start/stop of forwarding, `show port stats|info`, `clear port stats`,
-//! the control commands of the prompt (promiscuous and all-multicast modes, MAC address,
-//! VLAN filter, number of queue pairs), and the forward statistics printed at stop.
-//! Must not: parse the command line or prompt (config.rs and interactive.rs do).
+//! receive queue), the streams and forwarding threads, start/stop of forwarding, draining
+//! and closing the ports. The statistics it prints are in [`show`], the control commands
+//! of the prompt in [`commands`]. Must not: parse the command line or prompt (config.rs
+//! and interactive.rs do).
 //!
 //! Queue pairs: in interactive mode each port sets up as many pairs as the device has
 //! (up to [`MAX_QUEUE_PAIRS`]) and activates `--rxq`; `port config all rxq N` changes the
@@ -20,8 +20,13 @@ use std::time::Instant;
 
 use driver::{Packet, Port, PortConfig, QueueStatsSnapshot, RxQueue, TxQueue, XdpVerdict};
 
-use crate::config::{Config, FwdMode, StatsFormat, XdpProg};
+use crate::config::{Config, FwdMode, XdpProg};
 use crate::engine::{forward, FwdParams, PortCtx, Stream, StreamStats};
+
+mod commands;
+mod show;
+
+use show::sum;
 
 struct PortState {
     port: Port,
@@ -71,48 +76,6 @@ pub struct App {
     stream_stats: Vec<Arc<StreamStats>>,
     running: Option<Running>,
     out: Box<dyn Write + Send>,
-}
-
-fn sum(v: &[QueueStatsSnapshot]) -> QueueStatsSnapshot {
-    let mut t = QueueStatsSnapshot::default();
-    for s in v {
-        t.rx_packets += s.rx_packets;
-        t.rx_bytes += s.rx_bytes;
-        t.rx_errors += s.rx_errors;
-        t.rx_nombuf += s.rx_nombuf;
-        t.tx_packets += s.tx_packets;
-        t.tx_bytes += s.tx_bytes;
-        t.tx_full += s.tx_full;
-        t.tx_copied += s.tx_copied;
-        t.tx_nobuf += s.tx_nobuf;
-        t.device_errors += s.device_errors;
-        t.xdp_pass += s.xdp_pass;
-        t.xdp_drop += s.xdp_drop;
-        t.xdp_tx += s.xdp_tx;
-        t.xdp_redirect += s.xdp_redirect;
-        t.xdp_aborted += s.xdp_aborted;
-    }
-    t
-}
-
-fn sub(a: QueueStatsSnapshot, b: QueueStatsSnapshot) -> QueueStatsSnapshot {
-    QueueStatsSnapshot {
-        rx_packets: a.rx_packets - b.rx_packets,
-        rx_bytes: a.rx_bytes - b.rx_bytes,
-        rx_errors: a.rx_errors - b.rx_errors,
-        rx_nombuf: a.rx_nombuf - b.rx_nombuf,
-        tx_packets: a.tx_packets - b.tx_packets,
-        tx_bytes: a.tx_bytes - b.tx_bytes,
-        tx_full: a.tx_full - b.tx_full,
-        tx_copied: a.tx_copied - b.tx_copied,
-        tx_nobuf: a.tx_nobuf - b.tx_nobuf,
-        device_errors: a.device_errors - b.device_errors,
-        xdp_pass: a.xdp_pass - b.xdp_pass,
-        xdp_drop: a.xdp_drop - b.xdp_drop,
-        xdp_tx: a.xdp_tx - b.xdp_tx,
-        xdp_redirect: a.xdp_redirect - b.xdp_redirect,
-        xdp_aborted: a.xdp_aborted - b.xdp_aborted,
-    }
 }
 
 /// The program `--xdp-prog` names.
@@ -362,187 +325,13 @@ impl App {
         Some(totals)
     }
 
-    /// Forward totals per port since the last start.
-    pub fn fwd_totals(&self) -> Vec<FwdTotals> {
-        let mut t = vec![FwdTotals::default(); self.ports.len()];
-        let l = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        for (s, st) in self.stream_meta().into_iter().zip(&self.stream_stats) {
-            t[s.0 as usize].rx_packets += l(&st.rx_packets);
-            t[s.0 as usize].rx_dropped += l(&st.rx_dropped);
-            t[s.1 as usize].tx_packets += l(&st.tx_packets);
-            t[s.1 as usize].tx_dropped += l(&st.tx_dropped);
-        }
-        t
-    }
-
-    /// (rx port, tx port) of each stream, in `stream_stats` order.
-    fn stream_meta(&self) -> Vec<(u16, u16)> {
-        let n = self.ports.len();
-        let mut v = Vec::new();
-        for p in 0..n {
-            let peer = if p ^ 1 < n { p ^ 1 } else { p };
-            for _ in 0..self.cfg.queues {
-                v.push((p as u16, peer as u16));
-            }
-        }
-        v
-    }
-
-    fn print_fwd_stats(&mut self, totals: &[FwdTotals], secs: f64) {
-        if self.cfg.stats_format == StatsFormat::Json {
-            let ports: Vec<serde_json::Value> = totals
-                .iter()
-                .enumerate()
-                .map(|(i, t)| {
-                    serde_json::json!({"port": i, "rx_packets": t.rx_packets, "rx_dropped": t.rx_dropped,
-                        "tx_packets": t.tx_packets, "tx_dropped": t.tx_dropped})
-                })
-                .collect();
-            let line = serde_json::json!({"type": "forward_stats", "seconds": secs, "ports": ports});
-            self.say(&format!("{line}\n"));
-            return;
-        }
-        let mut s = String::new();
-        let mut acc = FwdTotals::default();
-        for (i, t) in totals.iter().enumerate() {
-            s += &format!(
-                "\n  ---------------------- Forward statistics for port {i}  ----------------------\n"
-            );
-            s += &fwd_lines(t);
-            s += "  ----------------------------------------------------------------------------\n";
-            acc.rx_packets += t.rx_packets;
-            acc.rx_dropped += t.rx_dropped;
-            acc.tx_packets += t.tx_packets;
-            acc.tx_dropped += t.tx_dropped;
-        }
-        s += "\n  +++++++++++++++ Accumulated forward statistics for all ports+++++++++++++++\n";
-        s += &fwd_lines(&acc);
-        s += "  ++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++\n\nDone.\n";
-        self.say(&s);
-    }
-
+    /// The ports `all` (None) or `N` names, or an error naming the port count.
     fn port_range(&self, which: Option<usize>) -> Result<std::ops::Range<usize>, String> {
         match which {
             None => Ok(0..self.ports.len()),
             Some(p) if p < self.ports.len() => Ok(p..p + 1),
             Some(p) => Err(format!("Invalid port {p}: {} port(s) exist", self.ports.len())),
         }
-    }
-
-    /// `show port stats all|N`.
-    pub fn show_port_stats(&mut self, which: Option<usize>) -> Result<(), String> {
-        let range = self.port_range(which)?;
-        let mut s = String::new();
-        let mut lines = Vec::new();
-        for i in range {
-            let now = Instant::now();
-            let ps = &mut self.ports[i];
-            let cur = sum(&ps.port.stats());
-            let d = sub(cur, ps.base);
-            let secs = now.duration_since(ps.last.1).as_secs_f64();
-            let rate = |a: u64, b: u64| if secs > 0.0 { (a - b) as f64 / secs } else { 0.0 };
-            let rx_pps = rate(cur.rx_packets, ps.last.0.rx_packets);
-            let tx_pps = rate(cur.tx_packets, ps.last.0.tx_packets);
-            let rx_bps = rate(cur.rx_bytes, ps.last.0.rx_bytes) * 8.0;
-            let tx_bps = rate(cur.tx_bytes, ps.last.0.tx_bytes) * 8.0;
-            ps.last = (cur, now);
-            if self.cfg.stats_format == StatsFormat::Json {
-                lines.push(serde_json::json!({"type": "port_stats", "port": i,
-                    "rx_packets": d.rx_packets, "rx_missed": 0, "rx_bytes": d.rx_bytes, "rx_errors": d.rx_errors,
-                    "rx_nombuf": d.rx_nombuf, "tx_packets": d.tx_packets, "tx_errors": 0, "tx_bytes": d.tx_bytes,
-                    "rx_pps": rx_pps.round() as u64, "tx_pps": tx_pps.round() as u64,
-                    "device_errors": d.device_errors,
-                    "xdp_pass": d.xdp_pass, "xdp_drop": d.xdp_drop, "xdp_tx": d.xdp_tx,
-                    "xdp_redirect": d.xdp_redirect, "xdp_aborted": d.xdp_aborted}));
-                continue;
-            }
-            s += &format!(
-                "\n  ######################## NIC statistics for port {i}  ########################\n"
-            );
-            s += &format!(
-                "  RX-packets: {:<10} RX-missed: {:<10} RX-bytes:  {}\n",
-                d.rx_packets, 0, d.rx_bytes
-            );
-            s += &format!(
-                "  RX-errors: {}\n  RX-nombuf:  {:<10}\n",
-                d.rx_errors + d.device_errors,
-                d.rx_nombuf
-            );
-            s += &format!(
-                "  TX-packets: {:<10} TX-errors: {:<10} TX-bytes:  {}\n",
-                d.tx_packets, 0, d.tx_bytes
-            );
-            if self.cfg.xdp.is_some()
-                || d.xdp_pass + d.xdp_drop + d.xdp_tx + d.xdp_redirect + d.xdp_aborted > 0
-            {
-                s += &format!(
-                    "  XDP-pass: {:<12} XDP-drop: {:<12} XDP-tx: {:<12} XDP-redirect: {:<12} XDP-aborted: {}\n",
-                    d.xdp_pass, d.xdp_drop, d.xdp_tx, d.xdp_redirect, d.xdp_aborted
-                );
-            }
-            s += "\n  Throughput (since last show)\n";
-            s += &format!("  Rx-pps: {:>12.0}          Rx-bps: {:>12.0}\n", rx_pps, rx_bps);
-            s += &format!("  Tx-pps: {:>12.0}          Tx-bps: {:>12.0}\n", tx_pps, tx_bps);
-            s += "  ############################################################################\n";
-        }
-        for l in lines {
-            s += &format!("{l}\n");
-        }
-        self.say(&s);
-        Ok(())
-    }
-
-    /// Port `i`'s driver counters since open, over every queue.
-    pub fn port_totals(&self, i: usize) -> QueueStatsSnapshot {
-        sum(&self.ports[i].port.stats())
-    }
-
-    /// `show port info all|N`.
-    pub fn show_port_info(&mut self, which: Option<usize>) -> Result<(), String> {
-        let range = self.port_range(which)?;
-        let mut s = String::new();
-        for i in range {
-            let info = self.ports[i].port.info().clone();
-            s += &format!("\n********************* Infos for port {i}  *********************\n");
-            s += &format!("MAC address: {}\n", mac_str(&self.ctx[i].mac));
-            s += &format!("Device: {}\n", info.description);
-            s += &format!("Link status: {}\n", if info.link_up { "up" } else { "down" });
-            s += &format!("MTU: {}\n", info.mtu);
-            s += &format!("Negotiated features: {:#x}\n", info.features);
-            let ctl = self.ports[i].port.control();
-            s += &format!("Current number of RX queues: {}\n", ctl.queue_pairs());
-            s += &format!("Max possible RX queues: {}\n", info.queue_pairs);
-            s += &format!("Current number of TX queues: {}\n", ctl.queue_pairs());
-            s += &format!("Max possible TX queues: {}\n", info.queue_pairs);
-            s += &format!(
-                "Control queue: {}\n",
-                if info.control_queue { "yes" } else { "no (VIRTIO_NET_F_CTRL_VQ not negotiated)" }
-            );
-            s += &format!(
-                "XDP program: {}\n",
-                self.cfg.xdp.map(|x| x.name()).unwrap_or_else(|| "none".into())
-            );
-            s += &format!("Ring size: {}\n", info.ring_size);
-            s += &format!(
-                "Buffers free in pool: {} of {}\n",
-                self.ctx[i].pool.available(),
-                self.ctx[i].pool.capacity()
-            );
-        }
-        self.say(&s);
-        Ok(())
-    }
-
-    /// `clear port stats all|N`.
-    pub fn clear_port_stats(&mut self, which: Option<usize>) -> Result<(), String> {
-        for i in self.port_range(which)? {
-            let ps = &mut self.ports[i];
-            let cur = sum(&ps.port.stats());
-            ps.base = cur;
-            ps.last = (cur, Instant::now());
-            self.say(&format!("\n  NIC statistics for port {i} cleared\n"));
-        }
-        Ok(())
     }
 
     /// After stop: receives whatever is still arriving for up to `quiet_ms` of silence and
@@ -563,72 +352,6 @@ impl App {
             }
         }
         n
-    }
-
-    /// `set promisc all|N on|off`.
-    pub fn set_promisc(&mut self, which: Option<usize>, on: bool) -> Result<(), String> {
-        for i in self.port_range(which)? {
-            self.ports[i].port.control().set_promisc(on).map_err(|e| format!("port {i}: {e}"))?;
-            self.say(&format!("Port {i}: promiscuous mode {}\n", if on { "enabled" } else { "disabled" }));
-        }
-        Ok(())
-    }
-
-    /// `set allmulti all|N on|off`.
-    pub fn set_allmulti(&mut self, which: Option<usize>, on: bool) -> Result<(), String> {
-        for i in self.port_range(which)? {
-            self.ports[i].port.control().set_allmulti(on).map_err(|e| format!("port {i}: {e}"))?;
-            self.say(&format!("Port {i}: all-multicast mode {}\n", if on { "enabled" } else { "disabled" }));
-        }
-        Ok(())
-    }
-
-    /// `mac_addr set N MAC`: the device's address (and the source MAC of mac/txonly).
-    pub fn set_mac_addr(&mut self, port: usize, mac: [u8; 6]) -> Result<(), String> {
-        if self.running.is_some() {
-            return Err("Please stop forwarding first (the MAC address cannot change while it runs)".into());
-        }
-        self.port_range(Some(port))?;
-        self.ports[port].port.control().set_mac_addr(mac).map_err(|e| format!("port {port}: {e}"))?;
-        self.ctx[port].mac = mac;
-        self.say(&format!("Port {port}: MAC address set to {}\n", mac_str(&mac)));
-        Ok(())
-    }
-
-    /// `rx_vlan add|rm ID all|N`.
-    pub fn rx_vlan(&mut self, add: bool, vid: u16, which: Option<usize>) -> Result<(), String> {
-        for i in self.port_range(which)? {
-            let c = self.ports[i].port.control();
-            if add { c.vlan_add(vid) } else { c.vlan_del(vid) }.map_err(|e| format!("port {i}: {e}"))?;
-            self.say(&format!(
-                "Port {i}: VLAN {vid} {}\n",
-                if add { "added to the filter" } else { "removed" }
-            ));
-        }
-        Ok(())
-    }
-
-    /// `port config all rxq|txq N`: every port uses N queue pairs (forwarding stopped).
-    pub fn config_queues(&mut self, n: u16) -> Result<(), String> {
-        if self.running.is_some() {
-            return Err("Please stop forwarding first (port config needs the ports stopped)".into());
-        }
-        for (i, ps) in self.ports.iter().enumerate() {
-            let max = ps.port.control().max_queue_pairs();
-            if n == 0 || n > max {
-                return Err(format!("port {i}: {n} queues: 1..={max} are set up on this port"));
-            }
-        }
-        for (i, ps) in self.ports.iter().enumerate() {
-            let c = ps.port.control();
-            if c.queue_pairs() != n {
-                c.set_queue_pairs(n).map_err(|e| format!("port {i}: {e}"))?;
-            }
-        }
-        self.cfg.queues = n;
-        self.build_streams()?;
-        self.say(&format!("All ports: {n} queue pair(s) (rxq = txq = {n})\n"));
-        Ok(())
     }
 
     /// Stops forwarding if it runs, then closes every port (device reset, buffers back).
@@ -652,18 +375,4 @@ impl App {
         self.say("\nBye...\n");
         res
     }
-}
-
-fn fwd_lines(t: &FwdTotals) -> String {
-    format!(
-        "  RX-packets: {:<14} RX-dropped: {:<14} RX-total: {}\n  TX-packets: {:<14} TX-dropped: {:<14} TX-total: {}\n",
-        t.rx_packets,
-        t.rx_dropped,
-        // Every frame that reached the port; the engine's drops are among them (virtio
-        // has no "missed" counter that DPDK would add here).
-        t.rx_packets,
-        t.tx_packets,
-        t.tx_dropped,
-        t.tx_packets + t.tx_dropped
-    )
 }
