@@ -30,7 +30,7 @@
 #   e2e-gtx: txonly -> sink / rxonly                                     metric: Tx-pps
 #   e2e-grx: gen / txonly -> rxonly                                      metric: Rx-pps
 #   e2e-loop: macswap, 32 bursts injected <-> reflect / io               metric: Rx-pps
-# The loops are DPDK's loopback of ../shared/notes/dpdk.md with the injecting side on the
+# The loops are DPDK testpmd's loopback (macswap against io) with the injecting side on the
 # virtio-user end, so that the back-end contenders (our reflect, DPDK's io) do the same
 # thing: return every frame they receive.
 # Within a scenario both contenders are measured by the same instrument.

@@ -1,5 +1,5 @@
 //! A deliberately misbehaving vhost-user virtio-net device, for testing that the driver
-//! treats the device as hostile (DESIGN.md, "Trust": used ids and lengths are checked).
+//! treats the device as hostile (docs/ARCHITECTURE.md, "Trust boundaries": used ids and lengths are checked).
 //!
 //! The device runs in its own process (the `evil-device` binary of this crate, see
 //! [`device_main`]) so that it shares with the driver under test exactly what a real

@@ -121,7 +121,7 @@ impl VmConfig {
         }
     }
 
-    /// vIOMMU mode (`../shared/notes/vm-image.md`): QEMU's `intel-iommu` with interrupt
+    /// vIOMMU mode (`tests/vm/README.md`): QEMU's `intel-iommu` with interrupt
     /// remapping (VFIO type-1 refuses to attach without it) and a device IOTLB, the NIC
     /// behind it with `iommu_platform=on,ats=on`, the guest kernel with
     /// `intel_iommu=on`; the guest uses the type-1 VFIO driver.

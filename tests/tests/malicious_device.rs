@@ -1,5 +1,5 @@
-//! The driver treats the device as hostile (DESIGN.md, "Trust": used ids and lengths
-//! are checked).
+//! The driver treats the device as hostile (docs/ARCHITECTURE.md, "Trust boundaries": used
+//! ids and lengths are checked).
 //!
 //! Every test starts an `evil-device` process (`vnet_tests::evildevice`), opens a
 //! `driver::Port` on it in virtio-user mode, reflects a few frames faithfully, then makes

@@ -1,4 +1,4 @@
-//! The host backend treats the guest as hostile (DESIGN.md, "Trust").
+//! The host backend treats the guest as hostile (docs/ARCHITECTURE.md, "Trust boundaries").
 //!
 //! Every test starts one `host-backend` process with one or more BAD devices and one
 //! GOOD `reflect` device, plays a well-behaved guest on GOOD (frames reflected
