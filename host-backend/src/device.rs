@@ -47,7 +47,7 @@ use crate::ctrl::{self, Command, Refused, RxConfig};
 use crate::iotlb::{Iotlb, PendingMiss, MISS_RESEND, MISS_TIMEOUT, MSG_INVALIDATE, MSG_UPDATE};
 use crate::iotlb_channel::{self, BackendChannel, ChannelError, Header, Request};
 use crate::memory::{GuestMemory, RegionDesc};
-use crate::split_ring::{signal, Bad, DeviceRing, RingConfig};
+use crate::split_ring::{signal, RingFault, DeviceRing, RingConfig};
 use crate::stats::{CtrlSnapshot, DeviceSnapshot, DropReason, IotlbSnapshot, PairStats};
 use crate::worker::Engine;
 use virtio_bindings::virtio_net as vn;
@@ -380,7 +380,7 @@ impl Device {
         let iotlb = (feats & f::bit(f::ACCESS_PLATFORM) != 0).then(|| st.iotlb.clone());
         match DeviceRing::new(&cfg, mem, call.as_ref().map(|c| c.as_raw_fd()), iotlb) {
             Ok(ring) => Some(ActiveRing { ring, kick, rx, _call: call }),
-            Err(Bad::IotlbMiss { iova, write }) => {
+            Err(RingFault::IotlbMiss { iova, write }) => {
                 // Not the driver's fault (yet): ask, and retry when the answer arrives.
                 drop(st);
                 self.iotlb_waiting.store(true, Ordering::Relaxed);
@@ -406,7 +406,7 @@ impl Device {
 
     /// Marks queue `q` broken: counted, logged once per device, its error eventfd
     /// signalled, and never activated again until the front-end sets it up anew.
-    pub fn mark_broken(&self, q: u16, bad: Bad) {
+    pub fn mark_broken(&self, q: u16, bad: RingFault) {
         let err = {
             let mut st = self.lock();
             let Some(qs) = st.queues.get_mut(q as usize) else {

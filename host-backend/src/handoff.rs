@@ -30,7 +30,7 @@ use spec::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
 use crate::ctrl::RxConfig;
 use crate::port::Path;
 use crate::ptr_ring::{Consumer, Producer, PtrRing};
-use crate::split_ring::{gather, scatter, Bad, Chain, DeviceRing, Dir};
+use crate::split_ring::{gather, scatter, RingFault, Chain, DeviceRing, Dir};
 use crate::stats::{BurstCounts, DropReason};
 
 /// Frame buffers per direction (also the capacity of both rings, so returns always fit).
@@ -147,7 +147,7 @@ impl Sender {
         burst: u16,
         max_frame: u64,
         c: &mut BurstCounts,
-    ) -> Result<usize, Bad> {
+    ) -> Result<usize, RingFault> {
         self.flush();
         if !self.out.is_empty() {
             return Ok(0); // the ring is full: the guest's frames wait in its ring
@@ -168,6 +168,7 @@ impl Sender {
 
 impl Receiver {
     /// Whether frames are waiting (in the ring or taken from it).
+    #[cfg(test)]
     pub fn has_work(&self) -> bool {
         !self.pending.is_empty() || !self.full.is_empty()
     }
@@ -181,7 +182,7 @@ impl Receiver {
         chain: &mut Chain,
         burst: usize,
         c: &mut BurstCounts,
-    ) -> Result<usize, Bad> {
+    ) -> Result<usize, RingFault> {
         if self.pending.len() < burst {
             let want = burst - self.pending.len();
             self.full.consume_batch(&mut self.pending, want);

@@ -23,38 +23,42 @@
 //! # Ok::<(), host_backend::Error>(())
 //! ```
 //!
-//! Modules: [`memory`] (guest memory and translation), [`split_ring`] (the device-side
-//! ring engine), [`device`] (device state and the vhost-user handler), [`ctrl`] (control
-//! commands and receive filters), [`port`] (what each port does per burst), [`gso`] (the
-//! generator's TCP super-frames), [`iotlb`] (translations under a vIOMMU) and
-//! [`iotlb_channel`] (their vhost-user messages), [`worker`] (busy-poll threads and the
-//! control worker), [`ptr_ring`] (the batched pointer ring between host threads),
-//! [`server`] (sockets), [`stats`], [`config`].
+//! Public: [`Backend`], [`config`] (what to start), [`stats`] (what it counted),
+//! [`Error`], and [`ptr_ring`] (the batched pointer ring between host threads, a
+//! component of its own with its own benchmark).
+//!
+//! Internal modules: `memory` (guest memory and translation), `split_ring` (the
+//! device-side ring engine), `device` (device state and the vhost-user handler), `ctrl`
+//! (control commands and receive filters), `port` (what each port does per burst), `gso`
+//! (the generator's TCP super-frames), `iotlb` (translations under a vIOMMU) and
+//! `iotlb_channel` (their vhost-user messages), `handoff` (frames between workers),
+//! `worker` (busy-poll threads and the control worker), `server` (sockets).
 
 pub mod config;
-pub mod ctrl;
-pub mod device;
-pub mod error;
-pub mod gso;
-pub mod handoff;
-pub mod iotlb;
-pub mod iotlb_channel;
-pub mod memory;
-pub mod port;
+pub(crate) mod ctrl;
+pub(crate) mod device;
+mod error;
+pub(crate) mod gso;
+pub(crate) mod handoff;
+pub(crate) mod iotlb;
+pub(crate) mod iotlb_channel;
+pub(crate) mod memory;
+pub(crate) mod port;
 pub mod ptr_ring;
-pub mod server;
-pub mod split_ring;
+pub(crate) mod server;
+pub(crate) mod split_ring;
 pub mod stats;
-pub mod worker;
+pub(crate) mod worker;
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+pub use config::PortKind;
 pub use error::{Error, Result};
 
 use config::Config;
-use device::{Device, DeviceParams, PortKind};
+use device::{Device, DeviceParams};
 use port::Path;
 use server::{Server, ServerHandle};
 use stats::DeviceSnapshot;
@@ -197,11 +201,6 @@ impl Backend {
             servers.push((handle, join));
         }
         Ok(Backend { engine, devices, workers, servers, started: Instant::now() })
-    }
-
-    /// The devices, in command-line order.
-    pub fn devices(&self) -> &[Arc<Device>] {
-        &self.devices
     }
 
     /// Statistics of every device now.

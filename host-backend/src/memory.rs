@@ -188,7 +188,8 @@ impl GuestMemory {
     }
 
     /// Translates a front-end virtual address to the guest-physical address of the same
-    /// byte (for logging and tests).
+    /// byte (for tests).
+    #[cfg(test)]
     pub fn uva_to_gpa(&self, uva: u64) -> Option<u64> {
         self.regions.iter().find_map(|r| {
             let off = uva.checked_sub(r.uva)?;

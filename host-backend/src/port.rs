@@ -27,7 +27,7 @@ use crate::device::{ActiveRing, Device};
 use crate::gso::TcpGen;
 use crate::handoff::{Receiver, Sender};
 use crate::iotlb::PendingMiss;
-use crate::split_ring::{copy_chain, gather, scatter, Bad, Chain, DeviceRing, Dir};
+use crate::split_ring::{copy_chain, gather, scatter, RingFault, Chain, DeviceRing, Dir};
 use crate::stats::{BurstCounts, DropReason};
 
 /// Most chains handled per ring per burst.
@@ -72,13 +72,13 @@ impl QueueSlot {
     }
     /// Marks this queue broken and lets go of it; or, for an IOTLB miss, keeps the ring
     /// (the chain stays available and is retried next burst) until the miss times out.
-    fn fail(&mut self, bad: Bad) {
+    fn fail(&mut self, bad: RingFault) {
         let bad = match bad {
-            Bad::IotlbMiss { iova, write } => {
+            RingFault::IotlbMiss { iova, write } => {
                 if self.dev.iotlb_miss(&mut self.miss, iova, write) {
                     return;
                 }
-                Bad::BadAddress { addr: iova, len: 0 }
+                RingFault::BadAddress { addr: iova, len: 0 }
             }
             other => other,
         };
@@ -299,7 +299,7 @@ impl Path {
         }
     }
 
-    fn run_sink(&mut self) -> Result<usize, (Side, Bad)> {
+    fn run_sink(&mut self) -> Result<usize, (Side, RingFault)> {
         let max_frame = self.max_frame;
         let Some(src) = self.src.as_mut() else {
             return Ok(0);
@@ -330,7 +330,7 @@ impl Path {
         max_frame: u64,
         c: &mut BurstCounts,
         mut frame: impl FnMut(&Chain, u64),
-    ) -> Result<usize, Bad> {
+    ) -> Result<usize, RingFault> {
         let mut done = 0;
         let mut failed = None;
         for i in 0..n {
@@ -360,7 +360,7 @@ impl Path {
         }
     }
 
-    fn run_gen(&mut self) -> Result<usize, (Side, Bad)> {
+    fn run_gen(&mut self) -> Result<usize, (Side, RingFault)> {
         let Job::Gen { frame, seq, .. } = &mut self.job else {
             return Ok(0);
         };
@@ -432,7 +432,7 @@ impl Path {
     /// `gen` with `--gso-size`: one super-frame per receive buffer while guest TSO4 is
     /// on, MSS-sized segments (one per buffer) otherwise; the budget (`--count`) and
     /// `generated` count super-frames, `tx_packets` the frames delivered.
-    fn run_gen_tcp(&mut self) -> Result<usize, (Side, Bad)> {
+    fn run_gen_tcp(&mut self) -> Result<usize, (Side, RingFault)> {
         let Job::Gen { seq, tcp: Some(tcp), .. } = &mut self.job else {
             return Ok(0);
         };
@@ -511,7 +511,7 @@ impl Path {
     /// applies it (and waits until the data workers run with the result) before the ack
     /// is written; a refused command is acknowledged `VIRTIO_NET_ERR`. A chain that
     /// breaks the ring protocol breaks the control queue only.
-    fn run_ctrl(&mut self) -> Result<usize, (Side, Bad)> {
+    fn run_ctrl(&mut self) -> Result<usize, (Side, RingFault)> {
         let Job::Ctrl { buf } = &mut self.job else {
             return Ok(0);
         };
@@ -563,7 +563,7 @@ impl Path {
         }
     }
 
-    fn run_hand_out(&mut self) -> Result<usize, (Side, Bad)> {
+    fn run_hand_out(&mut self) -> Result<usize, (Side, RingFault)> {
         let Job::HandOut(sender) = &mut self.job else { return Ok(0) };
         let Some(src) = self.src.as_mut() else { return Ok(0) };
         let pair = src.pair();
@@ -577,7 +577,7 @@ impl Path {
         res.map_err(|b| (Side::Src, b))
     }
 
-    fn run_hand_in(&mut self) -> Result<usize, (Side, Bad)> {
+    fn run_hand_in(&mut self) -> Result<usize, (Side, RingFault)> {
         let Job::HandIn(receiver) = &mut self.job else { return Ok(0) };
         let Some(dst) = self.dst.as_mut() else { return Ok(0) };
         let pair = dst.pair();
@@ -588,7 +588,7 @@ impl Path {
         res.map_err(|b| (Side::Dst, b))
     }
 
-    fn run_forward(&mut self, swap_mac: bool) -> Result<usize, (Side, Bad)> {
+    fn run_forward(&mut self, swap_mac: bool) -> Result<usize, (Side, RingFault)> {
         let max_frame = self.max_frame;
         let (Some(src), Some(dst)) = (self.src.as_mut(), self.dst.as_mut()) else {
             return Ok(0);

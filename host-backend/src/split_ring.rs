@@ -45,7 +45,7 @@ pub const MAX_INDIRECT: u32 = 1024;
 /// A value the driver wrote that breaks the protocol. The queue that saw it is marked
 /// broken and is not touched again until the front-end sets it up anew.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Bad {
+pub enum RingFault {
     /// `avail.idx` moved by more than the ring size since we last consumed.
     AvailJump { last_avail: u16, avail: u16 },
     /// An avail entry names a head `>= size`.
@@ -71,36 +71,36 @@ pub enum Bad {
     IotlbMiss { iova: u64, write: bool },
 }
 
-impl std::fmt::Display for Bad {
+impl std::fmt::Display for RingFault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match *self {
-            Bad::AvailJump { last_avail, avail } => {
+            RingFault::AvailJump { last_avail, avail } => {
                 write!(f, "avail idx jumped from {last_avail} to {avail}, more than the ring size")
             }
-            Bad::HeadOutOfRange { head } => write!(f, "head index {head} out of range"),
-            Bad::NextOutOfRange { next } => write!(f, "next index {next} out of range"),
-            Bad::ChainTooLong => write!(f, "descriptor chain loops or is longer than its table"),
-            Bad::BadAddress { addr, len } => {
+            RingFault::HeadOutOfRange { head } => write!(f, "head index {head} out of range"),
+            RingFault::NextOutOfRange { next } => write!(f, "next index {next} out of range"),
+            RingFault::ChainTooLong => write!(f, "descriptor chain loops or is longer than its table"),
+            RingFault::BadAddress { addr, len } => {
                 write!(f, "buffer {addr:#x}+{len:#x} outside guest memory")
             }
-            Bad::BadIndirect { len } => write!(f, "malformed indirect descriptor (len {len})"),
-            Bad::IndirectAddress { addr, len } => {
+            RingFault::BadIndirect { len } => write!(f, "malformed indirect descriptor (len {len})"),
+            RingFault::IndirectAddress { addr, len } => {
                 write!(f, "indirect table {addr:#x}+{len:#x} outside guest memory")
             }
-            Bad::Direction => write!(f, "buffer direction does not match the queue"),
-            Bad::RingAddress => write!(f, "ring areas misaligned or outside guest memory"),
-            Bad::IotlbMiss { iova, write } => {
+            RingFault::Direction => write!(f, "buffer direction does not match the queue"),
+            RingFault::RingAddress => write!(f, "ring areas misaligned or outside guest memory"),
+            RingFault::IotlbMiss { iova, write } => {
                 write!(f, "no IOTLB translation for {iova:#x} ({})", if write { "write" } else { "read" })
             }
         }
     }
 }
 
-/// The `Bad` for an IOTLB fault: a miss is retried (see [`Bad::IotlbMiss`]); a denied
+/// The `RingFault` for an IOTLB fault: a miss is retried (see [`RingFault::IotlbMiss`]); a denied
 /// access is `denied`, what the same address would be without an IOMMU.
-fn iotlb_fault(f: Fault, write: bool, denied: Bad) -> Bad {
+fn iotlb_fault(f: Fault, write: bool, denied: RingFault) -> RingFault {
     match f {
-        Fault::Miss { iova } => Bad::IotlbMiss { iova, write },
+        Fault::Miss { iova } => RingFault::IotlbMiss { iova, write },
         Fault::Denied { .. } => denied,
     }
 }
@@ -116,7 +116,7 @@ pub enum Dir {
     DeviceWrites,
     /// Device-readable descriptors, then device-writable ones ("the driver MUST place any
     /// device-writable descriptor elements after any device-readable descriptor elements",
-    /// §2.7.4.2); a readable one after a writable one is [`Bad::Direction`].
+    /// §2.7.4.2); a readable one after a writable one is [`RingFault::Direction`].
     ReadsThenWrites,
 }
 
@@ -260,22 +260,22 @@ impl DeviceRing {
     /// `cfg.base` with every earlier buffer already used (the vhost-user convention:
     /// the used index starts at the base). `call_fd` is the driver's call eventfd.
     /// With `iotlb` (`ACCESS_PLATFORM` negotiated) the ring and buffer addresses are
-    /// IOVAs; a missing translation is [`Bad::IotlbMiss`].
+    /// IOVAs; a missing translation is [`RingFault::IotlbMiss`].
     pub fn new(
         cfg: &RingConfig,
         mem: Arc<GuestMemory>,
         call_fd: Option<i32>,
         iotlb: Option<Arc<Iotlb>>,
-    ) -> Result<Self, Bad> {
+    ) -> Result<Self, RingFault> {
         let size = cfg.size;
         if size == 0 || !size.is_power_of_two() || size > layout::MAX_QUEUE_SIZE {
-            return Err(Bad::RingAddress);
+            return Err(RingFault::RingAddress);
         }
         if cfg.desc_uva % layout::DESC_ALIGN != 0
             || cfg.avail_uva % layout::AVAIL_ALIGN != 0
             || cfg.used_uva % layout::USED_ALIGN != 0
         {
-            return Err(Bad::RingAddress);
+            return Err(RingFault::RingAddress);
         }
         let areas = [
             (cfg.desc_uva, layout::desc_table_bytes(size) as u64, false),
@@ -286,10 +286,10 @@ impl DeviceRing {
         let mut host = [std::ptr::null_mut(); 3];
         for (h, &(addr, len, write)) in host.iter_mut().zip(&areas) {
             *h = match view.as_mut() {
-                None => mem.uva_to_host(addr, len).ok_or(Bad::RingAddress)?,
+                None => mem.uva_to_host(addr, len).ok_or(RingFault::RingAddress)?,
                 Some(v) => v
                     .translate_whole(&mem, addr, len, write)
-                    .map_err(|f| iotlb_fault(f, write, Bad::RingAddress))?,
+                    .map_err(|f| iotlb_fault(f, write, RingFault::RingAddress))?,
             };
         }
         let [desc, avail, used] = host;
@@ -316,17 +316,9 @@ impl DeviceRing {
         Ok(ring)
     }
 
-    /// Queue size.
-    pub fn size(&self) -> u16 {
-        self.size
-    }
     /// The next avail slot the device will consume (what `GET_VRING_BASE` reports).
     pub fn last_avail(&self) -> u16 {
         self.last_avail
-    }
-    /// The used index published so far.
-    pub fn used_idx(&self) -> u16 {
-        self.used_idx
     }
 
     #[inline]
@@ -339,29 +331,22 @@ impl DeviceRing {
     }
 
     /// Loads `avail.idx` once (`Acquire`, see the module comment) and returns how many
-    /// new chains the driver has made available, or `Bad::AvailJump`.
+    /// new chains the driver has made available, or `RingFault::AvailJump`.
     #[inline]
-    pub fn poll_avail(&mut self) -> Result<u16, Bad> {
+    pub fn poll_avail(&mut self) -> Result<u16, RingFault> {
         let avail = self.u16_at(self.areas.avail, layout::AVAIL_IDX).load(Ordering::Acquire);
         let n = avail.wrapping_sub(self.last_avail);
         if n > self.size {
-            return Err(Bad::AvailJump { last_avail: self.last_avail, avail });
+            return Err(RingFault::AvailJump { last_avail: self.last_avail, avail });
         }
         self.avail_cached = avail;
         Ok(n)
     }
 
-    /// Chains known to be available since the last [`poll_avail`](Self::poll_avail),
-    /// without touching shared memory.
-    #[inline]
-    pub fn cached_avail(&self) -> u16 {
-        self.avail_cached.wrapping_sub(self.last_avail)
-    }
-
     /// The head index of the `i`-th unconsumed avail entry (`i` < the value
     /// [`poll_avail`](Self::poll_avail) returned), validated against the ring size.
     #[inline]
-    pub fn head(&self, i: u16) -> Result<u16, Bad> {
+    pub fn head(&self, i: u16) -> Result<u16, RingFault> {
         let slot = self.last_avail.wrapping_add(i) & self.mask;
         // SAFETY: `avail_entry(slot)` with `slot < size` is inside the driver area;
         // 2-byte aligned; the entry was published before the avail idx we acquired.
@@ -369,7 +354,7 @@ impl DeviceRing {
             unsafe { std::ptr::read_volatile(self.areas.avail.add(layout::avail_entry(slot)) as *const u16) };
         let head = u16::from_le(head);
         if head >= self.size {
-            return Err(Bad::HeadOutOfRange { head });
+            return Err(RingFault::HeadOutOfRange { head });
         }
         Ok(head)
     }
@@ -446,7 +431,7 @@ impl DeviceRing {
     /// `bench/callgrind.sh` from 325 to 271 Ir per packet on be-loop, 173 to 144 on be-grx
     /// and 111 to 77 on be-gtx.
     #[inline(always)]
-    pub fn walk(&mut self, head: u16, dir: Dir, out: &mut Chain) -> Result<(), Bad> {
+    pub fn walk(&mut self, head: u16, dir: Dir, out: &mut Chain) -> Result<(), RingFault> {
         let d = Self::read_desc(self.areas.desc, head);
         if d.flags & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 && d.len > 0 && self.iova.is_none() {
             let writable = d.flags & DESC_F_WRITE != 0;
@@ -469,7 +454,7 @@ impl DeviceRing {
 
     /// [`walk`](Self::walk) for any chain: links, indirect tables, several regions.
     #[inline(never)]
-    fn walk_chain(&mut self, head: u16, dir: Dir, out: &mut Chain) -> Result<(), Bad> {
+    fn walk_chain(&mut self, head: u16, dir: Dir, out: &mut Chain) -> Result<(), RingFault> {
         out.clear();
         let mut table = self.areas.desc as *const u8;
         let mut table_len = self.size as u32;
@@ -484,7 +469,7 @@ impl DeviceRing {
         loop {
             seen += 1;
             if seen > table_len {
-                return Err(Bad::ChainTooLong);
+                return Err(RingFault::ChainTooLong);
             }
             let d = Self::read_desc(table, idx);
             if d.flags & DESC_F_INDIRECT != 0 {
@@ -495,9 +480,9 @@ impl DeviceRing {
                     || d.len % layout::DESC_SIZE as u32 != 0
                     || d.len / layout::DESC_SIZE as u32 > MAX_INDIRECT
                 {
-                    return Err(Bad::BadIndirect { len: d.len });
+                    return Err(RingFault::BadIndirect { len: d.len });
                 }
-                let bad = Bad::IndirectAddress { addr: d.addr, len: d.len };
+                let bad = RingFault::IndirectAddress { addr: d.addr, len: d.len };
                 table = match self.iova.as_mut() {
                     None => self.mem.translate_whole(&mut self.hint, d.addr, d.len as u64).ok_or(bad)?,
                     Some(v) => v
@@ -512,7 +497,7 @@ impl DeviceRing {
             }
             buffers += 1;
             if buffers > self.size as u32 {
-                return Err(Bad::ChainTooLong);
+                return Err(RingFault::ChainTooLong);
             }
             let writable = d.flags & DESC_F_WRITE != 0;
             let ok = match dir {
@@ -521,7 +506,7 @@ impl DeviceRing {
                 Dir::ReadsThenWrites => writable || !writing,
             };
             if !ok {
-                return Err(Bad::Direction);
+                return Err(RingFault::Direction);
             }
             writing |= writable;
             self.map_buffer(d.addr, d.len, writable, out)?;
@@ -532,25 +517,25 @@ impl DeviceRing {
                 return Ok(());
             }
             if d.next as u32 >= table_len {
-                return Err(Bad::NextOutOfRange { next: d.next });
+                return Err(RingFault::NextOutOfRange { next: d.next });
             }
             idx = d.next;
         }
     }
 
     #[inline]
-    fn map_buffer(&mut self, addr: u64, len: u32, write: bool, out: &mut Chain) -> Result<(), Bad> {
+    fn map_buffer(&mut self, addr: u64, len: u32, write: bool, out: &mut Chain) -> Result<(), RingFault> {
         if addr.checked_add(len as u64).is_none() {
-            return Err(Bad::BadAddress { addr, len });
+            return Err(RingFault::BadAddress { addr, len });
         }
         let mut gpa = addr;
         let mut left = len as u64;
         while left > 0 {
             let (ptr, n) = match self.iova.as_mut() {
-                None => self.mem.translate(&mut self.hint, gpa, left).ok_or(Bad::BadAddress { addr, len })?,
+                None => self.mem.translate(&mut self.hint, gpa, left).ok_or(RingFault::BadAddress { addr, len })?,
                 Some(v) => v
                     .translate(&self.mem, gpa, left, write)
-                    .map_err(|f| iotlb_fault(f, write, Bad::BadAddress { addr, len }))?,
+                    .map_err(|f| iotlb_fault(f, write, RingFault::BadAddress { addr, len }))?,
             };
             out.push(ptr, n as u32);
             gpa += n;

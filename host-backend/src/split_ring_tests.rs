@@ -261,7 +261,7 @@ proptest! {
     }
 }
 
-fn bad_walk(setup: impl FnOnce(&mut Fixture)) -> Result<(), Bad> {
+fn bad_walk(setup: impl FnOnce(&mut Fixture)) -> Result<(), RingFault> {
     let mut f = fixture(8, 0, false);
     setup(&mut f);
     f.drv.publish();
@@ -347,14 +347,14 @@ fn raw_avail(f: &mut Fixture, head: u16) {
 fn rejects_every_kind_of_malformed_chain() {
     let d = |addr, len, flags, next| Descriptor { addr, len, flags, next };
     // head out of range
-    assert_eq!(bad_walk(|f| raw_avail(f, 8)), Err(Bad::HeadOutOfRange { head: 8 }));
+    assert_eq!(bad_walk(|f| raw_avail(f, 8)), Err(RingFault::HeadOutOfRange { head: 8 }));
     // next out of range
     assert_eq!(
         bad_walk(|f| {
             f.drv.write_desc(DESC, 0, d(DATA, 64, DESC_F_NEXT, 9));
             raw_avail(f, 0);
         }),
-        Err(Bad::NextOutOfRange { next: 9 })
+        Err(RingFault::NextOutOfRange { next: 9 })
     );
     // loop 0 -> 1 -> 0
     assert_eq!(
@@ -363,7 +363,7 @@ fn rejects_every_kind_of_malformed_chain() {
             f.drv.write_desc(DESC, 1, d(DATA, 64, DESC_F_NEXT, 0));
             raw_avail(f, 0);
         }),
-        Err(Bad::ChainTooLong)
+        Err(RingFault::ChainTooLong)
     );
     // address outside guest memory, and wrapping
     assert!(matches!(
@@ -371,21 +371,21 @@ fn rejects_every_kind_of_malformed_chain() {
             f.drv.write_desc(DESC, 0, d(BASE + MEM - 8, 64, 0, 0));
             raw_avail(f, 0);
         }),
-        Err(Bad::BadAddress { .. })
+        Err(RingFault::BadAddress { .. })
     ));
     assert!(matches!(
         bad_walk(|f| {
             f.drv.write_desc(DESC, 0, d(u64::MAX - 10, 64, 0, 0));
             raw_avail(f, 0);
         }),
-        Err(Bad::BadAddress { .. })
+        Err(RingFault::BadAddress { .. })
     ));
     assert!(matches!(
         bad_walk(|f| {
             f.drv.write_desc(DESC, 0, d(0x1000, 64, 0, 0));
             raw_avail(f, 0);
         }),
-        Err(Bad::BadAddress { .. })
+        Err(RingFault::BadAddress { .. })
     ));
     // direction mismatch on a queue the device reads
     assert_eq!(
@@ -393,7 +393,7 @@ fn rejects_every_kind_of_malformed_chain() {
             f.drv.write_desc(DESC, 0, d(DATA, 64, DESC_F_WRITE, 0));
             raw_avail(f, 0);
         }),
-        Err(Bad::Direction)
+        Err(RingFault::Direction)
     );
     // indirect: bad length, empty, nested, with NEXT, outside memory
     for (len, flags) in [(20, DESC_F_INDIRECT), (0, DESC_F_INDIRECT), (32, DESC_F_INDIRECT | DESC_F_NEXT)] {
@@ -402,7 +402,7 @@ fn rejects_every_kind_of_malformed_chain() {
                 f.drv.write_desc(DESC, 0, d(INDIRECT, len, flags, 1));
                 raw_avail(f, 0);
             }),
-            Err(Bad::BadIndirect { .. })
+            Err(RingFault::BadIndirect { .. })
         ));
     }
     assert!(matches!(
@@ -411,14 +411,14 @@ fn rejects_every_kind_of_malformed_chain() {
             f.drv.write_desc(DESC, 0, d(INDIRECT, 16, DESC_F_INDIRECT, 0));
             raw_avail(f, 0);
         }),
-        Err(Bad::BadIndirect { .. })
+        Err(RingFault::BadIndirect { .. })
     ));
     assert!(matches!(
         bad_walk(|f| {
             f.drv.write_desc(DESC, 0, d(BASE + MEM - 16, 32, DESC_F_INDIRECT, 0));
             raw_avail(f, 0);
         }),
-        Err(Bad::IndirectAddress { .. })
+        Err(RingFault::IndirectAddress { .. })
     ));
     // an indirect table longer than the ring (8): no loop, but a chain of 9 buffers
     assert_eq!(
@@ -430,7 +430,7 @@ fn rejects_every_kind_of_malformed_chain() {
             f.drv.write_desc(DESC, 0, d(INDIRECT, 9 * 16, DESC_F_INDIRECT, 0));
             raw_avail(f, 0);
         }),
-        Err(Bad::ChainTooLong)
+        Err(RingFault::ChainTooLong)
     );
     // a loop inside an indirect table
     assert_eq!(
@@ -440,7 +440,7 @@ fn rejects_every_kind_of_malformed_chain() {
             f.drv.write_desc(DESC, 0, d(INDIRECT, 32, DESC_F_INDIRECT, 0));
             raw_avail(f, 0);
         }),
-        Err(Bad::ChainTooLong)
+        Err(RingFault::ChainTooLong)
     );
 }
 
@@ -449,7 +449,7 @@ fn rejects_avail_jump_and_bad_ring_addresses() {
     let mut f = fixture(8, 0, false);
     f.drv.avail_idx = 9;
     f.drv.publish();
-    assert_eq!(f.ring.poll_avail(), Err(Bad::AvailJump { last_avail: 0, avail: 9 }));
+    assert_eq!(f.ring.poll_avail(), Err(RingFault::AvailJump { last_avail: 0, avail: 9 }));
 
     let cfg = |desc, avail, used| RingConfig {
         size: 8,
@@ -468,11 +468,11 @@ fn rejects_avail_jump_and_bad_ring_addresses() {
         cfg(BASE + MEM - 64, DESC + 0x1000, DESC + 0x2000), // table past the end
         cfg(0x1000, DESC + 0x1000, DESC + 0x2000),   // outside memory
     ] {
-        assert_eq!(DeviceRing::new(&c, mem.clone(), None, None).err(), Some(Bad::RingAddress));
+        assert_eq!(DeviceRing::new(&c, mem.clone(), None, None).err(), Some(RingFault::RingAddress));
     }
     let mut c = cfg(DESC, DESC + 0x1000, DESC + 0x2000);
     c.size = 6;
-    assert_eq!(DeviceRing::new(&c, mem, None, None).err(), Some(Bad::RingAddress), "not a power of two");
+    assert_eq!(DeviceRing::new(&c, mem, None, None).err(), Some(RingFault::RingAddress), "not a power of two");
 }
 
 #[test]
@@ -673,5 +673,5 @@ fn control_chains_are_reads_then_writes() {
     f.drv.write_desc(DESC, 1, d(DATA + 64, 1, DESC_F_WRITE | DESC_F_NEXT, 2));
     f.drv.write_desc(DESC, 2, d(DATA + 128, 6, 0, 0));
     raw_avail(&mut f, 0);
-    assert_eq!(walk(&mut f), Err(Bad::Direction));
+    assert_eq!(walk(&mut f), Err(RingFault::Direction));
 }
