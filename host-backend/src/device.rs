@@ -47,7 +47,7 @@ use crate::ctrl::{self, Command, Refused, RxConfig};
 use crate::iotlb::{Iotlb, PendingMiss, MISS_RESEND, MISS_TIMEOUT, MSG_INVALIDATE, MSG_UPDATE};
 use crate::iotlb_channel::{self, BackendChannel, ChannelError, Header, Request};
 use crate::memory::{GuestMemory, RegionDesc};
-use crate::split_ring::{signal, RingFault, DeviceRing, RingConfig};
+use crate::split_ring::{signal, DeviceRing, RingConfig, RingFault};
 use crate::stats::{CtrlSnapshot, DeviceSnapshot, DropReason, IotlbSnapshot, PairStats};
 use crate::worker::Engine;
 use virtio_bindings::virtio_net as vn;
@@ -181,6 +181,10 @@ impl State {
 pub struct ActiveRing {
     /// The ring.
     pub ring: DeviceRing,
+    /// The guest memory the ring was activated with (the same `Arc` the ring holds),
+    /// held beside the ring so that a burst can borrow it while it mutates the ring:
+    /// chains walked in a burst borrow this (see `split_ring::Chain`).
+    pub mem: Arc<GuestMemory>,
     /// The kick eventfd the worker sleeps on, if any.
     pub kick: Option<Arc<EventFd>>,
     /// The device's receive configuration when the ring was activated (filters and
@@ -378,8 +382,8 @@ impl Device {
         // With ACCESS_PLATFORM every address the driver gives is an IOVA (vhost-user
         // §"IOMMU support"), ring addresses included.
         let iotlb = (feats & f::bit(f::ACCESS_PLATFORM) != 0).then(|| st.iotlb.clone());
-        match DeviceRing::new(&cfg, mem, call.as_ref().map(|c| c.as_raw_fd()), iotlb) {
-            Ok(ring) => Some(ActiveRing { ring, kick, rx, _call: call }),
+        match DeviceRing::new(&cfg, mem.clone(), call.as_ref().map(|c| c.as_raw_fd()), iotlb) {
+            Ok(ring) => Some(ActiveRing { ring, mem, kick, rx, _call: call }),
             Err(RingFault::IotlbMiss { iova, write }) => {
                 // Not the driver's fault (yet): ask, and retry when the answer arrives.
                 drop(st);

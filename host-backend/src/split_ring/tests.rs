@@ -149,14 +149,18 @@ fn fixture(size: u16, base: u16, event_idx: bool) -> Fixture {
 }
 
 /// Turns the chain's host pointers back into guest addresses.
-fn chain_gpas(f: &Fixture, c: &Chain) -> Vec<(u64, u32)> {
+fn chain_gpas(f: &Fixture, c: &Chain<'_>) -> Vec<(u64, u32)> {
     let mut hint = 0;
     let (base, _) = f.mem.translate(&mut hint, BASE, 1).unwrap();
     c.segs().iter().map(|s| (BASE + (s.ptr as u64 - base as u64), s.len)).collect()
 }
 
+/// One chain as virtio-queue sees it: its head and its descriptors (address, length,
+/// device-writable).
+type OracleChain = (u16, Vec<(u64, u32, bool)>);
+
 /// What virtio-queue sees for the chains available at `next_avail`.
-fn oracle(f: &Fixture, next_avail: u16) -> Vec<(u16, Vec<(u64, u32, bool)>)> {
+fn oracle(f: &Fixture, next_avail: u16) -> Vec<OracleChain> {
     let mut q = Queue::new(f.drv.size).unwrap();
     q.set_size(f.drv.size);
     q.set_desc_table_address(Some(DESC as u32), Some(0));
@@ -222,7 +226,7 @@ proptest! {
             for (i, (head, bufs)) in posted.iter().enumerate() {
                 let h = f.ring.head(i as u16).unwrap();
                 prop_assert_eq!(h, *head);
-                f.ring.walk(h, dir, &mut chain).unwrap();
+                f.ring.walk(&f.mem, h, dir, &mut chain).unwrap();
                 prop_assert_eq!(&chain_gpas(&f, &chain), bufs);
                 prop_assert_eq!(chain.total, bufs.iter().map(|b| b.1 as u64).sum::<u64>());
                 let (oh, odescs) = &orc[i];
@@ -272,7 +276,7 @@ fn bad_walk(setup: impl FnOnce(&mut Fixture)) -> Result<(), RingFault> {
     f.ring.prefetch_write(0, 64);
     let h = f.ring.head(0)?;
     let mut c = Chain::default();
-    f.ring.walk(h, Dir::DeviceReads, &mut c)
+    f.ring.walk(&f.mem, h, Dir::DeviceReads, &mut c)
 }
 
 /// A long burst across the u16 wrap: nothing is visible before the one publish, and
@@ -287,7 +291,7 @@ fn a_long_burst_publishes_every_element_at_once() {
     let mut c = Chain::default();
     for i in 0..n {
         let h = f.ring.head(i).unwrap();
-        f.ring.walk(h, Dir::DeviceWrites, &mut c).unwrap();
+        f.ring.walk(&f.mem, h, Dir::DeviceWrites, &mut c).unwrap();
         f.ring.add_used(h, 1000 + i as u32);
     }
     f.ring.consume(n);
@@ -315,7 +319,7 @@ fn a_pair_publish_is_two_publishes() {
         assert_eq!(f.ring.poll_avail().unwrap(), n);
         for i in 0..n {
             let h = f.ring.head(i).unwrap();
-            f.ring.walk(h, Dir::DeviceReads, &mut c).unwrap();
+            f.ring.walk(&f.mem, h, Dir::DeviceReads, &mut c).unwrap();
             f.ring.add_used(h, 100 + i as u32);
         }
         f.ring.consume(n);
@@ -472,7 +476,11 @@ fn rejects_avail_jump_and_bad_ring_addresses() {
     }
     let mut c = cfg(DESC, DESC + 0x1000, DESC + 0x2000);
     c.size = 6;
-    assert_eq!(DeviceRing::new(&c, mem, None, None).err(), Some(RingFault::RingAddress), "not a power of two");
+    assert_eq!(
+        DeviceRing::new(&c, mem, None, None).err(),
+        Some(RingFault::RingAddress),
+        "not a power of two"
+    );
 }
 
 #[test]
@@ -490,7 +498,7 @@ fn notifies_once_per_burst_as_the_driver_asks() {
         let n = f.ring.poll_avail().unwrap();
         for i in 0..n {
             let h = f.ring.head(i).unwrap();
-            f.ring.walk(h, Dir::DeviceReads, &mut c).unwrap();
+            f.ring.walk(&f.mem, h, Dir::DeviceReads, &mut c).unwrap();
             f.ring.add_used(h, 0);
         }
         f.ring.consume(n);
@@ -514,7 +522,7 @@ fn notifies_once_per_burst_as_the_driver_asks() {
         let n = f.ring.poll_avail().unwrap();
         for i in 0..n {
             let h = f.ring.head(i).unwrap();
-            f.ring.walk(h, Dir::DeviceReads, &mut c).unwrap();
+            f.ring.walk(&f.mem, h, Dir::DeviceReads, &mut c).unwrap();
             f.ring.add_used(h, 0);
         }
         f.ring.consume(n);
@@ -575,8 +583,11 @@ fn copies_across_segments() {
     let _ = &mut hint;
 }
 
-/// A chain over separate heap buffers of the given lengths, and the buffers.
-fn heap_chain(lens: &[u32], fill: u8) -> (Chain, Vec<Vec<u8>>) {
+/// A chain over separate heap buffers of the given lengths, and the buffers. The test
+/// reads the buffers while the chain exists, so the chain cannot borrow them: its
+/// lifetime says `'static`, and the test keeps the buffers (returned with it) alive for as
+/// long as it uses the chain.
+fn heap_chain(lens: &[u32], fill: u8) -> (Chain<'static>, Vec<Vec<u8>>) {
     let mut bufs: Vec<Vec<u8>> = lens.iter().map(|&l| vec![fill; l as usize]).collect();
     let mut c = Chain::default();
     for b in bufs.iter_mut() {
@@ -644,7 +655,7 @@ fn control_chains_are_reads_then_writes() {
         assert_eq!(f.ring.poll_avail().unwrap(), 1);
         let h = f.ring.head(0).unwrap();
         let mut c = Chain::default();
-        f.ring.walk(h, Dir::ReadsThenWrites, &mut c).map(|()| (c.readable, c.total, c.segs().len()))
+        f.ring.walk(&f.mem, h, Dir::ReadsThenWrites, &mut c).map(|()| (c.readable, c.total, c.segs().len()))
     };
     let mut f = fixture(8, 0, false);
     f.drv.write_desc(DESC, 0, d(DATA, 2, DESC_F_NEXT, 1));
