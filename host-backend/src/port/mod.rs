@@ -284,6 +284,11 @@ impl PortPath {
     }
 
     /// Runs one burst; returns the number of chains it completed.
+    ///
+    /// Never inlined into the worker's loop: one call per burst costs nothing per packet,
+    /// and the burst stays one function (`bench/callgrind.sh` measures it by this name),
+    /// whichever codegen unit the worker lands in.
+    #[inline(never)]
     pub fn run(&mut self) -> usize {
         let res = match self.kind {
             PathKind::Sink => self.run_sink(),
