@@ -7,7 +7,7 @@
 //!
 //! Each device also serves a control queue (`VIRTIO_NET_F_CTRL_VQ`) to front-ends that
 //! negotiate it: RX mode, MAC and VLAN filters, MAC address, `VQ_PAIRS_SET` and guest
-//! offloads ([`ctrl`]), applied to what the device delivers into the guest's receive
+//! offloads (the internal `ctrl` module), applied to what the device delivers into the guest's receive
 //! queues. One control worker thread owns every device's control queue and sleeps
 //! until kicked; QEMU and DPDK's virtio-user terminate the control queue themselves and
 //! use `SET_VRING_ENABLE`, which keeps deciding which pairs run.
