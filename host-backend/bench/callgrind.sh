@@ -353,8 +353,8 @@ run_path() {
         fi
         stop_proc ours TERM "$EXIT_S"; dpdk_quit peer 20
         n=$(backend_count "$WORK/ours.log" $key)
-        parse_tag ours fn host_backend::port::Path::run || return 1
-        row $p "Path::run ($kind)" $(fn_cost host_backend::port::Path::run) "$n"
+        parse_tag ours fn host_backend::port::PortPath::run || return 1
+        row $p "PortPath::run ($kind)" $(fn_cost host_backend::port::PortPath::run) "$n"
         row $p "worker thread total" $(thread_total) "$n"
         tops $p "$n" ;;
     fe-gtx|fe-grx|fe-loop)

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use crate::device::PortKind;
+pub use crate::device::PortKind;
 use crate::error::{Error, Result};
 
 /// A port and the socket(s) of its device(s).

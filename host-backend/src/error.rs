@@ -2,7 +2,7 @@
 //!
 //! Owns: every error the backend's library API returns (configuration, socket setup,
 //! memory mapping, workers). Guest misbehaviour on a running queue is not an `Error`:
-//! it is a [`crate::split_ring::Bad`] that marks that queue broken and is counted.
+//! it is a `RingFault` (`split_ring`, internal) that marks that queue broken and is counted.
 
 use std::io;
 use std::path::PathBuf;

@@ -148,7 +148,7 @@ impl TcpGen {
     /// Writes the next frame of the current super-frame (see [`start`](Self::start))
     /// into `chain`, which must hold [`next_len`](Self::next_len) bytes. `tso`: guest TSO4
     /// may be used; `csum`: partial checksums may be delivered. Returns the bytes written.
-    pub fn emit(&mut self, chain: &Chain, tso: bool, csum: bool) -> usize {
+    pub fn emit(&mut self, chain: &Chain<'_>, tso: bool, csum: bool) -> usize {
         let (off, len, gso) = self.next_cut(tso);
         let total = self.payload.len();
         let last = off + len == total;
@@ -200,9 +200,9 @@ impl TcpGen {
 mod tests {
     use super::*;
 
-    /// A chain over one heap buffer (the test owns it; `Chain` only records pointers).
-    fn chain_over(buf: &mut [u8]) -> Chain {
-        crate::split_ring::tests_support::chain_over(buf)
+    /// A chain over one heap buffer (the test owns it; the chain borrows it).
+    fn chain_over(buf: &mut [u8]) -> Chain<'_> {
+        Chain::over(buf)
     }
 
     struct Frame {

@@ -28,9 +28,10 @@ use std::sync::Arc;
 use spec::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
 
 use crate::ctrl::RxConfig;
-use crate::port::Path;
+use crate::memory::GuestMemory;
+use crate::port::PortPath;
 use crate::ptr_ring::{Consumer, Producer, PtrRing};
-use crate::split_ring::{gather, scatter, Bad, Chain, DeviceRing, Dir};
+use crate::split_ring::{gather, scatter, ChainBuf, DeviceRing, Dir, RingFault};
 use crate::stats::{BurstCounts, DropReason};
 
 /// Frame buffers per direction (also the capacity of both rings, so returns always fit).
@@ -137,24 +138,26 @@ impl Sender {
         }
     }
 
-    /// One burst of at most `burst` chains from `ring` (device A's transmit queue):
-    /// frames are copied out, their chains completed, their tokens produced. Counts go
-    /// to `c` (receive side of A). Returns the chains completed, or the bad value.
+    /// One burst of at most `burst` chains from `ring` (device A's transmit queue, its
+    /// buffers in `mem`, walked into `buf`): frames are copied out, their chains
+    /// completed, their tokens produced. Counts go to `c` (receive side of A). Returns
+    /// the chains completed, or the bad value.
     pub fn run(
         &mut self,
         ring: &mut DeviceRing,
-        chain: &mut Chain,
+        mem: &GuestMemory,
+        buf: &mut ChainBuf,
         burst: u16,
         max_frame: u64,
         c: &mut BurstCounts,
-    ) -> Result<usize, Bad> {
+    ) -> Result<usize, RingFault> {
         self.flush();
         if !self.out.is_empty() {
             return Ok(0); // the ring is full: the guest's frames wait in its ring
         }
         let n = ring.poll_avail()?.min(burst).min(self.idle.len() as u16);
         let (idle, store, out) = (&mut self.idle, &self.store, &mut self.out);
-        let res = Path::consume_tx(ring, chain, n, max_frame, c, |chain, len| {
+        let res = PortPath::consume_tx(ring, mem, buf, n, max_frame, c, |chain, len| {
             let idx = idle.pop().expect("n <= idle");
             // SAFETY: `idx` came from `idle`: this side owns it.
             let slot = unsafe { store.slot(idx) };
@@ -168,20 +171,22 @@ impl Sender {
 
 impl Receiver {
     /// Whether frames are waiting (in the ring or taken from it).
+    #[cfg(test)]
     pub fn has_work(&self) -> bool {
         !self.pending.is_empty() || !self.full.is_empty()
     }
 
-    /// One burst into `ring` (device B's receive queue, `None` if it does not run): up
-    /// to `burst` frames delivered, filtered by `rx`, or dropped as `PeerDown` when the
-    /// ring does not run. Counts go to `c` (transmit side of B).
+    /// One burst into `ring` (device B's receive queue with its memory, `None` if it
+    /// does not run; chains walked into `buf`): up to `burst` frames delivered, filtered
+    /// by `rx`, or dropped as `PeerDown` when the ring does not run. Counts go to `c`
+    /// (transmit side of B).
     pub fn run(
         &mut self,
-        ring: Option<(&mut DeviceRing, &RxConfig)>,
-        chain: &mut Chain,
+        ring: Option<(&mut DeviceRing, &GuestMemory, &RxConfig)>,
+        buf: &mut ChainBuf,
         burst: usize,
         c: &mut BurstCounts,
-    ) -> Result<usize, Bad> {
+    ) -> Result<usize, RingFault> {
         if self.pending.len() < burst {
             let want = burst - self.pending.len();
             self.full.consume_batch(&mut self.pending, want);
@@ -189,7 +194,7 @@ impl Receiver {
         if self.pending.is_empty() {
             return Ok(0);
         }
-        let Some((ring, rx)) = ring else {
+        let Some((ring, mem, rx)) = ring else {
             for t in self.pending.drain(..) {
                 c.drop(DropReason::PeerDown);
                 self.done.push(t);
@@ -199,6 +204,7 @@ impl Receiver {
         };
         let filter = (!rx.pass_all()).then_some(rx);
         let nrx = ring.poll_avail()?;
+        let chain = buf.chain(mem);
         let (mut used, mut taken) = (0u16, 0usize);
         let mut failed = None;
         for &t in &self.pending {
@@ -216,7 +222,7 @@ impl Receiver {
             if used == nrx {
                 break; // backpressure: the frame waits for a receive buffer
             }
-            match ring.head(used).and_then(|h| ring.walk(h, Dir::DeviceWrites, chain).map(|_| h)) {
+            match ring.walk_avail(mem, used, Dir::DeviceWrites, chain) {
                 Ok(head) => {
                     let need = (NET_HDR_LEN + len) as u64;
                     let capacity: u64 = chain.segs().iter().map(|s| s.len as u64).sum();

@@ -140,6 +140,7 @@ impl Iotlb {
     }
 
     /// No mappings.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.read().is_empty()
     }
@@ -182,6 +183,7 @@ impl Iotlb {
     }
 
     /// Every mapping, in IOVA order (for tests and logging).
+    #[cfg(test)]
     pub fn mappings(&self) -> Vec<Mapping> {
         self.read().values().copied().collect()
     }

@@ -7,7 +7,7 @@
 //!
 //! Each device also serves a control queue (`VIRTIO_NET_F_CTRL_VQ`) to front-ends that
 //! negotiate it: RX mode, MAC and VLAN filters, MAC address, `VQ_PAIRS_SET` and guest
-//! offloads ([`ctrl`]), applied to what the device delivers into the guest's receive
+//! offloads (the internal `ctrl` module), applied to what the device delivers into the guest's receive
 //! queues. One control worker thread owns every device's control queue and sleeps
 //! until kicked; QEMU and DPDK's virtio-user terminate the control queue themselves and
 //! use `SET_VRING_ENABLE`, which keeps deciding which pairs run.
@@ -23,39 +23,43 @@
 //! # Ok::<(), host_backend::Error>(())
 //! ```
 //!
-//! Modules: [`memory`] (guest memory and translation), [`split_ring`] (the device-side
-//! ring engine), [`device`] (device state and the vhost-user handler), [`ctrl`] (control
-//! commands and receive filters), [`port`] (what each port does per burst), [`gso`] (the
-//! generator's TCP super-frames), [`iotlb`] (translations under a vIOMMU) and
-//! [`iotlb_channel`] (their vhost-user messages), [`worker`] (busy-poll threads and the
-//! control worker), [`ptr_ring`] (the batched pointer ring between host threads),
-//! [`server`] (sockets), [`stats`], [`config`].
+//! Public: [`Backend`], [`config`] (what to start), [`stats`] (what it counted),
+//! [`Error`], and [`ptr_ring`] (the batched pointer ring between host threads, a
+//! component of its own with its own benchmark).
+//!
+//! Internal modules: `memory` (guest memory and translation), `split_ring` (the
+//! device-side ring engine), `device` (device state and the vhost-user handler), `ctrl`
+//! (control commands and receive filters), `port` (what each port does per burst), `gso`
+//! (the generator's TCP super-frames), `iotlb` (translations under a vIOMMU) and
+//! `iotlb_channel` (their vhost-user messages), `handoff` (frames between workers),
+//! `worker` (busy-poll threads and the control worker), `server` (sockets).
 
 pub mod config;
-pub mod ctrl;
-pub mod device;
-pub mod error;
-pub mod gso;
-pub mod handoff;
-pub mod iotlb;
-pub mod iotlb_channel;
-pub mod memory;
-pub mod port;
+pub(crate) mod ctrl;
+pub(crate) mod device;
+mod error;
+pub(crate) mod gso;
+pub(crate) mod handoff;
+pub(crate) mod iotlb;
+pub(crate) mod iotlb_channel;
+pub(crate) mod memory;
+pub(crate) mod port;
 pub mod ptr_ring;
-pub mod server;
-pub mod split_ring;
+pub(crate) mod server;
+pub(crate) mod split_ring;
 pub mod stats;
-pub mod worker;
+pub(crate) mod worker;
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+pub use config::PortKind;
 pub use error::{Error, Result};
 
 use config::Config;
-use device::{Device, DeviceParams, PortKind};
-use port::Path;
+use device::{Device, DeviceParams};
+use port::PortPath;
 use server::{Server, ServerHandle};
 use stats::DeviceSnapshot;
 use worker::{Engine, Worker};
@@ -91,7 +95,7 @@ impl Backend {
         // Devices and the paths that move their traffic.
         let mut devices = Vec::new();
         // (group, path): paths of one group run on one worker; groups go round-robin.
-        let mut paths: Vec<(usize, Path)> = Vec::new();
+        let mut paths: Vec<(usize, PortPath)> = Vec::new();
         let mut group = 0;
         let mut next_group = || {
             group += 1;
@@ -132,26 +136,25 @@ impl Backend {
             for p in 0..cfg.queue_pairs {
                 let (rxq, txq) = (2 * p, 2 * p + 1);
                 match spec.kind {
-                    PortKind::Sink => paths.push((next_group(), Path::sink(&devs[0], txq))),
+                    PortKind::Sink => paths.push((next_group(), PortPath::sink(&devs[0], txq))),
                     PortKind::Gen => {
-                        paths.push((next_group(), Path::gen(&devs[0], rxq, cfg.pkt_size, cfg.gso_size)))
+                        paths.push((next_group(), PortPath::gen(&devs[0], rxq, cfg.pkt_size, cfg.gso_size)))
                     }
-                    PortKind::Reflect => {
-                        paths.push((next_group(), Path::forward(&devs[0], txq, &devs[0], rxq, cfg.swap_mac)))
-                    }
+                    PortKind::Reflect => paths
+                        .push((next_group(), PortPath::forward(&devs[0], txq, &devs[0], rxq, cfg.swap_mac))),
                     PortKind::Xconnect if device_groups.is_some() => {
                         let (ga, gb) = device_groups.expect("checked by the guard");
                         let max_frame = cfg.mtu as usize + 18;
                         let (s_ab, r_ab) = handoff::channel(max_frame);
                         let (s_ba, r_ba) = handoff::channel(max_frame);
-                        paths.push((ga, Path::hand_out(&devs[0], txq, s_ab)));
-                        paths.push((ga, Path::hand_in(&devs[0], rxq, r_ba)));
-                        paths.push((gb, Path::hand_out(&devs[1], txq, s_ba)));
-                        paths.push((gb, Path::hand_in(&devs[1], rxq, r_ab)));
+                        paths.push((ga, PortPath::hand_out(&devs[0], txq, s_ab)));
+                        paths.push((ga, PortPath::hand_in(&devs[0], rxq, r_ba)));
+                        paths.push((gb, PortPath::hand_out(&devs[1], txq, s_ba)));
+                        paths.push((gb, PortPath::hand_in(&devs[1], rxq, r_ab)));
                     }
                     PortKind::Xconnect => {
-                        paths.push((next_group(), Path::forward(&devs[0], txq, &devs[1], rxq, false)));
-                        paths.push((next_group(), Path::forward(&devs[1], txq, &devs[0], rxq, false)));
+                        paths.push((next_group(), PortPath::forward(&devs[0], txq, &devs[1], rxq, false)));
+                        paths.push((next_group(), PortPath::forward(&devs[1], txq, &devs[0], rxq, false)));
                     }
                 }
             }
@@ -166,7 +169,7 @@ impl Backend {
 
         // Groups round-robin over workers (groups are numbered densely in the order they
         // are first used): every ring is owned by exactly one worker.
-        let mut per_worker: Vec<Vec<Path>> = (0..cores.len()).map(|_| Vec::new()).collect();
+        let mut per_worker: Vec<Vec<PortPath>> = (0..cores.len()).map(|_| Vec::new()).collect();
         for (g, p) in paths {
             per_worker[g % cores.len()].push(p);
         }
@@ -175,7 +178,7 @@ impl Backend {
             workers.push(Worker::new(i, *cpu, paths, engine.clone(), cfg.poll_us).spawn()?);
         }
         // Every device's control queue on the control worker (the last engine slot).
-        let ctrl_paths = devices.iter().map(Path::ctrl).collect();
+        let ctrl_paths = devices.iter().map(PortPath::ctrl).collect();
         workers.push(Worker::control(cores.len(), ctrl_paths, engine.clone()).spawn()?);
 
         let mut servers = Vec::new();
@@ -197,11 +200,6 @@ impl Backend {
             servers.push((handle, join));
         }
         Ok(Backend { engine, devices, workers, servers, started: Instant::now() })
-    }
-
-    /// The devices, in command-line order.
-    pub fn devices(&self) -> &[Arc<Device>] {
-        &self.devices
     }
 
     /// Statistics of every device now.

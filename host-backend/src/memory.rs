@@ -10,8 +10,8 @@
 //!
 //! Why our own table instead of `vm_memory::GuestMemoryMmap`: the hot path translates
 //! every descriptor, and vm-memory's `GuestMemory` walks a binary search plus bounds and
-//! bitmap bookkeeping per access (`../shared/notes/crates.md` §5 measured 47–140 ns per
-//! packet). Here a caller keeps a hint (the last region it hit) and only falls back to a
+//! bitmap bookkeeping per access (`../shared/notes/crates.md` §5 has the measurement).
+//! Here a caller keeps a hint (the last region it hit) and only falls back to a
 //! binary search over the sorted table on a miss: never a tree walk per descriptor.
 
 use std::fs::File;
@@ -188,7 +188,8 @@ impl GuestMemory {
     }
 
     /// Translates a front-end virtual address to the guest-physical address of the same
-    /// byte (for logging and tests).
+    /// byte (for tests).
+    #[cfg(test)]
     pub fn uva_to_gpa(&self, uva: u64) -> Option<u64> {
         self.regions.iter().find_map(|r| {
             let off = uva.checked_sub(r.uva)?;

@@ -26,7 +26,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::error::{Error, Result};
-use crate::port::Path;
+use crate::port::PortPath;
 
 struct Slot {
     /// The last generation this worker has applied.
@@ -128,7 +128,7 @@ const CONTROL_POLL_MS: i32 = 1;
 pub struct Worker {
     index: usize,
     cpu: Option<usize>,
-    paths: Vec<Path>,
+    paths: Vec<PortPath>,
     engine: Arc<Engine>,
     poll: Duration,
     kind: WorkerKind,
@@ -139,7 +139,7 @@ impl Worker {
     pub fn new(
         index: usize,
         cpu: Option<usize>,
-        paths: Vec<Path>,
+        paths: Vec<PortPath>,
         engine: Arc<Engine>,
         poll_us: u64,
     ) -> Worker {
@@ -148,7 +148,7 @@ impl Worker {
 
     /// The control worker (unpinned) running the control-queue `paths`, engine slot
     /// `index` (after every data worker's).
-    pub fn control(index: usize, paths: Vec<Path>, engine: Arc<Engine>) -> Worker {
+    pub fn control(index: usize, paths: Vec<PortPath>, engine: Arc<Engine>) -> Worker {
         Worker { index, cpu: None, paths, engine, poll: Duration::ZERO, kind: WorkerKind::Control }
     }
 

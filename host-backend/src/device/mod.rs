@@ -25,6 +25,10 @@
 //! `2p + 1` transmit of pair `p`), except the control queue, which is at `2N` when MQ is
 //! negotiated and at 2 otherwise (§5.1.2); internally it is always index `2N`
 //! ([`Device::ctrl_queue`]).
+//!
+//! Here: the device's state, its parameters, and the ring hand-over, control commands and
+//! statistics. In `handler`: the vhost-user request handler; in `features`: what is
+//! offered; in `iotlb`: the device's side of the IOTLB protocol; `tests`: unit tests.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
@@ -47,10 +51,19 @@ use crate::ctrl::{self, Command, Refused, RxConfig};
 use crate::iotlb::{Iotlb, PendingMiss, MISS_RESEND, MISS_TIMEOUT, MSG_INVALIDATE, MSG_UPDATE};
 use crate::iotlb_channel::{self, BackendChannel, ChannelError, Header, Request};
 use crate::memory::{GuestMemory, RegionDesc};
-use crate::split_ring::{signal, Bad, DeviceRing, RingConfig};
+use crate::split_ring::{signal, DeviceRing, RingConfig, RingFault};
 use crate::stats::{CtrlSnapshot, DeviceSnapshot, DropReason, IotlbSnapshot, PairStats};
 use crate::worker::Engine;
 use virtio_bindings::virtio_net as vn;
+
+mod features;
+mod handler;
+mod iotlb;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use features::{offered_features, offered_protocol_features};
+pub(crate) use handler::Handler;
 
 /// What a port does with its device's traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +194,10 @@ impl State {
 pub struct ActiveRing {
     /// The ring.
     pub ring: DeviceRing,
+    /// The guest memory the ring was activated with (the same `Arc` the ring holds),
+    /// held beside the ring so that a burst can borrow it while it mutates the ring:
+    /// chains walked in a burst borrow this (see `split_ring::Chain`).
+    pub mem: Arc<GuestMemory>,
     /// The kick eventfd the worker sleeps on, if any.
     pub kick: Option<Arc<EventFd>>,
     /// The device's receive configuration when the ring was activated (filters and
@@ -233,50 +250,6 @@ pub struct IotlbCounters {
     pub refused: AtomicU64,
     /// Addresses still untranslated after [`MISS_TIMEOUT`]: counted as bad descriptors.
     pub timeouts: AtomicU64,
-}
-
-/// Features this device offers: the ring and config-space features, the control queue
-/// with RX mode (and its extra modes), VLAN filter, MAC address and guest-offload
-/// commands, MQ when there is more than one pair, and the guest offloads the port can
-/// produce (`params.guest_offloads`).
-pub fn offered_features(params: &DeviceParams) -> u64 {
-    let mut v = f::bit(f::VERSION_1)
-        | f::bit(f::NET_MAC)
-        | f::bit(f::NET_STATUS)
-        | f::bit(f::NET_MTU)
-        | f::bit(f::RING_EVENT_IDX)
-        | f::bit(f::RING_INDIRECT_DESC)
-        | f::bit(f::IN_ORDER)
-        | f::bit(f::VHOST_USER_PROTOCOL_FEATURES)
-        | f::bit(f::NET_CTRL_VQ)
-        | f::bit(vn::VIRTIO_NET_F_CTRL_RX)
-        | f::bit(vn::VIRTIO_NET_F_CTRL_RX_EXTRA)
-        | f::bit(vn::VIRTIO_NET_F_CTRL_VLAN)
-        | f::bit(vn::VIRTIO_NET_F_CTRL_MAC_ADDR)
-        | f::bit(vn::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
-        | (params.guest_offloads & ctrl::GUEST_OFFLOADS);
-    if params.queue_pairs > 1 {
-        v |= f::bit(f::NET_MQ);
-    }
-    if params.iommu {
-        v |= f::bit(f::ACCESS_PLATFORM);
-    }
-    v
-}
-
-/// Protocol features this device offers: MQ, REPLY_ACK and CONFIG, plus BACKEND_REQ
-/// (the channel IOTLB misses travel on) with `--iommu`. Never STATUS, RARP or MTU: the
-/// `vhost` crate's request loop rejects their messages (see `../shared/notes/crates.md`);
-/// the IOTLB requests it rejects too are served by `iotlb_channel.rs` instead.
-pub fn offered_protocol_features(params: &DeviceParams) -> VhostUserProtocolFeatures {
-    let v = VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIG;
-    if params.iommu {
-        v | VhostUserProtocolFeatures::BACKEND_REQ
-    } else {
-        v
-    }
 }
 
 impl Device {
@@ -378,9 +351,9 @@ impl Device {
         // With ACCESS_PLATFORM every address the driver gives is an IOVA (vhost-user
         // §"IOMMU support"), ring addresses included.
         let iotlb = (feats & f::bit(f::ACCESS_PLATFORM) != 0).then(|| st.iotlb.clone());
-        match DeviceRing::new(&cfg, mem, call.as_ref().map(|c| c.as_raw_fd()), iotlb) {
-            Ok(ring) => Some(ActiveRing { ring, kick, rx, _call: call }),
-            Err(Bad::IotlbMiss { iova, write }) => {
+        match DeviceRing::new(&cfg, mem.clone(), call.as_ref().map(|c| c.as_raw_fd()), iotlb) {
+            Ok(ring) => Some(ActiveRing { ring, mem, kick, rx, _call: call }),
+            Err(RingFault::IotlbMiss { iova, write }) => {
                 // Not the driver's fault (yet): ask, and retry when the answer arrives.
                 drop(st);
                 self.iotlb_waiting.store(true, Ordering::Relaxed);
@@ -406,7 +379,7 @@ impl Device {
 
     /// Marks queue `q` broken: counted, logged once per device, its error eventfd
     /// signalled, and never activated again until the front-end sets it up anew.
-    pub fn mark_broken(&self, q: u16, bad: Bad) {
+    pub fn mark_broken(&self, q: u16, bad: RingFault) {
         let err = {
             let mut st = self.lock();
             let Some(qs) = st.queues.get_mut(q as usize) else {
@@ -454,126 +427,6 @@ impl Device {
         if n > 0 && self.gen_budget.load(Ordering::Relaxed) != u64::MAX {
             self.gen_budget.fetch_add(n, Ordering::Relaxed);
         }
-    }
-
-    /// Asks the front-end for the translation of `iova` on the backend channel (logged
-    /// once if there is none: a front-end that negotiated ACCESS_PLATFORM without
-    /// BACKEND_REQ can never fill a miss).
-    fn send_miss(&self, iova: u64, write: bool) {
-        let mut chan = self.backend_channel.lock().unwrap_or_else(|e| e.into_inner());
-        let res = match chan.as_ref() {
-            Some(c) => c.send_miss(iova, write),
-            None => Err(std::io::Error::new(std::io::ErrorKind::NotConnected, "no backend channel")),
-        };
-        if res.as_ref().is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock) {
-            // A failed or partial write leaves the channel out of step: stop using it.
-            *chan = None;
-        }
-        drop(chan);
-        match res {
-            // Relaxed: a statistics counter.
-            Ok(()) => {
-                self.iotlb_stats.misses.fetch_add(1, Ordering::Relaxed);
-                debug!("{}: IOTLB miss {iova:#x} ({})", self.params.socket.display(), rw(write));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {} // asked again later
-            Err(e) => {
-                if !self.logged_iotlb.swap(true, Ordering::Relaxed) {
-                    warn!("{}: cannot send IOTLB miss for {iova:#x}: {e}", self.params.socket.display());
-                }
-            }
-        }
-    }
-
-    /// A ring's chain needs a translation the IOTLB lacks. Asks the front-end (again
-    /// every [`MISS_RESEND`]) and returns `true` while the ring should wait and retry
-    /// that chain; `false` once the address stayed untranslated for [`MISS_TIMEOUT`]
-    /// (counted: the caller breaks the queue, as for any other bad address).
-    pub fn iotlb_miss(&self, pending: &mut Option<PendingMiss>, iova: u64, write: bool) -> bool {
-        let now = Instant::now();
-        match pending {
-            Some(p) if p.iova == iova => {
-                if now.duration_since(p.since) >= MISS_TIMEOUT {
-                    *pending = None;
-                    // Relaxed: a statistics counter.
-                    self.iotlb_stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                    warn!(
-                        "{}: no IOTLB translation for {iova:#x} ({}) after {MISS_TIMEOUT:?}",
-                        self.params.socket.display(),
-                        rw(write)
-                    );
-                    return false;
-                }
-                if now.duration_since(p.asked) < MISS_RESEND {
-                    return true;
-                }
-                p.asked = now;
-            }
-            _ => *pending = Some(PendingMiss { iova, since: now, asked: now }),
-        }
-        self.iotlb_waiting.store(true, Ordering::Relaxed);
-        self.send_miss(iova, write);
-        true
-    }
-
-    /// Serves one IOTLB-protocol request whose header `hdr` was peeked on `sock` (see
-    /// `iotlb_channel.rs`). An update takes effect for the next lookup; an
-    /// invalidation is acknowledged only after every worker has dropped its cached
-    /// translations (a resync). An error closes the connection.
-    pub fn handle_iotlb_request(&self, sock: &UnixStream, hdr: &Header) -> Result<(), ChannelError> {
-        let ok = match iotlb_channel::read_request(sock, hdr)? {
-            Request::BackendChannel(s) => {
-                *self.backend_channel.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(BackendChannel::new(s)?);
-                debug!("{}: backend channel set", self.params.socket.display());
-                true
-            }
-            Request::Iotlb(m) => {
-                let st = self.lock();
-                let (platform, tlb) = (st.acked(f::ACCESS_PLATFORM), st.iotlb.clone());
-                drop(st);
-                let res = match m.kind {
-                    _ if !platform => Err("VIRTIO_F_ACCESS_PLATFORM is not negotiated".to_string()),
-                    MSG_UPDATE => tlb.update(m.mapping()).map_err(|e| e.to_string()).map(|replaced| {
-                        // Relaxed: a statistics counter.
-                        self.iotlb_stats.updates.fetch_add(1, Ordering::Relaxed);
-                        // A replaced mapping may sit in a worker's cache with its old
-                        // permission or target: resync as for an invalidation. A waiting
-                        // ring retries (and its worker wakes) through the resync too.
-                        if self.iotlb_waiting.swap(false, Ordering::Relaxed) || replaced {
-                            self.engine.sync();
-                        }
-                    }),
-                    MSG_INVALIDATE => {
-                        if tlb.invalidate(m.iova, m.size) {
-                            self.engine.sync();
-                        }
-                        self.iotlb_stats.invalidates.fetch_add(1, Ordering::Relaxed);
-                        Ok(())
-                    }
-                    other => Err(format!("IOTLB message type {other} is not served")),
-                };
-                match res {
-                    Ok(()) => true,
-                    Err(why) => {
-                        self.iotlb_stats.refused.fetch_add(1, Ordering::Relaxed);
-                        warn!(
-                            "{}: IOTLB message refused ({why}): iova {:#x} size {:#x} uaddr {:#x} perm {}",
-                            self.params.socket.display(),
-                            m.iova,
-                            m.size,
-                            m.uaddr,
-                            m.perm
-                        );
-                        false
-                    }
-                }
-            }
-        };
-        if hdr.need_reply() {
-            iotlb_channel::reply(sock, hdr, ok)?;
-        }
-        Ok(())
     }
 
     /// Applies one control command (`data`: its device-readable bytes) and returns the
@@ -715,344 +568,5 @@ impl Device {
         };
         self.engine.sync();
         res.map(|()| q)
-    }
-}
-
-/// The vhost-user request handler of one device (interior mutability; the `vhost`
-/// crate's `BackendReqHandler` calls it from the device's control thread).
-pub struct Handler(pub Arc<Device>);
-
-fn eventfd_from(file: Option<File>) -> Option<Arc<EventFd>> {
-    // SAFETY: `into_raw_fd` hands over sole ownership of a valid fd to the EventFd.
-    file.map(|f| Arc::new(unsafe { EventFd::from_raw_fd(f.into_raw_fd()) }))
-}
-
-impl VhostUserBackendReqHandler for Handler {
-    fn set_owner(&self) -> VuResult<()> {
-        Ok(())
-    }
-    fn reset_owner(&self) -> VuResult<()> {
-        self.0.disconnect();
-        self.0.connect();
-        Ok(())
-    }
-    fn reset_device(&self) -> VuResult<()> {
-        self.reset_owner()
-    }
-    fn get_features(&self) -> VuResult<u64> {
-        Ok(offered_features(&self.0.params))
-    }
-    fn set_features(&self, features: u64) -> VuResult<()> {
-        let offered = offered_features(&self.0.params);
-        log::debug!("{}: SET_FEATURES {features:#x}", self.0.params.socket.display());
-        if features & !offered != 0 {
-            warn!(
-                "{}: front-end acked features {:#x} we did not offer",
-                self.0.params.socket.display(),
-                features & !offered
-            );
-            return Err(VuError::InvalidParam);
-        }
-        {
-            let mut st = self.0.lock();
-            if st.acked_features != features {
-                // Feature-derived defaults (§5.1.6.5): empty VLAN table with CTRL_VLAN,
-                // every negotiated guest offload on, one pair with CTRL_VQ and MQ (the
-                // driver enables more with VQ_PAIRS_SET); without CTRL_VQ every pair
-                // carries traffic and SET_VRING_ENABLE decides (QEMU, DPDK).
-                st.acked_features = features;
-                st.rx = Arc::new(RxConfig::reset(st.rx.mac, features));
-                st.active_pairs = if st.acked(f::NET_CTRL_VQ) && st.acked(f::NET_MQ) {
-                    1
-                } else {
-                    self.0.params.queue_pairs
-                };
-            }
-        }
-        self.0.engine.sync();
-        Ok(())
-    }
-    fn set_mem_table(
-        &self,
-        ctx: &[VhostUserMemoryRegion],
-        files: Vec<File>,
-        _postcopy: Option<bool>,
-    ) -> VuResult<Option<Vec<vhost::VhostUserMemoryRegionBase>>> {
-        let regions: Vec<RegionDesc> = ctx
-            .iter()
-            .map(|r| RegionDesc {
-                gpa: r.guest_phys_addr,
-                len: r.memory_size,
-                uva: r.user_addr,
-                mmap_offset: r.mmap_offset,
-            })
-            .collect();
-        let mem = GuestMemory::map(&regions, files).map_err(|e| {
-            warn!("{}: {e}", self.0.params.socket.display());
-            VuError::InvalidParam
-        })?;
-        info!("{}: memory table with {} region(s)", self.0.params.socket.display(), mem.region_count());
-        self.0.lock().mem = Some(Arc::new(mem));
-        self.0.engine.sync();
-        Ok(None)
-    }
-    fn set_vring_num(&self, index: u32, num: u32) -> VuResult<()> {
-        if num == 0 || num > spec::layout::MAX_QUEUE_SIZE as u32 || !num.is_power_of_two() {
-            return Err(VuError::InvalidParam);
-        }
-        self.0.change_queue(index, |q| {
-            q.size = num as u16;
-            Ok(())
-        })
-    }
-    fn set_vring_addr(
-        &self,
-        index: u32,
-        _flags: VhostUserVringAddrFlags,
-        descriptor: u64,
-        used: u64,
-        available: u64,
-        _log: u64,
-    ) -> VuResult<()> {
-        self.0.change_queue(index, |q| {
-            q.desc = descriptor;
-            q.used = used;
-            q.avail = available;
-            q.addr_set = true;
-            q.broken = false;
-            Ok(())
-        })
-    }
-    fn set_vring_base(&self, index: u32, base: u32) -> VuResult<()> {
-        let base = u16::try_from(base).map_err(|_| VuError::InvalidParam)?;
-        self.0.change_queue(index, |q| {
-            q.base = base;
-            q.broken = false;
-            Ok(())
-        })
-    }
-    fn get_vring_base(&self, index: u32) -> VuResult<VhostUserVringState> {
-        log::debug!("{}: GET_VRING_BASE {index}", self.0.params.socket.display());
-        // Stops the ring (vhost-user: "the back-end must stop the ring"); the pause in
-        // `change_queue` makes the worker write its final position back first.
-        let q = self.0.change_queue_at(index, |q| {
-            q.started = false;
-            Ok(())
-        })?;
-        let base = self.0.lock().queues[q].base;
-        Ok(VhostUserVringState::new(index, base as u32))
-    }
-    fn set_vring_kick(&self, index: u8, fd: Option<File>) -> VuResult<()> {
-        log::debug!("{}: SET_VRING_KICK {index} (fd: {})", self.0.params.socket.display(), fd.is_some());
-        let kick = eventfd_from(fd);
-        self.0.change_queue(index as u32, |q| {
-            q.kick = kick;
-            q.started = true;
-            Ok(())
-        })
-    }
-    fn set_vring_call(&self, index: u8, fd: Option<File>) -> VuResult<()> {
-        let call = eventfd_from(fd);
-        self.0.change_queue(index as u32, |q| {
-            q.call = call;
-            Ok(())
-        })
-    }
-    fn set_vring_err(&self, index: u8, fd: Option<File>) -> VuResult<()> {
-        let err = eventfd_from(fd);
-        self.0.change_queue(index as u32, |q| {
-            q.err = err;
-            Ok(())
-        })
-    }
-    fn get_protocol_features(&self) -> VuResult<VhostUserProtocolFeatures> {
-        Ok(offered_protocol_features(&self.0.params))
-    }
-    fn set_protocol_features(&self, features: u64) -> VuResult<()> {
-        self.0.lock().acked_protocol = features;
-        Ok(())
-    }
-    fn get_queue_num(&self) -> VuResult<u64> {
-        // For virtio-net, QEMU and DPDK read this as the number of queue pairs.
-        Ok(self.0.params.queue_pairs as u64)
-    }
-    fn set_vring_enable(&self, index: u32, enable: bool) -> VuResult<()> {
-        log::debug!("{}: SET_VRING_ENABLE {index} {enable}", self.0.params.socket.display());
-        self.0.change_queue(index, |q| {
-            q.enabled = Some(enable);
-            Ok(())
-        })
-    }
-    fn get_config(&self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
-        let cfg = self.0.config_space();
-        let end = offset.checked_add(size).ok_or(VuError::InvalidParam)? as usize;
-        cfg.get(offset as usize..end).map(|s| s.to_vec()).ok_or(VuError::InvalidParam)
-    }
-    fn set_config(&self, _offset: u32, _buf: &[u8], _flags: VhostUserConfigFlags) -> VuResult<()> {
-        Err(VuError::InvalidOperation("virtio-net config space is read-only"))
-    }
-    fn set_gpu_socket(&self, _gpu_backend: vhost::vhost_user::GpuBackend) -> VuResult<()> {
-        Err(VuError::InvalidOperation("not a GPU device"))
-    }
-    fn get_shared_object(&self, _uuid: vhost::vhost_user::message::VhostUserSharedMsg) -> VuResult<File> {
-        Err(VuError::InvalidOperation("no shared objects"))
-    }
-    fn get_inflight_fd(
-        &self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
-    ) -> VuResult<(vhost::vhost_user::message::VhostUserInflight, File)> {
-        Err(VuError::InvalidOperation("inflight tracking not offered"))
-    }
-    fn set_inflight_fd(
-        &self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
-        _file: File,
-    ) -> VuResult<()> {
-        Err(VuError::InvalidOperation("inflight tracking not offered"))
-    }
-    fn get_max_mem_slots(&self) -> VuResult<u64> {
-        Err(VuError::InvalidOperation("CONFIGURE_MEM_SLOTS not offered"))
-    }
-    fn add_mem_region(
-        &self,
-        _region: &vhost::vhost_user::message::VhostUserSingleMemoryRegion,
-        _fd: File,
-        _postcopy: Option<bool>,
-    ) -> VuResult<Option<vhost::VhostUserMemoryRegionBase>> {
-        Err(VuError::InvalidOperation("CONFIGURE_MEM_SLOTS not offered"))
-    }
-    fn remove_mem_region(
-        &self,
-        _region: &vhost::vhost_user::message::VhostUserSingleMemoryRegion,
-    ) -> VuResult<()> {
-        Err(VuError::InvalidOperation("CONFIGURE_MEM_SLOTS not offered"))
-    }
-    fn set_device_state_fd(
-        &self,
-        _direction: vhost::vhost_user::message::VhostTransferStateDirection,
-        _phase: vhost::vhost_user::message::VhostTransferStatePhase,
-        _fd: File,
-    ) -> VuResult<Option<File>> {
-        Err(VuError::InvalidOperation("device state transfer not offered"))
-    }
-    fn check_device_state(&self) -> VuResult<()> {
-        Err(VuError::InvalidOperation("device state transfer not offered"))
-    }
-    fn get_shmem_config(&self) -> VuResult<vhost::vhost_user::message::VhostUserShMemConfig> {
-        Err(VuError::InvalidOperation("no shared memory regions"))
-    }
-    fn set_log_base(&self, _log: &vhost::vhost_user::message::VhostUserLog, _file: File) -> VuResult<()> {
-        Err(VuError::InvalidOperation("dirty logging not offered"))
-    }
-}
-
-fn rw(write: bool) -> &'static str {
-    if write {
-        "write"
-    } else {
-        "read"
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ctrl::{ACK_ERR, ACK_OK};
-
-    const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
-
-    fn device(pairs: u16, guest_offloads: u64) -> Arc<Device> {
-        let params = DeviceParams {
-            socket: "/nonexistent/test.sock".into(),
-            kind: PortKind::Reflect,
-            queue_pairs: pairs,
-            mac: MAC,
-            mtu: 1500,
-            guest_offloads,
-            iommu: false,
-        };
-        // No workers: every sync returns at once.
-        let d = Device::new(params, Engine::new(0, 0).unwrap(), None);
-        d.connect();
-        d
-    }
-
-    fn ctrl_features() -> u64 {
-        f::bit(f::VERSION_1)
-            | f::bit(f::NET_CTRL_VQ)
-            | f::bit(vn::VIRTIO_NET_F_CTRL_RX)
-            | f::bit(vn::VIRTIO_NET_F_CTRL_MAC_ADDR)
-            | f::bit(vn::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
-    }
-
-    #[test]
-    fn offers_control_features_and_guest_offloads_only_when_asked() {
-        let one = offered_features(&device(1, 0).params);
-        for b in [
-            f::NET_CTRL_VQ,
-            vn::VIRTIO_NET_F_CTRL_RX,
-            vn::VIRTIO_NET_F_CTRL_RX_EXTRA,
-            vn::VIRTIO_NET_F_CTRL_VLAN,
-            vn::VIRTIO_NET_F_CTRL_MAC_ADDR,
-            vn::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
-        ] {
-            assert_ne!(one & f::bit(b), 0, "bit {b}");
-        }
-        assert_eq!(one & (f::bit(f::NET_MQ) | ctrl::GUEST_OFFLOADS), 0);
-        let csum_tso = f::bit(vn::VIRTIO_NET_F_GUEST_CSUM) | f::bit(vn::VIRTIO_NET_F_GUEST_TSO4);
-        let two = offered_features(&device(2, csum_tso).params);
-        assert_eq!(two & (f::bit(f::NET_MQ) | ctrl::GUEST_OFFLOADS), f::bit(f::NET_MQ) | csum_tso);
-    }
-
-    #[test]
-    fn control_queue_index_follows_negotiation() {
-        let d = device(2, 0);
-        let h = Handler(d.clone());
-        assert!(h.set_vring_num(4, 64).is_err(), "no control queue before CTRL_VQ");
-        assert!(h.set_vring_num(3, 64).is_ok());
-        h.set_features(ctrl_features() | f::bit(f::NET_MQ)).unwrap();
-        assert_eq!(d.lock().queue_index(4), Some(4));
-        assert!(h.set_vring_num(4, 64).is_ok());
-        assert!(h.set_vring_num(5, 64).is_err());
-        // CTRL_VQ without MQ: one pair, control queue at index 2.
-        h.set_features(ctrl_features()).unwrap();
-        assert_eq!(d.lock().queue_index(2), Some(4));
-        assert_eq!(d.lock().queue_index(3), None);
-        assert_eq!(d.lock().queue_index(1), Some(1));
-        // Neither: data queues only (DPDK and QEMU terminate the control queue).
-        h.set_features(f::bit(f::VERSION_1) | f::bit(f::NET_MQ)).unwrap();
-        assert_eq!(d.lock().queue_index(3), Some(3));
-        assert_eq!(d.lock().queue_index(4), None);
-    }
-
-    #[test]
-    fn commands_change_device_state_and_reset_restores_it() {
-        let d = device(2, 0);
-        let h = Handler(d.clone());
-        // Before features: nothing is negotiated, every command is refused.
-        assert_eq!(d.apply_ctrl(&[4, 0, 2, 0]), ACK_ERR);
-        h.set_features(ctrl_features() | f::bit(f::NET_MQ)).unwrap();
-        assert_eq!(d.snapshot().active_pairs, 1, "MQ starts with one pair");
-        assert_eq!(d.apply_ctrl(&[4, 0, 2, 0]), ACK_OK);
-        assert_eq!(d.snapshot().active_pairs, 2);
-        assert_eq!(d.apply_ctrl(&[4, 0, 3, 0]), ACK_ERR);
-        assert_eq!(d.apply_ctrl(&[0, 0, 0]), ACK_OK); // promiscuous off
-        assert_eq!(d.apply_ctrl(&[2, 0, 1, 0]), ACK_ERR); // VLAN not negotiated
-        let new_mac = [2, 0, 0, 0, 0, 7];
-        let mut cmd = vec![1, 1];
-        cmd.extend_from_slice(&new_mac);
-        assert_eq!(d.apply_ctrl(&cmd), ACK_OK);
-        assert_eq!(&d.config_space()[..6], &new_mac, "config space follows MAC_ADDR_SET");
-        let s = d.snapshot();
-        assert_eq!((s.ctrl.ok, s.ctrl.err, s.ctrl.broken), (3, 3, false));
-        assert_eq!(s.rx_filter["promisc"], false);
-        // Same features again: state kept; other features: feature defaults.
-        h.set_features(ctrl_features() | f::bit(f::NET_MQ)).unwrap();
-        assert_eq!(d.snapshot().active_pairs, 2);
-        d.disconnect();
-        d.connect();
-        let s = d.snapshot();
-        assert_eq!(&d.config_space()[..6], &MAC);
-        assert_eq!((s.active_pairs, s.rx_filter["promisc"].as_bool()), (2, Some(true)));
     }
 }

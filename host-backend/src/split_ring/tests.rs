@@ -149,14 +149,18 @@ fn fixture(size: u16, base: u16, event_idx: bool) -> Fixture {
 }
 
 /// Turns the chain's host pointers back into guest addresses.
-fn chain_gpas(f: &Fixture, c: &Chain) -> Vec<(u64, u32)> {
+fn chain_gpas(f: &Fixture, c: &Chain<'_>) -> Vec<(u64, u32)> {
     let mut hint = 0;
     let (base, _) = f.mem.translate(&mut hint, BASE, 1).unwrap();
     c.segs().iter().map(|s| (BASE + (s.ptr as u64 - base as u64), s.len)).collect()
 }
 
+/// One chain as virtio-queue sees it: its head and its descriptors (address, length,
+/// device-writable).
+type OracleChain = (u16, Vec<(u64, u32, bool)>);
+
 /// What virtio-queue sees for the chains available at `next_avail`.
-fn oracle(f: &Fixture, next_avail: u16) -> Vec<(u16, Vec<(u64, u32, bool)>)> {
+fn oracle(f: &Fixture, next_avail: u16) -> Vec<OracleChain> {
     let mut q = Queue::new(f.drv.size).unwrap();
     q.set_size(f.drv.size);
     q.set_desc_table_address(Some(DESC as u32), Some(0));
@@ -222,7 +226,7 @@ proptest! {
             for (i, (head, bufs)) in posted.iter().enumerate() {
                 let h = f.ring.head(i as u16).unwrap();
                 prop_assert_eq!(h, *head);
-                f.ring.walk(h, dir, &mut chain).unwrap();
+                f.ring.walk(&f.mem, h, dir, &mut chain).unwrap();
                 prop_assert_eq!(&chain_gpas(&f, &chain), bufs);
                 prop_assert_eq!(chain.total, bufs.iter().map(|b| b.1 as u64).sum::<u64>());
                 let (oh, odescs) = &orc[i];
@@ -261,7 +265,7 @@ proptest! {
     }
 }
 
-fn bad_walk(setup: impl FnOnce(&mut Fixture)) -> Result<(), Bad> {
+fn bad_walk(setup: impl FnOnce(&mut Fixture)) -> Result<(), RingFault> {
     let mut f = fixture(8, 0, false);
     setup(&mut f);
     f.drv.publish();
@@ -272,7 +276,7 @@ fn bad_walk(setup: impl FnOnce(&mut Fixture)) -> Result<(), Bad> {
     f.ring.prefetch_write(0, 64);
     let h = f.ring.head(0)?;
     let mut c = Chain::default();
-    f.ring.walk(h, Dir::DeviceReads, &mut c)
+    f.ring.walk(&f.mem, h, Dir::DeviceReads, &mut c)
 }
 
 /// A long burst across the u16 wrap: nothing is visible before the one publish, and
@@ -287,7 +291,7 @@ fn a_long_burst_publishes_every_element_at_once() {
     let mut c = Chain::default();
     for i in 0..n {
         let h = f.ring.head(i).unwrap();
-        f.ring.walk(h, Dir::DeviceWrites, &mut c).unwrap();
+        f.ring.walk(&f.mem, h, Dir::DeviceWrites, &mut c).unwrap();
         f.ring.add_used(h, 1000 + i as u32);
     }
     f.ring.consume(n);
@@ -315,7 +319,7 @@ fn a_pair_publish_is_two_publishes() {
         assert_eq!(f.ring.poll_avail().unwrap(), n);
         for i in 0..n {
             let h = f.ring.head(i).unwrap();
-            f.ring.walk(h, Dir::DeviceReads, &mut c).unwrap();
+            f.ring.walk(&f.mem, h, Dir::DeviceReads, &mut c).unwrap();
             f.ring.add_used(h, 100 + i as u32);
         }
         f.ring.consume(n);
@@ -347,14 +351,14 @@ fn raw_avail(f: &mut Fixture, head: u16) {
 fn rejects_every_kind_of_malformed_chain() {
     let d = |addr, len, flags, next| Descriptor { addr, len, flags, next };
     // head out of range
-    assert_eq!(bad_walk(|f| raw_avail(f, 8)), Err(Bad::HeadOutOfRange { head: 8 }));
+    assert_eq!(bad_walk(|f| raw_avail(f, 8)), Err(RingFault::HeadOutOfRange { head: 8 }));
     // next out of range
     assert_eq!(
         bad_walk(|f| {
             f.drv.write_desc(DESC, 0, d(DATA, 64, DESC_F_NEXT, 9));
             raw_avail(f, 0);
         }),
-        Err(Bad::NextOutOfRange { next: 9 })
+        Err(RingFault::NextOutOfRange { next: 9 })
     );
     // loop 0 -> 1 -> 0
     assert_eq!(
@@ -363,7 +367,7 @@ fn rejects_every_kind_of_malformed_chain() {
             f.drv.write_desc(DESC, 1, d(DATA, 64, DESC_F_NEXT, 0));
             raw_avail(f, 0);
         }),
-        Err(Bad::ChainTooLong)
+        Err(RingFault::ChainTooLong)
     );
     // address outside guest memory, and wrapping
     assert!(matches!(
@@ -371,21 +375,21 @@ fn rejects_every_kind_of_malformed_chain() {
             f.drv.write_desc(DESC, 0, d(BASE + MEM - 8, 64, 0, 0));
             raw_avail(f, 0);
         }),
-        Err(Bad::BadAddress { .. })
+        Err(RingFault::BadAddress { .. })
     ));
     assert!(matches!(
         bad_walk(|f| {
             f.drv.write_desc(DESC, 0, d(u64::MAX - 10, 64, 0, 0));
             raw_avail(f, 0);
         }),
-        Err(Bad::BadAddress { .. })
+        Err(RingFault::BadAddress { .. })
     ));
     assert!(matches!(
         bad_walk(|f| {
             f.drv.write_desc(DESC, 0, d(0x1000, 64, 0, 0));
             raw_avail(f, 0);
         }),
-        Err(Bad::BadAddress { .. })
+        Err(RingFault::BadAddress { .. })
     ));
     // direction mismatch on a queue the device reads
     assert_eq!(
@@ -393,7 +397,7 @@ fn rejects_every_kind_of_malformed_chain() {
             f.drv.write_desc(DESC, 0, d(DATA, 64, DESC_F_WRITE, 0));
             raw_avail(f, 0);
         }),
-        Err(Bad::Direction)
+        Err(RingFault::Direction)
     );
     // indirect: bad length, empty, nested, with NEXT, outside memory
     for (len, flags) in [(20, DESC_F_INDIRECT), (0, DESC_F_INDIRECT), (32, DESC_F_INDIRECT | DESC_F_NEXT)] {
@@ -402,7 +406,7 @@ fn rejects_every_kind_of_malformed_chain() {
                 f.drv.write_desc(DESC, 0, d(INDIRECT, len, flags, 1));
                 raw_avail(f, 0);
             }),
-            Err(Bad::BadIndirect { .. })
+            Err(RingFault::BadIndirect { .. })
         ));
     }
     assert!(matches!(
@@ -411,14 +415,14 @@ fn rejects_every_kind_of_malformed_chain() {
             f.drv.write_desc(DESC, 0, d(INDIRECT, 16, DESC_F_INDIRECT, 0));
             raw_avail(f, 0);
         }),
-        Err(Bad::BadIndirect { .. })
+        Err(RingFault::BadIndirect { .. })
     ));
     assert!(matches!(
         bad_walk(|f| {
             f.drv.write_desc(DESC, 0, d(BASE + MEM - 16, 32, DESC_F_INDIRECT, 0));
             raw_avail(f, 0);
         }),
-        Err(Bad::IndirectAddress { .. })
+        Err(RingFault::IndirectAddress { .. })
     ));
     // an indirect table longer than the ring (8): no loop, but a chain of 9 buffers
     assert_eq!(
@@ -430,7 +434,7 @@ fn rejects_every_kind_of_malformed_chain() {
             f.drv.write_desc(DESC, 0, d(INDIRECT, 9 * 16, DESC_F_INDIRECT, 0));
             raw_avail(f, 0);
         }),
-        Err(Bad::ChainTooLong)
+        Err(RingFault::ChainTooLong)
     );
     // a loop inside an indirect table
     assert_eq!(
@@ -440,7 +444,7 @@ fn rejects_every_kind_of_malformed_chain() {
             f.drv.write_desc(DESC, 0, d(INDIRECT, 32, DESC_F_INDIRECT, 0));
             raw_avail(f, 0);
         }),
-        Err(Bad::ChainTooLong)
+        Err(RingFault::ChainTooLong)
     );
 }
 
@@ -449,7 +453,7 @@ fn rejects_avail_jump_and_bad_ring_addresses() {
     let mut f = fixture(8, 0, false);
     f.drv.avail_idx = 9;
     f.drv.publish();
-    assert_eq!(f.ring.poll_avail(), Err(Bad::AvailJump { last_avail: 0, avail: 9 }));
+    assert_eq!(f.ring.poll_avail(), Err(RingFault::AvailJump { last_avail: 0, avail: 9 }));
 
     let cfg = |desc, avail, used| RingConfig {
         size: 8,
@@ -468,11 +472,15 @@ fn rejects_avail_jump_and_bad_ring_addresses() {
         cfg(BASE + MEM - 64, DESC + 0x1000, DESC + 0x2000), // table past the end
         cfg(0x1000, DESC + 0x1000, DESC + 0x2000),   // outside memory
     ] {
-        assert_eq!(DeviceRing::new(&c, mem.clone(), None, None).err(), Some(Bad::RingAddress));
+        assert_eq!(DeviceRing::new(&c, mem.clone(), None, None).err(), Some(RingFault::RingAddress));
     }
     let mut c = cfg(DESC, DESC + 0x1000, DESC + 0x2000);
     c.size = 6;
-    assert_eq!(DeviceRing::new(&c, mem, None, None).err(), Some(Bad::RingAddress), "not a power of two");
+    assert_eq!(
+        DeviceRing::new(&c, mem, None, None).err(),
+        Some(RingFault::RingAddress),
+        "not a power of two"
+    );
 }
 
 #[test]
@@ -490,7 +498,7 @@ fn notifies_once_per_burst_as_the_driver_asks() {
         let n = f.ring.poll_avail().unwrap();
         for i in 0..n {
             let h = f.ring.head(i).unwrap();
-            f.ring.walk(h, Dir::DeviceReads, &mut c).unwrap();
+            f.ring.walk(&f.mem, h, Dir::DeviceReads, &mut c).unwrap();
             f.ring.add_used(h, 0);
         }
         f.ring.consume(n);
@@ -514,7 +522,7 @@ fn notifies_once_per_burst_as_the_driver_asks() {
         let n = f.ring.poll_avail().unwrap();
         for i in 0..n {
             let h = f.ring.head(i).unwrap();
-            f.ring.walk(h, Dir::DeviceReads, &mut c).unwrap();
+            f.ring.walk(&f.mem, h, Dir::DeviceReads, &mut c).unwrap();
             f.ring.add_used(h, 0);
         }
         f.ring.consume(n);
@@ -575,8 +583,11 @@ fn copies_across_segments() {
     let _ = &mut hint;
 }
 
-/// A chain over separate heap buffers of the given lengths, and the buffers.
-fn heap_chain(lens: &[u32], fill: u8) -> (Chain, Vec<Vec<u8>>) {
+/// A chain over separate heap buffers of the given lengths, and the buffers. The test
+/// reads the buffers while the chain exists, so the chain cannot borrow them: its
+/// lifetime says `'static`, and the test keeps the buffers (returned with it) alive for as
+/// long as it uses the chain.
+fn heap_chain(lens: &[u32], fill: u8) -> (Chain<'static>, Vec<Vec<u8>>) {
     let mut bufs: Vec<Vec<u8>> = lens.iter().map(|&l| vec![fill; l as usize]).collect();
     let mut c = Chain::default();
     for b in bufs.iter_mut() {
@@ -644,7 +655,7 @@ fn control_chains_are_reads_then_writes() {
         assert_eq!(f.ring.poll_avail().unwrap(), 1);
         let h = f.ring.head(0).unwrap();
         let mut c = Chain::default();
-        f.ring.walk(h, Dir::ReadsThenWrites, &mut c).map(|()| (c.readable, c.total, c.segs().len()))
+        f.ring.walk(&f.mem, h, Dir::ReadsThenWrites, &mut c).map(|()| (c.readable, c.total, c.segs().len()))
     };
     let mut f = fixture(8, 0, false);
     f.drv.write_desc(DESC, 0, d(DATA, 2, DESC_F_NEXT, 1));
@@ -673,5 +684,5 @@ fn control_chains_are_reads_then_writes() {
     f.drv.write_desc(DESC, 1, d(DATA + 64, 1, DESC_F_WRITE | DESC_F_NEXT, 2));
     f.drv.write_desc(DESC, 2, d(DATA + 128, 6, 0, 0));
     raw_avail(&mut f, 0);
-    assert_eq!(walk(&mut f), Err(Bad::Direction));
+    assert_eq!(walk(&mut f), Err(RingFault::Direction));
 }

@@ -1,0 +1,51 @@
+//! The features a device offers the front-end: virtio feature bits and vhost-user
+//! protocol features.
+//!
+//! Owns: what is offered, given the device's fixed parameters (negotiation itself is the
+//! handler's, `SET_FEATURES`). Must not: read or change device state.
+
+use super::*;
+
+/// Features this device offers: the ring and config-space features, the control queue
+/// with RX mode (and its extra modes), VLAN filter, MAC address and guest-offload
+/// commands, MQ when there is more than one pair, and the guest offloads the port can
+/// produce (`params.guest_offloads`).
+pub fn offered_features(params: &DeviceParams) -> u64 {
+    let mut v = f::bit(f::VERSION_1)
+        | f::bit(f::NET_MAC)
+        | f::bit(f::NET_STATUS)
+        | f::bit(f::NET_MTU)
+        | f::bit(f::RING_EVENT_IDX)
+        | f::bit(f::RING_INDIRECT_DESC)
+        | f::bit(f::IN_ORDER)
+        | f::bit(f::VHOST_USER_PROTOCOL_FEATURES)
+        | f::bit(f::NET_CTRL_VQ)
+        | f::bit(vn::VIRTIO_NET_F_CTRL_RX)
+        | f::bit(vn::VIRTIO_NET_F_CTRL_RX_EXTRA)
+        | f::bit(vn::VIRTIO_NET_F_CTRL_VLAN)
+        | f::bit(vn::VIRTIO_NET_F_CTRL_MAC_ADDR)
+        | f::bit(vn::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
+        | (params.guest_offloads & ctrl::GUEST_OFFLOADS);
+    if params.queue_pairs > 1 {
+        v |= f::bit(f::NET_MQ);
+    }
+    if params.iommu {
+        v |= f::bit(f::ACCESS_PLATFORM);
+    }
+    v
+}
+
+/// Protocol features this device offers: MQ, REPLY_ACK and CONFIG, plus BACKEND_REQ
+/// (the channel IOTLB misses travel on) with `--iommu`. Never STATUS, RARP or MTU: the
+/// `vhost` crate's request loop rejects their messages (see `../shared/notes/crates.md`);
+/// the IOTLB requests it rejects too are served by `iotlb_channel.rs` instead.
+pub fn offered_protocol_features(params: &DeviceParams) -> VhostUserProtocolFeatures {
+    let v = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG;
+    if params.iommu {
+        v | VhostUserProtocolFeatures::BACKEND_REQ
+    } else {
+        v
+    }
+}

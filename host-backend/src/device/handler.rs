@@ -1,0 +1,236 @@
+//! The vhost-user request handler of one device: every front-end message that configures
+//! it (features, memory table, rings, eventfds, enable/disable, config space).
+//!
+//! Owns: the translation of vhost-user messages into changes of the device's state, each
+//! applied under the device's lock and followed by the workers' resync (see the parent
+//! module). Must not: touch ring memory or hold the lock while waiting for workers.
+
+use super::*;
+
+/// The vhost-user request handler of one device (interior mutability; the `vhost`
+/// crate's `BackendReqHandler` calls it from the device's control thread).
+pub struct Handler(pub Arc<Device>);
+
+fn eventfd_from(file: Option<File>) -> Option<Arc<EventFd>> {
+    // SAFETY: `into_raw_fd` hands over sole ownership of a valid fd to the EventFd.
+    file.map(|f| Arc::new(unsafe { EventFd::from_raw_fd(f.into_raw_fd()) }))
+}
+
+impl VhostUserBackendReqHandler for Handler {
+    fn set_owner(&self) -> VuResult<()> {
+        Ok(())
+    }
+    fn reset_owner(&self) -> VuResult<()> {
+        self.0.disconnect();
+        self.0.connect();
+        Ok(())
+    }
+    fn reset_device(&self) -> VuResult<()> {
+        self.reset_owner()
+    }
+    fn get_features(&self) -> VuResult<u64> {
+        Ok(offered_features(&self.0.params))
+    }
+    fn set_features(&self, features: u64) -> VuResult<()> {
+        let offered = offered_features(&self.0.params);
+        log::debug!("{}: SET_FEATURES {features:#x}", self.0.params.socket.display());
+        if features & !offered != 0 {
+            warn!(
+                "{}: front-end acked features {:#x} we did not offer",
+                self.0.params.socket.display(),
+                features & !offered
+            );
+            return Err(VuError::InvalidParam);
+        }
+        {
+            let mut st = self.0.lock();
+            if st.acked_features != features {
+                // Feature-derived defaults (§5.1.6.5): empty VLAN table with CTRL_VLAN,
+                // every negotiated guest offload on, one pair with CTRL_VQ and MQ (the
+                // driver enables more with VQ_PAIRS_SET); without CTRL_VQ every pair
+                // carries traffic and SET_VRING_ENABLE decides (QEMU, DPDK).
+                st.acked_features = features;
+                st.rx = Arc::new(RxConfig::reset(st.rx.mac, features));
+                st.active_pairs = if st.acked(f::NET_CTRL_VQ) && st.acked(f::NET_MQ) {
+                    1
+                } else {
+                    self.0.params.queue_pairs
+                };
+            }
+        }
+        self.0.engine.sync();
+        Ok(())
+    }
+    fn set_mem_table(
+        &self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<Vec<vhost::VhostUserMemoryRegionBase>>> {
+        let regions: Vec<RegionDesc> = ctx
+            .iter()
+            .map(|r| RegionDesc {
+                gpa: r.guest_phys_addr,
+                len: r.memory_size,
+                uva: r.user_addr,
+                mmap_offset: r.mmap_offset,
+            })
+            .collect();
+        let mem = GuestMemory::map(&regions, files).map_err(|e| {
+            warn!("{}: {e}", self.0.params.socket.display());
+            VuError::InvalidParam
+        })?;
+        info!("{}: memory table with {} region(s)", self.0.params.socket.display(), mem.region_count());
+        self.0.lock().mem = Some(Arc::new(mem));
+        self.0.engine.sync();
+        Ok(None)
+    }
+    fn set_vring_num(&self, index: u32, num: u32) -> VuResult<()> {
+        if num == 0 || num > spec::layout::MAX_QUEUE_SIZE as u32 || !num.is_power_of_two() {
+            return Err(VuError::InvalidParam);
+        }
+        self.0.change_queue(index, |q| {
+            q.size = num as u16;
+            Ok(())
+        })
+    }
+    fn set_vring_addr(
+        &self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        self.0.change_queue(index, |q| {
+            q.desc = descriptor;
+            q.used = used;
+            q.avail = available;
+            q.addr_set = true;
+            q.broken = false;
+            Ok(())
+        })
+    }
+    fn set_vring_base(&self, index: u32, base: u32) -> VuResult<()> {
+        let base = u16::try_from(base).map_err(|_| VuError::InvalidParam)?;
+        self.0.change_queue(index, |q| {
+            q.base = base;
+            q.broken = false;
+            Ok(())
+        })
+    }
+    fn get_vring_base(&self, index: u32) -> VuResult<VhostUserVringState> {
+        log::debug!("{}: GET_VRING_BASE {index}", self.0.params.socket.display());
+        // Stops the ring (vhost-user: "the back-end must stop the ring"); the pause in
+        // `change_queue` makes the worker write its final position back first.
+        let q = self.0.change_queue_at(index, |q| {
+            q.started = false;
+            Ok(())
+        })?;
+        let base = self.0.lock().queues[q].base;
+        Ok(VhostUserVringState::new(index, base as u32))
+    }
+    fn set_vring_kick(&self, index: u8, fd: Option<File>) -> VuResult<()> {
+        log::debug!("{}: SET_VRING_KICK {index} (fd: {})", self.0.params.socket.display(), fd.is_some());
+        let kick = eventfd_from(fd);
+        self.0.change_queue(index as u32, |q| {
+            q.kick = kick;
+            q.started = true;
+            Ok(())
+        })
+    }
+    fn set_vring_call(&self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let call = eventfd_from(fd);
+        self.0.change_queue(index as u32, |q| {
+            q.call = call;
+            Ok(())
+        })
+    }
+    fn set_vring_err(&self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let err = eventfd_from(fd);
+        self.0.change_queue(index as u32, |q| {
+            q.err = err;
+            Ok(())
+        })
+    }
+    fn get_protocol_features(&self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(offered_protocol_features(&self.0.params))
+    }
+    fn set_protocol_features(&self, features: u64) -> VuResult<()> {
+        self.0.lock().acked_protocol = features;
+        Ok(())
+    }
+    fn get_queue_num(&self) -> VuResult<u64> {
+        // For virtio-net, QEMU and DPDK read this as the number of queue pairs.
+        Ok(self.0.params.queue_pairs as u64)
+    }
+    fn set_vring_enable(&self, index: u32, enable: bool) -> VuResult<()> {
+        log::debug!("{}: SET_VRING_ENABLE {index} {enable}", self.0.params.socket.display());
+        self.0.change_queue(index, |q| {
+            q.enabled = Some(enable);
+            Ok(())
+        })
+    }
+    fn get_config(&self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
+        let cfg = self.0.config_space();
+        let end = offset.checked_add(size).ok_or(VuError::InvalidParam)? as usize;
+        cfg.get(offset as usize..end).map(|s| s.to_vec()).ok_or(VuError::InvalidParam)
+    }
+    fn set_config(&self, _offset: u32, _buf: &[u8], _flags: VhostUserConfigFlags) -> VuResult<()> {
+        Err(VuError::InvalidOperation("virtio-net config space is read-only"))
+    }
+    fn set_gpu_socket(&self, _gpu_backend: vhost::vhost_user::GpuBackend) -> VuResult<()> {
+        Err(VuError::InvalidOperation("not a GPU device"))
+    }
+    fn get_shared_object(&self, _uuid: vhost::vhost_user::message::VhostUserSharedMsg) -> VuResult<File> {
+        Err(VuError::InvalidOperation("no shared objects"))
+    }
+    fn get_inflight_fd(
+        &self,
+        _inflight: &vhost::vhost_user::message::VhostUserInflight,
+    ) -> VuResult<(vhost::vhost_user::message::VhostUserInflight, File)> {
+        Err(VuError::InvalidOperation("inflight tracking not offered"))
+    }
+    fn set_inflight_fd(
+        &self,
+        _inflight: &vhost::vhost_user::message::VhostUserInflight,
+        _file: File,
+    ) -> VuResult<()> {
+        Err(VuError::InvalidOperation("inflight tracking not offered"))
+    }
+    fn get_max_mem_slots(&self) -> VuResult<u64> {
+        Err(VuError::InvalidOperation("CONFIGURE_MEM_SLOTS not offered"))
+    }
+    fn add_mem_region(
+        &self,
+        _region: &vhost::vhost_user::message::VhostUserSingleMemoryRegion,
+        _fd: File,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<vhost::VhostUserMemoryRegionBase>> {
+        Err(VuError::InvalidOperation("CONFIGURE_MEM_SLOTS not offered"))
+    }
+    fn remove_mem_region(
+        &self,
+        _region: &vhost::vhost_user::message::VhostUserSingleMemoryRegion,
+    ) -> VuResult<()> {
+        Err(VuError::InvalidOperation("CONFIGURE_MEM_SLOTS not offered"))
+    }
+    fn set_device_state_fd(
+        &self,
+        _direction: vhost::vhost_user::message::VhostTransferStateDirection,
+        _phase: vhost::vhost_user::message::VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        Err(VuError::InvalidOperation("device state transfer not offered"))
+    }
+    fn check_device_state(&self) -> VuResult<()> {
+        Err(VuError::InvalidOperation("device state transfer not offered"))
+    }
+    fn get_shmem_config(&self) -> VuResult<vhost::vhost_user::message::VhostUserShMemConfig> {
+        Err(VuError::InvalidOperation("no shared memory regions"))
+    }
+    fn set_log_base(&self, _log: &vhost::vhost_user::message::VhostUserLog, _file: File) -> VuResult<()> {
+        Err(VuError::InvalidOperation("dirty logging not offered"))
+    }
+}

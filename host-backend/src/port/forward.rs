@@ -1,0 +1,147 @@
+//! Forwarding bursts: from one device's transmit queue to a receive queue (`reflect`: the
+//! same device; `xconnect`: the other device), with backpressure (a frame waits in the
+//! transmit ring until a receive buffer is free).
+//!
+//! Owns: the copy of each frame (header, frame bytes, optional MAC swap), the receive
+//! filter's per-frame decision, and the one publish for both rings.
+//! Must not: change device state other than through `QueueSlot::fail`.
+
+use spec::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
+
+use super::{PortPath, Side, BURST, FILTER_BYTES};
+use crate::split_ring::{copy_chain, gather, scatter, DeviceRing, Dir, RingFault};
+use crate::stats::{BurstCounts, DropReason};
+
+impl PortPath {
+    #[inline(always)]
+    pub(super) fn run_forward(&mut self, swap_mac: bool) -> Result<usize, (Side, RingFault)> {
+        let max_frame = self.max_frame;
+        let (Some(src), Some(dst)) = (self.src.as_mut(), self.dst.as_mut()) else {
+            return Ok(0);
+        };
+        let (spair, dpair) = (src.pair(), dst.pair());
+        let (sdev, ddev) = (src.dev.clone(), dst.dev.clone());
+        let Some((sring, smem)) = src.ring() else {
+            return Ok(0);
+        };
+        let ntx = sring.poll_avail().map_err(|b| (Side::Src, b))?.min(BURST);
+        if ntx == 0 {
+            return Ok(0);
+        }
+        // The receive side: its ring, its memory and the chain that borrows it.
+        let (mut dside, filter) = match dst.ring_rx() {
+            // The filter is looked at per frame only when it is not promiscuous.
+            Some((r, m, rx)) => (Some((r, m)), Some(rx).filter(|rx| !rx.pass_all())),
+            None => (None, None),
+        };
+        let nrx = match dside.as_mut() {
+            Some((r, _)) => r.poll_avail().map_err(|b| (Side::Dst, b))?,
+            None => 0,
+        };
+        let peer_down = dside.is_none();
+        let mut dside = dside.map(|(r, m)| (r, m, self.dst_chain.chain(m)));
+        let schain = self.src_chain.chain(smem);
+        if let Some((dr, _, _)) = dside.as_mut() {
+            // The receive buffers' header line and first frame line, for the whole
+            // burst, before any copy (see `DeviceRing::prefetch_write`).
+            for j in 0..nrx.min(ntx) {
+                dr.prefetch_write(j, 2);
+            }
+        }
+        let mut sc = BurstCounts::default();
+        let mut dc = BurstCounts::default();
+        let (mut tx_done, mut rx_done) = (0u16, 0u16);
+        let mut failed = None;
+        for i in 0..ntx {
+            if !peer_down && rx_done == nrx {
+                break; // backpressure: the frame waits for a receive buffer
+            }
+            let th = match sring.walk_avail(smem, i, Dir::DeviceReads, schain) {
+                Ok(h) => h,
+                Err(b) => {
+                    failed = Some((Side::Src, b));
+                    break;
+                }
+            };
+            let len = match Self::tx_frame(schain, max_frame) {
+                Ok(len) => len,
+                Err(why) => {
+                    sc.drop(why);
+                    sring.add_used(th, 0);
+                    tx_done += 1;
+                    continue;
+                }
+            };
+            sc.rx_packets += 1;
+            sc.rx_bytes += len;
+            let Some((dr, dmem, dchain)) = dside.as_mut() else {
+                sc.drop(DropReason::PeerDown);
+                sring.add_used(th, 0);
+                tx_done += 1;
+                continue;
+            };
+            if let Some(rx) = filter {
+                // The header as it will be delivered (addresses swapped with --swap-mac).
+                let mut hdr = [0u8; FILTER_BYTES];
+                let got = gather(schain, NET_HDR_LEN, &mut hdr);
+                if swap_mac {
+                    hdr[..12].rotate_left(6);
+                }
+                if !rx.accepts(&hdr[..got]) {
+                    dc.drop(DropReason::Filtered);
+                    sring.add_used(th, 0);
+                    tx_done += 1;
+                    continue;
+                }
+            }
+            let rh = match dr.walk_avail(dmem, rx_done, Dir::DeviceWrites, dchain) {
+                Ok(h) => h,
+                Err(b) => {
+                    // The frame stays in the transmit ring; only the receive side is broken.
+                    sc.rx_packets -= 1;
+                    sc.rx_bytes -= len;
+                    failed = Some((Side::Dst, b));
+                    break;
+                }
+            };
+            let need = NET_HDR_LEN as u64 + len;
+            let capacity: u64 = dchain.segs().iter().map(|s| s.len as u64).sum();
+            sring.add_used(th, 0);
+            tx_done += 1;
+            if capacity < need {
+                dc.drop(DropReason::RxBufferTooSmall);
+                break; // the receive buffer stays; this frame is dropped
+            }
+            let mut hdr = [0u8; NET_HDR_LEN];
+            hdr[NET_HDR_NUM_BUFFERS..NET_HDR_NUM_BUFFERS + 2].copy_from_slice(&1u16.to_le_bytes());
+            scatter(dchain, 0, &hdr);
+            copy_chain(schain, NET_HDR_LEN, dchain, NET_HDR_LEN, len as usize);
+            if swap_mac {
+                let mut macs = [0u8; 12];
+                gather(schain, NET_HDR_LEN, &mut macs);
+                macs.rotate_left(6);
+                scatter(dchain, NET_HDR_LEN, &macs);
+            }
+            dr.add_used(rh, need as u32);
+            rx_done += 1;
+            dc.tx_packets += 1;
+            dc.tx_bytes += len;
+        }
+        sring.consume(tx_done);
+        match dside {
+            Some((dr, _, _)) => {
+                dr.consume(rx_done);
+                DeviceRing::publish_used_pair(sring, dr);
+            }
+            None => {
+                sring.publish_used();
+            }
+        }
+        sdev.stats[spair].flush_rx(&sc);
+        ddev.stats[dpair].flush_tx(&dc);
+        match failed {
+            Some(f) => Err(f),
+            None => Ok(tx_done as usize),
+        }
+    }
+}

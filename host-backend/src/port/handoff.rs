@@ -1,0 +1,39 @@
+//! `--handoff`'s two paths: the sending half on one device's transmit queue and the
+//! receiving half on the other device's receive queue (the work itself is in
+//! [`crate::handoff`]).
+//!
+//! Owns: handing a path's ring, memory and chain room to the handoff halves, and their
+//! counts. Must not: touch the other worker's rings.
+
+use super::{PathKind, PortPath, Side, BURST};
+use crate::split_ring::RingFault;
+use crate::stats::BurstCounts;
+
+impl PortPath {
+    #[inline]
+    pub(super) fn run_hand_out(&mut self) -> Result<usize, (Side, RingFault)> {
+        let PathKind::HandOut(sender) = &mut self.kind else { return Ok(0) };
+        let Some(src) = self.src.as_mut() else { return Ok(0) };
+        let pair = src.pair();
+        let Some((ring, mem)) = src.ring() else {
+            sender.flush();
+            return Ok(0);
+        };
+        let mut c = BurstCounts::default();
+        let res = sender.run(ring, mem, &mut self.src_chain, BURST, self.max_frame, &mut c);
+        src.dev.stats[pair].flush_rx(&c);
+        res.map_err(|b| (Side::Src, b))
+    }
+
+    #[inline]
+    pub(super) fn run_hand_in(&mut self) -> Result<usize, (Side, RingFault)> {
+        let PathKind::HandIn(receiver) = &mut self.kind else { return Ok(0) };
+        let Some(dst) = self.dst.as_mut() else { return Ok(0) };
+        let pair = dst.pair();
+        let dev = dst.dev.clone();
+        let mut c = BurstCounts::default();
+        let res = receiver.run(dst.ring_rx(), &mut self.dst_chain, BURST as usize, &mut c);
+        dev.stats[pair].flush_tx(&c);
+        res.map_err(|b| (Side::Dst, b))
+    }
+}

@@ -1,0 +1,324 @@
+//! Ports: what happens to a device's traffic. Each port is made of paths, and each path
+//! owns the rings it touches (a ring belongs to exactly one path, a path to exactly one
+//! worker), so a burst never needs a lock.
+//!
+//! Owns: the per-burst packet work of `sink` (count and drop), `gen` (generate frames
+//! into the guest's receive buffers), and forwarding from one device's transmit queue to
+//! a receive queue (`reflect`: the same device; `xconnect`: the other device), with
+//! backpressure: a frame waits in the transmit ring until a receive buffer is free; and
+//! the control queue path (read a command, have the device apply it, write the ack).
+//! Must not: talk to the front-end or change device state other than marking a queue
+//! broken (through [`Device::mark_broken`]) and applying control commands (through
+//! [`Device::apply_ctrl`], on the control worker only).
+//!
+//! What is delivered into a receive queue follows the receiving device's [`RxConfig`],
+//! the `Arc` its receive ring was activated with (no lock, no atomic per frame): a frame
+//! its filters reject is consumed and counted as `filtered` without using a receive
+//! buffer; `gen` addresses the device's current MAC and, with `--gso-size`, sends TCP
+//! super-frames whole only while guest TSO is on (segments otherwise, see [`crate::gso`]).
+//!
+//! Here: a path ([`PortPath`]: its kind, its queues, its chain room) and the one burst
+//! entry point [`PortPath::run`]; each kind's burst is in its own file: `sink`, `gen`,
+//! `forward` (`reflect` and `xconnect`), `control` (the control queue) and `handoff`
+//! (`--handoff`'s two halves). They are `#[inline(always)]` into `run`, as they were
+//! when they lived in one file, so `run` stays the one burst function per worker loop.
+
+use std::sync::Arc;
+
+use spec::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
+
+use crate::ctrl::{self, RxConfig};
+use crate::device::{ActiveRing, Device};
+use crate::gso::TcpGen;
+use crate::handoff::{Receiver, Sender};
+use crate::iotlb::PendingMiss;
+use crate::memory::GuestMemory;
+use crate::split_ring::{ChainBuf, DeviceRing, RingFault};
+
+mod control;
+mod forward;
+mod gen;
+mod handoff;
+mod sink;
+
+pub(crate) use gen::udp_frame;
+
+/// Most chains handled per ring per burst.
+pub const BURST: u16 = 64;
+/// Most control commands handled per burst (each may wait for a resync of the workers).
+pub const CTRL_BURST: u16 = 16;
+/// Frame bytes the receive filter looks at: destination MAC up to the VLAN tag's id.
+const FILTER_BYTES: usize = 16;
+/// Ethernet header length.
+const ETH_HLEN: u64 = 14;
+/// Offset of the generator's magic and sequence number in its frames (after
+/// Ethernet, IPv4 and UDP headers).
+pub const GEN_SEQ_OFFSET: usize = 14 + 20 + 8;
+/// Magic bytes before the sequence number in generated frames.
+pub const GEN_MAGIC: [u8; 4] = *b"VNET";
+
+/// One queue of one device, as a path refers to it.
+pub struct QueueSlot {
+    /// The device.
+    pub dev: Arc<Device>,
+    /// Queue index within the device (even: receive, odd: transmit).
+    pub q: u16,
+    active: Option<ActiveRing>,
+    /// Under a vIOMMU: the translation this queue waits for, if any.
+    miss: Option<PendingMiss>,
+}
+
+impl QueueSlot {
+    fn new(dev: &Arc<Device>, q: u16) -> Self {
+        QueueSlot { dev: dev.clone(), q, active: None, miss: None }
+    }
+    fn pair(&self) -> usize {
+        self.q as usize / 2
+    }
+    /// The active ring and the guest memory its chains borrow (see
+    /// `split_ring::ChainBuf`).
+    #[inline(always)]
+    fn ring(&mut self) -> Option<(&mut DeviceRing, &GuestMemory)> {
+        self.active.as_mut().map(|a| (&mut a.ring, &*a.mem))
+    }
+    /// [`ring`](Self::ring) and the receive configuration it was activated with
+    /// (borrowed: cloning the `Arc` per burst would bounce its count between workers).
+    #[inline(always)]
+    fn ring_rx(&mut self) -> Option<(&mut DeviceRing, &GuestMemory, &RxConfig)> {
+        self.active.as_mut().map(|a| (&mut a.ring, &*a.mem, &*a.rx))
+    }
+    /// Marks this queue broken and lets go of it; or, for an IOTLB miss, keeps the ring
+    /// (the chain stays available and is retried next burst) until the miss times out.
+    fn fail(&mut self, bad: RingFault) {
+        let bad = match bad {
+            RingFault::IotlbMiss { iova, write } => {
+                if self.dev.iotlb_miss(&mut self.miss, iova, write) {
+                    return;
+                }
+                RingFault::BadAddress { addr: iova, len: 0 }
+            }
+            other => other,
+        };
+        self.active = None;
+        self.dev.mark_broken(self.q, bad);
+    }
+}
+
+/// What kind of work a path does per burst, with that kind's own state.
+pub enum PathKind {
+    /// Count and drop what the guest transmits on `src`.
+    Sink,
+    /// Fill the guest's receive buffers on `dst` with generated frames.
+    Gen {
+        /// Virtio-net header followed by the frame template; the sequence number is
+        /// patched in per frame.
+        frame: Vec<u8>,
+        /// Next sequence number.
+        seq: u64,
+        /// `--gso-size`: TCP super-frames instead of `frame`.
+        tcp: Option<Box<TcpGen>>,
+    },
+    /// Serve the control queue `src`: each command is applied by its device and
+    /// acknowledged.
+    Ctrl {
+        /// The command bytes of one chain (capacity [`ctrl::CTRL_MAX_LEN`], allocated once).
+        buf: Vec<u8>,
+    },
+    /// Move frames from `src` (a transmit queue) to `dst` (a receive queue).
+    Forward {
+        /// Swap source and destination MAC addresses on the way.
+        swap_mac: bool,
+    },
+    /// `--handoff`: copy what `src` (a transmit queue) sends into frame buffers handed
+    /// to another worker ([`crate::handoff`]).
+    HandOut(Box<Sender>),
+    /// `--handoff`: deliver frames another worker handed over into `dst` (a receive
+    /// queue).
+    HandIn(Box<Receiver>),
+}
+
+/// One path of a port: a unit of work a worker runs every loop, one kind of work on
+/// the rings it owns.
+pub struct PortPath {
+    kind: PathKind,
+    src: Option<QueueSlot>,
+    dst: Option<QueueSlot>,
+    /// Room for the chain walked from `src` (a transmit or control queue), reused by
+    /// every burst (see `split_ring::ChainBuf`).
+    src_chain: Box<ChainBuf>,
+    /// Room for the chain walked from `dst` (a receive queue).
+    dst_chain: Box<ChainBuf>,
+    max_frame: u64,
+}
+
+/// Which side of a path a bad value came from.
+enum Side {
+    Src,
+    Dst,
+}
+
+impl PortPath {
+    fn new(kind: PathKind, src: Option<QueueSlot>, dst: Option<QueueSlot>, mtu: u16) -> PortPath {
+        PortPath {
+            kind,
+            src,
+            dst,
+            src_chain: Box::default(),
+            dst_chain: Box::default(),
+            // MTU plus Ethernet header plus one VLAN tag.
+            max_frame: mtu as u64 + ETH_HLEN + 4,
+        }
+    }
+
+    /// A sink on `dev`'s transmit queue `q`.
+    pub fn sink(dev: &Arc<Device>, q: u16) -> PortPath {
+        PortPath::new(PathKind::Sink, Some(QueueSlot::new(dev, q)), None, dev.params.mtu)
+    }
+
+    /// A generator of `pkt_size`-byte frames into `dev`'s receive queue `q`: UDP, or
+    /// with `gso_size` TCP super-frames cut at that MSS (see [`crate::gso`]).
+    pub fn gen(dev: &Arc<Device>, q: u16, pkt_size: u16, gso_size: Option<u16>) -> PortPath {
+        let tcp = gso_size.map(|mss| Box::new(TcpGen::new(dev.params.mac, pkt_size as usize, mss)));
+        let udp_len = if tcp.is_some() { 60 } else { pkt_size as usize };
+        let mut frame = vec![0u8; NET_HDR_LEN];
+        frame[NET_HDR_NUM_BUFFERS..NET_HDR_NUM_BUFFERS + 2].copy_from_slice(&1u16.to_le_bytes());
+        frame.extend_from_slice(&udp_frame(dev.params.mac, udp_len));
+        PortPath::new(
+            PathKind::Gen { frame, seq: 0, tcp },
+            None,
+            Some(QueueSlot::new(dev, q)),
+            dev.params.mtu,
+        )
+    }
+
+    /// The control queue of `dev` (its internal index [`Device::ctrl_queue`]).
+    pub fn ctrl(dev: &Arc<Device>) -> PortPath {
+        let job = PathKind::Ctrl { buf: Vec::with_capacity(ctrl::CTRL_MAX_LEN) };
+        PortPath::new(job, Some(QueueSlot::new(dev, dev.ctrl_queue())), None, dev.params.mtu)
+    }
+
+    /// Forwarding from `src`'s transmit queue `sq` to `dst`'s receive queue `dq`.
+    pub fn forward(src: &Arc<Device>, sq: u16, dst: &Arc<Device>, dq: u16, swap_mac: bool) -> PortPath {
+        let mtu = src.params.mtu.min(dst.params.mtu);
+        PortPath::new(
+            PathKind::Forward { swap_mac },
+            Some(QueueSlot::new(src, sq)),
+            Some(QueueSlot::new(dst, dq)),
+            mtu,
+        )
+    }
+
+    /// `--handoff`: the sending half of a cross-connect direction, on `dev`'s transmit
+    /// queue `q` (the worker of `dev`).
+    pub fn hand_out(dev: &Arc<Device>, q: u16, sender: Sender) -> PortPath {
+        PortPath::new(PathKind::HandOut(Box::new(sender)), Some(QueueSlot::new(dev, q)), None, dev.params.mtu)
+    }
+
+    /// `--handoff`: the receiving half, on `dev`'s receive queue `q` (the worker of `dev`).
+    pub fn hand_in(dev: &Arc<Device>, q: u16, receiver: Receiver) -> PortPath {
+        PortPath::new(
+            PathKind::HandIn(Box::new(receiver)),
+            None,
+            Some(QueueSlot::new(dev, q)),
+            dev.params.mtu,
+        )
+    }
+
+    fn slots(&mut self) -> impl Iterator<Item = &mut QueueSlot> {
+        self.src.iter_mut().chain(self.dst.iter_mut())
+    }
+
+    /// Lets go of every ring (their positions are written back to their devices).
+    pub fn detach(&mut self) {
+        for s in self.slots() {
+            if let Some(a) = s.active.take() {
+                s.dev.deactivate(s.q, a);
+            }
+        }
+    }
+
+    /// Takes every ring that may run now.
+    pub fn attach(&mut self) {
+        for s in self.slots() {
+            if s.active.is_none() {
+                s.active = s.dev.activate(s.q);
+            }
+        }
+    }
+
+    /// Whether any of the path's rings is active, or it is a handoff path (which may
+    /// always have frames from another worker).
+    pub fn any_active(&self) -> bool {
+        // A handoff path always may have work: frames from another worker.
+        matches!(self.kind, PathKind::HandOut(_) | PathKind::HandIn(_))
+            || self.src.iter().chain(self.dst.iter()).any(|s| s.active.is_some())
+    }
+
+    /// Raw kick eventfds of the active rings (for the worker's epoll set). Returns
+    /// `false` if an active ring has no kick fd (a front-end in polling mode, vhost-user's
+    /// "no fd" flag): then the worker must never sleep.
+    pub fn kick_fds(&self, out: &mut Vec<i32>) -> bool {
+        use std::os::fd::AsRawFd;
+        // Frames handed over by another worker arrive without a kick: a worker with a
+        // handoff path polls without sleeping.
+        let mut all = !matches!(self.kind, PathKind::HandOut(_) | PathKind::HandIn(_));
+        for a in self.src.iter().chain(self.dst.iter()).filter_map(|s| s.active.as_ref()) {
+            match &a.kick {
+                Some(k) => out.push(k.as_raw_fd()),
+                None => all = false,
+            }
+        }
+        all
+    }
+
+    /// Enables or suppresses kicks on every active ring; when enabling, returns whether
+    /// work arrived meanwhile.
+    pub fn set_kicks(&mut self, enable: bool) -> bool {
+        let mut arrived = false;
+        for s in self.slots() {
+            if let Some((r, _)) = s.ring() {
+                arrived |= r.set_kicks(enable);
+            }
+        }
+        arrived
+    }
+
+    /// Runs one burst; returns the number of chains it completed.
+    ///
+    /// Never inlined into the worker's loop: one call per burst costs nothing per packet,
+    /// and the burst stays one function (`bench/callgrind.sh` measures it by this name),
+    /// whichever codegen unit the worker lands in.
+    #[inline(never)]
+    pub fn run(&mut self) -> usize {
+        let res = match self.kind {
+            PathKind::Sink => self.run_sink(),
+            PathKind::Gen { tcp: None, .. } => self.run_gen(),
+            PathKind::Gen { tcp: Some(_), .. } => self.run_gen_tcp(),
+            PathKind::Forward { swap_mac } => self.run_forward(swap_mac),
+            PathKind::Ctrl { .. } => self.run_ctrl(),
+            PathKind::HandOut(_) => self.run_hand_out(),
+            PathKind::HandIn(_) => self.run_hand_in(),
+        };
+        match res {
+            Ok(n) => {
+                if n > 0 {
+                    // A ring that made progress is not waiting for a translation.
+                    for s in self.src.iter_mut().chain(self.dst.iter_mut()) {
+                        s.miss = None;
+                    }
+                }
+                n
+            }
+            Err((side, bad)) => {
+                let slot = match side {
+                    Side::Src => self.src.as_mut(),
+                    Side::Dst => self.dst.as_mut(),
+                };
+                if let Some(s) = slot {
+                    s.fail(bad);
+                }
+                0
+            }
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! The `sink` port's burst, and taking frames out of a guest's transmit queue (shared with
+//! `--handoff`'s sending half).
+//!
+//! Owns: classifying a transmitted chain ([`PortPath::tx_frame`]), completing a burst of
+//! transmit chains ([`PortPath::consume_tx`]) and `sink`'s count-and-drop.
+//! Must not: write into guest buffers (a transmit chain is device-readable) or change
+//! device state other than through `QueueSlot::fail`.
+
+use spec::layout::NET_HDR_LEN;
+
+use super::{PortPath, Side, BURST, ETH_HLEN};
+use crate::memory::GuestMemory;
+use crate::split_ring::{Chain, ChainBuf, DeviceRing, Dir, RingFault};
+use crate::stats::{BurstCounts, DropReason};
+
+impl PortPath {
+    /// Classifies a transmitted chain: the frame length, or why it is dropped.
+    pub(crate) fn tx_frame(chain: &Chain<'_>, max_frame: u64) -> Result<u64, DropReason> {
+        if chain.truncated {
+            Err(DropReason::TooManySegments)
+        } else if chain.total < NET_HDR_LEN as u64 + ETH_HLEN {
+            Err(DropReason::ShortFrame)
+        } else if chain.total - NET_HDR_LEN as u64 > max_frame {
+            Err(DropReason::Oversize)
+        } else {
+            Ok(chain.total - NET_HDR_LEN as u64)
+        }
+    }
+
+    #[inline(always)]
+    pub(super) fn run_sink(&mut self) -> Result<usize, (Side, RingFault)> {
+        let max_frame = self.max_frame;
+        let Some(src) = self.src.as_mut() else {
+            return Ok(0);
+        };
+        let pair = src.pair();
+        let Some((ring, mem)) = src.ring() else { return Ok(0) };
+        let n = ring.poll_avail().map_err(|b| (Side::Src, b))?.min(BURST);
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut c = BurstCounts::default();
+        let res = Self::consume_tx(ring, mem, &mut self.src_chain, n, max_frame, &mut c, |_, _| {});
+        src.dev.stats[pair].flush_rx(&c);
+        res.map_err(|b| (Side::Src, b))
+    }
+
+    /// Takes `n` available chains from `ring` (a guest's transmit queue, `n` at most
+    /// what `poll_avail` reported): each is walked (through `mem`, into `buf`) and classified
+    /// ([`tx_frame`](Self::tx_frame)); a frame is counted in `c` and handed to
+    /// `frame(chain, len)`, a bad one counted as a drop. Every chain is completed with
+    /// length 0 and the used index published once. Returns the chains completed, or the
+    /// bad descriptor that stopped the burst (the chains before it are completed).
+    #[inline(always)]
+    pub(crate) fn consume_tx(
+        ring: &mut DeviceRing,
+        mem: &GuestMemory,
+        buf: &mut ChainBuf,
+        n: u16,
+        max_frame: u64,
+        c: &mut BurstCounts,
+        mut frame: impl FnMut(&Chain<'_>, u64),
+    ) -> Result<usize, RingFault> {
+        let chain = buf.chain(mem);
+        let mut done = 0;
+        let mut failed = None;
+        for i in 0..n {
+            let head = match ring.walk_avail(mem, i, Dir::DeviceReads, chain) {
+                Ok(h) => h,
+                Err(b) => {
+                    failed = Some(b);
+                    break;
+                }
+            };
+            match Self::tx_frame(chain, max_frame) {
+                Ok(len) => {
+                    c.rx_packets += 1;
+                    c.rx_bytes += len;
+                    frame(chain, len);
+                }
+                Err(why) => c.drop(why),
+            }
+            ring.add_used(head, 0);
+            done += 1;
+        }
+        ring.consume(done);
+        ring.publish_used();
+        match failed {
+            Some(b) => Err(b),
+            None => Ok(done as usize),
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! The faults a guest's ring contents can cause, and how an IOTLB fault maps onto them.
+//!
+//! Owns: [`RingFault`], the one value the ring engine returns when what the driver wrote
+//! breaks the protocol (virtio 1.2 §2.7), and its text for the log.
+//! Must not: decide what happens to the queue (the port marks it broken through its
+//! device, or retries an IOTLB miss) or read ring memory.
+
+use crate::iotlb::Fault;
+
+/// A value the driver wrote that breaks the protocol. The queue that saw it is marked
+/// broken and is not touched again until the front-end sets it up anew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RingFault {
+    /// `avail.idx` moved by more than the ring size since we last consumed.
+    AvailJump { last_avail: u16, avail: u16 },
+    /// An avail entry names a head `>= size`.
+    HeadOutOfRange { head: u16 },
+    /// A `next` link points outside its table.
+    NextOutOfRange { next: u16 },
+    /// A chain is longer than its table (so it loops).
+    ChainTooLong,
+    /// A buffer lies (partly) outside guest memory or its address wraps.
+    BadAddress { addr: u64, len: u32 },
+    /// An indirect descriptor without the feature, with `NEXT`, inside an indirect
+    /// table, or with a length that is zero, not a multiple of 16 or too large.
+    BadIndirect { len: u32 },
+    /// An indirect table outside guest memory (or across a region boundary).
+    IndirectAddress { addr: u64, len: u32 },
+    /// A device-writable buffer on a queue the device reads, or the reverse.
+    Direction,
+    /// The ring areas are misaligned or outside guest memory.
+    RingAddress,
+    /// Under a vIOMMU: the IOTLB has no translation for this IOVA yet. Not a protocol
+    /// violation by itself: the ring asks the front-end and retries the chain (see
+    /// `Device::iotlb_miss`); only an address that stays untranslated breaks the queue.
+    IotlbMiss { iova: u64, write: bool },
+}
+
+impl std::fmt::Display for RingFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            RingFault::AvailJump { last_avail, avail } => {
+                write!(f, "avail idx jumped from {last_avail} to {avail}, more than the ring size")
+            }
+            RingFault::HeadOutOfRange { head } => write!(f, "head index {head} out of range"),
+            RingFault::NextOutOfRange { next } => write!(f, "next index {next} out of range"),
+            RingFault::ChainTooLong => write!(f, "descriptor chain loops or is longer than its table"),
+            RingFault::BadAddress { addr, len } => {
+                write!(f, "buffer {addr:#x}+{len:#x} outside guest memory")
+            }
+            RingFault::BadIndirect { len } => write!(f, "malformed indirect descriptor (len {len})"),
+            RingFault::IndirectAddress { addr, len } => {
+                write!(f, "indirect table {addr:#x}+{len:#x} outside guest memory")
+            }
+            RingFault::Direction => write!(f, "buffer direction does not match the queue"),
+            RingFault::RingAddress => write!(f, "ring areas misaligned or outside guest memory"),
+            RingFault::IotlbMiss { iova, write } => {
+                write!(f, "no IOTLB translation for {iova:#x} ({})", if write { "write" } else { "read" })
+            }
+        }
+    }
+}
+
+/// The `RingFault` for an IOTLB fault: a miss is retried (see [`RingFault::IotlbMiss`]);
+/// a denied access is `denied`, what the same address would be without an IOMMU.
+pub(super) fn iotlb_fault(f: Fault, write: bool, denied: RingFault) -> RingFault {
+    match f {
+        Fault::Miss { iova } => RingFault::IotlbMiss { iova, write },
+        Fault::Denied { .. } => denied,
+    }
+}
