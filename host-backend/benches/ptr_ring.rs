@@ -1,4 +1,4 @@
-//! Pointer ring micro-benchmark (DESIGN.md idea 3): our batched `ptr_ring` against a
+//! Pointer ring micro-benchmark: our batched `ptr_ring` against a
 //! plain Lamport-style SPSC ring (shared head and tail indices, one publish per item,
 //! written below) and crossbeam's `ArrayQueue`, with one producer thread pinned to
 //! cpu 0 and one consumer thread pinned to cpu 1 (pinning failures are ignored).

@@ -1,5 +1,5 @@
 //! Frames handed from one worker to another through batched pointer rings
-//! (`--handoff`, DESIGN.md idea 3): the two halves of a cross-connect on different cores.
+//! (`--handoff`): the two halves of a cross-connect on different cores.
 //!
 //! Without `--handoff`, one path copies a frame straight from device A's transmit ring
 //! into device B's receive ring, so both rings of a direction belong to one worker. With

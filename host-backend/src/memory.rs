@@ -10,7 +10,7 @@
 //!
 //! Why our own table instead of `vm_memory::GuestMemoryMmap`: the hot path translates
 //! every descriptor, and vm-memory's `GuestMemory` walks a binary search plus bounds and
-//! bitmap bookkeeping per access (`../shared/notes/crates.md` §5 has the measurement).
+//! bitmap bookkeeping per access.
 //! Here a caller keeps a hint (the last region it hit) and only falls back to a
 //! binary search over the sorted table on a miss: never a tree walk per descriptor.
 

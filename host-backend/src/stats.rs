@@ -47,7 +47,7 @@ pub const DROP_NAMES: [&str; DROP_REASONS] = [
 
 /// Counters of one queue pair.
 #[derive(Debug, Default)]
-pub struct PairStats {
+pub(crate) struct PairStats {
     /// Frames received from the guest (its TX queue).
     pub rx_packets: AtomicU64,
     /// Their bytes.
@@ -64,7 +64,7 @@ pub struct PairStats {
 
 /// A worker's counts for one burst, flushed into [`PairStats`] at its end.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct BurstCounts {
+pub(crate) struct BurstCounts {
     /// See [`PairStats`].
     pub rx_packets: u64,
     /// See [`PairStats`].

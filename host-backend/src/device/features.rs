@@ -37,7 +37,7 @@ pub fn offered_features(params: &DeviceParams) -> u64 {
 
 /// Protocol features this device offers: MQ, REPLY_ACK and CONFIG, plus BACKEND_REQ
 /// (the channel IOTLB misses travel on) with `--iommu`. Never STATUS, RARP or MTU: the
-/// `vhost` crate's request loop rejects their messages (see `../shared/notes/crates.md`);
+/// `vhost` crate's request loop rejects their messages;
 /// the IOTLB requests it rejects too are served by `iotlb_channel.rs` instead.
 pub fn offered_protocol_features(params: &DeviceParams) -> VhostUserProtocolFeatures {
     let v = VhostUserProtocolFeatures::MQ

@@ -1,5 +1,5 @@
 //! A bounded FIFO of owned pointers between host threads, after the Linux kernel's
-//! `ptr_ring` (DESIGN.md idea 3, "cache-friendly rings between host threads").
+//! `ptr_ring`: cache-friendly rings between host threads.
 //!
 //! Owns: one fixed array of slots, each an `AtomicPtr` where null means empty, and the
 //! handles that fill and empty it: [`Producer`] / [`Consumer`] for one thread per side
