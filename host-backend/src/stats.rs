@@ -127,17 +127,17 @@ impl PairStats {
 /// Counters of one queue pair at one moment.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PairSnapshot {
-    /// See [`PairStats`].
+    /// Frames received from the guest (its TX queue).
     pub rx_packets: u64,
-    /// See [`PairStats`].
+    /// Their bytes (without the virtio-net header).
     pub rx_bytes: u64,
-    /// See [`PairStats`].
+    /// Frames delivered to the guest (its RX queue).
     pub tx_packets: u64,
-    /// See [`PairStats`].
+    /// Their bytes (without the virtio-net header).
     pub tx_bytes: u64,
-    /// See [`PairStats`].
+    /// Drops by reason ([`DropReason`] indexes it, [`DROP_NAMES`] names it).
     pub drops: [u64; DROP_REASONS],
-    /// See [`PairStats`].
+    /// A queue of this pair is broken.
     pub broken: bool,
 }
 
