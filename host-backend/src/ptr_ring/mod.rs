@@ -44,7 +44,7 @@
 //! Why not a crate: this is on the packet path between pinned workers, where the ring's
 //! cache-line behaviour is the point (crossbeam's `ArrayQueue` and Lamport-style rings
 //! share head/tail indices that both sides write, which is exactly the line bouncing
-//! idea 3 removes), it is small enough to check by hand, under `loom` and against a
+//! this design removes), it is small enough to check by hand, under `loom` and against a
 //! model, and it lets us batch: one lock and one pass per burst. The benchmark in
 //! `benches/ptr_ring.rs` compares it with both (`cargo bench -p host-backend --bench ptr_ring`).
 //!
