@@ -84,12 +84,18 @@ struct Recycle<'a> {
 }
 
 impl Recycle<'_> {
+    /// Queues buffer `i` for return.
+    ///
+    /// # Safety
+    /// As for [`Mempool::put_indices`]: `i` is a buffer of this pool the caller owns,
+    /// given back once.
     #[inline]
-    fn put(&mut self, i: u32) {
+    unsafe fn put(&mut self, i: u32) {
         self.idx[self.n] = i;
         self.n += 1;
         if self.n == BATCH {
-            self.pool.put_indices(&self.idx);
+            // SAFETY: every queued index came through `put`, under its contract.
+            unsafe { self.pool.put_indices(&self.idx) };
             self.n = 0;
         }
     }
@@ -97,13 +103,15 @@ impl Recycle<'_> {
     #[inline]
     fn packet(&mut self, p: Packet) {
         if self.pool.owns(&p) {
-            self.put(p.into_raw().0);
+            // SAFETY: the buffer of a packet of this pool, which `into_raw` gives up.
+            unsafe { self.put(p.into_raw().0) };
         } else {
             drop(p);
         }
     }
     fn flush(&mut self) {
-        self.pool.put_indices(&self.idx[..self.n]);
+        // SAFETY: every queued index came through `put`, under its contract.
+        unsafe { self.pool.put_indices(&self.idx[..self.n]) };
         self.n = 0;
     }
 }

@@ -58,7 +58,8 @@ impl PostSource for RefillSource<'_> {
         let i = self.idx[k & (BATCH - 1)]; // k < BATCH
         let iova = match self.linear {
             Some((base, step)) => base + i as u64 * step,
-            None => self.pool.buf(i).1,
+            // SAFETY: `i` was taken from the pool by this refill: a buffer index.
+            None => unsafe { self.pool.buf(i).1 },
         };
         (iova + self.off, self.post_len, i)
     }
@@ -76,14 +77,19 @@ struct RxSink<'a, 'b> {
 impl UsedSink for RxSink<'_, '_> {
     #[inline(always)]
     fn used(&mut self, idx: u32, len: u32) {
+        // The ring hands back the token each buffer was posted with: a buffer of this
+        // queue's pool (posted by `refill`), owned by the queue until now; `len` is at
+        // most what was posted, so the data ends inside the buffer.
         if (len as usize) < NET_HDR_LEN {
             self.errors += 1;
-            self.rec.put(idx);
+            // SAFETY: a buffer of ours (above), given back once.
+            unsafe { self.rec.put(idx) };
             return;
         }
         let data_len = len - NET_HDR_LEN as u32;
         self.bytes += data_len as u64;
-        self.batch.push(self.rec.pool.packet(idx, self.headroom, data_len as u16));
+        // SAFETY: a buffer of ours (above), data at the headroom within the posted length.
+        self.batch.push(unsafe { self.rec.pool.packet(idx, self.headroom, data_len as u16) });
     }
 }
 
@@ -197,14 +203,16 @@ impl RxQueue {
             };
             if (len as usize) < NET_HDR_LEN {
                 errors += 1;
-                rec.put(idx);
+                // SAFETY: a buffer of ours (see `RxSink::used`), given back once.
+                unsafe { rec.put(idx) };
                 continue;
             }
             let data_len = len - NET_HDR_LEN as u32;
             frames += 1;
             bytes += data_len as u64;
             let m = if need_hdr {
-                let (base, _) = self.pool.buf(idx);
+                // SAFETY: `idx` is a token of this ring: a buffer of the pool (`RxSink::used`).
+                let (base, _) = unsafe { self.pool.buf(idx) };
                 // SAFETY: the header slot is the 12 bytes before the data at `headroom`,
                 // inside buffer `idx`, which the device returned (its writes are ordered
                 // before our acquire load of used.idx in `poll_used`); ours alone now.
@@ -215,7 +223,9 @@ impl RxQueue {
             } else {
                 RxMeta::default()
             };
-            let p = self.pool.packet(idx, self.headroom, data_len as u16);
+            // SAFETY: a buffer of ours (see `RxSink::used`), data at the headroom within the
+            // posted length.
+            let p = unsafe { self.pool.packet(idx, self.headroom, data_len as u16) };
             let p = match self.xdp.as_mut() {
                 Some(prog) => {
                     match xdp::run(prog.as_mut(), &mut self.xdp_out, &mut v, &mut rec, m.is_gso(), p) {
@@ -303,6 +313,7 @@ impl Drop for RxQueue {
             return;
         }
         let idx: Vec<u32> = self.ring.drain_in_flight().collect();
-        self.pool.put_indices(&idx);
+        // SAFETY: the tokens of the buffers still posted: ours, and the device is reset.
+        unsafe { self.pool.put_indices(&idx) };
     }
 }

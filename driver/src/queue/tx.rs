@@ -55,7 +55,8 @@ impl PostSource for TxSource<'_> {
         // SAFETY: `k` < the burst's count <= the packets initialized behind `pkts`, and
         // each is read out exactly once (`tx_burst`).
         let p = unsafe { std::ptr::read(self.pkts.add(k)) };
-        let hdr = self.pool.header_ptr(&p);
+        // SAFETY: every packet of the burst is from this pool (`tx_burst` checked).
+        let hdr = unsafe { self.pool.header_ptr(&p) };
         let iova = match self.iova_delta {
             Some(d) => (hdr as u64).wrapping_add(d),
             None => p.header_slot().1,
@@ -119,7 +120,10 @@ impl TokenSink for ReclaimSink<'_> {
 impl TxQueue {
     pub(crate) fn new(ring: DriverRing, pool: Mempool, stats: Arc<PairStats>, stopped: Stopped) -> Self {
         let inflight = (0..ring.size()).map(|_| None).collect();
-        let iova_delta = pool.linear_iova().map(|(base, _)| base.wrapping_sub(pool.buf(0).0 as u64));
+        let iova_delta = pool.linear_iova().map(|(base, _)| {
+            // SAFETY: a pool has at least one buffer (`check_geometry`).
+            base.wrapping_sub(unsafe { pool.buf(0) }.0 as u64)
+        });
         TxQueue {
             ring,
             pool,
@@ -181,7 +185,8 @@ impl TxQueue {
             if !self.pool.owns(p) {
                 return self.tx_general(pkts, k);
             }
-            let hdr = self.pool.header_ptr(p);
+            // SAFETY: `p` is this pool's (checked just above).
+            let hdr = unsafe { self.pool.header_ptr(p) };
             if let Some(pw) = self.prefetchw {
                 // SAFETY: the header slot of a packet of ours: 12 readable bytes.
                 if !unsafe { header_is_zero(hdr) } {
