@@ -162,7 +162,7 @@ impl RxQueue {
     }
 
     /// As [`rx_burst`](Self::rx_burst), then sends the packets the XDP program answered
-    /// [`XdpVerdict::Tx`] for on `tx` (this pair's transmit half, on this thread).
+    /// [`XdpVerdict::Tx`](super::XdpVerdict::Tx) for on `tx` (this pair's transmit half, on this thread).
     /// Those that do not fit the ring wait in [`xdp_out`](Self::xdp_out) for the next
     /// call. Redirected packets stay in `xdp_out().redirect` for the caller.
     pub fn rx_burst_xdp(&mut self, batch: &mut Vec<Packet>, max: usize, tx: &mut TxQueue) -> usize {

@@ -8,7 +8,7 @@
 //! `DEVICE_GET_INFO`, `DEVICE_GET_REGION_INFO` with its capabilities, `DEVICE_RESET`,
 //! `IOMMU_GET_INFO` with the IOVA-range capability, `IOMMU_MAP_DMA`/`UNMAP_DMA`), BAR
 //! mappings, config-space reads and writes that report short transfers, and making a
-//! [`DmaArena`] reachable by the device ([`VfioDevice::map_arena`]): mapped at an IOVA
+//! [`DmaArena`](crate::dma::DmaArena) reachable by the device ([`VfioDevice::map_arena`]): mapped at an IOVA
 //! inside a usable range (type 1), or translated page by page through
 //! `/proc/self/pagemap` (no-IOMMU, hugepages only). DMA mappings are undone on drop.
 //! Must not: know about virtio (the PCI transport does).
