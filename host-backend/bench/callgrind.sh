@@ -321,7 +321,7 @@ why() { # TAG: a failed start, with the lines of its log that explain it
 # Packet::push_tail / Packet::set_data and in the memcpy of the template -> "Ir calls"
 fill_cost() {
     local loop
-    loop=$(awk -F'\t' '$1 == "A" && $5 == "driver::queue::TxQueue::tx_burst" {print $3; exit}' "$TSV")
+    loop=$(awk -F'\t' '$1 == "A" && $5 == "driver::queue::tx::TxQueue::tx_burst" {print $3; exit}' "$TSV")
     awk -F'\t' -v l="$loop" '$1 == "A" && $3 == l && ($5 ~ /^driver::mempool::Packet::(push_tail|set_data)$/ || $5 ~ /memcpy/) {
         i += $7; if ($5 !~ /memcpy/) c += $6 } END {printf "%.0f %.0f\n", i, c}' "$TSV"
 }
@@ -361,18 +361,18 @@ run_path() {
         # DPDK's net_vhost is the server and forwards before our testpmd connects;
         # our testpmd forwards for TRAFFIC_S seconds and exits. fe-loop: our testpmd
         # injects 32 bursts and swaps the addresses of what comes back.
-        local key=tx_packets burst=driver::queue::TxQueue::tx_burst
+        local key=tx_packets burst=driver::queue::tx::TxQueue::tx_burst
         local -a extra=()
-        [ $p = fe-grx ] && { hfwd=txonly; gfwd=rxonly; key=rx_packets; burst=driver::queue::RxQueue::rx_burst; }
-        [ $p = fe-loop ] && { hfwd=io; gfwd=macswap; key=rx_packets; burst=driver::queue::RxQueue::rx_burst; extra=(--tx-first 32); }
+        [ $p = fe-grx ] && { hfwd=txonly; gfwd=rxonly; key=rx_packets; burst=driver::queue::rx::RxQueue::rx_burst; }
+        [ $p = fe-loop ] && { hfwd=io; gfwd=macswap; key=rx_packets; burst=driver::queue::rx::RxQueue::rx_burst; extra=(--tx-first 32); }
         dpdk_start peer vhost no || { why peer; return 1; }
         dpdk_cmd peer "set fwd $hfwd" start
         ours_testpmd_start ours $gfwd "${extra[@]}" || { why ours; return 1; }
         stop_proc ours "" $((TRAFFIC_S + EXIT_S)); dpdk_quit peer 20
         n=$(testpmd_count "$WORK/ours.log" $key)
         parse_tag ours fn $burst || return 1
-        row $p "${burst#driver::queue::}" $(fn_cost $burst) "$n"
-        [ $p = fe-loop ] && row $p "TxQueue::tx_burst" $(fn_cost driver::queue::TxQueue::tx_burst) "$n"
+        row $p "${burst#*::queue::*::}" $(fn_cost $burst) "$n"
+        [ $p = fe-loop ] && row $p "TxQueue::tx_burst" $(fn_cost driver::queue::tx::TxQueue::tx_burst) "$n"
         if [ $p = fe-gtx ]; then
             row $p "Mempool::alloc_bulk" $(fn_cost driver::mempool::Mempool::alloc_bulk) "$n"
             row $p "txonly frame fill (push_tail + memcpy)" $(fill_cost) "$n"

@@ -24,19 +24,34 @@ pub enum Notifier {
     EventFd(Arc<EventFd>),
     /// Write the queue index to the queue's doorbell in a mapped BAR (virtio-PCI; the
     /// address was computed once at queue setup, so a kick is one MMIO write).
-    Mmio {
-        /// The doorbell (2-byte aligned, inside `map`).
-        addr: *mut u16,
-        /// What to write: the queue index (no `VIRTIO_F_NOTIFICATION_DATA`).
-        value: u16,
-        /// Keeps the BAR mapped while any ring can still kick.
-        map: Arc<RegionMap>,
-    },
+    Mmio(Doorbell),
+}
+
+/// A virtio-PCI doorbell (virtio 1.2 §4.1.5.2): an aligned 16-bit register inside a
+/// mapped BAR, and the value a kick writes there. Built only by [`Doorbell::new`], which
+/// checks the address against the mapping, so a kick never writes anywhere else.
+#[derive(Clone)]
+pub struct Doorbell {
+    /// The doorbell (2-byte aligned, inside `map`).
+    addr: *mut u16,
+    /// What to write: the queue index (no `VIRTIO_F_NOTIFICATION_DATA`).
+    value: u16,
+    /// Keeps the BAR mapped while any ring can still kick.
+    _map: Arc<RegionMap>,
+}
+
+impl Doorbell {
+    /// The doorbell at `offset` of the BAR mapping `map`, written with `value`; `None`
+    /// unless two bytes there are mapped and 2-byte aligned.
+    pub fn new(map: Arc<RegionMap>, offset: u64, value: u16) -> Option<Doorbell> {
+        let addr = map.ptr(offset, 2).filter(|p| *p as usize % 2 == 0)? as *mut u16;
+        Some(Doorbell { addr, value, _map: map })
+    }
 }
 
 // SAFETY: `Mmio`'s pointer is into a BAR mapping kept alive by the `Arc<RegionMap>` next
-// to it; a doorbell write is a single volatile store, which any thread may issue (the
-// device serialises them). The other variant is an `Arc<EventFd>`, Send and Sync.
+// to it (in its `Doorbell`); a doorbell write is a single volatile store, which any
+// thread may issue (the device serialises them). The other variant is an `Arc<EventFd>`, Send and Sync.
 unsafe impl Send for Notifier {}
 // SAFETY: as above; `notify` takes `&self` and only stores to the doorbell.
 unsafe impl Sync for Notifier {}
@@ -53,11 +68,11 @@ impl Notifier {
             }
             // The ring's SeqCst fence before the kick decision orders the avail-index
             // store before this write (on x86 stores are not reordered anyway).
-            Notifier::Mmio { addr, value, map: _ } => {
-                // SAFETY: `addr` is an aligned doorbell inside the BAR mapping that the
-                // `map` Arc keeps alive (checked at setup); a volatile 16-bit store is
-                // the access the device expects (virtio 1.2 §4.1.5.2).
-                unsafe { addr.write_volatile(value.to_le()) }
+            Notifier::Mmio(d) => {
+                // SAFETY: `d.addr` is an aligned doorbell inside the BAR mapping that the
+                // `_map` Arc keeps alive (checked in `Doorbell::new`); a volatile 16-bit
+                // store is the access the device expects (virtio 1.2 §4.1.5.2).
+                unsafe { d.addr.write_volatile(d.value.to_le()) }
             }
         }
     }

@@ -1,0 +1,319 @@
+//! The receive half of a queue pair: the receive burst and the batched refill.
+//!
+//! Owns: [`RxQueue`], taking used buffers off its ring as [`Packet`]s (the plain burst in
+//! one ring loop; with metadata or an XDP program, one buffer at a time), reading the
+//! virtio-net header of each frame when asked ([`RxMeta`]), refilling the ring from the
+//! pool (one pool lock and one avail publish per batch), and returning in-flight buffers
+//! at close once the device is reset. Must not: talk to the transport, allocate on the
+//! data path, or return a posted buffer to the pool while the device may still write it.
+//! The XDP hook's own parts (verdicts, attach, detach) live in `xdp.rs`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::ctrl::Control;
+use crate::error::DeviceError;
+use crate::layout::NET_HDR_LEN;
+use crate::mempool::{Mempool, Packet};
+use crate::ring::{DriverRing, PostSource, UsedSink};
+
+use super::rx_meta::RxMeta;
+use super::stats::{bump, PairStats};
+use super::tx::TxQueue;
+use super::xdp::{self, Verdicts, XdpOut, XdpProgram};
+use super::{Recycle, Stopped, BATCH};
+
+/// The receive half of a queue pair.
+pub struct RxQueue {
+    pub(super) ring: DriverRing,
+    pub(super) pool: Mempool,
+    stats: Arc<PairStats>,
+    /// Bytes posted per buffer: header plus data room minus reserved tailroom.
+    pub(super) post_len: u32,
+    pub(super) headroom: u16,
+    /// The pool's buffer addresses as `(base, step)`, when linear
+    /// ([`Mempool::linear_iova`]: fixed for the pool's life).
+    linear_iova: Option<(u64, u64)>,
+    error: Option<DeviceError>,
+    stopped: Stopped,
+    pub(super) xdp: Option<Box<dyn XdpProgram>>,
+    pub(super) xdp_out: XdpOut,
+    pub(super) control: Control,
+    pub(super) mtu: u16,
+}
+
+/// The buffers of one refill: pool indices taken under one lock, posted at their
+/// header slots.
+struct RefillSource<'a> {
+    idx: [u32; BATCH],
+    pool: &'a Mempool,
+    linear: Option<(u64, u64)>,
+    off: u64,
+    post_len: u32,
+}
+
+impl PostSource for RefillSource<'_> {
+    #[inline(always)]
+    fn buffer(&mut self, k: usize, _id: u16) -> (u64, u32, u32) {
+        let i = self.idx[k & (BATCH - 1)]; // k < BATCH
+        let iova = match self.linear {
+            Some((base, step)) => base + i as u64 * step,
+            // SAFETY: `i` was taken from the pool by this refill: a buffer index.
+            None => unsafe { self.pool.buf(i).1 },
+        };
+        (iova + self.off, self.post_len, i)
+    }
+}
+
+/// Where one plain receive burst puts its frames (see `rx_plain`).
+struct RxSink<'a, 'b> {
+    batch: &'b mut Vec<Packet>,
+    rec: Recycle<'a>,
+    headroom: u16,
+    bytes: u64,
+    errors: u64,
+}
+
+impl UsedSink for RxSink<'_, '_> {
+    #[inline(always)]
+    fn used(&mut self, idx: u32, len: u32) {
+        // The ring hands back the token each buffer was posted with: a buffer of this
+        // queue's pool (posted by `refill`), owned by the queue until now; `len` is at
+        // most what was posted, so the data ends inside the buffer.
+        if (len as usize) < NET_HDR_LEN {
+            self.errors += 1;
+            // SAFETY: a buffer of ours (above), given back once.
+            unsafe { self.rec.put(idx) };
+            return;
+        }
+        let data_len = len - NET_HDR_LEN as u32;
+        self.bytes += data_len as u64;
+        // SAFETY: a buffer of ours (above), data at the headroom within the posted length.
+        self.batch.push(unsafe { self.rec.pool.packet(idx, self.headroom, data_len as u16) });
+    }
+}
+
+impl RxQueue {
+    pub(crate) fn new(
+        ring: DriverRing,
+        pool: Mempool,
+        stats: Arc<PairStats>,
+        tailroom: u16,
+        stopped: Stopped,
+        control: Control,
+        mtu: u16,
+    ) -> Self {
+        let headroom = pool.headroom();
+        let post_len = pool.buf_size() - headroom as u32 - tailroom as u32 + NET_HDR_LEN as u32;
+        RxQueue {
+            ring,
+            linear_iova: pool.linear_iova(),
+            pool,
+            stats,
+            post_len,
+            headroom,
+            error: None,
+            stopped,
+            xdp: None,
+            xdp_out: XdpOut::default(),
+            control,
+            mtu,
+        }
+    }
+
+    /// Posts free buffers until the ring is full or the pool is empty (one pool lock and
+    /// one avail publish per batch).
+    pub(crate) fn refill(&mut self) {
+        let mut src = RefillSource {
+            idx: [0u32; BATCH],
+            pool: &self.pool,
+            linear: self.linear_iova,
+            // Where the device writes: the header slot, the 12 bytes before the data.
+            off: self.headroom as u64 - NET_HDR_LEN as u64,
+            post_len: self.post_len,
+        };
+        while self.ring.free_count() > 0 {
+            let want = (self.ring.free_count() as usize).min(BATCH);
+            let got = self.pool.take_indices(&mut src.idx[..want]);
+            // `got <= want <= free_count`: every index taken is posted.
+            self.ring.post_burst(got as u16, true, &mut src);
+            if got < want {
+                bump(&self.stats.rx.nombuf, 1);
+                break;
+            }
+        }
+        self.ring.publish();
+    }
+
+    /// Appends up to `max` received packets to `batch` (which should have the capacity:
+    /// then nothing allocates) and refills the ring. Returns how many were appended.
+    /// With an XDP program attached, only the frames it passed are appended (see the
+    /// module documentation for the others). After a device error the queue is stopped
+    /// and returns 0; see [`error`](Self::error).
+    pub fn rx_burst(&mut self, batch: &mut Vec<Packet>, max: usize) -> usize {
+        self.rx_inner(batch, None, max)
+    }
+
+    /// As [`rx_burst`](Self::rx_burst), and appends each delivered packet's
+    /// [`RxMeta`] to `meta` (the offload information from its virtio-net header: a
+    /// super-frame's `gso_type`/`gso_size`, a partial checksum to complete).
+    pub fn rx_burst_meta(&mut self, batch: &mut Vec<Packet>, meta: &mut Vec<RxMeta>, max: usize) -> usize {
+        self.rx_inner(batch, Some(meta), max)
+    }
+
+    /// As [`rx_burst`](Self::rx_burst), then sends the packets the XDP program answered
+    /// [`XdpVerdict::Tx`](super::XdpVerdict::Tx) for on `tx` (this pair's transmit half, on this thread).
+    /// Those that do not fit the ring wait in [`xdp_out`](Self::xdp_out) for the next
+    /// call. Redirected packets stay in `xdp_out().redirect` for the caller.
+    pub fn rx_burst_xdp(&mut self, batch: &mut Vec<Packet>, max: usize, tx: &mut TxQueue) -> usize {
+        let n = self.rx_inner(batch, None, max);
+        if !self.xdp_out.tx.is_empty() {
+            tx.tx_burst(&mut self.xdp_out.tx);
+        }
+        n
+    }
+
+    fn rx_inner(&mut self, batch: &mut Vec<Packet>, mut meta: Option<&mut Vec<RxMeta>>, max: usize) -> usize {
+        if self.error.is_some() {
+            return 0;
+        }
+        let n = match self.ring.poll_used() {
+            // `n` is a u16, so the smaller of the two fits one.
+            Ok(n) => self.ring.line_aligned((n as usize).min(max) as u16) as usize,
+            Err(e) => return self.fail(e),
+        };
+        if n == 0 {
+            return 0;
+        }
+        if meta.is_none() && self.xdp.is_none() {
+            return self.rx_plain(batch, n);
+        }
+        let (mut got, mut frames, mut bytes, mut errors) = (0usize, 0u64, 0u64, 0u64);
+        let mut v = Verdicts::default();
+        let mut failed = None;
+        let mut rec = Recycle { pool: &self.pool, idx: [0; BATCH], n: 0 };
+        let need_hdr = meta.is_some() || self.xdp.is_some();
+        for _ in 0..n {
+            let (idx, len) = match self.ring.pop_used() {
+                Ok(x) => x,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            if (len as usize) < NET_HDR_LEN {
+                errors += 1;
+                // SAFETY: a buffer of ours (see `RxSink::used`), given back once.
+                unsafe { rec.put(idx) };
+                continue;
+            }
+            let data_len = len - NET_HDR_LEN as u32;
+            frames += 1;
+            bytes += data_len as u64;
+            let m = if need_hdr {
+                // SAFETY: `idx` is a token of this ring: a buffer of the pool (`RxSink::used`).
+                let (base, _) = unsafe { self.pool.buf(idx) };
+                // SAFETY: the header slot is the 12 bytes before the data at `headroom`,
+                // inside buffer `idx`, which the device returned (its writes are ordered
+                // before our acquire load of used.idx in `poll_used`); ours alone now.
+                let h = unsafe {
+                    std::ptr::read(base.add(self.headroom as usize - NET_HDR_LEN) as *const [u8; NET_HDR_LEN])
+                };
+                RxMeta::parse(&h)
+            } else {
+                RxMeta::default()
+            };
+            // SAFETY: a buffer of ours (see `RxSink::used`), data at the headroom within the
+            // posted length.
+            let p = unsafe { self.pool.packet(idx, self.headroom, data_len as u16) };
+            let p = match self.xdp.as_mut() {
+                Some(prog) => {
+                    match xdp::run(prog.as_mut(), &mut self.xdp_out, &mut v, &mut rec, m.is_gso(), p) {
+                        Some(p) => p,
+                        None => continue,
+                    }
+                }
+                None => p,
+            };
+            batch.push(p);
+            if let Some(m2) = meta.as_deref_mut() {
+                m2.push(m);
+            }
+            got += 1;
+        }
+        rec.flush();
+        let rx = &self.stats.rx;
+        bump(&rx.packets, frames);
+        bump(&rx.bytes, bytes);
+        bump(&rx.errors, errors);
+        v.count(rx);
+        if let Some(e) = failed {
+            self.fail(e);
+        } else {
+            self.refill();
+        }
+        got
+    }
+
+    /// `rx_inner` without an XDP program or metadata: `n` used buffers (`poll_used`
+    /// allowed them) straight into `batch`, in one ring loop.
+    #[inline(always)]
+    fn rx_plain(&mut self, batch: &mut Vec<Packet>, n: usize) -> usize {
+        let before = batch.len();
+        let mut sink = RxSink {
+            batch,
+            rec: Recycle { pool: &self.pool, idx: [0; BATCH], n: 0 },
+            headroom: self.headroom,
+            bytes: 0,
+            errors: 0,
+        };
+        let res = self.ring.pop_used_burst(n as u16, &mut sink);
+        sink.rec.flush();
+        let (bytes, errors) = (sink.bytes, sink.errors);
+        let got = batch.len() - before;
+        let rx = &self.stats.rx;
+        bump(&rx.packets, got as u64);
+        bump(&rx.bytes, bytes);
+        bump(&rx.errors, errors);
+        match res {
+            Ok(_) => self.refill(),
+            Err((_, e)) => {
+                self.fail(e);
+            }
+        }
+        got
+    }
+
+    fn fail(&mut self, e: DeviceError) -> usize {
+        log::error!("receive queue stopped: {e}");
+        self.error = Some(e);
+        bump(&self.stats.rx.device_errors, 1);
+        0
+    }
+
+    /// The device error that stopped this queue, if any.
+    pub fn error(&self) -> Option<DeviceError> {
+        self.error
+    }
+    /// Buffers the device holds.
+    pub fn in_flight(&self) -> u16 {
+        self.ring.in_flight()
+    }
+}
+
+impl Drop for RxQueue {
+    fn drop(&mut self) {
+        if self.xdp.take().is_some() {
+            if let Err(e) = self.control.xdp_detach() {
+                log::warn!("restoring receive offloads after dropping an XDP program: {e}");
+            }
+        }
+        if !self.stopped.load(Ordering::Acquire) {
+            // The device may still write into posted buffers: they are not reused.
+            return;
+        }
+        let idx: Vec<u32> = self.ring.drain_in_flight().collect();
+        // SAFETY: the tokens of the buffers still posted: ours, and the device is reset.
+        unsafe { self.pool.put_indices(&idx) };
+    }
+}

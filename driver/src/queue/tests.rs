@@ -1,0 +1,324 @@
+//! Unit tests of the receive and transmit queues and the XDP hook, over an in-process
+//! fake device.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::*;
+use crate::ctrl::Control;
+use crate::ctrl::ControlParams;
+use crate::dma::DmaArena;
+use crate::error::Error;
+use crate::layout::features as f;
+use crate::layout::{net_hdr, NET_HDR_LEN};
+use crate::ring::fake::FakeDevice;
+use crate::ring::DriverRing;
+use std::time::Duration;
+
+const RING: u16 = 16;
+
+/// A receive queue (and optionally its transmit half) over an in-process fake device.
+struct Rig {
+    rx: RxQueue,
+    tx: TxQueue,
+    rx_dev: FakeDevice,
+    tx_dev: FakeDevice,
+    pool: Mempool,
+    stats: Arc<PairStats>,
+    stopped: Stopped,
+}
+
+fn control(features: u64) -> Control {
+    Control::new(
+        ControlParams {
+            device: "fake".into(),
+            features,
+            virtio_user: true,
+            timeout: Duration::from_millis(10),
+            pairs: 1,
+            active_pairs: 1,
+        },
+        None,
+    )
+}
+
+fn rig_with(headroom: u16, mtu: u16, features: u64) -> Rig {
+    let arena = Arc::new(DmaArena::new(4 << 20, false).unwrap());
+    let pool = Mempool::new(arena.clone(), 64, 2048 + headroom as u32, headroom).unwrap();
+    let stats = Arc::new(PairStats::default());
+    let stopped: Stopped = Arc::new(AtomicBool::new(false));
+    let rx_ring = DriverRing::new(&arena, RING, Default::default()).unwrap();
+    let tx_ring = DriverRing::new(&arena, RING, Default::default()).unwrap();
+    let (rx_dev, tx_dev) = (FakeDevice::new(&rx_ring), FakeDevice::new(&tx_ring));
+    let ctl = control(features);
+    let mut rx = RxQueue::new(rx_ring, pool.clone(), stats.clone(), 64, stopped.clone(), ctl, mtu);
+    rx.refill();
+    let tx = TxQueue::new(tx_ring, pool.clone(), stats.clone(), stopped.clone());
+    Rig { rx, tx, rx_dev, tx_dev, pool, stats, stopped }
+}
+
+fn rig() -> Rig {
+    rig_with(256, 1500, 0)
+}
+
+impl Rig {
+    /// The device delivers `frame` with header `hdr` into the next posted buffer.
+    fn deliver_with(&mut self, hdr: [u8; NET_HDR_LEN], frame: &[u8]) {
+        let (head, chain) = self.rx_dev.pop_avail().expect("a posted receive buffer");
+        let d = chain[0];
+        assert!(d.len as usize >= NET_HDR_LEN + frame.len());
+        self.rx_dev.write(d.addr, &hdr);
+        self.rx_dev.write(d.addr + NET_HDR_LEN as u64, frame);
+        self.rx_dev.push_used(head as u32, (NET_HDR_LEN + frame.len()) as u32);
+    }
+    fn deliver(&mut self, frame: &[u8]) {
+        self.deliver_with([0; NET_HDR_LEN], frame)
+    }
+    /// Frames the device took from the transmit ring: (header, frame).
+    fn transmitted(&mut self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut v = Vec::new();
+        while let Some((head, chain)) = self.tx_dev.pop_avail() {
+            let b = self.tx_dev.read(chain[0].addr, chain[0].len as usize);
+            v.push((b[..NET_HDR_LEN].to_vec(), b[NET_HDR_LEN..].to_vec()));
+            self.tx_dev.push_used(head as u32, 0);
+        }
+        v
+    }
+    fn snapshot(&self) -> QueueStatsSnapshot {
+        self.stats.snapshot()
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        // The "device" is gone: posted buffers may come back.
+        self.stopped.store(true, Ordering::Release);
+    }
+}
+
+fn frame(tag: u8, len: usize) -> Vec<u8> {
+    let mut f: Vec<u8> = (0..len).map(|i| i as u8 ^ 0x5a).collect();
+    f[0] = tag;
+    f
+}
+
+/// The program of the verdict tests: the first byte picks the verdict; Tx frames
+/// grow a 4-byte tag at the head and lose 2 bytes at the tail, Redirect frames lose
+/// 2 bytes at the head and grow 3 at the tail.
+fn by_first_byte(p: &mut Packet) -> XdpVerdict {
+    match p.data()[0] {
+        0 => XdpVerdict::Pass,
+        1 => XdpVerdict::Drop,
+        2 => {
+            p.push_head(4).unwrap().copy_from_slice(&[0xaa, 0xbb, 0xcc, 0xdd]);
+            p.trim_tail(2).unwrap();
+            XdpVerdict::Tx
+        }
+        3 => {
+            p.pull_head(2).unwrap();
+            p.push_tail(3).unwrap().copy_from_slice(&[7, 8, 9]);
+            XdpVerdict::Redirect(1)
+        }
+        _ => XdpVerdict::Redirect(XDP_TARGETS as u16),
+    }
+}
+
+#[test]
+fn every_verdict_does_what_it_says_with_head_and_tail_adjusted() {
+    let mut r = rig();
+    let full = r.pool.capacity();
+    r.rx.attach_xdp(Box::new(by_first_byte)).unwrap();
+    let frames: Vec<Vec<u8>> = (0..5u8).map(|t| frame(t, 60 + t as usize * 100)).collect();
+    for fr in &frames {
+        r.deliver(fr);
+    }
+    let mut batch = Vec::with_capacity(32);
+    // Two bursts: the first ends on a line of descriptors (4 of 5, see
+    // `DriverRing::line_aligned`), the second takes the last one.
+    let got = r.rx.rx_burst(&mut batch, 32) + r.rx.rx_burst(&mut batch, 32);
+    assert_eq!(got, 1, "only the Pass frame is delivered");
+    assert_eq!(batch[0].data(), &frames[0][..]);
+
+    let out = r.rx.xdp_out();
+    assert_eq!(out.tx.len(), 1);
+    let mut want_tx = vec![0xaa, 0xbb, 0xcc, 0xdd];
+    want_tx.extend_from_slice(&frames[2][..frames[2].len() - 2]);
+    assert_eq!(out.tx[0].data(), &want_tx[..]);
+    assert_eq!(out.redirect[1].len(), 1);
+    let mut want_redir = frames[3][2..].to_vec();
+    want_redir.extend_from_slice(&[7, 8, 9]);
+    assert_eq!(out.redirect[1][0].data(), &want_redir[..]);
+    assert_eq!(out.len(), 2);
+
+    let s = r.snapshot();
+    assert_eq!((s.xdp_pass, s.xdp_drop, s.xdp_tx, s.xdp_redirect, s.xdp_aborted), (1, 1, 1, 1, 1));
+    assert_eq!(s.rx_packets, 5, "every frame received counts once");
+    assert_eq!(s.rx_bytes, frames.iter().map(|f| f.len() as u64).sum::<u64>());
+    // Drop and the aborted redirect went straight back: the ring is full again and
+    // only the three packets held by the test are out of the pool.
+    assert_eq!(r.rx.in_flight(), RING);
+    assert_eq!(r.pool.available(), full - RING as u32 - 3);
+
+    // The Tx packet goes out on the pair's transmit half without a copy, with a clean
+    // virtio-net header in the headroom the program left.
+    let n = r.tx.tx_burst(&mut r.rx.xdp_out().tx);
+    assert_eq!(n, 1);
+    let sent = r.transmitted();
+    assert_eq!(sent, vec![(vec![0; NET_HDR_LEN], want_tx.clone())]);
+    assert_eq!(r.snapshot().tx_copied, 0);
+    r.tx.reclaim();
+    drop(batch);
+    r.rx.xdp_out().clear();
+    assert_eq!(r.pool.available(), full - RING as u32, "no buffer lost");
+}
+
+/// A received frame sent back out carries an all-zero virtio-net header whatever the
+/// device wrote into the header slot (offload flags, `num_buffers` 1), and one whose
+/// slot is already zero goes out unchanged: the transmit path rewrites a header only
+/// when it must, never leaves a stale one.
+#[test]
+fn forwarded_frames_go_out_with_a_zero_header() {
+    let mut r = rig();
+    let dirty = [1u8, 3, 14, 0, 0xb4, 5, 34, 0, 16, 0, 1, 0];
+    let frames: Vec<Vec<u8>> = (0..6u8).map(|t| frame(t, 60 + t as usize)).collect();
+    for (k, fr) in frames.iter().enumerate() {
+        r.deliver_with(if k % 2 == 0 { dirty } else { [0; NET_HDR_LEN] }, fr);
+    }
+    let mut batch = Vec::with_capacity(32);
+    // Two bursts (4 and 2: the first ends on a line of descriptors).
+    assert_eq!(r.rx.rx_burst(&mut batch, 32), 4);
+    assert_eq!(r.rx.rx_burst(&mut batch, 32), 2);
+    assert_eq!(r.tx.tx_burst(&mut batch), 6);
+    let sent = r.transmitted();
+    assert_eq!(sent.len(), 6);
+    for (fr, (hdr, got)) in frames.iter().zip(&sent) {
+        assert_eq!(hdr, &vec![0u8; NET_HDR_LEN]);
+        assert_eq!(got, fr);
+    }
+}
+
+#[test]
+fn rx_burst_xdp_bounces_tx_packets_on_the_same_thread() {
+    let mut r = rig();
+    r.rx.attach_xdp(Box::new(|p: &mut Packet| {
+        let d = p.data_mut();
+        let (a, b) = d[..12].split_at_mut(6);
+        a.swap_with_slice(b);
+        XdpVerdict::Tx
+    }))
+    .unwrap();
+    let frames: Vec<Vec<u8>> = (0..8u8).map(|t| frame(t, 64 + t as usize)).collect();
+    for fr in &frames {
+        r.deliver(fr);
+    }
+    let mut batch = Vec::with_capacity(32);
+    assert_eq!(r.rx.rx_burst_xdp(&mut batch, 32, &mut r.tx), 0);
+    let sent = r.transmitted();
+    assert_eq!(sent.len(), 8);
+    for (fr, (_, got)) in frames.iter().zip(&sent) {
+        let mut want = fr.clone();
+        let (a, b) = want[..12].split_at_mut(6);
+        a.swap_with_slice(b);
+        assert_eq!(got, &want);
+    }
+    assert!(r.rx.xdp_out().is_empty());
+    assert_eq!(r.snapshot().xdp_tx, 8);
+}
+
+#[test]
+fn a_full_output_vector_drops_and_counts() {
+    let mut r = rig();
+    r.rx.attach_xdp(Box::new(|_: &mut Packet| XdpVerdict::Tx)).unwrap();
+    let mut batch = Vec::with_capacity(32);
+    for _ in 0..2 {
+        for i in 0..RING {
+            r.deliver(&frame(i as u8, 60));
+        }
+        r.rx.rx_burst(&mut batch, 64);
+    }
+    let s = r.snapshot();
+    assert_eq!((s.xdp_tx, s.xdp_aborted), (RING as u64, RING as u64));
+    assert_eq!(r.rx.xdp_out().tx.len(), RING as usize);
+    assert_eq!(r.rx.xdp_out().tx.capacity(), RING as usize, "never grown");
+}
+
+#[test]
+fn super_frames_are_not_shown_to_a_program_but_are_described_without_one() {
+    let mut r = rig();
+    let mut hdr = [0u8; NET_HDR_LEN];
+    hdr[net_hdr::FLAGS] = net_hdr::F_NEEDS_CSUM;
+    hdr[net_hdr::GSO_TYPE] = net_hdr::GSO_TCPV4;
+    hdr[net_hdr::HDR_LEN..net_hdr::HDR_LEN + 2].copy_from_slice(&54u16.to_le_bytes());
+    hdr[net_hdr::GSO_SIZE..net_hdr::GSO_SIZE + 2].copy_from_slice(&1448u16.to_le_bytes());
+    hdr[net_hdr::CSUM_START..net_hdr::CSUM_START + 2].copy_from_slice(&34u16.to_le_bytes());
+    hdr[net_hdr::CSUM_OFFSET..net_hdr::CSUM_OFFSET + 2].copy_from_slice(&16u16.to_le_bytes());
+    r.deliver_with(hdr, &frame(0, 1000));
+    r.deliver(&frame(0, 100));
+    let (mut batch, mut meta) = (Vec::with_capacity(8), Vec::with_capacity(8));
+    assert_eq!(r.rx.rx_burst_meta(&mut batch, &mut meta, 8), 2);
+    let want = RxMeta {
+        flags: net_hdr::F_NEEDS_CSUM,
+        gso_type: net_hdr::GSO_TCPV4,
+        hdr_len: 54,
+        gso_size: 1448,
+        csum_start: 34,
+        csum_offset: 16,
+    };
+    assert_eq!(meta, vec![want, RxMeta::default()]);
+    assert!(meta[0].is_gso() && meta[0].needs_csum() && !meta[1].is_gso());
+    drop(batch);
+
+    let seen = Arc::new(AtomicU64::new(0));
+    let s2 = seen.clone();
+    r.rx.attach_xdp(Box::new(move |_: &mut Packet| {
+        s2.fetch_add(1, Ordering::Relaxed);
+        XdpVerdict::Pass
+    }))
+    .unwrap();
+    r.deliver_with(hdr, &frame(0, 1000));
+    r.deliver(&frame(0, 100));
+    let mut batch = Vec::with_capacity(8);
+    assert_eq!(r.rx.rx_burst(&mut batch, 8), 1);
+    assert_eq!(seen.load(Ordering::Relaxed), 1, "the program saw the single frame only");
+    assert_eq!((r.snapshot().xdp_pass, r.snapshot().xdp_aborted), (1, 1));
+}
+
+#[test]
+fn attach_checks_geometry_and_offloads() {
+    // Headroom below XDP's 256 bytes.
+    let mut r = rig_with(128, 1500, 0);
+    let e = r.rx.attach_xdp(Box::new(|_: &mut Packet| XdpVerdict::Pass)).unwrap_err();
+    assert!(matches!(e, Error::XdpGeometry { headroom: 128, need: 256, .. }), "{e}");
+    // A 9000-byte MTU in 2 KiB buffers.
+    let mut r = rig_with(256, 9000, 0);
+    let e = r.rx.attach_xdp(Box::new(|_: &mut Packet| XdpVerdict::Pass)).unwrap_err();
+    assert!(matches!(e, Error::XdpGeometry { mtu: 9000, .. }), "{e}");
+    assert!(e.to_string().contains("MTU 9000"), "{e}");
+    // Guest TSO on and no way to switch it off.
+    let feats = f::bit(f::NET_GUEST_CSUM) | f::bit(f::NET_GUEST_TSO4);
+    let mut r = rig_with(256, 1500, feats);
+    let e = r.rx.attach_xdp(Box::new(|_: &mut Packet| XdpVerdict::Pass)).unwrap_err();
+    assert!(matches!(e, Error::XdpOffloads { .. }), "{e}");
+    assert!(!r.rx.xdp_attached());
+    // Checksum offload alone is fine (frames stay whole).
+    let mut r = rig_with(256, 1500, f::bit(f::NET_GUEST_CSUM));
+    r.rx.attach_xdp(Box::new(|_: &mut Packet| XdpVerdict::Pass)).unwrap();
+    assert!(r.rx.xdp_attached());
+    r.rx.detach_xdp().unwrap();
+    assert!(!r.rx.xdp_attached());
+    r.rx.detach_xdp().unwrap(); // nothing attached: nothing to do
+}
+
+#[test]
+fn detach_delivers_everything_again() {
+    let mut r = rig();
+    r.rx.attach_xdp(Box::new(|_: &mut Packet| XdpVerdict::Drop)).unwrap();
+    r.deliver(&frame(0, 60));
+    let mut batch = Vec::with_capacity(8);
+    assert_eq!(r.rx.rx_burst(&mut batch, 8), 0);
+    r.rx.detach_xdp().unwrap();
+    r.deliver(&frame(0, 61));
+    assert_eq!(r.rx.rx_burst(&mut batch, 8), 1);
+    let s = r.snapshot();
+    assert_eq!((s.rx_packets, s.xdp_drop, s.xdp_pass), (2, 1, 0));
+}

@@ -1,0 +1,297 @@
+//! The transmit half of a queue pair: the transmit burst and the batched reclaim.
+//!
+//! Owns: [`TxQueue`], posting packets (zero-copy from this port's pool; copied into it
+//! from another port's memory the device cannot reach), the virtio-net header of each
+//! transmitted frame (zeroed, written only when not already zero), holding each packet
+//! until the device is done with it, and reclaiming those in batches. Must not: talk to
+//! the transport, allocate on the data path, or reuse a buffer the device may still
+//! read (in-flight packets are leaked, not freed, if the device was not reset).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::error::DeviceError;
+use crate::layout::NET_HDR_LEN;
+use crate::mempool::{Mempool, Packet};
+use crate::ring::{DriverRing, PostSource, TokenSink};
+use spec::prefetch::WritePrefetch;
+
+use super::stats::{bump, PairStats};
+use super::{Recycle, Stopped, BATCH};
+
+/// The transmit half of a queue pair.
+pub struct TxQueue {
+    ring: DriverRing,
+    pool: Mempool,
+    stats: Arc<PairStats>,
+    /// The packet each in-flight descriptor carries, by descriptor token.
+    inflight: Box<[Option<Packet>]>,
+    error: Option<DeviceError>,
+    stopped: Stopped,
+    /// The CPU's write prefetch, if it has one (see `spec::prefetch`).
+    prefetchw: Option<WritePrefetch>,
+    /// Device address minus host address in the pool, when that is one constant
+    /// ([`Mempool::linear_iova`]: fixed for the pool's life).
+    iova_delta: Option<u64>,
+}
+
+/// The packets of one transmit burst, moved out of the caller's vector into
+/// `inflight` as they are posted (see `tx_burst`).
+struct TxSource<'a> {
+    /// The first packet of the burst; the vector's length is 0 meanwhile.
+    pkts: *const Packet,
+    /// The pool every packet of the burst comes from.
+    pool: &'a Mempool,
+    /// Device address minus host address in the pool, when that is one constant (see
+    /// [`Mempool::linear_iova`]).
+    iova_delta: Option<u64>,
+    inflight: &'a mut [Option<Packet>],
+    bytes: u64,
+}
+
+impl PostSource for TxSource<'_> {
+    #[inline(always)]
+    fn buffer(&mut self, k: usize, id: u16) -> (u64, u32, u32) {
+        // SAFETY: `k` < the burst's count <= the packets initialized behind `pkts`, and
+        // each is read out exactly once (`tx_burst`).
+        let p = unsafe { std::ptr::read(self.pkts.add(k)) };
+        // SAFETY: every packet of the burst is from this pool (`tx_burst` checked).
+        let hdr = unsafe { self.pool.header_ptr(&p) };
+        let iova = match self.iova_delta {
+            Some(d) => (hdr as u64).wrapping_add(d),
+            None => p.header_slot().1,
+        };
+        // SAFETY: the 12 bytes before the data are this packet's header slot (the pool
+        // keeps `off >= NET_HDR_LEN`); the packet is ours until posted.
+        unsafe {
+            if !header_is_zero(hdr) {
+                std::ptr::write_bytes(hdr, 0, NET_HDR_LEN);
+            }
+        }
+        let len = p.len() as u32 + NET_HDR_LEN as u32;
+        self.bytes += p.len() as u64;
+        // The descriptor id (< ring size = `inflight.len()`) is the token: the packet
+        // waits in `inflight[id]`, which is empty (a descriptor is free only once its
+        // packet was taken out by `reclaim`): written without dropping the old value.
+        let slot = &mut self.inflight[id as usize];
+        debug_assert!(slot.is_none());
+        // SAFETY: `slot` is a valid, aligned `Option<Packet>`; overwriting `None` leaks
+        // nothing.
+        unsafe { std::ptr::write(slot, Some(p)) };
+        (iova, len, id as u32)
+    }
+}
+
+/// Whether the 12-byte virtio-net header at `hdr` is all zero: what a transmitted frame
+/// carries without offloads (flags, GSO type, sizes and checksum fields 0, and
+/// `num_buffers` 0 as the spec asks of a driver, §5.1.6.2.1). The transmit path writes a
+/// header only when it is not, as DPDK's PMD writes only differing fields: a line the
+/// device left zero then stays shared instead of being pulled over and dirtied (a
+/// back-end that writes `num_buffers` 1 into received frames, as ours does, still gets
+/// the header rewritten).
+///
+/// # Safety
+/// `hdr` points to 12 readable bytes no one writes meanwhile.
+#[inline(always)]
+unsafe fn header_is_zero(hdr: *const u8) -> bool {
+    // SAFETY: per the contract; unaligned reads (the slot is 4-aligned).
+    let (a, b) = unsafe {
+        (std::ptr::read_unaligned(hdr as *const u64), std::ptr::read_unaligned(hdr.add(8) as *const u32))
+    };
+    a | b as u64 == 0
+}
+
+/// Where one reclaim puts the packets the device is done with.
+struct ReclaimSink<'a> {
+    inflight: &'a mut [Option<Packet>],
+    rec: Recycle<'a>,
+}
+
+impl TokenSink for ReclaimSink<'_> {
+    #[inline(always)]
+    fn token(&mut self, token: u32) {
+        // The token is the descriptor id (< ring size, the length of `inflight`).
+        if let Some(p) = self.inflight.get_mut(token as usize).and_then(Option::take) {
+            self.rec.packet(p);
+        }
+    }
+}
+
+impl TxQueue {
+    pub(crate) fn new(ring: DriverRing, pool: Mempool, stats: Arc<PairStats>, stopped: Stopped) -> Self {
+        let inflight = (0..ring.size()).map(|_| None).collect();
+        let iova_delta = pool.linear_iova().map(|(base, _)| {
+            // SAFETY: a pool has at least one buffer (`check_geometry`).
+            base.wrapping_sub(unsafe { pool.buf(0) }.0 as u64)
+        });
+        TxQueue {
+            ring,
+            pool,
+            stats,
+            inflight,
+            error: None,
+            stopped,
+            prefetchw: WritePrefetch::detect(),
+            iova_delta,
+        }
+    }
+
+    /// Reclaims buffers the device has finished with (in one batch per pool lock);
+    /// returns how many.
+    pub fn reclaim(&mut self) -> usize {
+        if self.error.is_some() {
+            return 0;
+        }
+        let n = match self.ring.poll_used() {
+            Ok(0) => return 0,
+            Ok(n) => n,
+            Err(e) => {
+                self.fail(e);
+                return 0;
+            }
+        };
+        let mut sink = ReclaimSink {
+            inflight: &mut self.inflight,
+            rec: Recycle { pool: &self.pool, idx: [0; BATCH], n: 0 },
+        };
+        let res = self.ring.pop_used_tokens(n, &mut sink);
+        sink.rec.flush();
+        match res {
+            Ok(done) => done as usize,
+            Err((done, e)) => {
+                self.fail(e);
+                done as usize
+            }
+        }
+    }
+
+    /// Queues packets from the front of `pkts` for transmission, as many as the ring has
+    /// room for, with one avail publish and at most one kick. The packets it could not
+    /// queue stay in `pkts`. Returns how many it took (queued, or dropped and counted in
+    /// `tx_nobuf` when a packet from another port's memory found no buffer to be copied
+    /// into). Packets from this port's pool go out without a copy.
+    pub fn tx_burst(&mut self, pkts: &mut Vec<Packet>) -> usize {
+        self.reclaim();
+        if self.error.is_some() {
+            return 0;
+        }
+        let k = pkts.len().min(self.ring.free_count() as usize);
+        // The common case, every packet from this port's pool, in one ring loop; packets
+        // from elsewhere (which may need a copy) take the general loop. The same pass
+        // reads every header and asks for the lines of those that must be rewritten, so
+        // that their transfers overlap instead of queueing behind each other in the ring
+        // loop.
+        for p in &pkts[..k] {
+            if !self.pool.owns(p) {
+                return self.tx_general(pkts, k);
+            }
+            // SAFETY: `p` is this pool's (checked just above).
+            let hdr = unsafe { self.pool.header_ptr(p) };
+            if let Some(pw) = self.prefetchw {
+                // SAFETY: the header slot of a packet of ours: 12 readable bytes.
+                if !unsafe { header_is_zero(hdr) } {
+                    pw.line(hdr);
+                }
+            }
+        }
+        let total = pkts.len();
+        // The vector forgets its packets while the first `k` are moved out (a panic in
+        // between would leak them, never drop one twice).
+        // SAFETY: shrinking the length only.
+        unsafe { pkts.set_len(0) };
+        let mut src = TxSource {
+            pkts: pkts.as_ptr(),
+            pool: &self.pool,
+            iova_delta: self.iova_delta,
+            inflight: &mut self.inflight,
+            bytes: 0,
+        };
+        let sent = self.ring.post_burst(k as u16, false, &mut src) as usize;
+        let (bytes, base) = (src.bytes, src.pkts);
+        debug_assert_eq!(sent, k, "free descriptors were counted above");
+        // SAFETY: the first `k` packets were moved out above; the other `total - k` are
+        // still initialized in the buffer: shift them down and own them again.
+        unsafe {
+            let rest = total - k;
+            std::ptr::copy(base.add(k), pkts.as_mut_ptr(), rest);
+            pkts.set_len(rest);
+        }
+        self.ring.publish();
+        bump(&self.stats.tx.packets, sent as u64);
+        bump(&self.stats.tx.bytes, bytes);
+        bump(&self.stats.tx.full, pkts.len() as u64);
+        k
+    }
+
+    /// `tx_burst` for `k` packets of which some are not from this port's pool: those the
+    /// device cannot reach are copied into this port's buffers (or dropped and counted
+    /// when none is free).
+    fn tx_general(&mut self, pkts: &mut Vec<Packet>, k: usize) -> usize {
+        let mut bytes = 0u64;
+        let (mut copied, mut sent) = (0u64, 0usize);
+        for p in pkts.drain(..k) {
+            // A buffer from another port's arena is not in this device's memory (the
+            // device could not reach it): copy it into one of ours.
+            let p = if self.pool.reaches(&p) {
+                p
+            } else {
+                let own = self.pool.alloc().and_then(|mut own| own.set_data(p.data()).ok().map(|_| own));
+                match own {
+                    Some(own) => {
+                        copied += 1;
+                        own
+                    }
+                    None => {
+                        bump(&self.stats.tx.nobuf, 1);
+                        continue; // dropped: no buffer here to carry it
+                    }
+                }
+            };
+            let (hdr, iova) = p.header_slot();
+            // SAFETY: the 12 bytes before the data are this packet's header slot (the
+            // pool keeps `off >= NET_HDR_LEN`); the packet is ours until posted.
+            unsafe { std::ptr::write_bytes(hdr, 0, NET_HDR_LEN) };
+            let len = p.len() as u32 + NET_HDR_LEN as u32;
+            bytes += p.len() as u64;
+            // The descriptor id is the token: the packet waits in `inflight[id]`.
+            let Some(id) = self.ring.post(iova, len, false, None) else {
+                unreachable!("free descriptors were counted above")
+            };
+            self.inflight[id as usize] = Some(p);
+            sent += 1;
+        }
+        self.ring.publish();
+        bump(&self.stats.tx.packets, sent as u64);
+        bump(&self.stats.tx.copied, copied);
+        bump(&self.stats.tx.bytes, bytes);
+        bump(&self.stats.tx.full, pkts.len() as u64);
+        k
+    }
+
+    fn fail(&mut self, e: DeviceError) {
+        log::error!("transmit queue stopped: {e}");
+        self.error = Some(e);
+        bump(&self.stats.tx.device_errors, 1);
+    }
+
+    /// The device error that stopped this queue, if any.
+    pub fn error(&self) -> Option<DeviceError> {
+        self.error
+    }
+    /// Packets the device holds.
+    pub fn in_flight(&self) -> u16 {
+        self.ring.in_flight()
+    }
+}
+
+impl Drop for TxQueue {
+    fn drop(&mut self) {
+        if !self.stopped.load(Ordering::Acquire) {
+            // The device may still read these buffers: leak them rather than reuse them.
+            for p in self.inflight.iter_mut().filter_map(Option::take) {
+                std::mem::forget(p);
+            }
+        }
+        // Otherwise dropping `inflight` returns every packet to its pool.
+    }
+}

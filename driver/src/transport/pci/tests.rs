@@ -1,0 +1,145 @@
+//! Unit tests of the virtio-PCI transport: capability parsing (synthetic and, when
+//! present, real devices from sysfs) and MMIO windows.
+
+use super::*;
+
+/// Writes a virtio vendor capability at `at` (16 bytes, 20 for notify).
+#[allow(clippy::too_many_arguments)]
+fn vcap(cfg: &mut [u8], at: usize, next: u8, typ: u8, bar: u8, offset: u32, length: u32, mult: Option<u32>) {
+    let len = if mult.is_some() { 20 } else { 16 };
+    cfg[at] = regs::CAP_ID_VNDR;
+    cfg[at + 1] = next;
+    cfg[at + 2] = len;
+    cfg[at + 3] = typ;
+    cfg[at + 4] = bar;
+    cfg[at + 8..at + 12].copy_from_slice(&offset.to_le_bytes());
+    cfg[at + 12..at + 16].copy_from_slice(&length.to_le_bytes());
+    if let Some(m) = mult {
+        cfg[at + 16..at + 20].copy_from_slice(&m.to_le_bytes());
+    }
+}
+
+/// Config space as QEMU's virtio-net-pci lays it out (modern BAR 4, MSI-X first).
+fn qemu_like() -> [u8; 256] {
+    let mut c = [0u8; 256];
+    c[0..2].copy_from_slice(&0x1af4u16.to_le_bytes());
+    c[2..4].copy_from_slice(&0x1041u16.to_le_bytes());
+    c[regs::STATUS] = regs::STATUS_CAP_LIST as u8;
+    c[regs::CAPABILITY_LIST] = 0x98;
+    // MSI-X capability (id 0x11) first, then the virtio ones.
+    c[0x98] = 0x11;
+    c[0x99] = 0x84;
+    vcap(&mut c, 0x84, 0x70, cfg_type::PCI, 0, 0, 0, None);
+    vcap(&mut c, 0x70, 0x60, cfg_type::NOTIFY, 4, 0x3000, 0x1000, Some(4));
+    vcap(&mut c, 0x60, 0x50, cfg_type::DEVICE, 4, 0x2000, 0x1000, None);
+    vcap(&mut c, 0x50, 0x40, cfg_type::ISR, 4, 0x1000, 0x1000, None);
+    vcap(&mut c, 0x40, 0x00, cfg_type::COMMON, 4, 0x0000, 0x1000, None);
+    c
+}
+use cfg_type::{COMMON, DEVICE};
+
+#[test]
+fn parses_qemu_virtio_net_capabilities() {
+    let caps = parse_caps(&qemu_like()).unwrap();
+    assert_eq!(caps.common, CapLoc { bar: 4, offset: 0, length: 0x1000 });
+    assert_eq!(caps.isr, Some(CapLoc { bar: 4, offset: 0x1000, length: 0x1000 }));
+    assert_eq!(caps.device, Some(CapLoc { bar: 4, offset: 0x2000, length: 0x1000 }));
+    assert_eq!(caps.notify, CapLoc { bar: 4, offset: 0x3000, length: 0x1000 });
+    assert_eq!(caps.notify_off_multiplier, 4);
+}
+
+#[test]
+fn first_usable_capability_of_each_type_wins() {
+    let mut c = qemu_like();
+    // Put a common cap with a reserved BAR (6) in front: skipped.
+    vcap(&mut c, 0xa0, 0x84, COMMON, 6, 0x8000, 0x1000, None);
+    c[0x99] = 0xa0;
+    // And a second common cap later in the chain: the first usable one (BAR 4) wins.
+    vcap(&mut c, 0xb0, 0x00, COMMON, 2, 0x100, 0x100, None);
+    c[0x41] = 0xb0;
+    let caps = parse_caps(&c).unwrap();
+    assert_eq!(caps.common, CapLoc { bar: 4, offset: 0, length: 0x1000 });
+    // A notify cap too short to hold the multiplier is skipped.
+    let mut c = qemu_like();
+    c[0x72] = 16;
+    assert!(parse_caps(&c).unwrap_err().contains("notify"));
+}
+
+#[test]
+fn broken_capability_lists_are_errors_not_loops() {
+    let mut c = qemu_like();
+    c[regs::STATUS] = 0;
+    assert!(parse_caps(&c).unwrap_err().contains("no PCI capability list"));
+    // A legacy device: capability list without virtio caps.
+    let mut c = qemu_like();
+    c[regs::CAPABILITY_LIST] = 0x98;
+    c[0x99] = 0;
+    assert!(parse_caps(&c).unwrap_err().contains("legacy-only"));
+    // A pointer into the header.
+    let mut c = qemu_like();
+    c[regs::CAPABILITY_LIST] = 0x10;
+    assert!(parse_caps(&c).unwrap_err().contains("outside config space"));
+    // A loop: the walk ends (bounded) and reports what it found.
+    let mut c = qemu_like();
+    c[0x41] = 0x98; // common -> msix -> ... -> common
+    let caps = parse_caps(&c).unwrap();
+    assert_eq!(caps.common.bar, 4);
+    // A capability running past the end of config space is skipped.
+    let mut c = qemu_like();
+    c[0xf8..0xfd].copy_from_slice(&[regs::CAP_ID_VNDR, 0, 16, DEVICE, 4]);
+    c[0x41] = 0xf8;
+    assert_eq!(parse_caps(&c).unwrap().device, Some(CapLoc { bar: 4, offset: 0x2000, length: 0x1000 }));
+    assert!(parse_caps(&c[..32]).is_err());
+}
+
+/// The capability lists of real virtio devices on this machine, if any, read from
+/// sysfs (read-only): the parser must find every modern device's structures.
+#[test]
+fn parses_real_virtio_devices_from_sysfs() {
+    let Ok(dir) = std::fs::read_dir("/sys/bus/pci/devices") else { return };
+    let mut seen = 0;
+    for d in dir.flatten() {
+        let vendor = std::fs::read_to_string(d.path().join("vendor")).unwrap_or_default();
+        let device = std::fs::read_to_string(d.path().join("device")).unwrap_or_default();
+        if vendor.trim() != "0x1af4" || !device.trim().starts_with("0x104") {
+            continue;
+        }
+        let Ok(cfg) = std::fs::read(d.path().join("config")) else { continue };
+        if cfg.len() < 256 {
+            continue; // unprivileged: only the 64-byte header is readable
+        }
+        let caps = parse_caps(&cfg).unwrap_or_else(|e| panic!("{}: {e}", d.path().display()));
+        assert!(caps.common.length as usize >= common::LEN, "{caps:?}");
+        seen += 1;
+        eprintln!("{}: {caps:?}", d.file_name().to_string_lossy());
+    }
+    eprintln!("{seen} modern virtio PCI devices parsed");
+}
+
+#[test]
+fn windows_are_natural_width_little_endian() {
+    let mut mem = [0u64; 8];
+    // SAFETY: `mem` is 64 bytes of our own memory, alive for the test, with no
+    // reference into it while the window is used.
+    let w = unsafe { Window::new(mem.as_mut_ptr() as *mut u8, 64) };
+    w.w32(0, 0x1122_3344);
+    w.w16(4, 0x5566);
+    w.w8(6, 0x77);
+    w.w64(8, 0x8877_6655_4433_2211);
+    assert_eq!(w.r32(0), 0x1122_3344);
+    assert_eq!(w.r16(4), 0x5566);
+    assert_eq!(w.r8(6), 0x77);
+    assert_eq!(w.r32(8), 0x4433_2211);
+    assert_eq!(w.r32(12), 0x8877_6655);
+    let bytes: Vec<u8> = mem.iter().flat_map(|x| x.to_ne_bytes()).collect();
+    assert_eq!(&bytes[0..7], &[0x44, 0x33, 0x22, 0x11, 0x66, 0x55, 0x77]);
+}
+
+#[test]
+#[should_panic(expected = "MMIO access")]
+fn windows_refuse_out_of_bounds_accesses() {
+    let mut mem = [0u64; 2];
+    // SAFETY: `mem` is 16 bytes of our own memory, alive for the test.
+    let w = unsafe { Window::new(mem.as_mut_ptr() as *mut u8, 16) };
+    w.r32(14);
+}
