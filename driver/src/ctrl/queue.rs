@@ -112,15 +112,18 @@ impl ControlQueue {
                 Err(e) => return Err(self.fail(e)),
             }
         }
-        // Encode: header at 0, data from 2, ack at ACK_OFF (preset to "no answer").
-        // SAFETY: the buffer is ours (nothing is in flight: `pending` is None), BUF_SIZE
-        // bytes inside the arena; no other reference to it exists.
-        let buf = unsafe { std::slice::from_raw_parts_mut(self.buf, BUF_SIZE) };
+        // Encode: header at 0, data from 2, ack at ACK_OFF (preset to "no answer"). The
+        // command is built in a private copy and then copied into the DMA buffer: the
+        // device can write that memory at any time, so no Rust reference is made to it.
+        let mut buf = [0u8; BUF_SIZE];
         let (class, command) = cmd.class_cmd();
         buf[0] = class;
         buf[1] = command;
         let (len, split) = cmd.encode(&mut buf[ctrl::HDR_LEN..ACK_OFF])?;
         buf[ACK_OFF] = NO_ACK;
+        // SAFETY: `self.buf` is BUF_SIZE bytes inside the arena, owned by this queue and
+        // not posted (`pending` is None); `buf` is a local array, so the two never overlap.
+        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), self.buf, BUF_SIZE) };
         let data = self.iova + ctrl::HDR_LEN as u64;
         let mut parts = [(0u64, 0u32, false); 4];
         let mut n = 0;
