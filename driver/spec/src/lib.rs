@@ -3,11 +3,13 @@
 //!
 //! Owns: the split-ring layout (offsets, sizes, the descriptor format, `need_event`),
 //! feature bits, the virtio-net header and control-queue constants, the device config
-//! space layout ([`layout`]); Ethernet/IPv4/UDP/ICMP/ARP header builders and the Internet
+//! space layout ([`layout`]); the packed-ring layout (descriptor, AVAIL/USED flags and
+//! wrap counters, event suppression: [`packed`]); Ethernet/IPv4/UDP/ICMP/ARP header builders and the Internet
 //! checksum ([`frame`]); the write-prefetch hint ([`prefetch`]). Must not: touch ring
 //! memory (each side reads and writes its rings with its own atomics and orderings), own
 //! any state, or depend on either side's crate.
 
 pub mod frame;
 pub mod layout;
+pub mod packed;
 pub mod prefetch;
