@@ -2,7 +2,8 @@
 //!
 //! Owns: reading used descriptors in ring order (flags with `Acquire`, checked against
 //! the used wrap counter; then id and length), validating each against what is in flight
-//! (the id must name a buffer in flight, the length must fit what was posted, an in-order
+//! (the id must name a buffer in flight, the length must fit what was posted unless only
+//! tokens are asked for (transmit), an in-order
 //! batch must end on a later buffer in flight), moving the used position and wrap counter
 //! on by each buffer's descriptor count, and draining at close. Must not: write ring
 //! memory, read a chain's shape from the ring (the counts are the driver's own), or index
@@ -105,6 +106,16 @@ impl PackedRing {
     /// has not used it yet.
     #[inline(always)]
     pub fn pop_used(&mut self) -> Result<Option<(u32, u32)>, DeviceError> {
+        self.pop_used_checked::<true>()
+    }
+
+    /// [`pop_used`](Self::pop_used), checking the used length against the posted one
+    /// only if `CHECK_LEN`: a transmit queue's buffers are device-readable, the device
+    /// writes nothing into them and the driver never uses the length, and DPDK's vhost
+    /// leaves the field of an in-order batch's used descriptor as the driver wrote it
+    /// (the length of the batch's FIRST buffer, while the id names its last).
+    #[inline(always)]
+    fn pop_used_checked<const CHECK_LEN: bool>(&mut self) -> Result<Option<(u32, u32)>, DeviceError> {
         if self.batch_id != NO_BATCH {
             return Ok(Some(self.batch_step()));
         }
@@ -119,9 +130,10 @@ impl PackedRing {
             return Err(DeviceError::UsedIdNotInFlight { id: id as u32 });
         }
         let posted = self.posted_len[id as usize];
-        if len > posted {
+        if CHECK_LEN && len > posted {
             return Err(DeviceError::UsedLenTooLarge { len, posted });
         }
+        let len = len.min(posted);
         if !self.in_order || id == self.next_used {
             return Ok(Some((self.retire(id), len)));
         }
@@ -169,11 +181,11 @@ impl PackedRing {
     }
 
     /// [`pop_used_burst`](Self::pop_used_burst) for a queue that needs only the tokens
-    /// (transmit); the same checks.
+    /// (transmit): the same checks but the length's (see `pop_used_checked`).
     #[inline(always)]
     pub fn pop_used_tokens(&mut self, n: u16, sink: &mut impl TokenSink) -> Result<u16, (u16, DeviceError)> {
         for k in 0..n {
-            match self.pop_used() {
+            match self.pop_used_checked::<false>() {
                 Ok(Some((token, _))) => sink.token(token),
                 Ok(None) => return Ok(k),
                 Err(e) => return Err((k, e)),
