@@ -40,6 +40,16 @@ pub enum DeviceError {
         /// Length the driver posted.
         posted: u32,
     },
+    /// A packed ring's descriptor at the used position carries flags that are neither
+    /// "available" nor "used" for the driver's used wrap counter (§2.8.1): a used
+    /// descriptor written with the wrong wrap counter.
+    #[error("packed ring descriptor {pos} has flags {flags:#06x}: used with the wrong wrap counter")]
+    UsedWrongWrap {
+        /// Ring position.
+        pos: u16,
+        /// The flags word the device wrote.
+        flags: u16,
+    },
 }
 
 /// Errors of the driver library.

@@ -43,7 +43,7 @@
 //! XDP-style program ([`XdpProgram`]) on the frames it receives.
 //!
 //! Modules: [`layout`] and [`frame`] (the wire format shared with the host backend,
-//! re-exported from the `vnet-spec` crate), [`dma`] (the DMA arena), [`mempool`] (buffers and packets), [`ring`] (the driver-side split ring),
+//! re-exported from the `vnet-spec` crate), [`dma`] (the DMA arena), [`mempool`] (buffers and packets), [`ring`] (the driver-side split and packed rings),
 //! [`queue`] (rx/tx bursts, the XDP hook), [`ctrl`] (the control queue), [`transport`]
 //! (virtio-user and virtio-PCI), [`vfio`] (userspace VFIO: groups, BARs, DMA mapping),
 //! [`port`] (device init).

@@ -37,7 +37,7 @@ use crate::error::{Error, Result};
 use crate::layout::{self, ctrl, features as f};
 use crate::mempool::{self, Mempool, DEFAULT_BUF_SIZE, DEFAULT_HEADROOM, MAX_BUF_SIZE};
 use crate::queue::{PairStats, QueuePair, QueueStatsSnapshot, RxQueue, TxQueue};
-use crate::ring::{DriverRing, RingFeatures};
+use crate::ring::{AnyRing, DriverRing, PackedRing, RingFeatures};
 use crate::transport::pci::PciTransport;
 use crate::transport::vhost_user::VhostUserTransport;
 use crate::transport::{NetConfig, Transport};
@@ -70,7 +70,7 @@ pub struct PortConfig {
     /// [`Control::set_queue_pairs`] can grow the count at run time. `None`: exactly
     /// `queue_pairs`.
     pub max_queue_pairs: Option<u16>,
-    /// Entries per ring (a power of two).
+    /// Entries per ring (a power of two; any size up to 32768 with `packed`).
     pub ring_size: u16,
     /// Buffers in the pool (default: enough to fill every ring twice).
     pub buffers: Option<u32>,
@@ -90,6 +90,11 @@ pub struct PortConfig {
     pub mac: Option<[u8; 6]>,
     /// How long a control command waits for the device's acknowledgement.
     pub ctrl_timeout: Duration,
+    /// Use the packed virtqueue layout (virtio 1.2 §2.8, `VIRTIO_F_RING_PACKED`) for
+    /// every ring, the control queue's included; opening fails if the device does not
+    /// offer it. `false` (the default): split rings. Packed ring sizes need not be
+    /// powers of two.
+    pub packed: bool,
     /// Use this buffer pool (another port's, see [`Port::pool`]) instead of creating
     /// one: packets then move between the two ports without a copy (an XDP redirect, a
     /// forwarding engine). The other port's DMA arena is shared with this device as a
@@ -125,6 +130,7 @@ impl PortConfig {
             hugepages: false,
             mac: None,
             ctrl_timeout: Duration::from_secs(1),
+            packed: false,
             pool: None,
         }
     }
@@ -255,9 +261,12 @@ impl Port {
         if cfg.queue_pairs == 0 {
             return Err(Error::Config("a port needs at least one queue pair".into()));
         }
-        if cfg.ring_size == 0 || !cfg.ring_size.is_power_of_two() || cfg.ring_size > layout::MAX_QUEUE_SIZE {
+        if cfg.ring_size == 0
+            || cfg.ring_size > layout::MAX_QUEUE_SIZE
+            || (!cfg.packed && !cfg.ring_size.is_power_of_two())
+        {
             return Err(Error::Config(format!(
-                "ring size {} is not a power of two in 1..=32768",
+                "ring size {} is not a power of two in 1..=32768 (packed rings may have any size up to 32768)",
                 cfg.ring_size
             )));
         }
@@ -310,11 +319,16 @@ impl Port {
         if cfg.pool.is_none() {
             mempool::plan(&mut plan, buffers_upper, cfg.buf_size)?;
         }
-        for (len, align) in ControlQueue::allocations() {
+        for (len, align) in ControlQueue::allocations(cfg.packed) {
             plan.alloc(len, align)?;
         }
+        let ring_allocations = if cfg.packed {
+            PackedRing::allocations(cfg.ring_size)
+        } else {
+            DriverRing::allocations(cfg.ring_size)
+        };
         for _ in 0..2 * upper as u32 {
-            for (len, align) in DriverRing::allocations(cfg.ring_size) {
+            for (len, align) in ring_allocations {
                 plan.alloc(len, align)?;
             }
         }
@@ -379,7 +393,13 @@ impl Port {
         if cfg.queue_pairs > 1 && offered & f::bit(f::NET_MQ) == 0 {
             return Err(Error::MissingFeature { name: "VIRTIO_NET_F_MQ", bit: f::NET_MQ });
         }
+        if cfg.packed && offered & f::bit(f::RING_PACKED) == 0 {
+            return Err(Error::MissingFeature { name: "VIRTIO_F_RING_PACKED", bit: f::RING_PACKED });
+        }
         let mut want = f::bit(f::VERSION_1) | (cfg.features & SUPPORTED);
+        if cfg.packed {
+            want |= f::bit(f::RING_PACKED);
+        }
         if cfg.queue_pairs == 1 && cfg.max_queue_pairs.unwrap_or(1) <= 1 {
             want &= !f::bit(f::NET_MQ);
         }
@@ -394,6 +414,9 @@ impl Port {
                 cfg.headroom,
                 cfg.tailroom
             )));
+        }
+        if cfg.packed && features & f::bit(f::RING_PACKED) == 0 {
+            return Err(Error::MissingFeature { name: "VIRTIO_F_RING_PACKED", bit: f::RING_PACKED });
         }
         transport.negotiate(features)?;
         let config: NetConfig = transport.config(features)?;
@@ -437,7 +460,7 @@ impl Port {
             let index = ctrl::queue_index(mq, dev_max);
             let index = u16::try_from(index)
                 .map_err(|_| Error::Config(format!("control queue index {index} is beyond 16 bits")))?;
-            let mut q = ControlQueue::new(arena, ring_features)?;
+            let mut q = ControlQueue::new(arena, ring_features, cfg.packed)?;
             let ring = q.ring_mut();
             ring.set_notifier(transport.setup_queue(index, CTRL_RING_SIZE, ring.addrs())?);
             Some((index, q))
@@ -461,8 +484,17 @@ impl Port {
         let mut stats = Vec::new();
         for p in 0..setup {
             let st = Arc::new(PairStats::default());
-            let mut rx_ring = DriverRing::new(arena, cfg.ring_size, ring_features)?;
-            let mut tx_ring = DriverRing::new(arena, cfg.ring_size, ring_features)?;
+            let (mut rx_ring, mut tx_ring): (AnyRing, AnyRing) = if cfg.packed {
+                (
+                    PackedRing::new(arena, cfg.ring_size, ring_features)?.into(),
+                    PackedRing::new(arena, cfg.ring_size, ring_features)?.into(),
+                )
+            } else {
+                (
+                    DriverRing::new(arena, cfg.ring_size, ring_features)?.into(),
+                    DriverRing::new(arena, cfg.ring_size, ring_features)?.into(),
+                )
+            };
             rx_ring.set_notifier(transport.setup_queue(2 * p, cfg.ring_size, rx_ring.addrs())?);
             tx_ring.set_notifier(transport.setup_queue(2 * p + 1, cfg.ring_size, tx_ring.addrs())?);
             let mut rx = RxQueue::new(

@@ -123,6 +123,9 @@ pub struct VdevSpec {
     /// Negotiate `VIRTIO_F_IN_ORDER` when the device offers it (DPDK's `in_order=`,
     /// default 1).
     pub in_order: bool,
+    /// Use packed rings (DPDK's `packed_vq=`, default 0: split rings); the device must
+    /// offer `VIRTIO_F_RING_PACKED`.
+    pub packed_vq: bool,
 }
 
 /// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
@@ -149,8 +152,14 @@ pub fn parse_vdev(s: &str) -> Result<VdevSpec, String> {
             "--vdev {s}: only virtio_user devices are supported (e.g. virtio_user0,path=/tmp/sock)"
         ));
     }
-    let mut spec =
-        VdevSpec { path: PathBuf::new(), queues: None, queue_size: 256, mac: None, in_order: true };
+    let mut spec = VdevSpec {
+        path: PathBuf::new(),
+        queues: None,
+        queue_size: 256,
+        mac: None,
+        in_order: true,
+        packed_vq: false,
+    };
     for kv in parts {
         let (k, v) = kv.split_once('=').ok_or_else(|| format!("--vdev {s}: '{kv}' is not key=value"))?;
         let num =
@@ -166,8 +175,8 @@ pub fn parse_vdev(s: &str) -> Result<VdevSpec, String> {
                 _ => return Err(format!("--vdev {s}: in_order must be 0 or 1")),
             },
             "packed_vq" => match v {
-                "0" => {}
-                "1" => return Err(format!("--vdev {s}: packed_vq=1: the packed ring is not supported yet")),
+                "0" => spec.packed_vq = false,
+                "1" => spec.packed_vq = true,
                 _ => return Err(format!("--vdev {s}: packed_vq must be 0 or 1")),
             },
             other => return Err(format!("--vdev {s}: unknown argument '{other}'")),
@@ -176,8 +185,14 @@ pub fn parse_vdev(s: &str) -> Result<VdevSpec, String> {
     if spec.path.as_os_str().is_empty() {
         return Err(format!("--vdev {s}: path=SOCKET is required"));
     }
-    if spec.queue_size == 0 || !spec.queue_size.is_power_of_two() {
-        return Err(format!("--vdev {s}: queue_size={} is not a power of two", spec.queue_size));
+    if spec.queue_size == 0
+        || spec.queue_size > 32768
+        || (!spec.packed_vq && !spec.queue_size.is_power_of_two())
+    {
+        return Err(format!(
+            "--vdev {s}: queue_size={} is not a power of two in 1..=32768 (with packed_vq=1: any size up to 32768)",
+            spec.queue_size
+        ));
     }
     Ok(spec)
 }
@@ -210,7 +225,7 @@ pub enum StatsFormat {
         --duration seconds, then the summary."
 )]
 pub struct Args {
-    /// A virtio-user port: virtio_user0,path=SOCK[,queues=N][,queue_size=N][,mac=MAC][,packed_vq=0][,in_order=0|1]
+    /// A virtio-user port: virtio_user0,path=SOCK[,queues=N][,queue_size=N][,mac=MAC][,packed_vq=0|1][,in_order=0|1]
     #[arg(long = "vdev", value_name = "DEVARGS")]
     pub vdev: Vec<String>,
     /// A VFIO-PCI port by PCI address (BDF), e.g. 0000:00:03.0.
@@ -423,7 +438,11 @@ mod tests {
         assert_eq!((c.burst, c.queues, c.txpkts), (64, 2, 128));
         assert_eq!(c.eth_peers, vec![(0, [2, 0, 0, 0, 0, 9])]);
         assert!(!c.embedded);
+        assert!(!c.vdevs[0].packed_vq, "split rings by default");
         assert!(cfg(&[]).unwrap().embedded);
+        let c = cfg(&["--vdev", "virtio_user0,path=/x,packed_vq=1,queue_size=100,in_order=0"]).unwrap();
+        assert!(c.vdevs[0].packed_vq && !c.vdevs[0].in_order);
+        assert_eq!(c.vdevs[0].queue_size, 100, "packed rings need no power of two");
     }
 
     #[test]
@@ -442,7 +461,8 @@ mod tests {
         assert!(err(&["--burst=0"]).contains("--burst"));
         assert!(err(&["--rxq=2", "--txq=1"]).contains("differ"));
         assert!(err(&["--vdev", "virtio_user0"]).contains("path=SOCKET is required"));
-        assert!(err(&["--vdev", "virtio_user0,path=/x,packed_vq=1"]).contains("packed ring is not supported"));
+        assert!(err(&["--vdev", "virtio_user0,path=/x,packed_vq=2"]).contains("packed_vq must be 0 or 1"));
+        assert!(err(&["--vdev", "virtio_user0,path=/x,packed_vq=1,queue_size=0"]).contains("queue_size=0"));
         assert!(err(&["--vdev", "virtio_user0,path=/x,in_order=2"]).contains("in_order must be 0 or 1"));
         assert!(err(&["--vdev", "virtio_user0,path=/x,queue_size=100"]).contains("power of two"));
         assert!(err(&["--vdev", "net_tap0,iface=x"]).contains("only virtio_user"));

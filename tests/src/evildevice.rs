@@ -187,6 +187,9 @@ pub fn format_report(queue: u16, e: &DeviceError) -> String {
         DeviceError::UsedIdxJump { moved, in_flight } => {
             format!("BAD queue={queue} kind=idx-jump moved={moved} in_flight={in_flight}")
         }
+        DeviceError::UsedWrongWrap { pos, flags } => {
+            format!("BAD queue={queue} kind=wrong-wrap pos={pos} flags={flags}")
+        }
     }
 }
 
@@ -210,6 +213,10 @@ pub fn parse_report(line: &str) -> Option<(u16, DeviceError)> {
         "idx-jump" => DeviceError::UsedIdxJump {
             moved: u16::try_from(num("moved")?).ok()?,
             in_flight: u16::try_from(num("in_flight")?).ok()?,
+        },
+        "wrong-wrap" => DeviceError::UsedWrongWrap {
+            pos: u16::try_from(num("pos")?).ok()?,
+            flags: u16::try_from(num("flags")?).ok()?,
         },
         _ => return None,
     };
@@ -1220,6 +1227,7 @@ mod tests {
             DeviceError::UsedIdNotInFlight { id: 3 },
             DeviceError::UsedLenTooLarge { len: 1997, posted: 1996 },
             DeviceError::UsedIdxJump { moved: 257, in_flight: 256 },
+            DeviceError::UsedWrongWrap { pos: 5, flags: 0x8080 },
         ] {
             for q in [0, 1] {
                 assert_eq!(parse_report(&format_report(q, &e)), Some((q, e)));

@@ -33,10 +33,27 @@ fn vhost(sock: &Path) -> Testpmd {
     Testpmd::start(Role::Vhost { path: sock.to_path_buf(), queues: 1 }, PKT, DPDK_FWD_CPU, &["--no-flush-rx"])
 }
 
-/// Opens our port on DPDK's socket; on failure, panics with the error and testpmd's log
-/// (the evidence of what the vhost PMD offered and refused).
-fn open_on(pmd: &Testpmd, sock: &Path) -> Port {
-    let port = open(PortConfig::virtio_user(sock)).unwrap_or_else(|e| {
+/// The ring layout a test opens the port with.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    /// Packed rings (`PortConfig::packed`), else split.
+    packed: bool,
+    /// Ask for `VIRTIO_F_IN_ORDER`.
+    in_order: bool,
+}
+
+const SPLIT: Layout = Layout { packed: false, in_order: true };
+
+/// Opens our port on DPDK's socket with `layout`; on failure, panics with the error and
+/// testpmd's log (the evidence of what the vhost PMD offered and refused).
+fn open_on(pmd: &Testpmd, sock: &Path, layout: Layout) -> Port {
+    use driver::layout::features as f;
+    let mut cfg = PortConfig::virtio_user(sock);
+    cfg.packed = layout.packed;
+    if !layout.in_order {
+        cfg.features &= !f::bit(f::IN_ORDER);
+    }
+    let port = open(cfg).unwrap_or_else(|e| {
         panic!("Port::open against DPDK net_vhost: {e} ({e:?})\ntestpmd log:\n{}", pmd.log())
     });
     assert!(
@@ -45,12 +62,17 @@ fn open_on(pmd: &Testpmd, sock: &Path) -> Port {
         port.info(),
         pmd.log()
     );
-    eprintln!("port against DPDK: {:?}", port.info());
-    let in_order = driver::layout::features::bit(driver::layout::features::IN_ORDER);
-    assert_ne!(
-        port.info().features & in_order,
-        0,
-        "DPDK's vhost PMD offers IN_ORDER and the driver takes it"
+    eprintln!("port against DPDK ({layout:?}): {:?}", port.info());
+    let features = port.info().features;
+    assert_eq!(
+        features & f::bit(f::IN_ORDER) != 0,
+        layout.in_order,
+        "DPDK's vhost PMD offers IN_ORDER and the driver takes it when asked"
+    );
+    assert_eq!(
+        features & f::bit(f::RING_PACKED) != 0,
+        layout.packed,
+        "DPDK's vhost PMD offers RING_PACKED and the driver takes it only when asked"
     );
     port
 }
@@ -102,12 +124,29 @@ fn port_bytes(pmd: &mut Testpmd, key: &str) -> u64 {
 /// that many frames and bytes.
 #[test]
 fn driver_tx_into_dpdk_rxonly() {
+    tx_into_rxonly(SPLIT);
+}
+
+/// As `driver_tx_into_dpdk_rxonly`, on packed rings with IN_ORDER (DPDK's vhost then
+/// writes one used descriptor per batch).
+#[test]
+fn driver_tx_into_dpdk_rxonly_packed() {
+    tx_into_rxonly(Layout { packed: true, in_order: true });
+}
+
+/// As `driver_tx_into_dpdk_rxonly`, on packed rings without IN_ORDER.
+#[test]
+fn driver_tx_into_dpdk_rxonly_packed_any_order() {
+    tx_into_rxonly(Layout { packed: true, in_order: false });
+}
+
+fn tx_into_rxonly(layout: Layout) {
     const N: u64 = 100_000;
     let _serial = serial();
     let dir = TempDir::new("drv-dpdk-rx");
     let sock = dir.join("vhost.sock");
     let mut pmd = vhost(&sock);
-    let mut port = open_on(&pmd, &sock);
+    let mut port = open_on(&pmd, &sock, layout);
     let mut qp = port.queue_pair(0).expect("queue pair 0");
     let pool = port.pool().clone();
 
@@ -169,11 +208,27 @@ impl Receiver {
 /// TX-packets) is received, since we keep polling until the ring stays empty.
 #[test]
 fn dpdk_txonly_into_driver_rx() {
+    txonly_into_rx(SPLIT);
+}
+
+/// As `dpdk_txonly_into_driver_rx`, on packed rings with IN_ORDER.
+#[test]
+fn dpdk_txonly_into_driver_rx_packed() {
+    txonly_into_rx(Layout { packed: true, in_order: true });
+}
+
+/// As `dpdk_txonly_into_driver_rx`, on packed rings without IN_ORDER.
+#[test]
+fn dpdk_txonly_into_driver_rx_packed_any_order() {
+    txonly_into_rx(Layout { packed: true, in_order: false });
+}
+
+fn txonly_into_rx(layout: Layout) {
     let _serial = serial();
     let dir = TempDir::new("drv-dpdk-tx");
     let sock = dir.join("vhost.sock");
     let mut pmd = vhost(&sock);
-    let mut port = open_on(&pmd, &sock);
+    let mut port = open_on(&pmd, &sock, layout);
     let mut qp = port.queue_pair(0).expect("queue pair 0");
 
     let mut r = Receiver::new();

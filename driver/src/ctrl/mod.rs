@@ -36,6 +36,8 @@ mod command;
 mod queue;
 
 #[cfg(test)]
+mod packed_tests;
+#[cfg(test)]
 mod tests;
 
 pub use command::{Command, MAC_TABLE_MAX};

@@ -15,7 +15,7 @@ use super::command::Command;
 use crate::dma::DmaArena;
 use crate::error::{DeviceError, Error, Result};
 use crate::layout::ctrl;
-use crate::ring::{DriverRing, RingFeatures};
+use crate::ring::{AnyRing, DriverRing, PackedRing, RingFeatures};
 
 /// Entries in the control ring (one command of at most four descriptors in flight).
 pub const CTRL_RING_SIZE: u16 = 16;
@@ -28,7 +28,7 @@ const NO_ACK: u8 = 0xff;
 
 /// The control ring and its DMA buffer.
 pub(crate) struct ControlQueue {
-    pub(super) ring: DriverRing,
+    pub(super) ring: AnyRing,
     buf: *mut u8,
     iova: u64,
     /// Token of a command posted but never answered (its buffer is still the device's).
@@ -46,15 +46,24 @@ pub(crate) struct ControlQueue {
 unsafe impl Send for ControlQueue {}
 
 impl ControlQueue {
-    /// What [`ControlQueue::new`] takes from the arena, in order (to size an arena).
-    pub(crate) fn allocations() -> [(usize, usize); 4] {
-        let [d, a, u] = DriverRing::allocations(CTRL_RING_SIZE);
+    /// What [`ControlQueue::new`] takes from the arena, in order (to size an arena), on a
+    /// packed ring or a split one.
+    pub(crate) fn allocations(packed: bool) -> [(usize, usize); 4] {
+        let [d, a, u] = if packed {
+            PackedRing::allocations(CTRL_RING_SIZE)
+        } else {
+            DriverRing::allocations(CTRL_RING_SIZE)
+        };
         [d, a, u, (BUF_SIZE, 64)]
     }
 
-    /// Carves the control ring and its buffer from `arena`.
-    pub(crate) fn new(arena: &Arc<DmaArena>, features: RingFeatures) -> Result<ControlQueue> {
-        let ring = DriverRing::new(arena, CTRL_RING_SIZE, features)?;
+    /// Carves the control ring (packed or split) and its buffer from `arena`.
+    pub(crate) fn new(arena: &Arc<DmaArena>, features: RingFeatures, packed: bool) -> Result<ControlQueue> {
+        let ring = if packed {
+            AnyRing::Packed(PackedRing::new(arena, CTRL_RING_SIZE, features)?)
+        } else {
+            AnyRing::Split(DriverRing::new(arena, CTRL_RING_SIZE, features)?)
+        };
         let (buf, iova) = arena.alloc(BUF_SIZE, 64)?;
         Ok(ControlQueue {
             ring,
@@ -69,16 +78,13 @@ impl ControlQueue {
     }
 
     /// The ring (for queue setup).
-    pub(crate) fn ring_mut(&mut self) -> &mut DriverRing {
+    pub(crate) fn ring_mut(&mut self) -> &mut AnyRing {
         &mut self.ring
     }
 
     /// The token of the next completed command, if one completed.
     fn reap(&mut self) -> std::result::Result<Option<u32>, DeviceError> {
-        if self.ring.poll_used()? == 0 {
-            return Ok(None);
-        }
-        Ok(Some(self.ring.pop_used()?.0))
+        Ok(self.ring.pop_one()?.map(|(token, _)| token))
     }
 
     fn no_answer(&self, command: &'static str, device: &str, waited: Duration, virtio_user: bool) -> Error {
@@ -180,7 +186,8 @@ impl ControlQueue {
         }
         self.answered = true;
         // SAFETY: inside the buffer; the device is done with it (its used entry was
-        // read after the acquire load of used.idx, which orders its ack write before).
+        // read after the acquire load of used.idx, or of the packed used descriptor's
+        // flags, which orders its ack write before).
         let ack = unsafe { std::ptr::read_volatile(self.buf.add(ACK_OFF)) };
         match ack {
             ctrl::OK => Ok(()),

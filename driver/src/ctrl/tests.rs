@@ -42,8 +42,9 @@ impl Drop for Rig {
 
 fn rig_with(features: u64, virtio_user: bool) -> Rig {
     let arena = Arc::new(DmaArena::new(1 << 20, false).unwrap());
-    let q = ControlQueue::new(&arena, Default::default()).unwrap();
-    let mut dev = FakeDevice::new(&q.ring);
+    let q = ControlQueue::new(&arena, Default::default(), false).unwrap();
+    let crate::ring::AnyRing::Split(ring) = &q.ring else { unreachable!("a split ring was asked for") };
+    let mut dev = FakeDevice::new(ring);
     let (tx, seen) = mpsc::channel();
     let answer = Arc::new(Mutex::new(Answer::Ok));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -61,6 +61,8 @@ mod tx;
 mod xdp;
 
 #[cfg(test)]
+mod packed_tests;
+#[cfg(test)]
 mod tests;
 
 pub use rx::RxQueue;

@@ -15,7 +15,7 @@ use crate::ctrl::Control;
 use crate::error::DeviceError;
 use crate::layout::NET_HDR_LEN;
 use crate::mempool::{Mempool, Packet};
-use crate::ring::{DriverRing, PostSource, UsedSink};
+use crate::ring::{AnyRing, DriverRing, PackedRing, PostSource, Ring, UsedSink};
 
 use super::rx_meta::RxMeta;
 use super::stats::{bump, PairStats};
@@ -23,9 +23,30 @@ use super::tx::TxQueue;
 use super::xdp::{self, Verdicts, XdpOut, XdpProgram};
 use super::{Recycle, Stopped, BATCH};
 
-/// The receive half of a queue pair.
-pub struct RxQueue {
-    pub(super) ring: DriverRing,
+/// The receive half of a queue pair. The ring's layout (split or packed) is matched
+/// once per call; the burst itself runs on [`RxHalf`], monomorphized per layout.
+pub struct RxQueue(RxKind);
+
+/// The receive half on a ring of each layout.
+pub(super) enum RxKind {
+    Split(RxHalf<DriverRing>),
+    Packed(RxHalf<PackedRing>),
+}
+
+/// Runs `$e` with `$h` bound to the layout's half (one match per call).
+macro_rules! on_half {
+    ($q:expr, $h:ident => $e:expr) => {
+        match $q {
+            $crate::queue::rx::RxKind::Split($h) => $e,
+            $crate::queue::rx::RxKind::Packed($h) => $e,
+        }
+    };
+}
+pub(super) use on_half;
+
+/// The receive half of a queue pair on a ring of layout `R`.
+pub(super) struct RxHalf<R: Ring> {
+    pub(super) ring: R,
     pub(super) pool: Mempool,
     stats: Arc<PairStats>,
     /// Bytes posted per buffer: header plus data room minus reserved tailroom.
@@ -95,7 +116,80 @@ impl UsedSink for RxSink<'_, '_> {
 
 impl RxQueue {
     pub(crate) fn new(
-        ring: DriverRing,
+        ring: impl Into<AnyRing>,
+        pool: Mempool,
+        stats: Arc<PairStats>,
+        tailroom: u16,
+        stopped: Stopped,
+        control: Control,
+        mtu: u16,
+    ) -> Self {
+        RxQueue(match ring.into() {
+            AnyRing::Split(r) => RxKind::Split(RxHalf::new(r, pool, stats, tailroom, stopped, control, mtu)),
+            AnyRing::Packed(r) => {
+                RxKind::Packed(RxHalf::new(r, pool, stats, tailroom, stopped, control, mtu))
+            }
+        })
+    }
+
+    /// The half on its ring's layout.
+    pub(super) fn half(&mut self) -> &mut RxKind {
+        &mut self.0
+    }
+    /// The half on its ring's layout.
+    pub(super) fn half_ref(&self) -> &RxKind {
+        &self.0
+    }
+
+    /// Posts free buffers until the ring is full or the pool is empty (one pool lock and
+    /// one avail publish per batch).
+    pub(crate) fn refill(&mut self) {
+        on_half!(&mut self.0, h => h.refill())
+    }
+
+    /// Appends up to `max` received packets to `batch` (which should have the capacity:
+    /// then nothing allocates) and refills the ring. Returns how many were appended.
+    /// With an XDP program attached, only the frames it passed are appended (see the
+    /// module documentation for the others). After a device error the queue is stopped
+    /// and returns 0; see [`error`](Self::error).
+    pub fn rx_burst(&mut self, batch: &mut Vec<Packet>, max: usize) -> usize {
+        on_half!(&mut self.0, h => h.rx_inner(batch, None, max))
+    }
+
+    /// As [`rx_burst`](Self::rx_burst), and appends each delivered packet's
+    /// [`RxMeta`] to `meta` (the offload information from its virtio-net header: a
+    /// super-frame's `gso_type`/`gso_size`, a partial checksum to complete).
+    pub fn rx_burst_meta(&mut self, batch: &mut Vec<Packet>, meta: &mut Vec<RxMeta>, max: usize) -> usize {
+        on_half!(&mut self.0, h => h.rx_inner(batch, Some(meta), max))
+    }
+
+    /// As [`rx_burst`](Self::rx_burst), then sends the packets the XDP program answered
+    /// [`XdpVerdict::Tx`](super::XdpVerdict::Tx) for on `tx` (this pair's transmit half, on this thread).
+    /// Those that do not fit the ring wait in [`xdp_out`](Self::xdp_out) for the next
+    /// call. Redirected packets stay in `xdp_out().redirect` for the caller.
+    pub fn rx_burst_xdp(&mut self, batch: &mut Vec<Packet>, max: usize, tx: &mut TxQueue) -> usize {
+        on_half!(&mut self.0, h => {
+            let n = h.rx_inner(batch, None, max);
+            if !h.xdp_out.tx.is_empty() {
+                tx.tx_burst(&mut h.xdp_out.tx);
+            }
+            n
+        })
+    }
+
+    /// The device error that stopped this queue, if any.
+    pub fn error(&self) -> Option<DeviceError> {
+        on_half!(&self.0, h => h.error)
+    }
+    /// Buffers the device holds.
+    pub fn in_flight(&self) -> u16 {
+        on_half!(&self.0, h => h.ring.in_flight())
+    }
+}
+
+impl<R: Ring> RxHalf<R> {
+    fn new(
+        ring: R,
         pool: Mempool,
         stats: Arc<PairStats>,
         tailroom: u16,
@@ -105,7 +199,7 @@ impl RxQueue {
     ) -> Self {
         let headroom = pool.headroom();
         let post_len = pool.buf_size() - headroom as u32 - tailroom as u32 + NET_HDR_LEN as u32;
-        RxQueue {
+        RxHalf {
             ring,
             linear_iova: pool.linear_iova(),
             pool,
@@ -123,7 +217,7 @@ impl RxQueue {
 
     /// Posts free buffers until the ring is full or the pool is empty (one pool lock and
     /// one avail publish per batch).
-    pub(crate) fn refill(&mut self) {
+    fn refill(&mut self) {
         let mut src = RefillSource {
             idx: [0u32; BATCH],
             pool: &self.pool,
@@ -145,41 +239,13 @@ impl RxQueue {
         self.ring.publish();
     }
 
-    /// Appends up to `max` received packets to `batch` (which should have the capacity:
-    /// then nothing allocates) and refills the ring. Returns how many were appended.
-    /// With an XDP program attached, only the frames it passed are appended (see the
-    /// module documentation for the others). After a device error the queue is stopped
-    /// and returns 0; see [`error`](Self::error).
-    pub fn rx_burst(&mut self, batch: &mut Vec<Packet>, max: usize) -> usize {
-        self.rx_inner(batch, None, max)
-    }
-
-    /// As [`rx_burst`](Self::rx_burst), and appends each delivered packet's
-    /// [`RxMeta`] to `meta` (the offload information from its virtio-net header: a
-    /// super-frame's `gso_type`/`gso_size`, a partial checksum to complete).
-    pub fn rx_burst_meta(&mut self, batch: &mut Vec<Packet>, meta: &mut Vec<RxMeta>, max: usize) -> usize {
-        self.rx_inner(batch, Some(meta), max)
-    }
-
-    /// As [`rx_burst`](Self::rx_burst), then sends the packets the XDP program answered
-    /// [`XdpVerdict::Tx`](super::XdpVerdict::Tx) for on `tx` (this pair's transmit half, on this thread).
-    /// Those that do not fit the ring wait in [`xdp_out`](Self::xdp_out) for the next
-    /// call. Redirected packets stay in `xdp_out().redirect` for the caller.
-    pub fn rx_burst_xdp(&mut self, batch: &mut Vec<Packet>, max: usize, tx: &mut TxQueue) -> usize {
-        let n = self.rx_inner(batch, None, max);
-        if !self.xdp_out.tx.is_empty() {
-            tx.tx_burst(&mut self.xdp_out.tx);
-        }
-        n
-    }
-
     fn rx_inner(&mut self, batch: &mut Vec<Packet>, mut meta: Option<&mut Vec<RxMeta>>, max: usize) -> usize {
         if self.error.is_some() {
             return 0;
         }
         let n = match self.ring.poll_used() {
             // `n` is a u16, so the smaller of the two fits one.
-            Ok(n) => self.ring.line_aligned((n as usize).min(max) as u16) as usize,
+            Ok(n) => self.ring.rx_take((n as usize).min(max) as u16) as usize,
             Err(e) => return self.fail(e),
         };
         if n == 0 {
@@ -194,8 +260,9 @@ impl RxQueue {
         let mut rec = Recycle { pool: &self.pool, idx: [0; BATCH], n: 0 };
         let need_hdr = meta.is_some() || self.xdp.is_some();
         for _ in 0..n {
-            let (idx, len) = match self.ring.pop_used() {
-                Ok(x) => x,
+            let (idx, len) = match self.ring.pop_one() {
+                Ok(Some(x)) => x,
+                Ok(None) => break,
                 Err(e) => {
                     failed = Some(e);
                     break;
@@ -290,18 +357,9 @@ impl RxQueue {
         bump(&self.stats.rx.device_errors, 1);
         0
     }
-
-    /// The device error that stopped this queue, if any.
-    pub fn error(&self) -> Option<DeviceError> {
-        self.error
-    }
-    /// Buffers the device holds.
-    pub fn in_flight(&self) -> u16 {
-        self.ring.in_flight()
-    }
 }
 
-impl Drop for RxQueue {
+impl<R: Ring> Drop for RxHalf<R> {
     fn drop(&mut self) {
         if self.xdp.take().is_some() {
             if let Err(e) = self.control.xdp_detach() {
@@ -312,7 +370,7 @@ impl Drop for RxQueue {
             // The device may still write into posted buffers: they are not reused.
             return;
         }
-        let idx: Vec<u32> = self.ring.drain_in_flight().collect();
+        let idx: Vec<u32> = self.ring.drain_in_flight();
         // SAFETY: the tokens of the buffers still posted: ours, and the device is reset.
         unsafe { self.pool.put_indices(&idx) };
     }

@@ -13,15 +13,35 @@ use std::sync::Arc;
 use crate::error::DeviceError;
 use crate::layout::NET_HDR_LEN;
 use crate::mempool::{Mempool, Packet};
-use crate::ring::{DriverRing, PostSource, TokenSink};
+use crate::ring::{AnyRing, DriverRing, PackedRing, PostSource, Ring, TokenSink};
 use spec::prefetch::WritePrefetch;
 
 use super::stats::{bump, PairStats};
 use super::{Recycle, Stopped, BATCH};
 
-/// The transmit half of a queue pair.
-pub struct TxQueue {
-    ring: DriverRing,
+/// The transmit half of a queue pair. The ring's layout (split or packed) is matched
+/// once per call; the burst itself runs on [`TxHalf`], monomorphized per layout.
+pub struct TxQueue(TxKind);
+
+/// The transmit half on a ring of each layout.
+enum TxKind {
+    Split(TxHalf<DriverRing>),
+    Packed(TxHalf<PackedRing>),
+}
+
+/// Runs `$e` with `$h` bound to the layout's half (one match per call).
+macro_rules! on_half {
+    ($q:expr, $h:ident => $e:expr) => {
+        match $q {
+            TxKind::Split($h) => $e,
+            TxKind::Packed($h) => $e,
+        }
+    };
+}
+
+/// The transmit half of a queue pair on a ring of layout `R`.
+struct TxHalf<R: Ring> {
+    ring: R,
     pool: Mempool,
     stats: Arc<PairStats>,
     /// The packet each in-flight descriptor carries, by descriptor token.
@@ -118,13 +138,51 @@ impl TokenSink for ReclaimSink<'_> {
 }
 
 impl TxQueue {
-    pub(crate) fn new(ring: DriverRing, pool: Mempool, stats: Arc<PairStats>, stopped: Stopped) -> Self {
+    pub(crate) fn new(
+        ring: impl Into<AnyRing>,
+        pool: Mempool,
+        stats: Arc<PairStats>,
+        stopped: Stopped,
+    ) -> Self {
+        TxQueue(match ring.into() {
+            AnyRing::Split(r) => TxKind::Split(TxHalf::new(r, pool, stats, stopped)),
+            AnyRing::Packed(r) => TxKind::Packed(TxHalf::new(r, pool, stats, stopped)),
+        })
+    }
+
+    /// Reclaims buffers the device has finished with (in one batch per pool lock);
+    /// returns how many.
+    pub fn reclaim(&mut self) -> usize {
+        on_half!(&mut self.0, h => h.reclaim())
+    }
+
+    /// Queues packets from the front of `pkts` for transmission, as many as the ring has
+    /// room for, with one avail publish and at most one kick. The packets it could not
+    /// queue stay in `pkts`. Returns how many it took (queued, or dropped and counted in
+    /// `tx_nobuf` when a packet from another port's memory found no buffer to be copied
+    /// into). Packets from this port's pool go out without a copy.
+    pub fn tx_burst(&mut self, pkts: &mut Vec<Packet>) -> usize {
+        on_half!(&mut self.0, h => h.tx_burst(pkts))
+    }
+
+    /// The device error that stopped this queue, if any.
+    pub fn error(&self) -> Option<DeviceError> {
+        on_half!(&self.0, h => h.error)
+    }
+    /// Packets the device holds.
+    pub fn in_flight(&self) -> u16 {
+        on_half!(&self.0, h => h.ring.in_flight())
+    }
+}
+
+impl<R: Ring> TxHalf<R> {
+    fn new(ring: R, pool: Mempool, stats: Arc<PairStats>, stopped: Stopped) -> Self {
         let inflight = (0..ring.size()).map(|_| None).collect();
         let iova_delta = pool.linear_iova().map(|(base, _)| {
             // SAFETY: a pool has at least one buffer (`check_geometry`).
             base.wrapping_sub(unsafe { pool.buf(0) }.0 as u64)
         });
-        TxQueue {
+        TxHalf {
             ring,
             pool,
             stats,
@@ -136,9 +194,7 @@ impl TxQueue {
         }
     }
 
-    /// Reclaims buffers the device has finished with (in one batch per pool lock);
-    /// returns how many.
-    pub fn reclaim(&mut self) -> usize {
+    fn reclaim(&mut self) -> usize {
         if self.error.is_some() {
             return 0;
         }
@@ -165,12 +221,8 @@ impl TxQueue {
         }
     }
 
-    /// Queues packets from the front of `pkts` for transmission, as many as the ring has
-    /// room for, with one avail publish and at most one kick. The packets it could not
-    /// queue stay in `pkts`. Returns how many it took (queued, or dropped and counted in
-    /// `tx_nobuf` when a packet from another port's memory found no buffer to be copied
-    /// into). Packets from this port's pool go out without a copy.
-    pub fn tx_burst(&mut self, pkts: &mut Vec<Packet>) -> usize {
+    #[inline(always)]
+    fn tx_burst(&mut self, pkts: &mut Vec<Packet>) -> usize {
         self.reclaim();
         if self.error.is_some() {
             return 0;
@@ -273,18 +325,9 @@ impl TxQueue {
         self.error = Some(e);
         bump(&self.stats.tx.device_errors, 1);
     }
-
-    /// The device error that stopped this queue, if any.
-    pub fn error(&self) -> Option<DeviceError> {
-        self.error
-    }
-    /// Packets the device holds.
-    pub fn in_flight(&self) -> u16 {
-        self.ring.in_flight()
-    }
 }
 
-impl Drop for TxQueue {
+impl<R: Ring> Drop for TxHalf<R> {
     fn drop(&mut self) {
         if !self.stopped.load(Ordering::Acquire) {
             // The device may still read these buffers: leak them rather than reuse them.

@@ -15,9 +15,10 @@ use crate::error::{Error, Result};
 use crate::layout::NET_HDR_LEN;
 use crate::mempool::Packet;
 
-use super::rx::RxQueue;
+use super::rx::{on_half, RxHalf, RxQueue};
 use super::stats::{bump, RxStats};
 use super::Recycle;
+use crate::ring::Ring;
 
 /// Headroom (pool headroom, the virtio-net header's 12 bytes included) a receive buffer
 /// needs for an XDP program, as Linux's `VIRTIO_XDP_HEADROOM`.
@@ -153,13 +154,13 @@ pub(super) fn run(
     None
 }
 
-impl RxQueue {
+impl<R: Ring> RxHalf<R> {
     /// Attaches an XDP program (replacing the one attached, if any). The first program
     /// of the port switches the merging receive offloads off (see the module
     /// documentation); fails with [`Error::XdpGeometry`] when a full frame and
     /// [`XDP_HEADROOM`] do not fit a buffer, with [`Error::XdpOffloads`] when the
     /// offloads cannot be switched off, or with the control command's error.
-    pub fn attach_xdp(&mut self, prog: Box<dyn XdpProgram>) -> Result<()> {
+    fn attach_xdp(&mut self, prog: Box<dyn XdpProgram>) -> Result<()> {
         let headroom = self.headroom as usize;
         let frame_room = self.post_len as usize - NET_HDR_LEN;
         let frame = self.mtu as usize + ETH_HLEN;
@@ -190,7 +191,7 @@ impl RxQueue {
     /// the next burst on. The last program of the port restores the receive offloads;
     /// if the device refuses, the program is detached anyway and the error returned.
     /// Packets waiting in [`xdp_out`](Self::xdp_out) stay there for the caller.
-    pub fn detach_xdp(&mut self) -> Result<()> {
+    fn detach_xdp(&mut self) -> Result<()> {
         if self.xdp.take().is_none() {
             return Ok(());
         }
@@ -198,13 +199,43 @@ impl RxQueue {
     }
 
     /// Whether an XDP program is attached.
-    pub fn xdp_attached(&self) -> bool {
+    fn xdp_attached(&self) -> bool {
         self.xdp.is_some()
     }
 
     /// The packets the XDP program sent on, waiting for the application to pass them to
     /// `tx_burst` (see the module documentation).
-    pub fn xdp_out(&mut self) -> &mut XdpOut {
+    fn xdp_out(&mut self) -> &mut XdpOut {
         &mut self.xdp_out
+    }
+}
+
+impl RxQueue {
+    /// Attaches an XDP program (replacing the one attached, if any). The first program
+    /// of the port switches the merging receive offloads off (see the module
+    /// documentation); fails with [`Error::XdpGeometry`] when a full frame and
+    /// [`XDP_HEADROOM`] do not fit a buffer, with [`Error::XdpOffloads`] when the
+    /// offloads cannot be switched off, or with the control command's error.
+    pub fn attach_xdp(&mut self, prog: Box<dyn XdpProgram>) -> Result<()> {
+        on_half!(self.half(), h => h.attach_xdp(prog))
+    }
+
+    /// Detaches the XDP program, if any: frames are delivered by `rx_burst` again from
+    /// the next burst on. The last program of the port restores the receive offloads;
+    /// if the device refuses, the program is detached anyway and the error returned.
+    /// Packets waiting in [`xdp_out`](Self::xdp_out) stay there for the caller.
+    pub fn detach_xdp(&mut self) -> Result<()> {
+        on_half!(self.half(), h => h.detach_xdp())
+    }
+
+    /// Whether an XDP program is attached.
+    pub fn xdp_attached(&self) -> bool {
+        on_half!(self.half_ref(), h => h.xdp_attached())
+    }
+
+    /// The packets the XDP program sent on, waiting for the application to pass them to
+    /// `tx_burst` (see the module documentation).
+    pub fn xdp_out(&mut self) -> &mut XdpOut {
+        on_half!(self.half(), h => h.xdp_out())
     }
 }

@@ -40,7 +40,12 @@ use crate::layout::{self, DESC_F_NEXT, DESC_F_WRITE};
 use crate::transport::Notifier;
 
 mod any_order;
+mod api;
 mod in_order;
+pub mod packed;
+
+pub use api::{AnyRing, Ring};
+pub use packed::PackedRing;
 
 #[cfg(test)]
 pub(crate) mod fake;
@@ -50,11 +55,11 @@ mod tests;
 /// Device addresses of a ring's three areas (what the transport tells the device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingAddrs {
-    /// Descriptor table.
+    /// Descriptor table (packed: the descriptor ring).
     pub desc: u64,
-    /// Driver area (avail ring).
+    /// Driver area (avail ring; packed: the driver's event suppression structure).
     pub avail: u64,
-    /// Device area (used ring).
+    /// Device area (used ring; packed: the device's event suppression structure).
     pub used: u64,
 }
 

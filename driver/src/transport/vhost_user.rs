@@ -42,6 +42,8 @@ pub struct VhostUserTransport {
     /// `VHOST_USER_F_PROTOCOL_FEATURES` was negotiated: rings start disabled and need
     /// `SET_VRING_ENABLE`.
     protocol_negotiated: bool,
+    /// `VIRTIO_F_RING_PACKED` was negotiated: ring bases carry the avail wrap counter.
+    packed: bool,
 }
 
 fn vu(request: &'static str) -> impl Fn(vhost::Error) -> Error {
@@ -78,6 +80,7 @@ impl VhostUserTransport {
             fallback_mac: mac,
             queues: Vec::new(),
             protocol_negotiated: false,
+            packed: false,
         })
     }
 }
@@ -139,6 +142,7 @@ impl Transport for VhostUserTransport {
             vhost::Error::VhostUserProtocol(_) => Error::FeaturesRefused(features),
             e => vu("SET_FEATURES")(e),
         })?;
+        self.packed = features & f::bit(f::RING_PACKED) != 0;
         if self.regions.is_empty() {
             return Err(Error::Config("virtio-user: no DMA arena shared before negotiation".into()));
         }
@@ -205,7 +209,11 @@ impl Transport for VhostUserTransport {
             log_addr: None,
         };
         self.fe.set_vring_addr(i, &cfg).map_err(vu("SET_VRING_ADDR"))?;
-        self.fe.set_vring_base(i, 0).map_err(vu("SET_VRING_BASE"))?;
+        // For a packed ring the three addresses are the descriptor ring, the driver and
+        // the device event suppression areas, and the base carries the avail wrap counter
+        // in bit 15 (1 on a fresh ring, §2.8.1), as DPDK's virtio-user sends it.
+        let base = if self.packed { spec::packed::event_off_wrap(0, true) } else { 0 };
+        self.fe.set_vring_base(i, base).map_err(vu("SET_VRING_BASE"))?;
         // We poll and ask the device not to interrupt us; the call eventfd exists because
         // vhost-user requires one, and is never read.
         self.fe.set_vring_call(i, &call).map_err(vu("SET_VRING_CALL"))?;

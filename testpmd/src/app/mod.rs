@@ -121,6 +121,7 @@ impl App {
                 let mut pc = PortConfig::virtio_user(&v.path);
                 pc.ring_size = v.queue_size;
                 pc.mac = v.mac;
+                pc.packed = v.packed_vq;
                 if !v.in_order {
                     pc.features &= !driver::layout::features::bit(driver::layout::features::IN_ORDER);
                 }

@@ -360,6 +360,8 @@ impl Transport for PciTransport {
         }
         c.w16(common::QUEUE_SIZE, size);
         c.w16(common::QUEUE_MSIX_VECTOR, common::NO_VECTOR);
+        // Split ring: descriptor table, avail ring, used ring; packed ring (§2.8.10,
+        // §4.1.4.3): descriptor ring, driver and device event suppression areas.
         c.w64(common::QUEUE_DESC, addrs.desc);
         c.w64(common::QUEUE_DRIVER, addrs.avail);
         c.w64(common::QUEUE_DEVICE, addrs.used);

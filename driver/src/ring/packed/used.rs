@@ -1,0 +1,210 @@
+//! Taking used buffers off a packed ring (virtio 1.2 §2.8.1, §2.8.7, §2.8.21-§2.8.22).
+//!
+//! Owns: reading used descriptors in ring order (flags with `Acquire`, checked against
+//! the used wrap counter; then id and length), validating each against what is in flight
+//! (the id must name a buffer in flight, the length must fit what was posted unless only
+//! tokens are asked for (transmit), an in-order
+//! batch must end on a later buffer in flight), moving the used position and wrap counter
+//! on by each buffer's descriptor count, and draining at close. Must not: write ring
+//! memory, read a chain's shape from the ring (the counts are the driver's own), or index
+//! anything with a device-written value before checking it.
+//!
+//! Only positions holding published, in-flight descriptors are read: each was written in
+//! this lap with the avail flags of the used wrap counter (AVAIL = w, USED = !w), so the
+//! device's flags word there is either that (not used yet), or the used flags of the same
+//! counter (AVAIL = USED = w); anything else is a used descriptor written with the wrong
+//! wrap counter, a [`DeviceError::UsedWrongWrap`].
+
+use std::sync::atomic::Ordering;
+
+use spec::packed as p;
+
+use super::{PackedRing, NO_BATCH};
+use crate::error::DeviceError;
+use crate::ring::{TokenSink, UsedSink, NO_TOKEN};
+
+impl PackedRing {
+    /// Buffers the device may have used: those published and in flight, if the
+    /// descriptor at the used position is marked used (one `Acquire` load), else 0. An
+    /// upper bound: the `pop_*` calls stop at the first buffer not used yet, and return
+    /// how many they took.
+    #[inline]
+    pub fn poll_used(&self) -> Result<u16, DeviceError> {
+        let published = self.heads - self.unpublished;
+        if published == 0 {
+            return Ok(0);
+        }
+        if self.batch_id != NO_BATCH {
+            return Ok(published);
+        }
+        Ok(if self.peek_flags()? { published } else { 0 })
+    }
+
+    /// Whether the descriptor at the used position is marked used; an error if its
+    /// flags carry the wrong wrap counter. Only called while a published buffer is in
+    /// flight (so that position holds one of its descriptors).
+    #[inline(always)]
+    fn peek_flags(&self) -> Result<bool, DeviceError> {
+        // SAFETY: `next_used < size` (it moves only through `advance_used`). Acquire:
+        // pairs with the device's release store of these flags after it wrote the id,
+        // the length and the buffer.
+        let f = u16::from_le(unsafe { self.flags_at(self.next_used) }.load(Ordering::Acquire));
+        let state = f & (p::DESC_F_AVAIL | p::DESC_F_USED);
+        if state == p::used_flags(self.used_wrap) {
+            Ok(true)
+        } else if state == p::avail_flags(self.used_wrap) {
+            Ok(false)
+        } else {
+            Err(DeviceError::UsedWrongWrap { pos: self.next_used, flags: f })
+        }
+    }
+
+    /// The `(id, len)` of the used descriptor at the used position (its flags were
+    /// acquired by `peek_flags`).
+    #[inline(always)]
+    fn read_used(&self) -> (u16, u32) {
+        // SAFETY: `next_used < size`: inside the ring, 16-aligned. Volatile: the device
+        // wrote these before its release store of the flags we acquired.
+        unsafe {
+            let d = self.desc.add(self.next_used as usize * p::DESC_SIZE);
+            let len = std::ptr::read_volatile(d.add(p::DESC_LEN) as *const u32);
+            let id = std::ptr::read_volatile(d.add(p::DESC_ID) as *const u16);
+            (u16::from_le(id), u32::from_le(len))
+        }
+    }
+
+    /// Moves the used position past `n` descriptors (`n <= size`), flipping the used wrap
+    /// counter at the ring's end.
+    #[inline(always)]
+    fn advance_used(&mut self, n: u16) {
+        let next = self.next_used as u32 + n as u32;
+        if next >= self.size as u32 {
+            self.next_used = (next - self.size as u32) as u16;
+            self.used_wrap = !self.used_wrap;
+        } else {
+            self.next_used = next as u16;
+        }
+    }
+
+    /// Retires in-flight buffer `id` (checked by the caller) and returns its token.
+    #[inline(always)]
+    fn retire(&mut self, id: u16) -> u32 {
+        let i = id as usize;
+        let token = std::mem::replace(&mut self.tokens[i], NO_TOKEN);
+        let n = self.ndesc[i];
+        if !self.in_order {
+            self.free_ids[self.nfree_ids as usize] = id;
+            self.nfree_ids += 1;
+        }
+        self.advance_used(n);
+        self.free_slots += n;
+        self.heads -= 1;
+        token
+    }
+
+    /// Takes the next used buffer: `Ok(Some((token, len)))`, or `Ok(None)` if the device
+    /// has not used it yet.
+    #[inline(always)]
+    pub fn pop_used(&mut self) -> Result<Option<(u32, u32)>, DeviceError> {
+        self.pop_used_checked::<true>()
+    }
+
+    /// [`pop_used`](Self::pop_used), checking the used length against the posted one
+    /// only if `CHECK_LEN`: a transmit queue's buffers are device-readable, the device
+    /// writes nothing into them and the driver never uses the length, and DPDK's vhost
+    /// leaves the field of an in-order batch's used descriptor as the driver wrote it
+    /// (the length of the batch's FIRST buffer, while the id names its last).
+    #[inline(always)]
+    fn pop_used_checked<const CHECK_LEN: bool>(&mut self) -> Result<Option<(u32, u32)>, DeviceError> {
+        if self.batch_id != NO_BATCH {
+            return Ok(Some(self.batch_step()));
+        }
+        if self.heads == self.unpublished || !self.peek_flags()? {
+            return Ok(None);
+        }
+        let (id, len) = self.read_used();
+        if id >= self.size {
+            return Err(DeviceError::UsedIdOutOfRange { id: id as u32 });
+        }
+        if self.tokens[id as usize] == NO_TOKEN {
+            return Err(DeviceError::UsedIdNotInFlight { id: id as u32 });
+        }
+        let posted = self.posted_len[id as usize];
+        if CHECK_LEN && len > posted {
+            return Err(DeviceError::UsedLenTooLarge { len, posted });
+        }
+        let len = len.min(posted);
+        if !self.in_order || id == self.next_used {
+            return Ok(Some((self.retire(id), len)));
+        }
+        // In order, a used descriptor naming a later buffer ends a batch that starts
+        // here (§2.8.21): `id` holds a token, so it is a buffer in flight, and in-order
+        // buffers are in flight in ring order from the used position on, so walking them
+        // reaches it.
+        self.batch_id = id as u32;
+        self.batch_len = len;
+        Ok(Some(self.batch_step()))
+    }
+
+    /// Takes the next buffer of the batch being taken: the batch's last buffer gets the
+    /// length the device wrote, the others their posted length (used whole).
+    #[inline(always)]
+    fn batch_step(&mut self) -> (u32, u32) {
+        let head = self.next_used;
+        let len = if head as u32 == self.batch_id {
+            self.batch_id = NO_BATCH;
+            self.batch_len
+        } else if self.heads <= 1 {
+            // Cannot happen (the batch's last buffer is in flight behind this one);
+            // ends the batch rather than walk past what is in flight.
+            self.batch_id = NO_BATCH;
+            self.posted_len[head as usize]
+        } else {
+            self.posted_len[head as usize]
+        };
+        (self.retire(head), len)
+    }
+
+    /// Takes up to `n` used buffers in ring order, passing each to `sink`; stops at the
+    /// first the device has not used. Returns how many it took, or the device error that
+    /// stopped it (the buffers before it were passed to `sink`).
+    #[inline(always)]
+    pub fn pop_used_burst(&mut self, n: u16, sink: &mut impl UsedSink) -> Result<u16, (u16, DeviceError)> {
+        for k in 0..n {
+            match self.pop_used() {
+                Ok(Some((token, len))) => sink.used(token, len),
+                Ok(None) => return Ok(k),
+                Err(e) => return Err((k, e)),
+            }
+        }
+        Ok(n)
+    }
+
+    /// [`pop_used_burst`](Self::pop_used_burst) for a queue that needs only the tokens
+    /// (transmit): the same checks but the length's (see `pop_used_checked`).
+    #[inline(always)]
+    pub fn pop_used_tokens(&mut self, n: u16, sink: &mut impl TokenSink) -> Result<u16, (u16, DeviceError)> {
+        for k in 0..n {
+            match self.pop_used_checked::<false>() {
+                Ok(Some((token, _))) => sink.token(token),
+                Ok(None) => return Ok(k),
+                Err(e) => return Err((k, e)),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Tokens of every buffer still in flight (to return them to the pool at close).
+    pub fn drain_in_flight(&mut self) -> impl Iterator<Item = u32> + '_ {
+        let out: Vec<u32> = self
+            .tokens
+            .iter_mut()
+            .filter(|t| **t != NO_TOKEN)
+            .map(|t| std::mem::replace(t, NO_TOKEN))
+            .collect();
+        self.heads = 0;
+        self.unpublished = 0;
+        self.batch_id = NO_BATCH;
+        out.into_iter()
+    }
+}
