@@ -243,17 +243,30 @@ fn finish_reflect(port: driver::Port, qp: QueuePair, backend: Backend, sock: &Pa
 /// offers `VIRTIO_F_IN_ORDER` and the driver takes it by default.
 #[test]
 fn reflect_swap_mac_returns_every_frame() {
-    reflect_one_thread(true);
+    reflect_one_thread(true, false);
+}
+
+/// As above on packed rings (`PortConfig::packed`, testpmd's `packed_vq=1`): both sides'
+/// packed engines, in order; the control queue (a packed ring too) answers a command.
+#[test]
+fn reflect_swap_mac_returns_every_frame_packed() {
+    reflect_one_thread(true, true);
+}
+
+/// Packed rings without `VIRTIO_F_IN_ORDER`: the driver's free list of buffer ids.
+#[test]
+fn reflect_swap_mac_returns_every_frame_packed_without_in_order() {
+    reflect_one_thread(false, true);
 }
 
 /// As above with `VIRTIO_F_IN_ORDER` left out (DPDK's `in_order=0`): the driver's
 /// any-order bookkeeping (free stack, every used element read).
 #[test]
 fn reflect_swap_mac_returns_every_frame_without_in_order() {
-    reflect_one_thread(false);
+    reflect_one_thread(false, false);
 }
 
-fn reflect_one_thread(in_order: bool) {
+fn reflect_one_thread(in_order: bool, packed: bool) {
     let _serial = serial();
     let dir = TempDir::new("drv-reflect");
     let sock = dir.join("reflect.sock");
@@ -263,6 +276,7 @@ fn reflect_one_thread(in_order: bool) {
     if !in_order {
         cfg.features &= !in_order_bit;
     }
+    cfg.packed = packed;
     let mut port = open(cfg).unwrap_or_else(|e| panic!("Port::open({sock:?}): {e}"));
     assert_eq!(
         port.info().features & in_order_bit != 0,
@@ -270,6 +284,12 @@ fn reflect_one_thread(in_order: bool) {
         "IN_ORDER negotiated: {:#x}",
         port.info().features
     );
+    let packed_bit = driver::layout::features::bit(driver::layout::features::RING_PACKED);
+    assert_eq!(port.info().features & packed_bit != 0, packed, "RING_PACKED negotiated: {:#x}", port.info().features);
+    if packed {
+        // The control queue is a packed ring too: a command round trip through it.
+        port.control().set_promisc(true).expect("set_promisc over a packed control queue");
+    }
     let mut qp = port.queue_pair(0).expect("queue pair 0");
     let pool = port.pool().clone();
 
