@@ -45,6 +45,8 @@ impl VhostUserBackendReqHandler for Handler {
         {
             let mut st = self.0.lock();
             if st.acked_features != features {
+                let rings = if features & f::bit(f::RING_PACKED) != 0 { "packed" } else { "split" };
+                info!("{}: features {features:#x} acked ({rings} rings)", self.0.params.socket.display());
                 // Feature-derived defaults (§5.1.6.5): empty VLAN table with CTRL_VLAN,
                 // every negotiated guest offload on, one pair with CTRL_VQ and MQ (the
                 // driver enables more with VQ_PAIRS_SET); without CTRL_VQ every pair

@@ -14,9 +14,9 @@
 //! Shared ring memory is only touched through raw pointers with atomic or volatile
 //! accesses; no Rust reference into it is ever formed. The orderings:
 //! * The flags word of each chain's first descriptor is loaded with `Acquire`: it pairs
-//!   with the driver's release (write barrier) before it made that head available
-//!   ("the driver ... MUST NOT make the first descriptor in the list available before
-//!   all subsequent descriptors", §2.8.21), so the rest of the chain (its flags words
+//!   with the driver's release (write barrier) before it made that head available (a
+//!   driver makes a chain's first descriptor available only after all the others,
+//!   §2.8.21), so the rest of the chain (its flags words
 //!   loaded `Relaxed`, then every descriptor's address, length and id read by the walk)
 //!   is what the driver published.
 //! * Used descriptors are written in order: id and length with volatile stores, the
@@ -73,7 +73,7 @@ struct ChainAt {
 
 /// What [`PackedRing::walk_avail`] hands back for [`PackedRing::add_used`]: the buffer
 /// id (the last descriptor's, §2.8.6) and how many ring descriptors the chain used (the
-/// used position skips them, §2.8.7).
+/// used position skips them, §2.8.6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PackedHead {
     /// Buffer id to return.

@@ -1,5 +1,6 @@
 //! Setting a packed ring up at activation: the translation and validation of its three
-//! areas (virtio 1.2 §2.8.10: descriptor ring, driver and device event suppression) and
+//! areas (virtio 1.2 §2.8: descriptor ring; §2.8.10: driver and device event
+//! suppression) and
 //! of the ring base.
 //!
 //! Owns: [`PackedRing::new`], the one place the ring's area pointers are made; every

@@ -134,9 +134,9 @@ impl PackedRing {
             // The buffer id is the last descriptor's (§2.8.6).
             id = d.id;
             if d.flags & DESC_F_INDIRECT != 0 {
-                // "A driver MUST NOT write direct descriptors with VIRTQ_DESC_F_INDIRECT
-                // set in a scatter-gather list linked by VIRTQ_DESC_F_NEXT" (§2.8.7.1):
-                // an indirect descriptor is a chain of its own.
+                // A driver must not put an indirect descriptor in a list linked by NEXT
+                // (§2.8.19, driver requirements on indirect descriptors): it is a chain
+                // of its own.
                 let n = d.len / DESC_SIZE as u32;
                 if at.count != 1
                     || !self.indirect
@@ -158,7 +158,7 @@ impl PackedRing {
                     // SAFETY: `j < len / 16`, and the table was translated whole.
                     let e = unsafe { read_desc(table, j) };
                     // Entries are in order; only WRITE means anything in them
-                    // (§2.8.7.1: no other flag may be set); a nested table is malformed.
+                    // (§2.8.19: no other flag may be set); a nested table is malformed.
                     if e.flags & DESC_F_INDIRECT != 0 {
                         return Err(RingFault::BadIndirect { len: e.len });
                     }

@@ -209,7 +209,10 @@ impl DeviceRing {
     /// line to come over from the other core, one after another as the stores retire.
     /// Asking for all of a burst's lines first lets those transfers overlap (see
     /// `docs/PERFORMANCE.md` for what it changed against DPDK's virtio-user `macswap`).
-    #[inline]
+    ///
+    /// Always inlined: behind the port's generic `Ring` call the compiler kept it out of
+    /// line in `reflect`'s burst (`bench/callgrind.sh`).
+    #[inline(always)]
     pub fn prefetch_write(&mut self, i: u16, lines: usize) {
         let Some(pw) = self.write_prefetch else { return };
         if self.iova.is_some() {
