@@ -43,6 +43,8 @@ pub struct Config {
     pub swap_mac: bool,
     /// Offer `VIRTIO_F_ACCESS_PLATFORM` and serve the IOTLB protocol (`--iommu`).
     pub iommu: bool,
+    /// Do not offer `VIRTIO_F_RING_PACKED` (`--no-packed`): split rings only.
+    pub no_packed: bool,
     /// `xconnect`: each device's rings on its own worker, frames handed between them
     /// through pointer rings (`--handoff`).
     pub handoff: bool,
@@ -65,6 +67,7 @@ impl Default for Config {
             gen_count: None,
             swap_mac: false,
             iommu: false,
+            no_packed: false,
             handoff: false,
             mtu: 1500,
             mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],

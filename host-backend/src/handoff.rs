@@ -31,7 +31,8 @@ use crate::ctrl::RxConfig;
 use crate::memory::GuestMemory;
 use crate::port::PortPath;
 use crate::ptr_ring::{Consumer, Producer, PtrRing};
-use crate::split_ring::{gather, scatter, ChainBuf, DeviceRing, Dir, RingFault};
+use crate::ring::Ring;
+use crate::split_ring::{gather, scatter, ChainBuf, Dir, RingFault};
 use crate::stats::{BurstCounts, DropReason};
 
 /// Frame buffers per direction (also the capacity of both rings, so returns always fit).
@@ -142,9 +143,9 @@ impl Sender {
     /// buffers in `mem`, walked into `buf`): frames are copied out, their chains
     /// completed, their tokens produced. Counts go to `c` (receive side of A). Returns
     /// the chains completed, or the bad value.
-    pub fn run(
+    pub fn run<R: Ring>(
         &mut self,
-        ring: &mut DeviceRing,
+        ring: &mut R,
         mem: &GuestMemory,
         buf: &mut ChainBuf,
         burst: u16,
@@ -180,9 +181,9 @@ impl Receiver {
     /// does not run; chains walked into `buf`): up to `burst` frames delivered, filtered
     /// by `rx`, or dropped as `PeerDown` when the ring does not run. Counts go to `c`
     /// (transmit side of B).
-    pub fn run(
+    pub fn run<R: Ring>(
         &mut self,
-        ring: Option<(&mut DeviceRing, &GuestMemory, &RxConfig)>,
+        ring: Option<(&mut R, &GuestMemory, &RxConfig)>,
         buf: &mut ChainBuf,
         burst: usize,
         c: &mut BurstCounts,

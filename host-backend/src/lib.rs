@@ -27,8 +27,8 @@
 //! [`Error`], and [`ptr_ring`] (the batched pointer ring between host threads, a
 //! component of its own with its own benchmark).
 //!
-//! Internal modules: `memory` (guest memory and translation), `split_ring` (the
-//! device-side ring engine), `device` (device state and the vhost-user handler), `ctrl`
+//! Internal modules: `memory` (guest memory and translation), `split_ring` and
+//! `packed_ring` (the device-side ring engines) and `ring` (what ports use of them), `device` (device state and the vhost-user handler), `ctrl`
 //! (control commands and receive filters), `port` (what each port does per burst), `gso`
 //! (the generator's TCP super-frames), `iotlb` (translations under a vIOMMU) and
 //! `iotlb_channel` (their vhost-user messages), `handoff` (frames between workers),
@@ -43,8 +43,10 @@ pub(crate) mod handoff;
 pub(crate) mod iotlb;
 pub(crate) mod iotlb_channel;
 pub(crate) mod memory;
+pub(crate) mod packed_ring;
 pub(crate) mod port;
 pub mod ptr_ring;
+pub(crate) mod ring;
 pub(crate) mod server;
 pub(crate) mod split_ring;
 pub mod stats;
@@ -121,6 +123,7 @@ impl Backend {
                                 0
                             },
                             iommu: cfg.iommu,
+                            packed: !cfg.no_packed,
                         },
                         engine.clone(),
                         (spec.kind == PortKind::Gen).then_some(cfg.gen_count).flatten(),

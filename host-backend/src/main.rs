@@ -64,6 +64,9 @@ struct Args {
     /// front-ends behind a vIOMMU (QEMU: intel-iommu and iommu_platform=on).
     #[arg(long)]
     iommu: bool,
+    /// Do not offer VIRTIO_F_RING_PACKED (offered by default): split rings only.
+    #[arg(long)]
+    no_packed: bool,
     /// xconnect: serve each device on its own worker (round-robin over --cores) and hand
     /// frames between the workers through batched pointer rings.
     #[arg(long)]
@@ -94,6 +97,7 @@ fn config_from(args: &Args) -> host_backend::Result<Config> {
         gen_count: args.count,
         swap_mac: args.swap_mac,
         iommu: args.iommu,
+        no_packed: args.no_packed,
         handoff: args.handoff,
         mtu: args.mtu,
         ..Config::default()

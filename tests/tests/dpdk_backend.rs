@@ -31,6 +31,38 @@ fn virtio_user(sock: &Path, extra: &[&str]) -> Testpmd {
     Testpmd::start(Role::VirtioUser { path: sock.to_path_buf(), queues: 1 }, PKT, DPDK_FWD_CPU, extra)
 }
 
+/// [`virtio_user`] with extra vdev arguments (`packed_vq=1`, `in_order=0`).
+fn virtio_user_with(sock: &Path, devargs: &str, extra: &[&str]) -> Testpmd {
+    let role = Role::VirtioUser { path: sock.to_path_buf(), queues: 1 };
+    Testpmd::start_with_devargs(role, devargs, PKT, DPDK_FWD_CPU, extra)
+}
+
+/// The ring layout virtio-user negotiated, from the backend's log: `packed` or `split`.
+fn rings_negotiated(backend: &Backend) -> &'static str {
+    let log = backend.log();
+    if log.contains("(packed rings)") {
+        "packed"
+    } else if log.contains("(split rings)") {
+        "split"
+    } else {
+        panic!("the backend logged no feature negotiation:\n{log}")
+    }
+}
+
+/// What [`rings_negotiated`] must say for `devargs`.
+fn expected_rings(devargs: &str) -> &'static str {
+    if devargs.contains("packed_vq=1") {
+        "packed"
+    } else {
+        "split"
+    }
+}
+
+/// The devargs of the packed-ring variants: DPDK's virtio-user takes `packed_vq` and
+/// `in_order` (its default is `in_order=1`).
+const PACKED_IN_ORDER: &str = "packed_vq=1,in_order=1";
+const PACKED_ANY_ORDER: &str = "packed_vq=1,in_order=0";
+
 /// Waits until the backend reports `socket` as connected.
 fn wait_connected(backend: &Backend, socket: &Path) {
     backend.wait_stats(Duration::from_secs(10), |s| {
@@ -86,17 +118,34 @@ fn show(what: &str, dpdk: &PortCounts, dev: &Value) {
 /// when testpmd stopped.
 #[test]
 fn dpdk_txonly_into_sink() {
+    txonly_into_sink("");
+}
+
+/// [`dpdk_txonly_into_sink`] over packed rings (virtio-user `packed_vq=1`), in order.
+#[test]
+fn dpdk_packed_txonly_into_sink() {
+    txonly_into_sink(PACKED_IN_ORDER);
+}
+
+/// [`dpdk_txonly_into_sink`] over packed rings, `in_order=0`.
+#[test]
+fn dpdk_packed_any_order_txonly_into_sink() {
+    txonly_into_sink(PACKED_ANY_ORDER);
+}
+
+fn txonly_into_sink(devargs: &str) {
     let _serial = serial();
     let dir = TempDir::new("dpdk-sink");
     let sock = dir.join("sink.sock");
     let backend = Backend::start(&["--port", &port("sink", &sock), "--cores", BACKEND_CPU]);
-    let mut pmd = virtio_user(&sock, &[]);
+    let mut pmd = virtio_user_with(&sock, devargs, &[]);
     wait_connected(&backend, &sock);
 
     pmd.cmd("set fwd txonly");
     pmd.cmd("start");
     thread::sleep(Duration::from_secs(2));
     stop_forwarding(&mut pmd);
+    assert_eq!(rings_negotiated(&backend), expected_rings(devargs));
     wait_stable(&backend, |s| vec![counter(device(s, &sock), "rx_packets")]);
     let dpdk = pmd.quit();
     let fin = backend.stop();
@@ -120,6 +169,22 @@ fn dpdk_txonly_into_sink() {
 /// were already in its RX ring when forwarding starts.
 #[test]
 fn dpdk_rxonly_from_gen() {
+    rxonly_from_gen("");
+}
+
+/// [`dpdk_rxonly_from_gen`] over packed rings, in order.
+#[test]
+fn dpdk_packed_rxonly_from_gen() {
+    rxonly_from_gen(PACKED_IN_ORDER);
+}
+
+/// [`dpdk_rxonly_from_gen`] over packed rings, `in_order=0`.
+#[test]
+fn dpdk_packed_any_order_rxonly_from_gen() {
+    rxonly_from_gen(PACKED_ANY_ORDER);
+}
+
+fn rxonly_from_gen(devargs: &str) {
     const COUNT: u64 = 100_000;
     let _serial = serial();
     let dir = TempDir::new("dpdk-gen");
@@ -136,10 +201,12 @@ fn dpdk_rxonly_from_gen() {
         "--cores",
         BACKEND_CPU,
     ]);
-    let mut pmd = virtio_user(&sock, &["--no-flush-rx"]);
+    let mut pmd = virtio_user_with(&sock, devargs, &["--no-flush-rx"]);
+    wait_connected(&backend, &sock);
     pmd.cmd("set fwd rxonly");
     pmd.cmd("start");
     backend.wait_stats(Duration::from_secs(30), |s| counter(device(s, &sock), "generated") == COUNT);
+    assert_eq!(rings_negotiated(&backend), expected_rings(devargs));
     // rxonly drains its ring within microseconds; give it ample time, then stop.
     thread::sleep(Duration::from_millis(500));
     stop_forwarding(&mut pmd);
@@ -177,18 +244,35 @@ fn dpdk_rxonly_from_gen() {
 /// * backend tx == DPDK RX-packets + 64 (the 64 frames left unread in the RX ring).
 #[test]
 fn dpdk_io_through_reflect() {
+    io_through_reflect("");
+}
+
+/// [`dpdk_io_through_reflect`] over packed rings, in order.
+#[test]
+fn dpdk_packed_io_through_reflect() {
+    io_through_reflect(PACKED_IN_ORDER);
+}
+
+/// [`dpdk_io_through_reflect`] over packed rings, `in_order=0`.
+#[test]
+fn dpdk_packed_any_order_io_through_reflect() {
+    io_through_reflect(PACKED_ANY_ORDER);
+}
+
+fn io_through_reflect(devargs: &str) {
     const INJECTED: u64 = 2 * 32;
     let _serial = serial();
     let dir = TempDir::new("dpdk-reflect");
     let sock = dir.join("reflect.sock");
     let backend = Backend::start(&["--port", &port("reflect", &sock), "--cores", BACKEND_CPU]);
-    let mut pmd = virtio_user(&sock, &[]);
+    let mut pmd = virtio_user_with(&sock, devargs, &[]);
     wait_connected(&backend, &sock);
 
     pmd.cmd("set fwd io");
     pmd.cmd("start tx_first 2");
     thread::sleep(Duration::from_secs(2));
     stop_forwarding(&mut pmd);
+    assert_eq!(rings_negotiated(&backend), expected_rings(devargs));
     wait_stable(&backend, |s| {
         let d = device(s, &sock);
         vec![counter(d, "rx_packets"), counter(d, "tx_packets")]
@@ -216,13 +300,24 @@ fn dpdk_io_through_reflect() {
 /// Both forwarding lcores share cpu 0 (correctness only, not speed).
 #[test]
 fn dpdk_xconnect_two_instances() {
+    xconnect_two_instances("", "");
+}
+
+/// [`dpdk_xconnect_two_instances`] with A on packed rings and B on split rings: frames
+/// go from a packed transmit ring into a split receive ring in one burst.
+#[test]
+fn dpdk_xconnect_packed_into_split() {
+    xconnect_two_instances(PACKED_ANY_ORDER, "");
+}
+
+fn xconnect_two_instances(devargs_a: &str, devargs_b: &str) {
     let _serial = serial();
     let dir = TempDir::new("dpdk-xc");
     let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
     let xc = format!("xconnect:{},{}", sa.display(), sb.display());
     let backend = Backend::start(&["--port", &xc, "--cores", BACKEND_CPU]);
-    let mut rx_side = virtio_user(&sb, &["--no-flush-rx"]);
-    let mut tx_side = virtio_user(&sa, &[]);
+    let mut rx_side = virtio_user_with(&sb, devargs_b, &["--no-flush-rx"]);
+    let mut tx_side = virtio_user_with(&sa, devargs_a, &[]);
     backend.wait_stats(Duration::from_secs(10), |s| {
         [&sa, &sb].iter().all(|p| device(s, p).get("connected").and_then(Value::as_bool) == Some(true))
     });
@@ -234,6 +329,17 @@ fn dpdk_xconnect_two_instances() {
     tx_side.cmd("start");
     thread::sleep(Duration::from_secs(1));
     stop_forwarding(&mut tx_side);
+    if !devargs_a.is_empty() || !devargs_b.is_empty() {
+        let log = backend.log();
+        for (sock, devargs) in [(&sa, devargs_a), (&sb, devargs_b)] {
+            let want = format!("{}: features", sock.display());
+            let line = log
+                .lines()
+                .find(|l| l.contains(&want) && l.contains("acked"))
+                .unwrap_or_else(|| panic!("no negotiation for {sock:?}:\n{log}"));
+            assert!(line.contains(&format!("({} rings)", expected_rings(devargs))), "{line}");
+        }
+    }
     // The backend keeps draining A's TX ring into B while instance 2 keeps receiving.
     wait_stable(&backend, |s| {
         vec![counter(device(s, &sa), "rx_packets"), counter(device(s, &sb), "tx_packets")]

@@ -526,6 +526,7 @@ fn config_mac_and_features() {
         features::RING_EVENT_IDX,
         features::RING_INDIRECT_DESC,
         features::IN_ORDER,
+        features::RING_PACKED,
         features::VHOST_USER_PROTOCOL_FEATURES,
         // The control queue and its commands (no MQ with one pair, no guest offloads
         // without `gen --gso-size`).

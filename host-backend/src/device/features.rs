@@ -6,7 +6,8 @@
 
 use super::*;
 
-/// Features this device offers: the ring and config-space features, the control queue
+/// Features this device offers: the ring and config-space features (the packed ring
+/// unless `--no-packed`), the control queue
 /// with RX mode (and its extra modes), VLAN filter, MAC address and guest-offload
 /// commands, MQ when there is more than one pair, and the guest offloads the port can
 /// produce (`params.guest_offloads`).
@@ -31,6 +32,9 @@ pub fn offered_features(params: &DeviceParams) -> u64 {
     }
     if params.iommu {
         v |= f::bit(f::ACCESS_PLATFORM);
+    }
+    if params.packed {
+        v |= f::bit(f::RING_PACKED);
     }
     v
 }

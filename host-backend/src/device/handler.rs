@@ -45,6 +45,8 @@ impl VhostUserBackendReqHandler for Handler {
         {
             let mut st = self.0.lock();
             if st.acked_features != features {
+                let rings = if features & f::bit(f::RING_PACKED) != 0 { "packed" } else { "split" };
+                info!("{}: features {features:#x} acked ({rings} rings)", self.0.params.socket.display());
                 // Feature-derived defaults (§5.1.6.5): empty VLAN table with CTRL_VLAN,
                 // every negotiated guest offload on, one pair with CTRL_VQ and MQ (the
                 // driver enables more with VQ_PAIRS_SET); without CTRL_VQ every pair
@@ -86,7 +88,10 @@ impl VhostUserBackendReqHandler for Handler {
         Ok(None)
     }
     fn set_vring_num(&self, index: u32, num: u32) -> VuResult<()> {
-        if num == 0 || num > spec::layout::MAX_QUEUE_SIZE as u32 || !num.is_power_of_two() {
+        // A split ring's size is a power of two (§2.7); a packed ring's is any size up to
+        // 2^15 (§2.8). Features come before ring sizes (QEMU, DPDK).
+        let packed = self.0.lock().acked(f::RING_PACKED);
+        if num == 0 || num > spec::layout::MAX_QUEUE_SIZE as u32 || (!packed && !num.is_power_of_two()) {
             return Err(VuError::InvalidParam);
         }
         self.0.change_queue(index, |q| {

@@ -51,6 +51,8 @@ use crate::ctrl::{self, Command, Refused, RxConfig};
 use crate::iotlb::{Iotlb, PendingMiss, MISS_RESEND, MISS_TIMEOUT, MSG_INVALIDATE, MSG_UPDATE};
 use crate::iotlb_channel::{self, BackendChannel, ChannelError, Header, Request};
 use crate::memory::{GuestMemory, RegionDesc};
+use crate::packed_ring::PackedRing;
+use crate::ring::AnyRing;
 use crate::split_ring::{signal, DeviceRing, RingConfig, RingFault};
 use crate::stats::{CtrlSnapshot, DeviceSnapshot, DropReason, IotlbSnapshot, PairStats};
 use crate::worker::Engine;
@@ -109,6 +111,8 @@ pub struct DeviceParams {
     /// Offer `VIRTIO_F_ACCESS_PLATFORM` and serve the IOTLB protocol (`--iommu`): for
     /// front-ends whose device sits behind a vIOMMU (QEMU `iommu_platform=on`).
     pub iommu: bool,
+    /// Offer `VIRTIO_F_RING_PACKED` (virtio 1.2 §2.8; off with `--no-packed`).
+    pub packed: bool,
 }
 
 #[derive(Default)]
@@ -192,8 +196,8 @@ impl State {
 
 /// A ring handed to a worker, with what it needs besides the ring itself.
 pub struct ActiveRing {
-    /// The ring.
-    pub ring: DeviceRing,
+    /// The ring (split or packed, as negotiated).
+    pub ring: AnyRing,
     /// The guest memory the ring was activated with (the same `Arc` the ring holds),
     /// held beside the ring so that a burst can borrow it while it mutates the ring:
     /// chains walked in a burst borrow this (see `split_ring::Chain`).
@@ -351,7 +355,14 @@ impl Device {
         // With ACCESS_PLATFORM every address the driver gives is an IOVA (vhost-user
         // §"IOMMU support"), ring addresses included.
         let iotlb = (feats & f::bit(f::ACCESS_PLATFORM) != 0).then(|| st.iotlb.clone());
-        match DeviceRing::new(&cfg, mem.clone(), call.as_ref().map(|c| c.as_raw_fd()), iotlb) {
+        let call_fd = call.as_ref().map(|c| c.as_raw_fd());
+        // VIRTIO_F_RING_PACKED makes every ring of the device packed (§2.8).
+        let ring = if feats & f::bit(f::RING_PACKED) != 0 {
+            PackedRing::new(&cfg, mem.clone(), call_fd, iotlb).map(|r| AnyRing::Packed(Box::new(r)))
+        } else {
+            DeviceRing::new(&cfg, mem.clone(), call_fd, iotlb).map(AnyRing::Split)
+        };
+        match ring {
             Ok(ring) => Some(ActiveRing { ring, mem, kick, rx, _call: call }),
             Err(RingFault::IotlbMiss { iova, write }) => {
                 // Not the driver's fault (yet): ask, and retry when the answer arrives.

@@ -14,6 +14,7 @@ fn device(pairs: u16, guest_offloads: u64) -> Arc<Device> {
         mtu: 1500,
         guest_offloads,
         iommu: false,
+        packed: true,
     };
     // No workers: every sync returns at once.
     let d = Device::new(params, Engine::new(0, 0).unwrap(), None);

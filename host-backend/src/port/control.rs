@@ -7,6 +7,7 @@
 
 use super::{PathKind, PortPath, Side, CTRL_BURST};
 use crate::ctrl::{self, Refused};
+use crate::ring::Ring;
 use crate::split_ring::{gather, scatter, Dir, RingFault};
 
 impl PortPath {
@@ -16,7 +17,7 @@ impl PortPath {
     /// is written; a refused command is acknowledged `VIRTIO_NET_ERR`. A chain that
     /// breaks the ring protocol breaks the control queue only.
     #[inline]
-    pub(super) fn run_ctrl(&mut self) -> Result<usize, (Side, RingFault)> {
+    pub(super) fn run_ctrl<R: Ring>(&mut self) -> Result<usize, (Side, RingFault)> {
         let PathKind::Ctrl { buf } = &mut self.kind else {
             return Ok(0);
         };
@@ -24,7 +25,7 @@ impl PortPath {
             return Ok(0);
         };
         let dev = src.dev.clone();
-        let Some((ring, mem)) = src.ring() else { return Ok(0) };
+        let Some((ring, mem)) = src.ring::<R>() else { return Ok(0) };
         let chain = self.src_chain.chain(mem);
         let n = ring.poll_avail().map_err(|b| (Side::Src, b))?.min(CTRL_BURST);
         let mut done = 0;

@@ -9,19 +9,23 @@
 use spec::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
 
 use super::{PortPath, Side, BURST, FILTER_BYTES};
-use crate::split_ring::{copy_chain, gather, scatter, DeviceRing, Dir, RingFault};
+use crate::ring::{publish_used_pair, Ring};
+use crate::split_ring::{copy_chain, gather, scatter, Dir, RingFault};
 use crate::stats::{BurstCounts, DropReason};
 
 impl PortPath {
     #[inline(always)]
-    pub(super) fn run_forward(&mut self, swap_mac: bool) -> Result<usize, (Side, RingFault)> {
+    pub(super) fn run_forward<S: Ring, D: Ring>(
+        &mut self,
+        swap_mac: bool,
+    ) -> Result<usize, (Side, RingFault)> {
         let max_frame = self.max_frame;
         let (Some(src), Some(dst)) = (self.src.as_mut(), self.dst.as_mut()) else {
             return Ok(0);
         };
         let (spair, dpair) = (src.pair(), dst.pair());
         let (sdev, ddev) = (src.dev.clone(), dst.dev.clone());
-        let Some((sring, smem)) = src.ring() else {
+        let Some((sring, smem)) = src.ring::<S>() else {
             return Ok(0);
         };
         let ntx = sring.poll_avail().map_err(|b| (Side::Src, b))?.min(BURST);
@@ -29,7 +33,7 @@ impl PortPath {
             return Ok(0);
         }
         // The receive side: its ring, its memory and the chain that borrows it.
-        let (mut dside, filter) = match dst.ring_rx() {
+        let (mut dside, filter) = match dst.ring_rx::<D>() {
             // The filter is looked at per frame only when it is not promiscuous.
             Some((r, m, rx)) => (Some((r, m)), Some(rx).filter(|rx| !rx.pass_all())),
             None => (None, None),
@@ -131,7 +135,7 @@ impl PortPath {
         match dside {
             Some((dr, _, _)) => {
                 dr.consume(rx_done);
-                DeviceRing::publish_used_pair(sring, dr);
+                publish_used_pair(sring, dr);
             }
             None => {
                 sring.publish_used();

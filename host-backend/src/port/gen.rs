@@ -11,12 +11,13 @@ use std::sync::atomic::Ordering;
 use spec::layout::NET_HDR_LEN;
 
 use super::{PathKind, PortPath, Side, BURST, FILTER_BYTES, GEN_MAGIC, GEN_SEQ_OFFSET};
+use crate::ring::Ring;
 use crate::split_ring::{scatter, Dir, RingFault};
 use crate::stats::{BurstCounts, DropReason};
 
 impl PortPath {
     #[inline(always)]
-    pub(super) fn run_gen(&mut self) -> Result<usize, (Side, RingFault)> {
+    pub(super) fn run_gen<R: Ring>(&mut self) -> Result<usize, (Side, RingFault)> {
         let PathKind::Gen { frame, seq, .. } = &mut self.kind else {
             return Ok(0);
         };
@@ -25,7 +26,7 @@ impl PortPath {
         };
         let pair = dst.pair();
         let dev = dst.dev.clone();
-        let Some((ring, mem, rx)) = dst.ring_rx() else { return Ok(0) };
+        let Some((ring, mem, rx)) = dst.ring_rx::<R>() else { return Ok(0) };
         let avail = ring.poll_avail().map_err(|b| (Side::Dst, b))?.min(BURST);
         if avail == 0 {
             return Ok(0);
@@ -89,7 +90,7 @@ impl PortPath {
     /// on, MSS-sized segments (one per buffer) otherwise; the budget (`--count`) and
     /// `generated` count super-frames, `tx_packets` the frames delivered.
     #[inline]
-    pub(super) fn run_gen_tcp(&mut self) -> Result<usize, (Side, RingFault)> {
+    pub(super) fn run_gen_tcp<R: Ring>(&mut self) -> Result<usize, (Side, RingFault)> {
         let PathKind::Gen { seq, tcp: Some(tcp), .. } = &mut self.kind else {
             return Ok(0);
         };
@@ -98,7 +99,7 @@ impl PortPath {
         };
         let pair = dst.pair();
         let dev = dst.dev.clone();
-        let Some((ring, mem, rx)) = dst.ring_rx() else { return Ok(0) };
+        let Some((ring, mem, rx)) = dst.ring_rx::<R>() else { return Ok(0) };
         let avail = ring.poll_avail().map_err(|b| (Side::Dst, b))?.min(BURST);
         if avail == 0 {
             return Ok(0);

@@ -6,16 +6,17 @@
 //! counts. Must not: touch the other worker's rings.
 
 use super::{PathKind, PortPath, Side, BURST};
+use crate::ring::Ring;
 use crate::split_ring::RingFault;
 use crate::stats::BurstCounts;
 
 impl PortPath {
     #[inline]
-    pub(super) fn run_hand_out(&mut self) -> Result<usize, (Side, RingFault)> {
+    pub(super) fn run_hand_out<R: Ring>(&mut self) -> Result<usize, (Side, RingFault)> {
         let PathKind::HandOut(sender) = &mut self.kind else { return Ok(0) };
         let Some(src) = self.src.as_mut() else { return Ok(0) };
         let pair = src.pair();
-        let Some((ring, mem)) = src.ring() else {
+        let Some((ring, mem)) = src.ring::<R>() else {
             sender.flush();
             return Ok(0);
         };
@@ -26,13 +27,13 @@ impl PortPath {
     }
 
     #[inline]
-    pub(super) fn run_hand_in(&mut self) -> Result<usize, (Side, RingFault)> {
+    pub(super) fn run_hand_in<R: Ring>(&mut self) -> Result<usize, (Side, RingFault)> {
         let PathKind::HandIn(receiver) = &mut self.kind else { return Ok(0) };
         let Some(dst) = self.dst.as_mut() else { return Ok(0) };
         let pair = dst.pair();
         let dev = dst.dev.clone();
         let mut c = BurstCounts::default();
-        let res = receiver.run(dst.ring_rx(), &mut self.dst_chain, BURST as usize, &mut c);
+        let res = receiver.run(dst.ring_rx::<R>(), &mut self.dst_chain, BURST as usize, &mut c);
         dev.stats[pair].flush_tx(&c);
         res.map_err(|b| (Side::Dst, b))
     }

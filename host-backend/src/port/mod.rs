@@ -33,6 +33,8 @@ use crate::gso::TcpGen;
 use crate::handoff::{Receiver, Sender};
 use crate::iotlb::PendingMiss;
 use crate::memory::GuestMemory;
+use crate::packed_ring::PackedRing;
+use crate::ring::Ring;
 use crate::split_ring::{ChainBuf, DeviceRing, RingFault};
 
 mod control;
@@ -75,17 +77,23 @@ impl QueueSlot {
     fn pair(&self) -> usize {
         self.q as usize / 2
     }
-    /// The active ring and the guest memory its chains borrow (see
-    /// `split_ring::ChainBuf`).
+    /// The active ring, if it is an `R` (the engine the burst was chosen for), and the
+    /// guest memory its chains borrow (see `split_ring::ChainBuf`).
     #[inline(always)]
-    fn ring(&mut self) -> Option<(&mut DeviceRing, &GuestMemory)> {
-        self.active.as_mut().map(|a| (&mut a.ring, &*a.mem))
+    fn ring<R: Ring>(&mut self) -> Option<(&mut R, &GuestMemory)> {
+        let a = self.active.as_mut()?;
+        Some((R::get(&mut a.ring)?, &*a.mem))
     }
     /// [`ring`](Self::ring) and the receive configuration it was activated with
     /// (borrowed: cloning the `Arc` per burst would bounce its count between workers).
     #[inline(always)]
-    fn ring_rx(&mut self) -> Option<(&mut DeviceRing, &GuestMemory, &RxConfig)> {
-        self.active.as_mut().map(|a| (&mut a.ring, &*a.mem, &*a.rx))
+    fn ring_rx<R: Ring>(&mut self) -> Option<(&mut R, &GuestMemory, &RxConfig)> {
+        let a = self.active.as_mut()?;
+        Some((R::get(&mut a.ring)?, &*a.mem, &*a.rx))
+    }
+    /// Whether the active ring is a packed one.
+    fn packed(slot: &Option<QueueSlot>) -> bool {
+        slot.as_ref().and_then(|s| s.active.as_ref()).is_some_and(|a| a.ring.is_packed())
     }
     /// Marks this queue broken and lets go of it; or, for an IOTLB miss, keeps the ring
     /// (the chain stays available and is retried next burst) until the miss times out.
@@ -149,6 +157,9 @@ pub struct PortPath {
     /// Room for the chain walked from `dst` (a receive queue).
     dst_chain: Box<ChainBuf>,
     max_frame: u64,
+    /// Whether the source and the destination ring are packed (set when rings are
+    /// taken): the engine a burst runs with, chosen once per burst.
+    packed: (bool, bool),
 }
 
 /// Which side of a path a bad value came from.
@@ -167,6 +178,7 @@ impl PortPath {
             dst_chain: Box::default(),
             // MTU plus Ethernet header plus one VLAN tag.
             max_frame: mtu as u64 + ETH_HLEN + 4,
+            packed: (false, false),
         }
     }
 
@@ -235,6 +247,7 @@ impl PortPath {
                 s.dev.deactivate(s.q, a);
             }
         }
+        self.packed = (false, false);
     }
 
     /// Takes every ring that may run now.
@@ -244,6 +257,7 @@ impl PortPath {
                 s.active = s.dev.activate(s.q);
             }
         }
+        self.packed = (QueueSlot::packed(&self.src), QueueSlot::packed(&self.dst));
     }
 
     /// Whether any of the path's rings is active, or it is a handoff path (which may
@@ -276,8 +290,8 @@ impl PortPath {
     pub fn set_kicks(&mut self, enable: bool) -> bool {
         let mut arrived = false;
         for s in self.slots() {
-            if let Some((r, _)) = s.ring() {
-                arrived |= r.set_kicks(enable);
+            if let Some(a) = s.active.as_mut() {
+                arrived |= a.ring.set_kicks(enable);
             }
         }
         arrived
@@ -288,16 +302,24 @@ impl PortPath {
     /// Never inlined into the worker's loop: one call per burst costs nothing per packet,
     /// and the burst stays one function (`bench/callgrind.sh` measures it by this name),
     /// whichever codegen unit the worker lands in.
+    ///
+    /// The ring engine is chosen here, once per burst: each kind's burst is generic over
+    /// [`Ring`]; split rings run the bursts inlined here, as before there was a packed
+    /// engine, and any packed ring goes through [`run_packed`](Self::run_packed).
     #[inline(never)]
     pub fn run(&mut self) -> usize {
-        let res = match self.kind {
-            PathKind::Sink => self.run_sink(),
-            PathKind::Gen { tcp: None, .. } => self.run_gen(),
-            PathKind::Gen { tcp: Some(_), .. } => self.run_gen_tcp(),
-            PathKind::Forward { swap_mac } => self.run_forward(swap_mac),
-            PathKind::Ctrl { .. } => self.run_ctrl(),
-            PathKind::HandOut(_) => self.run_hand_out(),
-            PathKind::HandIn(_) => self.run_hand_in(),
+        let res = if self.packed != (false, false) {
+            self.run_packed()
+        } else {
+            match self.kind {
+                PathKind::Sink => self.run_sink::<DeviceRing>(),
+                PathKind::Gen { tcp: None, .. } => self.run_gen::<DeviceRing>(),
+                PathKind::Gen { tcp: Some(_), .. } => self.run_gen_tcp::<DeviceRing>(),
+                PathKind::Forward { swap_mac } => self.run_forward::<DeviceRing, DeviceRing>(swap_mac),
+                PathKind::Ctrl { .. } => self.run_ctrl::<DeviceRing>(),
+                PathKind::HandOut(_) => self.run_hand_out::<DeviceRing>(),
+                PathKind::HandIn(_) => self.run_hand_in::<DeviceRing>(),
+            }
         };
         match res {
             Ok(n) => {
@@ -319,6 +341,29 @@ impl PortPath {
                 }
                 0
             }
+        }
+    }
+
+    /// [`run`](Self::run)'s bursts for a path with a packed ring (on either side: a
+    /// cross-connect may join a split and a packed device). Out of line, so the split
+    /// bursts in `run` stay as they were.
+    #[inline(never)]
+    fn run_packed(&mut self) -> Result<usize, (Side, RingFault)> {
+        type S = DeviceRing;
+        type P = PackedRing;
+        let (sp, dp) = self.packed;
+        match self.kind {
+            PathKind::Sink => self.run_sink::<P>(),
+            PathKind::Gen { tcp: None, .. } => self.run_gen::<P>(),
+            PathKind::Gen { tcp: Some(_), .. } => self.run_gen_tcp::<P>(),
+            PathKind::Forward { swap_mac } => match (sp, dp) {
+                (true, true) => self.run_forward::<P, P>(swap_mac),
+                (true, false) => self.run_forward::<P, S>(swap_mac),
+                (false, _) => self.run_forward::<S, P>(swap_mac),
+            },
+            PathKind::Ctrl { .. } => self.run_ctrl::<P>(),
+            PathKind::HandOut(_) => self.run_hand_out::<P>(),
+            PathKind::HandIn(_) => self.run_hand_in::<P>(),
         }
     }
 }

@@ -10,7 +10,8 @@ use spec::layout::NET_HDR_LEN;
 
 use super::{PortPath, Side, BURST, ETH_HLEN};
 use crate::memory::GuestMemory;
-use crate::split_ring::{Chain, ChainBuf, DeviceRing, Dir, RingFault};
+use crate::ring::Ring;
+use crate::split_ring::{Chain, ChainBuf, Dir, RingFault};
 use crate::stats::{BurstCounts, DropReason};
 
 impl PortPath {
@@ -28,13 +29,13 @@ impl PortPath {
     }
 
     #[inline(always)]
-    pub(super) fn run_sink(&mut self) -> Result<usize, (Side, RingFault)> {
+    pub(super) fn run_sink<R: Ring>(&mut self) -> Result<usize, (Side, RingFault)> {
         let max_frame = self.max_frame;
         let Some(src) = self.src.as_mut() else {
             return Ok(0);
         };
         let pair = src.pair();
-        let Some((ring, mem)) = src.ring() else { return Ok(0) };
+        let Some((ring, mem)) = src.ring::<R>() else { return Ok(0) };
         let n = ring.poll_avail().map_err(|b| (Side::Src, b))?.min(BURST);
         if n == 0 {
             return Ok(0);
@@ -52,8 +53,8 @@ impl PortPath {
     /// length 0 and the used index published once. Returns the chains completed, or the
     /// bad descriptor that stopped the burst (the chains before it are completed).
     #[inline(always)]
-    pub(crate) fn consume_tx(
-        ring: &mut DeviceRing,
+    pub(crate) fn consume_tx<R: Ring>(
+        ring: &mut R,
         mem: &GuestMemory,
         buf: &mut ChainBuf,
         n: u16,

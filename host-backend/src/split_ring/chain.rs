@@ -69,7 +69,7 @@ impl<'m> Chain<'m> {
         &self.segs[..self.n]
     }
     #[inline]
-    pub(super) fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.n = 0;
         self.total = 0;
         self.readable = 0;
@@ -78,7 +78,7 @@ impl<'m> Chain<'m> {
     /// One buffer of `len` bytes (> 0) at `ptr`, readable by the device or not. `ptr ..
     /// + len` must lie inside the memory `'m` borrows (the struct's invariant).
     #[inline]
-    pub(super) fn set_single(&mut self, ptr: *mut u8, len: u32, readable: bool) {
+    pub(crate) fn set_single(&mut self, ptr: *mut u8, len: u32, readable: bool) {
         self.segs[0] = Seg { ptr, len, _mem: PhantomData };
         self.n = 1;
         self.total = len as u64;
@@ -98,7 +98,7 @@ impl<'m> Chain<'m> {
     /// Appends a piece (`ptr .. + len` inside the memory `'m` borrows), or marks the
     /// chain truncated when it is full.
     #[inline]
-    pub(super) fn push(&mut self, ptr: *mut u8, len: u32) {
+    pub(crate) fn push(&mut self, ptr: *mut u8, len: u32) {
         if self.n < MAX_SEGS {
             self.segs[self.n] = Seg { ptr, len, _mem: PhantomData };
             self.n += 1;

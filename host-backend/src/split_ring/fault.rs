@@ -1,7 +1,7 @@
 //! The faults a guest's ring contents can cause, and how an IOTLB fault maps onto them.
 //!
 //! Owns: [`RingFault`], the one value the ring engine returns when what the driver wrote
-//! breaks the protocol (virtio 1.2 §2.7), and its text for the log.
+//! breaks the protocol (virtio 1.2 §2.7, §2.8 for the packed ring), and its text for the log.
 //! Must not: decide what happens to the queue (the port marks it broken through its
 //! device, or retries an IOTLB miss) or read ring memory.
 
@@ -34,6 +34,16 @@ pub(crate) enum RingFault {
     /// violation by itself: the ring asks the front-end and retries the chain (see
     /// `Device::iotlb_miss`); only an address that stays untranslated breaks the queue.
     IotlbMiss { iova: u64, write: bool },
+    /// Packed ring (§2.8.6): a chain continues (`NEXT`) into a descriptor that is not
+    /// available under the wrap counter that position has (a wrap-counter lie, or a
+    /// head made available before the rest of its chain).
+    ChainNotAvailable { pos: u16 },
+    /// Packed ring: a buffer id the device holds already (walked in this burst and not
+    /// yet used) is made available again.
+    IdInFlight { id: u16 },
+    /// Packed ring: the ring base (`SET_VRING_BASE`: offset, wrap counter in bit 15)
+    /// names an offset outside the ring.
+    BadBase { base: u16 },
 }
 
 impl std::fmt::Display for RingFault {
@@ -57,13 +67,18 @@ impl std::fmt::Display for RingFault {
             RingFault::IotlbMiss { iova, write } => {
                 write!(f, "no IOTLB translation for {iova:#x} ({})", if write { "write" } else { "read" })
             }
+            RingFault::ChainNotAvailable { pos } => {
+                write!(f, "descriptor chain continues into descriptor {pos}, which is not available")
+            }
+            RingFault::IdInFlight { id } => write!(f, "buffer id {id} made available while in flight"),
+            RingFault::BadBase { base } => write!(f, "ring base {base:#x} outside the ring"),
         }
     }
 }
 
 /// The `RingFault` for an IOTLB fault: a miss is retried (see [`RingFault::IotlbMiss`]);
 /// a denied access is `denied`, what the same address would be without an IOMMU.
-pub(super) fn iotlb_fault(f: Fault, write: bool, denied: RingFault) -> RingFault {
+pub(crate) fn iotlb_fault(f: Fault, write: bool, denied: RingFault) -> RingFault {
     match f {
         Fault::Miss { iova } => RingFault::IotlbMiss { iova, write },
         Fault::Denied { .. } => denied,

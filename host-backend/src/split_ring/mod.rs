@@ -24,7 +24,7 @@
 //! [`DeviceRing::walk_avail`] over the run of new entries (head, then chain, into a
 //! [`Chain`] that borrows the guest memory), [`DeviceRing::add_used`] per finished chain,
 //! [`DeviceRing::consume`], then one [`DeviceRing::publish_used`] (or
-//! [`DeviceRing::publish_used_pair`] for a burst that completes on two rings).
+//! `ring::publish_used_pair` for a burst that completes on two rings).
 //!
 //! Here: the ring itself (areas, indices, walk, used elements, notifications). In
 //! `chain`: the walked chain's types ([`Chain`], [`ChainBuf`]) and their lifetime; in
@@ -49,7 +49,7 @@ mod setup;
 
 pub(crate) use chain::{Chain, ChainBuf};
 pub(crate) use copy::{copy_chain, gather, scatter};
-use fault::iotlb_fault;
+pub(crate) use fault::iotlb_fault;
 pub(crate) use fault::RingFault;
 pub(crate) use setup::RingConfig;
 
@@ -209,7 +209,10 @@ impl DeviceRing {
     /// line to come over from the other core, one after another as the stores retire.
     /// Asking for all of a burst's lines first lets those transfers overlap (see
     /// `docs/PERFORMANCE.md` for what it changed against DPDK's virtio-user `macswap`).
-    #[inline]
+    ///
+    /// Always inlined: behind the port's generic `Ring` call the compiler kept it out of
+    /// line in `reflect`'s burst (`bench/callgrind.sh`).
+    #[inline(always)]
     pub fn prefetch_write(&mut self, i: u16, lines: usize) {
         let Some(pw) = self.write_prefetch else { return };
         if self.iova.is_some() {
@@ -414,26 +417,7 @@ impl DeviceRing {
         write: bool,
         out: &mut Chain<'m>,
     ) -> Result<(), RingFault> {
-        if addr.checked_add(len as u64).is_none() {
-            return Err(RingFault::BadAddress { addr, len });
-        }
-        let mut gpa = addr;
-        let mut left = len as u64;
-        while left > 0 {
-            let (ptr, n) = match self.iova.as_mut() {
-                None => {
-                    mem.translate(&mut self.hint, gpa, left).ok_or(RingFault::BadAddress { addr, len })?
-                }
-                Some(v) => v
-                    .translate(mem, gpa, left, write)
-                    .map_err(|f| iotlb_fault(f, write, RingFault::BadAddress { addr, len }))?,
-            };
-            out.push(ptr, n as u32);
-            gpa += n;
-            left -= n;
-        }
-        out.total += len as u64;
-        Ok(())
+        map_buffer(mem, &mut self.hint, self.iova.as_mut(), addr, len, write, out)
     }
 
     /// Writes the used element for `head` with `len` bytes written, after the ones
@@ -482,26 +466,11 @@ impl DeviceRing {
         self.notify_after_fence(old, new)
     }
 
-    /// [`publish_used`](Self::publish_used) for two rings at once (a forwarding burst's
-    /// source and destination), with one fence between both index stores and both
-    /// notification reads instead of one per ring. Returns whether each called.
-    ///
-    /// Why: the fence waits until the index store owns its line, which the driver polls
-    /// from the other core; two publishes in a row wait for two such transfers one after
-    /// the other, one fence for both lets them overlap. (See `docs/PERFORMANCE.md` for
-    /// what could be measured.)
+    /// [`store_used_idx`](Self::store_used_idx) when a call decision follows (there is a
+    /// call eventfd): the first half of [`crate::ring::publish_used_pair`].
     #[inline]
-    pub fn publish_used_pair(a: &mut DeviceRing, b: &mut DeviceRing) -> (bool, bool) {
-        let pa = a.store_used_idx().filter(|_| a.notify_fd.is_some());
-        let pb = b.store_used_idx().filter(|_| b.notify_fd.is_some());
-        if pa.is_none() && pb.is_none() {
-            return (false, false);
-        }
-        // Both stores (used.idx) → both loads (used_event / flags), as in `publish_used`.
-        fence(Ordering::SeqCst);
-        let ca = pa.is_some_and(|(old, new)| a.notify_after_fence(old, new));
-        let cb = pb.is_some_and(|(old, new)| b.notify_after_fence(old, new));
-        (ca, cb)
+    pub fn publish_begin(&mut self) -> Option<(u16, u16)> {
+        self.store_used_idx().filter(|_| self.notify_fd.is_some())
     }
 
     /// The first half of a publish: the one `Release` store of `used.idx` covering every
@@ -522,7 +491,7 @@ impl DeviceRing {
     /// The second half, after the caller's `SeqCst` fence: the notification decision for
     /// the step `old` → `new` of the used index, and the call when it is needed.
     #[inline]
-    fn notify_after_fence(&mut self, old: u16, new: u16) -> bool {
+    pub(crate) fn notify_after_fence(&mut self, old: u16, new: u16) -> bool {
         let Some(fd) = self.notify_fd else {
             return false;
         };
@@ -562,6 +531,39 @@ impl DeviceRing {
         let avail = self.avail_idx().load(Ordering::Acquire);
         avail != self.avail_cached
     }
+}
+
+/// Translates the buffer `addr .. + len` (through `iova` under a vIOMMU, else through
+/// `mem` with the ring's `hint`) and appends its pieces to `out`; counts it in
+/// `out.total`. Shared by both ring engines (`packed_ring` walks with it too).
+#[inline]
+pub(crate) fn map_buffer<'m>(
+    mem: &'m GuestMemory,
+    hint: &mut Hint,
+    mut iova: Option<&mut IovaView>,
+    addr: u64,
+    len: u32,
+    write: bool,
+    out: &mut Chain<'m>,
+) -> Result<(), RingFault> {
+    if addr.checked_add(len as u64).is_none() {
+        return Err(RingFault::BadAddress { addr, len });
+    }
+    let mut gpa = addr;
+    let mut left = len as u64;
+    while left > 0 {
+        let (ptr, n) = match iova.as_deref_mut() {
+            None => mem.translate(hint, gpa, left).ok_or(RingFault::BadAddress { addr, len })?,
+            Some(v) => v
+                .translate(mem, gpa, left, write)
+                .map_err(|f| iotlb_fault(f, write, RingFault::BadAddress { addr, len }))?,
+        };
+        out.push(ptr, n as u32);
+        gpa += n;
+        left -= n;
+    }
+    out.total += len as u64;
+    Ok(())
 }
 
 /// Writes 1 to an eventfd. Errors are ignored: the counter cannot overflow in practice

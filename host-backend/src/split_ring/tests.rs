@@ -326,7 +326,7 @@ fn a_pair_publish_is_two_publishes() {
         heads.push(posted);
     }
     assert_eq!((a.drv.used_idx(), b.drv.used_idx()), (65533, 7), "nothing before the publish");
-    assert_eq!(DeviceRing::publish_used_pair(&mut a.ring, &mut b.ring), (false, true));
+    assert_eq!(crate::ring::publish_used_pair(&mut a.ring, &mut b.ring), (false, true));
     assert_eq!((a.drv.used_idx(), b.drv.used_idx()), (65533u16.wrapping_add(5), 10));
     for (f, base, posted) in [(&a, 65533u16, &heads[0]), (&b, 7, &heads[1])] {
         for (i, &h) in posted.iter().enumerate() {
@@ -336,7 +336,7 @@ fn a_pair_publish_is_two_publishes() {
     assert!(a.call.read().is_err(), "no call where the driver asked for none");
     assert_eq!(b.call.read().unwrap(), 1);
     // Nothing pending on either ring: no store, no call.
-    assert_eq!(DeviceRing::publish_used_pair(&mut a.ring, &mut b.ring), (false, false));
+    assert_eq!(crate::ring::publish_used_pair(&mut a.ring, &mut b.ring), (false, false));
     assert_eq!((a.drv.used_idx(), b.drv.used_idx()), (65533u16.wrapping_add(5), 10));
     assert!(b.call.read().is_err());
 }

@@ -1,0 +1,396 @@
+//! The device side of a packed virtqueue, written for batching (virtio 1.2 §2.8).
+//!
+//! Owns: one packed queue's ring pointers (translated once at activation), its private
+//! positions (the next available descriptor and the next used one, each with its wrap
+//! counter, §2.8.1), the avail/used/notification protocol (§2.8.6-§2.8.10) and the
+//! validation of everything the driver wrote: AVAIL/USED bits against the wrap counter,
+//! chain extents, buffer ids in flight, indirect tables, buffer directions and
+//! addresses (the walk is in `walk`).
+//! Must not: decide what a packet means (the ports do), allocate, lock, or make a
+//! syscall other than the one call-eventfd write a burst may need; nor share state with
+//! the split engine (`split_ring`), whose chain types, copies, faults and address
+//! translation it uses.
+//!
+//! Shared ring memory is only touched through raw pointers with atomic or volatile
+//! accesses; no Rust reference into it is ever formed. The orderings:
+//! * The flags word of each chain's first descriptor is loaded with `Acquire`: it pairs
+//!   with the driver's release (write barrier) before it made that head available (a
+//!   driver makes a chain's first descriptor available only after all the others,
+//!   §2.8.21), so the rest of the chain (its flags words
+//!   loaded `Relaxed`, then every descriptor's address, length and id read by the walk)
+//!   is what the driver published.
+//! * Used descriptors are written in order: id and length with volatile stores, the
+//!   flags word last; for every used descriptor of a burst but the first, with a
+//!   `Relaxed` store, and the first one's flags with one `Release` store at the end of
+//!   the burst (as DPDK's vhost and Linux do), so the driver, which looks at that
+//!   position first, sees the burst whole: every used descriptor and the data written
+//!   into device-writable buffers before it. One publication per burst.
+//! * Before reading the driver's event suppression to decide whether to call, and before
+//!   re-checking for new descriptors after re-enabling kicks, a `SeqCst` fence orders our
+//!   store before that load (store→load), pairing with the driver's full barrier.
+//!
+//! A burst looks as with the split engine: [`PackedRing::poll_avail`] (finds up to
+//! [`MAX_BURST`] available chains in ring order and remembers where each starts and how
+//! many descriptors it has), [`PackedRing::walk_avail`] (`walk`) over them, one
+//! [`PackedRing::add_used`] per finished chain, [`PackedRing::consume`], then one
+//! [`PackedRing::publish_used`].
+//!
+//! Here: the ring (areas, positions, poll, used descriptors, notifications). In `walk`:
+//! the walk of one chain (ring descriptors, indirect tables) into a [`Chain`]; in
+//! `setup`: building a ring at activation; `tests`: unit and property tests against a
+//! model of a driver.
+
+use std::sync::atomic::{fence, AtomicU16, Ordering};
+use std::sync::Arc;
+
+use spec::packed::{self, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+use spec::prefetch::WritePrefetch;
+
+use crate::iotlb::IovaView;
+use crate::memory::{GuestMemory, Hint};
+use crate::split_ring::{signal, RingFault};
+
+mod setup;
+mod walk;
+
+/// Most chains one poll finds (a burst never takes more: the ports' bursts are at most
+/// this long, see `port::BURST`).
+pub(crate) const MAX_BURST: usize = 64;
+
+/// Words of the in-flight id bitmap: one bit per possible buffer id (ids are 16 bits).
+const ID_WORDS: usize = (u16::MAX as usize + 1) / 64;
+
+/// Where one available chain lies in the ring, as the poll found it.
+#[derive(Debug, Clone, Copy, Default)]
+struct ChainAt {
+    /// Offset of its first descriptor.
+    pos: u16,
+    /// Descriptors it occupies in the ring (an indirect one counts as one).
+    count: u16,
+    /// The avail wrap counter at `pos`.
+    wrap: bool,
+}
+
+/// What [`PackedRing::walk_avail`] hands back for [`PackedRing::add_used`]: the buffer
+/// id (the last descriptor's, §2.8.6) and how many ring descriptors the chain used (the
+/// used position skips them, §2.8.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PackedHead {
+    /// Buffer id to return.
+    pub id: u16,
+    /// Ring descriptors the chain occupies.
+    pub count: u16,
+}
+
+/// The first half of a publication, for the notification decision after the fence: the
+/// used position before and after the burst and the wrap counter after it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UsedStep {
+    old: u16,
+    new: u16,
+    wrap: bool,
+}
+
+/// The device side of one packed virtqueue, owned by exactly one worker.
+pub(crate) struct PackedRing {
+    /// Descriptor ring (read, and written with used descriptors).
+    desc: *mut u8,
+    /// Driver event suppression (read: when the driver wants calls).
+    driver: *mut u8,
+    /// Device event suppression (written: when we want kicks).
+    device: *mut u8,
+    size: u16,
+    /// Next descriptor to consume and its avail wrap counter.
+    avail_pos: u16,
+    avail_wrap: bool,
+    /// Next used descriptor to write and the used wrap counter.
+    used_pos: u16,
+    used_wrap: bool,
+    /// Used position at the last publication (for EVENT_IDX's decision).
+    signalled: u16,
+    /// Chains the last poll found, in ring order from `avail_pos`.
+    found: u16,
+    chains: [ChainAt; MAX_BURST],
+    /// Where the last poll stopped looking (and its wrap counter): what `set_kicks`
+    /// checks for news.
+    seen_pos: u16,
+    seen_wrap: bool,
+    /// Chains of this burst walked so far with their ids marked in flight.
+    walked: u16,
+    walked_ids: [u16; MAX_BURST],
+    /// One bit per buffer id walked in this burst (cleared at the next poll).
+    in_flight: Box<[u64]>,
+    /// Used descriptors written and not yet published.
+    pending: u16,
+    /// The first pending used descriptor: its offset and the flags it gets at publication.
+    first_pos: u16,
+    first_flags: u16,
+    event_idx: bool,
+    indirect: bool,
+    mem: Arc<GuestMemory>,
+    hint: Hint,
+    /// With `ACCESS_PLATFORM`: addresses are IOVAs, translated through the IOTLB.
+    iova: Option<IovaView>,
+    notify_fd: Option<i32>,
+    /// The CPU has `PREFETCHW`.
+    write_prefetch: Option<WritePrefetch>,
+    /// Calls made to the driver (used-buffer notifications).
+    pub calls: u64,
+}
+
+// SAFETY: the raw pointers point into `mem`'s mappings, which the `Arc` keeps alive; a
+// `PackedRing` is moved to its worker once and used by that thread only.
+unsafe impl Send for PackedRing {}
+
+impl PackedRing {
+    /// Where the device resumes, as vhost-user's `GET_VRING_BASE` reports it for a packed
+    /// ring: the next available offset, with the avail wrap counter in bit 15 (DPDK's
+    /// and QEMU's convention).
+    pub fn last_avail(&self) -> u16 {
+        self.avail_pos | (self.avail_wrap as u16) << 15
+    }
+
+    /// `pos` moved on by `n` descriptors (`n <= size`), flipping `wrap` past the end.
+    #[inline(always)]
+    fn advance(&self, pos: u16, wrap: bool, n: u16) -> (u16, bool) {
+        let p = pos as u32 + n as u32;
+        if p >= self.size as u32 {
+            ((p - self.size as u32) as u16, !wrap)
+        } else {
+            (p as u16, wrap)
+        }
+    }
+
+    /// The flags word of ring descriptor `pos`, as an atomic.
+    ///
+    /// # Safety
+    ///
+    /// `pos < self.size`.
+    #[inline(always)]
+    unsafe fn flags_at(&self, pos: u16) -> &AtomicU16 {
+        // SAFETY: descriptor `pos < size` lies inside the descriptor ring validated in
+        // `new` (16-byte aligned, so its flags word is 2-byte aligned); the mapping
+        // outlives `self`. An atomic may alias memory another process writes.
+        unsafe {
+            AtomicU16::from_ptr(
+                self.desc.add(pos as usize * packed::DESC_SIZE + packed::DESC_FLAGS) as *mut u16
+            )
+        }
+    }
+
+    /// A 16-bit field of an event suppression area (`area` is `self.driver` or
+    /// `self.device`, `off` is `EVENT_OFF_WRAP` or `EVENT_FLAGS`).
+    #[inline(always)]
+    fn event_u16(&self, area: *mut u8, off: usize) -> &AtomicU16 {
+        debug_assert!(off + 2 <= packed::EVENT_SIZE);
+        // SAFETY: both areas were validated in `new` as `EVENT_SIZE` bytes, 4-byte
+        // aligned, inside guest memory the ring's `Arc` keeps mapped; `off` is 0 or 2.
+        unsafe { AtomicU16::from_ptr(area.add(off) as *mut u16) }
+    }
+
+    /// Finds the available chains from the next available position on, in ring order, up
+    /// to [`MAX_BURST`], and returns how many (what [`walk_avail`](Self::walk_avail) may
+    /// then take). A chain whose `NEXT` leads into a descriptor that is not available
+    /// is [`RingFault::ChainNotAvailable`], one longer than the ring
+    /// [`RingFault::ChainTooLong`]; the chains before a bad one are returned first, and the
+    /// fault comes with the next poll. Also ends the previous burst's in-flight ids.
+    #[inline]
+    pub fn poll_avail(&mut self) -> Result<u16, RingFault> {
+        for k in 0..self.walked as usize {
+            let id = self.walked_ids[k] as usize;
+            self.in_flight[id / 64] &= !(1u64 << (id % 64));
+        }
+        self.walked = 0;
+        let (mut pos, mut wrap) = (self.avail_pos, self.avail_wrap);
+        let mut n = 0usize;
+        let mut fault = None;
+        'chains: while n < MAX_BURST {
+            // SAFETY: `pos < size` (an invariant of every position).
+            let head = u16::from_le(unsafe { self.flags_at(pos) }.load(Ordering::Acquire));
+            if !packed::is_avail(head, wrap) {
+                break;
+            }
+            let at = ChainAt { pos, count: 1, wrap };
+            let mut count = 1u16;
+            let mut flags = head;
+            let (mut p, mut w) = self.advance(pos, wrap, 1);
+            while flags & DESC_F_NEXT != 0 {
+                if count == self.size {
+                    fault = Some(RingFault::ChainTooLong);
+                    break 'chains;
+                }
+                // SAFETY: `p < size`. `Relaxed`: ordered after the head's acquire above.
+                flags = u16::from_le(unsafe { self.flags_at(p) }.load(Ordering::Relaxed));
+                if !packed::is_avail(flags, w) {
+                    fault = Some(RingFault::ChainNotAvailable { pos: p });
+                    break 'chains;
+                }
+                count += 1;
+                (p, w) = self.advance(p, w, 1);
+            }
+            self.chains[n] = ChainAt { count, ..at };
+            n += 1;
+            (pos, wrap) = (p, w);
+        }
+        (self.seen_pos, self.seen_wrap) = (pos, wrap);
+        self.found = n as u16;
+        match fault {
+            Some(f) if n == 0 => Err(f),
+            _ => Ok(n as u16),
+        }
+    }
+
+    /// Asks for the first `lines` cache lines of the buffer of the `i`-th chain the last
+    /// poll found in a writable state (a hint only; see `DeviceRing::prefetch_write`).
+    #[inline]
+    pub fn prefetch_write(&mut self, i: u16, lines: usize) {
+        let Some(pw) = self.write_prefetch else { return };
+        if self.iova.is_some() || i >= self.found {
+            return;
+        }
+        let at = self.chains[i as usize];
+        // SAFETY: `at.pos < size`.
+        let d = unsafe { walk::read_desc(self.desc, at.pos as u32) };
+        if d.flags & DESC_F_INDIRECT != 0 {
+            return;
+        }
+        let Some((ptr, n)) = self.mem.translate(&mut self.hint, d.addr, d.len as u64) else { return };
+        let end = ptr as usize + n as usize;
+        let mut line = ptr as usize & !63;
+        for _ in 0..lines {
+            if line >= end {
+                break;
+            }
+            pw.line(line as *const u8);
+            line += 64;
+        }
+    }
+
+    /// Writes the used descriptor for `head` with `len` bytes written, after the ones
+    /// already pending (id and length now; the flags word now, or, for the burst's
+    /// first, at [`publish_used`](Self::publish_used)); nothing is visible to the driver
+    /// before that.
+    #[inline]
+    pub fn add_used(&mut self, head: PackedHead, len: u32) {
+        let pos = self.used_pos;
+        // SAFETY: `pos < size`: the descriptor lies inside the ring validated in `new`
+        // (16-byte aligned: the length and id fields are aligned). The device owns a
+        // descriptor it has consumed; volatile because the driver reads it concurrently.
+        unsafe {
+            let p = self.desc.add(pos as usize * packed::DESC_SIZE);
+            std::ptr::write_volatile(p.add(packed::DESC_LEN) as *mut u32, len.to_le());
+            std::ptr::write_volatile(p.add(packed::DESC_ID) as *mut u16, head.id.to_le());
+        }
+        // WRITE marks a used length the driver should read (§2.8.4).
+        let flags = packed::used_flags(self.used_wrap) | if len > 0 { DESC_F_WRITE } else { 0 };
+        if self.pending == 0 {
+            (self.first_pos, self.first_flags) = (pos, flags);
+        } else {
+            // SAFETY: `pos < size`. `Relaxed`: the driver reads it only after the
+            // burst's first flags word, whose release store comes later.
+            unsafe { self.flags_at(pos) }.store(flags.to_le(), Ordering::Relaxed);
+        }
+        self.pending += 1;
+        (self.used_pos, self.used_wrap) = self.advance(pos, self.used_wrap, head.count.min(self.size));
+    }
+
+    /// Marks the first `n` chains the last poll found consumed (they must have been
+    /// walked and completed with [`add_used`](Self::add_used)).
+    #[inline]
+    pub fn consume(&mut self, n: u16) {
+        let n = n.min(self.found);
+        if n > 0 {
+            let c = self.chains[n as usize - 1];
+            (self.avail_pos, self.avail_wrap) = self.advance(c.pos, c.wrap, c.count);
+        }
+        self.found = 0;
+    }
+
+    /// Publishes every pending used descriptor (one `Release` store of the first one's
+    /// flags) and makes the burst's one notification decision. Returns whether it called.
+    #[inline]
+    pub fn publish_used(&mut self) -> bool {
+        let Some(step) = self.publish_begin() else {
+            return false;
+        };
+        // Store (flags) → load (driver event suppression): full fence, see module doc.
+        fence(Ordering::SeqCst);
+        self.publish_end(step)
+    }
+
+    /// The first half of a publication: the release store, and the step for the call
+    /// decision (`None` when nothing was pending or there is no call eventfd).
+    #[inline]
+    pub fn publish_begin(&mut self) -> Option<UsedStep> {
+        if self.pending == 0 {
+            return None;
+        }
+        self.pending = 0;
+        // SAFETY: `first_pos < size`.
+        unsafe { self.flags_at(self.first_pos) }.store(self.first_flags.to_le(), Ordering::Release);
+        let step = UsedStep { old: self.signalled, new: self.used_pos, wrap: self.used_wrap };
+        self.signalled = self.used_pos;
+        self.notify_fd.map(|_| step)
+    }
+
+    /// The second half, after the caller's `SeqCst` fence: the driver's event suppression
+    /// (§2.8.10) decides, and the call is made when it asks for one.
+    #[inline]
+    pub fn publish_end(&mut self, step: UsedStep) -> bool {
+        let Some(fd) = self.notify_fd else {
+            return false;
+        };
+        let flags = u16::from_le(self.event_u16(self.driver, packed::EVENT_FLAGS).load(Ordering::Relaxed));
+        let notify = match flags {
+            packed::EVENT_FLAG_DISABLE => false,
+            packed::EVENT_FLAG_DESC if self.event_idx => {
+                let ow =
+                    u16::from_le(self.event_u16(self.driver, packed::EVENT_OFF_WRAP).load(Ordering::Relaxed));
+                self.need_event(ow, step)
+            }
+            // ENABLE, and anything the driver may not write (DESC without EVENT_IDX, the
+            // reserved value): calling too often is harmless, missing a call is not.
+            _ => true,
+        };
+        if notify {
+            signal(fd);
+            self.calls += 1;
+        }
+        notify
+    }
+
+    /// Whether the used positions `step.old .. step.new` (a burst's, at most one lap)
+    /// passed the descriptor `desc_event_off_wrap` names: the split ring's `need_event`
+    /// over positions unrolled across the wrap (as DPDK's vhost computes it).
+    #[inline]
+    fn need_event(&self, off_wrap: u16, step: UsedStep) -> bool {
+        let (off, wrap) = packed::split_off_wrap(off_wrap);
+        let size = self.size;
+        let (new, mut old) = (step.new, step.old);
+        if new <= old {
+            old = old.wrapping_sub(size);
+        }
+        let off = if wrap != step.wrap { off.wrapping_sub(size) } else { off };
+        spec::layout::need_event(off, new, old)
+    }
+
+    /// Enables (before the worker sleeps) or disables (while it polls) the driver's
+    /// available-buffer notifications through the device event suppression area. When
+    /// enabling, returns whether a descriptor became available where the last poll
+    /// stopped (the caller must then poll instead of sleeping).
+    pub fn set_kicks(&mut self, enable: bool) -> bool {
+        let flags = if enable { packed::EVENT_FLAG_ENABLE } else { packed::EVENT_FLAG_DISABLE };
+        self.event_u16(self.device, packed::EVENT_FLAGS).store(flags.to_le(), Ordering::Relaxed);
+        if !enable {
+            return false;
+        }
+        // Store (event flags) → load (descriptor flags): full fence, see module doc.
+        fence(Ordering::SeqCst);
+        // SAFETY: `seen_pos < size`.
+        let f = unsafe { self.flags_at(self.seen_pos) }.load(Ordering::Acquire);
+        packed::is_avail(u16::from_le(f), self.seen_wrap)
+    }
+}
+
+#[cfg(test)]
+mod tests;

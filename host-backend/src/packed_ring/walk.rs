@@ -1,0 +1,203 @@
+//! Walking one available chain of a packed ring into a [`Chain`] (virtio 1.2 §2.8.6
+//! "Next Flag: Descriptor Chaining", §2.8.7 "Indirect Flag: Scatter-Gather Support").
+//!
+//! Owns: reading the descriptors of a chain the poll found (in the ring, or in an
+//! indirect table), every check on them (directions, addresses, indirect tables) and on
+//! the buffer id (not one in flight), and their translation into the chain.
+//! Must not: move the ring's positions or write ring memory; decide a chain's extent
+//! (the poll did, from the flags it acquired: a flags word the driver rewrites between
+//! the poll and the walk changes nothing here).
+
+use spec::packed::{PackedDescriptor, DESC_F_INDIRECT, DESC_F_WRITE, DESC_SIZE};
+
+use super::{ChainAt, PackedHead, PackedRing};
+use crate::iotlb::IovaView;
+use crate::memory::GuestMemory;
+use crate::split_ring::{iotlb_fault, map_buffer, Chain, Dir, RingFault, MAX_INDIRECT};
+
+/// Reads descriptor `i` of the descriptor ring or indirect table at `table` (volatile:
+/// the driver owns this memory).
+///
+/// # Safety
+///
+/// `table` must point to at least `i + 1` descriptors that stay mapped for the call
+/// (callers pass `i < size` for the ring, `i < len / 16` for a table translated whole).
+#[inline(always)]
+pub(super) unsafe fn read_desc(table: *const u8, i: u32) -> PackedDescriptor {
+    // SAFETY: entry `i` lies inside the table (the caller's promise).
+    let p = unsafe { table.add(i as usize * DESC_SIZE) };
+    if p as usize % 8 == 0 {
+        // Two aligned 64-bit loads (the ring is 16-byte aligned, checked in `new`).
+        // SAFETY: as above, and `p` is 8-byte aligned.
+        let (w0, w1) = unsafe {
+            let q = p as *const u64;
+            (std::ptr::read_volatile(q), std::ptr::read_volatile(q.add(1)))
+        };
+        PackedDescriptor::from_le_words(w0, w1)
+    } else {
+        // An indirect table at an address that is not 8-byte aligned.
+        // SAFETY: as above; a byte array has no alignment requirement.
+        let b = unsafe { std::ptr::read_volatile(p as *const [u8; 16]) };
+        let w = |r: &[u8]| u64::from_ne_bytes(r.try_into().unwrap_or([0; 8]));
+        PackedDescriptor::from_le_words(w(&b[..8]), w(&b[8..]))
+    }
+}
+
+impl PackedRing {
+    /// Walks the `i`-th chain the last poll found (`i` < what
+    /// [`poll_avail`](Self::poll_avail) returned), checking every descriptor, direction
+    /// and address, and records its buffers in `out` (translated through `mem`, which the
+    /// chain then borrows, as with the split engine). Returns the buffer id and the
+    /// chain's extent, for [`add_used`](Self::add_used).
+    ///
+    /// The first walk of each chain in a burst marks its id in flight; an id already in
+    /// flight is [`RingFault::IdInFlight`] (the driver must not reuse an id before the
+    /// device used it, §2.8.6; in-order completion means every id walked in a burst is
+    /// either used by it or walked again by the next).
+    #[inline(always)]
+    pub fn walk_avail<'m>(
+        &mut self,
+        mem: &'m GuestMemory,
+        i: u16,
+        dir: Dir,
+        out: &mut Chain<'m>,
+    ) -> Result<PackedHead, RingFault> {
+        if i >= self.found {
+            // Not a guest's doing: a port asked past its poll. No chain there.
+            return Err(RingFault::HeadOutOfRange { head: i });
+        }
+        let at = self.chains[i as usize];
+        let id = self.walk(mem, at, dir, out)?;
+        if i == self.walked {
+            let (w, bit) = (id as usize / 64, 1u64 << (id % 64));
+            if self.in_flight[w] & bit != 0 {
+                return Err(RingFault::IdInFlight { id });
+            }
+            self.in_flight[w] |= bit;
+            self.walked_ids[i as usize] = id;
+            self.walked += 1;
+        }
+        Ok(PackedHead { id, count: at.count })
+    }
+
+    /// The walk of one chain: one direct descriptor in one memory region without an IOMMU
+    /// is decided inline; anything else goes the general way, which reads the
+    /// descriptors again and decides everything itself.
+    #[inline(always)]
+    fn walk<'m>(
+        &mut self,
+        mem: &'m GuestMemory,
+        at: ChainAt,
+        dir: Dir,
+        out: &mut Chain<'m>,
+    ) -> Result<u16, RingFault> {
+        if at.count == 1 && self.iova.is_none() {
+            // SAFETY: `at.pos < size`, the ring's length.
+            let d = unsafe { read_desc(self.desc, at.pos as u32) };
+            if d.flags & DESC_F_INDIRECT == 0 && d.len > 0 {
+                let writable = d.flags & DESC_F_WRITE != 0;
+                let ok = match dir {
+                    Dir::DeviceReads => !writable,
+                    Dir::DeviceWrites => writable,
+                    Dir::ReadsThenWrites => true,
+                };
+                if ok {
+                    if let Some((ptr, n)) = mem.translate(&mut self.hint, d.addr, d.len as u64) {
+                        if n == d.len as u64 {
+                            out.set_single(ptr, d.len, !writable);
+                            return Ok(d.id);
+                        }
+                    }
+                }
+            }
+        }
+        self.walk_chain(mem, at, dir, out)
+    }
+
+    /// [`walk`](Self::walk) for any chain: several descriptors, an indirect table,
+    /// several regions, an IOMMU.
+    #[inline(never)]
+    fn walk_chain<'m>(
+        &mut self,
+        mem: &'m GuestMemory,
+        at: ChainAt,
+        dir: Dir,
+        out: &mut Chain<'m>,
+    ) -> Result<u16, RingFault> {
+        out.clear();
+        let mut writing = false;
+        let mut pos = at.pos;
+        let mut id = 0;
+        for _ in 0..at.count {
+            // SAFETY: `pos < size` (every position is).
+            let d = unsafe { read_desc(self.desc, pos as u32) };
+            // The buffer id is the last descriptor's (§2.8.6).
+            id = d.id;
+            if d.flags & DESC_F_INDIRECT != 0 {
+                // A driver must not put an indirect descriptor in a list linked by NEXT
+                // (§2.8.19, driver requirements on indirect descriptors): it is a chain
+                // of its own.
+                let n = d.len / DESC_SIZE as u32;
+                if at.count != 1
+                    || !self.indirect
+                    || d.len == 0
+                    || d.len % DESC_SIZE as u32 != 0
+                    || n > MAX_INDIRECT
+                    || n > self.size as u32
+                {
+                    return Err(RingFault::BadIndirect { len: d.len });
+                }
+                let bad = RingFault::IndirectAddress { addr: d.addr, len: d.len };
+                let table = match self.iova.as_mut() {
+                    None => mem.translate_whole(&mut self.hint, d.addr, d.len as u64).ok_or(bad)?,
+                    Some(v) => v
+                        .translate_whole(mem, d.addr, d.len as u64, false)
+                        .map_err(|f| iotlb_fault(f, false, bad))?,
+                };
+                for j in 0..n {
+                    // SAFETY: `j < len / 16`, and the table was translated whole.
+                    let e = unsafe { read_desc(table, j) };
+                    // Entries are in order; only WRITE means anything in them
+                    // (§2.8.19: no other flag may be set); a nested table is malformed.
+                    if e.flags & DESC_F_INDIRECT != 0 {
+                        return Err(RingFault::BadIndirect { len: e.len });
+                    }
+                    self.buffer(mem, e, dir, &mut writing, out)?;
+                }
+            } else {
+                self.buffer(mem, d, dir, &mut writing, out)?;
+            }
+            (pos, _) = self.advance(pos, false, 1);
+        }
+        Ok(id)
+    }
+
+    /// One buffer of a chain: its direction checked against the queue's (and against
+    /// those before it), then translated into `out`.
+    #[inline]
+    fn buffer<'m>(
+        &mut self,
+        mem: &'m GuestMemory,
+        d: PackedDescriptor,
+        dir: Dir,
+        writing: &mut bool,
+        out: &mut Chain<'m>,
+    ) -> Result<(), RingFault> {
+        let writable = d.flags & DESC_F_WRITE != 0;
+        let ok = match dir {
+            Dir::DeviceReads => !writable,
+            Dir::DeviceWrites => writable,
+            Dir::ReadsThenWrites => writable || !*writing,
+        };
+        if !ok {
+            return Err(RingFault::Direction);
+        }
+        *writing |= writable;
+        let iova: Option<&mut IovaView> = self.iova.as_mut();
+        map_buffer(mem, &mut self.hint, iova, d.addr, d.len, writable, out)?;
+        if !writable {
+            out.readable += d.len as u64;
+        }
+        Ok(())
+    }
+}
