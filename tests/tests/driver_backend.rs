@@ -285,7 +285,12 @@ fn reflect_one_thread(in_order: bool, packed: bool) {
         port.info().features
     );
     let packed_bit = driver::layout::features::bit(driver::layout::features::RING_PACKED);
-    assert_eq!(port.info().features & packed_bit != 0, packed, "RING_PACKED negotiated: {:#x}", port.info().features);
+    assert_eq!(
+        port.info().features & packed_bit != 0,
+        packed,
+        "RING_PACKED negotiated: {:#x}",
+        port.info().features
+    );
     if packed {
         // The control queue is a packed ring too: a command round trip through it.
         port.control().set_promisc(true).expect("set_promisc over a packed control queue");
