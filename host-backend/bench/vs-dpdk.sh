@@ -11,7 +11,8 @@
 # -p testpmd && cargo build --release -p host-backend --example core_rtt`):
 #   host-backend/bench/vs-dpdk.sh
 # Environment: RUNS=3 DUR=5 WARM=2 SIZES="64 1514" SAMPLES=0 (1: print each run's
-#   1-second samples too)
+#   1-second samples too) PACKED=0 (1: every front-end, ours and DPDK's virtio-user, asks
+#   for packed rings with packed_vq=1; DPDK's net_vhost and our backend offer them)
 #   MODES="be-gtx be-grx be-loop fe-gtx fe-grx fe-loop e2e-gtx e2e-grx e2e-loop"
 #   HOST_CPU=1 GUEST_CPU=0 BIN=target/release/host-backend PMD=target/release/testpmd
 #   PMD_ARGS="--hugepages" (extra arguments of our testpmd: by default its DMA arena is
@@ -56,6 +57,8 @@ PMD=${PMD:-target/release/testpmd}
 PMD_ARGS=${PMD_ARGS---hugepages}
 RTT=${RTT:-target/release/examples/core_rtt}
 SAMPLES=${SAMPLES:-0}
+PACKED=${PACKED:-0}
+OUR_PACKED=""; [ "$PACKED" = 1 ] && OUR_PACKED=",packed_vq=1"
 
 [ "$(id -u)" = 0 ] || { echo "vs-dpdk.sh: must run as root (hugepages)" >&2; exit 1; }
 command -v dpdk-testpmd >/dev/null || { echo "vs-dpdk.sh: dpdk-testpmd missing (apt-get install dpdk-dev)" >&2; exit 1; }
@@ -95,7 +98,7 @@ start_dpdk_vhost() { # FWD SIZE TAG -> sets HPID, fd 7 is its stdin
 start_dpdk_virtio() { # FWD SIZE TAG -> sets GPID, fd 8 is its stdin
     mkfifo "$WORK/$3.gin"; exec 8<>"$WORK/$3.gin"
     stdbuf -oL dpdk-testpmd --lcores="0@${HOST_CPU},1@${GUEST_CPU}" --no-pci --file-prefix=vnetbench-guest -m 512 \
-        --single-file-segments --vdev "net_virtio_user0,path=$SOCK,queues=1,packed_vq=0" \
+        --single-file-segments --vdev "net_virtio_user0,path=$SOCK,queues=1,packed_vq=$PACKED" \
         -- -i --nb-cores=1 --rxq=1 --txq=1 --txpkts="$2" --total-num-mbufs=16384 \
         <"$WORK/$3.gin" >"$WORK/$3.guest.log" 2>&1 7>&- 8>&- &
     GPID=$!
@@ -155,7 +158,7 @@ run_one() {
         # forward, else they are lost before the loop closes.
         [ "$sc" = fe-loop ] && echo start >&7
         if [ "$who" = ours ]; then
-            "$PMD" --vdev "virtio_user0,path=$SOCK" --forward-mode "$gfwd" --txpkts "$size" --cores "$GUEST_CPU" \
+            "$PMD" --vdev "virtio_user0,path=$SOCK$OUR_PACKED" --forward-mode "$gfwd" --txpkts "$size" --cores "$GUEST_CPU" \
                 ${txfirst:+--tx-first $txfirst} $PMD_ARGS --duration $(( WARM + DUR + 3 )) >"$WORK/$tag.guest.log" 2>&1 &
             GPID=$!
             wait_for "$WORK/$tag.guest.log" "packet forwarding" 10 || return 1
@@ -178,7 +181,7 @@ run_one() {
         wait_for "$WORK/$tag.host.log" "listening on" 10 || return 1
         # Our testpmd prints its statistics once a second (--stats-period 1): the
         # first WARM are the warm-up, the next DUR the samples.
-        "$PMD" --vdev "virtio_user0,path=$SOCK" --forward-mode "$gfwd" --txpkts "$size" --cores "$GUEST_CPU" \
+        "$PMD" --vdev "virtio_user0,path=$SOCK$OUR_PACKED" --forward-mode "$gfwd" --txpkts "$size" --cores "$GUEST_CPU" \
             ${txfirst:+--tx-first $txfirst} $PMD_ARGS --stats-period 1 --duration $(( WARM + DUR + 1 )) \
             >"$WORK/$tag.guest.log" 2>&1 &
         GPID=$!; PIDS="$HPID $GPID"
@@ -215,7 +218,7 @@ summary() { # files... -> "median min max | p10 p50 p90 slow"
 }
 
 echo "# $(date -u +%FT%TZ) $(dpdk-testpmd -v 2>&1 | grep -o 'DPDK [0-9.]*' | head -1) | $(lscpu | sed -n 's/^Model name: *//p') x $(nproc)"
-echo "# RUNS=$RUNS DUR=${DUR}s WARM=${WARM}s; backend on cpu$HOST_CPU, virtio-user on cpu$GUEST_CPU; our testpmd: $PMD_ARGS; Mpps"
+echo "# RUNS=$RUNS DUR=${DUR}s WARM=${WARM}s; rings: $([ "$PACKED" = 1 ] && echo packed || echo split); backend on cpu$HOST_CPU, virtio-user on cpu$GUEST_CPU; our testpmd: $PMD_ARGS; Mpps"
 for mode in $MODES; do
     for size in $SIZES; do
         for r in $(seq "$RUNS"); do
