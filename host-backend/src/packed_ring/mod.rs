@@ -48,7 +48,7 @@ use spec::prefetch::WritePrefetch;
 
 use crate::iotlb::IovaView;
 use crate::memory::{GuestMemory, Hint};
-use crate::split_ring::{signal, RingFault};
+use crate::split_ring::{prefetch_lines, signal, RingFault};
 
 mod setup;
 mod walk;
@@ -255,15 +255,7 @@ impl PackedRing {
             return;
         }
         let Some((ptr, n)) = self.mem.translate(&mut self.hint, d.addr, d.len as u64) else { return };
-        let end = ptr as usize + n as usize;
-        let mut line = ptr as usize & !63;
-        for _ in 0..lines {
-            if line >= end {
-                break;
-            }
-            pw.line(line as *const u8);
-            line += 64;
-        }
+        prefetch_lines(pw, ptr, n, lines);
     }
 
     /// Writes the used descriptor for `head` with `len` bytes written, after the ones

@@ -96,12 +96,7 @@ impl PackedRing {
             let d = unsafe { read_desc(self.desc, at.pos as u32) };
             if d.flags & DESC_F_INDIRECT == 0 && d.len > 0 {
                 let writable = d.flags & DESC_F_WRITE != 0;
-                let ok = match dir {
-                    Dir::DeviceReads => !writable,
-                    Dir::DeviceWrites => writable,
-                    Dir::ReadsThenWrites => true,
-                };
-                if ok {
+                if dir.admits(writable, false) {
                     if let Some((ptr, n)) = mem.translate(&mut self.hint, d.addr, d.len as u64) {
                         if n == d.len as u64 {
                             out.set_single(ptr, d.len, !writable);
@@ -184,12 +179,7 @@ impl PackedRing {
         out: &mut Chain<'m>,
     ) -> Result<(), RingFault> {
         let writable = d.flags & DESC_F_WRITE != 0;
-        let ok = match dir {
-            Dir::DeviceReads => !writable,
-            Dir::DeviceWrites => writable,
-            Dir::ReadsThenWrites => writable || !*writing,
-        };
-        if !ok {
+        if !dir.admits(writable, *writing) {
             return Err(RingFault::Direction);
         }
         *writing |= writable;

@@ -75,6 +75,34 @@ pub(crate) enum Dir {
     ReadsThenWrites,
 }
 
+impl Dir {
+    /// Whether a descriptor that is device-writable (`writable`) may come next in a chain
+    /// of this direction, `writing` telling whether a writable one came before it.
+    #[inline(always)]
+    pub(crate) fn admits(self, writable: bool, writing: bool) -> bool {
+        match self {
+            Dir::DeviceReads => !writable,
+            Dir::DeviceWrites => writable,
+            Dir::ReadsThenWrites => writable || !writing,
+        }
+    }
+}
+
+/// Asks for the first `lines` cache lines of the `n` bytes at `ptr` in a writable state
+/// (the receive-buffer hint both engines give before a burst's copies).
+#[inline(always)]
+pub(crate) fn prefetch_lines(pw: WritePrefetch, ptr: *mut u8, n: u64, lines: usize) {
+    let end = ptr as usize + n as usize;
+    let mut line = ptr as usize & !63;
+    for _ in 0..lines {
+        if line >= end {
+            break;
+        }
+        pw.line(line as *const u8);
+        line += 64;
+    }
+}
+
 /// Host addresses of the three ring areas of one queue.
 #[derive(Debug, Clone, Copy)]
 struct RingAreas {
@@ -225,15 +253,7 @@ impl DeviceRing {
             return;
         }
         let Some((ptr, n)) = self.mem.translate(&mut self.hint, d.addr, d.len as u64) else { return };
-        let end = ptr as usize + n as usize;
-        let mut line = ptr as usize & !63;
-        for _ in 0..lines {
-            if line >= end {
-                break;
-            }
-            pw.line(line as *const u8);
-            line += 64;
-        }
+        prefetch_lines(pw, ptr, n, lines);
     }
 
     /// Reads descriptor `i` of the descriptor table at `table` (volatile: the driver owns
@@ -311,12 +331,7 @@ impl DeviceRing {
         let d = unsafe { Self::read_desc(self.areas.desc, head) };
         if d.flags & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 && d.len > 0 && self.iova.is_none() {
             let writable = d.flags & DESC_F_WRITE != 0;
-            let ok = match dir {
-                Dir::DeviceReads => !writable,
-                Dir::DeviceWrites => writable,
-                Dir::ReadsThenWrites => true,
-            };
-            if ok {
+            if dir.admits(writable, false) {
                 if let Some((ptr, n)) = mem.translate(&mut self.hint, d.addr, d.len as u64) {
                     if n == d.len as u64 {
                         out.set_single(ptr, d.len, !writable);
@@ -385,12 +400,7 @@ impl DeviceRing {
                 return Err(RingFault::ChainTooLong);
             }
             let writable = d.flags & DESC_F_WRITE != 0;
-            let ok = match dir {
-                Dir::DeviceReads => !writable,
-                Dir::DeviceWrites => writable,
-                Dir::ReadsThenWrites => writable || !writing,
-            };
-            if !ok {
+            if !dir.admits(writable, writing) {
                 return Err(RingFault::Direction);
             }
             writing |= writable;
