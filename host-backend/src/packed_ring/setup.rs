@@ -16,7 +16,7 @@ use spec::prefetch::WritePrefetch;
 use super::{ChainAt, PackedRing, ID_WORDS, MAX_BURST};
 use crate::iotlb::{Iotlb, IovaView};
 use crate::memory::GuestMemory;
-use crate::split_ring::{iotlb_fault, RingConfig, RingFault};
+use crate::split_ring::{translate_areas, RingConfig, RingFault};
 
 impl PackedRing {
     /// Translates and validates the ring areas and builds the ring, resuming at
@@ -54,15 +54,7 @@ impl PackedRing {
             (cfg.used_uva, packed::EVENT_SIZE as u64, true),
         ];
         let mut view = iotlb.map(IovaView::new);
-        let mut host = [std::ptr::null_mut(); 3];
-        for (h, &(addr, len, write)) in host.iter_mut().zip(&areas) {
-            *h = match view.as_mut() {
-                None => mem.uva_to_host(addr, len).ok_or(RingFault::RingAddress)?,
-                Some(v) => v
-                    .translate_whole(&mem, addr, len, write)
-                    .map_err(|f| iotlb_fault(f, write, RingFault::RingAddress))?,
-            };
-        }
+        let host = translate_areas(&mem, view.as_mut(), &areas)?;
         let [desc, driver, device] = host;
         let mut ring = PackedRing {
             desc,

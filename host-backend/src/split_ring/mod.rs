@@ -51,7 +51,7 @@ pub(crate) use chain::{Chain, ChainBuf};
 pub(crate) use copy::{copy_chain, gather, scatter};
 pub(crate) use fault::iotlb_fault;
 pub(crate) use fault::RingFault;
-pub(crate) use setup::RingConfig;
+pub(crate) use setup::{translate_areas, RingConfig};
 
 /// Most segments one chain may map to. Longer (valid) chains are dropped, counted as
 /// `too_many_segments`, and returned to the driver; they do not break the queue.

@@ -34,6 +34,26 @@ pub(crate) struct RingConfig {
     pub indirect: bool,
 }
 
+/// Translates a ring's three areas, each `(address, length, device writes it)`, to host
+/// pointers: front-end virtual addresses through the memory table, or IOVAs through
+/// `view` when there is an IOTLB. Shared by both ring engines' set-up.
+pub(crate) fn translate_areas(
+    mem: &GuestMemory,
+    mut view: Option<&mut IovaView>,
+    areas: &[(u64, u64, bool); 3],
+) -> Result<[*mut u8; 3], RingFault> {
+    let mut host = [std::ptr::null_mut(); 3];
+    for (h, &(addr, len, write)) in host.iter_mut().zip(areas) {
+        *h = match view.as_deref_mut() {
+            None => mem.uva_to_host(addr, len).ok_or(RingFault::RingAddress)?,
+            Some(v) => v
+                .translate_whole(mem, addr, len, write)
+                .map_err(|f| iotlb_fault(f, write, RingFault::RingAddress))?,
+        };
+    }
+    Ok(host)
+}
+
 impl DeviceRing {
     /// Translates and validates the ring areas and builds the ring, resuming at
     /// `cfg.base` with every earlier buffer already used (the vhost-user convention:
@@ -62,15 +82,7 @@ impl DeviceRing {
             (cfg.used_uva, layout::used_bytes(size) as u64, true),
         ];
         let mut view = iotlb.map(IovaView::new);
-        let mut host = [std::ptr::null_mut(); 3];
-        for (h, &(addr, len, write)) in host.iter_mut().zip(&areas) {
-            *h = match view.as_mut() {
-                None => mem.uva_to_host(addr, len).ok_or(RingFault::RingAddress)?,
-                Some(v) => v
-                    .translate_whole(&mem, addr, len, write)
-                    .map_err(|f| iotlb_fault(f, write, RingFault::RingAddress))?,
-            };
-        }
+        let host = translate_areas(&mem, view.as_mut(), &areas)?;
         let [desc, avail, used] = host;
         let mut ring = DeviceRing {
             areas: RingAreas { desc, avail, used },
