@@ -22,7 +22,9 @@
 #   dpdkv-loop DPDK net_vhost io                       DPDK virtio-user macswap       RX-packets
 #   fe-loop    ours: testpmd macswap --tx-first 32      DPDK net_vhost io              testpmd rx_packets
 #   dpdk-loop  DPDK virtio-user macswap, tx_first 32    DPDK net_vhost io              RX-packets
-# Split ring, 256 entries, one queue pair, 64-byte frames, burst 32 (testpmd) / 64 (backend).
+# Split ring (PACKED=1: packed rings, DPDK's virtio-user with packed_vq=1 and ours with
+# packed_vq=1; both in order, their default), 256 entries, one queue pair, 64-byte
+# frames, burst 32 (testpmd) / 64 (backend).
 # Comparable pairs: fe-gtx ~ dpdk-gtx (front-end transmit), fe-grx ~ dpdk-grx (front-end
 # receive), be-gtx ~ dpdkv-gtx (device side of guest TX; ours does not copy, DPDK's does),
 # be-grx ~ dpdkv-grx (device side of guest RX; both write the frame into guest buffers),
@@ -57,7 +59,7 @@
 # Environment: PATHS="be-gtx be-grx be-loop fe-gtx fe-grx fe-loop dpdk-gtx dpdk-grx
 #   dpdk-loop dpdkv-gtx dpdkv-grx dpdkv-loop" (all by default), TRAFFIC_S=3 (seconds of
 #   traffic for time-bounded paths; callgrind runs the measured side ~50x slower),
-#   GEN_COUNT=2000000 (be-grx), CG_CPU=1 PEER_CPU=0, TOP=5 (functions by self cost
+#   GEN_COUNT=2000000 (be-grx), PACKED=0|1 (ring layout), CG_CPU=1 PEER_CPU=0, TOP=5 (functions by self cost
 #   listed per path), KEEP=1 (keep the work directory with the callgrind files),
 #   BIN=target/release/host-backend PMD=target/release/testpmd,
 #   VNET_LOCK_HELD=1 if the caller already holds /tmp/vnet-tests.lock (the script takes it
@@ -67,6 +69,8 @@ set -euo pipefail
 PATHS=${PATHS:-"be-gtx be-grx be-loop fe-gtx fe-grx fe-loop dpdk-gtx dpdk-grx dpdk-loop dpdkv-gtx dpdkv-grx dpdkv-loop"}
 TRAFFIC_S=${TRAFFIC_S:-3}
 GEN_COUNT=${GEN_COUNT:-2000000}
+PACKED=${PACKED:-0}
+case $PACKED in 0) OUR_PACKED="" ;; 1) OUR_PACKED=",packed_vq=1" ;; *) echo "callgrind.sh: PACKED must be 0 or 1" >&2; exit 1 ;; esac
 CG_CPU=${CG_CPU:-1}
 PEER_CPU=${PEER_CPU:-0}
 TOP=${TOP:-5}
@@ -150,7 +154,7 @@ dpdk_start() {
     if [ "$role" = vhost ]; then
         vdev="net_vhost0,iface=$SOCK,queues=1"; prefix=vnetcg-host
     else
-        vdev="net_virtio_user0,path=$SOCK,queues=1,packed_vq=0"; prefix=vnetcg-guest
+        vdev="net_virtio_user0,path=$SOCK,queues=1,packed_vq=$PACKED"; prefix=vnetcg-guest
     fi
     if [ "$cg" = yes ]; then
         cpu=$CG_CPU; pre=("${VG[@]}" --callgrind-out-file="$WORK/$tag.cg"); mem=(--no-huge -m 512 --iova-mode=va)
@@ -184,7 +188,7 @@ ours_backend_start() { # TAG ARGS...: our host-backend under callgrind, waits un
 ours_testpmd_start() { # TAG MODE [ARGS...]: our testpmd under callgrind for TRAFFIC_S seconds of forwarding
     local tag=$1 mode=$2
     shift 2
-    taskset -c "$CG_CPU" "${VG[@]}" --callgrind-out-file="$WORK/$tag.cg" "$PMD" --vdev "virtio_user0,path=$SOCK" \
+    taskset -c "$CG_CPU" "${VG[@]}" --callgrind-out-file="$WORK/$tag.cg" "$PMD" --vdev "virtio_user0,path=$SOCK$OUR_PACKED" \
         --forward-mode "$mode" --txpkts $SIZE --cores "$CG_CPU" --duration "$TRAFFIC_S" --stats-format json "$@" \
         >"$WORK/$tag.log" 2>&1 9>&- &
     PID[$tag]=$!

@@ -27,6 +27,9 @@ pub(crate) trait Ring {
     type Step: Copy;
     /// How many available chains the burst may walk.
     fn poll_avail(&mut self) -> Result<u16, RingFault>;
+    /// [`poll_avail`](Ring::poll_avail) when the burst needs at most `max` chains (it may
+    /// return more: the split ring counts them all with one load).
+    fn poll_avail_max(&mut self, max: u16) -> Result<u16, RingFault>;
     /// Walks the `i`-th available chain into `out`.
     fn walk_avail<'m>(
         &mut self,
@@ -57,6 +60,10 @@ impl Ring for DeviceRing {
     type Step = (u16, u16);
     #[inline(always)]
     fn poll_avail(&mut self) -> Result<u16, RingFault> {
+        DeviceRing::poll_avail(self)
+    }
+    #[inline(always)]
+    fn poll_avail_max(&mut self, _max: u16) -> Result<u16, RingFault> {
         DeviceRing::poll_avail(self)
     }
     #[inline(always)]
@@ -108,6 +115,10 @@ impl Ring for PackedRing {
     #[inline(always)]
     fn poll_avail(&mut self) -> Result<u16, RingFault> {
         PackedRing::poll_avail(self)
+    }
+    #[inline(always)]
+    fn poll_avail_max(&mut self, max: u16) -> Result<u16, RingFault> {
+        PackedRing::poll_avail_max(self, max)
     }
     #[inline(always)]
     fn walk_avail<'m>(

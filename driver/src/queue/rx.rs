@@ -215,8 +215,9 @@ impl<R: Ring> RxHalf<R> {
         }
     }
 
-    /// Posts free buffers until the ring is full or the pool is empty (one pool lock and
-    /// one avail publish per batch).
+    /// Posts free buffers until the ring is full (a packed ring: up to its last whole
+    /// line of free descriptors) or the pool is empty (one pool lock per batch, one avail
+    /// publish).
     fn refill(&mut self) {
         let mut src = RefillSource {
             idx: [0u32; BATCH],
@@ -226,8 +227,12 @@ impl<R: Ring> RxHalf<R> {
             off: self.headroom as u64 - NET_HDR_LEN as u64,
             post_len: self.post_len,
         };
-        while self.ring.free_count() > 0 {
-            let want = (self.ring.free_count() as usize).min(BATCH);
+        loop {
+            // Whole lines of descriptors on packed rings (`Ring::refill_take`).
+            let want = self.ring.refill_take((self.ring.free_count() as usize).min(BATCH) as u16) as usize;
+            if want == 0 {
+                break;
+            }
             let got = self.pool.take_indices(&mut src.idx[..want]);
             // `got <= want <= free_count`: every index taken is posted.
             self.ring.post_burst(got as u16, true, &mut src);

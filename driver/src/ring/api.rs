@@ -33,6 +33,8 @@ pub trait Ring {
     fn poll_used(&self) -> Result<u16, DeviceError>;
     /// How many of `n` polled buffers a receive burst should take.
     fn rx_take(&self, n: u16) -> u16;
+    /// How many of `n` free descriptors a receive refill should post (0: wait for more).
+    fn refill_take(&self, n: u16) -> u16;
     /// The next used buffer `(token, len)`, `None` if not used yet (call within what
     /// `poll_used` allowed).
     fn pop_one(&mut self) -> Result<Option<(u32, u32)>, DeviceError>;
@@ -77,6 +79,10 @@ impl Ring for DriverRing {
     #[inline(always)]
     fn rx_take(&self, n: u16) -> u16 {
         self.line_aligned(n)
+    }
+    #[inline(always)]
+    fn refill_take(&self, n: u16) -> u16 {
+        n
     }
     #[inline(always)]
     fn pop_one(&mut self) -> Result<Option<(u32, u32)>, DeviceError> {
@@ -127,6 +133,10 @@ impl Ring for PackedRing {
     #[inline(always)]
     fn rx_take(&self, n: u16) -> u16 {
         n
+    }
+    #[inline(always)]
+    fn refill_take(&self, n: u16) -> u16 {
+        self.line_aligned_post(n)
     }
     #[inline(always)]
     fn pop_one(&mut self) -> Result<Option<(u32, u32)>, DeviceError> {

@@ -348,6 +348,7 @@ impl Device {
             base: qs.base,
             event_idx: feats & f::bit(f::RING_EVENT_IDX) != 0,
             indirect: feats & f::bit(f::RING_INDIRECT_DESC) != 0,
+            in_order: feats & f::bit(f::IN_ORDER) != 0,
         };
         let call = qs.call.clone();
         let kick = qs.kick.clone();

@@ -57,8 +57,8 @@ mod walk;
 /// this long, see `port::BURST`).
 pub(crate) const MAX_BURST: usize = 64;
 
-/// Words of the in-flight id bitmap: one bit per possible buffer id (ids are 16 bits).
-const ID_WORDS: usize = (u16::MAX as usize + 1) / 64;
+/// Entries of the walked-id table: one per possible buffer id (ids are 16 bits).
+const IDS: usize = u16::MAX as usize + 1;
 
 /// Where one available chain lies in the ring, as the poll found it.
 #[derive(Debug, Clone, Copy, Default)]
@@ -72,14 +72,16 @@ struct ChainAt {
 }
 
 /// What [`PackedRing::walk_avail`] hands back for [`PackedRing::add_used`]: the buffer
-/// id (the last descriptor's, §2.8.6) and how many ring descriptors the chain used (the
-/// used position skips them, §2.8.6).
+/// id (the last descriptor's, §2.8.6), how many ring descriptors the chain used (the
+/// used position skips them, §2.8.6), and whether the device only reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PackedHead {
     /// Buffer id to return.
     pub id: u16,
     /// Ring descriptors the chain occupies.
     pub count: u16,
+    /// No descriptor of the chain is device-writable (a transmit buffer).
+    pub reads_only: bool,
 }
 
 /// The first half of a publication, for the notification decision after the fence: the
@@ -117,14 +119,22 @@ pub(crate) struct PackedRing {
     seen_wrap: bool,
     /// Chains of this burst walked so far with their ids marked in flight.
     walked: u16,
-    walked_ids: [u16; MAX_BURST],
-    /// One bit per buffer id walked in this burst (cleared at the next poll).
-    in_flight: Box<[u64]>,
+    /// By buffer id: the burst (`burst`) that last walked it. An id whose entry holds
+    /// the current burst is in flight in it; a new burst needs no clearing, only a new
+    /// number (the table is cleared when the number wraps).
+    walked_in: Box<[u16]>,
+    burst: u16,
     /// Used descriptors written and not yet published.
     pending: u16,
     /// The first pending used descriptor: its offset and the flags it gets at publication.
     first_pos: u16,
     first_flags: u16,
+    /// `VIRTIO_F_IN_ORDER`: a run of device-read-only chains completed one after the
+    /// other is returned with one used descriptor (see [`add_used`](Self::add_used)).
+    in_order: bool,
+    /// The pending used descriptor that stands for the run being completed, if the last
+    /// [`add_used`](Self::add_used) of this burst opened or extended one.
+    run_pos: Option<u16>,
     event_idx: bool,
     indirect: bool,
     mem: Arc<GuestMemory>,
@@ -190,21 +200,63 @@ impl PackedRing {
 
     /// Finds the available chains from the next available position on, in ring order, up
     /// to [`MAX_BURST`], and returns how many (what [`walk_avail`](Self::walk_avail) may
-    /// then take). A chain whose `NEXT` leads into a descriptor that is not available
+    /// then take); [`poll_avail_max`](Self::poll_avail_max) with that bound. A chain whose `NEXT` leads into a descriptor that is not available
     /// is [`RingFault::ChainNotAvailable`], one longer than the ring
     /// [`RingFault::ChainTooLong`]; the chains before a bad one are returned first, and the
     /// fault comes with the next poll. Also ends the previous burst's in-flight ids.
-    #[inline]
+    #[inline(always)]
     pub fn poll_avail(&mut self) -> Result<u16, RingFault> {
-        for k in 0..self.walked as usize {
-            let id = self.walked_ids[k] as usize;
-            self.in_flight[id / 64] &= !(1u64 << (id % 64));
-        }
+        self.poll_avail_max(MAX_BURST as u16)
+    }
+
+    /// [`poll_avail`](Self::poll_avail) looking for at most `max` chains (at most
+    /// [`MAX_BURST`]): a forwarding burst needs no more receive buffers than it has
+    /// frames, and each descriptor looked at is a line the driver may be writing.
+    #[inline]
+    pub fn poll_avail_max(&mut self, max: u16) -> Result<u16, RingFault> {
+        let max = (max as usize).min(MAX_BURST);
         self.walked = 0;
+        self.burst = self.burst.wrapping_add(1);
+        if self.burst == 0 {
+            self.walked_in.fill(0);
+            self.burst = 1;
+        }
         let (mut pos, mut wrap) = (self.avail_pos, self.avail_wrap);
         let mut n = 0usize;
         let mut fault = None;
-        'chains: while n < MAX_BURST {
+        // The common case first, in a loop of its own with the ring's fields in locals:
+        // single descriptors (no NEXT), available in this wrap, up to the ring's end.
+        let desc = self.desc;
+        const MASK: u16 = packed::DESC_F_AVAIL | packed::DESC_F_USED | DESC_F_NEXT;
+        loop {
+            let want = packed::avail_flags(wrap);
+            let end = (n + (self.size - pos) as usize).min(max);
+            let start = n;
+            while n < end {
+                // SAFETY: `pos < size`: `end - n` positions remain before the ring's end.
+                // Inside the ring validated in `new`, the flags word 2-aligned. Acquire:
+                // see the module doc.
+                let f = unsafe {
+                    AtomicU16::from_ptr(
+                        desc.add(pos as usize * packed::DESC_SIZE + packed::DESC_FLAGS) as *mut u16
+                    )
+                }
+                .load(Ordering::Acquire);
+                if u16::from_le(f) & MASK != want {
+                    break;
+                }
+                self.chains[n] = ChainAt { pos, count: 1, wrap };
+                n += 1;
+                pos += 1;
+            }
+            if pos == self.size {
+                (pos, wrap) = (0, !wrap);
+            }
+            if n == start || n == max || n < end {
+                break;
+            }
+        }
+        'chains: while n < max {
             // SAFETY: `pos < size` (an invariant of every position).
             let head = u16::from_le(unsafe { self.flags_at(pos) }.load(Ordering::Acquire));
             if !packed::is_avail(head, wrap) {
@@ -250,7 +302,7 @@ impl PackedRing {
         }
         let at = self.chains[i as usize];
         // SAFETY: `at.pos < size`.
-        let d = unsafe { walk::read_desc(self.desc, at.pos as u32) };
+        let d = unsafe { walk::read_ring_desc(self.desc, at.pos) };
         if d.flags & DESC_F_INDIRECT != 0 {
             return;
         }
@@ -262,9 +314,33 @@ impl PackedRing {
     /// already pending (id and length now; the flags word now, or, for the burst's
     /// first, at [`publish_used`](Self::publish_used)); nothing is visible to the driver
     /// before that.
+    ///
+    /// With `VIRTIO_F_IN_ORDER`, a chain the device only read, completed with nothing
+    /// written right after another such chain of the same burst, gets no used descriptor
+    /// of its own: the run's one used descriptor is renamed to this buffer id, and the
+    /// used position skips this chain's descriptors (§2.8.21: the device may write a
+    /// single used descriptor with the id of a batch's last buffer and skip the rest, as
+    /// DPDK's vhost does for transmit rings). The driver learns nothing from a transmit
+    /// buffer's used length, and it reads one descriptor per run instead of one per
+    /// frame; the device writes one line of the ring instead of one per four frames.
+    /// Device-writable chains always get their own descriptor: their lengths matter.
     #[inline]
     pub fn add_used(&mut self, head: PackedHead, len: u32) {
+        let coalesce = self.in_order && head.reads_only && len == 0;
+        if let (true, Some(run)) = (coalesce, self.run_pos) {
+            // SAFETY: `run < size` (a used position of this burst). The descriptor is
+            // pending: the driver reads it only after the burst's publication (its own
+            // flags, or the first pending one's, released after this store).
+            unsafe {
+                let p = self.desc.add(run as usize * packed::DESC_SIZE);
+                std::ptr::write_volatile(p.add(packed::DESC_ID) as *mut u16, head.id.to_le());
+            }
+            (self.used_pos, self.used_wrap) =
+                self.advance(self.used_pos, self.used_wrap, head.count.min(self.size));
+            return;
+        }
         let pos = self.used_pos;
+        self.run_pos = coalesce.then_some(pos);
         // SAFETY: `pos < size`: the descriptor lies inside the ring validated in `new`
         // (16-byte aligned: the length and id fields are aligned). The device owns a
         // descriptor it has consumed; volatile because the driver reads it concurrently.
@@ -318,6 +394,7 @@ impl PackedRing {
             return None;
         }
         self.pending = 0;
+        self.run_pos = None;
         // SAFETY: `first_pos < size`.
         unsafe { self.flags_at(self.first_pos) }.store(self.first_flags.to_le(), Ordering::Release);
         let step = UsedStep { old: self.signalled, new: self.used_pos, wrap: self.used_wrap };

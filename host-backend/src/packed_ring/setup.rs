@@ -13,7 +13,7 @@ use std::sync::Arc;
 use spec::packed;
 use spec::prefetch::WritePrefetch;
 
-use super::{ChainAt, PackedRing, ID_WORDS, MAX_BURST};
+use super::{ChainAt, PackedRing, IDS, MAX_BURST};
 use crate::iotlb::{Iotlb, IovaView};
 use crate::memory::GuestMemory;
 use crate::split_ring::{translate_areas, RingConfig, RingFault};
@@ -71,11 +71,13 @@ impl PackedRing {
             seen_pos: pos,
             seen_wrap: wrap,
             walked: 0,
-            walked_ids: [0; MAX_BURST],
-            in_flight: vec![0u64; ID_WORDS].into_boxed_slice(),
+            walked_in: vec![0u16; IDS].into_boxed_slice(),
+            burst: 0,
             pending: 0,
             first_pos: 0,
             first_flags: 0,
+            in_order: cfg.in_order,
+            run_pos: None,
             event_idx: cfg.event_idx,
             indirect: cfg.indirect,
             mem,

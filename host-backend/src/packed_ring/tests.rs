@@ -50,6 +50,8 @@ struct Drv {
     in_flight: VecDeque<Posted>,
     next_data: u64,
     next_indirect: u64,
+    /// Used descriptors read (an in-order batch is one).
+    used_read: usize,
 }
 
 impl Drv {
@@ -145,20 +147,32 @@ impl Drv {
             }
             let len: u32 = self.gm.read_obj(GuestAddress(at + 8)).unwrap();
             let id: u16 = self.gm.read_obj(GuestAddress(at + 12)).unwrap();
-            let p = self.in_flight.pop_front().expect("a used descriptor for a chain in flight");
-            assert_eq!(id, p.id, "used in order");
-            out.push((id, len, flags));
-            self.free_ids.push(id);
-            self.free_descs += p.count;
-            let np = self.used_pos as u32 + p.count as u32;
-            if np >= self.size as u32 {
-                self.used_pos = (np - self.size as u32) as u16;
-                self.used_wrap = !self.used_wrap;
-            } else {
-                self.used_pos = np as u16;
+            self.used_read += 1;
+            assert!(self.in_flight.iter().any(|p| p.id == id), "a used descriptor for a chain in flight");
+            // In order (§2.8.21), one used descriptor may stand for a batch ending at `id`:
+            // the buffers before it are used too (reported with length 0 here).
+            loop {
+                let p = self.in_flight.pop_front().expect("in flight");
+                let last = p.id == id;
+                out.push((p.id, if last { len } else { 0 }, flags));
+                self.free_ids.push(p.id);
+                self.free_descs += p.count;
+                self.advance_used(p.count);
+                if last {
+                    break;
+                }
             }
         }
         out
+    }
+    fn advance_used(&mut self, count: u16) {
+        let np = self.used_pos as u32 + count as u32;
+        if np >= self.size as u32 {
+            self.used_pos = (np - self.size as u32) as u16;
+            self.used_wrap = !self.used_wrap;
+        } else {
+            self.used_pos = np as u16;
+        }
     }
     fn set_event(&self, flags: u16, off_wrap: u16) {
         self.gm.write_obj(off_wrap.to_le(), GuestAddress(DRIVER)).unwrap();
@@ -192,16 +206,25 @@ fn memories() -> (GuestMemoryMmap, Arc<GuestMemory>) {
 }
 
 fn config(size: u16, base: u16, event_idx: bool) -> RingConfig {
-    RingConfig { size, desc_uva: DESC, avail_uva: DRIVER, used_uva: DEVICE, base, event_idx, indirect: true }
+    RingConfig {
+        size,
+        desc_uva: DESC,
+        avail_uva: DRIVER,
+        used_uva: DEVICE,
+        base,
+        event_idx,
+        indirect: true,
+        in_order: false,
+    }
 }
 
 /// A ring of `size` resuming at offset `pos` with both wrap counters `wrap`.
 fn fixture(size: u16, pos: u16, wrap: bool, event_idx: bool) -> Fixture {
-    fixture_with(size, pos, wrap, event_idx, true)
+    fixture_with(size, pos, wrap, event_idx, true, false)
 }
 
-/// [`fixture`], with or without `VIRTIO_RING_F_INDIRECT_DESC`.
-fn fixture_with(size: u16, pos: u16, wrap: bool, event_idx: bool, indirect: bool) -> Fixture {
+/// [`fixture`], with or without `VIRTIO_RING_F_INDIRECT_DESC` and `VIRTIO_F_IN_ORDER`.
+fn fixture_with(size: u16, pos: u16, wrap: bool, event_idx: bool, indirect: bool, in_order: bool) -> Fixture {
     let (gm, mem) = memories();
     let drv = Drv {
         gm,
@@ -215,10 +238,11 @@ fn fixture_with(size: u16, pos: u16, wrap: bool, event_idx: bool, indirect: bool
         in_flight: VecDeque::new(),
         next_data: DATA,
         next_indirect: INDIRECT,
+        used_read: 0,
     };
     let call = EventFd::new(EFD_NONBLOCK).unwrap();
     let base = pos | (wrap as u16) << 15;
-    let cfg = RingConfig { indirect, ..config(size, base, event_idx) };
+    let cfg = RingConfig { indirect, in_order, ..config(size, base, event_idx) };
     let ring = PackedRing::new(&cfg, mem.clone(), Some(call.as_raw_fd()), None).unwrap();
     Fixture { drv, ring, mem, call }
 }
@@ -238,23 +262,34 @@ fn device_round(
     dir: Dir,
     expect: &mut VecDeque<Posted>,
 ) -> Result<(usize, usize), RingFault> {
-    let (mut done, mut calls) = (0, 0);
+    device_round_len(f, dir, expect, |id| 1000 + id as u32).map(|(done, calls, _)| (done, calls))
+}
+
+/// [`device_round`] completing each chain with `len(id)` bytes; also returns the bursts.
+fn device_round_len(
+    f: &mut Fixture,
+    dir: Dir,
+    expect: &mut VecDeque<Posted>,
+    len: impl Fn(u16) -> u32,
+) -> Result<(usize, usize, usize), RingFault> {
+    let (mut done, mut calls, mut bursts) = (0, 0, 0);
     let mut c = Chain::default();
     loop {
         let n = f.ring.poll_avail()?;
         if n == 0 {
-            return Ok((done, calls));
+            return Ok((done, calls, bursts));
         }
+        bursts += 1;
         assert!(n as usize <= MAX_BURST);
         for i in 0..n {
             f.ring.prefetch_write(i, 2);
             let h = f.ring.walk_avail(&f.mem, i, dir, &mut c)?;
             let p = expect.pop_front().expect("the device walks no more than was posted");
-            assert_eq!(h, PackedHead { id: p.id, count: p.count });
+            assert_eq!((h.id, h.count), (p.id, p.count));
             // Merge adjacent pieces: a buffer may map to one piece or several.
             assert_eq!(chain_gpas(f, &c), p.bufs);
             assert_eq!(c.total, p.bufs.iter().map(|b| b.1 as u64).sum::<u64>());
-            f.ring.add_used(h, 1000 + p.id as u32);
+            f.ring.add_used(h, len(p.id));
         }
         f.ring.consume(n);
         calls += f.ring.publish_used() as usize;
@@ -313,6 +348,53 @@ proptest! {
             prop_assert_eq!(f.ring.last_avail(), f.drv.avail_pos | (f.drv.avail_wrap as u16) << 15);
         }
     }
+
+    /// With `VIRTIO_F_IN_ORDER`, chains the device only read and completed with length 0
+    /// come back as one used descriptor per burst naming the burst's last buffer id
+    /// (§2.8.21), at the burst's first position; the driver model walks the batch by its
+    /// own descriptor counts and ends exactly where the device does. Device-writable
+    /// chains, or a length written, keep one used descriptor each.
+    #[test]
+    fn in_order_runs_of_transmit_buffers_share_one_used_descriptor(
+        size in prop_oneof![Just(1u16), Just(3u16), Just(7u16), Just(16u16), Just(100u16), Just(256u16)],
+        start in any::<u16>(),
+        wrap in any::<bool>(),
+        rounds in prop::collection::vec(prop::collection::vec(chain_spec(), 0..80), 1..16),
+        writable in any::<bool>(),
+        zero in any::<bool>(),
+    ) {
+        let mut f = fixture_with(size, start % size, wrap, false, true, true);
+        let (dir, flags) = if writable { (Dir::DeviceWrites, DESC_F_WRITE) } else { (Dir::DeviceReads, 0) };
+        let len = |id: u16| if zero { 0 } else { 1000 + id as u32 };
+        for round in rounds {
+            let mut expect = VecDeque::new();
+            for spec in round {
+                let mut lens = spec.lens.clone();
+                lens.truncate(size as usize);
+                if !f.drv.room(lens.len(), spec.indirect) {
+                    continue;
+                }
+                expect.push_back(f.drv.post(&lens, spec.indirect, flags));
+            }
+            let n = expect.len();
+            let before = f.drv.used_read;
+            let (done, _, bursts) = device_round_len(&mut f, dir, &mut expect, len).unwrap();
+            prop_assert_eq!(done, n);
+            let used = f.drv.take_used();
+            prop_assert_eq!(used.len(), n);
+            let descs = f.drv.used_read - before;
+            if !writable && zero {
+                prop_assert_eq!(descs, bursts, "one used descriptor per burst");
+            } else {
+                prop_assert_eq!(descs, n, "one used descriptor per chain");
+                for &(id, l, _) in &used {
+                    prop_assert_eq!(l, len(id));
+                }
+            }
+            prop_assert!(f.drv.in_flight.is_empty());
+            prop_assert_eq!(f.ring.last_avail(), f.drv.avail_pos | (f.drv.avail_wrap as u16) << 15);
+        }
+    }
 }
 
 /// A burst is invisible until its one publication, then whole; the first used
@@ -366,7 +448,7 @@ fn a_chain_left_in_the_ring_is_walked_again() {
     f.ring.publish_used();
     assert_eq!(f.ring.poll_avail().unwrap(), 1);
     let hb = f.ring.walk_avail(&f.mem, 0, Dir::DeviceReads, &mut c).unwrap();
-    assert_eq!(hb, PackedHead { id: b.id, count: 2 });
+    assert_eq!(hb, PackedHead { id: b.id, count: 2, reads_only: true });
     f.ring.add_used(hb, 0);
     f.ring.consume(1);
     f.ring.publish_used();
@@ -478,7 +560,7 @@ fn rejects_every_kind_of_malformed_chain() {
     );
     raw(&f, 0, ind(16));
     assert_eq!(first_walk(&mut f, Dir::DeviceReads), Err(RingFault::BadIndirect { len: 16 }));
-    let mut f = fixture_with(8, 0, true, false, false);
+    let mut f = fixture_with(8, 0, true, false, false, false);
     raw(&f, 0, ind(16));
     assert_eq!(first_walk(&mut f, Dir::DeviceReads), Err(RingFault::BadIndirect { len: 16 }));
 

@@ -15,6 +15,22 @@ use crate::iotlb::IovaView;
 use crate::memory::GuestMemory;
 use crate::split_ring::{iotlb_fault, map_buffer, Chain, Dir, RingFault, MAX_INDIRECT};
 
+/// Reads descriptor `pos` of the descriptor ring at `ring` (16-byte aligned, checked in
+/// `new`): two aligned 64-bit volatile loads (the driver owns this memory).
+///
+/// # Safety
+///
+/// `ring` must be the ring's descriptor area and `pos` less than its size.
+#[inline(always)]
+pub(super) unsafe fn read_ring_desc(ring: *const u8, pos: u16) -> PackedDescriptor {
+    // SAFETY: entry `pos` lies inside the ring (the caller's promise), 16-byte aligned.
+    let (w0, w1) = unsafe {
+        let q = ring.add(pos as usize * DESC_SIZE) as *const u64;
+        (std::ptr::read_volatile(q), std::ptr::read_volatile(q.add(1)))
+    };
+    PackedDescriptor::from_le_words(w0, w1)
+}
+
 /// Reads descriptor `i` of the descriptor ring or indirect table at `table` (volatile:
 /// the driver owns this memory).
 ///
@@ -67,22 +83,23 @@ impl PackedRing {
             return Err(RingFault::HeadOutOfRange { head: i });
         }
         let at = self.chains[i as usize];
-        let id = self.walk(mem, at, dir, out)?;
+        let (id, reads_only) = self.walk(mem, at, dir, out)?;
         if i == self.walked {
-            let (w, bit) = (id as usize / 64, 1u64 << (id % 64));
-            if self.in_flight[w] & bit != 0 {
+            // `walked_in` has an entry for every u16.
+            let seen = &mut self.walked_in[id as usize];
+            if *seen == self.burst {
                 return Err(RingFault::IdInFlight { id });
             }
-            self.in_flight[w] |= bit;
-            self.walked_ids[i as usize] = id;
+            *seen = self.burst;
             self.walked += 1;
         }
-        Ok(PackedHead { id, count: at.count })
+        Ok(PackedHead { id, count: at.count, reads_only })
     }
 
     /// The walk of one chain: one direct descriptor in one memory region without an IOMMU
     /// is decided inline; anything else goes the general way, which reads the
-    /// descriptors again and decides everything itself.
+    /// descriptors again and decides everything itself. Returns the buffer id and
+    /// whether no buffer of the chain is device-writable.
     #[inline(always)]
     fn walk<'m>(
         &mut self,
@@ -90,17 +107,17 @@ impl PackedRing {
         at: ChainAt,
         dir: Dir,
         out: &mut Chain<'m>,
-    ) -> Result<u16, RingFault> {
+    ) -> Result<(u16, bool), RingFault> {
         if at.count == 1 && self.iova.is_none() {
             // SAFETY: `at.pos < size`, the ring's length.
-            let d = unsafe { read_desc(self.desc, at.pos as u32) };
+            let d = unsafe { read_ring_desc(self.desc, at.pos) };
             if d.flags & DESC_F_INDIRECT == 0 && d.len > 0 {
                 let writable = d.flags & DESC_F_WRITE != 0;
                 if dir.admits(writable, false) {
                     if let Some((ptr, n)) = mem.translate(&mut self.hint, d.addr, d.len as u64) {
                         if n == d.len as u64 {
                             out.set_single(ptr, d.len, !writable);
-                            return Ok(d.id);
+                            return Ok((d.id, !writable));
                         }
                     }
                 }
@@ -118,14 +135,14 @@ impl PackedRing {
         at: ChainAt,
         dir: Dir,
         out: &mut Chain<'m>,
-    ) -> Result<u16, RingFault> {
+    ) -> Result<(u16, bool), RingFault> {
         out.clear();
         let mut writing = false;
         let mut pos = at.pos;
         let mut id = 0;
         for _ in 0..at.count {
             // SAFETY: `pos < size` (every position is).
-            let d = unsafe { read_desc(self.desc, pos as u32) };
+            let d = unsafe { read_ring_desc(self.desc, pos) };
             // The buffer id is the last descriptor's (§2.8.6).
             id = d.id;
             if d.flags & DESC_F_INDIRECT != 0 {
@@ -164,7 +181,7 @@ impl PackedRing {
             }
             (pos, _) = self.advance(pos, false, 1);
         }
-        Ok(id)
+        Ok((id, !writing))
     }
 
     /// One buffer of a chain: its direction checked against the queue's (and against

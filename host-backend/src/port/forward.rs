@@ -39,7 +39,8 @@ impl PortPath {
             None => (None, None),
         };
         let nrx = match dside.as_mut() {
-            Some((r, _)) => r.poll_avail().map_err(|b| (Side::Dst, b))?,
+            // No more receive buffers than frames (a packed ring looks at no more).
+            Some((r, _)) => r.poll_avail_max(ntx).map_err(|b| (Side::Dst, b))?,
             None => 0,
         };
         let peer_down = dside.is_none();

@@ -32,6 +32,9 @@ pub(crate) struct RingConfig {
     pub event_idx: bool,
     /// `VIRTIO_RING_F_INDIRECT_DESC` negotiated.
     pub indirect: bool,
+    /// `VIRTIO_F_IN_ORDER` negotiated (the packed engine returns runs of transmit
+    /// buffers with one used descriptor).
+    pub in_order: bool,
 }
 
 /// Translates a ring's three areas, each `(address, length, device writes it)`, to host

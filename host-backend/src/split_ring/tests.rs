@@ -143,6 +143,7 @@ fn fixture(size: u16, base: u16, event_idx: bool) -> Fixture {
         base,
         event_idx,
         indirect: true,
+        in_order: false,
     };
     let ring = DeviceRing::new(&cfg, mem.clone(), Some(call.as_raw_fd()), None).unwrap();
     Fixture { drv, ring, mem, call }
@@ -463,6 +464,7 @@ fn rejects_avail_jump_and_bad_ring_addresses() {
         base: 0,
         event_idx: false,
         indirect: false,
+        in_order: false,
     };
     let mem = f.mem.clone();
     for c in [

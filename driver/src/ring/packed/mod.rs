@@ -340,6 +340,27 @@ impl PackedRing {
         n
     }
 
+    /// How many of `n` free descriptors to post so that the posting ends on a whole line
+    /// of descriptors (four per 64-byte line): all `n` if that is where they end, else
+    /// fewer (none if fewer than a line's worth would remain; they wait for the next
+    /// refill). For a receive ring, whose device writes used descriptors over the
+    /// available ones in place (§2.8.7): a refill that ends inside a line writes into a
+    /// line whose other descriptors the device is about to overwrite with used ones, and
+    /// the device then reads avail descriptors from a line the driver is still filling;
+    /// both sides then take the line from each other for every burst. The split ring's
+    /// receive burst keeps to lines for the same reason (`DriverRing::line_aligned`).
+    /// Rings whose size is not a multiple of four post everything (lines do not repeat
+    /// with the ring's laps there).
+    #[inline(always)]
+    pub fn line_aligned_post(&self, n: u16) -> u16 {
+        const PER_LINE: u16 = (64 / p::DESC_SIZE) as u16;
+        if self.size % PER_LINE != 0 {
+            return n;
+        }
+        let end = (self.next_avail as u32 + n as u32) % PER_LINE as u32;
+        n.saturating_sub(end as u16)
+    }
+
     /// Publishes everything posted since the last publish (the first descriptor's flags,
     /// with `Release`) and makes the burst's one kick decision from the device's event
     /// suppression structure (§2.8.10.1). Returns whether it kicked.
