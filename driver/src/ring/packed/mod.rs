@@ -51,6 +51,15 @@ mod tests;
 /// No batch pending (in-order mode: see `used.rs`).
 const NO_BATCH: u32 = u32::MAX;
 
+/// What the ring keeps of one buffer id: the token (`NO_TOKEN` when the id is not in
+/// flight), the bytes posted, and the descriptors the buffer occupies in the ring.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    token: u32,
+    len: u32,
+    ndesc: u16,
+}
+
 /// One packed virtqueue, driver side.
 pub struct PackedRing {
     desc: *mut u8,
@@ -70,11 +79,8 @@ pub struct PackedRing {
     /// Any-order mode: free buffer ids (a stack, top at `nfree_ids - 1`).
     free_ids: Box<[u16]>,
     nfree_ids: u16,
-    /// By buffer id: the token (`NO_TOKEN` when the id is not in flight), the bytes
-    /// posted, and the descriptors the buffer occupies in the ring.
-    tokens: Box<[u32]>,
-    posted_len: Box<[u32]>,
-    ndesc: Box<[u16]>,
+    /// By buffer id: what the ring keeps of each buffer (one entry, one bounds check).
+    slots: Box<[Slot]>,
     /// Buffers the device holds, published or not.
     heads: u16,
     /// Posted since the last publish: buffers, descriptors, and the first descriptor's
@@ -132,9 +138,7 @@ impl PackedRing {
             free_slots: size,
             free_ids: (0..size).rev().collect(),
             nfree_ids: size,
-            tokens: vec![NO_TOKEN; size as usize].into_boxed_slice(),
-            posted_len: vec![0; size as usize].into_boxed_slice(),
-            ndesc: vec![0; size as usize].into_boxed_slice(),
+            slots: vec![Slot { token: NO_TOKEN, len: 0, ndesc: 0 }; size as usize].into_boxed_slice(),
             heads: 0,
             unpublished: 0,
             unpublished_descs: 0,
@@ -270,10 +274,7 @@ impl PackedRing {
     /// Records buffer `id` as in flight.
     #[inline(always)]
     fn track(&mut self, id: u16, token: u32, len: u32, ndesc: u16) {
-        let i = id as usize;
-        self.tokens[i] = token;
-        self.posted_len[i] = len;
-        self.ndesc[i] = ndesc;
+        self.slots[id as usize] = Slot { token, len, ndesc };
         self.heads += 1;
         self.unpublished += 1;
         self.free_slots -= ndesc;
@@ -335,8 +336,12 @@ impl PackedRing {
             let (addr, len, token) = src.buffer(k, id);
             // SAFETY: `pos < size` (`take_avail_pos`).
             unsafe { self.write_desc(pos, addr, len, id, flags) };
-            self.track(id, token, len, 1);
+            self.slots[id as usize] = Slot { token, len, ndesc: 1 };
         }
+        // `track` for the whole burst: one descriptor per buffer.
+        self.heads += n;
+        self.unpublished += n;
+        self.free_slots -= n;
         n
     }
 

@@ -89,9 +89,9 @@ impl PackedRing {
     /// Retires in-flight buffer `id` (checked by the caller) and returns its token.
     #[inline(always)]
     fn retire(&mut self, id: u16) -> u32 {
-        let i = id as usize;
-        let token = std::mem::replace(&mut self.tokens[i], NO_TOKEN);
-        let n = self.ndesc[i];
+        let slot = &mut self.slots[id as usize];
+        let (token, n) = (slot.token, slot.ndesc);
+        slot.token = NO_TOKEN;
         if !self.in_order {
             self.free_ids[self.nfree_ids as usize] = id;
             self.nfree_ids += 1;
@@ -126,10 +126,11 @@ impl PackedRing {
         if id >= self.size {
             return Err(DeviceError::UsedIdOutOfRange { id: id as u32 });
         }
-        if self.tokens[id as usize] == NO_TOKEN {
+        let slot = self.slots[id as usize];
+        if slot.token == NO_TOKEN {
             return Err(DeviceError::UsedIdNotInFlight { id: id as u32 });
         }
-        let posted = self.posted_len[id as usize];
+        let posted = slot.len;
         if CHECK_LEN && len > posted {
             return Err(DeviceError::UsedLenTooLarge { len, posted });
         }
@@ -158,9 +159,9 @@ impl PackedRing {
             // Cannot happen (the batch's last buffer is in flight behind this one);
             // ends the batch rather than walk past what is in flight.
             self.batch_id = NO_BATCH;
-            self.posted_len[head as usize]
+            self.slots[head as usize].len
         } else {
-            self.posted_len[head as usize]
+            self.slots[head as usize].len
         };
         (self.retire(head), len)
     }
@@ -197,10 +198,10 @@ impl PackedRing {
     /// Tokens of every buffer still in flight (to return them to the pool at close).
     pub fn drain_in_flight(&mut self) -> impl Iterator<Item = u32> + '_ {
         let out: Vec<u32> = self
-            .tokens
+            .slots
             .iter_mut()
-            .filter(|t| **t != NO_TOKEN)
-            .map(|t| std::mem::replace(t, NO_TOKEN))
+            .filter(|s| s.token != NO_TOKEN)
+            .map(|s| std::mem::replace(&mut s.token, NO_TOKEN))
             .collect();
         self.heads = 0;
         self.unpublished = 0;
