@@ -324,7 +324,7 @@ impl PackedRing {
     /// buffer's used length, and it reads one descriptor per run instead of one per
     /// frame; the device writes one line of the ring instead of one per four frames.
     /// Device-writable chains always get their own descriptor: their lengths matter.
-    #[inline]
+    #[inline(always)]
     pub fn add_used(&mut self, head: PackedHead, len: u32) {
         let coalesce = self.in_order && head.reads_only && len == 0;
         if let (true, Some(run)) = (coalesce, self.run_pos) {
