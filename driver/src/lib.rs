@@ -59,8 +59,9 @@ pub mod transport;
 pub mod vfio;
 
 /// The virtio-net wire format this driver shares with the host backend (the `vnet-spec`
-/// crate in `driver/spec/`): ring layout, feature bits, headers, frame builders.
-pub use spec::{frame, layout};
+/// crate in `driver/spec/`): split- and packed-ring layouts, feature bits, headers, frame
+/// builders.
+pub use spec::{frame, layout, packed};
 
 pub use ctrl::Control;
 pub use error::{DeviceError, Error, Result};

@@ -8,11 +8,13 @@
 //!
 //! # The device
 //!
-//! `evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order]` listens on `SOCKET`, serves one
+//! `evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order] [--packed]` listens on `SOCKET`, serves one
 //! front-end with the `vhost` crate's back-end request handler and exits when it goes
 //! away (or after `--lifetime` seconds, default 60, so that no test can hang on it). It
 //! offers `VERSION_1 | MAC | STATUS | MTU | VHOST_USER_F_PROTOCOL_FEATURES` (plus
-//! `VIRTIO_F_IN_ORDER` with `--in-order`: it always uses buffers in order), the protocol
+//! `VIRTIO_F_IN_ORDER` with `--in-order`: it always uses buffers in order; plus
+//! `VIRTIO_F_RING_PACKED` with `--packed`: it then speaks the packed ring, virtio 1.2
+//! §2.8, if the driver acks it, and the split ring otherwise), the protocol
 //! features `MQ | REPLY_ACK | CONFIG`, and a config space with a fixed MAC
 //! ([`DEVICE_MAC`]), link up, one queue pair and MTU 1500. It maps the front-end's memory
 //! (`SET_MEM_TABLE`), translates ring addresses through each region's front-end virtual
@@ -36,6 +38,14 @@
 //! | `id-twice[-tx]` | a legitimate completion and the same id again, in one publish | `UsedIdNotInFlight` |
 //! | `len-too-large[-tx]` | a used length one byte larger than the posted buffer | `UsedLenTooLarge` |
 //! | `idx-jump[-tx]` | the used index advanced by the buffers in flight plus one (on rx, only once the ring is full, so the driver's count cannot move under it) | `UsedIdxJump` |
+//! | `wrong-wrap[-tx]` | packed only: a used descriptor at the used position whose AVAIL/USED bits carry the other wrap counter | `UsedWrongWrap` |
+//! | `used-ahead[-tx]` | packed only: a valid used descriptor for the SECOND buffer taken, written one position past the used position, which stays "available" | nothing: the driver must ignore it (reported as `AHEAD queue=Q pos=P id=I`, not `BAD`) |
+//!
+//! On a packed ring "one publish" means what it does for a driver's burst: the used
+//! descriptors are written in ring order, each one's flags word last, and the first one's
+//! flags (with a release store) after all the others, so the driver sees them together.
+//! `idx-jump` has no packed form (there is no used index); the packed modes need a
+//! packed ring: the device stops (`BROKEN ...`) if the negotiated layout does not fit.
 //!
 //! In receive-queue modes both trigger frames are completed correctly on the transmit
 //! queue; in transmit-queue modes nothing is written to the receive queue.
@@ -67,6 +77,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use driver::layout::{self, features as f, net_config, Descriptor, DESC_F_WRITE, NET_HDR_LEN};
+use driver::packed;
 use driver::DeviceError;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -114,12 +125,23 @@ pub enum Fault {
     LenTooLarge,
     /// The used index moved by more than the buffers in flight.
     IdxJump,
+    /// Packed ring: a used descriptor marked with the wrong wrap counter.
+    WrongWrap,
+    /// Packed ring: a used descriptor written one position ahead of the used position.
+    UsedAhead,
 }
 
 impl Fault {
     /// Every fault.
-    pub const ALL: [Fault; 5] =
-        [Fault::IdOutOfRange, Fault::IdNotInFlight, Fault::IdTwice, Fault::LenTooLarge, Fault::IdxJump];
+    pub const ALL: [Fault; 7] = [
+        Fault::IdOutOfRange,
+        Fault::IdNotInFlight,
+        Fault::IdTwice,
+        Fault::LenTooLarge,
+        Fault::IdxJump,
+        Fault::WrongWrap,
+        Fault::UsedAhead,
+    ];
 
     /// The mode name (without the queue suffix).
     pub fn name(self) -> &'static str {
@@ -129,6 +151,18 @@ impl Fault {
             Fault::IdTwice => "id-twice",
             Fault::LenTooLarge => "len-too-large",
             Fault::IdxJump => "idx-jump",
+            Fault::WrongWrap => "wrong-wrap",
+            Fault::UsedAhead => "used-ahead",
+        }
+    }
+
+    /// Whether the fault exists on a split ring (`idx-jump`) or a packed one
+    /// (`wrong-wrap`, `used-ahead`); the others exist on both.
+    pub fn fits(self, packed: bool) -> bool {
+        match self {
+            Fault::IdxJump => !packed,
+            Fault::WrongWrap | Fault::UsedAhead => packed,
+            _ => true,
         }
     }
 }
@@ -255,22 +289,29 @@ struct Queue {
     enabled: bool,
     /// Stopped by GET_VRING_BASE (until the next SET_VRING_KICK).
     stopped: bool,
-    /// Next avail entry to consume.
+    /// Next avail entry to consume (packed: the next ring position to read).
     last_avail: u16,
-    /// Next used index to publish.
+    /// Next used index to publish (packed: the next ring position to write used).
     used_idx: u16,
+    /// Packed: the avail and used wrap counters that go with `last_avail` and `used_idx`.
+    avail_wrap: bool,
+    used_wrap: bool,
     /// Descriptor ids the driver has ever made available.
     seen: Vec<bool>,
 }
 
 /// The rings of one queue, resolved to pointers into the mapped memory. Only valid while
 /// the [`State`] lock that produced it is held (the mapping lives in the state).
+///
+/// A packed ring (`packed`) has the descriptor ring at `desc`, the driver event
+/// suppression structure at `avail` and the device's at `used`.
 #[derive(Clone, Copy)]
 struct Ring {
     size: u16,
     desc: *mut u8,
     avail: *mut u8,
     used: *mut u8,
+    packed: bool,
 }
 
 impl Ring {
@@ -338,6 +379,94 @@ impl Ring {
         self.u16_atomic(unsafe { self.used.add(layout::USED_FLAGS) }).store(flags, Ordering::Relaxed);
     }
 
+    /// Asks the driver for no kicks: `used.flags = NO_NOTIFY`, or on a packed ring the
+    /// device event suppression flags = DISABLE (§2.8.10). We poll.
+    fn no_kicks(&self) {
+        if self.packed {
+            // SAFETY: EVENT_FLAGS (2) + 2 <= EVENT_SIZE, the device area checked in
+            // `State::ring` (4-aligned).
+            let p = unsafe { self.used.add(packed::EVENT_FLAGS) };
+            // Relaxed: a hint, as `set_used_flags`.
+            self.u16_atomic(p).store(packed::EVENT_FLAG_DISABLE.to_le(), Ordering::Relaxed);
+        } else {
+            self.set_used_flags(layout::USED_F_NO_NOTIFY);
+        }
+    }
+
+    // ---- packed ring (virtio 1.2 §2.8) ----
+
+    /// The flags word of packed descriptor `pos` (< size).
+    fn pk_flags(&self, pos: u16) -> &AtomicU16 {
+        debug_assert!(self.packed && pos < self.size);
+        // SAFETY: `pos < size`: the descriptor lies inside the descriptor ring checked in
+        // `State::ring` (16-aligned, so the flags word at offset 14 is 2-aligned).
+        self.u16_atomic(unsafe { self.desc.add(pos as usize * packed::DESC_SIZE + packed::DESC_FLAGS) })
+    }
+
+    /// Whether packed descriptor `pos` is available for the avail wrap counter `wrap`.
+    /// Acquire: pairs with the driver's release store of these flags (or of its burst's
+    /// first descriptor's) after it wrote the descriptor.
+    fn pk_is_avail(&self, pos: u16, wrap: bool) -> bool {
+        packed::is_avail(u16::from_le(self.pk_flags(pos).load(Ordering::Acquire)), wrap)
+    }
+
+    /// Packed descriptor `pos` (< size), read after `pk_is_avail` acquired its flags.
+    fn pk_desc(&self, pos: u16) -> packed::PackedDescriptor {
+        debug_assert!(self.packed && pos < self.size);
+        // SAFETY: `pos < size`, so the 16 bytes lie inside the descriptor ring checked in
+        // `State::ring`; volatile: the driver owns this memory until we mark it used.
+        let b = unsafe {
+            std::ptr::read_volatile(self.desc.add(pos as usize * packed::DESC_SIZE) as *const [u8; 16])
+        };
+        let word = |r: &[u8]| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(r);
+            u64::from_ne_bytes(w)
+        };
+        packed::PackedDescriptor::from_le_words(word(&b[..8]), word(&b[8..]))
+    }
+
+    /// `(pos, wrap)` one descriptor on, flipping `wrap` past the ring's end.
+    fn pk_next(&self, pos: u16, wrap: bool) -> (u16, bool) {
+        if pos + 1 == self.size {
+            (0, !wrap)
+        } else {
+            (pos + 1, wrap)
+        }
+    }
+
+    /// Writes `entries` (id, len) as used descriptors from `(pos, wrap)` on, in one
+    /// publication: id and length with volatile stores, each flags word after them, the
+    /// first one's flags last of all with a Release store (so the driver, which looks at
+    /// that position first, sees the whole run and the buffer contents written before).
+    /// With `lie`, every flags word carries the other wrap counter. Returns the position
+    /// and wrap counter after the run.
+    fn pk_write_used(&self, mut pos: u16, mut wrap: bool, entries: &[(u32, u32)], lie: bool) -> (u16, bool) {
+        let mut first = None;
+        for &(id, len) in entries {
+            let flags = pk_used_flags(wrap != lie, len);
+            // SAFETY: `pos < size` (positions only move through `pk_next`): inside the
+            // descriptor ring checked in `State::ring`; the length (offset 8) and id
+            // (offset 12) fields are aligned. Volatile: the driver reads them after our
+            // release store below.
+            unsafe {
+                let d = self.desc.add(pos as usize * packed::DESC_SIZE);
+                std::ptr::write_volatile(d.add(packed::DESC_LEN) as *mut u32, len.to_le());
+                std::ptr::write_volatile(d.add(packed::DESC_ID) as *mut u16, (id as u16).to_le());
+            }
+            match first {
+                None => first = Some((pos, flags)),
+                // Relaxed: published by the first one's release store below.
+                Some(_) => self.pk_flags(pos).store(flags.to_le(), Ordering::Relaxed),
+            }
+            (pos, wrap) = self.pk_next(pos, wrap);
+        }
+        if let Some((p, flags)) = first {
+            self.pk_flags(p).store(flags.to_le(), Ordering::Release);
+        }
+        (pos, wrap)
+    }
+
     /// FNV-1a over everything the driver writes into this queue: the descriptor table
     /// and the whole driver area.
     fn driver_hash(&self) -> u64 {
@@ -350,10 +479,21 @@ impl Ring {
                 h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
             }
         };
-        eat(self.desc, layout::desc_table_bytes(self.size));
-        eat(self.avail, layout::avail_bytes(self.size));
+        if self.packed {
+            eat(self.desc, packed::desc_ring_bytes(self.size));
+            eat(self.avail, packed::EVENT_SIZE);
+        } else {
+            eat(self.desc, layout::desc_table_bytes(self.size));
+            eat(self.avail, layout::avail_bytes(self.size));
+        }
         h
     }
+}
+
+/// The flags word of a used packed descriptor: AVAIL = USED = `wrap`, and WRITE when the
+/// device wrote `len > 0` bytes (§2.8.4).
+fn pk_used_flags(wrap: bool, len: u32) -> u16 {
+    packed::used_flags(wrap) | if len > 0 { packed::DESC_F_WRITE } else { 0 }
 }
 
 struct State {
@@ -361,6 +501,8 @@ struct State {
     good_frames: u32,
     /// Offer `VIRTIO_F_IN_ORDER` (`--in-order`).
     in_order: bool,
+    /// Offer `VIRTIO_F_RING_PACKED` (`--packed`).
+    packed: bool,
     acked_features: u64,
     regions: Vec<Region>,
     queues: [Queue; 2],
@@ -379,11 +521,12 @@ fn stop<T>(msg: impl Into<String>) -> Result<T, Stop> {
 }
 
 impl State {
-    fn new(mode: Mode, good_frames: u32, in_order: bool) -> State {
+    fn new(mode: Mode, good_frames: u32, in_order: bool, packed: bool) -> State {
         State {
             mode,
             good_frames,
             in_order,
+            packed,
             acked_features: 0,
             regions: Vec::new(),
             queues: [Queue::default(), Queue::default()],
@@ -421,6 +564,11 @@ impl State {
             && !qu.stopped
     }
 
+    /// Whether the driver acked `VIRTIO_F_RING_PACKED`.
+    fn packed_ring(&self) -> bool {
+        self.acked_features & f::bit(f::RING_PACKED) != 0
+    }
+
     /// Queue `q`'s rings, if it is runnable and its areas are mapped.
     fn ring(&self, q: usize) -> Option<Ring> {
         if !self.runnable(q) {
@@ -428,17 +576,46 @@ impl State {
         }
         let qu = &self.queues[q];
         let size = qu.size;
-        let desc = self.translate(Space::Uva, qu.desc, layout::desc_table_bytes(size) as u64)?;
-        let avail = self.translate(Space::Uva, qu.avail, layout::avail_bytes(size) as u64)?;
-        let used = self.translate(Space::Uva, qu.used, layout::used_bytes(size) as u64)?;
-        if desc as usize & 15 != 0 || avail as usize & 1 != 0 || used as usize & 3 != 0 {
+        let packed = self.packed_ring();
+        let (d, a, u) = if packed {
+            (packed::desc_ring_bytes(size), packed::EVENT_SIZE, packed::EVENT_SIZE)
+        } else {
+            (layout::desc_table_bytes(size), layout::avail_bytes(size), layout::used_bytes(size))
+        };
+        let desc = self.translate(Space::Uva, qu.desc, d as u64)?;
+        let avail = self.translate(Space::Uva, qu.avail, a as u64)?;
+        let used = self.translate(Space::Uva, qu.used, u as u64)?;
+        if desc as usize & 15 != 0 || avail as usize & 3 != 0 || used as usize & 3 != 0 {
             return None;
         }
-        Some(Ring { size, desc, avail, used })
+        Some(Ring { size, desc, avail, used, packed })
+    }
+
+    /// Buffers the driver has made available on queue `q` and we have not taken: on a
+    /// packed ring, the available descriptors in a row from our position (at most a ring).
+    fn pending(&self, q: usize, ring: &Ring) -> Result<u16, Stop> {
+        let qu = &self.queues[q];
+        if !ring.packed {
+            let n = ring.avail_idx().wrapping_sub(qu.last_avail);
+            if n > ring.size {
+                return stop(format!("queue {q}: avail index {n} ahead of the device"));
+            }
+            return Ok(n);
+        }
+        let (mut pos, mut wrap) = (qu.last_avail, qu.avail_wrap);
+        let mut n = 0;
+        while n < ring.size && ring.pk_is_avail(pos, wrap) {
+            n += 1;
+            (pos, wrap) = ring.pk_next(pos, wrap);
+        }
+        Ok(n)
     }
 
     /// Consumes the next avail entry of queue `q`: its id and descriptor, checked.
     fn take_avail(&mut self, q: usize, ring: &Ring) -> Result<(u16, Descriptor), Stop> {
+        if ring.packed {
+            return self.take_avail_packed(q, ring);
+        }
         let qu = &mut self.queues[q];
         if qu.seen.len() != ring.size as usize {
             qu.seen = vec![false; ring.size as usize];
@@ -458,6 +635,37 @@ impl State {
         qu.last_avail = qu.last_avail.wrapping_add(1);
         qu.seen[id as usize] = true;
         Ok((id, d))
+    }
+
+    /// [`take_avail`](Self::take_avail) on a packed ring: the descriptor at our position
+    /// must be available, alone (no NEXT, no INDIRECT: our driver posts one descriptor
+    /// per buffer), of the queue's direction, with an id below the ring size (our
+    /// driver's ids are) and a sane length. Returned with only its WRITE flag.
+    fn take_avail_packed(&mut self, q: usize, ring: &Ring) -> Result<(u16, Descriptor), Stop> {
+        let qu = &mut self.queues[q];
+        if qu.seen.len() != ring.size as usize {
+            qu.seen = vec![false; ring.size as usize];
+        }
+        let pos = qu.last_avail;
+        if !ring.pk_is_avail(pos, qu.avail_wrap) {
+            return stop(format!("queue {q}: descriptor {pos} is not available"));
+        }
+        let d = ring.pk_desc(pos);
+        let want_write = q == RX_QUEUE as usize;
+        let shape = d.flags & !(packed::DESC_F_AVAIL | packed::DESC_F_USED);
+        if shape & !packed::DESC_F_WRITE != 0 || (shape & packed::DESC_F_WRITE != 0) != want_write {
+            return stop(format!("queue {q}: packed descriptor {pos} has flags {:#x}", d.flags));
+        }
+        if d.id >= ring.size {
+            return stop(format!("queue {q}: packed descriptor {pos} has id {} of {}", d.id, ring.size));
+        }
+        if (d.len as usize) < NET_HDR_LEN || d.len > 65_536 {
+            return stop(format!("queue {q}: packed descriptor {pos} has length {}", d.len));
+        }
+        (qu.last_avail, qu.avail_wrap) = ring.pk_next(pos, qu.avail_wrap);
+        qu.seen[d.id as usize] = true;
+        let flags = if want_write { DESC_F_WRITE } else { 0 };
+        Ok((d.id, Descriptor { addr: d.addr, len: d.len, flags, next: 0 }))
     }
 
     /// Pointer to the whole buffer of `d`.
@@ -500,6 +708,10 @@ impl State {
 
     /// Completes buffer `id` of queue `q` with `len` and publishes it.
     fn complete(&mut self, q: usize, ring: &Ring, id: u16, len: u32) {
+        if ring.packed {
+            self.put_raw(q, ring, &[(id as u32, len)]);
+            return;
+        }
         let qu = &mut self.queues[q];
         ring.put_used(qu.used_idx, id as u32, len);
         qu.used_idx = qu.used_idx.wrapping_add(1);
@@ -523,17 +735,14 @@ impl State {
         if !self.started {
             self.started = true;
             // We poll: no kicks needed.
-            rx.set_used_flags(layout::USED_F_NO_NOTIFY);
-            tx.set_used_flags(layout::USED_F_NO_NOTIFY);
+            rx.no_kicks();
+            tx.no_kicks();
             println!("STARTED");
         }
         loop {
-            let pending = tx.avail_idx().wrapping_sub(self.queues[1].last_avail);
+            let pending = self.pending(1, &tx)?;
             if pending == 0 {
                 return Ok(());
-            }
-            if pending > tx.size {
-                return stop(format!("transmit avail index {pending} ahead of the device"));
             }
             if let Some(fault) = self.mode.fault {
                 if self.frames >= self.good_frames as u64 {
@@ -547,7 +756,7 @@ impl State {
                     return Ok(());
                 }
             }
-            if rx.avail_idx() == self.queues[0].last_avail {
+            if self.pending(0, &rx)? == 0 {
                 return Ok(()); // no receive buffer yet
             }
             let (tid, td) = self.take_avail(1, &tx)?;
@@ -566,16 +775,29 @@ impl State {
     /// or `None` to be called again later.
     fn trigger(&mut self, fault: Fault, rx: &Ring, tx: &Ring) -> Result<Option<String>, Stop> {
         let q = self.mode.queue;
+        if !fault.fits(rx.packed) {
+            let layout = if rx.packed { "packed" } else { "split" };
+            return stop(format!("mode {} does not exist on a {layout} ring", self.mode.name()));
+        }
         if q == RX_QUEUE {
-            let rx_avail = rx.avail_idx();
-            let offered = rx_avail.wrapping_sub(self.queues[0].last_avail);
-            let in_flight = rx_avail.wrapping_sub(self.queues[0].used_idx);
+            let (offered, in_flight) = if rx.packed {
+                // We complete whatever we take at once: all that is in flight is offered.
+                let n = self.pending(0, rx)?;
+                (n, n)
+            } else {
+                let rx_avail = rx.avail_idx();
+                (
+                    rx_avail.wrapping_sub(self.queues[0].last_avail),
+                    rx_avail.wrapping_sub(self.queues[0].used_idx),
+                )
+            };
             let ready = match fault {
                 // The driver keeps its receive ring full; once it is, its in-flight count
                 // cannot change until we complete something.
                 Fault::IdxJump => in_flight == rx.size,
                 Fault::IdNotInFlight | Fault::IdTwice => offered >= 1 && in_flight >= 2,
-                Fault::IdOutOfRange | Fault::LenTooLarge => offered >= 1,
+                Fault::IdOutOfRange | Fault::LenTooLarge | Fault::WrongWrap => offered >= 1,
+                Fault::UsedAhead => offered >= 2,
             };
             if !ready {
                 return Ok(None);
@@ -615,6 +837,17 @@ impl State {
                     DeviceError::UsedLenTooLarge { len: rd.len + 1, posted: rd.len }
                 }
                 Fault::IdxJump => self.jump(rxq, rx, in_flight),
+                Fault::WrongWrap => {
+                    let (rid, rd) = self.take_avail(rxq, rx)?;
+                    let len = self.fill_rx(&rd, &poison)?;
+                    self.wrong_wrap(rxq, rx, rid, len)
+                }
+                Fault::UsedAhead => {
+                    self.take_avail(rxq, rx)?;
+                    let (rid, rd) = self.take_avail(rxq, rx)?;
+                    let len = self.fill_rx(&rd, &poison)?;
+                    return Ok(Some(self.used_ahead(rxq, rx, rid, len)));
+                }
             };
             return Ok(Some(format_report(q, &e)));
         }
@@ -623,8 +856,9 @@ impl State {
         let txq = 1;
         let in_flight = tx.avail_idx().wrapping_sub(self.queues[txq].used_idx);
         let (a, da) = self.take_avail(txq, tx)?;
+        let mut last = a;
         for _ in 1..TRIGGER_FRAMES {
-            self.take_avail(txq, tx)?;
+            last = self.take_avail(txq, tx)?.0;
         }
         let e = match fault {
             Fault::IdOutOfRange => {
@@ -649,13 +883,37 @@ impl State {
                 DeviceError::UsedLenTooLarge { len: da.len + 1, posted: da.len }
             }
             Fault::IdxJump => self.jump(txq, tx, in_flight),
+            Fault::WrongWrap => self.wrong_wrap(txq, tx, a, 0),
+            Fault::UsedAhead => return Ok(Some(self.used_ahead(txq, tx, last, 0))),
         };
         Ok(Some(format_report(q, &e)))
+    }
+
+    /// Packed: marks buffer `id` used with `len` at the used position, with the other
+    /// wrap counter in its flags.
+    fn wrong_wrap(&mut self, q: usize, ring: &Ring, id: u16, len: u32) -> DeviceError {
+        let qu = &mut self.queues[q];
+        let (pos, wrap) = (qu.used_idx, qu.used_wrap);
+        (qu.used_idx, qu.used_wrap) = ring.pk_write_used(pos, wrap, &[(id as u32, len)], true);
+        DeviceError::UsedWrongWrap { pos, flags: pk_used_flags(!wrap, len) }
+    }
+
+    /// Packed: marks buffer `id` used with `len` one position past the used position
+    /// (which stays as the driver wrote it); returns the `AHEAD` line.
+    fn used_ahead(&mut self, q: usize, ring: &Ring, id: u16, len: u32) -> String {
+        let qu = &self.queues[q];
+        let (pos, wrap) = ring.pk_next(qu.used_idx, qu.used_wrap);
+        ring.pk_write_used(pos, wrap, &[(id as u32, len)], false);
+        format!("AHEAD queue={q} pos={pos} id={id}")
     }
 
     /// Writes `entries` as used elements of queue `q` and publishes them with one store.
     fn put_raw(&mut self, q: usize, ring: &Ring, entries: &[(u32, u32)]) {
         let qu = &mut self.queues[q];
+        if ring.packed {
+            (qu.used_idx, qu.used_wrap) = ring.pk_write_used(qu.used_idx, qu.used_wrap, entries, false);
+            return;
+        }
         for &(id, len) in entries {
             ring.put_used(qu.used_idx, id, len);
             qu.used_idx = qu.used_idx.wrapping_add(1);
@@ -702,8 +960,10 @@ struct Handler(Arc<Shared>);
 
 impl Handler {
     fn offered(&self) -> u64 {
-        let in_order = if self.0.lock().in_order { f::bit(f::IN_ORDER) } else { 0 };
-        OFFERED_FEATURES | in_order
+        let st = self.0.lock();
+        let in_order = if st.in_order { f::bit(f::IN_ORDER) } else { 0 };
+        let packed = if st.packed { f::bit(f::RING_PACKED) } else { 0 };
+        OFFERED_FEATURES | in_order | packed
     }
 }
 
@@ -810,18 +1070,30 @@ impl VhostUserBackendReqHandler for Handler {
     }
     fn set_vring_base(&self, index: u32, base: u32) -> VuResult<()> {
         let base = u16::try_from(base).map_err(|_| VuError::InvalidParam)?;
+        let is_packed = self.0.lock().packed_ring();
         self.0.queue(index, |q| {
-            q.last_avail = base;
-            q.used_idx = base;
+            if is_packed {
+                // Packed (vhost-user's convention): the offset in bits 0-14, the avail wrap
+                // counter in bit 15; it must name a descriptor of the ring.
+                let (pos, wrap) = packed::split_off_wrap(base);
+                if pos >= q.size {
+                    return Err(VuError::InvalidParam);
+                }
+                (q.last_avail, q.avail_wrap, q.used_idx, q.used_wrap) = (pos, wrap, pos, wrap);
+            } else {
+                q.last_avail = base;
+                q.used_idx = base;
+            }
             Ok(())
         })
     }
     fn get_vring_base(&self, index: u32) -> VuResult<VhostUserVringState> {
         // Stops the ring. The data path runs under the same lock, so once this returns
         // the device touches neither the ring nor its buffers.
+        let is_packed = self.0.lock().packed_ring();
         let base = self.0.queue(index, |q| {
             q.stopped = true;
-            Ok(q.last_avail)
+            Ok(if is_packed { packed::event_off_wrap(q.last_avail, q.avail_wrap) } else { q.last_avail })
         })?;
         Ok(VhostUserVringState::new(index, base as u32))
     }
@@ -918,7 +1190,7 @@ impl VhostUserBackendReqHandler for Handler {
 
 // ------------------------------------------------------------------------------ device main
 
-const USAGE: &str = "usage: evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order]";
+const USAGE: &str = "usage: evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order] [--packed]";
 
 /// The `evil-device` binary: serves one front-end on the socket in `args`, then exits.
 /// Returns the process exit code.
@@ -927,6 +1199,7 @@ pub fn device_main(args: Vec<OsString>) -> i32 {
     let mut good = DEFAULT_GOOD_FRAMES;
     let mut lifetime = 60u64;
     let mut in_order = false;
+    let mut packed = false;
     let mut it = args.into_iter().map(|a| a.to_string_lossy().into_owned());
     while let Some(a) = it.next() {
         let mut num = |name: &str| -> Option<u64> {
@@ -946,6 +1219,7 @@ pub fn device_main(args: Vec<OsString>) -> i32 {
                 None => return 2,
             },
             "--in-order" => in_order = true,
+            "--packed" => packed = true,
             _ => pos.push(a),
         }
     }
@@ -961,6 +1235,13 @@ pub fn device_main(args: Vec<OsString>) -> i32 {
         }
     };
 
+    // (A split-only mode with `--packed` is refused at the trigger, if the driver acks
+    // the packed ring.)
+    if mode.fault.is_some_and(|f| !f.fits(false)) && !packed {
+        eprintln!("evil-device: mode {} needs --packed\n{USAGE}", mode.name());
+        return 2;
+    }
+
     // Never outlive a test that forgot us.
     thread::spawn(move || {
         thread::sleep(Duration::from_secs(lifetime));
@@ -968,7 +1249,7 @@ pub fn device_main(args: Vec<OsString>) -> i32 {
         std::process::exit(3);
     });
 
-    let shared = Arc::new(Shared { state: Mutex::new(State::new(mode, good, in_order)) });
+    let shared = Arc::new(Shared { state: Mutex::new(State::new(mode, good, in_order, packed)) });
     let mut listener = match Listener::new(sock, true) {
         Ok(l) => l,
         Err(e) => {
@@ -1065,6 +1346,12 @@ impl EvilDevice {
 
     /// As [`spawn`](Self::spawn); `in_order` makes the device offer `VIRTIO_F_IN_ORDER`.
     pub fn spawn_with(bin: &Path, mode: Mode, good: u32, in_order: bool) -> EvilDevice {
+        Self::spawn_opts(bin, mode, good, in_order, false)
+    }
+
+    /// As [`spawn_with`](Self::spawn_with); `packed` makes the device offer
+    /// `VIRTIO_F_RING_PACKED` (`--packed`).
+    pub fn spawn_opts(bin: &Path, mode: Mode, good: u32, in_order: bool, packed: bool) -> EvilDevice {
         let dir = TempDir::new(&format!("evil-{}", mode.name()));
         let sock = dir.join("evil.sock");
         let log_path = dir.join("evil-device.stderr");
@@ -1074,6 +1361,7 @@ impl EvilDevice {
             .arg(mode.name())
             .args(["--good", &good.to_string(), "--lifetime", "60"])
             .args(in_order.then_some("--in-order"))
+            .args(packed.then_some("--packed"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

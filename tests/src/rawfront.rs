@@ -20,6 +20,15 @@
 //!   queue, one descriptor per buffer, and check every used element the device returns.
 //! * **Control queue**: [`RawFrontend::ctrl_command`] sends one command chain and waits
 //!   for the device to use it (one command at a time, descriptors from 0).
+//! * **Packed rings** (virtio 1.2 §2.8, `VIRTIO_F_RING_PACKED` negotiated):
+//!   [`RawFrontend::setup_packed_queue`] lays out a descriptor ring and the driver and
+//!   device event suppression areas and starts the queue at offset 0 with the wrap
+//!   counter set; [`RawFrontend::write_packed_desc`] writes one descriptor (its flags
+//!   word last, with a release store, so a chain is written tail first and made
+//!   available by its head), [`RawFrontend::packed_desc`] reads one back,
+//!   [`RawFrontend::wait_packed_used`] waits for the device to mark a position used.
+//!   Raw access only: they write exactly what they are told (AVAIL/USED bits included)
+//!   and keep no state. The split-ring calls refuse a packed queue and the reverse.
 //! * **vIOMMU** ([`RawFrontend::connect_iommu`]): `VIRTIO_F_ACCESS_PLATFORM` and the
 //!   backend channel negotiated; every address the front-end gives the device (ring
 //!   addresses, descriptors of the well-behaved layer) is then an IOVA, `gpa +
@@ -44,6 +53,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use driver::layout::{self, features, Descriptor};
+use driver::packed::{self, PackedDescriptor};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -62,14 +72,15 @@ const DEFAULT_MAX_QUEUES: u64 = 64;
 /// Default capacity of a TX buffer the convenience layer allocates per descriptor.
 const TX_BUF_MIN: usize = 2048;
 
-/// Guest-physical addresses of the three areas of one split ring.
+/// Guest-physical addresses of the three areas of one ring (as `SET_VRING_ADDR` carries
+/// them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RingAddrs {
-    /// Descriptor table.
+    /// Descriptor table (packed: the descriptor ring).
     pub desc: u64,
-    /// Driver area (avail ring).
+    /// Driver area: the avail ring (packed: the driver event suppression structure).
     pub avail: u64,
-    /// Device area (used ring).
+    /// Device area: the used ring (packed: the device event suppression structure).
     pub used: u64,
 }
 
@@ -155,6 +166,8 @@ impl GuestMem {
 /// bookkeeping.
 struct Queue {
     size: u16,
+    /// A packed ring (set up with [`RawFrontend::setup_packed_queue`]).
+    packed: bool,
     addrs: RingAddrs,
     kick: EventFd,
     /// Kept open so the backend's call eventfd stays valid; the tests poll instead.
@@ -436,6 +449,61 @@ impl RawFrontend {
     /// backend may legitimately refuse a bad ring address); the first failure is
     /// returned. The queue is recorded either way, so it can still be kicked.
     pub fn setup_queue_at(&mut self, index: u16, size: u16, addrs: RingAddrs) -> Result<(), String> {
+        self.start_queue(index, size, addrs, 0, false)
+    }
+
+    /// Lays out a packed ring of `size` entries (any size up to 32768) for queue `index`
+    /// in fresh guest memory (descriptor ring 16-byte aligned, each event suppression
+    /// structure 4-byte aligned, all zeroed: every flags word "used in wrap 0", which a
+    /// device starting with wrap counter 1 does not take as available) and starts it as
+    /// [`RawFrontend::setup_queue_at`] does, with `SET_VRING_BASE` = offset 0, avail wrap
+    /// counter 1 (bit 15, vhost-user's convention for packed rings). Needs
+    /// `VIRTIO_F_RING_PACKED` negotiated.
+    pub fn setup_packed_queue(&mut self, index: u16, size: u16) -> Result<(), String> {
+        if self.features & features::bit(features::RING_PACKED) == 0 {
+            return Err(format!("queue {index}: VIRTIO_F_RING_PACKED was not negotiated"));
+        }
+        if size == 0 || size > packed::MAX_QUEUE_SIZE {
+            return Err(format!("packed queue size {size} out of range"));
+        }
+        let desc = self.alloc(packed::desc_ring_bytes(size), 4096)?;
+        let avail = self.alloc(packed::EVENT_SIZE, 64)?;
+        let used = self.alloc(packed::EVENT_SIZE, 64)?;
+        self.setup_packed_queue_at(
+            index,
+            size,
+            RingAddrs { desc, avail, used },
+            packed::event_off_wrap(0, true),
+        )
+    }
+
+    /// Starts packed queue `index` of `size` entries with its three areas at `addrs`
+    /// (which may be anywhere, for hostile tests: `avail` is the driver event
+    /// suppression structure, `used` the device's) and `SET_VRING_BASE(base)` (offset in
+    /// bits 0-14, avail wrap counter in bit 15), as [`RawFrontend::setup_queue_at`] does:
+    /// every message is sent, the first failure returned, the queue recorded either way.
+    pub fn setup_packed_queue_at(
+        &mut self,
+        index: u16,
+        size: u16,
+        addrs: RingAddrs,
+        base: u16,
+    ) -> Result<(), String> {
+        if self.features & features::bit(features::RING_PACKED) == 0 {
+            return Err(format!("queue {index}: VIRTIO_F_RING_PACKED was not negotiated"));
+        }
+        self.start_queue(index, size, addrs, base, true)
+    }
+
+    /// The vhost-user messages that start a queue (see [`RawFrontend::setup_queue_at`]).
+    fn start_queue(
+        &mut self,
+        index: u16,
+        size: u16,
+        addrs: RingAddrs,
+        base: u16,
+        is_packed: bool,
+    ) -> Result<(), String> {
         if size == 0 || size > layout::MAX_QUEUE_SIZE {
             return Err(format!("queue size {size} out of range"));
         }
@@ -459,7 +527,7 @@ impl RawFrontend {
         };
         note("SET_VRING_NUM", self.frontend.set_vring_num(q, size));
         note("SET_VRING_ADDR", self.frontend.set_vring_addr(q, &config));
-        note("SET_VRING_BASE", self.frontend.set_vring_base(q, 0));
+        note("SET_VRING_BASE", self.frontend.set_vring_base(q, base));
         note("SET_VRING_CALL", self.frontend.set_vring_call(q, &call));
         note("SET_VRING_KICK", self.frontend.set_vring_kick(q, &kick));
         note("SET_VRING_ENABLE", self.frontend.set_vring_enable(q, true));
@@ -469,6 +537,7 @@ impl RawFrontend {
         }
         self.queues[q] = Some(Queue {
             size,
+            packed: is_packed,
             addrs,
             kick,
             _call: call,
@@ -514,6 +583,29 @@ impl RawFrontend {
             .ok_or_else(|| format!("queue {queue} was not set up"))
     }
 
+    /// A split queue (the split-ring calls refuse a packed one).
+    fn split_queue(&self, queue: u16) -> Result<&Queue, String> {
+        let q = self.queue(queue)?;
+        if q.packed {
+            return Err(format!("queue {queue} is a packed ring"));
+        }
+        Ok(q)
+    }
+
+    /// A packed queue (the packed-ring calls refuse a split one).
+    fn packed_queue(&self, queue: u16) -> Result<&Queue, String> {
+        let q = self.queue(queue)?;
+        if !q.packed {
+            return Err(format!("queue {queue} is a split ring"));
+        }
+        Ok(q)
+    }
+
+    /// Whether queue `queue` was set up as a packed ring.
+    pub fn is_packed(&self, queue: u16) -> Result<bool, String> {
+        Ok(self.queue(queue)?.packed)
+    }
+
     fn queue_mut(&mut self, queue: u16) -> Result<&mut Queue, String> {
         self.queues
             .get_mut(queue as usize)
@@ -525,7 +617,7 @@ impl RawFrontend {
 
     /// Writes descriptor `i` (must be `< size`) of `queue`'s descriptor table.
     pub fn write_desc(&self, queue: u16, i: u16, d: Descriptor) -> Result<(), String> {
-        let q = self.queue(queue)?;
+        let q = self.split_queue(queue)?;
         if i >= q.size {
             return Err(format!("descriptor {i} outside ring of {}", q.size));
         }
@@ -540,7 +632,7 @@ impl RawFrontend {
     /// Writes `head` into avail-ring slot `slot % size` (plain volatile stores: they are
     /// published by the next [`RawFrontend::set_avail_idx`]).
     pub fn write_avail_slot(&self, queue: u16, slot: u16, head: u16) -> Result<(), String> {
-        let q = self.queue(queue)?;
+        let q = self.split_queue(queue)?;
         let off = layout::avail_entry(slot % q.size) as u64;
         self.mem.write(q.addrs.avail + off, &head.to_le_bytes())
     }
@@ -548,7 +640,7 @@ impl RawFrontend {
     /// Stores `idx` into `avail.idx` with Release ordering, so the backend's Acquire
     /// load of it also sees every descriptor and avail slot written before.
     pub fn set_avail_idx(&self, queue: u16, idx: u16) -> Result<(), String> {
-        let q = self.queue(queue)?;
+        let q = self.split_queue(queue)?;
         let a = self.mem.atomic_u16(q.addrs.avail + layout::AVAIL_IDX as u64)?;
         // Release: publishes the descriptors and avail slots written before this store.
         a.store(idx, Ordering::Release);
@@ -557,7 +649,7 @@ impl RawFrontend {
 
     /// Writes `avail.flags` (e.g. [`layout::AVAIL_F_NO_INTERRUPT`]).
     pub fn set_avail_flags(&self, queue: u16, flags: u16) -> Result<(), String> {
-        let q = self.queue(queue)?;
+        let q = self.split_queue(queue)?;
         let a = self.mem.atomic_u16(q.addrs.avail + layout::AVAIL_FLAGS as u64)?;
         // Relaxed: a hint for the device; no data is published with it.
         a.store(flags, Ordering::Relaxed);
@@ -567,7 +659,7 @@ impl RawFrontend {
     /// Loads `used.idx` with Acquire ordering, so used elements read afterwards are at
     /// least as new as the index.
     pub fn used_idx(&self, queue: u16) -> Result<u16, String> {
-        let q = self.queue(queue)?;
+        let q = self.split_queue(queue)?;
         let a = self.mem.atomic_u16(q.addrs.used + layout::USED_IDX as u64)?;
         // Acquire: pairs with the device's Release store of used.idx.
         Ok(a.load(Ordering::Acquire))
@@ -576,7 +668,7 @@ impl RawFrontend {
     /// Reads used element `slot % size` as `(id, len)`. Call after [`RawFrontend::used_idx`]
     /// showed the element published.
     pub fn used_elem(&self, queue: u16, slot: u16) -> Result<(u32, u32), String> {
-        let q = self.queue(queue)?;
+        let q = self.split_queue(queue)?;
         let at = q.addrs.used + layout::used_entry(slot % q.size) as u64;
         Ok((self.mem.read_u32(at)?, self.mem.read_u32(at + 4)?))
     }
@@ -597,6 +689,77 @@ impl RawFrontend {
             }
             if Instant::now() >= deadline {
                 return Err(format!("queue {queue}: used idx is {now} after {timeout:?}, expected {target}"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    // ---- raw packed-ring access ----------------------------------------------------
+
+    /// Writes descriptor `pos` (must be `< size`) of packed queue `queue`: address,
+    /// length and id with volatile stores, then the flags word (AVAIL/USED bits as
+    /// given) with a Release store, so a device that acquires the flags sees the rest.
+    /// A chain is therefore written tail first: its head's flags make it available.
+    pub fn write_packed_desc(&self, queue: u16, pos: u16, d: PackedDescriptor) -> Result<(), String> {
+        let q = self.packed_queue(queue)?;
+        if pos >= q.size {
+            return Err(format!("descriptor {pos} outside packed ring of {}", q.size));
+        }
+        let at = q.addrs.desc + (pos as usize * packed::DESC_SIZE) as u64;
+        let (w0, w1) = d.to_le_words();
+        let mut bytes = [0u8; packed::DESC_SIZE];
+        bytes[..8].copy_from_slice(&w0.to_ne_bytes());
+        bytes[8..].copy_from_slice(&w1.to_ne_bytes());
+        self.mem.write(at, &bytes[..packed::DESC_FLAGS])?;
+        let flags = self.mem.atomic_u16(at + packed::DESC_FLAGS as u64)?;
+        // Release: publishes the address, length and id written above.
+        flags.store(d.flags.to_le(), Ordering::Release);
+        Ok(())
+    }
+
+    /// Reads descriptor `pos` of packed queue `queue`: the flags word with Acquire (it
+    /// pairs with the device's release store of a used descriptor's flags), then the
+    /// rest with volatile loads.
+    pub fn packed_desc(&self, queue: u16, pos: u16) -> Result<PackedDescriptor, String> {
+        let q = self.packed_queue(queue)?;
+        if pos >= q.size {
+            return Err(format!("descriptor {pos} outside packed ring of {}", q.size));
+        }
+        let at = q.addrs.desc + (pos as usize * packed::DESC_SIZE) as u64;
+        // Acquire: the id and length read below are at least as new as these flags.
+        let flags =
+            u16::from_le(self.mem.atomic_u16(at + packed::DESC_FLAGS as u64)?.load(Ordering::Acquire));
+        let b = self.mem.read(at, packed::DESC_FLAGS)?;
+        let mut addr = [0u8; 8];
+        addr.copy_from_slice(&b[..8]);
+        Ok(PackedDescriptor {
+            addr: u64::from_le_bytes(addr),
+            len: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            id: u16::from_le_bytes([b[12], b[13]]),
+            flags,
+        })
+    }
+
+    /// Polls until descriptor `pos` of packed queue `queue` is marked used for the used
+    /// wrap counter `wrap` (AVAIL == USED == `wrap`), for at most `timeout`; returns it.
+    pub fn wait_packed_used(
+        &self,
+        queue: u16,
+        pos: u16,
+        wrap: bool,
+        timeout: Duration,
+    ) -> Result<PackedDescriptor, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let d = self.packed_desc(queue, pos)?;
+            if packed::is_used(d.flags, wrap) {
+                return Ok(d);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "queue {queue}: descriptor {pos} not used (wrap {wrap}) after {timeout:?}: flags {:#06x}",
+                    d.flags
+                ));
             }
             std::thread::sleep(Duration::from_millis(1));
         }

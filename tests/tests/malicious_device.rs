@@ -27,12 +27,22 @@
 //! element is for before it reads it: receive elements are still checked the same way,
 //! and the transmit reclaim reads no element at all, so only a used index that jumps
 //! past what is in flight can break the transmit queue there.
+//!
+//! The `packed_*` tests repeat them on packed rings (`PortConfig::packed`; the device
+//! offers `VIRTIO_F_RING_PACKED` with `--packed`), where used descriptors are written into
+//! the descriptor ring in ring order: ids out of range, not in flight or completed twice,
+//! receive lengths too large, and used descriptors marked with the wrong wrap counter
+//! stop the queue the same way; there is no used index to jump, and a used descriptor
+//! written ahead of the used position is not looked at (nothing is taken, nothing
+//! stops). On a packed ring the transmit length is not checked (the driver never uses
+//! it; see `driver::ring::packed::used`): a transmit length too large stops nothing.
 
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use driver::layout::{features, NET_HDR_LEN};
+use driver::packed;
 use driver::{DeviceError, Mempool, Packet, Port, PortConfig, QueuePair};
 use vnet_tests::evildevice::{
     EvilDevice, Fault, Mode, DEVICE_MAC, DEVICE_MTU, POISON, RX_QUEUE, TRIGGER_FRAMES, TX_QUEUE,
@@ -71,6 +81,7 @@ fn contains_poison(data: &[u8]) -> bool {
 struct Setup {
     dev: EvilDevice,
     in_order: bool,
+    packed: bool,
     cfg: PortConfig,
     port: Port,
     qp: QueuePair,
@@ -78,13 +89,14 @@ struct Setup {
     pool: Mempool,
 }
 
-fn open(mode: Mode) -> Setup {
-    open_in(mode, false)
+fn open_in(mode: Mode, in_order: bool) -> Setup {
+    open_opts(mode, in_order, false)
 }
 
-fn open_in(mode: Mode, in_order: bool) -> Setup {
-    let dev = EvilDevice::spawn_with(Path::new(BIN), mode, GOOD_FRAMES, in_order);
-    let cfg = PortConfig::virtio_user(dev.socket());
+fn open_opts(mode: Mode, in_order: bool, packed: bool) -> Setup {
+    let dev = EvilDevice::spawn_opts(Path::new(BIN), mode, GOOD_FRAMES, in_order, packed);
+    let mut cfg = PortConfig::virtio_user(dev.socket());
+    cfg.packed = packed;
     let mut port = Port::open(cfg.clone())
         .unwrap_or_else(|e| panic!("Port::open on the {} device: {e}; log:\n{}", mode.name(), dev.log()));
     let info = port.info().clone();
@@ -96,11 +108,12 @@ fn open_in(mode: Mode, in_order: bool) -> Setup {
         | features::bit(features::NET_MAC)
         | features::bit(features::NET_STATUS)
         | features::bit(features::NET_MTU)
-        | if in_order { features::bit(features::IN_ORDER) } else { 0 };
+        | if in_order { features::bit(features::IN_ORDER) } else { 0 }
+        | if packed { features::bit(features::RING_PACKED) } else { 0 };
     assert_eq!(info.features, want, "negotiated {:#x}", info.features);
     let qp = port.queue_pair(0).expect("queue pair 0");
     let pool = port.pool().clone();
-    Setup { dev, in_order, cfg, port, qp, pool }
+    Setup { dev, in_order, packed, cfg, port, qp, pool }
 }
 
 impl Setup {
@@ -193,6 +206,11 @@ fn check_report(s: &Setup, mode: Mode, trigger: &[Vec<u8>], e: DeviceError) {
         // Transmit: the highest id, never posted (the driver hands out low ids first and
         // this test never has more than a few frames in flight).
         (Fault::IdNotInFlight, TX_QUEUE, DeviceError::UsedIdNotInFlight { id }) => id == size as u32 - 1,
+        // (In order on a packed ring a buffer's id is its ring position: the first trigger
+        // frame's is the number of frames sent before.)
+        (Fault::IdTwice, TX_QUEUE, DeviceError::UsedIdNotInFlight { id }) if s.packed && s.in_order => {
+            id == GOOD_FRAMES
+        }
         (Fault::IdTwice, TX_QUEUE, DeviceError::UsedIdNotInFlight { id }) => id < TRIGGER_FRAMES as u32 + 1,
         (Fault::LenTooLarge, RX_QUEUE, DeviceError::UsedLenTooLarge { len, posted }) => {
             posted == rx_posted && len == posted + 1
@@ -207,6 +225,12 @@ fn check_report(s: &Setup, mode: Mode, trigger: &[Vec<u8>], e: DeviceError) {
         (Fault::IdxJump, TX_QUEUE, DeviceError::UsedIdxJump { moved, in_flight }) => {
             in_flight == TRIGGER_FRAMES as u16 && moved == in_flight + 1
         }
+        // Packed: at the used position (one descriptor per frame so far on either queue),
+        // AVAIL = USED = 0 (the first lap's counter is 1), WRITE only for a receive buffer.
+        (Fault::WrongWrap, q, DeviceError::UsedWrongWrap { pos, flags }) => {
+            let write = if q == RX_QUEUE { packed::DESC_F_WRITE } else { 0 };
+            s.packed && pos == GOOD_FRAMES as u16 && flags == write
+        }
         _ => false,
     };
     assert!(ok, "mode {} produced the unexpected report {e:?}", mode.name());
@@ -217,12 +241,16 @@ fn bad_device(mode: Mode) {
 }
 
 fn bad_device_in(mode: Mode, in_order: bool) {
+    bad_device_opts(mode, in_order, false);
+}
+
+fn bad_device_opts(mode: Mode, in_order: bool, packed: bool) {
     let _serial = harness::serial();
     let fault = mode.fault.expect("a bad mode");
-    let mut s = open_in(mode, in_order);
+    let mut s = open_opts(mode, in_order, packed);
     assert!(
-        !(in_order && mode.queue == TX_QUEUE && fault != Fault::IdxJump),
-        "in order, the transmit queue reads no used element: see in_order_tx_used_elements_are_not_read"
+        !(in_order && !packed && mode.queue == TX_QUEUE && fault != Fault::IdxJump),
+        "in order, the split transmit queue reads no used element: see in_order_tx_used_elements_are_not_read"
     );
     let size = s.cfg.ring_size;
     s.check_pool(0, "after open");
@@ -398,9 +426,20 @@ fn tx_used_idx_jump() {
 /// byte-for-byte, in order, with exact counters on both sides, across many ring wraps.
 #[test]
 fn good_device_reflects_faithfully() {
+    good_device(false);
+}
+
+/// [`good_device_reflects_faithfully`] on packed rings (both wrap counters flip several
+/// times).
+#[test]
+fn packed_good_device_reflects_faithfully() {
+    good_device(true);
+}
+
+fn good_device(packed: bool) {
     const FRAMES: usize = 1000;
     let _serial = harness::serial();
-    let mut s = open(Mode::GOOD);
+    let mut s = open_opts(Mode::GOOD, false, packed);
     s.check_pool(0, "after open");
     let frames: Vec<Vec<u8>> = (0..FRAMES).map(|i| frame(SIZES[i % SIZES.len()], i as u32)).collect();
 
@@ -551,6 +590,176 @@ fn in_order_tx_used_elements_are_not_read() {
     assert_eq!(st[0].device_errors, 0, "{:?}", st[0]);
     assert_eq!(st[0].tx_packets, GOOD_FRAMES as u64 + TRIGGER_FRAMES as u64, "{:?}", st[0]);
     assert_eq!(st[0].rx_packets, GOOD_FRAMES as u64, "{:?}", st[0]);
+    s.check_pool(0, "after the reclaim");
+    s.close_and_check_buffers();
+}
+
+// ---- packed rings ---------------------------------------------------------------------
+
+#[test]
+fn packed_rx_used_id_out_of_range() {
+    bad_device_opts(rx(Fault::IdOutOfRange), false, true);
+}
+
+#[test]
+fn packed_rx_used_id_not_in_flight() {
+    bad_device_opts(rx(Fault::IdNotInFlight), false, true);
+}
+
+#[test]
+fn packed_rx_used_id_twice() {
+    bad_device_opts(rx(Fault::IdTwice), false, true);
+}
+
+#[test]
+fn packed_rx_used_len_too_large() {
+    bad_device_opts(rx(Fault::LenTooLarge), false, true);
+}
+
+#[test]
+fn packed_rx_used_wrong_wrap() {
+    bad_device_opts(rx(Fault::WrongWrap), false, true);
+}
+
+#[test]
+fn packed_tx_used_id_out_of_range() {
+    bad_device_opts(tx(Fault::IdOutOfRange), false, true);
+}
+
+#[test]
+fn packed_tx_used_id_never_posted() {
+    bad_device_opts(tx(Fault::IdNotInFlight), false, true);
+}
+
+#[test]
+fn packed_tx_used_id_twice() {
+    bad_device_opts(tx(Fault::IdTwice), false, true);
+}
+
+#[test]
+fn packed_tx_used_wrong_wrap() {
+    bad_device_opts(tx(Fault::WrongWrap), false, true);
+}
+
+/// In order on a packed ring the driver still reads every used descriptor (a device may
+/// write one for a batch, naming its last buffer): the same faults stop the queue.
+#[test]
+fn packed_in_order_rx_used_id_out_of_range() {
+    bad_device_opts(rx(Fault::IdOutOfRange), true, true);
+}
+
+#[test]
+fn packed_in_order_rx_used_len_too_large() {
+    bad_device_opts(rx(Fault::LenTooLarge), true, true);
+}
+
+#[test]
+fn packed_in_order_rx_used_id_twice() {
+    bad_device_opts(rx(Fault::IdTwice), true, true);
+}
+
+#[test]
+fn packed_in_order_tx_used_id_twice() {
+    bad_device_opts(tx(Fault::IdTwice), true, true);
+}
+
+#[test]
+fn packed_in_order_tx_used_wrong_wrap() {
+    bad_device_opts(tx(Fault::WrongWrap), true, true);
+}
+
+/// Sends the good frames and the trigger on a packed ring `s`; returns the trigger.
+fn good_start_and_trigger(s: &mut Setup) -> Vec<Vec<u8>> {
+    for i in 0..GOOD_FRAMES {
+        s.round_trip(&frame(SIZES[i as usize % SIZES.len()], i));
+        s.check_pool(0, "after a good round trip");
+    }
+    let trigger: Vec<Vec<u8>> = (0..TRIGGER_FRAMES).map(|k| frame(100 + k, 1000 + k as u32)).collect();
+    let mut v: Vec<Packet> = trigger.iter().map(|b| s.packet(b)).collect();
+    assert_eq!(s.qp.tx.tx_burst(&mut v), TRIGGER_FRAMES);
+    trigger
+}
+
+/// Drives both halves of `s` for `time`, checking the pool at every step; returns what
+/// was received.
+fn drive(s: &mut Setup, time: Duration) -> Vec<Packet> {
+    let mut got: Vec<Packet> = Vec::with_capacity(64);
+    let deadline = Instant::now() + time;
+    while Instant::now() < deadline {
+        s.qp.rx.rx_burst(&mut got, 32);
+        s.qp.tx.reclaim();
+        s.check_pool(got.len(), "while driving");
+        thread::yield_now();
+    }
+    got
+}
+
+/// Packed: the device writes a valid used descriptor for the second buffer it took one
+/// position past the used position, whose descriptor stays as the driver made it
+/// available. A driver reads used descriptors in ring order only (§2.8.7), so it takes
+/// nothing: no error, no packet (the device's poison never shows), no buffer back; every
+/// buffer returns at close.
+fn used_ahead_is_ignored(queue: u16) {
+    let _serial = harness::serial();
+    let mut s = open_opts(Mode { fault: Some(Fault::UsedAhead), queue }, false, true);
+    let size = s.cfg.ring_size;
+    good_start_and_trigger(&mut s);
+    let line = s
+        .dev
+        .wait_line("AHEAD", IO_TIMEOUT)
+        .unwrap_or_else(|| panic!("no AHEAD line; log:\n{}", s.dev.log()));
+    let want = format!("AHEAD queue={queue} pos={} ", GOOD_FRAMES + 1);
+    assert!(line.starts_with(&want), "{line:?} should start with {want:?}");
+    let got = drive(&mut s, Duration::from_millis(200));
+    assert!(got.is_empty(), "{} packets delivered from a used descriptor ahead", got.len());
+    assert_eq!((s.qp.rx.error(), s.qp.tx.error()), (None, None));
+    let tx_in_flight = if queue == TX_QUEUE { TRIGGER_FRAMES as u16 } else { 0 };
+    assert_eq!(s.qp.rx.in_flight(), size, "receive buffers in flight");
+    assert_eq!(s.qp.tx.in_flight(), tx_in_flight, "transmit buffers in flight");
+    let st = s.port.stats();
+    assert_eq!(st[0].device_errors, 0, "{:?}", st[0]);
+    assert_eq!(st[0].rx_packets, GOOD_FRAMES as u64, "{:?}", st[0]);
+    assert_eq!(st[0].tx_packets, GOOD_FRAMES as u64 + TRIGGER_FRAMES as u64, "{:?}", st[0]);
+    s.check_pool(0, "after driving");
+    s.close_and_check_buffers();
+}
+
+#[test]
+fn packed_rx_used_ahead_is_ignored() {
+    used_ahead_is_ignored(RX_QUEUE);
+}
+
+#[test]
+fn packed_tx_used_ahead_is_ignored() {
+    used_ahead_is_ignored(TX_QUEUE);
+}
+
+/// Packed: the transmit used length is not read (the driver never uses it, and DPDK's
+/// vhost leaves an in-order batch's length as the driver wrote it): a length one byte
+/// larger than the buffer stops nothing; the buffer it names comes back once and the
+/// other trigger buffer (never completed) stays in flight until close.
+#[test]
+fn packed_tx_used_len_is_not_checked() {
+    let _serial = harness::serial();
+    let mut s = open_opts(tx(Fault::LenTooLarge), false, true);
+    let size = s.cfg.ring_size;
+    let trigger = good_start_and_trigger(&mut s);
+    let (queue, claimed) = s.dev.wait_report(IO_TIMEOUT);
+    let posted = (trigger[0].len() + NET_HDR_LEN) as u32;
+    assert_eq!((queue, claimed), (TX_QUEUE, DeviceError::UsedLenTooLarge { len: posted + 1, posted }));
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while s.qp.tx.in_flight() as usize != TRIGGER_FRAMES - 1 {
+        s.qp.tx.reclaim();
+        assert!(Instant::now() < deadline, "the completed transmit buffer did not come back");
+        thread::yield_now();
+    }
+    let got = drive(&mut s, Duration::from_millis(100));
+    assert!(got.is_empty(), "nothing was written to the receive queue");
+    assert_eq!((s.qp.tx.error(), s.qp.rx.error()), (None, None));
+    assert_eq!(s.qp.tx.in_flight() as usize, TRIGGER_FRAMES - 1);
+    assert_eq!(s.qp.rx.in_flight(), size);
+    let st = s.port.stats();
+    assert_eq!(st[0].device_errors, 0, "{:?}", st[0]);
     s.check_pool(0, "after the reclaim");
     s.close_and_check_buffers();
 }

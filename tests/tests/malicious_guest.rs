@@ -17,6 +17,15 @@
 //!
 //! Two positive tests check that well-formed chained and indirect TX descriptors into a
 //! `sink` are counted exactly and returned in the used ring with the right ids.
+//!
+//! The `packed_*` tests run the same fixture with hostile guests on packed rings
+//! (`VIRTIO_F_RING_PACKED`, virtio 1.2 §2.8; GOOD stays a split-ring guest on the same
+//! worker): bad descriptors, wrap-counter lies, ids reused while in flight, chains longer
+//! than the ring and malformed indirect descriptors. There "used" means descriptors the
+//! backend marked used in the ring. One more test shows what a packed ring must NOT
+//! break on: a head with the wrong polarity is simply not available yet, an id beyond
+//! the ring size is only a number, a used descriptor flipped back is not taken twice,
+//! and a zero-length buffer is a counted drop (as on a split ring).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,6 +33,7 @@ use std::time::Duration;
 use driver::layout::{
     features, Descriptor, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE, NET_HDR_LEN,
 };
+use driver::packed::{self, PackedDescriptor};
 use serde_json::Value;
 use vnet_tests::harness::{self, Backend, TempDir};
 use vnet_tests::rawfront::{RawFrontend, RingAddrs};
@@ -185,12 +195,58 @@ struct Case {
     attack: fn(&mut RawFrontend) -> R,
     /// Exact `rx_packets` of the device afterwards (frames legitimately taken from TX).
     rx_packets: u64,
+    /// Features the hostile guest asks for.
+    want: u64,
+    /// Exact completions the backend made on the broken queue before it broke: the used
+    /// index (split), or the descriptors marked used in the first lap (packed).
+    used: u16,
+    /// If set, what the backend's log must give as the reason the queue broke.
+    reason: Option<&'static str>,
 }
 
 impl Case {
     fn sink_tx(name: &'static str, attack: fn(&mut RawFrontend) -> R) -> Case {
-        Case { name, kind: "sink", queue: TX, attack, rx_packets: 0 }
+        Case { name, kind: "sink", queue: TX, attack, rx_packets: 0, want: want(), used: 0, reason: None }
     }
+
+    /// A hostile packed-ring guest of a `sink` breaking its TX queue.
+    fn packed_tx(name: &'static str, attack: fn(&mut RawFrontend) -> R) -> Case {
+        Case { want: want_packed(), ..Case::sink_tx(name, attack) }
+    }
+
+    /// A hostile packed-ring guest of a `kind` device breaking its RX queue.
+    fn packed_rx(name: &'static str, kind: &'static str, attack: fn(&mut RawFrontend) -> R) -> Case {
+        Case { kind, queue: RX, ..Case::packed_tx(name, attack) }
+    }
+
+    /// This case's device legitimately took `rx_packets` frames and completed `used`
+    /// chains on the broken queue before the bad one.
+    fn served(self, rx_packets: u64, used: u16) -> Case {
+        Case { rx_packets, used, ..self }
+    }
+
+    /// The guest does not ask for feature `bit`.
+    fn without(self, bit: u32) -> Case {
+        Case { want: self.want & !features::bit(bit), ..self }
+    }
+
+    /// The backend must log `reason` (a part of its text for the fault) for this case.
+    fn because(self, reason: &'static str) -> Case {
+        Case { reason: Some(reason), ..self }
+    }
+}
+
+/// Asserts the backend logged why `case`'s queue broke, if the case says what it must be
+/// (the log has one line per broken device: `SOCKET: queue Q broken: REASON`).
+fn assert_reason(log: &str, path: &Path, case: &Case) {
+    let Some(reason) = case.reason else { return };
+    let prefix = format!("{}: queue {} broken: ", path.display(), case.queue);
+    let line = log.lines().find(|l| l.contains(&prefix));
+    assert!(
+        line.is_some_and(|l| l.contains(reason)),
+        "{}: expected the log to say the queue broke with {reason:?}, found {line:?}",
+        case.name
+    );
 }
 
 /// Asserts (a) for one hostile device in one stats line.
@@ -204,14 +260,30 @@ fn assert_bad(stats: &Value, path: &Path, case: &Case) {
     assert_eq!(harness::counter(dev, "tx_packets"), 0, "{name}: tx_packets: {dev}");
 }
 
-/// Asserts the backend completed nothing on the broken queue: its used index is still
-/// 0. Only a used ring placed outside guest memory (test 11) cannot be read from here.
+/// Asserts the backend completed exactly `case.used` chains on the broken queue (0 for
+/// most cases): its used index (split) or the descriptors marked used in the first lap
+/// (packed). Only a used ring placed outside guest memory (test 11) cannot be read from
+/// here.
 fn assert_unused(case: &Case, fe: &RawFrontend) {
-    let (_, ring) = fe.ring(case.queue).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+    let (ring_size, ring) = fe.ring(case.queue).unwrap_or_else(|e| panic!("{}: {e}", case.name));
     let (start, size) = fe.mem_range();
+    if fe.is_packed(case.queue) == Ok(true) {
+        let end = ring.desc + packed::desc_ring_bytes(ring_size) as u64;
+        if ring.desc < start || end > start + size {
+            return; // a descriptor ring outside guest memory (packed_bad_ring_setup_never_starts)
+        }
+        let used = (0..ring_size)
+            .filter(|&p| {
+                let d = fe.packed_desc(case.queue, p).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+                packed::is_used(d.flags, true)
+            })
+            .count();
+        assert_eq!(used, case.used as usize, "{}: descriptors used on the broken packed queue", case.name);
+        return;
+    }
     let readable = ring.used >= start && ring.used + 4 <= start + size;
     match fe.used_idx(case.queue) {
-        Ok(used) => assert_eq!(used, 0, "{}: used idx of the broken queue", case.name),
+        Ok(used) => assert_eq!(used, case.used, "{}: used idx of the broken queue", case.name),
         Err(e) => assert!(!readable, "{}: used idx unreadable: {e}", case.name),
     }
 }
@@ -242,8 +314,8 @@ fn run_cases(tag: &str, cases: &[Case]) {
     // The attacks.
     let mut bads = Vec::new();
     for (case, path) in cases.iter().zip(&bad_paths) {
-        let mut fe =
-            RawFrontend::connect(path, MEM, want()).unwrap_or_else(|e| panic!("{}: connect: {e}", case.name));
+        let mut fe = RawFrontend::connect(path, MEM, case.want)
+            .unwrap_or_else(|e| panic!("{}: connect: {e}", case.name));
         (case.attack)(&mut fe).unwrap_or_else(|e| panic!("{}: attack: {e}", case.name));
         bads.push(fe);
     }
@@ -281,6 +353,10 @@ fn run_cases(tag: &str, cases: &[Case]) {
         assert_unused(case, fe);
     }
 
+    let log = backend.log();
+    for (case, path) in cases.iter().zip(&bad_paths) {
+        assert_reason(&log, path, case);
+    }
     let last = backend.stop();
     assert_eq!(last["final"].as_bool(), Some(true), "final line: {last}");
     assert_good(&last, &good_path, 2);
@@ -585,6 +661,9 @@ fn direction_mismatch_breaks_queue() {
                     readable_rx(fe)
                 },
                 rx_packets: 0,
+                want: want(),
+                used: 0,
+                reason: None,
             },
             Case {
                 // The guest sends one valid frame; reflecting it hits the bad RX buffer.
@@ -599,6 +678,9 @@ fn direction_mismatch_breaks_queue() {
                     offer(fe, TX, &[0])
                 },
                 rx_packets: 1,
+                want: want(),
+                used: 0,
+                reason: None,
             },
         ],
     );
@@ -830,4 +912,449 @@ fn tx_indirect_spec_corner_cases_are_accepted() {
     assert_sink(&stats, &paths[0], 2, 500);
     let last = backend.stop();
     assert_sink(&last, &paths[0], 2, 500);
+}
+
+// ---- packed rings (virtio 1.2 §2.8) -------------------------------------------------
+
+/// Features of a packed-ring guest: [`want`] and `VIRTIO_F_RING_PACKED`.
+fn want_packed() -> u64 {
+    want() | features::bit(features::RING_PACKED)
+}
+
+/// AVAIL/USED bits of a descriptor made available in the first lap (wrap counter 1).
+const AV: u16 = packed::avail_flags(true);
+/// The bits of the other wrap counter: a descriptor available only in the second lap.
+const AV_OTHER_LAP: u16 = packed::avail_flags(false);
+/// NEXT, WRITE and INDIRECT of a packed descriptor.
+const P_NEXT: u16 = packed::DESC_F_NEXT;
+const P_WRITE: u16 = packed::DESC_F_WRITE;
+const P_INDIRECT: u16 = packed::DESC_F_INDIRECT;
+
+fn pdesc(addr: u64, len: u32, id: u16, flags: u16) -> PackedDescriptor {
+    PackedDescriptor { addr, len, id, flags }
+}
+
+/// Sets up RX and TX of pair 0 as packed rings of `BAD_RING` entries.
+fn packed_queues(fe: &mut RawFrontend) -> R {
+    fe.setup_packed_queue(RX, BAD_RING)?;
+    fe.setup_packed_queue(TX, BAD_RING)
+}
+
+/// Writes `descs` into packed ring `queue` (of `BAD_RING` entries) at positions `first`,
+/// `first + 1`, ... (around the end), the last one first, so that the first one's flags
+/// make the whole run visible at once; then kicks.
+fn packed_offer(fe: &RawFrontend, queue: u16, first: u16, descs: &[PackedDescriptor]) -> R {
+    for (k, d) in descs.iter().enumerate().rev() {
+        fe.write_packed_desc(queue, (first + k as u16) % BAD_RING, *d)?;
+    }
+    fe.kick(queue)
+}
+
+/// Writes `descs` as a packed indirect table (§2.8.7: packed descriptors, in order) in
+/// fresh guest memory; returns its gpa.
+fn ptable(fe: &mut RawFrontend, descs: &[PackedDescriptor]) -> Result<u64, String> {
+    let mut bytes = Vec::with_capacity(descs.len() * packed::DESC_SIZE);
+    for d in descs {
+        let (w0, w1) = d.to_le_words();
+        bytes.extend_from_slice(&w0.to_ne_bytes());
+        bytes.extend_from_slice(&w1.to_ne_bytes());
+    }
+    let gpa = fe.alloc(bytes.len().max(1), 16)?;
+    fe.write_mem(gpa, &bytes)?;
+    Ok(gpa)
+}
+
+/// A valid header + `frame_len`-byte packet as a one-entry packed indirect table; returns
+/// the table's gpa (16 bytes long).
+fn one_entry_ptable(fe: &mut RawFrontend, frame_len: usize) -> Result<u64, String> {
+    let (g, l) = pkt(fe, frame_len)?;
+    ptable(fe, &[pdesc(g, l, 0, 0)])
+}
+
+/// (a) Bad buffers: outside guest memory, wrapping, the wrong direction for the queue.
+#[test]
+fn packed_bad_descriptor_breaks_queue() {
+    run_cases(
+        "packed-desc",
+        &[
+            Case::packed_tx("packed: addr 0x1000", |fe| {
+                packed_queues(fe)?;
+                packed_offer(fe, TX, 0, &[pdesc(0x1000, 76, 0, AV)])
+            })
+            .because("buffer 0x1000+0x4c outside guest memory"),
+            Case::packed_tx("packed: addr = end of memory", |fe| {
+                packed_queues(fe)?;
+                let end = mem_end(fe);
+                packed_offer(fe, TX, 0, &[pdesc(end, 76, 0, AV)])
+            })
+            .because("+0x4c outside guest memory"),
+            Case::packed_tx("packed: addr + len wraps u64", |fe| {
+                packed_queues(fe)?;
+                packed_offer(fe, TX, 0, &[pdesc(u64::MAX - 15, 76, 0, AV)])
+            })
+            .because("buffer 0xfffffffffffffff0+0x4c outside guest memory"),
+            Case::packed_tx("packed: second descriptor of a chain outside memory", |fe| {
+                packed_queues(fe)?;
+                let hdr = buf(fe, &[0u8; NET_HDR_LEN])?;
+                packed_offer(
+                    fe,
+                    TX,
+                    0,
+                    &[pdesc(hdr, NET_HDR_LEN as u32, 0, AV | P_NEXT), pdesc(0x1000, 64, 0, AV)],
+                )
+            })
+            .because("buffer 0x1000+0x40 outside guest memory"),
+            Case::packed_tx("packed: writable descriptor on TX", |fe| {
+                packed_queues(fe)?;
+                let (g, l) = pkt(fe, 64)?;
+                packed_offer(fe, TX, 0, &[pdesc(g, l, 0, AV | P_WRITE)])
+            })
+            .because("buffer direction does not match the queue"),
+            Case::packed_rx("packed: readable buffer on RX of gen", "gen", |fe| {
+                packed_queues(fe)?;
+                let b = fe.alloc(RX_BUF as usize, 64)?;
+                packed_offer(fe, RX, 0, &[pdesc(b, RX_BUF, 0, AV)])
+            })
+            .because("buffer direction does not match the queue"),
+            // The guest sends one valid frame; reflecting it hits the bad RX buffer.
+            Case::packed_rx("packed: readable buffer on RX of reflect", "reflect", |fe| {
+                packed_queues(fe)?;
+                let b = fe.alloc(RX_BUF as usize, 64)?;
+                packed_offer(fe, RX, 0, &[pdesc(b, RX_BUF, 0, AV)])?;
+                let (g, l) = pkt(fe, 64)?;
+                packed_offer(fe, TX, 0, &[pdesc(g, l, 0, AV)])
+            })
+            .served(1, 0)
+            .because("buffer direction does not match the queue"),
+        ],
+    );
+}
+
+/// (b) Wrap-counter lies: a chain continuing into a descriptor whose AVAIL/USED bits do
+/// not say "available" for the wrap counter of its position.
+#[test]
+fn packed_wrap_counter_lie_breaks_queue() {
+    run_cases(
+        "packed-wrap",
+        &[
+            Case::packed_tx("packed: NEXT into a descriptor of the other lap", |fe| {
+                packed_queues(fe)?;
+                let hdr = buf(fe, &[0u8; NET_HDR_LEN])?;
+                let body = buf(fe, &frame(64, 7))?;
+                packed_offer(
+                    fe,
+                    TX,
+                    0,
+                    &[pdesc(hdr, NET_HDR_LEN as u32, 0, AV | P_NEXT), pdesc(body, 64, 0, AV_OTHER_LAP)],
+                )
+            })
+            .because("continues into descriptor 1, which is not available"),
+            // (The one descriptor marked used in the ring is the lie itself.)
+            Case::packed_tx("packed: NEXT into a descriptor marked used", |fe| {
+                packed_queues(fe)?;
+                let hdr = buf(fe, &[0u8; NET_HDR_LEN])?;
+                let body = buf(fe, &frame(64, 8))?;
+                let used = packed::used_flags(true);
+                packed_offer(
+                    fe,
+                    TX,
+                    0,
+                    &[pdesc(hdr, NET_HDR_LEN as u32, 0, AV | P_NEXT), pdesc(body, 64, 0, used)],
+                )
+            })
+            .served(0, 1)
+            .because("continues into descriptor 1, which is not available"),
+            // Seven good frames take the device to the last position of the first lap;
+            // a chain from there continues into position 0, which in the second lap must
+            // read AVAIL = 0, USED = 1, but keeps the first lap's AVAIL = 1, USED = 0.
+            // (Position 0's used descriptor is overwritten by that lie: six stay used.)
+            Case::packed_tx("packed: NEXT across the ring's end into a stale wrap counter", |fe| {
+                packed_queues(fe)?;
+                let n = BAD_RING - 1;
+                let mut descs = Vec::new();
+                for id in 0..n {
+                    let (g, l) = pkt(fe, 64)?;
+                    descs.push(pdesc(g, l, id, AV));
+                }
+                packed_offer(fe, TX, 0, &descs)?;
+                // Position 0's flags are the burst's last store: wait for it, then the rest.
+                fe.wait_packed_used(TX, 0, true, IO_TIMEOUT)?;
+                fe.wait_packed_used(TX, n - 1, true, IO_TIMEOUT)?;
+                let hdr = buf(fe, &[0u8; NET_HDR_LEN])?;
+                let body = buf(fe, &frame(64, 9))?;
+                packed_offer(
+                    fe,
+                    TX,
+                    n,
+                    &[pdesc(hdr, NET_HDR_LEN as u32, 0, AV | P_NEXT), pdesc(body, 64, 0, AV)],
+                )
+            })
+            .served(BAD_RING as u64 - 1, BAD_RING - 2)
+            .because("continues into descriptor 0, which is not available"),
+        ],
+    );
+}
+
+/// (c) Ids, chain extents and indirect descriptors: an id made available again while the
+/// device holds it, a NEXT chain longer than the ring, and indirect descriptors that are
+/// not offered, in a list, of a bad length, too long, outside memory or nested.
+#[test]
+fn packed_bad_id_chain_or_indirect_breaks_queue() {
+    run_cases(
+        "packed-id",
+        &[
+            // The first is a valid frame, taken and completed; the second reuses its id
+            // in the same burst.
+            Case::packed_tx("packed: one buffer id twice in one burst", |fe| {
+                packed_queues(fe)?;
+                let (g, l) = pkt(fe, 64)?;
+                packed_offer(fe, TX, 0, &[pdesc(g, l, 5, AV), pdesc(g, l, 5, AV)])
+            })
+            .served(1, 1)
+            .because("buffer id 5 made available while in flight"),
+            Case::packed_tx("packed: NEXT chain around the whole ring", |fe| {
+                packed_queues(fe)?;
+                let hdr = buf(fe, &[0u8; NET_HDR_LEN])?;
+                let body = buf(fe, &frame(64, 10))?;
+                let mut descs = vec![pdesc(hdr, NET_HDR_LEN as u32, 0, AV | P_NEXT)];
+                descs.extend((1..BAD_RING).map(|_| pdesc(body, 8, 0, AV | P_NEXT)));
+                packed_offer(fe, TX, 0, &descs)
+            })
+            .because("descriptor chain loops or is longer than its table"),
+            Case::packed_tx("packed: indirect descriptor without INDIRECT_DESC", |fe| {
+                packed_queues(fe)?;
+                let t = one_entry_ptable(fe, 64)?;
+                packed_offer(fe, TX, 0, &[pdesc(t, packed::DESC_SIZE as u32, 0, AV | P_INDIRECT)])
+            })
+            .without(features::RING_INDIRECT_DESC)
+            .because("malformed indirect descriptor (len 16)"),
+            Case::packed_tx("packed: indirect descriptor in a NEXT list", |fe| {
+                packed_queues(fe)?;
+                let hdr = buf(fe, &[0u8; NET_HDR_LEN])?;
+                let body = buf(fe, &frame(64, 11))?;
+                let t = ptable(fe, &[pdesc(body, 64, 0, 0)])?;
+                packed_offer(
+                    fe,
+                    TX,
+                    0,
+                    &[
+                        pdesc(hdr, NET_HDR_LEN as u32, 0, AV | P_NEXT),
+                        pdesc(t, packed::DESC_SIZE as u32, 0, AV | P_INDIRECT),
+                    ],
+                )
+            })
+            .because("malformed indirect descriptor (len 16)"),
+            Case::packed_tx("packed: indirect table of 24 bytes", |fe| {
+                packed_queues(fe)?;
+                let t = one_entry_ptable(fe, 64)?;
+                packed_offer(fe, TX, 0, &[pdesc(t, 24, 0, AV | P_INDIRECT)])
+            })
+            .because("malformed indirect descriptor (len 24)"),
+            Case::packed_tx("packed: indirect table of size + 1 entries", |fe| {
+                packed_queues(fe)?;
+                let n = BAD_RING as usize + 1;
+                let body = frame(8 * (n - 1), 12);
+                let mut descs = vec![pdesc(buf(fe, &[0u8; NET_HDR_LEN])?, NET_HDR_LEN as u32, 0, 0)];
+                for piece in body.chunks(8) {
+                    descs.push(pdesc(buf(fe, piece)?, 8, 0, 0));
+                }
+                let t = ptable(fe, &descs)?;
+                packed_offer(fe, TX, 0, &[pdesc(t, (n * packed::DESC_SIZE) as u32, 0, AV | P_INDIRECT)])
+            })
+            .because("malformed indirect descriptor (len 144)"),
+            Case::packed_tx("packed: indirect table crosses the end of memory", |fe| {
+                packed_queues(fe)?;
+                let end = mem_end(fe);
+                packed_offer(fe, TX, 0, &[pdesc(end - 16, 32, 0, AV | P_INDIRECT)])
+            })
+            .because("+0x20 outside guest memory"),
+            Case::packed_tx("packed: indirect table inside an indirect table", |fe| {
+                packed_queues(fe)?;
+                let inner = one_entry_ptable(fe, 64)?;
+                let outer = ptable(fe, &[pdesc(inner, packed::DESC_SIZE as u32, 0, P_INDIRECT)])?;
+                packed_offer(fe, TX, 0, &[pdesc(outer, packed::DESC_SIZE as u32, 0, AV | P_INDIRECT)])
+            })
+            .because("malformed indirect descriptor (len 16)"),
+        ],
+    );
+}
+
+/// Exact counters of a device that must not have broken: frames taken from TX
+/// (`rx_packets`) and delivered to RX (`tx_packets`), short-frame and too-small-buffer
+/// drops, and nothing else.
+fn assert_unbroken(stats: &Value, path: &Path, what: &str, rx: u64, tx: u64, short: u64, small: u64) {
+    let dev = harness::device(stats, path);
+    assert_eq!(harness::counter(dev, "rx_packets"), rx, "{what}: rx_packets: {dev}");
+    assert_eq!(harness::counter(dev, "tx_packets"), tx, "{what}: tx_packets: {dev}");
+    assert_eq!(harness::counter(dev, "drops.short_frame"), short, "{what}: short_frame: {dev}");
+    assert_eq!(
+        harness::counter(dev, "drops.rx_buffer_too_small"),
+        small,
+        "{what}: rx_buffer_too_small: {dev}"
+    );
+    assert_eq!(harness::total_drops(dev), short + small, "{what}: drops: {dev}");
+    assert_eq!(harness::counter(dev, "broken_queues"), 0, "{what}: broken_queues: {dev}");
+    assert_eq!(pair_broken(dev, 0), Some(false), "{what}: queue pair 0: {dev}");
+}
+
+/// What a packed ring must NOT break on, each with an exact outcome, and a zero-length
+/// buffer treated on a packed ring exactly as on a split one:
+/// * a head whose AVAIL/USED bits have the other lap's polarity is not available yet
+///   (§2.8.1): the device leaves it alone; the same descriptor made available properly
+///   is then served;
+/// * a buffer id beyond the ring size is the driver's number (§2.8.6 only asks that ids
+///   in flight be unique): served, and returned as is in the used descriptor;
+/// * a used descriptor flipped back to "available" in the same lap lies behind the
+///   device: it is not taken twice;
+/// * a zero-length TX buffer is a short frame (dropped, completed), a zero-length RX
+///   buffer too small for any frame (the frame dropped, the buffer left), on both
+///   layouts.
+#[test]
+fn packed_benign_lies_are_served_or_ignored_exactly() {
+    let _serial = harness::serial();
+    let dir = TempDir::new("packed-benign");
+    let names = ["psink.sock", "preflect.sock", "ssink.sock", "sreflect.sock"];
+    let paths: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+    let kinds = ["sink", "reflect", "sink", "reflect"];
+    let mut args: Vec<String> = Vec::new();
+    for (kind, p) in kinds.iter().zip(&paths) {
+        args.push("--port".into());
+        args.push(format!("{kind}:{}", p.display()));
+    }
+    args.extend(STATS_ARGS.iter().map(|s| s.to_string()));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut backend = Backend::start(&argv);
+
+    // Packed sink.
+    let mut ps = RawFrontend::connect(&paths[0], MEM, want_packed()).unwrap();
+    packed_queues(&mut ps).unwrap();
+    let (g, l) = pkt(&mut ps, 64).unwrap();
+    packed_offer(&ps, TX, 0, &[pdesc(g, l, 0, AV_OTHER_LAP)]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ps.packed_desc(TX, 0).unwrap(), pdesc(g, l, 0, AV_OTHER_LAP), "the device took a lap-2 head");
+    packed_offer(&ps, TX, 0, &[pdesc(g, l, 0xffff, AV)]).unwrap();
+    let u = ps.wait_packed_used(TX, 0, true, IO_TIMEOUT).unwrap();
+    assert_eq!((u.id, u.len), (0xffff, 0), "used descriptor for the id beyond the ring size");
+    // Flipped back to available, then a new frame after it: one more frame, not two.
+    ps.write_packed_desc(TX, 0, pdesc(g, l, 0xffff, AV)).unwrap();
+    let (g2, l2) = pkt(&mut ps, 100).unwrap();
+    packed_offer(&ps, TX, 1, &[pdesc(g2, l2, 1, AV)]).unwrap();
+    let u = ps.wait_packed_used(TX, 1, true, IO_TIMEOUT).unwrap();
+    assert_eq!((u.id, u.len), (1, 0));
+    // Zero length.
+    packed_offer(&ps, TX, 2, &[pdesc(g, 0, 2, AV)]).unwrap();
+    let u = ps.wait_packed_used(TX, 2, true, IO_TIMEOUT).unwrap();
+    assert_eq!((u.id, u.len), (2, 0));
+    assert_eq!(ps.packed_desc(TX, 0).unwrap().flags, AV, "the flipped descriptor was not used again");
+
+    // Packed reflect: a zero-length receive buffer, then one frame to reflect into it.
+    let mut pr = RawFrontend::connect(&paths[1], MEM, want_packed()).unwrap();
+    packed_queues(&mut pr).unwrap();
+    let b = pr.alloc(RX_BUF as usize, 64).unwrap();
+    packed_offer(&pr, RX, 0, &[pdesc(b, 0, 0, AV | P_WRITE)]).unwrap();
+    let (g, l) = pkt(&mut pr, 64).unwrap();
+    packed_offer(&pr, TX, 0, &[pdesc(g, l, 3, AV)]).unwrap();
+    let u = pr.wait_packed_used(TX, 0, true, IO_TIMEOUT).unwrap();
+    assert_eq!((u.id, u.len), (3, 0));
+
+    // The same zero-length buffers on split rings.
+    let mut ss = RawFrontend::connect(&paths[2], MEM, want()).unwrap();
+    std_queues(&mut ss).unwrap();
+    let (g, _) = pkt(&mut ss, 64).unwrap();
+    ss.write_desc(TX, 0, desc(g, 0, 0, 0)).unwrap();
+    offer(&ss, TX, &[0]).unwrap();
+    ss.wait_used_idx(TX, 1, IO_TIMEOUT).unwrap();
+    assert_eq!(ss.used_elem(TX, 0).unwrap(), (0, 0));
+    let mut sr = RawFrontend::connect(&paths[3], MEM, want()).unwrap();
+    std_queues(&mut sr).unwrap();
+    let b = sr.alloc(RX_BUF as usize, 64).unwrap();
+    sr.write_desc(RX, 0, desc(b, 0, DESC_F_WRITE, 0)).unwrap();
+    offer(&sr, RX, &[0]).unwrap();
+    let (g, l) = pkt(&mut sr, 64).unwrap();
+    sr.write_desc(TX, 0, desc(g, l, 0, 0)).unwrap();
+    offer(&sr, TX, &[0]).unwrap();
+    sr.wait_used_idx(TX, 1, IO_TIMEOUT).unwrap();
+
+    let check = |s: &Value| {
+        assert_unbroken(s, &paths[0], "packed sink", 2, 0, 1, 0);
+        assert_unbroken(s, &paths[1], "packed reflect", 1, 0, 0, 1);
+        assert_unbroken(s, &paths[2], "split sink", 0, 0, 1, 0);
+        assert_unbroken(s, &paths[3], "split reflect", 1, 0, 0, 1);
+    };
+    let stats = backend.wait_stats(STATS_TIMEOUT, |s| {
+        find_dev(s, &paths[0]).is_some_and(|d| d["rx_packets"].as_u64() == Some(2))
+            && [&paths[1], &paths[3]]
+                .iter()
+                .all(|p| find_dev(s, p).is_some_and(|d| d["rx_packets"].as_u64() == Some(1)))
+            && find_dev(s, &paths[2]).is_some_and(|d| d["drops"]["short_frame"].as_u64() == Some(1))
+    });
+    check(&stats);
+    // The zero-length receive buffers were left where they were.
+    assert!(!packed::is_used(pr.packed_desc(RX, 0).unwrap().flags, true), "packed RX buffer used");
+    assert_eq!(sr.used_idx(RX).unwrap(), 0, "split RX buffer used");
+    assert!(backend.is_running(), "backend died; log:\n{}", backend.log());
+    let last = backend.stop();
+    check(&last);
+}
+
+/// Sets up RX normally and TX as a packed ring whose area `which` is moved to `at`, or
+/// (`which` = "base") whose `SET_VRING_BASE` is `at`; then makes a valid packet available
+/// at position 0 where the descriptor ring is reachable, and kicks. The backend may
+/// refuse the setup message (an error reply is fine); it must never start the queue.
+fn bad_packed_ring(fe: &mut RawFrontend, which: &str, at: u64) -> R {
+    fe.setup_packed_queue(RX, BAD_RING)?;
+    let mut a = RingAddrs {
+        desc: fe.alloc(packed::desc_ring_bytes(BAD_RING) + 16, 4096)?,
+        avail: fe.alloc(packed::EVENT_SIZE, 64)?,
+        used: fe.alloc(packed::EVENT_SIZE, 64)?,
+    };
+    let mut base = packed::event_off_wrap(0, true);
+    match which {
+        "desc" => a.desc = at,
+        "driver" => a.avail = at,
+        "device" => a.used = at,
+        "base" => base = at as u16,
+        _ => return Err(format!("no packed ring area {which}")),
+    }
+    if let Err(e) = fe.setup_packed_queue_at(TX, BAD_RING, a, base) {
+        eprintln!("packed setup with {which} at {at:#x} refused (allowed): {e}");
+    }
+    let (g, l) = pkt(fe, 64)?;
+    // Where the descriptor ring is reachable, make the queue look busy (from position 0
+    // and from the bad base's offset).
+    let _ = fe.write_packed_desc(TX, 0, pdesc(g, l, 0, AV));
+    fe.kick(TX)
+}
+
+/// Packed ring setup the backend must refuse at activation: a base offset outside the
+/// ring, areas (partly) outside guest memory. (Misaligned areas never get this far: the
+/// `vhost` crate refuses such a `SET_VRING_ADDR` and closes the connection.)
+#[test]
+fn packed_bad_ring_setup_never_starts() {
+    run_cases(
+        "packed-ring",
+        &[
+            Case::packed_tx("packed: base offset = ring size", |fe| {
+                bad_packed_ring(fe, "base", (BAD_RING | packed::EVENT_F_WRAP_CTR) as u64)
+            })
+            .because("ring base 0x8008 outside the ring"),
+            Case::packed_tx("packed: descriptor ring crosses the end of memory", |fe| {
+                let end = mem_end(fe);
+                bad_packed_ring(fe, "desc", end - 64)
+            })
+            .because("ring areas misaligned or outside guest memory"),
+            Case::packed_tx("packed: descriptor ring at 0x1000", |fe| bad_packed_ring(fe, "desc", 0x1000))
+                .because("ring areas misaligned or outside guest memory"),
+            Case::packed_tx("packed: driver event area at the end of memory", |fe| {
+                let end = mem_end(fe);
+                bad_packed_ring(fe, "driver", end)
+            })
+            .because("ring areas misaligned or outside guest memory"),
+            Case::packed_tx("packed: device event area at the end of memory", |fe| {
+                let end = mem_end(fe);
+                bad_packed_ring(fe, "device", end)
+            })
+            .because("ring areas misaligned or outside guest memory"),
+        ],
+    );
 }

@@ -1,4 +1,4 @@
-//! `evil-device SOCKET MODE [--good N] [--lifetime SECS]`: a deliberately misbehaving
+//! `evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order] [--packed]`: a deliberately misbehaving
 //! vhost-user virtio-net device for the driver's malicious-device tests (see
 //! `vnet_tests::evildevice`).
 
