@@ -70,7 +70,8 @@ pub struct PortConfig {
     /// [`Control::set_queue_pairs`] can grow the count at run time. `None`: exactly
     /// `queue_pairs`.
     pub max_queue_pairs: Option<u16>,
-    /// Entries per ring (a power of two; any size up to 32768 with `packed`).
+    /// Entries per ring (a power of two; any size up to 32768 with `packed`; a power of
+    /// two with `packed_if_offered`, since the rings may end up split).
     pub ring_size: u16,
     /// Buffers in the pool (default: enough to fill every ring twice).
     pub buffers: Option<u32>,
@@ -95,6 +96,11 @@ pub struct PortConfig {
     /// offer it. `false` (the default): split rings. Packed ring sizes need not be
     /// powers of two.
     pub packed: bool,
+    /// Use the packed layout when the device offers `VIRTIO_F_RING_PACKED`, split rings
+    /// when it does not (what DPDK's virtio PMD does on a PCI device; testpmd's default
+    /// for `-a` ports). Decided from the offered features before the DMA arena is
+    /// planned; [`PortInfo::packed`] says which it was. `packed` wins when both are set.
+    pub packed_if_offered: bool,
     /// Use this buffer pool (another port's, see [`Port::pool`]) instead of creating
     /// one: packets then move between the two ports without a copy (an XDP redirect, a
     /// forwarding engine). The other port's DMA arena is shared with this device as a
@@ -131,6 +137,7 @@ impl PortConfig {
             mac: None,
             ctrl_timeout: Duration::from_secs(1),
             packed: false,
+            packed_if_offered: false,
             pool: None,
         }
     }
@@ -218,6 +225,9 @@ pub struct PortInfo {
     pub control_queue: bool,
     /// Entries per ring.
     pub ring_size: u16,
+    /// Whether the rings (the control queue's included) are packed (`VIRTIO_F_RING_PACKED`
+    /// negotiated) rather than split.
+    pub packed: bool,
 }
 
 /// What `Port::init` builds.
@@ -310,6 +320,13 @@ impl Port {
             TransportConfig::VirtioUser { path } => Box::new(VhostUserTransport::connect(path, mac)?),
             TransportConfig::VfioPci { bdf } => Box::new(PciTransport::open(bdf, mac)?),
         };
+        // The ring layout, before the arena is planned for it: "packed if offered" turns
+        // into packed or split here, from the features the device offers.
+        let mut cfg = cfg;
+        if !cfg.packed && cfg.packed_if_offered {
+            cfg.packed = transport.device_features()? & f::bit(f::RING_PACKED) != 0;
+        }
+        let cfg = cfg;
 
         // The DMA arena: sized for the pool and rings as the device will address them
         // (whole, or physical hugepage by hugepage), and made reachable by the device
@@ -552,6 +569,7 @@ impl Port {
             max_queue_pairs: dev_max,
             control_queue: ctrl_vq,
             ring_size: cfg.ring_size,
+            packed: features & f::bit(f::RING_PACKED) != 0,
         };
         Ok(Opened { info, pool, pairs, stats, stopped, control })
     }

@@ -128,6 +128,37 @@ pub struct VdevSpec {
     pub packed_vq: bool,
 }
 
+/// A VFIO-PCI port from `-a BDF[,packed_vq=0|1]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PciSpec {
+    /// The normalised PCI address, `DDDD:BB:DD.F`.
+    pub bdf: String,
+    /// The ring layout: `None` (the default) takes packed rings when the device offers
+    /// `VIRTIO_F_RING_PACKED` and split rings otherwise, as DPDK's virtio PMD does on a
+    /// PCI device; `packed_vq=1` requires packed rings, `packed_vq=0` keeps split ones.
+    pub packed_vq: Option<bool>,
+}
+
+/// Parses one `-a` value.
+pub fn parse_pci(s: &str) -> Result<PciSpec, String> {
+    let mut parts = s.split(',');
+    let bdf = parts.next().unwrap_or_default();
+    let bdf = driver::vfio::parse_bdf(bdf).map_err(|e| format!("-a {s}: {e}"))?;
+    let mut spec = PciSpec { bdf, packed_vq: None };
+    for kv in parts {
+        let (k, v) = kv.split_once('=').ok_or_else(|| format!("-a {s}: '{kv}' is not key=value"))?;
+        match (k, v) {
+            ("packed_vq", "0") => spec.packed_vq = Some(false),
+            ("packed_vq", "1") => spec.packed_vq = Some(true),
+            ("packed_vq", _) => return Err(format!("-a {s}: packed_vq must be 0 or 1")),
+            (other, _) => {
+                return Err(format!("-a {s}: unknown argument '{other}' (PCI ports take packed_vq=0|1)"))
+            }
+        }
+    }
+    Ok(spec)
+}
+
 /// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     let bad = || format!("invalid MAC address '{s}' (expected aa:bb:cc:dd:ee:ff)");
@@ -228,8 +259,10 @@ pub struct Args {
     /// A virtio-user port: virtio_user0,path=SOCK[,queues=N][,queue_size=N][,mac=MAC][,packed_vq=0|1][,in_order=0|1]
     #[arg(long = "vdev", value_name = "DEVARGS")]
     pub vdev: Vec<String>,
-    /// A VFIO-PCI port by PCI address (BDF), e.g. 0000:00:03.0.
-    #[arg(short = 'a', long = "allow", value_name = "BDF")]
+    /// A VFIO-PCI port by PCI address (BDF), e.g. 0000:00:03.0: BDF[,packed_vq=0|1]. Packed
+    /// rings when the device offers VIRTIO_F_RING_PACKED (as DPDK's virtio PMD on PCI);
+    /// packed_vq=1 requires them, packed_vq=0 keeps split rings.
+    #[arg(short = 'a', long = "allow", value_name = "BDF[,DEVARGS]")]
     pub pci: Vec<String>,
     /// Forwarding mode: io, mac, macswap, rxonly, txonly, flowgen, icmpecho.
     #[arg(long = "forward-mode", default_value = "io")]
@@ -293,9 +326,9 @@ pub struct Args {
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// VFIO-PCI ports (`-a`), normalised PCI addresses; opened before the virtio-user
-    /// ports, as DPDK probes PCI devices before vdevs.
-    pub pci: Vec<String>,
+    /// VFIO-PCI ports (`-a`), with normalised PCI addresses; opened before the
+    /// virtio-user ports, as DPDK probes PCI devices before vdevs.
+    pub pci: Vec<PciSpec>,
     /// virtio-user ports.
     pub vdevs: Vec<VdevSpec>,
     /// Forwarding mode.
@@ -342,11 +375,7 @@ pub const MAX_BURST: usize = 512;
 impl Config {
     /// Validates `args`.
     pub fn from_args(a: &Args) -> Result<Config, String> {
-        let pci = a
-            .pci
-            .iter()
-            .map(|b| driver::vfio::parse_bdf(b).map_err(|e| format!("-a {b}: {e}")))
-            .collect::<Result<Vec<_>, _>>()?;
+        let pci = a.pci.iter().map(|b| parse_pci(b)).collect::<Result<Vec<_>, _>>()?;
         let vdevs = a.vdev.iter().map(|v| parse_vdev(v)).collect::<Result<Vec<_>, _>>()?;
         let mode: FwdMode = a.forward_mode.parse()?;
         if a.burst == 0 || a.burst > MAX_BURST {
@@ -447,8 +476,12 @@ mod tests {
 
     #[test]
     fn pci_ports_by_address() {
-        let c = cfg(&["-a", "00:03.0", "-a", "0000:00:04.0"]).unwrap();
-        assert_eq!(c.pci, vec!["0000:00:03.0".to_string(), "0000:00:04.0".to_string()]);
+        let c =
+            cfg(&["-a", "00:03.0", "-a", "0000:00:04.0,packed_vq=1", "-a", "00:05.0,packed_vq=0"]).unwrap();
+        let bdfs: Vec<&str> = c.pci.iter().map(|p| p.bdf.as_str()).collect();
+        assert_eq!(bdfs, ["0000:00:03.0", "0000:00:04.0", "0000:00:05.0"]);
+        let packed: Vec<Option<bool>> = c.pci.iter().map(|p| p.packed_vq).collect();
+        assert_eq!(packed, [None, Some(true), Some(false)], "default: packed when the device offers it");
         assert!(!c.embedded);
     }
 
@@ -469,6 +502,9 @@ mod tests {
         assert!(err(&["--vdev", "virtio_user0,path=/x,bogus=1"]).contains("unknown argument 'bogus'"));
         assert!(err(&["--eth-peer=0,zz"]).contains("invalid MAC"));
         assert!(err(&["-a", "00:03"]).contains("not a PCI address"));
+        assert!(err(&["-a", "00:03.0,packed_vq=2"]).contains("packed_vq must be 0 or 1"));
+        assert!(err(&["-a", "00:03.0,queues=2"]).contains("unknown argument 'queues'"));
+        assert!(err(&["-a", "00:03.0,packed_vq"]).contains("not key=value"));
         assert!(err(&["--bogus-option"]).contains("--bogus-option"));
         assert!(err(&["--headroom=4"]).contains("headroom"));
         assert!(err(&["--xdp-prog=bounce"]).contains("expected pass, drop, tx or redirect:PORT"));

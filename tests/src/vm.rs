@@ -3,8 +3,9 @@
 //! * [`build_image`] runs `tests/vm/build-image.sh`: a Debian kernel and an initramfs with
 //!   the VFIO modules, our `testpmd` and `tests/vm/guest-init.sh` as `/init`, cached
 //!   under `<target>/vm/`.
-//! * [`Qemu`] boots it under TCG with one `virtio-net-pci` device whose data plane is a
-//!   vhost-user socket (our backend's), the serial console in a file; it is killed on drop.
+//! * [`Qemu`] boots it under TCG with one `virtio-net-pci` device (split rings, or
+//!   `packed=on`) whose data plane is a vhost-user socket (our backend's), the serial
+//!   console in a file; it is killed on drop.
 //! * [`GuestReport`] reads what `/init` printed: its `VNET-` markers, the testpmd output
 //!   between `VNET-TESTPMD BEGIN`/`END`, and the `forward_stats` JSON line.
 //!
@@ -105,6 +106,9 @@ pub struct VmConfig {
     pub mac: String,
     /// A virtual IOMMU (`intel-iommu`) in front of the NIC (`iommu_platform=on`).
     pub viommu: bool,
+    /// The NIC offers the packed virtqueue layout (`packed=on`: QEMU offers
+    /// `VIRTIO_F_RING_PACKED` when the vhost-user back-end does); QEMU's default is off.
+    pub packed: bool,
 }
 
 impl VmConfig {
@@ -118,6 +122,7 @@ impl VmConfig {
             mem_mib: 1024,
             mac: "52:54:00:12:34:56".into(),
             viommu: false,
+            packed: false,
         }
     }
 
@@ -156,6 +161,9 @@ impl Qemu {
         let append = format!("console=ttyS0 panic=-1 quiet loglevel=4 {}", cfg.params);
         let mut nic = format!("virtio-net-pci,netdev=n0,mac={},romfile=,bus=rp0,disable-legacy=on", cfg.mac);
         let mut iommu: Vec<String> = Vec::new();
+        if cfg.packed {
+            nic.push_str(",packed=on");
+        }
         if cfg.viommu {
             nic.push_str(",iommu_platform=on,ats=on");
             iommu = vec!["-device".into(), "intel-iommu,intremap=on,device-iotlb=on".into()];

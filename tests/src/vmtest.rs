@@ -8,6 +8,12 @@
 //! inside the guest and the backend's counts agree exactly; it returns the backend's
 //! final device statistics (for the IOTLB counters) and the guest's report.
 //!
+//! Each runs on split rings (QEMU's default) or packed ones ([`Rings::Packed`]: the NIC
+//! with `packed=on`, which testpmd's `-a` port takes because the device offers it); either
+//! way the scenario checks that both sides used the layout asked for (testpmd's "Ring
+//! layout" line in the guest, the backend's "(packed rings)"/"(split rings)" log line),
+//! so a packed run cannot pass on split rings.
+//!
 //! QEMU under TCG takes a whole CPU: callers hold the cross-process lock
 //! ([`crate::harness::serial`]) and boot one VM at a time.
 
@@ -44,6 +50,46 @@ impl Mode {
             Mode::VIommu => "viommu",
         }
     }
+}
+
+/// The virtqueue layout of the guest's NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rings {
+    /// Split rings (QEMU's default, `packed=off`).
+    Split,
+    /// Packed rings (virtio 1.2 §2.8): QEMU's `packed=on`.
+    Packed,
+}
+
+impl Rings {
+    fn name(self) -> &'static str {
+        match self {
+            Rings::Split => "split",
+            Rings::Packed => "packed",
+        }
+    }
+
+    /// What testpmd's `show port info` prints for it ("Ring layout: ...").
+    fn testpmd_layout(self) -> &'static str {
+        match self {
+            Rings::Split => "Ring layout: split",
+            Rings::Packed => "Ring layout: packed (VIRTIO_F_RING_PACKED)",
+        }
+    }
+}
+
+/// The layout the backend last logged as acked ("features 0x.. acked (packed rings)"):
+/// QEMU sets the features again at every device start, the last one is the guest's.
+fn backend_rings(log: &str) -> Option<&'static str> {
+    log.lines().rev().find_map(|l| {
+        if l.contains("acked (packed rings)") {
+            Some("packed")
+        } else if l.contains("acked (split rings)") {
+            Some("split")
+        } else {
+            None
+        }
+    })
 }
 
 /// Prints phase timings as they complete.
@@ -101,10 +147,13 @@ fn wait_connected(backend: &Backend, qemu: &mut Qemu, sock: &Path, timeout: Dura
 
 /// One guest run against `backend`: boots, checks the backend sees QEMU connected, the
 /// modules and the vfio-pci bind in `mode`, waits for testpmd (unless `fwd` is "none")
-/// and for QEMU to power off. Returns what the guest printed.
+/// and for QEMU to power off; with testpmd, checks that the guest and the backend both
+/// used `rings`. Returns what the guest printed.
+#[allow(clippy::too_many_arguments)]
 pub fn run_guest(
     clock: &mut Clock,
     mode: Mode,
+    rings: Rings,
     image: &Image,
     backend: &Backend,
     sock: &Path,
@@ -112,12 +161,13 @@ pub fn run_guest(
     secs: u64,
 ) -> GuestReport {
     let params = format!("vt.fwd={fwd} vt.secs={secs}");
-    let cfg = match mode {
+    let mut cfg = match mode {
         Mode::NoIommu => VmConfig::noiommu(sock, &params),
         // Hugepages: the arena is mapped in 2 MiB IOMMU pages, so the backend's IOTLB
         // needs a handful of translations instead of thousands.
         Mode::VIommu => VmConfig::viommu(sock, &format!("{params} vt.tp=--hugepages")),
     };
+    cfg.packed = rings == Rings::Packed;
     let mut qemu = Qemu::start(image, &cfg);
     eprintln!("[{}] {}", clock.name, qemu.cmdline());
     wait_connected(backend, &mut qemu, sock, Duration::from_secs(30));
@@ -166,6 +216,19 @@ pub fn run_guest(
             report.testpmd_output()
         );
         eprintln!("[{}] guest testpmd output:\n{}", clock.name, report.testpmd_output());
+        let out = report.testpmd_output();
+        assert!(
+            out.contains(rings.testpmd_layout()),
+            "testpmd in the guest did not print {:?}:\n{out}\n{diag}",
+            rings.testpmd_layout()
+        );
+        let log = backend.log();
+        assert_eq!(
+            backend_rings(&log),
+            Some(rings.name()),
+            "the backend's last feature negotiation was not on {} rings:\n{log}",
+            rings.name()
+        );
     }
     assert_eq!(report.passed(), Some(true), "the guest did not report VNET-RESULT PASS\n{diag}");
     report
@@ -211,8 +274,8 @@ struct Setup {
     _dir: TempDir,
 }
 
-fn setup(mode: Mode, scenario: &str, kind: &str, extra: &[&str]) -> Setup {
-    let mut clock = Clock::new(&format!("vm {} {scenario}", mode.name()));
+fn setup(mode: Mode, rings: Rings, scenario: &str, kind: &str, extra: &[&str]) -> Setup {
+    let mut clock = Clock::new(&format!("vm {} {} {scenario}", mode.name(), rings.name()));
     let image = build_image();
     clock.phase("image (tests/vm/build-image.sh)");
     let dir = TempDir::new(&format!("vm-{scenario}"));
@@ -230,11 +293,12 @@ fn print_iotlb(clock: &Clock, dev: &Value) {
 /// Boots the guest twice with nothing to forward: the device binds, and after QEMU exits
 /// the backend resets the device and serves the next front-end.
 pub fn boot_bind_and_reconnect(mode: Mode) -> Value {
-    let Setup { mut clock, image, backend, sock, _dir } = setup(mode, "boot", "sink", &[]);
-    run_guest(&mut clock, mode, &image, &backend, &sock, "none", 0);
+    let rings = Rings::Split;
+    let Setup { mut clock, image, backend, sock, _dir } = setup(mode, rings, "boot", "sink", &[]);
+    run_guest(&mut clock, mode, rings, &image, &backend, &sock, "none", 0);
     backend.wait_stats(Duration::from_secs(10), |s| !connected(s, &sock));
     clock.phase("backend saw the disconnect");
-    run_guest(&mut clock, mode, &image, &backend, &sock, "none", 0);
+    run_guest(&mut clock, mode, rings, &image, &backend, &sock, "none", 0);
     let dev = finish_backend(backend, &sock);
     eprintln!("[{}] backend final: {dev}", clock.name);
     assert_eq!(counter(&dev, "broken_queues"), 0, "{dev}");
@@ -242,9 +306,9 @@ pub fn boot_bind_and_reconnect(mode: Mode) -> Value {
 }
 
 /// Guest testpmd txonly into a sink: guest TX == backend rx, no drops.
-pub fn txonly_to_sink(mode: Mode) -> Value {
-    let Setup { mut clock, image, backend, sock, _dir } = setup(mode, "txonly", "sink", &[]);
-    let report = run_guest(&mut clock, mode, &image, &backend, &sock, "txonly", 5);
+pub fn txonly_to_sink(mode: Mode, rings: Rings) -> Value {
+    let Setup { mut clock, image, backend, sock, _dir } = setup(mode, rings, "txonly", "sink", &[]);
+    let report = run_guest(&mut clock, mode, rings, &image, &backend, &sock, "txonly", 5);
     let dev = finish_backend(backend, &sock);
     let g_tx = report.fwd_counter(0, "tx_packets");
     let g_txdrop = report.fwd_counter(0, "tx_dropped");
@@ -264,12 +328,13 @@ pub fn txonly_to_sink(mode: Mode) -> Value {
 
 /// A gen port with `--count` frames into guest testpmd rxonly: every frame generated
 /// is either received by the guest or counted as a backend drop.
-pub fn rxonly_from_gen(mode: Mode) -> Value {
+pub fn rxonly_from_gen(mode: Mode, rings: Rings) -> Value {
     // About 1 Mpps reach the guest's testpmd under TCG: this takes 1-2 s of the 8.
     const COUNT: u64 = 1_000_000;
     let count = COUNT.to_string();
-    let Setup { mut clock, image, backend, sock, _dir } = setup(mode, "rxonly", "gen", &["--count", &count]);
-    let report = run_guest(&mut clock, mode, &image, &backend, &sock, "rxonly", 8);
+    let Setup { mut clock, image, backend, sock, _dir } =
+        setup(mode, rings, "rxonly", "gen", &["--count", &count]);
+    let report = run_guest(&mut clock, mode, rings, &image, &backend, &sock, "rxonly", 8);
     let dev = finish_backend(backend, &sock);
     let g_rx = report.fwd_counter(0, "rx_packets");
     let b_tx = counter(&dev, "tx_packets");
@@ -295,9 +360,9 @@ pub fn rxonly_from_gen(mode: Mode) -> Value {
 ///   guest TX + guest TX-dropped == T + guest RX   (io forwards every frame it receives)
 ///   backend rx == guest TX,  backend tx == backend rx, no backend drops
 ///   hence backend tx - guest RX == T - guest TX-dropped (the frames in flight at stop).
-pub fn io_through_reflect(mode: Mode) -> Value {
-    let Setup { mut clock, image, backend, sock, _dir } = setup(mode, "io", "reflect", &[]);
-    let report = run_guest(&mut clock, mode, &image, &backend, &sock, "io", 5);
+pub fn io_through_reflect(mode: Mode, rings: Rings) -> Value {
+    let Setup { mut clock, image, backend, sock, _dir } = setup(mode, rings, "io", "reflect", &[]);
+    let report = run_guest(&mut clock, mode, rings, &image, &backend, &sock, "io", 5);
     let dev = finish_backend(backend, &sock);
     let t = IO_TX_FIRST * BURST;
     let g_rx = report.fwd_counter(0, "rx_packets");

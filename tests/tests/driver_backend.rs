@@ -266,6 +266,40 @@ fn reflect_swap_mac_returns_every_frame_without_in_order() {
     reflect_one_thread(false, false);
 }
 
+/// `PortConfig::packed_if_offered` (testpmd's default for `-a` ports, as DPDK's virtio
+/// PMD on PCI): packed rings when the device offers `VIRTIO_F_RING_PACKED`, split rings
+/// when it does not (`--no-packed`); `PortInfo::packed` and the backend agree, and
+/// 1000 frames reach the sink on either layout.
+#[test]
+fn packed_if_offered_follows_the_device() {
+    const N: u64 = 1000;
+    let _serial = serial();
+    let dir = TempDir::new("drv-packed-if-offered");
+    let sock = dir.join("sink.sock");
+    let packed_bit = driver::layout::features::bit(driver::layout::features::RING_PACKED);
+    for (extra, packed) in [(&[][..], true), (&["--no-packed"][..], false)] {
+        let backend = start_backend("sink", &sock, extra);
+        let cfg = PortConfig { packed_if_offered: true, ..PortConfig::virtio_user(&sock) };
+        let mut port = open(cfg).unwrap_or_else(|e| panic!("Port::open {extra:?}: {e}"));
+        let info = port.info().clone();
+        assert_eq!(info.packed, packed, "backend {extra:?}: {info:?}");
+        assert_eq!(info.features & packed_bit != 0, packed, "backend {extra:?}: {info:?}");
+        let rings = if packed { "(packed rings)" } else { "(split rings)" };
+        assert!(backend.log().contains(rings), "backend {extra:?} did not log {rings}:\n{}", backend.log());
+        let mut qp = port.queue_pair(0).expect("queue pair 0");
+        let deadline = Instant::now() + TRAFFIC_TIMEOUT;
+        let mut sender = Sender::new(N);
+        sender.send_all(port.pool(), &mut qp.tx, deadline);
+        drain_tx(&mut qp.tx, deadline);
+        let s = backend.wait_stats(TRAFFIC_TIMEOUT, |s| counter(device(s, &sock), "rx_packets") >= N);
+        assert_eq!(counter(device(&s, &sock), "rx_packets"), N, "backend {extra:?}");
+        assert_eq!(port.stats()[0].tx_packets, N, "backend {extra:?}");
+        let (avail, cap) = close(port, vec![qp]);
+        assert_eq!(avail, cap, "every buffer back in the pool after close");
+        check_clean(device(&backend.stop(), &sock));
+    }
+}
+
 fn reflect_one_thread(in_order: bool, packed: bool) {
     let _serial = serial();
     let dir = TempDir::new("drv-reflect");
@@ -419,6 +453,11 @@ fn open_rejects_bad_configuration() {
     let cases: Vec<(&str, PortConfig, &str)> = vec![
         ("ring_size 100", PortConfig { ring_size: 100, ..base() }, "ring size 100"),
         ("ring_size 0", PortConfig { ring_size: 0, ..base() }, "ring size 0"),
+        (
+            "ring_size 100, packed only if offered",
+            PortConfig { ring_size: 100, packed_if_offered: true, ..base() },
+            "ring size 100",
+        ),
         ("queue_pairs 0", PortConfig { queue_pairs: 0, ..base() }, "queue pair"),
         ("too few buffers", PortConfig { buffers: Some(100), ..base() }, "100 buffers"),
         ("buf_size not a multiple of 64", PortConfig { buf_size: 2000, ..base() }, "2000"),

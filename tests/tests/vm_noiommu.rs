@@ -4,7 +4,9 @@
 //! The guest's /init (tests/vm/guest-init.sh) loads vfio with
 //! `enable_unsafe_noiommu_mode=1`, binds the device and runs our testpmd with
 //! `-a <BDF>`; the scenarios (tests/src/vmtest.rs) pass only when the counts testpmd
-//! prints inside the guest and the counts of the backend agree exactly.
+//! prints inside the guest and the counts of the backend agree exactly. The `packed_`
+//! tests run io and txonly again with the NIC's `packed=on` (packed rings on both sides,
+//! checked from testpmd's port info and the backend's log).
 //!
 //! Needs root, qemu-system-x86 and the image's build tools (build-image.sh installs
 //! missing ones when run as root); a missing prerequisite fails the test. QEMU under TCG
@@ -12,7 +14,7 @@
 
 use serde_json::Value;
 use vnet_tests::harness::serial;
-use vnet_tests::vmtest::{self, Mode};
+use vnet_tests::vmtest::{self, Mode, Rings};
 
 /// The device never negotiated ACCESS_PLATFORM: no IOTLB traffic at all.
 fn assert_no_iotlb(dev: &Value) {
@@ -30,17 +32,32 @@ fn vm_noiommu_boot_bind_and_reconnect() {
 #[test]
 fn vm_noiommu_txonly_to_sink() {
     let _g = serial();
-    assert_no_iotlb(&vmtest::txonly_to_sink(Mode::NoIommu));
+    assert_no_iotlb(&vmtest::txonly_to_sink(Mode::NoIommu, Rings::Split));
 }
 
 #[test]
 fn vm_noiommu_rxonly_from_gen() {
     let _g = serial();
-    assert_no_iotlb(&vmtest::rxonly_from_gen(Mode::NoIommu));
+    assert_no_iotlb(&vmtest::rxonly_from_gen(Mode::NoIommu, Rings::Split));
 }
 
 #[test]
 fn vm_noiommu_io_through_reflect() {
     let _g = serial();
-    assert_no_iotlb(&vmtest::io_through_reflect(Mode::NoIommu));
+    assert_no_iotlb(&vmtest::io_through_reflect(Mode::NoIommu, Rings::Split));
+}
+
+/// [`vm_noiommu_txonly_to_sink`] with the NIC's `packed=on`: testpmd's `-a` port takes the
+/// packed rings the device offers, and the scenario checks both sides used them.
+#[test]
+fn vm_noiommu_packed_txonly_to_sink() {
+    let _g = serial();
+    assert_no_iotlb(&vmtest::txonly_to_sink(Mode::NoIommu, Rings::Packed));
+}
+
+/// [`vm_noiommu_io_through_reflect`] with the NIC's `packed=on`.
+#[test]
+fn vm_noiommu_packed_io_through_reflect() {
+    let _g = serial();
+    assert_no_iotlb(&vmtest::io_through_reflect(Mode::NoIommu, Rings::Packed));
 }

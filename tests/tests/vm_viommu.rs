@@ -8,13 +8,14 @@
 //! channel and gets them as `IOTLB_MSG` updates. The scenarios (tests/src/vmtest.rs)
 //! are those of the no-IOMMU tests, with the same exact counts on both sides; here
 //! the backend must also have used the IOTLB (misses sent, updates received) and never
-//! let a miss time out.
+//! let a miss time out. The `packed_` tests run io and txonly again with the NIC's
+//! `packed=on`: the backend's packed ring engine translating through the IOTLB.
 //!
 //! Needs root and qemu-system-x86, like vm_noiommu.rs; one VM at a time.
 
 use serde_json::Value;
 use vnet_tests::harness::serial;
-use vnet_tests::vmtest::{self, Mode};
+use vnet_tests::vmtest::{self, Mode, Rings};
 
 /// The backend translated through its IOTLB: it asked (misses), QEMU answered
 /// (updates), nothing was refused and no miss went unanswered.
@@ -36,17 +37,32 @@ fn vm_viommu_boot_bind_and_reconnect() {
 #[test]
 fn vm_viommu_txonly_to_sink() {
     let _g = serial();
-    assert_used_iotlb(&vmtest::txonly_to_sink(Mode::VIommu));
+    assert_used_iotlb(&vmtest::txonly_to_sink(Mode::VIommu, Rings::Split));
 }
 
 #[test]
 fn vm_viommu_rxonly_from_gen() {
     let _g = serial();
-    assert_used_iotlb(&vmtest::rxonly_from_gen(Mode::VIommu));
+    assert_used_iotlb(&vmtest::rxonly_from_gen(Mode::VIommu, Rings::Split));
 }
 
 #[test]
 fn vm_viommu_io_through_reflect() {
     let _g = serial();
-    assert_used_iotlb(&vmtest::io_through_reflect(Mode::VIommu));
+    assert_used_iotlb(&vmtest::io_through_reflect(Mode::VIommu, Rings::Split));
+}
+
+/// [`vm_viommu_txonly_to_sink`] with the NIC's `packed=on`: testpmd's `-a` port takes the
+/// packed rings the device offers, and the scenario checks both sides used them.
+#[test]
+fn vm_viommu_packed_txonly_to_sink() {
+    let _g = serial();
+    assert_used_iotlb(&vmtest::txonly_to_sink(Mode::VIommu, Rings::Packed));
+}
+
+/// [`vm_viommu_io_through_reflect`] with the NIC's `packed=on`.
+#[test]
+fn vm_viommu_packed_io_through_reflect() {
+    let _g = serial();
+    assert_used_iotlb(&vmtest::io_through_reflect(Mode::VIommu, Rings::Packed));
 }

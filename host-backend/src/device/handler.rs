@@ -118,7 +118,17 @@ impl VhostUserBackendReqHandler for Handler {
         })
     }
     fn set_vring_base(&self, index: u32, base: u32) -> VuResult<()> {
-        let base = u16::try_from(base).map_err(|_| VuError::InvalidParam)?;
+        // A packed ring's base is two halves (vhost-user "Ring states"): bits 0..16 the
+        // last avail index and its wrap counter, bits 16..32 the used ones. QEMU sends
+        // both (0x8000_8000 on a fresh ring), DPDK's virtio-user only the avail half. The
+        // ring resumes with every earlier buffer used (`PackedRing::new`), so the avail
+        // half is the whole position and the used half is not read (as DPDK's vhost
+        // library does). A split ring's base is one 16-bit index.
+        let base = if self.0.lock().acked(f::RING_PACKED) {
+            base as u16
+        } else {
+            u16::try_from(base).map_err(|_| VuError::InvalidParam)?
+        };
         self.0.change_queue(index, |q| {
             q.base = base;
             q.broken = false;
@@ -133,8 +143,12 @@ impl VhostUserBackendReqHandler for Handler {
             q.started = false;
             Ok(())
         })?;
-        let base = self.0.lock().queues[q].base;
-        Ok(VhostUserVringState::new(index, base as u32))
+        let st = self.0.lock();
+        let base = st.queues[q].base as u32;
+        // Packed: the used half equals the avail half, every buffer taken having been
+        // used when the ring stopped (QEMU restores both halves from this answer).
+        let base = if st.acked(f::RING_PACKED) { base | base << 16 } else { base };
+        Ok(VhostUserVringState::new(index, base))
     }
     fn set_vring_kick(&self, index: u8, fd: Option<File>) -> VuResult<()> {
         log::debug!("{}: SET_VRING_KICK {index} (fd: {})", self.0.params.socket.display(), fd.is_some());

@@ -100,3 +100,21 @@ fn commands_change_device_state_and_reset_restores_it() {
     assert_eq!(&d.config_space()[..6], &MAC);
     assert_eq!((s.active_pairs, s.rx_filter["promisc"].as_bool()), (2, Some(true)));
 }
+
+#[test]
+fn packed_ring_base_has_an_avail_and_a_used_half() {
+    let d = device(1, 0);
+    let h = Handler(d.clone());
+    // Split: one 16-bit index.
+    h.set_features(f::bit(f::VERSION_1)).unwrap();
+    assert!(h.set_vring_base(0, 0x1_0000).is_err(), "split base above 16 bits");
+    h.set_vring_base(0, 5).unwrap();
+    assert_eq!({ h.get_vring_base(0).unwrap().num }, 5);
+    // Packed: QEMU sends avail | used << 16 (a fresh ring: both wrap counters set) and
+    // restores both halves from the answer; DPDK's virtio-user sends the avail half.
+    h.set_features(f::bit(f::VERSION_1) | f::bit(f::RING_PACKED)).unwrap();
+    h.set_vring_base(0, 0x8000_8000).unwrap();
+    assert_eq!({ h.get_vring_base(0).unwrap().num }, 0x8000_8000);
+    h.set_vring_base(0, 0x8003).unwrap();
+    assert_eq!({ h.get_vring_base(0).unwrap().num }, 0x8003_8003);
+}

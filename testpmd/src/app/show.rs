@@ -211,6 +211,10 @@ impl App {
             );
             s += &format!("Ring size: {}\n", info.ring_size);
             s += &format!(
+                "Ring layout: {}\n",
+                if info.packed { "packed (VIRTIO_F_RING_PACKED)" } else { "split" }
+            );
+            s += &format!(
                 "Buffers free in pool: {} of {}\n",
                 self.ctx[i].pool.available(),
                 self.ctx[i].pool.capacity()

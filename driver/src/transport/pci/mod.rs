@@ -8,6 +8,9 @@
 //! FEATURES_OK read back, DRIVER_OK), 64-bit feature negotiation, queue setup through
 //! the common config (each queue's doorbell address computed once, here), device config
 //! read under `config_generation`, and reset on close. DMA setup is the VFIO module's.
+//! Split and packed rings set up alike: the three area addresses (§4.1.4.3), the size the
+//! driver chose, and a doorbell that is written the queue index (no
+//! `VIRTIO_F_NOTIFICATION_DATA`); the control queue is one more such queue.
 //! Must not: touch common config after setup (every access is a VM exit): the data path
 //! only writes doorbells, through a [`Notifier::Mmio`].
 //!
