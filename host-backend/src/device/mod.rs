@@ -417,6 +417,11 @@ impl Device {
         }
     }
 
+    /// Frames the generator may still make (`u64::MAX`: no `--count`).
+    pub fn gen_budget_left(&self) -> u64 {
+        self.gen_budget.load(Ordering::Relaxed)
+    }
+
     /// Reserves up to `n` frames of the generator's budget; returns how many it may make.
     pub fn take_gen_budget(&self, n: u64) -> u64 {
         let mut cur = self.gen_budget.load(Ordering::Relaxed);

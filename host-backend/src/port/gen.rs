@@ -27,7 +27,14 @@ impl PortPath {
         let pair = dst.pair();
         let dev = dst.dev.clone();
         let Some((ring, mem, rx)) = dst.ring_rx::<R>() else { return Ok(0) };
-        let avail = ring.poll_avail().map_err(|b| (Side::Dst, b))?.min(BURST);
+        // A `--count` spent makes no more frames: no need to look at the ring (a packed
+        // ring's poll reads a descriptor per buffer).
+        let left = dev.gen_budget_left();
+        if left == 0 {
+            return Ok(0);
+        }
+        let want = left.min(BURST as u64) as u16;
+        let avail = ring.poll_avail_max(want).map_err(|b| (Side::Dst, b))?.min(want);
         if avail == 0 {
             return Ok(0);
         }
