@@ -53,7 +53,11 @@
 //!   the transport header, so a mismatch there would checksum the wrong bytes). USO
 //!   requires `NEEDS_CSUM` and at most [`UDP_MAX_SEGMENTS`] segments, as
 //!   `virtio_net_hdr_to_skb` does; TCP without `NEEDS_CSUM` is accepted (the checksum is
-//!   computed anyway), as Linux does.
+//!   computed anyway), as Linux does. TCP has no segment limit here (nor in Linux): a
+//!   64 KiB super-frame with a `gso_size` of 1 makes some 65 000 segments, so a caller
+//!   that must bound its work per frame checks [`Gso::segments`] first.
+//! * [`complete_csum`] refuses an odd `csum_offset` (Linux does not, and stores a value
+//!   that cannot verify).
 //! * Frames: Ethernet with up to two 802.1Q/802.1ad tags; IPv4 with options, not a
 //!   fragment; IPv6 with hop-by-hop and destination-options extension headers (a
 //!   routing header would change the pseudo-header's destination and is refused, as is

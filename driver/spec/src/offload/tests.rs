@@ -895,3 +895,45 @@ fn check_complete_csum(frame: &[u8], start: usize, offset: usize) -> core::resul
     }
     Ok(())
 }
+
+#[test]
+fn two_vlan_tags_are_skipped_and_a_long_ipv6_extension_chain_is_refused() {
+    // 802.1ad outer tag, 802.1Q inner tag.
+    let spec = Spec { vlan: true, ..Spec::tcp4(3000, 1000) };
+    let (f, h) = spec.build();
+    let mut q = f[..12].to_vec();
+    q.extend_from_slice(&[0x88, 0xa8, 0x00, 0x07]);
+    q.extend_from_slice(&f[12..]);
+    let h2 = NetHdr { csum_start: h.csum_start + 4, hdr_len: h.hdr_len + 4, ..h };
+    let g = Gso::new(&q, &h2).unwrap();
+    assert_eq!(g.header_len(), spec.hdr() + 4);
+    assert_eq!(g.segments(), 3);
+    let mut segs = Vec::new();
+    segment(&q, &h2, |s| segs.push(s.to_vec())).unwrap();
+    for s in &segs {
+        assert_eq!(s[12..18], [0x88, 0xa8, 0x00, 0x07, 0x81, 0x00]);
+        etherparse_verdict(s).expect("parses").unwrap();
+    }
+
+    // Five destination-options headers: more than MAX_IPV6_EXT_HEADERS are not skipped.
+    let spec = Spec { v6: true, ip_ext: 2, ..Spec::tcp4(3000, 1000) };
+    let (f, h) = spec.build();
+    let l3 = spec.l3();
+    let mut long = f[..l3 + 40].to_vec();
+    long[l3 + 6] = 60;
+    for i in 0..5 {
+        long.extend_from_slice(&[if i < 4 { 60 } else { 6 }, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    long.extend_from_slice(&f[spec.l4()..]);
+    let h5 = NetHdr { csum_start: h.csum_start + 24, ..h };
+    assert_eq!(Gso::new(&long, &h5).unwrap_err(), OffloadError::L4Mismatch { expected: 6, found: 60 });
+    // Four are.
+    let mut four = f[..l3 + 40].to_vec();
+    four[l3 + 6] = 60;
+    for i in 0..4 {
+        four.extend_from_slice(&[if i < 3 { 60 } else { 6 }, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    four.extend_from_slice(&f[spec.l4()..]);
+    let h4 = NetHdr { csum_start: h.csum_start + 16, ..h };
+    assert_eq!(Gso::new(&four, &h4).unwrap().l4_offset(), l3 + 40 + 32);
+}
