@@ -200,7 +200,8 @@ impl PackedRing {
 
     /// Finds the available chains from the next available position on, in ring order, up
     /// to [`MAX_BURST`], and returns how many (what [`walk_avail`](Self::walk_avail) may
-    /// then take); [`poll_avail_max`](Self::poll_avail_max) with that bound. A chain whose `NEXT` leads into a descriptor that is not available
+    /// then take); [`poll_avail_max`](Self::poll_avail_max) with that bound. A chain
+    /// whose `NEXT` leads into a descriptor that is not available
     /// is [`RingFault::ChainNotAvailable`], one longer than the ring
     /// [`RingFault::ChainTooLong`]; the chains before a bad one are returned first, and the
     /// fault comes with the next poll. Also ends the previous burst's in-flight ids.
