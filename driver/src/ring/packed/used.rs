@@ -183,16 +183,64 @@ impl PackedRing {
 
     /// [`pop_used_burst`](Self::pop_used_burst) for a queue that needs only the tokens
     /// (transmit): the same checks but the length's (see `pop_used_checked`).
+    ///
+    /// The rest of an in-order batch (one used descriptor for many buffers, as DPDK's
+    /// vhost and our backend return transmit buffers) is taken in one loop that reads no
+    /// ring memory and updates the ring's counters once: the same steps as `batch_step`
+    /// and `retire`, per buffer only what differs.
     #[inline(always)]
     pub fn pop_used_tokens(&mut self, n: u16, sink: &mut impl TokenSink) -> Result<u16, (u16, DeviceError)> {
-        for k in 0..n {
+        let mut k = 0;
+        while k < n {
+            if self.batch_id != NO_BATCH {
+                k += self.take_batch_tokens(n - k, sink);
+                continue;
+            }
             match self.pop_used_checked::<false>() {
                 Ok(Some((token, _))) => sink.token(token),
                 Ok(None) => return Ok(k),
                 Err(e) => return Err((k, e)),
             }
+            k += 1;
         }
         Ok(n)
+    }
+
+    /// Up to `max` (> 0) buffers of the in-order batch being taken, in ring order from
+    /// the used position, their tokens into `sink`; the batch ends at its last buffer
+    /// (`batch_id`), or, as in `batch_step`, at the last buffer in flight. Returns how
+    /// many it took (at least one).
+    #[inline(always)]
+    fn take_batch_tokens(&mut self, max: u16, sink: &mut impl TokenSink) -> u16 {
+        debug_assert!(self.in_order && self.batch_id != NO_BATCH && max > 0 && self.heads > 0);
+        let (mut pos, mut wrap) = (self.next_used, self.used_wrap);
+        let (mut took, mut freed) = (0u16, 0u16);
+        while took < max {
+            // In order, the buffer at the used position is in flight with id `pos`
+            // (`take_id`), so `pos < size`, an index of `slots`.
+            let slot = &mut self.slots[pos as usize];
+            let (token, ndesc) = (slot.token, slot.ndesc);
+            slot.token = NO_TOKEN;
+            sink.token(token);
+            took += 1;
+            freed += ndesc;
+            let last = pos as u32 == self.batch_id || self.heads - took == 0;
+            let next = pos as u32 + ndesc as u32;
+            if next >= self.size as u32 {
+                pos = (next - self.size as u32) as u16;
+                wrap = !wrap;
+            } else {
+                pos = next as u16;
+            }
+            if last {
+                self.batch_id = NO_BATCH;
+                break;
+            }
+        }
+        (self.next_used, self.used_wrap) = (pos, wrap);
+        self.free_slots += freed;
+        self.heads -= took;
+        took
     }
 
     /// Tokens of every buffer still in flight (to return them to the pool at close).
