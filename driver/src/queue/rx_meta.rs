@@ -5,6 +5,7 @@
 //! (the receive queue copies it out of a buffer the device has returned).
 
 use crate::layout::{net_hdr, NET_HDR_LEN};
+use spec::offload::NetHdr;
 
 /// What the device said about a received frame: its virtio-net header (§5.1.6.4).
 /// Without receive offloads negotiated it is all zero.
@@ -27,15 +28,9 @@ pub struct RxMeta {
 impl RxMeta {
     /// Decodes a received `virtio_net_hdr_v1`.
     pub fn parse(h: &[u8; NET_HDR_LEN]) -> RxMeta {
-        let u = |o: usize| u16::from_le_bytes([h[o], h[o + 1]]);
-        RxMeta {
-            flags: h[net_hdr::FLAGS],
-            gso_type: h[net_hdr::GSO_TYPE],
-            hdr_len: u(net_hdr::HDR_LEN),
-            gso_size: u(net_hdr::GSO_SIZE),
-            csum_start: u(net_hdr::CSUM_START),
-            csum_offset: u(net_hdr::CSUM_OFFSET),
-        }
+        let NetHdr { flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, .. } =
+            NetHdr::from_bytes(*h);
+        RxMeta { flags, gso_type, hdr_len, gso_size, csum_start, csum_offset }
     }
     /// A segmentation super-frame (`gso_type` other than `GSO_NONE`).
     pub fn is_gso(&self) -> bool {

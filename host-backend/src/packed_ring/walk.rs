@@ -13,10 +13,12 @@ use spec::packed::{PackedDescriptor, DESC_F_INDIRECT, DESC_F_WRITE, DESC_SIZE};
 use super::{ChainAt, PackedHead, PackedRing};
 use crate::iotlb::IovaView;
 use crate::memory::GuestMemory;
-use crate::split_ring::{iotlb_fault, map_buffer, Chain, Dir, RingFault, MAX_INDIRECT};
+use crate::split_ring::{
+    iotlb_fault, map_buffer, read_desc_words, read_desc_words_aligned, Chain, Dir, RingFault, MAX_INDIRECT,
+};
 
 /// Reads descriptor `pos` of the descriptor ring at `ring` (16-byte aligned, checked in
-/// `new`): two aligned 64-bit volatile loads (the driver owns this memory).
+/// `new`; volatile: the driver owns this memory).
 ///
 /// # Safety
 ///
@@ -24,39 +26,22 @@ use crate::split_ring::{iotlb_fault, map_buffer, Chain, Dir, RingFault, MAX_INDI
 #[inline(always)]
 pub(super) unsafe fn read_ring_desc(ring: *const u8, pos: u16) -> PackedDescriptor {
     // SAFETY: entry `pos` lies inside the ring (the caller's promise), 16-byte aligned.
-    let (w0, w1) = unsafe {
-        let q = ring.add(pos as usize * DESC_SIZE) as *const u64;
-        (std::ptr::read_volatile(q), std::ptr::read_volatile(q.add(1)))
-    };
+    let (w0, w1) = unsafe { read_desc_words_aligned(ring.add(pos as usize * DESC_SIZE)) };
     PackedDescriptor::from_le_words(w0, w1)
 }
 
-/// Reads descriptor `i` of the descriptor ring or indirect table at `table` (volatile:
-/// the driver owns this memory).
+/// Reads descriptor `i` of an indirect table at `table`, which may lie at any address
+/// (volatile: the driver owns this memory).
 ///
 /// # Safety
 ///
 /// `table` must point to at least `i + 1` descriptors that stay mapped for the call
-/// (callers pass `i < size` for the ring, `i < len / 16` for a table translated whole).
+/// (callers pass `i < len / 16` for a table translated whole).
 #[inline(always)]
-pub(super) unsafe fn read_desc(table: *const u8, i: u32) -> PackedDescriptor {
+unsafe fn read_desc(table: *const u8, i: u32) -> PackedDescriptor {
     // SAFETY: entry `i` lies inside the table (the caller's promise).
-    let p = unsafe { table.add(i as usize * DESC_SIZE) };
-    if p as usize % 8 == 0 {
-        // Two aligned 64-bit loads (the ring is 16-byte aligned, checked in `new`).
-        // SAFETY: as above, and `p` is 8-byte aligned.
-        let (w0, w1) = unsafe {
-            let q = p as *const u64;
-            (std::ptr::read_volatile(q), std::ptr::read_volatile(q.add(1)))
-        };
-        PackedDescriptor::from_le_words(w0, w1)
-    } else {
-        // An indirect table at an address that is not 8-byte aligned.
-        // SAFETY: as above; a byte array has no alignment requirement.
-        let b = unsafe { std::ptr::read_volatile(p as *const [u8; 16]) };
-        let w = |r: &[u8]| u64::from_ne_bytes(r.try_into().unwrap_or([0; 8]));
-        PackedDescriptor::from_le_words(w(&b[..8]), w(&b[8..]))
-    }
+    let (w0, w1) = unsafe { read_desc_words(table.add(i as usize * DESC_SIZE)) };
+    PackedDescriptor::from_le_words(w0, w1)
 }
 
 impl PackedRing {

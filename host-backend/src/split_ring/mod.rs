@@ -88,6 +88,46 @@ impl Dir {
     }
 }
 
+/// The two 64-bit words of the 16-byte descriptor at `p`, as they lie in memory (each
+/// layout's `from_le_words` decodes them), read with volatile loads (the driver owns
+/// this memory). Shared by both ring engines: a split descriptor and a packed one are
+/// both 16 bytes.
+///
+/// # Safety
+///
+/// `p` must point to 16 readable bytes that stay mapped for the call.
+#[inline(always)]
+pub(crate) unsafe fn read_desc_words(p: *const u8) -> (u64, u64) {
+    if p as usize % 8 == 0 {
+        // SAFETY: 16 readable bytes (the caller's promise), 8-byte aligned.
+        unsafe { read_desc_words_aligned(p) }
+    } else {
+        // An indirect table the driver placed at an address that is not 8-byte aligned
+        // (the spec does not forbid it).
+        // SAFETY: 16 readable bytes; a byte array has no alignment requirement.
+        let b = unsafe { std::ptr::read_volatile(p as *const [u8; 16]) };
+        let w = |r: &[u8]| u64::from_ne_bytes(r.try_into().unwrap_or([0; 8]));
+        (w(&b[..8]), w(&b[8..]))
+    }
+}
+
+/// [`read_desc_words`] for a descriptor known to be 8-byte aligned (a ring's own, whose
+/// area `new` checked): two aligned 64-bit loads, no test (a byte-array read compiles
+/// to 16 byte loads and ~30 shifts).
+///
+/// # Safety
+///
+/// `p` must be 8-byte aligned and point to 16 readable bytes that stay mapped for the
+/// call.
+#[inline(always)]
+pub(crate) unsafe fn read_desc_words_aligned(p: *const u8) -> (u64, u64) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        let q = p as *const u64;
+        (std::ptr::read_volatile(q), std::ptr::read_volatile(q.add(1)))
+    }
+}
+
 /// Asks for the first `lines` cache lines of the `n` bytes at `ptr` in a writable state
 /// (the receive-buffer hint both engines give before a burst's copies).
 #[inline(always)]
@@ -266,23 +306,9 @@ impl DeviceRing {
     /// mapping (`size` for the main table, `len / 16` for an indirect table).
     #[inline(always)]
     unsafe fn read_desc(table: *const u8, i: u16) -> Descriptor {
-        // SAFETY: entry `i` lies inside the table (the caller's promise).
-        let p = unsafe { table.add(i as usize * layout::DESC_SIZE) };
-        if p as usize % 8 == 0 {
-            // Two aligned 64-bit loads (the main table is 16-byte aligned, checked in
-            // `new`): a byte-array read compiles to 16 byte loads and ~30 shifts.
-            // SAFETY: as above, and `p` is 8-byte aligned.
-            let (w0, w1) = unsafe {
-                let q = p as *const u64;
-                (std::ptr::read_volatile(q), std::ptr::read_volatile(q.add(1)))
-            };
-            Descriptor::from_le_words(w0, w1)
-        } else {
-            // An indirect table the driver placed at an odd address (the spec does not
-            // forbid it).
-            // SAFETY: as above; a byte array has no alignment requirement.
-            Descriptor::from_le_bytes(unsafe { std::ptr::read_volatile(p as *const [u8; 16]) })
-        }
+        // SAFETY: entry `i` lies inside the table and stays mapped (the caller's promise).
+        let (w0, w1) = unsafe { read_desc_words(table.add(i as usize * layout::DESC_SIZE)) };
+        Descriptor::from_le_words(w0, w1)
     }
 
     /// Takes the head of the `i`-th unconsumed avail entry (`i` < the value
