@@ -763,6 +763,22 @@ fn etherparse_verdict(s: &[u8]) -> Option<core::result::Result<(), String>> {
     if p.net.is_none() || p.transport.is_none() {
         return None;
     }
+    if let Some(etherparse::NetHeaders::Ipv4(ip, _)) = &p.net {
+        // etherparse rebuilds the IPv4 header from its fields and drops the reserved
+        // flag bit (0x80 of byte 6), so its header checksum differs when a damaged frame
+        // sets it: the reference checks that header instead, and etherparse is not asked.
+        let l3 = s.len()
+            - p.payload.slice().len()
+            - p.transport.as_ref().map_or(0, |t| t.header_len())
+            - ip.header_len();
+        if s[l3 + 6] & 0x80 != 0 {
+            return Some(if reference_csum(&[&s[l3..l3 + ip.header_len()]]) == 0 {
+                Ok(())
+            } else {
+                Err("IPv4 header checksum (reference)".into())
+            });
+        }
+    }
     if let Some(etherparse::TransportHeader::Tcp(t)) = &p.transport {
         // etherparse rebuilds the TCP header from its fields and drops the reserved
         // bits of byte 12, so its checksum differs when a damaged frame sets them.
