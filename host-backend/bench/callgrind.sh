@@ -62,6 +62,7 @@
 #   GEN_COUNT=2000000 (be-grx), PACKED=0|1 (ring layout), CG_CPU=1 PEER_CPU=0, TOP=5 (functions by self cost
 #   listed per path), KEEP=1 (keep the work directory with the callgrind files),
 #   BIN=target/release/host-backend PMD=target/release/testpmd,
+#   VG_EXTRA="..." (extra valgrind options, e.g. --dump-instr=yes for per-instruction costs),
 #   VNET_LOCK_HELD=1 if the caller already holds /tmp/vnet-tests.lock (the script takes it
 #   otherwise, so it never runs next to the cross-process tests).
 set -euo pipefail
@@ -121,7 +122,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-VG=(valgrind --tool=callgrind --separate-threads=yes)
+VG=(valgrind --tool=callgrind --separate-threads=yes ${VG_EXTRA:-})
 
 wait_for() { # FILE PATTERN SECONDS [PID]: until PATTERN is in FILE (fails early if PID died)
     local i

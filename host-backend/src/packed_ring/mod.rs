@@ -135,6 +135,13 @@ pub(crate) struct PackedRing {
     /// The pending used descriptor that stands for the run being completed, if the last
     /// [`add_used`](Self::add_used) of this burst opened or extended one.
     run_pos: Option<u16>,
+    /// The buffer id the run's descriptor gets when the run closes (the last chain folded
+    /// into it), and the ring descriptors of the chains folded into it since it opened,
+    /// which the used position skips when the run closes ([`close_run`](Self::close_run)):
+    /// a chain folded into a run costs two stores to the ring's own fields, not a ring
+    /// write and a wrapping position update each.
+    run_id: u16,
+    run_skip: u32,
     event_idx: bool,
     indirect: bool,
     mem: Arc<GuestMemory>,
@@ -328,18 +335,16 @@ impl PackedRing {
     #[inline(always)]
     pub fn add_used(&mut self, head: PackedHead, len: u32) {
         let coalesce = self.in_order && head.reads_only && len == 0;
-        if let (true, Some(run)) = (coalesce, self.run_pos) {
-            // SAFETY: `run < size` (a used position of this burst). The descriptor is
-            // pending: the driver reads it only after the burst's publication (its own
-            // flags, or the first pending one's, released after this store).
-            unsafe {
-                let p = self.desc.add(run as usize * packed::DESC_SIZE);
-                std::ptr::write_volatile(p.add(packed::DESC_ID) as *mut u16, head.id.to_le());
-            }
-            (self.used_pos, self.used_wrap) =
-                self.advance(self.used_pos, self.used_wrap, head.count.min(self.size));
+        if coalesce && self.run_pos.is_some() {
+            // Folded into the open run: its descriptor is renamed and the used position
+            // moved on when the run closes.
+            // No clamp to the ring size here: `close_run` moves on by whole laps, so any
+            // sum of counts keeps the position inside the ring.
+            self.run_id = head.id;
+            self.run_skip += head.count as u32;
             return;
         }
+        self.close_run();
         let pos = self.used_pos;
         self.run_pos = coalesce.then_some(pos);
         // SAFETY: `pos < size`: the descriptor lies inside the ring validated in `new`
@@ -361,6 +366,33 @@ impl PackedRing {
         }
         self.pending += 1;
         (self.used_pos, self.used_wrap) = self.advance(pos, self.used_wrap, head.count.min(self.size));
+    }
+
+    /// Closes the open run, if chains were folded into it: its used descriptor takes the
+    /// last folded chain's id and the used position skips their descriptors. (Called
+    /// before the next used descriptor is written and at publication, so the driver never
+    /// sees a run that is not closed.)
+    #[inline(always)]
+    fn close_run(&mut self) {
+        let Some(run) = self.run_pos.take() else { return };
+        if self.run_skip == 0 {
+            return;
+        }
+        // SAFETY: `run < size` (a used position of this burst). The descriptor is
+        // pending: the driver reads it only after the burst's publication (its own
+        // flags, or the first pending one's, released after this store).
+        unsafe {
+            let p = self.desc.add(run as usize * packed::DESC_SIZE);
+            std::ptr::write_volatile(p.add(packed::DESC_ID) as *mut u16, self.run_id.to_le());
+        }
+        // A lying driver can make a burst's chains cover more than one lap (a wrap
+        // counter that matches again after a lap): move on by whole laps too, so the
+        // position stays inside the ring whatever the sum.
+        let size = self.size as u32;
+        let p = self.used_pos as u32 + self.run_skip;
+        self.used_pos = (p % size) as u16;
+        self.used_wrap ^= (p / size) & 1 == 1;
+        self.run_skip = 0;
     }
 
     /// Marks the first `n` chains the last poll found consumed (they must have been
@@ -394,8 +426,8 @@ impl PackedRing {
         if self.pending == 0 {
             return None;
         }
+        self.close_run();
         self.pending = 0;
-        self.run_pos = None;
         // SAFETY: `first_pos < size`.
         unsafe { self.flags_at(self.first_pos) }.store(self.first_flags.to_le(), Ordering::Release);
         let step = UsedStep { old: self.signalled, new: self.used_pos, wrap: self.used_wrap };

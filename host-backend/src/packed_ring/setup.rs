@@ -78,6 +78,8 @@ impl PackedRing {
             first_flags: 0,
             in_order: cfg.in_order,
             run_pos: None,
+            run_id: 0,
+            run_skip: 0,
             event_idx: cfg.event_idx,
             indirect: cfg.indirect,
             mem,

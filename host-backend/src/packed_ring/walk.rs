@@ -68,52 +68,65 @@ impl PackedRing {
             return Err(RingFault::HeadOutOfRange { head: i });
         }
         let at = self.chains[i as usize];
-        let (id, reads_only) = self.walk(mem, at, dir, out)?;
-        if i == self.walked {
-            // `walked_in` has an entry for every u16.
-            let seen = &mut self.walked_in[id as usize];
-            if *seen == self.burst {
-                return Err(RingFault::IdInFlight { id });
-            }
-            *seen = self.burst;
-            self.walked += 1;
-        }
-        Ok(PackedHead { id, count: at.count, reads_only })
-    }
-
-    /// The walk of one chain: one direct descriptor in one memory region without an IOMMU
-    /// is decided inline; anything else goes the general way, which reads the
-    /// descriptors again and decides everything itself. Returns the buffer id and
-    /// whether no buffer of the chain is device-writable.
-    #[inline(always)]
-    fn walk<'m>(
-        &mut self,
-        mem: &'m GuestMemory,
-        at: ChainAt,
-        dir: Dir,
-        out: &mut Chain<'m>,
-    ) -> Result<(u16, bool), RingFault> {
+        // The common case decided inline, returning straight from here: one direct
+        // descriptor in one memory region without an IOMMU, its id not seen in this
+        // burst. Anything else (and every case that fails a check) goes the general way,
+        // which reads the descriptors again and decides everything itself, so the result
+        // never depends on the shortcut.
         if at.count == 1 && self.iova.is_none() {
             // SAFETY: `at.pos < size`, the ring's length.
             let d = unsafe { read_ring_desc(self.desc, at.pos) };
-            if d.flags & DESC_F_INDIRECT == 0 && d.len > 0 {
-                let writable = d.flags & DESC_F_WRITE != 0;
-                if dir.admits(writable, false) {
-                    if let Some((ptr, n)) = mem.translate(&mut self.hint, d.addr, d.len as u64) {
-                        if n == d.len as u64 {
-                            out.set_single(ptr, d.len, !writable);
-                            return Ok((d.id, !writable));
-                        }
+            let writable = d.flags & DESC_F_WRITE != 0;
+            if d.flags & DESC_F_INDIRECT == 0 && d.len > 0 && dir.admits(writable, false) {
+                if let Some((ptr, n)) = mem.translate(&mut self.hint, d.addr, d.len as u64) {
+                    if n == d.len as u64 && (i != self.walked || self.mark_walked(d.id)) {
+                        out.set_single(ptr, d.len, !writable);
+                        return Ok(PackedHead { id: d.id, count: 1, reads_only: !writable });
                     }
                 }
             }
         }
-        self.walk_chain(mem, at, dir, out)
+        self.walk_avail_general(mem, i, at, dir, out)
     }
 
-    /// [`walk`](Self::walk) for any chain: several descriptors, an indirect table,
-    /// several regions, an IOMMU.
+    /// Marks `id` walked in this burst (the next chain in ring order was walked for the
+    /// first time) and returns true, or returns false when it already was (the general
+    /// walk then reports [`RingFault::IdInFlight`]).
+    #[inline(always)]
+    fn mark_walked(&mut self, id: u16) -> bool {
+        debug_assert_eq!(self.walked_in.len(), u16::MAX as usize + 1);
+        // SAFETY: `walked_in` has an entry for every u16 (built with `IDS` entries in
+        // `new` and never resized), so no bounds check is needed.
+        let seen = unsafe { self.walked_in.get_unchecked_mut(id as usize) };
+        if *seen == self.burst {
+            return false;
+        }
+        *seen = self.burst;
+        self.walked += 1;
+        true
+    }
+
+    /// [`walk_avail`](Self::walk_avail) for every case the inline one does not take.
     #[inline(never)]
+    fn walk_avail_general<'m>(
+        &mut self,
+        mem: &'m GuestMemory,
+        i: u16,
+        at: ChainAt,
+        dir: Dir,
+        out: &mut Chain<'m>,
+    ) -> Result<PackedHead, RingFault> {
+        let (id, reads_only) = self.walk_chain(mem, at, dir, out)?;
+        if i == self.walked && !self.mark_walked(id) {
+            return Err(RingFault::IdInFlight { id });
+        }
+        Ok(PackedHead { id, count: at.count, reads_only })
+    }
+
+    /// The walk of any chain: several descriptors, an indirect table, several regions,
+    /// an IOMMU. Returns the buffer id and whether no buffer of the chain is
+    /// device-writable.
+    #[inline]
     fn walk_chain<'m>(
         &mut self,
         mem: &'m GuestMemory,
