@@ -132,32 +132,29 @@ impl Server {
             *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
         }
         self.device.connect();
-        loop {
+        // Why the connection ends, for the log (`Err`: a fault, logged as a warning): a
+        // front-end that goes away and a socket that fails look the same to the guest;
+        // the operator needs to tell them apart.
+        let why = loop {
             if self.stop.load(Ordering::Relaxed) {
-                break;
+                break Ok("the backend is stopping");
             }
             match iotlb_channel::peek_header(&sock) {
                 Ok(Some(h)) if h.is_iotlb_protocol() => {
                     if let Err(e) = self.device.handle_iotlb_request(&sock, &h) {
-                        warn!(
-                            "{}: vhost-user error: {e}; closing the connection",
-                            self.device.params.socket.display()
-                        );
-                        break;
+                        break Err(format!("vhost-user error: {e}"));
                     }
                     continue;
                 }
                 Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(e) => {
-                    debug!("{}: connection: {e}", self.device.params.socket.display());
-                    break;
-                }
+                Ok(None) => break Ok("the front-end closed the connection"),
+                Err(e) => break Err(format!("socket error: {e}")),
             }
             match conn.handle_request() {
                 Ok(()) => {}
-                Err(VuError::Disconnected) | Err(VuError::PartialMessage) => break,
-                Err(VuError::SocketBroken(_)) => break,
+                Err(VuError::Disconnected) => break Ok("the front-end closed the connection"),
+                Err(VuError::PartialMessage) => break Err("a message cut short".to_string()),
+                Err(VuError::SocketBroken(e)) => break Err(format!("socket error: {e}")),
                 Err(VuError::InactiveFeature(f)) => {
                     // QEMU (7.2) sends SET_VRING_ENABLE at device realize, before any
                     // SET_FEATURES; the `vhost` crate refuses it because
@@ -173,13 +170,13 @@ impl Server {
                 }
                 Err(e) => {
                     // A protocol error from the front-end: drop this connection, keep serving.
-                    warn!(
-                        "{}: vhost-user error: {e}; closing the connection",
-                        self.device.params.socket.display()
-                    );
-                    break;
+                    break Err(format!("vhost-user error: {e}"));
                 }
             }
+        };
+        match why {
+            Ok(why) => info!("{}: connection ends: {why}", self.device.params.socket.display()),
+            Err(why) => warn!("{}: {why}; closing the connection", self.device.params.socket.display()),
         }
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.device.disconnect();

@@ -108,6 +108,10 @@ impl VhostUserBackendReqHandler for Handler {
         available: u64,
         _log: u64,
     ) -> VuResult<()> {
+        log::debug!(
+            "{}: SET_VRING_ADDR {index} desc {descriptor:#x} used {used:#x} avail {available:#x}",
+            self.0.params.socket.display()
+        );
         self.0.change_queue(index, |q| {
             q.desc = descriptor;
             q.used = used;

@@ -258,6 +258,13 @@ impl PortPath {
             }
         }
         self.packed = (QueueSlot::packed(&self.src), QueueSlot::packed(&self.dst));
+        log::debug!(
+            "path attached: src {:?} active {}, dst {:?} active {}",
+            self.src.as_ref().map(|s| s.q),
+            self.src.as_ref().is_some_and(|s| s.active.is_some()),
+            self.dst.as_ref().map(|s| s.q),
+            self.dst.as_ref().is_some_and(|s| s.active.is_some()),
+        );
     }
 
     /// Whether any of the path's rings is active, or it is a handoff path (which may
