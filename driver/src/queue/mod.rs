@@ -58,6 +58,7 @@ mod rx;
 mod rx_meta;
 mod stats;
 mod tx;
+mod tx_offload;
 mod xdp;
 
 #[cfg(test)]
@@ -65,10 +66,10 @@ mod packed_tests;
 #[cfg(test)]
 mod tests;
 
-pub use rx::RxQueue;
+pub use rx::{RxQueue, MAX_MERGED_FRAME};
 pub use rx_meta::RxMeta;
 pub use stats::{PairStats, QueueStatsSnapshot, RxStats, TxStats};
-pub use tx::TxQueue;
+pub use tx::{TxQueue, MAX_TX_SEGS};
 pub use xdp::{XdpOut, XdpProgram, XdpVerdict, XDP_HEADROOM, XDP_TARGETS};
 
 /// Most buffers refilled or reclaimed per step (bounds the stack scratch space).
@@ -101,10 +102,11 @@ impl Recycle<'_> {
             self.n = 0;
         }
     }
-    /// Returns `p`'s buffer: batched if it is one of ours, else to its own pool.
+    /// Returns `p`'s buffer: batched if it is a plain packet of ours, else (a chain, a
+    /// packet of another pool) through its own drop.
     #[inline]
     fn packet(&mut self, p: Packet) {
-        if self.pool.owns(&p) {
+        if self.pool.owns_plain(&p) {
             // SAFETY: the buffer of a packet of this pool, which `into_raw` gives up.
             unsafe { self.put(p.into_raw().0) };
         } else {

@@ -404,6 +404,15 @@ impl DriverRing {
         Some(head)
     }
 
+    /// [`post_chain`](Self::post_chain) with the head's descriptor id as the token (the
+    /// transmit path keeps each packet by the id its chain starts on, as it does for a
+    /// single descriptor posted with no token).
+    pub fn post_chain_id(&mut self, parts: &[(u64, u32, bool)]) -> Option<u16> {
+        let head = self.post_chain(parts, NO_TOKEN - 1)?;
+        self.tokens[head as usize] = head as u32;
+        Some(head)
+    }
+
     /// Posts `n` single-descriptor buffers (at most [`free_count`](Self::free_count);
     /// fewer if fewer are free) in one loop: `src` gives the `k`-th buffer, on
     /// descriptor `id`, as `(addr, len, token)`. Not visible until
