@@ -11,7 +11,7 @@
 //! `evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order] [--packed]` listens on `SOCKET`, serves one
 //! front-end with the `vhost` crate's back-end request handler and exits when it goes
 //! away (or after `--lifetime` seconds, default 60, so that no test can hang on it). It
-//! offers `VERSION_1 | MAC | STATUS | MTU | VHOST_USER_F_PROTOCOL_FEATURES` (plus
+//! offers `VERSION_1 | MAC | STATUS | MTU | MRG_RXBUF | VHOST_USER_F_PROTOCOL_FEATURES` (plus
 //! `VIRTIO_F_IN_ORDER` with `--in-order`: it always uses buffers in order; plus
 //! `VIRTIO_F_RING_PACKED` with `--packed`: it then speaks the packed ring, virtio 1.2
 //! §2.8, if the driver acks it, and the split ring otherwise), the protocol
@@ -40,6 +40,9 @@
 //! | `idx-jump[-tx]` | the used index advanced by the buffers in flight plus one (on rx, only once the ring is full, so the driver's count cannot move under it) | `UsedIdxJump` |
 //! | `wrong-wrap[-tx]` | packed only: a used descriptor at the used position whose AVAIL/USED bits carry the other wrap counter | `UsedWrongWrap` |
 //! | `used-ahead[-tx]` | packed only: a valid used descriptor for the SECOND buffer taken, written one position past the used position, which stays "available" | nothing: the driver must ignore it (reported as `AHEAD queue=Q pos=P id=I`, not `BAD`) |
+//! | `mrg-zero` | receive only, MRG_RXBUF negotiated: a frame whose header says `num_buffers` 0 | `MergeZeroBuffers` |
+//! | `mrg-beyond` | receive only, MRG_RXBUF: a frame whose header says 2 buffers, with only its first one used | `MergeBeyondUsed` |
+//! | `mrg-bad-len` | receive only, MRG_RXBUF: a frame over 2 buffers whose second has used length 0 | `MergeBadLength` |
 //!
 //! On a packed ring "one publish" means what it does for a driver's burst: the used
 //! descriptors are written in ring order, each one's flags word last, and the first one's
@@ -129,11 +132,17 @@ pub enum Fault {
     WrongWrap,
     /// Packed ring: a used descriptor written one position ahead of the used position.
     UsedAhead,
+    /// MRG_RXBUF: a received frame with `num_buffers` 0.
+    MrgZero,
+    /// MRG_RXBUF: a received frame that claims more buffers than were used.
+    MrgBeyond,
+    /// MRG_RXBUF: a received frame whose second buffer is empty.
+    MrgBadLen,
 }
 
 impl Fault {
     /// Every fault.
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 10] = [
         Fault::IdOutOfRange,
         Fault::IdNotInFlight,
         Fault::IdTwice,
@@ -141,6 +150,9 @@ impl Fault {
         Fault::IdxJump,
         Fault::WrongWrap,
         Fault::UsedAhead,
+        Fault::MrgZero,
+        Fault::MrgBeyond,
+        Fault::MrgBadLen,
     ];
 
     /// The mode name (without the queue suffix).
@@ -153,7 +165,16 @@ impl Fault {
             Fault::IdxJump => "idx-jump",
             Fault::WrongWrap => "wrong-wrap",
             Fault::UsedAhead => "used-ahead",
+            Fault::MrgZero => "mrg-zero",
+            Fault::MrgBeyond => "mrg-beyond",
+            Fault::MrgBadLen => "mrg-bad-len",
         }
+    }
+
+    /// Whether the fault is one of the mergeable-receive lies (receive queue only, with
+    /// `VIRTIO_NET_F_MRG_RXBUF` negotiated).
+    pub fn merge(self) -> bool {
+        matches!(self, Fault::MrgZero | Fault::MrgBeyond | Fault::MrgBadLen)
     }
 
     /// Whether the fault exists on a split ring (`idx-jump`) or a packed one
@@ -224,6 +245,13 @@ pub fn format_report(queue: u16, e: &DeviceError) -> String {
         DeviceError::UsedWrongWrap { pos, flags } => {
             format!("BAD queue={queue} kind=wrong-wrap pos={pos} flags={flags}")
         }
+        DeviceError::MergeZeroBuffers => format!("BAD queue={queue} kind=mrg-zero"),
+        DeviceError::MergeBeyondUsed { num_buffers, available } => {
+            format!("BAD queue={queue} kind=mrg-beyond num_buffers={num_buffers} available={available}")
+        }
+        DeviceError::MergeBadLength { index, len, total } => {
+            format!("BAD queue={queue} kind=mrg-bad-len index={index} len={len} total={total}")
+        }
     }
 }
 
@@ -251,6 +279,16 @@ pub fn parse_report(line: &str) -> Option<(u16, DeviceError)> {
         "wrong-wrap" => DeviceError::UsedWrongWrap {
             pos: u16::try_from(num("pos")?).ok()?,
             flags: u16::try_from(num("flags")?).ok()?,
+        },
+        "mrg-zero" => DeviceError::MergeZeroBuffers,
+        "mrg-beyond" => DeviceError::MergeBeyondUsed {
+            num_buffers: u16::try_from(num("num_buffers")?).ok()?,
+            available: u16::try_from(num("available")?).ok()?,
+        },
+        "mrg-bad-len" => DeviceError::MergeBadLength {
+            index: u16::try_from(num("index")?).ok()?,
+            len: num("len")?,
+            total: num("total")?,
         },
         _ => return None,
     };
@@ -679,13 +717,18 @@ impl State {
     /// Writes `bytes` (a virtio-net header is put in front) into receive buffer `d`;
     /// returns the used length.
     fn fill_rx(&self, d: &Descriptor, bytes: &[u8]) -> Result<u32, Stop> {
+        self.fill_rx_nb(d, bytes, 1)
+    }
+
+    /// [`fill_rx`](Self::fill_rx) with `num_buffers` = `nb` in the header.
+    fn fill_rx_nb(&self, d: &Descriptor, bytes: &[u8], nb: u16) -> Result<u32, Stop> {
         let total = NET_HDR_LEN + bytes.len();
         if total > d.len as usize {
             return stop(format!("receive buffer of {} bytes for a {total}-byte frame", d.len));
         }
         let dst = self.buffer(d)?;
         let mut hdr = [0u8; NET_HDR_LEN];
-        hdr[layout::NET_HDR_NUM_BUFFERS..].copy_from_slice(&1u16.to_le_bytes());
+        hdr[layout::NET_HDR_NUM_BUFFERS..].copy_from_slice(&nb.to_le_bytes());
         // SAFETY: `dst` points at `d.len >= total` mapped bytes of a buffer the driver
         // made available to the device (it does not touch it until we complete it); raw
         // copies, no reference into the shared memory.
@@ -779,6 +822,12 @@ impl State {
             let layout = if rx.packed { "packed" } else { "split" };
             return stop(format!("mode {} does not exist on a {layout} ring", self.mode.name()));
         }
+        if fault.merge() && (q != RX_QUEUE || self.acked_features & f::bit(f::NET_MRG_RXBUF) == 0) {
+            return stop(format!(
+                "mode {} needs the receive queue and MRG_RXBUF negotiated",
+                self.mode.name()
+            ));
+        }
         if q == RX_QUEUE {
             let (offered, in_flight) = if rx.packed {
                 // We complete whatever we take at once: all that is in flight is offered.
@@ -797,7 +846,8 @@ impl State {
                 Fault::IdxJump => in_flight == rx.size,
                 Fault::IdNotInFlight | Fault::IdTwice => offered >= 1 && in_flight >= 2,
                 Fault::IdOutOfRange | Fault::LenTooLarge | Fault::WrongWrap => offered >= 1,
-                Fault::UsedAhead => offered >= 2,
+                Fault::MrgZero | Fault::MrgBeyond => offered >= 1,
+                Fault::UsedAhead | Fault::MrgBadLen => offered >= 2,
             };
             if !ready {
                 return Ok(None);
@@ -848,6 +898,25 @@ impl State {
                     let len = self.fill_rx(&rd, &poison)?;
                     return Ok(Some(self.used_ahead(rxq, rx, rid, len)));
                 }
+                Fault::MrgZero => {
+                    let (rid, rd) = self.take_avail(rxq, rx)?;
+                    let len = self.fill_rx_nb(&rd, &poison, 0)?;
+                    self.put_raw(rxq, rx, &[(rid as u32, len)]);
+                    DeviceError::MergeZeroBuffers
+                }
+                Fault::MrgBeyond => {
+                    let (rid, rd) = self.take_avail(rxq, rx)?;
+                    let len = self.fill_rx_nb(&rd, &poison, 2)?;
+                    self.put_raw(rxq, rx, &[(rid as u32, len)]);
+                    DeviceError::MergeBeyondUsed { num_buffers: 2, available: 1 }
+                }
+                Fault::MrgBadLen => {
+                    let (r1, d1) = self.take_avail(rxq, rx)?;
+                    let len = self.fill_rx_nb(&d1, &poison, 2)?;
+                    let (r2, _) = self.take_avail(rxq, rx)?;
+                    self.put_raw(rxq, rx, &[(r1 as u32, len), (r2 as u32, 0)]);
+                    DeviceError::MergeBadLength { index: 1, len: 0, total: len - NET_HDR_LEN as u32 }
+                }
             };
             return Ok(Some(format_report(q, &e)));
         }
@@ -885,6 +954,7 @@ impl State {
             Fault::IdxJump => self.jump(txq, tx, in_flight),
             Fault::WrongWrap => self.wrong_wrap(txq, tx, a, 0),
             Fault::UsedAhead => return Ok(Some(self.used_ahead(txq, tx, last, 0))),
+            Fault::MrgZero | Fault::MrgBeyond | Fault::MrgBadLen => unreachable!("refused above"),
         };
         Ok(Some(format_report(q, &e)))
     }
@@ -971,6 +1041,7 @@ const OFFERED_FEATURES: u64 = f::bit(f::VERSION_1)
     | f::bit(f::NET_MAC)
     | f::bit(f::NET_STATUS)
     | f::bit(f::NET_MTU)
+    | f::bit(f::NET_MRG_RXBUF)
     | f::bit(f::VHOST_USER_PROTOCOL_FEATURES);
 
 fn offered_protocol() -> VhostUserProtocolFeatures {
