@@ -2,16 +2,20 @@
 //!
 //! Owns: one receive ring with its batched refill from the pool, one transmit ring with
 //! its batched completion reclaim, their statistics, the virtio-net header handling
-//! (written in the 12 bytes before the packet data, so a packet is one descriptor; the
-//! received one is exposed as [`RxMeta`]), and the XDP-style hook of each receive queue.
+//! (written in the 12 bytes before the packet data, so a plain packet is one descriptor
+//! and a chained one a descriptor chain whose first part carries the header; the
+//! received one is exposed as [`RxMeta`]), mergeable receive buffers (`rx/merge.rs`),
+//! transmit offload requests (`tx_offload.rs`), and the XDP-style hook of each receive
+//! queue.
 //! Must not: talk to the transport (kicks go through the ring's `Notifier`; offload
 //! changes through the port's [`Control`](crate::Control)) or allocate on the data path.
 //!
 //! Each half is `Send` and used through `&mut self`, so the receive and transmit sides of
 //! a pair can run on different threads without locks.
 //!
-//! One job per file: `rx.rs` ([`RxQueue`]: receive burst, refill), `tx.rs`
-//! ([`TxQueue`]: transmit burst, reclaim), `xdp.rs` (the XDP-style hook below),
+//! One job per file: `rx.rs` ([`RxQueue`]: receive burst, refill; `rx/merge.rs`: frames
+//! over several buffers), `tx.rs` ([`TxQueue`]: transmit burst, reclaim), `tx_offload.rs`
+//! (a packet's offload request checked and made a header), `xdp.rs` (the XDP-style hook below),
 //! `rx_meta.rs` ([`RxMeta`]), `stats.rs` (the counters); this file holds the
 //! [`QueuePair`] and what both halves share (recycling buffers to the pool in batches).
 //!

@@ -17,9 +17,10 @@
 //!   reading it.
 //!
 //! A data buffer is one descriptor (virtio-net header and frame are contiguous in one
-//! pool buffer). Control commands are short chains ([`DriverRing::post_chain`]: readable
-//! command, writable ack); their links live in a driver-private array too, so freeing a
-//! chain never reads memory the device can write.
+//! pool buffer), except a multi-segment transmit packet, a chain with its head's id as
+//! token ([`DriverRing::post_chain_id`]). Control commands are short chains
+//! ([`DriverRing::post_chain`]: readable command, writable ack); chain links live in a
+//! driver-private array too, so freeing a chain never reads memory the device can write.
 //!
 //! Shared memory is touched only through raw pointers with volatile or atomic accesses:
 //! * descriptors and avail entries are written with volatile stores, then published by
