@@ -8,7 +8,7 @@
 //!
 //! # The device
 //!
-//! `evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order] [--packed]` listens on `SOCKET`, serves one
+//! `evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order] [--packed] [--mtu N]` listens on `SOCKET`, serves one
 //! front-end with the `vhost` crate's back-end request handler and exits when it goes
 //! away (or after `--lifetime` seconds, default 60, so that no test can hang on it). It
 //! offers `VERSION_1 | MAC | STATUS | MTU | MRG_RXBUF | VHOST_USER_F_PROTOCOL_FEATURES` (plus
@@ -16,7 +16,7 @@
 //! `VIRTIO_F_RING_PACKED` with `--packed`: it then speaks the packed ring, virtio 1.2
 //! §2.8, if the driver acks it, and the split ring otherwise), the protocol
 //! features `MQ | REPLY_ACK | CONFIG`, and a config space with a fixed MAC
-//! ([`DEVICE_MAC`]), link up, one queue pair and MTU 1500. It maps the front-end's memory
+//! ([`DEVICE_MAC`]), link up, one queue pair and MTU 1500 ([`DEVICE_MTU`], or `--mtu`). It maps the front-end's memory
 //! (`SET_MEM_TABLE`), translates ring addresses through each region's front-end virtual
 //! address and buffer addresses through its guest-physical address, and once both rings
 //! of pair 0 are started (addresses, kick fd, enabled) it polls them:
@@ -541,6 +541,8 @@ struct State {
     in_order: bool,
     /// Offer `VIRTIO_F_RING_PACKED` (`--packed`).
     packed: bool,
+    /// The MTU in the config space (`--mtu`).
+    mtu: u16,
     acked_features: u64,
     regions: Vec<Region>,
     queues: [Queue; 2],
@@ -565,6 +567,7 @@ impl State {
             good_frames,
             in_order,
             packed,
+            mtu: DEVICE_MTU,
             acked_features: 0,
             regions: Vec::new(),
             queues: [Queue::default(), Queue::default()],
@@ -1048,12 +1051,12 @@ fn offered_protocol() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG
 }
 
-fn config_space() -> [u8; net_config::LEN] {
+fn config_space(mtu: u16) -> [u8; net_config::LEN] {
     let mut c = [0u8; net_config::LEN];
     c[net_config::MAC..net_config::MAC + 6].copy_from_slice(&DEVICE_MAC);
     c[net_config::STATUS..net_config::STATUS + 2].copy_from_slice(&net_config::S_LINK_UP.to_le_bytes());
     c[net_config::MAX_VQ_PAIRS..net_config::MAX_VQ_PAIRS + 2].copy_from_slice(&1u16.to_le_bytes());
-    c[net_config::MTU..net_config::MTU + 2].copy_from_slice(&DEVICE_MTU.to_le_bytes());
+    c[net_config::MTU..net_config::MTU + 2].copy_from_slice(&mtu.to_le_bytes());
     c
 }
 
@@ -1206,7 +1209,7 @@ impl VhostUserBackendReqHandler for Handler {
         })
     }
     fn get_config(&self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
-        let cfg = config_space();
+        let cfg = config_space(self.0.lock().mtu);
         let end = offset.checked_add(size).ok_or(VuError::InvalidParam)? as usize;
         cfg.get(offset as usize..end).map(<[u8]>::to_vec).ok_or(VuError::InvalidParam)
     }
@@ -1261,7 +1264,8 @@ impl VhostUserBackendReqHandler for Handler {
 
 // ------------------------------------------------------------------------------ device main
 
-const USAGE: &str = "usage: evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order] [--packed]";
+const USAGE: &str =
+    "usage: evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order] [--packed] [--mtu N]";
 
 /// The `evil-device` binary: serves one front-end on the socket in `args`, then exits.
 /// Returns the process exit code.
@@ -1271,6 +1275,7 @@ pub fn device_main(args: Vec<OsString>) -> i32 {
     let mut lifetime = 60u64;
     let mut in_order = false;
     let mut packed = false;
+    let mut mtu = DEVICE_MTU;
     let mut it = args.into_iter().map(|a| a.to_string_lossy().into_owned());
     while let Some(a) = it.next() {
         let mut num = |name: &str| -> Option<u64> {
@@ -1291,6 +1296,10 @@ pub fn device_main(args: Vec<OsString>) -> i32 {
             },
             "--in-order" => in_order = true,
             "--packed" => packed = true,
+            "--mtu" => match num("--mtu").and_then(|n| u16::try_from(n).ok()) {
+                Some(n) => mtu = n,
+                None => return 2,
+            },
             _ => pos.push(a),
         }
     }
@@ -1320,7 +1329,9 @@ pub fn device_main(args: Vec<OsString>) -> i32 {
         std::process::exit(3);
     });
 
-    let shared = Arc::new(Shared { state: Mutex::new(State::new(mode, good, in_order, packed)) });
+    let mut state = State::new(mode, good, in_order, packed);
+    state.mtu = mtu;
+    let shared = Arc::new(Shared { state: Mutex::new(state) });
     let mut listener = match Listener::new(sock, true) {
         Ok(l) => l,
         Err(e) => {
@@ -1423,6 +1434,18 @@ impl EvilDevice {
     /// As [`spawn_with`](Self::spawn_with); `packed` makes the device offer
     /// `VIRTIO_F_RING_PACKED` (`--packed`).
     pub fn spawn_opts(bin: &Path, mode: Mode, good: u32, in_order: bool, packed: bool) -> EvilDevice {
+        Self::spawn_args(bin, mode, good, in_order, packed, &[])
+    }
+
+    /// [`spawn_opts`](Self::spawn_opts) with more arguments (e.g. `["--mtu", "9000"]`).
+    pub fn spawn_args(
+        bin: &Path,
+        mode: Mode,
+        good: u32,
+        in_order: bool,
+        packed: bool,
+        extra: &[&str],
+    ) -> EvilDevice {
         let dir = TempDir::new(&format!("evil-{}", mode.name()));
         let sock = dir.join("evil.sock");
         let log_path = dir.join("evil-device.stderr");
@@ -1433,6 +1456,7 @@ impl EvilDevice {
             .args(["--good", &good.to_string(), "--lifetime", "60"])
             .args(in_order.then_some("--in-order"))
             .args(packed.then_some("--packed"))
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

@@ -14,6 +14,11 @@
 //!   negotiate, or whose checksum field lies outside the frame, are dropped and counted in
 //!   `tx_errors`; DPDK's `rxonly` engine receives exactly the good frames.
 //!
+//! * `device_mtu_is_read_and_bounded` (against the `evil-device` in its faithful mode,
+//!   which reports the MTU `--mtu` gives): 9000 is taken (with MRG_RXBUF; without it the
+//!   2 KiB buffers are refused with a reason), above 9000 is used as 9000, below 68 is
+//!   refused.
+//!
 //! Each test takes the cross-binary [`serial`] lock, bounds every wait, and closes the
 //! port and testpmd (whose `Drop` kills it if an assertion fails first).
 
@@ -335,4 +340,46 @@ fn bad_offload_requests_are_counted_and_not_sent() {
 #[test]
 fn offload_requests_without_the_features_are_refused() {
     offload_round(0, &[(TxOffload::default(), true), (CSUM_UDP, false), (TxOffload::default(), true)]);
+}
+
+/// The `evil-device` binary of this package.
+const EVIL: &str = env!("CARGO_BIN_EXE_evil-device");
+
+/// Opens a port on an evil-device (faithful mode) reporting `mtu`, with `features` added.
+fn open_with_mtu(
+    mtu: u16,
+    features: u64,
+) -> Result<(Port, vnet_tests::evildevice::EvilDevice), driver::Error> {
+    use vnet_tests::evildevice::{EvilDevice, Mode};
+    let mtu = mtu.to_string();
+    let dev = EvilDevice::spawn_args(Path::new(EVIL), Mode::GOOD, 3, false, false, &["--mtu", &mtu]);
+    let mut cfg = PortConfig::virtio_user(dev.socket());
+    cfg.features |= features;
+    open(cfg).map(|p| (p, dev))
+}
+
+#[test]
+fn device_mtu_is_read_and_bounded() {
+    let _serial = serial();
+    let mrg = f::bit(f::NET_MRG_RXBUF);
+    // 9000 with mergeable buffers: frames span several 2 KiB buffers.
+    let (port, _dev) = open_with_mtu(9000, mrg).expect("MTU 9000 with MRG_RXBUF");
+    assert_eq!(port.info().mtu, 9000);
+    assert_ne!(port.info().features & mrg, 0);
+    let (avail, cap) = close(port, Vec::new());
+    assert_eq!(avail, cap);
+    // Without them one buffer must hold a whole frame: refused with the reason.
+    match open_with_mtu(9000, 0) {
+        Err(e) => assert!(e.to_string().contains("below MTU 9000 + 14"), "{e}"),
+        Ok(_) => panic!("MTU 9000 in 2 KiB buffers without MRG_RXBUF was accepted"),
+    }
+    // Above 9000: used as 9000.
+    let (port, _dev) = open_with_mtu(65535, mrg).expect("MTU 65535");
+    assert_eq!(port.info().mtu, 9000);
+    close(port, Vec::new());
+    // Below 68: a config-space value out of range.
+    match open_with_mtu(67, mrg) {
+        Err(e) => assert!(e.to_string().contains("MTU 67, below 68"), "{e}"),
+        Ok(_) => panic!("MTU 67 was accepted"),
+    }
 }
