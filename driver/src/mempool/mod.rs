@@ -34,7 +34,7 @@ use crate::layout::NET_HDR_LEN;
 mod chain;
 
 use chain::BufMeta;
-pub use chain::{Segments, TxCsum, TxGso, TxOffload};
+pub use chain::{Segments, TxCsum, TxGso, TxOffload, MAX_SEGS};
 
 /// Default headroom before packet data, as XDP reserves (`VIRTIO_XDP_HEADROOM`).
 pub const DEFAULT_HEADROOM: u16 = 256;
