@@ -561,3 +561,30 @@ fn merge_faults_stop_the_queue_and_return_the_frames_buffers() {
         assert_eq!(outside, r.rx.in_flight() as u32, "{what}: in flight {}", r.rx.in_flight());
     }
 }
+
+#[test]
+fn an_xdp_program_sees_single_buffer_frames_and_merged_ones_are_aborted() {
+    let mut r = mrg_rig();
+    let seen = Arc::new(AtomicU64::new(0));
+    let s2 = seen.clone();
+    r.rx.attach_xdp(Box::new(move |_: &mut Packet| {
+        s2.fetch_add(1, Ordering::Relaxed);
+        XdpVerdict::Pass
+    }))
+    .unwrap();
+    r.deliver_merged(&frame(1, 100), None, None);
+    r.deliver_merged(&frame(2, 3000), None, None);
+    r.deliver_merged(&frame(3, 200), None, None);
+    let mut batch = Vec::with_capacity(8);
+    let mut got = 0;
+    for _ in 0..3 {
+        got += r.rx.rx_burst(&mut batch, 8);
+    }
+    assert_eq!(got, 2);
+    assert_eq!(batch.iter().map(|p| p.data()[0]).collect::<Vec<_>>(), vec![1, 3]);
+    assert_eq!(seen.load(Ordering::Relaxed), 2, "the program never saw the merged frame");
+    let s = r.snapshot();
+    assert_eq!((s.rx_packets, s.xdp_pass, s.xdp_aborted), (3, 2, 1));
+    drop(batch);
+    assert_eq!(r.pool.available(), 64 - RING as u32, "the aborted frame's buffers are back");
+}
