@@ -50,6 +50,30 @@ pub enum DeviceError {
         /// The flags word the device wrote.
         flags: u16,
     },
+    /// A received frame's header says it spans 0 buffers (`VIRTIO_NET_F_MRG_RXBUF`,
+    /// virtio 1.2 §5.1.6.4: at least 1).
+    #[error("a received frame's num_buffers is 0")]
+    MergeZeroBuffers,
+    /// A received frame's header says it spans more buffers than the device has used
+    /// (or than were posted): the device must use all of a frame's buffers together.
+    #[error("a received frame spans num_buffers {num_buffers} buffers, only {available} were used")]
+    MergeBeyondUsed {
+        /// The header's `num_buffers`.
+        num_buffers: u16,
+        /// Buffers the device had returned, the frame's first included.
+        available: u16,
+    },
+    /// A later buffer of a merged frame is empty, or the buffers add up to more than any
+    /// frame can be ([`MAX_MERGED_FRAME`](crate::queue::MAX_MERGED_FRAME)).
+    #[error("merged frame buffer {index} has length {len}, making the frame {total} bytes")]
+    MergeBadLength {
+        /// Which buffer of the frame (0 is the first).
+        index: u16,
+        /// Its length.
+        len: u32,
+        /// The frame's bytes up to and including it.
+        total: u32,
+    },
 }
 
 /// Errors of the driver library.

@@ -61,10 +61,10 @@ pub mod vfio;
 /// The virtio-net wire format this driver shares with the host backend (the `vnet-spec`
 /// crate in `driver/spec/`): split- and packed-ring layouts, feature bits, headers, frame
 /// builders.
-pub use spec::{frame, layout, packed};
+pub use spec::{frame, layout, offload, packed};
 
 pub use ctrl::Control;
 pub use error::{DeviceError, Error, Result};
-pub use mempool::{free_bulk, Mempool, Packet};
+pub use mempool::{free_bulk, Mempool, Packet, TxCsum, TxGso, TxOffload};
 pub use port::{Port, PortConfig, PortInfo, TransportConfig};
 pub use queue::{QueuePair, QueueStatsSnapshot, RxMeta, RxQueue, TxQueue, XdpOut, XdpProgram, XdpVerdict};

@@ -17,6 +17,18 @@
 //! DPDK's virtio-user does. Over virtio-PCI every set-up queue is enabled and
 //! `VQ_PAIRS_SET` chooses.
 //!
+//! Transmit offloads (`VIRTIO_NET_F_CSUM`, `HOST_TSO4`, `HOST_TSO6`, `HOST_USO`) are
+//! negotiated when the application lists them in [`PortConfig::features`] and the device
+//! offers them (as DPDK's tx offload flags); a packet then asks for them with
+//! [`Packet::set_tx_offload`](crate::Packet::set_tx_offload).
+//!
+//! Mergeable receive buffers (`VIRTIO_NET_F_MRG_RXBUF`) are negotiated when listed in
+//! `features`: a frame larger than one buffer then arrives as a chained packet, and
+//! neither the MTU nor the receive segmentation offloads need buffers of a whole frame.
+//! An application that wants flat frames leaves it out (the default) or linearises
+//! ([`Packet::linearize`](crate::Packet::linearize)). The device's MTU
+//! (`VIRTIO_NET_F_MTU`) is read and accepted from 68 up to [`MAX_MTU`].
+//!
 //! Receive offloads: GUEST_CSUM and the segmentation offloads (GUEST_TSO4/TSO6/ECN/UFO)
 //! are supported but not asked for by default. A partially checksummed frame forwarded
 //! by an application that ignores [`RxMeta`](crate::queue::RxMeta) would leave with a
@@ -24,7 +36,7 @@
 //! super-frame can be up to 64 KiB while this driver posts one buffer per frame (no
 //! `MRG_RXBUF`): asking for TSO/UFO requires buffers with at least
 //! [`GSO_FRAME_ROOM`] bytes of frame room, the most a pool buffer holds with the default
-//! headroom and tailroom.
+//! headroom and tailroom, unless MRG_RXBUF is negotiated too.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -160,6 +172,15 @@ pub const fn default_features() -> u64 {
         | f::bit(f::NET_CTRL_GUEST_OFFLOADS)
 }
 
+/// The largest MTU this driver accepts from a device (`VIRTIO_NET_F_MTU`): jumbo frames.
+pub const MAX_MTU: u16 = 9000;
+/// The smallest MTU a device may report (virtio 1.2 §5.1.4.1).
+const MIN_MTU: u16 = 68;
+
+/// The transmit offloads a port may negotiate (asked for in [`PortConfig::features`]).
+pub const TX_OFFLOADS: u64 =
+    f::bit(f::NET_CSUM) | f::bit(f::NET_HOST_TSO4) | f::bit(f::NET_HOST_TSO6) | f::bit(f::NET_HOST_USO);
+
 /// The receive offloads that make the device send segmentation super-frames.
 const GSO_OFFLOADS: u64 = f::bit(f::NET_GUEST_TSO4) | f::bit(f::NET_GUEST_TSO6) | f::bit(f::NET_GUEST_UFO);
 
@@ -190,6 +211,10 @@ pub fn apply_dependencies(mut features: u64) -> u64 {
     if features & (f::bit(f::NET_GUEST_TSO4) | f::bit(f::NET_GUEST_TSO6)) == 0 {
         features &= !f::bit(f::NET_GUEST_ECN);
     }
+    // HOST_TSO4/TSO6/USO require CSUM.
+    if features & f::bit(f::NET_CSUM) == 0 {
+        features &= !TX_OFFLOADS;
+    }
     features
 }
 
@@ -201,7 +226,9 @@ const SUPPORTED: u64 = f::bit(f::VERSION_1)
     | default_features()
     | f::bit(f::NET_GUEST_CSUM)
     | GSO_OFFLOADS
-    | f::bit(f::NET_GUEST_ECN);
+    | f::bit(f::NET_GUEST_ECN)
+    | f::bit(f::NET_MRG_RXBUF)
+    | TX_OFFLOADS;
 
 /// What a port is, once open.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -421,7 +448,8 @@ impl Port {
             want &= !f::bit(f::NET_MQ);
         }
         let features = apply_dependencies((want | transport.platform_features()) & offered);
-        if features & GSO_OFFLOADS != 0 && frame_room < GSO_FRAME_ROOM {
+        let mrg = features & f::bit(f::NET_MRG_RXBUF) != 0;
+        if features & GSO_OFFLOADS != 0 && frame_room < GSO_FRAME_ROOM && !mrg {
             return Err(Error::Config(format!(
                 "receive offloads {} send super-frames of up to 64 KiB, but buffers of {} bytes with {} headroom \
                  and {} tailroom hold {frame_room}-byte frames: use {MAX_BUF_SIZE}-byte buffers (frame room \
@@ -436,7 +464,15 @@ impl Port {
             return Err(Error::MissingFeature { name: "VIRTIO_F_RING_PACKED", bit: f::RING_PACKED });
         }
         transport.negotiate(features)?;
-        let config: NetConfig = transport.config(features)?;
+        let mut config: NetConfig = transport.config(features)?;
+        if config.mtu < MIN_MTU {
+            return Err(Error::Config(format!("the device reports MTU {}, below {MIN_MTU}", config.mtu)));
+        }
+        if config.mtu > MAX_MTU {
+            log::info!("{}: device MTU {} used as {MAX_MTU}", transport.describe(), config.mtu);
+            config.mtu = MAX_MTU;
+        }
+        let config = config;
         let mq = features & f::bit(f::NET_MQ) != 0;
         let ctrl_vq = features & f::bit(f::NET_CTRL_VQ) != 0;
         let dev_max = if mq { config.max_queue_pairs } else { 1 };
@@ -446,9 +482,10 @@ impl Port {
                 cfg.queue_pairs, config.max_queue_pairs
             )));
         }
-        if frame_room < config.mtu as usize + 14 {
+        if frame_room < config.mtu as usize + 14 && !mrg {
             return Err(Error::Config(format!(
-                "buffers of {} bytes with {} headroom and {} tailroom hold {frame_room}-byte frames, below MTU {} + 14",
+                "buffers of {} bytes with {} headroom and {} tailroom hold {frame_room}-byte frames, below MTU {} + 14 \
+                 (negotiate VIRTIO_NET_F_MRG_RXBUF to receive frames over several buffers)",
                 cfg.buf_size, cfg.headroom, cfg.tailroom, config.mtu
             )));
         }
@@ -514,7 +551,7 @@ impl Port {
             };
             rx_ring.set_notifier(transport.setup_queue(2 * p, cfg.ring_size, rx_ring.addrs())?);
             tx_ring.set_notifier(transport.setup_queue(2 * p + 1, cfg.ring_size, tx_ring.addrs())?);
-            let mut rx = RxQueue::new(
+            let mut rx = RxQueue::with_merge(
                 rx_ring,
                 pool.clone(),
                 st.clone(),
@@ -522,9 +559,10 @@ impl Port {
                 stopped.clone(),
                 control.clone(),
                 config.mtu,
+                mrg,
             );
             rx.refill();
-            let tx = TxQueue::new(tx_ring, pool.clone(), st.clone(), stopped.clone());
+            let tx = TxQueue::new(tx_ring, pool.clone(), st.clone(), stopped.clone(), features);
             pairs.push(Some(QueuePair { index: p, rx, tx }));
             stats.push(st);
         }

@@ -26,11 +26,14 @@ pub enum FwdMode {
     FlowGen,
     /// Answer ARP requests and ICMP echo requests.
     IcmpEcho,
+    /// Set IP/TCP/UDP checksums (software or offloaded, `csum set`) and TSO (`tso set`),
+    /// then forward as `mac` does (DPDK's `csum` mode).
+    Csum,
 }
 
 impl FwdMode {
     /// All modes, in help order.
-    pub const ALL: [FwdMode; 7] = [
+    pub const ALL: [FwdMode; 8] = [
         FwdMode::Io,
         FwdMode::Mac,
         FwdMode::MacSwap,
@@ -38,6 +41,7 @@ impl FwdMode {
         FwdMode::TxOnly,
         FwdMode::FlowGen,
         FwdMode::IcmpEcho,
+        FwdMode::Csum,
     ];
     /// The mode's name.
     pub fn name(self) -> &'static str {
@@ -49,6 +53,7 @@ impl FwdMode {
             FwdMode::TxOnly => "txonly",
             FwdMode::FlowGen => "flowgen",
             FwdMode::IcmpEcho => "icmpecho",
+            FwdMode::Csum => "csum",
         }
     }
 }
@@ -109,7 +114,7 @@ impl FromStr for XdpProg {
     }
 }
 
-/// A virtio-user port from `--vdev virtio_user<N>,path=SOCK[,queues=N][,queue_size=N][,mac=..][,packed_vq=0|1][,in_order=0|1]`.
+/// A virtio-user port from `--vdev virtio_user<N>,path=SOCK[,queues=N][,queue_size=N][,mac=..][,packed_vq=0|1][,in_order=0|1][,mrg_rxbuf=0|1]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VdevSpec {
     /// The back-end socket.
@@ -126,6 +131,9 @@ pub struct VdevSpec {
     /// Use packed rings (DPDK's `packed_vq=`, default 0: split rings); the device must
     /// offer `VIRTIO_F_RING_PACKED`.
     pub packed_vq: bool,
+    /// Negotiate `VIRTIO_NET_F_MRG_RXBUF` when offered (DPDK's `mrg_rxbuf=`; default 0
+    /// here, so receive stays on flat frames unless asked or `--max-pkt-len` needs it).
+    pub mrg_rxbuf: bool,
 }
 
 /// A VFIO-PCI port from `-a BDF[,packed_vq=0|1]`.
@@ -190,6 +198,7 @@ pub fn parse_vdev(s: &str) -> Result<VdevSpec, String> {
         mac: None,
         in_order: true,
         packed_vq: false,
+        mrg_rxbuf: false,
     };
     for kv in parts {
         let (k, v) = kv.split_once('=').ok_or_else(|| format!("--vdev {s}: '{kv}' is not key=value"))?;
@@ -210,6 +219,11 @@ pub fn parse_vdev(s: &str) -> Result<VdevSpec, String> {
                 "1" => spec.packed_vq = true,
                 _ => return Err(format!("--vdev {s}: packed_vq must be 0 or 1")),
             },
+            "mrg_rxbuf" => match v {
+                "0" => spec.mrg_rxbuf = false,
+                "1" => spec.mrg_rxbuf = true,
+                _ => return Err(format!("--vdev {s}: mrg_rxbuf must be 0 or 1")),
+            },
             other => return Err(format!("--vdev {s}: unknown argument '{other}'")),
         }
     }
@@ -226,6 +240,37 @@ pub fn parse_vdev(s: &str) -> Result<VdevSpec, String> {
         ));
     }
     Ok(spec)
+}
+
+/// Most segments `--txpkts` may list (the driver sends at most this many per packet).
+pub const MAX_TX_SEGS: usize = driver::queue::MAX_TX_SEGS;
+/// Largest frame (`--txpkts` total, `--max-pkt-len`): a 9000-byte MTU, Ethernet header
+/// and a VLAN tag.
+pub const MAX_FRAME: usize = 9000 + 14 + 4;
+
+/// Parses `--txpkts A[,B...]` (DPDK: the segment lengths of each generated frame, which
+/// is their sum): the segment lengths.
+pub fn parse_txpkts(s: &str) -> Result<Vec<usize>, String> {
+    let segs = s
+        .split(',')
+        .map(|x| x.trim().parse::<usize>().map_err(|_| format!("--txpkts {s}: '{x}' is not a number")))
+        .collect::<Result<Vec<_>, _>>()?;
+    if segs.len() > MAX_TX_SEGS {
+        return Err(format!("--txpkts {s}: {} segments, at most {MAX_TX_SEGS}", segs.len()));
+    }
+    if segs.contains(&0) {
+        return Err(format!("--txpkts {s}: a segment of 0 bytes"));
+    }
+    let total: usize = segs.iter().sum();
+    if total < 60 {
+        return Err(format!("--txpkts {total} is below the 60-byte Ethernet minimum"));
+    }
+    if total > MAX_FRAME {
+        return Err(format!(
+            "--txpkts {total} is above any MTU this driver supports (frames of at most {MAX_FRAME} bytes)"
+        ));
+    }
+    Ok(segs)
 }
 
 /// Parses `--eth-peer N,MAC`.
@@ -256,7 +301,7 @@ pub enum StatsFormat {
         --duration seconds, then the summary."
 )]
 pub struct Args {
-    /// A virtio-user port: virtio_user0,path=SOCK[,queues=N][,queue_size=N][,mac=MAC][,packed_vq=0|1][,in_order=0|1]
+    /// A virtio-user port: virtio_user0,path=SOCK[,queues=N][,queue_size=N][,mac=MAC][,packed_vq=0|1][,in_order=0|1][,mrg_rxbuf=0|1]
     #[arg(long = "vdev", value_name = "DEVARGS")]
     pub vdev: Vec<String>,
     /// A VFIO-PCI port by PCI address (BDF), e.g. 0000:00:03.0: BDF[,packed_vq=0|1]. Packed
@@ -264,15 +309,24 @@ pub struct Args {
     /// packed_vq=1 requires them, packed_vq=0 keeps split rings.
     #[arg(short = 'a', long = "allow", value_name = "BDF[,DEVARGS]")]
     pub pci: Vec<String>,
-    /// Forwarding mode: io, mac, macswap, rxonly, txonly, flowgen, icmpecho.
+    /// Forwarding mode: io, mac, macswap, rxonly, txonly, flowgen, icmpecho, csum.
     #[arg(long = "forward-mode", default_value = "io")]
     pub forward_mode: String,
     /// Packets per burst.
     #[arg(long, default_value_t = 32)]
     pub burst: usize,
-    /// Frame length of txonly/flowgen packets (without CRC).
-    #[arg(long, default_value_t = 64)]
-    pub txpkts: usize,
+    /// Frame length of txonly/flowgen packets (without CRC), or its segment lengths
+    /// A,B,...: each frame is then a chain of buffers of those lengths (DPDK's semantics).
+    #[arg(long, default_value = "64", value_name = "N[,N...]")]
+    pub txpkts: String,
+    /// Bytes per packet buffer, headroom included (DPDK's mbuf data room size; a
+    /// multiple of 64). Default: the headroom plus 2048, rounded up to 64.
+    #[arg(long = "mbuf-size", value_name = "N")]
+    pub mbuf_size: Option<u32>,
+    /// Largest frame to receive (Ethernet header included, no CRC). Frames larger than
+    /// one buffer need VIRTIO_NET_F_MRG_RXBUF, which it then negotiates.
+    #[arg(long = "max-pkt-len", value_name = "N")]
+    pub max_pkt_len: Option<usize>,
     /// Receive queues per port (must equal --txq: queues come in pairs).
     #[arg(long, default_value_t = 1)]
     pub rxq: u16,
@@ -335,8 +389,14 @@ pub struct Config {
     pub mode: FwdMode,
     /// Burst size.
     pub burst: usize,
-    /// txonly/flowgen frame length.
+    /// txonly/flowgen frame length (the sum of `tx_segs`).
     pub txpkts: usize,
+    /// txonly/flowgen segment lengths (one: flat frames).
+    pub tx_segs: Vec<usize>,
+    /// Bytes per buffer (`--mbuf-size`), if given.
+    pub mbuf_size: Option<u32>,
+    /// Largest frame to receive (`--max-pkt-len`), if given.
+    pub max_pkt_len: Option<usize>,
     /// Queue pairs per port.
     pub queues: u16,
     /// Forwarding threads.
@@ -381,11 +441,21 @@ impl Config {
         if a.burst == 0 || a.burst > MAX_BURST {
             return Err(format!("--burst {} out of range 1..={MAX_BURST}", a.burst));
         }
-        if a.txpkts < 60 {
-            return Err(format!("--txpkts {} is below the 60-byte Ethernet minimum", a.txpkts));
+        let tx_segs = parse_txpkts(&a.txpkts)?;
+        if let Some(m) = a.mbuf_size {
+            if m % 64 != 0 || m <= a.headroom as u32 + 64 + 60 || m > driver::mempool::MAX_BUF_SIZE {
+                return Err(format!(
+                    "--mbuf-size {m} must be a multiple of 64, above the headroom ({}) + 64 bytes of tailroom + \
+                     a 60-byte frame, and at most {}",
+                    a.headroom,
+                    driver::mempool::MAX_BUF_SIZE
+                ));
+            }
         }
-        if a.txpkts > 9000 + 14 {
-            return Err(format!("--txpkts {} is above any MTU this driver supports", a.txpkts));
+        if let Some(m) = a.max_pkt_len {
+            if !(64..=MAX_FRAME).contains(&m) {
+                return Err(format!("--max-pkt-len {m} out of range 64..={MAX_FRAME}"));
+            }
         }
         if a.rxq != a.txq {
             return Err(format!("--rxq {} and --txq {} differ: virtio queues come in pairs", a.rxq, a.txq));
@@ -417,7 +487,10 @@ impl Config {
             vdevs,
             mode,
             burst: a.burst,
-            txpkts: a.txpkts,
+            txpkts: tx_segs.iter().sum(),
+            tx_segs,
+            mbuf_size: a.mbuf_size,
+            max_pkt_len: a.max_pkt_len,
             queues: a.rxq,
             nb_cores: a.nb_cores,
             cores,
@@ -475,6 +548,18 @@ mod tests {
     }
 
     #[test]
+    fn segments_buffers_and_frame_sizes() {
+        let c = cfg(&["--txpkts=60,200,1000,254", "--mbuf-size=4096", "--max-pkt-len=9018"]).unwrap();
+        assert_eq!((c.tx_segs.as_slice(), c.txpkts), (&[60, 200, 1000, 254][..], 1514));
+        assert_eq!((c.mbuf_size, c.max_pkt_len), (Some(4096), Some(9018)));
+        let c = cfg(&["--txpkts=9014", "--forward-mode=csum"]).unwrap();
+        assert_eq!((c.tx_segs.as_slice(), c.mode), (&[9014][..], FwdMode::Csum));
+        let c = cfg(&["--vdev", "virtio_user0,path=/x,mrg_rxbuf=1"]).unwrap();
+        assert!(c.vdevs[0].mrg_rxbuf);
+        assert!(!cfg(&["--vdev", "virtio_user0,path=/x"]).unwrap().vdevs[0].mrg_rxbuf);
+    }
+
+    #[test]
     fn pci_ports_by_address() {
         let c =
             cfg(&["-a", "00:03.0", "-a", "0000:00:04.0,packed_vq=1", "-a", "00:05.0,packed_vq=0"]).unwrap();
@@ -491,6 +576,13 @@ mod tests {
         assert!(err(&["--forward-mode=warp"]).contains("unknown forwarding mode 'warp'"));
         assert!(err(&["--txpkts=59"]).contains("below the 60-byte"));
         assert!(err(&["--txpkts=9100"]).contains("above any MTU"));
+        assert!(err(&["--txpkts=5000,5000"]).contains("above any MTU"));
+        assert!(err(&["--txpkts=40,x"]).contains("'x' is not a number"));
+        assert!(err(&["--txpkts=40,0,40"]).contains("0 bytes"));
+        assert!(err(&["--mbuf-size=1000"]).contains("multiple of 64"));
+        assert!(err(&["--mbuf-size=320"]).contains("multiple of 64, above the headroom"));
+        assert!(err(&["--max-pkt-len=10000"]).contains("out of range"));
+        assert!(err(&["--vdev", "virtio_user0,path=/x,mrg_rxbuf=2"]).contains("mrg_rxbuf must be 0 or 1"));
         assert!(err(&["--burst=0"]).contains("--burst"));
         assert!(err(&["--rxq=2", "--txq=1"]).contains("differ"));
         assert!(err(&["--vdev", "virtio_user0"]).contains("path=SOCKET is required"));

@@ -16,6 +16,7 @@ use driver::frame::{self, ETH_HLEN, IPV4_HLEN, UDP_HLEN};
 use driver::{Mempool, Packet, RxQueue, TxQueue};
 
 use crate::config::{FwdMode, XdpProg};
+use crate::csum::{self, CsumCfg};
 
 /// Forward counters of one stream (single writer: its forwarding thread).
 #[derive(Debug, Default)]
@@ -60,6 +61,11 @@ pub struct FwdParams {
     pub burst: usize,
     /// txonly/flowgen frame length.
     pub txpkts: usize,
+    /// txonly/flowgen segment lengths (more than one: chained frames, DPDK's
+    /// `--txpkts A,B`).
+    pub tx_segs: Vec<usize>,
+    /// `csum` mode: each transmitting port's checksum and TSO settings, by port id.
+    pub csum: Vec<CsumCfg>,
     /// flowgen flows.
     pub flows: u32,
     /// The XDP-style program on the receive queues.
@@ -118,6 +124,9 @@ pub struct EngineState {
     templates: Vec<Vec<u8>>,
     next_flow: u32,
     batch: Vec<Packet>,
+    /// `csum` mode: a multi-segment frame's bytes for the software sums (sized once for
+    /// the largest frame).
+    scratch: Vec<u8>,
 }
 
 impl EngineState {
@@ -129,11 +138,19 @@ impl EngineState {
             prefill(&p.pool, t);
         }
         let batch = Vec::with_capacity(params.burst);
-        EngineState { params, templates, next_flow: 0, batch }
+        let scratch = Vec::with_capacity(if params.mode == FwdMode::Csum {
+            driver::queue::MAX_MERGED_FRAME
+        } else {
+            0
+        });
+        EngineState { params, templates, next_flow: 0, batch, scratch }
     }
 
     /// Fills `self.batch` with up to `burst` generated packets for `port`.
     fn generate(&mut self, port: &PortCtx, flowgen: bool) {
+        if self.params.tx_segs.len() > 1 {
+            return self.generate_chained(port, flowgen);
+        }
         let n = self.params.burst;
         port.pool.alloc_bulk(n, &mut self.batch);
         let tpl = &self.templates[port.id as usize];
@@ -154,6 +171,45 @@ impl EngineState {
                 let c = frame::inet_checksum(ip);
                 ip[10..12].copy_from_slice(&c.to_be_bytes());
             }
+        }
+    }
+
+    /// `generate` with `--txpkts A,B,...`: each frame a chain of buffers holding those
+    /// lengths of the template (DPDK's txonly with several segments). The headers are in
+    /// the first segment when it holds them (`--txpkts` checks each segment fits a
+    /// buffer; a first segment shorter than the headers gets what fits).
+    fn generate_chained(&mut self, port: &PortCtx, flowgen: bool) {
+        let tpl = &self.templates[port.id as usize];
+        for _ in 0..self.params.burst {
+            let mut head: Option<Packet> = None;
+            let mut at = 0;
+            for &len in &self.params.tx_segs {
+                let Some(mut seg) = port.pool.alloc() else { break };
+                if seg.set_data(&tpl[at..at + len]).is_err() {
+                    break;
+                }
+                at += len;
+                match head.as_mut() {
+                    None => head = Some(seg),
+                    Some(h) => {
+                        if h.append(seg).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            // A frame the pool could not complete is not sent.
+            let Some(mut h) = head.filter(|h| h.total_len() == tpl.len()) else { break };
+            if flowgen && h.len() >= ETH_HLEN + IPV4_HLEN {
+                let flow = self.next_flow;
+                self.next_flow = (self.next_flow + 1) % self.params.flows;
+                let ip = &mut h.data_mut()[ETH_HLEN..ETH_HLEN + IPV4_HLEN];
+                ip[18..20].copy_from_slice(&(flow as u16).to_be_bytes());
+                ip[10..12].copy_from_slice(&[0, 0]);
+                let c = frame::inet_checksum(ip);
+                ip[10..12].copy_from_slice(&c.to_be_bytes());
+            }
+            self.batch.push(h);
         }
     }
 
@@ -183,6 +239,18 @@ impl EngineState {
             FwdMode::Mac => {
                 let tx = &ports[s.tx_port as usize];
                 for p in self.batch.iter_mut() {
+                    let d = p.data_mut();
+                    if d.len() >= 12 {
+                        d[0..6].copy_from_slice(&tx.peer);
+                        d[6..12].copy_from_slice(&tx.mac);
+                    }
+                }
+            }
+            FwdMode::Csum => {
+                let tx = &ports[s.tx_port as usize];
+                let cfg = self.params.csum.get(s.tx_port as usize).copied().unwrap_or_default();
+                for p in self.batch.iter_mut() {
+                    csum::process(p, &cfg, &mut self.scratch);
                     let d = p.data_mut();
                     if d.len() >= 12 {
                         d[0..6].copy_from_slice(&tx.peer);

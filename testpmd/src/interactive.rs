@@ -6,7 +6,7 @@
 use std::io::BufRead;
 
 use crate::app::{on_off, App};
-use crate::config::{parse_mac, FwdMode, MAX_BURST};
+use crate::config::{parse_mac, parse_txpkts, FwdMode, MAX_BURST};
 
 const HELP: &str = "\
 Commands:
@@ -16,9 +16,13 @@ Commands:
   show port stats all|N       port statistics (Rx-pps/Tx-pps since the last show)
   show port info all|N        MAC, link, MTU, features, queues
   clear port stats all|N      reset port statistics
-  set fwd MODE                io, mac, macswap, rxonly, txonly, flowgen, icmpecho
+  set fwd MODE                io, mac, macswap, rxonly, txonly, flowgen, icmpecho, csum
   set burst N                 packets per burst
-  set txpkts N                txonly/flowgen frame length
+  set txpkts N[,N...]         txonly/flowgen frame length, or its segments (a chain)
+  csum set ip|tcp|udp hw|sw N csum mode: checksum by the device (hw) or in software
+  csum show N                 csum mode settings of port N
+  tso set MSS N               csum mode: TCP segmentation offload of MSS (0: off)
+  tso show N                  TSO setting of port N
   set promisc all|N on|off    promiscuous mode (control queue)
   set allmulti all|N on|off   all-multicast mode (control queue)
   mac_addr set N MAC          the port's MAC address (control queue)
@@ -84,11 +88,27 @@ pub fn execute(app: &mut App, line: &str) -> Result<bool, String> {
         }
         ["set", "txpkts", n] => {
             idle(app, "the packet length")?;
-            let n: usize = n.parse().map_err(|_| format!("Bad arguments: txpkts '{n}' is not a number"))?;
-            if !(60..=1514).contains(&n) {
-                return Err(format!("txpkts {n} out of range 60..=1514"));
-            }
-            app.cfg.txpkts = n;
+            let segs = parse_txpkts(n)?;
+            app.check_tx_segs(&segs)?;
+            app.cfg.txpkts = segs.iter().sum();
+            app.cfg.tx_segs = segs;
+        }
+        ["csum", "set", layer, mode @ ("hw" | "sw"), p] => {
+            let p = port_arg(Some(p))?.ok_or("Bad arguments: csum set needs one port number")?;
+            app.csum_set(layer, *mode == "hw", p)?
+        }
+        ["csum", "show", p] => {
+            let p = port_arg(Some(p))?.ok_or("Bad arguments: csum show needs one port number")?;
+            app.csum_show(p)?
+        }
+        ["tso", "set", mss, p] => {
+            let mss: u16 = mss.parse().map_err(|_| format!("Bad arguments: MSS '{mss}' is not a number"))?;
+            let p = port_arg(Some(p))?.ok_or("Bad arguments: tso set needs one port number")?;
+            app.tso_set(mss, p)?
+        }
+        ["tso", "show", p] => {
+            let p = port_arg(Some(p))?.ok_or("Bad arguments: tso show needs one port number")?;
+            app.tso_show(p)?
         }
         ["set", "promisc", p, v] => app.set_promisc(port_arg(Some(p))?, on_off(v)?)?,
         ["set", "allmulti", p, v] => app.set_allmulti(port_arg(Some(p))?, on_off(v)?)?,

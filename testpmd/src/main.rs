@@ -7,6 +7,7 @@
 
 mod app;
 mod config;
+mod csum;
 mod engine;
 mod interactive;
 
@@ -87,6 +88,7 @@ fn run(args: Args) -> Result<(), String> {
             mac: None,
             in_order: true,
             packed_vq: false,
+            mrg_rxbuf: false,
         }];
         cfg.duration = cfg.duration.or(Some(10.0));
         // 8 bursts of 32 fill a 256-entry ring: enough packets in the loop to keep both

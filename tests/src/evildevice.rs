@@ -8,15 +8,15 @@
 //!
 //! # The device
 //!
-//! `evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order] [--packed]` listens on `SOCKET`, serves one
+//! `evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order] [--packed] [--mtu N]` listens on `SOCKET`, serves one
 //! front-end with the `vhost` crate's back-end request handler and exits when it goes
 //! away (or after `--lifetime` seconds, default 60, so that no test can hang on it). It
-//! offers `VERSION_1 | MAC | STATUS | MTU | VHOST_USER_F_PROTOCOL_FEATURES` (plus
+//! offers `VERSION_1 | MAC | STATUS | MTU | MRG_RXBUF | VHOST_USER_F_PROTOCOL_FEATURES` (plus
 //! `VIRTIO_F_IN_ORDER` with `--in-order`: it always uses buffers in order; plus
 //! `VIRTIO_F_RING_PACKED` with `--packed`: it then speaks the packed ring, virtio 1.2
 //! §2.8, if the driver acks it, and the split ring otherwise), the protocol
 //! features `MQ | REPLY_ACK | CONFIG`, and a config space with a fixed MAC
-//! ([`DEVICE_MAC`]), link up, one queue pair and MTU 1500. It maps the front-end's memory
+//! ([`DEVICE_MAC`]), link up, one queue pair and MTU 1500 ([`DEVICE_MTU`], or `--mtu`). It maps the front-end's memory
 //! (`SET_MEM_TABLE`), translates ring addresses through each region's front-end virtual
 //! address and buffer addresses through its guest-physical address, and once both rings
 //! of pair 0 are started (addresses, kick fd, enabled) it polls them:
@@ -40,6 +40,9 @@
 //! | `idx-jump[-tx]` | the used index advanced by the buffers in flight plus one (on rx, only once the ring is full, so the driver's count cannot move under it) | `UsedIdxJump` |
 //! | `wrong-wrap[-tx]` | packed only: a used descriptor at the used position whose AVAIL/USED bits carry the other wrap counter | `UsedWrongWrap` |
 //! | `used-ahead[-tx]` | packed only: a valid used descriptor for the SECOND buffer taken, written one position past the used position, which stays "available" | nothing: the driver must ignore it (reported as `AHEAD queue=Q pos=P id=I`, not `BAD`) |
+//! | `mrg-zero` | receive only, MRG_RXBUF negotiated: a frame whose header says `num_buffers` 0 | `MergeZeroBuffers` |
+//! | `mrg-beyond` | receive only, MRG_RXBUF: a frame whose header says 2 buffers, with only its first one used | `MergeBeyondUsed` |
+//! | `mrg-bad-len` | receive only, MRG_RXBUF: a frame over 2 buffers whose second has used length 0 | `MergeBadLength` |
 //!
 //! On a packed ring "one publish" means what it does for a driver's burst: the used
 //! descriptors are written in ring order, each one's flags word last, and the first one's
@@ -129,11 +132,17 @@ pub enum Fault {
     WrongWrap,
     /// Packed ring: a used descriptor written one position ahead of the used position.
     UsedAhead,
+    /// MRG_RXBUF: a received frame with `num_buffers` 0.
+    MrgZero,
+    /// MRG_RXBUF: a received frame that claims more buffers than were used.
+    MrgBeyond,
+    /// MRG_RXBUF: a received frame whose second buffer is empty.
+    MrgBadLen,
 }
 
 impl Fault {
     /// Every fault.
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 10] = [
         Fault::IdOutOfRange,
         Fault::IdNotInFlight,
         Fault::IdTwice,
@@ -141,6 +150,9 @@ impl Fault {
         Fault::IdxJump,
         Fault::WrongWrap,
         Fault::UsedAhead,
+        Fault::MrgZero,
+        Fault::MrgBeyond,
+        Fault::MrgBadLen,
     ];
 
     /// The mode name (without the queue suffix).
@@ -153,7 +165,16 @@ impl Fault {
             Fault::IdxJump => "idx-jump",
             Fault::WrongWrap => "wrong-wrap",
             Fault::UsedAhead => "used-ahead",
+            Fault::MrgZero => "mrg-zero",
+            Fault::MrgBeyond => "mrg-beyond",
+            Fault::MrgBadLen => "mrg-bad-len",
         }
+    }
+
+    /// Whether the fault is one of the mergeable-receive lies (receive queue only, with
+    /// `VIRTIO_NET_F_MRG_RXBUF` negotiated).
+    pub fn merge(self) -> bool {
+        matches!(self, Fault::MrgZero | Fault::MrgBeyond | Fault::MrgBadLen)
     }
 
     /// Whether the fault exists on a split ring (`idx-jump`) or a packed one
@@ -224,6 +245,13 @@ pub fn format_report(queue: u16, e: &DeviceError) -> String {
         DeviceError::UsedWrongWrap { pos, flags } => {
             format!("BAD queue={queue} kind=wrong-wrap pos={pos} flags={flags}")
         }
+        DeviceError::MergeZeroBuffers => format!("BAD queue={queue} kind=mrg-zero"),
+        DeviceError::MergeBeyondUsed { num_buffers, available } => {
+            format!("BAD queue={queue} kind=mrg-beyond num_buffers={num_buffers} available={available}")
+        }
+        DeviceError::MergeBadLength { index, len, total } => {
+            format!("BAD queue={queue} kind=mrg-bad-len index={index} len={len} total={total}")
+        }
     }
 }
 
@@ -251,6 +279,16 @@ pub fn parse_report(line: &str) -> Option<(u16, DeviceError)> {
         "wrong-wrap" => DeviceError::UsedWrongWrap {
             pos: u16::try_from(num("pos")?).ok()?,
             flags: u16::try_from(num("flags")?).ok()?,
+        },
+        "mrg-zero" => DeviceError::MergeZeroBuffers,
+        "mrg-beyond" => DeviceError::MergeBeyondUsed {
+            num_buffers: u16::try_from(num("num_buffers")?).ok()?,
+            available: u16::try_from(num("available")?).ok()?,
+        },
+        "mrg-bad-len" => DeviceError::MergeBadLength {
+            index: u16::try_from(num("index")?).ok()?,
+            len: num("len")?,
+            total: num("total")?,
         },
         _ => return None,
     };
@@ -503,6 +541,8 @@ struct State {
     in_order: bool,
     /// Offer `VIRTIO_F_RING_PACKED` (`--packed`).
     packed: bool,
+    /// The MTU in the config space (`--mtu`).
+    mtu: u16,
     acked_features: u64,
     regions: Vec<Region>,
     queues: [Queue; 2],
@@ -527,6 +567,7 @@ impl State {
             good_frames,
             in_order,
             packed,
+            mtu: DEVICE_MTU,
             acked_features: 0,
             regions: Vec::new(),
             queues: [Queue::default(), Queue::default()],
@@ -679,13 +720,18 @@ impl State {
     /// Writes `bytes` (a virtio-net header is put in front) into receive buffer `d`;
     /// returns the used length.
     fn fill_rx(&self, d: &Descriptor, bytes: &[u8]) -> Result<u32, Stop> {
+        self.fill_rx_nb(d, bytes, 1)
+    }
+
+    /// [`fill_rx`](Self::fill_rx) with `num_buffers` = `nb` in the header.
+    fn fill_rx_nb(&self, d: &Descriptor, bytes: &[u8], nb: u16) -> Result<u32, Stop> {
         let total = NET_HDR_LEN + bytes.len();
         if total > d.len as usize {
             return stop(format!("receive buffer of {} bytes for a {total}-byte frame", d.len));
         }
         let dst = self.buffer(d)?;
         let mut hdr = [0u8; NET_HDR_LEN];
-        hdr[layout::NET_HDR_NUM_BUFFERS..].copy_from_slice(&1u16.to_le_bytes());
+        hdr[layout::NET_HDR_NUM_BUFFERS..].copy_from_slice(&nb.to_le_bytes());
         // SAFETY: `dst` points at `d.len >= total` mapped bytes of a buffer the driver
         // made available to the device (it does not touch it until we complete it); raw
         // copies, no reference into the shared memory.
@@ -779,6 +825,12 @@ impl State {
             let layout = if rx.packed { "packed" } else { "split" };
             return stop(format!("mode {} does not exist on a {layout} ring", self.mode.name()));
         }
+        if fault.merge() && (q != RX_QUEUE || self.acked_features & f::bit(f::NET_MRG_RXBUF) == 0) {
+            return stop(format!(
+                "mode {} needs the receive queue and MRG_RXBUF negotiated",
+                self.mode.name()
+            ));
+        }
         if q == RX_QUEUE {
             let (offered, in_flight) = if rx.packed {
                 // We complete whatever we take at once: all that is in flight is offered.
@@ -797,7 +849,8 @@ impl State {
                 Fault::IdxJump => in_flight == rx.size,
                 Fault::IdNotInFlight | Fault::IdTwice => offered >= 1 && in_flight >= 2,
                 Fault::IdOutOfRange | Fault::LenTooLarge | Fault::WrongWrap => offered >= 1,
-                Fault::UsedAhead => offered >= 2,
+                Fault::MrgZero | Fault::MrgBeyond => offered >= 1,
+                Fault::UsedAhead | Fault::MrgBadLen => offered >= 2,
             };
             if !ready {
                 return Ok(None);
@@ -848,6 +901,25 @@ impl State {
                     let len = self.fill_rx(&rd, &poison)?;
                     return Ok(Some(self.used_ahead(rxq, rx, rid, len)));
                 }
+                Fault::MrgZero => {
+                    let (rid, rd) = self.take_avail(rxq, rx)?;
+                    let len = self.fill_rx_nb(&rd, &poison, 0)?;
+                    self.put_raw(rxq, rx, &[(rid as u32, len)]);
+                    DeviceError::MergeZeroBuffers
+                }
+                Fault::MrgBeyond => {
+                    let (rid, rd) = self.take_avail(rxq, rx)?;
+                    let len = self.fill_rx_nb(&rd, &poison, 2)?;
+                    self.put_raw(rxq, rx, &[(rid as u32, len)]);
+                    DeviceError::MergeBeyondUsed { num_buffers: 2, available: 1 }
+                }
+                Fault::MrgBadLen => {
+                    let (r1, d1) = self.take_avail(rxq, rx)?;
+                    let len = self.fill_rx_nb(&d1, &poison, 2)?;
+                    let (r2, _) = self.take_avail(rxq, rx)?;
+                    self.put_raw(rxq, rx, &[(r1 as u32, len), (r2 as u32, 0)]);
+                    DeviceError::MergeBadLength { index: 1, len: 0, total: len - NET_HDR_LEN as u32 }
+                }
             };
             return Ok(Some(format_report(q, &e)));
         }
@@ -885,6 +957,7 @@ impl State {
             Fault::IdxJump => self.jump(txq, tx, in_flight),
             Fault::WrongWrap => self.wrong_wrap(txq, tx, a, 0),
             Fault::UsedAhead => return Ok(Some(self.used_ahead(txq, tx, last, 0))),
+            Fault::MrgZero | Fault::MrgBeyond | Fault::MrgBadLen => unreachable!("refused above"),
         };
         Ok(Some(format_report(q, &e)))
     }
@@ -971,18 +1044,19 @@ const OFFERED_FEATURES: u64 = f::bit(f::VERSION_1)
     | f::bit(f::NET_MAC)
     | f::bit(f::NET_STATUS)
     | f::bit(f::NET_MTU)
+    | f::bit(f::NET_MRG_RXBUF)
     | f::bit(f::VHOST_USER_PROTOCOL_FEATURES);
 
 fn offered_protocol() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG
 }
 
-fn config_space() -> [u8; net_config::LEN] {
+fn config_space(mtu: u16) -> [u8; net_config::LEN] {
     let mut c = [0u8; net_config::LEN];
     c[net_config::MAC..net_config::MAC + 6].copy_from_slice(&DEVICE_MAC);
     c[net_config::STATUS..net_config::STATUS + 2].copy_from_slice(&net_config::S_LINK_UP.to_le_bytes());
     c[net_config::MAX_VQ_PAIRS..net_config::MAX_VQ_PAIRS + 2].copy_from_slice(&1u16.to_le_bytes());
-    c[net_config::MTU..net_config::MTU + 2].copy_from_slice(&DEVICE_MTU.to_le_bytes());
+    c[net_config::MTU..net_config::MTU + 2].copy_from_slice(&mtu.to_le_bytes());
     c
 }
 
@@ -1135,7 +1209,7 @@ impl VhostUserBackendReqHandler for Handler {
         })
     }
     fn get_config(&self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
-        let cfg = config_space();
+        let cfg = config_space(self.0.lock().mtu);
         let end = offset.checked_add(size).ok_or(VuError::InvalidParam)? as usize;
         cfg.get(offset as usize..end).map(<[u8]>::to_vec).ok_or(VuError::InvalidParam)
     }
@@ -1190,7 +1264,8 @@ impl VhostUserBackendReqHandler for Handler {
 
 // ------------------------------------------------------------------------------ device main
 
-const USAGE: &str = "usage: evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order] [--packed]";
+const USAGE: &str =
+    "usage: evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order] [--packed] [--mtu N]";
 
 /// The `evil-device` binary: serves one front-end on the socket in `args`, then exits.
 /// Returns the process exit code.
@@ -1200,6 +1275,7 @@ pub fn device_main(args: Vec<OsString>) -> i32 {
     let mut lifetime = 60u64;
     let mut in_order = false;
     let mut packed = false;
+    let mut mtu = DEVICE_MTU;
     let mut it = args.into_iter().map(|a| a.to_string_lossy().into_owned());
     while let Some(a) = it.next() {
         let mut num = |name: &str| -> Option<u64> {
@@ -1220,6 +1296,10 @@ pub fn device_main(args: Vec<OsString>) -> i32 {
             },
             "--in-order" => in_order = true,
             "--packed" => packed = true,
+            "--mtu" => match num("--mtu").and_then(|n| u16::try_from(n).ok()) {
+                Some(n) => mtu = n,
+                None => return 2,
+            },
             _ => pos.push(a),
         }
     }
@@ -1249,7 +1329,9 @@ pub fn device_main(args: Vec<OsString>) -> i32 {
         std::process::exit(3);
     });
 
-    let shared = Arc::new(Shared { state: Mutex::new(State::new(mode, good, in_order, packed)) });
+    let mut state = State::new(mode, good, in_order, packed);
+    state.mtu = mtu;
+    let shared = Arc::new(Shared { state: Mutex::new(state) });
     let mut listener = match Listener::new(sock, true) {
         Ok(l) => l,
         Err(e) => {
@@ -1352,6 +1434,18 @@ impl EvilDevice {
     /// As [`spawn_with`](Self::spawn_with); `packed` makes the device offer
     /// `VIRTIO_F_RING_PACKED` (`--packed`).
     pub fn spawn_opts(bin: &Path, mode: Mode, good: u32, in_order: bool, packed: bool) -> EvilDevice {
+        Self::spawn_args(bin, mode, good, in_order, packed, &[])
+    }
+
+    /// [`spawn_opts`](Self::spawn_opts) with more arguments (e.g. `["--mtu", "9000"]`).
+    pub fn spawn_args(
+        bin: &Path,
+        mode: Mode,
+        good: u32,
+        in_order: bool,
+        packed: bool,
+        extra: &[&str],
+    ) -> EvilDevice {
         let dir = TempDir::new(&format!("evil-{}", mode.name()));
         let sock = dir.join("evil.sock");
         let log_path = dir.join("evil-device.stderr");
@@ -1362,6 +1456,7 @@ impl EvilDevice {
             .args(["--good", &good.to_string(), "--lifetime", "60"])
             .args(in_order.then_some("--in-order"))
             .args(packed.then_some("--packed"))
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

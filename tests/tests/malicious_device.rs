@@ -36,6 +36,12 @@
 //! written ahead of the used position is not looked at (nothing is taken, nothing
 //! stops). On a packed ring the transmit length is not checked (the driver never uses
 //! it; see `driver::ring::packed::used`): a transmit length too large stops nothing.
+//!
+//! The `*_merge_*` tests negotiate `VIRTIO_NET_F_MRG_RXBUF` and lie in the mergeable
+//! header of a received frame (split and packed rings): `num_buffers` 0, a frame that
+//! claims more buffers than the device used, a later buffer of length 0. Each stops the
+//! receive queue with its own `DeviceError`; the lying frame's buffers go back to the
+//! pool (the device did return them), nothing of it is delivered.
 
 use std::path::Path;
 use std::thread;
@@ -112,6 +118,10 @@ fn open_opts(mode: Mode, in_order: bool, packed: bool) -> Setup {
     let dev = EvilDevice::spawn_opts(Path::new(BIN), mode, GOOD_FRAMES, in_order, packed);
     let mut cfg = PortConfig::virtio_user(dev.socket());
     cfg.packed = packed;
+    let merge = mode.fault.is_some_and(|f| f.merge());
+    if merge {
+        cfg.features |= features::bit(features::NET_MRG_RXBUF);
+    }
     let mut port = Port::open(cfg.clone())
         .unwrap_or_else(|e| panic!("Port::open on the {} device: {e}; log:\n{}", mode.name(), dev.log()));
     let info = port.info().clone();
@@ -124,7 +134,8 @@ fn open_opts(mode: Mode, in_order: bool, packed: bool) -> Setup {
         | features::bit(features::NET_STATUS)
         | features::bit(features::NET_MTU)
         | if in_order { features::bit(features::IN_ORDER) } else { 0 }
-        | if packed { features::bit(features::RING_PACKED) } else { 0 };
+        | if packed { features::bit(features::RING_PACKED) } else { 0 }
+        | if merge { features::bit(features::NET_MRG_RXBUF) } else { 0 };
     assert_eq!(info.features, want, "negotiated {:#x}", info.features);
     let qp = port.queue_pair(0).expect("queue pair 0");
     let pool = port.pool().clone();
@@ -246,6 +257,14 @@ fn check_report(s: &Setup, mode: Mode, trigger: &[Vec<u8>], e: DeviceError) {
             let write = if q == RX_QUEUE { packed::DESC_F_WRITE } else { 0 };
             s.packed && pos == GOOD_FRAMES as u16 && flags == write
         }
+        (Fault::MrgZero, RX_QUEUE, DeviceError::MergeZeroBuffers) => true,
+        (Fault::MrgBeyond, RX_QUEUE, DeviceError::MergeBeyondUsed { num_buffers, available }) => {
+            num_buffers == 2 && available == 1
+        }
+        // The device's 64 poison bytes in the first buffer, then an empty one.
+        (Fault::MrgBadLen, RX_QUEUE, DeviceError::MergeBadLength { index, len, total }) => {
+            index == 1 && len == 0 && total == 64
+        }
         _ => false,
     };
     assert!(ok, "mode {} produced the unexpected report {e:?}", mode.name());
@@ -342,6 +361,9 @@ fn bad_device_opts(mode: Mode, in_order: bool, packed: bool) {
     // What is still in flight: nothing was taken back on the strength of the bad entry.
     let (rx_in_flight, tx_in_flight) = match (mode.queue, fault) {
         (RX_QUEUE, Fault::IdNotInFlight | Fault::IdTwice) => (s.rx_posted(GOOD_FRAMES) - 1, 0),
+        // The lying frame's buffers came back with it (and went to the pool).
+        (RX_QUEUE, Fault::MrgZero | Fault::MrgBeyond) => (s.rx_posted(GOOD_FRAMES) - 1, 0),
+        (RX_QUEUE, Fault::MrgBadLen) => (s.rx_posted(GOOD_FRAMES) - 2, 0),
         (RX_QUEUE, _) => (s.rx_posted(GOOD_FRAMES), 0),
         (_, Fault::IdTwice) => (s.rx_posted(GOOD_FRAMES), TRIGGER_FRAMES as u16 - 1),
         (_, _) => (s.rx_posted(GOOD_FRAMES), TRIGGER_FRAMES as u16),
@@ -774,4 +796,34 @@ fn packed_tx_used_len_is_not_checked() {
     assert_eq!(st[0].device_errors, 0, "{:?}", st[0]);
     s.check_pool(0, "after the reclaim");
     s.close_and_check_buffers();
+}
+
+#[test]
+fn rx_merge_zero_buffers() {
+    bad_device(rx(Fault::MrgZero));
+}
+
+#[test]
+fn rx_merge_beyond_used() {
+    bad_device(rx(Fault::MrgBeyond));
+}
+
+#[test]
+fn rx_merge_empty_later_buffer() {
+    bad_device(rx(Fault::MrgBadLen));
+}
+
+#[test]
+fn packed_rx_merge_zero_buffers() {
+    bad_device_opts(rx(Fault::MrgZero), false, true);
+}
+
+#[test]
+fn packed_rx_merge_beyond_used() {
+    bad_device_opts(rx(Fault::MrgBeyond), false, true);
+}
+
+#[test]
+fn packed_rx_merge_empty_later_buffer() {
+    bad_device_opts(rx(Fault::MrgBadLen), false, true);
 }

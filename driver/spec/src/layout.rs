@@ -163,6 +163,14 @@ pub mod features {
 
     /// `VIRTIO_NET_F_GUEST_CSUM`: the driver accepts packets with a partial checksum.
     pub const NET_GUEST_CSUM: u32 = virtio_net::VIRTIO_NET_F_GUEST_CSUM;
+    /// `VIRTIO_NET_F_CSUM`: the device completes partial checksums of transmitted frames.
+    pub const NET_CSUM: u32 = virtio_net::VIRTIO_NET_F_CSUM;
+    /// `VIRTIO_NET_F_HOST_TSO4`: the device segments transmitted TCPv4 super-frames.
+    pub const NET_HOST_TSO4: u32 = virtio_net::VIRTIO_NET_F_HOST_TSO4;
+    /// `VIRTIO_NET_F_HOST_TSO6`: the device segments transmitted TCPv6 super-frames.
+    pub const NET_HOST_TSO6: u32 = virtio_net::VIRTIO_NET_F_HOST_TSO6;
+    /// `VIRTIO_NET_F_HOST_USO`: the device segments transmitted UDP super-frames.
+    pub const NET_HOST_USO: u32 = virtio_net::VIRTIO_NET_F_HOST_USO;
     /// `VIRTIO_NET_F_CTRL_GUEST_OFFLOADS`: receive offloads can be switched at run time.
     pub const NET_CTRL_GUEST_OFFLOADS: u32 = virtio_net::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS;
     /// `VIRTIO_NET_F_GUEST_TSO4`: the driver accepts TCPv4 super-frames.
@@ -215,6 +223,10 @@ pub mod features {
     /// The spec's name of feature bit `b` (for messages), or "feature bit" if unknown.
     pub fn name(b: u32) -> &'static str {
         match b {
+            NET_CSUM => "VIRTIO_NET_F_CSUM",
+            NET_HOST_TSO4 => "VIRTIO_NET_F_HOST_TSO4",
+            NET_HOST_TSO6 => "VIRTIO_NET_F_HOST_TSO6",
+            NET_HOST_USO => "VIRTIO_NET_F_HOST_USO",
             NET_GUEST_CSUM => "VIRTIO_NET_F_GUEST_CSUM",
             NET_CTRL_GUEST_OFFLOADS => "VIRTIO_NET_F_CTRL_GUEST_OFFLOADS",
             NET_MTU => "VIRTIO_NET_F_MTU",

@@ -10,13 +10,19 @@
 //! ```text
 //! | headroom (default 256; its last 12 bytes hold the virtio-net header) | data ... | tailroom |
 //! ```
-//! Packets never allocate: a `Packet` is a buffer index plus offset and length.
+//! Packets never allocate: a `Packet` is a buffer index plus offset and length. A packet
+//! may head a chain of further buffers of its pool (a multi-segment frame, as DPDK's mbuf
+//! chains) or carry a transmit offload request; both live in the pool's per-buffer
+//! metadata table and are flagged in two tag bits of the packet's pool pointer, so a
+//! plain single-buffer packet is the same 16 bytes as before and the data path tells it
+//! from the others with the pool comparison it already makes (`chain.rs`).
 //!
 //! Lifetime: packets hold a raw pointer to the pool, not a reference count (an atomic
 //! add per packet on a line every core shares would cost more than the rest of the
 //! packet's bookkeeping). The pool's memory is released only when the last [`Mempool`]
 //! handle is gone *and* every buffer is back, whichever happens last.
 
+use std::cell::UnsafeCell;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,6 +30,11 @@ use std::sync::Arc;
 use crate::dma::DmaArena;
 use crate::error::{Error, Result};
 use crate::layout::NET_HDR_LEN;
+
+mod chain;
+
+use chain::BufMeta;
+pub use chain::{Segments, TxCsum, TxGso, TxOffload, MAX_SEGS};
 
 /// Default headroom before packet data, as XDP reserves (`VIRTIO_XDP_HEADROOM`).
 pub const DEFAULT_HEADROOM: u16 = 256;
@@ -39,6 +50,10 @@ struct FreeList {
 }
 
 struct PoolInner {
+    /// Per buffer: its chain link and, on a chain's head, the chain's totals and the
+    /// transmit offload request (`chain.rs`). Entry `i` is read and written only by the
+    /// owner of buffer `i` (the packet heading the chain it is in), like the buffer.
+    meta: Box<[UnsafeCell<BufMeta>]>,
     arena: Arc<DmaArena>,
     base: *mut u8,
     /// Buffers per device-contiguous chunk and the chunk's size (the whole pool when the
@@ -86,6 +101,9 @@ impl PoolLayout {
 pub fn check_geometry(count: u32, buf_size: u32, headroom: u16) -> Result<()> {
     if count == 0 {
         return Err(Error::Config("the buffer pool needs at least one buffer".into()));
+    }
+    if count > chain::MAX_BUFFERS {
+        return Err(Error::Config(format!("a pool holds at most {} buffers", chain::MAX_BUFFERS)));
     }
     if (headroom as usize) < NET_HDR_LEN {
         return Err(Error::Config(format!(
@@ -150,6 +168,7 @@ impl Mempool {
             first
         };
         let inner = Box::new(PoolInner {
+            meta: (0..count).map(|_| UnsafeCell::new(BufMeta::default())).collect(),
             arena,
             base,
             per_chunk,
@@ -291,6 +310,13 @@ impl Mempool {
 
     /// Whether `p` came from this pool.
     pub fn owns(&self, p: &Packet) -> bool {
+        p.pool_ptr() == self.inner
+    }
+
+    /// Whether `p` came from this pool and is plain: one buffer, no transmit offload
+    /// request (the data path's fast case; one comparison, as `owns` was before chains).
+    #[inline(always)]
+    pub(crate) fn owns_plain(&self, p: &Packet) -> bool {
         p.pool == self.inner
     }
 }
@@ -302,24 +328,52 @@ pub fn free_bulk(pkts: &mut Vec<Packet>) {
     let mut idx = [0u32; RUN];
     let mut n = 0;
     let mut pool: Option<NonNull<PoolInner>> = None;
-    for p in pkts.drain(..) {
+    let len = pkts.len();
+    // The vector forgets its packets; each is given back below exactly once (a panic in
+    // between would leak them, never free one twice). Read in place, so a plain packet
+    // is never copied out.
+    // SAFETY: shrinking the length only.
+    unsafe { pkts.set_len(0) };
+    let base = pkts.as_ptr();
+    for i in 0..len {
+        // SAFETY: `i < len`: an initialised packet the vector no longer owns, looked at
+        // here and given back once (its index below, or moved out and dropped).
+        let p = unsafe { &*base.add(i) };
+        // One comparison for the common case: a plain packet of the current run's pool
+        // (a tagged pointer, `chain.rs`, never equals the untagged pool address).
         if pool != Some(p.pool) || n == RUN {
-            if let Some(pl) = pool {
-                // SAFETY: the indices in `idx` are outstanding buffers of `pl`, which
-                // keeps it alive until they are back.
-                unsafe { PoolInner::put(pl, &idx[..n]) };
+            if p.tags() & chain::TAG_CHAIN != 0 {
+                // A chain: its segments go back with it (out of line: the loop above is
+                // the plain packets' path).
+                // SAFETY: moved out once (see above); the vector will not drop it.
+                drop_cold(unsafe { std::ptr::read(p) });
+                continue;
             }
-            pool = Some(p.pool);
-            n = 0;
+            let pl_p = p.pool_ptr();
+            if pool != Some(pl_p) || n == RUN {
+                if let Some(pl) = pool {
+                    // SAFETY: the indices in `idx` are outstanding buffers of `pl`, which
+                    // keeps it alive until they are back.
+                    unsafe { PoolInner::put(pl, &idx[..n]) };
+                }
+                pool = Some(pl_p);
+                n = 0;
+            }
         }
         idx[n] = p.idx;
         n += 1;
-        std::mem::forget(p);
     }
     if let Some(pl) = pool {
         // SAFETY: as above.
         unsafe { PoolInner::put(pl, &idx[..n]) };
     }
+}
+
+/// Drops `p` out of line (a chain in `free_bulk`).
+#[cold]
+#[inline(never)]
+fn drop_cold(p: Packet) {
+    drop(p);
 }
 
 impl PoolInner {
@@ -339,6 +393,16 @@ impl PoolInner {
         // SAFETY: `idx < count` (the caller's promise), so the offset lies inside the
         // pool's arena allocation.
         unsafe { self.base.add(off) }
+    }
+
+    /// The metadata entry of buffer `idx`.
+    ///
+    /// # Safety
+    /// `idx < count`; the caller owns buffer `idx` (only its owner touches the entry).
+    #[inline]
+    unsafe fn meta(&self, idx: u32) -> *mut BufMeta {
+        // SAFETY: `idx < count`, the table's length (the caller's promise).
+        unsafe { self.meta.get_unchecked(idx as usize) }.get()
     }
 
     /// Pushes indices back; frees the pool if it is orphaned and now full.
@@ -396,8 +460,10 @@ impl std::fmt::Debug for Mempool {
     }
 }
 
-/// A packet in a pool buffer, owned: dropping it returns the buffer to its pool.
+/// A packet in a pool buffer, owned: dropping it returns the buffer to its pool (and,
+/// when it heads a chain of segments, every segment's buffer: see [`Packet::append`]).
 pub struct Packet {
+    /// The pool, with `chain::TAG_*` bits in its low bits (the pool is 8-aligned).
     pool: NonNull<PoolInner>,
     idx: u32,
     off: u16,
@@ -409,10 +475,22 @@ pub struct Packet {
 unsafe impl Send for Packet {}
 
 impl Packet {
+    /// The pool pointer without its tag bits.
+    #[inline(always)]
+    fn pool_ptr(&self) -> NonNull<PoolInner> {
+        // The tags sit in alignment bits: clearing them gives the pool's address, not null.
+        // SAFETY: a pool's address with its two low bits cleared is the address itself.
+        unsafe { NonNull::new_unchecked((self.pool.as_ptr() as usize & !chain::TAG_MASK) as *mut PoolInner) }
+    }
+    /// The tag bits (`chain::TAG_*`).
+    #[inline(always)]
+    fn tags(&self) -> usize {
+        self.pool.as_ptr() as usize & chain::TAG_MASK
+    }
     #[inline]
     fn inner(&self) -> &PoolInner {
         // SAFETY: an outstanding buffer keeps its pool alive.
-        unsafe { self.pool.as_ref() }
+        unsafe { self.pool_ptr().as_ref() }
     }
     #[inline]
     fn base(&self) -> *mut u8 {
@@ -500,9 +578,11 @@ impl Packet {
         self.len -= n as u16;
         Ok(())
     }
-    /// Sets the packet to `bytes` at the pool's default headroom.
+    /// Sets the packet to `bytes` at the pool's default headroom (a chain's segments go
+    /// back to the pool: the packet is one buffer afterwards).
     #[inline]
     pub fn set_data(&mut self, bytes: &[u8]) -> Result<()> {
+        self.release_segments();
         let room = self.inner().buf_size as usize - self.inner().headroom as usize;
         if bytes.len() > room {
             return Err(Error::Config(format!("{} bytes do not fit a {room}-byte buffer", bytes.len())));
@@ -513,8 +593,10 @@ impl Packet {
         Ok(())
     }
 
-    /// Gives up ownership without returning the buffer: (index, offset, length).
+    /// Gives up ownership of a plain packet's buffer without returning it: (index,
+    /// offset, length). The caller checked it is plain ([`Mempool::owns_plain`]).
     pub(crate) fn into_raw(self) -> (u32, u16, u16) {
+        debug_assert_eq!(self.tags(), 0, "into_raw of a chain or of a packet with an offload request");
         let r = (self.idx, self.off, self.len);
         std::mem::forget(self);
         r
@@ -531,8 +613,12 @@ impl Packet {
 
 impl Drop for Packet {
     fn drop(&mut self) {
+        if self.tags() & chain::TAG_CHAIN != 0 {
+            self.drop_chain();
+            return;
+        }
         // SAFETY: this packet's buffer is outstanding, which keeps the pool alive.
-        unsafe { PoolInner::put(self.pool, &[self.idx]) }
+        unsafe { PoolInner::put(self.pool_ptr(), &[self.idx]) }
     }
 }
 
@@ -542,6 +628,8 @@ impl std::fmt::Debug for Packet {
             .field("buf", &self.idx)
             .field("off", &self.off)
             .field("len", &self.len)
+            .field("segs", &self.nb_segs())
+            .field("total_len", &self.total_len())
             .finish()
     }
 }

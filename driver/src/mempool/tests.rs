@@ -202,3 +202,180 @@ proptest::proptest! {
         proptest::prop_assert_eq!(p.available(), 48);
     }
 }
+
+#[test]
+fn a_chain_walks_in_order_and_returns_every_segment_on_drop() {
+    let p = pool(16);
+    let mut head = p.alloc().unwrap();
+    head.set_data(b"head").unwrap();
+    for s in [&b"one"[..], b"two", b"three"] {
+        let mut seg = p.alloc().unwrap();
+        seg.set_data(s).unwrap();
+        head.append(seg).unwrap();
+    }
+    assert_eq!((head.nb_segs(), head.total_len(), head.len()), (4, 15, 4));
+    let segs: Vec<&[u8]> = head.segments().collect();
+    assert_eq!(segs, vec![&b"head"[..], b"one", b"two", b"three"]);
+    head.segment_mut(2).unwrap().copy_from_slice(b"TWO");
+    assert!(head.segment_mut(4).is_none());
+    let mut flat = [0u8; 15];
+    assert_eq!(head.copy_to(&mut flat).unwrap(), 15);
+    assert_eq!(&flat, b"headoneTWOthree");
+    assert!(head.copy_to(&mut [0u8; 14]).is_err());
+    assert_eq!(p.available(), 12);
+    let mut v = vec![head];
+    free_bulk(&mut v);
+    assert_eq!(p.available(), 16);
+}
+
+#[test]
+fn chain_edges_are_refused_or_undone() {
+    let (a, b) = (pool(8), pool(8));
+    let mut h = a.alloc().unwrap();
+    // A segment of another pool is refused (and returned to its own pool).
+    assert!(h.append(b.alloc().unwrap()).is_err());
+    assert_eq!(b.available(), 8);
+    // A chained tail brings its segments along.
+    let mut t = a.alloc().unwrap();
+    t.set_data(b"t0").unwrap();
+    let mut t1 = a.alloc().unwrap();
+    t1.set_data(b"t1").unwrap();
+    t.append(t1).unwrap();
+    h.set_data(b"h").unwrap();
+    h.append(t).unwrap();
+    assert_eq!(h.segments().collect::<Vec<_>>(), vec![&b"h"[..], b"t0", b"t1"]);
+    // Linearise: the frame becomes one buffer, the segments go back.
+    h.linearize().unwrap();
+    assert_eq!((h.nb_segs(), h.data()), (1, &b"ht0t1"[..]));
+    assert_eq!(a.available(), 7);
+    // set_data on a chain drops its segments.
+    let mut s = a.alloc().unwrap();
+    s.set_data(b"x").unwrap();
+    h.append(s).unwrap();
+    h.set_data(b"flat").unwrap();
+    assert_eq!((h.nb_segs(), h.total_len(), a.available()), (1, 4, 7));
+    // A chain too long for the head's tailroom is not linearised, and stays whole.
+    let big = vec![7u8; 2048];
+    let mut c = a.alloc_chain(&big, 1000).unwrap();
+    let mut more = a.alloc().unwrap();
+    more.set_data(&big).unwrap();
+    c.append(more).unwrap();
+    assert_eq!(c.nb_segs(), 4);
+    assert!(c.linearize().is_err());
+    assert_eq!(c.total_len(), 4096);
+    drop((c, h));
+    assert_eq!(a.available(), 8);
+    // The pool runs out half way: nothing is held.
+    assert!(a.alloc_chain(&vec![1u8; 9 * 100], 100).is_none());
+    assert_eq!(a.available(), 8);
+}
+
+#[test]
+fn an_offload_request_stays_with_its_packet_until_cleared() {
+    let p = pool(4);
+    let mut pkt = p.alloc().unwrap();
+    assert_eq!(pkt.tx_offload(), None);
+    let o = TxOffload { csum: Some(TxCsum { start: 34, offset: 16 }), gso: None };
+    pkt.set_tx_offload(o);
+    assert_eq!(pkt.tx_offload(), Some(o));
+    assert!(p.owns(&pkt) && !p.owns_plain(&pkt));
+    // It survives growing the chain, and a head adjustment.
+    let seg = p.alloc().unwrap();
+    pkt.append(seg).unwrap();
+    pkt.push_head(4).unwrap();
+    assert_eq!(pkt.tx_offload(), Some(o));
+    pkt.set_tx_offload(TxOffload::default());
+    assert_eq!(pkt.tx_offload(), None);
+    assert!(!p.owns_plain(&pkt), "still a chain");
+    pkt.set_data(b"x").unwrap();
+    assert!(p.owns_plain(&pkt));
+    drop(pkt);
+    // A fresh packet on the same buffer carries no stale request.
+    let again = p.alloc().unwrap();
+    assert_eq!((again.tx_offload(), again.nb_segs()), (None, 1));
+}
+
+#[derive(Debug, Clone)]
+enum ChainOp {
+    /// A fresh packet holding `n` bytes of one value.
+    Alloc(usize, u8),
+    /// Packet `j` appended to packet `i`.
+    Append(usize, usize),
+    Drop(usize),
+    Linearize(usize),
+    /// `n` bytes more at the tail of packet `i`'s head segment.
+    PushTail(usize, usize),
+}
+
+fn chain_op() -> impl proptest::strategy::Strategy<Value = ChainOp> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (0usize..1500, any::<u8>()).prop_map(|(n, v)| ChainOp::Alloc(n, v)),
+        (0usize..32, 0usize..32).prop_map(|(i, j)| ChainOp::Append(i, j)),
+        (0usize..32).prop_map(ChainOp::Drop),
+        (0usize..32).prop_map(ChainOp::Linearize),
+        (0usize..32, 0usize..600).prop_map(|(i, n)| ChainOp::PushTail(i, n)),
+    ]
+}
+
+proptest::proptest! {
+    /// Chains against a model (each packet a list of segments' bytes): the segments walk
+    /// in order with the model's bytes, `total_len` and `nb_segs` agree, no buffer is
+    /// held twice or lost, and dropping everything fills the pool again.
+    #[test]
+    fn chains_match_a_model(ops in proptest::collection::vec(chain_op(), 1..120)) {
+        let p = pool(40);
+        let mut held: Vec<(Packet, Vec<Vec<u8>>)> = Vec::new();
+        for o in ops {
+            match o {
+                ChainOp::Alloc(n, v) => {
+                    if let Some(mut pk) = p.alloc() {
+                        pk.set_data(&vec![v; n]).unwrap();
+                        held.push((pk, vec![vec![v; n]]));
+                    }
+                }
+                ChainOp::Append(i, j) => {
+                    if held.len() < 2 { continue; }
+                    let (i, j) = (i % held.len(), j % held.len());
+                    if i == j { continue; }
+                    let (tail, tm) = held.remove(j);
+                    let i = if i > j { i - 1 } else { i };
+                    held[i].0.append(tail).unwrap();
+                    held[i].1.extend(tm);
+                }
+                ChainOp::Drop(i) => if !held.is_empty() { held.swap_remove(i % held.len()); },
+                ChainOp::Linearize(i) => {
+                    if held.is_empty() { continue; }
+                    let k = i % held.len();
+                    let (pk, m) = &mut held[k];
+                    let fits = m.iter().skip(1).map(Vec::len).sum::<usize>() <= pk.tailroom();
+                    proptest::prop_assert_eq!(pk.linearize().is_ok(), fits);
+                    if fits {
+                        let flat = m.concat();
+                        *m = vec![flat];
+                    }
+                }
+                ChainOp::PushTail(i, n) => {
+                    if held.is_empty() { continue; }
+                    let k = i % held.len();
+                    let (pk, m) = &mut held[k];
+                    let ok = n <= pk.tailroom();
+                    proptest::prop_assert_eq!(pk.push_tail(n).map(|b| b.fill(0xee)).is_ok(), ok);
+                    if ok { m[0].extend(std::iter::repeat(0xee).take(n)); }
+                }
+            }
+            let mut bufs = 0;
+            for (pk, m) in &held {
+                let segs: Vec<&[u8]> = pk.segments().collect();
+                let want: Vec<&[u8]> = m.iter().map(Vec::as_slice).collect();
+                proptest::prop_assert_eq!(segs, want);
+                proptest::prop_assert_eq!(pk.nb_segs(), m.len());
+                proptest::prop_assert_eq!(pk.total_len(), m.iter().map(Vec::len).sum::<usize>());
+                bufs += m.len() as u32;
+            }
+            proptest::prop_assert_eq!(bufs + p.available(), 40);
+        }
+        drop(held);
+        proptest::prop_assert_eq!(p.available(), 40);
+    }
+}

@@ -2,16 +2,20 @@
 //!
 //! Owns: one receive ring with its batched refill from the pool, one transmit ring with
 //! its batched completion reclaim, their statistics, the virtio-net header handling
-//! (written in the 12 bytes before the packet data, so a packet is one descriptor; the
-//! received one is exposed as [`RxMeta`]), and the XDP-style hook of each receive queue.
+//! (written in the 12 bytes before the packet data, so a plain packet is one descriptor
+//! and a chained one a descriptor chain whose first part carries the header; the
+//! received one is exposed as [`RxMeta`]), mergeable receive buffers (`rx/merge.rs`),
+//! transmit offload requests (`tx_offload.rs`), and the XDP-style hook of each receive
+//! queue.
 //! Must not: talk to the transport (kicks go through the ring's `Notifier`; offload
 //! changes through the port's [`Control`](crate::Control)) or allocate on the data path.
 //!
 //! Each half is `Send` and used through `&mut self`, so the receive and transmit sides of
 //! a pair can run on different threads without locks.
 //!
-//! One job per file: `rx.rs` ([`RxQueue`]: receive burst, refill), `tx.rs`
-//! ([`TxQueue`]: transmit burst, reclaim), `xdp.rs` (the XDP-style hook below),
+//! One job per file: `rx.rs` ([`RxQueue`]: receive burst, refill; `rx/merge.rs`: frames
+//! over several buffers), `tx.rs` ([`TxQueue`]: transmit burst, reclaim), `tx_offload.rs`
+//! (a packet's offload request checked and made a header), `xdp.rs` (the XDP-style hook below),
 //! `rx_meta.rs` ([`RxMeta`]), `stats.rs` (the counters); this file holds the
 //! [`QueuePair`] and what both halves share (recycling buffers to the pool in batches).
 //!
@@ -58,6 +62,7 @@ mod rx;
 mod rx_meta;
 mod stats;
 mod tx;
+mod tx_offload;
 mod xdp;
 
 #[cfg(test)]
@@ -65,10 +70,10 @@ mod packed_tests;
 #[cfg(test)]
 mod tests;
 
-pub use rx::RxQueue;
+pub use rx::{RxQueue, MAX_MERGED_FRAME};
 pub use rx_meta::RxMeta;
 pub use stats::{PairStats, QueueStatsSnapshot, RxStats, TxStats};
-pub use tx::TxQueue;
+pub use tx::{TxQueue, MAX_TX_SEGS};
 pub use xdp::{XdpOut, XdpProgram, XdpVerdict, XDP_HEADROOM, XDP_TARGETS};
 
 /// Most buffers refilled or reclaimed per step (bounds the stack scratch space).
@@ -101,10 +106,11 @@ impl Recycle<'_> {
             self.n = 0;
         }
     }
-    /// Returns `p`'s buffer: batched if it is one of ours, else to its own pool.
+    /// Returns `p`'s buffer: batched if it is a plain packet of ours, else (a chain, a
+    /// packet of another pool) through its own drop.
     #[inline]
     fn packet(&mut self, p: Packet) {
-        if self.pool.owns(&p) {
+        if self.pool.owns_plain(&p) {
             // SAFETY: the buffer of a packet of this pool, which `into_raw` gives up.
             unsafe { self.put(p.into_raw().0) };
         } else {

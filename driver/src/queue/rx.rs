@@ -6,7 +6,10 @@
 //! pool (one pool lock and one avail publish per batch), and returning in-flight buffers
 //! at close once the device is reset. Must not: talk to the transport, allocate on the
 //! data path, or return a posted buffer to the pool while the device may still write it.
-//! The XDP hook's own parts (verdicts, attach, detach) live in `xdp.rs`.
+//! The XDP hook's own parts (verdicts, attach, detach) live in `xdp.rs`; the mergeable
+//! receive path (`VIRTIO_NET_F_MRG_RXBUF`: a frame over several buffers, returned as a
+//! chain) in `rx/merge.rs`, taken only when that feature was negotiated, so the plain
+//! burst is compiled as before.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -22,6 +25,9 @@ use super::stats::{bump, PairStats};
 use super::tx::TxQueue;
 use super::xdp::{self, Verdicts, XdpOut, XdpProgram};
 use super::{Recycle, Stopped, BATCH};
+
+mod merge;
+pub use merge::MAX_MERGED_FRAME;
 
 /// The receive half of a queue pair. The ring's layout (split or packed) is matched
 /// once per call; the burst itself runs on [`RxHalf`], monomorphized per layout.
@@ -61,6 +67,8 @@ pub(super) struct RxHalf<R: Ring> {
     pub(super) xdp_out: XdpOut,
     pub(super) control: Control,
     pub(super) mtu: u16,
+    /// `VIRTIO_NET_F_MRG_RXBUF` negotiated: frames may span several buffers.
+    mrg: bool,
 }
 
 /// The buffers of one refill: pool indices taken under one lock, posted at their
@@ -115,6 +123,7 @@ impl UsedSink for RxSink<'_, '_> {
 }
 
 impl RxQueue {
+    #[cfg(test)]
     pub(crate) fn new(
         ring: impl Into<AnyRing>,
         pool: Mempool,
@@ -124,10 +133,27 @@ impl RxQueue {
         control: Control,
         mtu: u16,
     ) -> Self {
+        Self::with_merge(ring, pool, stats, tailroom, stopped, control, mtu, false)
+    }
+
+    /// As `new`; `mrg`: `VIRTIO_NET_F_MRG_RXBUF` was negotiated.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn with_merge(
+        ring: impl Into<AnyRing>,
+        pool: Mempool,
+        stats: Arc<PairStats>,
+        tailroom: u16,
+        stopped: Stopped,
+        control: Control,
+        mtu: u16,
+        mrg: bool,
+    ) -> Self {
         RxQueue(match ring.into() {
-            AnyRing::Split(r) => RxKind::Split(RxHalf::new(r, pool, stats, tailroom, stopped, control, mtu)),
+            AnyRing::Split(r) => {
+                RxKind::Split(RxHalf::new(r, pool, stats, tailroom, stopped, control, mtu, mrg))
+            }
             AnyRing::Packed(r) => {
-                RxKind::Packed(RxHalf::new(r, pool, stats, tailroom, stopped, control, mtu))
+                RxKind::Packed(RxHalf::new(r, pool, stats, tailroom, stopped, control, mtu, mrg))
             }
         })
     }
@@ -188,6 +214,7 @@ impl RxQueue {
 }
 
 impl<R: Ring> RxHalf<R> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         ring: R,
         pool: Mempool,
@@ -196,6 +223,7 @@ impl<R: Ring> RxHalf<R> {
         stopped: Stopped,
         control: Control,
         mtu: u16,
+        mrg: bool,
     ) -> Self {
         let headroom = pool.headroom();
         let post_len = pool.buf_size() - headroom as u32 - tailroom as u32 + NET_HDR_LEN as u32;
@@ -212,6 +240,7 @@ impl<R: Ring> RxHalf<R> {
             xdp_out: XdpOut::default(),
             control,
             mtu,
+            mrg,
         }
     }
 
@@ -248,11 +277,15 @@ impl<R: Ring> RxHalf<R> {
         if self.error.is_some() {
             return 0;
         }
-        let n = match self.ring.poll_used() {
-            // `n` is a u16, so the smaller of the two fits one.
-            Ok(n) => self.ring.rx_take((n as usize).min(max) as u16) as usize,
+        let polled = match self.ring.poll_used() {
+            Ok(n) => n,
             Err(e) => return self.fail(e),
         };
+        if self.mrg {
+            return self.rx_merge(batch, meta, max, polled);
+        }
+        // `polled` is a u16, so the smaller of the two fits one.
+        let n = self.ring.rx_take((polled as usize).min(max) as u16) as usize;
         if n == 0 {
             return 0;
         }

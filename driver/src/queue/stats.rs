@@ -50,6 +50,10 @@ pub struct TxStats {
     pub copied: AtomicU64,
     /// Such packets dropped because this port's pool was empty (or its buffers too small).
     pub nobuf: AtomicU64,
+    /// Packets refused and dropped (not sent): a transmit offload request the port did
+    /// not negotiate or whose offsets fall outside the frame, a chain of more segments
+    /// than one packet may take (DPDK's `tx_prepare` refusals, counted as `oerrors`).
+    pub errors: AtomicU64,
     /// Protocol violations by the device (the queue stopped).
     pub device_errors: AtomicU64,
 }
@@ -75,6 +79,9 @@ pub struct QueueStatsSnapshot {
     pub tx_copied: u64,
     /// Packets dropped because no buffer was free to copy them into.
     pub tx_nobuf: u64,
+    /// Packets refused and dropped: a bad or unnegotiated offload request, a chain too
+    /// long.
+    pub tx_errors: u64,
     /// Device protocol violations seen on either queue.
     pub device_errors: u64,
     /// XDP Pass verdicts.
@@ -112,6 +119,7 @@ impl PairStats {
             tx_full: l(&self.tx.full),
             tx_copied: l(&self.tx.copied),
             tx_nobuf: l(&self.tx.nobuf),
+            tx_errors: l(&self.tx.errors),
             device_errors: l(&self.rx.device_errors) + l(&self.tx.device_errors),
             xdp_pass: l(&self.rx.xdp_pass),
             xdp_drop: l(&self.rx.xdp_drop),

@@ -43,6 +43,10 @@ fn control(features: u64) -> Control {
 }
 
 fn rig_with(headroom: u16, mtu: u16, features: u64) -> Rig {
+    rig_full(headroom, mtu, features, false)
+}
+
+fn rig_full(headroom: u16, mtu: u16, features: u64, mrg: bool) -> Rig {
     let arena = Arc::new(DmaArena::new(4 << 20, false).unwrap());
     let pool = Mempool::new(arena.clone(), 64, 2048 + headroom as u32, headroom).unwrap();
     let stats = Arc::new(PairStats::default());
@@ -51,9 +55,10 @@ fn rig_with(headroom: u16, mtu: u16, features: u64) -> Rig {
     let tx_ring = DriverRing::new(&arena, RING, Default::default()).unwrap();
     let (rx_dev, tx_dev) = (FakeDevice::new(&rx_ring), FakeDevice::new(&tx_ring));
     let ctl = control(features);
-    let mut rx = RxQueue::new(rx_ring, pool.clone(), stats.clone(), 64, stopped.clone(), ctl, mtu);
+    let mut rx =
+        RxQueue::with_merge(rx_ring, pool.clone(), stats.clone(), 64, stopped.clone(), ctl, mtu, mrg);
     rx.refill();
-    let tx = TxQueue::new(tx_ring, pool.clone(), stats.clone(), stopped.clone());
+    let tx = TxQueue::new(tx_ring, pool.clone(), stats.clone(), stopped.clone(), features);
     Rig { rx, tx, rx_dev, tx_dev, pool, stats, stopped }
 }
 
@@ -321,4 +326,265 @@ fn detach_delivers_everything_again() {
     assert_eq!(r.rx.rx_burst(&mut batch, 8), 1);
     let s = r.snapshot();
     assert_eq!((s.rx_packets, s.xdp_drop, s.xdp_pass), (2, 1, 0));
+}
+
+/// Every chain the device took from the transmit ring, each part of it concatenated:
+/// (header, frame, descriptors).
+fn transmitted_chains(r: &mut Rig) -> Vec<(Vec<u8>, Vec<u8>, usize)> {
+    let mut v = Vec::new();
+    while let Some((head, chain)) = r.tx_dev.pop_avail() {
+        let mut b = Vec::new();
+        for d in &chain {
+            assert_eq!(d.flags & crate::layout::DESC_F_WRITE, 0, "transmit buffers are device-readable");
+            b.extend(r.tx_dev.read(d.addr, d.len as usize));
+        }
+        v.push((b[..NET_HDR_LEN].to_vec(), b[NET_HDR_LEN..].to_vec(), chain.len()));
+        r.tx_dev.push_used(head as u32, 0);
+    }
+    v
+}
+
+#[test]
+fn a_chained_packet_goes_out_as_one_descriptor_chain_and_comes_back_whole() {
+    let mut r = rig();
+    let f = frame(9, 5000);
+    let chained = r.pool.alloc_chain(&f, 2000).unwrap();
+    assert_eq!(chained.nb_segs(), 3);
+    let plain = r.pool.alloc_chain(&f[..100], 2000).unwrap();
+    let before = r.pool.available();
+    let mut v = vec![plain, chained];
+    assert_eq!(r.tx.tx_burst(&mut v), 2);
+    assert!(v.is_empty());
+    let out = transmitted_chains(&mut r);
+    assert_eq!(out.len(), 2);
+    assert_eq!((out[0].1.as_slice(), out[0].2), (&f[..100], 1));
+    assert_eq!((out[1].1.as_slice(), out[1].2), (f.as_slice(), 3));
+    assert_eq!(out[1].0, vec![0; NET_HDR_LEN]);
+    r.tx.reclaim();
+    assert_eq!(r.pool.available(), before + 4, "every segment back after reclaim");
+    let s = r.snapshot();
+    assert_eq!((s.tx_packets, s.tx_bytes, s.tx_errors), (2, 5100, 0));
+}
+
+#[test]
+fn a_chain_waits_for_room_and_one_longer_than_the_ring_is_refused() {
+    let mut r = rig();
+    // RING descriptors: 14 single packets leave 2, so a 3-segment chain waits.
+    let mut v: Vec<Packet> =
+        (0..RING - 2).map(|i| r.pool.alloc_chain(&frame(i as u8, 60), 2048).unwrap()).collect();
+    v.push(r.pool.alloc_chain(&frame(0xc, 300), 100).unwrap());
+    assert_eq!(r.tx.tx_burst(&mut v), (RING - 2) as usize);
+    assert_eq!((v.len(), v[0].nb_segs()), (1, 3));
+    assert_eq!(transmitted_chains(&mut r).len(), (RING - 2) as usize);
+    assert_eq!(r.tx.tx_burst(&mut v), 1);
+    assert_eq!(transmitted_chains(&mut r)[0].1, frame(0xc, 300));
+    // More segments than the ring has descriptors: never sendable, dropped and counted.
+    r.tx.reclaim();
+    let mut v = vec![r.pool.alloc_chain(&frame(1, (RING as usize + 1) * 10), 10).unwrap()];
+    let before = r.pool.available();
+    assert_eq!(r.tx.tx_burst(&mut v), 1);
+    assert!(transmitted_chains(&mut r).is_empty());
+    assert_eq!(r.pool.available(), before + RING as u32 + 1);
+    assert_eq!(r.snapshot().tx_errors, 1);
+}
+
+#[test]
+fn offload_requests_are_written_into_the_header_or_refused_per_packet() {
+    use crate::mempool::{TxCsum, TxGso, TxOffload};
+    use spec::offload::{GsoKind, NetHdr};
+    let csum = TxOffload { csum: Some(TxCsum { start: 34, offset: 16 }), gso: None };
+    let tso =
+        TxOffload { csum: csum.csum, gso: Some(TxGso { kind: GsoKind::TcpV4, size: 1000, hdr_len: 54 }) };
+    let uso = TxOffload {
+        csum: Some(TxCsum { start: 34, offset: 6 }),
+        gso: Some(TxGso { kind: GsoKind::UdpL4, size: 1000, hdr_len: 42 }),
+    };
+    let outside = TxOffload { csum: Some(TxCsum { start: 100, offset: 16 }), gso: None };
+    // Negotiated: CSUM and HOST_TSO4, not HOST_USO.
+    let mut r = rig_with(256, 1500, f::bit(f::NET_CSUM) | f::bit(f::NET_HOST_TSO4));
+    let mk = |r: &Rig, len: usize, o: TxOffload, segs: usize| {
+        let mut p = r.pool.alloc_chain(&frame(len as u8, len), len.div_ceil(segs)).unwrap();
+        p.set_tx_offload(o);
+        p
+    };
+    let before = r.pool.available();
+    let mut v = vec![
+        mk(&r, 100, csum, 1),
+        mk(&r, 4000, tso, 2),
+        mk(&r, 4000, uso, 2),    // refused: HOST_USO not negotiated
+        mk(&r, 117, outside, 1), // refused: the checksum field ends past the frame
+        mk(&r, 118, outside, 1), // just fits
+    ];
+    assert_eq!(r.tx.tx_burst(&mut v), 5);
+    let out = transmitted_chains(&mut r);
+    let hdrs: Vec<NetHdr> = out.iter().map(|(h, _, _)| NetHdr::parse(h).unwrap()).collect();
+    assert_eq!(out.len(), 3);
+    assert_eq!(
+        (hdrs[0].flags, hdrs[0].gso_type, hdrs[0].csum_start, hdrs[0].csum_offset),
+        (net_hdr::F_NEEDS_CSUM, 0, 34, 16)
+    );
+    assert_eq!(
+        (hdrs[1].gso_type, hdrs[1].gso_size, hdrs[1].hdr_len, out[1].2),
+        (net_hdr::GSO_TCPV4, 1000, 54, 2)
+    );
+    assert_eq!(out[1].1, frame((4000 % 256) as u8, 4000));
+    assert_eq!((hdrs[2].csum_start, out[2].1.len()), (100, 118));
+    assert!(hdrs.iter().all(|h| h.num_buffers == 0));
+    let s = r.snapshot();
+    assert_eq!((s.tx_packets, s.tx_errors), (3, 2));
+    r.tx.reclaim();
+    assert_eq!(r.pool.available(), before, "refused packets went back to the pool");
+    // A plain packet sent next on a buffer that carried a request goes out with a zero
+    // header (the request went with the packet).
+    let mut v = vec![r.pool.alloc_chain(&frame(1, 60), 2048).unwrap()];
+    r.tx.tx_burst(&mut v);
+    assert_eq!(transmitted_chains(&mut r)[0].0, vec![0; NET_HDR_LEN]);
+}
+
+/// A rig whose receive queue negotiated MRG_RXBUF (buffers of 2048 bytes of data room;
+/// 1996 posted after the 64-byte tailroom: 1984 frame bytes after the header in a
+/// frame's first buffer).
+fn mrg_rig() -> Rig {
+    rig_full(256, 1500, 0, true)
+}
+
+impl Rig {
+    /// The device writes `frame` over as many posted buffers as it takes (each filled
+    /// whole but the last), with `num_buffers` = `nb` (the truth when `None`), and
+    /// publishes them together; `lens` overrides the used lengths.
+    fn deliver_merged(&mut self, frame: &[u8], nb: Option<u16>, lens: Option<&[u32]>) -> usize {
+        let mut bufs = Vec::new();
+        let mut rest = frame;
+        let mut first = true;
+        while first || !rest.is_empty() {
+            let (head, chain) = self.rx_dev.pop_avail().expect("a posted receive buffer");
+            let d = chain[0];
+            let skip = if first { NET_HDR_LEN } else { 0 };
+            let n = rest.len().min(d.len as usize - skip);
+            self.rx_dev.write(d.addr + skip as u64, &rest[..n]);
+            bufs.push((head, d.addr, (skip + n) as u32));
+            rest = &rest[n..];
+            first = false;
+        }
+        let mut hdr = [0u8; NET_HDR_LEN];
+        hdr[10..12].copy_from_slice(&nb.unwrap_or(bufs.len() as u16).to_le_bytes());
+        self.rx_dev.write(bufs[0].1, &hdr);
+        for (k, (head, _, len)) in bufs.iter().enumerate() {
+            let len = lens.map_or(*len, |l| l[k]);
+            self.rx_dev.push_used(*head as u32, len);
+        }
+        bufs.len()
+    }
+}
+
+#[test]
+fn merged_frames_arrive_as_chains_with_their_bytes() {
+    let mut r = mrg_rig();
+    let mut batch = Vec::with_capacity(32);
+    let mut meta = Vec::with_capacity(32);
+    let frames = [frame(1, 60), frame(2, 9000), frame(3, 1984), frame(4, 1985)];
+    for round in 0..3 {
+        let mut bufs = 0;
+        for f in &frames {
+            bufs += r.deliver_merged(f, None, None);
+        }
+        assert_eq!(bufs, 1 + 5 + 1 + 2);
+        // A burst may end before a frame that starts past its whole line of
+        // descriptors; the next burst takes it.
+        let mut got = 0;
+        for _ in 0..3 {
+            got += if round == 1 {
+                r.rx.rx_burst_meta(&mut batch, &mut meta, 32)
+            } else {
+                r.rx.rx_burst(&mut batch, 32)
+            };
+        }
+        assert_eq!(got, 4, "round {round}");
+        for (p, f) in batch.iter().zip(&frames) {
+            let mut flat = vec![0u8; p.total_len()];
+            p.copy_to(&mut flat).unwrap();
+            assert_eq!(&flat, f);
+        }
+        assert_eq!(batch.iter().map(|p| p.nb_segs()).collect::<Vec<_>>(), vec![1, 5, 1, 2]);
+        batch.clear();
+        assert_eq!(r.rx.in_flight(), RING, "refilled");
+    }
+    let s = r.snapshot();
+    assert_eq!(
+        (s.rx_packets, s.rx_bytes, s.device_errors),
+        (12, 3 * frames.iter().map(|f| f.len() as u64).sum::<u64>(), 0)
+    );
+    assert_eq!(r.pool.available(), 64 - RING as u32);
+}
+
+#[test]
+fn merge_faults_stop_the_queue_and_return_the_frames_buffers() {
+    use crate::DeviceError;
+    // Each lie, and that it is caught as that fault.
+    // (what, num_buffers, used lengths, the error)
+    type Case = (&'static str, Option<u16>, Option<Vec<u32>>, DeviceError);
+    let cases: Vec<Case> = vec![
+        ("num_buffers 0", Some(0), None, DeviceError::MergeZeroBuffers),
+        (
+            "num_buffers beyond used",
+            Some(4),
+            None,
+            DeviceError::MergeBeyondUsed { num_buffers: 4, available: 3 },
+        ),
+        (
+            "num_buffers beyond posted",
+            Some(RING + 1),
+            None,
+            DeviceError::MergeBeyondUsed { num_buffers: RING + 1, available: 3 },
+        ),
+        (
+            "an empty later buffer",
+            None,
+            Some(vec![1996, 0, 532]),
+            DeviceError::MergeBadLength { index: 1, len: 0, total: 1984 },
+        ),
+    ];
+    for (what, nb, lens, want) in cases {
+        let mut r = mrg_rig();
+        let mut batch = Vec::with_capacity(32);
+        // A good frame first: delivered before the fault is seen.
+        r.deliver_merged(&frame(1, 3000), None, None);
+        assert_eq!(r.deliver_merged(&frame(2, 4500), nb, lens.as_deref()), 3);
+        let got = r.rx.rx_burst(&mut batch, 32);
+        assert_eq!((got, r.rx.error()), (1, Some(want)), "{what}");
+        assert_eq!(batch[0].total_len(), 3000);
+        assert_eq!(r.snapshot().device_errors, 1, "{what}");
+        // Stopped: nothing more, and the faulty frame's buffers are back in the pool
+        // (the two of the good frame are in `batch`; the rest of the ring stays posted).
+        assert_eq!(r.rx.rx_burst(&mut batch, 32), 0);
+        let outside = 64 - r.pool.available() - batch.iter().map(|p| p.nb_segs() as u32).sum::<u32>();
+        assert_eq!(outside, r.rx.in_flight() as u32, "{what}: in flight {}", r.rx.in_flight());
+    }
+}
+
+#[test]
+fn an_xdp_program_sees_single_buffer_frames_and_merged_ones_are_aborted() {
+    let mut r = mrg_rig();
+    let seen = Arc::new(AtomicU64::new(0));
+    let s2 = seen.clone();
+    r.rx.attach_xdp(Box::new(move |_: &mut Packet| {
+        s2.fetch_add(1, Ordering::Relaxed);
+        XdpVerdict::Pass
+    }))
+    .unwrap();
+    r.deliver_merged(&frame(1, 100), None, None);
+    r.deliver_merged(&frame(2, 3000), None, None);
+    r.deliver_merged(&frame(3, 200), None, None);
+    let mut batch = Vec::with_capacity(8);
+    let mut got = 0;
+    for _ in 0..3 {
+        got += r.rx.rx_burst(&mut batch, 8);
+    }
+    assert_eq!(got, 2);
+    assert_eq!(batch.iter().map(|p| p.data()[0]).collect::<Vec<_>>(), vec![1, 3]);
+    assert_eq!(seen.load(Ordering::Relaxed), 2, "the program never saw the merged frame");
+    let s = r.snapshot();
+    assert_eq!((s.rx_packets, s.xdp_pass, s.xdp_aborted), (3, 2, 1));
+    drop(batch);
+    assert_eq!(r.pool.available(), 64 - RING as u32, "the aborted frame's buffers are back");
 }

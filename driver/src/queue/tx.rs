@@ -2,10 +2,16 @@
 //!
 //! Owns: [`TxQueue`], posting packets (zero-copy from this port's pool; copied into it
 //! from another port's memory the device cannot reach), the virtio-net header of each
-//! transmitted frame (zeroed, written only when not already zero), holding each packet
-//! until the device is done with it, and reclaiming those in batches. Must not: talk to
-//! the transport, allocate on the data path, or reuse a buffer the device may still
-//! read (in-flight packets are leaked, not freed, if the device was not reset).
+//! transmitted frame (zeroed, written only when not already zero; a packet's transmit
+//! offload request written there once `tx_offload.rs` accepted it), a multi-segment
+//! packet as one descriptor chain (the header in its first buffer's headroom), holding
+//! each packet until the device is done with it, and reclaiming those in batches. Must
+//! not: talk to the transport, allocate on the data path, or reuse a buffer the device
+//! may still read (in-flight packets are leaked, not freed, if the device was not reset).
+//!
+//! Plain packets of this port's pool (one buffer, no offload request) take the burst
+//! loop; anything else (a chain, an offload request, a packet from another port's
+//! memory) takes `tx_general`, which posts one packet at a time.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,6 +23,7 @@ use crate::ring::{AnyRing, DriverRing, PackedRing, PostSource, Ring, TokenSink};
 use spec::prefetch::WritePrefetch;
 
 use super::stats::{bump, PairStats};
+use super::tx_offload::{tx_header, TxCaps};
 use super::{Recycle, Stopped, BATCH};
 
 /// The transmit half of a queue pair. The ring's layout (split or packed) is matched
@@ -53,7 +60,13 @@ struct TxHalf<R: Ring> {
     /// Device address minus host address in the pool, when that is one constant
     /// ([`Mempool::linear_iova`]: fixed for the pool's life).
     iova_delta: Option<u64>,
+    /// The transmit offloads the device accepted.
+    caps: TxCaps,
 }
+
+/// Most descriptors one packet may take (its segments); a longer chain is refused and
+/// counted in `tx_errors`.
+pub const MAX_TX_SEGS: usize = 64;
 
 /// The packets of one transmit burst, moved out of the caller's vector into
 /// `inflight` as they are posted (see `tx_burst`).
@@ -143,10 +156,12 @@ impl TxQueue {
         pool: Mempool,
         stats: Arc<PairStats>,
         stopped: Stopped,
+        features: u64,
     ) -> Self {
+        let caps = TxCaps::from_features(features);
         TxQueue(match ring.into() {
-            AnyRing::Split(r) => TxKind::Split(TxHalf::new(r, pool, stats, stopped)),
-            AnyRing::Packed(r) => TxKind::Packed(TxHalf::new(r, pool, stats, stopped)),
+            AnyRing::Split(r) => TxKind::Split(TxHalf::new(r, pool, stats, stopped, caps)),
+            AnyRing::Packed(r) => TxKind::Packed(TxHalf::new(r, pool, stats, stopped, caps)),
         })
     }
 
@@ -158,9 +173,11 @@ impl TxQueue {
 
     /// Queues packets from the front of `pkts` for transmission, as many as the ring has
     /// room for, with one avail publish and at most one kick. The packets it could not
-    /// queue stay in `pkts`. Returns how many it took (queued, or dropped and counted in
+    /// queue stay in `pkts`. Returns how many it took (queued, or dropped: counted in
     /// `tx_nobuf` when a packet from another port's memory found no buffer to be copied
-    /// into). Packets from this port's pool go out without a copy.
+    /// into, in `tx_errors` when its offload request was refused or its chain has more
+    /// than [`MAX_TX_SEGS`] segments or more than the ring holds). Packets from this
+    /// port's pool go out without a copy; a chain as one descriptor chain.
     pub fn tx_burst(&mut self, pkts: &mut Vec<Packet>) -> usize {
         on_half!(&mut self.0, h => h.tx_burst(pkts))
     }
@@ -176,7 +193,7 @@ impl TxQueue {
 }
 
 impl<R: Ring> TxHalf<R> {
-    fn new(ring: R, pool: Mempool, stats: Arc<PairStats>, stopped: Stopped) -> Self {
+    fn new(ring: R, pool: Mempool, stats: Arc<PairStats>, stopped: Stopped, caps: TxCaps) -> Self {
         let inflight = (0..ring.size()).map(|_| None).collect();
         let iova_delta = pool.linear_iova().map(|(base, _)| {
             // SAFETY: a pool has at least one buffer (`check_geometry`).
@@ -191,6 +208,7 @@ impl<R: Ring> TxHalf<R> {
             stopped,
             prefetchw: WritePrefetch::detect(),
             iova_delta,
+            caps,
         }
     }
 
@@ -234,8 +252,10 @@ impl<R: Ring> TxHalf<R> {
         // that their transfers overlap instead of queueing behind each other in the ring
         // loop.
         for p in &pkts[..k] {
-            if !self.pool.owns(p) {
-                return self.tx_general(pkts, k);
+            // A chain or an offload request is tagged in the pool pointer: not "plain
+            // from this pool" either (`mempool::chain`).
+            if !self.pool.owns_plain(p) {
+                return self.tx_general(pkts);
             }
             // SAFETY: `p` is this pool's (checked just above).
             let hdr = unsafe { self.pool.header_ptr(p) };
@@ -275,49 +295,107 @@ impl<R: Ring> TxHalf<R> {
         k
     }
 
-    /// `tx_burst` for `k` packets of which some are not from this port's pool: those the
-    /// device cannot reach are copied into this port's buffers (or dropped and counted
-    /// when none is free).
-    fn tx_general(&mut self, pkts: &mut Vec<Packet>, k: usize) -> usize {
-        let mut bytes = 0u64;
-        let (mut copied, mut sent) = (0u64, 0usize);
-        for p in pkts.drain(..k) {
-            // A buffer from another port's arena is not in this device's memory (the
-            // device could not reach it): copy it into one of ours.
+    /// `tx_burst` when some packet is not plain from this port's pool: one packet at a
+    /// time, from the front of `pkts`, until the ring has no room for the next. A packet
+    /// the device cannot reach is copied into this port's buffers (or dropped and
+    /// counted when none is free); an offload request is checked and written into the
+    /// header (or the packet dropped and counted); a chain goes out as one descriptor
+    /// chain.
+    fn tx_general(&mut self, pkts: &mut Vec<Packet>) -> usize {
+        let (mut bytes, mut copied, mut sent, mut nobuf, mut bad) = (0u64, 0u64, 0u64, 0u64, 0u64);
+        let limit = MAX_TX_SEGS.min(self.ring.size() as usize);
+        let mut taken = 0;
+        // Packets are moved out of the front of `pkts` one at a time; a `VecDeque`-free
+        // way to do that without shifting per packet: reverse once, pop from the back,
+        // reverse the rest back at the end.
+        pkts.reverse();
+        while let Some(p) = pkts.pop() {
             let p = if self.pool.reaches(&p) {
                 p
             } else {
-                let own = self.pool.alloc().and_then(|mut own| own.set_data(p.data()).ok().map(|_| own));
-                match own {
+                // A buffer from another port's arena is not in this device's memory (the
+                // device could not reach it): copy it into one of ours, keeping its
+                // offload request.
+                let room = self.pool.buf_size() as usize - self.pool.headroom() as usize;
+                let need = p.total_len().div_ceil(room).max(1);
+                if need > self.ring.free_count() as usize && need <= limit {
+                    pkts.push(p);
+                    break;
+                }
+                match copy_into(&self.pool, &p) {
                     Some(own) => {
                         copied += 1;
                         own
                     }
                     None => {
-                        bump(&self.stats.tx.nobuf, 1);
+                        taken += 1;
+                        nobuf += 1;
                         continue; // dropped: no buffer here to carry it
                     }
                 }
             };
+            let segs = p.nb_segs();
+            if segs > limit {
+                log::debug!("transmit: a chain of {segs} segments refused (at most {limit})");
+                taken += 1;
+                bad += 1;
+                continue;
+            }
+            if segs > self.ring.free_count() as usize {
+                pkts.push(p);
+                break;
+            }
+            let hdr_val = match p.tx_offload() {
+                None => None,
+                Some(o) => match tx_header(&o, p.total_len(), self.caps) {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        log::debug!("transmit: offload request {o:?} refused: {e:?}");
+                        taken += 1;
+                        bad += 1;
+                        continue;
+                    }
+                },
+            };
             let (hdr, iova) = p.header_slot();
             // SAFETY: the 12 bytes before the data are this packet's header slot (the
             // pool keeps `off >= NET_HDR_LEN`); the packet is ours until posted.
-            unsafe { std::ptr::write_bytes(hdr, 0, NET_HDR_LEN) };
+            unsafe {
+                match hdr_val {
+                    None => std::ptr::write_bytes(hdr, 0, NET_HDR_LEN),
+                    Some(h) => std::ptr::copy_nonoverlapping(h.to_bytes().as_ptr(), hdr, NET_HDR_LEN),
+                }
+            }
             let len = p.len() as u32 + NET_HDR_LEN as u32;
-            bytes += p.len() as u64;
-            // The descriptor id is the token: the packet waits in `inflight[id]`.
-            let Some(id) = self.ring.post(iova, len, false, None) else {
-                unreachable!("free descriptors were counted above")
+            bytes += p.total_len() as u64;
+            // The descriptor id (of the chain's head) is the token: the packet waits in
+            // `inflight[id]`.
+            let id = if segs == 1 {
+                self.ring.post(iova, len, false, None)
+            } else {
+                let mut parts = [(0u64, 0u32, false); MAX_TX_SEGS];
+                parts[0] = (iova, len, false);
+                let mut n = 1;
+                p.for_each_segment_iova(|addr, slen| {
+                    parts[n] = (addr, slen as u32, false);
+                    n += 1;
+                });
+                self.ring.post_chain_id(&parts[..n])
             };
+            let Some(id) = id else { unreachable!("free descriptors were counted above") };
             self.inflight[id as usize] = Some(p);
             sent += 1;
+            taken += 1;
         }
+        pkts.reverse();
         self.ring.publish();
-        bump(&self.stats.tx.packets, sent as u64);
+        bump(&self.stats.tx.packets, sent);
         bump(&self.stats.tx.copied, copied);
         bump(&self.stats.tx.bytes, bytes);
+        bump(&self.stats.tx.nobuf, nobuf);
+        bump(&self.stats.tx.errors, bad);
         bump(&self.stats.tx.full, pkts.len() as u64);
-        k
+        taken
     }
 
     fn fail(&mut self, e: DeviceError) {
@@ -325,6 +403,41 @@ impl<R: Ring> TxHalf<R> {
         self.error = Some(e);
         bump(&self.stats.tx.device_errors, 1);
     }
+}
+
+/// A copy of `p` (every segment, and its offload request) in buffers of `pool`, chained
+/// when it needs more than one; `None` if the pool runs out.
+fn copy_into(pool: &Mempool, p: &Packet) -> Option<Packet> {
+    let room = pool.buf_size() as usize - pool.headroom() as usize;
+    let mut head: Option<Packet> = None;
+    let mut cur = pool.alloc()?;
+    for mut s in p.segments() {
+        while !s.is_empty() {
+            if cur.len() == room {
+                let full = std::mem::replace(&mut cur, pool.alloc()?);
+                match head.as_mut() {
+                    None => head = Some(full),
+                    Some(h) => h.append(full).ok()?,
+                }
+            }
+            let n = s.len().min(room - cur.len());
+            cur.push_tail(n).ok()?.copy_from_slice(&s[..n]);
+            s = &s[n..];
+        }
+    }
+    let mut out = match head {
+        None => cur,
+        Some(mut h) => {
+            if !cur.is_empty() {
+                h.append(cur).ok()?;
+            }
+            h
+        }
+    };
+    if let Some(o) = p.tx_offload() {
+        out.set_tx_offload(o);
+    }
+    Some(out)
 }
 
 impl<R: Ring> Drop for TxHalf<R> {

@@ -24,6 +24,9 @@ pub trait Ring {
     fn in_flight(&self) -> u16;
     /// Posts one buffer; see [`DriverRing::post`].
     fn post(&mut self, addr: u64, len: u32, device_writes: bool, token: Option<u32>) -> Option<u16>;
+    /// Posts one buffer of several parts as a descriptor chain whose token is its head's
+    /// id; see [`DriverRing::post_chain_id`].
+    fn post_chain_id(&mut self, parts: &[(u64, u32, bool)]) -> Option<u16>;
     /// Posts a burst of buffers; see [`DriverRing::post_burst`].
     fn post_burst(&mut self, n: u16, device_writes: bool, src: &mut impl PostSource) -> u16;
     /// Publishes and makes the kick decision; see [`DriverRing::publish`].
@@ -63,6 +66,9 @@ impl Ring for DriverRing {
     #[inline(always)]
     fn post(&mut self, addr: u64, len: u32, device_writes: bool, token: Option<u32>) -> Option<u16> {
         DriverRing::post(self, addr, len, device_writes, token)
+    }
+    fn post_chain_id(&mut self, parts: &[(u64, u32, bool)]) -> Option<u16> {
+        DriverRing::post_chain_id(self, parts)
     }
     #[inline(always)]
     fn post_burst(&mut self, n: u16, device_writes: bool, src: &mut impl PostSource) -> u16 {
@@ -117,6 +123,9 @@ impl Ring for PackedRing {
     #[inline(always)]
     fn post(&mut self, addr: u64, len: u32, device_writes: bool, token: Option<u32>) -> Option<u16> {
         PackedRing::post(self, addr, len, device_writes, token)
+    }
+    fn post_chain_id(&mut self, parts: &[(u64, u32, bool)]) -> Option<u16> {
+        PackedRing::post_chain_id(self, parts)
     }
     #[inline(always)]
     fn post_burst(&mut self, n: u16, device_writes: bool, src: &mut impl PostSource) -> u16 {

@@ -17,9 +17,10 @@
 //!   reading it.
 //!
 //! A data buffer is one descriptor (virtio-net header and frame are contiguous in one
-//! pool buffer). Control commands are short chains ([`DriverRing::post_chain`]: readable
-//! command, writable ack); their links live in a driver-private array too, so freeing a
-//! chain never reads memory the device can write.
+//! pool buffer), except a multi-segment transmit packet, a chain with its head's id as
+//! token ([`DriverRing::post_chain_id`]). Control commands are short chains
+//! ([`DriverRing::post_chain`]: readable command, writable ack); chain links live in a
+//! driver-private array too, so freeing a chain never reads memory the device can write.
 //!
 //! Shared memory is touched only through raw pointers with volatile or atomic accesses:
 //! * descriptors and avail entries are written with volatile stores, then published by
@@ -401,6 +402,15 @@ impl DriverRing {
         self.tokens[head as usize] = token;
         self.posted_len[head as usize] = total;
         self.heads += 1;
+        Some(head)
+    }
+
+    /// [`post_chain`](Self::post_chain) with the head's descriptor id as the token (the
+    /// transmit path keeps each packet by the id its chain starts on, as it does for a
+    /// single descriptor posted with no token).
+    pub fn post_chain_id(&mut self, parts: &[(u64, u32, bool)]) -> Option<u16> {
+        let head = self.post_chain(parts, NO_TOKEN - 1)?;
+        self.tokens[head as usize] = head as u32;
         Some(head)
     }
 

@@ -1,10 +1,13 @@
 //! The prompt's control commands on the ports: `set promisc|allmulti`, `mac_addr set`,
 //! `rx_vlan add|rm`, `port config all rxq|txq N`, each through the port's control queue
-//! ([`driver::Control`]).
+//! ([`driver::Control`]); and the `csum` engine's per-port settings, `csum set|show` and
+//! `tso set|show` (checked against the transmit offloads the port negotiated).
 //!
 //! Owns: checking that a command may run now (forwarding stopped where the state it
 //! changes is shared with the forwarding threads) and the line each prints. Must not:
 //! parse the prompt (interactive.rs does) or touch the data path.
+
+use driver::layout::features as f;
 
 use super::{mac_str, App};
 
@@ -72,6 +75,92 @@ impl App {
         self.cfg.queues = n;
         self.build_streams()?;
         self.say(&format!("All ports: {n} queue pair(s) (rxq = txq = {n})\n"));
+        Ok(())
+    }
+
+    /// Port `port`'s negotiated features, or an error naming the port count.
+    fn features(&self, port: usize) -> Result<u64, String> {
+        self.port_range(Some(port))?;
+        Ok(self.ports[port].port.info().features)
+    }
+
+    /// `csum set ip|tcp|udp hw|sw PORT`: how the `csum` engine sets that checksum on the
+    /// frames PORT transmits (forwarding stopped; applied at the next `start`). virtio-net
+    /// has no IPv4 header checksum offload: `ip hw` is refused, as DPDK refuses an offload
+    /// a port lacks; `tcp|udp hw` needs VIRTIO_NET_F_CSUM.
+    pub fn csum_set(&mut self, layer: &str, hw: bool, port: usize) -> Result<(), String> {
+        if self.running.is_some() {
+            return Err("Please stop forwarding first (checksum settings apply at start)".into());
+        }
+        let feats = self.features(port)?;
+        let name = match layer {
+            "ip" => "IP",
+            "tcp" => "TCP",
+            "udp" => "UDP",
+            _ => return Err(format!("Bad arguments: '{layer}' is not ip, tcp or udp")),
+        };
+        if hw && (layer == "ip" || feats & f::bit(f::NET_CSUM) == 0) {
+            let why = if layer == "ip" {
+                "virtio-net has no IPv4 header checksum offload"
+            } else {
+                "VIRTIO_NET_F_CSUM not negotiated"
+            };
+            return Err(format!("{name} checksum offload is not supported by port {port} ({why})"));
+        }
+        let c = &mut self.csum[port];
+        match layer {
+            "tcp" => c.tcp_hw = hw,
+            "udp" => c.udp_hw = hw,
+            _ => {}
+        }
+        self.say(&format!("{name} checksum offload is {} for port {port}\n", if hw { "hw" } else { "sw" }));
+        Ok(())
+    }
+
+    /// `csum show PORT`.
+    pub fn csum_show(&mut self, port: usize) -> Result<(), String> {
+        self.features(port)?;
+        let c = self.csum[port];
+        let hs = |b: bool| if b { "hw" } else { "sw" };
+        self.say(&format!(
+            "IP checksum offload is sw\nUDP checksum offload is {}\nTCP checksum offload is {}\n",
+            hs(c.udp_hw),
+            hs(c.tcp_hw)
+        ));
+        Ok(())
+    }
+
+    /// `tso set MSS PORT`: TCP frames PORT transmits in `csum` mode whose payload is
+    /// larger than MSS go out as segmentation requests (0: off). Needs HOST_TSO4 or
+    /// HOST_TSO6 negotiated.
+    pub fn tso_set(&mut self, mss: u16, port: usize) -> Result<(), String> {
+        if self.running.is_some() {
+            return Err("Please stop forwarding first (TSO settings apply at start)".into());
+        }
+        let feats = self.features(port)?;
+        if mss != 0 && feats & (f::bit(f::NET_HOST_TSO4) | f::bit(f::NET_HOST_TSO6)) == 0 {
+            return Err(format!(
+                "TSO is not supported by port {port} (VIRTIO_NET_F_HOST_TSO4/TSO6 not negotiated)"
+            ));
+        }
+        self.csum[port].tso_segsz = mss;
+        self.say(&if mss == 0 {
+            format!("TSO for non-tunneled packets is disabled on port {port}\n")
+        } else {
+            format!("TSO segment size for non-tunneled packets is {mss} on port {port}\n")
+        });
+        Ok(())
+    }
+
+    /// `tso show PORT`.
+    pub fn tso_show(&mut self, port: usize) -> Result<(), String> {
+        self.features(port)?;
+        let mss = self.csum[port].tso_segsz;
+        self.say(&if mss == 0 {
+            "TSO for non-tunneled packets is disabled\n".to_string()
+        } else {
+            format!("TSO segment size for non-tunneled packets is {mss}\n")
+        });
         Ok(())
     }
 }

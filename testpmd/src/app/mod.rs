@@ -21,6 +21,7 @@ use std::time::Instant;
 use driver::{Packet, Port, PortConfig, QueueStatsSnapshot, RxQueue, TxQueue, XdpVerdict};
 
 use crate::config::{Config, FwdMode, XdpProg};
+use crate::csum::CsumCfg;
 use crate::engine::{forward, FwdParams, PortCtx, Stream, StreamStats};
 
 mod commands;
@@ -76,6 +77,9 @@ pub struct App {
     stream_stats: Vec<Arc<StreamStats>>,
     running: Option<Running>,
     out: Box<dyn Write + Send>,
+    /// Per port: `csum set` / `tso set` (the `csum` engine applies the transmitting
+    /// port's).
+    csum: Vec<CsumCfg>,
 }
 
 /// The program `--xdp-prog` names.
@@ -132,6 +136,9 @@ impl App {
             if !v.in_order {
                 pc.features &= !driver::layout::features::bit(driver::layout::features::IN_ORDER);
             }
+            if v.mrg_rxbuf {
+                pc.features |= driver::layout::features::bit(driver::layout::features::NET_MRG_RXBUF);
+            }
             (pc, v.path.display().to_string())
         }));
         for (i, (mut pc, name)) in specs.enumerate() {
@@ -141,8 +148,25 @@ impl App {
             }
             pc.buffers = cfg.mbufs;
             pc.headroom = cfg.headroom;
-            pc.buf_size = (cfg.headroom as u32 + 2048).div_ceil(64) * 64;
+            pc.buf_size = cfg.mbuf_size.unwrap_or((cfg.headroom as u32 + 2048).div_ceil(64) * 64);
             pc.hugepages = cfg.hugepages;
+            // Transmit offloads when the device offers them (DPDK's virtio PMD takes
+            // them as tx offload capabilities; `csum set`/`tso set` use them).
+            pc.features |= driver::port::TX_OFFLOADS;
+            // Frames larger than one buffer arrive over several (MRG_RXBUF).
+            let frame_room = pc.buf_size as usize - pc.headroom as usize - pc.tailroom as usize;
+            let want_mrg = cfg.max_pkt_len.is_some_and(|m| m > frame_room);
+            if want_mrg {
+                pc.features |= driver::layout::features::bit(driver::layout::features::NET_MRG_RXBUF);
+            }
+            let data_room = pc.buf_size as usize - pc.headroom as usize;
+            if let Some(big) = cfg.tx_segs.iter().find(|&&l| l > data_room) {
+                return Err(format!(
+                    "--txpkts segment of {big} bytes does not fit a buffer's {data_room}-byte data room \
+                     (--mbuf-size {} with --headroom {}): list it as several segments",
+                    pc.buf_size, pc.headroom
+                ));
+            }
             // XDP redirect between virtio-user ports: one pool for all of them, so a
             // redirected packet is never copied (the later ports share the first one's
             // memory with their devices).
@@ -158,6 +182,15 @@ impl App {
             }
             let port = Port::open(pc).map_err(|e| format!("port {i} ({name}): {e}"))?;
             let info = port.info().clone();
+            let mrg =
+                info.features & driver::layout::features::bit(driver::layout::features::NET_MRG_RXBUF) != 0;
+            if want_mrg && !mrg {
+                return Err(format!(
+                    "--max-pkt-len {}: port {i} ({name}) receives frames of at most {frame_room} bytes \
+                     (its device does not offer VIRTIO_NET_F_MRG_RXBUF): raise --mbuf-size",
+                    cfg.max_pkt_len.unwrap_or(0)
+                ));
+            }
             if matches!(cfg.mode, FwdMode::TxOnly | FwdMode::FlowGen) && cfg.txpkts > info.mtu as usize + 14 {
                 return Err(format!(
                     "--txpkts {} is above port {i}'s MTU {} + 14 bytes",
@@ -197,7 +230,9 @@ impl App {
         if n % 2 == 1 && n > 1 {
             let _ = writeln!(std::io::stderr(), "Warning! port-topology=paired and odd forward ports number, the last port will pair with itself.");
         }
+        let csum = vec![CsumCfg::default(); ports.len()];
         let mut app = App {
+            csum,
             cfg,
             ports,
             ctx,
@@ -250,6 +285,26 @@ impl App {
         let _ = self.out.flush();
     }
 
+    /// Whether every port can send frames of segments `segs` (`set txpkts`): each
+    /// segment fits a buffer's data room, the frame the port's MTU + 14.
+    pub fn check_tx_segs(&self, segs: &[usize]) -> Result<(), String> {
+        let total: usize = segs.iter().sum();
+        for (i, ps) in self.ports.iter().enumerate() {
+            let pool = ps.port.pool();
+            let room = (pool.buf_size() - pool.headroom() as u32) as usize;
+            if let Some(big) = segs.iter().find(|&&l| l > room) {
+                return Err(format!(
+                    "txpkts: a {big}-byte segment does not fit port {i}'s {room}-byte buffers"
+                ));
+            }
+            let mtu = ps.port.info().mtu as usize;
+            if total > mtu + 14 {
+                return Err(format!("txpkts: a {total}-byte frame is above port {i}'s MTU {mtu} + 14"));
+            }
+        }
+        Ok(())
+    }
+
     /// Number of ports.
     pub fn nb_ports(&self) -> usize {
         self.ports.len()
@@ -274,6 +329,8 @@ impl App {
             mode: self.cfg.mode,
             burst: self.cfg.burst,
             txpkts: self.cfg.txpkts,
+            tx_segs: self.cfg.tx_segs.clone(),
+            csum: self.csum.clone(),
             flows: self.cfg.flows,
             xdp: self.cfg.xdp,
         };

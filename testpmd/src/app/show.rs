@@ -26,6 +26,7 @@ pub(super) fn sum(v: &[QueueStatsSnapshot]) -> QueueStatsSnapshot {
         t.tx_full += s.tx_full;
         t.tx_copied += s.tx_copied;
         t.tx_nobuf += s.tx_nobuf;
+        t.tx_errors += s.tx_errors;
         t.device_errors += s.device_errors;
         t.xdp_pass += s.xdp_pass;
         t.xdp_drop += s.xdp_drop;
@@ -47,6 +48,7 @@ fn sub(a: QueueStatsSnapshot, b: QueueStatsSnapshot) -> QueueStatsSnapshot {
         tx_full: a.tx_full - b.tx_full,
         tx_copied: a.tx_copied - b.tx_copied,
         tx_nobuf: a.tx_nobuf - b.tx_nobuf,
+        tx_errors: a.tx_errors - b.tx_errors,
         device_errors: a.device_errors - b.device_errors,
         xdp_pass: a.xdp_pass - b.xdp_pass,
         xdp_drop: a.xdp_drop - b.xdp_drop,
@@ -136,7 +138,7 @@ impl App {
             if self.cfg.stats_format == StatsFormat::Json {
                 lines.push(serde_json::json!({"type": "port_stats", "port": i,
                     "rx_packets": d.rx_packets, "rx_missed": 0, "rx_bytes": d.rx_bytes, "rx_errors": d.rx_errors,
-                    "rx_nombuf": d.rx_nombuf, "tx_packets": d.tx_packets, "tx_errors": 0, "tx_bytes": d.tx_bytes,
+                    "rx_nombuf": d.rx_nombuf, "tx_packets": d.tx_packets, "tx_errors": d.tx_errors, "tx_bytes": d.tx_bytes,
                     "rx_pps": rx_pps.round() as u64, "tx_pps": tx_pps.round() as u64,
                     "device_errors": d.device_errors,
                     "xdp_pass": d.xdp_pass, "xdp_drop": d.xdp_drop, "xdp_tx": d.xdp_tx,
@@ -157,7 +159,7 @@ impl App {
             );
             s += &format!(
                 "  TX-packets: {:<10} TX-errors: {:<10} TX-bytes:  {}\n",
-                d.tx_packets, 0, d.tx_bytes
+                d.tx_packets, d.tx_errors, d.tx_bytes
             );
             if self.cfg.xdp.is_some()
                 || d.xdp_pass + d.xdp_drop + d.xdp_tx + d.xdp_redirect + d.xdp_aborted > 0

@@ -323,6 +323,14 @@ impl PackedRing {
         Some(id)
     }
 
+    /// [`post_chain`](Self::post_chain) with the buffer id as the token (as
+    /// [`post`](Self::post) with no token).
+    pub fn post_chain_id(&mut self, parts: &[(u64, u32, bool)]) -> Option<u16> {
+        let id = self.post_chain(parts, NO_TOKEN - 1)?;
+        self.slots[id as usize].token = id as u32;
+        Some(id)
+    }
+
     /// Posts `n` single-descriptor buffers (fewer if fewer descriptors are free) in one
     /// loop: `src` gives the `k`-th buffer, on buffer id `id`, as `(addr, len, token)`.
     /// Not visible until [`publish`](Self::publish). Returns how many were posted.

@@ -1,0 +1,482 @@
+//! Multi-segment packets and transmit offload requests: what a [`Packet`] carries beyond
+//! its own buffer, kept where a plain packet never looks.
+//!
+//! Owns: the per-buffer metadata entry ([`BufMeta`]: the next buffer of a chain, a
+//! segment's offset and length, a chain head's totals and transmit offload request), the
+//! two tag bits of a packet's pool pointer that say an entry is in use, and the segment
+//! API on [`Packet`] (walk, append, total length, copy out, linearise). Must not: touch
+//! rings, allocate (the table is made with the pool), or give a segment to anyone but
+//! the packet heading its chain.
+//!
+//! A chain is a head packet (its own buffer, offset and length, as any packet) plus
+//! segments, each a buffer of the same pool with its own data offset and length, linked
+//! through the metadata table: `meta[head].next` is the first segment, `meta[seg].next`
+//! the one after it, [`NO_SEG`] at the end; `meta[head]` also keeps the last segment (for
+//! appending), the segment count and the segments' bytes, so `total_len` reads one entry.
+//! The head owns every segment: dropping it returns them all to the pool (one lock per
+//! 64 buffers). As in DPDK, [`Packet::len`] and [`Packet::data`] are the head segment's
+//! (`data_len`), [`Packet::total_len`] the frame's (`pkt_len`).
+//!
+//! Tags, in the low bits of the packet's pool pointer (the pool is 8-aligned):
+//! [`TAG_CHAIN`] (the entry's chain fields are valid) and [`TAG_TX_OFFLOAD`] (its
+//! offload request is). A plain packet has neither, so its pointer equals the pool's:
+//! the transmit burst's "is this packet from my pool" comparison is also the "is it
+//! plain" test, and the receive burst builds packets exactly as before. Tagged packets
+//! take the general paths.
+
+use super::{Mempool, Packet, PoolInner};
+use crate::error::{Error, Result};
+use spec::offload::GsoKind;
+
+/// Tag: the packet heads a chain of more than one buffer.
+pub(super) const TAG_CHAIN: usize = 1;
+/// Tag: the packet carries a transmit offload request.
+pub(super) const TAG_TX_OFFLOAD: usize = 2;
+/// Both tags.
+pub(super) const TAG_MASK: usize = 3;
+const _: () = assert!(std::mem::align_of::<PoolInner>() > TAG_MASK);
+
+/// No next segment.
+pub(super) const NO_SEG: u32 = u32::MAX;
+/// Most buffers in a pool (indices stay clear of [`NO_SEG`]).
+pub(super) const MAX_BUFFERS: u32 = 1 << 30;
+/// Most segments in one chain, the head included (a count kept in 16 bits).
+pub const MAX_SEGS: usize = u16::MAX as usize;
+
+/// A checksum the device is to complete (`VIRTIO_NET_HDR_F_NEEDS_CSUM`, virtio 1.2
+/// §5.1.6.2): the one's-complement sum from `start` to the end of the frame is stored at
+/// `start + offset`. Offsets count from the first byte of the frame (the Ethernet
+/// header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxCsum {
+    /// Where checksumming starts (the transport header).
+    pub start: u16,
+    /// Where the checksum goes, from `start` (16 for TCP, 6 for UDP).
+    pub offset: u16,
+}
+
+/// A segmentation request (`gso_type`, `gso_size`, `hdr_len`, §5.1.6.2): the device
+/// cuts the frame into segments of `size` payload bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxGso {
+    /// TCPv4 (`HOST_TSO4`), TCPv6 (`HOST_TSO6`) or UDP (`HOST_USO`).
+    pub kind: GsoKind,
+    /// Payload bytes per segment (the MSS).
+    pub size: u16,
+    /// Length of the headers replicated in each segment (Ethernet, IP, TCP/UDP).
+    pub hdr_len: u16,
+}
+
+/// A packet's transmit offload request, written into its virtio-net header by
+/// [`TxQueue::tx_burst`](crate::TxQueue::tx_burst) (DPDK's `PKT_TX_*` flags with
+/// `l2_len`/`l3_len`/`tso_segsz`). A request the port did not negotiate, or whose offsets
+/// fall outside the frame, is refused for that packet: counted as `tx_bad_offload` and
+/// not sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TxOffload {
+    /// Checksum completion (`VIRTIO_NET_F_CSUM`). Segmentation needs it too.
+    pub csum: Option<TxCsum>,
+    /// Segmentation (`HOST_TSO4`, `HOST_TSO6`, `HOST_USO`).
+    pub gso: Option<TxGso>,
+}
+
+impl TxOffload {
+    /// No request.
+    pub fn is_none(&self) -> bool {
+        self.csum.is_none() && self.gso.is_none()
+    }
+}
+
+/// One buffer's metadata entry (see the module comment).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BufMeta {
+    /// Next segment, or [`NO_SEG`].
+    next: u32,
+    /// This buffer's data, when it is a segment after a head.
+    off: u16,
+    len: u16,
+    /// Head only: the last segment, the segments after the head, and their bytes.
+    last: u32,
+    nseg: u16,
+    rest: u32,
+    /// Head only: the transmit offload request.
+    tx: TxOffload,
+}
+
+impl Default for BufMeta {
+    fn default() -> Self {
+        BufMeta { next: NO_SEG, off: 0, len: 0, last: NO_SEG, nseg: 0, rest: 0, tx: TxOffload::default() }
+    }
+}
+
+impl PoolInner {
+    /// Buffer `idx`'s metadata entry, read.
+    ///
+    /// # Safety
+    /// As [`PoolInner::meta`].
+    #[inline]
+    unsafe fn meta_get(&self, idx: u32) -> BufMeta {
+        // SAFETY: per the contract: the entry of a buffer the caller owns.
+        unsafe { *self.meta(idx) }
+    }
+    /// Buffer `idx`'s metadata entry, written.
+    ///
+    /// # Safety
+    /// As [`PoolInner::meta`].
+    #[inline]
+    unsafe fn meta_set(&self, idx: u32, m: BufMeta) {
+        // SAFETY: per the contract: the entry of a buffer the caller owns.
+        unsafe { *self.meta(idx) = m }
+    }
+}
+
+/// The segments of a packet, head first, as byte slices ([`Packet::segments`]).
+pub struct Segments<'a> {
+    pkt: &'a Packet,
+    /// The next segment's buffer (`NO_SEG` after the last), `None` before the head.
+    next: Option<u32>,
+    left: usize,
+}
+
+impl<'a> Iterator for Segments<'a> {
+    type Item = &'a [u8];
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        match self.next {
+            None => {
+                self.next = Some(self.pkt.first_seg());
+                Some(self.pkt.data())
+            }
+            Some(idx) => {
+                let (next, ptr, len) = self.pkt.seg_at(idx);
+                self.next = Some(next);
+                // SAFETY: a segment of this packet (the chain's links are the head's),
+                // `off + len` inside its buffer (`append` and the receive path keep it
+                // so); borrowed for as long as the packet is.
+                Some(unsafe { std::slice::from_raw_parts(ptr, len) })
+            }
+        }
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl Packet {
+    /// The head's metadata entry.
+    #[inline]
+    fn head_meta(&self) -> BufMeta {
+        // SAFETY: this packet owns its buffer, `idx < count`.
+        unsafe { self.inner().meta_get(self.idx) }
+    }
+    /// The first segment after the head (`NO_SEG` if none).
+    fn first_seg(&self) -> u32 {
+        if self.tags() & TAG_CHAIN == 0 {
+            return NO_SEG;
+        }
+        self.head_meta().next
+    }
+    /// Segment `idx` of this chain: (next, data pointer, length).
+    fn seg_at(&self, idx: u32) -> (u32, *const u8, usize) {
+        let inner = self.inner();
+        // SAFETY: `idx` is a segment of this chain (the caller walks the head's links),
+        // so a buffer of the pool this packet owns.
+        let m = unsafe { inner.meta_get(idx) };
+        // SAFETY: as above; `off` lies inside the buffer.
+        let p = unsafe { inner.buf_ptr(idx).add(m.off as usize) };
+        (m.next, p, m.len as usize)
+    }
+
+    /// Segments in the chain, the head included (1 for a plain packet: DPDK's
+    /// `nb_segs`).
+    pub fn nb_segs(&self) -> usize {
+        if self.tags() & TAG_CHAIN == 0 {
+            return 1;
+        }
+        1 + self.head_meta().nseg as usize
+    }
+    /// Bytes in the whole chain (DPDK's `pkt_len`); [`len`](Self::len) is the head's.
+    pub fn total_len(&self) -> usize {
+        if self.tags() & TAG_CHAIN == 0 {
+            return self.len as usize;
+        }
+        self.len as usize + self.head_meta().rest as usize
+    }
+    /// Whether the packet heads a chain of more than one buffer.
+    pub fn is_chained(&self) -> bool {
+        self.tags() & TAG_CHAIN != 0
+    }
+    /// The segments' bytes, head first.
+    pub fn segments(&self) -> Segments<'_> {
+        Segments { pkt: self, next: None, left: self.nb_segs() }
+    }
+    /// Segment `i`'s bytes, writable (0 is the head: [`data_mut`](Self::data_mut)).
+    pub fn segment_mut(&mut self, i: usize) -> Option<&mut [u8]> {
+        if i == 0 {
+            return Some(self.data_mut());
+        }
+        let mut idx = self.first_seg();
+        for _ in 1..i {
+            if idx == NO_SEG {
+                return None;
+            }
+            idx = self.seg_at(idx).0;
+        }
+        if idx == NO_SEG {
+            return None;
+        }
+        let (_, p, len) = self.seg_at(idx);
+        // SAFETY: a segment of this packet, inside its buffer; `&mut self` makes the
+        // access exclusive.
+        Some(unsafe { std::slice::from_raw_parts_mut(p as *mut u8, len) })
+    }
+    /// Copies the whole frame (every segment) to the front of `out`; returns its length,
+    /// or an error if `out` is shorter.
+    pub fn copy_to(&self, out: &mut [u8]) -> Result<usize> {
+        let total = self.total_len();
+        if out.len() < total {
+            return Err(Error::Config(format!("a {total}-byte frame does not fit {} bytes", out.len())));
+        }
+        let mut at = 0;
+        for s in self.segments() {
+            out[at..at + s.len()].copy_from_slice(s);
+            at += s.len();
+        }
+        Ok(at)
+    }
+
+    /// Appends `tail` (a packet of the same pool, chained or not) after this packet's
+    /// last segment: its segments become this chain's, and its transmit offload request,
+    /// if any, is dropped. Nothing allocates. Fails (and drops `tail`) if `tail` is from
+    /// another pool or the chain would exceed [`MAX_SEGS`] segments or 4 GiB.
+    pub fn append(&mut self, tail: Packet) -> Result<()> {
+        if tail.pool_ptr() != self.pool_ptr() {
+            return Err(Error::Config("a segment must come from the packet's own pool".into()));
+        }
+        let add_segs = tail.nb_segs();
+        let add_bytes = tail.total_len();
+        if self.nb_segs() + add_segs > MAX_SEGS || self.total_len() + add_bytes > u32::MAX as usize {
+            return Err(Error::Config(format!(
+                "a chain of {} + {add_segs} segments and {} + {add_bytes} bytes is too long",
+                self.nb_segs(),
+                self.total_len()
+            )));
+        }
+        let inner = self.inner();
+        let t_first = tail.first_seg();
+        let t_meta = tail.head_meta();
+        // The tail's head becomes a segment with its own offset and length.
+        let seg = BufMeta {
+            next: t_first,
+            off: tail.off,
+            len: tail.len,
+            last: NO_SEG,
+            nseg: 0,
+            rest: 0,
+            tx: TxOffload::default(),
+        };
+        let new_last = if t_first == NO_SEG { tail.idx } else { t_meta.last };
+        let t_idx = tail.idx;
+        // The tail's buffers are ours now (forgotten without being returned).
+        std::mem::forget(tail);
+        // SAFETY: (every meta access below) buffers this packet owns: its head, its
+        // segments, and the tail's buffers just taken over.
+        unsafe {
+            inner.meta_set(t_idx, seg);
+            let mut head = if self.is_chained() {
+                self.head_meta()
+            } else {
+                BufMeta { tx: self.head_meta().tx, ..BufMeta::default() }
+            };
+            if head.next == NO_SEG {
+                head.next = t_idx;
+            } else {
+                let mut last = inner.meta_get(head.last);
+                last.next = t_idx;
+                inner.meta_set(head.last, last);
+            }
+            head.last = new_last;
+            head.nseg += add_segs as u16;
+            head.rest += add_bytes as u32;
+            inner.meta_set(self.idx, head);
+        }
+        self.set_tag(TAG_CHAIN, true);
+        Ok(())
+    }
+
+    /// Appends buffer `idx` of this packet's pool as a segment with `len` bytes at `off`
+    /// (the receive path's merge of a frame's buffers).
+    ///
+    /// # Safety
+    /// The caller owns buffer `idx` (and gives it to this chain), `off + len <= buf_size`,
+    /// and the chain stays within [`MAX_SEGS`] segments.
+    pub(crate) unsafe fn push_segment_raw(&mut self, idx: u32, off: u16, len: u16) {
+        let inner = self.inner();
+        debug_assert!(idx < inner.count && off as u32 + len as u32 <= inner.buf_size);
+        let seg = BufMeta { next: NO_SEG, off, len, ..BufMeta::default() };
+        // SAFETY: (every meta access) the caller gives us `idx`; the head and its
+        // segments are ours.
+        unsafe {
+            inner.meta_set(idx, seg);
+            let mut head = if self.is_chained() {
+                self.head_meta()
+            } else {
+                BufMeta { tx: self.head_meta().tx, ..BufMeta::default() }
+            };
+            if head.next == NO_SEG {
+                head.next = idx;
+            } else {
+                let mut last = inner.meta_get(head.last);
+                last.next = idx;
+                inner.meta_set(head.last, last);
+            }
+            head.last = idx;
+            head.nseg += 1;
+            head.rest += len as u32;
+            inner.meta_set(self.idx, head);
+        }
+        self.set_tag(TAG_CHAIN, true);
+    }
+
+    /// Calls `f(idx, off, len)` for each segment after the head, in order (the transmit
+    /// path's descriptor chain).
+    pub(crate) fn for_each_raw_segment(&self, mut f: impl FnMut(u32, u16, u16)) {
+        let inner = self.inner();
+        let mut idx = self.first_seg();
+        for _ in 1..self.nb_segs() {
+            // SAFETY: a segment of this chain: a buffer this packet owns.
+            let m = unsafe { inner.meta_get(idx) };
+            f(idx, m.off, m.len);
+            idx = m.next;
+        }
+    }
+
+    /// Calls `f(device address, len)` for each segment after the head, in order.
+    pub(crate) fn for_each_segment_iova(&self, mut f: impl FnMut(u64, u16)) {
+        let inner = self.inner();
+        self.for_each_raw_segment(|idx, off, len| {
+            // SAFETY: a segment of this chain: a buffer of this packet's pool.
+            let p = unsafe { inner.buf_ptr(idx).add(off as usize) };
+            f(inner.arena.iova(p), len);
+        });
+    }
+
+    /// Copies every segment after the head to the head's tail and returns the segments
+    /// to the pool, so the frame is one buffer; fails (changing nothing) if the head's
+    /// tailroom is too small.
+    pub fn linearize(&mut self) -> Result<()> {
+        if !self.is_chained() {
+            return Ok(());
+        }
+        let rest = self.total_len() - self.len();
+        if rest > self.tailroom() {
+            return Err(Error::Config(format!(
+                "a {}-byte frame does not fit one buffer ({} bytes of tailroom after the first segment)",
+                self.total_len(),
+                self.tailroom()
+            )));
+        }
+        let base = self.base();
+        let mut at = self.off as usize + self.len as usize;
+        self.for_each_raw_segment(|idx, off, len| {
+            let (_, p, _) = self.seg_at(idx);
+            debug_assert_eq!(p as usize, self.inner_buf(idx) as usize + off as usize);
+            // SAFETY: source: a segment of ours inside its buffer; destination: the
+            // head's tailroom (checked above: `at + len` stays inside the head's buffer);
+            // different buffers, so no overlap.
+            unsafe { std::ptr::copy_nonoverlapping(p, base.add(at), len as usize) };
+            at += len as usize;
+        });
+        self.release_segments();
+        self.len += rest as u16;
+        Ok(())
+    }
+
+    /// The first byte of buffer `idx` of this packet's pool.
+    fn inner_buf(&self, idx: u32) -> *mut u8 {
+        // SAFETY: callers pass buffers of this chain (below `count`).
+        unsafe { self.inner().buf_ptr(idx) }
+    }
+
+    /// Returns every segment after the head to the pool; the packet is then plain
+    /// (its offload request, if any, stays).
+    pub(super) fn release_segments(&mut self) {
+        if !self.is_chained() {
+            return;
+        }
+        let pool = self.pool_ptr();
+        let mut buf = [0u32; 64];
+        let mut n = 0;
+        self.for_each_raw_segment(|idx, _, _| {
+            if n == buf.len() {
+                // SAFETY: segments of this chain: buffers this packet owns, given back once
+                // (the chain is unlinked below before anything else can walk it).
+                unsafe { PoolInner::put(pool, &buf) };
+                n = 0;
+            }
+            buf[n] = idx;
+            n += 1;
+        });
+        // SAFETY: as above.
+        unsafe { PoolInner::put(pool, &buf[..n]) };
+        self.set_tag(TAG_CHAIN, false);
+    }
+
+    /// Drop of a chained packet: its segments, then its own buffer.
+    pub(super) fn drop_chain(&mut self) {
+        self.release_segments();
+        // SAFETY: this packet's buffer is outstanding, which keeps the pool alive.
+        unsafe { PoolInner::put(self.pool_ptr(), &[self.idx]) }
+    }
+
+    /// Sets or clears tag `t`.
+    #[inline]
+    fn set_tag(&mut self, t: usize, on: bool) {
+        let a = self.pool.as_ptr() as usize;
+        let a = if on { a | t } else { a & !t };
+        // SAFETY: the pool's address with tag bits: never null.
+        self.pool = unsafe { std::ptr::NonNull::new_unchecked(a as *mut PoolInner) };
+    }
+
+    /// Sets this packet's transmit offload request (`TxOffload::default()` clears it).
+    /// It is checked against the port and the frame when the packet is sent.
+    pub fn set_tx_offload(&mut self, o: TxOffload) {
+        let inner = self.inner();
+        // SAFETY: this packet owns its buffer's entry.
+        unsafe {
+            let mut m = inner.meta_get(self.idx);
+            m.tx = o;
+            inner.meta_set(self.idx, m);
+        }
+        self.set_tag(TAG_TX_OFFLOAD, !o.is_none());
+    }
+    /// This packet's transmit offload request, if any.
+    pub fn tx_offload(&self) -> Option<TxOffload> {
+        if self.tags() & TAG_TX_OFFLOAD == 0 {
+            return None;
+        }
+        Some(self.head_meta().tx)
+    }
+}
+
+impl Mempool {
+    /// A packet of `len` bytes copied from `bytes`, over as many buffers of this pool as
+    /// it needs, each filled up to `seg` bytes (at most the room after the headroom): a
+    /// chain when it needs more than one. `None` if the pool runs out (nothing is held).
+    pub fn alloc_chain(&self, bytes: &[u8], seg: usize) -> Option<Packet> {
+        let room = self.buf_size() as usize - self.headroom() as usize;
+        let seg = seg.clamp(1, room);
+        let mut chunks = bytes.chunks(seg);
+        let mut head = self.alloc()?;
+        head.set_data(chunks.next().unwrap_or(&[])).ok()?;
+        for c in chunks {
+            let mut s = self.alloc()?;
+            s.set_data(c).ok()?;
+            head.append(s).ok()?;
+        }
+        Some(head)
+    }
+}
