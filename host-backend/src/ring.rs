@@ -169,8 +169,8 @@ impl Ring for PackedRing {
 ///
 /// Why: the fence waits until the publishing store owns its line, which the driver
 /// polls from the other core; two publishes in a row wait for two such transfers one
-/// after the other, one fence for both lets them overlap. (See `docs/PERFORMANCE.md`
-/// for what could be measured.)
+/// after the other, one fence for both lets them overlap. (See
+/// `host-backend/bench/results/HISTORY.md` for what could be measured.)
 #[inline]
 pub(crate) fn publish_used_pair<A: Ring, B: Ring>(a: &mut A, b: &mut B) -> (bool, bool) {
     let pa = a.publish_begin();

@@ -8,7 +8,7 @@
 //! usually wrote last (a received frame's header, forwarded). Such a store waits for the
 //! line to come over from the other core, and the burst's one fence (the avail-index
 //! publish) waits for every such store; asking for all the lines of a burst first lets
-//! their transfers overlap (`docs/PERFORMANCE.md` has what it measured).
+//! their transfers overlap (`host-backend/bench/results/HISTORY.md` has what it measured).
 //!
 //! Shared because the host backend has the mirror image of this problem (the receive
 //! buffers it fills were written last by the driver) and uses the same check and hint.

@@ -276,7 +276,8 @@ impl DeviceRing {
     /// header, its own forwarding), so each store of a burst's copies waits for a
     /// line to come over from the other core, one after another as the stores retire.
     /// Asking for all of a burst's lines first lets those transfers overlap (see
-    /// `docs/PERFORMANCE.md` for what it changed against DPDK's virtio-user `macswap`).
+    /// `host-backend/bench/results/HISTORY.md` for what it changed against DPDK's
+    /// virtio-user `macswap`).
     ///
     /// Always inlined: behind the port's generic `Ring` call the compiler kept it out of
     /// line in `reflect`'s burst (`bench/callgrind.sh`).

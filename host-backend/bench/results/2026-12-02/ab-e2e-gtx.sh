@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Kept as the data behind docs/PERFORMANCE.md (2026-12-02); it expects the two builds' binaries
-# copied to /work/base and /work/after (host-backend, testpmd, core_rtt).
+# Kept as the data behind the 2026-12-02 A/B in host-backend/bench/results/HISTORY.md; it
+# expects the two builds' binaries copied to /work/base and /work/after (host-backend,
+# testpmd, core_rtt).
 # A/B of e2e-gtx 64 B: every combination of backend and testpmd binaries, interleaved.
 # usage: ab.sh ROUNDS MODE(sink|gen|reflect)
 R=${1:-3}; KIND=${2:-sink}
