@@ -8,7 +8,8 @@
 
 use spec::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
 
-use super::{PortPath, Side, BURST, FILTER_BYTES};
+use super::mrg::{self, FrameSrc, Placed};
+use super::{PortPath, Side, BURST, ETH_HLEN, FILTER_BYTES};
 use crate::ring::{publish_used_pair, Ring};
 use crate::split_ring::{copy_chain, gather, scatter, Dir, RingFault};
 use crate::stats::{BurstCounts, DropReason};
@@ -33,12 +34,12 @@ impl PortPath {
             return Ok(0);
         }
         // The receive side: its ring, its memory and the chain that borrows it.
-        let (mut dside, filter) = match dst.ring_rx::<D>() {
+        let (mut dside, filter, mrg) = match dst.ring_rx::<D>() {
             // The filter is looked at per frame only when it is not promiscuous.
-            Some((r, m, rx)) => (Some((r, m)), Some(rx).filter(|rx| !rx.pass_all())),
-            None => (None, None),
+            Some((r, m, rx)) => (Some((r, m)), Some(rx).filter(|rx| !rx.pass_all()), rx.mrg_rxbuf),
+            None => (None, None, false),
         };
-        let nrx = match dside.as_mut() {
+        let mut nrx = match dside.as_mut() {
             // No more receive buffers than frames (a packed ring looks at no more).
             Some((r, _)) => r.poll_avail_max(ntx).map_err(|b| (Side::Dst, b))?,
             None => 0,
@@ -46,6 +47,7 @@ impl PortPath {
         let peer_down = dside.is_none();
         let mut dside = dside.map(|(r, m)| (r, m, self.dst_chain.chain(m)));
         let schain = self.src_chain.chain(smem);
+        let mrg_chain = &mut self.mrg_chain;
         if let Some((dr, _, _)) = dside.as_mut() {
             // The receive buffers' header line and first frame line, for the whole
             // burst, before any copy (see `DeviceRing::prefetch_write`).
@@ -110,13 +112,59 @@ impl PortPath {
                 }
             };
             let need = NET_HDR_LEN as u64 + len;
-            let capacity: u64 = dchain.segs().iter().map(|s| s.len as u64).sum();
+            let capacity = mrg::capacity(dchain);
+            if capacity < need {
+                // Larger than the receive chain: spread over several with mergeable
+                // receive buffers, else dropped (the receive buffer stays).
+                // The first chain must hold the header and the Ethernet header (the MAC
+                // swap below writes there).
+                let placed = if mrg && capacity >= NET_HDR_LEN as u64 + ETH_HLEN {
+                    let hdr = [0u8; NET_HDR_LEN];
+                    let src = FrameSrc::Chain(schain, NET_HDR_LEN);
+                    match mrg::scatter(&mut **dr, dmem, &mut nrx, rx_done, dchain, rh, mrg_chain, hdr, src, len as usize) {
+                        Ok(p) => p,
+                        Err(b) => {
+                            sc.rx_packets -= 1;
+                            sc.rx_bytes -= len;
+                            failed = Some((Side::Dst, b));
+                            break;
+                        }
+                    }
+                } else {
+                    Placed::NoFit
+                };
+                match placed {
+                    Placed::Done(k) => {
+                        if swap_mac {
+                            let mut macs = [0u8; 12];
+                            gather(schain, NET_HDR_LEN, &mut macs);
+                            macs.rotate_left(6);
+                            // The addresses are in the first chain (see above).
+                            scatter(dchain, NET_HDR_LEN, &macs);
+                        }
+                        sring.add_used(th, 0);
+                        tx_done += 1;
+                        rx_done += k;
+                        dc.tx_packets += 1;
+                        dc.tx_bytes += len;
+                        continue;
+                    }
+                    Placed::Wait => {
+                        // The frame waits in the transmit ring for more receive buffers.
+                        sc.rx_packets -= 1;
+                        sc.rx_bytes -= len;
+                        break;
+                    }
+                    Placed::NoFit => {
+                        sring.add_used(th, 0);
+                        tx_done += 1;
+                        dc.drop(DropReason::RxBufferTooSmall);
+                        break; // the receive buffer stays; this frame is dropped
+                    }
+                }
+            }
             sring.add_used(th, 0);
             tx_done += 1;
-            if capacity < need {
-                dc.drop(DropReason::RxBufferTooSmall);
-                break; // the receive buffer stays; this frame is dropped
-            }
             let mut hdr = [0u8; NET_HDR_LEN];
             hdr[NET_HDR_NUM_BUFFERS..NET_HDR_NUM_BUFFERS + 2].copy_from_slice(&1u16.to_le_bytes());
             scatter(dchain, 0, &hdr);

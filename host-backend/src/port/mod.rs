@@ -41,6 +41,7 @@ mod control;
 mod forward;
 mod gen;
 mod handoff;
+pub(crate) mod mrg;
 mod sink;
 
 pub(crate) use gen::udp_frame;
@@ -156,6 +157,9 @@ pub struct PortPath {
     src_chain: Box<ChainBuf>,
     /// Room for the chain walked from `dst` (a receive queue).
     dst_chain: Box<ChainBuf>,
+    /// Room for the further receive chains of a frame that spans several (mergeable
+    /// receive buffers, [`mrg`]).
+    mrg_chain: Box<ChainBuf>,
     max_frame: u64,
     /// Whether the source and the destination ring are packed (set when rings are
     /// taken): the engine a burst runs with, chosen once per burst.
@@ -176,6 +180,7 @@ impl PortPath {
             dst,
             src_chain: Box::default(),
             dst_chain: Box::default(),
+            mrg_chain: Box::default(),
             // MTU plus Ethernet header plus one VLAN tag.
             max_frame: mtu as u64 + ETH_HLEN + 4,
             packed: (false, false),
