@@ -240,8 +240,18 @@ impl Receiver {
                 // direct path does: the frame is dropped, the buffer stays.
                 let placed = if rx.mrg_rxbuf && capacity >= (NET_HDR_LEN + 14) as u64 {
                     let src = FrameSrc::Bytes(frame);
-                    match mrg::scatter(&mut *ring, mem, &mut nrx, used, chain, head, more, [0; NET_HDR_LEN], src, len)
-                    {
+                    match mrg::scatter(
+                        &mut *ring,
+                        mem,
+                        &mut nrx,
+                        used,
+                        chain,
+                        head,
+                        more,
+                        [0; NET_HDR_LEN],
+                        src,
+                        len,
+                    ) {
                         Ok(p) => p,
                         Err(b) => {
                             failed = Some(b);

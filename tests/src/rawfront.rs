@@ -957,7 +957,9 @@ impl RawFrontend {
         let mut bufs = Vec::with_capacity(done.len());
         for (id, len, posted) in done {
             if len > posted {
-                return Err(format!("queue {queue}: used len {len} for id {id} over the {posted}-byte buffer"));
+                return Err(format!(
+                    "queue {queue}: used len {len} for id {id} over the {posted}-byte buffer"
+                ));
             }
             let (gpa, _) = self.queue(queue)?.bufs[id as usize]
                 .ok_or_else(|| format!("queue {queue}: id {id} has no buffer"))?;

@@ -440,6 +440,12 @@ impl RxConfig {
         self.offloads & need == need
     }
 
+    /// Guest TSO for IPv6 may be used now (with partial checksums, as [`tso4`](Self::tso4)).
+    pub fn tso6(&self) -> bool {
+        let need = bit(vn::VIRTIO_NET_F_GUEST_TSO6) | bit(vn::VIRTIO_NET_F_GUEST_CSUM);
+        self.offloads & need == need
+    }
+
     /// Partially checksummed packets may be delivered now.
     pub fn csum(&self) -> bool {
         self.offloads & bit(vn::VIRTIO_NET_F_GUEST_CSUM) != 0
