@@ -48,6 +48,10 @@ pub struct Config {
     /// `xconnect`: each device's rings on its own worker, frames handed between them
     /// through pointer rings (`--handoff`).
     pub handoff: bool,
+    /// Do not offer host offloads (`CSUM`, `HOST_TSO4/6`, `HOST_USO`) nor the guest
+    /// offloads forwarded super-frames need (`GUEST_CSUM`, `GUEST_TSO4/6`) on `reflect`
+    /// and `xconnect` (`--no-offloads`).
+    pub no_offloads: bool,
     /// MTU reported in config space.
     pub mtu: u16,
     /// MAC of the first device (later devices count up in the last byte).
@@ -69,6 +73,7 @@ impl Default for Config {
             iommu: false,
             no_packed: false,
             handoff: false,
+            no_offloads: false,
             mtu: 1500,
             mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
         }

@@ -29,6 +29,7 @@ use spec::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
 
 use crate::ctrl::RxConfig;
 use crate::memory::GuestMemory;
+use crate::port::mrg::{self, FrameSrc, Placed};
 use crate::port::PortPath;
 use crate::ptr_ring::{Consumer, Producer, PtrRing};
 use crate::ring::Ring;
@@ -178,13 +179,15 @@ impl Receiver {
     }
 
     /// One burst into `ring` (device B's receive queue with its memory, `None` if it
-    /// does not run; chains walked into `buf`): up to `burst` frames delivered, filtered
+    /// does not run; chains walked into `buf`, and a frame's further chains with
+    /// mergeable receive buffers into `more`): up to `burst` frames delivered, filtered
     /// by `rx`, or dropped as `PeerDown` when the ring does not run. Counts go to `c`
     /// (transmit side of B).
     pub fn run<R: Ring>(
         &mut self,
         ring: Option<(&mut R, &GuestMemory, &RxConfig)>,
         buf: &mut ChainBuf,
+        more: &mut ChainBuf,
         burst: usize,
         c: &mut BurstCounts,
     ) -> Result<usize, RingFault> {
@@ -204,7 +207,7 @@ impl Receiver {
             return Ok(0);
         };
         let filter = (!rx.pass_all()).then_some(rx);
-        let nrx = ring.poll_avail()?;
+        let mut nrx = ring.poll_avail()?;
         let chain = buf.chain(mem);
         let (mut used, mut taken) = (0u16, 0usize);
         let mut failed = None;
@@ -223,31 +226,69 @@ impl Receiver {
             if used == nrx {
                 break; // backpressure: the frame waits for a receive buffer
             }
-            match ring.walk_avail(mem, used, Dir::DeviceWrites, chain) {
-                Ok(head) => {
-                    let need = (NET_HDR_LEN + len) as u64;
-                    let capacity: u64 = chain.segs().iter().map(|s| s.len as u64).sum();
-                    taken += 1;
-                    self.done.push(t);
-                    if capacity < need {
-                        // As a direct path does: the frame is dropped, the buffer stays.
-                        c.drop(DropReason::RxBufferTooSmall);
-                        break;
-                    }
-                    let mut hdr = [0u8; NET_HDR_LEN];
-                    hdr[NET_HDR_NUM_BUFFERS..NET_HDR_NUM_BUFFERS + 2].copy_from_slice(&1u16.to_le_bytes());
-                    scatter(chain, 0, &hdr);
-                    scatter(chain, NET_HDR_LEN, frame);
-                    ring.add_used(head, need as u32);
-                    used += 1;
-                    c.tx_packets += 1;
-                    c.tx_bytes += len as u64;
-                }
+            let head = match ring.walk_avail(mem, used, Dir::DeviceWrites, chain) {
+                Ok(h) => h,
                 Err(b) => {
                     failed = Some(b);
                     break;
                 }
+            };
+            let need = (NET_HDR_LEN + len) as u64;
+            let capacity = mrg::capacity(chain);
+            if capacity < need {
+                // Over several receive chains with mergeable receive buffers; else, as a
+                // direct path does: the frame is dropped, the buffer stays.
+                let placed = if rx.mrg_rxbuf && capacity >= (NET_HDR_LEN + 14) as u64 {
+                    let src = FrameSrc::Bytes(frame);
+                    match mrg::scatter(
+                        &mut *ring,
+                        mem,
+                        &mut nrx,
+                        used,
+                        chain,
+                        head,
+                        more,
+                        [0; NET_HDR_LEN],
+                        src,
+                        len,
+                    ) {
+                        Ok(p) => p,
+                        Err(b) => {
+                            failed = Some(b);
+                            break;
+                        }
+                    }
+                } else {
+                    Placed::NoFit
+                };
+                match placed {
+                    Placed::Done(k) => {
+                        used += k;
+                        c.tx_packets += 1;
+                        c.tx_bytes += len as u64;
+                        taken += 1;
+                        self.done.push(t);
+                        continue;
+                    }
+                    Placed::Wait => break,
+                    Placed::NoFit => {
+                        taken += 1;
+                        self.done.push(t);
+                        c.drop(DropReason::RxBufferTooSmall);
+                        break;
+                    }
+                }
             }
+            taken += 1;
+            self.done.push(t);
+            let mut hdr = [0u8; NET_HDR_LEN];
+            hdr[NET_HDR_NUM_BUFFERS..NET_HDR_NUM_BUFFERS + 2].copy_from_slice(&1u16.to_le_bytes());
+            scatter(chain, 0, &hdr);
+            scatter(chain, NET_HDR_LEN, frame);
+            ring.add_used(head, need as u32);
+            used += 1;
+            c.tx_packets += 1;
+            c.tx_bytes += len as u64;
         }
         ring.consume(used);
         ring.publish_used();

@@ -74,6 +74,18 @@ fn gso_offloads() -> u64 {
     bit(vn::VIRTIO_NET_F_GUEST_CSUM) | bit(vn::VIRTIO_NET_F_GUEST_TSO4)
 }
 
+/// Offloads a forwarding port (`reflect`, `xconnect`) offers unless `--no-offloads` (or
+/// `--handoff`, whose frame store carries no super-frames or headers): the host side
+/// (the device completes checksums and segments TCPv4/TCPv6/UDP super-frames a guest
+/// sends, `port::offload`), and the guest side, so that a super-frame reaches a guest
+/// that takes it whole.
+fn forward_offloads() -> (u64, u64) {
+    use spec::layout::features::{self as f, bit};
+    let host = bit(f::NET_CSUM) | bit(f::NET_HOST_TSO4) | bit(f::NET_HOST_TSO6) | bit(f::NET_HOST_USO);
+    let guest = bit(f::NET_GUEST_CSUM) | bit(f::NET_GUEST_TSO4) | bit(f::NET_GUEST_TSO6);
+    (host, guest)
+}
+
 /// A running backend.
 pub struct Backend {
     engine: Arc<Engine>,
@@ -104,6 +116,9 @@ impl Backend {
             group - 1
         };
         for spec in &cfg.ports {
+            let forwards = matches!(spec.kind, PortKind::Reflect | PortKind::Xconnect)
+                && !cfg.no_offloads
+                && !(spec.kind == PortKind::Xconnect && cfg.handoff);
             let devs: Vec<Arc<Device>> = spec
                 .sockets
                 .iter()
@@ -119,9 +134,12 @@ impl Backend {
                             mtu: cfg.mtu,
                             guest_offloads: if spec.kind == PortKind::Gen && cfg.gso_size.is_some() {
                                 gso_offloads()
+                            } else if forwards {
+                                forward_offloads().1
                             } else {
                                 0
                             },
+                            host_offloads: if forwards { forward_offloads().0 } else { 0 },
                             iommu: cfg.iommu,
                             packed: !cfg.no_packed,
                         },

@@ -71,6 +71,11 @@ struct Args {
     /// frames between the workers through batched pointer rings.
     #[arg(long)]
     handoff: bool,
+    /// reflect, xconnect: do not offer checksum and segmentation offloads (CSUM,
+    /// HOST_TSO4/6, HOST_USO, GUEST_CSUM, GUEST_TSO4/6; offered by default, not with
+    /// --handoff).
+    #[arg(long)]
+    no_offloads: bool,
     /// MTU reported to front-ends.
     #[arg(long, default_value_t = 1500)]
     mtu: u16,
@@ -99,6 +104,7 @@ fn config_from(args: &Args) -> host_backend::Result<Config> {
         iommu: args.iommu,
         no_packed: args.no_packed,
         handoff: args.handoff,
+        no_offloads: args.no_offloads,
         mtu: args.mtu,
         ..Config::default()
     };

@@ -30,6 +30,14 @@ pub(crate) trait Ring {
     /// [`poll_avail`](Ring::poll_avail) when the burst needs at most `max` chains (it may
     /// return more: the split ring counts them all with one load).
     fn poll_avail_max(&mut self, max: u16) -> Result<u16, RingFault>;
+    /// Every available chain this burst may walk, when the burst meets a frame that
+    /// needs more receive chains than it polled for (mergeable receive buffers): the
+    /// split ring counts them all again, the packed ring looks past what it found (up to
+    /// its burst limit) without starting a new burst. Never fewer than before.
+    fn poll_more(&mut self) -> Result<u16, RingFault>;
+    /// Entries (descriptors) in the ring: a frame that needs more chains than a full
+    /// ring can show can never be delivered.
+    fn size(&self) -> u16;
     /// Walks the `i`-th available chain into `out`.
     fn walk_avail<'m>(
         &mut self,
@@ -65,6 +73,14 @@ impl Ring for DeviceRing {
     #[inline(always)]
     fn poll_avail_max(&mut self, _max: u16) -> Result<u16, RingFault> {
         DeviceRing::poll_avail(self)
+    }
+    #[inline]
+    fn poll_more(&mut self) -> Result<u16, RingFault> {
+        DeviceRing::poll_avail(self)
+    }
+    #[inline]
+    fn size(&self) -> u16 {
+        DeviceRing::size(self)
     }
     #[inline(always)]
     fn walk_avail<'m>(
@@ -119,6 +135,14 @@ impl Ring for PackedRing {
     #[inline(always)]
     fn poll_avail_max(&mut self, max: u16) -> Result<u16, RingFault> {
         PackedRing::poll_avail_max(self, max)
+    }
+    #[inline]
+    fn poll_more(&mut self) -> Result<u16, RingFault> {
+        PackedRing::poll_more(self)
+    }
+    #[inline]
+    fn size(&self) -> u16 {
+        PackedRing::size(self)
     }
     #[inline(always)]
     fn walk_avail<'m>(

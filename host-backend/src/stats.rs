@@ -30,10 +30,24 @@ pub enum DropReason {
     /// The receiving device's filters (RX mode, MAC table, VLAN table, set through its
     /// control queue) reject the frame.
     Filtered,
+    /// A transmitted frame asks for an offload its driver did not negotiate
+    /// (`NEEDS_CSUM` without `CSUM`, a GSO type without its `HOST_*` feature).
+    OffloadNotNegotiated,
+    /// A transmitted super-frame whose GSO request cannot be carried out: an unknown or
+    /// unsupported `gso_type`, a `gso_size` of 0 or one whose segments would not fit the
+    /// MTU, a frame that is not TCP/UDP over IPv4/IPv6 as the type says, too many
+    /// segments.
+    BadGso,
+    /// A transmitted frame whose checksum request is wrong: the checksum field outside
+    /// the frame, at an odd offset, or not the transport header's.
+    BadCsum,
+    /// A transmitted frame with an offload request whose chain ends inside the headers
+    /// the request needs (Ethernet, IP, TCP or UDP).
+    TruncatedHeader,
 }
 
 /// Number of drop reasons.
-pub const DROP_REASONS: usize = 7;
+pub const DROP_REASONS: usize = 11;
 /// JSON/text names of the drop reasons, in `DropReason` order.
 pub const DROP_NAMES: [&str; DROP_REASONS] = [
     "bad_descriptor",
@@ -43,6 +57,10 @@ pub const DROP_NAMES: [&str; DROP_REASONS] = [
     "peer_down",
     "too_many_segments",
     "filtered",
+    "offload_not_negotiated",
+    "bad_gso",
+    "bad_csum",
+    "truncated_header",
 ];
 
 /// Counters of one queue pair.
@@ -82,6 +100,18 @@ impl BurstCounts {
     #[inline]
     pub fn drop(&mut self, why: DropReason) {
         self.drops[why as usize] += 1;
+    }
+    /// Adds another accumulator's counts (out-of-line work counts into its own). Always
+    /// inlined, so that the burst's own accumulator never has its address taken.
+    #[inline(always)]
+    pub fn add(&mut self, o: &BurstCounts) {
+        self.rx_packets += o.rx_packets;
+        self.rx_bytes += o.rx_bytes;
+        self.tx_packets += o.tx_packets;
+        self.tx_bytes += o.tx_bytes;
+        for (d, s) in self.drops.iter_mut().zip(o.drops) {
+            *d += s;
+        }
     }
 }
 

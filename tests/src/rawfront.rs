@@ -874,6 +874,21 @@ impl RawFrontend {
         self.publish(queue)
     }
 
+    /// [`RawFrontend::send_frames`] for packets that bring their own 12-byte
+    /// `virtio_net_hdr_v1` (offload requests, or lies): each packet, header included, is
+    /// one device-readable descriptor, written as given.
+    pub fn send_packets(&mut self, queue: u16, packets: &[Vec<u8>]) -> Result<(), String> {
+        self.reclaim(queue)?;
+        for p in packets {
+            let len = u32::try_from(p.len()).map_err(|_| "packet too long".to_string())?;
+            let (id, gpa) = self.take_buffer(queue, p.len())?;
+            self.write_mem(gpa, p)?;
+            let d = Descriptor { addr: gpa + self.iova_offset, len, flags: 0, next: 0 };
+            self.post(queue, id, d)?;
+        }
+        self.publish(queue)
+    }
+
     /// Waits until every TX buffer posted on `queue` has been completed (and reclaims
     /// them), for at most `timeout`.
     pub fn wait_tx_done(&mut self, queue: u16, timeout: Duration) -> Result<(), String> {
@@ -931,6 +946,26 @@ impl RawFrontend {
             packets.push(self.read_mem(gpa, len as usize)?);
         }
         Ok(packets)
+    }
+
+    /// The bytes the device wrote into each receive buffer it used since the last call,
+    /// in used-ring order, whatever their length (mergeable receive buffers: only a
+    /// packet's first buffer starts with a net header). A used length longer than the
+    /// buffer is an error. Buffers are not re-posted.
+    pub fn poll_rx_buffers(&mut self, queue: u16) -> Result<Vec<Vec<u8>>, String> {
+        let done = self.reap(queue)?;
+        let mut bufs = Vec::with_capacity(done.len());
+        for (id, len, posted) in done {
+            if len > posted {
+                return Err(format!(
+                    "queue {queue}: used len {len} for id {id} over the {posted}-byte buffer"
+                ));
+            }
+            let (gpa, _) = self.queue(queue)?.bufs[id as usize]
+                .ok_or_else(|| format!("queue {queue}: id {id} has no buffer"))?;
+            bufs.push(self.read_mem(gpa, len as usize)?);
+        }
+        Ok(bufs)
     }
 
     /// Polls [`RawFrontend::poll_rx_packets`] until `n` packets (net header included)

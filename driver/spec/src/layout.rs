@@ -161,16 +161,20 @@ pub mod features {
     /// `VHOST_USER_F_PROTOCOL_FEATURES` (vhost-user only, bit 30).
     pub const VHOST_USER_PROTOCOL_FEATURES: u32 = 30;
 
+    /// `VIRTIO_NET_F_CSUM`: the device completes partial checksums of transmitted packets.
+    pub const NET_CSUM: u32 = virtio_net::VIRTIO_NET_F_CSUM;
+    /// `VIRTIO_NET_F_HOST_TSO4`: the device segments TCPv4 super-frames the driver sends.
+    pub const NET_HOST_TSO4: u32 = virtio_net::VIRTIO_NET_F_HOST_TSO4;
+    /// `VIRTIO_NET_F_HOST_TSO6`: the device segments TCPv6 super-frames the driver sends.
+    pub const NET_HOST_TSO6: u32 = virtio_net::VIRTIO_NET_F_HOST_TSO6;
+    /// `VIRTIO_NET_F_HOST_ECN`: transmitted TSO super-frames may carry ECN.
+    pub const NET_HOST_ECN: u32 = virtio_net::VIRTIO_NET_F_HOST_ECN;
+    /// `VIRTIO_NET_F_HOST_UFO`: the device fragments UDP super-frames the driver sends.
+    pub const NET_HOST_UFO: u32 = virtio_net::VIRTIO_NET_F_HOST_UFO;
+    /// `VIRTIO_NET_F_HOST_USO`: the device segments UDP (USO) super-frames the driver sends.
+    pub const NET_HOST_USO: u32 = virtio_net::VIRTIO_NET_F_HOST_USO;
     /// `VIRTIO_NET_F_GUEST_CSUM`: the driver accepts packets with a partial checksum.
     pub const NET_GUEST_CSUM: u32 = virtio_net::VIRTIO_NET_F_GUEST_CSUM;
-    /// `VIRTIO_NET_F_CSUM`: the device completes partial checksums of transmitted frames.
-    pub const NET_CSUM: u32 = virtio_net::VIRTIO_NET_F_CSUM;
-    /// `VIRTIO_NET_F_HOST_TSO4`: the device segments transmitted TCPv4 super-frames.
-    pub const NET_HOST_TSO4: u32 = virtio_net::VIRTIO_NET_F_HOST_TSO4;
-    /// `VIRTIO_NET_F_HOST_TSO6`: the device segments transmitted TCPv6 super-frames.
-    pub const NET_HOST_TSO6: u32 = virtio_net::VIRTIO_NET_F_HOST_TSO6;
-    /// `VIRTIO_NET_F_HOST_USO`: the device segments transmitted UDP super-frames.
-    pub const NET_HOST_USO: u32 = virtio_net::VIRTIO_NET_F_HOST_USO;
     /// `VIRTIO_NET_F_CTRL_GUEST_OFFLOADS`: receive offloads can be switched at run time.
     pub const NET_CTRL_GUEST_OFFLOADS: u32 = virtio_net::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS;
     /// `VIRTIO_NET_F_GUEST_TSO4`: the driver accepts TCPv4 super-frames.
@@ -226,6 +230,8 @@ pub mod features {
             NET_CSUM => "VIRTIO_NET_F_CSUM",
             NET_HOST_TSO4 => "VIRTIO_NET_F_HOST_TSO4",
             NET_HOST_TSO6 => "VIRTIO_NET_F_HOST_TSO6",
+            NET_HOST_ECN => "VIRTIO_NET_F_HOST_ECN",
+            NET_HOST_UFO => "VIRTIO_NET_F_HOST_UFO",
             NET_HOST_USO => "VIRTIO_NET_F_HOST_USO",
             NET_GUEST_CSUM => "VIRTIO_NET_F_GUEST_CSUM",
             NET_CTRL_GUEST_OFFLOADS => "VIRTIO_NET_F_CTRL_GUEST_OFFLOADS",

@@ -12,11 +12,11 @@
 //! `skb_checksum_help` for a partial checksum, and `tcp_gso_segment` /
 //! `__udp_gso_segment` under `inet_gso_segment` / `ipv6_gso_segment` for a super-frame.
 //!
-//! Who will use it (issue 17; not wired yet): the backend's forwarding paths (reflect,
-//! xconnect, handoff), to segment a guest's TSO/USO super-frame for a peer without the
-//! matching `GUEST_*` feature and to complete `NEEDS_CSUM` frames for a peer without
-//! `GUEST_CSUM`; an error here is an error for that packet (counted, dropped), never a
-//! malformed frame sent on.
+//! Who uses it (issue 17): the backend's forwarding paths (`reflect`, `xconnect`;
+//! `host-backend/src/port/offload.rs`), to segment a guest's TSO/USO super-frame for a
+//! peer without the matching `GUEST_*` feature and to complete `NEEDS_CSUM` frames for a
+//! peer without `GUEST_CSUM`; an error here is an error for that packet (counted,
+//! dropped), never a malformed frame sent on. (`--handoff` carries no offloads.)
 //!
 //! Owns: the 12-byte `virtio_net_hdr_v1` as a value, the checks that a header agrees
 //! with its frame, the Ethernet/IPv4/IPv6/TCP/UDP parsing this needs, and rewriting each

@@ -335,6 +335,12 @@ pub struct RxConfig {
     pub vlans: Box<[u64; MAX_VLAN / 64]>,
     /// Guest offloads enabled now, as feature-bit masks.
     pub offloads: u64,
+    /// `VIRTIO_NET_F_MRG_RXBUF` was negotiated: a frame may span several receive chains,
+    /// the first one's header saying how many (`num_buffers`, §5.1.6.3.2).
+    pub mrg_rxbuf: bool,
+    /// Every feature the driver acknowledged (fixed until its next `SET_FEATURES`): what
+    /// a transmit path checks a frame's offload requests against (`CSUM`, `HOST_*`).
+    pub features: u64,
 }
 
 impl RxConfig {
@@ -354,6 +360,8 @@ impl RxConfig {
             table: MacTable::default(),
             vlans: Box::new([if vlan_filter { 0 } else { u64::MAX }; MAX_VLAN / 64]),
             offloads: features & GUEST_OFFLOADS,
+            mrg_rxbuf: features & bit(vn::VIRTIO_NET_F_MRG_RXBUF) != 0,
+            features,
         }
     }
 
@@ -429,6 +437,12 @@ impl RxConfig {
     /// always carries `NEEDS_CSUM`, §5.1.6.4.1).
     pub fn tso4(&self) -> bool {
         let need = bit(vn::VIRTIO_NET_F_GUEST_TSO4) | bit(vn::VIRTIO_NET_F_GUEST_CSUM);
+        self.offloads & need == need
+    }
+
+    /// Guest TSO for IPv6 may be used now (with partial checksums, as [`tso4`](Self::tso4)).
+    pub fn tso6(&self) -> bool {
+        let need = bit(vn::VIRTIO_NET_F_GUEST_TSO6) | bit(vn::VIRTIO_NET_F_GUEST_CSUM);
         self.offloads & need == need
     }
 

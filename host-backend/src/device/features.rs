@@ -9,8 +9,10 @@ use super::*;
 /// Features this device offers: the ring and config-space features (the packed ring
 /// unless `--no-packed`), the control queue
 /// with RX mode (and its extra modes), VLAN filter, MAC address and guest-offload
-/// commands, MQ when there is more than one pair, and the guest offloads the port can
-/// produce (`params.guest_offloads`).
+/// commands, MQ when there is more than one pair, the guest offloads the port can
+/// produce (`params.guest_offloads`), the host offloads it carries out
+/// (`params.host_offloads`), and mergeable receive buffers on the
+/// forwarding ports (`reflect`, `xconnect`).
 pub fn offered_features(params: &DeviceParams) -> u64 {
     let mut v = f::bit(f::VERSION_1)
         | f::bit(f::NET_MAC)
@@ -26,7 +28,14 @@ pub fn offered_features(params: &DeviceParams) -> u64 {
         | f::bit(vn::VIRTIO_NET_F_CTRL_VLAN)
         | f::bit(vn::VIRTIO_NET_F_CTRL_MAC_ADDR)
         | f::bit(vn::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
-        | (params.guest_offloads & ctrl::GUEST_OFFLOADS);
+        | (params.guest_offloads & ctrl::GUEST_OFFLOADS)
+        | params.host_offloads;
+    if matches!(params.kind, PortKind::Reflect | PortKind::Xconnect) {
+        // Forwarded frames may be larger than one receive buffer (`port::mrg`); `gen`
+        // writes each frame into one buffer and `sink` delivers nothing: neither offers
+        // what it would not use.
+        v |= f::bit(f::NET_MRG_RXBUF);
+    }
     if params.queue_pairs > 1 {
         v |= f::bit(f::NET_MQ);
     }

@@ -108,6 +108,9 @@ pub struct DeviceParams {
     /// Guest offload features offered (`GUEST_CSUM`, `GUEST_TSO4`): only where the port
     /// can produce such packets (a `gen` port with `--gso-size`).
     pub guest_offloads: u64,
+    /// Host offload features offered (`CSUM`, `HOST_TSO4/6`, `HOST_USO`): on forwarding
+    /// ports, which complete and segment what a guest sends (`port::offload`).
+    pub host_offloads: u64,
     /// Offer `VIRTIO_F_ACCESS_PLATFORM` and serve the IOTLB protocol (`--iommu`): for
     /// front-ends whose device sits behind a vIOMMU (QEMU `iommu_platform=on`).
     pub iommu: bool,

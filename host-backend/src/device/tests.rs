@@ -13,6 +13,7 @@ fn device(pairs: u16, guest_offloads: u64) -> Arc<Device> {
         mac: MAC,
         mtu: 1500,
         guest_offloads,
+        host_offloads: 0,
         iommu: false,
         packed: true,
     };

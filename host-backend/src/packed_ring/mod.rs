@@ -494,5 +494,59 @@ impl PackedRing {
     }
 }
 
+impl PackedRing {
+    /// Looks for more available chains after the ones this burst's poll found, up to
+    /// [`MAX_BURST`] in all, without starting a new burst (the chains already found, walked
+    /// or completed stay as they are), and returns how many there are now. For a receive
+    /// burst that polled for one chain per frame and then meets a frame that needs several
+    /// (mergeable receive buffers). A chain that breaks the protocol where the look
+    /// stopped is the fault, as [`poll_avail`](Self::poll_avail) would report it next:
+    /// the caller would otherwise wait forever for buffers behind it.
+    pub fn poll_more(&mut self) -> Result<u16, RingFault> {
+        let mut n = self.found as usize;
+        let (mut pos, mut wrap) = (self.seen_pos, self.seen_wrap);
+        let mut fault = None;
+        'chains: while n < MAX_BURST {
+            // SAFETY: `pos < size` (an invariant of every position). Acquire: see the
+            // module doc.
+            let head = u16::from_le(unsafe { self.flags_at(pos) }.load(Ordering::Acquire));
+            if !packed::is_avail(head, wrap) {
+                break;
+            }
+            let mut count = 1u16;
+            let mut flags = head;
+            let (mut p, mut w) = self.advance(pos, wrap, 1);
+            while flags & DESC_F_NEXT != 0 {
+                if count == self.size {
+                    fault = Some(RingFault::ChainTooLong);
+                    break 'chains;
+                }
+                // SAFETY: `p < size`. `Relaxed`: ordered after the head's acquire above.
+                flags = u16::from_le(unsafe { self.flags_at(p) }.load(Ordering::Relaxed));
+                if !packed::is_avail(flags, w) {
+                    fault = Some(RingFault::ChainNotAvailable { pos: p });
+                    break 'chains;
+                }
+                count += 1;
+                (p, w) = self.advance(p, w, 1);
+            }
+            self.chains[n] = ChainAt { pos, count, wrap };
+            n += 1;
+            (pos, wrap) = (p, w);
+        }
+        (self.seen_pos, self.seen_wrap) = (pos, wrap);
+        self.found = n as u16;
+        match fault {
+            Some(f) => Err(f),
+            None => Ok(n as u16),
+        }
+    }
+
+    /// Descriptors in the ring.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+}
+
 #[cfg(test)]
 mod tests;

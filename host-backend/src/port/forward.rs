@@ -8,14 +8,47 @@
 
 use spec::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
 
-use super::{PortPath, Side, BURST, FILTER_BYTES};
+use super::mrg::{self, FrameSrc, Placed};
+use super::offload;
+use super::{PortPath, Side, BURST, ETH_HLEN, FILTER_BYTES};
 use crate::ring::{publish_used_pair, Ring};
 use crate::split_ring::{copy_chain, gather, scatter, Dir, RingFault};
 use crate::stats::{BurstCounts, DropReason};
 
 impl PortPath {
+    /// One forwarding burst. A burst whose sending driver negotiated no host offload, and
+    /// with nothing staged, runs a loop compiled without the offload code (the 64-byte
+    /// benchmarks' case: the code a frame never runs still cost every frame a few
+    /// instructions in register pressure, `bench/callgrind.sh`); otherwise the loop
+    /// that looks at each frame's request runs, out of line.
     #[inline(always)]
     pub(super) fn run_forward<S: Ring, D: Ring>(
+        &mut self,
+        swap_mac: bool,
+    ) -> Result<usize, (Side, RingFault)> {
+        let staged = self.staging.as_ref().is_some_and(|s| s.pending());
+        let asks = self.staging.is_some()
+            && self
+                .src
+                .as_ref()
+                .and_then(|s| s.active.as_ref())
+                .is_some_and(|a| a.rx.features & offload::HOST_OFFLOADS != 0);
+        if staged || asks {
+            self.run_forward_offload::<S, D>(swap_mac)
+        } else {
+            self.forward_burst::<S, D, false>(swap_mac)
+        }
+    }
+
+    #[inline(never)]
+    fn run_forward_offload<S: Ring, D: Ring>(&mut self, swap_mac: bool) -> Result<usize, (Side, RingFault)> {
+        self.forward_burst::<S, D, true>(swap_mac)
+    }
+
+    /// The burst itself; `OFFLOAD`: look at each frame's offload request and at what is
+    /// staged.
+    #[inline(always)]
+    fn forward_burst<S: Ring, D: Ring, const OFFLOAD: bool>(
         &mut self,
         swap_mac: bool,
     ) -> Result<usize, (Side, RingFault)> {
@@ -25,21 +58,28 @@ impl PortPath {
         };
         let (spair, dpair) = (src.pair(), dst.pair());
         let (sdev, ddev) = (src.dev.clone(), dst.dev.clone());
-        let Some((sring, smem)) = src.ring::<S>() else {
+        let Some((sring, smem, srx)) = src.ring_rx::<S>() else {
             return Ok(0);
         };
+        // Offload requests are checked against what the sending driver negotiated. A
+        // driver that negotiated no host offload at all has its header ignored, as before
+        // there were any (its frames are held to the MTU), so its bursts never look.
+        let sfeatures = srx.features;
+        let may_offload = OFFLOAD && sfeatures & offload::HOST_OFFLOADS != 0;
+        let mut staging = if OFFLOAD { self.staging.as_deref_mut() } else { None };
+        let pending = staging.as_ref().is_some_and(|s| s.pending());
         let ntx = sring.poll_avail().map_err(|b| (Side::Src, b))?.min(BURST);
-        if ntx == 0 {
+        if ntx == 0 && !pending {
             return Ok(0);
         }
         let dst_active = dst.active.is_some();
         // The receive side: its ring, its memory and the chain that borrows it.
-        let (mut dside, filter) = match dst.ring_rx::<D>() {
+        let (mut dside, filter, mrg, drx) = match dst.ring_rx::<D>() {
             // The filter is looked at per frame only when it is not promiscuous.
-            Some((r, m, rx)) => (Some((r, m)), Some(rx).filter(|rx| !rx.pass_all())),
-            None => (None, None),
+            Some((r, m, rx)) => (Some((r, m)), Some(rx).filter(|rx| !rx.pass_all()), rx.mrg_rxbuf, Some(rx)),
+            None => (None, None, false, None),
         };
-        let nrx = match dside.as_mut() {
+        let mut nrx = match dside.as_mut() {
             // No more receive buffers than frames (a packed ring looks at no more).
             Some((r, _)) => r.poll_avail_max(ntx).map_err(|b| (Side::Dst, b))?,
             None => 0,
@@ -50,6 +90,7 @@ impl PortPath {
         }
         let mut dside = dside.map(|(r, m)| (r, m, self.dst_chain.chain(m)));
         let schain = self.src_chain.chain(smem);
+        let mrg_chain = &mut self.mrg_chain;
         if let Some((dr, _, _)) = dside.as_mut() {
             // The receive buffers' header line and first frame line, for the whole
             // burst, before any copy (see `DeviceRing::prefetch_write`).
@@ -61,6 +102,27 @@ impl PortPath {
         let mut dc = BurstCounts::default();
         let (mut tx_done, mut rx_done) = (0u16, 0u16);
         let mut failed = None;
+        // A staged super-frame (or the rest of its segments) goes first; while some of
+        // it waits for receive buffers, no new transmit frame is taken (order).
+        let mut ntx = ntx;
+        if let Some(st) = staging.as_deref_mut().filter(|s| s.pending()) {
+            match dside.as_mut() {
+                None => sc.drops[DropReason::PeerDown as usize] += st.discard(),
+                Some((dr, dmem, dchain)) => {
+                    // Copies lent to the out-of-line code (see below).
+                    let (mut n, mut done, mut c) = (nrx, rx_done, BurstCounts::default());
+                    let res = st.drain(&mut **dr, dmem, &mut n, &mut done, dchain, mrg_chain, mrg, &mut c);
+                    (nrx, rx_done) = (n, done);
+                    dc.add(&c);
+                    if let Err(b) = res {
+                        failed = Some((Side::Dst, b));
+                    }
+                }
+            }
+            if st.pending() || failed.is_some() {
+                ntx = 0;
+            }
+        }
         for i in 0..ntx {
             if !peer_down && rx_done == nrx {
                 break; // backpressure: the frame waits for a receive buffer
@@ -72,6 +134,49 @@ impl PortPath {
                     break;
                 }
             };
+            if may_offload && offload::requested(schain) {
+                // Checksum or segmentation asked for: staged, then delivered whole or
+                // in segments (out of line, `offload`).
+                sring.add_used(th, 0);
+                tx_done += 1;
+                let rx = match (dside.as_mut(), drx) {
+                    (Some((dr, dmem, dchain)), Some(rx)) => Some((&mut **dr, *dmem, &mut **dchain, rx)),
+                    _ => None,
+                };
+                let cx = offload::Forward {
+                    max_frame,
+                    swap_mac,
+                    features: sfeatures,
+                    filter: filter.is_some(),
+                    mrg,
+                };
+                // The out-of-line code works on copies of the burst's cursor and counts:
+                // lending the burst's own would make them live in memory, and cost every
+                // frame of the burst loads and stores (`bench/callgrind.sh`).
+                let (mut n, mut done) = (nrx, rx_done);
+                let (mut c_s, mut c_d) = (BurstCounts::default(), BurstCounts::default());
+                let res = offload::forward(
+                    staging.as_deref_mut(),
+                    schain,
+                    cx,
+                    rx,
+                    &mut n,
+                    &mut done,
+                    mrg_chain,
+                    (&mut c_s, &mut c_d),
+                );
+                (nrx, rx_done) = (n, done);
+                sc.add(&c_s);
+                dc.add(&c_d);
+                match res {
+                    Ok(false) => continue,
+                    Ok(true) => break, // the rest waits for receive buffers
+                    Err(b) => {
+                        failed = Some((Side::Dst, b));
+                        break;
+                    }
+                }
+            }
             let len = match Self::tx_frame(schain, max_frame) {
                 Ok(len) => len,
                 Err(why) => {
@@ -114,13 +219,73 @@ impl PortPath {
                 }
             };
             let need = NET_HDR_LEN as u64 + len;
-            let capacity: u64 = dchain.segs().iter().map(|s| s.len as u64).sum();
+            let capacity = mrg::capacity(dchain);
+            if capacity < need {
+                // Larger than the receive chain: spread over several with mergeable
+                // receive buffers, else dropped (the receive buffer stays).
+                // The first chain must hold the header and the Ethernet header (the MAC
+                // swap below writes there).
+                let placed = if mrg && capacity >= NET_HDR_LEN as u64 + ETH_HLEN {
+                    let hdr = [0u8; NET_HDR_LEN];
+                    let src = FrameSrc::Chain(schain, NET_HDR_LEN);
+                    let mut n = nrx; // a copy, as for `offload::forward`
+                    let placed = mrg::scatter(
+                        &mut **dr,
+                        dmem,
+                        &mut n,
+                        rx_done,
+                        dchain,
+                        rh,
+                        mrg_chain,
+                        hdr,
+                        src,
+                        len as usize,
+                    );
+                    nrx = n;
+                    match placed {
+                        Ok(p) => p,
+                        Err(b) => {
+                            sc.rx_packets -= 1;
+                            sc.rx_bytes -= len;
+                            failed = Some((Side::Dst, b));
+                            break;
+                        }
+                    }
+                } else {
+                    Placed::NoFit
+                };
+                match placed {
+                    Placed::Done(k) => {
+                        if swap_mac {
+                            let mut macs = [0u8; 12];
+                            gather(schain, NET_HDR_LEN, &mut macs);
+                            macs.rotate_left(6);
+                            // The addresses are in the first chain (see above).
+                            scatter(dchain, NET_HDR_LEN, &macs);
+                        }
+                        sring.add_used(th, 0);
+                        tx_done += 1;
+                        rx_done += k;
+                        dc.tx_packets += 1;
+                        dc.tx_bytes += len;
+                        continue;
+                    }
+                    Placed::Wait => {
+                        // The frame waits in the transmit ring for more receive buffers.
+                        sc.rx_packets -= 1;
+                        sc.rx_bytes -= len;
+                        break;
+                    }
+                    Placed::NoFit => {
+                        sring.add_used(th, 0);
+                        tx_done += 1;
+                        dc.drop(DropReason::RxBufferTooSmall);
+                        break; // the receive buffer stays; this frame is dropped
+                    }
+                }
+            }
             sring.add_used(th, 0);
             tx_done += 1;
-            if capacity < need {
-                dc.drop(DropReason::RxBufferTooSmall);
-                break; // the receive buffer stays; this frame is dropped
-            }
             let mut hdr = [0u8; NET_HDR_LEN];
             hdr[NET_HDR_NUM_BUFFERS..NET_HDR_NUM_BUFFERS + 2].copy_from_slice(&1u16.to_le_bytes());
             scatter(dchain, 0, &hdr);

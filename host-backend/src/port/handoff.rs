@@ -33,7 +33,13 @@ impl PortPath {
         let pair = dst.pair();
         let dev = dst.dev.clone();
         let mut c = BurstCounts::default();
-        let res = receiver.run(dst.ring_rx::<R>(), &mut self.dst_chain, BURST as usize, &mut c);
+        let res = receiver.run(
+            dst.ring_rx::<R>(),
+            &mut self.dst_chain,
+            &mut self.mrg_chain,
+            BURST as usize,
+            &mut c,
+        );
         dev.stats[pair].flush_tx(&c);
         res.map_err(|b| (Side::Dst, b))
     }

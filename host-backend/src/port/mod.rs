@@ -20,8 +20,11 @@
 //! Here: a path ([`PortPath`]: its kind, its queues, its chain room) and the one burst
 //! entry point [`PortPath::run`]; each kind's burst is in its own file: `sink`, `gen`,
 //! `forward` (`reflect` and `xconnect`), `control` (the control queue) and `handoff`
-//! (`--handoff`'s two halves). They are `#[inline(always)]` into `run`, as they were
-//! when they lived in one file, so `run` stays the one burst function per worker loop.
+//! (`--handoff`'s two halves); a frame over several receive chains (mergeable receive
+//! buffers) is `mrg`'s, a transmitted frame with a checksum or segmentation request
+//! `offload`'s (both out of line: a frame that needs neither never goes there). The
+//! kinds' bursts are `#[inline(always)]` into `run`, as they were when they lived in one
+//! file, so `run` stays the one burst function per worker loop.
 
 use std::sync::Arc;
 
@@ -41,6 +44,8 @@ mod control;
 mod forward;
 mod gen;
 mod handoff;
+pub(crate) mod mrg;
+mod offload;
 mod sink;
 
 pub(crate) use gen::udp_frame;
@@ -156,6 +161,12 @@ pub struct PortPath {
     src_chain: Box<ChainBuf>,
     /// Room for the chain walked from `dst` (a receive queue).
     dst_chain: Box<ChainBuf>,
+    /// Room for the further receive chains of a frame that spans several (mergeable
+    /// receive buffers, [`mrg`]).
+    mrg_chain: Box<ChainBuf>,
+    /// A forwarding path's staging buffer for frames with offload requests
+    /// ([`offload`]); `None` on other paths and where no host offload is offered.
+    staging: Option<Box<offload::Staging>>,
     max_frame: u64,
     /// Whether the source and the destination ring are packed (set when rings are
     /// taken): the engine a burst runs with, chosen once per burst.
@@ -176,6 +187,8 @@ impl PortPath {
             dst,
             src_chain: Box::default(),
             dst_chain: Box::default(),
+            mrg_chain: Box::default(),
+            staging: None,
             // MTU plus Ethernet header plus one VLAN tag.
             max_frame: mtu as u64 + ETH_HLEN + 4,
             packed: (false, false),
@@ -212,12 +225,16 @@ impl PortPath {
     /// Forwarding from `src`'s transmit queue `sq` to `dst`'s receive queue `dq`.
     pub fn forward(src: &Arc<Device>, sq: u16, dst: &Arc<Device>, dq: u16, swap_mac: bool) -> PortPath {
         let mtu = src.params.mtu.min(dst.params.mtu);
-        PortPath::new(
+        let mut p = PortPath::new(
             PathKind::Forward { swap_mac },
             Some(QueueSlot::new(src, sq)),
             Some(QueueSlot::new(dst, dq)),
             mtu,
-        )
+        );
+        if src.params.host_offloads != 0 {
+            p.staging = Some(Box::new(offload::Staging::new(p.max_frame as usize)));
+        }
+        p
     }
 
     /// `--handoff`: the sending half of a cross-connect direction, on `dev`'s transmit

@@ -186,6 +186,11 @@ impl DeviceRing {
         self.last_avail
     }
 
+    /// Entries in the ring.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
     /// The 16-bit field at byte `off` of a ring area, as an atomic.
     ///
     /// # Safety

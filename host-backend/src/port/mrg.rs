@@ -1,0 +1,129 @@
+//! Mergeable receive buffers (`VIRTIO_NET_F_MRG_RXBUF`, virtio 1.2 §5.1.6.3.2): one
+//! frame scattered over several receive chains, the first chain's header saying how many
+//! (`num_buffers`), each chain completed with the bytes written into it, all of them in
+//! one burst (a driver that sees the first chain used expects the others used with it).
+//!
+//! Owns: finding enough receive chains for one frame (and deciding that a frame must
+//! wait for the driver to post more, or can never fit), the copy of the header and the
+//! frame over them, and their used entries. Must not: decide whether a frame is
+//! delivered (filters, offloads: the caller's), consume chains (`Ring::consume` is the
+//! caller's, which advances its own count by what [`scatter`] reports), or publish.
+//!
+//! Out of line on purpose: a frame that fits its first chain (every 64-byte frame) never
+//! comes here, so the forwarding burst's per-frame path stays as it was.
+
+use spec::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
+
+use crate::memory::GuestMemory;
+use crate::ring::Ring;
+use crate::split_ring::{copy_chain, scatter as scatter_into, Chain, ChainBuf, Dir, RingFault};
+
+/// Most receive chains one frame may span: a packed ring shows at most this many per
+/// burst (`packed_ring::MAX_BURST`), and a 64 KiB super-frame in 1 KiB buffers needs no
+/// more.
+pub(crate) const MAX_BUFFERS: u16 = 64;
+
+/// Where a frame's bytes come from.
+#[derive(Clone, Copy)]
+pub(crate) enum FrameSrc<'a, 'm> {
+    /// A walked transmit chain, the frame starting at byte `.1` (after its net header).
+    Chain(&'a Chain<'m>, usize),
+    /// Bytes in host memory (a staged or segmented frame).
+    Bytes(&'a [u8]),
+}
+
+impl FrameSrc<'_, '_> {
+    /// Copies frame bytes `off .. off + len` into `dst` at `dst_off`.
+    #[inline]
+    pub(crate) fn copy_to(&self, off: usize, dst: &Chain<'_>, dst_off: usize, len: usize) -> usize {
+        match *self {
+            FrameSrc::Chain(c, base) => copy_chain(c, base + off, dst, dst_off, len),
+            FrameSrc::Bytes(b) => match b.get(off..off + len) {
+                Some(part) => scatter_into(dst, dst_off, part),
+                None => 0,
+            },
+        }
+    }
+}
+
+/// What became of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placed {
+    /// Delivered over this many chains (the first one included), each completed.
+    Done(u16),
+    /// Not enough receive chains now; more may come (nothing was written or completed).
+    Wait,
+    /// It can never fit: the chains a full ring (or [`MAX_BUFFERS`]) can hold are too
+    /// small. Nothing was written or completed.
+    NoFit,
+}
+
+/// Bytes a walked receive chain can take (its recorded pieces). Always inlined: out of
+/// line it cost the forwarding burst a call per frame (`bench/callgrind.sh`).
+#[inline(always)]
+pub(crate) fn capacity(c: &Chain<'_>) -> u64 {
+    c.segs().iter().map(|s| s.len as u64).sum()
+}
+
+/// Delivers `hdr` (its `num_buffers` is set here) followed by `len` bytes of `src` into
+/// the receive chains `first_i ..` of `dr`: the chain `first_i` is already walked into
+/// `first` (head `first_head`, room for at least the header), the next ones are walked
+/// into `more`. `nrx` is how many chains the burst may walk; it grows when the ring
+/// shows more ([`Ring::poll_more`]).
+///
+/// Looks first, writes second: the chains are walked once to find enough room, and only
+/// then walked again for the copies, so a frame that must wait leaves every chain as it
+/// was. A chain that breaks the protocol is the receive ring's fault.
+#[inline(never)]
+#[allow(clippy::too_many_arguments, reason = "one call site per burst kind; a struct would only rename them")]
+pub(crate) fn scatter<'m, D: Ring>(
+    dr: &mut D,
+    dmem: &'m GuestMemory,
+    nrx: &mut u16,
+    first_i: u16,
+    first: &Chain<'m>,
+    first_head: D::Head,
+    more: &mut ChainBuf,
+    mut hdr: [u8; NET_HDR_LEN],
+    src: FrameSrc<'_, '_>,
+    len: usize,
+) -> Result<Placed, RingFault> {
+    let need = (NET_HDR_LEN + len) as u64;
+    let first_cap = capacity(first);
+    let mut cap = first_cap;
+    let mut end = first_i + 1;
+    let chain = more.chain(dmem);
+    while cap < need {
+        if end - first_i == MAX_BUFFERS {
+            return Ok(Placed::NoFit);
+        }
+        if end >= *nrx {
+            *nrx = dr.poll_more()?;
+            if end >= *nrx {
+                // The whole ring is posted (every chain one descriptor) and it is not
+                // enough: it never will be. A frame that does not start the burst gets
+                // a fresh look at the next one.
+                let full = first_i == 0 && *nrx >= dr.size();
+                return Ok(if full { Placed::NoFit } else { Placed::Wait });
+            }
+        }
+        dr.walk_avail(dmem, end, Dir::DeviceWrites, chain)?;
+        cap += capacity(chain);
+        end += 1;
+    }
+    let count = end - first_i;
+    hdr[NET_HDR_NUM_BUFFERS..NET_HDR_NUM_BUFFERS + 2].copy_from_slice(&count.to_le_bytes());
+    scatter_into(first, 0, &hdr);
+    let n = (first_cap as usize).saturating_sub(NET_HDR_LEN).min(len);
+    src.copy_to(0, first, NET_HDR_LEN, n);
+    dr.add_used(first_head, (NET_HDR_LEN + n) as u32);
+    let mut done = n;
+    for i in first_i + 1..end {
+        let h = dr.walk_avail(dmem, i, Dir::DeviceWrites, chain)?;
+        let n = (capacity(chain) as usize).min(len - done);
+        src.copy_to(done, chain, 0, n);
+        dr.add_used(h, n as u32);
+        done += n;
+    }
+    Ok(Placed::Done(count))
+}
