@@ -231,7 +231,6 @@ impl PackedRing {
         }
         let (mut pos, mut wrap) = (self.avail_pos, self.avail_wrap);
         let mut n = 0usize;
-        let mut fault = None;
         // The common case first, in a loop of its own with the ring's fields in locals:
         // single descriptors (no NEXT), available in this wrap, up to the ring's end.
         let desc = self.desc;
@@ -264,34 +263,7 @@ impl PackedRing {
                 break;
             }
         }
-        'chains: while n < max {
-            // SAFETY: `pos < size` (an invariant of every position).
-            let head = u16::from_le(unsafe { self.flags_at(pos) }.load(Ordering::Acquire));
-            if !packed::is_avail(head, wrap) {
-                break;
-            }
-            let at = ChainAt { pos, count: 1, wrap };
-            let mut count = 1u16;
-            let mut flags = head;
-            let (mut p, mut w) = self.advance(pos, wrap, 1);
-            while flags & DESC_F_NEXT != 0 {
-                if count == self.size {
-                    fault = Some(RingFault::ChainTooLong);
-                    break 'chains;
-                }
-                // SAFETY: `p < size`. `Relaxed`: ordered after the head's acquire above.
-                flags = u16::from_le(unsafe { self.flags_at(p) }.load(Ordering::Relaxed));
-                if !packed::is_avail(flags, w) {
-                    fault = Some(RingFault::ChainNotAvailable { pos: p });
-                    break 'chains;
-                }
-                count += 1;
-                (p, w) = self.advance(p, w, 1);
-            }
-            self.chains[n] = ChainAt { count, ..at };
-            n += 1;
-            (pos, wrap) = (p, w);
-        }
+        let fault = self.find_chains(&mut n, &mut pos, &mut wrap, max);
         (self.seen_pos, self.seen_wrap) = (pos, wrap);
         self.found = n as u16;
         match fault {
@@ -495,6 +467,51 @@ impl PackedRing {
 }
 
 impl PackedRing {
+    /// The general poll from `pos` (with its wrap counter) on: chains of any length, in
+    /// ring order, recorded in `chains[*n..]` until `max` are found or the next is not
+    /// available; `pos`, `wrap` and `n` move past what was found. Returns the fault that
+    /// stopped it, if any: a chain whose `NEXT` leads into a descriptor that is not
+    /// available, or one longer than the ring. Shared by [`poll_avail_max`]
+    /// (after its loop over single descriptors) and [`poll_more`](Self::poll_more).
+    ///
+    /// [`poll_avail_max`]: Self::poll_avail_max
+    #[inline]
+    fn find_chains(
+        &mut self,
+        n: &mut usize,
+        pos: &mut u16,
+        wrap: &mut bool,
+        max: usize,
+    ) -> Option<RingFault> {
+        while *n < max {
+            // SAFETY: `pos < size` (an invariant of every position). Acquire: see the
+            // module doc.
+            let head = u16::from_le(unsafe { self.flags_at(*pos) }.load(Ordering::Acquire));
+            if !packed::is_avail(head, *wrap) {
+                return None;
+            }
+            let mut count = 1u16;
+            let mut flags = head;
+            let (mut p, mut w) = self.advance(*pos, *wrap, 1);
+            while flags & DESC_F_NEXT != 0 {
+                if count == self.size {
+                    return Some(RingFault::ChainTooLong);
+                }
+                // SAFETY: `p < size`. `Relaxed`: ordered after the head's acquire above.
+                flags = u16::from_le(unsafe { self.flags_at(p) }.load(Ordering::Relaxed));
+                if !packed::is_avail(flags, w) {
+                    return Some(RingFault::ChainNotAvailable { pos: p });
+                }
+                count += 1;
+                (p, w) = self.advance(p, w, 1);
+            }
+            self.chains[*n] = ChainAt { pos: *pos, count, wrap: *wrap };
+            *n += 1;
+            (*pos, *wrap) = (p, w);
+        }
+        None
+    }
+
     /// Looks for more available chains after the ones this burst's poll found, up to
     /// [`MAX_BURST`] in all, without starting a new burst (the chains already found, walked
     /// or completed stay as they are), and returns how many there are now. For a receive
@@ -505,35 +522,7 @@ impl PackedRing {
     pub fn poll_more(&mut self) -> Result<u16, RingFault> {
         let mut n = self.found as usize;
         let (mut pos, mut wrap) = (self.seen_pos, self.seen_wrap);
-        let mut fault = None;
-        'chains: while n < MAX_BURST {
-            // SAFETY: `pos < size` (an invariant of every position). Acquire: see the
-            // module doc.
-            let head = u16::from_le(unsafe { self.flags_at(pos) }.load(Ordering::Acquire));
-            if !packed::is_avail(head, wrap) {
-                break;
-            }
-            let mut count = 1u16;
-            let mut flags = head;
-            let (mut p, mut w) = self.advance(pos, wrap, 1);
-            while flags & DESC_F_NEXT != 0 {
-                if count == self.size {
-                    fault = Some(RingFault::ChainTooLong);
-                    break 'chains;
-                }
-                // SAFETY: `p < size`. `Relaxed`: ordered after the head's acquire above.
-                flags = u16::from_le(unsafe { self.flags_at(p) }.load(Ordering::Relaxed));
-                if !packed::is_avail(flags, w) {
-                    fault = Some(RingFault::ChainNotAvailable { pos: p });
-                    break 'chains;
-                }
-                count += 1;
-                (p, w) = self.advance(p, w, 1);
-            }
-            self.chains[n] = ChainAt { pos, count, wrap };
-            n += 1;
-            (pos, wrap) = (p, w);
-        }
+        let fault = self.find_chains(&mut n, &mut pos, &mut wrap, MAX_BURST);
         (self.seen_pos, self.seen_wrap) = (pos, wrap);
         self.found = n as u16;
         match fault {
