@@ -18,7 +18,7 @@
 //! A frame this engine cannot parse (another EtherType or protocol, headers outside the
 //! first segment) is forwarded unchanged, as DPDK's `csumonly` does.
 
-use driver::offload::GsoKind;
+use driver::offload::{fold, sum, GsoKind};
 use driver::{Packet, TxCsum, TxGso, TxOffload};
 
 /// What `csum set` and `tso set` chose for one port (applied to the frames it transmits).
@@ -92,26 +92,6 @@ pub fn parse(d: &[u8], total: usize) -> Option<Layers> {
         return None;
     }
     Some(Layers { l3, l4, l4_end, v4, tcp })
-}
-
-/// One's-complement sum of `data` as big-endian 16-bit words added to `acc` (unfolded;
-/// an odd last byte padded with zero).
-fn sum(data: &[u8], mut acc: u64) -> u64 {
-    let mut w = data.chunks_exact(2);
-    for p in &mut w {
-        acc += u16::from_be_bytes([p[0], p[1]]) as u64;
-    }
-    if let [b] = w.remainder() {
-        acc += (*b as u64) << 8;
-    }
-    acc
-}
-
-fn fold(mut acc: u64) -> u16 {
-    while acc >> 16 != 0 {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
 }
 
 /// The pseudo-header sum (RFC 768/793, RFC 8200 §8.1) for an L4 length of `l4_len`

@@ -378,7 +378,7 @@ impl GsoKind {
 /// One's-complement sum of `data` as big-endian 16-bit words (an odd last byte padded
 /// with zero), added to `acc`, not folded. Summing 32-bit words is the same sum once
 /// folded (2^16 ≡ 1 modulo 0xffff, RFC 1071 §2).
-fn sum(data: &[u8], mut acc: u64) -> u64 {
+pub fn sum(data: &[u8], mut acc: u64) -> u64 {
     let mut quads = data.chunks_exact(4);
     for q in &mut quads {
         acc += u32::from_be_bytes([q[0], q[1], q[2], q[3]]) as u64;
@@ -394,7 +394,7 @@ fn sum(data: &[u8], mut acc: u64) -> u64 {
 }
 
 /// Folds a sum to 16 bits (end-around carry).
-fn fold(mut acc: u64) -> u16 {
+pub fn fold(mut acc: u64) -> u16 {
     while acc >> 16 != 0 {
         acc = (acc & 0xffff) + (acc >> 16);
     }
