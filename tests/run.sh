@@ -8,7 +8,7 @@
 # Set-up, each step only when it is missing:
 #  * Debian packages: dpdk and dpdk-dev (dpdk-testpmd and the PMDs net_virtio, net_vhost,
 #    mempool_ring: the interop peer), qemu-system-x86 and the VM image's build tools
-#    (cpio xz-utils make gcc-12 binutils libelf1 libssl3);
+#    (cpio xz-utils make gcc-12 binutils libelf1 libssl3 ethtool);
 #  * 2 MiB hugepages: NR_HUGEPAGES reserved (default 1024) and hugetlbfs on /dev/hugepages;
 #  * the VM image (tests/vm/build-image.sh, cached under target/vm/).
 # Installing packages and reserving hugepages need root. Without root, when something is
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 
 NR_HUGEPAGES=${NR_HUGEPAGES:-1024} # each DPDK testpmd in the tests takes -m 256
 HUGE_DIR=/dev/hugepages
-VM_PACKAGES=(qemu-system-x86 cpio xz-utils make gcc-12 binutils libelf1 libssl3)
+VM_PACKAGES=(qemu-system-x86 cpio xz-utils make gcc-12 binutils libelf1 libssl3 ethtool)
 
 say() { printf 'tests/run.sh: %s\n' "$*" >&2; }
 die() { say "ERROR: $*"; exit 1; }

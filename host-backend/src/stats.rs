@@ -63,6 +63,46 @@ pub const DROP_NAMES: [&str; DROP_REASONS] = [
     "truncated_header",
 ];
 
+/// What the host offloads did with the frames a queue pair's driver transmitted that
+/// asked for one (`port::offload`); counted on the sending pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum OffloadEvent {
+    /// A frame asking for a checksum only (`NEEDS_CSUM`, no GSO type), accepted.
+    CsumRequests = 0,
+    /// A super-frame (a GSO type), accepted.
+    GsoRequests,
+    /// A frame delivered whole with its offload header: the receiving driver negotiated
+    /// the matching `GUEST_*` offload.
+    PassedWhole,
+    /// A checksum completed here (the receiver did not negotiate `GUEST_CSUM`).
+    SwCsum,
+    /// A super-frame segmented here (the receiver did not negotiate its `GUEST_TSO*`).
+    SwGso,
+    /// The segments those super-frames made.
+    SwSegments,
+}
+
+/// Number of offload events.
+pub const OFFLOAD_EVENTS: usize = 6;
+/// JSON/text names of the offload events, in `OffloadEvent` order.
+pub const OFFLOAD_NAMES: [&str; OFFLOAD_EVENTS] =
+    ["csum_requests", "gso_requests", "passed_whole", "sw_csum", "sw_gso", "sw_segments"];
+
+/// Offload events of one frame (or a few), added to [`PairStats`] right away: the
+/// offload path is out of line and per super-frame, so the 64-byte bursts' accumulator
+/// ([`BurstCounts`]) does not carry them.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct OffloadCounts(pub [u64; OFFLOAD_EVENTS]);
+
+impl OffloadCounts {
+    /// Counts `n` of `what`.
+    #[inline]
+    pub fn add(&mut self, what: OffloadEvent, n: u64) {
+        self.0[what as usize] += n;
+    }
+}
+
 /// Counters of one queue pair.
 #[derive(Debug, Default)]
 pub(crate) struct PairStats {
@@ -76,6 +116,8 @@ pub(crate) struct PairStats {
     pub tx_bytes: AtomicU64,
     /// Drops by reason.
     pub drops: [AtomicU64; DROP_REASONS],
+    /// Offload events ([`OffloadEvent`]) of frames this pair's driver transmitted.
+    pub offloads: [AtomicU64; OFFLOAD_EVENTS],
     /// A queue of this pair is broken.
     pub broken: AtomicBool,
 }
@@ -140,6 +182,12 @@ impl PairStats {
             add(c, v);
         }
     }
+    /// Adds offload events.
+    pub fn flush_offloads(&self, o: &OffloadCounts) {
+        for (c, v) in self.offloads.iter().zip(o.0) {
+            add(c, v);
+        }
+    }
     /// A plain copy of the counters.
     pub fn snapshot(&self) -> PairSnapshot {
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -149,6 +197,7 @@ impl PairStats {
             tx_packets: l(&self.tx_packets),
             tx_bytes: l(&self.tx_bytes),
             drops: std::array::from_fn(|i| l(&self.drops[i])),
+            offloads: std::array::from_fn(|i| l(&self.offloads[i])),
             broken: self.broken.load(Ordering::Relaxed),
         }
     }
@@ -167,6 +216,9 @@ pub struct PairSnapshot {
     pub tx_bytes: u64,
     /// Drops by reason ([`DropReason`] indexes it, [`DROP_NAMES`] names it).
     pub drops: [u64; DROP_REASONS],
+    /// Offload events of frames this pair's driver transmitted ([`OffloadEvent`]
+    /// indexes it, [`OFFLOAD_NAMES`] names it).
+    pub offloads: [u64; OFFLOAD_EVENTS],
     /// A queue of this pair is broken.
     pub broken: bool,
 }
@@ -234,6 +286,9 @@ impl DeviceSnapshot {
             for i in 0..DROP_REASONS {
                 t.drops[i] += p.drops[i];
             }
+            for i in 0..OFFLOAD_EVENTS {
+                t.offloads[i] += p.offloads[i];
+            }
             t.broken |= p.broken;
         }
         t
@@ -244,9 +299,9 @@ impl DeviceSnapshot {
         self.pairs.iter().filter(|p| p.broken).count()
     }
 
-    fn drops_json(d: &[u64; DROP_REASONS]) -> serde_json::Value {
+    fn named_json(names: &[&str], d: &[u64]) -> serde_json::Value {
         let m: serde_json::Map<String, serde_json::Value> =
-            DROP_NAMES.iter().zip(d).map(|(n, v)| (n.to_string(), (*v).into())).collect();
+            names.iter().zip(d).map(|(n, v)| (n.to_string(), (*v).into())).collect();
         serde_json::Value::Object(m)
     }
 
@@ -262,7 +317,8 @@ impl DeviceSnapshot {
                     "index": i,
                     "rx_packets": p.rx_packets, "rx_bytes": p.rx_bytes,
                     "tx_packets": p.tx_packets, "tx_bytes": p.tx_bytes,
-                    "drops": Self::drops_json(&p.drops),
+                    "drops": Self::named_json(&DROP_NAMES, &p.drops),
+                    "offloads": Self::named_json(&OFFLOAD_NAMES, &p.offloads),
                     "broken": p.broken,
                 })
             })
@@ -272,7 +328,8 @@ impl DeviceSnapshot {
             "rx_packets": t.rx_packets, "rx_bytes": t.rx_bytes,
             "tx_packets": t.tx_packets, "tx_bytes": t.tx_bytes,
             "generated": self.generated,
-            "drops": Self::drops_json(&t.drops),
+            "drops": Self::named_json(&DROP_NAMES, &t.drops),
+            "offloads": Self::named_json(&OFFLOAD_NAMES, &t.offloads),
             "broken_queues": self.broken_pairs(),
             "queues": queues,
             "ctrl": {"commands": self.ctrl.ok, "errors": self.ctrl.err, "broken": self.ctrl.broken},
@@ -296,8 +353,14 @@ impl DeviceSnapshot {
         let pt = prev.map(|p| p.total());
         let drops: Vec<String> =
             DROP_NAMES.iter().zip(t.drops).filter(|(_, v)| *v > 0).map(|(n, v)| format!("{n}={v}")).collect();
+        let offloads: Vec<String> = OFFLOAD_NAMES
+            .iter()
+            .zip(t.offloads)
+            .filter(|(_, v)| *v > 0)
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect();
         format!(
-            "  {} [{}] {}\n    RX-packets: {:<14} RX-bytes: {:<16} Rx-pps: {:.0}\n    TX-packets: {:<14} TX-bytes: {:<16} Tx-pps: {:.0}\n    generated: {}  broken queue pairs: {}  drops: {}\n    control: {} ok, {} refused{}  active pairs: {}\n",
+            "  {} [{}] {}\n    RX-packets: {:<14} RX-bytes: {:<16} Rx-pps: {:.0}\n    TX-packets: {:<14} TX-bytes: {:<16} Tx-pps: {:.0}\n    generated: {}  broken queue pairs: {}  drops: {}{}\n    control: {} ok, {} refused{}  active pairs: {}\n",
             self.socket,
             self.port,
             if self.connected { "connected" } else { "waiting for front-end" },
@@ -310,6 +373,7 @@ impl DeviceSnapshot {
             self.generated,
             self.broken_pairs(),
             if drops.is_empty() { "none".to_string() } else { drops.join(" ") },
+            if offloads.is_empty() { String::new() } else { format!("  offloads: {}", offloads.join(" ")) },
             self.ctrl.ok,
             self.ctrl.err,
             if self.ctrl.broken { " (queue broken)" } else { "" },

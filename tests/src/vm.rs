@@ -109,6 +109,9 @@ pub struct VmConfig {
     /// The NIC offers the packed virtqueue layout (`packed=on`: QEMU offers
     /// `VIRTIO_F_RING_PACKED` when the vhost-user back-end does); QEMU's default is off.
     pub packed: bool,
+    /// More `virtio-net-pci` properties, comma-separated (e.g. `host_mtu=9000` or
+    /// `guest_tso4=off`); empty for none.
+    pub nic_opts: String,
 }
 
 impl VmConfig {
@@ -123,6 +126,24 @@ impl VmConfig {
             mac: "52:54:00:12:34:56".into(),
             viommu: false,
             packed: false,
+            nic_opts: String::new(),
+        }
+    }
+
+    /// A stock Linux guest (`vt.mode=kernel`): the kernel's own `virtio_net` drives the
+    /// NIC and `/bin/guest-kernel-net.sh` runs the job `params` name; one vCPU and 512 MiB
+    /// (two of these share the machine's two cores with the backend). The NIC has no
+    /// MSI-X vectors (`vectors=0`, legacy interrupts): Debian's QEMU 7.2 segfaults under
+    /// TCG when a guest kernel enables MSI-X on a vhost-user `virtio-net-pci`
+    /// (shared/notes/vm-image.md); the vhost-user protocol the backend sees is the same.
+    pub fn kernel(socket: &Path, mac: &str, params: &str) -> VmConfig {
+        VmConfig {
+            params: format!("vt.mode=kernel {params}"),
+            smp: 1,
+            mem_mib: 512,
+            mac: mac.to_string(),
+            nic_opts: "vectors=0".into(),
+            ..VmConfig::noiommu(socket, "")
         }
     }
 
@@ -163,6 +184,10 @@ impl Qemu {
         let mut iommu: Vec<String> = Vec::new();
         if cfg.packed {
             nic.push_str(",packed=on");
+        }
+        if !cfg.nic_opts.is_empty() {
+            nic.push(',');
+            nic.push_str(&cfg.nic_opts);
         }
         if cfg.viommu {
             nic.push_str(",iommu_platform=on,ats=on");
@@ -389,8 +414,13 @@ impl GuestReport {
 
     /// Guest uptime (s) printed with the marker's `start=`/`end=`/`uptime=` field.
     pub fn field(&self, marker: &str, key: &str) -> Option<f64> {
+        self.value(marker, key)?.parse().ok()
+    }
+
+    /// The `key=value` field `key` on the marker's line, as text.
+    pub fn value(&self, marker: &str, key: &str) -> Option<String> {
         let rest = self.marker(marker)?;
-        rest.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+        rest.split_whitespace().find_map(|w| Some(w.strip_prefix(key)?.strip_prefix('=')?.to_string()))
     }
 }
 

@@ -104,6 +104,10 @@ impl Clock {
         let now = Instant::now();
         Clock { name: name.to_string(), t0: now, last: now }
     }
+    /// The name phases are printed under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
     /// Prints the time since the previous phase and since the start.
     pub fn phase(&mut self, what: &str) {
         let now = Instant::now();

@@ -619,7 +619,18 @@ fn tso_super_frames_segmented_or_whole() {
         assert_eq!(counter(da, "rx_packets"), sent);
         assert_eq!(counter(db, "tx_packets"), segments);
         assert_eq!(total_drops(da) + total_drops(db), 0, "A {da}\nB {db}");
+        // What the offloads did, counted on A (the sender): every super-frame passed
+        // whole, or every one segmented into exactly the segments B received.
+        let want = if b_whole { [0, sent, sent, 0, 0, 0] } else { [0, sent, 0, 0, sent, segments] };
+        assert_eq!(offloads(da), want, "A {da}");
+        assert_eq!(offloads(db), [0; 6], "B sent nothing: {db}");
     }
+}
+
+/// A device's `offloads` counters, in the README's order.
+fn offloads(dev: &Value) -> [u64; 6] {
+    ["csum_requests", "gso_requests", "passed_whole", "sw_csum", "sw_gso", "sw_segments"]
+        .map(|k| dev["offloads"][k].as_u64().unwrap_or_else(|| panic!("no offloads.{k}: {dev}")))
 }
 
 /// A frame with `NEEDS_CSUM` (TCP over IPv4 and IPv6, the field seeded with the
@@ -667,6 +678,8 @@ fn needs_csum_completed_for_a_peer_without_guest_csum() {
         let (da, db) = (device(&fin, &sa), device(&fin, &sb));
         assert_eq!((counter(da, "rx_packets"), counter(db, "tx_packets")), (2, 2));
         assert_eq!(total_drops(da) + total_drops(db), 0, "A {da}\nB {db}");
+        let want = if b_csum { [2, 0, 2, 0, 0, 0] } else { [2, 0, 0, 2, 0, 0] };
+        assert_eq!(offloads(da), want, "A {da}");
     }
 }
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds the guest image of the VM tests (tests/tests/vm_noiommu.rs): a Debian 6.1 kernel
-# and an initramfs with busybox, the VFIO modules (plus a vfio.ko rebuilt with no-IOMMU
-# support), our testpmd with its shared libraries, and tests/vm/guest-init.sh as /init.
+# Builds the guest image of the VM tests (tests/tests/vm_*.rs): a Debian 6.1 kernel and an
+# initramfs with busybox, the VFIO modules (plus a vfio.ko rebuilt with no-IOMMU support),
+# the kernel's own virtio-net driver modules (for guests that use the kernel's driver
+# instead of ours: vt.mode=kernel), ethtool, our testpmd with its shared libraries,
+# tests/vm/guest-init.sh as /init and tests/vm/guest-kernel-net.sh beside it.
 #
 #   tests/vm/build-image.sh          # -> target/vm/image/{vmlinuz,initrd.img,manifest}
 #
@@ -23,7 +25,8 @@
 #                          else 6.1.0-57 / 6.1.192-3.
 #
 # Host packages (Debian 12): apt (apt-get download, dpkg -x), cpio, gzip, xz-utils, make,
-# gcc-12, binutils (strip), libelf1 and libssl3 (linux-kbuild's tools), libc-bin (ldd), cargo.
+# gcc-12, binutils (strip), libelf1 and libssl3 (linux-kbuild's tools), libc-bin (ldd),
+# ethtool (copied into the image with its libraries), cargo.
 # The tests also need qemu-system-x86. Missing ones are installed when running as root.
 #
 # Output: the last line is "VNET-IMAGE <dir>" with vmlinuz and initrd.img in <dir>.
@@ -64,7 +67,7 @@ die() { echo "build-image.sh: ERROR: $*" >&2; exit 1; }
 # command -> Debian package
 declare -A TOOLS=([apt-get]=apt [dpkg]=dpkg [cpio]=cpio [gzip]=gzip [xz]=xz-utils [make]=make
                   [gcc-12]=gcc-12 [strip]=binutils [ldd]=libc-bin [sha256sum]=coreutils
-                  [qemu-system-x86_64]=qemu-system-x86)
+                  [qemu-system-x86_64]=qemu-system-x86 [ethtool]=ethtool)
 missing=()
 for t in "${!TOOLS[@]}"; do command -v "$t" >/dev/null || missing+=("${TOOLS[$t]}"); done
 # the prebuilt tools of linux-kbuild (objtool, modpost, ...) link these at run time
@@ -119,13 +122,18 @@ $(cat "$CACHE/apt-download.log")"
 # ---- 1. kernel (pinned) and its VFIO modules, in load order -------------------------------
 # The order is checked against each module's modinfo "depends=" (Debian ships no modules.dep).
 MODS=(vfio vfio_iommu_type1 vfio_virqfd irqbypass vfio-pci-core vfio-pci)
+# The kernel's virtio-net driver and what it needs (all modules in Debian's kernel), in load
+# order; /init loads them only in vt.mode=kernel.
+NETMODS=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net)
 K=$CACHE/kernel-$KVER-$KVERSION
+# A cache from before NETMODS lacks them: fetch the kernel again.
+for m in "${NETMODS[@]}"; do [ -e "$K/modules/$m.ko" ] || rm -f "$K/.done"; done
 if [ ! -e "$K/.done" ]; then
     rm -rf "$K" "$K.x"; mkdir -p "$K/modules" "$K.x"
     dpkg -x "$(deb "linux-image-$KVER" "$KVERSION")" "$K.x"
     cp "$K.x/boot/vmlinuz-$KVER" "$K/vmlinuz"
     cp "$K.x/boot/config-$KVER" "$K/config"
-    for m in "${MODS[@]}"; do
+    for m in "${MODS[@]}" "${NETMODS[@]}"; do
         p=$(find "$K.x/lib/modules/$KVER/kernel" -name "$m.ko" -print -quit)
         [ -n "$p" ] || die "module $m.ko not found in linux-image-$KVER"
         cp "$p" "$K/modules/"
@@ -137,6 +145,14 @@ grep -q '^CONFIG_VFIO_NOIOMMU=y' "$K/config" && NOIOMMU_BUILTIN=1 || NOIOMMU_BUI
 say "kernel $KVER ($KVERSION), CONFIG_VFIO_NOIOMMU builtin: $NOIOMMU_BUILTIN"
 loaded=" "
 for m in "${MODS[@]}"; do
+    deps=$(grep -a -o 'depends=[^[:cntrl:]]*' "$K/modules/$m.ko" | head -n1 | cut -d= -f2 | tr ',' ' ')
+    for d in $deps; do
+        case "$loaded" in *" $d "* | *" ${d//_/-} "*) ;; *) die "module $m depends on $d, which is not loaded before it" ;; esac
+    done
+    loaded="$loaded$m "
+done
+loaded=" "
+for m in "${NETMODS[@]}"; do
     deps=$(grep -a -o 'depends=[^[:cntrl:]]*' "$K/modules/$m.ko" | head -n1 | cut -d= -f2 | tr ',' ' ')
     for d in $deps; do
         case "$loaded" in *" $d "* | *" ${d//_/-} "*) ;; *) die "module $m depends on $d, which is not loaded before it" ;; esac
@@ -203,8 +219,10 @@ else
     TP=${CARGO_TARGET_DIR:-$REPO/target}/release/testpmd
 fi
 [ -x "$TP" ] || die "testpmd binary $TP not found"
-# shared libraries as ldd lists them (the dynamic loader appears as an absolute path)
-mapfile -t LIBS < <(ldd "$TP" | awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]+ \(/ {print $1}' | sort -u)
+ETHTOOL=$(command -v ethtool)
+# shared libraries of testpmd and ethtool as ldd lists them (the dynamic loader appears as
+# an absolute path)
+mapfile -t LIBS < <(ldd "$TP" "$ETHTOOL" | awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]+ \(/ {print $1}' | sort -u)
 [ ${#LIBS[@]} -gt 0 ] || die "ldd $TP listed no libraries"
 # glibc dlopen()s libgcc_s for pthread_cancel/unwinding: make sure it is there
 if ! printf '%s\n' "${LIBS[@]}" | grep -q libgcc_s; then
@@ -213,10 +231,10 @@ if ! printf '%s\n' "${LIBS[@]}" | grep -q libgcc_s; then
 fi
 
 # ---- 6. rootfs + initramfs (only when an input changed) ------------------------------------
-INPUTS=("$HERE/guest-init.sh" "$TP" "${LIBS[@]}" "$B/bin/busybox" "$K/vmlinuz")
-for m in "${MODS[@]}"; do INPUTS+=("$K/modules/$m.ko"); done
+INPUTS=("$HERE/guest-init.sh" "$HERE/guest-kernel-net.sh" "$TP" "$ETHTOOL" "${LIBS[@]}" "$B/bin/busybox" "$K/vmlinuz")
+for m in "${MODS[@]}" "${NETMODS[@]}"; do INPUTS+=("$K/modules/$m.ko"); done
 if [ "$NOIOMMU_BUILTIN" = 0 ]; then INPUTS+=("$N/vfio.ko"); fi
-KEY=$( { echo "$KVER $KVERSION ${MODS[*]}"; sha256sum "${INPUTS[@]}" | cut -d' ' -f1; } | sha256sum | cut -d' ' -f1)
+KEY=$( { echo "$KVER $KVERSION ${MODS[*]} ${NETMODS[*]}"; sha256sum "${INPUTS[@]}" | cut -d' ' -f1; } | sha256sum | cut -d' ' -f1)
 if [ -s "$IMG/initrd.img" ] && [ -s "$IMG/vmlinuz" ] && [ "$(cat "$IMG/.key" 2>/dev/null)" = "$KEY" ]; then
     say "image up to date"
 else
@@ -236,7 +254,15 @@ else
     if [ "$NOIOMMU_BUILTIN" = 0 ]; then
         strip --strip-debug -o "$R/lib/modules/vfio-noiommu.ko" "$N/vfio.ko"
     fi
+    : > "$R/lib/modules/net-load-order"
+    for m in "${NETMODS[@]}"; do
+        strip --strip-debug -o "$R/lib/modules/$m.ko" "$K/modules/$m.ko"
+        echo "$m.ko" >> "$R/lib/modules/net-load-order"
+    done
     strip -o "$R/bin/testpmd" "$TP"
+    # busybox has no ethtool: the host's replaces nothing (no applet of that name)
+    cp "$ETHTOOL" "$R/bin/ethtool"
+    install -m 0755 "$HERE/guest-kernel-net.sh" "$R/bin/guest-kernel-net.sh"
     for l in "${LIBS[@]}"; do
         mkdir -p "$R$(dirname "$l")"
         cp -L "$l" "$R$l"
@@ -246,6 +272,8 @@ else
         echo "kernel $KVER $KVERSION"
         echo "testpmd $(sha256sum "$TP" | cut -d' ' -f1) $TP"
         echo "modules $(tr '\n' ' ' < "$R/lib/modules/load-order")"
+        echo "net-modules $(tr '\n' ' ' < "$R/lib/modules/net-load-order")"
+        echo "ethtool $($ETHTOOL --version | head -n1)"
         echo "libs ${LIBS[*]}"
         echo "noiommu-vfio $([ "$NOIOMMU_BUILTIN" = 0 ] && echo rebuilt || echo builtin)"
     } > "$R/etc/vnet-image"

@@ -9,9 +9,14 @@
 #   ===== VNET-TESTPMD BEGIN <command line> =====   and   ===== VNET-TESTPMD END rc=N =====
 # The last line is "VNET-RESULT PASS" or "VNET-RESULT FAIL <reason>".
 #
+# In vt.mode=kernel it loads the kernel's own virtio-net driver instead and hands over to
+# /bin/guest-kernel-net.sh (a stock Linux guest: see that script for its parameters).
+#
 # Kernel command line parameters:
-#   vt.mode=noiommu|viommu    load vfio with enable_unsafe_noiommu_mode=1 (the rebuilt
-#                             vfio-noiommu.ko), or use a vIOMMU (default noiommu)
+#   vt.mode=noiommu|viommu|kernel
+#                             load vfio with enable_unsafe_noiommu_mode=1 (the rebuilt
+#                             vfio-noiommu.ko), or use a vIOMMU (default noiommu); or
+#                             kernel: no VFIO, the kernel's virtio_net drives the NIC
 #   vt.fwd=none|txonly|rxonly|io|...   testpmd --forward-mode; none = bind only (default none)
 #   vt.secs=N                 testpmd --duration (default 5)
 #   vt.txfirst=N              --tx-first N (default 4 in io mode, none otherwise)
@@ -53,6 +58,16 @@ fail() {
     dmesg | grep -iE 'vfio|iommu|virtio|pci 0000:0[1-9]' | tail -n 15 | sed 's/^/VNET-DMESG /'
     finish FAIL "$*"
 }
+
+# ---- a stock Linux guest: the kernel's virtio-net driver -------------------------------------
+if [ "$MODE" = kernel ]; then
+    for ko in $(cat /lib/modules/net-load-order); do
+        insmod "/lib/modules/$ko" 2>/tmp/insmod.err || { echo "VNET-MODULE FAIL $ko: $(cat /tmp/insmod.err)"; fail "insmod $ko"; }
+    done
+    echo "VNET-MODULE ok $(tr '\n' ' ' < /lib/modules/net-load-order)"
+    . /bin/guest-kernel-net.sh
+    fail "guest-kernel-net.sh returned"
+fi
 
 # ---- modules ------------------------------------------------------------------------------
 for ko in $(cat /lib/modules/load-order); do

@@ -13,7 +13,7 @@ use super::offload;
 use super::{PortPath, Side, BURST, ETH_HLEN, FILTER_BYTES};
 use crate::ring::{publish_used_pair, Ring};
 use crate::split_ring::{copy_chain, gather, scatter, Dir, RingFault};
-use crate::stats::{BurstCounts, DropReason};
+use crate::stats::{BurstCounts, DropReason, OffloadCounts};
 
 impl PortPath {
     /// One forwarding burst. A burst whose sending driver negotiated no host offload, and
@@ -155,6 +155,7 @@ impl PortPath {
                 // frame of the burst loads and stores (`bench/callgrind.sh`).
                 let (mut n, mut done) = (nrx, rx_done);
                 let (mut c_s, mut c_d) = (BurstCounts::default(), BurstCounts::default());
+                let mut c_o = OffloadCounts::default();
                 let res = offload::forward(
                     staging.as_deref_mut(),
                     schain,
@@ -163,11 +164,13 @@ impl PortPath {
                     &mut n,
                     &mut done,
                     mrg_chain,
-                    (&mut c_s, &mut c_d),
+                    (&mut c_s, &mut c_d, &mut c_o),
                 );
                 (nrx, rx_done) = (n, done);
                 sc.add(&c_s);
                 dc.add(&c_d);
+                // Per super-frame, straight into the shared counters (see `OffloadCounts`).
+                sdev.stats[spair].flush_offloads(&c_o);
                 match res {
                     Ok(false) => continue,
                     Ok(true) => break, // the rest waits for receive buffers

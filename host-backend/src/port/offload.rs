@@ -28,7 +28,7 @@ use crate::ctrl::RxConfig;
 use crate::memory::GuestMemory;
 use crate::ring::Ring;
 use crate::split_ring::{gather, scatter, Chain, ChainBuf, Dir, RingFault};
-use crate::stats::{BurstCounts, DropReason};
+use crate::stats::{BurstCounts, DropReason, OffloadCounts, OffloadEvent};
 
 /// Largest super-frame: a 64 KiB IP packet behind an Ethernet header and two VLAN tags.
 pub(crate) const MAX_SUPER_FRAME: usize = 65535 + 14 + 8;
@@ -202,9 +202,9 @@ impl Staging {
     /// its header, when the driver there takes it (`GUEST_CSUM` for a partial checksum;
     /// `GUEST_TSO4`/`GUEST_TSO6` and `GUEST_CSUM` for a TCP super-frame that carries
     /// `NEEDS_CSUM`), else its checksum completed here and it goes without offload
-    /// fields, or it is cut into segments.
+    /// fields, or it is cut into segments. Counts the choice into `oc`.
     #[inline(never)]
-    pub fn plan(&mut self, rx: &RxConfig) {
+    pub fn plan(&mut self, rx: &RxConfig, oc: &mut OffloadCounts) {
         let frame = &mut self.frame[..self.len];
         let hdr = self.hdr;
         self.mode = match hdr.gso_kind() {
@@ -245,6 +245,15 @@ impl Staging {
             }
             Err(_) => Mode::Idle,
         };
+        match self.mode {
+            Mode::Idle => {}
+            Mode::Whole if self.out_hdr == [0; NET_HDR_LEN] => oc.add(OffloadEvent::SwCsum, 1),
+            Mode::Whole => oc.add(OffloadEvent::PassedWhole, 1),
+            Mode::Segments { count, .. } => {
+                oc.add(OffloadEvent::SwGso, 1);
+                oc.add(OffloadEvent::SwSegments, count as u64);
+            }
+        }
     }
 
     /// Delivers what is staged into the receive chains `*rx_done ..` of `dr` (`nrx`
@@ -335,7 +344,7 @@ pub(crate) struct Forward {
 /// burst: staged (or dropped, counted in `counts.0`, the sending side), filtered, planned
 /// for the receiving side `rx` (its ring, memory, chain room and configuration; `None`:
 /// it does not run) and delivered as far as its receive buffers go (counted in
-/// `counts.1`). The caller has completed the transmit chain. Returns whether some of the
+/// `counts.1`); what the offload did is counted in `counts.2` (the sending side's). The caller has completed the transmit chain. Returns whether some of the
 /// frame waits for receive buffers (the burst must take no further frame), or the
 /// receive ring's fault.
 #[cold]
@@ -349,9 +358,9 @@ pub(crate) fn forward<'m, D: Ring>(
     nrx: &mut u16,
     rx_done: &mut u16,
     more: &mut ChainBuf,
-    counts: (&mut BurstCounts, &mut BurstCounts),
+    counts: (&mut BurstCounts, &mut BurstCounts, &mut OffloadCounts),
 ) -> Result<bool, RingFault> {
-    let (sc, dc) = counts;
+    let (sc, dc, oc) = counts;
     let Some(st) = staging else {
         sc.drop(DropReason::OffloadNotNegotiated);
         return Ok(false);
@@ -365,6 +374,7 @@ pub(crate) fn forward<'m, D: Ring>(
     };
     sc.rx_packets += 1;
     sc.rx_bytes += len;
+    oc.add(if st.hdr.gso_type == 0 { OffloadEvent::CsumRequests } else { OffloadEvent::GsoRequests }, 1);
     let Some((dr, dmem, dchain, rx)) = rx else {
         sc.drop(DropReason::PeerDown);
         return Ok(false);
@@ -373,7 +383,7 @@ pub(crate) fn forward<'m, D: Ring>(
         dc.drop(DropReason::Filtered);
         return Ok(false);
     }
-    st.plan(rx);
+    st.plan(rx, oc);
     st.drain(dr, dmem, nrx, rx_done, dchain, more, cx.mrg, dc)?;
     Ok(st.pending())
 }
@@ -522,12 +532,13 @@ mod tests {
         let mut st = Staging::new(MAX_FRAME as usize);
         let none = RxConfig::reset([2, 0, 0, 0, 0, 1], 0);
         let tso = RxConfig::reset([2, 0, 0, 0, 0, 1], bit(f::NET_GUEST_CSUM) | bit(f::NET_GUEST_TSO4));
+        let mut oc = OffloadCounts::default();
         stage(&mut st, packet(tso4(1448), &tcp4(4000)), all()).unwrap();
-        st.plan(&none);
+        st.plan(&none, &mut oc);
         assert_eq!(st.mode, Mode::Segments { next: 0, count: 3 });
         assert_eq!(st.discard(), 3);
         stage(&mut st, packet(tso4(1448), &tcp4(4000)), all()).unwrap();
-        st.plan(&tso);
+        st.plan(&tso, &mut oc);
         assert_eq!(st.mode, Mode::Whole);
         let out = NetHdr::from_bytes(st.out_hdr);
         assert_eq!(out, NetHdr { num_buffers: 0, ..tso4(1448) });
@@ -536,8 +547,10 @@ mod tests {
         let csum = NetHdr { gso_type: 0, gso_size: 0, hdr_len: 0, ..tso4(0) };
         let frame = tcp4(100);
         stage(&mut st, packet(csum, &frame), all()).unwrap();
-        st.plan(&none);
+        st.plan(&none, &mut oc);
         assert_eq!((st.mode, st.out_hdr), (Mode::Whole, [0; NET_HDR_LEN]));
+        // One each of segmented (into 3), passed whole, completed here.
+        assert_eq!(oc.0, [0, 0, 1, 1, 1, 3]);
         let mut want = frame.clone();
         complete_csum(&mut want, 34, 16).unwrap();
         assert_ne!(want, frame);
