@@ -766,3 +766,95 @@ fn hostile_offload_requests_are_dropped_and_counted() {
     assert_eq!((counter(dg, "rx_packets"), counter(dg, "tx_packets")), (good_frames, good_frames));
     assert_eq!(total_drops(dg), 0);
 }
+
+/// A UDP frame (IPv4 or IPv6) with `payload`, checksums complete, IPv4 id 0x4242.
+fn udp_frame(v6: bool, payload: &[u8]) -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2(MAC_A, MAC_B);
+    let b = if v6 { b.ipv6(IP6_A, IP6_B, 64) } else { b.ipv4(IP4_A, IP4_B, 64) };
+    let b = b.udp(40000, 4789);
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).unwrap();
+    if !v6 {
+        out[14 + 4..14 + 6].copy_from_slice(&0x4242u16.to_be_bytes());
+        let sum = ip4_header_csum(&out[14..34]);
+        out[14 + 10..14 + 12].copy_from_slice(&sum.to_be_bytes());
+    }
+    out
+}
+
+/// A USO super-frame (`GSO_UDP_L4`, UDP over IPv4 and IPv6, 10 000 bytes of payload cut
+/// at 1000) from A, a driver that negotiated `HOST_USO`, reaches B (no receive offloads)
+/// as ten UDP datagrams, each with its own correct checksum and length (verified
+/// independently), IPv4 ids counting up, and payloads that concatenate to the original;
+/// counted as segmented on A.
+#[test]
+fn uso_super_frames_segmented_into_valid_datagrams() {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    let _serial = serial();
+    let dir = TempDir::new("offload-uso");
+    let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
+    let xc = format!("xconnect:{},{}", sa.display(), sb.display());
+    let backend = Backend::start(&["--port", &xc, "--cores", "1"]);
+    let uso = bits(&[features::NET_CSUM, features::NET_HOST_USO]);
+    let mut a = raw(&sa, uso);
+    let mut b = raw(&sb, 0);
+    assert_eq!(a.features() & uso, uso, "HOST_USO offered");
+    wait_connected(&backend, &[&sa, &sb]);
+    const SIZE: usize = 1000;
+    let mut segments = 0u64;
+    for v6 in [false, true] {
+        let data = payload(10 * SIZE, 5 + v6 as u8);
+        let frame = with_partial_csum(udp_frame(v6, &data), v6, 6);
+        let start = l4(v6) as u16;
+        let mut pkt = hdr(net_hdr::F_NEEDS_CSUM, net_hdr::GSO_UDP_L4, start + 8, SIZE as u16, start, 6);
+        pkt.extend_from_slice(&frame);
+        a.send_packets(TX, &[pkt]).unwrap();
+        a.wait_tx_done(TX, IO_TIMEOUT).unwrap();
+        let got = b
+            .recv_packets(RX, 10, IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}; stats {:?}\nlog {}", backend.latest_stats(), backend.log()));
+        let mut joined = Vec::new();
+        for (k, p) in got.iter().enumerate() {
+            assert_eq!(&p[..NET_HDR_LEN], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0], "plain header");
+            let f = &p[NET_HDR_LEN..];
+            let s =
+                SlicedPacket::from_ethernet(f).unwrap_or_else(|e| panic!("segment {k} does not parse: {e}"));
+            let (Some(net), Some(TransportSlice::Udp(udp))) = (s.net, s.transport) else {
+                panic!("segment {k} is not UDP/IP: {f:?}")
+            };
+            assert_eq!(udp.length() as usize, 8 + SIZE, "UDP length of segment {k}");
+            let want = match net {
+                NetSlice::Ipv4(ip) => {
+                    let h = ip.header();
+                    assert_eq!(
+                        h.header_checksum(),
+                        h.to_header().calc_header_checksum(),
+                        "IPv4 header checksum"
+                    );
+                    assert_eq!(h.total_len() as usize, f.len() - 14, "IPv4 total length");
+                    assert_eq!(h.identification(), 0x4242 + k as u16, "IPv4 id of segment {k}");
+                    udp.to_header()
+                        .calc_checksum_ipv4_raw(h.source(), h.destination(), udp.payload())
+                        .unwrap()
+                }
+                NetSlice::Ipv6(ip) => {
+                    let h = ip.header();
+                    assert_eq!(h.payload_length() as usize, f.len() - 54, "IPv6 payload length");
+                    udp.to_header()
+                        .calc_checksum_ipv6_raw(h.source(), h.destination(), udp.payload())
+                        .unwrap()
+                }
+                NetSlice::Arp(_) => panic!("ARP"),
+            };
+            assert_eq!(udp.checksum(), want, "UDP checksum of segment {k} (v6 {v6})");
+            joined.extend_from_slice(udp.payload());
+        }
+        assert_eq!(joined, data, "payloads concatenate to the original");
+        segments += got.len() as u64;
+    }
+    let fin = backend.stop();
+    let (da, db) = (device(&fin, &sa), device(&fin, &sb));
+    assert_eq!((counter(da, "rx_packets"), counter(db, "tx_packets")), (2, segments));
+    assert_eq!(total_drops(da) + total_drops(db), 0, "A {da}\nB {db}");
+    assert_eq!(offloads(da), [0, 2, 0, 0, 2, segments], "A {da}");
+}
