@@ -529,3 +529,27 @@ fn open_rejects_buffers_below_mtu() {
     assert_eq!(counter(dev, "rx_packets"), 1);
     check_clean(dev);
 }
+
+/// `PortConfig::mtu` (DPDK's `rte_eth_dev_set_mtu`, testpmd's `--max-pkt-len`): a port
+/// runs at the MTU asked for when the device carries it, and the open fails with a
+/// message naming the range when it does not (above the MTU the device reports, or
+/// below 68); the back-end keeps serving.
+#[test]
+fn open_sets_the_mtu_asked_for_within_the_devices() {
+    let _serial = serial();
+    let dir = TempDir::new("drv-setmtu");
+    let sock = dir.join("sink.sock");
+    let backend = start_backend("sink", &sock, &[]);
+    for (mtu, needle) in [(9000u16, "MTU 9000 asked for: this device carries 68..=1500"), (60, "68..=1500")] {
+        let cfg = PortConfig { mtu: Some(mtu), ..PortConfig::virtio_user(&sock) };
+        let err = open(cfg).err().unwrap_or_else(|| panic!("MTU {mtu}: open succeeded"));
+        assert!(matches!(err, Error::Config(_)), "{err:?}");
+        assert!(err.to_string().contains(needle), "{err}");
+    }
+    let port = open(PortConfig { mtu: Some(1400), ..PortConfig::virtio_user(&sock) }).expect("MTU 1400");
+    assert_eq!(port.info().mtu, 1400);
+    let (avail, cap) = close(port, Vec::new());
+    assert_eq!(avail, cap);
+    let fin = backend.stop();
+    check_clean(device(&fin, &sock));
+}
