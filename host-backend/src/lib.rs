@@ -142,6 +142,7 @@ impl Backend {
                             host_offloads: if forwards { forward_offloads().0 } else { 0 },
                             iommu: cfg.iommu,
                             packed: !cfg.no_packed,
+                            sink_read: cfg.sink_read,
                         },
                         engine.clone(),
                         (spec.kind == PortKind::Gen).then_some(cfg.gen_count).flatten(),

@@ -63,10 +63,21 @@ fn check_clean(dev: &Value) {
 /// buffer is back in the pool after close.
 #[test]
 fn sink_counts_every_frame_and_byte() {
+    sink_counts(&[]);
+}
+
+/// [`sink_counts_every_frame_and_byte`] with `--sink-read` (every frame copied out of
+/// guest memory, as DPDK's rxonly does): the same exact counts.
+#[test]
+fn sink_read_counts_every_frame_and_byte() {
+    sink_counts(&["--sink-read"]);
+}
+
+fn sink_counts(extra: &[&str]) {
     let _serial = serial();
     let dir = TempDir::new("drv-sink");
     let sock = dir.join("sink.sock");
-    let backend = start_backend("sink", &sock, &[]);
+    let backend = start_backend("sink", &sock, extra);
     let mut port = open_default(&sock);
     let mut qp = port.queue_pair(0).expect("queue pair 0");
     let pool = port.pool().clone();

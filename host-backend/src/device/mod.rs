@@ -116,6 +116,8 @@ pub struct DeviceParams {
     pub iommu: bool,
     /// Offer `VIRTIO_F_RING_PACKED` (virtio 1.2 §2.8; off with `--no-packed`).
     pub packed: bool,
+    /// `sink`: copy each frame out before completing it (`--sink-read`).
+    pub sink_read: bool,
 }
 
 #[derive(Default)]

@@ -119,8 +119,13 @@ impl QueueSlot {
 
 /// What kind of work a path does per burst, with that kind's own state.
 pub enum PathKind {
-    /// Count and drop what the guest transmits on `src`.
-    Sink,
+    /// Count and drop what the guest transmits on `src`; with `copy` (`--sink-read`),
+    /// each frame is first copied out into it (one slot of the largest frame per frame
+    /// of a burst, as DPDK's `rxonly` copies each into its own mbuf).
+    Sink {
+        /// `BURST` slots of `max_frame` bytes, or `None`: frames are not read.
+        copy: Option<Box<[u8]>>,
+    },
     /// Fill the guest's receive buffers on `dst` with generated frames.
     Gen {
         /// Virtio-net header followed by the frame template; the sequence number is
@@ -197,7 +202,9 @@ impl PortPath {
 
     /// A sink on `dev`'s transmit queue `q`.
     pub fn sink(dev: &Arc<Device>, q: u16) -> PortPath {
-        PortPath::new(PathKind::Sink, Some(QueueSlot::new(dev, q)), None, dev.params.mtu)
+        let slot = dev.params.mtu as usize + ETH_HLEN as usize + 4;
+        let copy = dev.params.sink_read.then(|| vec![0u8; BURST as usize * slot].into_boxed_slice());
+        PortPath::new(PathKind::Sink { copy }, Some(QueueSlot::new(dev, q)), None, dev.params.mtu)
     }
 
     /// A generator of `pkt_size`-byte frames into `dev`'s receive queue `q`: UDP, or
@@ -336,7 +343,7 @@ impl PortPath {
             self.run_packed()
         } else {
             match self.kind {
-                PathKind::Sink => self.run_sink::<DeviceRing>(),
+                PathKind::Sink { .. } => self.run_sink::<DeviceRing>(),
                 PathKind::Gen { tcp: None, .. } => self.run_gen::<DeviceRing>(),
                 PathKind::Gen { tcp: Some(_), .. } => self.run_gen_tcp::<DeviceRing>(),
                 PathKind::Forward { swap_mac } => self.run_forward::<DeviceRing, DeviceRing>(swap_mac),
@@ -377,7 +384,7 @@ impl PortPath {
         type P = PackedRing;
         let (sp, dp) = self.packed;
         match self.kind {
-            PathKind::Sink => self.run_sink::<P>(),
+            PathKind::Sink { .. } => self.run_sink::<P>(),
             PathKind::Gen { tcp: None, .. } => self.run_gen::<P>(),
             PathKind::Gen { tcp: Some(_), .. } => self.run_gen_tcp::<P>(),
             PathKind::Forward { swap_mac } => match (sp, dp) {

@@ -2,16 +2,17 @@
 //! `--handoff`'s sending half).
 //!
 //! Owns: classifying a transmitted chain ([`PortPath::tx_frame`]), completing a burst of
-//! transmit chains ([`PortPath::consume_tx`]) and `sink`'s count-and-drop.
+//! transmit chains ([`PortPath::consume_tx`]) and `sink`'s count-and-drop (with
+//! `--sink-read`, each frame copied out first).
 //! Must not: write into guest buffers (a transmit chain is device-readable) or change
 //! device state other than through `QueueSlot::fail`.
 
 use spec::layout::NET_HDR_LEN;
 
-use super::{PortPath, Side, BURST, ETH_HLEN};
+use super::{PathKind, PortPath, Side, BURST, ETH_HLEN};
 use crate::memory::GuestMemory;
 use crate::ring::Ring;
-use crate::split_ring::{Chain, ChainBuf, Dir, RingFault};
+use crate::split_ring::{gather, Chain, ChainBuf, Dir, RingFault};
 use crate::stats::{BurstCounts, DropReason};
 
 impl PortPath {
@@ -41,7 +42,19 @@ impl PortPath {
             return Ok(0);
         }
         let mut c = BurstCounts::default();
-        let res = Self::consume_tx(ring, mem, &mut self.src_chain, n, max_frame, &mut c, |_, _| {});
+        let res = match &mut self.kind {
+            PathKind::Sink { copy: Some(slots) } => {
+                // `--sink-read`: each frame copied out into its own slot.
+                let slot = max_frame as usize;
+                let mut k = 0;
+                Self::consume_tx(ring, mem, &mut self.src_chain, n, max_frame, &mut c, |chain, len| {
+                    let at = (k % BURST as usize) * slot;
+                    gather(chain, NET_HDR_LEN, &mut slots[at..at + len as usize]);
+                    k += 1;
+                })
+            }
+            _ => Self::consume_tx(ring, mem, &mut self.src_chain, n, max_frame, &mut c, |_, _| {}),
+        };
         src.dev.stats[pair].flush_rx(&c);
         res.map_err(|b| (Side::Src, b))
     }
