@@ -176,6 +176,9 @@ pub struct PortPath {
     /// Whether the source and the destination ring are packed (set when rings are
     /// taken): the engine a burst runs with, chosen once per burst.
     packed: (bool, bool),
+    /// `run` takes this path's bursts out of line ([`run_other`](Self::run_other)): a
+    /// packed ring, or a `sink --sink-read` (set with the rings).
+    out_of_line: bool,
 }
 
 /// Which side of a path a bad value came from.
@@ -197,6 +200,7 @@ impl PortPath {
             // MTU plus Ethernet header plus one VLAN tag.
             max_frame: mtu as u64 + ETH_HLEN + 4,
             packed: (false, false),
+            out_of_line: false,
         }
     }
 
@@ -272,6 +276,7 @@ impl PortPath {
             }
         }
         self.packed = (false, false);
+        self.out_of_line = false;
     }
 
     /// Takes every ring that may run now.
@@ -282,6 +287,8 @@ impl PortPath {
             }
         }
         self.packed = (QueueSlot::packed(&self.src), QueueSlot::packed(&self.dst));
+        self.out_of_line =
+            self.packed != (false, false) || matches!(self.kind, PathKind::Sink { copy: Some(_) });
         log::debug!(
             "path attached: src {:?} active {}, dst {:?} active {}",
             self.src.as_ref().map(|s| s.q),
@@ -336,11 +343,12 @@ impl PortPath {
     ///
     /// The ring engine is chosen here, once per burst: each kind's burst is generic over
     /// [`Ring`]; split rings run the bursts inlined here, as before there was a packed
-    /// engine, and any packed ring goes through [`run_packed`](Self::run_packed).
+    /// engine, and any packed ring (and `sink --sink-read`) goes through
+    /// [`run_other`](Self::run_other).
     #[inline(never)]
     pub fn run(&mut self) -> usize {
-        let res = if self.packed != (false, false) {
-            self.run_packed()
+        let res = if self.out_of_line {
+            self.run_other()
         } else {
             match self.kind {
                 PathKind::Sink { .. } => self.run_sink::<DeviceRing>(),
@@ -376,15 +384,18 @@ impl PortPath {
     }
 
     /// [`run`](Self::run)'s bursts for a path with a packed ring (on either side: a
-    /// cross-connect may join a split and a packed device). Out of line, so the split
+    /// cross-connect may join a split and a packed device), and `sink --sink-read`'s on
+    /// either layout. Out of line, so the split
     /// bursts in `run` stay as they were.
     #[inline(never)]
-    fn run_packed(&mut self) -> Result<usize, (Side, RingFault)> {
+    fn run_other(&mut self) -> Result<usize, (Side, RingFault)> {
         type S = DeviceRing;
         type P = PackedRing;
         let (sp, dp) = self.packed;
         match self.kind {
-            PathKind::Sink { .. } => self.run_sink::<P>(),
+            PathKind::Sink { copy: None } => self.run_sink::<P>(),
+            PathKind::Sink { copy: Some(_) } if sp => self.run_sink_read::<P>(),
+            PathKind::Sink { copy: Some(_) } => self.run_sink_read::<S>(),
             PathKind::Gen { tcp: None, .. } => self.run_gen::<P>(),
             PathKind::Gen { tcp: Some(_), .. } => self.run_gen_tcp::<P>(),
             PathKind::Forward { swap_mac } => match (sp, dp) {
