@@ -44,10 +44,16 @@ pub enum DropReason {
     /// A transmitted frame with an offload request whose chain ends inside the headers
     /// the request needs (Ethernet, IP, TCP or UDP).
     TruncatedHeader,
+    /// `tap`: the kernel refused a frame the guest sent (the tap's `write` failed: the
+    /// interface is down, or the kernel rejected the virtio-net header).
+    KernelRefused,
+    /// `tap`: a frame the kernel sent to the tap had no receive buffer to go to (the
+    /// guest's receive queue is not running), so it was read and dropped.
+    NoBuffer,
 }
 
 /// Number of drop reasons.
-pub const DROP_REASONS: usize = 11;
+pub const DROP_REASONS: usize = 13;
 /// JSON/text names of the drop reasons, in `DropReason` order.
 pub const DROP_NAMES: [&str; DROP_REASONS] = [
     "bad_descriptor",
@@ -61,6 +67,8 @@ pub const DROP_NAMES: [&str; DROP_REASONS] = [
     "bad_gso",
     "bad_csum",
     "truncated_header",
+    "kernel_refused",
+    "no_buffer",
 ];
 
 /// What the host offloads did with the frames a queue pair's driver transmitted that

@@ -19,8 +19,8 @@
 //!
 //! Here: a path ([`PortPath`]: its kind, its queues, its chain room) and the one burst
 //! entry point [`PortPath::run`]; each kind's burst is in its own file: `sink`, `gen`,
-//! `forward` (`reflect` and `xconnect`), `control` (the control queue) and `handoff`
-//! (`--handoff`'s two halves); a frame over several receive chains (mergeable receive
+//! `forward` (`reflect` and `xconnect`), `control` (the control queue), `handoff`
+//! (`--handoff`'s two halves) and `tap` (a queue pair to and from a kernel tap queue); a frame over several receive chains (mergeable receive
 //! buffers) is `mrg`'s, a transmitted frame with a checksum or segmentation request
 //! `offload`'s (both out of line: a frame that needs neither never goes there). The
 //! kinds' bursts are `#[inline(always)]` into `run`, as they were when they lived in one
@@ -47,6 +47,7 @@ mod handoff;
 pub(crate) mod mrg;
 mod offload;
 mod sink;
+mod tap;
 
 pub(crate) use gen::udp_frame;
 
@@ -148,6 +149,9 @@ pub enum PathKind {
     /// `--handoff`: deliver frames another worker handed over into `dst` (a receive
     /// queue).
     HandIn(Box<Receiver>),
+    /// `tap`: what `src` (a transmit queue) sends goes to a tap queue, what the kernel
+    /// sends to it comes into `dst` (the same pair's receive queue).
+    Tap(Box<tap::TapState>),
 }
 
 /// One path of a port: a unit of work a worker runs every loop, one kind of work on
@@ -253,6 +257,18 @@ impl PortPath {
         )
     }
 
+    /// A tap port's queue pair `txq`/`rxq` of `dev`, joined to the tap queue `q`.
+    pub fn tap(dev: &Arc<Device>, txq: u16, rxq: u16, q: crate::tap::TapQueue) -> PortPath {
+        // The path's largest frame, as `new` computes it.
+        let max_frame = dev.params.mtu as u64 + ETH_HLEN + 4;
+        PortPath::new(
+            PathKind::Tap(Box::new(tap::TapState::new(q, max_frame))),
+            Some(QueueSlot::new(dev, txq)),
+            Some(QueueSlot::new(dev, rxq)),
+            dev.params.mtu,
+        )
+    }
+
     fn slots(&mut self) -> impl Iterator<Item = &mut QueueSlot> {
         self.src.iter_mut().chain(self.dst.iter_mut())
     }
@@ -275,6 +291,11 @@ impl PortPath {
             }
         }
         self.packed = (QueueSlot::packed(&self.src), QueueSlot::packed(&self.dst));
+        if let (PathKind::Tap(t), Some(a)) =
+            (&mut self.kind, self.dst.as_ref().and_then(|d| d.active.as_ref()))
+        {
+            t.configure(&a.rx, self.max_frame);
+        }
         log::debug!(
             "path attached: src {:?} active {}, dst {:?} active {}",
             self.src.as_ref().map(|s| s.q),
@@ -307,6 +328,14 @@ impl PortPath {
             }
         }
         all
+    }
+
+    /// Descriptors other than kick eventfds whose readiness means work for this path (a
+    /// tap's): the worker sleeps on them too, edge-triggered, and never reads them.
+    pub fn poll_fds(&self, out: &mut Vec<i32>) {
+        if let PathKind::Tap(t) = &self.kind {
+            out.push(t.raw_fd());
+        }
     }
 
     /// Enables or suppresses kicks on every active ring; when enabling, returns whether
@@ -343,6 +372,7 @@ impl PortPath {
                 PathKind::Ctrl { .. } => self.run_ctrl::<DeviceRing>(),
                 PathKind::HandOut(_) => self.run_hand_out::<DeviceRing>(),
                 PathKind::HandIn(_) => self.run_hand_in::<DeviceRing>(),
+                PathKind::Tap(_) => self.run_tap::<DeviceRing>(),
             }
         };
         match res {
@@ -388,6 +418,8 @@ impl PortPath {
             PathKind::Ctrl { .. } => self.run_ctrl::<P>(),
             PathKind::HandOut(_) => self.run_hand_out::<P>(),
             PathKind::HandIn(_) => self.run_hand_in::<P>(),
+            // Both rings are the one device's: both packed.
+            PathKind::Tap(_) => self.run_tap::<P>(),
         }
     }
 }
