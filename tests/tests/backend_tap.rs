@@ -1,0 +1,311 @@
+//! Issue 18: the `tap` port. Two private network namespaces, created and removed by the
+//! test, each hold one tap interface served by one backend (two `tap` ports); our
+//! testpmd forwards between its two virtio-user ports in `io` mode, so the kernel of one
+//! namespace reaches the other only through tap → backend → our driver → backend → tap.
+//!
+//! * `ping_and_tcp_cross_two_namespaces_through_testpmd`: 20 pings across, 20 replies;
+//!   64 MiB over TCP from one namespace to the other (a sender and a receiver thread,
+//!   each moved into its namespace with `setns`), the receiver's byte count and sha256
+//!   equal to the sender's; every frame one tap port took from its guest reached the
+//!   other tap port's guest (backend counters against testpmd's), no drop anywhere in
+//!   the backend; both tap interfaces gone once the backend exits.
+//! * `namespace_pings_testpmd_icmpecho_on_a_tap_port`: one tap port, testpmd in
+//!   `icmpecho` mode; the namespace's kernel pings an address on the link and gets 20
+//!   replies of 20 (testpmd answers the ARP request and every echo request).
+//!
+//! Each test takes the cross-binary [`serial`] lock, bounds every wait, and removes its
+//! namespaces in `Drop` guards, also when an assertion fails (the backend, which owns
+//! the taps, is stopped first, so the taps go away with it). IPv6 is switched off in the
+//! namespaces so that the only traffic is the test's (ARP, ICMP, TCP). The host's own
+//! interfaces are never touched.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::Duration;
+
+use serde_json::Value;
+use vnet_tests::harness::{counter, device, serial, total_drops, within, Backend, TempDir};
+use vnet_tests::testpmd_proc::{forward_stats, Testpmd};
+
+const WAIT: Duration = Duration::from_secs(20);
+/// Bytes sent over TCP.
+const XFER: usize = 64 << 20;
+const PINGS: u32 = 20;
+
+/// Runs a command to completion; panics with its output if it fails.
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} {args:?}: {e} (is it installed? tests/run.sh installs it)"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{cmd} {args:?} failed ({}):\n{text}", out.status);
+    text
+}
+
+/// A private network namespace, removed on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("vnt-{tag}-{}", std::process::id());
+        // A namespace left behind by an earlier run of this process id.
+        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.exec("sysctl", &["-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"]);
+        ns.exec("sysctl", &["-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"]);
+        ns
+    }
+
+    fn exec(&self, cmd: &str, args: &[&str]) -> String {
+        let mut a = vec!["netns", "exec", &self.name, cmd];
+        a.extend_from_slice(args);
+        run("ip", &a)
+    }
+
+    /// Moves the interface `tap` (in our namespace) into this one, with `addr`; the link
+    /// stays down until [`up`](Self::up).
+    fn take(&self, tap: &str, addr: &str) {
+        run("ip", &["link", "set", tap, "netns", &self.name]);
+        run("ip", &["-n", &self.name, "addr", "add", addr, "dev", tap]);
+    }
+
+    fn up(&self, tap: &str) {
+        run("ip", &["-n", &self.name, "link", "set", tap, "up"]);
+    }
+
+    /// Runs `f` on a thread that has entered this namespace (sockets it opens live there).
+    fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        thread::spawn(move || {
+            // SAFETY: setns only reads the descriptor number; it moves this thread (a
+            // plain thread of ours, which owns no other namespace state) into the
+            // network namespace of an open /var/run/netns file.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+
+    /// Pings `addr` `PINGS` times (bounded to 60 s); returns the replies received.
+    fn ping(&self, addr: &str) -> u32 {
+        let n = PINGS.to_string();
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "ping", "-c", &n, "-i", "0.2", "-w", "60", "-q", addr])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("ping: {e} (tests/run.sh installs iputils-ping)"));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let line = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or_else(|| panic!("no ping summary:\n{text}{}", String::from_utf8_lossy(&out.stderr)));
+        let got = line.split(", ").find_map(|p| p.strip_suffix(" received")).and_then(|v| v.parse().ok());
+        got.unwrap_or_else(|| panic!("cannot read the reply count in '{line}'"))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).stderr(Stdio::null()).status();
+    }
+}
+
+/// Whether an interface of that name exists in our namespace.
+fn link_exists(name: &str) -> bool {
+    std::path::Path::new("/sys/class/net").join(name).exists()
+}
+
+/// `sha256sum` of what is written into it.
+struct Sha {
+    child: std::process::Child,
+}
+
+impl Sha {
+    fn new() -> Sha {
+        let child = Command::new("sha256sum")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("sha256sum: {e}"));
+        Sha { child }
+    }
+    fn update(&mut self, b: &[u8]) {
+        self.child.stdin.as_mut().expect("piped").write_all(b).expect("write to sha256sum");
+    }
+    fn hex(mut self) -> String {
+        drop(self.child.stdin.take());
+        let mut s = String::new();
+        self.child.stdout.take().expect("piped").read_to_string(&mut s).expect("sha256sum output");
+        self.child.wait().expect("sha256sum exit");
+        s.split_whitespace().next().unwrap_or_default().to_string()
+    }
+}
+
+/// The sender's bytes: a xorshift stream (not compressible, not periodic in 64 MiB).
+fn fill(buf: &mut [u8], state: &mut u64) {
+    for c in buf.chunks_mut(8) {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        c.copy_from_slice(&state.to_le_bytes()[..c.len()]);
+    }
+}
+
+fn testpmd_connected(stats: &Value, socks: &[&std::path::Path]) -> bool {
+    socks.iter().all(|s| {
+        stats["devices"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["socket"] == s.to_str().unwrap() && d["connected"] == true))
+    })
+}
+
+/// Waits until two successive stats lines of the backend show the same device counters.
+fn settle(backend: &Backend) {
+    let last = std::sync::Mutex::new((String::new(), String::new()));
+    backend.wait_stats(WAIT, |s| {
+        let (t, key) = (s["elapsed_s"].to_string(), s["devices"].to_string());
+        let mut l = last.lock().unwrap_or_else(|p| p.into_inner());
+        let same = l.0 != t && l.1 == key;
+        *l = (t, key);
+        same
+    });
+}
+
+#[test]
+fn ping_and_tcp_cross_two_namespaces_through_testpmd() {
+    let _lock = serial();
+    let pid = std::process::id();
+    let (tap_a, tap_b) = (format!("vnta{pid}"), format!("vntb{pid}"));
+    // Declared before the backend: dropped after it (the backend's exit removes the taps).
+    let ns_a = Netns::new("a");
+    let ns_b = Netns::new("b");
+    let dir = TempDir::new("tap");
+    let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
+    let port_a = format!("tap:{},{tap_a}", sa.display());
+    let port_b = format!("tap:{},{tap_b}", sb.display());
+    let backend = Backend::start(&["--port", &port_a, "--port", &port_b]);
+    assert!(link_exists(&tap_a) && link_exists(&tap_b), "the backend created no taps:\n{}", backend.log());
+    ns_a.take(&tap_a, "10.77.0.1/24");
+    ns_b.take(&tap_b, "10.77.0.2/24");
+
+    let vdev_a = format!("virtio_user0,path={}", sa.display());
+    let vdev_b = format!("virtio_user1,path={}", sb.display());
+    let tp =
+        Testpmd::spawn(&["--vdev", &vdev_a, "--vdev", &vdev_b, "--forward-mode", "io", "--duration", "600"]);
+    backend.wait_stats(WAIT, |s| testpmd_connected(s, &[&sa, &sb]));
+    ns_a.up(&tap_a);
+    ns_b.up(&tap_b);
+
+    assert_eq!(ns_a.ping("10.77.0.2"), PINGS, "ping replies across the two namespaces");
+
+    // 64 MiB from A to B over TCP.
+    let listener = ns_b
+        .spawn(|| TcpListener::bind(SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 2), 5001)).expect("bind in B"))
+        .join()
+        .expect("listener thread");
+    let receiver = thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        let mut sha = Sha::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0usize;
+        loop {
+            let k = s.read(&mut buf).expect("receive");
+            if k == 0 {
+                break;
+            }
+            sha.update(&buf[..k]);
+            n += k;
+        }
+        (n, sha.hex())
+    });
+    let sender = ns_a.spawn(|| {
+        let mut s =
+            TcpStream::connect_timeout(&"10.77.0.2:5001".parse().expect("addr"), Duration::from_secs(10))
+                .expect("connect from A");
+        s.set_write_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        let mut sha = Sha::new();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..XFER / buf.len() {
+            fill(&mut buf, &mut state);
+            s.write_all(&buf).expect("send");
+            sha.update(&buf);
+        }
+        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        sha.hex()
+    });
+    let (sent, (got, got_sha)) = within("tcp transfer", Duration::from_secs(120), move || {
+        (sender.join().expect("sender"), receiver.join().expect("receiver"))
+    });
+    assert_eq!(got, XFER, "bytes received in B");
+    assert_eq!(got_sha.len(), 64, "a sha256 from sha256sum");
+    assert_eq!(got_sha, sent, "sha256 of what B received against what A sent");
+
+    // Quiet: the counters settle (two stats lines a period apart the same), then the
+    // two sides are compared.
+    settle(&backend);
+    tp.signal(libc::SIGINT);
+    let out = tp.wait(WAIT);
+    let fin = backend.stop();
+    let (a, b) = (device(&fin, &sa), device(&fin, &sb));
+    let (p0, p1) = (
+        forward_stats(&out.stdout, 0).unwrap_or_else(|| panic!("no stats for port 0:\n{out}")),
+        forward_stats(&out.stdout, 1).unwrap_or_else(|| panic!("no stats for port 1:\n{out}")),
+    );
+    // What tap A's kernel sent reached testpmd's port 0, and what testpmd sent out of
+    // port 1 reached tap B's kernel (and back); the backend dropped nothing.
+    assert_eq!(counter(a, "tx_packets"), p0.rx_packets, "tap A → port 0");
+    assert_eq!(counter(b, "rx_packets"), p1.tx_packets, "port 1 → tap B");
+    assert_eq!(counter(b, "tx_packets"), p1.rx_packets, "tap B → port 1");
+    assert_eq!(counter(a, "rx_packets"), p0.tx_packets, "port 0 → tap A");
+    assert_eq!(total_drops(a), 0, "drops on tap A's device: {a}");
+    assert_eq!(total_drops(b), 0, "drops on tap B's device: {b}");
+    assert!(counter(a, "tx_bytes") >= XFER as u64, "the transfer went through tap A's device");
+    // The backend created the taps; they went away with it.
+    assert!(!link_exists(&tap_a) && !link_exists(&tap_b));
+    for ns in [&ns_a, &ns_b] {
+        let links = run("ip", &["-n", &ns.name, "-o", "link", "show"]);
+        assert!(!links.contains("vnt"), "a tap left in {}:\n{links}", ns.name);
+    }
+}
+
+#[test]
+fn namespace_pings_testpmd_icmpecho_on_a_tap_port() {
+    let _lock = serial();
+    let tap = format!("vnte{}", std::process::id());
+    let ns = Netns::new("e");
+    let dir = TempDir::new("tap");
+    let sock = dir.join("e.sock");
+    let port = format!("tap:{},{tap}", sock.display());
+    let backend = Backend::start(&["--port", &port]);
+    ns.take(&tap, "10.77.0.1/24");
+    let vdev = format!("virtio_user0,path={}", sock.display());
+    let tp = Testpmd::spawn(&["--vdev", &vdev, "--forward-mode", "icmpecho", "--duration", "600"]);
+    backend.wait_stats(WAIT, |s| testpmd_connected(s, &[&sock]));
+    ns.up(&tap);
+
+    assert_eq!(ns.ping("10.77.0.9"), PINGS, "echo replies from testpmd's icmpecho");
+    settle(&backend);
+
+    tp.signal(libc::SIGINT);
+    let out = tp.wait(WAIT);
+    let fin = backend.stop();
+    let d = device(&fin, &sock);
+    let p0 = forward_stats(&out.stdout, 0).unwrap_or_else(|| panic!("no stats for port 0:\n{out}"));
+    assert_eq!(counter(d, "tx_packets"), p0.rx_packets, "tap → testpmd");
+    assert_eq!(counter(d, "rx_packets"), p0.tx_packets, "testpmd → tap");
+    assert!(p0.tx_packets > PINGS as u64, "an ARP reply and {PINGS} echo replies at least: {p0:?}");
+    assert_eq!(total_drops(d), 0, "drops on the tap's device: {d}");
+    assert!(!link_exists(&tap));
+}
