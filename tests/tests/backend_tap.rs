@@ -12,6 +12,11 @@
 //! * `namespace_pings_testpmd_icmpecho_on_a_tap_port`: one tap port, testpmd in
 //!   `icmpecho` mode; the namespace's kernel pings an address on the link and gets 20
 //!   replies of 20 (testpmd answers the ARP request and every echo request).
+//! * `an_existing_persistent_tap_is_attached_and_left_in_place`: the same against a tap
+//!   made beforehand with `ip tuntap add` (backend and tap inside the namespace); the
+//!   tap is still there after the backend exits.
+//! * `tap_errors_are_one_line_and_exit_1`: without CAP_NET_ADMIN (as `nobody`), a tap
+//!   held by another backend (busy), `lo` (not a tap), a bad name: one line, exit 1.
 //!
 //! Each test takes the cross-binary [`serial`] lock, bounds every wait, and removes its
 //! namespaces in `Drop` guards, also when an assertion fails (the backend, which owns
@@ -28,7 +33,7 @@ use std::thread;
 use std::time::Duration;
 
 use serde_json::Value;
-use vnet_tests::harness::{counter, device, serial, total_drops, within, Backend, TempDir};
+use vnet_tests::harness::{counter, device, serial, total_drops, within, workspace_bin, Backend, TempDir};
 use vnet_tests::testpmd_proc::{forward_stats, Testpmd};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -183,6 +188,18 @@ fn settle(backend: &Backend) {
 
 #[test]
 fn ping_and_tcp_cross_two_namespaces_through_testpmd() {
+    cross_namespaces("", &[]);
+}
+
+/// The same with mergeable receive buffers of 768 bytes: each full-size frame from the
+/// kernel is read over two receive chains at once, and testpmd sends it on as a chain of
+/// two buffers (one `writev` over both).
+#[test]
+fn ping_and_tcp_cross_with_mergeable_buffers_over_small_chains() {
+    cross_namespaces(",mrg_rxbuf=1", &["--mbuf-size", "1024", "--max-pkt-len", "1518"]);
+}
+
+fn cross_namespaces(devargs: &str, testpmd_args: &[&str]) {
     let _lock = serial();
     let pid = std::process::id();
     let (tap_a, tap_b) = (format!("vnta{pid}"), format!("vntb{pid}"));
@@ -198,10 +215,11 @@ fn ping_and_tcp_cross_two_namespaces_through_testpmd() {
     ns_a.take(&tap_a, "10.77.0.1/24");
     ns_b.take(&tap_b, "10.77.0.2/24");
 
-    let vdev_a = format!("virtio_user0,path={}", sa.display());
-    let vdev_b = format!("virtio_user1,path={}", sb.display());
-    let tp =
-        Testpmd::spawn(&["--vdev", &vdev_a, "--vdev", &vdev_b, "--forward-mode", "io", "--duration", "600"]);
+    let vdev_a = format!("virtio_user0,path={}{devargs}", sa.display());
+    let vdev_b = format!("virtio_user1,path={}{devargs}", sb.display());
+    let mut args = vec!["--vdev", &vdev_a, "--vdev", &vdev_b, "--forward-mode", "io", "--duration", "600"];
+    args.extend_from_slice(testpmd_args);
+    let tp = Testpmd::spawn(&args);
     backend.wait_stats(WAIT, |s| testpmd_connected(s, &[&sa, &sb]));
     ns_a.up(&tap_a);
     ns_b.up(&tap_b);
@@ -258,6 +276,16 @@ fn ping_and_tcp_cross_two_namespaces_through_testpmd() {
     tp.signal(libc::SIGINT);
     let out = tp.wait(WAIT);
     let fin = backend.stop();
+    if devargs.contains("mrg_rxbuf=1") {
+        let feats: Vec<u64> = out
+            .stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("Negotiated features: 0x"))
+            .map(|h| u64::from_str_radix(h.trim(), 16).expect("hex features"))
+            .collect();
+        assert_eq!(feats.len(), 2, "two ports' features:\n{out}");
+        assert!(feats.iter().all(|f| f & (1 << 15) != 0), "MRG_RXBUF negotiated on both ports: {feats:x?}");
+    }
     let (a, b) = (device(&fin, &sa), device(&fin, &sb));
     let (p0, p1) = (
         forward_stats(&out.stdout, 0).unwrap_or_else(|| panic!("no stats for port 0:\n{out}")),
@@ -278,6 +306,94 @@ fn ping_and_tcp_cross_two_namespaces_through_testpmd() {
         let links = run("ip", &["-n", &ns.name, "-o", "link", "show"]);
         assert!(!links.contains("vnt"), "a tap left in {}:\n{links}", ns.name);
     }
+}
+
+/// `host-backend` with `args`, run to its exit (bounded): its exit code and stderr.
+fn backend_fails(args: &[&str], user: Option<u32>) -> (i32, String) {
+    let bin = workspace_bin("host-backend");
+    let mut cmd = Command::new(&bin);
+    cmd.args(args).stdin(Stdio::null());
+    if let Some(uid) = user {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(uid).gid(uid);
+    }
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn host-backend");
+    let out = within("host-backend exit", WAIT, move || child.wait_with_output().expect("wait"));
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+/// Errors are one clear line and exit code 1: no CAP_NET_ADMIN (run as `nobody`), a
+/// tap another process has open, a name that is not a tap (`lo`), a bad name.
+#[test]
+fn tap_errors_are_one_line_and_exit_1() {
+    let _lock = serial();
+    let dir = TempDir::new("tap");
+    let pid = std::process::id();
+    let sock = dir.join("x.sock");
+    let name = format!("vntx{pid}");
+
+    let port = format!("tap:{},{name}", sock.display());
+    let (code, err) = backend_fails(&["--port", &port], Some(65534));
+    assert_eq!(code, 1, "{err}");
+    let line = err.lines().last().unwrap_or_default();
+    assert!(line.contains(&format!("tap {name}:")) && line.contains("CAP_NET_ADMIN"), "{err}");
+    assert!(!link_exists(&name));
+
+    let holder = Backend::start(&["--port", &port]);
+    let sock2 = dir.join("y.sock");
+    let port2 = format!("tap:{},{name}", sock2.display());
+    let (code, err) = backend_fails(&["--port", &port2], None);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.lines().last().unwrap_or_default().contains("busy"), "{err}");
+    let fin = holder.stop();
+    assert_eq!(total_drops(device(&fin, &sock)), 0);
+    assert!(!link_exists(&name), "the tap the backend created is gone after it exits");
+
+    let lo = format!("tap:{},lo", sock2.display());
+    let (code, err) = backend_fails(&["--port", &lo], None);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("tap lo: an interface of that name exists and is not a tap device"), "{err}");
+
+    let bad = format!("tap:{},a/b", sock2.display());
+    let (code, err) = backend_fails(&["--port", &bad], None);
+    assert_eq!((code, err.lines().count()), (1, 1), "{err}");
+    assert!(err.contains("not a valid interface name"), "{err}");
+}
+
+/// A persistent tap made beforehand (`ip tuntap add`, inside a private namespace where
+/// the backend runs too) is attached to, carries traffic, and stays when the backend
+/// exits.
+#[test]
+fn an_existing_persistent_tap_is_attached_and_left_in_place() {
+    let _lock = serial();
+    let tap = format!("vntp{}", std::process::id());
+    let ns = Netns::new("p");
+    ns.exec("ip", &["tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr"]);
+    ns.exec("ip", &["addr", "add", "10.77.0.1/24", "dev", &tap]);
+    let dir = TempDir::new("tap");
+    let sock = dir.join("p.sock");
+    let port = format!("tap:{},{tap}", sock.display());
+    let bin = workspace_bin("host-backend");
+    let backend = Backend::start_with(
+        std::path::Path::new("ip"),
+        &["netns", "exec", &ns.name, bin.to_str().expect("utf-8 path"), "--port", &port],
+    );
+    let vdev = format!("virtio_user0,path={}", sock.display());
+    let tp = Testpmd::spawn(&["--vdev", &vdev, "--forward-mode", "icmpecho", "--duration", "600"]);
+    backend.wait_stats(WAIT, |s| testpmd_connected(s, &[&sock]));
+    ns.up(&tap);
+    assert_eq!(ns.ping("10.77.0.9"), PINGS, "echo replies through the attached tap");
+    settle(&backend);
+    tp.signal(libc::SIGINT);
+    let out = tp.wait(WAIT);
+    let fin = backend.stop();
+    let d = device(&fin, &sock);
+    let p0 = forward_stats(&out.stdout, 0).unwrap_or_else(|| panic!("no stats for port 0:\n{out}"));
+    assert_eq!(counter(d, "tx_packets"), p0.rx_packets, "tap → testpmd");
+    assert_eq!(counter(d, "rx_packets"), p0.tx_packets, "testpmd → tap");
+    assert_eq!(total_drops(d), 0, "drops: {d}");
+    let links = ns.exec("ip", &["-o", "link", "show", &tap]);
+    assert!(links.contains(&tap), "the persistent tap stays after the backend exits:\n{links}");
 }
 
 #[test]

@@ -496,3 +496,46 @@ impl PortPath {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hdr(flags: u8, gso: u8) -> [u8; NET_HDR_LEN] {
+        let mut h = [0u8; NET_HDR_LEN];
+        h[net_hdr::FLAGS] = flags;
+        h[net_hdr::GSO_TYPE] = gso;
+        h
+    }
+
+    #[test]
+    fn a_guests_offload_request_needs_its_feature() {
+        let csum = bit(f::NET_CSUM);
+        let tso4 = csum | bit(f::NET_HOST_TSO4);
+        assert_eq!(tx_header_ok(&hdr(0, 0), 0), Ok(false));
+        assert_eq!(tx_header_ok(&hdr(net_hdr::F_NEEDS_CSUM, 0), 0), Err(DropReason::OffloadNotNegotiated));
+        assert_eq!(tx_header_ok(&hdr(net_hdr::F_NEEDS_CSUM, 0), csum), Ok(false));
+        let t4 = hdr(net_hdr::F_NEEDS_CSUM, net_hdr::GSO_TCPV4);
+        assert_eq!(tx_header_ok(&t4, csum), Err(DropReason::OffloadNotNegotiated));
+        assert_eq!(tx_header_ok(&t4, tso4), Ok(true));
+        let t6 = hdr(net_hdr::F_NEEDS_CSUM, net_hdr::GSO_TCPV6);
+        assert_eq!(tx_header_ok(&t6, tso4), Err(DropReason::OffloadNotNegotiated));
+        let ecn = hdr(net_hdr::F_NEEDS_CSUM, net_hdr::GSO_TCPV4 | net_hdr::GSO_ECN);
+        assert_eq!(tx_header_ok(&ecn, tso4), Err(DropReason::OffloadNotNegotiated));
+        assert_eq!(tx_header_ok(&hdr(0, 0x42), tso4), Err(DropReason::BadGso));
+    }
+
+    #[test]
+    fn iovecs_skip_the_header_across_segments() {
+        let mut a = [0u8; 8];
+        let mut b = [0u8; 100];
+        let mut c = Chain::over(&mut a);
+        c.push(b.as_mut_ptr(), b.len() as u32);
+        let mut iov = Iov::new();
+        let n = push_iov(&mut iov.0, 1, &c, NET_HDR_LEN).expect("fits");
+        assert_eq!(n, 2);
+        assert_eq!(iov.0[1].iov_base as usize, b.as_ptr() as usize + 4);
+        assert_eq!(iov.0[1].iov_len, 96);
+        assert_eq!(push_iov(&mut iov.0, IOV_MAX, &c, 0), None);
+    }
+}
