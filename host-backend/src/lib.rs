@@ -164,6 +164,7 @@ impl Backend {
                             },
                             iommu: cfg.iommu,
                             packed: !cfg.no_packed,
+                            tap: spec.ifname.clone(),
                         },
                         engine.clone(),
                         (spec.kind == PortKind::Gen).then_some(cfg.gen_count).flatten(),

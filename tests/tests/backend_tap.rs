@@ -297,6 +297,8 @@ fn cross_namespaces(devargs: &str, testpmd_args: &[&str]) {
     assert_eq!(counter(b, "rx_packets"), p1.tx_packets, "port 1 → tap B");
     assert_eq!(counter(b, "tx_packets"), p1.rx_packets, "tap B → port 1");
     assert_eq!(counter(a, "rx_packets"), p0.tx_packets, "port 0 → tap A");
+    assert_eq!((a["port"].as_str(), a["tap"].as_str()), (Some("tap"), Some(tap_a.as_str())));
+    assert_eq!(b["tap"].as_str(), Some(tap_b.as_str()));
     assert_eq!(total_drops(a), 0, "drops on tap A's device: {a}");
     assert_eq!(total_drops(b), 0, "drops on tap B's device: {b}");
     assert!(counter(a, "tx_bytes") >= XFER as u64, "the transfer went through tap A's device");

@@ -120,6 +120,8 @@ pub struct DeviceParams {
     pub iommu: bool,
     /// Offer `VIRTIO_F_RING_PACKED` (virtio 1.2 §2.8; off with `--no-packed`).
     pub packed: bool,
+    /// `tap`: the interface the device is joined to (for the statistics).
+    pub tap: Option<String>,
 }
 
 #[derive(Default)]
@@ -535,6 +537,7 @@ impl Device {
             active_pairs,
             rx_filter: rx.to_json(),
             iotlb,
+            tap: self.params.tap.clone(),
         }
     }
 

@@ -16,6 +16,7 @@ fn device(pairs: u16, guest_offloads: u64) -> Arc<Device> {
         host_offloads: 0,
         iommu: false,
         packed: true,
+        tap: None,
     };
     // No workers: every sync returns at once.
     let d = Device::new(params, Engine::new(0, 0).unwrap(), None);
