@@ -188,7 +188,7 @@ fn settle(backend: &Backend) {
 
 #[test]
 fn ping_and_tcp_cross_two_namespaces_through_testpmd() {
-    cross_namespaces("", &[]);
+    cross_namespaces(1, "", &[]);
 }
 
 /// The same with mergeable receive buffers of 768 bytes: each full-size frame from the
@@ -196,10 +196,78 @@ fn ping_and_tcp_cross_two_namespaces_through_testpmd() {
 /// two buffers (one `writev` over both).
 #[test]
 fn ping_and_tcp_cross_with_mergeable_buffers_over_small_chains() {
-    cross_namespaces(",mrg_rxbuf=1", &["--mbuf-size", "1024", "--max-pkt-len", "1518"]);
+    cross_namespaces(1, ",mrg_rxbuf=1", &["--mbuf-size", "1024", "--max-pkt-len", "1518"]);
 }
 
-fn cross_namespaces(devargs: &str, testpmd_args: &[&str]) {
+/// `--queues 2`: multi-queue taps (`IFF_MULTI_QUEUE`), one tap queue per queue pair;
+/// 16 TCP connections of 4 MiB each, which the kernel spreads over both tap queues.
+#[test]
+fn ping_and_tcp_cross_multi_queue_taps() {
+    cross_namespaces(2, ",queues=2", &["--rxq", "2", "--txq", "2"]);
+}
+
+/// Sends `XFER` bytes from `ns_a` to 10.77.0.2:5001 in `ns_b` over `flows` TCP
+/// connections; returns (bytes, sha256) of each connection as sent and as received,
+/// both sorted.
+type Flows = Vec<(usize, String)>;
+fn tcp_transfer(ns_a: &Netns, ns_b: &Netns, flows: usize) -> (Flows, Flows) {
+    let listener = ns_b
+        .spawn(|| TcpListener::bind(SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 2), 5001)).expect("bind in B"))
+        .join()
+        .expect("listener thread");
+    let receiver = thread::spawn(move || {
+        let conns: Vec<_> = (0..flows)
+            .map(|_| {
+                let (mut s, _) = listener.accept().expect("accept");
+                thread::spawn(move || {
+                    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+                    let mut sha = Sha::new();
+                    let mut buf = vec![0u8; 1 << 20];
+                    let mut n = 0usize;
+                    loop {
+                        let k = s.read(&mut buf).expect("receive");
+                        if k == 0 {
+                            break;
+                        }
+                        sha.update(&buf[..k]);
+                        n += k;
+                    }
+                    (n, sha.hex())
+                })
+            })
+            .collect();
+        conns.into_iter().map(|h| h.join().expect("receiving connection")).collect::<Vec<_>>()
+    });
+    let senders: Vec<_> = (0..flows)
+        .map(|f| {
+            ns_a.spawn(move || {
+                let addr = "10.77.0.2:5001".parse().expect("addr");
+                let mut s =
+                    TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect from A");
+                s.set_write_timeout(Some(Duration::from_secs(60))).expect("timeout");
+                let mut sha = Sha::new();
+                let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (f as u64 + 1);
+                let mut buf = vec![0u8; 1 << 20];
+                for _ in 0..XFER / flows / buf.len() {
+                    fill(&mut buf, &mut state);
+                    s.write_all(&buf).expect("send");
+                    sha.update(&buf);
+                }
+                s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+                (XFER / flows, sha.hex())
+            })
+        })
+        .collect();
+    within("tcp transfer", Duration::from_secs(120), move || {
+        let mut sent: Vec<_> = senders.into_iter().map(|h| h.join().expect("sender")).collect();
+        let mut got = receiver.join().expect("receiver");
+        sent.sort();
+        got.sort();
+        (sent, got)
+    })
+}
+
+fn cross_namespaces(queues: u16, devargs: &str, testpmd_args: &[&str]) {
     let _lock = serial();
     let pid = std::process::id();
     let (tap_a, tap_b) = (format!("vnta{pid}"), format!("vntb{pid}"));
@@ -210,7 +278,8 @@ fn cross_namespaces(devargs: &str, testpmd_args: &[&str]) {
     let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
     let port_a = format!("tap:{},{tap_a}", sa.display());
     let port_b = format!("tap:{},{tap_b}", sb.display());
-    let backend = Backend::start(&["--port", &port_a, "--port", &port_b]);
+    let nq = queues.to_string();
+    let backend = Backend::start(&["--port", &port_a, "--port", &port_b, "--queues", &nq]);
     assert!(link_exists(&tap_a) && link_exists(&tap_b), "the backend created no taps:\n{}", backend.log());
     ns_a.take(&tap_a, "10.77.0.1/24");
     ns_b.take(&tap_b, "10.77.0.2/24");
@@ -226,49 +295,12 @@ fn cross_namespaces(devargs: &str, testpmd_args: &[&str]) {
 
     assert_eq!(ns_a.ping("10.77.0.2"), PINGS, "ping replies across the two namespaces");
 
-    // 64 MiB from A to B over TCP.
-    let listener = ns_b
-        .spawn(|| TcpListener::bind(SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 2), 5001)).expect("bind in B"))
-        .join()
-        .expect("listener thread");
-    let receiver = thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
-        s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
-        let mut sha = Sha::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut n = 0usize;
-        loop {
-            let k = s.read(&mut buf).expect("receive");
-            if k == 0 {
-                break;
-            }
-            sha.update(&buf[..k]);
-            n += k;
-        }
-        (n, sha.hex())
-    });
-    let sender = ns_a.spawn(|| {
-        let mut s =
-            TcpStream::connect_timeout(&"10.77.0.2:5001".parse().expect("addr"), Duration::from_secs(10))
-                .expect("connect from A");
-        s.set_write_timeout(Some(Duration::from_secs(60))).expect("timeout");
-        let mut sha = Sha::new();
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut buf = vec![0u8; 1 << 20];
-        for _ in 0..XFER / buf.len() {
-            fill(&mut buf, &mut state);
-            s.write_all(&buf).expect("send");
-            sha.update(&buf);
-        }
-        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
-        sha.hex()
-    });
-    let (sent, (got, got_sha)) = within("tcp transfer", Duration::from_secs(120), move || {
-        (sender.join().expect("sender"), receiver.join().expect("receiver"))
-    });
-    assert_eq!(got, XFER, "bytes received in B");
-    assert_eq!(got_sha.len(), 64, "a sha256 from sha256sum");
-    assert_eq!(got_sha, sent, "sha256 of what B received against what A sent");
+    // 64 MiB from A to B over TCP (16 connections with several queues).
+    let flows = if queues > 1 { 16 } else { 1 };
+    let (sent, got) = tcp_transfer(&ns_a, &ns_b, flows);
+    assert_eq!(got.iter().map(|g| g.0).sum::<usize>(), XFER, "bytes received in B");
+    assert!(got.iter().all(|g| g.1.len() == 64), "a sha256 from sha256sum per connection: {got:?}");
+    assert_eq!(got, sent, "sha256 of what B received against what A sent, per connection");
 
     // Quiet: the counters settle (two stats lines a period apart the same), then the
     // two sides are compared.
@@ -302,6 +334,17 @@ fn cross_namespaces(devargs: &str, testpmd_args: &[&str]) {
     assert_eq!(total_drops(a), 0, "drops on tap A's device: {a}");
     assert_eq!(total_drops(b), 0, "drops on tap B's device: {b}");
     assert!(counter(a, "tx_bytes") >= XFER as u64, "the transfer went through tap A's device");
+    let qs = |d: &Value, key: &str| -> Vec<u64> {
+        d["queues"].as_array().expect("queues").iter().map(|q| q[key].as_u64().expect("counter")).collect()
+    };
+    assert_eq!(qs(a, "rx_packets").len(), queues as usize, "one statistics entry per tap queue");
+    if queues > 1 {
+        // Both tap queues carried the transfer, each way.
+        for (d, key) in [(a, "rx_packets"), (b, "tx_packets"), (b, "rx_packets"), (a, "tx_packets")] {
+            let per = qs(d, key);
+            assert!(per.iter().all(|&n| n > 0), "{key} per queue of {}: {per:?}", d["socket"]);
+        }
+    }
     // The backend created the taps; they went away with it.
     assert!(!link_exists(&tap_a) && !link_exists(&tap_b));
     for ns in [&ns_a, &ns_b] {

@@ -291,10 +291,9 @@ impl PortPath {
             }
         }
         self.packed = (QueueSlot::packed(&self.src), QueueSlot::packed(&self.dst));
-        if let (PathKind::Tap(t), Some(a)) =
-            (&mut self.kind, self.dst.as_ref().and_then(|d| d.active.as_ref()))
-        {
-            t.configure(&a.rx, self.max_frame);
+        if let PathKind::Tap(t) = &mut self.kind {
+            let rx = self.dst.as_ref().and_then(|d| d.active.as_ref()).map(|a| &*a.rx);
+            t.configure(rx, self.max_frame);
         }
         log::debug!(
             "path attached: src {:?} active {}, dst {:?} active {}",

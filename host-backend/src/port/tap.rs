@@ -88,9 +88,18 @@ impl TapState {
         self.tap.raw_fd()
     }
 
-    /// The receive queue was (re)taken with configuration `rx`: the kernel may send what
-    /// the guest takes now (partial checksums, TCP super-frames), no more.
-    pub fn configure(&mut self, rx: &RxConfig, max_frame: u64) {
+    /// The rings were (re)taken; `rx`: the receive queue's configuration, if it runs.
+    /// A multi-queue tap's queue is attached to the kernel's steering only while the
+    /// receive queue runs; the kernel may send what the guest takes now (partial
+    /// checksums, TCP super-frames), no more.
+    pub fn configure(&mut self, rx: Option<&RxConfig>, max_frame: u64) {
+        if let Err(e) = self.tap.set_enabled(rx.is_some()) {
+            if !self.warned {
+                log::warn!("tap {}: TUNSETQUEUE: {e}", self.tap.name());
+                self.warned = true;
+            }
+        }
+        let Some(rx) = rx else { return };
         let o = Offloads { csum: rx.csum(), tso4: rx.tso4(), tso6: rx.tso6() };
         if let Err(e) = self.tap.set_offloads(o) {
             if !self.warned {

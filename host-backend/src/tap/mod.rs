@@ -71,6 +71,11 @@ impl Offloads {
 pub(crate) struct TapQueue {
     fd: OwnedFd,
     name: String,
+    /// Opened with `IFF_MULTI_QUEUE`: the queue can be detached from the kernel's
+    /// steering (`TUNSETQUEUE`).
+    multi_queue: bool,
+    /// Attached to the kernel's steering (every queue starts attached).
+    enabled: bool,
     /// What `TUNSETOFFLOAD` was last set to (`None`: not yet).
     offloads: Option<Offloads>,
 }
@@ -170,7 +175,7 @@ fn open_queue(name: &str, multi_queue: bool) -> io::Result<TapQueue> {
     if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr as *const libc::c_int) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut q = TapQueue { fd, name: name.to_string(), offloads: None };
+    let mut q = TapQueue { fd, name: name.to_string(), multi_queue, enabled: true, offloads: None };
     q.set_offloads(Offloads::default())?;
     Ok(q)
 }
@@ -184,6 +189,26 @@ impl TapQueue {
     /// The descriptor (for the worker's epoll set).
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    /// A multi-queue tap's queue attached to (`on`) or detached from the kernel's
+    /// steering (`TUNSETQUEUE`), as QEMU does for queue pairs the guest does not use: the
+    /// kernel sends a detached queue nothing, and refuses its writes. A system call only
+    /// when it changes; nothing for a single-queue tap.
+    pub fn set_enabled(&mut self, on: bool) -> io::Result<()> {
+        if !self.multi_queue || self.enabled == on {
+            return Ok(());
+        }
+        // SAFETY: all zeros is a valid `ifreq` (see `open_queue`).
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        let flags = if on { libc::IFF_ATTACH_QUEUE } else { libc::IFF_DETACH_QUEUE };
+        ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
+        // SAFETY: TUNSETQUEUE reads an `ifreq`, which `ifr` is; `fd` is our tap queue.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETQUEUE, &mut ifr as *mut libc::ifreq) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.enabled = on;
+        Ok(())
     }
 
     /// Tells the kernel which offloads it may use in the frames it hands us (a system
