@@ -18,7 +18,9 @@
 //! System calls: one per frame each way (the tap character device reads and writes one
 //! frame per call; there is no batched call for it), none per frame otherwise. A
 //! transmit frame the kernel would block on (`EAGAIN`, `ENOBUFS`) stays in the ring
-//! (backpressure); any other write error drops it as `kernel_refused`.
+//! (backpressure); any other write error drops it as `kernel_refused`. A frame with a
+//! checksum or segmentation request that the kernel took counts as `csum_requests` or
+//! `gso_requests` and `passed_whole` in the pair's `offloads` (the kernel does the work).
 
 use std::io;
 
@@ -32,7 +34,7 @@ use crate::ctrl::RxConfig;
 use crate::memory::GuestMemory;
 use crate::ring::Ring;
 use crate::split_ring::{gather, scatter, Chain, Dir, RingFault};
-use crate::stats::{BurstCounts, DropReason};
+use crate::stats::{BurstCounts, DropReason, OffloadCounts, OffloadEvent};
 use crate::tap::{Offloads, TapQueue};
 
 /// Most iovec entries one `readv`/`writev` takes (Linux's `UIO_MAXIOV`).
@@ -190,6 +192,7 @@ impl PortPath {
         }
         let chain = self.src_chain.chain(mem);
         let mut c = BurstCounts::default();
+        let mut oc = OffloadCounts::default();
         let mut done = 0u16;
         let mut failed = None;
         let mut hdr = [0u8; NET_HDR_LEN];
@@ -243,6 +246,13 @@ impl PortPath {
                                 Ok(_) => {
                                     c.rx_packets += 1;
                                     c.rx_bytes += len;
+                                    if hdr[net_hdr::GSO_TYPE] != net_hdr::GSO_NONE {
+                                        oc.add(OffloadEvent::GsoRequests, 1);
+                                        oc.add(OffloadEvent::PassedWhole, 1);
+                                    } else if hdr[net_hdr::FLAGS] & net_hdr::F_NEEDS_CSUM != 0 {
+                                        oc.add(OffloadEvent::CsumRequests, 1);
+                                        oc.add(OffloadEvent::PassedWhole, 1);
+                                    }
                                 }
                                 Err(e) if would_block(&e) => break, // stays in the ring
                                 Err(e) => {
@@ -261,6 +271,7 @@ impl PortPath {
         ring.consume(done);
         ring.publish_used();
         dev.stats[pair].flush_rx(&c);
+        dev.stats[pair].flush_offloads(&oc);
         match failed {
             Some(f) => Err(f),
             None => Ok(done as usize),
