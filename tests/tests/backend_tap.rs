@@ -204,6 +204,12 @@ fn ping_and_tcp_cross_with_mergeable_buffers_over_small_chains() {
     cross_namespaces(1, ",mrg_rxbuf=1", &["--mbuf-size", "1024", "--max-pkt-len", "1518"]);
 }
 
+/// Packed rings (`packed_vq=1`): the same paths over the packed-ring engine.
+#[test]
+fn ping_and_tcp_cross_packed_rings() {
+    cross_namespaces(1, ",packed_vq=1", &[]);
+}
+
 /// `--queues 2`: multi-queue taps (`IFF_MULTI_QUEUE`), one tap queue per queue pair;
 /// 16 TCP connections of 4 MiB each, which the kernel spreads over both tap queues.
 #[test]
@@ -313,6 +319,13 @@ fn cross_namespaces(queues: u16, devargs: &str, testpmd_args: &[&str]) {
     tp.signal(libc::SIGINT);
     let out = tp.wait(WAIT);
     let fin = backend.stop();
+    if devargs.contains("packed_vq=1") {
+        assert_eq!(
+            out.stdout.matches("Ring layout: packed").count(),
+            2,
+            "both ports on packed rings:\n{out}"
+        );
+    }
     if devargs.contains("mrg_rxbuf=1") {
         let feats: Vec<u64> = out
             .stdout
