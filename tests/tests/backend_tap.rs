@@ -19,7 +19,9 @@
 //!   bridge of two ports of our driver in this process that negotiate checksum and TSO
 //!   offloads both ways and pass each frame's offload information on: 64 MiB over TCP
 //!   with the sha256 equal, TCP super-frames from the kernel each way, passed whole to
-//!   the other kernel (the backend's `offloads` counters equal what the bridge saw).
+//!   the other kernel (the backend's `offloads` counters equal what the bridge saw); then
+//!   guest TSO switched off on one port (GUEST_OFFLOADS_SET) and a second 64 MiB: the
+//!   kernel sends that port no further super-frame.
 //! * `tap_errors_are_one_line_and_exit_1`: without CAP_NET_ADMIN (as `nobody`), a tap
 //!   held by another backend (busy), `lo` (not a tap), a bad name: one line, exit 1.
 //!
@@ -475,9 +477,13 @@ struct Seen {
 /// guest's kernel bridge would be: every received frame is sent on by the other port
 /// with its receive offload information turned into the matching transmit request (a
 /// partial checksum stays partial, a super-frame stays whole). Runs until `stop`.
+/// Hands back port A's control handle through `ctl` once both ports are open, and counts
+/// the super-frames port A receives into `gso_a` as they come.
 fn offload_bridge(
     socks: [std::path::PathBuf; 2],
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ctl: std::sync::mpsc::Sender<driver::Control>,
+    gso_a: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> thread::JoinHandle<[Seen; 2]> {
     use driver::layout::features as f;
     use driver::layout::net_hdr;
@@ -543,10 +549,12 @@ fn offload_bridge(
         let mut pb = open(&socks[1]);
         let mut qa = pa.take_queue_pairs().remove(0);
         let mut qb = pb.take_queue_pairs().remove(0);
+        ctl.send(pa.control()).expect("hand out the control handle");
         let mut seen = [Seen::default(); 2];
         let (mut ab, mut ba) = (Vec::new(), Vec::new());
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             pass(&mut qa.rx, &mut qb.tx, &mut ab, &mut seen[0]);
+            gso_a.store(seen[0].gso, std::sync::atomic::Ordering::Relaxed);
             pass(&mut qb.rx, &mut qa.tx, &mut ba, &mut seen[1]);
         }
         drop((ab, ba));
@@ -578,7 +586,10 @@ fn tcp_with_checksum_and_tso_offloads_passed_through_whole() {
     ns_a.take(&tap_a, "10.77.0.1/24");
     ns_b.take(&tap_b, "10.77.0.2/24");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let bridge = offload_bridge([sa.clone(), sb.clone()], stop.clone());
+    let (ctl_tx, ctl_rx) = std::sync::mpsc::channel();
+    let gso_a = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let bridge = offload_bridge([sa.clone(), sb.clone()], stop.clone(), ctl_tx, gso_a.clone());
+    let ctl_a = ctl_rx.recv_timeout(WAIT).expect("the bridge's ports opened");
     backend.wait_stats(WAIT, |s| testpmd_connected(s, &[&sa, &sb]));
     ns_a.up(&tap_a);
     ns_b.up(&tap_b);
@@ -586,12 +597,25 @@ fn tcp_with_checksum_and_tso_offloads_passed_through_whole() {
     let (sent, got) = tcp_transfer(&ns_a, &ns_b, 1);
     assert_eq!(got, sent, "bytes and sha256 of what B received against what A sent");
     settle(&backend);
+    let gso_before = gso_a.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(gso_before > 0, "super-frames from tap A's kernel");
+    // Guest TSO off on port A (GUEST_OFFLOADS_SET): the kernel must stop sending it
+    // super-frames (TUNSETOFFLOAD follows); checksum offload stays.
+    {
+        use driver::layout::features as f;
+        within("GUEST_OFFLOADS_SET", WAIT, move || ctl_a.set_guest_offloads(f::bit(f::NET_GUEST_CSUM)))
+            .expect("GUEST_OFFLOADS_SET");
+    }
+    let (sent, got) = tcp_transfer(&ns_a, &ns_b, 1);
+    assert_eq!(got, sent, "the second transfer, without guest TSO on port A");
+    settle(&backend);
+    assert_eq!(gso_a.load(std::sync::atomic::Ordering::Relaxed), gso_before, "no super-frame after TSO off");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let [ab, ba] = within("bridge", WAIT, move || bridge.join().expect("bridge thread"));
     eprintln!("bridge saw: A→B {ab:?}, B→A {ba:?}");
     let fin = backend.stop();
     let (a, b) = (device(&fin, &sa), device(&fin, &sb));
-    assert!(ab.gso > 0 && ab.max_len > 1514, "super-frames from tap A's kernel: {ab:?}");
+    assert!(ab.gso == gso_before && ab.max_len > 1514, "super-frames from tap A's kernel: {ab:?}");
     assert_eq!(counter(a, "tx_packets"), ab.frames, "tap A → bridge");
     assert_eq!(counter(b, "rx_packets"), ab.frames, "bridge → tap B");
     assert_eq!(counter(b, "tx_packets"), ba.frames, "tap B → bridge");
