@@ -22,6 +22,8 @@
 //!   the other kernel (the backend's `offloads` counters equal what the bridge saw); then
 //!   guest TSO switched off on one port (GUEST_OFFLOADS_SET) and a second 64 MiB: the
 //!   kernel sends that port no further super-frame.
+//! * `frames_without_a_guest_are_dropped_as_no_buffer`: no front-end; what the kernel
+//!   sends into the tap is counted as `no_buffer`, exactly the tap's own `tx_packets`.
 //! * `tap_errors_are_one_line_and_exit_1`: without CAP_NET_ADMIN (as `nobody`), a tap
 //!   held by another backend (busy), `lo` (not a tap), a bad name: one line, exit 1.
 //!
@@ -626,6 +628,40 @@ fn tcp_with_checksum_and_tso_offloads_passed_through_whole() {
     assert_eq!(off(a, "gso_requests"), ba.gso);
     assert_eq!(total_drops(a), 0, "drops: {a}");
     assert_eq!(total_drops(b), 0, "drops: {b}");
+}
+
+/// With no front-end connected, what the namespace's kernel sends into the tap is read
+/// and dropped as `no_buffer`: exactly the frames the kernel's tap counter says it handed
+/// over (`tx_packets` in the namespace's sysfs).
+#[test]
+fn frames_without_a_guest_are_dropped_as_no_buffer() {
+    let _lock = serial();
+    let tap = format!("vntn{}", std::process::id());
+    let ns = Netns::new("n");
+    let dir = TempDir::new("tap");
+    let sock = dir.join("n.sock");
+    let port = format!("tap:{},{tap}", sock.display());
+    let backend = Backend::start(&["--port", &port]);
+    ns.take(&tap, "10.77.0.1/24");
+    ns.up(&tap);
+    // Nobody answers: ARP requests go out through the tap (ping's own result is moot).
+    let _ = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "ping", "-c", "3", "-i", "0.2", "-w", "3", "-q", "10.77.0.9"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("ping");
+    settle(&backend);
+    let handed: u64 = ns
+        .exec("cat", &[&format!("/sys/class/net/{tap}/statistics/tx_packets")])
+        .trim()
+        .parse()
+        .expect("a number");
+    let fin = backend.stop();
+    let d = device(&fin, &sock);
+    assert!(handed > 0, "the kernel sent ARP requests into the tap");
+    assert_eq!(d["drops"]["no_buffer"].as_u64(), Some(handed), "no_buffer against the tap's tx_packets: {d}");
+    assert_eq!(total_drops(d), handed, "no other drop: {d}");
+    assert_eq!(counter(d, "tx_packets"), 0);
 }
 
 #[test]

@@ -23,6 +23,7 @@
 //! `gso_requests` and `passed_whole` in the pair's `offloads` (the kernel does the work).
 
 use std::io;
+use std::time::{Duration, Instant};
 
 use spec::layout::features::{self as f, bit};
 use spec::layout::{net_hdr, NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
@@ -36,6 +37,10 @@ use crate::ring::Ring;
 use crate::split_ring::{gather, scatter, Chain, Dir, RingFault};
 use crate::stats::{BurstCounts, DropReason, OffloadCounts, OffloadEvent};
 use crate::tap::{Offloads, TapQueue};
+
+/// How often frames are drained from a tap whose receive queue does not run (not every
+/// loop: a worker busy with other paths would pay a system call per loop).
+const DRAIN_EVERY: Duration = Duration::from_millis(1);
 
 /// Most iovec entries one `readv`/`writev` takes (Linux's `UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
@@ -69,6 +74,8 @@ pub(crate) struct TapState {
     mrg: bool,
     /// A failed `TUNSETOFFLOAD` or read was logged already.
     warned: bool,
+    /// When frames were last drained while the receive queue does not run.
+    last_drain: Option<Instant>,
 }
 
 impl TapState {
@@ -82,6 +89,7 @@ impl TapState {
             max_rx: NET_HDR_LEN + max_frame as usize,
             mrg: false,
             warned: false,
+            last_drain: None,
         }
     }
 
@@ -287,7 +295,12 @@ impl PortPath {
         let mut c = BurstCounts::default();
         let Some((dr, dmem, rx)) = dst.ring_rx::<D>() else {
             // No receive queue: what the kernel sends is read and dropped, as a NIC
-            // without buffers drops (the kernel's queue would hold it stale otherwise).
+            // without buffers drops (the kernel's queue would hold it stale otherwise),
+            // at most every `DRAIN_EVERY`; a detached queue gets nothing.
+            if !t.tap.steered() || t.last_drain.is_some_and(|l| l.elapsed() < DRAIN_EVERY) {
+                return Ok(0);
+            }
+            t.last_drain = Some(Instant::now());
             let n = Self::tap_drain(t);
             c.drops[DropReason::NoBuffer as usize] += n;
             dev.stats[pair].flush_tx(&c);

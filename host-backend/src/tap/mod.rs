@@ -211,6 +211,12 @@ impl TapQueue {
         Ok(())
     }
 
+    /// Whether the kernel may send frames to this queue (a single-queue tap's always;
+    /// a multi-queue tap's while attached).
+    pub fn steered(&self) -> bool {
+        self.enabled
+    }
+
     /// Tells the kernel which offloads it may use in the frames it hands us (a system
     /// call only when they change).
     pub fn set_offloads(&mut self, o: Offloads) -> io::Result<()> {
