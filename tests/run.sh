@@ -22,6 +22,8 @@ cd "$(dirname "$0")/.."
 NR_HUGEPAGES=${NR_HUGEPAGES:-1024} # each DPDK testpmd in the tests takes -m 256
 HUGE_DIR=/dev/hugepages
 VM_PACKAGES=(qemu-system-x86 cpio xz-utils make gcc-12 binutils libelf1 libssl3 ethtool)
+# The tap tests (tests/tests/backend_tap.rs): `ip netns`, `ping`, `sha256sum`.
+VM_PACKAGES+=(iproute2 iputils-ping coreutils)
 
 say() { printf 'tests/run.sh: %s\n' "$*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
@@ -72,6 +74,7 @@ for pmd in librte_net_virtio librte_net_vhost librte_mempool_ring; do
     compgen -G "/usr/lib/*/dpdk/pmds-*/$pmd.so*" >/dev/null || die "DPDK driver $pmd is not installed"
 done
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found after installing qemu-system-x86"
+command -v ping >/dev/null || die "ping not found after installing iputils-ping"
 
 if $need_pages; then
     echo "$NR_HUGEPAGES" >/proc/sys/vm/nr_hugepages || die "cannot write /proc/sys/vm/nr_hugepages"

@@ -16,6 +16,8 @@ pub struct PortSpec {
     pub kind: PortKind,
     /// One socket, or two for `xconnect`.
     pub sockets: Vec<PathBuf>,
+    /// `tap`: the interface name.
+    pub ifname: Option<String>,
 }
 
 /// Everything the backend needs to start.
@@ -87,7 +89,7 @@ impl Default for Config {
 /// Most queue pairs per device.
 pub const MAX_QUEUE_PAIRS: u16 = 64;
 
-/// Parses `KIND:SOCKET` or `xconnect:SOCKET_A,SOCKET_B`.
+/// Parses `KIND:SOCKET`, `xconnect:SOCKET_A,SOCKET_B` or `tap:SOCKET,IFNAME`.
 pub fn parse_port(s: &str) -> Result<PortSpec> {
     let (kind, rest) = s.split_once(':').ok_or_else(|| {
         Error::Config(format!("port '{s}': expected KIND:SOCKET (e.g. sink:/tmp/vnet.sock)"))
@@ -97,12 +99,28 @@ pub fn parse_port(s: &str) -> Result<PortSpec> {
         "gen" => PortKind::Gen,
         "reflect" => PortKind::Reflect,
         "xconnect" => PortKind::Xconnect,
+        "tap" => PortKind::Tap,
         other => {
             return Err(Error::Config(format!(
-                "unknown port kind '{other}' (expected sink, gen, reflect or xconnect)"
+                "unknown port kind '{other}' (expected sink, gen, reflect, xconnect or tap)"
             )))
         }
     };
+    if kind == PortKind::Tap {
+        let Some((sock, ifname)) = rest.split_once(',') else {
+            return Err(Error::Config(format!("port '{s}': tap takes SOCKET,IFNAME")));
+        };
+        if sock.is_empty() {
+            return Err(Error::Config(format!("port '{s}': tap takes SOCKET,IFNAME")));
+        }
+        if !crate::tap::valid_name(ifname) {
+            return Err(Error::Config(format!(
+                "port '{s}': '{ifname}' is not a valid interface name (1 to {} bytes, no '/', ':', ',' or spaces)",
+                crate::tap::MAX_IFNAME
+            )));
+        }
+        return Ok(PortSpec { kind, sockets: vec![PathBuf::from(sock)], ifname: Some(ifname.to_string()) });
+    }
     let sockets: Vec<PathBuf> = rest.split(',').map(PathBuf::from).collect();
     let want = if kind == PortKind::Xconnect { 2 } else { 1 };
     if sockets.len() != want || sockets.iter().any(|p| p.as_os_str().is_empty()) {
@@ -112,7 +130,7 @@ pub fn parse_port(s: &str) -> Result<PortSpec> {
             if want == 2 { "s separated by a comma" } else { "" }
         )));
     }
-    Ok(PortSpec { kind, sockets })
+    Ok(PortSpec { kind, sockets, ifname: None })
 }
 
 /// Parses a CPU list such as `1`, `0,1` or `0-3`, checked against the CPUs this process
@@ -223,6 +241,13 @@ impl Config {
         if matches!(&self.cores, Some(c) if c.is_empty()) {
             return Err(Error::Config("empty core list".into()));
         }
+        let mut names: Vec<&str> = Vec::new();
+        for n in self.ports.iter().filter_map(|p| p.ifname.as_deref()) {
+            if names.contains(&n) {
+                return Err(Error::Config(format!("tap interface {n} used twice")));
+            }
+            names.push(n);
+        }
         let mut seen: Vec<&PathBuf> = Vec::new();
         for p in self.ports.iter().flat_map(|p| &p.sockets) {
             if seen.contains(&p) {
@@ -242,8 +267,15 @@ mod tests {
     fn ports_parse_and_reject() {
         assert_eq!(
             parse_port("sink:/tmp/a.sock").unwrap(),
-            PortSpec { kind: PortKind::Sink, sockets: vec!["/tmp/a.sock".into()] }
+            PortSpec { kind: PortKind::Sink, sockets: vec!["/tmp/a.sock".into()], ifname: None }
         );
+        let t = parse_port("tap:/tmp/t.sock,vnt0").unwrap();
+        assert_eq!((t.kind, t.ifname.as_deref()), (PortKind::Tap, Some("vnt0")));
+        assert_eq!(t.sockets, vec![PathBuf::from("/tmp/t.sock")]);
+        assert!(parse_port("tap:/tmp/t.sock").is_err());
+        assert!(parse_port("tap:,vnt0").is_err());
+        assert!(parse_port("tap:/a,vnt0,x").unwrap_err().to_string().contains("interface name"));
+        assert!(parse_port("tap:/a,a234567890123456").is_err());
         assert_eq!(parse_port("xconnect:/a,/b").unwrap().sockets.len(), 2);
         assert!(parse_port("bogus:/a").unwrap_err().to_string().contains("unknown port kind 'bogus'"));
         assert!(parse_port("sink").is_err());

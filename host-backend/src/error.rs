@@ -28,6 +28,14 @@ pub enum Error {
     /// A worker thread could not be started or pinned.
     #[error("worker: {0}")]
     Worker(String),
+    /// A tap device could not be created, attached or configured.
+    #[error("tap {ifname}: {msg}")]
+    Tap {
+        /// The interface name.
+        ifname: String,
+        /// What went wrong, in one line.
+        msg: String,
+    },
     /// Any other I/O failure, with context.
     #[error("{context}: {source}")]
     Io {

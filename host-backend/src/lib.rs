@@ -2,7 +2,7 @@
 //!
 //! Front-ends (QEMU, DPDK's virtio-user, our driver's virtio-user mode) connect to one
 //! unix socket per device. Each device belongs to a port (`sink`, `gen`, `reflect`,
-//! `xconnect`); pinned busy-poll workers move packets through a batched split-ring
+//! `xconnect`, `tap`); pinned busy-poll workers move packets through a batched split-ring
 //! engine. Everything a guest writes is validated; a bad value breaks only that queue.
 //!
 //! Each device also serves a control queue (`VIRTIO_NET_F_CTRL_VQ`) to front-ends that
@@ -32,7 +32,8 @@
 //! (control commands and receive filters), `port` (what each port does per burst), `gso`
 //! (the generator's TCP super-frames), `iotlb` (translations under a vIOMMU) and
 //! `iotlb_channel` (their vhost-user messages), `handoff` (frames between workers),
-//! `worker` (busy-poll threads and the control worker), `server` (sockets).
+//! `worker` (busy-poll threads and the control worker), `server` (sockets), `tap` (tap
+//! devices' descriptors).
 
 pub mod config;
 pub(crate) mod ctrl;
@@ -50,6 +51,7 @@ pub(crate) mod ring;
 pub(crate) mod server;
 pub(crate) mod split_ring;
 pub mod stats;
+pub(crate) mod tap;
 pub(crate) mod worker;
 
 use std::sync::Arc;
@@ -82,6 +84,18 @@ fn gso_offloads() -> u64 {
 fn forward_offloads() -> (u64, u64) {
     use spec::layout::features::{self as f, bit};
     let host = bit(f::NET_CSUM) | bit(f::NET_HOST_TSO4) | bit(f::NET_HOST_TSO6) | bit(f::NET_HOST_USO);
+    let guest = bit(f::NET_GUEST_CSUM) | bit(f::NET_GUEST_TSO4) | bit(f::NET_GUEST_TSO6);
+    (host, guest)
+}
+
+/// Offloads a `tap` port offers unless `--no-offloads`: the host side passes a guest's
+/// checksum and TCP segmentation requests to the kernel in the tap's virtio-net header
+/// (the kernel completes and segments them), and the guest side lets the kernel hand
+/// partially checksummed frames and TCP super-frames to a guest that takes them
+/// (`TUNSETOFFLOAD`, set from what the guest negotiated, `port::tap`).
+fn tap_offloads() -> (u64, u64) {
+    use spec::layout::features::{self as f, bit};
+    let host = bit(f::NET_CSUM) | bit(f::NET_HOST_TSO4) | bit(f::NET_HOST_TSO6);
     let guest = bit(f::NET_GUEST_CSUM) | bit(f::NET_GUEST_TSO4) | bit(f::NET_GUEST_TSO6);
     (host, guest)
 }
@@ -136,13 +150,22 @@ impl Backend {
                                 gso_offloads()
                             } else if forwards {
                                 forward_offloads().1
+                            } else if spec.kind == PortKind::Tap && !cfg.no_offloads {
+                                tap_offloads().1
                             } else {
                                 0
                             },
-                            host_offloads: if forwards { forward_offloads().0 } else { 0 },
+                            host_offloads: if forwards {
+                                forward_offloads().0
+                            } else if spec.kind == PortKind::Tap && !cfg.no_offloads {
+                                tap_offloads().0
+                            } else {
+                                0
+                            },
                             iommu: cfg.iommu,
                             packed: !cfg.no_packed,
                             sink_read: cfg.sink_read,
+                            tap: spec.ifname.clone(),
                         },
                         engine.clone(),
                         (spec.kind == PortKind::Gen).then_some(cfg.gen_count).flatten(),
@@ -153,6 +176,12 @@ impl Backend {
                 .collect();
             // With --handoff, each device of a cross-connect is one group (both its rings
             // on one worker); otherwise every path is a group of its own.
+            // A tap port's interface, opened now: a missing capability or a busy device is
+            // an error before any thread starts. One queue per queue pair.
+            let mut tap_queues = match (&spec.kind, &spec.ifname) {
+                (PortKind::Tap, Some(name)) => tap::open(name, cfg.queue_pairs)?.queues.into_iter(),
+                _ => Vec::new().into_iter(),
+            };
             let device_groups =
                 (spec.kind == PortKind::Xconnect && cfg.handoff).then(|| (next_group(), next_group()));
             for p in 0..cfg.queue_pairs {
@@ -177,6 +206,12 @@ impl Backend {
                     PortKind::Xconnect => {
                         paths.push((next_group(), PortPath::forward(&devs[0], txq, &devs[1], rxq, false)));
                         paths.push((next_group(), PortPath::forward(&devs[1], txq, &devs[0], rxq, false)));
+                    }
+                    PortKind::Tap => {
+                        let q = tap_queues.next().ok_or_else(|| {
+                            Error::Config("tap port without an interface name (use tap:SOCKET,IFNAME)".into())
+                        })?;
+                        paths.push((next_group(), PortPath::tap(&devs[0], txq, rxq, q)));
                     }
                 }
             }

@@ -25,11 +25,13 @@ enum StatsFormat {
 /// Each --port is one port; each socket is one virtio-net device. Port kinds:
 /// sink:SOCK (count and drop what the guest sends), gen:SOCK (send generated UDP
 /// frames), reflect:SOCK (send each frame back), xconnect:SOCK_A,SOCK_B (A's TX to B's
-/// RX and back).
+/// RX and back), tap:SOCK,IFNAME (the device joined to a kernel tap interface, created
+/// if it does not exist and removed at exit if we created it).
 #[derive(Parser, Debug)]
 #[command(name = "host-backend", version)]
 struct Args {
-    /// A port: sink:SOCK, gen:SOCK, reflect:SOCK or xconnect:SOCK_A,SOCK_B (repeatable).
+    /// A port: sink:SOCK, gen:SOCK, reflect:SOCK, xconnect:SOCK_A,SOCK_B or
+    /// tap:SOCK,IFNAME (repeatable).
     #[arg(long = "port", value_name = "KIND:SOCKET", required = true)]
     ports: Vec<String>,
     /// Queue pairs per device.
@@ -75,7 +77,7 @@ struct Args {
     /// frames between the workers through batched pointer rings.
     #[arg(long)]
     handoff: bool,
-    /// reflect, xconnect: do not offer checksum and segmentation offloads (CSUM,
+    /// reflect, xconnect, tap: do not offer checksum and segmentation offloads (CSUM,
     /// HOST_TSO4/6, HOST_USO, GUEST_CSUM, GUEST_TSO4/6; offered by default, not with
     /// --handoff).
     #[arg(long)]

@@ -44,10 +44,16 @@ pub enum DropReason {
     /// A transmitted frame with an offload request whose chain ends inside the headers
     /// the request needs (Ethernet, IP, TCP or UDP).
     TruncatedHeader,
+    /// `tap`: the kernel refused a frame the guest sent (the tap's `write` failed: the
+    /// interface is down, or the kernel rejected the virtio-net header).
+    KernelRefused,
+    /// `tap`: a frame the kernel sent to the tap had no receive buffer to go to (the
+    /// guest's receive queue is not running), so it was read and dropped.
+    NoBuffer,
 }
 
 /// Number of drop reasons.
-pub const DROP_REASONS: usize = 11;
+pub const DROP_REASONS: usize = 13;
 /// JSON/text names of the drop reasons, in `DropReason` order.
 pub const DROP_NAMES: [&str; DROP_REASONS] = [
     "bad_descriptor",
@@ -61,6 +67,8 @@ pub const DROP_NAMES: [&str; DROP_REASONS] = [
     "bad_gso",
     "bad_csum",
     "truncated_header",
+    "kernel_refused",
+    "no_buffer",
 ];
 
 /// What the host offloads did with the frames a queue pair's driver transmitted that
@@ -244,6 +252,8 @@ pub struct DeviceSnapshot {
     pub rx_filter: serde_json::Value,
     /// The IOTLB protocol (under a vIOMMU).
     pub iotlb: IotlbSnapshot,
+    /// `tap`: the interface name (the JSON's `"tap"`, present on tap devices only).
+    pub tap: Option<String>,
 }
 
 /// IOTLB counters of one device (see `device::IotlbCounters`).
@@ -323,7 +333,7 @@ impl DeviceSnapshot {
                 })
             })
             .collect();
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "socket": self.socket, "port": self.port, "connected": self.connected,
             "rx_packets": t.rx_packets, "rx_bytes": t.rx_bytes,
             "tx_packets": t.tx_packets, "tx_bytes": t.tx_bytes,
@@ -340,7 +350,11 @@ impl DeviceSnapshot {
                 "misses": self.iotlb.misses, "refused": self.iotlb.refused,
                 "timeouts": self.iotlb.timeouts, "entries": self.iotlb.entries,
             },
-        })
+        });
+        if let (Some(name), Some(o)) = (&self.tap, v.as_object_mut()) {
+            o.insert("tap".into(), name.clone().into());
+        }
+        v
     }
 
     /// Human-readable lines, in the spirit of testpmd's port statistics.
@@ -362,7 +376,10 @@ impl DeviceSnapshot {
         format!(
             "  {} [{}] {}\n    RX-packets: {:<14} RX-bytes: {:<16} Rx-pps: {:.0}\n    TX-packets: {:<14} TX-bytes: {:<16} Tx-pps: {:.0}\n    generated: {}  broken queue pairs: {}  drops: {}{}\n    control: {} ok, {} refused{}  active pairs: {}\n",
             self.socket,
-            self.port,
+            match &self.tap {
+                Some(name) => format!("{} {name}", self.port),
+                None => self.port.to_string(),
+            },
             if self.connected { "connected" } else { "waiting for front-end" },
             t.rx_packets,
             t.rx_bytes,

@@ -2,7 +2,7 @@
 //!
 //! Owns: the worker threads (one per `--cores` entry, pinned), their poll loop, the
 //! poll budget (`--poll-us`: how long a worker spins without work before it re-enables
-//! kicks and sleeps on the kick eventfds), and the generation protocol by which the
+//! kicks and sleeps on the kick eventfds and on its paths' own descriptors, a tap's), and the generation protocol by which the
 //! control plane changes what workers run: [`Engine::sync`] bumps a generation and
 //! waits until every worker has re-read device state at a burst boundary.
 //! Must not: parse vhost-user messages or touch rings outside a path's burst.
@@ -45,6 +45,9 @@ pub struct Engine {
 }
 
 const WAKE_TOKEN: u64 = u64::MAX;
+/// Token of a path's own descriptor (a tap's): readiness only wakes the worker, nothing
+/// is read from it here.
+const POLL_TOKEN: u64 = u64::MAX - 1;
 
 impl Engine {
     /// An engine for `workers` data workers and `control` control workers.
@@ -185,6 +188,7 @@ impl Worker {
         let mut seen = 0;
         let mut epoll = None;
         let mut kick_fds: Vec<i32> = Vec::new();
+        let mut poll_fds: Vec<i32> = Vec::new();
         let mut can_sleep = true;
         let mut idle_since: Option<Instant> = None;
         let mut idle_loops: u32 = 0;
@@ -203,10 +207,12 @@ impl Worker {
                 }
                 kick_fds.clear();
                 can_sleep = true;
+                poll_fds.clear();
                 for p in &self.paths {
                     can_sleep &= p.kick_fds(&mut kick_fds);
+                    p.poll_fds(&mut poll_fds);
                 }
-                epoll = self.build_epoll(&kick_fds);
+                epoll = self.build_epoll(&kick_fds, &poll_fds);
                 seen = g;
                 // Release: our detach/attach (device state writes) happen-before `sync` returns.
                 slot.seen.store(g, Ordering::Release);
@@ -277,7 +283,7 @@ impl Worker {
         }
     }
 
-    fn build_epoll(&self, kick_fds: &[i32]) -> Option<Epoll> {
+    fn build_epoll(&self, kick_fds: &[i32], poll_fds: &[i32]) -> Option<Epoll> {
         let ep = match Epoll::new() {
             Ok(ep) => ep,
             Err(e) => {
@@ -292,6 +298,12 @@ impl Worker {
             // A shared fd appears once: EEXIST on the second add is fine.
             let _ = ep.ctl(ControlOperation::Add, *fd, EpollEvent::new(EventSet::IN, i as u64));
         }
+        for fd in poll_fds {
+            // Edge-triggered: a frame the path cannot take yet (no receive buffer) does
+            // not keep waking the worker; the next frame or the guest's kick does.
+            let ev = EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, POLL_TOKEN);
+            let _ = ep.ctl(ControlOperation::Add, *fd, ev);
+        }
         Some(ep)
     }
 
@@ -303,6 +315,8 @@ impl Worker {
         for ev in &events[..n] {
             let fd = if ev.data() == WAKE_TOKEN {
                 let _ = slot.wake.read();
+                continue;
+            } else if ev.data() == POLL_TOKEN {
                 continue;
             } else {
                 match kick_fds.get(ev.data() as usize) {

@@ -199,8 +199,8 @@ impl Backend {
     /// Spawns `host-backend` with `args` plus `--stats-format json --stats-period 1`
     /// (each unless `args` already has it), stdout piped (JSON lines), stderr captured
     /// to a log file in a temp dir (see [`Backend::log`]). Waits (max 10 s) until every
-    /// socket path named in `--port` args exists (port syntax is `KIND:PATH` or
-    /// `xconnect:PATH_A,PATH_B`), else panics with the log.
+    /// socket path named in `--port` args exists (port syntax is `KIND:PATH`,
+    /// `xconnect:PATH_A,PATH_B` or `tap:PATH,IFNAME`), else panics with the log.
     pub fn start(args: &[&str]) -> Backend {
         Backend::start_with(&workspace_bin("host-backend"), args)
     }
@@ -438,6 +438,9 @@ fn port_sockets(args: &[&str]) -> Vec<PathBuf> {
         };
         if kind == "xconnect" {
             out.extend(rest.split(',').map(PathBuf::from));
+        } else if kind == "tap" {
+            // tap:SOCKET,IFNAME
+            out.push(PathBuf::from(rest.split(',').next().unwrap_or(rest)));
         } else {
             out.push(PathBuf::from(rest));
         }
@@ -564,12 +567,16 @@ mod tests {
             "--port=gen:/tmp/b.sock",
             "--port",
             "xconnect:/tmp/c.sock,/tmp/d.sock",
+            "--port",
+            "tap:/tmp/e.sock,vnt0",
             "--queues",
             "2",
         ];
         let got = port_sockets(&args);
-        let want: Vec<PathBuf> =
-            ["/tmp/a.sock", "/tmp/b.sock", "/tmp/c.sock", "/tmp/d.sock"].iter().map(PathBuf::from).collect();
+        let want: Vec<PathBuf> = ["/tmp/a.sock", "/tmp/b.sock", "/tmp/c.sock", "/tmp/d.sock", "/tmp/e.sock"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
         assert_eq!(got, want);
     }
 

@@ -78,6 +78,9 @@ pub enum PortKind {
     Reflect,
     /// Two devices: A's transmit queue feeds B's receive queue and back.
     Xconnect,
+    /// A device joined to a kernel tap interface: its transmit queue goes to the tap,
+    /// what the kernel sends to the tap comes back in its receive queue.
+    Tap,
 }
 
 impl PortKind {
@@ -88,6 +91,7 @@ impl PortKind {
             PortKind::Gen => "gen",
             PortKind::Reflect => "reflect",
             PortKind::Xconnect => "xconnect",
+            PortKind::Tap => "tap",
         }
     }
 }
@@ -118,6 +122,8 @@ pub struct DeviceParams {
     pub packed: bool,
     /// `sink`: copy each frame out before completing it (`--sink-read`).
     pub sink_read: bool,
+    /// `tap`: the interface the device is joined to (for the statistics).
+    pub tap: Option<String>,
 }
 
 #[derive(Default)]
@@ -533,6 +539,7 @@ impl Device {
             active_pairs,
             rx_filter: rx.to_json(),
             iotlb,
+            tap: self.params.tap.clone(),
         }
     }
 

@@ -19,8 +19,8 @@
 //!
 //! Here: a path ([`PortPath`]: its kind, its queues, its chain room) and the one burst
 //! entry point [`PortPath::run`]; each kind's burst is in its own file: `sink`, `gen`,
-//! `forward` (`reflect` and `xconnect`), `control` (the control queue) and `handoff`
-//! (`--handoff`'s two halves); a frame over several receive chains (mergeable receive
+//! `forward` (`reflect` and `xconnect`), `control` (the control queue), `handoff`
+//! (`--handoff`'s two halves) and `tap` (a queue pair to and from a kernel tap queue); a frame over several receive chains (mergeable receive
 //! buffers) is `mrg`'s, a transmitted frame with a checksum or segmentation request
 //! `offload`'s (both out of line: a frame that needs neither never goes there). The
 //! kinds' bursts are `#[inline(always)]` into `run`, as they were when they lived in one
@@ -47,6 +47,7 @@ mod handoff;
 pub(crate) mod mrg;
 mod offload;
 mod sink;
+mod tap;
 
 pub(crate) use gen::udp_frame;
 
@@ -153,6 +154,9 @@ pub enum PathKind {
     /// `--handoff`: deliver frames another worker handed over into `dst` (a receive
     /// queue).
     HandIn(Box<Receiver>),
+    /// `tap`: what `src` (a transmit queue) sends goes to a tap queue, what the kernel
+    /// sends to it comes into `dst` (the same pair's receive queue).
+    Tap(Box<tap::TapState>),
 }
 
 /// One path of a port: a unit of work a worker runs every loop, one kind of work on
@@ -177,7 +181,9 @@ pub struct PortPath {
     /// taken): the engine a burst runs with, chosen once per burst.
     packed: (bool, bool),
     /// `run` takes this path's bursts out of line ([`run_other`](Self::run_other)): a
-    /// packed ring, or a `sink --sink-read` (set with the rings).
+    /// packed ring, a `sink --sink-read` or a tap (set with the rings). The split-ring
+    /// bursts inlined in `run` are the 64-byte benchmarks': every other kind's code
+    /// inlined next to them cost them instructions per frame (`bench/callgrind.sh`).
     out_of_line: bool,
 }
 
@@ -264,6 +270,18 @@ impl PortPath {
         )
     }
 
+    /// A tap port's queue pair `txq`/`rxq` of `dev`, joined to the tap queue `q`.
+    pub fn tap(dev: &Arc<Device>, txq: u16, rxq: u16, q: crate::tap::TapQueue) -> PortPath {
+        // The path's largest frame, as `new` computes it.
+        let max_frame = dev.params.mtu as u64 + ETH_HLEN + 4;
+        PortPath::new(
+            PathKind::Tap(Box::new(tap::TapState::new(q, max_frame))),
+            Some(QueueSlot::new(dev, txq)),
+            Some(QueueSlot::new(dev, rxq)),
+            dev.params.mtu,
+        )
+    }
+
     fn slots(&mut self) -> impl Iterator<Item = &mut QueueSlot> {
         self.src.iter_mut().chain(self.dst.iter_mut())
     }
@@ -287,8 +305,12 @@ impl PortPath {
             }
         }
         self.packed = (QueueSlot::packed(&self.src), QueueSlot::packed(&self.dst));
-        self.out_of_line =
-            self.packed != (false, false) || matches!(self.kind, PathKind::Sink { copy: Some(_) });
+        if let PathKind::Tap(t) = &mut self.kind {
+            let rx = self.dst.as_ref().and_then(|d| d.active.as_ref()).map(|a| &*a.rx);
+            t.configure(rx, self.max_frame);
+        }
+        self.out_of_line = self.packed != (false, false)
+            || matches!(self.kind, PathKind::Sink { copy: Some(_) } | PathKind::Tap(_));
         log::debug!(
             "path attached: src {:?} active {}, dst {:?} active {}",
             self.src.as_ref().map(|s| s.q),
@@ -323,6 +345,14 @@ impl PortPath {
         all
     }
 
+    /// Descriptors other than kick eventfds whose readiness means work for this path (a
+    /// tap's): the worker sleeps on them too, edge-triggered, and never reads them.
+    pub fn poll_fds(&self, out: &mut Vec<i32>) {
+        if let PathKind::Tap(t) = &self.kind {
+            out.push(t.raw_fd());
+        }
+    }
+
     /// Enables or suppresses kicks on every active ring; when enabling, returns whether
     /// work arrived meanwhile.
     pub fn set_kicks(&mut self, enable: bool) -> bool {
@@ -343,7 +373,7 @@ impl PortPath {
     ///
     /// The ring engine is chosen here, once per burst: each kind's burst is generic over
     /// [`Ring`]; split rings run the bursts inlined here, as before there was a packed
-    /// engine, and any packed ring (and `sink --sink-read`) goes through
+    /// engine, and any packed ring (and `sink --sink-read`, and a tap) goes through
     /// [`run_other`](Self::run_other).
     #[inline(never)]
     pub fn run(&mut self) -> usize {
@@ -351,13 +381,15 @@ impl PortPath {
             self.run_other()
         } else {
             match self.kind {
-                PathKind::Sink { .. } => self.run_sink::<DeviceRing>(),
+                PathKind::Sink { .. } => self.run_sink_split(),
                 PathKind::Gen { tcp: None, .. } => self.run_gen::<DeviceRing>(),
                 PathKind::Gen { tcp: Some(_), .. } => self.run_gen_tcp::<DeviceRing>(),
                 PathKind::Forward { swap_mac } => self.run_forward::<DeviceRing, DeviceRing>(swap_mac),
                 PathKind::Ctrl { .. } => self.run_ctrl::<DeviceRing>(),
                 PathKind::HandOut(_) => self.run_hand_out::<DeviceRing>(),
                 PathKind::HandIn(_) => self.run_hand_in::<DeviceRing>(),
+                // Never here: a tap path is always out of line (`attach`).
+                PathKind::Tap(_) => Ok(0),
             }
         };
         match res {
@@ -383,6 +415,13 @@ impl PortPath {
         }
     }
 
+    /// The split-ring sink burst in a function of its own: its loop's registers do not
+    /// depend on what else `run` holds.
+    #[inline(never)]
+    fn run_sink_split(&mut self) -> Result<usize, (Side, RingFault)> {
+        self.run_sink::<DeviceRing>()
+    }
+
     /// [`run`](Self::run)'s bursts for a path with a packed ring (on either side: a
     /// cross-connect may join a split and a packed device), and `sink --sink-read`'s on
     /// either layout. Out of line, so the split
@@ -406,6 +445,9 @@ impl PortPath {
             PathKind::Ctrl { .. } => self.run_ctrl::<P>(),
             PathKind::HandOut(_) => self.run_hand_out::<P>(),
             PathKind::HandIn(_) => self.run_hand_in::<P>(),
+            // Both rings are the one device's: both packed, or both split.
+            PathKind::Tap(_) if sp || dp => self.run_tap::<P>(),
+            PathKind::Tap(_) => self.run_tap::<S>(),
         }
     }
 }

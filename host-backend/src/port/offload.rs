@@ -392,7 +392,7 @@ pub(crate) fn forward<'m, D: Ring>(
 /// with mergeable buffers), looking for more available chains when the burst's poll has
 /// none left.
 #[allow(clippy::too_many_arguments, reason = "the burst's receive side, borrowed piece by piece")]
-fn deliver<'m, D: Ring>(
+pub(super) fn deliver<'m, D: Ring>(
     dr: &mut D,
     dmem: &'m GuestMemory,
     nrx: &mut u16,

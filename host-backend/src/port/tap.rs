@@ -1,0 +1,574 @@
+//! The `tap` port's burst: a device's transmit queue written to a kernel tap interface,
+//! and what the kernel sends to the tap read into the device's receive queue.
+//!
+//! Owns: per queue pair, one path holding both rings of the pair and one tap queue
+//! ([`TapState`]): guest → kernel, each transmit chain is one `writev` (the guest's
+//! virtio-net header, checked against what the guest negotiated and copied out of guest
+//! memory first, then the frame's buffers straight from guest memory); kernel → guest,
+//! each frame is one `readv` straight into the guest's receive buffers (over as many
+//! receive chains as a largest frame needs with mergeable buffers) when they can take any
+//! frame the kernel may send, else into the path's staging buffer and from there into
+//! the receive chains with `mrg` (`offload::deliver`), the rest waiting in the staging
+//! buffer for more buffers. Both directions are bounded per burst ([`BURST`] frames).
+//! The kernel's offloads towards the guest follow the guest's negotiated `GUEST_*`
+//! offloads (`TUNSETOFFLOAD`, set when the rings are taken).
+//! Must not: bring the interface up or down or change anything else about it
+//! (`crate::tap`), or change device state other than through `QueueSlot::fail`.
+//!
+//! System calls: one per frame each way (the tap character device reads and writes one
+//! frame per call; there is no batched call for it), none per frame otherwise. A
+//! transmit frame the kernel would block on (`EAGAIN`, `ENOBUFS`) stays in the ring
+//! (backpressure); any other write error drops it as `kernel_refused`. A frame with a
+//! checksum or segmentation request that the kernel took counts as `csum_requests` or
+//! `gso_requests` and `passed_whole` in the pair's `offloads` (the kernel does the work).
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use spec::layout::features::{self as f, bit};
+use spec::layout::{net_hdr, NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
+
+use super::mrg::{self, MAX_BUFFERS};
+use super::offload::{self, MAX_SUPER_FRAME};
+use super::{PathKind, PortPath, Side, BURST, ETH_HLEN, FILTER_BYTES};
+use crate::ctrl::RxConfig;
+use crate::memory::GuestMemory;
+use crate::ring::Ring;
+use crate::split_ring::{gather, scatter, Chain, Dir, RingFault};
+use crate::stats::{BurstCounts, DropReason, OffloadCounts, OffloadEvent};
+use crate::tap::{Offloads, TapQueue};
+
+/// How often frames are drained from a tap whose receive queue does not run (not every
+/// loop: a worker busy with other paths would pay a system call per loop).
+const DRAIN_EVERY: Duration = Duration::from_millis(1);
+
+/// Most iovec entries one `readv`/`writev` takes (Linux's `UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+
+/// Room for `IOV_MAX` iovecs, kept across bursts.
+struct Iov(Box<[libc::iovec]>);
+
+// SAFETY: the pointers an `Iov` holds are written by the burst that builds the vector
+// and passed to the kernel in that burst only; what a previous burst left is never read
+// (every use rebuilds the entries it passes). Moving the storage to a worker is harmless.
+unsafe impl Send for Iov {}
+
+impl Iov {
+    fn new() -> Iov {
+        Iov(vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; IOV_MAX].into_boxed_slice())
+    }
+}
+
+/// One tap queue and the path's state for it.
+pub(crate) struct TapState {
+    tap: TapQueue,
+    iov: Iov,
+    /// A frame read from the kernel that did not go straight into receive buffers:
+    /// header and frame, `staged` bytes of it waiting for receive buffers.
+    staging: Box<[u8]>,
+    staged: Option<usize>,
+    /// The largest header plus frame the kernel may send now (with `TUNSETOFFLOAD`'s
+    /// TSO on, a super-frame).
+    max_rx: usize,
+    /// The guest negotiated mergeable receive buffers.
+    mrg: bool,
+    /// A failed `TUNSETOFFLOAD` or read was logged already.
+    warned: bool,
+    /// When frames were last drained while the receive queue does not run.
+    last_drain: Option<Instant>,
+}
+
+impl TapState {
+    pub fn new(tap: TapQueue, max_frame: u64) -> TapState {
+        TapState {
+            tap,
+            iov: Iov::new(),
+            // One byte more than any frame: a read that fills it was cut short.
+            staging: vec![0u8; NET_HDR_LEN + MAX_SUPER_FRAME + 1].into_boxed_slice(),
+            staged: None,
+            max_rx: NET_HDR_LEN + max_frame as usize,
+            mrg: false,
+            warned: false,
+            last_drain: None,
+        }
+    }
+
+    /// The tap descriptor (the worker also sleeps on it).
+    pub fn raw_fd(&self) -> i32 {
+        self.tap.raw_fd()
+    }
+
+    /// The rings were (re)taken; `rx`: the receive queue's configuration, if it runs.
+    /// A multi-queue tap's queue is attached to the kernel's steering only while the
+    /// receive queue runs; the kernel may send what the guest takes now (partial
+    /// checksums, TCP super-frames), no more.
+    pub fn configure(&mut self, rx: Option<&RxConfig>, max_frame: u64) {
+        if let Err(e) = self.tap.set_enabled(rx.is_some()) {
+            if !self.warned {
+                log::warn!("tap {}: TUNSETQUEUE: {e}", self.tap.name());
+                self.warned = true;
+            }
+        }
+        let Some(rx) = rx else { return };
+        let o = Offloads { csum: rx.csum(), tso4: rx.tso4(), tso6: rx.tso6() };
+        if let Err(e) = self.tap.set_offloads(o) {
+            if !self.warned {
+                log::warn!(
+                    "tap {}: TUNSETOFFLOAD: {e}; the kernel keeps its previous offloads",
+                    self.tap.name()
+                );
+                self.warned = true;
+            }
+        }
+        self.mrg = rx.mrg_rxbuf;
+        let frame = if o.gso() { MAX_SUPER_FRAME } else { max_frame as usize };
+        self.max_rx = NET_HDR_LEN + frame;
+    }
+}
+
+/// What the offload bits of a guest's header need negotiated, or why it is refused.
+fn tx_header_ok(hdr: &[u8; NET_HDR_LEN], features: u64) -> Result<bool, DropReason> {
+    let mut need = 0;
+    if hdr[net_hdr::FLAGS] & net_hdr::F_NEEDS_CSUM != 0 {
+        need |= bit(f::NET_CSUM);
+    }
+    let gso = hdr[net_hdr::GSO_TYPE];
+    match gso & !net_hdr::GSO_ECN {
+        net_hdr::GSO_NONE => {}
+        net_hdr::GSO_TCPV4 => need |= bit(f::NET_HOST_TSO4),
+        net_hdr::GSO_TCPV6 => need |= bit(f::NET_HOST_TSO6),
+        net_hdr::GSO_UDP_L4 => need |= bit(f::NET_HOST_USO),
+        _ => return Err(DropReason::BadGso),
+    }
+    if gso & net_hdr::GSO_ECN != 0 {
+        need |= bit(f::NET_HOST_ECN);
+    }
+    if features & need != need {
+        return Err(DropReason::OffloadNotNegotiated);
+    }
+    Ok(gso != net_hdr::GSO_NONE)
+}
+
+/// Appends `chain`'s bytes from `off` on to `iov` (from entry `n`); returns the new
+/// count, or `None` if they do not fit [`IOV_MAX`].
+fn push_iov(iov: &mut [libc::iovec], mut n: usize, chain: &Chain<'_>, mut off: usize) -> Option<usize> {
+    for s in chain.segs() {
+        let len = s.len as usize;
+        if off >= len {
+            off -= len;
+            continue;
+        }
+        let e = iov.get_mut(n)?;
+        // SAFETY: `off < len`: the address stays inside the segment's buffer.
+        e.iov_base = unsafe { s.ptr.add(off) } as *mut libc::c_void;
+        e.iov_len = len - off;
+        off = 0;
+        n += 1;
+    }
+    Some(n)
+}
+
+fn would_block(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::ENOBUFS))
+}
+
+impl PortPath {
+    /// One burst each way; a bad descriptor on one side does not stop the other.
+    #[inline(always)]
+    pub(super) fn run_tap<R: Ring>(&mut self) -> Result<usize, (Side, RingFault)> {
+        let tx = self.tap_tx::<R>();
+        let rx = self.tap_rx::<R>();
+        match (tx, rx) {
+            (Ok(a), Ok(b)) => Ok(a + b),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        }
+    }
+
+    /// Guest → kernel: up to [`BURST`] transmit chains, one `writev` each.
+    fn tap_tx<S: Ring>(&mut self) -> Result<usize, (Side, RingFault)> {
+        let max_frame = self.max_frame;
+        let PathKind::Tap(t) = &mut self.kind else { return Ok(0) };
+        let Some(src) = self.src.as_mut() else { return Ok(0) };
+        let pair = src.pair();
+        let dev = src.dev.clone();
+        let Some((ring, mem, rx)) = src.ring_rx::<S>() else { return Ok(0) };
+        let features = rx.features;
+        let offloads = features & offload::HOST_OFFLOADS != 0;
+        let n = ring.poll_avail().map_err(|b| (Side::Src, b))?.min(BURST);
+        if n == 0 {
+            return Ok(0);
+        }
+        let chain = self.src_chain.chain(mem);
+        let mut c = BurstCounts::default();
+        let mut oc = OffloadCounts::default();
+        let mut done = 0u16;
+        let mut failed = None;
+        let mut hdr = [0u8; NET_HDR_LEN];
+        for i in 0..n {
+            let head = match ring.walk_avail(mem, i, Dir::DeviceReads, chain) {
+                Ok(h) => h,
+                Err(b) => {
+                    failed = Some((Side::Src, b));
+                    break;
+                }
+            };
+            let verdict = if chain.truncated {
+                Err(DropReason::TooManySegments)
+            } else if chain.total < (NET_HDR_LEN as u64 + ETH_HLEN) {
+                Err(DropReason::ShortFrame)
+            } else {
+                // The header is copied out of guest memory: the kernel reads this copy,
+                // which the guest cannot change under it.
+                gather(chain, 0, &mut hdr);
+                hdr[NET_HDR_NUM_BUFFERS..].fill(0);
+                let gso = if offloads {
+                    tx_header_ok(&hdr, features)
+                } else {
+                    // A driver without host offloads has its header ignored (as on the
+                    // forwarding ports).
+                    hdr.fill(0);
+                    Ok(false)
+                };
+                let len = chain.total - NET_HDR_LEN as u64;
+                gso.and_then(|gso| {
+                    let limit = if gso { MAX_SUPER_FRAME as u64 } else { max_frame };
+                    if len > limit {
+                        Err(DropReason::Oversize)
+                    } else {
+                        Ok(len)
+                    }
+                })
+            };
+            match verdict {
+                Ok(len) => {
+                    let iov = &mut t.iov.0;
+                    iov[0] =
+                        libc::iovec { iov_base: hdr.as_mut_ptr() as *mut libc::c_void, iov_len: NET_HDR_LEN };
+                    match push_iov(iov, 1, chain, NET_HDR_LEN) {
+                        None => c.drop(DropReason::TooManySegments),
+                        Some(cnt) => {
+                            // SAFETY: entry 0 is `hdr`, a local; the others lie inside the
+                            // chain's buffers, inside the guest memory `mem` keeps mapped
+                            // for this burst; the kernel only reads them.
+                            match unsafe { t.tap.writev(&iov[..cnt]) } {
+                                Ok(_) => {
+                                    c.rx_packets += 1;
+                                    c.rx_bytes += len;
+                                    if hdr[net_hdr::GSO_TYPE] != net_hdr::GSO_NONE {
+                                        oc.add(OffloadEvent::GsoRequests, 1);
+                                        oc.add(OffloadEvent::PassedWhole, 1);
+                                    } else if hdr[net_hdr::FLAGS] & net_hdr::F_NEEDS_CSUM != 0 {
+                                        oc.add(OffloadEvent::CsumRequests, 1);
+                                        oc.add(OffloadEvent::PassedWhole, 1);
+                                    }
+                                }
+                                Err(e) if would_block(&e) => break, // stays in the ring
+                                Err(e) => {
+                                    log::debug!("tap {}: write: {e}", t.tap.name());
+                                    c.drop(DropReason::KernelRefused);
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(why) => c.drop(why),
+            }
+            ring.add_used(head, 0);
+            done += 1;
+        }
+        ring.consume(done);
+        ring.publish_used();
+        dev.stats[pair].flush_rx(&c);
+        dev.stats[pair].flush_offloads(&oc);
+        match failed {
+            Some(f) => Err(f),
+            None => Ok(done as usize),
+        }
+    }
+
+    /// Kernel → guest: up to [`BURST`] frames, one `readv` each.
+    fn tap_rx<D: Ring>(&mut self) -> Result<usize, (Side, RingFault)> {
+        let PathKind::Tap(t) = &mut self.kind else { return Ok(0) };
+        let Some(dst) = self.dst.as_mut() else { return Ok(0) };
+        let pair = dst.pair();
+        let dev = dst.dev.clone();
+        let mut c = BurstCounts::default();
+        let Some((dr, dmem, rx)) = dst.ring_rx::<D>() else {
+            // No receive queue: what the kernel sends is read and dropped, as a NIC
+            // without buffers drops (the kernel's queue would hold it stale otherwise),
+            // at most every `DRAIN_EVERY`; a detached queue gets nothing.
+            if !t.tap.steered() || t.last_drain.is_some_and(|l| l.elapsed() < DRAIN_EVERY) {
+                return Ok(0);
+            }
+            t.last_drain = Some(Instant::now());
+            let n = Self::tap_drain(t);
+            c.drops[DropReason::NoBuffer as usize] += n;
+            dev.stats[pair].flush_tx(&c);
+            return Ok(0);
+        };
+        let filter = Some(rx).filter(|rx| !rx.pass_all());
+        let res = Self::tap_rx_burst(t, dr, dmem, filter, &mut self.dst_chain, &mut self.mrg_chain, &mut c);
+        dev.stats[pair].flush_tx(&c);
+        res.map_err(|b| (Side::Dst, b))
+    }
+
+    /// Reads and drops up to [`BURST`] frames (and a staged one); returns how many.
+    #[cold]
+    fn tap_drain(t: &mut TapState) -> u64 {
+        let mut n = t.staged.take().map_or(0, |_| 1);
+        for _ in 0..BURST {
+            let iov = [libc::iovec {
+                iov_base: t.staging.as_mut_ptr() as *mut libc::c_void,
+                iov_len: t.staging.len(),
+            }];
+            // SAFETY: the one entry is the staging buffer, owned by `t` and not borrowed.
+            match unsafe { t.tap.readv(&iov) } {
+                Ok(_) => n += 1,
+                Err(_) => break,
+            }
+        }
+        n
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "the burst's receive side, borrowed piece by piece")]
+    fn tap_rx_burst<D: Ring>(
+        t: &mut TapState,
+        dr: &mut D,
+        dmem: &GuestMemory,
+        filter: Option<&RxConfig>,
+        first_buf: &mut crate::split_ring::ChainBuf,
+        more_buf: &mut crate::split_ring::ChainBuf,
+        c: &mut BurstCounts,
+    ) -> Result<usize, RingFault> {
+        let mut nrx = dr.poll_avail_max(BURST)?;
+        let mut rx_done = 0u16;
+        let first = first_buf.chain(dmem);
+        let mut frames = 0u16;
+        let mut res = Ok(());
+        while frames < BURST {
+            // A staged frame goes first; while it waits, nothing more is read (order).
+            if let Some(n) = t.staged {
+                let mut hdr = [0u8; NET_HDR_LEN];
+                hdr.copy_from_slice(&t.staging[..NET_HDR_LEN]);
+                let bytes = &t.staging[NET_HDR_LEN..n];
+                let placed =
+                    match offload::deliver(dr, dmem, &mut nrx, rx_done, first, more_buf, t.mrg, hdr, bytes) {
+                        Ok(p) => p,
+                        Err(b) => {
+                            res = Err(b);
+                            break;
+                        }
+                    };
+                match placed {
+                    mrg::Placed::Done(k) => {
+                        rx_done += k;
+                        c.tx_packets += 1;
+                        c.tx_bytes += bytes.len() as u64;
+                    }
+                    mrg::Placed::Wait => break,
+                    mrg::Placed::NoFit => c.drop(DropReason::RxBufferTooSmall),
+                }
+                t.staged = None;
+                frames += 1;
+                continue;
+            }
+            if rx_done >= nrx {
+                nrx = match dr.poll_more() {
+                    Ok(n) => n,
+                    Err(b) => {
+                        res = Err(b);
+                        break;
+                    }
+                };
+                if rx_done >= nrx {
+                    break; // no receive buffer: the frames wait in the kernel's queue
+                }
+            }
+            // Receive chains for the largest frame the kernel may send: the first one,
+            // then (mergeable buffers) as many more as it takes.
+            let head = match dr.walk_avail(dmem, rx_done, Dir::DeviceWrites, first) {
+                Ok(h) => h,
+                Err(b) => {
+                    res = Err(b);
+                    break;
+                }
+            };
+            let mut cap = mrg::capacity(first) as usize;
+            let mut cnt = push_iov(&mut t.iov.0, 0, first, 0);
+            let mut end = rx_done + 1;
+            if t.mrg {
+                let more = more_buf.chain(dmem);
+                while cap <= t.max_rx && cnt.is_some() && end - rx_done < MAX_BUFFERS {
+                    if end >= nrx {
+                        nrx = match dr.poll_more() {
+                            Ok(n) => n,
+                            Err(b) => {
+                                res = Err(b);
+                                break;
+                            }
+                        };
+                        if end >= nrx {
+                            break;
+                        }
+                    }
+                    if let Err(b) = dr.walk_avail(dmem, end, Dir::DeviceWrites, more) {
+                        res = Err(b);
+                        break;
+                    }
+                    cap += mrg::capacity(more) as usize;
+                    cnt = cnt.and_then(|n| push_iov(&mut t.iov.0, n, more, 0));
+                    end += 1;
+                }
+                if res.is_err() {
+                    break;
+                }
+            }
+            let direct = match cnt {
+                Some(n)
+                    if cap > t.max_rx && mrg::capacity(first) as usize >= NET_HDR_LEN + ETH_HLEN as usize =>
+                {
+                    n
+                }
+                _ => 0,
+            };
+            if direct == 0 {
+                // Not enough room for any frame the kernel may send: into the staging
+                // buffer, delivered from there (next turn of the loop).
+                let iov = [libc::iovec {
+                    iov_base: t.staging.as_mut_ptr() as *mut libc::c_void,
+                    iov_len: t.staging.len(),
+                }];
+                // SAFETY: the one entry is the staging buffer, owned by `t`, not borrowed.
+                match unsafe { t.tap.readv(&iov) } {
+                    Ok(n) if n >= t.staging.len() => c.drop(DropReason::RxBufferTooSmall),
+                    Ok(n) if n < NET_HDR_LEN + ETH_HLEN as usize => c.drop(DropReason::ShortFrame),
+                    Ok(n) => {
+                        if filter.is_some_and(|rx| !rx.accepts(&t.staging[NET_HDR_LEN..n])) {
+                            c.drop(DropReason::Filtered);
+                        } else {
+                            t.staged = Some(n);
+                            continue; // not a frame yet: delivered at the loop's top
+                        }
+                    }
+                    Err(e) => {
+                        Self::read_error(t, e);
+                        break;
+                    }
+                }
+                frames += 1;
+                continue;
+            }
+            // SAFETY: every entry lies inside a walked receive chain's device-writable
+            // buffers, inside the guest memory `dmem` keeps mapped for this burst; no Rust
+            // reference into them exists.
+            let n = match unsafe { t.tap.readv(&t.iov.0[..direct]) } {
+                Ok(n) => n,
+                Err(e) => {
+                    Self::read_error(t, e);
+                    break;
+                }
+            };
+            frames += 1;
+            if n < NET_HDR_LEN + ETH_HLEN as usize {
+                c.drop(DropReason::ShortFrame); // the chains stay available
+                continue;
+            }
+            if n >= cap {
+                c.drop(DropReason::RxBufferTooSmall); // cut short: the chains stay available
+                continue;
+            }
+            if let Some(rx) = filter {
+                let mut h = [0u8; FILTER_BYTES];
+                let got = gather(first, NET_HDR_LEN, &mut h);
+                if !rx.accepts(&h[..got]) {
+                    c.drop(DropReason::Filtered);
+                    continue;
+                }
+            }
+            // The bytes went over the chains in order: complete as many as they filled,
+            // the first (with the header) first.
+            let first_len = (mrg::capacity(first) as usize).min(n);
+            dr.add_used(head, first_len as u32);
+            let mut left = n - first_len;
+            let mut k = 1u16;
+            if left > 0 {
+                let more = more_buf.chain(dmem);
+                while left > 0 {
+                    let h = match dr.walk_avail(dmem, rx_done + k, Dir::DeviceWrites, more) {
+                        Ok(h) => h,
+                        Err(b) => {
+                            res = Err(b);
+                            break;
+                        }
+                    };
+                    let l = (mrg::capacity(more) as usize).min(left);
+                    dr.add_used(h, l as u32);
+                    left -= l;
+                    k += 1;
+                }
+                if res.is_err() {
+                    break;
+                }
+            }
+            // The kernel wrote the first 10 bytes of the header; `num_buffers` is ours.
+            scatter(first, NET_HDR_NUM_BUFFERS, &k.to_le_bytes());
+            rx_done += k;
+            c.tx_packets += 1;
+            c.tx_bytes += (n - NET_HDR_LEN) as u64;
+        }
+        dr.consume(rx_done);
+        dr.publish_used();
+        res.map(|()| frames as usize)
+    }
+
+    #[cold]
+    fn read_error(t: &mut TapState, e: io::Error) {
+        if !would_block(&e) && !t.warned {
+            log::warn!("tap {}: read: {e}", t.tap.name());
+            t.warned = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hdr(flags: u8, gso: u8) -> [u8; NET_HDR_LEN] {
+        let mut h = [0u8; NET_HDR_LEN];
+        h[net_hdr::FLAGS] = flags;
+        h[net_hdr::GSO_TYPE] = gso;
+        h
+    }
+
+    #[test]
+    fn a_guests_offload_request_needs_its_feature() {
+        let csum = bit(f::NET_CSUM);
+        let tso4 = csum | bit(f::NET_HOST_TSO4);
+        assert_eq!(tx_header_ok(&hdr(0, 0), 0), Ok(false));
+        assert_eq!(tx_header_ok(&hdr(net_hdr::F_NEEDS_CSUM, 0), 0), Err(DropReason::OffloadNotNegotiated));
+        assert_eq!(tx_header_ok(&hdr(net_hdr::F_NEEDS_CSUM, 0), csum), Ok(false));
+        let t4 = hdr(net_hdr::F_NEEDS_CSUM, net_hdr::GSO_TCPV4);
+        assert_eq!(tx_header_ok(&t4, csum), Err(DropReason::OffloadNotNegotiated));
+        assert_eq!(tx_header_ok(&t4, tso4), Ok(true));
+        let t6 = hdr(net_hdr::F_NEEDS_CSUM, net_hdr::GSO_TCPV6);
+        assert_eq!(tx_header_ok(&t6, tso4), Err(DropReason::OffloadNotNegotiated));
+        let ecn = hdr(net_hdr::F_NEEDS_CSUM, net_hdr::GSO_TCPV4 | net_hdr::GSO_ECN);
+        assert_eq!(tx_header_ok(&ecn, tso4), Err(DropReason::OffloadNotNegotiated));
+        assert_eq!(tx_header_ok(&hdr(0, 0x42), tso4), Err(DropReason::BadGso));
+    }
+
+    #[test]
+    fn iovecs_skip_the_header_across_segments() {
+        let mut a = [0u8; 8];
+        let mut b = [0u8; 100];
+        let mut c = Chain::over(&mut a);
+        c.push(b.as_mut_ptr(), b.len() as u32);
+        let mut iov = Iov::new();
+        let n = push_iov(&mut iov.0, 1, &c, NET_HDR_LEN).expect("fits");
+        assert_eq!(n, 2);
+        assert_eq!(iov.0[1].iov_base as usize, b.as_ptr() as usize + 4);
+        assert_eq!(iov.0[1].iov_len, 96);
+        assert_eq!(push_iov(&mut iov.0, IOV_MAX, &c, 0), None);
+    }
+}

@@ -1,0 +1,695 @@
+//! Issue 18: the `tap` port. Two private network namespaces, created and removed by the
+//! test, each hold one tap interface served by one backend (two `tap` ports); our
+//! testpmd forwards between its two virtio-user ports in `io` mode, so the kernel of one
+//! namespace reaches the other only through tap → backend → our driver → backend → tap.
+//!
+//! * `ping_and_tcp_cross_two_namespaces_through_testpmd`: 20 pings across, 20 replies;
+//!   64 MiB over TCP from one namespace to the other (a sender and a receiver thread,
+//!   each moved into its namespace with `setns`), the receiver's byte count and sha256
+//!   equal to the sender's; every frame one tap port took from its guest reached the
+//!   other tap port's guest (backend counters against testpmd's), no drop anywhere in
+//!   the backend; both tap interfaces gone once the backend exits.
+//! * `namespace_pings_testpmd_icmpecho_on_a_tap_port`: one tap port, testpmd in
+//!   `icmpecho` mode; the namespace's kernel pings an address on the link and gets 20
+//!   replies of 20 (testpmd answers the ARP request and every echo request).
+//! * `an_existing_persistent_tap_is_attached_and_left_in_place`: the same against a tap
+//!   made beforehand with `ip tuntap add` (backend and tap inside the namespace); the
+//!   tap is still there after the backend exits.
+//! * `tcp_with_checksum_and_tso_offloads_passed_through_whole`: instead of testpmd, a
+//!   bridge of two ports of our driver in this process that negotiate checksum and TSO
+//!   offloads both ways and pass each frame's offload information on: 64 MiB over TCP
+//!   with the sha256 equal, TCP super-frames from the kernel each way, passed whole to
+//!   the other kernel (the backend's `offloads` counters equal what the bridge saw); then
+//!   guest TSO switched off on one port (GUEST_OFFLOADS_SET) and a second 64 MiB: the
+//!   kernel sends that port no further super-frame.
+//! * `frames_without_a_guest_are_dropped_as_no_buffer`: no front-end; what the kernel
+//!   sends into the tap is counted as `no_buffer`, exactly the tap's own `tx_packets`.
+//! * `tap_errors_are_one_line_and_exit_1`: without CAP_NET_ADMIN (as `nobody`), a tap
+//!   held by another backend (busy), `lo` (not a tap), a bad name: one line, exit 1.
+//!
+//! Each test takes the cross-binary [`serial`] lock, bounds every wait, and removes its
+//! namespaces in `Drop` guards, also when an assertion fails (the backend, which owns
+//! the taps, is stopped first, so the taps go away with it). IPv6 is switched off in the
+//! namespaces so that the only traffic is the test's (ARP, ICMP, TCP). The host's own
+//! interfaces are never touched.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::Duration;
+
+use serde_json::Value;
+use vnet_tests::harness::{counter, device, serial, total_drops, within, workspace_bin, Backend, TempDir};
+use vnet_tests::testpmd_proc::{forward_stats, Testpmd};
+
+const WAIT: Duration = Duration::from_secs(20);
+/// Bytes sent over TCP.
+const XFER: usize = 64 << 20;
+const PINGS: u32 = 20;
+
+/// Runs a command to completion; panics with its output if it fails.
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} {args:?}: {e} (is it installed? tests/run.sh installs it)"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{cmd} {args:?} failed ({}):\n{text}", out.status);
+    text
+}
+
+/// A private network namespace, removed on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("vnt-{tag}-{}", std::process::id());
+        // A namespace left behind by an earlier run of this process id.
+        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.exec("sysctl", &["-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"]);
+        ns.exec("sysctl", &["-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"]);
+        ns
+    }
+
+    fn exec(&self, cmd: &str, args: &[&str]) -> String {
+        let mut a = vec!["netns", "exec", &self.name, cmd];
+        a.extend_from_slice(args);
+        run("ip", &a)
+    }
+
+    /// Moves the interface `tap` (in our namespace) into this one, with `addr`; the link
+    /// stays down until [`up`](Self::up).
+    fn take(&self, tap: &str, addr: &str) {
+        run("ip", &["link", "set", tap, "netns", &self.name]);
+        run("ip", &["-n", &self.name, "addr", "add", addr, "dev", tap]);
+    }
+
+    fn up(&self, tap: &str) {
+        run("ip", &["-n", &self.name, "link", "set", tap, "up"]);
+    }
+
+    /// Runs `f` on a thread that has entered this namespace (sockets it opens live there).
+    fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        thread::spawn(move || {
+            // SAFETY: setns only reads the descriptor number; it moves this thread (a
+            // plain thread of ours, which owns no other namespace state) into the
+            // network namespace of an open /var/run/netns file.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+
+    /// Pings `addr` `PINGS` times (bounded to 60 s); returns the replies received.
+    fn ping(&self, addr: &str) -> u32 {
+        let n = PINGS.to_string();
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "ping", "-c", &n, "-i", "0.2", "-w", "60", "-q", addr])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("ping: {e} (tests/run.sh installs iputils-ping)"));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let line = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or_else(|| panic!("no ping summary:\n{text}{}", String::from_utf8_lossy(&out.stderr)));
+        let got = line.split(", ").find_map(|p| p.strip_suffix(" received")).and_then(|v| v.parse().ok());
+        got.unwrap_or_else(|| panic!("cannot read the reply count in '{line}'"))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).stderr(Stdio::null()).status();
+    }
+}
+
+/// Whether an interface of that name exists in our namespace.
+fn link_exists(name: &str) -> bool {
+    std::path::Path::new("/sys/class/net").join(name).exists()
+}
+
+/// `sha256sum` of what is written into it.
+struct Sha {
+    child: std::process::Child,
+}
+
+impl Sha {
+    fn new() -> Sha {
+        let child = Command::new("sha256sum")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("sha256sum: {e}"));
+        Sha { child }
+    }
+    fn update(&mut self, b: &[u8]) {
+        self.child.stdin.as_mut().expect("piped").write_all(b).expect("write to sha256sum");
+    }
+    fn hex(mut self) -> String {
+        drop(self.child.stdin.take());
+        let mut s = String::new();
+        self.child.stdout.take().expect("piped").read_to_string(&mut s).expect("sha256sum output");
+        self.child.wait().expect("sha256sum exit");
+        s.split_whitespace().next().unwrap_or_default().to_string()
+    }
+}
+
+/// The sender's bytes: a xorshift stream (not compressible, not periodic in 64 MiB).
+fn fill(buf: &mut [u8], state: &mut u64) {
+    for c in buf.chunks_mut(8) {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        c.copy_from_slice(&state.to_le_bytes()[..c.len()]);
+    }
+}
+
+fn testpmd_connected(stats: &Value, socks: &[&std::path::Path]) -> bool {
+    socks.iter().all(|s| {
+        stats["devices"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["socket"] == s.to_str().unwrap() && d["connected"] == true))
+    })
+}
+
+/// Waits until two successive stats lines of the backend show the same device counters.
+fn settle(backend: &Backend) {
+    let last = std::sync::Mutex::new((String::new(), String::new()));
+    backend.wait_stats(WAIT, |s| {
+        let (t, key) = (s["elapsed_s"].to_string(), s["devices"].to_string());
+        let mut l = last.lock().unwrap_or_else(|p| p.into_inner());
+        let same = l.0 != t && l.1 == key;
+        *l = (t, key);
+        same
+    });
+}
+
+#[test]
+fn ping_and_tcp_cross_two_namespaces_through_testpmd() {
+    cross_namespaces(1, "", &[]);
+}
+
+/// The same with mergeable receive buffers of 768 bytes: each full-size frame from the
+/// kernel is read over two receive chains at once, and testpmd sends it on as a chain of
+/// two buffers (one `writev` over both).
+#[test]
+fn ping_and_tcp_cross_with_mergeable_buffers_over_small_chains() {
+    cross_namespaces(1, ",mrg_rxbuf=1", &["--mbuf-size", "1024", "--max-pkt-len", "1518"]);
+}
+
+/// Packed rings (`packed_vq=1`): the same paths over the packed-ring engine.
+#[test]
+fn ping_and_tcp_cross_packed_rings() {
+    cross_namespaces(1, ",packed_vq=1", &[]);
+}
+
+/// `--queues 2`: multi-queue taps (`IFF_MULTI_QUEUE`), one tap queue per queue pair;
+/// 16 TCP connections of 4 MiB each, which the kernel spreads over both tap queues.
+#[test]
+fn ping_and_tcp_cross_multi_queue_taps() {
+    cross_namespaces(2, ",queues=2", &["--rxq", "2", "--txq", "2"]);
+}
+
+/// Sends `XFER` bytes from `ns_a` to 10.77.0.2:5001 in `ns_b` over `flows` TCP
+/// connections; returns (bytes, sha256) of each connection as sent and as received,
+/// both sorted.
+type Flows = Vec<(usize, String)>;
+fn tcp_transfer(ns_a: &Netns, ns_b: &Netns, flows: usize) -> (Flows, Flows) {
+    let listener = ns_b
+        .spawn(|| TcpListener::bind(SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 2), 5001)).expect("bind in B"))
+        .join()
+        .expect("listener thread");
+    let receiver = thread::spawn(move || {
+        let conns: Vec<_> = (0..flows)
+            .map(|_| {
+                let (mut s, _) = listener.accept().expect("accept");
+                thread::spawn(move || {
+                    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+                    let mut sha = Sha::new();
+                    let mut buf = vec![0u8; 1 << 20];
+                    let mut n = 0usize;
+                    loop {
+                        let k = s.read(&mut buf).expect("receive");
+                        if k == 0 {
+                            break;
+                        }
+                        sha.update(&buf[..k]);
+                        n += k;
+                    }
+                    (n, sha.hex())
+                })
+            })
+            .collect();
+        conns.into_iter().map(|h| h.join().expect("receiving connection")).collect::<Vec<_>>()
+    });
+    let senders: Vec<_> = (0..flows)
+        .map(|f| {
+            ns_a.spawn(move || {
+                let addr = "10.77.0.2:5001".parse().expect("addr");
+                let mut s =
+                    TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect from A");
+                s.set_write_timeout(Some(Duration::from_secs(60))).expect("timeout");
+                let mut sha = Sha::new();
+                let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (f as u64 + 1);
+                let mut buf = vec![0u8; 1 << 20];
+                for _ in 0..XFER / flows / buf.len() {
+                    fill(&mut buf, &mut state);
+                    s.write_all(&buf).expect("send");
+                    sha.update(&buf);
+                }
+                s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+                (XFER / flows, sha.hex())
+            })
+        })
+        .collect();
+    within("tcp transfer", Duration::from_secs(120), move || {
+        let mut sent: Vec<_> = senders.into_iter().map(|h| h.join().expect("sender")).collect();
+        let mut got = receiver.join().expect("receiver");
+        sent.sort();
+        got.sort();
+        (sent, got)
+    })
+}
+
+fn cross_namespaces(queues: u16, devargs: &str, testpmd_args: &[&str]) {
+    let _lock = serial();
+    let pid = std::process::id();
+    let (tap_a, tap_b) = (format!("vnta{pid}"), format!("vntb{pid}"));
+    // Declared before the backend: dropped after it (the backend's exit removes the taps).
+    let ns_a = Netns::new("a");
+    let ns_b = Netns::new("b");
+    let dir = TempDir::new("tap");
+    let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
+    let port_a = format!("tap:{},{tap_a}", sa.display());
+    let port_b = format!("tap:{},{tap_b}", sb.display());
+    let nq = queues.to_string();
+    let backend = Backend::start(&["--port", &port_a, "--port", &port_b, "--queues", &nq]);
+    assert!(link_exists(&tap_a) && link_exists(&tap_b), "the backend created no taps:\n{}", backend.log());
+    ns_a.take(&tap_a, "10.77.0.1/24");
+    ns_b.take(&tap_b, "10.77.0.2/24");
+
+    let vdev_a = format!("virtio_user0,path={}{devargs}", sa.display());
+    let vdev_b = format!("virtio_user1,path={}{devargs}", sb.display());
+    let mut args = vec!["--vdev", &vdev_a, "--vdev", &vdev_b, "--forward-mode", "io", "--duration", "600"];
+    args.extend_from_slice(testpmd_args);
+    let tp = Testpmd::spawn(&args);
+    backend.wait_stats(WAIT, |s| testpmd_connected(s, &[&sa, &sb]));
+    ns_a.up(&tap_a);
+    ns_b.up(&tap_b);
+
+    assert_eq!(ns_a.ping("10.77.0.2"), PINGS, "ping replies across the two namespaces");
+
+    // 64 MiB from A to B over TCP (16 connections with several queues).
+    let flows = if queues > 1 { 16 } else { 1 };
+    let (sent, got) = tcp_transfer(&ns_a, &ns_b, flows);
+    assert_eq!(got.iter().map(|g| g.0).sum::<usize>(), XFER, "bytes received in B");
+    assert!(got.iter().all(|g| g.1.len() == 64), "a sha256 from sha256sum per connection: {got:?}");
+    assert_eq!(got, sent, "sha256 of what B received against what A sent, per connection");
+
+    // Quiet: the counters settle (two stats lines a period apart the same), then the
+    // two sides are compared.
+    settle(&backend);
+    tp.signal(libc::SIGINT);
+    let out = tp.wait(WAIT);
+    let fin = backend.stop();
+    if devargs.contains("packed_vq=1") {
+        assert_eq!(
+            out.stdout.matches("Ring layout: packed").count(),
+            2,
+            "both ports on packed rings:\n{out}"
+        );
+    }
+    if devargs.contains("mrg_rxbuf=1") {
+        let feats: Vec<u64> = out
+            .stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("Negotiated features: 0x"))
+            .map(|h| u64::from_str_radix(h.trim(), 16).expect("hex features"))
+            .collect();
+        assert_eq!(feats.len(), 2, "two ports' features:\n{out}");
+        assert!(feats.iter().all(|f| f & (1 << 15) != 0), "MRG_RXBUF negotiated on both ports: {feats:x?}");
+    }
+    let (a, b) = (device(&fin, &sa), device(&fin, &sb));
+    let (p0, p1) = (
+        forward_stats(&out.stdout, 0).unwrap_or_else(|| panic!("no stats for port 0:\n{out}")),
+        forward_stats(&out.stdout, 1).unwrap_or_else(|| panic!("no stats for port 1:\n{out}")),
+    );
+    // What tap A's kernel sent reached testpmd's port 0, and what testpmd sent out of
+    // port 1 reached tap B's kernel (and back); the backend dropped nothing.
+    assert_eq!(counter(a, "tx_packets"), p0.rx_packets, "tap A → port 0");
+    assert_eq!(counter(b, "rx_packets"), p1.tx_packets, "port 1 → tap B");
+    assert_eq!(counter(b, "tx_packets"), p1.rx_packets, "tap B → port 1");
+    assert_eq!(counter(a, "rx_packets"), p0.tx_packets, "port 0 → tap A");
+    assert_eq!((a["port"].as_str(), a["tap"].as_str()), (Some("tap"), Some(tap_a.as_str())));
+    assert_eq!(b["tap"].as_str(), Some(tap_b.as_str()));
+    assert_eq!(total_drops(a), 0, "drops on tap A's device: {a}");
+    assert_eq!(total_drops(b), 0, "drops on tap B's device: {b}");
+    assert!(counter(a, "tx_bytes") >= XFER as u64, "the transfer went through tap A's device");
+    let qs = |d: &Value, key: &str| -> Vec<u64> {
+        d["queues"].as_array().expect("queues").iter().map(|q| q[key].as_u64().expect("counter")).collect()
+    };
+    assert_eq!(qs(a, "rx_packets").len(), queues as usize, "one statistics entry per tap queue");
+    if queues > 1 {
+        // Both tap queues carried the transfer, each way.
+        for (d, key) in [(a, "rx_packets"), (b, "tx_packets"), (b, "rx_packets"), (a, "tx_packets")] {
+            let per = qs(d, key);
+            assert!(per.iter().all(|&n| n > 0), "{key} per queue of {}: {per:?}", d["socket"]);
+        }
+    }
+    // The backend created the taps; they went away with it.
+    assert!(!link_exists(&tap_a) && !link_exists(&tap_b));
+    for ns in [&ns_a, &ns_b] {
+        let links = run("ip", &["-n", &ns.name, "-o", "link", "show"]);
+        assert!(!links.contains("vnt"), "a tap left in {}:\n{links}", ns.name);
+    }
+}
+
+/// `host-backend` with `args`, run to its exit (bounded): its exit code and stderr.
+fn backend_fails(args: &[&str], user: Option<u32>) -> (i32, String) {
+    let bin = workspace_bin("host-backend");
+    let mut cmd = Command::new(&bin);
+    cmd.args(args).stdin(Stdio::null());
+    if let Some(uid) = user {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(uid).gid(uid);
+    }
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn host-backend");
+    let out = within("host-backend exit", WAIT, move || child.wait_with_output().expect("wait"));
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+/// Errors are one clear line and exit code 1: no CAP_NET_ADMIN (run as `nobody`), a
+/// tap another process has open, a name that is not a tap (`lo`), a bad name.
+#[test]
+fn tap_errors_are_one_line_and_exit_1() {
+    let _lock = serial();
+    let dir = TempDir::new("tap");
+    let pid = std::process::id();
+    let sock = dir.join("x.sock");
+    let name = format!("vntx{pid}");
+
+    let port = format!("tap:{},{name}", sock.display());
+    let (code, err) = backend_fails(&["--port", &port], Some(65534));
+    assert_eq!(code, 1, "{err}");
+    let line = err.lines().last().unwrap_or_default();
+    assert!(line.contains(&format!("tap {name}:")) && line.contains("CAP_NET_ADMIN"), "{err}");
+    assert!(!link_exists(&name));
+
+    let holder = Backend::start(&["--port", &port]);
+    let sock2 = dir.join("y.sock");
+    let port2 = format!("tap:{},{name}", sock2.display());
+    let (code, err) = backend_fails(&["--port", &port2], None);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.lines().last().unwrap_or_default().contains("busy"), "{err}");
+    let fin = holder.stop();
+    assert_eq!(total_drops(device(&fin, &sock)), 0);
+    assert!(!link_exists(&name), "the tap the backend created is gone after it exits");
+
+    let lo = format!("tap:{},lo", sock2.display());
+    let (code, err) = backend_fails(&["--port", &lo], None);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("tap lo: an interface of that name exists and is not a tap device"), "{err}");
+
+    let bad = format!("tap:{},a/b", sock2.display());
+    let (code, err) = backend_fails(&["--port", &bad], None);
+    assert_eq!((code, err.lines().count()), (1, 1), "{err}");
+    assert!(err.contains("not a valid interface name"), "{err}");
+}
+
+/// A persistent tap made beforehand (`ip tuntap add`, inside a private namespace where
+/// the backend runs too) is attached to, carries traffic, and stays when the backend
+/// exits.
+#[test]
+fn an_existing_persistent_tap_is_attached_and_left_in_place() {
+    let _lock = serial();
+    let tap = format!("vntp{}", std::process::id());
+    let ns = Netns::new("p");
+    ns.exec("ip", &["tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr"]);
+    ns.exec("ip", &["addr", "add", "10.77.0.1/24", "dev", &tap]);
+    let dir = TempDir::new("tap");
+    let sock = dir.join("p.sock");
+    let port = format!("tap:{},{tap}", sock.display());
+    let bin = workspace_bin("host-backend");
+    let backend = Backend::start_with(
+        std::path::Path::new("ip"),
+        &["netns", "exec", &ns.name, bin.to_str().expect("utf-8 path"), "--port", &port],
+    );
+    let vdev = format!("virtio_user0,path={}", sock.display());
+    let tp = Testpmd::spawn(&["--vdev", &vdev, "--forward-mode", "icmpecho", "--duration", "600"]);
+    backend.wait_stats(WAIT, |s| testpmd_connected(s, &[&sock]));
+    ns.up(&tap);
+    assert_eq!(ns.ping("10.77.0.9"), PINGS, "echo replies through the attached tap");
+    settle(&backend);
+    tp.signal(libc::SIGINT);
+    let out = tp.wait(WAIT);
+    let fin = backend.stop();
+    let d = device(&fin, &sock);
+    let p0 = forward_stats(&out.stdout, 0).unwrap_or_else(|| panic!("no stats for port 0:\n{out}"));
+    assert_eq!(counter(d, "tx_packets"), p0.rx_packets, "tap → testpmd");
+    assert_eq!(counter(d, "rx_packets"), p0.tx_packets, "testpmd → tap");
+    assert_eq!(total_drops(d), 0, "drops: {d}");
+    let links = ns.exec("ip", &["-o", "link", "show", &tap]);
+    assert!(links.contains(&tap), "the persistent tap stays after the backend exits:\n{links}");
+}
+
+/// What one direction of [`offload_bridge`] saw.
+#[derive(Debug, Default, Clone, Copy)]
+struct Seen {
+    frames: u64,
+    /// Super-frames (a GSO type in the header).
+    gso: u64,
+    /// Partial checksums (`NEEDS_CSUM`).
+    csum: u64,
+    /// The largest frame.
+    max_len: usize,
+}
+
+/// A bridge between two virtio-user ports of our driver (in this process), the way a
+/// guest's kernel bridge would be: every received frame is sent on by the other port
+/// with its receive offload information turned into the matching transmit request (a
+/// partial checksum stays partial, a super-frame stays whole). Runs until `stop`.
+/// Hands back port A's control handle through `ctl` once both ports are open, and counts
+/// the super-frames port A receives into `gso_a` as they come.
+fn offload_bridge(
+    socks: [std::path::PathBuf; 2],
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ctl: std::sync::mpsc::Sender<driver::Control>,
+    gso_a: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> thread::JoinHandle<[Seen; 2]> {
+    use driver::layout::features as f;
+    use driver::layout::net_hdr;
+    use driver::offload::GsoKind;
+    use driver::{Packet, Port, PortConfig, RxMeta, RxQueue, TxCsum, TxGso, TxOffload, TxQueue};
+
+    fn open(sock: &std::path::Path) -> Port {
+        let mut cfg = PortConfig::virtio_user(sock);
+        let want = [
+            f::NET_MRG_RXBUF,
+            f::NET_CSUM,
+            f::NET_HOST_TSO4,
+            f::NET_HOST_TSO6,
+            f::NET_GUEST_CSUM,
+            f::NET_GUEST_TSO4,
+            f::NET_GUEST_TSO6,
+        ]
+        .iter()
+        .fold(0, |a, b| a | f::bit(*b));
+        cfg.features |= want;
+        let sock = sock.to_path_buf();
+        let port = within("Port::open", WAIT, move || Port::open(cfg))
+            .unwrap_or_else(|e| panic!("open {sock:?}: {e}"));
+        assert_eq!(port.info().features & want, want, "the tap port offers the offloads");
+        port
+    }
+
+    fn pass(rx: &mut RxQueue, tx: &mut TxQueue, pend: &mut Vec<Packet>, seen: &mut Seen) {
+        let (mut batch, mut meta): (Vec<Packet>, Vec<RxMeta>) =
+            (Vec::with_capacity(32), Vec::with_capacity(32));
+        if pend.is_empty() {
+            rx.rx_burst_meta(&mut batch, &mut meta, 32);
+            for (mut p, m) in batch.drain(..).zip(meta.drain(..)) {
+                seen.frames += 1;
+                seen.max_len = seen.max_len.max(p.total_len());
+                let mut o = TxOffload::default();
+                if m.needs_csum() {
+                    seen.csum += 1;
+                    o.csum = Some(TxCsum { start: m.csum_start, offset: m.csum_offset });
+                }
+                if m.is_gso() {
+                    seen.gso += 1;
+                    let kind = match m.gso_type & !net_hdr::GSO_ECN {
+                        net_hdr::GSO_TCPV4 => GsoKind::TcpV4,
+                        net_hdr::GSO_TCPV6 => GsoKind::TcpV6,
+                        other => panic!("unexpected gso_type {other:#x}"),
+                    };
+                    o.gso = Some(TxGso { kind, size: m.gso_size, hdr_len: m.hdr_len });
+                }
+                p.set_tx_offload(o);
+                pend.push(p);
+            }
+        }
+        if !pend.is_empty() {
+            tx.tx_burst(pend);
+        } else {
+            tx.reclaim();
+        }
+    }
+
+    thread::spawn(move || {
+        let mut pa = open(&socks[0]);
+        let mut pb = open(&socks[1]);
+        let mut qa = pa.take_queue_pairs().remove(0);
+        let mut qb = pb.take_queue_pairs().remove(0);
+        ctl.send(pa.control()).expect("hand out the control handle");
+        let mut seen = [Seen::default(); 2];
+        let (mut ab, mut ba) = (Vec::new(), Vec::new());
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            pass(&mut qa.rx, &mut qb.tx, &mut ab, &mut seen[0]);
+            gso_a.store(seen[0].gso, std::sync::atomic::Ordering::Relaxed);
+            pass(&mut qb.rx, &mut qa.tx, &mut ba, &mut seen[1]);
+        }
+        drop((ab, ba));
+        for (port, qp) in [(pa, qa), (pb, qb)] {
+            within("Port::close", WAIT, move || port.close(vec![qp])).expect("close");
+        }
+        seen
+    })
+}
+
+/// Offloads end to end: the bridge's ports negotiate GUEST_CSUM/TSO4/TSO6 and
+/// CSUM/HOST_TSO4/TSO6 with MRG_RXBUF; the kernel then hands tap A's port TCP
+/// super-frames (`TUNSETOFFLOAD` followed the guest), the bridge sends them on whole with
+/// their request, and tap B's kernel takes them as they are (it segments or not, as it
+/// likes): 64 MiB over TCP with the sha256 equal, super-frames seen each way, the
+/// backend counting them as passed whole, and no drops.
+#[test]
+fn tcp_with_checksum_and_tso_offloads_passed_through_whole() {
+    let _lock = serial();
+    let pid = std::process::id();
+    let (tap_a, tap_b) = (format!("vnta{pid}"), format!("vntb{pid}"));
+    let ns_a = Netns::new("a");
+    let ns_b = Netns::new("b");
+    let dir = TempDir::new("tap");
+    let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
+    let port_a = format!("tap:{},{tap_a}", sa.display());
+    let port_b = format!("tap:{},{tap_b}", sb.display());
+    let backend = Backend::start(&["--port", &port_a, "--port", &port_b]);
+    ns_a.take(&tap_a, "10.77.0.1/24");
+    ns_b.take(&tap_b, "10.77.0.2/24");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ctl_tx, ctl_rx) = std::sync::mpsc::channel();
+    let gso_a = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let bridge = offload_bridge([sa.clone(), sb.clone()], stop.clone(), ctl_tx, gso_a.clone());
+    let ctl_a = ctl_rx.recv_timeout(WAIT).expect("the bridge's ports opened");
+    backend.wait_stats(WAIT, |s| testpmd_connected(s, &[&sa, &sb]));
+    ns_a.up(&tap_a);
+    ns_b.up(&tap_b);
+    assert_eq!(ns_a.ping("10.77.0.2"), PINGS, "ping replies across the bridge");
+    let (sent, got) = tcp_transfer(&ns_a, &ns_b, 1);
+    assert_eq!(got, sent, "bytes and sha256 of what B received against what A sent");
+    settle(&backend);
+    let gso_before = gso_a.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(gso_before > 0, "super-frames from tap A's kernel");
+    // Guest TSO off on port A (GUEST_OFFLOADS_SET): the kernel must stop sending it
+    // super-frames (TUNSETOFFLOAD follows); checksum offload stays.
+    {
+        use driver::layout::features as f;
+        within("GUEST_OFFLOADS_SET", WAIT, move || ctl_a.set_guest_offloads(f::bit(f::NET_GUEST_CSUM)))
+            .expect("GUEST_OFFLOADS_SET");
+    }
+    let (sent, got) = tcp_transfer(&ns_a, &ns_b, 1);
+    assert_eq!(got, sent, "the second transfer, without guest TSO on port A");
+    settle(&backend);
+    assert_eq!(gso_a.load(std::sync::atomic::Ordering::Relaxed), gso_before, "no super-frame after TSO off");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let [ab, ba] = within("bridge", WAIT, move || bridge.join().expect("bridge thread"));
+    eprintln!("bridge saw: A→B {ab:?}, B→A {ba:?}");
+    let fin = backend.stop();
+    let (a, b) = (device(&fin, &sa), device(&fin, &sb));
+    assert!(ab.gso == gso_before && ab.max_len > 1514, "super-frames from tap A's kernel: {ab:?}");
+    assert_eq!(counter(a, "tx_packets"), ab.frames, "tap A → bridge");
+    assert_eq!(counter(b, "rx_packets"), ab.frames, "bridge → tap B");
+    assert_eq!(counter(b, "tx_packets"), ba.frames, "tap B → bridge");
+    assert_eq!(counter(a, "rx_packets"), ba.frames, "bridge → tap A");
+    let off = |d: &Value, k: &str| d["offloads"][k].as_u64().unwrap_or_else(|| panic!("offloads.{k} in {d}"));
+    assert_eq!(off(b, "gso_requests"), ab.gso, "super-frames passed to tap B's kernel");
+    assert_eq!(off(b, "passed_whole"), ab.csum, "every request passed whole");
+    assert_eq!(off(a, "gso_requests"), ba.gso);
+    assert_eq!(total_drops(a), 0, "drops: {a}");
+    assert_eq!(total_drops(b), 0, "drops: {b}");
+}
+
+/// With no front-end connected, what the namespace's kernel sends into the tap is read
+/// and dropped as `no_buffer`: exactly the frames the kernel's tap counter says it handed
+/// over (`tx_packets` in the namespace's sysfs).
+#[test]
+fn frames_without_a_guest_are_dropped_as_no_buffer() {
+    let _lock = serial();
+    let tap = format!("vntn{}", std::process::id());
+    let ns = Netns::new("n");
+    let dir = TempDir::new("tap");
+    let sock = dir.join("n.sock");
+    let port = format!("tap:{},{tap}", sock.display());
+    let backend = Backend::start(&["--port", &port]);
+    ns.take(&tap, "10.77.0.1/24");
+    ns.up(&tap);
+    // Nobody answers: ARP requests go out through the tap (ping's own result is moot).
+    let _ = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "ping", "-c", "3", "-i", "0.2", "-w", "3", "-q", "10.77.0.9"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("ping");
+    settle(&backend);
+    let handed: u64 = ns
+        .exec("cat", &[&format!("/sys/class/net/{tap}/statistics/tx_packets")])
+        .trim()
+        .parse()
+        .expect("a number");
+    let fin = backend.stop();
+    let d = device(&fin, &sock);
+    assert!(handed > 0, "the kernel sent ARP requests into the tap");
+    assert_eq!(d["drops"]["no_buffer"].as_u64(), Some(handed), "no_buffer against the tap's tx_packets: {d}");
+    assert_eq!(total_drops(d), handed, "no other drop: {d}");
+    assert_eq!(counter(d, "tx_packets"), 0);
+}
+
+#[test]
+fn namespace_pings_testpmd_icmpecho_on_a_tap_port() {
+    let _lock = serial();
+    let tap = format!("vnte{}", std::process::id());
+    let ns = Netns::new("e");
+    let dir = TempDir::new("tap");
+    let sock = dir.join("e.sock");
+    let port = format!("tap:{},{tap}", sock.display());
+    let backend = Backend::start(&["--port", &port]);
+    ns.take(&tap, "10.77.0.1/24");
+    let vdev = format!("virtio_user0,path={}", sock.display());
+    let tp = Testpmd::spawn(&["--vdev", &vdev, "--forward-mode", "icmpecho", "--duration", "600"]);
+    backend.wait_stats(WAIT, |s| testpmd_connected(s, &[&sock]));
+    ns.up(&tap);
+
+    assert_eq!(ns.ping("10.77.0.9"), PINGS, "echo replies from testpmd's icmpecho");
+    settle(&backend);
+
+    tp.signal(libc::SIGINT);
+    let out = tp.wait(WAIT);
+    let fin = backend.stop();
+    let d = device(&fin, &sock);
+    let p0 = forward_stats(&out.stdout, 0).unwrap_or_else(|| panic!("no stats for port 0:\n{out}"));
+    assert_eq!(counter(d, "tx_packets"), p0.rx_packets, "tap → testpmd");
+    assert_eq!(counter(d, "rx_packets"), p0.tx_packets, "testpmd → tap");
+    assert!(p0.tx_packets > PINGS as u64, "an ARP reply and {PINGS} echo replies at least: {p0:?}");
+    assert_eq!(total_drops(d), 0, "drops on the tap's device: {d}");
+    assert!(!link_exists(&tap));
+}
