@@ -2,10 +2,12 @@
 //! for our binaries ([`harness`]), DPDK's testpmd as a peer ([`dpdk`]), and a raw
 //! vhost-user front-end that writes rings by hand ([`rawfront`]); QEMU guests
 //! running our driver through VFIO ([`vm`]) and the scenarios
-//! the VM tests run in both IOMMU modes ([`vmtest`]).
+//! the VM tests run in both IOMMU modes ([`vmtest`]); private network namespaces
+//! ([`netns`]).
 pub mod dpdk;
 pub mod evildevice;
 pub mod harness;
+pub mod netns;
 pub mod rawfront;
 pub mod testpmd_proc;
 pub mod vdfront;
