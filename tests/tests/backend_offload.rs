@@ -1,16 +1,22 @@
 //! Issue 17, the backend side: mergeable receive buffers, jumbo frames and host offloads
 //! (checksum and segmentation) through `reflect` and `xconnect`, against front-ends we
-//! control byte for byte ([`RawFrontend`]) and against DPDK's virtio-user.
+//! control byte for byte ([`RawFrontend`]), against DPDK's virtio-user, and with our
+//! driver on both ends (`driver_tso_through_xconnect_*`: its TSO requests segmented here
+//! for a receiver without GUEST_TSO, or delivered whole to one with it).
 //!
 //! Every test takes the cross-binary [`serial`] lock, bounds every wait, stops every
 //! process it started (the `Backend` and `Testpmd` guards kill theirs when a test
 //! fails), and checks exact outcomes: frame counts on both sides, bytes equal, the
 //! header fields the device wrote, and the drop reasons it counted.
 
+mod driver_common;
+
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use driver::layout::{features, net_hdr, NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
+use driver::offload::GsoKind;
+use driver::{Packet, PortConfig, RxMeta, TxCsum, TxGso, TxOffload};
 use serde_json::Value;
 use vnet_tests::dpdk::{Role, Testpmd};
 use vnet_tests::harness::{counter, device, serial, test_frame, total_drops, Backend, TempDir};
@@ -857,4 +863,132 @@ fn uso_super_frames_segmented_into_valid_datagrams() {
     assert_eq!((counter(da, "rx_packets"), counter(db, "tx_packets")), (2, segments));
     assert_eq!(total_drops(da) + total_drops(db), 0, "A {da}\nB {db}");
     assert_eq!(offloads(da), [0, 2, 0, 0, 2, segments], "A {da}");
+}
+
+/// Our driver on both ends of an `xconnect`: A negotiates CSUM and HOST_TSO4/6 and sends
+/// TCP super-frames (IPv4 and IPv6, 20 000 bytes of payload, each a chain of pool
+/// buffers) with their TSO request on the packet; B, without receive offloads, gets
+/// valid segments (checked independently) whose payloads concatenate to the original;
+/// with GUEST_CSUM, GUEST_TSO4/6 and MRG_RXBUF it gets each super-frame whole (merged
+/// from several buffers) with the request in its receive metadata.
+fn driver_tso_through_xconnect(b_whole: bool) {
+    let _serial = serial();
+    let dir = TempDir::new("offload-drv-tso");
+    let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
+    let xc = format!("xconnect:{},{}", sa.display(), sb.display());
+    let backend = Backend::start(&["--port", &xc, "--cores", "1"]);
+    let mut a = driver_common::open(PortConfig { features: host_offloads(), ..PortConfig::virtio_user(&sa) })
+        .unwrap_or_else(|e| panic!("open A: {e}"));
+    let b_features = if b_whole { guest_offloads() | mrg() } else { 0 };
+    let mut b = driver_common::open(PortConfig { features: b_features, ..PortConfig::virtio_user(&sb) })
+        .unwrap_or_else(|e| panic!("open B: {e}"));
+    assert_eq!(a.info().features & host_offloads(), host_offloads(), "A negotiated CSUM, HOST_TSO4/6");
+    assert_eq!(b.info().features & b_features, b_features);
+    let mut qa = a.queue_pair(0).expect("A's pair");
+    let mut qb = b.queue_pair(0).expect("B's pair");
+    wait_connected(&backend, &[&sa, &sb]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut sent, mut segments) = (0u64, 0u64);
+    for v6 in [false, true] {
+        let data = payload(20_000, 9 + v6 as u8);
+        let mss: u16 = if v6 { 1440 } else { 1448 };
+        let frame = with_partial_csum(tcp_frame(v6, &data), v6, 16);
+        // The frame as a chain of 2000-byte pool buffers.
+        let mut head: Option<Packet> = None;
+        for part in frame.chunks(2000) {
+            let mut p = a.pool().alloc().expect("A's pool has buffers");
+            p.set_data(part).expect("2000 bytes fit a buffer");
+            match head.as_mut() {
+                None => head = Some(p),
+                Some(h) => h.append(p).expect("same pool"),
+            }
+        }
+        let mut pkt = head.expect("a frame");
+        let kind = if v6 { GsoKind::TcpV6 } else { GsoKind::TcpV4 };
+        pkt.set_tx_offload(TxOffload {
+            csum: Some(TxCsum { start: l4(v6) as u16, offset: 16 }),
+            gso: Some(TxGso { kind, size: mss, hdr_len: l4(v6) as u16 + 20 }),
+        });
+        let mut v = vec![pkt];
+        while !v.is_empty() {
+            qa.tx.tx_burst(&mut v);
+            assert!(Instant::now() < deadline, "A's transmit ring stuck: {:?}", qa.tx.error());
+        }
+        sent += 1;
+        let want = if b_whole { 1 } else { data.len().div_ceil(mss as usize) };
+        let (mut got, mut meta): (Vec<Packet>, Vec<RxMeta>) = (Vec::new(), Vec::new());
+        while got.len() < want {
+            qb.rx.rx_burst_meta(&mut got, &mut meta, 32);
+            assert!(
+                Instant::now() < deadline,
+                "B received {} of {want}; stats {:?}\n{}",
+                got.len(),
+                backend.latest_stats(),
+                backend.log()
+            );
+        }
+        assert_eq!(got.len(), want, "exactly the frames expected");
+        let flat: Vec<Vec<u8>> = got
+            .iter()
+            .map(|p| {
+                let mut f = Vec::with_capacity(p.total_len());
+                for seg in p.segments() {
+                    f.extend_from_slice(seg);
+                }
+                f
+            })
+            .collect();
+        if b_whole {
+            assert_eq!(flat[0], frame, "the super-frame arrives whole, byte for byte");
+            let m = meta[0];
+            let t = if v6 { net_hdr::GSO_TCPV6 } else { net_hdr::GSO_TCPV4 };
+            assert_eq!(
+                (m.gso_type, m.gso_size, m.flags & net_hdr::F_NEEDS_CSUM),
+                (t, mss, net_hdr::F_NEEDS_CSUM),
+                "{m:?}"
+            );
+            assert_eq!((m.csum_start as usize, m.csum_offset), (l4(v6), 16), "{m:?}");
+            segments += 1;
+        } else {
+            let mut joined = Vec::new();
+            for (k, f) in flat.iter().enumerate() {
+                assert!(f.len() <= 1514, "segment of {} bytes over the MTU", f.len());
+                let (seq, (fin, psh), id, pl) = check_segment(f, v6);
+                assert_eq!(seq, SEQ.wrapping_add(joined.len() as u32), "sequence number of segment {k}");
+                assert_eq!((fin, psh), (false, k + 1 == want), "PSH only on the last segment");
+                if let Some(id) = id {
+                    assert_eq!(id, 0x4242 + k as u16, "IPv4 id of segment {k}");
+                }
+                joined.extend(pl);
+                assert_eq!(meta[k].gso_type, net_hdr::GSO_NONE, "a plain segment");
+            }
+            assert_eq!(joined, data, "payloads concatenate to the original");
+            segments += want as u64;
+        }
+        drop(got);
+    }
+    driver_common::drain_tx(&mut qa.tx, deadline);
+    let sa_stats = a.stats();
+    assert_eq!((sa_stats[0].tx_packets, sa_stats[0].tx_errors), (sent, 0), "{sa_stats:?}");
+    assert_eq!(b.stats()[0].rx_packets, segments);
+    let (avail, cap) = driver_common::close(a, vec![qa]);
+    assert_eq!(avail, cap, "A's buffers all back");
+    let (avail, cap) = driver_common::close(b, vec![qb]);
+    assert_eq!(avail, cap, "B's buffers all back");
+    let fin = backend.stop();
+    let (da, db) = (device(&fin, &sa), device(&fin, &sb));
+    assert_eq!((counter(da, "rx_packets"), counter(db, "tx_packets")), (sent, segments));
+    assert_eq!(total_drops(da) + total_drops(db), 0, "A {da}\nB {db}");
+    let want = if b_whole { [0, sent, sent, 0, 0, 0] } else { [0, sent, 0, 0, sent, segments] };
+    assert_eq!(offloads(da), want, "A {da}");
+}
+
+#[test]
+fn driver_tso_through_xconnect_segmented() {
+    driver_tso_through_xconnect(false);
+}
+
+#[test]
+fn driver_tso_through_xconnect_whole() {
+    driver_tso_through_xconnect(true);
 }
