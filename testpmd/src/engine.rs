@@ -6,10 +6,11 @@
 //! forwarding thread runs over the streams it owns, and the hand-over of the packets an
 //! XDP program sent on (Tx: to the stream transmitting on the receiving port's queue;
 //! Redirect: to the stream transmitting on the target port's queue, both of the same
-//! queue index and so on this thread).
-//! Must not: open ports or print.
+//! queue index and so on this thread), skipping the streams of a stopped port (`port
+//! stop`), and handing frames to the `set verbose` dumps and the packet capture.
+//! Must not: open ports, or print anything but the verbose dumps ([`crate::dump`]).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use driver::frame::{self, ETH_HLEN, IPV4_HLEN, UDP_HLEN};
@@ -50,6 +51,8 @@ pub struct PortCtx {
     pub peer: [u8; 6],
     /// Its buffer pool.
     pub pool: Mempool,
+    /// `port stop N`: its streams (receiving or transmitting on it) are not run.
+    pub stopped: Arc<AtomicBool>,
 }
 
 /// Settings the engines read; copied into each forwarding thread at start.
@@ -70,6 +73,9 @@ pub struct FwdParams {
     pub flows: u32,
     /// The XDP-style program on the receive queues.
     pub xdp: Option<XdpProg>,
+    /// `set verbose`: bit 0 dumps received frames, bit 1 sent ones (DPDK's levels);
+    /// read once per burst, so it changes while forwarding runs.
+    pub verbose: Arc<AtomicU8>,
 }
 
 /// One receive queue → one transmit queue.
@@ -247,6 +253,9 @@ impl EngineState {
                 if n == 0 {
                     return 0;
                 }
+                if self.params.verbose.load(Ordering::Relaxed) & 1 != 0 {
+                    crate::dump::burst(s.rx_port, s.queue, true, &self.batch);
+                }
                 n
             }
         };
@@ -294,6 +303,9 @@ impl EngineState {
                 rx_dropped = (before - self.batch.len()) as u64;
             }
             FwdMode::Io | FwdMode::TxOnly | FwdMode::FlowGen => {}
+        }
+        if self.params.verbose.load(Ordering::Relaxed) & 2 != 0 && !self.batch.is_empty() {
+            crate::dump::burst(s.tx_port, s.queue, false, &self.batch);
         }
         let sent = s.txq.tx_burst(&mut self.batch);
         let dropped = self.batch.len();
@@ -395,6 +407,10 @@ pub fn forward(
     }
     while !stop.load(Ordering::Relaxed) {
         for i in 0..streams.len() {
+            let (rp, tp) = (streams[i].rx_port as usize, streams[i].tx_port as usize);
+            if ports[rp].stopped.load(Ordering::Relaxed) || ports[tp].stopped.load(Ordering::Relaxed) {
+                continue;
+            }
             eng.burst(&mut streams[i], &ports);
             if let Some(r) = routes.get(i) {
                 flush_xdp(&mut streams, i, *r);

@@ -8,6 +8,7 @@
 mod app;
 mod config;
 mod csum;
+mod dump;
 mod engine;
 mod interactive;
 
@@ -153,6 +154,8 @@ fn run(args: Args) -> Result<(), String> {
         }
         return Ok(());
     }
+    // DPDK's exit statistics: every port's NIC statistics block (with the XDP counters).
+    app.show_port_stats(None)?;
     app.close()
 }
 

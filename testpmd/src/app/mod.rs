@@ -25,7 +25,9 @@ use crate::csum::CsumCfg;
 use crate::engine::{forward, FwdParams, PortCtx, Stream, StreamStats};
 
 mod commands;
+mod ports;
 mod show;
+mod xstats;
 
 use show::sum;
 
@@ -35,6 +37,10 @@ struct PortState {
     base: QueueStatsSnapshot,
     /// Counters and time at the last `show port stats` (for the rates).
     last: (QueueStatsSnapshot, Instant),
+    /// `port config mtu`: the MTU testpmd holds the port to (at most the device's).
+    mtu: u16,
+    /// `mac_addr add`: the unicast addresses accepted besides the port's own.
+    macs: Vec<[u8; 6]>,
 }
 
 /// Most queue pairs an interactive port sets up (for `port config all rxq N`).
@@ -80,6 +86,10 @@ pub struct App {
     /// Per port: `csum set` / `tso set` (the `csum` engine applies the transmitting
     /// port's).
     csum: Vec<CsumCfg>,
+    /// Per port: forward totals at the last `clear fwd stats` (zero at `start`).
+    fwd_base: Vec<FwdTotals>,
+    /// `set verbose` level, shared with the forwarding threads.
+    verbose: Arc<std::sync::atomic::AtomicU8>,
 }
 
 /// The program `--xdp-prog` names.
@@ -206,9 +216,11 @@ impl App {
                 mac: info.mac,
                 peer: peer.unwrap_or([0x02, 0, 0, 0, 0, i as u8]),
                 pool: port.pool().clone(),
+                stopped: Arc::new(AtomicBool::new(false)),
             });
             let snap = sum(&port.stats());
-            ports.push(PortState { port, base: snap, last: (snap, Instant::now()) });
+            let mtu = info.mtu;
+            ports.push(PortState { port, base: snap, last: (snap, Instant::now()), mtu, macs: Vec::new() });
         }
         let n = ports.len();
         if let Some(XdpProg::Redirect(t)) = cfg.xdp {
@@ -234,7 +246,10 @@ impl App {
             let _ = writeln!(std::io::stderr(), "Warning! port-topology=paired and odd forward ports number, the last port will pair with itself.");
         }
         let csum = vec![CsumCfg::default(); ports.len()];
+        let fwd_base = vec![FwdTotals::default(); ports.len()];
         let mut app = App {
+            fwd_base,
+            verbose: Arc::new(std::sync::atomic::AtomicU8::new(0)),
             csum,
             cfg,
             ports,
@@ -300,7 +315,7 @@ impl App {
                     "txpkts: a {big}-byte segment does not fit port {i}'s {room}-byte buffers"
                 ));
             }
-            let mtu = ps.port.info().mtu as usize;
+            let mtu = ps.mtu as usize;
             if total > mtu + 14 {
                 return Err(format!("txpkts: a {total}-byte frame is above port {i}'s MTU {mtu} + 14"));
             }
@@ -328,6 +343,7 @@ impl App {
                 c.store(0, Ordering::Relaxed);
             }
         }
+        self.fwd_base.iter_mut().for_each(|b| *b = FwdTotals::default());
         let params = FwdParams {
             mode: self.cfg.mode,
             burst: self.cfg.burst,
@@ -336,16 +352,15 @@ impl App {
             csum: self.csum.clone(),
             flows: self.cfg.flows,
             xdp: self.cfg.xdp,
+            verbose: self.verbose.clone(),
         };
         // XDP Tx/Redirect packets of queue q go out on queue q of another stream: all
-        // streams of one queue index share a thread, so no packet crosses threads.
-        let by_queue = matches!(self.cfg.xdp, Some(XdpProg::Tx | XdpProg::Redirect(_)));
-        let groups = if by_queue { self.cfg.queues as usize } else { self.streams.len() };
-        let cores = self.cfg.nb_cores.min(groups).max(1);
+        // streams of one queue index share a thread, so no packet crosses threads
+        // (`stream_cores`).
+        let (cores, of) = self.stream_cores();
         let mut per: Vec<Vec<Stream>> = (0..cores).map(|_| Vec::new()).collect();
         for (i, s) in self.streams.drain(..).enumerate() {
-            let k = if by_queue { s.queue as usize } else { i };
-            per[k % cores].push(s);
+            per[of[i]].push(s);
         }
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();

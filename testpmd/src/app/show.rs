@@ -59,8 +59,35 @@ fn sub(a: QueueStatsSnapshot, b: QueueStatsSnapshot) -> QueueStatsSnapshot {
 }
 
 impl App {
-    /// Forward totals per port since the last start.
+    /// Forward totals per port since the last start or `clear fwd stats`.
     pub fn fwd_totals(&self) -> Vec<FwdTotals> {
+        let mut t = self.fwd_totals_since_start();
+        for (t, b) in t.iter_mut().zip(&self.fwd_base) {
+            t.rx_packets -= b.rx_packets;
+            t.rx_dropped -= b.rx_dropped;
+            t.tx_packets -= b.tx_packets;
+            t.tx_dropped -= b.tx_dropped;
+        }
+        t
+    }
+
+    /// `show fwd stats all`: the forward statistics block (as at `stop`), while
+    /// forwarding runs or after.
+    pub fn show_fwd_stats(&mut self) {
+        let totals = self.fwd_totals();
+        let secs = self.running.as_ref().map_or(0.0, |r| r.started.elapsed().as_secs_f64());
+        self.print_fwd_stats_inner(&totals, secs, false);
+    }
+
+    /// `clear fwd stats all`: the forward counters start from zero again. The
+    /// forwarding threads own the counters, so this keeps a baseline instead of writing
+    /// them.
+    pub fn clear_fwd_stats(&mut self) {
+        self.fwd_base = self.fwd_totals_since_start();
+        self.say("\n  Forward statistics cleared\n");
+    }
+
+    fn fwd_totals_since_start(&self) -> Vec<FwdTotals> {
         let mut t = vec![FwdTotals::default(); self.ports.len()];
         let l = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         for (s, st) in self.stream_meta().into_iter().zip(&self.stream_stats) {
@@ -86,6 +113,10 @@ impl App {
     }
 
     pub(super) fn print_fwd_stats(&mut self, totals: &[FwdTotals], secs: f64) {
+        self.print_fwd_stats_inner(totals, secs, true)
+    }
+
+    fn print_fwd_stats_inner(&mut self, totals: &[FwdTotals], secs: f64, done: bool) {
         if self.cfg.stats_format == StatsFormat::Json {
             let ports: Vec<serde_json::Value> = totals
                 .iter()
@@ -114,7 +145,10 @@ impl App {
         }
         s += "\n  +++++++++++++++ Accumulated forward statistics for all ports+++++++++++++++\n";
         s += &fwd_lines(&acc);
-        s += "  ++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++\n\nDone.\n";
+        s += "  ++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++\n";
+        if done {
+            s += "\nDone.\n";
+        }
         self.say(&s);
     }
 
@@ -196,7 +230,7 @@ impl App {
             s += &format!("MAC address: {}\n", mac_str(&self.ctx[i].mac));
             s += &format!("Device: {}\n", info.description);
             s += &format!("Link status: {}\n", if info.link_up { "up" } else { "down" });
-            s += &format!("MTU: {}\n", info.mtu);
+            s += &format!("MTU: {}\n", self.ports[i].mtu);
             s += &format!("Negotiated features: {:#x}\n", info.features);
             let ctl = self.ports[i].port.control();
             s += &format!("Current number of RX queues: {}\n", ctl.queue_pairs());
