@@ -433,6 +433,11 @@ fn txonly_sink_counts_exactly_what_testpmd_sent() {
     assert_eq!(counter(dev, "rx_packets"), f.tx_packets, "sink rx_packets vs testpmd TX-packets\n{exit}");
     assert_eq!(counter(dev, "rx_bytes"), f.tx_packets * 128);
     assert_eq!(counter(dev, "tx_packets"), 0);
+    // DPDK's exit statistics in a non-interactive run: the NIC statistics block, the
+    // driver's count of what the device took.
+    let nic = nic_stats(&exit.stdout, 0).unwrap_or_else(|| panic!("no NIC statistics at exit\n{exit}"));
+    assert_eq!((nic.tx_packets, nic.tx_bytes), (f.tx_packets, f.tx_packets * 128), "{exit}");
+    assert_eq!((nic.rx_packets, nic.rx_errors), (0, 0), "{exit}");
 }
 
 /// txonly through `xconnect:A,B` into our driver on B: every frame is exactly
@@ -952,4 +957,189 @@ fn embedded_default_accounts_for_every_packet() {
     assert_eq!(drained, 8 * 32, "{exit}");
     assert_eq!(sent, received + drained);
     assert!(exit.stderr.contains("embedded host backend (reflect)"), "{exit}");
+}
+
+// ------------------------------------------------------------------------------ 5. prompt: DPDK's debugging commands
+
+/// The value of `name` in the last "NIC extended statistics for port `port`" block.
+fn xstat(out: &str, port: usize, name: &str) -> u64 {
+    let hdr = format!("###### NIC extended statistics for port {port} \n");
+    let at = out.rfind(&hdr).unwrap_or_else(|| panic!("no xstats block for port {port}\n{out}"));
+    let block = &out[at + hdr.len()..];
+    let block = &block[..block.find("testpmd>").unwrap_or(block.len())];
+    block
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no xstat {name:?} for port {port} in:\n{block}"))
+}
+
+/// Sends `cmd` and waits until `pattern` has been printed once more than before.
+fn command(tp: &mut Testpmd, cmd: &str, pattern: &str) {
+    let n = tp.stdout().matches(pattern).count();
+    tp.send(cmd);
+    tp.wait_stdout_n(pattern, n + 1, Duration::from_secs(10));
+}
+
+/// `port stop` freezes a port's counters while forwarding runs and `port start` resumes
+/// them; `show port xstats` counts exactly the frames a `gen` port made; `set verbose 1`
+/// prints one dump line per received frame; `show fwd stats all` / `clear fwd stats
+/// all`; `show config fwd|rxtx`; `port config mtu`; `set nbcore`; `set link-down`.
+#[test]
+fn prompt_port_stop_xstats_verbose_and_fwd_stats() {
+    const N: u64 = 1000;
+    const LEN: u64 = 100;
+    let _serial = serial();
+    let dir = TempDir::new("tp-xstats");
+    let sock = dir.join("gen.sock");
+    let backend = Backend::start(&[
+        "--port",
+        &port_arg("gen", &sock),
+        "--count",
+        &N.to_string(),
+        "--pkt-size",
+        &LEN.to_string(),
+    ]);
+    let mut tp = Testpmd::spawn_with(
+        &["-i", "--vdev", &vdev(0, &sock), "--forward-mode", "rxonly"],
+        Spawn { stdin: true, user: None },
+    );
+    tp.wait_stdout("testpmd> ", Duration::from_secs(20));
+    command(&mut tp, "set verbose 1", "Change verbose level from 0 to 1");
+    command(&mut tp, "port stop 0", "Port 0 stopped");
+    command(&mut tp, "start", "rxonly packet forwarding - ports=1");
+    // The generator fills the receive ring, then waits for buffers: frames are at the
+    // port, and testpmd must not take any.
+    backend.wait_stats(Duration::from_secs(20), |s| counter(device(s, &sock), "tx_packets") > 0);
+    thread::sleep(Duration::from_millis(300));
+    command(&mut tp, "show port xstats 0", "NIC extended statistics for port 0");
+    let out = tp.stdout();
+    assert_eq!(xstat(&out, 0, "rx_good_packets"), 0, "a stopped port received");
+    assert_eq!(xstat(&out, 0, "rx_q0_packets"), 0);
+    command(&mut tp, "show config fwd", "forwards packets on 1 streams");
+    assert!(
+        tp.stdout().contains("RX P=0/Q=0 -> TX P=0/Q=0 peer=02:00:00:00:00:00 (port stopped)"),
+        "{}",
+        tp.outputs()
+    );
+    command(&mut tp, "port start 0", "Done");
+    backend.wait_stats(Duration::from_secs(20), |s| counter(device(s, &sock), "tx_packets") == N);
+    thread::sleep(Duration::from_millis(300));
+    command(&mut tp, "show port xstats 0", "NIC extended statistics for port 0");
+    let out = tp.stdout();
+    for (name, v) in [
+        ("rx_good_packets", N),
+        ("rx_good_bytes", N * LEN),
+        ("rx_q0_packets", N),
+        ("rx_q0_bytes", N * LEN),
+        ("tx_good_packets", 0),
+        ("rx_errors", 0),
+        ("rx_q0_xdp_pass", 0),
+        ("ring_faults", 0),
+        ("ctrl_cmd_ok", 0),
+        ("ctrl_cmd_failed", 0),
+    ] {
+        assert_eq!(xstat(&out, 0, name), v, "xstat {name}");
+    }
+    let (free, cap) = (xstat(&out, 0, "pool_free"), xstat(&out, 0, "pool_capacity"));
+    assert_eq!(free + xstat(&out, 0, "pool_in_use"), cap);
+    command(&mut tp, "show fwd stats all", "Accumulated forward statistics");
+    assert_eq!(
+        fwd(&tp.stdout(), 0),
+        PortCounts { rx_packets: N, rx_dropped: 0, tx_packets: 0, tx_dropped: 0 }
+    );
+    command(&mut tp, "clear fwd stats all", "Forward statistics cleared");
+    command(&mut tp, "show fwd stats all", "Accumulated forward statistics");
+    assert_eq!(fwd(&tp.stdout(), 0), PortCounts::default());
+    command(&mut tp, "set verbose 0", "Change verbose level from 1 to 0");
+    command(&mut tp, "set nbcore 1", "Please stop forwarding first");
+    command(&mut tp, "stop", "Forward statistics for port 0");
+    command(&mut tp, "set nbcore 2", "out of range 1..=1");
+    command(&mut tp, "set nbcore 1", "Number of forwarding cores set to 1");
+    command(&mut tp, "show config rxtx", "RX desc=256");
+    command(&mut tp, "port config mtu 0 60000", "Set MTU failed");
+    tp.send("port config mtu 0 1000");
+    command(&mut tp, "show port info 0", "Infos for port 0");
+    command(&mut tp, "set link-down port 0", "Set link down fail: not supported");
+    tp.send("quit");
+    let exit = tp.wait(Duration::from_secs(20));
+    assert_ok(&exit);
+    let out = &exit.stdout;
+    // One dump line per received frame, and the burst headers add up to N.
+    let dumps =
+        out.lines().filter(|l| l.starts_with("  src=") && l.ends_with(" - Receive queue=0x0")).count();
+    assert_eq!(dumps as u64, N, "verbose dump lines\n{exit}");
+    let per_line = format!(" - type=0x0800 - length={LEN} - nb_segs=1 - Receive queue=0x0");
+    assert_eq!(out.matches(&per_line).count() as u64, N);
+    let headers: u64 = out
+        .lines()
+        .filter_map(|l| {
+            // A burst's header may follow a "testpmd> " prompt on its line.
+            l.split("port 0/queue 0: received ").nth(1)?.strip_suffix(" packets")?.parse::<u64>().ok()
+        })
+        .sum();
+    assert_eq!(headers, N, "verbose burst headers\n{exit}");
+    assert!(out.contains("MTU: 1000\n"), "{exit}");
+    assert!(out.contains("  port 0: RX queue number: 1 Tx queue number: 1\n"), "{exit}");
+    let fin = backend.stop();
+    let dev = clean_device(&fin, &sock);
+    assert_eq!(counter(dev, "generated"), N);
+}
+
+/// `mac_addr add` lets frames to that address through the device's filter (the
+/// backend's, set over the control queue), `mac_addr remove` stops them again: testpmd
+/// on device A of an `xconnect` with promiscuous mode off; our driver on B sends 10
+/// frames to the address each time.
+#[test]
+fn mac_addr_add_opens_the_device_filter() {
+    const N: u32 = 10;
+    const EXTRA: [u8; 6] = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
+    let _serial = serial();
+    let dir = TempDir::new("tp-macaddr");
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let backend = Backend::start(&["--port", &xconnect_arg(&a, &b)]);
+    let mut tp = Testpmd::spawn_with(
+        &["-i", "--vdev", &vdev(0, &a), "--forward-mode", "rxonly"],
+        Spawn { stdin: true, user: None },
+    );
+    tp.wait_stdout("testpmd> ", Duration::from_secs(20));
+    let mut peer = Peer::open(&b);
+    command(&mut tp, "set promisc 0 off", "promiscuous mode disabled");
+    command(&mut tp, "start", "rxonly packet forwarding - ports=1");
+    let dev_a = |s: &Value, name: &str| counter(device(s, &a), name);
+    let round = |peer: &mut Peer, seq0: u32| {
+        let frames: Vec<Vec<u8>> = (seq0..seq0 + N).map(|s| test_frame(100, EXTRA, peer.mac(), s)).collect();
+        let back = peer.exchange(&frames, 0, &|| String::new());
+        assert!(back.is_empty(), "rxonly sent frames back");
+    };
+    // Filtered: not for the port's own address, not promiscuous.
+    round(&mut peer, 0);
+    let s = backend.wait_stats(Duration::from_secs(20), |s| dev_a(s, "drops.filtered") == N as u64);
+    assert_eq!(dev_a(&s, "tx_packets"), 0);
+    command(&mut tp, "mac_addr add 0 02:11:22:33:44:55", "testpmd> ");
+    round(&mut peer, N);
+    let s = backend.wait_stats(Duration::from_secs(20), |s| dev_a(s, "tx_packets") == N as u64);
+    assert_eq!(dev_a(&s, "drops.filtered"), N as u64);
+    thread::sleep(Duration::from_millis(300));
+    command(&mut tp, "show port xstats 0", "NIC extended statistics for port 0");
+    let out = tp.stdout();
+    assert_eq!(xstat(&out, 0, "rx_good_packets"), N as u64);
+    assert_eq!(xstat(&out, 0, "rx_good_bytes"), N as u64 * 100);
+    assert_eq!(xstat(&out, 0, "ctrl_cmd_ok"), 2, "promisc off + MAC table");
+    command(&mut tp, "mac_addr remove 0 02:11:22:33:44:55", "testpmd> ");
+    round(&mut peer, 2 * N);
+    let s = backend.wait_stats(Duration::from_secs(20), |s| dev_a(s, "drops.filtered") == 2 * N as u64);
+    assert_eq!(dev_a(&s, "tx_packets"), N as u64);
+    thread::sleep(Duration::from_millis(300));
+    command(&mut tp, "show port xstats 0", "NIC extended statistics for port 0");
+    let out = tp.stdout();
+    assert_eq!(xstat(&out, 0, "rx_good_packets"), N as u64);
+    assert_eq!((xstat(&out, 0, "ctrl_cmd_ok"), xstat(&out, 0, "ctrl_cmd_refused")), (3, 0));
+    command(&mut tp, "stop", "Forward statistics for port 0");
+    tp.send("quit");
+    let exit = tp.wait(Duration::from_secs(20));
+    assert_ok(&exit);
+    assert_eq!(fwd(&exit.stdout, 0).rx_packets, N as u64, "{exit}");
+    peer.close();
+    backend.stop();
 }
