@@ -375,6 +375,9 @@ pub struct Args {
     /// queue of the same index).
     #[arg(long = "xdp-prog", value_name = "PROG")]
     pub xdp_prog: Option<String>,
+    /// Capture frames into a pcap file: FILE[,port=N][,queue=Q][,dir=rx|tx|both][,count=N].
+    #[arg(long = "pcap-out", value_name = "FILE[,KEY=VALUE...]")]
+    pub pcap_out: Option<String>,
 }
 
 /// Validated configuration.
@@ -427,6 +430,8 @@ pub struct Config {
     pub embedded: bool,
     /// The XDP-style program on every receive queue.
     pub xdp: Option<XdpProg>,
+    /// `--pcap-out`: the packet capture started with the ports.
+    pub capture: Option<crate::capture::CaptureSpec>,
 }
 
 /// Largest burst.
@@ -505,6 +510,12 @@ impl Config {
             tx_first: a.tx_first,
             hugepages: a.hugepages,
             xdp: a.xdp_prog.as_deref().map(str::parse).transpose()?,
+            capture: a
+                .pcap_out
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(|e| format!("--pcap-out: {e}"))?,
         })
     }
 }

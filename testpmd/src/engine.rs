@@ -76,6 +76,8 @@ pub struct FwdParams {
     /// `set verbose`: bit 0 dumps received frames, bit 1 sent ones (DPDK's levels);
     /// read once per burst, so it changes while forwarding runs.
     pub verbose: Arc<AtomicU8>,
+    /// The packet capture, if one runs.
+    pub capture: Option<Arc<crate::capture::Capture>>,
 }
 
 /// One receive queue → one transmit queue.
@@ -256,6 +258,10 @@ impl EngineState {
                 if self.params.verbose.load(Ordering::Relaxed) & 1 != 0 {
                     crate::dump::burst(s.rx_port, s.queue, true, &self.batch);
                 }
+                if let Some(c) = self.params.capture.as_deref().filter(|c| c.wants(s.rx_port, s.queue, true))
+                {
+                    c.offer(&self.batch);
+                }
                 n
             }
         };
@@ -307,6 +313,9 @@ impl EngineState {
         if self.params.verbose.load(Ordering::Relaxed) & 2 != 0 && !self.batch.is_empty() {
             crate::dump::burst(s.tx_port, s.queue, false, &self.batch);
         }
+        if let Some(c) = self.params.capture.as_deref().filter(|c| c.wants(s.tx_port, s.queue, false)) {
+            c.offer(&self.batch);
+        }
         let sent = s.txq.tx_burst(&mut self.batch);
         let dropped = self.batch.len();
         driver::free_bulk(&mut self.batch); // frees what did not fit
@@ -321,6 +330,9 @@ impl EngineState {
     pub fn tx_first(&mut self, s: &mut Stream, ports: &[PortCtx], bursts: u32) {
         for _ in 0..bursts {
             self.generate(&ports[s.tx_port as usize], false);
+            if let Some(c) = self.params.capture.as_deref().filter(|c| c.wants(s.tx_port, s.queue, false)) {
+                c.offer(&self.batch);
+            }
             let sent = s.txq.tx_burst(&mut self.batch);
             bump(&s.stats.tx_packets, sent as u64);
             bump(&s.stats.tx_dropped, self.batch.len() as u64);

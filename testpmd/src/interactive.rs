@@ -26,6 +26,9 @@ Commands:
   set nbcore N                forwarding threads at the next start
   set link-up|link-down port N  refused: a virtio device sets its own link status
   set verbose 0|1|2|3         dump received (1), sent (2) or both (3) frames
+  set capture FILE[,port=N][,queue=Q][,dir=rx|tx|both][,count=N]
+                              capture frames into a pcap file from the next start
+  set capture off             end the capture (its counts are printed)
   set fwd MODE                io, mac, macswap, rxonly, txonly, flowgen, icmpecho, csum
   set burst N                 packets per burst
   set txpkts N[,N...]         txonly/flowgen frame length, or its segments (a chain)
@@ -102,6 +105,8 @@ pub fn execute(app: &mut App, line: &str) -> Result<bool, String> {
             let p = port_arg(Some(p))?.ok_or("Bad arguments: set link needs one port number")?;
             app.set_link(*op == "link-up", p)?
         }
+        ["set", "capture", "off"] => app.set_capture(None)?,
+        ["set", "capture", spec] => app.set_capture(Some(spec.parse()?))?,
         ["set", "verbose", n] => {
             let n: u8 =
                 n.parse().map_err(|_| format!("Bad arguments: verbose level '{n}' is not a number"))?;

@@ -90,6 +90,8 @@ pub struct App {
     fwd_base: Vec<FwdTotals>,
     /// `set verbose` level, shared with the forwarding threads.
     verbose: Arc<std::sync::atomic::AtomicU8>,
+    /// The packet capture (`--pcap-out`, `set capture`), if one runs.
+    capture: Option<Arc<crate::capture::Capture>>,
 }
 
 /// The program `--xdp-prog` names.
@@ -250,6 +252,7 @@ impl App {
         let mut app = App {
             fwd_base,
             verbose: Arc::new(std::sync::atomic::AtomicU8::new(0)),
+            capture: None,
             csum,
             cfg,
             ports,
@@ -261,6 +264,9 @@ impl App {
             out,
         };
         app.build_streams()?;
+        if let Some(spec) = app.cfg.capture.clone() {
+            app.set_capture(Some(spec))?;
+        }
         Ok(app)
     }
 
@@ -353,6 +359,7 @@ impl App {
             flows: self.cfg.flows,
             xdp: self.cfg.xdp,
             verbose: self.verbose.clone(),
+            capture: self.capture.clone(),
         };
         // XDP Tx/Redirect packets of queue q go out on queue q of another stream: all
         // streams of one queue index share a thread, so no packet crosses threads
@@ -454,6 +461,9 @@ impl App {
         }
         drop(streams);
         drop(halves);
+        if let Err(e) = self.set_capture(None) {
+            res = res.and(Err(e));
+        }
         self.say("\nBye...\n");
         res
     }

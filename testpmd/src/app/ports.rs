@@ -139,6 +139,35 @@ impl App {
         ))
     }
 
+    /// `set capture FILE[,...]` (Some) or `set capture off` (None), forwarding stopped:
+    /// ends the running capture (every frame taken is written first, and its counts
+    /// printed), then starts the new one, which the next `start` feeds.
+    pub fn set_capture(&mut self, spec: Option<crate::capture::CaptureSpec>) -> Result<(), String> {
+        if self.running.is_some() {
+            return Err("Please stop forwarding first (the capture changes at start)".into());
+        }
+        if let Some(s) = &spec {
+            if let Some(p) = s.port {
+                self.port_range(Some(p as usize)).map_err(|e| format!("capture: {e}"))?;
+            }
+        }
+        if let Some(c) = self.capture.take() {
+            let n = c.finish()?;
+            self.say(&format!(
+                "Capture: {} frames written to {}, {} dropped (capture ring full)\n",
+                n.written,
+                c.spec().path.display(),
+                n.dropped
+            ));
+        }
+        if let Some(s) = spec {
+            let path = s.path.display().to_string();
+            self.capture = Some(crate::capture::Capture::start(s)?);
+            self.say(&format!("Capturing to {path}\n"));
+        }
+        Ok(())
+    }
+
     /// `set verbose N`: 0 none, bit 0 received frames, bit 1 sent frames (DPDK's).
     pub fn set_verbose(&mut self, level: u8) {
         let old = self.verbose.swap(level, Ordering::Relaxed);
