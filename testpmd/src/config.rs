@@ -18,6 +18,8 @@ pub enum FwdMode {
     Mac,
     /// Swap source and destination MACs.
     MacSwap,
+    /// Swap source and destination MACs, IP addresses and TCP/UDP ports.
+    FiveTSwap,
     /// Receive and drop.
     RxOnly,
     /// Transmit UDP/IPv4 frames of `--txpkts` bytes.
@@ -33,10 +35,11 @@ pub enum FwdMode {
 
 impl FwdMode {
     /// All modes, in help order.
-    pub const ALL: [FwdMode; 8] = [
+    pub const ALL: [FwdMode; 9] = [
         FwdMode::Io,
         FwdMode::Mac,
         FwdMode::MacSwap,
+        FwdMode::FiveTSwap,
         FwdMode::RxOnly,
         FwdMode::TxOnly,
         FwdMode::FlowGen,
@@ -49,6 +52,7 @@ impl FwdMode {
             FwdMode::Io => "io",
             FwdMode::Mac => "mac",
             FwdMode::MacSwap => "macswap",
+            FwdMode::FiveTSwap => "5tswap",
             FwdMode::RxOnly => "rxonly",
             FwdMode::TxOnly => "txonly",
             FwdMode::FlowGen => "flowgen",
@@ -309,7 +313,7 @@ pub struct Args {
     /// packed_vq=1 requires them, packed_vq=0 keeps split rings.
     #[arg(short = 'a', long = "allow", value_name = "BDF[,DEVARGS]")]
     pub pci: Vec<String>,
-    /// Forwarding mode: io, mac, macswap, rxonly, txonly, flowgen, icmpecho, csum.
+    /// Forwarding mode: io, mac, macswap, 5tswap, rxonly, txonly, flowgen, icmpecho, csum.
     #[arg(long = "forward-mode", default_value = "io")]
     pub forward_mode: String,
     /// Packets per burst.

@@ -71,8 +71,9 @@ pub struct FwdParams {
     pub csum: Vec<CsumCfg>,
     /// flowgen flows.
     pub flows: u32,
-    /// The XDP-style program on the receive queues.
-    pub xdp: Option<XdpProg>,
+    /// The XDP-style program on each port's receive queues, by port id (`--xdp-prog`,
+    /// `set xdp`).
+    pub xdp: Vec<Option<XdpProg>>,
     /// `set verbose`: bit 0 dumps received frames, bit 1 sent ones (DPDK's levels);
     /// read once per burst, so it changes while forwarding runs.
     pub verbose: Arc<AtomicU8>,
@@ -302,6 +303,11 @@ impl EngineState {
                     }
                 }
             }
+            FwdMode::FiveTSwap => {
+                for p in self.batch.iter_mut() {
+                    crate::fivetswap::swap_5tuple(p.data_mut());
+                }
+            }
             FwdMode::IcmpEcho => {
                 let me = ports[s.rx_port as usize].mac;
                 let before = self.batch.len();
@@ -410,7 +416,7 @@ pub fn forward(
     if let Some(c) = cpu {
         pin(c);
     }
-    let routes = xdp_routes(&streams, params.xdp);
+    let routes = xdp_routes(&streams, &params.xdp);
     let mut eng = EngineState::new(params, &ports);
     if let Some(n) = tx_first {
         for s in streams.iter_mut() {
@@ -434,14 +440,21 @@ pub fn forward(
 
 /// Where the XDP output of each stream's receive queue goes: the index (in this
 /// thread's streams) of the stream transmitting on (rx port, queue) for Tx, and on
-/// (redirect port, queue) for Redirect. Empty without an XDP program that sends.
-pub fn xdp_routes(streams: &[Stream], xdp: Option<XdpProg>) -> Vec<(Option<usize>, Option<usize>)> {
-    let find = |port: u16, queue: u16| streams.iter().position(|t| t.tx_port == port && t.queue == queue);
-    match xdp {
-        Some(XdpProg::Tx) => streams.iter().map(|s| (find(s.rx_port, s.queue), None)).collect(),
-        Some(XdpProg::Redirect(p)) => streams.iter().map(|s| (None, find(p, s.queue))).collect(),
-        _ => Vec::new(),
+/// (redirect port, queue) for Redirect; (None, None) for a stream whose receiving port
+/// has no program that sends. Empty when no port has one.
+pub fn xdp_routes(streams: &[Stream], xdp: &[Option<XdpProg>]) -> Vec<(Option<usize>, Option<usize>)> {
+    if !xdp.iter().any(|x| matches!(x, Some(XdpProg::Tx | XdpProg::Redirect(_)))) {
+        return Vec::new();
     }
+    let find = |port: u16, queue: u16| streams.iter().position(|t| t.tx_port == port && t.queue == queue);
+    streams
+        .iter()
+        .map(|s| match xdp.get(s.rx_port as usize).copied().flatten() {
+            Some(XdpProg::Tx) => (find(s.rx_port, s.queue), None),
+            Some(XdpProg::Redirect(p)) => (None, find(p, s.queue)),
+            _ => (None, None),
+        })
+        .collect()
 }
 
 /// Two distinct streams, mutably.

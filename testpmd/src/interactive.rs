@@ -26,10 +26,11 @@ Commands:
   set nbcore N                forwarding threads at the next start
   set link-up|link-down port N  refused: a virtio device sets its own link status
   set verbose 0|1|2|3         dump received (1), sent (2) or both (3) frames
+  set xdp N pass|drop|tx|redirect:P|off  XDP-style program on port N's receive queues
   set capture FILE[,port=N][,queue=Q][,dir=rx|tx|both][,count=N]
                               capture frames into a pcap file from the next start
   set capture off             end the capture (its counts are printed)
-  set fwd MODE                io, mac, macswap, rxonly, txonly, flowgen, icmpecho, csum
+  set fwd MODE                io, mac, macswap, 5tswap, rxonly, txonly, flowgen, icmpecho, csum
   set burst N                 packets per burst
   set txpkts N[,N...]         txonly/flowgen frame length, or its segments (a chain)
   csum set ip|tcp|udp hw|sw N csum mode: checksum by the device (hw) or in software
@@ -104,6 +105,11 @@ pub fn execute(app: &mut App, line: &str) -> Result<bool, String> {
         ["set", op @ ("link-up" | "link-down"), "port", p] => {
             let p = port_arg(Some(p))?.ok_or("Bad arguments: set link needs one port number")?;
             app.set_link(*op == "link-up", p)?
+        }
+        ["set", "xdp", p, prog] => {
+            let p = port_arg(Some(p))?.ok_or("Bad arguments: set xdp needs one port number")?;
+            let prog = if *prog == "off" { None } else { Some(prog.parse()?) };
+            app.set_xdp(p, prog)?
         }
         ["set", "capture", "off"] => app.set_capture(None)?,
         ["set", "capture", spec] => app.set_capture(Some(spec.parse()?))?,

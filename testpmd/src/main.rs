@@ -11,6 +11,7 @@ mod config;
 mod csum;
 mod dump;
 mod engine;
+mod fivetswap;
 mod interactive;
 
 use std::sync::atomic::{AtomicBool, Ordering};

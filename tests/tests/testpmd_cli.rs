@@ -1144,6 +1144,106 @@ fn mac_addr_add_opens_the_device_filter() {
     backend.stop();
 }
 
+/// 5tswap: our driver on B sends 1000 distinct UDP/IPv4 frames through `xconnect:A,B`
+/// to testpmd on A; each returns once, in order, with MACs, IPv4 addresses and UDP ports
+/// swapped and every other byte (checksums included) equal.
+#[test]
+fn fivetswap_swaps_macs_addresses_and_ports() {
+    const N: u32 = 1000;
+    let _serial = serial();
+    let dir = TempDir::new("tp-5tswap");
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let backend = Backend::start(&["--port", &xconnect_arg(&a, &b)]);
+    let mut peer = Peer::open(&b);
+    let (tp, _) = start_forwarding(&["--vdev", &vdev(0, &a), "--forward-mode", "5tswap"]);
+    let frames = test_frames(N, [0x02, 0, 0, 0, 0xaa, 0x01], [0x02, 0, 0, 0, 0xbb, 0x02]);
+    let got = peer.exchange(&frames, N as usize, &|| diag(&tp, &backend));
+    assert_eq!(got.len(), N as usize, "frames back");
+    for (i, (sent, back)) in frames.iter().zip(&got).enumerate() {
+        let mut want = sent.clone();
+        for (x, y, n) in [(0, 6, 6), (26, 30, 4), (34, 36, 2)] {
+            want[x..x + n].copy_from_slice(&sent[y..y + n]);
+            want[y..y + n].copy_from_slice(&sent[x..x + n]);
+        }
+        assert_eq!(back, &want, "frame {i} (len {}) did not come back 5-tuple-swapped", sent.len());
+    }
+    let exit = interrupt(tp);
+    let f = fwd(&exit.stdout, 0);
+    assert_eq!(f, PortCounts { rx_packets: N as u64, rx_dropped: 0, tx_packets: N as u64, tx_dropped: 0 });
+    peer.close();
+    let fin = backend.stop();
+    for s in [&a, &b] {
+        let d = clean_device(&fin, s);
+        assert_eq!((counter(d, "rx_packets"), counter(d, "tx_packets")), (N as u64, N as u64), "{d}");
+    }
+}
+
+/// `set xdp 0 drop|tx|off` at the prompt between runs of io forwarding: our driver on
+/// the far side of an `xconnect` sends 100 frames per phase; with `drop` none return and
+/// the queue's XDP-drop counter counts them, with `tx` each returns MAC-swapped by the
+/// program, with `off` (and before any program) each returns unchanged.
+#[test]
+fn set_xdp_at_the_prompt_changes_the_program() {
+    const N: u32 = 100;
+    let _serial = serial();
+    let dir = TempDir::new("tp-setxdp");
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let backend = Backend::start(&["--port", &xconnect_arg(&a, &b)]);
+    let mut tp = Testpmd::spawn_with(
+        &["-i", "--vdev", &vdev(0, &a), "--forward-mode", "io"],
+        Spawn { stdin: true, user: None },
+    );
+    tp.wait_stdout("testpmd> ", Duration::from_secs(20));
+    let mut peer = Peer::open(&b);
+    let (mac, pmac) = (port_mac(&tp.stdout(), 0).expect("port 0's MAC"), peer.mac());
+    let mut seq = 0;
+    let mut phase = |tp: &mut Testpmd, peer: &mut Peer, prog: Option<&str>, back: usize| {
+        if let Some(p) = prog {
+            command(tp, &format!("set xdp 0 {p}"), "Port 0: XDP program");
+        }
+        command(tp, "start", "io packet forwarding - ports=1");
+        let frames: Vec<Vec<u8>> =
+            (seq..seq + N).map(|s| test_frame(60 + (s as usize * 7919) % 1455, mac, pmac, s)).collect();
+        seq += N;
+        let got = peer.exchange(&frames, back, &|| String::new());
+        command(tp, "stop", "Forward statistics for port 0");
+        (frames, got)
+    };
+    let (sent, got) = phase(&mut tp, &mut peer, None, N as usize);
+    assert_eq!(got, sent, "no program: io returns every frame unchanged");
+    let (_, got) = phase(&mut tp, &mut peer, Some("drop"), 0);
+    assert!(got.is_empty(), "drop: {} frames came back", got.len());
+    command(&mut tp, "show port xstats 0", "NIC extended statistics for port 0");
+    assert_eq!(xstat(&tp.stdout(), 0, "rx_q0_xdp_drop"), N as u64);
+    let (sent, got) = phase(&mut tp, &mut peer, Some("tx"), N as usize);
+    let swapped: Vec<Vec<u8>> = sent
+        .iter()
+        .map(|f| {
+            let mut w = f.clone();
+            w[0..6].copy_from_slice(&f[6..12]);
+            w[6..12].copy_from_slice(&f[0..6]);
+            w
+        })
+        .collect();
+    assert_eq!(got, swapped, "tx: every frame back MAC-swapped by the program");
+    command(&mut tp, "show port xstats 0", "NIC extended statistics for port 0");
+    let out = tp.stdout();
+    assert_eq!((xstat(&out, 0, "rx_q0_xdp_drop"), xstat(&out, 0, "rx_q0_xdp_tx")), (N as u64, N as u64));
+    let (sent, got) = phase(&mut tp, &mut peer, Some("off"), N as usize);
+    assert_eq!(got, sent, "off: io returns every frame unchanged");
+    command(&mut tp, "show port xstats 0", "NIC extended statistics for port 0");
+    let out = tp.stdout();
+    assert_eq!((xstat(&out, 0, "rx_q0_xdp_drop"), xstat(&out, 0, "rx_q0_xdp_tx")), (N as u64, N as u64));
+    assert_eq!(xstat(&out, 0, "rx_q0_xdp_pass"), 0);
+    command(&mut tp, "set xdp 0 redirect:1", "Invalid port 1");
+    tp.send("quit");
+    let exit = tp.wait(Duration::from_secs(20));
+    assert_ok(&exit);
+    peer.close();
+    let fin = backend.stop();
+    clean_device(&fin, &b);
+}
+
 // ------------------------------------------------------------------------------ 6. packet capture
 
 /// The records of a pcap file (microsecond, little-endian, Ethernet): (captured bytes,

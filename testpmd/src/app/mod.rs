@@ -92,10 +92,12 @@ pub struct App {
     verbose: Arc<std::sync::atomic::AtomicU8>,
     /// The packet capture (`--pcap-out`, `set capture`), if one runs.
     capture: Option<Arc<crate::capture::Capture>>,
+    /// Per port: the XDP-style program on its receive queues (`--xdp-prog`, `set xdp`).
+    xdp: Vec<Option<XdpProg>>,
 }
 
 /// The program `--xdp-prog` names.
-fn xdp_program(p: XdpProg) -> Box<dyn driver::XdpProgram> {
+pub(super) fn xdp_program(p: XdpProg) -> Box<dyn driver::XdpProgram> {
     match p {
         XdpProg::Pass => Box::new(|_: &mut Packet| XdpVerdict::Pass),
         XdpProg::Drop => Box::new(|_: &mut Packet| XdpVerdict::Drop),
@@ -253,6 +255,7 @@ impl App {
             fwd_base,
             verbose: Arc::new(std::sync::atomic::AtomicU8::new(0)),
             capture: None,
+            xdp: vec![cfg.xdp; n],
             csum,
             cfg,
             ports,
@@ -357,7 +360,7 @@ impl App {
             tx_segs: self.cfg.tx_segs.clone(),
             csum: self.csum.clone(),
             flows: self.cfg.flows,
-            xdp: self.cfg.xdp,
+            xdp: self.xdp.clone(),
             verbose: self.verbose.clone(),
             capture: self.capture.clone(),
         };

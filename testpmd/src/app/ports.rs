@@ -16,6 +16,7 @@
 use std::sync::atomic::Ordering;
 
 use super::{mac_str, App};
+use crate::config::XdpProg;
 
 impl App {
     fn is_stopped(&self, i: usize) -> bool {
@@ -165,6 +166,38 @@ impl App {
             self.capture = Some(crate::capture::Capture::start(s)?);
             self.say(&format!("Capturing to {path}\n"));
         }
+        Ok(())
+    }
+
+    /// `set xdp N pass|drop|tx|redirect:P|off` (forwarding stopped): replaces the
+    /// XDP-style program on every receive queue of port N (off: detaches it). The
+    /// first program of a port switches its merging receive offloads off, the last one
+    /// detached switches them back on (the driver does, over the control queue).
+    /// Redirect between ports that do not share a pool copies each frame (the driver
+    /// counts `tx_copied`); `--xdp-prog redirect:P` at start-up shares the pool.
+    pub fn set_xdp(&mut self, port: usize, prog: Option<XdpProg>) -> Result<(), String> {
+        if self.running.is_some() {
+            return Err("Please stop forwarding first (the XDP program changes at start)".into());
+        }
+        self.port_range(Some(port))?;
+        if let Some(XdpProg::Redirect(t)) = prog {
+            self.port_range(Some(t as usize)).map_err(|e| format!("set xdp: redirect:{t}: {e}"))?;
+        }
+        let mut rxqs: Vec<&mut driver::RxQueue> =
+            self.streams.iter_mut().filter(|s| s.rx_port as usize == port).map(|s| &mut s.rxq).collect();
+        rxqs.extend(self.halves[port].rx.iter_mut().flatten());
+        for (q, rx) in rxqs.into_iter().enumerate() {
+            let r = match prog {
+                Some(x) => rx.attach_xdp(super::xdp_program(x)),
+                None => rx.detach_xdp(),
+            };
+            r.map_err(|e| format!("port {port}: set xdp (queue {q}): {e}"))?;
+        }
+        self.xdp[port] = prog;
+        self.say(&format!(
+            "Port {port}: XDP program {}\n",
+            prog.map_or_else(|| "detached".to_string(), |x| x.name())
+        ));
         Ok(())
     }
 

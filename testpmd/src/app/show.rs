@@ -195,7 +195,7 @@ impl App {
                 "  TX-packets: {:<10} TX-errors: {:<10} TX-bytes:  {}\n",
                 d.tx_packets, d.tx_errors, d.tx_bytes
             );
-            if self.cfg.xdp.is_some()
+            if self.xdp[i].is_some()
                 || d.xdp_pass + d.xdp_drop + d.xdp_tx + d.xdp_redirect + d.xdp_aborted > 0
             {
                 s += &format!(
@@ -241,10 +241,8 @@ impl App {
                 "Control queue: {}\n",
                 if info.control_queue { "yes" } else { "no (VIRTIO_NET_F_CTRL_VQ not negotiated)" }
             );
-            s += &format!(
-                "XDP program: {}\n",
-                self.cfg.xdp.map(|x| x.name()).unwrap_or_else(|| "none".into())
-            );
+            s +=
+                &format!("XDP program: {}\n", self.xdp[i].map(|x| x.name()).unwrap_or_else(|| "none".into()));
             s += &format!("Ring size: {}\n", info.ring_size);
             s += &format!(
                 "Ring layout: {}\n",

@@ -93,7 +93,7 @@ impl App {
     /// Which forwarding thread runs each stream (in (receive port, queue) order) and how
     /// many threads there are, as [`App::start`] assigns them.
     pub(super) fn stream_cores(&self) -> (usize, Vec<usize>) {
-        let by_queue = matches!(self.cfg.xdp, Some(XdpProg::Tx | XdpProg::Redirect(_)));
+        let by_queue = self.xdp.iter().any(|x| matches!(x, Some(XdpProg::Tx | XdpProg::Redirect(_))));
         let q = self.cfg.queues as usize;
         let n = self.ports.len() * q;
         let groups = if by_queue { q } else { n };
