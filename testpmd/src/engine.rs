@@ -79,6 +79,8 @@ pub struct FwdParams {
     pub verbose: Arc<AtomicU8>,
     /// The packet capture, if one runs.
     pub capture: Option<Arc<crate::capture::Capture>>,
+    /// `noisy` mode settings.
+    pub noisy: crate::noisy::NoisyCfg,
 }
 
 /// One receive queue → one transmit queue.
@@ -95,6 +97,8 @@ pub struct Stream {
     pub txq: TxQueue,
     /// Counters.
     pub stats: Arc<StreamStats>,
+    /// `noisy` mode: frames held back.
+    pub fifo: crate::noisy::Fifo,
 }
 
 /// The frame txonly sends: UDP/IPv4 from 198.18.0.1:9 to 198.18.0.2:9 (DPDK's txonly
@@ -138,6 +142,8 @@ pub struct EngineState {
     scratch: Vec<u8>,
     /// `--txpkts A,B,...`: a burst's buffers before they are chained (sized once).
     segs: Vec<Packet>,
+    /// `noisy` mode: the lookup memory and FIFO policy.
+    noisy: Option<crate::noisy::Noisy>,
 }
 
 impl EngineState {
@@ -159,7 +165,9 @@ impl EngineState {
         } else {
             0
         });
-        EngineState { params, templates, next_flow: 0, batch, scratch, segs }
+        let noisy =
+            (params.mode == FwdMode::Noisy).then(|| crate::noisy::Noisy::new(params.noisy, params.burst));
+        EngineState { params, templates, next_flow: 0, batch, scratch, segs, noisy }
     }
 
     /// Fills `self.batch` with up to `burst` generated packets for `port`.
@@ -254,6 +262,13 @@ impl EngineState {
             _ => {
                 let n = s.rxq.rx_burst(&mut self.batch, self.params.burst);
                 if n == 0 {
+                    if let Some(noisy) = self.noisy.as_mut() {
+                        let (txq, burst) = (&mut s.txq, self.params.burst);
+                        let (sent, dropped) = noisy.flush(&mut s.fifo, burst, &mut |v| txq.tx_burst(v));
+                        bump(&s.stats.tx_packets, sent);
+                        bump(&s.stats.tx_dropped, dropped);
+                        return sent as usize;
+                    }
                     return 0;
                 }
                 if self.params.verbose.load(Ordering::Relaxed) & 1 != 0 {
@@ -313,6 +328,18 @@ impl EngineState {
                 let before = self.batch.len();
                 self.batch.retain_mut(|p| icmpecho_reply(p, me));
                 rx_dropped = (before - self.batch.len()) as u64;
+            }
+            FwdMode::Noisy => {
+                if let Some(noisy) = self.noisy.as_mut() {
+                    let (txq, burst) = (&mut s.txq, self.params.burst);
+                    let mut send = |v: &mut Vec<Packet>| txq.tx_burst(v);
+                    let (sent, dropped) = noisy.enqueue(&mut s.fifo, &mut self.batch, &mut send);
+                    let (fs, fd) = noisy.flush(&mut s.fifo, burst, &mut send);
+                    bump(&s.stats.rx_packets, received as u64);
+                    bump(&s.stats.tx_packets, sent + fs);
+                    bump(&s.stats.tx_dropped, dropped + fd);
+                    return received;
+                }
             }
             FwdMode::Io | FwdMode::TxOnly | FwdMode::FlowGen => {}
         }
@@ -417,6 +444,11 @@ pub fn forward(
         pin(c);
     }
     let routes = xdp_routes(&streams, &params.xdp);
+    if params.mode == FwdMode::Noisy {
+        for s in streams.iter_mut() {
+            s.fifo.reserve(params.noisy.bufsz);
+        }
+    }
     let mut eng = EngineState::new(params, &ports);
     if let Some(n) = tx_first {
         for s in streams.iter_mut() {
@@ -433,6 +465,15 @@ pub fn forward(
             if let Some(r) = routes.get(i) {
                 flush_xdp(&mut streams, i, *r);
             }
+        }
+    }
+    // noisy: what the FIFOs still hold goes out now (or is dropped and counted).
+    if let Some(noisy) = eng.noisy.as_mut() {
+        for s in streams.iter_mut() {
+            let txq = &mut s.txq;
+            let (sent, dropped) = noisy.flush_all(&mut s.fifo, eng.params.burst, &mut |v| txq.tx_burst(v));
+            bump(&s.stats.tx_packets, sent);
+            bump(&s.stats.tx_dropped, dropped);
         }
     }
     streams

@@ -13,6 +13,7 @@ mod dump;
 mod engine;
 mod fivetswap;
 mod interactive;
+mod noisy;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -299,6 +299,7 @@ impl App {
                     rxq,
                     txq,
                     stats: Arc::new(StreamStats::default()),
+                    fifo: Default::default(),
                 });
             }
         }
@@ -363,6 +364,7 @@ impl App {
             xdp: self.xdp.clone(),
             verbose: self.verbose.clone(),
             capture: self.capture.clone(),
+            noisy: self.cfg.noisy,
         };
         // XDP Tx/Redirect packets of queue q go out on queue q of another stream: all
         // streams of one queue index share a thread, so no packet crosses threads
