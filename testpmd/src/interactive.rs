@@ -21,6 +21,7 @@ Commands:
   clear fwd stats all         reset forward statistics
   show config fwd|rxtx        streams per forwarding core | queues and descriptors
   port stop|start all|N       pause / resume the port's streams (its counters stop)
+  port close all|N            close a stopped port (device reset; it stays closed)
   port config mtu N V         hold port N's frames to MTU V (68 up to the device's MTU)
   mac_addr add|remove N MAC   accept / stop accepting MAC (control queue MAC table)
   set nbcore N                forwarding threads at the next start
@@ -89,6 +90,7 @@ pub fn execute(app: &mut App, line: &str) -> Result<bool, String> {
         ["show", "config", "rxtx"] => app.show_config_rxtx(),
         ["port", "stop", p] => app.port_stop(port_arg(Some(p))?)?,
         ["port", "start", p] => app.port_start(port_arg(Some(p))?)?,
+        ["port", "close", p] => app.port_close(port_arg(Some(p))?)?,
         ["port", "config", p, "mtu", v] | ["port", "config", "mtu", p, v] => {
             let p = port_arg(Some(p))?.ok_or("Bad arguments: port config mtu needs one port number")?;
             let v: u16 = v.parse().map_err(|_| format!("Bad arguments: MTU '{v}' is not a number"))?;

@@ -1086,6 +1086,40 @@ fn prompt_port_stop_xstats_verbose_and_fwd_stats() {
     assert_eq!(counter(dev, "generated"), N);
 }
 
+/// `port close`: refused while the port runs; after `port stop` it resets the device
+/// (the backend sees the front-end go away) having received nothing; commands naming
+/// the port then say it is closed, and `quit` still exits cleanly.
+#[test]
+fn port_close_resets_a_stopped_port() {
+    let _serial = serial();
+    let dir = TempDir::new("tp-close");
+    let sock = dir.join("gen.sock");
+    let backend = Backend::start(&["--port", &port_arg("gen", &sock), "--count", "1000"]);
+    let mut tp = Testpmd::spawn_with(
+        &["-i", "--vdev", &vdev(0, &sock), "--forward-mode", "rxonly"],
+        Spawn { stdin: true, user: None },
+    );
+    tp.wait_stdout("testpmd> ", Duration::from_secs(20));
+    backend.wait_stats(Duration::from_secs(20), |s| device(s, &sock)["connected"] == true);
+    command(&mut tp, "port close 0", "Please stop port 0 first");
+    command(&mut tp, "port stop 0", "Port 0 stopped");
+    command(&mut tp, "port close 0", "Port 0 is closed");
+    let s = backend.wait_stats(Duration::from_secs(20), |s| device(s, &sock)["connected"] == false);
+    assert_eq!(counter(device(&s, &sock), "broken_queues"), 0);
+    for cmd in ["show port stats 0", "port start 0", "show port xstats 0", "port close 0"] {
+        let n = tp.stdout().matches("Port 0 is closed").count();
+        tp.send(cmd);
+        tp.wait_stdout_n("Port 0 is closed", n + 1, Duration::from_secs(10));
+    }
+    command(&mut tp, "start", "rxonly packet forwarding - ports=1 - cores=1 - streams=0");
+    command(&mut tp, "stop", "Forward statistics for port 0");
+    tp.send("quit");
+    let exit = tp.wait(Duration::from_secs(20));
+    assert_ok(&exit);
+    assert_eq!(fwd(&exit.stdout, 0), PortCounts::default(), "{exit}");
+    backend.stop();
+}
+
 /// `mac_addr add` lets frames to that address through the device's filter (the
 /// backend's, set over the control queue), `mac_addr remove` stops them again: testpmd
 /// on device A of an `xconnect` with promiscuous mode off; our driver on B sends 10

@@ -51,12 +51,47 @@ impl App {
         Ok(())
     }
 
+    /// `port close all|N` (forwarding stopped, the port stopped first, as DPDK asks):
+    /// resets the device and gives its buffers back; the port stays closed (commands
+    /// naming it say so) and the streams of its pair are gone.
+    pub fn port_close(&mut self, which: Option<usize>) -> Result<(), String> {
+        if self.running.is_some() {
+            return Err("Please stop forwarding first (port close)".into());
+        }
+        let list = self.port_range(which)?;
+        if let Some(i) = list.iter().find(|&&i| !self.is_stopped(i)) {
+            return Err(format!("Please stop port {i} first"));
+        }
+        self.unbuild_streams();
+        let mut res = Ok(());
+        for i in list {
+            let Some(port) = self.ports[i].port.take() else { continue };
+            self.say("Closing ports...\n");
+            let h = &mut self.halves[i];
+            let pairs: Vec<driver::QueuePair> =
+                h.rx.iter_mut()
+                    .zip(h.tx.iter_mut())
+                    .enumerate()
+                    .filter_map(|(q, (rx, tx))| {
+                        Some(driver::QueuePair { index: q as u16, rx: rx.take()?, tx: tx.take()? })
+                    })
+                    .collect();
+            match port.close(pairs) {
+                Ok(()) => self.say(&format!("Port {i} is closed\n")),
+                Err(e) => res = res.and(Err(format!("port {i}: close: {e}"))),
+            }
+        }
+        self.build_streams()?;
+        self.say("Done\n");
+        res
+    }
+
     /// `port config mtu N V`: testpmd holds port N's transmitted frames (txonly,
     /// flowgen, `set txpkts`) to V + 14 bytes. virtio-net's MTU is the device's
     /// (`VIRTIO_NET_F_MTU`, read-only): V may be 68 up to that, never above.
     pub fn port_config_mtu(&mut self, port: usize, mtu: u16) -> Result<(), String> {
         self.port_range(Some(port))?;
-        let max = self.ports[port].port.info().mtu;
+        let max = self.ports[port].dev()?.info().mtu;
         if !(68..=max).contains(&mtu) {
             return Err(format!(
                 "Set MTU failed. diag=-22 (port {port}: MTU {mtu} is outside 68..={max}, the device's MTU)"
@@ -104,7 +139,7 @@ impl App {
             ));
         }
         self.ports[port]
-            .port
+            .dev()?
             .control()
             .set_mac_table(&macs, &[])
             .map_err(|e| format!("mac_addr_cmd error: (port {port}: {e})"))?;
@@ -117,7 +152,7 @@ impl App {
         if self.running.is_some() {
             return Err("Please stop forwarding first (the number of cores applies at start)".into());
         }
-        let streams = self.ports.len() * self.cfg.queues as usize;
+        let streams = self.meta.len();
         if n == 0 || n > streams.max(1) {
             return Err(format!(
                 "nb cores {n} is out of range 1..={} (one stream per core at most)",

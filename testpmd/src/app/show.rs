@@ -101,15 +101,7 @@ impl App {
 
     /// (rx port, tx port) of each stream, in `stream_stats` order.
     pub(super) fn stream_meta(&self) -> Vec<(u16, u16)> {
-        let n = self.ports.len();
-        let mut v = Vec::new();
-        for p in 0..n {
-            let peer = if p ^ 1 < n { p ^ 1 } else { p };
-            for _ in 0..self.cfg.queues {
-                v.push((p as u16, peer as u16));
-            }
-        }
-        v
+        self.meta.clone()
     }
 
     pub(super) fn print_fwd_stats(&mut self, totals: &[FwdTotals], secs: f64) {
@@ -160,7 +152,7 @@ impl App {
         for i in range {
             let now = Instant::now();
             let ps = &mut self.ports[i];
-            let cur = sum(&ps.port.stats());
+            let cur = sum(&ps.dev()?.stats());
             let d = sub(cur, ps.base);
             let secs = now.duration_since(ps.last.1).as_secs_f64();
             let rate = |a: u64, b: u64| if secs > 0.0 { (a - b) as f64 / secs } else { 0.0 };
@@ -217,7 +209,7 @@ impl App {
 
     /// Port `i`'s driver counters since open, over every queue.
     pub fn port_totals(&self, i: usize) -> QueueStatsSnapshot {
-        sum(&self.ports[i].port.stats())
+        self.ports[i].port.as_ref().map(|p| sum(&p.stats())).unwrap_or_default()
     }
 
     /// `show port info all|N`.
@@ -225,14 +217,14 @@ impl App {
         let range = self.port_range(which)?;
         let mut s = String::new();
         for i in range {
-            let info = self.ports[i].port.info().clone();
+            let info = self.ports[i].dev()?.info().clone();
             s += &format!("\n********************* Infos for port {i}  *********************\n");
             s += &format!("MAC address: {}\n", mac_str(&self.ctx[i].mac));
             s += &format!("Device: {}\n", info.description);
             s += &format!("Link status: {}\n", if info.link_up { "up" } else { "down" });
             s += &format!("MTU: {}\n", self.ports[i].mtu);
             s += &format!("Negotiated features: {:#x}\n", info.features);
-            let ctl = self.ports[i].port.control();
+            let ctl = self.ports[i].dev()?.control();
             s += &format!("Current number of RX queues: {}\n", ctl.queue_pairs());
             s += &format!("Max possible RX queues: {}\n", info.queue_pairs);
             s += &format!("Current number of TX queues: {}\n", ctl.queue_pairs());
@@ -262,7 +254,7 @@ impl App {
     pub fn clear_port_stats(&mut self, which: Option<usize>) -> Result<(), String> {
         for i in self.port_range(which)? {
             let ps = &mut self.ports[i];
-            let cur = sum(&ps.port.stats());
+            let cur = sum(&ps.dev()?.stats());
             ps.base = cur;
             ps.last = (cur, Instant::now());
             self.say(&format!("\n  NIC statistics for port {i} cleared\n"));

@@ -72,7 +72,7 @@ impl App {
     pub fn show_port_xstats(&mut self, which: Option<usize>) -> Result<(), String> {
         let mut s = String::new();
         for i in self.port_range(which)? {
-            let port = &self.ports[i].port;
+            let port = self.ports[i].dev()?;
             let pool = port.pool();
             let v = xstats(&port.stats(), port.control().counts(), (pool.available(), pool.capacity()));
             if self.cfg.stats_format == StatsFormat::Json {
@@ -95,7 +95,7 @@ impl App {
     pub(super) fn stream_cores(&self) -> (usize, Vec<usize>) {
         let by_queue = self.xdp.iter().any(|x| matches!(x, Some(XdpProg::Tx | XdpProg::Redirect(_))));
         let q = self.cfg.queues as usize;
-        let n = self.ports.len() * q;
+        let n = self.meta.len();
         let groups = if by_queue { q } else { n };
         let cores = self.cfg.nb_cores.min(groups).max(1);
         let of = (0..n).map(|i| (if by_queue { i % q } else { i }) % cores).collect();
@@ -140,9 +140,9 @@ impl App {
             self.cfg.nb_cores,
             self.ports.len()
         );
-        for (i, ps) in self.ports.iter().enumerate() {
-            let info = ps.port.info();
-            let n = ps.port.control().queue_pairs();
+        for (i, port) in self.open_ports() {
+            let info = port.info();
+            let n = port.control().queue_pairs();
             s += &format!("  port {i}: RX queue number: {n} Tx queue number: {n}\n");
             for q in 0..n {
                 s += &format!("    RX queue: {q}\n      RX desc={}\n", info.ring_size);
