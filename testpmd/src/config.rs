@@ -41,12 +41,12 @@ impl FwdMode {
         FwdMode::Io,
         FwdMode::Mac,
         FwdMode::MacSwap,
-        FwdMode::FiveTSwap,
         FwdMode::RxOnly,
         FwdMode::TxOnly,
         FwdMode::FlowGen,
         FwdMode::IcmpEcho,
         FwdMode::Csum,
+        FwdMode::FiveTSwap,
         FwdMode::Noisy,
     ];
     /// The mode's name.
@@ -317,7 +317,7 @@ pub struct Args {
     /// packed_vq=1 requires them, packed_vq=0 keeps split rings.
     #[arg(short = 'a', long = "allow", value_name = "BDF[,DEVARGS]")]
     pub pci: Vec<String>,
-    /// Forwarding mode: io, mac, macswap, 5tswap, rxonly, txonly, flowgen, icmpecho, csum, noisy.
+    /// Forwarding mode: io, mac, macswap, rxonly, txonly, flowgen, icmpecho, csum, 5tswap, noisy.
     #[arg(long = "forward-mode", default_value = "io")]
     pub forward_mode: String,
     /// Packets per burst.

@@ -31,7 +31,8 @@ Commands:
   set capture FILE[,port=N][,queue=Q][,dir=rx|tx|both][,count=N]
                               capture frames into a pcap file from the next start
   set capture off             end the capture (its counts are printed)
-  set fwd MODE                io, mac, macswap, 5tswap, rxonly, txonly, flowgen, icmpecho, csum
+  set fwd MODE                io, mac, macswap, rxonly, txonly, flowgen, icmpecho, csum,
+                              5tswap, noisy
   set burst N                 packets per burst
   set txpkts N[,N...]         txonly/flowgen frame length, or its segments (a chain)
   csum set ip|tcp|udp hw|sw N csum mode: checksum by the device (hw) or in software
