@@ -8,7 +8,8 @@
 # Set-up, each step only when it is missing:
 #  * Debian packages: dpdk and dpdk-dev (dpdk-testpmd and the PMDs net_virtio, net_vhost,
 #    mempool_ring: the interop peer), qemu-system-x86 and the VM image's build tools
-#    (cpio xz-utils make gcc-12 binutils libelf1 libssl3 ethtool);
+#    (cpio xz-utils make gcc-12 binutils libelf1 libssl3 ethtool), and tcpdump (reads back
+#    testpmd's packet captures), iproute2 and iputils-ping (the tap tests' namespaces);
 #  * 2 MiB hugepages: NR_HUGEPAGES reserved (default 1024) and hugetlbfs on /dev/hugepages;
 #  * the VM image (tests/vm/build-image.sh, cached under target/vm/).
 # Installing packages and reserving hugepages need root. Without root, when something is
@@ -21,7 +22,7 @@ cd "$(dirname "$0")/.."
 
 NR_HUGEPAGES=${NR_HUGEPAGES:-1024} # each DPDK testpmd in the tests takes -m 256
 HUGE_DIR=/dev/hugepages
-VM_PACKAGES=(qemu-system-x86 cpio xz-utils make gcc-12 binutils libelf1 libssl3 ethtool)
+VM_PACKAGES=(qemu-system-x86 cpio xz-utils make gcc-12 binutils libelf1 libssl3 ethtool tcpdump)
 # The tap tests (tests/tests/backend_tap.rs): `ip netns`, `ping`, `sha256sum`.
 VM_PACKAGES+=(iproute2 iputils-ping coreutils)
 
@@ -75,6 +76,7 @@ for pmd in librte_net_virtio librte_net_vhost librte_mempool_ring; do
 done
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found after installing qemu-system-x86"
 command -v ping >/dev/null || die "ping not found after installing iputils-ping"
+command -v tcpdump >/dev/null || die "tcpdump not found after installing it"
 
 if $need_pages; then
     echo "$NR_HUGEPAGES" >/proc/sys/vm/nr_hugepages || die "cannot write /proc/sys/vm/nr_hugepages"

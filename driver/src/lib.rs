@@ -63,7 +63,7 @@ pub mod vfio;
 /// builders.
 pub use spec::{frame, layout, offload, packed};
 
-pub use ctrl::Control;
+pub use ctrl::{Control, ControlCounts};
 pub use error::{DeviceError, Error, Result};
 pub use mempool::{free_bulk, Mempool, Packet, TxCsum, TxGso, TxOffload};
 pub use port::{Port, PortConfig, PortInfo, TransportConfig};

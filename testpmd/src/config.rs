@@ -16,8 +16,12 @@ pub enum FwdMode {
     Io,
     /// Rewrite source MAC (port's) and destination MAC (the peer's).
     Mac,
+    /// `io` through a FIFO and a simulated per-packet memory workload (`--noisy-*`).
+    Noisy,
     /// Swap source and destination MACs.
     MacSwap,
+    /// Swap source and destination MACs, IP addresses and TCP/UDP ports.
+    FiveTSwap,
     /// Receive and drop.
     RxOnly,
     /// Transmit UDP/IPv4 frames of `--txpkts` bytes.
@@ -33,7 +37,7 @@ pub enum FwdMode {
 
 impl FwdMode {
     /// All modes, in help order.
-    pub const ALL: [FwdMode; 8] = [
+    pub const ALL: [FwdMode; 10] = [
         FwdMode::Io,
         FwdMode::Mac,
         FwdMode::MacSwap,
@@ -42,6 +46,8 @@ impl FwdMode {
         FwdMode::FlowGen,
         FwdMode::IcmpEcho,
         FwdMode::Csum,
+        FwdMode::FiveTSwap,
+        FwdMode::Noisy,
     ];
     /// The mode's name.
     pub fn name(self) -> &'static str {
@@ -49,11 +55,13 @@ impl FwdMode {
             FwdMode::Io => "io",
             FwdMode::Mac => "mac",
             FwdMode::MacSwap => "macswap",
+            FwdMode::FiveTSwap => "5tswap",
             FwdMode::RxOnly => "rxonly",
             FwdMode::TxOnly => "txonly",
             FwdMode::FlowGen => "flowgen",
             FwdMode::IcmpEcho => "icmpecho",
             FwdMode::Csum => "csum",
+            FwdMode::Noisy => "noisy",
         }
     }
 }
@@ -309,7 +317,7 @@ pub struct Args {
     /// packed_vq=1 requires them, packed_vq=0 keeps split rings.
     #[arg(short = 'a', long = "allow", value_name = "BDF[,DEVARGS]")]
     pub pci: Vec<String>,
-    /// Forwarding mode: io, mac, macswap, rxonly, txonly, flowgen, icmpecho, csum.
+    /// Forwarding mode: io, mac, macswap, rxonly, txonly, flowgen, icmpecho, csum, 5tswap, noisy.
     #[arg(long = "forward-mode", default_value = "io")]
     pub forward_mode: String,
     /// Packets per burst.
@@ -375,6 +383,27 @@ pub struct Args {
     /// queue of the same index).
     #[arg(long = "xdp-prog", value_name = "PROG")]
     pub xdp_prog: Option<String>,
+    /// Capture frames into a pcap file: FILE[,port=N][,queue=Q][,dir=rx|tx|both][,count=N].
+    #[arg(long = "pcap-out", value_name = "FILE[,KEY=VALUE...]")]
+    pub pcap_out: Option<String>,
+    /// noisy mode: frames each stream's FIFO holds (0: no FIFO).
+    #[arg(long = "noisy-tx-sw-buffer-size", default_value_t = 0, value_name = "N")]
+    pub noisy_bufsz: usize,
+    /// noisy mode: milliseconds after which a FIFO is sent (0: every burst).
+    #[arg(long = "noisy-tx-sw-buffer-flushtime", default_value_t = 0, value_name = "MS")]
+    pub noisy_flush_ms: u64,
+    /// noisy mode: megabytes of lookup memory per forwarding thread.
+    #[arg(long = "noisy-lkup-memory", default_value_t = 0, value_name = "MB")]
+    pub noisy_lkup_mb: usize,
+    /// noisy mode: random writes into the lookup memory per packet.
+    #[arg(long = "noisy-lkup-num-writes", default_value_t = 0, value_name = "N")]
+    pub noisy_writes: u32,
+    /// noisy mode: random reads per packet.
+    #[arg(long = "noisy-lkup-num-reads", default_value_t = 0, value_name = "N")]
+    pub noisy_reads: u32,
+    /// noisy mode: random read-modify-writes per packet.
+    #[arg(long = "noisy-lkup-num-reads-writes", default_value_t = 0, value_name = "N")]
+    pub noisy_reads_writes: u32,
 }
 
 /// Validated configuration.
@@ -427,6 +456,10 @@ pub struct Config {
     pub embedded: bool,
     /// The XDP-style program on every receive queue.
     pub xdp: Option<XdpProg>,
+    /// `--pcap-out`: the packet capture started with the ports.
+    pub capture: Option<crate::capture::CaptureSpec>,
+    /// `--noisy-*`.
+    pub noisy: crate::noisy::NoisyCfg,
 }
 
 /// Largest burst.
@@ -462,6 +495,9 @@ impl Config {
         }
         if a.rxq == 0 {
             return Err("--rxq must be at least 1".into());
+        }
+        if a.noisy_lkup_mb > 16 * 1024 {
+            return Err(format!("--noisy-lkup-memory {} MB is more than 16 GiB", a.noisy_lkup_mb));
         }
         if a.nb_cores == 0 {
             return Err("--nb-cores must be at least 1".into());
@@ -505,6 +541,20 @@ impl Config {
             tx_first: a.tx_first,
             hugepages: a.hugepages,
             xdp: a.xdp_prog.as_deref().map(str::parse).transpose()?,
+            noisy: crate::noisy::NoisyCfg {
+                bufsz: a.noisy_bufsz,
+                flush_ms: a.noisy_flush_ms,
+                lkup_mb: a.noisy_lkup_mb,
+                writes: a.noisy_writes,
+                reads: a.noisy_reads,
+                reads_writes: a.noisy_reads_writes,
+            },
+            capture: a
+                .pcap_out
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(|e| format!("--pcap-out: {e}"))?,
         })
     }
 }

@@ -6,10 +6,11 @@
 //! forwarding thread runs over the streams it owns, and the hand-over of the packets an
 //! XDP program sent on (Tx: to the stream transmitting on the receiving port's queue;
 //! Redirect: to the stream transmitting on the target port's queue, both of the same
-//! queue index and so on this thread).
-//! Must not: open ports or print.
+//! queue index and so on this thread), skipping the streams of a stopped port (`port
+//! stop`), and handing frames to the `set verbose` dumps and the packet capture.
+//! Must not: open ports, or print anything but the verbose dumps ([`crate::dump`]).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use driver::frame::{self, ETH_HLEN, IPV4_HLEN, UDP_HLEN};
@@ -50,6 +51,8 @@ pub struct PortCtx {
     pub peer: [u8; 6],
     /// Its buffer pool.
     pub pool: Mempool,
+    /// `port stop N`: its streams (receiving or transmitting on it) are not run.
+    pub stopped: Arc<AtomicBool>,
 }
 
 /// Settings the engines read; copied into each forwarding thread at start.
@@ -68,8 +71,16 @@ pub struct FwdParams {
     pub csum: Vec<CsumCfg>,
     /// flowgen flows.
     pub flows: u32,
-    /// The XDP-style program on the receive queues.
-    pub xdp: Option<XdpProg>,
+    /// The XDP-style program on each port's receive queues, by port id (`--xdp-prog`,
+    /// `set xdp`).
+    pub xdp: Vec<Option<XdpProg>>,
+    /// `set verbose`: bit 0 dumps received frames, bit 1 sent ones (DPDK's levels);
+    /// read once per burst, so it changes while forwarding runs.
+    pub verbose: Arc<AtomicU8>,
+    /// The packet capture, if one runs.
+    pub capture: Option<Arc<crate::capture::Capture>>,
+    /// `noisy` mode settings.
+    pub noisy: crate::noisy::NoisyCfg,
 }
 
 /// One receive queue → one transmit queue.
@@ -86,6 +97,8 @@ pub struct Stream {
     pub txq: TxQueue,
     /// Counters.
     pub stats: Arc<StreamStats>,
+    /// `noisy` mode: frames held back.
+    pub fifo: crate::noisy::Fifo,
 }
 
 /// The frame txonly sends: UDP/IPv4 from 198.18.0.1:9 to 198.18.0.2:9 (DPDK's txonly
@@ -129,6 +142,8 @@ pub struct EngineState {
     scratch: Vec<u8>,
     /// `--txpkts A,B,...`: a burst's buffers before they are chained (sized once).
     segs: Vec<Packet>,
+    /// `noisy` mode: the lookup memory and FIFO policy.
+    noisy: Option<crate::noisy::Noisy>,
 }
 
 impl EngineState {
@@ -150,7 +165,9 @@ impl EngineState {
         } else {
             0
         });
-        EngineState { params, templates, next_flow: 0, batch, scratch, segs }
+        let noisy =
+            (params.mode == FwdMode::Noisy).then(|| crate::noisy::Noisy::new(params.noisy, params.burst));
+        EngineState { params, templates, next_flow: 0, batch, scratch, segs, noisy }
     }
 
     /// Fills `self.batch` with up to `burst` generated packets for `port`.
@@ -245,7 +262,21 @@ impl EngineState {
             _ => {
                 let n = s.rxq.rx_burst(&mut self.batch, self.params.burst);
                 if n == 0 {
+                    if let Some(noisy) = self.noisy.as_mut() {
+                        let (txq, burst) = (&mut s.txq, self.params.burst);
+                        let (sent, dropped) = noisy.flush(&mut s.fifo, burst, &mut |v| txq.tx_burst(v));
+                        bump(&s.stats.tx_packets, sent);
+                        bump(&s.stats.tx_dropped, dropped);
+                        return sent as usize;
+                    }
                     return 0;
+                }
+                if self.params.verbose.load(Ordering::Relaxed) & 1 != 0 {
+                    crate::dump::burst(s.rx_port, s.queue, true, &self.batch);
+                }
+                if let Some(c) = self.params.capture.as_deref().filter(|c| c.wants(s.rx_port, s.queue, true))
+                {
+                    c.offer(&self.batch);
                 }
                 n
             }
@@ -287,13 +318,36 @@ impl EngineState {
                     }
                 }
             }
+            FwdMode::FiveTSwap => {
+                for p in self.batch.iter_mut() {
+                    crate::fivetswap::swap_5tuple(p.data_mut());
+                }
+            }
             FwdMode::IcmpEcho => {
                 let me = ports[s.rx_port as usize].mac;
                 let before = self.batch.len();
                 self.batch.retain_mut(|p| icmpecho_reply(p, me));
                 rx_dropped = (before - self.batch.len()) as u64;
             }
+            FwdMode::Noisy => {
+                if let Some(noisy) = self.noisy.as_mut() {
+                    let (txq, burst) = (&mut s.txq, self.params.burst);
+                    let mut send = |v: &mut Vec<Packet>| txq.tx_burst(v);
+                    let (sent, dropped) = noisy.enqueue(&mut s.fifo, &mut self.batch, &mut send);
+                    let (fs, fd) = noisy.flush(&mut s.fifo, burst, &mut send);
+                    bump(&s.stats.rx_packets, received as u64);
+                    bump(&s.stats.tx_packets, sent + fs);
+                    bump(&s.stats.tx_dropped, dropped + fd);
+                    return received;
+                }
+            }
             FwdMode::Io | FwdMode::TxOnly | FwdMode::FlowGen => {}
+        }
+        if self.params.verbose.load(Ordering::Relaxed) & 2 != 0 && !self.batch.is_empty() {
+            crate::dump::burst(s.tx_port, s.queue, false, &self.batch);
+        }
+        if let Some(c) = self.params.capture.as_deref().filter(|c| c.wants(s.tx_port, s.queue, false)) {
+            c.offer(&self.batch);
         }
         let sent = s.txq.tx_burst(&mut self.batch);
         let dropped = self.batch.len();
@@ -309,6 +363,9 @@ impl EngineState {
     pub fn tx_first(&mut self, s: &mut Stream, ports: &[PortCtx], bursts: u32) {
         for _ in 0..bursts {
             self.generate(&ports[s.tx_port as usize], false);
+            if let Some(c) = self.params.capture.as_deref().filter(|c| c.wants(s.tx_port, s.queue, false)) {
+                c.offer(&self.batch);
+            }
             let sent = s.txq.tx_burst(&mut self.batch);
             bump(&s.stats.tx_packets, sent as u64);
             bump(&s.stats.tx_dropped, self.batch.len() as u64);
@@ -386,7 +443,12 @@ pub fn forward(
     if let Some(c) = cpu {
         pin(c);
     }
-    let routes = xdp_routes(&streams, params.xdp);
+    let routes = xdp_routes(&streams, &params.xdp);
+    if params.mode == FwdMode::Noisy {
+        for s in streams.iter_mut() {
+            s.fifo.reserve(params.noisy.bufsz);
+        }
+    }
     let mut eng = EngineState::new(params, &ports);
     if let Some(n) = tx_first {
         for s in streams.iter_mut() {
@@ -395,10 +457,23 @@ pub fn forward(
     }
     while !stop.load(Ordering::Relaxed) {
         for i in 0..streams.len() {
+            let (rp, tp) = (streams[i].rx_port as usize, streams[i].tx_port as usize);
+            if ports[rp].stopped.load(Ordering::Relaxed) || ports[tp].stopped.load(Ordering::Relaxed) {
+                continue;
+            }
             eng.burst(&mut streams[i], &ports);
             if let Some(r) = routes.get(i) {
                 flush_xdp(&mut streams, i, *r);
             }
+        }
+    }
+    // noisy: what the FIFOs still hold goes out now (or is dropped and counted).
+    if let Some(noisy) = eng.noisy.as_mut() {
+        for s in streams.iter_mut() {
+            let txq = &mut s.txq;
+            let (sent, dropped) = noisy.flush_all(&mut s.fifo, eng.params.burst, &mut |v| txq.tx_burst(v));
+            bump(&s.stats.tx_packets, sent);
+            bump(&s.stats.tx_dropped, dropped);
         }
     }
     streams
@@ -406,14 +481,21 @@ pub fn forward(
 
 /// Where the XDP output of each stream's receive queue goes: the index (in this
 /// thread's streams) of the stream transmitting on (rx port, queue) for Tx, and on
-/// (redirect port, queue) for Redirect. Empty without an XDP program that sends.
-pub fn xdp_routes(streams: &[Stream], xdp: Option<XdpProg>) -> Vec<(Option<usize>, Option<usize>)> {
-    let find = |port: u16, queue: u16| streams.iter().position(|t| t.tx_port == port && t.queue == queue);
-    match xdp {
-        Some(XdpProg::Tx) => streams.iter().map(|s| (find(s.rx_port, s.queue), None)).collect(),
-        Some(XdpProg::Redirect(p)) => streams.iter().map(|s| (None, find(p, s.queue))).collect(),
-        _ => Vec::new(),
+/// (redirect port, queue) for Redirect; (None, None) for a stream whose receiving port
+/// has no program that sends. Empty when no port has one.
+pub fn xdp_routes(streams: &[Stream], xdp: &[Option<XdpProg>]) -> Vec<(Option<usize>, Option<usize>)> {
+    if !xdp.iter().any(|x| matches!(x, Some(XdpProg::Tx | XdpProg::Redirect(_)))) {
+        return Vec::new();
     }
+    let find = |port: u16, queue: u16| streams.iter().position(|t| t.tx_port == port && t.queue == queue);
+    streams
+        .iter()
+        .map(|s| match xdp.get(s.rx_port as usize).copied().flatten() {
+            Some(XdpProg::Tx) => (find(s.rx_port, s.queue), None),
+            Some(XdpProg::Redirect(p)) => (None, find(p, s.queue)),
+            _ => (None, None),
+        })
+        .collect()
 }
 
 /// Two distinct streams, mutably.

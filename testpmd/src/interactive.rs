@@ -16,7 +16,23 @@ Commands:
   show port stats all|N       port statistics (Rx-pps/Tx-pps since the last show)
   show port info all|N        MAC, link, MTU, features, queues
   clear port stats all|N      reset port statistics
-  set fwd MODE                io, mac, macswap, rxonly, txonly, flowgen, icmpecho, csum
+  show port xstats all|N      every counter of the port (per queue, XDP, control queue, pool)
+  show fwd stats all          forward statistics (as at stop), while forwarding runs
+  clear fwd stats all         reset forward statistics
+  show config fwd|rxtx        streams per forwarding core | queues and descriptors
+  port stop|start all|N       pause / resume the port's streams (its counters stop)
+  port close all|N            close a stopped port (device reset; it stays closed)
+  port config mtu N V         hold port N's frames to MTU V (68 up to the device's MTU)
+  mac_addr add|remove N MAC   accept / stop accepting MAC (control queue MAC table)
+  set nbcore N                forwarding threads at the next start
+  set link-up|link-down port N  refused: a virtio device sets its own link status
+  set verbose 0|1|2|3         dump received (1), sent (2) or both (3) frames
+  set xdp N pass|drop|tx|redirect:P|off  XDP-style program on port N's receive queues
+  set capture FILE[,port=N][,queue=Q][,dir=rx|tx|both][,count=N]
+                              capture frames into a pcap file from the next start
+  set capture off             end the capture (its counts are printed)
+  set fwd MODE                io, mac, macswap, rxonly, txonly, flowgen, icmpecho, csum,
+                              5tswap, noisy
   set burst N                 packets per burst
   set txpkts N[,N...]         txonly/flowgen frame length, or its segments (a chain)
   csum set ip|tcp|udp hw|sw N csum mode: checksum by the device (hw) or in software
@@ -68,6 +84,43 @@ pub fn execute(app: &mut App, line: &str) -> Result<bool, String> {
         ["show", "port", "stats", p] => app.show_port_stats(port_arg(Some(p))?)?,
         ["show", "port", "info", p] => app.show_port_info(port_arg(Some(p))?)?,
         ["clear", "port", "stats", p] => app.clear_port_stats(port_arg(Some(p))?)?,
+        ["show", "port", "xstats", p] => app.show_port_xstats(port_arg(Some(p))?)?,
+        ["show", "fwd", "stats", "all"] => app.show_fwd_stats(),
+        ["clear", "fwd", "stats", "all"] => app.clear_fwd_stats(),
+        ["show", "config", "fwd"] => app.show_config_fwd(),
+        ["show", "config", "rxtx"] => app.show_config_rxtx(),
+        ["port", "stop", p] => app.port_stop(port_arg(Some(p))?)?,
+        ["port", "start", p] => app.port_start(port_arg(Some(p))?)?,
+        ["port", "close", p] => app.port_close(port_arg(Some(p))?)?,
+        ["port", "config", p, "mtu", v] | ["port", "config", "mtu", p, v] => {
+            let p = port_arg(Some(p))?.ok_or("Bad arguments: port config mtu needs one port number")?;
+            let v: u16 = v.parse().map_err(|_| format!("Bad arguments: MTU '{v}' is not a number"))?;
+            app.port_config_mtu(p, v)?
+        }
+        ["mac_addr", op @ ("add" | "remove"), p, mac] => {
+            let p = port_arg(Some(p))?.ok_or("Bad arguments: mac_addr needs one port number")?;
+            app.mac_addr_add_remove(*op == "add", p, parse_mac(mac)?)?
+        }
+        ["set", "nbcore", n] => {
+            let n: usize = n.parse().map_err(|_| format!("Bad arguments: '{n}' is not a number of cores"))?;
+            app.set_nbcore(n)?
+        }
+        ["set", op @ ("link-up" | "link-down"), "port", p] => {
+            let p = port_arg(Some(p))?.ok_or("Bad arguments: set link needs one port number")?;
+            app.set_link(*op == "link-up", p)?
+        }
+        ["set", "xdp", p, prog] => {
+            let p = port_arg(Some(p))?.ok_or("Bad arguments: set xdp needs one port number")?;
+            let prog = if *prog == "off" { None } else { Some(prog.parse()?) };
+            app.set_xdp(p, prog)?
+        }
+        ["set", "capture", "off"] => app.set_capture(None)?,
+        ["set", "capture", spec] => app.set_capture(Some(spec.parse()?))?,
+        ["set", "verbose", n] => {
+            let n: u8 =
+                n.parse().map_err(|_| format!("Bad arguments: verbose level '{n}' is not a number"))?;
+            app.set_verbose(n)
+        }
         ["set", "fwd", m] => {
             idle(app, "the forwarding mode")?;
             let mode: FwdMode = m.parse()?;

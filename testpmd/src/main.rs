@@ -6,10 +6,14 @@
 //! error is one line on stderr and a non-zero exit.
 
 mod app;
+mod capture;
 mod config;
 mod csum;
+mod dump;
 mod engine;
+mod fivetswap;
 mod interactive;
+mod noisy;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -153,6 +157,8 @@ fn run(args: Args) -> Result<(), String> {
         }
         return Ok(());
     }
+    // DPDK's exit statistics: every port's NIC statistics block (with the XDP counters).
+    app.show_port_stats(None)?;
     app.close()
 }
 

@@ -70,6 +70,21 @@ struct State {
     offloads: u64,
     /// Receive queues with an XDP program attached.
     xdp_programs: u32,
+    /// Commands sent and their results (for statistics).
+    counts: ControlCounts,
+}
+
+/// How the commands sent on a port's control queue ended (the device's answers).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ControlCounts {
+    /// Acknowledged with `VIRTIO_NET_OK`.
+    pub ok: u64,
+    /// Answered with `VIRTIO_NET_ERR` (or any other status).
+    pub refused: u64,
+    /// Not answered in time (or the back-end does not serve the queue).
+    pub timeout: u64,
+    /// Not sent or not completed: no control queue, the port closed, or the ring failed.
+    pub failed: u64,
 }
 
 struct Shared {
@@ -112,6 +127,7 @@ impl Control {
             wanted_offloads: offloads,
             offloads,
             xdp_programs: 0,
+            counts: ControlCounts::default(),
         };
         Control { shared: Arc::new(Shared { p, state: Mutex::new(state) }) }
     }
@@ -147,6 +163,10 @@ impl Control {
     pub fn xdp_programs(&self) -> u32 {
         self.lock().xdp_programs
     }
+    /// How the commands sent so far ended.
+    pub fn counts(&self) -> ControlCounts {
+        self.lock().counts
+    }
 
     /// Checks that `feature` and the control queue were negotiated.
     fn need(&self, what: &'static str, feature: u32) -> Result<()> {
@@ -158,8 +178,20 @@ impl Control {
         Ok(())
     }
 
-    /// Sends `cmd` with the state locked.
+    /// Sends `cmd` with the state locked and counts how it ended.
     fn send(&self, s: &mut State, cmd: &Command) -> Result<()> {
+        let r = self.send_uncounted(s, cmd);
+        let c = &mut s.counts;
+        match &r {
+            Ok(()) => c.ok += 1,
+            Err(Error::ControlRefused { .. }) => c.refused += 1,
+            Err(Error::ControlTimeout { .. } | Error::ControlNotServed { .. }) => c.timeout += 1,
+            Err(_) => c.failed += 1,
+        }
+        r
+    }
+
+    fn send_uncounted(&self, s: &mut State, cmd: &Command) -> Result<()> {
         if s.closed {
             return Err(Error::PortClosed(self.shared.p.device.clone()));
         }

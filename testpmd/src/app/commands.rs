@@ -15,7 +15,7 @@ impl App {
     /// `set promisc all|N on|off`.
     pub fn set_promisc(&mut self, which: Option<usize>, on: bool) -> Result<(), String> {
         for i in self.port_range(which)? {
-            self.ports[i].port.control().set_promisc(on).map_err(|e| format!("port {i}: {e}"))?;
+            self.ports[i].dev()?.control().set_promisc(on).map_err(|e| format!("port {i}: {e}"))?;
             self.say(&format!("Port {i}: promiscuous mode {}\n", if on { "enabled" } else { "disabled" }));
         }
         Ok(())
@@ -24,7 +24,7 @@ impl App {
     /// `set allmulti all|N on|off`.
     pub fn set_allmulti(&mut self, which: Option<usize>, on: bool) -> Result<(), String> {
         for i in self.port_range(which)? {
-            self.ports[i].port.control().set_allmulti(on).map_err(|e| format!("port {i}: {e}"))?;
+            self.ports[i].dev()?.control().set_allmulti(on).map_err(|e| format!("port {i}: {e}"))?;
             self.say(&format!("Port {i}: all-multicast mode {}\n", if on { "enabled" } else { "disabled" }));
         }
         Ok(())
@@ -36,7 +36,7 @@ impl App {
             return Err("Please stop forwarding first (the MAC address cannot change while it runs)".into());
         }
         self.port_range(Some(port))?;
-        self.ports[port].port.control().set_mac_addr(mac).map_err(|e| format!("port {port}: {e}"))?;
+        self.ports[port].dev()?.control().set_mac_addr(mac).map_err(|e| format!("port {port}: {e}"))?;
         self.ctx[port].mac = mac;
         self.say(&format!("Port {port}: MAC address set to {}\n", mac_str(&mac)));
         Ok(())
@@ -45,7 +45,7 @@ impl App {
     /// `rx_vlan add|rm ID all|N`.
     pub fn rx_vlan(&mut self, add: bool, vid: u16, which: Option<usize>) -> Result<(), String> {
         for i in self.port_range(which)? {
-            let c = self.ports[i].port.control();
+            let c = self.ports[i].dev()?.control();
             if add { c.vlan_add(vid) } else { c.vlan_del(vid) }.map_err(|e| format!("port {i}: {e}"))?;
             self.say(&format!(
                 "Port {i}: VLAN {vid} {}\n",
@@ -60,14 +60,14 @@ impl App {
         if self.running.is_some() {
             return Err("Please stop forwarding first (port config needs the ports stopped)".into());
         }
-        for (i, ps) in self.ports.iter().enumerate() {
-            let max = ps.port.control().max_queue_pairs();
+        for (i, port) in self.open_ports() {
+            let max = port.control().max_queue_pairs();
             if n == 0 || n > max {
                 return Err(format!("port {i}: {n} queues: 1..={max} are set up on this port"));
             }
         }
-        for (i, ps) in self.ports.iter().enumerate() {
-            let c = ps.port.control();
+        for (i, port) in self.open_ports() {
+            let c = port.control();
             if c.queue_pairs() != n {
                 c.set_queue_pairs(n).map_err(|e| format!("port {i}: {e}"))?;
             }
@@ -81,7 +81,7 @@ impl App {
     /// Port `port`'s negotiated features, or an error naming the port count.
     fn features(&self, port: usize) -> Result<u64, String> {
         self.port_range(Some(port))?;
-        Ok(self.ports[port].port.info().features)
+        Ok(self.ports[port].dev()?.info().features)
     }
 
     /// `csum set ip|tcp|udp hw|sw PORT`: how the `csum` engine sets that checksum on the

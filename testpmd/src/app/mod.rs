@@ -25,16 +25,30 @@ use crate::csum::CsumCfg;
 use crate::engine::{forward, FwdParams, PortCtx, Stream, StreamStats};
 
 mod commands;
+mod ports;
 mod show;
+mod xstats;
 
 use show::sum;
 
 struct PortState {
-    port: Port,
+    /// The device; None once `port close` closed it.
+    port: Option<Port>,
     /// Counters at the last `clear port stats`.
     base: QueueStatsSnapshot,
     /// Counters and time at the last `show port stats` (for the rates).
     last: (QueueStatsSnapshot, Instant),
+    /// `port config mtu`: the MTU testpmd holds the port to (at most the device's).
+    mtu: u16,
+    /// `mac_addr add`: the unicast addresses accepted besides the port's own.
+    macs: Vec<[u8; 6]>,
+}
+
+impl PortState {
+    /// The open device ([`App::port_range`] names no closed port).
+    fn dev(&self) -> Result<&Port, String> {
+        self.port.as_ref().ok_or_else(|| "the port is closed".to_string())
+    }
 }
 
 /// Most queue pairs an interactive port sets up (for `port config all rxq N`).
@@ -80,10 +94,20 @@ pub struct App {
     /// Per port: `csum set` / `tso set` (the `csum` engine applies the transmitting
     /// port's).
     csum: Vec<CsumCfg>,
+    /// Per port: forward totals at the last `clear fwd stats` (zero at `start`).
+    fwd_base: Vec<FwdTotals>,
+    /// `set verbose` level, shared with the forwarding threads.
+    verbose: Arc<std::sync::atomic::AtomicU8>,
+    /// The packet capture (`--pcap-out`, `set capture`), if one runs.
+    capture: Option<Arc<crate::capture::Capture>>,
+    /// Per port: the XDP-style program on its receive queues (`--xdp-prog`, `set xdp`).
+    xdp: Vec<Option<XdpProg>>,
+    /// (rx port, tx port) of each stream, in `stream_stats` order (set with the streams).
+    meta: Vec<(u16, u16)>,
 }
 
 /// The program `--xdp-prog` names.
-fn xdp_program(p: XdpProg) -> Box<dyn driver::XdpProgram> {
+pub(super) fn xdp_program(p: XdpProg) -> Box<dyn driver::XdpProgram> {
     match p {
         XdpProg::Pass => Box::new(|_: &mut Packet| XdpVerdict::Pass),
         XdpProg::Drop => Box::new(|_: &mut Packet| XdpVerdict::Drop),
@@ -176,7 +200,7 @@ impl App {
             let nports = cfg.vdevs.len();
             if matches!(cfg.xdp, Some(XdpProg::Redirect(_))) && cfg.pci.is_empty() && nports > 1 {
                 if let Some(first) = ports.first() {
-                    pc.pool = Some(first.port.pool().clone());
+                    pc.pool = first.port.as_ref().map(|p| p.pool().clone());
                 } else {
                     let pairs = pc.max_queue_pairs.unwrap_or(1).max(cfg.queues) as u32;
                     let per_port = cfg.mbufs.unwrap_or(2 * 2 * pairs * pc.ring_size as u32);
@@ -206,9 +230,17 @@ impl App {
                 mac: info.mac,
                 peer: peer.unwrap_or([0x02, 0, 0, 0, 0, i as u8]),
                 pool: port.pool().clone(),
+                stopped: Arc::new(AtomicBool::new(false)),
             });
             let snap = sum(&port.stats());
-            ports.push(PortState { port, base: snap, last: (snap, Instant::now()) });
+            let mtu = info.mtu;
+            ports.push(PortState {
+                port: Some(port),
+                base: snap,
+                last: (snap, Instant::now()),
+                mtu,
+                macs: Vec::new(),
+            });
         }
         let n = ports.len();
         if let Some(XdpProg::Redirect(t)) = cfg.xdp {
@@ -219,7 +251,7 @@ impl App {
         let mut halves: Vec<Halves> = Vec::new();
         for (i, ps) in ports.iter_mut().enumerate() {
             let mut h = Halves::default();
-            for qp in ps.port.take_queue_pairs() {
+            for qp in ps.port.as_mut().map(|p| p.take_queue_pairs()).unwrap_or_default() {
                 let mut rx = qp.rx;
                 if let Some(x) = cfg.xdp {
                     rx.attach_xdp(xdp_program(x))
@@ -234,7 +266,13 @@ impl App {
             let _ = writeln!(std::io::stderr(), "Warning! port-topology=paired and odd forward ports number, the last port will pair with itself.");
         }
         let csum = vec![CsumCfg::default(); ports.len()];
+        let fwd_base = vec![FwdTotals::default(); ports.len()];
         let mut app = App {
+            fwd_base,
+            verbose: Arc::new(std::sync::atomic::AtomicU8::new(0)),
+            capture: None,
+            xdp: vec![cfg.xdp; n],
+            meta: Vec::new(),
             csum,
             cfg,
             ports,
@@ -246,22 +284,26 @@ impl App {
             out,
         };
         app.build_streams()?;
+        if let Some(spec) = app.cfg.capture.clone() {
+            app.set_capture(Some(spec))?;
+        }
         Ok(app)
     }
 
     /// (Re)builds the streams for `cfg.queues` queues from the halves set aside.
     /// Streams: port p's queue q receives; its peer (p ^ 1, or p itself for the odd last
-    /// port, as testpmd's paired topology does) transmits. Every active queue half is in
-    /// exactly one stream.
+    /// port, as testpmd's paired topology does) transmits. Every active queue half of an
+    /// open port whose peer is open is in exactly one stream (a pair with a closed port
+    /// forwards nothing).
     fn build_streams(&mut self) -> Result<(), String> {
-        for s in self.streams.drain(..) {
-            self.halves[s.rx_port as usize].rx[s.queue as usize] = Some(s.rxq);
-            self.halves[s.tx_port as usize].tx[s.queue as usize] = Some(s.txq);
-        }
+        self.unbuild_streams();
         let n = self.ports.len();
         let mut streams = Vec::new();
         for p in 0..n {
             let peer = if p ^ 1 < n { p ^ 1 } else { p };
+            if self.ports[p].port.is_none() || self.ports[peer].port.is_none() {
+                continue;
+            }
             for q in 0..self.cfg.queues as usize {
                 let rxq = self.halves[p].rx.get_mut(q).and_then(Option::take);
                 let txq = self.halves[peer].tx.get_mut(q).and_then(Option::take);
@@ -275,12 +317,22 @@ impl App {
                     rxq,
                     txq,
                     stats: Arc::new(StreamStats::default()),
+                    fifo: Default::default(),
                 });
             }
         }
         self.stream_stats = streams.iter().map(|s| s.stats.clone()).collect();
+        self.meta = streams.iter().map(|s| (s.rx_port, s.tx_port)).collect();
         self.streams = streams;
         Ok(())
+    }
+
+    /// Puts every stream's halves back aside (forwarding stopped).
+    fn unbuild_streams(&mut self) {
+        for s in self.streams.drain(..) {
+            self.halves[s.rx_port as usize].rx[s.queue as usize] = Some(s.rxq);
+            self.halves[s.tx_port as usize].tx[s.queue as usize] = Some(s.txq);
+        }
     }
 
     fn say(&mut self, s: &str) {
@@ -292,15 +344,15 @@ impl App {
     /// segment fits a buffer's data room, the frame the port's MTU + 14.
     pub fn check_tx_segs(&self, segs: &[usize]) -> Result<(), String> {
         let total: usize = segs.iter().sum();
-        for (i, ps) in self.ports.iter().enumerate() {
-            let pool = ps.port.pool();
+        for (i, port) in self.open_ports() {
+            let pool = port.pool();
             let room = (pool.buf_size() - pool.headroom() as u32) as usize;
             if let Some(big) = segs.iter().find(|&&l| l > room) {
                 return Err(format!(
                     "txpkts: a {big}-byte segment does not fit port {i}'s {room}-byte buffers"
                 ));
             }
-            let mtu = ps.port.info().mtu as usize;
+            let mtu = self.ports[i].mtu as usize;
             if total > mtu + 14 {
                 return Err(format!("txpkts: a {total}-byte frame is above port {i}'s MTU {mtu} + 14"));
             }
@@ -328,6 +380,7 @@ impl App {
                 c.store(0, Ordering::Relaxed);
             }
         }
+        self.fwd_base.iter_mut().for_each(|b| *b = FwdTotals::default());
         let params = FwdParams {
             mode: self.cfg.mode,
             burst: self.cfg.burst,
@@ -335,17 +388,18 @@ impl App {
             tx_segs: self.cfg.tx_segs.clone(),
             csum: self.csum.clone(),
             flows: self.cfg.flows,
-            xdp: self.cfg.xdp,
+            xdp: self.xdp.clone(),
+            verbose: self.verbose.clone(),
+            capture: self.capture.clone(),
+            noisy: self.cfg.noisy,
         };
         // XDP Tx/Redirect packets of queue q go out on queue q of another stream: all
-        // streams of one queue index share a thread, so no packet crosses threads.
-        let by_queue = matches!(self.cfg.xdp, Some(XdpProg::Tx | XdpProg::Redirect(_)));
-        let groups = if by_queue { self.cfg.queues as usize } else { self.streams.len() };
-        let cores = self.cfg.nb_cores.min(groups).max(1);
+        // streams of one queue index share a thread, so no packet crosses threads
+        // (`stream_cores`).
+        let (cores, of) = self.stream_cores();
         let mut per: Vec<Vec<Stream>> = (0..cores).map(|_| Vec::new()).collect();
         for (i, s) in self.streams.drain(..).enumerate() {
-            let k = if by_queue { s.queue as usize } else { i };
-            per[k % cores].push(s);
+            per[of[i]].push(s);
         }
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
@@ -392,13 +446,20 @@ impl App {
         Some(totals)
     }
 
-    /// The ports `all` (None) or `N` names, or an error naming the port count.
-    fn port_range(&self, which: Option<usize>) -> Result<std::ops::Range<usize>, String> {
+    /// The open ports `all` (None) or `N` names, or an error naming the port count or
+    /// saying the port is closed.
+    fn port_range(&self, which: Option<usize>) -> Result<Vec<usize>, String> {
         match which {
-            None => Ok(0..self.ports.len()),
-            Some(p) if p < self.ports.len() => Ok(p..p + 1),
+            None => Ok(self.open_ports().map(|(i, _)| i).collect()),
+            Some(p) if p < self.ports.len() && self.ports[p].port.is_some() => Ok(vec![p]),
+            Some(p) if p < self.ports.len() => Err(format!("Port {p} is closed")),
             Some(p) => Err(format!("Invalid port {p}: {} port(s) exist", self.ports.len())),
         }
+    }
+
+    /// The ports not closed, with their ids.
+    fn open_ports(&self) -> impl Iterator<Item = (usize, &Port)> {
+        self.ports.iter().enumerate().filter_map(|(i, ps)| Some((i, ps.port.as_ref()?)))
     }
 
     /// After stop: receives whatever is still arriving for up to `quiet_ms` of silence and
@@ -433,12 +494,16 @@ impl App {
         let halves = std::mem::take(&mut self.halves);
         let mut res = Ok(());
         for (i, ps) in self.ports.drain(..).enumerate() {
-            if let Err(e) = ps.port.close(std::mem::take(&mut pairs[i])) {
+            let Some(port) = ps.port else { continue };
+            if let Err(e) = port.close(std::mem::take(&mut pairs[i])) {
                 res = Err(format!("port {i}: close: {e}"));
             }
         }
         drop(streams);
         drop(halves);
+        if let Err(e) = self.set_capture(None) {
+            res = res.and(Err(e));
+        }
         self.say("\nBye...\n");
         res
     }

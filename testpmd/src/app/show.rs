@@ -59,8 +59,35 @@ fn sub(a: QueueStatsSnapshot, b: QueueStatsSnapshot) -> QueueStatsSnapshot {
 }
 
 impl App {
-    /// Forward totals per port since the last start.
+    /// Forward totals per port since the last start or `clear fwd stats`.
     pub fn fwd_totals(&self) -> Vec<FwdTotals> {
+        let mut t = self.fwd_totals_since_start();
+        for (t, b) in t.iter_mut().zip(&self.fwd_base) {
+            t.rx_packets -= b.rx_packets;
+            t.rx_dropped -= b.rx_dropped;
+            t.tx_packets -= b.tx_packets;
+            t.tx_dropped -= b.tx_dropped;
+        }
+        t
+    }
+
+    /// `show fwd stats all`: the forward statistics block (as at `stop`), while
+    /// forwarding runs or after.
+    pub fn show_fwd_stats(&mut self) {
+        let totals = self.fwd_totals();
+        let secs = self.running.as_ref().map_or(0.0, |r| r.started.elapsed().as_secs_f64());
+        self.print_fwd_stats_inner(&totals, secs, false);
+    }
+
+    /// `clear fwd stats all`: the forward counters start from zero again. The
+    /// forwarding threads own the counters, so this keeps a baseline instead of writing
+    /// them.
+    pub fn clear_fwd_stats(&mut self) {
+        self.fwd_base = self.fwd_totals_since_start();
+        self.say("\n  Forward statistics cleared\n");
+    }
+
+    fn fwd_totals_since_start(&self) -> Vec<FwdTotals> {
         let mut t = vec![FwdTotals::default(); self.ports.len()];
         let l = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         for (s, st) in self.stream_meta().into_iter().zip(&self.stream_stats) {
@@ -74,18 +101,14 @@ impl App {
 
     /// (rx port, tx port) of each stream, in `stream_stats` order.
     pub(super) fn stream_meta(&self) -> Vec<(u16, u16)> {
-        let n = self.ports.len();
-        let mut v = Vec::new();
-        for p in 0..n {
-            let peer = if p ^ 1 < n { p ^ 1 } else { p };
-            for _ in 0..self.cfg.queues {
-                v.push((p as u16, peer as u16));
-            }
-        }
-        v
+        self.meta.clone()
     }
 
     pub(super) fn print_fwd_stats(&mut self, totals: &[FwdTotals], secs: f64) {
+        self.print_fwd_stats_inner(totals, secs, true)
+    }
+
+    fn print_fwd_stats_inner(&mut self, totals: &[FwdTotals], secs: f64, done: bool) {
         if self.cfg.stats_format == StatsFormat::Json {
             let ports: Vec<serde_json::Value> = totals
                 .iter()
@@ -114,7 +137,10 @@ impl App {
         }
         s += "\n  +++++++++++++++ Accumulated forward statistics for all ports+++++++++++++++\n";
         s += &fwd_lines(&acc);
-        s += "  ++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++\n\nDone.\n";
+        s += "  ++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++\n";
+        if done {
+            s += "\nDone.\n";
+        }
         self.say(&s);
     }
 
@@ -126,7 +152,7 @@ impl App {
         for i in range {
             let now = Instant::now();
             let ps = &mut self.ports[i];
-            let cur = sum(&ps.port.stats());
+            let cur = sum(&ps.dev()?.stats());
             let d = sub(cur, ps.base);
             let secs = now.duration_since(ps.last.1).as_secs_f64();
             let rate = |a: u64, b: u64| if secs > 0.0 { (a - b) as f64 / secs } else { 0.0 };
@@ -161,7 +187,7 @@ impl App {
                 "  TX-packets: {:<10} TX-errors: {:<10} TX-bytes:  {}\n",
                 d.tx_packets, d.tx_errors, d.tx_bytes
             );
-            if self.cfg.xdp.is_some()
+            if self.xdp[i].is_some()
                 || d.xdp_pass + d.xdp_drop + d.xdp_tx + d.xdp_redirect + d.xdp_aborted > 0
             {
                 s += &format!(
@@ -183,7 +209,7 @@ impl App {
 
     /// Port `i`'s driver counters since open, over every queue.
     pub fn port_totals(&self, i: usize) -> QueueStatsSnapshot {
-        sum(&self.ports[i].port.stats())
+        self.ports[i].port.as_ref().map(|p| sum(&p.stats())).unwrap_or_default()
     }
 
     /// `show port info all|N`.
@@ -191,14 +217,14 @@ impl App {
         let range = self.port_range(which)?;
         let mut s = String::new();
         for i in range {
-            let info = self.ports[i].port.info().clone();
+            let info = self.ports[i].dev()?.info().clone();
             s += &format!("\n********************* Infos for port {i}  *********************\n");
             s += &format!("MAC address: {}\n", mac_str(&self.ctx[i].mac));
             s += &format!("Device: {}\n", info.description);
             s += &format!("Link status: {}\n", if info.link_up { "up" } else { "down" });
-            s += &format!("MTU: {}\n", info.mtu);
+            s += &format!("MTU: {}\n", self.ports[i].mtu);
             s += &format!("Negotiated features: {:#x}\n", info.features);
-            let ctl = self.ports[i].port.control();
+            let ctl = self.ports[i].dev()?.control();
             s += &format!("Current number of RX queues: {}\n", ctl.queue_pairs());
             s += &format!("Max possible RX queues: {}\n", info.queue_pairs);
             s += &format!("Current number of TX queues: {}\n", ctl.queue_pairs());
@@ -207,10 +233,8 @@ impl App {
                 "Control queue: {}\n",
                 if info.control_queue { "yes" } else { "no (VIRTIO_NET_F_CTRL_VQ not negotiated)" }
             );
-            s += &format!(
-                "XDP program: {}\n",
-                self.cfg.xdp.map(|x| x.name()).unwrap_or_else(|| "none".into())
-            );
+            s +=
+                &format!("XDP program: {}\n", self.xdp[i].map(|x| x.name()).unwrap_or_else(|| "none".into()));
             s += &format!("Ring size: {}\n", info.ring_size);
             s += &format!(
                 "Ring layout: {}\n",
@@ -230,7 +254,7 @@ impl App {
     pub fn clear_port_stats(&mut self, which: Option<usize>) -> Result<(), String> {
         for i in self.port_range(which)? {
             let ps = &mut self.ports[i];
-            let cur = sum(&ps.port.stats());
+            let cur = sum(&ps.dev()?.stats());
             ps.base = cur;
             ps.last = (cur, Instant::now());
             self.say(&format!("\n  NIC statistics for port {i} cleared\n"));
