@@ -119,6 +119,11 @@ pub struct PortConfig {
     /// second memory region, so virtio-user only. `buffers`, `buf_size` and `headroom`
     /// are the pool's; it must have buffers for both ports' receive rings.
     pub pool: Option<Mempool>,
+    /// The MTU to run at, as DPDK's `rte_eth_dev_set_mtu` (testpmd's `--max-pkt-len`
+    /// less 18): at most the MTU the device reports (`VIRTIO_NET_F_MTU` and a config
+    /// space that shows it), else at most 9000 (a device that reports none says nothing
+    /// about what it carries). `None`: the device's MTU, or 1500.
+    pub mtu: Option<u16>,
 }
 
 impl PortConfig {
@@ -151,6 +156,7 @@ impl PortConfig {
             packed: false,
             packed_if_offered: false,
             pool: None,
+            mtu: None,
         }
     }
 }
@@ -471,6 +477,16 @@ impl Port {
         if config.mtu > MAX_MTU {
             log::info!("{}: device MTU {} used as {MAX_MTU}", transport.describe(), config.mtu);
             config.mtu = MAX_MTU;
+        }
+        if let Some(mtu) = cfg.mtu {
+            let max = if config.mtu_reported { config.mtu } else { MAX_MTU };
+            if !(MIN_MTU..=max).contains(&mtu) {
+                return Err(Error::Config(format!(
+                    "MTU {mtu} asked for: this device carries {MIN_MTU}..={max}{}",
+                    if config.mtu_reported { " (its VIRTIO_NET_F_MTU)" } else { "" }
+                )));
+            }
+            config.mtu = mtu;
         }
         let config = config;
         let mq = features & f::bit(f::NET_MQ) != 0;

@@ -17,7 +17,8 @@
 #   HOST_CPU=1 GUEST_CPU=0 BIN=target/release/host-backend PMD=target/release/testpmd
 #   PMD_ARGS="--hugepages" (extra arguments of our testpmd: by default its DMA arena is
 #   in 2 MiB hugepages, as DPDK's memory always is)
-#   be-gtx: virtio-user txonly -> backend sink (ours) / rxonly (DPDK)   metric: virtio-user Tx-pps
+#   be-gtx: virtio-user txonly -> backend sink --sink-read (ours) / rxonly (DPDK)
+#                                                                       metric: virtio-user Tx-pps
 #   be-grx: backend gen (ours) / txonly (DPDK) -> virtio-user rxonly    metric: virtio-user Rx-pps
 #   be-loop: virtio-user macswap (start tx_first 32) <-> backend reflect (ours) / io (DPDK)
 #                                                                       metric: virtio-user Rx-pps
@@ -28,7 +29,8 @@
 #   e2e-*: the whole path, ours on both sides (our testpmd on our backend) against DPDK on
 #          both sides (virtio-user on net_vhost); metric read on the front-end testpmd
 #          (ours prints it with --stats-period 1):
-#   e2e-gtx: txonly -> sink / rxonly                                     metric: Tx-pps
+#   e2e-gtx: txonly -> sink --sink-read / rxonly                         metric: Tx-pps
+# SINK_READ=0 runs our sink without --sink-read (frames completed unread: unequal work).
 #   e2e-grx: gen / txonly -> rxonly                                      metric: Rx-pps
 #   e2e-loop: macswap, 32 bursts injected <-> reflect / io               metric: Rx-pps
 # The loops are DPDK testpmd's loopback (macswap against io) with the injecting side on the
@@ -36,7 +38,13 @@
 # thing: return every frame they receive.
 # Within a scenario both contenders are measured by the same instrument.
 # Sizes are frame lengths without CRC (testpmd --txpkts); 1514 is the largest frame of a
-# 1500-byte MTU, which our testpmd and backend enforce (DPDK's notes use 1518).
+# 1500-byte MTU, which our testpmd and backend enforce (DPDK's notes use 1518). A size over
+# 1514 (e.g. 9000) is a jumbo row, run the same way on both sides: each frame sent as a
+# chain of 2000-byte segments (--txpkts=2000,2000,...), received into mergeable buffers
+# (mrg_rxbuf=1 on both virtio-users), ports at max-pkt-len SIZE+18 (DPDK's, with
+# multi-segment transmit and scattered receive) and our backend at --mtu 9000. Our `gen`
+# writes each frame into one receive buffer (no MRG_RXBUF), so the *-grx jumbo rows are
+# not run for ours (reported as such).
 # Output: one line per (mode, size, backend): median/min/max of the run means, and
 # p10/p50/p90 of all 1-second samples plus how many samples sat below half the p90
 # (the slow level); then the ratio ours/DPDK of the p90s and of the medians; then, per
@@ -85,11 +93,28 @@ wait_for() { # file pattern timeout_s
     return 1
 }
 
+# Per-size arguments: TXPKTS (testpmd --txpkts), DPDK_X (DPDK testpmd's extra options; its
+# virtio-user also DPDK_VX: net_vhost has no scattered receive), DEV_X (virtio-user
+# devargs, ours and DPDK's), OURS_X (our testpmd), BE_X (our backend).
+size_args() { # SIZE
+    local left=$1 segs=""
+    TXPKTS=$1 DPDK_X="" DPDK_VX="" DEV_X="" OURS_X="" BE_X=""
+    if [ "$1" -gt 1514 ]; then
+        while [ "$left" -gt 2000 ]; do segs="${segs}2000,"; left=$(( left - 2000 )); done
+        TXPKTS="$segs$left"
+        DPDK_X="--max-pkt-len=$(( $1 + 18 )) --tx-offloads=0x8000"
+        DPDK_VX="--enable-scatter"
+        DEV_X=",mrg_rxbuf=1"
+        OURS_X="--max-pkt-len $(( $1 + 18 ))"
+        BE_X="--mtu 9000"
+    fi
+}
+
 start_dpdk_vhost() { # FWD SIZE TAG -> sets HPID, fd 7 is its stdin
     mkfifo "$WORK/$3.hin"; exec 7<>"$WORK/$3.hin"
     stdbuf -oL dpdk-testpmd --lcores="0@${GUEST_CPU},1@${HOST_CPU}" --no-pci --file-prefix=vnetbench-host -m 512 \
         --vdev "net_vhost0,iface=$SOCK,queues=1" -- -i --nb-cores=1 --rxq=1 --txq=1 \
-        --txpkts="$2" --total-num-mbufs=16384 <"$WORK/$3.hin" >"$WORK/$3.host.log" 2>&1 7>&- &
+        --txpkts="$TXPKTS" $DPDK_X --total-num-mbufs=16384 <"$WORK/$3.hin" >"$WORK/$3.host.log" 2>&1 7>&- &
     HPID=$!
     wait_for "$WORK/$3.host.log" "testpmd>" 20 || return 1
     echo "set fwd $1" >&7
@@ -98,8 +123,8 @@ start_dpdk_vhost() { # FWD SIZE TAG -> sets HPID, fd 7 is its stdin
 start_dpdk_virtio() { # FWD SIZE TAG -> sets GPID, fd 8 is its stdin
     mkfifo "$WORK/$3.gin"; exec 8<>"$WORK/$3.gin"
     stdbuf -oL dpdk-testpmd --lcores="0@${HOST_CPU},1@${GUEST_CPU}" --no-pci --file-prefix=vnetbench-guest -m 512 \
-        --single-file-segments --vdev "net_virtio_user0,path=$SOCK,queues=1,packed_vq=$PACKED" \
-        -- -i --nb-cores=1 --rxq=1 --txq=1 --txpkts="$2" --total-num-mbufs=16384 \
+        --single-file-segments --vdev "net_virtio_user0,path=$SOCK,queues=1,packed_vq=$PACKED$DEV_X" \
+        -- -i --nb-cores=1 --rxq=1 --txq=1 --txpkts="$TXPKTS" $DPDK_X $DPDK_VX --total-num-mbufs=16384 \
         <"$WORK/$3.gin" >"$WORK/$3.guest.log" 2>&1 7>&- 8>&- &
     GPID=$!
     wait_for "$WORK/$3.guest.log" "testpmd>" 20 || return 1
@@ -127,6 +152,11 @@ stop_all() {
 run_one() {
     local who=$1 sc=$2 size=$3 tag=$4 log key
     rm -f "$SOCK"; HPID=""; GPID=""
+    size_args "$size"
+    # Our sink reads every frame (copies it out), as DPDK's vhost rxonly copies each into
+    # an mbuf: the gtx rows compare equal work (SINK_READ=0: the sink completes frames
+    # unread, as before, which favours ours).
+    SINK_X=""; [ "${SINK_READ:-1}" = 1 ] && SINK_X="--sink-read"
     # DPDK's side of an e2e row is DPDK's side of the be row of the same name.
     [ "$who" = dpdk ] && case $sc in e2e-*) sc=be-${sc#e2e-} ;; esac
     case $sc in
@@ -135,7 +165,7 @@ run_one() {
         [ "$sc" = be-grx ] && { kind=gen; hfwd=txonly; gfwd=rxonly; }
         [ "$sc" = be-loop ] && { kind=reflect; hfwd=io; gfwd=macswap; gstart="start tx_first 32"; }
         if [ "$who" = ours ]; then
-            "$BIN" --port "$kind:$SOCK" --cores "$HOST_CPU" --poll-us 0 --pkt-size "$size" \
+            "$BIN" --port "$kind:$SOCK" --cores "$HOST_CPU" --poll-us 0 --pkt-size "$size" $BE_X $SINK_X \
                 >"$WORK/$tag.host.log" 2>&1 &
             HPID=$!; PIDS=$HPID
             wait_for "$WORK/$tag.host.log" "listening on" 10 || return 1
@@ -158,7 +188,7 @@ run_one() {
         # forward, else they are lost before the loop closes.
         [ "$sc" = fe-loop ] && echo start >&7
         if [ "$who" = ours ]; then
-            "$PMD" --vdev "virtio_user0,path=$SOCK$OUR_PACKED" --forward-mode "$gfwd" --txpkts "$size" --cores "$GUEST_CPU" \
+            "$PMD" --vdev "virtio_user0,path=$SOCK$OUR_PACKED$DEV_X" --forward-mode "$gfwd" --txpkts "$TXPKTS" $OURS_X --cores "$GUEST_CPU" \
                 ${txfirst:+--tx-first $txfirst} $PMD_ARGS --duration $(( WARM + DUR + 3 )) >"$WORK/$tag.guest.log" 2>&1 &
             GPID=$!
             wait_for "$WORK/$tag.guest.log" "packet forwarding" 10 || return 1
@@ -175,13 +205,13 @@ run_one() {
         [ "$sc" = e2e-grx ] && { kind=gen; gfwd=rxonly; }
         [ "$sc" = e2e-loop ] && { kind=reflect; gfwd=macswap; txfirst=32; }
         key=Rx-pps; [ "$sc" = e2e-gtx ] && key=Tx-pps
-        "$BIN" --port "$kind:$SOCK" --cores "$HOST_CPU" --poll-us 0 --pkt-size "$size" \
+        "$BIN" --port "$kind:$SOCK" --cores "$HOST_CPU" --poll-us 0 --pkt-size "$size" $BE_X $SINK_X \
             >"$WORK/$tag.host.log" 2>&1 &
         HPID=$!; PIDS=$HPID
         wait_for "$WORK/$tag.host.log" "listening on" 10 || return 1
         # Our testpmd prints its statistics once a second (--stats-period 1): the
         # first WARM are the warm-up, the next DUR the samples.
-        "$PMD" --vdev "virtio_user0,path=$SOCK$OUR_PACKED" --forward-mode "$gfwd" --txpkts "$size" --cores "$GUEST_CPU" \
+        "$PMD" --vdev "virtio_user0,path=$SOCK$OUR_PACKED$DEV_X" --forward-mode "$gfwd" --txpkts "$TXPKTS" $OURS_X --cores "$GUEST_CPU" \
             ${txfirst:+--tx-first $txfirst} $PMD_ARGS --stats-period 1 --duration $(( WARM + DUR + 1 )) \
             >"$WORK/$tag.guest.log" 2>&1 &
         GPID=$!; PIDS="$HPID $GPID"
@@ -224,6 +254,10 @@ for mode in $MODES; do
         for r in $(seq "$RUNS"); do
             for be in ours dpdk; do
                 tag="${mode}_${size}_${be}_$r"
+                if [ "$be" = ours ] && [ "$size" -gt 1514 ] && case $mode in *-grx) true ;; *) false ;; esac; then
+                    [ "$r" = 1 ] && echo "# $mode ${size}B ours: not run (our gen does not offer MRG_RXBUF)"
+                    continue
+                fi
                 rtt_before=$(rtt)
                 run_one "$be" "$mode" "$size" "$tag" >/dev/null || { echo "# run $be $mode $size #$r failed" >&2; stop_all; }
                 echo "$rtt_before $(rtt)" >"$WORK/$tag.rtt"

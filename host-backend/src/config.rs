@@ -43,6 +43,9 @@ pub struct Config {
     pub gen_count: Option<u64>,
     /// `reflect`: swap MAC addresses.
     pub swap_mac: bool,
+    /// `sink`: copy each frame out of guest memory into a worker buffer, as DPDK's
+    /// vhost `rxonly` copies each into an mbuf (`--sink-read`; benchmarks of equal work).
+    pub sink_read: bool,
     /// Offer `VIRTIO_F_ACCESS_PLATFORM` and serve the IOTLB protocol (`--iommu`).
     pub iommu: bool,
     /// Do not offer `VIRTIO_F_RING_PACKED` (`--no-packed`): split rings only.
@@ -72,6 +75,7 @@ impl Default for Config {
             gso_size: None,
             gen_count: None,
             swap_mac: false,
+            sink_read: false,
             iommu: false,
             no_packed: false,
             handoff: false,

@@ -164,6 +164,7 @@ impl Backend {
                             },
                             iommu: cfg.iommu,
                             packed: !cfg.no_packed,
+                            sink_read: cfg.sink_read,
                             tap: spec.ifname.clone(),
                         },
                         engine.clone(),

@@ -62,6 +62,10 @@ struct Args {
     /// reflect: swap source and destination MAC addresses.
     #[arg(long)]
     swap_mac: bool,
+    /// sink: copy every frame out of guest memory (into a worker buffer), as DPDK's vhost
+    /// rxonly copies each into an mbuf; without it the sink completes frames unread.
+    #[arg(long)]
+    sink_read: bool,
     /// Offer VIRTIO_F_ACCESS_PLATFORM and serve the vhost-user IOTLB protocol, for
     /// front-ends behind a vIOMMU (QEMU: intel-iommu and iommu_platform=on).
     #[arg(long)]
@@ -103,6 +107,7 @@ fn config_from(args: &Args) -> host_backend::Result<Config> {
         gso_size: args.gso_size,
         gen_count: args.count,
         swap_mac: args.swap_mac,
+        sink_read: args.sink_read,
         iommu: args.iommu,
         no_packed: args.no_packed,
         handoff: args.handoff,

@@ -127,6 +127,8 @@ pub struct EngineState {
     /// `csum` mode: a multi-segment frame's bytes for the software sums (sized once for
     /// the largest frame).
     scratch: Vec<u8>,
+    /// `--txpkts A,B,...`: a burst's buffers before they are chained (sized once).
+    segs: Vec<Packet>,
 }
 
 impl EngineState {
@@ -143,7 +145,12 @@ impl EngineState {
         } else {
             0
         });
-        EngineState { params, templates, next_flow: 0, batch, scratch }
+        let segs = Vec::with_capacity(if params.tx_segs.len() > 1 {
+            params.burst * params.tx_segs.len()
+        } else {
+            0
+        });
+        EngineState { params, templates, next_flow: 0, batch, scratch, segs }
     }
 
     /// Fills `self.batch` with up to `burst` generated packets for `port`.
@@ -174,32 +181,41 @@ impl EngineState {
         }
     }
 
-    /// `generate` with `--txpkts A,B,...`: each frame a chain of buffers holding those
-    /// lengths of the template (DPDK's txonly with several segments). The headers are in
-    /// the first segment when it holds them (`--txpkts` checks each segment fits a
-    /// buffer; a first segment shorter than the headers gets what fits).
+    /// `generate` with `--txpkts A,B,...`: each frame a chain of buffers of those
+    /// lengths (DPDK's txonly with several segments). As DPDK's, the burst's buffers are
+    /// taken from the pool at once and only the headers are written (into whichever
+    /// segments hold them); the payload is what the buffers already hold. A burst the
+    /// pool cannot fill whole sends the frames it could complete.
     fn generate_chained(&mut self, port: &PortCtx, flowgen: bool) {
         let tpl = &self.templates[port.id as usize];
-        for _ in 0..self.params.burst {
+        let hdr = TX_HDR.min(tpl.len());
+        let nseg = self.params.tx_segs.len();
+        let mut segs = std::mem::take(&mut self.segs);
+        port.pool.alloc_bulk(self.params.burst * nseg, &mut segs);
+        let frames = segs.len() / nseg;
+        let mut it = segs.drain(..frames * nseg);
+        'frames: for _ in 0..frames {
             let mut head: Option<Packet> = None;
             let mut at = 0;
             for &len in &self.params.tx_segs {
-                let Some(mut seg) = port.pool.alloc() else { break };
-                if seg.set_data(&tpl[at..at + len]).is_err() {
-                    break;
+                let Some(mut seg) = it.next() else { break 'frames };
+                // `--txpkts` checked that each segment fits a buffer.
+                let Ok(d) = seg.push_tail(len) else { break 'frames };
+                if at < hdr {
+                    let n = len.min(hdr - at);
+                    d[..n].copy_from_slice(&tpl[at..at + n]);
                 }
                 at += len;
                 match head.as_mut() {
                     None => head = Some(seg),
                     Some(h) => {
                         if h.append(seg).is_err() {
-                            break;
+                            break 'frames;
                         }
                     }
                 }
             }
-            // A frame the pool could not complete is not sent.
-            let Some(mut h) = head.filter(|h| h.total_len() == tpl.len()) else { break };
+            let Some(mut h) = head else { break };
             if flowgen && h.len() >= ETH_HLEN + IPV4_HLEN {
                 let flow = self.next_flow;
                 self.next_flow = (self.next_flow + 1) % self.params.flows;
@@ -211,6 +227,10 @@ impl EngineState {
             }
             self.batch.push(h);
         }
+        drop(it);
+        // What did not make a whole frame (or was left after a failure) goes back.
+        driver::free_bulk(&mut segs);
+        self.segs = segs;
     }
 
     /// Runs one burst of the engine on `s`; returns the packets moved.

@@ -63,10 +63,21 @@ fn check_clean(dev: &Value) {
 /// buffer is back in the pool after close.
 #[test]
 fn sink_counts_every_frame_and_byte() {
+    sink_counts(&[]);
+}
+
+/// [`sink_counts_every_frame_and_byte`] with `--sink-read` (every frame copied out of
+/// guest memory, as DPDK's rxonly does): the same exact counts.
+#[test]
+fn sink_read_counts_every_frame_and_byte() {
+    sink_counts(&["--sink-read"]);
+}
+
+fn sink_counts(extra: &[&str]) {
     let _serial = serial();
     let dir = TempDir::new("drv-sink");
     let sock = dir.join("sink.sock");
-    let backend = start_backend("sink", &sock, &[]);
+    let backend = start_backend("sink", &sock, extra);
     let mut port = open_default(&sock);
     let mut qp = port.queue_pair(0).expect("queue pair 0");
     let pool = port.pool().clone();
@@ -528,4 +539,28 @@ fn open_rejects_buffers_below_mtu() {
     let dev = device(&fin, &sock);
     assert_eq!(counter(dev, "rx_packets"), 1);
     check_clean(dev);
+}
+
+/// `PortConfig::mtu` (DPDK's `rte_eth_dev_set_mtu`, testpmd's `--max-pkt-len`): a port
+/// runs at the MTU asked for when the device carries it, and the open fails with a
+/// message naming the range when it does not (above the MTU the device reports, or
+/// below 68); the back-end keeps serving.
+#[test]
+fn open_sets_the_mtu_asked_for_within_the_devices() {
+    let _serial = serial();
+    let dir = TempDir::new("drv-setmtu");
+    let sock = dir.join("sink.sock");
+    let backend = start_backend("sink", &sock, &[]);
+    for (mtu, needle) in [(9000u16, "MTU 9000 asked for: this device carries 68..=1500"), (60, "68..=1500")] {
+        let cfg = PortConfig { mtu: Some(mtu), ..PortConfig::virtio_user(&sock) };
+        let err = open(cfg).err().unwrap_or_else(|| panic!("MTU {mtu}: open succeeded"));
+        assert!(matches!(err, Error::Config(_)), "{err:?}");
+        assert!(err.to_string().contains(needle), "{err}");
+    }
+    let port = open(PortConfig { mtu: Some(1400), ..PortConfig::virtio_user(&sock) }).expect("MTU 1400");
+    assert_eq!(port.info().mtu, 1400);
+    let (avail, cap) = close(port, Vec::new());
+    assert_eq!(avail, cap);
+    let fin = backend.stop();
+    check_clean(device(&fin, &sock));
 }

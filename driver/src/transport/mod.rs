@@ -89,6 +89,10 @@ pub struct NetConfig {
     pub max_queue_pairs: u16,
     /// MTU.
     pub mtu: u16,
+    /// `mtu` is what the device reported (`VIRTIO_NET_F_MTU` negotiated and its config
+    /// space read), not the 1500 assumed without it (a vhost-user back-end without
+    /// `VHOST_USER_PROTOCOL_F_CONFIG` offers the feature but shows no config space).
+    pub mtu_reported: bool,
 }
 
 /// A way to reach a virtio device: feature negotiation, config space, queue setup,

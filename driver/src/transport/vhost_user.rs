@@ -157,6 +157,7 @@ impl Transport for VhostUserTransport {
             status: net_config::S_LINK_UP,
             max_queue_pairs: 1,
             mtu: 1500,
+            mtu_reported: false,
         };
         if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Ok(cfg);
@@ -184,6 +185,7 @@ impl Transport for VhostUserTransport {
         }
         if features & f::bit(f::NET_MTU) != 0 {
             cfg.mtu = u16_at(net_config::MTU);
+            cfg.mtu_reported = true;
         }
         Ok(cfg)
     }

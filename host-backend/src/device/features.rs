@@ -12,7 +12,7 @@ use super::*;
 /// commands, MQ when there is more than one pair, the guest offloads the port can
 /// produce (`params.guest_offloads`), the host offloads it carries out
 /// (`params.host_offloads`), and mergeable receive buffers on the
-/// forwarding ports (`reflect`, `xconnect`) and on `tap`.
+/// forwarding ports (`reflect`, `xconnect`), on `tap` and on `sink`.
 pub fn offered_features(params: &DeviceParams) -> u64 {
     let mut v = f::bit(f::VERSION_1)
         | f::bit(f::NET_MAC)
@@ -30,10 +30,12 @@ pub fn offered_features(params: &DeviceParams) -> u64 {
         | f::bit(vn::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
         | (params.guest_offloads & ctrl::GUEST_OFFLOADS)
         | params.host_offloads;
-    if matches!(params.kind, PortKind::Reflect | PortKind::Xconnect | PortKind::Tap) {
-        // Forwarded frames may be larger than one receive buffer (`port::mrg`); `gen`
-        // writes each frame into one buffer and `sink` delivers nothing: neither offers
-        // what it would not use.
+    if matches!(params.kind, PortKind::Reflect | PortKind::Xconnect | PortKind::Tap | PortKind::Sink) {
+        // Forwarded frames may be larger than one receive buffer (`port::mrg`). `sink`
+        // delivers nothing, but a driver sizes its receive buffers for the MTU: without
+        // mergeable buffers one at `--mtu 9000` would need 9 KiB buffers (ours and DPDK's
+        // virtio-user refuse to start without them). `gen` writes each frame into one
+        // buffer and does not offer it.
         v |= f::bit(f::NET_MRG_RXBUF);
     }
     if params.queue_pairs > 1 {

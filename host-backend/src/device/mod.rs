@@ -120,6 +120,8 @@ pub struct DeviceParams {
     pub iommu: bool,
     /// Offer `VIRTIO_F_RING_PACKED` (virtio 1.2 §2.8; off with `--no-packed`).
     pub packed: bool,
+    /// `sink`: copy each frame out before completing it (`--sink-read`).
+    pub sink_read: bool,
     /// `tap`: the interface the device is joined to (for the statistics).
     pub tap: Option<String>,
 }

@@ -16,6 +16,7 @@ fn device(pairs: u16, guest_offloads: u64) -> Arc<Device> {
         host_offloads: 0,
         iommu: false,
         packed: true,
+        sink_read: false,
         tap: None,
     };
     // No workers: every sync returns at once.

@@ -150,6 +150,9 @@ impl App {
             pc.headroom = cfg.headroom;
             pc.buf_size = cfg.mbuf_size.unwrap_or((cfg.headroom as u32 + 2048).div_ceil(64) * 64);
             pc.hugepages = cfg.hugepages;
+            // DPDK's testpmd sets the port's MTU from --max-pkt-len (less the Ethernet
+            // header and CRC); the driver checks it against what the device carries.
+            pc.mtu = cfg.max_pkt_len.map(|m| m.saturating_sub(18) as u16);
             // Transmit offloads when the device offers them (DPDK's virtio PMD takes
             // them as tx offload capabilities; `csum set`/`tso set` use them).
             pc.features |= driver::port::TX_OFFLOADS;

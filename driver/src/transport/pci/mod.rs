@@ -298,6 +298,7 @@ impl Transport for PciTransport {
             status: net_config::S_LINK_UP,
             max_queue_pairs: 1,
             mtu: 1500,
+            mtu_reported: false,
         };
         let Some(w) = &self.device_cfg else {
             return Ok(cfg);
@@ -332,6 +333,7 @@ impl Transport for PciTransport {
             }
             if features & f::bit(f::NET_MTU) != 0 {
                 cfg.mtu = w.r16(net_config::MTU);
+                cfg.mtu_reported = true;
             }
             if self.common.r8(common::CONFIG_GENERATION) == gen {
                 return Ok(cfg);
