@@ -449,8 +449,13 @@ fn tcp_frame(v6: bool, payload: &[u8]) -> Vec<u8> {
     let b = b.tcp(40000, 5201, SEQ, 64240).psh().ack(1);
     let mut out = Vec::with_capacity(b.size(payload.len()));
     b.write(&mut out, payload).unwrap();
+    with_ip4_id(out, v6)
+}
+
+/// Gives an IPv4 frame the id 0x4242 (etherparse writes 0), so that the segments' ids
+/// show, and its header checksum again; an IPv6 frame stays as it is.
+fn with_ip4_id(mut out: Vec<u8>, v6: bool) -> Vec<u8> {
     if !v6 {
-        // An IPv4 id, so that the segments' ids show (etherparse writes 0).
         out[14 + 4..14 + 6].copy_from_slice(&0x4242u16.to_be_bytes());
         let sum = ip4_header_csum(&out[14..34]);
         out[14 + 10..14 + 12].copy_from_slice(&sum.to_be_bytes());
@@ -780,12 +785,7 @@ fn udp_frame(v6: bool, payload: &[u8]) -> Vec<u8> {
     let b = b.udp(40000, 4789);
     let mut out = Vec::with_capacity(b.size(payload.len()));
     b.write(&mut out, payload).unwrap();
-    if !v6 {
-        out[14 + 4..14 + 6].copy_from_slice(&0x4242u16.to_be_bytes());
-        let sum = ip4_header_csum(&out[14..34]);
-        out[14 + 10..14 + 12].copy_from_slice(&sum.to_be_bytes());
-    }
-    out
+    with_ip4_id(out, v6)
 }
 
 /// A USO super-frame (`GSO_UDP_L4`, UDP over IPv4 and IPv6, 10 000 bytes of payload cut

@@ -143,22 +143,19 @@ if [ ! -e "$K/.done" ]; then
 fi
 grep -q '^CONFIG_VFIO_NOIOMMU=y' "$K/config" && NOIOMMU_BUILTIN=1 || NOIOMMU_BUILTIN=0
 say "kernel $KVER ($KVERSION), CONFIG_VFIO_NOIOMMU builtin: $NOIOMMU_BUILTIN"
-loaded=" "
-for m in "${MODS[@]}"; do
-    deps=$(grep -a -o 'depends=[^[:cntrl:]]*' "$K/modules/$m.ko" | head -n1 | cut -d= -f2 | tr ',' ' ')
-    for d in $deps; do
-        case "$loaded" in *" $d "* | *" ${d//_/-} "*) ;; *) die "module $m depends on $d, which is not loaded before it" ;; esac
+# Checks that each module of a load-order list comes after every module it depends on.
+check_order() {
+    local loaded=" " m d deps
+    for m in "$@"; do
+        deps=$(grep -a -o 'depends=[^[:cntrl:]]*' "$K/modules/$m.ko" | head -n1 | cut -d= -f2 | tr ',' ' ')
+        for d in $deps; do
+            case "$loaded" in *" $d "* | *" ${d//_/-} "*) ;; *) die "module $m depends on $d, which is not loaded before it" ;; esac
+        done
+        loaded="$loaded$m "
     done
-    loaded="$loaded$m "
-done
-loaded=" "
-for m in "${NETMODS[@]}"; do
-    deps=$(grep -a -o 'depends=[^[:cntrl:]]*' "$K/modules/$m.ko" | head -n1 | cut -d= -f2 | tr ',' ' ')
-    for d in $deps; do
-        case "$loaded" in *" $d "* | *" ${d//_/-} "*) ;; *) die "module $m depends on $d, which is not loaded before it" ;; esac
-    done
-    loaded="$loaded$m "
-done
+}
+check_order "${MODS[@]}"
+check_order "${NETMODS[@]}"
 
 # ---- 3. vfio.ko with CONFIG_VFIO_NOIOMMU (Debian builds it without) ----------------------------
 N=$CACHE/noiommu-$KVER-$KVERSION

@@ -9,7 +9,7 @@
 
 use spec::layout::NET_HDR_LEN;
 
-use super::{PathKind, PortPath, Side, BURST, ETH_HLEN};
+use super::{PathKind, PortPath, QueueSlot, Side, BURST, ETH_HLEN};
 use crate::memory::GuestMemory;
 use crate::ring::Ring;
 use crate::split_ring::{gather, Chain, ChainBuf, Dir, RingFault};
@@ -31,20 +31,7 @@ impl PortPath {
 
     #[inline(always)]
     pub(super) fn run_sink<R: Ring>(&mut self) -> Result<usize, (Side, RingFault)> {
-        let max_frame = self.max_frame;
-        let Some(src) = self.src.as_mut() else {
-            return Ok(0);
-        };
-        let pair = src.pair();
-        let Some((ring, mem)) = src.ring::<R>() else { return Ok(0) };
-        let n = ring.poll_avail().map_err(|b| (Side::Src, b))?.min(BURST);
-        if n == 0 {
-            return Ok(0);
-        }
-        let mut c = BurstCounts::default();
-        let res = Self::consume_tx(ring, mem, &mut self.src_chain, n, max_frame, &mut c, |_, _| {});
-        src.dev.stats[pair].flush_rx(&c);
-        res.map_err(|b| (Side::Src, b))
+        Self::sink_burst::<R>(self.src.as_mut(), &mut self.src_chain, self.max_frame, |_, _| {})
     }
 
     /// `sink --sink-read`'s burst: [`run_sink`](Self::run_sink) with each frame copied
@@ -54,7 +41,28 @@ impl PortPath {
     #[inline(never)]
     pub(super) fn run_sink_read<R: Ring>(&mut self) -> Result<usize, (Side, RingFault)> {
         let max_frame = self.max_frame;
-        let (Some(src), PathKind::Sink { copy: Some(slots) }) = (self.src.as_mut(), &mut self.kind) else {
+        let PathKind::Sink { copy: Some(slots) } = &mut self.kind else {
+            return Ok(0);
+        };
+        let slot = max_frame as usize;
+        let mut k = 0;
+        Self::sink_burst::<R>(self.src.as_mut(), &mut self.src_chain, max_frame, |chain, len| {
+            let at = (k % BURST as usize) * slot;
+            gather(chain, NET_HDR_LEN, &mut slots[at..at + len as usize]);
+            k += 1;
+        })
+    }
+
+    /// One sink burst on `src`: what its transmit ring holds (up to `BURST`) taken with
+    /// [`consume_tx`](Self::consume_tx), each frame handed to `frame`, the counts flushed.
+    #[inline(always)]
+    fn sink_burst<R: Ring>(
+        src: Option<&mut QueueSlot>,
+        buf: &mut ChainBuf,
+        max_frame: u64,
+        frame: impl FnMut(&Chain<'_>, u64),
+    ) -> Result<usize, (Side, RingFault)> {
+        let Some(src) = src else {
             return Ok(0);
         };
         let pair = src.pair();
@@ -64,13 +72,7 @@ impl PortPath {
             return Ok(0);
         }
         let mut c = BurstCounts::default();
-        let slot = max_frame as usize;
-        let mut k = 0;
-        let res = Self::consume_tx(ring, mem, &mut self.src_chain, n, max_frame, &mut c, |chain, len| {
-            let at = (k % BURST as usize) * slot;
-            gather(chain, NET_HDR_LEN, &mut slots[at..at + len as usize]);
-            k += 1;
-        });
+        let res = Self::consume_tx(ring, mem, buf, n, max_frame, &mut c, frame);
         src.dev.stats[pair].flush_rx(&c);
         res.map_err(|b| (Side::Src, b))
     }
