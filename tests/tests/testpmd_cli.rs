@@ -1394,12 +1394,15 @@ fn pcap_capture_holds_exactly_the_frames() {
     assert!(tp
         .stdout()
         .contains(&format!("Capture: {N} frames written to {}, 0 dropped", rx_pcap.display())));
+    // And DPDK's per-frame dump of the frames sent (verbose 2: sent only).
+    command(&mut tp, "set verbose 2", "Change verbose level from 0 to 2");
     command(&mut tp, "start", "io packet forwarding - ports=1");
     let second: Vec<Vec<u8>> =
         (N..2 * N).map(|s| test_frame(60 + (s as usize * 7919) % 1455, mac, pmac, s)).collect();
     let back = peer.exchange(&second, N as usize, &|| String::new());
     assert_eq!(back, second);
     command(&mut tp, "stop", "Forward statistics for port 0");
+    command(&mut tp, "set verbose 0", "Change verbose level from 2 to 0");
     tp.send("quit");
     let exit = tp.wait(Duration::from_secs(20));
     assert_ok(&exit);
@@ -1409,6 +1412,20 @@ fn pcap_capture_holds_exactly_the_frames() {
     );
     peer.close();
     backend.stop();
+    let sent_dumps: Vec<&str> = exit.stdout.lines().filter(|l| l.starts_with("  src=")).collect();
+    assert_eq!(sent_dumps.len(), N as usize, "one dump line per frame sent\n{exit}");
+    assert!(sent_dumps.iter().all(|l| !l.contains("Receive queue")), "verbose 2 dumps no received frame");
+    for (l, f) in sent_dumps.iter().zip(&second) {
+        assert!(l.ends_with(&format!(" - type=0x0800 - length={} - nb_segs=1", f.len())), "{l}");
+    }
+    let headers: u64 = exit
+        .stdout
+        .lines()
+        .filter_map(|l| {
+            l.split("port 0/queue 0: sent ").nth(1)?.strip_suffix(" packets")?.parse::<u64>().ok()
+        })
+        .sum();
+    assert_eq!(headers, N as u64, "verbose 2 burst headers");
 
     assert_eq!(tcpdump_count(&rx_pcap), N as usize, "tcpdump -r {}", rx_pcap.display());
     assert_eq!(tcpdump_count(&tx_pcap), COUNT, "tcpdump -r {}", tx_pcap.display());

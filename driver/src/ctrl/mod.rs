@@ -83,7 +83,8 @@ pub struct ControlCounts {
     pub refused: u64,
     /// Not answered in time (or the back-end does not serve the queue).
     pub timeout: u64,
-    /// Not sent or not completed: no control queue, the port closed, or the ring failed.
+    /// Anything else: a bad acknowledgement, no control queue, the port closed, or the
+    /// ring failed.
     pub failed: u64,
 }
 

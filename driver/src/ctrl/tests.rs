@@ -216,6 +216,8 @@ fn acks_other_than_ok_are_errors() {
     *r.answer.lock().unwrap() = Answer::Ok;
     c.set_queue_pairs(2).unwrap();
     assert_eq!(c.queue_pairs(), 2);
+    // Two refusals (ERR), two bad acks, one success.
+    assert_eq!(c.counts(), crate::ctrl::ControlCounts { ok: 1, refused: 2, timeout: 0, failed: 2 });
 }
 
 #[test]
