@@ -140,6 +140,12 @@ fn csum_mode_with_jumbo_chains_through_dpdk_io() {
     t.wait_stdout("csum packet forwarding", WAIT);
     thread::sleep(Duration::from_secs(2));
     let (st, tx_errors) = stop_and_stats(&mut t);
+    // DPDK keeps dequeuing what our ring still holds after our `stop`: wait (bounded)
+    // until it has taken every frame we sent, before our close resets the device.
+    let deadline = Instant::now() + WAIT;
+    while dpdk_bytes(&mut pmd, "RX-packets:") < st.tx_packets && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
     let fwd = forward_stats(&t.stdout(), 0).expect("forward statistics");
     // Ours first: its close talks to DPDK's vhost-user socket.
     t.send("quit");
