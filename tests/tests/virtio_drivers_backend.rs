@@ -528,6 +528,9 @@ fn config_mac_and_features() {
         features::IN_ORDER,
         features::RING_PACKED,
         features::VHOST_USER_PROTOCOL_FEATURES,
+        // A sink offers mergeable buffers (a driver sizes its receive buffers for the
+        // MTU, 9000 here).
+        features::NET_MRG_RXBUF,
         // The control queue and its commands (no MQ with one pair, no guest offloads
         // without `gen --gso-size`).
         virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_VQ,
