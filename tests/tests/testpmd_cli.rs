@@ -878,6 +878,26 @@ fn flowgen_frames_cover_every_flow() {
 
 // ------------------------------------------------------------------------------ 3. interactive
 
+/// A `gen` backend producing `count` frames of `len` bytes on a socket in `dir`, and our
+/// testpmd at its prompt (`-i`, rxonly) on it: the start of the prompt tests.
+fn gen_and_prompt(dir: &TempDir, count: u64, len: u64) -> (std::path::PathBuf, Backend, Testpmd) {
+    let sock = dir.join("gen.sock");
+    let backend = Backend::start(&[
+        "--port",
+        &port_arg("gen", &sock),
+        "--count",
+        &count.to_string(),
+        "--pkt-size",
+        &len.to_string(),
+    ]);
+    let mut tp = Testpmd::spawn_with(
+        &["-i", "--vdev", &vdev(0, &sock), "--forward-mode", "rxonly"],
+        Spawn { stdin: true, user: None },
+    );
+    tp.wait_stdout("testpmd> ", Duration::from_secs(20));
+    (sock, backend, tp)
+}
+
 /// The prompt over a pipe: `start`, `show port stats all`, `stop`, `quit` with rxonly
 /// against a `gen` port that makes exactly 1000 frames of 100 bytes.
 #[test]
@@ -885,14 +905,7 @@ fn interactive_prompt_over_stdin() {
     const N: u64 = 1000;
     let _serial = serial();
     let dir = TempDir::new("tp-interactive");
-    let sock = dir.join("gen.sock");
-    let backend =
-        Backend::start(&["--port", &port_arg("gen", &sock), "--count", &N.to_string(), "--pkt-size", "100"]);
-    let mut tp = Testpmd::spawn_with(
-        &["-i", "--vdev", &vdev(0, &sock), "--forward-mode", "rxonly"],
-        Spawn { stdin: true, user: None },
-    );
-    tp.wait_stdout("testpmd> ", Duration::from_secs(20));
+    let (sock, backend, mut tp) = gen_and_prompt(&dir, N, 100);
     tp.send("start");
     tp.wait_stdout("rxonly packet forwarding - ports=1", Duration::from_secs(10));
     backend.wait_stats(Duration::from_secs(20), |s| counter(device(s, &sock), "tx_packets") == N);
@@ -991,20 +1004,7 @@ fn prompt_port_stop_xstats_verbose_and_fwd_stats() {
     const LEN: u64 = 100;
     let _serial = serial();
     let dir = TempDir::new("tp-xstats");
-    let sock = dir.join("gen.sock");
-    let backend = Backend::start(&[
-        "--port",
-        &port_arg("gen", &sock),
-        "--count",
-        &N.to_string(),
-        "--pkt-size",
-        &LEN.to_string(),
-    ]);
-    let mut tp = Testpmd::spawn_with(
-        &["-i", "--vdev", &vdev(0, &sock), "--forward-mode", "rxonly"],
-        Spawn { stdin: true, user: None },
-    );
-    tp.wait_stdout("testpmd> ", Duration::from_secs(20));
+    let (sock, backend, mut tp) = gen_and_prompt(&dir, N, LEN);
     command(&mut tp, "set verbose 1", "Change verbose level from 0 to 1");
     command(&mut tp, "port stop 0", "Port 0 stopped");
     command(&mut tp, "start", "rxonly packet forwarding - ports=1");
@@ -1093,13 +1093,7 @@ fn prompt_port_stop_xstats_verbose_and_fwd_stats() {
 fn port_close_resets_a_stopped_port() {
     let _serial = serial();
     let dir = TempDir::new("tp-close");
-    let sock = dir.join("gen.sock");
-    let backend = Backend::start(&["--port", &port_arg("gen", &sock), "--count", "1000"]);
-    let mut tp = Testpmd::spawn_with(
-        &["-i", "--vdev", &vdev(0, &sock), "--forward-mode", "rxonly"],
-        Spawn { stdin: true, user: None },
-    );
-    tp.wait_stdout("testpmd> ", Duration::from_secs(20));
+    let (sock, backend, mut tp) = gen_and_prompt(&dir, 1000, 64);
     backend.wait_stats(Duration::from_secs(20), |s| device(s, &sock)["connected"] == true);
     command(&mut tp, "port close 0", "Please stop port 0 first");
     command(&mut tp, "port stop 0", "Port 0 stopped");
