@@ -20,11 +20,15 @@
 //! Here: a path ([`PortPath`]: its kind, its queues, its chain room) and the one burst
 //! entry point [`PortPath::run`]; each kind's burst is in its own file: `sink`, `gen`,
 //! `forward` (`reflect` and `xconnect`), `control` (the control queue), `handoff`
-//! (`--handoff`'s two halves) and `tap` (a queue pair to and from a kernel tap queue); a frame over several receive chains (mergeable receive
-//! buffers) is `mrg`'s, a transmitted frame with a checksum or segmentation request
-//! `offload`'s (both out of line: a frame that needs neither never goes there). The
-//! kinds' bursts are `#[inline(always)]` into `run`, as they were when they lived in one
-//! file, so `run` stays the one burst function per worker loop.
+//! (`--handoff`'s two halves) and `tap` (a queue pair to and from a kernel tap queue); a
+//! frame over several receive chains (mergeable receive buffers) is `mrg`'s, a
+//! transmitted frame with a checksum or segmentation request `offload`'s (both out of
+//! line: a frame that needs neither never goes there). The split-ring bursts of `gen`,
+//! `reflect`/`xconnect`, the control queue and `--handoff` are `#[inline(always)]` into
+//! `run`, as they were when they lived in one file; the plain sink's is a function of its
+//! own, and packed rings, `sink --sink-read` and taps go through one out-of-line
+//! `run_other`, so that what one kind adds does not cost the others' loops registers
+//! (`bench/callgrind.sh`).
 
 use std::sync::Arc;
 
