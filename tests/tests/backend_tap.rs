@@ -155,22 +155,51 @@ fn tcp_transfer(ns_a: &Netns, ns_b: &Netns, flows: usize) -> (Flows, Flows) {
     })
 }
 
+/// Two private namespaces, each holding one of the two tap ports of one backend (taps
+/// `vnta<pid>` at 10.77.0.1/24 and `vntb<pid>` at 10.77.0.2/24, links still down).
+/// Field order is drop order: the backend goes first (its exit removes the taps), then
+/// the namespaces.
+struct TwoTaps {
+    backend: Backend,
+    tap_a: String,
+    tap_b: String,
+    sa: std::path::PathBuf,
+    sb: std::path::PathBuf,
+    ns_a: Netns,
+    ns_b: Netns,
+    _dir: TempDir,
+}
+
+impl TwoTaps {
+    /// Starts the backend with `extra` arguments and moves its taps into the namespaces.
+    fn new(extra: &[&str]) -> TwoTaps {
+        let pid = std::process::id();
+        let (tap_a, tap_b) = (format!("vnta{pid}"), format!("vntb{pid}"));
+        let ns_a = Netns::new("a");
+        let ns_b = Netns::new("b");
+        let dir = TempDir::new("tap");
+        let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
+        let port_a = format!("tap:{},{tap_a}", sa.display());
+        let port_b = format!("tap:{},{tap_b}", sb.display());
+        let mut args = vec!["--port", &port_a, "--port", &port_b];
+        args.extend_from_slice(extra);
+        let backend = Backend::start(&args);
+        assert!(
+            link_exists(&tap_a) && link_exists(&tap_b),
+            "the backend created no taps:\n{}",
+            backend.log()
+        );
+        ns_a.take(&tap_a, "10.77.0.1/24");
+        ns_b.take(&tap_b, "10.77.0.2/24");
+        TwoTaps { backend, tap_a, tap_b, sa, sb, ns_a, ns_b, _dir: dir }
+    }
+}
+
 fn cross_namespaces(queues: u16, devargs: &str, testpmd_args: &[&str]) {
     let _lock = serial();
-    let pid = std::process::id();
-    let (tap_a, tap_b) = (format!("vnta{pid}"), format!("vntb{pid}"));
-    // Declared before the backend: dropped after it (the backend's exit removes the taps).
-    let ns_a = Netns::new("a");
-    let ns_b = Netns::new("b");
-    let dir = TempDir::new("tap");
-    let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
-    let port_a = format!("tap:{},{tap_a}", sa.display());
-    let port_b = format!("tap:{},{tap_b}", sb.display());
     let nq = queues.to_string();
-    let backend = Backend::start(&["--port", &port_a, "--port", &port_b, "--queues", &nq]);
-    assert!(link_exists(&tap_a) && link_exists(&tap_b), "the backend created no taps:\n{}", backend.log());
-    ns_a.take(&tap_a, "10.77.0.1/24");
-    ns_b.take(&tap_b, "10.77.0.2/24");
+    // Bound last, dropped first: the backend (whose exit removes the taps) before the namespaces.
+    let TwoTaps { _dir, ns_a, ns_b, sa, sb, tap_a, tap_b, backend } = TwoTaps::new(&["--queues", &nq]);
 
     let vdev_a = format!("virtio_user0,path={}{devargs}", sa.display());
     let vdev_b = format!("virtio_user1,path={}{devargs}", sb.display());
@@ -449,17 +478,8 @@ fn offload_bridge(
 #[test]
 fn tcp_with_checksum_and_tso_offloads_passed_through_whole() {
     let _lock = serial();
-    let pid = std::process::id();
-    let (tap_a, tap_b) = (format!("vnta{pid}"), format!("vntb{pid}"));
-    let ns_a = Netns::new("a");
-    let ns_b = Netns::new("b");
-    let dir = TempDir::new("tap");
-    let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
-    let port_a = format!("tap:{},{tap_a}", sa.display());
-    let port_b = format!("tap:{},{tap_b}", sb.display());
-    let backend = Backend::start(&["--port", &port_a, "--port", &port_b]);
-    ns_a.take(&tap_a, "10.77.0.1/24");
-    ns_b.take(&tap_b, "10.77.0.2/24");
+    // Bound last, dropped first: the backend (whose exit removes the taps) before the namespaces.
+    let TwoTaps { _dir, ns_a, ns_b, sa, sb, tap_a, tap_b, backend } = TwoTaps::new(&[]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (ctl_tx, ctl_rx) = std::sync::mpsc::channel();
     let gso_a = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
