@@ -347,20 +347,7 @@ fn an_existing_persistent_tap_is_attached_and_left_in_place() {
         std::path::Path::new("ip"),
         &["netns", "exec", &ns.name, bin.to_str().expect("utf-8 path"), "--port", &port],
     );
-    let vdev = format!("virtio_user0,path={}", sock.display());
-    let tp = Testpmd::spawn(&["--vdev", &vdev, "--forward-mode", "icmpecho", "--duration", "600"]);
-    backend.wait_stats(WAIT, |s| testpmd_connected(s, &[&sock]));
-    ns.up(&tap);
-    assert_eq!(ns.ping("10.77.0.9"), PINGS, "echo replies through the attached tap");
-    settle(&backend);
-    tp.signal(libc::SIGINT);
-    let out = tp.wait(WAIT);
-    let fin = backend.stop();
-    let d = device(&fin, &sock);
-    let p0 = forward_stats(&out.stdout, 0).unwrap_or_else(|| panic!("no stats for port 0:\n{out}"));
-    assert_eq!(counter(d, "tx_packets"), p0.rx_packets, "tap → testpmd");
-    assert_eq!(counter(d, "rx_packets"), p0.tx_packets, "testpmd → tap");
-    assert_eq!(total_drops(d), 0, "drops: {d}");
+    icmpecho_answers_pings(&ns, &tap, &sock, backend);
     let links = ns.exec("ip", &["-o", "link", "show", &tap]);
     assert!(links.contains(&tap), "the persistent tap stays after the backend exits:\n{links}");
 }
@@ -567,22 +554,28 @@ fn namespace_pings_testpmd_icmpecho_on_a_tap_port() {
     let port = format!("tap:{},{tap}", sock.display());
     let backend = Backend::start(&["--port", &port]);
     ns.take(&tap, "10.77.0.1/24");
+    icmpecho_answers_pings(&ns, &tap, &sock, backend);
+    assert!(!link_exists(&tap));
+}
+
+/// Our testpmd in `icmpecho` mode on the tap port `sock` (its interface `tap` in `ns`,
+/// at 10.77.0.x/24): the namespace pings 10.77.0.9 and gets every reply; then the
+/// backend stops, its counters equal testpmd's both ways (an ARP reply and the echo
+/// replies at least), with no drop.
+fn icmpecho_answers_pings(ns: &Netns, tap: &str, sock: &std::path::Path, backend: Backend) {
     let vdev = format!("virtio_user0,path={}", sock.display());
     let tp = Testpmd::spawn(&["--vdev", &vdev, "--forward-mode", "icmpecho", "--duration", "600"]);
-    backend.wait_stats(WAIT, |s| testpmd_connected(s, &[&sock]));
-    ns.up(&tap);
-
+    backend.wait_stats(WAIT, |s| testpmd_connected(s, &[sock]));
+    ns.up(tap);
     assert_eq!(ns.ping("10.77.0.9"), PINGS, "echo replies from testpmd's icmpecho");
     settle(&backend);
-
     tp.signal(libc::SIGINT);
     let out = tp.wait(WAIT);
     let fin = backend.stop();
-    let d = device(&fin, &sock);
+    let d = device(&fin, sock);
     let p0 = forward_stats(&out.stdout, 0).unwrap_or_else(|| panic!("no stats for port 0:\n{out}"));
     assert_eq!(counter(d, "tx_packets"), p0.rx_packets, "tap → testpmd");
     assert_eq!(counter(d, "rx_packets"), p0.tx_packets, "testpmd → tap");
     assert!(p0.tx_packets > PINGS as u64, "an ARP reply and {PINGS} echo replies at least: {p0:?}");
     assert_eq!(total_drops(d), 0, "drops on the tap's device: {d}");
-    assert!(!link_exists(&tap));
 }
