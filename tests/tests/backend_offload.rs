@@ -46,6 +46,18 @@ fn port(kind: &str, sock: &Path) -> String {
     format!("{kind}:{}", sock.display())
 }
 
+/// A backend with one `xconnect` pair (sockets `a.sock`, `b.sock` in a new temporary
+/// directory tagged `tag`) on one worker, plus `extra` arguments.
+fn xconnect(tag: &str, extra: &[&str]) -> (TempDir, std::path::PathBuf, std::path::PathBuf, Backend) {
+    let dir = TempDir::new(tag);
+    let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
+    let xc = format!("xconnect:{},{}", sa.display(), sb.display());
+    let mut args = vec!["--port", xc.as_str(), "--cores", "1"];
+    args.extend_from_slice(extra);
+    let backend = Backend::start(&args);
+    (dir, sa, sb, backend)
+}
+
 /// A raw front-end on `sock` with `want` features, RX and TX of pair 0 set up and
 /// `RING` receive buffers of `RX_BUF` bytes posted.
 fn raw(sock: &Path, want: u64) -> RawFrontend {
@@ -232,10 +244,7 @@ fn mrg_frame_waits_for_enough_buffers() {
 #[test]
 fn mrg_jumbo_frames_xconnect_byte_exact() {
     let _serial = serial();
-    let dir = TempDir::new("offload-mrgxc");
-    let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
-    let xc = format!("xconnect:{},{}", sa.display(), sb.display());
-    let backend = Backend::start(&["--port", &xc, "--mtu", "9000", "--cores", "1"]);
+    let (_dir, sa, sb, backend) = xconnect("offload-mrgxc", &["--mtu", "9000"]);
     let mut a = raw(&sa, mrg());
     let mut b = raw(&sb, 0);
     wait_connected(&backend, &[&sa, &sb]);
@@ -383,10 +392,7 @@ fn dpdk_mrg_jumbo_xconnect_into_packed() {
 
 fn dpdk_jumbo_xconnect(devargs_b: &str) {
     let _serial = serial();
-    let dir = TempDir::new("offload-dpdk-xc");
-    let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
-    let xc = format!("xconnect:{},{}", sa.display(), sb.display());
-    let backend = Backend::start(&["--port", &xc, "--mtu", "9000", "--cores", "1"]);
+    let (_dir, sa, sb, backend) = xconnect("offload-dpdk-xc", &["--mtu", "9000"]);
     let mut rx_side = dpdk_jumbo(&sb, devargs_b, &["--no-flush-rx"]);
     let mut tx_side = dpdk_jumbo(&sa, "mrg_rxbuf=1", &[]);
     wait_connected(&backend, &[&sa, &sb]);
@@ -569,10 +575,7 @@ fn check_segment(frame: &[u8], v6: bool) -> (u32, (bool, bool), Option<u16>, Vec
 fn tso_super_frames_segmented_or_whole() {
     let _serial = serial();
     for b_whole in [false, true] {
-        let dir = TempDir::new("offload-tso");
-        let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
-        let xc = format!("xconnect:{},{}", sa.display(), sb.display());
-        let backend = Backend::start(&["--port", &xc, "--cores", "1"]);
+        let (_dir, sa, sb, backend) = xconnect("offload-tso", &[]);
         let mut a = raw(&sa, host_offloads() | mrg());
         let b_want = if b_whole { guest_offloads() | mrg() } else { 0 };
         let mut b = raw(&sb, b_want);
@@ -652,10 +655,7 @@ fn offloads(dev: &Value) -> [u64; 6] {
 fn needs_csum_completed_for_a_peer_without_guest_csum() {
     let _serial = serial();
     for b_csum in [false, true] {
-        let dir = TempDir::new("offload-csum");
-        let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
-        let xc = format!("xconnect:{},{}", sa.display(), sb.display());
-        let backend = Backend::start(&["--port", &xc, "--cores", "1"]);
+        let (_dir, sa, sb, backend) = xconnect("offload-csum", &[]);
         let mut a = raw(&sa, bits(&[features::NET_CSUM]));
         let b_want = if b_csum { bits(&[features::NET_GUEST_CSUM]) } else { 0 };
         let mut b = raw(&sb, b_want);
@@ -797,10 +797,7 @@ fn udp_frame(v6: bool, payload: &[u8]) -> Vec<u8> {
 fn uso_super_frames_segmented_into_valid_datagrams() {
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
     let _serial = serial();
-    let dir = TempDir::new("offload-uso");
-    let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
-    let xc = format!("xconnect:{},{}", sa.display(), sb.display());
-    let backend = Backend::start(&["--port", &xc, "--cores", "1"]);
+    let (_dir, sa, sb, backend) = xconnect("offload-uso", &[]);
     let uso = bits(&[features::NET_CSUM, features::NET_HOST_USO]);
     let mut a = raw(&sa, uso);
     let mut b = raw(&sb, 0);
@@ -873,10 +870,7 @@ fn uso_super_frames_segmented_into_valid_datagrams() {
 /// from several buffers) with the request in its receive metadata.
 fn driver_tso_through_xconnect(b_whole: bool) {
     let _serial = serial();
-    let dir = TempDir::new("offload-drv-tso");
-    let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
-    let xc = format!("xconnect:{},{}", sa.display(), sb.display());
-    let backend = Backend::start(&["--port", &xc, "--cores", "1"]);
+    let (_dir, sa, sb, backend) = xconnect("offload-drv-tso", &[]);
     let mut a = driver_common::open(PortConfig { features: host_offloads(), ..PortConfig::virtio_user(&sa) })
         .unwrap_or_else(|e| panic!("open A: {e}"));
     let b_features = if b_whole { guest_offloads() | mrg() } else { 0 };
