@@ -17,6 +17,8 @@ Commands:
   show port info all|N        MAC, link, MTU, features, queues
   clear port stats all|N      reset port statistics
   show port xstats all|N      every counter of the port (per queue, XDP, control queue, pool)
+  clear port xstats all|N     count extended statistics from here
+  show port N rss-hash        RSS hash settings (none: VIRTIO_NET_F_RSS is not negotiated)
   show fwd stats all          forward statistics (as at stop), while forwarding runs
   clear fwd stats all         reset forward statistics
   show config fwd|rxtx        streams per forwarding core | queues and descriptors
@@ -44,6 +46,7 @@ Commands:
   mac_addr set N MAC          the port's MAC address (control queue)
   rx_vlan add|rm ID all|N     accept / stop accepting VLAN ID (control queue)
   port config all rxq|txq N   use N queue pairs on every port (forwarding stopped)
+  port config all max-pkt-len N  every port's MTU becomes N - 18 (see port config mtu)
   help                        this text
   quit                        stop, close the ports and exit
 ";
@@ -85,6 +88,11 @@ pub fn execute(app: &mut App, line: &str) -> Result<bool, String> {
         ["show", "port", "info", p] => app.show_port_info(port_arg(Some(p))?)?,
         ["clear", "port", "stats", p] => app.clear_port_stats(port_arg(Some(p))?)?,
         ["show", "port", "xstats", p] => app.show_port_xstats(port_arg(Some(p))?)?,
+        ["clear", "port", "xstats", p] => app.clear_port_xstats(port_arg(Some(p))?)?,
+        ["show", "port", p, "rss-hash"] => {
+            let p = port_arg(Some(p))?.ok_or("Bad arguments: show port N rss-hash needs one port number")?;
+            app.show_rss_hash(p)?
+        }
         ["show", "fwd", "stats", "all"] => app.show_fwd_stats(),
         ["clear", "fwd", "stats", "all"] => app.clear_fwd_stats(),
         ["show", "config", "fwd"] => app.show_config_fwd(),
@@ -173,6 +181,11 @@ pub fn execute(app: &mut App, line: &str) -> Result<bool, String> {
             let vid: u16 =
                 id.parse().map_err(|_| format!("Bad arguments: VLAN id '{id}' is not a number"))?;
             app.rx_vlan(*op == "add", vid, port_arg(Some(p))?)?
+        }
+        ["port", "config", "all", "max-pkt-len", n] => {
+            let n: usize =
+                n.parse().map_err(|_| format!("Bad arguments: max-pkt-len '{n}' is not a number"))?;
+            app.port_config_max_pkt_len(n)?
         }
         ["port", "config", "all", "rxq" | "txq", n] => {
             let n: u16 = n.parse().map_err(|_| format!("Bad arguments: '{n}' is not a number of queues"))?;

@@ -1043,6 +1043,13 @@ fn prompt_port_stop_xstats_verbose_and_fwd_stats() {
     }
     let (free, cap) = (xstat(&out, 0, "pool_free"), xstat(&out, 0, "pool_capacity"));
     assert_eq!(free + xstat(&out, 0, "pool_in_use"), cap);
+    // `clear port xstats`: counters restart from zero, the pool's levels stay.
+    command(&mut tp, "clear port xstats 0", "NIC extended statistics for port 0 cleared");
+    command(&mut tp, "show port xstats 0", "NIC extended statistics for port 0");
+    let out = tp.stdout();
+    assert_eq!((xstat(&out, 0, "rx_good_packets"), xstat(&out, 0, "rx_q0_bytes")), (0, 0));
+    assert_eq!((xstat(&out, 0, "pool_free"), xstat(&out, 0, "pool_capacity")), (free, cap));
+    command(&mut tp, "show port 0 rss-hash", "RSS disabled");
     command(&mut tp, "show fwd stats all", "Accumulated forward statistics");
     assert_eq!(
         fwd(&tp.stdout(), 0),
@@ -1059,6 +1066,12 @@ fn prompt_port_stop_xstats_verbose_and_fwd_stats() {
     command(&mut tp, "show config rxtx", "RX desc=256");
     command(&mut tp, "port config mtu 0 60000", "Set MTU failed");
     tp.send("port config mtu 0 1000");
+    command(&mut tp, "show port info 0", "Infos for port 0");
+    // max-pkt-len beyond one receive buffer needs mergeable buffers from the start.
+    command(&mut tp, "port config all max-pkt-len 9018", "opened without mergeable receive buffers");
+    command(&mut tp, "port config all max-pkt-len 20", "out of range 64..=9018");
+    assert!(tp.stdout().contains("MTU: 1000\n"), "{}", tp.outputs());
+    tp.send("port config all max-pkt-len 1218");
     command(&mut tp, "show port info 0", "Infos for port 0");
     command(&mut tp, "set link-down port 0", "Set link down fail: not supported");
     tp.send("quit");
@@ -1079,7 +1092,7 @@ fn prompt_port_stop_xstats_verbose_and_fwd_stats() {
         })
         .sum();
     assert_eq!(headers, N, "verbose burst headers\n{exit}");
-    assert!(out.contains("MTU: 1000\n"), "{exit}");
+    assert!(out.contains("MTU: 1000\n") && out.contains("MTU: 1200\n"), "{exit}");
     assert!(out.contains("  port 0: RX queue number: 1 Tx queue number: 1\n"), "{exit}");
     let fin = backend.stop();
     let dev = clean_device(&fin, &sock);

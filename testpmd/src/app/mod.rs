@@ -42,6 +42,10 @@ struct PortState {
     mtu: u16,
     /// `mac_addr add`: the unicast addresses accepted besides the port's own.
     macs: Vec<[u8; 6]>,
+    /// Extended counters at the last `clear port xstats` (empty: never cleared).
+    xbase: Vec<(String, u64)>,
+    /// Largest frame the port receives (one buffer's room; unbounded with MRG_RXBUF).
+    rx_room: usize,
 }
 
 impl PortState {
@@ -240,6 +244,8 @@ impl App {
                 last: (snap, Instant::now()),
                 mtu,
                 macs: Vec::new(),
+                xbase: Vec::new(),
+                rx_room: if mrg { usize::MAX } else { frame_room },
             });
         }
         let n = ports.len();

@@ -107,6 +107,30 @@ impl App {
         Ok(())
     }
 
+    /// `port config all max-pkt-len N`: as DPDK, every port's MTU becomes N less the
+    /// Ethernet header and CRC (18 bytes), within what each device carries. Receiving
+    /// frames larger than one buffer needs mergeable buffers, negotiated when the port
+    /// opened: a port opened without them refuses a length beyond its buffer's room.
+    pub fn port_config_max_pkt_len(&mut self, len: usize) -> Result<(), String> {
+        if !(64..=crate::config::MAX_FRAME).contains(&len) {
+            return Err(format!("max-pkt-len {len} out of range 64..={}", crate::config::MAX_FRAME));
+        }
+        let ports = self.port_range(None)?;
+        for &i in &ports {
+            let room = self.ports[i].rx_room;
+            if len > room {
+                return Err(format!(
+                    "port {i} receives frames of at most {room} bytes (opened without mergeable \
+                     receive buffers): start testpmd with --max-pkt-len {len}"
+                ));
+            }
+        }
+        for i in ports {
+            self.port_config_mtu(i, (len - 18) as u16)?;
+        }
+        Ok(())
+    }
+
     /// `mac_addr add|remove N MAC`: the device's unicast filter (the control queue's
     /// MAC table, `VIRTIO_NET_F_CTRL_RX`) accepts MAC besides the port's own address.
     pub fn mac_addr_add_remove(&mut self, add: bool, port: usize, mac: [u8; 6]) -> Result<(), String> {

@@ -212,6 +212,18 @@ impl App {
         self.ports[i].port.as_ref().map(|p| sum(&p.stats())).unwrap_or_default()
     }
 
+    /// `show port N rss-hash`: DPDK shows the RSS hash functions and key. Our driver does
+    /// not negotiate `VIRTIO_NET_F_RSS` (nor HASH_REPORT), so there is none to show: the
+    /// device picks the receive queue itself (vhost-user back-ends: per queue pair).
+    pub fn show_rss_hash(&mut self, port: usize) -> Result<(), String> {
+        self.port_range(Some(port))?;
+        self.say(&format!(
+            "RSS disabled\nport {port}: the driver does not negotiate VIRTIO_NET_F_RSS; \
+             the device chooses each frame's receive queue\n"
+        ));
+        Ok(())
+    }
+
     /// `show port info all|N`.
     pub fn show_port_info(&mut self, which: Option<usize>) -> Result<(), String> {
         let range = self.port_range(which)?;

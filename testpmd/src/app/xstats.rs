@@ -67,14 +67,39 @@ pub fn xstats(
     v
 }
 
+/// `v` less the counters of the last `clear port xstats` (`base`, same names in the same
+/// order); the pool's gauges are levels, not counters, and are shown as they are.
+fn since(mut v: Vec<(String, u64)>, base: &[(String, u64)]) -> Vec<(String, u64)> {
+    for ((k, c), (bk, b)) in v.iter_mut().zip(base) {
+        if k == bk && !k.starts_with("pool_") {
+            *c = c.saturating_sub(*b);
+        }
+    }
+    v
+}
+
 impl App {
-    /// `show port xstats all|N`: counters since the port was opened.
+    /// The extended counters of port `i` as the device reports them (since it opened).
+    fn port_xstats(&self, i: usize) -> Result<Vec<(String, u64)>, String> {
+        let port = self.ports[i].dev()?;
+        let pool = port.pool();
+        Ok(xstats(&port.stats(), port.control().counts(), (pool.available(), pool.capacity())))
+    }
+
+    /// `clear port xstats all|N`: the next `show port xstats` counts from here.
+    pub fn clear_port_xstats(&mut self, which: Option<usize>) -> Result<(), String> {
+        for i in self.port_range(which)? {
+            self.ports[i].xbase = self.port_xstats(i)?;
+            self.say(&format!("\n  NIC extended statistics for port {i} cleared\n"));
+        }
+        Ok(())
+    }
+
+    /// `show port xstats all|N`: counters since the port was opened or last cleared.
     pub fn show_port_xstats(&mut self, which: Option<usize>) -> Result<(), String> {
         let mut s = String::new();
         for i in self.port_range(which)? {
-            let port = self.ports[i].dev()?;
-            let pool = port.pool();
-            let v = xstats(&port.stats(), port.control().counts(), (pool.available(), pool.capacity()));
+            let v = since(self.port_xstats(i)?, &self.ports[i].xbase);
             if self.cfg.stats_format == StatsFormat::Json {
                 let m: serde_json::Map<String, serde_json::Value> =
                     v.into_iter().map(|(k, c)| (k, c.into())).collect();
