@@ -108,6 +108,8 @@ pub struct App {
     xdp: Vec<Option<XdpProg>>,
     /// (rx port, tx port) of each stream, in `stream_stats` order (set with the streams).
     meta: Vec<(u16, u16)>,
+    /// Runs started (`start`): the nonce of the next run's latency stamps.
+    runs: u8,
 }
 
 /// The program `--xdp-prog` names.
@@ -279,6 +281,9 @@ impl App {
             capture: None,
             xdp: vec![cfg.xdp; n],
             meta: Vec::new(),
+            // Seeded from the clock: a restarted testpmd's stamps differ from the last
+            // process's for a receiver that outlives it.
+            runs: (crate::latency::now_ns() >> 10) as u8,
             csum,
             cfg,
             ports,
@@ -324,6 +329,7 @@ impl App {
                     txq,
                     stats: Arc::new(StreamStats::default()),
                     fifo: Default::default(),
+                    lat: crate::latency::StreamLatency::new(peer as u16, q as u16),
                 });
             }
         }
@@ -385,6 +391,13 @@ impl App {
             for c in [&s.rx_packets, &s.rx_dropped, &s.tx_packets, &s.tx_dropped] {
                 c.store(0, Ordering::Relaxed);
             }
+            s.latency.reset();
+        }
+        // Each run's stamps carry a new nonce: frames of an earlier run still in a ring
+        // are told apart (counted stale, not measured).
+        self.runs = self.runs.wrapping_add(1);
+        for s in self.streams.iter_mut() {
+            s.lat.reset(self.runs);
         }
         self.fwd_base.iter_mut().for_each(|b| *b = FwdTotals::default());
         let params = FwdParams {
@@ -398,6 +411,8 @@ impl App {
             verbose: self.verbose.clone(),
             capture: self.capture.clone(),
             noisy: self.cfg.noisy,
+            latency: self.cfg.latency,
+            tx_pps: self.cfg.tx_pps,
         };
         // XDP Tx/Redirect packets of queue q go out on queue q of another stream: all
         // streams of one queue index share a thread, so no packet crosses threads

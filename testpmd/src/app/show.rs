@@ -105,7 +105,10 @@ impl App {
     }
 
     pub(super) fn print_fwd_stats(&mut self, totals: &[FwdTotals], secs: f64) {
-        self.print_fwd_stats_inner(totals, secs, true)
+        self.print_fwd_stats_inner(totals, secs, true);
+        if self.cfg.latency {
+            let _ = self.show_port_latency(None);
+        }
     }
 
     fn print_fwd_stats_inner(&mut self, totals: &[FwdTotals], secs: f64, done: bool) {
@@ -142,6 +145,31 @@ impl App {
             s += "\nDone.\n";
         }
         self.say(&s);
+    }
+
+    /// `show port N latency` (and at stop with `--latency`): each port's receiving
+    /// streams merged; figures since the last `start`.
+    pub fn show_port_latency(&mut self, which: Option<usize>) -> Result<(), String> {
+        if !self.cfg.latency {
+            return Err("latency is not measured: start testpmd with --latency".into());
+        }
+        let mut s = String::new();
+        for i in self.port_range(which)? {
+            let r = crate::latency::report(
+                self.stream_meta()
+                    .into_iter()
+                    .zip(&self.stream_stats)
+                    .filter(|((rx, _), _)| *rx as usize == i)
+                    .map(|(_, st)| &st.latency),
+            );
+            if self.cfg.stats_format == StatsFormat::Json {
+                s += &format!("{}\n", r.json(i));
+            } else {
+                s += &r.text(i);
+            }
+        }
+        self.say(&s);
+        Ok(())
     }
 
     /// `show port stats all|N`.
