@@ -392,6 +392,10 @@ pub struct Args {
     /// and measures what comes back (a round trip through a reflecting back-end).
     #[arg(long)]
     pub latency: bool,
+    /// Count the packets of every receive and transmit burst call and show how they
+    /// spread with the forward statistics (DPDK's option of the same name).
+    #[arg(long = "record-burst-stats")]
+    pub record_burst_stats: bool,
     /// txonly/flowgen: send at most this many frames per second per stream (0: as
     /// fast as the ring takes them), e.g. for latency at a fixed low load.
     #[arg(long = "tx-pps", default_value_t = 0, value_name = "PPS")]
@@ -452,6 +456,8 @@ pub struct Config {
     pub latency: bool,
     /// `--tx-pps`: per-stream pacing of txonly/flowgen (0: none).
     pub tx_pps: u64,
+    /// `--record-burst-stats`.
+    pub burst_stats: bool,
     /// Pool size per port.
     pub mbufs: Option<u32>,
     /// Headroom.
@@ -558,6 +564,7 @@ impl Config {
             stats_format: a.stats_format,
             latency: a.latency,
             tx_pps: a.tx_pps,
+            burst_stats: a.record_burst_stats,
             mbufs: a.total_num_mbufs,
             headroom: a.headroom,
             interactive: a.interactive,

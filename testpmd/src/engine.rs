@@ -33,6 +33,20 @@ pub struct StreamStats {
     pub tx_dropped: AtomicU64,
     /// `--latency`: what the stream received, measured.
     pub latency: crate::latency::RxLatency,
+    /// `--record-burst-stats`: packets per receive / transmit burst call (empty when off).
+    pub rx_spread: crate::burst_stats::Spread,
+    pub tx_spread: crate::burst_stats::Spread,
+}
+
+impl StreamStats {
+    /// Counters for a new stream; burst spreads only if `burst_stats`.
+    pub fn new(burst_stats: bool) -> Self {
+        StreamStats {
+            rx_spread: crate::burst_stats::Spread::new(burst_stats),
+            tx_spread: crate::burst_stats::Spread::new(burst_stats),
+            ..Default::default()
+        }
+    }
 }
 
 #[inline]
@@ -87,6 +101,8 @@ pub struct FwdParams {
     pub latency: bool,
     /// `--tx-pps`: txonly/flowgen frames per second per stream (0: unpaced).
     pub tx_pps: u64,
+    /// `--record-burst-stats`.
+    pub burst_stats: bool,
 }
 
 /// One receive queue → one transmit queue.
@@ -282,6 +298,9 @@ impl EngineState {
             }
             _ => {
                 let n = s.rxq.rx_burst(&mut self.batch, self.params.burst);
+                if self.params.burst_stats {
+                    s.stats.rx_spread.record(n);
+                }
                 if n == 0 {
                     if let Some(noisy) = self.noisy.as_mut() {
                         let (txq, burst) = (&mut s.txq, self.params.burst);
@@ -374,6 +393,9 @@ impl EngineState {
             c.offer(&self.batch);
         }
         let sent = s.txq.tx_burst(&mut self.batch);
+        if self.params.burst_stats {
+            s.stats.tx_spread.record(sent);
+        }
         let dropped = self.batch.len();
         if matches!(mode, FwdMode::TxOnly | FwdMode::FlowGen)
             && (self.params.latency || self.params.tx_pps != 0)
@@ -392,6 +414,9 @@ impl EngineState {
     /// queue (a reflecting back-end returns the frames sent), measures and frees it.
     fn receive_measured(&mut self, s: &mut Stream, now: u64) {
         let n = s.rxq.rx_burst(&mut self.batch, self.params.burst);
+        if self.params.burst_stats {
+            s.stats.rx_spread.record(n);
+        }
         if n == 0 {
             return;
         }

@@ -1564,3 +1564,38 @@ fn latency_one_way_across_processes_counts_what_the_backend_moved() {
     assert!(counter(da, "rx_packets") <= tx.tx_packets && tx.tx_packets - counter(da, "rx_packets") <= RING);
     assert_latency_sane(&latency_json(&exit.stdout, 0), got.rx_packets);
 }
+
+/// `--record-burst-stats`: the burst spreads account for every packet: the receive
+/// spread's packets (size × calls) are the port's RX-packets, the transmit spread's its
+/// TX-packets less the `--tx-first` bursts (sent before forwarding, not burst calls of
+/// the engine); the text block shows both lines.
+#[test]
+fn record_burst_stats_accounts_for_every_packet() {
+    let _serial = serial();
+    let dir = TempDir::new("tp-bursts");
+    let sock = dir.join("r.sock");
+    let backend = Backend::start(&["--port", &port_arg("reflect", &sock)]);
+    let common = ["--vdev", &vdev(0, &sock), "--forward-mode", "io", "--tx-first", "4", "--duration", "1"];
+    let exit = run(&[&common[..], &["--record-burst-stats", "--stats-format", "json"]].concat(), RUN_TIMEOUT);
+    assert_ok(&exit);
+    let js = forward_stats_json(&exit.stdout).unwrap_or_else(|| panic!("no forward_stats JSON line\n{exit}"));
+    let p = &js["ports"][0];
+    let pkts = |k: &str| -> (u64, u64) {
+        let m = p[k].as_object().unwrap_or_else(|| panic!("no {k} in {js}"));
+        let calls = m.values().map(|c| c.as_u64().expect("count")).sum();
+        let n =
+            m.iter().map(|(size, c)| size.parse::<u64>().expect("size") * c.as_u64().expect("count")).sum();
+        (calls, n)
+    };
+    let ((rx_calls, rx), (tx_calls, tx)) = (pkts("rx_bursts"), pkts("tx_bursts"));
+    assert_eq!(rx, p["rx_packets"].as_u64().unwrap(), "{js}");
+    assert_eq!(tx + 4 * BURST as u64, p["tx_packets"].as_u64().unwrap(), "{js}");
+    assert!(rx > 10_000 && rx_calls >= tx_calls && tx_calls > 0, "{js}");
+    // The text form, from a second run.
+    let exit = run(&[&common[..], &["--record-burst-stats"]].concat(), RUN_TIMEOUT);
+    assert_ok(&exit);
+    for what in ["  RX-bursts : ", "  TX-bursts : "] {
+        assert_eq!(exit.stdout.matches(what).count(), 1, "{what}: one line in port 0's block\n{exit}");
+    }
+    drop(backend);
+}
