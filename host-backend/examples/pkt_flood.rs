@@ -57,7 +57,7 @@ fn main() {
     }
     let size: usize = a[2].parse().unwrap_or(0);
     let secs: f64 = a[3].parse().unwrap_or(0.0);
-    if !(60..=9018).contains(&size) || !(secs > 0.0) {
+    if !(60..=9018).contains(&size) || secs.is_nan() || secs <= 0.0 {
         eprintln!("pkt_flood: SIZE must be 60..=9018 and SECONDS positive");
         std::process::exit(2);
     }
