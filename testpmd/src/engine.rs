@@ -281,18 +281,14 @@ impl EngineState {
             FwdMode::TxOnly | FwdMode::FlowGen => {
                 let mut n = self.params.burst;
                 if self.params.latency || self.params.tx_pps != 0 {
-                    let now = crate::latency::now_ns();
-                    if self.params.latency {
-                        self.receive_measured(s, now);
-                    }
-                    n = s.lat.allowance(self.params.tx_pps, n, now);
+                    n = self.measure_and_pace(s);
                     if n == 0 {
                         return 0;
                     }
                 }
                 self.generate(&ports[s.tx_port as usize], mode == FwdMode::FlowGen, n);
                 if self.params.latency {
-                    s.lat.stamp(&mut self.batch, crate::latency::now_ns());
+                    Self::stamp(s, &mut self.batch);
                 }
                 0
             }
@@ -312,7 +308,7 @@ impl EngineState {
                     return 0;
                 }
                 if self.params.latency {
-                    s.lat.measure(&s.stats.latency, &self.batch, crate::latency::now_ns());
+                    Self::measure(s, &self.batch);
                 }
                 if self.params.verbose.load(Ordering::Relaxed) & 1 != 0 {
                     crate::dump::burst(s.rx_port, s.queue, true, &self.batch);
@@ -408,6 +404,30 @@ impl EngineState {
         bump(&s.stats.tx_packets, sent as u64);
         bump(&s.stats.tx_dropped, dropped as u64);
         received.max(sent)
+    }
+
+    /// txonly/flowgen with `--latency` or `--tx-pps`, before generating: measures what
+    /// came back, and returns how many frames the pacing allows now. Out of line: plain
+    /// txonly never comes here and its burst stays as small as before.
+    #[inline(never)]
+    fn measure_and_pace(&mut self, s: &mut Stream) -> usize {
+        let now = crate::latency::now_ns();
+        if self.params.latency {
+            self.receive_measured(s, now);
+        }
+        s.lat.allowance(self.params.tx_pps, self.params.burst, now)
+    }
+
+    /// `--latency`: records a received burst (out of line, as above).
+    #[inline(never)]
+    fn measure(s: &mut Stream, batch: &[Packet]) {
+        s.lat.measure(&s.stats.latency, batch, crate::latency::now_ns());
+    }
+
+    /// `--latency`: stamps a generated burst (out of line, as above).
+    #[inline(never)]
+    fn stamp(s: &mut Stream, batch: &mut [Packet]) {
+        s.lat.stamp(batch, crate::latency::now_ns());
     }
 
     /// txonly/flowgen with `--latency`: takes what came back on the stream's receive
