@@ -10,7 +10,10 @@
 #
 # Usage (root, from the workspace, after cargo build --release -p testpmd -p host-backend
 # --example core_rtt): host-backend/bench/latency.sh
-# Environment: RATES ("10000 100000 1000000" frames/s), RUNS (3, interleaved ours/DPDK),
+# Back-ends (WHO): ours (busy polling, --poll-us 0), ours-sleep (--poll-us 50: the worker
+# sleeps on the kick eventfd after 50 us without work, so each frame at a low rate pays
+# a wake-up), dpdk.
+# Environment: RATES ("10000 100000 1000000" frames/s), RUNS (3, interleaved),
 # DUR (5 s per run), HOST_CPU/GUEST_CPU (1/0), BIN, PMD, PMD_ARGS (--hugepages).
 # Output: per (rate, back-end) the median over runs of p50, p99, p99.9 and max (us),
 # with samples/lost summed; then every run's figures with the core-to-core round trip
@@ -18,6 +21,7 @@
 set -u
 RATES=${RATES:-"10000 100000 1000000"}
 RUNS=${RUNS:-3}
+WHO=${WHO:-"ours ours-sleep dpdk"}
 DUR=${DUR:-5}
 HOST_CPU=${HOST_CPU:-1}
 GUEST_CPU=${GUEST_CPU:-0}
@@ -58,8 +62,10 @@ rtt() {
 run_one() {
     local who=$1 rate=$2 tag=$3
     rm -f "$SOCK"; PIDS=""
-    if [ "$who" = ours ]; then
-        "$BIN" --port "reflect:$SOCK" --cores "$HOST_CPU" --poll-us 0 >"$WORK/$tag.host.log" 2>&1 &
+    if [ "$who" != dpdk ]; then
+        local poll=0
+        [ "$who" = ours-sleep ] && poll=50
+        "$BIN" --port "reflect:$SOCK" --cores "$HOST_CPU" --poll-us "$poll" >"$WORK/$tag.host.log" 2>&1 &
         PIDS=$!
         wait_for "$WORK/$tag.host.log" "listening on" 10 || return 1
     else
@@ -96,9 +102,9 @@ echo "# round trip, 64 B, our testpmd --latency --tx-pps RATE through each back-
 printf "%-9s %-6s %9s %9s %9s %9s %10s %6s\n" rate backend p50_us p99_us p999_us max_us samples lost
 runs=""
 for rate in $RATES; do
-    for who in ours dpdk; do : >"$WORK/$rate.$who"; done
+    for who in $WHO; do : >"$WORK/$rate.$who"; done
     for r in $(seq "$RUNS"); do
-        for who in ours dpdk; do
+        for who in $WHO; do
             before=$(rtt)
             if line=$(run_one "$who" "$rate" "$rate.$who.$r"); then
                 echo "$line" >>"$WORK/$rate.$who"
@@ -109,7 +115,7 @@ for rate in $RATES; do
             fi
         done
     done
-    for who in ours dpdk; do
+    for who in $WHO; do
         python3 - "$WORK/$rate.$who" "$rate" "$who" <<'PY'
 import statistics, sys
 rows = [list(map(int, l.split())) for l in open(sys.argv[1]) if l.strip()]
