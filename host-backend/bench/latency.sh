@@ -16,7 +16,7 @@
 # Environment: RATES ("10000 100000 1000000" frames/s), RUNS (3, interleaved),
 # DUR (5 s per run), HOST_CPU/GUEST_CPU (1/0), BIN, PMD, PMD_ARGS (--hugepages).
 # Output: per (rate, back-end) the median over runs of p50, p99, p99.9 and max (us),
-# with samples/lost summed; then every run's figures with the core-to-core round trip
+# with samples/lost summed and the back-end process's CPU use (median, % of one core); then every run's figures with the core-to-core round trip
 # measured before it (examples/core_rtt.rs; ~100 ns fast level, ~500 ns slow level).
 set -u
 RATES=${RATES:-"10000 100000 1000000"}
@@ -77,13 +77,18 @@ run_one() {
         wait_for "$WORK/$tag.host.log" "testpmd>" 20 || return 1
         { echo "set fwd io"; echo start; } >&7
     fi
+    local bpid=${PIDS%% *} t0 t1
+    t0=$(awk '{print $14 + $15}' "/proc/$bpid/stat")
     "$PMD" --vdev "virtio_user0,path=$SOCK" --forward-mode txonly --txpkts 64 --latency --tx-pps "$rate" \
         --cores "$GUEST_CPU" $PMD_ARGS --stats-format json --duration "$DUR" >"$WORK/$tag.guest.log" 2>&1
+    # The back-end's CPU use over the run (user + system clock ticks).
+    t1=$(awk '{print $14 + $15}' "/proc/$bpid/stat")
+    echo $(( (t1 - t0) * 100 / $(getconf CLK_TCK) / DUR )) >"$WORK/$tag.cpu"
     if [ "$who" = dpdk ]; then { echo stop; echo quit; } >&7 2>/dev/null; fi
     local k; for k in $(seq 30); do kill -0 $PIDS 2>/dev/null || break; sleep 0.1; done
     kill -TERM $PIDS 2>/dev/null; wait $PIDS 2>/dev/null; PIDS=""
     exec 7>&- 2>/dev/null
-    python3 - "$WORK/$tag.guest.log" <<'PY'
+    python3 - "$WORK/$tag.guest.log" "$WORK/$tag.cpu" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
     try:
@@ -91,7 +96,8 @@ for line in open(sys.argv[1]):
     except ValueError:
         continue
     if v.get("type") == "port_latency":
-        print(v["p50_ns"], v["p99_ns"], v["p999_ns"], v["max_ns"], v["samples"], v["lost"])
+        cpu = open(sys.argv[2]).read().strip()
+        print(v["p50_ns"], v["p99_ns"], v["p999_ns"], v["max_ns"], v["samples"], v["lost"], cpu)
         sys.exit(0)
 sys.exit(1)
 PY
@@ -99,7 +105,7 @@ PY
 
 echo "# $(date -u +%FT%TZ) $(dpdk-testpmd -v 2>&1 | grep -o 'DPDK [0-9.]*' | head -1) | $(lscpu | sed -n 's/^Model name: *//p') x $(nproc)"
 echo "# round trip, 64 B, our testpmd --latency --tx-pps RATE through each back-end; ${RUNS} runs of ${DUR} s each"
-printf "%-9s %-6s %9s %9s %9s %9s %10s %6s\n" rate backend p50_us p99_us p999_us max_us samples lost
+printf "%-9s %-10s %9s %9s %9s %9s %10s %6s %6s\n" rate backend p50_us p99_us p999_us max_us samples lost cpu
 runs=""
 for rate in $RATES; do
     for who in $WHO; do : >"$WORK/$rate.$who"; done
@@ -120,11 +126,12 @@ for rate in $RATES; do
 import statistics, sys
 rows = [list(map(int, l.split())) for l in open(sys.argv[1]) if l.strip()]
 if not rows:
-    print(f"{sys.argv[2]:<9} {sys.argv[3]:<6} no successful run")
+    print(f"{sys.argv[2]:<9} {sys.argv[3]:<10} no successful run")
     sys.exit(0)
 cols = [statistics.median_low(sorted(r[i] for r in rows)) / 1000 for i in range(4)]
-print(f"{sys.argv[2]:<9} {sys.argv[3]:<6}" + "".join(f" {c:9.2f}" for c in cols)
-      + f" {sum(r[4] for r in rows):10d} {sum(r[5] for r in rows):6d}")
+cpu = statistics.median_low(sorted(r[6] for r in rows))
+print(f"{sys.argv[2]:<9} {sys.argv[3]:<10}" + "".join(f" {c:9.2f}" for c in cols)
+      + f" {sum(r[4] for r in rows):10d} {sum(r[5] for r in rows):6d} {cpu:5d}%")
 PY
     done
 done
