@@ -59,13 +59,11 @@ impl PortPath {
         let need = frame.len() as u64;
         let chain = self.dst_chain.chain(mem);
         // Receive chains used: one per frame, or several for a frame spread over
-        // mergeable buffers; `nrx` is how many the ring has shown this burst.
+        // mergeable buffers (then fewer than `n` frames fit, and the rest of the budget
+        // goes back); `nrx` is how many chains the ring has shown this burst.
         let mut used = 0u16;
         let mut nrx = avail;
-        for _ in 0..n {
-            if used >= nrx {
-                break;
-            }
+        while used < n {
             let head = match ring.walk_avail(mem, used, Dir::DeviceWrites, chain) {
                 Ok(h) => h,
                 Err(b) => {
