@@ -9,7 +9,7 @@
 #
 # Usage (root, from the workspace, after cargo build --release -p testpmd -p host-backend
 # --example core_rtt): host-backend/bench/loop-levels.sh
-# Environment: RUNS (5), DUR (8 s; the first and last second are not sampled), WHO ("ours dpdk"), SIZE (64), RING (256), HOST_CPU/GUEST_CPU,
+# Environment: RUNS (5), DUR (8 s; the first and last second are not sampled), WHO ("ours dpdk"), SIZE (64), RING (256), PACKED (0; 1: packed rings on both virtio-users), HOST_CPU/GUEST_CPU,
 # BIN, PMD, PMD_ARGS (--hugepages), OUR_X (extra options for our testpmd), BE_X (for our
 # backend).
 # Output per run: who, the mean and each 1-s sample of the loop rate (Mpps, first second
@@ -21,6 +21,7 @@ DUR=${DUR:-8}
 WHO=${WHO:-"ours dpdk"}
 SIZE=${SIZE:-64}
 RING=${RING:-256}
+PACKED=${PACKED:-0}
 HOST_CPU=${HOST_CPU:-1}
 GUEST_CPU=${GUEST_CPU:-0}
 BIN=${BIN:-target/release/host-backend}
@@ -65,7 +66,7 @@ run_ours() { # TAG -> guest log with "Rx-pps:" lines and burst lines
     "$BIN" --port "reflect:$SOCK" --cores "$HOST_CPU" --poll-us 0 $BE_X >"$WORK/$1.host.log" 2>&1 &
     PIDS=$!
     wait_for "$WORK/$1.host.log" "listening on" 10 || return 1
-    "$PMD" --vdev "virtio_user0,path=$SOCK,queue_size=$RING" --forward-mode macswap --tx-first 32 --txpkts "$SIZE" \
+    "$PMD" --vdev "virtio_user0,path=$SOCK,queue_size=$RING,packed_vq=$PACKED" --forward-mode macswap --tx-first 32 --txpkts "$SIZE" \
         --cores "$GUEST_CPU" $PMD_ARGS $OUR_X --record-burst-stats --stats-period 1 --duration "$DUR" \
         >"$WORK/$1.guest.log" 2>&1
     stop_pids
@@ -81,7 +82,7 @@ run_dpdk() { # TAG
     wait_for "$WORK/$1.host.log" "testpmd>" 20 || return 1
     { echo "set fwd io"; echo start; } >&7
     stdbuf -oL dpdk-testpmd --lcores="0@${HOST_CPU},1@${GUEST_CPU}" --no-pci --file-prefix=vnetlvl-guest -m 512 \
-        --single-file-segments --vdev "net_virtio_user0,path=$SOCK,queues=1,queue_size=$RING" \
+        --single-file-segments --vdev "net_virtio_user0,path=$SOCK,queues=1,queue_size=$RING,packed_vq=$PACKED" \
         -- -i --nb-cores=1 --rxq=1 --txq=1 --rxd="$RING" --txd="$RING" --txpkts="$SIZE" --total-num-mbufs=16384 --record-burst-stats \
         <"$WORK/$1.gin" >"$WORK/$1.guest.log" 2>&1 7>&- 8>&- &
     PIDS="$PIDS $!"
@@ -95,7 +96,7 @@ run_dpdk() { # TAG
     exec 7>&- 8>&-
 }
 
-echo "# $(date -u +%FT%TZ) loop levels, $SIZE B, $(git rev-parse --short HEAD 2>/dev/null) | $(dpdk-testpmd -v 2>&1 | grep -o 'DPDK [0-9.]*' | head -1)"
+echo "# $(date -u +%FT%TZ) loop levels, $SIZE B, ring $RING $([ "$PACKED" = 1 ] && echo packed || echo split), ours: $OUR_X / $BE_X, $(git rev-parse --short HEAD 2>/dev/null) | $(dpdk-testpmd -v 2>&1 | grep -o 'DPDK [0-9.]*' | head -1)"
 for r in $(seq "$RUNS"); do
     for who in $WHO; do
         tag=$who.$r

@@ -135,6 +135,8 @@ pub struct Worker {
     engine: Arc<Engine>,
     poll: Duration,
     kind: WorkerKind,
+    /// `--idle-pause`: pause instructions after a loop without work.
+    idle_pause: u32,
 }
 
 impl Worker {
@@ -145,14 +147,24 @@ impl Worker {
         paths: Vec<PortPath>,
         engine: Arc<Engine>,
         poll_us: u64,
+        idle_pause: u32,
     ) -> Worker {
-        Worker { index, cpu, paths, engine, poll: Duration::from_micros(poll_us), kind: WorkerKind::Data }
+        let poll = Duration::from_micros(poll_us);
+        Worker { index, cpu, paths, engine, poll, kind: WorkerKind::Data, idle_pause }
     }
 
     /// The control worker (unpinned) running the control-queue `paths`, engine slot
     /// `index` (after every data worker's).
     pub fn control(index: usize, paths: Vec<PortPath>, engine: Arc<Engine>) -> Worker {
-        Worker { index, cpu: None, paths, engine, poll: Duration::ZERO, kind: WorkerKind::Control }
+        Worker {
+            index,
+            cpu: None,
+            paths,
+            engine,
+            poll: Duration::ZERO,
+            kind: WorkerKind::Control,
+            idle_pause: 0,
+        }
     }
 
     /// Starts the worker thread.
@@ -242,6 +254,9 @@ impl Worker {
                     }
                 }
                 continue;
+            }
+            for _ in 0..self.idle_pause {
+                std::hint::spin_loop();
             }
             if any_active {
                 if self.poll.is_zero() || !can_sleep {

@@ -392,6 +392,11 @@ pub struct Args {
     /// and measures what comes back (a round trip through a reflecting back-end).
     #[arg(long)]
     pub latency: bool,
+    /// After a pass over its streams that moved nothing, a forwarding thread spins this
+    /// many CPU pause instructions before polling again (0: at once). A probe for what
+    /// polling rings the other side is writing costs (issue 24); not a tuning knob yet.
+    #[arg(long = "idle-pause", default_value_t = 0, value_name = "N")]
+    pub idle_pause: u32,
     /// Count the packets of every receive and transmit burst call and show how they
     /// spread with the forward statistics (DPDK's option of the same name).
     #[arg(long = "record-burst-stats")]
@@ -458,6 +463,8 @@ pub struct Config {
     pub tx_pps: u64,
     /// `--record-burst-stats`.
     pub burst_stats: bool,
+    /// `--idle-pause`.
+    pub idle_pause: u32,
     /// Pool size per port.
     pub mbufs: Option<u32>,
     /// Headroom.
@@ -565,6 +572,7 @@ impl Config {
             latency: a.latency,
             tx_pps: a.tx_pps,
             burst_stats: a.record_burst_stats,
+            idle_pause: a.idle_pause,
             mbufs: a.total_num_mbufs,
             headroom: a.headroom,
             interactive: a.interactive,

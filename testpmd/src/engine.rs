@@ -103,6 +103,8 @@ pub struct FwdParams {
     pub tx_pps: u64,
     /// `--record-burst-stats`.
     pub burst_stats: bool,
+    /// `--idle-pause`: pause instructions after a pass that moved nothing.
+    pub idle_pause: u32,
 }
 
 /// One receive queue → one transmit queue.
@@ -550,15 +552,22 @@ pub fn forward(
             eng.tx_first(s, &ports, n);
         }
     }
+    let idle_pause = eng.params.idle_pause;
     while !stop.load(Ordering::Relaxed) {
+        let mut moved = 0;
         for i in 0..streams.len() {
             let (rp, tp) = (streams[i].rx_port as usize, streams[i].tx_port as usize);
             if ports[rp].stopped.load(Ordering::Relaxed) || ports[tp].stopped.load(Ordering::Relaxed) {
                 continue;
             }
-            eng.burst(&mut streams[i], &ports);
+            moved += eng.burst(&mut streams[i], &ports);
             if let Some(r) = routes.get(i) {
                 flush_xdp(&mut streams, i, *r);
+            }
+        }
+        if moved == 0 {
+            for _ in 0..idle_pause {
+                std::hint::spin_loop();
             }
         }
     }

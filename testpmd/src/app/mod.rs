@@ -416,6 +416,7 @@ impl App {
             latency: self.cfg.latency,
             tx_pps: self.cfg.tx_pps,
             burst_stats: self.cfg.burst_stats,
+            idle_pause: self.cfg.idle_pause,
         };
         // XDP Tx/Redirect packets of queue q go out on queue q of another stream: all
         // streams of one queue index share a thread, so no packet crosses threads
