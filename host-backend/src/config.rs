@@ -35,6 +35,8 @@ pub struct Config {
     pub poll_us: u64,
     /// Pause instructions a data worker spins after a loop without work (`--idle-pause`).
     pub idle_pause: u32,
+    /// Forwarding bursts prefetch the frames they will read first (`--prefetch-tx`).
+    pub prefetch_tx: bool,
     /// Frame size of `gen` ports (without the virtio-net header); with `gso_size`, the
     /// size of one TCP super-frame.
     pub pkt_size: u16,
@@ -74,6 +76,7 @@ impl Default for Config {
             cores: None,
             poll_us: 50,
             idle_pause: 0,
+            prefetch_tx: false,
             pkt_size: 64,
             gso_size: None,
             gen_count: None,

@@ -165,6 +165,7 @@ impl Backend {
                             iommu: cfg.iommu,
                             packed: !cfg.no_packed,
                             sink_read: cfg.sink_read,
+                            prefetch_tx: cfg.prefetch_tx,
                             tap: spec.ifname.clone(),
                         },
                         engine.clone(),

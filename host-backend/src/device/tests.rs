@@ -17,6 +17,7 @@ fn device(pairs: u16, guest_offloads: u64) -> Arc<Device> {
         iommu: false,
         packed: true,
         sink_read: false,
+        prefetch_tx: false,
         tap: None,
     };
     // No workers: every sync returns at once.

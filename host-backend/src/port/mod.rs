@@ -184,6 +184,9 @@ pub struct PortPath {
     /// Whether the source and the destination ring are packed (set when rings are
     /// taken): the engine a burst runs with, chosen once per burst.
     packed: (bool, bool),
+    /// `--prefetch-tx`: a forwarding burst first asks for the lines of every frame it
+    /// will read (a probe for issue 24's loop levels; off by default).
+    prefetch_tx: bool,
     /// `run` takes this path's bursts out of line ([`run_other`](Self::run_other)): a
     /// packed ring, a `sink --sink-read` or a tap (set with the rings). The split-ring
     /// bursts inlined in `run` are the 64-byte benchmarks': every other kind's code
@@ -210,6 +213,7 @@ impl PortPath {
             // MTU plus Ethernet header plus one VLAN tag.
             max_frame: mtu as u64 + ETH_HLEN + 4,
             packed: (false, false),
+            prefetch_tx: false,
             out_of_line: false,
         }
     }
@@ -255,6 +259,7 @@ impl PortPath {
         if src.params.host_offloads != 0 {
             p.staging = Some(Box::new(offload::Staging::new(p.max_frame as usize)));
         }
+        p.prefetch_tx = src.params.prefetch_tx;
         p
     }
 
