@@ -741,28 +741,37 @@ fn icmpecho_answers_arp_and_echo_requests() {
 /// in the receive ring when testpmd reset the devices).
 #[test]
 fn io_between_two_ports_keeps_every_packet() {
+    io_between_two_ports(&[], &[]);
+}
+
+/// The same with the loop probes on both sides (`--prefetch-tx` and `--idle-pause` on the
+/// backend, `--idle-pause` on testpmd): they change no count.
+#[test]
+fn io_between_two_ports_with_the_probes_on() {
+    io_between_two_ports(&["--prefetch-tx", "--idle-pause", "16"], &["--idle-pause", "16"]);
+}
+
+fn io_between_two_ports(backend_extra: &[&str], pmd_extra: &[&str]) {
     const I: u64 = 4 * 32;
     let _serial = serial();
     let dir = TempDir::new("tp-io2");
     let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
-    let backend = Backend::start(&["--port", &xconnect_arg(&a, &b)]);
-    let exit = run(
-        &[
-            "--vdev",
-            &vdev(0, &a),
-            "--vdev",
-            &vdev(1, &b),
-            "--forward-mode",
-            "io",
-            "--tx-first",
-            "4",
-            "--duration",
-            "2",
-            "--stats-format",
-            "json",
-        ],
-        RUN_TIMEOUT,
-    );
+    let backend = Backend::start(&[&["--port", &xconnect_arg(&a, &b)], backend_extra].concat());
+    let args = [
+        "--vdev",
+        &vdev(0, &a),
+        "--vdev",
+        &vdev(1, &b),
+        "--forward-mode",
+        "io",
+        "--tx-first",
+        "4",
+        "--duration",
+        "2",
+        "--stats-format",
+        "json",
+    ];
+    let exit = run(&[&args[..], pmd_extra].concat(), RUN_TIMEOUT);
     assert_ok(&exit);
     let log = backend.log();
     let fin = backend.stop();
