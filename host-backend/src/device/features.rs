@@ -33,11 +33,8 @@ pub fn offered_features(params: &DeviceParams) -> u64 {
     // Forwarded and generated frames may be larger than one receive buffer (`port::mrg`).
     // `sink` delivers nothing, but a driver sizes its receive buffers for the MTU: without
     // mergeable buffers one at `--mtu 9000` would need 9 KiB buffers (ours and DPDK's
-    // virtio-user refuse to start without them). `gen --gso-size` writes each TCP frame
-    // into one buffer (its super-frames need large receive buffers).
-    if !(params.kind == PortKind::Gen && params.guest_offloads != 0) {
-        v |= f::bit(f::NET_MRG_RXBUF);
-    }
+    // virtio-user refuse to start without them).
+    v |= f::bit(f::NET_MRG_RXBUF);
     if params.queue_pairs > 1 {
         v |= f::bit(f::NET_MQ);
     }

@@ -199,6 +199,43 @@ impl PortPath {
             };
             let capacity: u64 = chain.segs().iter().map(|s| s.len as u64).sum();
             if capacity < tcp.next_len(tso) as u64 {
+                if rx.mrg_rxbuf && capacity >= NET_HDR_LEN as u64 {
+                    // Over several mergeable buffers, as in `run_gen` (out of line).
+                    let (out, off, len) = tcp.next_frame(tso, csum);
+                    let mut hdr = [0u8; NET_HDR_LEN];
+                    hdr.copy_from_slice(&out[..NET_HDR_LEN]);
+                    let src = mrg::FrameSrc::Parts(&out[NET_HDR_LEN..], &tcp.payload()[off..off + len]);
+                    let flen = out.len() - NET_HDR_LEN + len;
+                    let mut nrx = avail;
+                    match mrg::scatter(
+                        ring,
+                        mem,
+                        &mut nrx,
+                        i,
+                        chain,
+                        head,
+                        &mut self.mrg_chain,
+                        hdr,
+                        src,
+                        flen,
+                    ) {
+                        Ok(mrg::Placed::Done(k)) => {
+                            tcp.advance(off, len);
+                            c.tx_packets += 1;
+                            c.tx_bytes += flen as u64;
+                            done += k;
+                            // The chains after this one were used too: end the burst here
+                            // (the next burst polls on from them).
+                            break;
+                        }
+                        Ok(mrg::Placed::Wait) => break,
+                        Ok(mrg::Placed::NoFit) => {}
+                        Err(b) => {
+                            failed = Some(b);
+                            break;
+                        }
+                    }
+                }
                 // As in `run_gen`: the frame is dropped, the buffer stays.
                 tcp.abort();
                 c.drop(DropReason::RxBufferTooSmall);
