@@ -397,6 +397,11 @@ pub struct Args {
     /// polling rings the other side is writing costs (issue 24); not a tuning knob yet.
     #[arg(long = "idle-pause", default_value_t = 0, value_name = "N")]
     pub idle_pause: u32,
+    /// Large receive (DPDK's option): negotiate GUEST_CSUM, GUEST_TSO4/6 and mergeable
+    /// receive buffers where the device offers them, so TCP super-frames arrive whole
+    /// (as buffer chains, with their GSO metadata) instead of as segments.
+    #[arg(long = "enable-lro")]
+    pub enable_lro: bool,
     /// Count the packets of every receive and transmit burst call and show how they
     /// spread with the forward statistics (DPDK's option of the same name).
     #[arg(long = "record-burst-stats")]
@@ -465,6 +470,8 @@ pub struct Config {
     pub burst_stats: bool,
     /// `--idle-pause`.
     pub idle_pause: u32,
+    /// `--enable-lro`.
+    pub enable_lro: bool,
     /// Pool size per port.
     pub mbufs: Option<u32>,
     /// Headroom.
@@ -573,6 +580,7 @@ impl Config {
             tx_pps: a.tx_pps,
             burst_stats: a.record_burst_stats,
             idle_pause: a.idle_pause,
+            enable_lro: a.enable_lro,
             mbufs: a.total_num_mbufs,
             headroom: a.headroom,
             interactive: a.interactive,

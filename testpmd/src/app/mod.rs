@@ -192,6 +192,15 @@ impl App {
             if want_mrg {
                 pc.features |= driver::layout::features::bit(driver::layout::features::NET_MRG_RXBUF);
             }
+            if cfg.enable_lro {
+                // DPDK's virtio PMD takes `--enable-lro` as GUEST_TSO4/6 (with the
+                // checksum offload they need); super-frames need mergeable buffers here.
+                use driver::layout::features::{
+                    bit, NET_GUEST_CSUM, NET_GUEST_TSO4, NET_GUEST_TSO6, NET_MRG_RXBUF,
+                };
+                pc.features |=
+                    bit(NET_GUEST_CSUM) | bit(NET_GUEST_TSO4) | bit(NET_GUEST_TSO6) | bit(NET_MRG_RXBUF);
+            }
             let data_room = pc.buf_size as usize - pc.headroom as usize;
             if let Some(big) = cfg.tx_segs.iter().find(|&&l| l > data_room) {
                 return Err(format!(
