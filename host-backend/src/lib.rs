@@ -68,12 +68,14 @@ use server::{Server, ServerHandle};
 use stats::DeviceSnapshot;
 use worker::{Engine, Worker};
 
-/// Guest offloads a `gen` port with `--gso-size` offers: checksum and TCPv4
-/// segmentation (it generates TCP/IPv4 only, so not TSO6, ECN, UFO or USO).
+/// Guest offloads a `gen` port with `--gso-size` offers: checksum and TCP segmentation.
+/// It generates TCP/IPv4 only, but offers TSO6 too: DPDK's virtio PMD takes large
+/// receive (`--enable-lro`) only from a device that offers both TSO4 and TSO6. Not ECN,
+/// UFO or USO.
 fn gso_offloads() -> u64 {
     use spec::layout::features::bit;
     use virtio_bindings::virtio_net as vn;
-    bit(vn::VIRTIO_NET_F_GUEST_CSUM) | bit(vn::VIRTIO_NET_F_GUEST_TSO4)
+    bit(vn::VIRTIO_NET_F_GUEST_CSUM) | bit(vn::VIRTIO_NET_F_GUEST_TSO4) | bit(vn::VIRTIO_NET_F_GUEST_TSO6)
 }
 
 /// Offloads a forwarding port (`reflect`, `xconnect`) offers unless `--no-offloads` (or
