@@ -49,6 +49,7 @@ pub(crate) mod port;
 pub mod ptr_ring;
 pub(crate) mod ring;
 pub(crate) mod server;
+pub(crate) mod sigbus;
 pub(crate) mod split_ring;
 pub mod stats;
 pub(crate) mod tap;

@@ -7,7 +7,8 @@
 //! waits until every worker has re-read device state at a burst boundary.
 //! Must not: parse vhost-user messages or touch rings outside a path's burst.
 //!
-//! A worker checks one atomic (the generation) per loop iteration; everything else it
+//! A worker checks two atomics per loop iteration (the generation, and the SIGBUS
+//! repair count that changes only when a front-end took its memory away); everything else it
 //! touches on the hot path is its own.
 //!
 //! Besides the data workers there is one control worker ([`WorkerKind::Control`]): it
@@ -27,6 +28,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::error::{Error, Result};
 use crate::port::PortPath;
+use crate::sigbus;
 
 struct Slot {
     /// The last generation this worker has applied.
@@ -186,6 +188,7 @@ impl Worker {
         self.pin();
         let slot = &self.engine.slots[self.index];
         let mut seen = 0;
+        let mut seen_repairs = sigbus::repairs();
         let mut epoll = None;
         let mut kick_fds: Vec<i32> = Vec::new();
         let mut poll_fds: Vec<i32> = Vec::new();
@@ -198,7 +201,11 @@ impl Worker {
             }
             // Acquire: pairs with `sync`'s AcqRel increment.
             let g = self.engine.generation.load(Ordering::Acquire);
-            if g != seen {
+            // A repaired SIGBUS (a front-end truncated its memory): re-activating the
+            // rings breaks those of the device whose memory it was (`sigbus.rs`).
+            let repairs = sigbus::repairs();
+            if g != seen || repairs != seen_repairs {
+                seen_repairs = repairs;
                 for p in &mut self.paths {
                     p.detach();
                 }

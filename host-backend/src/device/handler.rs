@@ -79,7 +79,10 @@ impl VhostUserBackendReqHandler for Handler {
             })
             .collect();
         let mem = GuestMemory::map(&regions, files).map_err(|e| {
-            warn!("{}: {e}", self.0.params.socket.display());
+            // Refused: the previous table (if any) stays in effect.
+            warn!("{}: SET_MEM_TABLE refused: {e}", self.0.params.socket.display());
+            // Relaxed: a statistics counter.
+            self.0.peer.mem_table_refused.fetch_add(1, Ordering::Relaxed);
             VuError::InvalidParam
         })?;
         info!("{}: memory table with {} region(s)", self.0.params.socket.display(), mem.region_count());

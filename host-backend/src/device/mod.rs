@@ -54,7 +54,7 @@ use crate::memory::{GuestMemory, RegionDesc};
 use crate::packed_ring::PackedRing;
 use crate::ring::AnyRing;
 use crate::split_ring::{signal, DeviceRing, RingConfig, RingFault};
-use crate::stats::{CtrlSnapshot, DeviceSnapshot, DropReason, IotlbSnapshot, PairStats};
+use crate::stats::{CtrlSnapshot, DeviceSnapshot, DropReason, IotlbSnapshot, PairStats, PeerSnapshot};
 use crate::worker::Engine;
 use virtio_bindings::virtio_net as vn;
 
@@ -249,7 +249,23 @@ pub struct Device {
     /// A ring waits for a translation: the next update resyncs the workers (which
     /// retries ring activation and wakes a sleeping worker).
     iotlb_waiting: AtomicBool,
+    /// What a hostile or broken front-end had refused or taken away.
+    pub peer: PeerCounters,
     engine: Arc<Engine>,
+}
+
+/// Front-end messages refused and memory lost on one device (totals over all
+/// connections).
+#[derive(Debug, Default)]
+pub struct PeerCounters {
+    /// `SET_MEM_TABLE` messages refused (a region longer than its file, not a regular
+    /// file, overlapping or overflowing regions, a failed mapping).
+    pub mem_table_refused: AtomicU64,
+    /// Kick, call or error file descriptors refused (not an eventfd).
+    pub fds_refused: AtomicU64,
+    /// Memory tables found truncated under the device (each counted once; its rings are
+    /// broken).
+    pub mem_faults: AtomicU64,
 }
 
 /// What the IOTLB protocol did on one device (totals over all connections).
@@ -286,6 +302,7 @@ impl Device {
             backend_channel: Mutex::new(None),
             logged_iotlb: AtomicBool::new(false),
             iotlb_waiting: AtomicBool::new(false),
+            peer: PeerCounters::default(),
             engine,
         })
     }
@@ -349,6 +366,11 @@ impl Device {
             return None;
         }
         let mem = st.mem.clone()?;
+        if mem.faulted() {
+            drop(st);
+            self.mark_broken(q, RingFault::MemoryGone);
+            return None;
+        }
         let feats = st.acked_features;
         let qs = &st.queues[q as usize];
         let cfg = RingConfig {
@@ -402,19 +424,36 @@ impl Device {
 
     /// Marks queue `q` broken: counted, logged once per device, its error eventfd
     /// signalled, and never activated again until the front-end sets it up anew.
+    ///
+    /// When the device's memory was truncated under it (`sigbus.rs`), whatever the ring
+    /// engine found is a consequence (the burst that faulted read zeros: an avail index
+    /// that jumped back, a zero descriptor), so the fault is [`RingFault::MemoryGone`]
+    /// whatever `bad` says: no drop is counted, the lost table once in `peer.mem_faults`.
     pub fn mark_broken(&self, q: u16, bad: RingFault) {
-        let err = {
+        let (err, bad) = {
             let mut st = self.lock();
+            let bad = match &st.mem {
+                Some(m) if m.faulted() => {
+                    if m.take_fault() {
+                        // Relaxed: a statistics counter.
+                        self.peer.mem_faults.fetch_add(1, Ordering::Relaxed);
+                    }
+                    RingFault::MemoryGone
+                }
+                _ => bad,
+            };
             let Some(qs) = st.queues.get_mut(q as usize) else {
                 return;
             };
             qs.broken = true;
-            qs.err.clone()
+            (qs.err.clone(), bad)
         };
         match self.stats.get(q as usize / 2) {
             Some(pair) => {
                 pair.broken.store(true, Ordering::Relaxed);
-                pair.drops[DropReason::BadDescriptor as usize].fetch_add(1, Ordering::Relaxed);
+                if bad != RingFault::MemoryGone {
+                    pair.drops[DropReason::BadDescriptor as usize].fetch_add(1, Ordering::Relaxed);
+                }
             }
             // The control queue. Relaxed: a statistics flag; the queue itself is stopped
             // through `qs.broken` under the lock.
@@ -540,6 +579,11 @@ impl Device {
             rx_filter: rx.to_json(),
             iotlb,
             tap: self.params.tap.clone(),
+            peer: PeerSnapshot {
+                mem_table_refused: self.peer.mem_table_refused.load(Ordering::Relaxed),
+                fds_refused: self.peer.fds_refused.load(Ordering::Relaxed),
+                mem_faults: self.peer.mem_faults.load(Ordering::Relaxed),
+            },
         }
     }
 

@@ -44,6 +44,10 @@ pub(crate) enum RingFault {
     /// Packed ring: the ring base (`SET_VRING_BASE`: offset, wrap counter in bit 15)
     /// names an offset outside the ring.
     BadBase { base: u16 },
+    /// The front-end took guest memory away (its file was truncated after it was
+    /// shared): an access was repaired by the SIGBUS handler (`sigbus.rs`). Not a
+    /// chain's fault, so no drop is counted for it.
+    MemoryGone,
 }
 
 impl std::fmt::Display for RingFault {
@@ -72,6 +76,9 @@ impl std::fmt::Display for RingFault {
             }
             RingFault::IdInFlight { id } => write!(f, "buffer id {id} made available while in flight"),
             RingFault::BadBase { base } => write!(f, "ring base {base:#x} outside the ring"),
+            RingFault::MemoryGone => {
+                write!(f, "guest memory was truncated under the device (its file shrank after SET_MEM_TABLE)")
+            }
         }
     }
 }

@@ -1,0 +1,220 @@
+//! Hostile vhost-user front-ends against the backend's control plane (issue 19): what a
+//! front-end sends besides ring contents (memory files, eventfds) must only ever break
+//! its own device.
+//!
+//! Every test starts one `host-backend` process with one worker (`--cores 0`) serving a
+//! BAD device and a GOOD `reflect` device; a well-behaved guest on GOOD reflects frames
+//! byte-for-byte before and after the attack, and its counters stay exact; BAD's
+//! attack is written with [`RawFrontend`] over the real protocol, and BAD's counters
+//! (`peer.*`, `broken_queues`, packets) are checked exactly, in a periodic stats line
+//! and in the final one at SIGTERM.
+//!
+//! * guest memory: a `SET_MEM_TABLE` region longer than its file is refused (the old
+//!   connection ends after the error reply); a file truncated after it was shared breaks BAD's rings
+//!   (the SIGBUS its pages raise is repaired for that device only).
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use vnet_tests::harness::{self, Backend, TempDir};
+use vnet_tests::rawfront::RawFrontend;
+
+/// Guest memory of each front-end.
+const MEM: usize = 1 << 20;
+/// Ring size of every queue.
+const RING: u16 = 64;
+/// Queue 0 of pair 0: the guest's receive queue.
+const RX: u16 = 0;
+/// Queue 1 of pair 0: the guest's transmit queue.
+const TX: u16 = 1;
+/// Bound on every wait for a stats line to show something (the period is 1 s).
+const STATS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on every wait for the data path.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Receive buffer length.
+const RX_BUF: u32 = 2048;
+/// Frame sizes of one reflect round on GOOD.
+const SIZES: [usize; 4] = [60, 128, 1000, 1514];
+
+type R = Result<(), String>;
+
+/// The backend (BAD as a `bad_kind` device, GOOD as `reflect`, one worker), with GOOD
+/// connected and one round reflected.
+struct Fixture {
+    _dir: TempDir,
+    backend: Backend,
+    bad: PathBuf,
+    good: PathBuf,
+    good_fe: RawFrontend,
+    rounds: u64,
+}
+
+impl Fixture {
+    fn start(tag: &str, bad_kind: &str) -> Fixture {
+        let dir = TempDir::new(tag);
+        let bad = dir.join("bad.sock");
+        let good = dir.join("good.sock");
+        let ports = [format!("{bad_kind}:{}", bad.display()), format!("reflect:{}", good.display())];
+        let backend = Backend::start(&["--cores", "0", "--port", &ports[0], "--port", &ports[1]]);
+        let mut good_fe = RawFrontend::connect(&good, MEM, 0).unwrap_or_else(|e| panic!("GOOD: {e}"));
+        good_fe.setup_queue(RX, RING).unwrap_or_else(|e| panic!("GOOD: {e}"));
+        good_fe.setup_queue(TX, RING).unwrap_or_else(|e| panic!("GOOD: {e}"));
+        let mut f = Fixture { _dir: dir, backend, bad, good, good_fe, rounds: 0 };
+        f.reflect_round();
+        f
+    }
+
+    /// One round on GOOD: every frame comes back unchanged.
+    fn reflect_round(&mut self) {
+        let seed = self.rounds as u16 * 16;
+        let frames: Vec<Vec<u8>> =
+            SIZES.iter().enumerate().map(|(i, len)| harness::test_frame(*len, seed + i as u16)).collect();
+        let fe = &mut self.good_fe;
+        let r: R = (|| {
+            fe.post_rx_buffers(RX, frames.len() as u16, RX_BUF)?;
+            fe.send_frames(TX, &frames)?;
+            let got = fe.recv_frames(RX, frames.len(), IO_TIMEOUT)?;
+            fe.wait_tx_done(TX, IO_TIMEOUT)?;
+            if got != frames {
+                return Err("frames came back different".into());
+            }
+            Ok(())
+        })();
+        r.unwrap_or_else(|e| panic!("GOOD round {}: {e}; log:\n{}", self.rounds, self.backend.log()));
+        self.rounds += 1;
+    }
+
+    /// Asserts GOOD's exact counters in `stats` after `rounds` rounds.
+    fn assert_good(stats: &Value, good: &Path, rounds: u64) {
+        let dev = harness::device(stats, good);
+        let n = SIZES.len() as u64 * rounds;
+        let bytes = SIZES.iter().sum::<usize>() as u64 * rounds;
+        for c in ["rx_packets", "tx_packets"] {
+            assert_eq!(harness::counter(dev, c), n, "GOOD {c}: {dev}");
+        }
+        for c in ["rx_bytes", "tx_bytes"] {
+            assert_eq!(harness::counter(dev, c), bytes, "GOOD {c}: {dev}");
+        }
+        assert_eq!(harness::total_drops(dev), 0, "GOOD drops: {dev}");
+        assert_eq!(harness::counter(dev, "broken_queues"), 0, "GOOD broken_queues: {dev}");
+        for c in ["peer.mem_table_refused", "peer.fds_refused", "peer.mem_faults"] {
+            assert_eq!(harness::counter(dev, c), 0, "GOOD {c}: {dev}");
+        }
+    }
+
+    /// After an attack: the backend is alive, GOOD reflects another round with exact
+    /// counters, `check_bad` holds for BAD in the stats line that shows GOOD's round and
+    /// in the final line at SIGTERM; returns the backend's log.
+    fn finish(mut self, check_bad: impl Fn(&Value)) -> String {
+        assert!(self.backend.is_running(), "backend died after the attack; log:\n{}", self.backend.log());
+        self.reflect_round();
+        let n = SIZES.len() as u64 * self.rounds;
+        let good = self.good.clone();
+        let stats = self.backend.wait_stats(STATS_TIMEOUT, |s| {
+            find_dev(s, &good).is_some_and(|d| d["tx_packets"].as_u64() == Some(n))
+        });
+        Fixture::assert_good(&stats, &good, self.rounds);
+        check_bad(harness::device(&stats, &self.bad));
+        let log = self.backend.log();
+        let Fixture { backend, good_fe, bad, rounds, .. } = self;
+        let last = backend.stop();
+        assert_eq!(last["final"].as_bool(), Some(true), "final line: {last}");
+        Fixture::assert_good(&last, &good, rounds);
+        check_bad(harness::device(&last, &bad));
+        drop(good_fe);
+        log
+    }
+}
+
+/// The device of `stats` whose socket is `path`, without panicking (for predicates).
+fn find_dev<'a>(stats: &'a Value, path: &Path) -> Option<&'a Value> {
+    stats["devices"].as_array()?.iter().find(|d| d["socket"].as_str() == path.to_str())
+}
+
+/// A fresh memfd of `len` bytes, owned by the test (never mapped here).
+fn memfd(len: u64) -> File {
+    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"hostile-mem".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(len).expect("ftruncate");
+    f
+}
+
+/// Sends `frames` frames of 64 bytes on BAD's TX queue and waits until they are used.
+fn sink_frames(fe: &mut RawFrontend, frames: usize) -> R {
+    let fs: Vec<Vec<u8>> = (0..frames).map(|i| harness::test_frame(64, i as u16)).collect();
+    fe.send_frames(TX, &fs)?;
+    fe.wait_tx_done(TX, IO_TIMEOUT)
+}
+
+// ---- 1. guest memory ----------------------------------------------------------------
+
+/// A region longer than its file (here: an empty file) would raise SIGBUS on the first
+/// ring access: the table is refused (error reply, connection closed) and counted; BAD
+/// connects again and sinks frames; GOOD never notices.
+#[test]
+fn mem_region_longer_than_its_file_is_refused() {
+    let _serial = harness::serial();
+    let f = Fixture::start("hostile-memlen", "sink");
+    let mut bad = RawFrontend::connect(&f.bad, MEM, 0).expect("BAD connect");
+    bad.setup_queue(TX, RING).expect("BAD queue");
+    sink_frames(&mut bad, 3).expect("BAD before");
+    let short = memfd(0);
+    let (_, size) = bad.mem_range();
+    let refused = bad.set_mem_table_fd(short.as_raw_fd(), size);
+    assert!(refused.is_err(), "a region longer than its file must be refused");
+    // A refused request ends the connection (after the error reply, as for every
+    // refused request); the same front-end connects again and works.
+    drop(bad);
+    let mut bad = RawFrontend::connect(&f.bad, MEM, 0).expect("BAD reconnect");
+    bad.setup_queue(TX, RING).expect("BAD queue");
+    sink_frames(&mut bad, 2).expect("BAD after reconnecting");
+    let log = f.finish(|dev| {
+        assert_eq!(harness::counter(dev, "peer.mem_table_refused"), 1, "BAD: {dev}");
+        assert_eq!(harness::counter(dev, "peer.mem_faults"), 0, "BAD: {dev}");
+        assert_eq!(harness::counter(dev, "rx_packets"), 5, "BAD: {dev}");
+        assert_eq!(harness::counter(dev, "broken_queues"), 0, "BAD: {dev}");
+    });
+    assert!(log.contains("longer than its file"), "the log must say why; log:\n{log}");
+    drop(bad);
+}
+
+/// The front-end shares a file that holds its rings, then truncates it: every page the
+/// backend touches is gone. The SIGBUS is repaired for BAD only: BAD's queue pair is
+/// broken (counted once as a memory fault, no drop counted), GOOD on the same worker
+/// keeps reflecting.
+#[test]
+fn mem_truncated_after_sharing_breaks_only_that_device() {
+    let _serial = harness::serial();
+    let f = Fixture::start("hostile-memtrunc", "sink");
+    let mut bad = RawFrontend::connect(&f.bad, MEM, 0).expect("BAD connect");
+    bad.setup_queue(TX, RING).expect("BAD queue");
+    sink_frames(&mut bad, 3).expect("BAD before");
+    // The same guest memory, in a file of the test's: the backend's rings resume from
+    // the copy exactly where they were.
+    let (start, size) = bad.mem_range();
+    let copy = memfd(size);
+    copy.write_all_at(&bad.read_mem(start, size as usize).expect("read guest memory"), 0).expect("copy");
+    bad.set_mem_table_fd(copy.as_raw_fd(), size).expect("BAD: a whole file is accepted");
+    copy.set_len(0).expect("truncate");
+    // A busy-polling worker touches the ring at once; a sleeping one on this kick.
+    bad.kick(TX).expect("kick");
+    let bad_path = f.bad.clone();
+    f.backend.wait_stats(STATS_TIMEOUT, |s| {
+        find_dev(s, &bad_path).is_some_and(|d| d["broken_queues"].as_u64() == Some(1))
+    });
+    let log = f.finish(|dev| {
+        assert_eq!(harness::counter(dev, "peer.mem_faults"), 1, "BAD: {dev}");
+        assert_eq!(harness::counter(dev, "broken_queues"), 1, "BAD: {dev}");
+        assert_eq!(harness::total_drops(dev), 0, "BAD drops: {dev}");
+        assert_eq!(harness::counter(dev, "rx_packets"), 3, "BAD: {dev}");
+    });
+    assert!(log.contains("guest memory was truncated"), "the log must say why; log:\n{log}");
+    drop(bad);
+}
