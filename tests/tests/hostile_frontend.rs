@@ -12,6 +12,8 @@
 //! * guest memory: a `SET_MEM_TABLE` region longer than its file is refused (the old
 //!   connection ends after the error reply); a file truncated after it was shared breaks BAD's rings
 //!   (the SIGBUS its pages raise is repaired for that device only).
+//! * file descriptors: a pipe in place of a kick or call eventfd is refused; a blocking
+//!   call eventfd preloaded to its maximum cannot block the worker's signal.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -20,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
+use vmm_sys_util::eventfd::EventFd;
 use vnet_tests::harness::{self, Backend, TempDir};
 use vnet_tests::rawfront::RawFrontend;
 
@@ -216,5 +219,76 @@ fn mem_truncated_after_sharing_breaks_only_that_device() {
         assert_eq!(harness::counter(dev, "rx_packets"), 3, "BAD: {dev}");
     });
     assert!(log.contains("guest memory was truncated"), "the log must say why; log:\n{log}");
+    drop(bad);
+}
+
+// ---- 2. file descriptors ------------------------------------------------------------
+
+/// A pipe of one page (`F_SETPIPE_SZ`) whose write end poses as an eventfd, and its
+/// read end (kept open and never read, so the pipe fills).
+fn small_pipe() -> (File, EventFd) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two fds into the array; the result is checked.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe: {}", std::io::Error::last_os_error());
+    // SAFETY: fcntl on the fresh pipe; shrinking its buffer is best effort.
+    unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 4096) };
+    // SAFETY: fresh descriptors nobody else owns.
+    unsafe { (File::from_raw_fd(fds[0]), EventFd::from_raw_fd(fds[1])) }
+}
+
+/// A pipe in place of the call eventfd, then of the kick eventfd: each is refused (error
+/// reply, connection ended) and counted; BAD connects again and sinks frames; GOOD on the
+/// same worker never notices. (Accepted, the call pipe fills after a page of calls and
+/// the worker's blocking write never returns.)
+#[test]
+fn pipe_in_place_of_an_eventfd_is_refused() {
+    let _serial = harness::serial();
+    let f = Fixture::start("hostile-pipefd", "sink");
+    let (_read_end, pipe) = small_pipe();
+    let mut bad = RawFrontend::connect(&f.bad, MEM, 0).expect("BAD connect");
+    bad.setup_queue(TX, RING).expect("BAD queue");
+    sink_frames(&mut bad, 2).expect("BAD before");
+    assert!(bad.set_vring_call_fd(TX, &pipe).is_err(), "a pipe as call fd must be refused");
+    drop(bad);
+    let mut bad = RawFrontend::connect(&f.bad, MEM, 0).expect("BAD reconnect");
+    bad.setup_queue(TX, RING).expect("BAD queue");
+    assert!(bad.set_vring_kick_fd(TX, &pipe).is_err(), "a pipe as kick fd must be refused");
+    drop(bad);
+    let mut bad = RawFrontend::connect(&f.bad, MEM, 0).expect("BAD reconnect");
+    bad.setup_queue(TX, RING).expect("BAD queue");
+    sink_frames(&mut bad, 3).expect("BAD after reconnecting");
+    let log = f.finish(|dev| {
+        assert_eq!(harness::counter(dev, "peer.fds_refused"), 2, "BAD: {dev}");
+        assert_eq!(harness::counter(dev, "rx_packets"), 5, "BAD: {dev}");
+        assert_eq!(harness::counter(dev, "broken_queues"), 0, "BAD: {dev}");
+    });
+    assert!(log.contains("SET_VRING_CALL 1 refused: not an eventfd (pipe:"), "log:\n{log}");
+    assert!(log.contains("SET_VRING_KICK 1 refused: not an eventfd (pipe:"), "log:\n{log}");
+    drop(bad);
+}
+
+/// A blocking call eventfd the front-end preloaded to its maximum: the backend's next
+/// signal would block forever in a blocking write. It is made non-blocking when it
+/// arrives, so the signal is dropped (the counter is non-zero: the front-end is
+/// signalled anyway), BAD keeps sinking and GOOD keeps reflecting on the same worker.
+#[test]
+fn preloaded_blocking_call_eventfd_cannot_stall_the_worker() {
+    let _serial = harness::serial();
+    let f = Fixture::start("hostile-callfull", "sink");
+    let mut bad = RawFrontend::connect(&f.bad, MEM, 0).expect("BAD connect");
+    bad.setup_queue(TX, RING).expect("BAD queue");
+    sink_frames(&mut bad, 2).expect("BAD before");
+    let call = EventFd::new(0).expect("eventfd");
+    call.write(u64::MAX - 1).expect("preload");
+    bad.set_vring_call_fd(TX, &call).expect("an eventfd is accepted");
+    for _ in 0..4 {
+        sink_frames(&mut bad, 1).expect("BAD with a full call eventfd");
+    }
+    let log = f.finish(|dev| {
+        assert_eq!(harness::counter(dev, "peer.fds_refused"), 0, "BAD: {dev}");
+        assert_eq!(harness::counter(dev, "rx_packets"), 6, "BAD: {dev}");
+        assert_eq!(harness::counter(dev, "broken_queues"), 0, "BAD: {dev}");
+    });
+    drop(log);
     drop(bad);
 }

@@ -11,9 +11,20 @@ use super::*;
 /// crate's `BackendReqHandler` calls it from the device's control thread).
 pub struct Handler(pub Arc<Device>);
 
-fn eventfd_from(file: Option<File>) -> Option<Arc<EventFd>> {
-    // SAFETY: `into_raw_fd` hands over sole ownership of a valid fd to the EventFd.
-    file.map(|f| Arc::new(unsafe { EventFd::from_raw_fd(f.into_raw_fd()) }))
+/// The eventfd in `file`, validated and non-blocking (see `fds.rs`); a refusal is
+/// logged and counted (`peer.fds_refused`) and ends the connection (as every refused
+/// request does, after the error reply).
+fn eventfd_from(dev: &Device, what: &str, index: u8, file: Option<File>) -> VuResult<Option<Arc<EventFd>>> {
+    let Some(file) = file else { return Ok(None) };
+    match fds::eventfd(file) {
+        Ok(e) => Ok(Some(Arc::new(e))),
+        Err(why) => {
+            warn!("{}: {what} {index} refused: {why}", dev.params.socket.display());
+            // Relaxed: a statistics counter.
+            dev.peer.fds_refused.fetch_add(1, Ordering::Relaxed);
+            Err(VuError::InvalidParam)
+        }
+    }
 }
 
 impl VhostUserBackendReqHandler for Handler {
@@ -159,7 +170,7 @@ impl VhostUserBackendReqHandler for Handler {
     }
     fn set_vring_kick(&self, index: u8, fd: Option<File>) -> VuResult<()> {
         log::debug!("{}: SET_VRING_KICK {index} (fd: {})", self.0.params.socket.display(), fd.is_some());
-        let kick = eventfd_from(fd);
+        let kick = eventfd_from(&self.0, "SET_VRING_KICK", index, fd)?;
         self.0.change_queue(index as u32, |q| {
             q.kick = kick;
             q.started = true;
@@ -167,14 +178,14 @@ impl VhostUserBackendReqHandler for Handler {
         })
     }
     fn set_vring_call(&self, index: u8, fd: Option<File>) -> VuResult<()> {
-        let call = eventfd_from(fd);
+        let call = eventfd_from(&self.0, "SET_VRING_CALL", index, fd)?;
         self.0.change_queue(index as u32, |q| {
             q.call = call;
             Ok(())
         })
     }
     fn set_vring_err(&self, index: u8, fd: Option<File>) -> VuResult<()> {
-        let err = eventfd_from(fd);
+        let err = eventfd_from(&self.0, "SET_VRING_ERR", index, fd)?;
         self.0.change_queue(index as u32, |q| {
             q.err = err;
             Ok(())

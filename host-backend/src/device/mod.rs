@@ -28,10 +28,11 @@
 //!
 //! Here: the device's state, its parameters, and the ring hand-over, control commands and
 //! statistics. In `handler`: the vhost-user request handler; in `features`: what is
-//! offered; in `iotlb`: the device's side of the IOTLB protocol; `tests`: unit tests.
+//! offered; in `fds`: the checks on file descriptors a front-end sends; in `iotlb`: the
+//! device's side of the IOTLB protocol; `tests`: unit tests.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -58,6 +59,7 @@ use crate::stats::{CtrlSnapshot, DeviceSnapshot, DropReason, IotlbSnapshot, Pair
 use crate::worker::Engine;
 use virtio_bindings::virtio_net as vn;
 
+mod fds;
 mod features;
 mod handler;
 mod iotlb;
