@@ -7,6 +7,11 @@
 //! waits until every worker has re-read device state at a burst boundary.
 //! Must not: parse vhost-user messages or touch rings outside a path's burst.
 //!
+//! Fairness between devices: each loop iteration gives every path one burst, at most
+//! `port::BURST` chains, and a chain costs at most `split_ring::MAX_SEGS + 1` buffer
+//! descriptors however long the guest made it (the walk abandons longer ones), so one
+//! device's burst is bounded whatever its guest writes and cannot starve the others.
+//!
 //! A worker checks two atomics per loop iteration (the generation, and the SIGBUS
 //! repair count that changes only when a front-end took its memory away); everything else it
 //! touches on the hot path is its own.

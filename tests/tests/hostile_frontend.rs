@@ -14,6 +14,9 @@
 //!   (the SIGBUS its pages raise is repaired for that device only).
 //! * file descriptors: a pipe in place of a kick or call eventfd is refused; a blocking
 //!   call eventfd preloaded to its maximum cannot block the worker's signal.
+//! * work bounds: a chain longer than a port can use is abandoned (and dropped, counted)
+//!   before its bad tail is read; a long chain's head made available twice breaks the
+//!   queue.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -21,6 +24,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use driver::layout::{features, Descriptor, DESC_F_INDIRECT, DESC_F_NEXT, DESC_SIZE, NET_HDR_LEN};
 use serde_json::Value;
 use vmm_sys_util::eventfd::EventFd;
 use vnet_tests::harness::{self, Backend, TempDir};
@@ -290,5 +294,88 @@ fn preloaded_blocking_call_eventfd_cannot_stall_the_worker() {
         assert_eq!(harness::counter(dev, "broken_queues"), 0, "BAD: {dev}");
     });
     drop(log);
+    drop(bad);
+}
+
+// ---- 3. work bounds -----------------------------------------------------------------
+
+/// Ring size of BAD's queue in the work-bound test (room for a 100-descriptor chain).
+const LONG_RING: u16 = 256;
+/// Descriptors of BAD's long chains: more than a port can use (64 pieces).
+const LONG: u16 = 100;
+
+fn desc(addr: u64, len: u32, flags: u16, next: u16) -> Descriptor {
+    Descriptor { addr, len, flags, next }
+}
+
+/// Publishes `heads` at avail slots `from..` of BAD's TX queue with one index store,
+/// kicks, and waits until the device used `wait_used` chains in all.
+fn offer(fe: &RawFrontend, from: u16, heads: &[u16], wait_used: Option<u16>) -> R {
+    for (k, h) in heads.iter().enumerate() {
+        fe.write_avail_slot(TX, from + k as u16, *h)?;
+    }
+    fe.set_avail_idx(TX, from + heads.len() as u16)?;
+    fe.kick(TX)?;
+    match wait_used {
+        Some(n) => fe.wait_used_idx(TX, n, IO_TIMEOUT),
+        None => Ok(()),
+    }
+}
+
+/// A chain longer than a port can use is abandoned after 65 pieces (its 100th
+/// descriptor, outside guest memory, is never read): dropped and counted
+/// (`too_many_segments`), through links and in an indirect table, and the queue keeps
+/// working. The same long chain made available twice at once breaks the queue (a head
+/// in flight), after the first one is dropped. GOOD on the same worker keeps reflecting.
+#[test]
+fn long_chains_are_abandoned_and_duplicate_heads_break_the_queue() {
+    let _serial = harness::serial();
+    let f = Fixture::start("hostile-longchain", "sink");
+    let mut bad =
+        RawFrontend::connect(&f.bad, MEM, features::bit(features::RING_INDIRECT_DESC)).expect("BAD");
+    bad.setup_queue(TX, LONG_RING).expect("BAD queue");
+    let (start, size) = bad.mem_range();
+    let outside = start + size;
+    let r: R = (|| {
+        let piece = bad.alloc(64, 64)?;
+        // Head 0: 0 -> 1 -> ... -> 99, the last descriptor outside guest memory.
+        for i in 0..LONG {
+            let (addr, flags) = if i + 1 == LONG { (outside, 0) } else { (piece, DESC_F_NEXT) };
+            bad.write_desc(TX, i, desc(addr, 64, flags, i + 1))?;
+        }
+        // Head 200: the same as an indirect table.
+        let table = bad.alloc(LONG as usize * DESC_SIZE, 16)?;
+        for i in 0..LONG {
+            let (addr, flags) = if i + 1 == LONG { (outside, 0) } else { (piece, DESC_F_NEXT) };
+            bad.write_desc_at(table + (i as usize * DESC_SIZE) as u64, desc(addr, 64, flags, i + 1))?;
+        }
+        bad.write_desc(TX, 200, desc(table, (LONG as usize * DESC_SIZE) as u32, DESC_F_INDIRECT, 0))?;
+        // Head 201: one good frame.
+        let mut frame = vec![0u8; NET_HDR_LEN];
+        frame.extend(harness::test_frame(64, 7));
+        let good = bad.alloc(frame.len(), 64)?;
+        bad.write_mem(good, &frame)?;
+        bad.write_desc(TX, 201, desc(good, frame.len() as u32, 0, 0))?;
+        offer(&bad, 0, &[0], Some(1))?;
+        offer(&bad, 1, &[200], Some(2))?;
+        offer(&bad, 2, &[201], Some(3))?;
+        offer(&bad, 3, &[0, 0], None)
+    })();
+    r.unwrap_or_else(|e| panic!("BAD: {e}; log:\n{}", f.backend.log()));
+    let bad_path = f.bad.clone();
+    f.backend.wait_stats(STATS_TIMEOUT, |s| {
+        find_dev(s, &bad_path).is_some_and(|d| d["broken_queues"].as_u64() == Some(1))
+    });
+    assert_eq!(bad.used_idx(TX), Ok(4), "the first of the two duplicates was used, the second not");
+    let log = f.finish(|dev| {
+        assert_eq!(harness::counter(dev, "drops.too_many_segments"), 3, "BAD: {dev}");
+        assert_eq!(harness::counter(dev, "drops.bad_descriptor"), 1, "BAD: {dev}");
+        assert_eq!(harness::counter(dev, "broken_queues"), 1, "BAD: {dev}");
+        assert_eq!(harness::counter(dev, "rx_packets"), 1, "BAD: {dev}");
+    });
+    assert!(
+        log.contains("queue 1 broken: head 0 made available again while its chain is in flight"),
+        "log:\n{log}"
+    );
     drop(bad);
 }

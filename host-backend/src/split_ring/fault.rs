@@ -38,6 +38,9 @@ pub(crate) enum RingFault {
     /// available under the wrap counter that position has (a wrap-counter lie, or a
     /// head made available before the rest of its chain).
     ChainNotAvailable { pos: u16 },
+    /// Split ring: an avail entry names a head whose chain (of several descriptors) is
+    /// available at an earlier position the device has not consumed yet.
+    HeadInFlight { head: u16 },
     /// Packed ring: a buffer id the device holds already (walked in this burst and not
     /// yet used) is made available again.
     IdInFlight { id: u16 },
@@ -73,6 +76,9 @@ impl std::fmt::Display for RingFault {
             }
             RingFault::ChainNotAvailable { pos } => {
                 write!(f, "descriptor chain continues into descriptor {pos}, which is not available")
+            }
+            RingFault::HeadInFlight { head } => {
+                write!(f, "head {head} made available again while its chain is in flight")
             }
             RingFault::IdInFlight { id } => write!(f, "buffer id {id} made available while in flight"),
             RingFault::BadBase { base } => write!(f, "ring base {base:#x} outside the ring"),
