@@ -50,6 +50,7 @@ pub mod ptr_ring;
 pub(crate) mod ring;
 pub(crate) mod server;
 pub(crate) mod sigbus;
+pub mod socket;
 pub(crate) mod split_ring;
 pub mod stats;
 pub(crate) mod tap;
@@ -222,7 +223,12 @@ impl Backend {
         let listeners = if cfg.client {
             None
         } else {
-            Some(devices.iter().map(|d| server::listen(&d.params.socket)).collect::<Result<Vec<_>>>()?)
+            Some(
+                devices
+                    .iter()
+                    .map(|d| server::listen(&d.params.socket, cfg.socket))
+                    .collect::<Result<Vec<_>>>()?,
+            )
         };
 
         // Groups round-robin over workers (groups are numbered densely in the order they

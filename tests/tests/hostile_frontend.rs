@@ -17,6 +17,9 @@
 //! * work bounds: a chain longer than a port can use is abandoned (and dropped, counted)
 //!   before its bad tail is read; a long chain's head made available twice breaks the
 //!   queue.
+//! * the listening socket: a live one (GOOD's) is not taken over by a second instance,
+//!   nor is a regular file at the path removed; a stale one is replaced, with the mode
+//!   and group asked for.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -52,7 +55,7 @@ type R = Result<(), String>;
 /// The backend (BAD as a `bad_kind` device, GOOD as `reflect`, one worker), with GOOD
 /// connected and one round reflected.
 struct Fixture {
-    _dir: TempDir,
+    dir: TempDir,
     backend: Backend,
     bad: PathBuf,
     good: PathBuf,
@@ -70,7 +73,7 @@ impl Fixture {
         let mut good_fe = RawFrontend::connect(&good, MEM, 0).unwrap_or_else(|e| panic!("GOOD: {e}"));
         good_fe.setup_queue(RX, RING).unwrap_or_else(|e| panic!("GOOD: {e}"));
         good_fe.setup_queue(TX, RING).unwrap_or_else(|e| panic!("GOOD: {e}"));
-        let mut f = Fixture { _dir: dir, backend, bad, good, good_fe, rounds: 0 };
+        let mut f = Fixture { dir, backend, bad, good, good_fe, rounds: 0 };
         f.reflect_round();
         f
     }
@@ -378,4 +381,79 @@ fn long_chains_are_abandoned_and_duplicate_heads_break_the_queue() {
         "log:\n{log}"
     );
     drop(bad);
+}
+
+// ---- 4. the listening socket --------------------------------------------------------
+
+/// Runs `host-backend` with `args`, expecting it to exit by itself within 10 s (it is
+/// killed, and the test fails, if it does not); returns its exit code and stderr.
+fn run_to_exit(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(harness::workspace_bin("host-backend"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn host-backend");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("host-backend {args:?} did not exit within 10 s (it took the path over?)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err).expect("stderr");
+    (status.code(), err)
+}
+
+/// A second instance on GOOD's live socket exits with one error line and leaves it alone
+/// (GOOD keeps reflecting through the first one); a regular file at a socket path is
+/// neither removed nor replaced; a stale socket (nobody listens) is replaced, with
+/// `--socket-mode` and `--socket-group` applied; GOOD's socket has the default 0600.
+#[test]
+fn a_live_socket_is_not_taken_over_and_a_stale_one_is() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let _serial = harness::serial();
+    let f = Fixture::start("hostile-sock", "sink");
+    assert_eq!(std::fs::metadata(&f.good).expect("GOOD socket").permissions().mode() & 0o777, 0o600);
+
+    let live = format!("sink:{}", f.good.display());
+    let (code, err) = run_to_exit(&["--port", &live]);
+    assert_eq!(code, Some(1), "second instance on a live socket; stderr: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one error line: {err}");
+    assert!(err.contains("in use"), "stderr: {err}");
+
+    let file = f.dir.join("file.sock");
+    std::fs::write(&file, b"not a socket").expect("write");
+    let (code, err) = run_to_exit(&["--port", &format!("sink:{}", file.display())]);
+    assert_eq!(code, Some(1), "a regular file at the path; stderr: {err}");
+    assert!(err.contains("not a socket"), "stderr: {err}");
+    assert_eq!(std::fs::read(&file).expect("file kept"), b"not a socket");
+
+    let stale = f.dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+    // SAFETY: getuid and getegid have no memory effects.
+    let gid = if unsafe { libc::getuid() } == 0 { 1 } else { unsafe { libc::getegid() } };
+    let port = format!("sink:{}", stale.display());
+    let gid_arg = gid.to_string();
+    let second = Backend::start(&["--port", &port, "--socket-mode", "0660", "--socket-group", &gid_arg]);
+    let mut fe = RawFrontend::connect(&stale, MEM, 0).expect("connect to the replaced stale socket");
+    fe.setup_queue(TX, RING).expect("queue");
+    sink_frames(&mut fe, 2).expect("frames through the second instance");
+    let meta = std::fs::metadata(&stale).expect("stale socket replaced");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), gid);
+    drop(fe);
+    let last = second.stop();
+    assert_eq!(harness::counter(harness::device(&last, &stale), "rx_packets"), 2, "{last}");
+    assert!(!stale.exists(), "the socket is removed at exit");
+
+    f.finish(|dev| {
+        assert_eq!(harness::counter(dev, "rx_packets"), 0, "BAD: {dev}");
+    });
 }
