@@ -20,6 +20,8 @@
 //! * the listening socket: a live one (GOOD's) is not taken over by a second instance,
 //!   nor is a regular file at the path removed; a stale one is replaced, with the mode
 //!   and group asked for.
+//! * IOTLB: a front-end that fills the table to its bound cannot grow it past it, with
+//!   updates that replace part of a mapping or invalidations that split one.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -65,11 +67,18 @@ struct Fixture {
 
 impl Fixture {
     fn start(tag: &str, bad_kind: &str) -> Fixture {
+        Fixture::start_with(tag, bad_kind, &[])
+    }
+
+    /// [`Fixture::start`] with more backend options.
+    fn start_with(tag: &str, bad_kind: &str, extra: &[&str]) -> Fixture {
         let dir = TempDir::new(tag);
         let bad = dir.join("bad.sock");
         let good = dir.join("good.sock");
         let ports = [format!("{bad_kind}:{}", bad.display()), format!("reflect:{}", good.display())];
-        let backend = Backend::start(&["--cores", "0", "--port", &ports[0], "--port", &ports[1]]);
+        let mut args = vec!["--cores", "0", "--port", &ports[0], "--port", &ports[1]];
+        args.extend_from_slice(extra);
+        let backend = Backend::start(&args);
         let mut good_fe = RawFrontend::connect(&good, MEM, 0).unwrap_or_else(|e| panic!("GOOD: {e}"));
         good_fe.setup_queue(RX, RING).unwrap_or_else(|e| panic!("GOOD: {e}"));
         good_fe.setup_queue(TX, RING).unwrap_or_else(|e| panic!("GOOD: {e}"));
@@ -456,4 +465,60 @@ fn a_live_socket_is_not_taken_over_and_a_stale_one_is() {
     f.finish(|dev| {
         assert_eq!(harness::counter(dev, "rx_packets"), 0, "BAD: {dev}");
     });
+}
+
+// ---- 5. IOTLB table bound -----------------------------------------------------------
+
+/// Most translations the backend keeps per connection (`host-backend`'s
+/// `iotlb::MAX_ENTRIES`).
+const IOTLB_MAX: u64 = 1 << 16;
+/// IOVA offset of BAD's vIOMMU.
+const IOVA_OFFSET: u64 = 1 << 40;
+const PAGE: u64 = 4096;
+
+/// BAD fills its IOTLB to the bound (one 16-page mapping, then single pages): a further
+/// mapping is refused; so is an update that replaces the middle of the big mapping
+/// (it would split it into more entries), and the table is left as it was; an
+/// invalidation that punches a hole in it is acknowledged and the table stays at the
+/// bound. GOOD on the same worker keeps reflecting.
+#[test]
+fn iotlb_table_stays_bounded_on_every_path() {
+    let _serial = harness::serial();
+    let f = Fixture::start_with("hostile-iotlb", "sink", &["--iommu"]);
+    let bad = RawFrontend::connect_iommu(&f.bad, MEM, 0, IOVA_OFFSET).expect("BAD connect");
+    let (start, _) = bad.mem_range();
+    let r: Result<(), String> = (|| {
+        let ok = |accepted: bool, what: &str| if accepted { Ok(()) } else { Err(format!("{what} refused")) };
+        ok(bad.iotlb_update(0, 16 * PAGE, start, 3)?, "the first mapping")?;
+        for i in 0..IOTLB_MAX - 1 {
+            ok(bad.iotlb_update((16 + i) * PAGE, PAGE, start, 3)?, "a mapping below the bound")?;
+        }
+        if bad.iotlb_update(1 << 39, PAGE, start, 3)? {
+            return Err("a mapping beyond the bound was accepted".into());
+        }
+        if bad.iotlb_update(4 * PAGE, PAGE, start, 1)? {
+            return Err("an update splitting a mapping beyond the bound was accepted".into());
+        }
+        ok(bad.iotlb_invalidate(4 * PAGE, PAGE)?, "the invalidation")
+    })();
+    r.unwrap_or_else(|e| panic!("BAD: {e}; log tail:\n{}", tail(&f.backend.log())));
+    let bad_path = f.bad.clone();
+    let stats = f.backend.wait_stats(STATS_TIMEOUT, |s| {
+        find_dev(s, &bad_path).is_some_and(|d| d["iotlb"]["invalidates"].as_u64() == Some(1))
+    });
+    // The table of the connection (the final line comes after it closed).
+    let dev = harness::device(&stats, &bad_path);
+    assert_eq!(harness::counter(dev, "iotlb.entries"), IOTLB_MAX, "BAD: {dev}");
+    f.finish(|dev| {
+        assert_eq!(harness::counter(dev, "iotlb.updates"), IOTLB_MAX, "BAD: {dev}");
+        assert_eq!(harness::counter(dev, "iotlb.refused"), 2, "BAD: {dev}");
+        assert_eq!(harness::counter(dev, "iotlb.invalidates"), 1, "BAD: {dev}");
+    });
+    drop(bad);
+}
+
+/// The last lines of a long log.
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
 }
