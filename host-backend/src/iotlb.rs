@@ -16,9 +16,9 @@
 //!
 //! How invalidation stays correct without a lock on the data path: a view is part of a
 //! ring, and a ring lives only between two resyncs of its worker. An invalidation first
-//! changes the table, then resyncs every worker ([`crate::worker::Engine::sync`]), which
-//! drops every ring (and so every cached translation) at a burst boundary and rebuilds
-//! it from the new table; only then is the front-end told that the invalidation is done.
+//! changes the table, then resyncs the device's rings (`Device::resync`): every worker
+//! holding one of them drops it (and so every cached translation) at a burst boundary
+//! and rebuilds it from the new table; only then is the front-end told that the invalidation is done.
 //! An update needs no resync unless it replaces part of an existing mapping (then it is
 //! an invalidation too): a view that misses its cache looks at the table.
 //!

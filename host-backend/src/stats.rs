@@ -256,6 +256,9 @@ pub struct DeviceSnapshot {
     pub tap: Option<String>,
     /// What the front-end had refused or took away (see `device::PeerCounters`).
     pub peer: PeerSnapshot,
+    /// Rings handed to workers over the device's life (each setup, and each re-sync
+    /// after a change of this device's state).
+    pub activations: u64,
 }
 
 /// Front-end messages refused and memory lost on one device (the JSON's `"peer"`).
@@ -363,6 +366,7 @@ impl DeviceSnapshot {
                 "misses": self.iotlb.misses, "refused": self.iotlb.refused,
                 "timeouts": self.iotlb.timeouts, "entries": self.iotlb.entries,
             },
+            "activations": self.activations,
             "peer": {
                 "mem_table_refused": self.peer.mem_table_refused,
                 "fds_refused": self.peer.fds_refused,

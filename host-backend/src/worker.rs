@@ -4,7 +4,9 @@
 //! poll budget (`--poll-us`: how long a worker spins without work before it re-enables
 //! kicks and sleeps on the kick eventfds and on its paths' own descriptors, a tap's), and the generation protocol by which the
 //! control plane changes what workers run: [`Engine::sync`] bumps a generation and
-//! waits until every worker has re-read device state at a burst boundary.
+//! waits until every worker has seen it at a burst boundary; a worker then re-reads the
+//! state of the paths whose devices' epochs moved (`Device::resync` bumps the changed
+//! device's), and leaves the others' rings alone.
 //! Must not: parse vhost-user messages or touch rings outside a path's burst.
 //!
 //! Fairness between devices: each loop iteration gives every path one burst, at most
@@ -78,18 +80,18 @@ impl Engine {
     /// Makes every worker drop its rings and re-activate from current device state, and
     /// returns once all have done so (bounded: a worker finishes its burst first, which
     /// takes microseconds). Must not be called with a device lock held, nor by a worker.
-    pub fn sync(&self) {
-        self.sync_slots(self.slots.len());
+    pub fn sync(&self) -> bool {
+        self.sync_slots(self.slots.len())
     }
 
     /// [`sync`](Self::sync) for the data workers only: what the control worker calls to
     /// put a control command into effect before it acknowledges it. Control workers see
     /// the new generation too and re-activate their rings after their burst.
-    pub fn sync_workers(&self) {
-        self.sync_slots(self.data_workers);
+    pub fn sync_workers(&self) -> bool {
+        self.sync_slots(self.data_workers)
     }
 
-    fn sync_slots(&self, wait_for: usize) {
+    fn sync_slots(&self, wait_for: usize) -> bool {
         // AcqRel: device-state writes made before this call (under the device mutex) are
         // visible to a worker that observes the new generation (it also takes the mutex).
         let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
@@ -101,15 +103,16 @@ impl Engine {
             // Acquire: pairs with the worker's release store after its resync.
             while s.seen.load(Ordering::Acquire) < g {
                 if self.stop.load(Ordering::Relaxed) {
-                    return;
+                    return true;
                 }
                 if Instant::now() > deadline {
                     warn!("worker {i} did not pick up a configuration change within 5 s");
-                    break;
+                    return false;
                 }
                 std::thread::sleep(Duration::from_micros(20));
             }
         }
+        true
     }
 
     /// Asks every worker to let go of its rings and exit.
@@ -210,11 +213,16 @@ impl Worker {
             // rings breaks those of the device whose memory it was (`sigbus.rs`).
             let repairs = sigbus::repairs();
             if g != seen || repairs != seen_repairs {
+                // Only the paths whose devices changed let go of their rings; after a
+                // SIGBUS repair every path does (which device lost memory is found
+                // when its rings are re-activated).
+                let force = repairs != seen_repairs;
                 seen_repairs = repairs;
-                for p in &mut self.paths {
+                let stale: Vec<bool> = self.paths.iter_mut().map(|p| p.take_epochs(force)).collect();
+                for (p, _) in self.paths.iter_mut().zip(&stale).filter(|(_, s)| **s) {
                     p.detach();
                 }
-                for p in &mut self.paths {
+                for (p, _) in self.paths.iter_mut().zip(&stale).filter(|(_, s)| **s) {
                     p.attach();
                 }
                 kick_fds.clear();

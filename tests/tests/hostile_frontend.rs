@@ -20,6 +20,8 @@
 //! * the listening socket: a live one (GOOD's) is not taken over by a second instance,
 //!   nor is a regular file at the path removed; a stale one is replaced, with the mode
 //!   and group asked for.
+//! * control-plane isolation: one front-end's ring messages re-activate its own rings
+//!   only, never GOOD's (the devices' `activations` counters).
 //! * IOTLB: a front-end that fills the table to its bound cannot grow it past it, with
 //!   updates that replace part of a mapping or invalidations that split one.
 
@@ -521,4 +523,41 @@ fn iotlb_table_stays_bounded_on_every_path() {
 fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+// ---- 6. control-plane isolation -----------------------------------------------------
+
+/// Messages BAD sends in the isolation test.
+const TOGGLES: u64 = 200;
+
+/// BAD sends `SET_VRING_ENABLE` on its running TX queue again and again: each pauses
+/// and re-activates BAD's ring (exactly one activation each), and never GOOD's, whose
+/// rings on the same worker stay as they were (GOOD's `activations` unchanged) while it
+/// keeps reflecting.
+#[test]
+fn one_front_ends_ring_messages_do_not_resync_other_devices() {
+    let _serial = harness::serial();
+    let f = Fixture::start("hostile-resync", "sink");
+    let mut bad = RawFrontend::connect(&f.bad, MEM, 0).expect("BAD connect");
+    bad.setup_queue(TX, RING).expect("BAD queue");
+    sink_frames(&mut bad, 1).expect("BAD before");
+    let (bad_path, good_path) = (f.bad.clone(), f.good.clone());
+    let before = f.backend.wait_stats(STATS_TIMEOUT, |s| {
+        find_dev(s, &bad_path).is_some_and(|d| d["rx_packets"].as_u64() == Some(1))
+    });
+    let act = |s: &Value, p: &Path| harness::counter(harness::device(s, p), "activations");
+    let (bad0, good0) = (act(&before, &bad_path), act(&before, &good_path));
+    for _ in 0..TOGGLES {
+        bad.set_vring_enable(TX, true).expect("SET_VRING_ENABLE");
+    }
+    sink_frames(&mut bad, 1).expect("BAD after");
+    let after = f.backend.wait_stats(STATS_TIMEOUT, |s| {
+        find_dev(s, &bad_path).is_some_and(|d| d["rx_packets"].as_u64() == Some(2))
+    });
+    assert_eq!(act(&after, &bad_path), bad0 + TOGGLES, "BAD's ring re-activated once per message");
+    assert_eq!(act(&after, &good_path), good0, "GOOD's rings untouched by BAD's messages");
+    f.finish(|dev| {
+        assert_eq!(harness::counter(dev, "rx_packets"), 2, "BAD: {dev}");
+    });
+    drop(bad);
 }

@@ -71,7 +71,7 @@ impl VhostUserBackendReqHandler for Handler {
                 };
             }
         }
-        self.0.engine.sync();
+        self.0.resync();
         Ok(())
     }
     fn set_mem_table(
@@ -98,7 +98,7 @@ impl VhostUserBackendReqHandler for Handler {
         })?;
         info!("{}: memory table with {} region(s)", self.0.params.socket.display(), mem.region_count());
         self.0.lock().mem = Some(Arc::new(mem));
-        self.0.engine.sync();
+        self.0.resync();
         Ok(None)
     }
     fn set_vring_num(&self, index: u32, num: u32) -> VuResult<()> {

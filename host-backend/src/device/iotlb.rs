@@ -101,12 +101,12 @@ impl Device {
                         // permission or target: resync as for an invalidation. A waiting
                         // ring retries (and its worker wakes) through the resync too.
                         if self.iotlb_waiting.swap(false, Ordering::Relaxed) || replaced {
-                            self.engine.sync();
+                            self.resync();
                         }
                     }),
                     MSG_INVALIDATE => {
                         if tlb.invalidate(m.iova, m.size) {
-                            self.engine.sync();
+                            self.resync();
                         }
                         self.iotlb_stats.invalidates.fetch_add(1, Ordering::Relaxed);
                         Ok(())

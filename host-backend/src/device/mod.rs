@@ -8,8 +8,9 @@
 //! waiting for workers (it would deadlock their resync).
 //!
 //! Every message that changes a queue or the memory table is applied under the lock and
-//! then followed by [`Engine::sync`], which returns once every worker has dropped what
-//! it held and re-activated what may run. A change to a queue that is running first
+//! then followed by [`Device::resync`] (this device's epoch, then [`Engine::sync`]),
+//! which returns once every worker has dropped what it held of this device and
+//! re-activated what may run; other devices' rings are not touched. A change to a queue that is running first
 //! pauses it (sync), so the worker's final position is written back before the change.
 //!
 //! The control queue (virtio 1.2 §5.1.6.5) changes device state the same way: the
@@ -253,6 +254,12 @@ pub struct Device {
     iotlb_waiting: AtomicBool,
     /// What a hostile or broken front-end had refused or taken away.
     pub peer: PeerCounters,
+    /// Bumped by every change of this device's state that workers must pick up: a
+    /// worker re-activates only the paths whose devices' epochs moved (see
+    /// [`Device::resync`]), so one front-end's messages do not re-sync other devices.
+    epoch: AtomicU64,
+    /// Rings handed to workers (activations), over the device's life.
+    pub activations: AtomicU64,
     engine: Arc<Engine>,
 }
 
@@ -305,8 +312,35 @@ impl Device {
             logged_iotlb: AtomicBool::new(false),
             iotlb_waiting: AtomicBool::new(false),
             peer: PeerCounters::default(),
+            epoch: AtomicU64::new(1),
+            activations: AtomicU64::new(0),
             engine,
         })
+    }
+
+    /// This device's epoch (see the field): a worker compares it with the one its
+    /// path last took rings at.
+    pub fn epoch(&self) -> u64 {
+        // Acquire: pairs with the Release increment in `resync`; the worker then reads
+        // the state under the mutex anyway.
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Makes every worker re-activate this device's rings from its current state and
+    /// returns once all have (or [`Engine::sync`]'s bound passed: then `false`). Only the
+    /// paths of this device let go of their rings; a worker without any just notes the
+    /// generation.
+    fn resync(&self) -> bool {
+        // Release: the state change before it is visible to a worker that sees the epoch.
+        self.epoch.fetch_add(1, Ordering::Release);
+        self.engine.sync()
+    }
+
+    /// [`resync`](Self::resync) waiting for the data workers only (the control worker
+    /// applies control commands from inside its burst).
+    fn resync_workers(&self) -> bool {
+        self.epoch.fetch_add(1, Ordering::Release);
+        self.engine.sync_workers()
     }
 
     /// Internal index of the control queue (`2N`).
@@ -399,7 +433,11 @@ impl Device {
             DeviceRing::new(&cfg, mem.clone(), call_fd, iotlb).map(AnyRing::Split)
         };
         match ring {
-            Ok(ring) => Some(ActiveRing { ring, mem, kick, rx, _call: call }),
+            Ok(ring) => {
+                // Relaxed: a statistics counter.
+                self.activations.fetch_add(1, Ordering::Relaxed);
+                Some(ActiveRing { ring, mem, kick, rx, _call: call })
+            }
             Err(RingFault::IotlbMiss { iova, write }) => {
                 // Not the driver's fault (yet): ask, and retry when the answer arrives.
                 drop(st);
@@ -526,7 +564,7 @@ impl Device {
                 // A command that changes nothing (the driver repeating itself) costs the
                 // data workers no resync.
                 if changed {
-                    self.engine.sync_workers();
+                    self.resync_workers();
                 }
                 // Relaxed: statistics counters, ordered with nothing else.
                 self.ctrl_ok.fetch_add(1, Ordering::Relaxed);
@@ -581,6 +619,7 @@ impl Device {
             rx_filter: rx.to_json(),
             iotlb,
             tap: self.params.tap.clone(),
+            activations: self.activations.load(Ordering::Relaxed),
             peer: PeerSnapshot {
                 mem_table_refused: self.peer.mem_table_refused.load(Ordering::Relaxed),
                 fds_refused: self.peer.fds_refused.load(Ordering::Relaxed),
@@ -597,14 +636,14 @@ impl Device {
         self.logged_ctrl.store(false, Ordering::Relaxed);
         self.logged_iotlb.store(false, Ordering::Relaxed);
         info!("{}: front-end connected", self.params.socket.display());
-        self.engine.sync();
+        self.resync();
     }
 
     /// The front-end went away: reset the device (workers drop its rings and memory).
     pub fn disconnect(&self) {
         *self.lock() = State::reset(&self.params, false);
         *self.backend_channel.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.engine.sync();
+        self.resync();
         info!("{}: front-end disconnected, device reset", self.params.socket.display());
     }
 
@@ -633,7 +672,7 @@ impl Device {
             (q, running)
         };
         if running {
-            self.engine.sync();
+            self.resync();
         }
         let res = {
             let mut st = self.lock();
@@ -641,7 +680,7 @@ impl Device {
             qs.paused = false;
             change(qs)
         };
-        self.engine.sync();
+        self.resync();
         res.map(|()| q)
     }
 }

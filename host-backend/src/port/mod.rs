@@ -184,6 +184,9 @@ pub struct PortPath {
     /// Whether the source and the destination ring are packed (set when rings are
     /// taken): the engine a burst runs with, chosen once per burst.
     packed: (bool, bool),
+    /// The epochs of the source's and the destination's devices when the path last took
+    /// its rings (see `Device::epoch`).
+    epochs: [u64; 2],
     /// `run` takes this path's bursts out of line ([`run_other`](Self::run_other)): a
     /// packed ring, a `sink --sink-read` or a tap (set with the rings). The split-ring
     /// bursts inlined in `run` are the 64-byte benchmarks': every other kind's code
@@ -210,6 +213,7 @@ impl PortPath {
             // MTU plus Ethernet header plus one VLAN tag.
             max_frame: mtu as u64 + ETH_HLEN + 4,
             packed: (false, false),
+            epochs: [0, 0],
             out_of_line: false,
         }
     }
@@ -299,6 +303,15 @@ impl PortPath {
         }
         self.packed = (false, false);
         self.out_of_line = false;
+    }
+
+    /// Records the epochs of the path's devices and returns whether any moved since the
+    /// last call (or `force`): then the path must let go of its rings and take them anew.
+    pub fn take_epochs(&mut self, force: bool) -> bool {
+        let now = [&self.src, &self.dst].map(|s| s.as_ref().map_or(0, |s| s.dev.epoch()));
+        let moved = force || now != self.epochs;
+        self.epochs = now;
+        moved
     }
 
     /// Takes every ring that may run now.
