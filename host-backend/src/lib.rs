@@ -106,7 +106,7 @@ fn tap_offloads() -> (u64, u64) {
 pub struct Backend {
     engine: Arc<Engine>,
     devices: Vec<Arc<Device>>,
-    workers: Vec<JoinHandle<()>>,
+    workers: Vec<JoinHandle<Vec<PortPath>>>,
     servers: Vec<(ServerHandle, JoinHandle<()>)>,
     started: Instant,
 }
@@ -294,9 +294,18 @@ impl Backend {
             h.shutdown();
         }
         self.engine.stop();
+        let mut paths: Vec<PortPath> = Vec::new();
         for w in self.workers {
-            let _ = w.join();
+            paths.extend(w.join().unwrap_or_default());
         }
+        // Frames between `--handoff` workers: sending halves first, then receiving ones.
+        for p in paths.iter_mut().filter(|p| p.is_hand_out()) {
+            p.account_in_flight();
+        }
+        for p in paths.iter_mut().filter(|p| !p.is_hand_out()) {
+            p.account_in_flight();
+        }
+        drop(paths);
         for (_, j) in self.servers {
             let _ = j.join();
         }

@@ -165,8 +165,9 @@ impl Worker {
         Worker { index, cpu: None, paths, engine, poll: Duration::ZERO, kind: WorkerKind::Control }
     }
 
-    /// Starts the worker thread.
-    pub fn spawn(self) -> Result<std::thread::JoinHandle<()>> {
+    /// Starts the worker thread; it hands its paths back when it exits (for what
+    /// `Backend::shutdown` accounts after every worker stopped).
+    pub fn spawn(self) -> Result<std::thread::JoinHandle<Vec<PortPath>>> {
         let name = match self.kind {
             WorkerKind::Data => format!("vnet-worker-{}", self.index),
             WorkerKind::Control => "vnet-control".to_string(),
@@ -192,7 +193,7 @@ impl Worker {
         }
     }
 
-    fn run(mut self) {
+    fn run(mut self) -> Vec<PortPath> {
         self.pin();
         let slot = &self.engine.slots[self.index];
         let mut seen = 0;
@@ -301,6 +302,7 @@ impl Worker {
         for p in &mut self.paths {
             p.detach();
         }
+        self.paths
     }
 
     fn build_epoll(&self, kick_fds: &[i32], poll_fds: &[i32]) -> Option<Epoll> {

@@ -337,6 +337,11 @@ impl PortPath {
         );
     }
 
+    /// Whether this is the sending half of a `--handoff` cross-connect.
+    pub fn is_hand_out(&self) -> bool {
+        matches!(self.kind, PathKind::HandOut(_))
+    }
+
     /// Whether any of the path's rings is active, or it is a handoff path (which may
     /// always have frames from another worker).
     pub fn any_active(&self) -> bool {
