@@ -51,6 +51,8 @@ pub struct Engine {
     slots: Vec<Slot>,
     /// How many of `slots` are data workers.
     data_workers: usize,
+    /// How long [`sync`](Self::sync) waits for a worker before it gives up.
+    sync_timeout: Duration,
 }
 
 const WAKE_TOKEN: u64 = u64::MAX;
@@ -74,12 +76,24 @@ impl Engine {
             stop: AtomicBool::new(false),
             slots,
             data_workers: workers,
+            sync_timeout: Duration::from_secs(5),
         }))
+    }
+
+    /// [`new`](Self::new) with another bound on waiting for a worker (tests of a worker
+    /// that never answers).
+    #[cfg(test)]
+    pub fn with_sync_timeout(workers: usize, control: usize, timeout: Duration) -> Result<Arc<Engine>> {
+        let mut e = Engine::new(workers, control)?;
+        Arc::get_mut(&mut e).expect("not shared yet").sync_timeout = timeout;
+        Ok(e)
     }
 
     /// Makes every worker drop its rings and re-activate from current device state, and
     /// returns once all have done so (bounded: a worker finishes its burst first, which
-    /// takes microseconds). Must not be called with a device lock held, nor by a worker.
+    /// takes microseconds), `true`; `false` if a worker did not within the bound (the
+    /// caller must then not act as if the change were in effect). Must not be called with
+    /// a device lock held, nor by a worker.
     pub fn sync(&self) -> bool {
         self.sync_slots(self.slots.len())
     }
@@ -98,7 +112,7 @@ impl Engine {
         for s in &self.slots {
             let _ = s.wake.write(1);
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + self.sync_timeout;
         for (i, s) in self.slots.iter().enumerate().take(wait_for) {
             // Acquire: pairs with the worker's release store after its resync.
             while s.seen.load(Ordering::Acquire) < g {
@@ -106,7 +120,7 @@ impl Engine {
                     return true;
                 }
                 if Instant::now() > deadline {
-                    warn!("worker {i} did not pick up a configuration change within 5 s");
+                    warn!("worker {i} did not pick up a configuration change within {:?}", self.sync_timeout);
                     return false;
                 }
                 std::thread::sleep(Duration::from_micros(20));

@@ -105,11 +105,16 @@ impl Device {
                         }
                     }),
                     MSG_INVALIDATE => {
-                        if tlb.invalidate(m.iova, m.size) {
-                            self.resync();
-                        }
                         self.iotlb_stats.invalidates.fetch_add(1, Ordering::Relaxed);
-                        Ok(())
+                        if tlb.invalidate(m.iova, m.size) && !self.resync() {
+                            // A worker may still hold the old translation: never
+                            // acknowledge; the device stops instead.
+                            self.break_all(RingFault::NotQuiescent);
+                            Err("a worker did not drop the old translation in time; device stopped"
+                                .to_string())
+                        } else {
+                            Ok(())
+                        }
                     }
                     other => Err(format!("IOTLB message type {other} is not served")),
                 };

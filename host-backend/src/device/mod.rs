@@ -462,6 +462,15 @@ impl Device {
         }
     }
 
+    /// Marks every queue of the device broken with `bad` (see [`mark_broken`](Self::mark_broken)).
+    fn break_all(&self, bad: RingFault) {
+        let ctrl = self.lock().acked(f::NET_CTRL_VQ);
+        let last = if ctrl { self.ctrl_queue() + 1 } else { self.ctrl_queue() };
+        for q in 0..last {
+            self.mark_broken(q, bad);
+        }
+    }
+
     /// Marks queue `q` broken: counted, logged once per device, its error eventfd
     /// signalled, and never activated again until the front-end sets it up anew.
     ///
@@ -491,7 +500,7 @@ impl Device {
         match self.stats.get(q as usize / 2) {
             Some(pair) => {
                 pair.broken.store(true, Ordering::Relaxed);
-                if bad != RingFault::MemoryGone {
+                if !matches!(bad, RingFault::MemoryGone | RingFault::NotQuiescent) {
                     pair.drops[DropReason::BadDescriptor as usize].fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -671,8 +680,12 @@ impl Device {
             }
             (q, running)
         };
-        if running {
-            self.resync();
+        if running && !self.resync() {
+            // The worker may still hold the ring (its position not written back): a base
+            // read or set now would be wrong. The ring breaks instead.
+            self.lock().queues[q].paused = false;
+            self.mark_broken(q as u16, RingFault::NotQuiescent);
+            return Err(VuError::BackendInternalError);
         }
         let res = {
             let mut st = self.lock();

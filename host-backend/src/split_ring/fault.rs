@@ -51,6 +51,10 @@ pub(crate) enum RingFault {
     /// shared): an access was repaired by the SIGBUS handler (`sigbus.rs`). Not a
     /// chain's fault, so no drop is counted for it.
     MemoryGone,
+    /// A worker did not let go of the ring within the control plane's bound, so a change
+    /// (a base the front-end reads or sets, an IOTLB invalidation) could not be applied
+    /// safely: the ring is broken instead. Not the driver's fault: no drop is counted.
+    NotQuiescent,
 }
 
 impl std::fmt::Display for RingFault {
@@ -82,6 +86,9 @@ impl std::fmt::Display for RingFault {
             }
             RingFault::IdInFlight { id } => write!(f, "buffer id {id} made available while in flight"),
             RingFault::BadBase { base } => write!(f, "ring base {base:#x} outside the ring"),
+            RingFault::NotQuiescent => {
+                write!(f, "a worker did not let go of the ring in time; the change could not be applied")
+            }
             RingFault::MemoryGone => {
                 write!(f, "guest memory was truncated under the device (its file shrank after SET_MEM_TABLE)")
             }
