@@ -18,9 +18,10 @@
 //! * At exit the path is removed only if it is still our socket (same device and inode).
 
 use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -91,8 +92,8 @@ fn clear_stale(path: &Path) -> Result<()> {
             "exists and is not a socket (not removed)".into(),
         ));
     }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(err(
+    match probe(path) {
+        Ok(()) => Err(err(
             path,
             std::io::ErrorKind::AddrInUse,
             "in use: another running instance is listening on it (not taken over)".into(),
@@ -106,6 +107,42 @@ fn clear_stale(path: &Path) -> Result<()> {
             }
         }
         Err(e) => Err(io_err(path, "an existing socket whose state cannot be checked (not taken over)", e)),
+    }
+}
+
+/// Connects to the socket at `path` without blocking (a listener whose backlog is full
+/// answers `EAGAIN`, which means it is alive too) and closes the connection at once.
+fn probe(path: &Path) -> std::io::Result<()> {
+    // SAFETY: socket(2) with constant arguments; the result is checked and owned below.
+    let fd = unsafe {
+        libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: a zeroed sockaddr_un is valid; the path fits (checked by the caller).
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, b) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+        *d = *b as libc::c_char;
+    }
+    // SAFETY: `addr` is a valid sockaddr_un of the given size; `sock` is open.
+    let rc = unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => Ok(()),
+        _ => Err(e),
     }
 }
 
