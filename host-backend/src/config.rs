@@ -33,6 +33,10 @@ pub struct Config {
     pub cores: Option<Vec<usize>>,
     /// Spin time without work before a worker sleeps (0: never sleep).
     pub poll_us: u64,
+    /// Pause instructions a data worker spins after a loop without work (`--idle-pause`).
+    pub idle_pause: u32,
+    /// Forwarding bursts prefetch the frames they will read first (`--prefetch-tx`).
+    pub prefetch_tx: bool,
     /// Frame size of `gen` ports (without the virtio-net header); with `gso_size`, the
     /// size of one TCP super-frame.
     pub pkt_size: u16,
@@ -74,6 +78,8 @@ impl Default for Config {
             client: false,
             cores: None,
             poll_us: 50,
+            idle_pause: 0,
+            prefetch_tx: false,
             pkt_size: 64,
             gso_size: None,
             gen_count: None,

@@ -167,6 +167,7 @@ impl Backend {
                             iommu: cfg.iommu,
                             packed: !cfg.no_packed,
                             sink_read: cfg.sink_read,
+                            prefetch_tx: cfg.prefetch_tx,
                             tap: spec.ifname.clone(),
                         },
                         engine.clone(),
@@ -239,7 +240,7 @@ impl Backend {
         }
         let mut workers = Vec::new();
         for (i, (cpu, paths)) in cores.iter().zip(per_worker).enumerate() {
-            workers.push(Worker::new(i, *cpu, paths, engine.clone(), cfg.poll_us).spawn()?);
+            workers.push(Worker::new(i, *cpu, paths, engine.clone(), cfg.poll_us, cfg.idle_pause).spawn()?);
         }
         // Every device's control queue on the control worker (the last engine slot).
         let ctrl_paths = devices.iter().map(PortPath::ctrl).collect();

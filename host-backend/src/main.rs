@@ -48,6 +48,16 @@ struct Args {
     /// (0 = never sleep).
     #[arg(long, default_value_t = 50)]
     poll_us: u64,
+    /// After a loop that found no work, spin this many CPU pause instructions before
+    /// polling again (0: poll at once). A probe for how much the polling of rings the
+    /// front-end is writing costs it (issue 24's loop levels); not a tuning knob yet.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    idle_pause: u32,
+    /// reflect/xconnect: before a burst's copies, prefetch the first two lines of every
+    /// frame it will read (they were written last on the front-end's core). A probe for
+    /// the loop's levels (issue 24); off by default.
+    #[arg(long)]
+    prefetch_tx: bool,
     /// Frame size of gen ports in bytes (60 to MTU+14; with --gso-size, the TCP
     /// super-frame size, up to 65535).
     #[arg(long, default_value_t = 64)]
@@ -110,6 +120,8 @@ fn config_from(args: &Args) -> host_backend::Result<Config> {
         client: args.client,
         cores: args.cores.as_deref().map(config::parse_cores).transpose()?,
         poll_us: args.poll_us,
+        idle_pause: args.idle_pause,
+        prefetch_tx: args.prefetch_tx,
         pkt_size: args.pkt_size,
         gso_size: args.gso_size,
         gen_count: args.count,

@@ -159,6 +159,8 @@ pub struct Worker {
     engine: Arc<Engine>,
     poll: Duration,
     kind: WorkerKind,
+    /// `--idle-pause`: pause instructions after a loop without work.
+    idle_pause: u32,
 }
 
 impl Worker {
@@ -169,14 +171,24 @@ impl Worker {
         paths: Vec<PortPath>,
         engine: Arc<Engine>,
         poll_us: u64,
+        idle_pause: u32,
     ) -> Worker {
-        Worker { index, cpu, paths, engine, poll: Duration::from_micros(poll_us), kind: WorkerKind::Data }
+        let poll = Duration::from_micros(poll_us);
+        Worker { index, cpu, paths, engine, poll, kind: WorkerKind::Data, idle_pause }
     }
 
     /// The control worker (unpinned) running the control-queue `paths`, engine slot
     /// `index` (after every data worker's).
     pub fn control(index: usize, paths: Vec<PortPath>, engine: Arc<Engine>) -> Worker {
-        Worker { index, cpu: None, paths, engine, poll: Duration::ZERO, kind: WorkerKind::Control }
+        Worker {
+            index,
+            cpu: None,
+            paths,
+            engine,
+            poll: Duration::ZERO,
+            kind: WorkerKind::Control,
+            idle_pause: 0,
+        }
     }
 
     /// Starts the worker thread; it hands its paths back when it exits (for what
@@ -277,6 +289,9 @@ impl Worker {
                     }
                 }
                 continue;
+            }
+            for _ in 0..self.idle_pause {
+                std::hint::spin_loop();
             }
             if any_active {
                 if self.poll.is_zero() || !can_sleep {

@@ -392,6 +392,15 @@ pub struct Args {
     /// and measures what comes back (a round trip through a reflecting back-end).
     #[arg(long)]
     pub latency: bool,
+    /// After a pass over its streams that moved nothing, a forwarding thread spins this
+    /// many CPU pause instructions before polling again (0: at once). A probe for what
+    /// polling rings the other side is writing costs (issue 24); not a tuning knob yet.
+    #[arg(long = "idle-pause", default_value_t = 0, value_name = "N")]
+    pub idle_pause: u32,
+    /// Count the packets of every receive and transmit burst call and show how they
+    /// spread with the forward statistics (DPDK's option of the same name).
+    #[arg(long = "record-burst-stats")]
+    pub record_burst_stats: bool,
     /// txonly/flowgen: send at most this many frames per second per stream (0: as
     /// fast as the ring takes them), e.g. for latency at a fixed low load.
     #[arg(long = "tx-pps", default_value_t = 0, value_name = "PPS")]
@@ -452,6 +461,10 @@ pub struct Config {
     pub latency: bool,
     /// `--tx-pps`: per-stream pacing of txonly/flowgen (0: none).
     pub tx_pps: u64,
+    /// `--record-burst-stats`.
+    pub burst_stats: bool,
+    /// `--idle-pause`.
+    pub idle_pause: u32,
     /// Pool size per port.
     pub mbufs: Option<u32>,
     /// Headroom.
@@ -558,6 +571,8 @@ impl Config {
             stats_format: a.stats_format,
             latency: a.latency,
             tx_pps: a.tx_pps,
+            burst_stats: a.record_burst_stats,
+            idle_pause: a.idle_pause,
             mbufs: a.total_num_mbufs,
             headroom: a.headroom,
             interactive: a.interactive,

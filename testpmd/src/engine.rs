@@ -33,6 +33,20 @@ pub struct StreamStats {
     pub tx_dropped: AtomicU64,
     /// `--latency`: what the stream received, measured.
     pub latency: crate::latency::RxLatency,
+    /// `--record-burst-stats`: packets per receive / transmit burst call (empty when off).
+    pub rx_spread: crate::burst_stats::Spread,
+    pub tx_spread: crate::burst_stats::Spread,
+}
+
+impl StreamStats {
+    /// Counters for a new stream; burst spreads only if `burst_stats`.
+    pub fn new(burst_stats: bool) -> Self {
+        StreamStats {
+            rx_spread: crate::burst_stats::Spread::new(burst_stats),
+            tx_spread: crate::burst_stats::Spread::new(burst_stats),
+            ..Default::default()
+        }
+    }
 }
 
 #[inline]
@@ -87,6 +101,10 @@ pub struct FwdParams {
     pub latency: bool,
     /// `--tx-pps`: txonly/flowgen frames per second per stream (0: unpaced).
     pub tx_pps: u64,
+    /// `--record-burst-stats`.
+    pub burst_stats: bool,
+    /// `--idle-pause`: pause instructions after a pass that moved nothing.
+    pub idle_pause: u32,
 }
 
 /// One receive queue → one transmit queue.
@@ -265,23 +283,22 @@ impl EngineState {
             FwdMode::TxOnly | FwdMode::FlowGen => {
                 let mut n = self.params.burst;
                 if self.params.latency || self.params.tx_pps != 0 {
-                    let now = crate::latency::now_ns();
-                    if self.params.latency {
-                        self.receive_measured(s, now);
-                    }
-                    n = s.lat.allowance(self.params.tx_pps, n, now);
+                    n = self.measure_and_pace(s);
                     if n == 0 {
                         return 0;
                     }
                 }
                 self.generate(&ports[s.tx_port as usize], mode == FwdMode::FlowGen, n);
                 if self.params.latency {
-                    s.lat.stamp(&mut self.batch, crate::latency::now_ns());
+                    Self::stamp(s, &mut self.batch);
                 }
                 0
             }
             _ => {
                 let n = s.rxq.rx_burst(&mut self.batch, self.params.burst);
+                if self.params.burst_stats {
+                    s.stats.rx_spread.record(n);
+                }
                 if n == 0 {
                     if let Some(noisy) = self.noisy.as_mut() {
                         let (txq, burst) = (&mut s.txq, self.params.burst);
@@ -293,7 +310,7 @@ impl EngineState {
                     return 0;
                 }
                 if self.params.latency {
-                    s.lat.measure(&s.stats.latency, &self.batch, crate::latency::now_ns());
+                    Self::measure(s, &self.batch);
                 }
                 if self.params.verbose.load(Ordering::Relaxed) & 1 != 0 {
                     crate::dump::burst(s.rx_port, s.queue, true, &self.batch);
@@ -374,6 +391,9 @@ impl EngineState {
             c.offer(&self.batch);
         }
         let sent = s.txq.tx_burst(&mut self.batch);
+        if self.params.burst_stats {
+            s.stats.tx_spread.record(sent);
+        }
         let dropped = self.batch.len();
         if matches!(mode, FwdMode::TxOnly | FwdMode::FlowGen)
             && (self.params.latency || self.params.tx_pps != 0)
@@ -388,10 +408,37 @@ impl EngineState {
         received.max(sent)
     }
 
+    /// txonly/flowgen with `--latency` or `--tx-pps`, before generating: measures what
+    /// came back, and returns how many frames the pacing allows now. Out of line: plain
+    /// txonly never comes here and its burst stays as small as before.
+    #[inline(never)]
+    fn measure_and_pace(&mut self, s: &mut Stream) -> usize {
+        let now = crate::latency::now_ns();
+        if self.params.latency {
+            self.receive_measured(s, now);
+        }
+        s.lat.allowance(self.params.tx_pps, self.params.burst, now)
+    }
+
+    /// `--latency`: records a received burst (out of line, as above).
+    #[inline(never)]
+    fn measure(s: &mut Stream, batch: &[Packet]) {
+        s.lat.measure(&s.stats.latency, batch, crate::latency::now_ns());
+    }
+
+    /// `--latency`: stamps a generated burst (out of line, as above).
+    #[inline(never)]
+    fn stamp(s: &mut Stream, batch: &mut [Packet]) {
+        s.lat.stamp(batch, crate::latency::now_ns());
+    }
+
     /// txonly/flowgen with `--latency`: takes what came back on the stream's receive
     /// queue (a reflecting back-end returns the frames sent), measures and frees it.
     fn receive_measured(&mut self, s: &mut Stream, now: u64) {
         let n = s.rxq.rx_burst(&mut self.batch, self.params.burst);
+        if self.params.burst_stats {
+            s.stats.rx_spread.record(n);
+        }
         if n == 0 {
             return;
         }
@@ -505,15 +552,22 @@ pub fn forward(
             eng.tx_first(s, &ports, n);
         }
     }
+    let idle_pause = eng.params.idle_pause;
     while !stop.load(Ordering::Relaxed) {
+        let mut moved = 0;
         for i in 0..streams.len() {
             let (rp, tp) = (streams[i].rx_port as usize, streams[i].tx_port as usize);
             if ports[rp].stopped.load(Ordering::Relaxed) || ports[tp].stopped.load(Ordering::Relaxed) {
                 continue;
             }
-            eng.burst(&mut streams[i], &ports);
+            moved += eng.burst(&mut streams[i], &ports);
             if let Some(r) = routes.get(i) {
                 flush_xdp(&mut streams, i, *r);
+            }
+        }
+        if moved == 0 {
+            for _ in 0..idle_pause {
+                std::hint::spin_loop();
             }
         }
     }

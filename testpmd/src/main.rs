@@ -6,6 +6,7 @@
 //! error is one line on stderr and a non-zero exit.
 
 mod app;
+mod burst_stats;
 mod capture;
 mod config;
 mod csum;

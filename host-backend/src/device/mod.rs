@@ -125,6 +125,8 @@ pub struct DeviceParams {
     pub packed: bool,
     /// `sink`: copy each frame out before completing it (`--sink-read`).
     pub sink_read: bool,
+    /// Forwarding: prefetch a burst's transmitted frames first (`--prefetch-tx`).
+    pub prefetch_tx: bool,
     /// `tap`: the interface the device is joined to (for the statistics).
     pub tap: Option<String>,
 }

@@ -17,6 +17,7 @@ fn device(pairs: u16, guest_offloads: u64) -> Arc<Device> {
         iommu: false,
         packed: true,
         sink_read: false,
+        prefetch_tx: false,
         tap: None,
     };
     // No workers: every sync returns at once.
@@ -140,6 +141,7 @@ fn a_change_a_worker_never_acknowledges_breaks_the_ring() {
         iommu: false,
         packed: false,
         sink_read: false,
+        prefetch_tx: false,
         tap: None,
     };
     let engine = Engine::with_sync_timeout(1, 0, std::time::Duration::from_millis(20)).unwrap();

@@ -187,6 +187,9 @@ pub struct PortPath {
     /// The epochs of the source's and the destination's devices when the path last took
     /// its rings (see `Device::epoch`).
     epochs: [u64; 2],
+    /// `--prefetch-tx`: a forwarding burst first asks for the lines of every frame it
+    /// will read (a probe for issue 24's loop levels; off by default).
+    prefetch_tx: bool,
     /// `run` takes this path's bursts out of line ([`run_other`](Self::run_other)): a
     /// packed ring, a `sink --sink-read` or a tap (set with the rings). The split-ring
     /// bursts inlined in `run` are the 64-byte benchmarks': every other kind's code
@@ -214,6 +217,7 @@ impl PortPath {
             max_frame: mtu as u64 + ETH_HLEN + 4,
             packed: (false, false),
             epochs: [0, 0],
+            prefetch_tx: false,
             out_of_line: false,
         }
     }
@@ -259,6 +263,7 @@ impl PortPath {
         if src.params.host_offloads != 0 {
             p.staging = Some(Box::new(offload::Staging::new(p.max_frame as usize)));
         }
+        p.prefetch_tx = src.params.prefetch_tx;
         p
     }
 

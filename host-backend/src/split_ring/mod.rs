@@ -128,6 +128,26 @@ pub(crate) unsafe fn read_desc_words_aligned(p: *const u8) -> (u64, u64) {
     }
 }
 
+/// Asks for the first `lines` cache lines of the `n` bytes at `ptr` (to read): a hint
+/// only, it never faults whatever the address.
+#[inline(always)]
+pub(crate) fn prefetch_lines_read(ptr: *const u8, n: u64, lines: usize) {
+    let end = ptr as usize + n as usize;
+    let mut line = ptr as usize & !63;
+    for _ in 0..lines {
+        if line >= end {
+            break;
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: PREFETCHT0 (SSE, present on every x86_64 CPU) only hints the cache: it
+        // reads no architectural state and does not fault on any address.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line as *const i8)
+        };
+        line += 64;
+    }
+}
+
 /// Asks for the first `lines` cache lines of the `n` bytes at `ptr` in a writable state
 /// (the receive-buffer hint both engines give before a burst's copies).
 #[inline(always)]
@@ -308,6 +328,24 @@ impl DeviceRing {
         }
         let Some((ptr, n)) = self.mem.translate(&mut self.hint, d.addr, d.len as u64) else { return };
         prefetch_lines(pw, ptr, n, lines);
+    }
+
+    /// [`prefetch_write`](Self::prefetch_write)'s counterpart for a transmitted frame the
+    /// burst will read (`--prefetch-tx`): its lines were written last by the driver, on
+    /// the other core.
+    #[inline(always)]
+    pub fn prefetch_read(&mut self, i: u16, lines: usize) {
+        if self.iova.is_some() {
+            return;
+        }
+        let Ok(head) = self.head(i) else { return };
+        // SAFETY: `head < size` (checked by `head`), the main table's length.
+        let d = unsafe { Self::read_desc(self.areas.desc, head) };
+        if d.flags & DESC_F_INDIRECT != 0 {
+            return;
+        }
+        let Some((ptr, n)) = self.mem.translate(&mut self.hint, d.addr, d.len as u64) else { return };
+        prefetch_lines_read(ptr, n, lines);
     }
 
     /// Reads descriptor `i` of the descriptor table at `table` (volatile: the driver owns

@@ -327,7 +327,7 @@ impl App {
                     tx_port: peer as u16,
                     rxq,
                     txq,
-                    stats: Arc::new(StreamStats::default()),
+                    stats: Arc::new(StreamStats::new(self.cfg.burst_stats)),
                     fifo: Default::default(),
                     lat: crate::latency::StreamLatency::new(peer as u16, q as u16),
                 });
@@ -392,6 +392,8 @@ impl App {
                 c.store(0, Ordering::Relaxed);
             }
             s.latency.reset();
+            s.rx_spread.reset();
+            s.tx_spread.reset();
         }
         // Each run's stamps carry a new nonce: frames of an earlier run still in a ring
         // are told apart (counted stale, not measured).
@@ -413,6 +415,8 @@ impl App {
             noisy: self.cfg.noisy,
             latency: self.cfg.latency,
             tx_pps: self.cfg.tx_pps,
+            burst_stats: self.cfg.burst_stats,
+            idle_pause: self.cfg.idle_pause,
         };
         // XDP Tx/Redirect packets of queue q go out on queue q of another stream: all
         // streams of one queue index share a thread, so no packet crosses threads

@@ -99,6 +99,21 @@ impl App {
         t
     }
 
+    /// `--record-burst-stats`: port `i`'s receive and transmit burst spreads (its
+    /// streams' added up).
+    fn burst_spreads(&self, i: usize) -> (Vec<u64>, Vec<u64>) {
+        let (mut rx, mut tx) = (Vec::new(), Vec::new());
+        for ((r, t), st) in self.stream_meta().into_iter().zip(&self.stream_stats) {
+            if r as usize == i {
+                st.rx_spread.add_to(&mut rx);
+            }
+            if t as usize == i {
+                st.tx_spread.add_to(&mut tx);
+            }
+        }
+        (rx, tx)
+    }
+
     /// (rx port, tx port) of each stream, in `stream_stats` order.
     pub(super) fn stream_meta(&self) -> Vec<(u16, u16)> {
         self.meta.clone()
@@ -117,8 +132,22 @@ impl App {
                 .iter()
                 .enumerate()
                 .map(|(i, t)| {
-                    serde_json::json!({"port": i, "rx_packets": t.rx_packets, "rx_dropped": t.rx_dropped,
-                        "tx_packets": t.tx_packets, "tx_dropped": t.tx_dropped})
+                    let mut v = serde_json::json!({"port": i, "rx_packets": t.rx_packets,
+                        "rx_dropped": t.rx_dropped, "tx_packets": t.tx_packets, "tx_dropped": t.tx_dropped});
+                    if self.cfg.burst_stats {
+                        let (rx, tx) = self.burst_spreads(i);
+                        // Burst size -> calls, sizes that occurred only.
+                        let nz = |c: &[u64]| -> serde_json::Map<String, serde_json::Value> {
+                            c.iter()
+                                .enumerate()
+                                .filter(|(_, &n)| n > 0)
+                                .map(|(k, &n)| (k.to_string(), n.into()))
+                                .collect()
+                        };
+                        v["rx_bursts"] = nz(&rx).into();
+                        v["tx_bursts"] = nz(&tx).into();
+                    }
+                    v
                 })
                 .collect();
             let line = serde_json::json!({"type": "forward_stats", "seconds": secs, "ports": ports});
@@ -132,6 +161,11 @@ impl App {
                 "\n  ---------------------- Forward statistics for port {i}  ----------------------\n"
             );
             s += &fwd_lines(t);
+            if self.cfg.burst_stats {
+                let (rx, tx) = self.burst_spreads(i);
+                s += &crate::burst_stats::line("RX", &rx).unwrap_or_default();
+                s += &crate::burst_stats::line("TX", &tx).unwrap_or_default();
+            }
             s += "  ----------------------------------------------------------------------------\n";
             acc.rx_packets += t.rx_packets;
             acc.rx_dropped += t.rx_dropped;
