@@ -65,6 +65,9 @@ pub struct Config {
     pub mtu: u16,
     /// MAC of the first device (later devices count up in the last byte).
     pub mac: [u8; 6],
+    /// Mode and group of the listening sockets (`--socket-mode`, `--socket-group`;
+    /// default 0600, the process's group).
+    pub socket: crate::socket::Access,
 }
 
 impl Default for Config {
@@ -88,6 +91,7 @@ impl Default for Config {
             no_offloads: false,
             mtu: 1500,
             mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+            socket: crate::socket::Access::default(),
         }
     }
 }

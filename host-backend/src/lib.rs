@@ -49,6 +49,8 @@ pub(crate) mod port;
 pub mod ptr_ring;
 pub(crate) mod ring;
 pub(crate) mod server;
+pub(crate) mod sigbus;
+pub mod socket;
 pub(crate) mod split_ring;
 pub mod stats;
 pub(crate) mod tap;
@@ -106,7 +108,7 @@ fn tap_offloads() -> (u64, u64) {
 pub struct Backend {
     engine: Arc<Engine>,
     devices: Vec<Arc<Device>>,
-    workers: Vec<JoinHandle<()>>,
+    workers: Vec<JoinHandle<Vec<PortPath>>>,
     servers: Vec<(ServerHandle, JoinHandle<()>)>,
     started: Instant,
 }
@@ -224,7 +226,12 @@ impl Backend {
         let listeners = if cfg.client {
             None
         } else {
-            Some(devices.iter().map(|d| server::listen(&d.params.socket)).collect::<Result<Vec<_>>>()?)
+            Some(
+                devices
+                    .iter()
+                    .map(|d| server::listen(&d.params.socket, cfg.socket))
+                    .collect::<Result<Vec<_>>>()?,
+            )
         };
 
         // Groups round-robin over workers (groups are numbered densely in the order they
@@ -290,9 +297,18 @@ impl Backend {
             h.shutdown();
         }
         self.engine.stop();
+        let mut paths: Vec<PortPath> = Vec::new();
         for w in self.workers {
-            let _ = w.join();
+            paths.extend(w.join().unwrap_or_default());
         }
+        // Frames between `--handoff` workers: sending halves first, then receiving ones.
+        for p in paths.iter_mut().filter(|p| p.is_hand_out()) {
+            p.account_in_flight();
+        }
+        for p in paths.iter_mut().filter(|p| !p.is_hand_out()) {
+            p.account_in_flight();
+        }
+        drop(paths);
         for (_, j) in self.servers {
             let _ = j.join();
         }

@@ -98,6 +98,13 @@ struct Args {
     /// MAC reported to the first device's front-end (later devices count up).
     #[arg(long)]
     mac: Option<String>,
+    /// Permission bits of the listening sockets, in octal (default 0600: the owner
+    /// only). Set on the socket before it appears at its path; the umask is not used.
+    #[arg(long, value_name = "MODE")]
+    socket_mode: Option<String>,
+    /// Group of the listening sockets (a name or a gid; default: the process's).
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
     /// Print statistics every N seconds (0 = only at exit).
     #[arg(long, default_value_t = 0.0)]
     stats_period: f64,
@@ -129,6 +136,12 @@ fn config_from(args: &Args) -> host_backend::Result<Config> {
     };
     if let Some(m) = &args.mac {
         cfg.mac = config::parse_mac(m)?;
+    }
+    if let Some(m) = &args.socket_mode {
+        cfg.socket.mode = host_backend::socket::parse_mode(m)?;
+    }
+    if let Some(g) = &args.socket_group {
+        cfg.socket.group = Some(host_backend::socket::parse_group(g)?);
     }
     if !(args.stats_period >= 0.0 && args.stats_period.is_finite()) {
         return Err(host_backend::Error::Config("--stats-period must be a number of seconds >= 0".into()));
