@@ -9,7 +9,7 @@
 //! ```text
 //! l2fwd [-l 0-1] (--vdev net_virtio_user0,path=SOCK[,queues=N] | -a BDF)... [--]
 //!       [-p PORTMASK] [-q RXQ_PER_THREAD] [-T SECS] [--[no-]mac-updating]
-//!       [--portmap "(0,1),(2,3)"] [--queues N] [--drop-ethertype 0x86dd]
+//!       [--portmap "(0,1),(2,3)"] [--queues N] [--drop-ethertype 0x86dd] [--hugepages]
 //! ```
 //!
 //! What it shows, in the order the code does it:
@@ -56,7 +56,7 @@ struct Opts {
 fn usage() -> String {
     "usage: l2fwd [-l CORES] (--vdev virtio_user0,path=SOCK[,queues=N] | -a BDF)... [--] \
      [-p PORTMASK] [-q N] [-T SECS] [--[no-]mac-updating] [--portmap \"(0,1)\"] [--queues N] \
-     [--drop-ethertype 0xHHHH]"
+     [--drop-ethertype 0xHHHH] [--hugepages]"
         .into()
 }
 
@@ -104,7 +104,7 @@ fn parse_args() -> Result<Opts, String> {
         lcores: None,
         drop_ethertype: None,
     };
-    let (mut pci, mut vdevs, mut queues) = (Vec::new(), Vec::new(), None);
+    let (mut pci, mut vdevs, mut queues, mut huge) = (Vec::new(), Vec::new(), None, false);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         // Both `--opt value` and `--opt=value`.
@@ -126,6 +126,7 @@ fn parse_args() -> Result<Opts, String> {
             "--portmap" => o.portmap = parse_portmap(&val()?)?,
             "--queues" => queues = Some(parse_num("--queues", &val()?)?.clamp(1, 256) as u16),
             "--drop-ethertype" => o.drop_ethertype = Some(parse_num("--drop-ethertype", &val()?)? as u16),
+            "--hugepages" => huge = true,
             "-h" | "--help" => return Err(usage()),
             other => return Err(format!("unknown option '{other}'\n{}", usage())),
         }
@@ -142,6 +143,9 @@ fn parse_args() -> Result<Opts, String> {
     }
     for pc in &mut o.ports[..n_pci] {
         pc.queue_pairs = queues.unwrap_or(1);
+    }
+    for pc in &mut o.ports {
+        pc.hugepages |= huge; // 2 MiB pages: fewer IOMMU mappings (always on for no-IOMMU)
     }
     if o.ports.is_empty() {
         return Err(format!("no port given\n{}", usage()));
