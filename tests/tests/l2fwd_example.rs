@@ -7,6 +7,8 @@
 //! l2fwd's final statistics per port and per queue, the backend's B and C devices, the
 //! frames this test received) and every frame's MAC addresses as l2fwd rewrites them.
 //!
+//! A third test runs the XDP filter (`--drop-ethertype`) instead of forwarding.
+//!
 //! Each test takes the [`serial`] lock, bounds every wait, and kills what it started.
 
 use std::path::Path;
@@ -174,4 +176,37 @@ fn forwards_every_frame_once_with_macs_rewritten() {
 #[test]
 fn two_queue_pairs_per_port_counts_add_up() {
     run(2);
+}
+
+/// `--drop-ethertype 0x0800`: the XDP filter in front of forwarding drops every IPv4
+/// frame gen makes, so port 0 receives and drops all N and nothing reaches the sink.
+#[test]
+fn xdp_filter_drops_the_given_ethertype() {
+    let _serial = serial();
+    let dir = TempDir::new("l2fwd-xdp");
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let (gen, sink) = (format!("gen:{}", a.display()), format!("sink:{}", b.display()));
+    let n = N.to_string();
+    let backend = Backend::start(&["--port", &gen, "--port", &sink, "--count", &n, "--cores", "1"]);
+    let va = format!("net_virtio_user0,path={}", a.display());
+    let vb = format!("net_virtio_user1,path={}", b.display());
+    let app = Testpmd::spawn_program(
+        &workspace_example("vnet-driver", "l2fwd"),
+        &["--vdev", &va, "--vdev", &vb, "-q", "2", "-T", "0", "--drop-ethertype", "0x0800"],
+        Spawn::default(),
+    );
+    backend.wait_stats(TRAFFIC_TIMEOUT, |s| {
+        s["devices"].as_array().is_some_and(|d| d.iter().any(|d| d["tx_packets"].as_u64() == Some(N)))
+    });
+    std::thread::sleep(QUIET);
+    app.signal(libc::SIGINT);
+    let exit = app.wait(Duration::from_secs(10));
+    assert_eq!(exit.code(), 0, "{exit:?}");
+    let out = &exit.stdout;
+    let stats = backend.stop();
+    assert_eq!(port_stat(out, 0, "Packets received:"), N, "{out}");
+    assert_eq!(port_stat(out, 0, "Packets dropped:"), N, "{out}");
+    assert_eq!(port_stat(out, 1, "Packets sent:"), 0, "{out}");
+    assert_eq!(counter(device(&stats, &a), "tx_packets"), N);
+    assert_eq!(counter(device(&stats, &b), "rx_packets"), 0);
 }
