@@ -105,23 +105,22 @@ for d in /sys/bus/pci/devices/*; do
 done
 [ -n "$BDFS" ] || { ls /sys/bus/pci/devices | sed 's/^/VNET-PCI /'; fail "no virtio-net PCI device 1af4:1041"; }
 for BDF in $BDFS; do
-D=/sys/bus/pci/devices/$BDF
-echo "VNET-DEV $BDF vendor=$(cat $D/vendor) device=$(cat $D/device) class=$(cat $D/class)"
-echo vfio-pci > "$D/driver_override"
-[ -e "$D/driver" ] && echo "$BDF" > "$D/driver/unbind"
-if ! echo "$BDF" > /sys/bus/pci/drivers/vfio-pci/bind 2>/tmp/bind.err; then
-    echo "VNET-BIND-ERROR $(cat /tmp/bind.err)"
-fi
-DRV=$(basename "$(readlink "$D/driver" 2>/dev/null)" 2>/dev/null)
-echo "VNET-BIND $BDF driver=${DRV:-none}"
-[ "$DRV" = vfio-pci ] || fail "binding $BDF to vfio-pci failed"
-GRP=$(basename "$(readlink "$D/iommu_group")")
-if [ "$MODE" = noiommu ]; then NODE=/dev/vfio/noiommu-$GRP; else NODE=/dev/vfio/$GRP; fi
-echo "VNET-VFIO group=$GRP nodes=$(ls /dev/vfio | tr '\n' ' ')"
-[ -c "$NODE" ] || fail "$NODE does not exist"
-[ -c /dev/vfio/vfio ] || fail "/dev/vfio/vfio does not exist"
-echo "VNET-VFIO-OK $NODE"
-
+    D=/sys/bus/pci/devices/$BDF
+    echo "VNET-DEV $BDF vendor=$(cat $D/vendor) device=$(cat $D/device) class=$(cat $D/class)"
+    echo vfio-pci > "$D/driver_override"
+    [ -e "$D/driver" ] && echo "$BDF" > "$D/driver/unbind"
+    if ! echo "$BDF" > /sys/bus/pci/drivers/vfio-pci/bind 2>/tmp/bind.err; then
+        echo "VNET-BIND-ERROR $(cat /tmp/bind.err)"
+    fi
+    DRV=$(basename "$(readlink "$D/driver" 2>/dev/null)" 2>/dev/null)
+    echo "VNET-BIND $BDF driver=${DRV:-none}"
+    [ "$DRV" = vfio-pci ] || fail "binding $BDF to vfio-pci failed"
+    GRP=$(basename "$(readlink "$D/iommu_group")")
+    if [ "$MODE" = noiommu ]; then NODE=/dev/vfio/noiommu-$GRP; else NODE=/dev/vfio/$GRP; fi
+    echo "VNET-VFIO group=$GRP nodes=$(ls /dev/vfio | tr '\n' ' ')"
+    [ -c "$NODE" ] || fail "$NODE does not exist"
+    [ -c /dev/vfio/vfio ] || fail "/dev/vfio/vfio does not exist"
+    echo "VNET-VFIO-OK $NODE"
 done
 # testpmd takes the first device
 BDF=${BDFS# }
