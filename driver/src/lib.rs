@@ -46,9 +46,10 @@
 //! re-exported from the `vnet-spec` crate), [`dma`] (the DMA arena), [`mempool`] (buffers and packets), [`ring`] (the driver-side split and packed rings),
 //! [`queue`] (rx/tx bursts, the XDP hook), [`ctrl`] (the control queue), [`transport`]
 //! (virtio-user and virtio-PCI), [`vfio`] (userspace VFIO: groups, BARs, DMA mapping),
-//! [`port`] (device init).
+//! [`port`] (device init), [`devargs`] (DPDK-style `--vdev`/`-a` port arguments).
 
 pub mod ctrl;
+pub mod devargs;
 pub mod dma;
 pub mod error;
 pub mod mempool;

@@ -4,7 +4,6 @@
 //! Owns: option syntax (`--vdev virtio_user0,path=..`, `--eth-peer N,MAC`, ...) and every
 //! range check that does not need an open port. Must not: open ports or start threads.
 
-use std::path::PathBuf;
 use std::str::FromStr;
 
 use clap::Parser;
@@ -122,132 +121,30 @@ impl FromStr for XdpProg {
     }
 }
 
-/// A virtio-user port from `--vdev virtio_user<N>,path=SOCK[,queues=N][,queue_size=N][,mac=..][,packed_vq=0|1][,in_order=0|1][,mrg_rxbuf=0|1]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VdevSpec {
-    /// The back-end socket.
-    pub path: PathBuf,
-    /// Queue pairs (DPDK's `queues=`).
-    pub queues: Option<u16>,
-    /// Ring size.
-    pub queue_size: u16,
-    /// MAC to use if the device reports none.
-    pub mac: Option<[u8; 6]>,
-    /// Negotiate `VIRTIO_F_IN_ORDER` when the device offers it (DPDK's `in_order=`,
-    /// default 1).
-    pub in_order: bool,
-    /// Use packed rings (DPDK's `packed_vq=`, default 0: split rings); the device must
-    /// offer `VIRTIO_F_RING_PACKED`.
-    pub packed_vq: bool,
-    /// Negotiate `VIRTIO_NET_F_MRG_RXBUF` when offered (DPDK's `mrg_rxbuf=`; default 0
-    /// here, so receive stays on flat frames unless asked or `--max-pkt-len` needs it).
-    pub mrg_rxbuf: bool,
-}
+// Port arguments (`--vdev`, `-a`) are the driver library's, shared with its examples.
+pub use driver::devargs::{PciSpec, VdevSpec};
 
-/// A VFIO-PCI port from `-a BDF[,packed_vq=0|1]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PciSpec {
-    /// The normalised PCI address, `DDDD:BB:DD.F`.
-    pub bdf: String,
-    /// The ring layout: `None` (the default) takes packed rings when the device offers
-    /// `VIRTIO_F_RING_PACKED` and split rings otherwise, as DPDK's virtio PMD does on a
-    /// PCI device; `packed_vq=1` requires packed rings, `packed_vq=0` keeps split ones.
-    pub packed_vq: Option<bool>,
+/// The message of a driver configuration error, without the driver's prefix.
+fn devargs_msg(e: driver::Error) -> String {
+    match e {
+        driver::Error::Config(m) => m,
+        e => e.to_string(),
+    }
 }
 
 /// Parses one `-a` value.
 pub fn parse_pci(s: &str) -> Result<PciSpec, String> {
-    let mut parts = s.split(',');
-    let bdf = parts.next().unwrap_or_default();
-    let bdf = driver::vfio::parse_bdf(bdf).map_err(|e| format!("-a {s}: {e}"))?;
-    let mut spec = PciSpec { bdf, packed_vq: None };
-    for kv in parts {
-        let (k, v) = kv.split_once('=').ok_or_else(|| format!("-a {s}: '{kv}' is not key=value"))?;
-        match (k, v) {
-            ("packed_vq", "0") => spec.packed_vq = Some(false),
-            ("packed_vq", "1") => spec.packed_vq = Some(true),
-            ("packed_vq", _) => return Err(format!("-a {s}: packed_vq must be 0 or 1")),
-            (other, _) => {
-                return Err(format!("-a {s}: unknown argument '{other}' (PCI ports take packed_vq=0|1)"))
-            }
-        }
-    }
-    Ok(spec)
+    driver::devargs::parse_pci(s).map_err(devargs_msg)
 }
 
 /// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let bad = || format!("invalid MAC address '{s}' (expected aa:bb:cc:dd:ee:ff)");
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 || parts.iter().any(|p| p.len() != 2) {
-        return Err(bad());
-    }
-    let mut mac = [0u8; 6];
-    for (m, p) in mac.iter_mut().zip(parts) {
-        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-    }
-    Ok(mac)
+    driver::devargs::parse_mac(s).map_err(devargs_msg)
 }
 
 /// Parses one `--vdev` value.
 pub fn parse_vdev(s: &str) -> Result<VdevSpec, String> {
-    let mut parts = s.split(',');
-    let name = parts.next().unwrap_or_default();
-    let name = name.strip_prefix("net_").unwrap_or(name);
-    if !name.starts_with("virtio_user") {
-        return Err(format!(
-            "--vdev {s}: only virtio_user devices are supported (e.g. virtio_user0,path=/tmp/sock)"
-        ));
-    }
-    let mut spec = VdevSpec {
-        path: PathBuf::new(),
-        queues: None,
-        queue_size: 256,
-        mac: None,
-        in_order: true,
-        packed_vq: false,
-        mrg_rxbuf: false,
-    };
-    for kv in parts {
-        let (k, v) = kv.split_once('=').ok_or_else(|| format!("--vdev {s}: '{kv}' is not key=value"))?;
-        let num =
-            |what: &str| v.parse::<u16>().map_err(|_| format!("--vdev {s}: {what}={v} is not a number"));
-        match k {
-            "path" => spec.path = PathBuf::from(v),
-            "queues" => spec.queues = Some(num("queues")?),
-            "queue_size" => spec.queue_size = num("queue_size")?,
-            "mac" => spec.mac = Some(parse_mac(v)?),
-            "in_order" => match v {
-                "0" => spec.in_order = false,
-                "1" => spec.in_order = true,
-                _ => return Err(format!("--vdev {s}: in_order must be 0 or 1")),
-            },
-            "packed_vq" => match v {
-                "0" => spec.packed_vq = false,
-                "1" => spec.packed_vq = true,
-                _ => return Err(format!("--vdev {s}: packed_vq must be 0 or 1")),
-            },
-            "mrg_rxbuf" => match v {
-                "0" => spec.mrg_rxbuf = false,
-                "1" => spec.mrg_rxbuf = true,
-                _ => return Err(format!("--vdev {s}: mrg_rxbuf must be 0 or 1")),
-            },
-            other => return Err(format!("--vdev {s}: unknown argument '{other}'")),
-        }
-    }
-    if spec.path.as_os_str().is_empty() {
-        return Err(format!("--vdev {s}: path=SOCKET is required"));
-    }
-    if spec.queue_size == 0
-        || spec.queue_size > 32768
-        || (!spec.packed_vq && !spec.queue_size.is_power_of_two())
-    {
-        return Err(format!(
-            "--vdev {s}: queue_size={} is not a power of two in 1..=32768 (with packed_vq=1: any size up to 32768)",
-            spec.queue_size
-        ));
-    }
-    Ok(spec)
+    driver::devargs::parse_vdev(s).map_err(devargs_msg)
 }
 
 /// Most segments `--txpkts` may list (the driver sends at most this many per packet).
@@ -610,6 +507,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn cfg(args: &[&str]) -> Result<Config, String> {
         let mut v = vec!["testpmd"];

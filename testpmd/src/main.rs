@@ -88,15 +88,7 @@ fn run(args: Args) -> Result<(), String> {
     if cfg.embedded {
         let (e, sock) = Embedded::start()?;
         eprintln!("testpmd: no port given: embedded host backend (reflect) on {}", sock.display());
-        cfg.vdevs = vec![VdevSpec {
-            path: sock,
-            queues: None,
-            queue_size: 256,
-            mac: None,
-            in_order: true,
-            packed_vq: false,
-            mrg_rxbuf: false,
-        }];
+        cfg.vdevs = vec![VdevSpec::new(sock)];
         cfg.duration = cfg.duration.or(Some(10.0));
         // 8 bursts of 32 fill a 256-entry ring: enough packets in the loop to keep both
         // pollers busy (DPDK's loopback test injects with `start tx_first`, too).

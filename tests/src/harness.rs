@@ -121,10 +121,23 @@ impl Drop for TempDir {
 /// The package is assumed to have the same name as the binary (true for `host-backend`
 /// and `testpmd`). Set `VNET_NO_BUILD=1` to skip the build and only use an existing file.
 pub fn workspace_bin(name: &str) -> PathBuf {
+    cargo_built(name, "--bin", name)
+}
+
+/// Path of an example of a workspace package (e.g. `workspace_example("vnet-driver",
+/// "l2fwd")`): `target/<profile>/examples/NAME`, (re)built as [`workspace_bin`] does with
+/// `cargo build -p PACKAGE --example NAME`.
+pub fn workspace_example(package: &str, name: &str) -> PathBuf {
+    cargo_built(package, "--example", name)
+}
+
+/// Builds `package`'s target `name` of `kind` (`--bin` or `--example`) once per process.
+fn cargo_built(package: &str, kind: &str, name: &str) -> PathBuf {
     static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
     let built = BUILT.get_or_init(|| Mutex::new(HashMap::new()));
     let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(p) = built.get(name) {
+    let key = format!("{package} {kind} {name}");
+    if let Some(p) = built.get(&key) {
         return p.clone();
     }
 
@@ -138,7 +151,8 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     let profile = profile_dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug").to_string();
     let target_dir =
         profile_dir.parent().expect("workspace_bin: profile directory has no parent").to_path_buf();
-    let bin = profile_dir.join(name);
+    let bin =
+        if kind == "--example" { profile_dir.join("examples").join(name) } else { profile_dir.join(name) };
 
     let skip_build = std::env::var_os("VNET_NO_BUILD").is_some_and(|v| v == "1");
     if !(skip_build && bin.exists()) {
@@ -156,7 +170,7 @@ pub fn workspace_bin(name: &str) -> PathBuf {
                 cmd.args(["--profile", other]);
             }
         }
-        cmd.args(["-p", name, "--bin", name, "--target-dir"]).arg(&target_dir);
+        cmd.args(["-p", package, kind, name, "--target-dir"]).arg(&target_dir);
         let out =
             cmd.output().unwrap_or_else(|e| panic!("workspace_bin({name}): cannot run {cargo:?} build: {e}"));
         if !out.status.success() {
@@ -168,7 +182,7 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         }
     }
     assert!(bin.exists(), "workspace_bin({name}): {} does not exist after the build", bin.display());
-    built.insert(name.to_string(), bin.clone());
+    built.insert(key, bin.clone());
     bin
 }
 

@@ -101,8 +101,13 @@ impl Testpmd {
     /// Spawns testpmd with `args` and the options of `how`. `RUST_LOG` is removed from
     /// its environment so stderr carries only what testpmd itself prints.
     pub fn spawn_with(args: &[&str], how: Spawn) -> Testpmd {
-        let bin = testpmd_bin();
-        let mut cmd = Command::new(&bin);
+        Testpmd::spawn_program(&testpmd_bin(), args, how)
+    }
+
+    /// As [`Testpmd::spawn_with`] for another program run the same way (the driver's
+    /// `l2fwd` example: outputs captured, stopped by a signal, killed on drop).
+    pub fn spawn_program(bin: &std::path::Path, args: &[&str], how: Spawn) -> Testpmd {
+        let mut cmd = Command::new(bin);
         cmd.args(args)
             .env_remove("RUST_LOG")
             .stdin(if how.stdin { Stdio::piped() } else { Stdio::null() })

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{signal, wait_timeout, workspace_bin, TempDir};
+use crate::harness::{signal, wait_timeout, workspace_bin, workspace_example, TempDir};
 
 /// The guest image: kernel and initramfs.
 #[derive(Debug, Clone)]
@@ -54,6 +54,7 @@ pub fn build_image() -> Image {
     let mut child = Command::new("bash")
         .arg(&script)
         .env("VNET_TESTPMD", &testpmd)
+        .env("VNET_L2FWD", workspace_example("vnet-driver", "l2fwd"))
         .env("VNET_VM_DIR", &vm_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::from(log.try_clone().expect("build_image: dup log")))
@@ -91,6 +92,13 @@ pub fn build_image() -> Image {
     image
 }
 
+/// `mac` (aa:bb:..:ff) with `add` added to its last byte.
+fn next_mac(mac: &str, add: u8) -> String {
+    let (head, last) = mac.rsplit_once(':').unwrap_or((mac, "00"));
+    let last = u8::from_str_radix(last, 16).unwrap_or(0).wrapping_add(add);
+    format!("{head}:{last:02x}")
+}
+
 /// How to boot the guest.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -112,6 +120,12 @@ pub struct VmConfig {
     /// More `virtio-net-pci` properties, comma-separated (e.g. `host_mtu=9000` or
     /// `guest_tso4=off`); empty for none.
     pub nic_opts: String,
+    /// A second virtio-net device on this vhost-user socket (same options, the MAC's
+    /// last byte plus one, its own root port).
+    pub socket2: Option<PathBuf>,
+    /// Queue pairs per device: more than 1 adds the netdev's `queues=N` and the NIC's
+    /// `mq=on,vectors=2N+2`.
+    pub queues: u16,
 }
 
 impl VmConfig {
@@ -127,6 +141,8 @@ impl VmConfig {
             viommu: false,
             packed: false,
             nic_opts: String::new(),
+            socket2: None,
+            queues: 1,
         }
     }
 
@@ -211,15 +227,29 @@ impl Qemu {
         ];
         // The IOMMU must exist before the devices behind it.
         args.extend(iommu);
+        if cfg.queues > 1 {
+            nic.push_str(&format!(",mq=on,vectors={}", 2 * cfg.queues + 2));
+        }
+        let netq = if cfg.queues > 1 { format!(",queues={}", cfg.queues) } else { String::new() };
+        let mut socks = vec![cfg.socket.clone()];
+        socks.extend(cfg.socket2.clone());
+        for (i, sock) in socks.iter().enumerate() {
+            // Device i: its own chardev, netdev and root port; the MAC counts up.
+            let mac = if i == 0 { cfg.mac.clone() } else { next_mac(&cfg.mac, i as u8) };
+            let nic_i =
+                nic.replace("netdev=n0", &format!("netdev=n{i}")).replace("bus=rp0", &format!("bus=rp{i}"));
+            args.extend::<Vec<String>>(vec![
+                "-chardev".into(),
+                format!("socket,id=c{i},path={}", sock.display()),
+                "-netdev".into(),
+                format!("vhost-user,id=n{i},chardev=c{i}{netq}"),
+                "-device".into(),
+                format!("pcie-root-port,id=rp{i},chassis={},slot={}", i + 1, i + 1),
+                "-device".into(),
+                nic_i.replace(&format!("mac={}", cfg.mac), &format!("mac={mac}")),
+            ]);
+        }
         args.extend::<Vec<String>>(vec![
-            "-chardev".into(),
-            format!("socket,id=c0,path={}", cfg.socket.display()),
-            "-netdev".into(),
-            "vhost-user,id=n0,chardev=c0".into(),
-            "-device".into(),
-            "pcie-root-port,id=rp0,chassis=1,slot=1".into(),
-            "-device".into(),
-            nic,
             "-kernel".into(),
             image.vmlinuz.display().to_string(),
             "-initrd".into(),

@@ -2,7 +2,8 @@
 # Builds the guest image of the VM tests (tests/tests/vm_*.rs): a Debian 6.1 kernel and an
 # initramfs with busybox, the VFIO modules (plus a vfio.ko rebuilt with no-IOMMU support),
 # the kernel's own virtio-net driver modules (for guests that use the kernel's driver
-# instead of ours: vt.mode=kernel), ethtool, our testpmd with its shared libraries,
+# instead of ours: vt.mode=kernel), ethtool, our testpmd and the driver's l2fwd example
+# with their shared libraries,
 # tests/vm/guest-init.sh as /init and tests/vm/guest-kernel-net.sh beside it.
 #
 #   tests/vm/build-image.sh          # -> target/vm/image/{vmlinuz,initrd.img,manifest}
@@ -15,6 +16,8 @@
 #   VNET_VM_DIR=DIR        cache and output directory (default: <cargo target dir>/vm,
 #                          i.e. $CARGO_TARGET_DIR/vm or <repo>/target/vm)
 #   VNET_TESTPMD=PATH      use this testpmd binary instead of `cargo build --release -p testpmd`
+#   VNET_L2FWD=PATH        use this l2fwd binary instead of
+#                          `cargo build --release -p vnet-driver --example l2fwd`
 #   VNET_VM_APT=0          never apt-get install missing host tools (fail instead)
 #   VNET_KERNEL_ABI=6.1.0-57  VNET_KERNEL_VERSION=6.1.192-3
 #                          the Debian kernel: linux-image-<ABI>-amd64, linux-headers-
@@ -216,10 +219,18 @@ else
     TP=${CARGO_TARGET_DIR:-$REPO/target}/release/testpmd
 fi
 [ -x "$TP" ] || die "testpmd binary $TP not found"
+if [ -n "${VNET_L2FWD:-}" ]; then
+    L2=$VNET_L2FWD
+else
+    say "cargo build --release -p vnet-driver --example l2fwd"
+    (cd "$REPO" && cargo build --release -q -p vnet-driver --example l2fwd) >&2 || die "cargo build of the l2fwd example failed"
+    L2=${CARGO_TARGET_DIR:-$REPO/target}/release/examples/l2fwd
+fi
+[ -x "$L2" ] || die "l2fwd binary $L2 not found"
 ETHTOOL=$(command -v ethtool)
 # shared libraries of testpmd and ethtool as ldd lists them (the dynamic loader appears as
 # an absolute path)
-mapfile -t LIBS < <(ldd "$TP" "$ETHTOOL" | awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]+ \(/ {print $1}' | sort -u)
+mapfile -t LIBS < <(ldd "$TP" "$L2" "$ETHTOOL" | awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]+ \(/ {print $1}' | sort -u)
 [ ${#LIBS[@]} -gt 0 ] || die "ldd $TP listed no libraries"
 # glibc dlopen()s libgcc_s for pthread_cancel/unwinding: make sure it is there
 if ! printf '%s\n' "${LIBS[@]}" | grep -q libgcc_s; then
@@ -228,7 +239,7 @@ if ! printf '%s\n' "${LIBS[@]}" | grep -q libgcc_s; then
 fi
 
 # ---- 6. rootfs + initramfs (only when an input changed) ------------------------------------
-INPUTS=("$HERE/guest-init.sh" "$HERE/guest-kernel-net.sh" "$TP" "$ETHTOOL" "${LIBS[@]}" "$B/bin/busybox" "$K/vmlinuz")
+INPUTS=("$HERE/guest-init.sh" "$HERE/guest-kernel-net.sh" "$TP" "$L2" "$ETHTOOL" "${LIBS[@]}" "$B/bin/busybox" "$K/vmlinuz")
 for m in "${MODS[@]}" "${NETMODS[@]}"; do INPUTS+=("$K/modules/$m.ko"); done
 if [ "$NOIOMMU_BUILTIN" = 0 ]; then INPUTS+=("$N/vfio.ko"); fi
 KEY=$( { echo "$KVER $KVERSION ${MODS[*]} ${NETMODS[*]}"; sha256sum "${INPUTS[@]}" | cut -d' ' -f1; } | sha256sum | cut -d' ' -f1)
@@ -257,6 +268,7 @@ else
         echo "$m.ko" >> "$R/lib/modules/net-load-order"
     done
     strip -o "$R/bin/testpmd" "$TP"
+    strip -o "$R/bin/l2fwd" "$L2"
     # busybox has no ethtool: the host's replaces nothing (no applet of that name)
     cp "$ETHTOOL" "$R/bin/ethtool"
     install -m 0755 "$HERE/guest-kernel-net.sh" "$R/bin/guest-kernel-net.sh"
@@ -268,6 +280,7 @@ else
     {
         echo "kernel $KVER $KVERSION"
         echo "testpmd $(sha256sum "$TP" | cut -d' ' -f1) $TP"
+        echo "l2fwd $(sha256sum "$L2" | cut -d' ' -f1) $L2"
         echo "modules $(tr '\n' ' ' < "$R/lib/modules/load-order")"
         echo "net-modules $(tr '\n' ' ' < "$R/lib/modules/net-load-order")"
         echo "ethtool $($ETHTOOL --version | head -n1)"

@@ -22,6 +22,11 @@
 #   vt.txfirst=N              --tx-first N (default 4 in io mode, none otherwise)
 #   vt.tp=A,B,...             extra testpmd arguments, commas become spaces
 #   vt.hugepages=N            2 MiB pages to reserve (default 128)
+#   vt.app=l2fwd              bind every virtio-net device and run the driver's l2fwd
+#                             example on them (-a BDF each) for vt.secs seconds, then
+#                             SIGINT; stdout lines prefixed "L2| ", between
+#                             ===== VNET-L2FWD BEGIN ... ===== and ===== VNET-L2FWD END rc=N =====
+#   vt.l2=A,B,...             extra l2fwd arguments, commas become spaces
 #   vt.shell=1                start a shell instead of powering off (debugging)
 export PATH=/bin:/sbin
 mount -t proc proc /proc
@@ -33,7 +38,7 @@ uptime_s() { cut -d' ' -f1 /proc/uptime; }
 echo
 echo "VNET-INIT uptime=$(uptime_s) kernel=$(uname -r) cpus=$(nproc) mem=$(awk '/MemTotal/ {print $2 "kB"}' /proc/meminfo)"
 
-MODE=noiommu FWD=none SECS=5 TXFIRST="" TPEXTRA="" HUGEPAGES=128 DEBUG_SHELL=0
+MODE=noiommu FWD=none SECS=5 TXFIRST="" TPEXTRA="" HUGEPAGES=128 DEBUG_SHELL=0 APP=testpmd L2EXTRA=""
 for a in $(cat /proc/cmdline); do
     case "$a" in
         vt.mode=*) MODE=${a#*=} ;;
@@ -43,6 +48,8 @@ for a in $(cat /proc/cmdline); do
         vt.tp=*) TPEXTRA=$(echo "${a#*=}" | tr ',' ' ') ;;
         vt.hugepages=*) HUGEPAGES=${a#*=} ;;
         vt.shell=1) DEBUG_SHELL=1 ;;
+        vt.app=*) APP=${a#*=} ;;
+        vt.l2=*) L2EXTRA=$(echo "${a#*=}" | tr ',' ' ') ;;
     esac
 done
 [ "$FWD" = io ] && [ -z "$TXFIRST" ] && TXFIRST=4
@@ -91,35 +98,54 @@ if [ "$MODE" = noiommu ]; then
     [ "$(cat $p)" = Y ] || fail "no-IOMMU mode is not enabled"
 fi
 
-# ---- the virtio-net device ------------------------------------------------------------------
-BDF=""
+# ---- the virtio-net devices, each bound to vfio-pci -------------------------------------------
+BDFS=""
 for d in /sys/bus/pci/devices/*; do
-    if [ "$(cat "$d/vendor")" = 0x1af4 ] && [ "$(cat "$d/device")" = 0x1041 ]; then BDF=${d##*/}; break; fi
+    if [ "$(cat "$d/vendor")" = 0x1af4 ] && [ "$(cat "$d/device")" = 0x1041 ]; then BDFS="$BDFS ${d##*/}"; fi
 done
-[ -n "$BDF" ] || { ls /sys/bus/pci/devices | sed 's/^/VNET-PCI /'; fail "no virtio-net PCI device 1af4:1041"; }
-D=/sys/bus/pci/devices/$BDF
-echo "VNET-DEV $BDF vendor=$(cat $D/vendor) device=$(cat $D/device) class=$(cat $D/class)"
-
-# ---- bind it to vfio-pci ----------------------------------------------------------------------
-echo vfio-pci > "$D/driver_override"
-[ -e "$D/driver" ] && echo "$BDF" > "$D/driver/unbind"
-if ! echo "$BDF" > /sys/bus/pci/drivers/vfio-pci/bind 2>/tmp/bind.err; then
-    echo "VNET-BIND-ERROR $(cat /tmp/bind.err)"
-fi
-DRV=$(basename "$(readlink "$D/driver" 2>/dev/null)" 2>/dev/null)
-echo "VNET-BIND $BDF driver=${DRV:-none}"
-[ "$DRV" = vfio-pci ] || fail "binding $BDF to vfio-pci failed"
-GRP=$(basename "$(readlink "$D/iommu_group")")
-if [ "$MODE" = noiommu ]; then NODE=/dev/vfio/noiommu-$GRP; else NODE=/dev/vfio/$GRP; fi
-echo "VNET-VFIO group=$GRP nodes=$(ls /dev/vfio | tr '\n' ' ')"
-[ -c "$NODE" ] || fail "$NODE does not exist"
-[ -c /dev/vfio/vfio ] || fail "/dev/vfio/vfio does not exist"
-echo "VNET-VFIO-OK $NODE"
+[ -n "$BDFS" ] || { ls /sys/bus/pci/devices | sed 's/^/VNET-PCI /'; fail "no virtio-net PCI device 1af4:1041"; }
+for BDF in $BDFS; do
+    D=/sys/bus/pci/devices/$BDF
+    echo "VNET-DEV $BDF vendor=$(cat $D/vendor) device=$(cat $D/device) class=$(cat $D/class)"
+    echo vfio-pci > "$D/driver_override"
+    [ -e "$D/driver" ] && echo "$BDF" > "$D/driver/unbind"
+    if ! echo "$BDF" > /sys/bus/pci/drivers/vfio-pci/bind 2>/tmp/bind.err; then
+        echo "VNET-BIND-ERROR $(cat /tmp/bind.err)"
+    fi
+    DRV=$(basename "$(readlink "$D/driver" 2>/dev/null)" 2>/dev/null)
+    echo "VNET-BIND $BDF driver=${DRV:-none}"
+    [ "$DRV" = vfio-pci ] || fail "binding $BDF to vfio-pci failed"
+    GRP=$(basename "$(readlink "$D/iommu_group")")
+    if [ "$MODE" = noiommu ]; then NODE=/dev/vfio/noiommu-$GRP; else NODE=/dev/vfio/$GRP; fi
+    echo "VNET-VFIO group=$GRP nodes=$(ls /dev/vfio | tr '\n' ' ')"
+    [ -c "$NODE" ] || fail "$NODE does not exist"
+    [ -c /dev/vfio/vfio ] || fail "/dev/vfio/vfio does not exist"
+    echo "VNET-VFIO-OK $NODE"
+done
+# testpmd takes the first device
+BDF=${BDFS# }
+BDF=${BDF%% *}
 
 # ---- hugepages ------------------------------------------------------------------------------
 echo "$HUGEPAGES" > /proc/sys/vm/nr_hugepages
 mount -t hugetlbfs nodev /dev/hugepages
 echo "VNET-HUGEPAGES $(awk '/HugePages_Total/ {t=$2} /HugePages_Free/ {f=$2} END {print "total=" t " free=" f}' /proc/meminfo)"
+
+# ---- l2fwd (the driver's example) on every device ---------------------------------------------
+if [ "$APP" = l2fwd ]; then
+    set -- l2fwd
+    for b in $BDFS; do set -- "$@" -a "$b"; done
+    # shellcheck disable=SC2086 # L2EXTRA is a word list on purpose
+    set -- "$@" -- -T 0 $L2EXTRA
+    echo "===== VNET-L2FWD BEGIN $* ====="
+    { timeout -s INT "$SECS" "$@" 2>/tmp/l2.err </dev/null; echo $? > /tmp/l2.rc; } | sed 's/^/L2| /'
+    RC=$(cat /tmp/l2.rc)
+    sed 's/^/L2! /' /tmp/l2.err
+    echo "===== VNET-L2FWD END rc=$RC ====="
+    # timeout's own status is 124 when it sent the signal; l2fwd exits 0 on SIGINT
+    [ "$RC" = 0 ] || [ "$RC" = 124 ] || fail "l2fwd exited with $RC"
+    finish PASS "l2fwd"
+fi
 
 [ "$FWD" = none ] && finish PASS "bind-only"
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use driver::{Packet, Port, PortConfig, QueueStatsSnapshot, RxQueue, TxQueue, XdpVerdict};
+use driver::{Packet, Port, QueueStatsSnapshot, RxQueue, TxQueue, XdpVerdict};
 
 use crate::config::{Config, FwdMode, XdpProg};
 use crate::csum::CsumCfg;
@@ -152,25 +152,8 @@ impl App {
         // PCI ports first, then virtio-user ones (DPDK's port order).
         // PCI ports take packed rings when the device offers them unless packed_vq=0
         // says otherwise (DPDK's virtio PMD on PCI); virtio-user ports only when asked.
-        let pci = cfg.pci.iter().map(|p| {
-            let mut pc = PortConfig::vfio_pci(&p.bdf);
-            pc.packed = p.packed_vq == Some(true);
-            pc.packed_if_offered = p.packed_vq.is_none();
-            (pc, p.bdf.clone())
-        });
-        let specs = pci.chain(cfg.vdevs.iter().map(|v| {
-            let mut pc = PortConfig::virtio_user(&v.path);
-            pc.ring_size = v.queue_size;
-            pc.mac = v.mac;
-            pc.packed = v.packed_vq;
-            if !v.in_order {
-                pc.features &= !driver::layout::features::bit(driver::layout::features::IN_ORDER);
-            }
-            if v.mrg_rxbuf {
-                pc.features |= driver::layout::features::bit(driver::layout::features::NET_MRG_RXBUF);
-            }
-            (pc, v.path.display().to_string())
-        }));
+        let pci = cfg.pci.iter().map(|p| (p.port_config(), p.bdf.clone()));
+        let specs = pci.chain(cfg.vdevs.iter().map(|v| (v.port_config(), v.path.display().to_string())));
         for (i, (mut pc, name)) in specs.enumerate() {
             pc.queue_pairs = cfg.queues;
             if cfg.interactive {
