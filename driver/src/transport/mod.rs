@@ -4,6 +4,7 @@
 //! vhost-user socket; virtio-PCI over VFIO) and the [`Notifier`] a queue kicks with.
 //! Must not: hold data-path state; after setup the data path only uses a `Notifier`.
 
+mod deadline;
 pub mod pci;
 pub mod vhost_user;
 
