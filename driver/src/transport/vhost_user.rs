@@ -245,13 +245,13 @@ impl Transport for VhostUserTransport {
             cfg.status = u16_at(net_config::STATUS);
         }
         if features & f::bit(f::NET_MQ) != 0 {
-            cfg.max_queue_pairs = u16_at(net_config::MAX_VQ_PAIRS).max(1);
+            cfg.max_queue_pairs = u16_at(net_config::MAX_VQ_PAIRS);
         }
         if features & f::bit(f::NET_MTU) != 0 {
             cfg.mtu = u16_at(net_config::MTU);
             cfg.mtu_reported = true;
         }
-        Ok(cfg)
+        cfg.checked(features, self.fallback_mac, &self.describe())
     }
 
     fn setup_queue(&mut self, index: u16, size: u16, addrs: crate::ring::RingAddrs) -> Result<Notifier> {
