@@ -51,6 +51,9 @@
 pub mod ctrl;
 pub mod dma;
 pub mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz_api;
 pub mod mempool;
 pub mod port;
 pub mod queue;

@@ -11,14 +11,23 @@
 #
 # Prints one line per target: executions, crashes (0 or 1: libFuzzer stops at the first),
 # corpus size. Exit status 1 if any target crashed, timed out (a hang) or ran out of
-# memory; the input is kept under tests/fuzz/artifacts/TARGET/.
-# Environment: FUZZ_JOBS (default 1), CARGO_TARGET_DIR (default target/fuzz at the repo
-# root), FUZZ_NICE (default 10), FUZZ_TIMEOUT (seconds one input may take, default 10).
+# memory; the input is kept under tests/fuzz/artifacts/TARGET/ (FUZZ_ARTIFACTS). The
+# corpus grows under tests/fuzz/corpus/TARGET/ (FUZZ_CORPUS); both are git-ignored.
+# A crash input replays with: $CARGO_TARGET_DIR/<host>/release/TARGET INPUT
+# One libFuzzer process per target (libFuzzer's -jobs mode would write its output to
+# fuzz-N.log files in the current directory instead).
+# Environment: CARGO_TARGET_DIR (default target/fuzz at the repo root), FUZZ_NICE
+# (default 10), FUZZ_TIMEOUT (seconds one input may take before it counts as a hang,
+# default 10).
 set -euo pipefail
+
+# The whole script is one function, read before it runs: editing this file while a long
+# run is in progress cannot change what that run does.
+main() {
 
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-TARGETS=(ring_walk ctrl_parse iotlb_model vhost_handler driver_used)
+TARGETS=(ring_walk ctrl_parse iotlb_model vhost_handler driver_used driver_rx)
 
 usage() { echo "usage: $0 TARGET|all SECONDS  (targets: ${TARGETS[*]})" >&2; exit 2; }
 [ "${1:-}" = list ] && { printf '%s\n' "${TARGETS[@]}"; exit 0; }
@@ -52,14 +61,14 @@ echo "fuzz: building ${run[*]} ($(rustc --version))" >&2
 status=0
 printf '%-14s %12s %8s %8s %s\n' target executions crashes corpus seconds
 for t in "${run[@]}"; do
-    corpus="$here/corpus/$t"
-    art="$here/artifacts/$t"
+    corpus="${FUZZ_CORPUS:-$here/corpus}/$t"
+    art="${FUZZ_ARTIFACTS:-$here/artifacts}/$t"
     mkdir -p "$corpus" "$art"
     log=$(mktemp)
     rc=0
     nice -n "$nice_n" "$CARGO_TARGET_DIR/$host/release/$t" "$corpus" \
         -max_total_time="$secs" -timeout="${FUZZ_TIMEOUT:-10}" -rss_limit_mb=2048 \
-        -max_len=8192 -jobs="${FUZZ_JOBS:-1}" -workers="${FUZZ_JOBS:-1}" \
+        -max_len=8192 \
         -artifact_prefix="$art/" -print_final_stats=1 >"$log" 2>&1 || rc=$?
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | awk '{s+=$1} END {print s+0}')
     crashes=0
@@ -72,3 +81,6 @@ for t in "${run[@]}"; do
     rm -f "$log"
 done
 exit $status
+}
+
+main "$@"

@@ -15,5 +15,8 @@ struct Input {
 }
 
 fuzz_target!(|inp: Input| {
+    if std::env::var_os("FUZZ_DEBUG").is_some() {
+        eprintln!("{inp:#?}");
+    }
     host_backend::fuzz_api::ctrl_command(&inp.command, inp.features, inp.max_pairs, &inp.frame);
 });

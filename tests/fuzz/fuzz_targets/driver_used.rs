@@ -96,6 +96,9 @@ fn dev_write(area: u64, len: usize, off: u16, bytes: &[u8]) {
 }
 
 fuzz_target!(|inp: Input| {
+    if std::env::var_os("FUZZ_DEBUG").is_some() {
+        eprintln!("{inp:#?}");
+    }
     let arena = Arc::new(DmaArena::new(1 << 16, false).expect("arena"));
     let features = RingFeatures { event_idx: inp.event_idx, in_order: inp.in_order };
     let mut ring: AnyRing = if inp.packed {

@@ -65,6 +65,9 @@ fn in_mem(uaddr: u64) -> bool {
 }
 
 fuzz_target!(|ops: Vec<Op>| {
+    if std::env::var_os("FUZZ_DEBUG").is_some() {
+        eprintln!("{ops:#?}");
+    }
     let s = IotlbSession::new();
     let mut history = Vec::new();
     for op in ops.iter().take(2048) {

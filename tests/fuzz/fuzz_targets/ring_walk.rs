@@ -48,6 +48,9 @@ struct Input {
 }
 
 fuzz_target!(|inp: Input| {
+    if std::env::var_os("FUZZ_DEBUG").is_some() {
+        eprintln!("{inp:#?}");
+    }
     let size = match (inp.packed, inp.size & 0x8000 != 0) {
         (_, true) => inp.size & 0x7fff,
         (false, false) => 1 << (inp.size % 9),

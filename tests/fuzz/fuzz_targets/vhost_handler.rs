@@ -122,6 +122,9 @@ struct Input {
 }
 
 fuzz_target!(|inp: Input| {
+    if std::env::var_os("FUZZ_DEBUG").is_some() {
+        eprintln!("{inp:#?}");
+    }
     let s = HandlerSession::new(inp.pairs as u16 % 4 + 1, inp.iommu);
     for m in inp.msgs.iter().take(48) {
         match m {
