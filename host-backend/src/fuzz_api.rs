@@ -111,14 +111,28 @@ impl RingSession {
     /// Maps the guest memory (zeroed), writes `image` at [`MEM_GPA`], and sets the ring
     /// up; `None` if the set-up refused the parameters (as activation would).
     pub fn new(p: &RingParams, image: &[u8]) -> Option<RingSession> {
-        let regions = [
-            RegionDesc { gpa: MEM_GPA, len: MEM_LEN, uva: MEM_UVA, mmap_offset: 0 },
-            RegionDesc { gpa: MEM2_GPA, len: MEM2_LEN, uva: MEM2_UVA, mmap_offset: 0 },
-        ];
-        let mem = Arc::new(GuestMemory::map(&regions, vec![memfd(MEM_LEN), memfd(MEM2_LEN)]).ok()?);
+        // One mapping per thread, zeroed for each session: mapping fresh memfds for every
+        // input cost most of an execution (a ring holds its own `Arc`, and sessions do
+        // not overlap on a thread).
+        thread_local! {
+            static MEM: Arc<GuestMemory> = Arc::new(
+                GuestMemory::map(&[
+                    RegionDesc { gpa: MEM_GPA, len: MEM_LEN, uva: MEM_UVA, mmap_offset: 0 },
+                    RegionDesc { gpa: MEM2_GPA, len: MEM2_LEN, uva: MEM2_UVA, mmap_offset: 0 },
+                ], vec![memfd(MEM_LEN), memfd(MEM2_LEN)])
+                .expect("fuzz guest memory"),
+            );
+        }
+        let mem = MEM.with(|m| m.clone());
         let mut hint = 0;
         let h0 = mem.translate_whole(&mut hint, MEM_GPA, MEM_LEN).expect("region 0") as usize;
         let h1 = mem.translate_whole(&mut hint, MEM2_GPA, MEM2_LEN).expect("region 1") as usize;
+        // SAFETY: both regions, whole, inside the mapping `mem` keeps alive; no ring of an
+        // earlier session is alive (each session owns the only other `Arc` while it runs).
+        unsafe {
+            std::ptr::write_bytes(h0 as *mut u8, 0, MEM_LEN as usize);
+            std::ptr::write_bytes(h1 as *mut u8, 0, MEM2_LEN as usize);
+        }
         let cfg = RingConfig {
             size: p.size,
             desc_uva: p.desc_uva,
