@@ -185,15 +185,14 @@ fuzz_target!(|inp: Input| {
             }
             Op::Pop { n } => {
                 let mut sink = Sink(&mut model, 0);
-                let r = match &mut ring {
+                match &mut ring {
                     AnyRing::Split(r) => r.poll_used().map_err(|_| ()).and_then(|avail| {
                         r.pop_used_burst(avail.min(*n as u16), &mut sink).map_err(|_| ()).map(|_| ())
                     }),
                     AnyRing::Packed(r) => r.poll_used().map_err(|_| ()).and_then(|avail| {
                         r.pop_used_burst(avail.min(*n as u16), &mut sink).map_err(|_| ()).map(|_| ())
                     }),
-                };
-                r
+                }
             }
             Op::PopTokens { n } => {
                 let mut sink = Sink(&mut model, 0);

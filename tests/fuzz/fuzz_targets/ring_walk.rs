@@ -57,7 +57,7 @@ fuzz_target!(|inp: Input| {
         (true, false) => inp.size % 256 + 1,
     };
     let base = if inp.packed && inp.base & 0x4000 == 0 {
-        (inp.base & 0x7fff) % size.max(1) | (inp.base & 0x8000)
+        ((inp.base & 0x7fff) % size.max(1)) | (inp.base & 0x8000)
     } else {
         inp.base
     };

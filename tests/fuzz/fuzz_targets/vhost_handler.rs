@@ -11,7 +11,7 @@ use libfuzzer_sys::fuzz_target;
 #[derive(Arbitrary, Debug, Clone, Copy)]
 enum Fd {
     None,
-    EventFd,
+    Fresh,
     Signalled,
     Pipe,
 }
@@ -20,7 +20,7 @@ impl Fd {
     fn get(self) -> FuzzFd {
         match self {
             Fd::None => FuzzFd::None,
-            Fd::EventFd => FuzzFd::EventFd,
+            Fd::Fresh => FuzzFd::EventFd,
             Fd::Signalled => FuzzFd::Signalled,
             Fd::Pipe => FuzzFd::Pipe,
         }
