@@ -376,7 +376,8 @@ impl IotlbSession {
 pub struct FuzzRegion {
     /// Guest-physical address.
     pub gpa: u64,
-    /// Length (clipped to 1 MiB so that inputs cannot ask for gigabytes).
+    /// Length (clipped to 256 KiB so that inputs cannot ask for gigabytes; at most four
+    /// regions are used).
     pub len: u64,
     /// Front-end virtual address.
     pub uva: u64,
@@ -484,8 +485,8 @@ impl HandlerSession {
     pub fn set_mem_table(&self, regions: &[FuzzRegion], fill: &[u8]) -> bool {
         let mut ctx = Vec::new();
         let mut files = Vec::new();
-        for r in regions.iter().take(8) {
-            let len = r.len.min(1 << 20);
+        for r in regions.iter().take(4) {
+            let len = r.len.min(256 << 10);
             let off = (r.mmap_offset & 0xffff) & !0xfff;
             let f = memfd(off + len.max(1));
             if !fill.is_empty() {
@@ -583,8 +584,12 @@ impl HandlerSession {
             }
             self.device.deactivate(q, active);
         }
-        let _ = self.device.snapshot().to_json();
         ran
+    }
+
+    /// The device's statistics as the front-end's stats line shows them.
+    pub fn snapshot_json(&self) -> String {
+        self.device.snapshot().to_json().to_string()
     }
 }
 

@@ -196,4 +196,5 @@ fuzz_target!(|inp: Input| {
         }
         s.activate_all();
     }
+    let _ = s.snapshot_json();
 });
