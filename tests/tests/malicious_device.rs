@@ -918,3 +918,46 @@ fn a_back_end_that_stops_answering_fails_close_after_the_timeout() {
     // The connection is closed; every buffer is back, once.
     assert_eq!(pool.available(), pool.capacity());
 }
+
+/// `PortConfig::vhost_user_peer_uid`: a back-end running as another user is refused
+/// before the driver sends it anything (its memory, in particular); the expected user
+/// is accepted.
+#[test]
+fn a_back_end_of_another_user_is_refused_before_anything_is_sent() {
+    use std::io::Read;
+    use std::os::unix::net::UnixListener;
+    let _serial = harness::serial();
+    let dir = harness::TempDir::new("peer-uid");
+    let sock = dir.join("peer.sock");
+    let listener = UnixListener::bind(&sock).expect("bind");
+    let backend = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        conn.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).map(|_| got)
+    });
+    // SAFETY: getuid has no preconditions.
+    let me = unsafe { libc::getuid() };
+    let mut cfg = PortConfig::virtio_user(&sock);
+    cfg.vhost_user_peer_uid = Some(me.wrapping_add(1));
+    let err = match Port::open(cfg) {
+        Ok(_) => panic!("Port::open accepted a back-end of another user"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, driver::Error::Connect { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&format!("runs as uid {me}, not the expected uid {}", me.wrapping_add(1))),
+        "{err}"
+    );
+    let got = backend.join().expect("back-end thread").expect("read until the driver closed");
+    assert!(got.is_empty(), "the driver sent {} bytes to a refused back-end", got.len());
+
+    // The expected user: the port opens (on a faithful device) and works.
+    let dev = EvilDevice::spawn(Path::new(BIN), Mode::GOOD, GOOD_FRAMES);
+    let mut cfg = PortConfig::virtio_user(dev.socket());
+    cfg.vhost_user_peer_uid = Some(me);
+    let port =
+        Port::open(cfg).unwrap_or_else(|e| panic!("open with the right uid: {e}; log:\n{}", dev.log()));
+    assert_eq!(port.info().mac, DEVICE_MAC);
+    port.close(Vec::new()).expect("close");
+}

@@ -64,8 +64,9 @@ impl VhostUserTransport {
     /// Connects to the back-end at `path` and takes ownership of the device; the DMA
     /// arena given to [`Transport::map_dma`] becomes its guest memory. `mac` is the
     /// address used when the back-end does not provide config space. Each request,
-    /// `SET_OWNER` here included, fails after `timeout` without an answer.
-    pub fn connect(path: &Path, mac: [u8; 6], timeout: Duration) -> Result<Self> {
+    /// `SET_OWNER` here included, fails after `timeout` without an answer. With
+    /// `peer_uid`, the back-end's process must run as that user (`SO_PEERCRED`).
+    pub fn connect(path: &Path, mac: [u8; 6], timeout: Duration, peer_uid: Option<u32>) -> Result<Self> {
         let connect_err = |reason: String| Error::Connect { path: path.into(), reason };
         match std::fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -95,6 +96,14 @@ impl VhostUserTransport {
                 Err(e) => return Err(connect_err(e.to_string())),
             }
         };
+        if let Some(want) = peer_uid {
+            let (uid, pid) = peer_credentials(&sock).map_err(|e| connect_err(format!("SO_PEERCRED: {e}")))?;
+            if uid != want {
+                return Err(connect_err(format!(
+                    "the back-end (pid {pid}) runs as uid {uid}, not the expected uid {want}"
+                )));
+            }
+        }
         let watch = sock.try_clone().map_err(|e| Error::io("duplicating the vhost-user socket", e))?;
         let deadline =
             Deadline::new(watch, timeout).map_err(|e| Error::io("starting the request watchdog", e))?;
@@ -143,6 +152,28 @@ impl VhostUserTransport {
         }
         r.map_err(map)
     }
+}
+
+/// The user id and process id of the socket's peer, as the kernel recorded them when
+/// it connected (`SO_PEERCRED`).
+fn peer_credentials(sock: &UnixStream) -> std::io::Result<(u32, i32)> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are ours and sized for SO_PEERCRED's `struct ucred`; the
+    // result is checked.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((cred.uid, cred.pid))
 }
 
 impl Transport for VhostUserTransport {
