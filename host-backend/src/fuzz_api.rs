@@ -551,6 +551,39 @@ impl HandlerSession {
     pub fn ctrl(&self, data: &[u8]) -> u8 {
         self.device.apply_ctrl(data)
     }
+    /// One request on the IOTLB channel (the messages the `vhost` crate does not serve):
+    /// `bytes` as the front-end sent them (padded to a whole header), served as the
+    /// device's control thread serves them; the connection then closes.
+    pub fn iotlb_raw(&self, bytes: &[u8]) {
+        let Ok((front, back)) = std::os::unix::net::UnixStream::pair() else {
+            return;
+        };
+        let mut b = bytes[..bytes.len().min(4096)].to_vec();
+        if b.len() < crate::iotlb_channel::HDR_LEN {
+            b.resize(crate::iotlb_channel::HDR_LEN, 0);
+        }
+        if (&front).write_all(&b).is_err() || front.shutdown(std::net::Shutdown::Write).is_err() {
+            return;
+        }
+        if let Ok(Some(h)) = crate::iotlb_channel::peek_header(&back) {
+            if h.is_iotlb_protocol() {
+                let _ = self.device.handle_iotlb_request(&back, &h);
+            }
+        }
+    }
+
+    /// `VHOST_USER_IOTLB_MSG` with a well-formed header (asking for a reply) and this
+    /// body: an update (`kind` 2), an invalidation (3) or anything else.
+    pub fn iotlb_msg(&self, iova: u64, size: u64, uaddr: u64, perm: u8, kind: u8) {
+        let msg = crate::iotlb_channel::IotlbMsg { iova, size, uaddr, perm, kind };
+        let mut b = Vec::with_capacity(crate::iotlb_channel::HDR_LEN + crate::iotlb_channel::IOTLB_MSG_LEN);
+        b.extend_from_slice(&crate::iotlb_channel::REQ_IOTLB_MSG.to_le_bytes());
+        b.extend_from_slice(&(0x1u32 | 0x8).to_le_bytes());
+        b.extend_from_slice(&(crate::iotlb_channel::IOTLB_MSG_LEN as u32).to_le_bytes());
+        b.extend_from_slice(&msg.bytes());
+        self.iotlb_raw(&b);
+    }
+
     /// A front-end hang-up and a new connection.
     pub fn reconnect(&self) {
         self.device.disconnect();

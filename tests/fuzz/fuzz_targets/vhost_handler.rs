@@ -112,6 +112,17 @@ enum Msg {
     GetQueueNum,
     Ctrl(Vec<u8>),
     Reconnect,
+    /// `VHOST_USER_IOTLB_MSG`: `kind` 2 update, 3 invalidate; an IOVA in small pages
+    /// (rings and buffers are addressed the same way), a target in likely memory.
+    Iotlb {
+        iova_page: u16,
+        pages: u8,
+        uaddr: Addr,
+        perm: u8,
+        kind: u8,
+    },
+    /// Anything on the IOTLB channel.
+    IotlbRaw(Vec<u8>),
 }
 
 #[derive(Arbitrary, Debug)]
@@ -193,6 +204,14 @@ fuzz_target!(|inp: Input| {
                 s.ctrl(data);
             }
             Msg::Reconnect => s.reconnect(),
+            Msg::Iotlb { iova_page, pages, uaddr, perm, kind } => s.iotlb_msg(
+                *iova_page as u64 * 0x1000,
+                (*pages as u64 + 1) * 0x1000,
+                uaddr.get() & !0xfff,
+                *perm,
+                2 + kind % 3,
+            ),
+            Msg::IotlbRaw(bytes) => s.iotlb_raw(bytes),
         }
         s.activate_all();
     }
