@@ -247,9 +247,11 @@ impl RxSession {
             assert_eq!(metas.len(), n);
         }
         for (i, pkt) in batch.iter().enumerate() {
-            assert!(pkt.len() <= 65536, "frame of {} bytes", pkt.len());
+            // A merged frame is a chain: its length is the whole chain's.
+            let len = pkt.total_len();
+            assert!(pkt.len() <= len && len <= crate::queue::MAX_MERGED_FRAME, "frame of {len} bytes");
             if let Some(m) = metas.get(i) {
-                self.check_meta(m, pkt.len());
+                self.check_meta(m, len);
             }
         }
         self.delivered += n as u64;
