@@ -33,6 +33,10 @@ pub struct Config {
     pub cores: Option<Vec<usize>>,
     /// Spin time without work before a worker sleeps (0: never sleep).
     pub poll_us: u64,
+    /// Pause instructions a data worker spins after a loop without work (`--idle-pause`).
+    pub idle_pause: u32,
+    /// Forwarding bursts prefetch the frames they will read first (`--prefetch-tx`).
+    pub prefetch_tx: bool,
     /// Frame size of `gen` ports (without the virtio-net header); with `gso_size`, the
     /// size of one TCP super-frame.
     pub pkt_size: u16,
@@ -61,6 +65,9 @@ pub struct Config {
     pub mtu: u16,
     /// MAC of the first device (later devices count up in the last byte).
     pub mac: [u8; 6],
+    /// Mode and group of the listening sockets (`--socket-mode`, `--socket-group`;
+    /// default 0600, the process's group).
+    pub socket: crate::socket::Access,
 }
 
 impl Default for Config {
@@ -71,6 +78,8 @@ impl Default for Config {
             client: false,
             cores: None,
             poll_us: 50,
+            idle_pause: 0,
+            prefetch_tx: false,
             pkt_size: 64,
             gso_size: None,
             gen_count: None,
@@ -82,6 +91,7 @@ impl Default for Config {
             no_offloads: false,
             mtu: 1500,
             mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+            socket: crate::socket::Access::default(),
         }
     }
 }

@@ -149,6 +149,18 @@ impl TcpGen {
     /// into `chain`, which must hold [`next_len`](Self::next_len) bytes. `tso`: guest TSO4
     /// may be used; `csum`: partial checksums may be delivered. Returns the bytes written.
     pub fn emit(&mut self, chain: &Chain<'_>, tso: bool, csum: bool) -> usize {
+        let (out, off, len) = self.next_frame(tso, csum);
+        scatter(chain, 0, &out);
+        scatter(chain, out.len(), &self.payload[off..off + len]);
+        self.advance(off, len);
+        NET_HDR_LEN + HDRS + len
+    }
+
+    /// The next frame without writing it anywhere: its virtio-net header and protocol
+    /// headers, and where its payload lies in [`payload`](Self::payload); then
+    /// [`advance`](Self::advance) once it is delivered (for frames spread over mergeable
+    /// buffers by the caller).
+    pub fn next_frame(&mut self, tso: bool, csum: bool) -> ([u8; NET_HDR_LEN + HDRS], usize, usize) {
         let (off, len, gso) = self.next_cut(tso);
         let total = self.payload.len();
         let last = off + len == total;
@@ -184,15 +196,24 @@ impl TcpGen {
             h[4..6].copy_from_slice(&(self.mss as u16).to_le_bytes());
         }
         h[NET_HDR_NUM_BUFFERS..NET_HDR_NUM_BUFFERS + 2].copy_from_slice(&1u16.to_le_bytes());
-        scatter(chain, 0, &out);
-        scatter(chain, out.len(), data);
-        if last {
+        (out, off, len)
+    }
+
+    /// The super-frame's payload (what [`next_frame`](Self::next_frame)'s range is in).
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+
+    /// The frame [`next_frame`](Self::next_frame) described (payload `off .. off + len`)
+    /// was delivered: the next one follows it.
+    pub fn advance(&mut self, off: usize, len: usize) {
+        let total = self.payload.len();
+        if off + len == total {
             self.next = None;
             self.tcp_seq = self.tcp_seq.wrapping_add(total as u32);
         } else {
             self.next = Some(off + len);
         }
-        NET_HDR_LEN + HDRS + len
     }
 }
 

@@ -16,9 +16,9 @@
 //!
 //! How invalidation stays correct without a lock on the data path: a view is part of a
 //! ring, and a ring lives only between two resyncs of its worker. An invalidation first
-//! changes the table, then resyncs every worker ([`crate::worker::Engine::sync`]), which
-//! drops every ring (and so every cached translation) at a burst boundary and rebuilds
-//! it from the new table; only then is the front-end told that the invalidation is done.
+//! changes the table, then resyncs the device's rings (`Device::resync`): every worker
+//! holding one of them drops it (and so every cached translation) at a burst boundary
+//! and rebuilds it from the new table; only then is the front-end told that the invalidation is done.
 //! An update needs no resync unless it replaces part of an existing mapping (then it is
 //! an invalidation too): a view that misses its cache looks at the table.
 //!
@@ -112,16 +112,52 @@ impl std::fmt::Display for Refused {
 
 /// The translations of one connection. Written by the device's control thread only;
 /// read by data-path views on a cache miss.
-#[derive(Debug, Default)]
+///
+/// Bounded on every path: it never holds more than its capacity ([`MAX_ENTRIES`]). An
+/// update that would exceed it is refused before anything changes (the table stays as
+/// it was, so nothing cached needs dropping); an invalidation that splits a mapping
+/// (a hole punched in its middle) when the table is full withdraws the split-off tail
+/// too (a translation the front-end still wanted becomes a miss it answers again; a
+/// withdrawn one never stays).
+#[derive(Debug)]
 pub struct Iotlb {
     /// Keyed by `iova`; the mappings never overlap.
     table: RwLock<BTreeMap<u64, Mapping>>,
+    /// Most mappings held.
+    capacity: usize,
+}
+
+impl Default for Iotlb {
+    fn default() -> Self {
+        Iotlb { table: RwLock::default(), capacity: MAX_ENTRIES }
+    }
+}
+
+/// What removing a range from the table does: the keys of the mappings it overlaps, and
+/// the parts of the first and last of them that lie outside the range and stay.
+struct Cut {
+    hit: Vec<u64>,
+    head: Option<Mapping>,
+    tail: Option<Mapping>,
+}
+
+impl Cut {
+    /// The table's length after the cut.
+    fn len_after(&self, len: usize) -> usize {
+        len - self.hit.len() + self.head.is_some() as usize + self.tail.is_some() as usize
+    }
 }
 
 impl Iotlb {
     /// An empty table.
     pub fn new() -> Arc<Iotlb> {
         Arc::new(Iotlb::default())
+    }
+
+    /// An empty table of at most `capacity` mappings (for tests of the bound).
+    #[cfg(test)]
+    fn with_capacity(capacity: usize) -> Iotlb {
+        Iotlb { table: RwLock::default(), capacity }
     }
 
     fn read(&self) -> RwLockReadGuard<'_, BTreeMap<u64, Mapping>> {
@@ -148,6 +184,7 @@ impl Iotlb {
     /// Adds `m`, replacing whatever it overlaps (the newest translation wins). Returns
     /// whether it replaced something: then cached translations of the old mapping must
     /// be dropped as for an invalidation (its permission or target may have changed).
+    /// Refused (and nothing changed) if the table would hold more than its capacity.
     pub fn update(&self, m: Mapping) -> Result<bool, Refused> {
         if m.size == 0 || m.iova.checked_add(m.size).is_none() || m.uaddr.checked_add(m.size).is_none() {
             return Err(Refused::BadRange);
@@ -156,23 +193,32 @@ impl Iotlb {
             return Err(Refused::BadPerm);
         }
         let mut t = self.write();
-        let replaced = remove_range(&mut t, m.iova, m.end());
-        if t.len() >= MAX_ENTRIES {
+        let cut = plan_cut(&t, m.iova, m.end());
+        if cut.len_after(t.len()) + 1 > self.capacity {
             return Err(Refused::Full);
         }
+        let replaced = apply_cut(&mut t, cut);
         t.insert(m.iova, m);
         Ok(replaced)
     }
 
     /// Withdraws every translation of `[iova, iova + size)` (parts of mappings outside
-    /// the range stay). Returns whether anything changed. A wrapping range means "to the
+    /// the range stay, unless keeping a split-off part would exceed the capacity: then
+    /// it goes too). Returns whether anything changed. A wrapping range means "to the
     /// end of the address space".
     pub fn invalidate(&self, iova: u64, size: u64) -> bool {
         let end = iova.saturating_add(size);
         if size == 0 {
             return false;
         }
-        remove_range(&mut self.write(), iova, end)
+        let mut t = self.write();
+        let mut cut = plan_cut(&t, iova, end);
+        // At most one more mapping than before (a hole in one mapping), so dropping the
+        // tail brings it back within the capacity.
+        if cut.len_after(t.len()) > self.capacity {
+            cut.tail = None;
+        }
+        apply_cut(&mut t, cut)
     }
 
     /// The mapping holding `iova`, if any.
@@ -189,24 +235,30 @@ impl Iotlb {
     }
 }
 
-/// Removes `[start, end)` from `t`, keeping the parts of overlapping mappings outside it.
-fn remove_range(t: &mut BTreeMap<u64, Mapping>, start: u64, end: u64) -> bool {
+/// What removing `[start, end)` from `t` would do (see [`Cut`]); changes nothing.
+fn plan_cut(t: &BTreeMap<u64, Mapping>, start: u64, end: u64) -> Cut {
     // Mappings are sorted and disjoint: the overlapping ones are the run that starts
-    // before `end`, walked backwards until one ends at or before `start`.
+    // before `end`, walked backwards until one ends at or before `start`; only the
+    // lowest can stick out before `start`, only the highest after `end`.
     let hit: Vec<u64> = t.range(..end).rev().take_while(|(_, m)| m.end() > start).map(|(k, _)| *k).collect();
-    for k in &hit {
-        let m = t.remove(k).expect("key just listed");
-        if m.iova < start {
-            let head = Mapping { size: start - m.iova, ..m };
-            t.insert(head.iova, head);
-        }
-        if m.end() > end {
-            let cut = end - m.iova;
-            let tail = Mapping { iova: end, size: m.end() - end, uaddr: m.uaddr + cut, perm: m.perm };
-            t.insert(tail.iova, tail);
-        }
+    let head =
+        hit.last().map(|k| t[k]).filter(|m| m.iova < start).map(|m| Mapping { size: start - m.iova, ..m });
+    let tail = hit.first().map(|k| t[k]).filter(|m| m.end() > end).map(|m| {
+        let cut = end - m.iova;
+        Mapping { iova: end, size: m.end() - end, uaddr: m.uaddr + cut, perm: m.perm }
+    });
+    Cut { hit, head, tail }
+}
+
+/// Applies a [`Cut`] planned on `t`; returns whether anything was removed.
+fn apply_cut(t: &mut BTreeMap<u64, Mapping>, cut: Cut) -> bool {
+    for k in &cut.hit {
+        t.remove(k);
     }
-    !hit.is_empty()
+    for piece in [cut.head, cut.tail].into_iter().flatten() {
+        t.insert(piece.iova, piece);
+    }
+    !cut.hit.is_empty()
 }
 
 /// Why a view could not translate an address.
@@ -372,6 +424,83 @@ mod tests {
         // Replacing an existing mapping is still possible.
         assert_eq!(t.update(m(0, 0x1000, 0x5000, 1)), Ok(true));
         assert_eq!(t.len(), MAX_ENTRIES);
+    }
+
+    #[test]
+    fn a_refused_update_changes_nothing_and_splits_stay_bounded() {
+        let t = Iotlb::with_capacity(3);
+        t.update(m(0x0000, 0x3000, 0x10_0000, 3)).unwrap();
+        t.update(m(0x8000, 0x1000, 0x20_0000, 3)).unwrap();
+        t.update(m(0xa000, 0x1000, 0x30_0000, 3)).unwrap();
+        let before = t.mappings();
+        // Replacing the middle of the first mapping would make four.
+        assert_eq!(t.update(m(0x1000, 0x800, 0x40_0000, 1)), Err(Refused::Full));
+        assert_eq!(t.mappings(), before, "a refused update leaves the table as it was");
+        // A hole in the first mapping: its tail goes too, to stay within three.
+        assert!(t.invalidate(0x1000, 0x800));
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.mappings()[0], m(0x0000, 0x1000, 0x10_0000, 3));
+        assert_eq!(t.lookup(0x2000), None, "the split-off tail was withdrawn too");
+        // With room, a hole keeps both sides.
+        assert!(t.invalidate(0xa000, 0x1000));
+        t.update(m(0x0000, 0x3000, 0x10_0000, 3)).unwrap();
+        assert!(t.invalidate(0x1000, 0x800));
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.lookup(0x2000).map(|x| x.uaddr), Some(0x10_1800));
+    }
+
+    proptest::proptest! {
+        /// Random updates and invalidations over a small IOVA space against a model that
+        /// knows each byte's translation: the table never exceeds its capacity, never
+        /// holds overlapping mappings, never gives a translation the model does not
+        /// have (a withdrawn or replaced one never survives), holds every accepted
+        /// update whole, and a refused update changes nothing.
+        #[test]
+        fn table_agrees_with_a_byte_model(
+            cap in 1usize..6,
+            ops in proptest::collection::vec((proptest::bool::ANY, 0u64..64, 1u64..24, 0u64..1000, 1u8..4), 1..60),
+        ) {
+            let t = Iotlb::with_capacity(cap);
+            let mut model: Vec<Option<(u64, u8)>> = vec![None; 96];
+            for (is_update, iova, size, uaddr, perm) in ops {
+                if is_update {
+                    let before = t.mappings();
+                    match t.update(m(iova, size, uaddr, perm)) {
+                        Ok(_) => {
+                            for a in iova..iova + size {
+                                model[a as usize] = Some((uaddr + a - iova, perm));
+                            }
+                        }
+                        Err(e) => {
+                            proptest::prop_assert_eq!(e, Refused::Full);
+                            proptest::prop_assert_eq!(t.mappings(), before);
+                        }
+                    }
+                } else {
+                    t.invalidate(iova, size);
+                    for a in iova..iova + size {
+                        model[a as usize] = None;
+                    }
+                }
+                let maps = t.mappings();
+                proptest::prop_assert!(maps.len() <= cap);
+                for w in maps.windows(2) {
+                    proptest::prop_assert!(w[0].end() <= w[1].iova);
+                }
+                for (a, want) in model.iter().enumerate() {
+                    let got = t.lookup(a as u64).map(|x| (x.uaddr + a as u64 - x.iova, x.perm));
+                    if got.is_some() {
+                        proptest::prop_assert_eq!(got, *want, "iova {}", a);
+                    }
+                }
+                if is_update {
+                    // The update just accepted (if it was) is there whole.
+                    if let Some(x) = t.lookup(iova).filter(|x| x.iova == iova && x.size == size) {
+                        proptest::prop_assert_eq!((x.uaddr, x.perm), (uaddr, perm));
+                    }
+                }
+            }
+        }
     }
 
     fn memory() -> GuestMemory {

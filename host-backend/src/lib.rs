@@ -52,6 +52,8 @@ pub(crate) mod port;
 pub mod ptr_ring;
 pub(crate) mod ring;
 pub(crate) mod server;
+pub(crate) mod sigbus;
+pub mod socket;
 pub(crate) mod split_ring;
 pub mod stats;
 pub(crate) mod tap;
@@ -71,12 +73,14 @@ use server::{Server, ServerHandle};
 use stats::DeviceSnapshot;
 use worker::{Engine, Worker};
 
-/// Guest offloads a `gen` port with `--gso-size` offers: checksum and TCPv4
-/// segmentation (it generates TCP/IPv4 only, so not TSO6, ECN, UFO or USO).
+/// Guest offloads a `gen` port with `--gso-size` offers: checksum and TCP segmentation.
+/// It generates TCP/IPv4 only, but offers TSO6 too: DPDK's virtio PMD takes large
+/// receive (`--enable-lro`) only from a device that offers both TSO4 and TSO6. Not ECN,
+/// UFO or USO.
 fn gso_offloads() -> u64 {
     use spec::layout::features::bit;
     use virtio_bindings::virtio_net as vn;
-    bit(vn::VIRTIO_NET_F_GUEST_CSUM) | bit(vn::VIRTIO_NET_F_GUEST_TSO4)
+    bit(vn::VIRTIO_NET_F_GUEST_CSUM) | bit(vn::VIRTIO_NET_F_GUEST_TSO4) | bit(vn::VIRTIO_NET_F_GUEST_TSO6)
 }
 
 /// Offloads a forwarding port (`reflect`, `xconnect`) offers unless `--no-offloads` (or
@@ -107,7 +111,7 @@ fn tap_offloads() -> (u64, u64) {
 pub struct Backend {
     engine: Arc<Engine>,
     devices: Vec<Arc<Device>>,
-    workers: Vec<JoinHandle<()>>,
+    workers: Vec<JoinHandle<Vec<PortPath>>>,
     servers: Vec<(ServerHandle, JoinHandle<()>)>,
     started: Instant,
 }
@@ -168,6 +172,7 @@ impl Backend {
                             iommu: cfg.iommu,
                             packed: !cfg.no_packed,
                             sink_read: cfg.sink_read,
+                            prefetch_tx: cfg.prefetch_tx,
                             tap: spec.ifname.clone(),
                         },
                         engine.clone(),
@@ -224,7 +229,12 @@ impl Backend {
         let listeners = if cfg.client {
             None
         } else {
-            Some(devices.iter().map(|d| server::listen(&d.params.socket)).collect::<Result<Vec<_>>>()?)
+            Some(
+                devices
+                    .iter()
+                    .map(|d| server::listen(&d.params.socket, cfg.socket))
+                    .collect::<Result<Vec<_>>>()?,
+            )
         };
 
         // Groups round-robin over workers (groups are numbered densely in the order they
@@ -235,7 +245,7 @@ impl Backend {
         }
         let mut workers = Vec::new();
         for (i, (cpu, paths)) in cores.iter().zip(per_worker).enumerate() {
-            workers.push(Worker::new(i, *cpu, paths, engine.clone(), cfg.poll_us).spawn()?);
+            workers.push(Worker::new(i, *cpu, paths, engine.clone(), cfg.poll_us, cfg.idle_pause).spawn()?);
         }
         // Every device's control queue on the control worker (the last engine slot).
         let ctrl_paths = devices.iter().map(PortPath::ctrl).collect();
@@ -290,9 +300,18 @@ impl Backend {
             h.shutdown();
         }
         self.engine.stop();
+        let mut paths: Vec<PortPath> = Vec::new();
         for w in self.workers {
-            let _ = w.join();
+            paths.extend(w.join().unwrap_or_default());
         }
+        // Frames between `--handoff` workers: sending halves first, then receiving ones.
+        for p in paths.iter_mut().filter(|p| p.is_hand_out()) {
+            p.account_in_flight();
+        }
+        for p in paths.iter_mut().filter(|p| !p.is_hand_out()) {
+            p.account_in_flight();
+        }
+        drop(paths);
         for (_, j) in self.servers {
             let _ = j.join();
         }

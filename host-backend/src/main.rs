@@ -48,6 +48,16 @@ struct Args {
     /// (0 = never sleep).
     #[arg(long, default_value_t = 50)]
     poll_us: u64,
+    /// After a loop that found no work, spin this many CPU pause instructions before
+    /// polling again (0: poll at once). A probe for how much the polling of rings the
+    /// front-end is writing costs it (issue 24's loop levels); not a tuning knob yet.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    idle_pause: u32,
+    /// reflect/xconnect: before a burst's copies, prefetch the first two lines of every
+    /// frame it will read (they were written last on the front-end's core). A probe for
+    /// the loop's levels (issue 24); off by default.
+    #[arg(long)]
+    prefetch_tx: bool,
     /// Frame size of gen ports in bytes (60 to MTU+14; with --gso-size, the TCP
     /// super-frame size, up to 65535).
     #[arg(long, default_value_t = 64)]
@@ -88,6 +98,13 @@ struct Args {
     /// MAC reported to the first device's front-end (later devices count up).
     #[arg(long)]
     mac: Option<String>,
+    /// Permission bits of the listening sockets, in octal (default 0600: the owner
+    /// only). Set on the socket before it appears at its path; the umask is not used.
+    #[arg(long, value_name = "MODE")]
+    socket_mode: Option<String>,
+    /// Group of the listening sockets (a name or a gid; default: the process's).
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
     /// Print statistics every N seconds (0 = only at exit).
     #[arg(long, default_value_t = 0.0)]
     stats_period: f64,
@@ -103,6 +120,8 @@ fn config_from(args: &Args) -> host_backend::Result<Config> {
         client: args.client,
         cores: args.cores.as_deref().map(config::parse_cores).transpose()?,
         poll_us: args.poll_us,
+        idle_pause: args.idle_pause,
+        prefetch_tx: args.prefetch_tx,
         pkt_size: args.pkt_size,
         gso_size: args.gso_size,
         gen_count: args.count,
@@ -117,6 +136,12 @@ fn config_from(args: &Args) -> host_backend::Result<Config> {
     };
     if let Some(m) = &args.mac {
         cfg.mac = config::parse_mac(m)?;
+    }
+    if let Some(m) = &args.socket_mode {
+        cfg.socket.mode = host_backend::socket::parse_mode(m)?;
+    }
+    if let Some(g) = &args.socket_group {
+        cfg.socket.group = Some(host_backend::socket::parse_group(g)?);
     }
     if !(args.stats_period >= 0.0 && args.stats_period.is_finite()) {
         return Err(host_backend::Error::Config("--stats-period must be a number of seconds >= 0".into()));

@@ -8,6 +8,11 @@
 //! its mappings (users hold an `Arc<GuestMemory>`, so a replaced table stays mapped
 //! until the last worker dropped it).
 //!
+//! A region must lie inside its file (fstat at map time): pages past the end of a file
+//! raise SIGBUS when touched. A file the front-end truncates later is `sigbus.rs`'s
+//! business: every mapping is registered there, and [`GuestMemory::faulted`] says whether
+//! one of its pages had to be repaired (the device is then broken).
+//!
 //! Why our own table instead of `vm_memory::GuestMemoryMmap`: the hot path translates
 //! every descriptor, and vm-memory's `GuestMemory` walks a binary search plus bounds and
 //! bitmap bookkeeping per access.
@@ -15,10 +20,13 @@
 //! binary search over the sorted table on a miss: never a tree walk per descriptor.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use vm_memory::{FileOffset, MmapRegion};
 
 use crate::error::{Error, Result};
+use crate::sigbus;
 
 /// One region of guest memory, as the front-end described it.
 #[derive(Debug, Clone, Copy)]
@@ -45,8 +53,13 @@ struct Region {
 pub struct GuestMemory {
     /// Sorted by `gpa`, non-overlapping in gpa space.
     regions: Vec<Region>,
+    /// The mappings' registrations with the SIGBUS handler; declared before `_maps` so
+    /// they are dropped (unregistered) before the mappings go.
+    guards: Vec<sigbus::Guard>,
     /// Keeps the mappings alive; `regions[i].host` points into `maps[i]`.
     _maps: Vec<MmapRegion<()>>,
+    /// A repaired fault has been reported (see [`GuestMemory::take_fault`]).
+    fault_taken: AtomicBool,
 }
 
 // SAFETY: `GuestMemory` only holds raw pointers into mappings it owns (`_maps`); the
@@ -79,6 +92,7 @@ impl GuestMemory {
         }
         let mut table = Vec::with_capacity(regions.len());
         let mut maps = Vec::with_capacity(regions.len());
+        let mut guards = Vec::with_capacity(regions.len());
         for (r, file) in regions.iter().zip(files) {
             if r.len == 0 {
                 return Err(Error::Memory(format!("empty region at gpa {:#x}", r.gpa)));
@@ -91,6 +105,7 @@ impl GuestMemory {
             }
             let size = usize::try_from(r.len)
                 .map_err(|_| Error::Memory(format!("region of {} bytes too large", r.len)))?;
+            let page = check_file(&file, r)?;
             let map =
                 MmapRegion::<()>::from_file(FileOffset::new(file, r.mmap_offset), size).map_err(|e| {
                     Error::Memory(format!(
@@ -98,6 +113,7 @@ impl GuestMemory {
                         r.gpa, r.len, r.mmap_offset
                     ))
                 })?;
+            guards.push(sigbus::register(map.as_ptr(), size, page)?);
             table.push(Region { gpa: r.gpa, len: r.len, uva: r.uva, host: map.as_ptr() });
             maps.push(map);
         }
@@ -131,7 +147,19 @@ impl GuestMemory {
                 )));
             }
         }
-        Ok(GuestMemory { regions: sorted, _maps: sorted_maps })
+        Ok(GuestMemory { regions: sorted, guards, _maps: sorted_maps, fault_taken: AtomicBool::new(false) })
+    }
+
+    /// Whether a page of this memory was taken away under us (the SIGBUS handler
+    /// repaired an access to it).
+    pub fn faulted(&self) -> bool {
+        self.guards.iter().any(|g| g.faults() > 0)
+    }
+
+    /// [`faulted`](Self::faulted), true once only: for counting each lost table once.
+    pub fn take_fault(&self) -> bool {
+        // Relaxed: a count-once flag, ordered with nothing else.
+        self.faulted() && !self.fault_taken.swap(true, Ordering::Relaxed)
     }
 
     /// Number of regions.
@@ -205,6 +233,40 @@ impl GuestMemory {
     }
 }
 
+/// Checks that `r` lies inside `file` (so no page of the mapping is past the file's end,
+/// which would raise SIGBUS when touched) and returns the file's page size (the huge page
+/// size on hugetlbfs, whose `st_blksize` is that). Only regular files are accepted: memfd,
+/// hugetlbfs and tmpfs files are; a device or pipe has no size to check.
+fn check_file(file: &File, r: &RegionDesc) -> Result<usize> {
+    // SAFETY: fstat writes a `stat` into the local; the fd is open (owned by `file`).
+    let st = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(file.as_raw_fd(), &mut st) != 0 {
+            return Err(Error::Memory(format!(
+                "region at gpa {:#x}: fstat: {}",
+                r.gpa,
+                std::io::Error::last_os_error()
+            )));
+        }
+        st
+    };
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(Error::Memory(format!(
+            "region at gpa {:#x}: its file descriptor is not a regular file (mode {:#o})",
+            r.gpa, st.st_mode
+        )));
+    }
+    let file_len = u64::try_from(st.st_size).unwrap_or(0);
+    let end = r.mmap_offset.saturating_add(r.len);
+    if end > file_len {
+        return Err(Error::Memory(format!(
+            "region at gpa {:#x} (offset {:#x} + {:#x} bytes) is longer than its file ({file_len:#x} bytes)",
+            r.gpa, r.mmap_offset, r.len
+        )));
+    }
+    Ok(usize::try_from(st.st_blksize).unwrap_or(4096))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -255,5 +317,36 @@ pub(crate) mod tests {
         .is_err());
         assert!(GuestMemory::map(&[r(u64::MAX - 10, 0x1000, 0)], vec![memfd(0x1000)]).is_err());
         assert!(GuestMemory::map(&[r(0, 0, 0)], vec![memfd(0x1000)]).is_err());
+    }
+
+    #[test]
+    fn refuses_a_region_longer_than_its_file() {
+        let r = |len, mmap_offset| RegionDesc { gpa: 0, len, uva: 0, mmap_offset };
+        let e = GuestMemory::map(&[r(0x2000, 0)], vec![memfd(0x1000)]).unwrap_err();
+        assert!(e.to_string().contains("longer than its file"), "{e}");
+        assert!(GuestMemory::map(&[r(0x1000, 0x1000)], vec![memfd(0x1000)]).is_err());
+        assert!(GuestMemory::map(&[r(0x1000, 0x1000)], vec![memfd(0x2000)]).is_ok());
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let sock = File::from(std::os::fd::OwnedFd::from(a));
+        let e = GuestMemory::map(&[r(0x1000, 0)], vec![sock]).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn a_truncated_file_marks_the_memory_faulted() {
+        let f = memfd(0x4000);
+        let dup = f.try_clone().unwrap();
+        let m =
+            GuestMemory::map(&[RegionDesc { gpa: 0, len: 0x4000, uva: 0, mmap_offset: 0 }], vec![f]).unwrap();
+        assert!(!m.faulted());
+        dup.set_len(0).unwrap();
+        let mut hint = 0;
+        let (p, _) = m.translate(&mut hint, 0x3000, 8).unwrap();
+        // SAFETY: inside the mapping; the page is gone from the file and the handler
+        // repairs it with zeros.
+        assert_eq!(unsafe { p.read_volatile() }, 0);
+        assert!(m.faulted());
+        assert!(m.take_fault());
+        assert!(!m.take_fault(), "reported once");
     }
 }

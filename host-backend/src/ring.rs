@@ -59,6 +59,8 @@ pub(crate) trait Ring {
     fn publish_end(&mut self, step: Self::Step) -> bool;
     /// Asks for the first `lines` lines of the `i`-th available chain's buffer writable.
     fn prefetch_write(&mut self, i: u16, lines: usize);
+    /// Asks for the first `lines` lines of the `i`-th available chain's buffer (to read).
+    fn prefetch_read(&mut self, i: u16, lines: usize);
     /// This engine's ring inside `any`, if it is one.
     fn get(any: &mut AnyRing) -> Option<&mut Self>;
 }
@@ -115,6 +117,10 @@ impl Ring for DeviceRing {
     #[inline(always)]
     fn prefetch_write(&mut self, i: u16, lines: usize) {
         DeviceRing::prefetch_write(self, i, lines)
+    }
+    #[inline(always)]
+    fn prefetch_read(&mut self, i: u16, lines: usize) {
+        DeviceRing::prefetch_read(self, i, lines)
     }
     #[inline(always)]
     fn get(any: &mut AnyRing) -> Option<&mut Self> {
@@ -177,6 +183,10 @@ impl Ring for PackedRing {
     #[inline(always)]
     fn prefetch_write(&mut self, i: u16, lines: usize) {
         PackedRing::prefetch_write(self, i, lines)
+    }
+    #[inline(always)]
+    fn prefetch_read(&mut self, i: u16, lines: usize) {
+        PackedRing::prefetch_read(self, i, lines)
     }
     #[inline(always)]
     fn get(any: &mut AnyRing) -> Option<&mut Self> {

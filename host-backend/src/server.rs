@@ -1,6 +1,6 @@
 //! The control plane of one device: its vhost-user socket and the thread that serves it.
 //!
-//! Owns: listening (socket created mode 0600) or connecting (`--client`), accepting one
+//! Owns: listening (on the socket `socket.rs` creates) or connecting (`--client`), accepting one
 //! front-end at a time, running the `vhost` crate's request loop against the device's
 //! [`Handler`] (after a peek at each header routes the IOTLB requests that crate does
 //! not serve to `iotlb_channel.rs`), and resetting the device when the front-end goes
@@ -14,33 +14,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::{debug, info, warn};
-use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
+use std::io::ErrorKind;
+
+use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
 use crate::device::{Device, Handler};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::iotlb_channel;
+use crate::socket;
 
-/// Creates the listening socket for `path`, readable and writable by its owner only.
-pub fn listen(path: &Path) -> Result<Listener> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.is_dir() {
-            return Err(Error::Socket {
-                path: path.into(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "directory does not exist"),
-            });
-        }
-    }
-    if path.as_os_str().len() >= 108 {
-        return Err(Error::Config(format!("socket path {} is longer than 107 bytes", path.display())));
-    }
-    // The umask applies to the bind(2) inside `Listener::new`, so the socket never
-    // exists with wider permissions. Sockets are created before any worker thread runs.
-    // SAFETY: umask has no memory effects.
-    let old = unsafe { libc::umask(0o177) };
-    let res = Listener::new(path, true);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
-    res.map_err(|e| Error::Socket { path: path.into(), source: std::io::Error::other(e.to_string()) })
+/// Creates the listening socket for `path` with `access` (see `socket.rs`: a live
+/// socket is not taken over, a stale one is, the mode and group are set without the
+/// umask).
+pub fn listen(path: &Path, access: socket::Access) -> Result<socket::Bound> {
+    socket::bind(path, access)
 }
 
 /// Serves one device until `stop` is set.
@@ -79,21 +66,25 @@ impl Server {
     /// Accepts front-ends on `listener` one after another. (The `vhost` crate's
     /// `BackendListener` serves a single connection, so we accept ourselves and hand
     /// each stream to a `BackendReqHandler`.)
-    pub fn run_listening(self, listener: Listener) {
+    pub fn run_listening(self, bound: socket::Bound) {
         let handler = Arc::new(Handler(self.device.clone()));
-        if let Err(e) = listener.set_nonblocking(true) {
+        if let Err(e) = bound.listener.set_nonblocking(true) {
             warn!("{}: {e}", self.device.params.socket.display());
         }
         while !self.stop.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok(Some(stream)) => self.serve(BackendReqHandler::from_stream(stream, handler.clone())),
-                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            match bound.listener.accept() {
+                Ok((stream, _)) => self.serve(BackendReqHandler::from_stream(stream, handler.clone())),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::ConnectionAborted) => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
                     warn!("{}: accept: {e}", self.device.params.socket.display());
                     std::thread::sleep(Duration::from_millis(200));
                 }
             }
         }
+        // `bound` goes here: the socket file is removed if it is still ours.
     }
 
     /// Connects to a listening front-end at `path`, and again after each disconnect.

@@ -254,6 +254,22 @@ pub struct DeviceSnapshot {
     pub iotlb: IotlbSnapshot,
     /// `tap`: the interface name (the JSON's `"tap"`, present on tap devices only).
     pub tap: Option<String>,
+    /// What the front-end had refused or took away (see `device::PeerCounters`).
+    pub peer: PeerSnapshot,
+    /// Rings handed to workers over the device's life (each setup, and each re-sync
+    /// after a change of this device's state).
+    pub activations: u64,
+}
+
+/// Front-end messages refused and memory lost on one device (the JSON's `"peer"`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PeerSnapshot {
+    /// `SET_MEM_TABLE` messages refused.
+    pub mem_table_refused: u64,
+    /// Kick, call or error file descriptors refused.
+    pub fds_refused: u64,
+    /// Memory tables truncated under the device.
+    pub mem_faults: u64,
 }
 
 /// IOTLB counters of one device (see `device::IotlbCounters`).
@@ -349,6 +365,12 @@ impl DeviceSnapshot {
                 "updates": self.iotlb.updates, "invalidates": self.iotlb.invalidates,
                 "misses": self.iotlb.misses, "refused": self.iotlb.refused,
                 "timeouts": self.iotlb.timeouts, "entries": self.iotlb.entries,
+            },
+            "activations": self.activations,
+            "peer": {
+                "mem_table_refused": self.peer.mem_table_refused,
+                "fds_refused": self.peer.fds_refused,
+                "mem_faults": self.peer.mem_faults,
             },
         });
         if let (Some(name), Some(o)) = (&self.tap, v.as_object_mut()) {

@@ -4,10 +4,18 @@
 //! poll budget (`--poll-us`: how long a worker spins without work before it re-enables
 //! kicks and sleeps on the kick eventfds and on its paths' own descriptors, a tap's), and the generation protocol by which the
 //! control plane changes what workers run: [`Engine::sync`] bumps a generation and
-//! waits until every worker has re-read device state at a burst boundary.
+//! waits until every worker has seen it at a burst boundary; a worker then re-reads the
+//! state of the paths whose devices' epochs moved (`Device::resync` bumps the changed
+//! device's), and leaves the others' rings alone.
 //! Must not: parse vhost-user messages or touch rings outside a path's burst.
 //!
-//! A worker checks one atomic (the generation) per loop iteration; everything else it
+//! Fairness between devices: each loop iteration gives every path one burst, at most
+//! `port::BURST` chains, and a chain costs at most `split_ring::MAX_SEGS + 1` buffer
+//! descriptors however long the guest made it (the walk abandons longer ones), so one
+//! device's burst is bounded whatever its guest writes and cannot starve the others.
+//!
+//! A worker checks two atomics per loop iteration (the generation, and the SIGBUS
+//! repair count that changes only when a front-end took its memory away); everything else it
 //! touches on the hot path is its own.
 //!
 //! Besides the data workers there is one control worker ([`WorkerKind::Control`]): it
@@ -27,6 +35,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::error::{Error, Result};
 use crate::port::PortPath;
+use crate::sigbus;
 
 struct Slot {
     /// The last generation this worker has applied.
@@ -42,6 +51,8 @@ pub struct Engine {
     slots: Vec<Slot>,
     /// How many of `slots` are data workers.
     data_workers: usize,
+    /// How long [`sync`](Self::sync) waits for a worker before it gives up.
+    sync_timeout: Duration,
 }
 
 const WAKE_TOKEN: u64 = u64::MAX;
@@ -65,44 +76,57 @@ impl Engine {
             stop: AtomicBool::new(false),
             slots,
             data_workers: workers,
+            sync_timeout: Duration::from_secs(5),
         }))
+    }
+
+    /// [`new`](Self::new) with another bound on waiting for a worker (tests of a worker
+    /// that never answers).
+    #[cfg(test)]
+    pub fn with_sync_timeout(workers: usize, control: usize, timeout: Duration) -> Result<Arc<Engine>> {
+        let mut e = Engine::new(workers, control)?;
+        Arc::get_mut(&mut e).expect("not shared yet").sync_timeout = timeout;
+        Ok(e)
     }
 
     /// Makes every worker drop its rings and re-activate from current device state, and
     /// returns once all have done so (bounded: a worker finishes its burst first, which
-    /// takes microseconds). Must not be called with a device lock held, nor by a worker.
-    pub fn sync(&self) {
-        self.sync_slots(self.slots.len());
+    /// takes microseconds), `true`; `false` if a worker did not within the bound (the
+    /// caller must then not act as if the change were in effect). Must not be called with
+    /// a device lock held, nor by a worker.
+    pub fn sync(&self) -> bool {
+        self.sync_slots(self.slots.len())
     }
 
     /// [`sync`](Self::sync) for the data workers only: what the control worker calls to
     /// put a control command into effect before it acknowledges it. Control workers see
     /// the new generation too and re-activate their rings after their burst.
-    pub fn sync_workers(&self) {
-        self.sync_slots(self.data_workers);
+    pub fn sync_workers(&self) -> bool {
+        self.sync_slots(self.data_workers)
     }
 
-    fn sync_slots(&self, wait_for: usize) {
+    fn sync_slots(&self, wait_for: usize) -> bool {
         // AcqRel: device-state writes made before this call (under the device mutex) are
         // visible to a worker that observes the new generation (it also takes the mutex).
         let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         for s in &self.slots {
             let _ = s.wake.write(1);
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + self.sync_timeout;
         for (i, s) in self.slots.iter().enumerate().take(wait_for) {
             // Acquire: pairs with the worker's release store after its resync.
             while s.seen.load(Ordering::Acquire) < g {
                 if self.stop.load(Ordering::Relaxed) {
-                    return;
+                    return true;
                 }
                 if Instant::now() > deadline {
-                    warn!("worker {i} did not pick up a configuration change within 5 s");
-                    break;
+                    warn!("worker {i} did not pick up a configuration change within {:?}", self.sync_timeout);
+                    return false;
                 }
                 std::thread::sleep(Duration::from_micros(20));
             }
         }
+        true
     }
 
     /// Asks every worker to let go of its rings and exit.
@@ -135,6 +159,8 @@ pub struct Worker {
     engine: Arc<Engine>,
     poll: Duration,
     kind: WorkerKind,
+    /// `--idle-pause`: pause instructions after a loop without work.
+    idle_pause: u32,
 }
 
 impl Worker {
@@ -145,18 +171,29 @@ impl Worker {
         paths: Vec<PortPath>,
         engine: Arc<Engine>,
         poll_us: u64,
+        idle_pause: u32,
     ) -> Worker {
-        Worker { index, cpu, paths, engine, poll: Duration::from_micros(poll_us), kind: WorkerKind::Data }
+        let poll = Duration::from_micros(poll_us);
+        Worker { index, cpu, paths, engine, poll, kind: WorkerKind::Data, idle_pause }
     }
 
     /// The control worker (unpinned) running the control-queue `paths`, engine slot
     /// `index` (after every data worker's).
     pub fn control(index: usize, paths: Vec<PortPath>, engine: Arc<Engine>) -> Worker {
-        Worker { index, cpu: None, paths, engine, poll: Duration::ZERO, kind: WorkerKind::Control }
+        Worker {
+            index,
+            cpu: None,
+            paths,
+            engine,
+            poll: Duration::ZERO,
+            kind: WorkerKind::Control,
+            idle_pause: 0,
+        }
     }
 
-    /// Starts the worker thread.
-    pub fn spawn(self) -> Result<std::thread::JoinHandle<()>> {
+    /// Starts the worker thread; it hands its paths back when it exits (for what
+    /// `Backend::shutdown` accounts after every worker stopped).
+    pub fn spawn(self) -> Result<std::thread::JoinHandle<Vec<PortPath>>> {
         let name = match self.kind {
             WorkerKind::Data => format!("vnet-worker-{}", self.index),
             WorkerKind::Control => "vnet-control".to_string(),
@@ -182,10 +219,11 @@ impl Worker {
         }
     }
 
-    fn run(mut self) {
+    fn run(mut self) -> Vec<PortPath> {
         self.pin();
         let slot = &self.engine.slots[self.index];
         let mut seen = 0;
+        let mut seen_repairs = sigbus::repairs();
         let mut epoll = None;
         let mut kick_fds: Vec<i32> = Vec::new();
         let mut poll_fds: Vec<i32> = Vec::new();
@@ -198,11 +236,20 @@ impl Worker {
             }
             // Acquire: pairs with `sync`'s AcqRel increment.
             let g = self.engine.generation.load(Ordering::Acquire);
-            if g != seen {
-                for p in &mut self.paths {
+            // A repaired SIGBUS (a front-end truncated its memory): re-activating the
+            // rings breaks those of the device whose memory it was (`sigbus.rs`).
+            let repairs = sigbus::repairs();
+            if g != seen || repairs != seen_repairs {
+                // Only the paths whose devices changed let go of their rings; after a
+                // SIGBUS repair every path does (which device lost memory is found
+                // when its rings are re-activated).
+                let force = repairs != seen_repairs;
+                seen_repairs = repairs;
+                let stale: Vec<bool> = self.paths.iter_mut().map(|p| p.take_epochs(force)).collect();
+                for (p, _) in self.paths.iter_mut().zip(&stale).filter(|(_, s)| **s) {
                     p.detach();
                 }
-                for p in &mut self.paths {
+                for (p, _) in self.paths.iter_mut().zip(&stale).filter(|(_, s)| **s) {
                     p.attach();
                 }
                 kick_fds.clear();
@@ -243,6 +290,9 @@ impl Worker {
                 }
                 continue;
             }
+            for _ in 0..self.idle_pause {
+                std::hint::spin_loop();
+            }
             if any_active {
                 if self.poll.is_zero() || !can_sleep {
                     continue; // --poll-us 0, or a ring without a kick fd: never sleep
@@ -281,6 +331,7 @@ impl Worker {
         for p in &mut self.paths {
             p.detach();
         }
+        self.paths
     }
 
     fn build_epoll(&self, kick_fds: &[i32], poll_fds: &[i32]) -> Option<Epoll> {

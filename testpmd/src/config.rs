@@ -386,6 +386,30 @@ pub struct Args {
     /// Capture frames into a pcap file: FILE[,port=N][,queue=Q][,dir=rx|tx|both][,count=N].
     #[arg(long = "pcap-out", value_name = "FILE[,KEY=VALUE...]")]
     pub pcap_out: Option<String>,
+    /// Latency and loss: txonly/flowgen stamp a sequence number and send time into each
+    /// frame (58 bytes or more); receiving streams report p50/p99/p99.9/max latency,
+    /// loss and reordering (`show port N latency`, and at stop). txonly also receives
+    /// and measures what comes back (a round trip through a reflecting back-end).
+    #[arg(long)]
+    pub latency: bool,
+    /// After a pass over its streams that moved nothing, a forwarding thread spins this
+    /// many CPU pause instructions before polling again (0: at once). A probe for what
+    /// polling rings the other side is writing costs (issue 24); not a tuning knob yet.
+    #[arg(long = "idle-pause", default_value_t = 0, value_name = "N")]
+    pub idle_pause: u32,
+    /// Large receive (DPDK's option): negotiate GUEST_CSUM, GUEST_TSO4/6 and mergeable
+    /// receive buffers where the device offers them, so TCP super-frames arrive whole
+    /// (as buffer chains, with their GSO metadata) instead of as segments.
+    #[arg(long = "enable-lro")]
+    pub enable_lro: bool,
+    /// Count the packets of every receive and transmit burst call and show how they
+    /// spread with the forward statistics (DPDK's option of the same name).
+    #[arg(long = "record-burst-stats")]
+    pub record_burst_stats: bool,
+    /// txonly/flowgen: send at most this many frames per second per stream (0: as
+    /// fast as the ring takes them), e.g. for latency at a fixed low load.
+    #[arg(long = "tx-pps", default_value_t = 0, value_name = "PPS")]
+    pub tx_pps: u64,
     /// noisy mode: frames each stream's FIFO holds (0: no FIFO).
     #[arg(long = "noisy-tx-sw-buffer-size", default_value_t = 0, value_name = "N")]
     pub noisy_bufsz: usize,
@@ -438,6 +462,16 @@ pub struct Config {
     pub stats_period: u64,
     /// Stats format.
     pub stats_format: StatsFormat,
+    /// `--latency`: stamp and measure.
+    pub latency: bool,
+    /// `--tx-pps`: per-stream pacing of txonly/flowgen (0: none).
+    pub tx_pps: u64,
+    /// `--record-burst-stats`.
+    pub burst_stats: bool,
+    /// `--idle-pause`.
+    pub idle_pause: u32,
+    /// `--enable-lro`.
+    pub enable_lro: bool,
     /// Pool size per port.
     pub mbufs: Option<u32>,
     /// Headroom.
@@ -499,6 +533,15 @@ impl Config {
         if a.noisy_lkup_mb > 16 * 1024 {
             return Err(format!("--noisy-lkup-memory {} MB is more than 16 GiB", a.noisy_lkup_mb));
         }
+        if a.latency && matches!(mode, FwdMode::TxOnly | FwdMode::FlowGen) {
+            let len: usize = tx_segs.iter().sum();
+            if len < crate::latency::MIN_FRAME || tx_segs[0] < crate::latency::MIN_FRAME {
+                return Err(format!(
+                    "--latency: frames (and their first segment) must be at least {} bytes to carry the stamp",
+                    crate::latency::MIN_FRAME
+                ));
+            }
+        }
         if a.nb_cores == 0 {
             return Err("--nb-cores must be at least 1".into());
         }
@@ -533,6 +576,11 @@ impl Config {
             eth_peers: a.eth_peer.iter().map(|p| parse_eth_peer(p)).collect::<Result<_, _>>()?,
             stats_period: a.stats_period,
             stats_format: a.stats_format,
+            latency: a.latency,
+            tx_pps: a.tx_pps,
+            burst_stats: a.record_burst_stats,
+            idle_pause: a.idle_pause,
+            enable_lro: a.enable_lro,
             mbufs: a.total_num_mbufs,
             headroom: a.headroom,
             interactive: a.interactive,

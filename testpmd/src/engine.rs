@@ -31,6 +31,22 @@ pub struct StreamStats {
     pub tx_packets: AtomicU64,
     /// Packets that did not fit the transmit ring (freed).
     pub tx_dropped: AtomicU64,
+    /// `--latency`: what the stream received, measured.
+    pub latency: crate::latency::RxLatency,
+    /// `--record-burst-stats`: packets per receive / transmit burst call (empty when off).
+    pub rx_spread: crate::burst_stats::Spread,
+    pub tx_spread: crate::burst_stats::Spread,
+}
+
+impl StreamStats {
+    /// Counters for a new stream; burst spreads only if `burst_stats`.
+    pub fn new(burst_stats: bool) -> Self {
+        StreamStats {
+            rx_spread: crate::burst_stats::Spread::new(burst_stats),
+            tx_spread: crate::burst_stats::Spread::new(burst_stats),
+            ..Default::default()
+        }
+    }
 }
 
 #[inline]
@@ -81,6 +97,14 @@ pub struct FwdParams {
     pub capture: Option<Arc<crate::capture::Capture>>,
     /// `noisy` mode settings.
     pub noisy: crate::noisy::NoisyCfg,
+    /// `--latency`: stamp what txonly/flowgen send, measure what is received.
+    pub latency: bool,
+    /// `--tx-pps`: txonly/flowgen frames per second per stream (0: unpaced).
+    pub tx_pps: u64,
+    /// `--record-burst-stats`.
+    pub burst_stats: bool,
+    /// `--idle-pause`: pause instructions after a pass that moved nothing.
+    pub idle_pause: u32,
 }
 
 /// One receive queue → one transmit queue.
@@ -99,6 +123,8 @@ pub struct Stream {
     pub stats: Arc<StreamStats>,
     /// `noisy` mode: frames held back.
     pub fifo: crate::noisy::Fifo,
+    /// `--latency` / `--tx-pps`: stamps, pacing and sequence state.
+    pub lat: crate::latency::StreamLatency,
 }
 
 /// The frame txonly sends: UDP/IPv4 from 198.18.0.1:9 to 198.18.0.2:9 (DPDK's txonly
@@ -170,12 +196,11 @@ impl EngineState {
         EngineState { params, templates, next_flow: 0, batch, scratch, segs, noisy }
     }
 
-    /// Fills `self.batch` with up to `burst` generated packets for `port`.
-    fn generate(&mut self, port: &PortCtx, flowgen: bool) {
+    /// Fills `self.batch` with up to `n` generated packets for `port`.
+    fn generate(&mut self, port: &PortCtx, flowgen: bool, n: usize) {
         if self.params.tx_segs.len() > 1 {
-            return self.generate_chained(port, flowgen);
+            return self.generate_chained(port, flowgen, n);
         }
-        let n = self.params.burst;
         port.pool.alloc_bulk(n, &mut self.batch);
         let tpl = &self.templates[port.id as usize];
         let hdr = TX_HDR.min(tpl.len());
@@ -203,12 +228,12 @@ impl EngineState {
     /// taken from the pool at once and only the headers are written (into whichever
     /// segments hold them); the payload is what the buffers already hold. A burst the
     /// pool cannot fill whole sends the frames it could complete.
-    fn generate_chained(&mut self, port: &PortCtx, flowgen: bool) {
+    fn generate_chained(&mut self, port: &PortCtx, flowgen: bool, n: usize) {
         let tpl = &self.templates[port.id as usize];
         let hdr = TX_HDR.min(tpl.len());
         let nseg = self.params.tx_segs.len();
         let mut segs = std::mem::take(&mut self.segs);
-        port.pool.alloc_bulk(self.params.burst * nseg, &mut segs);
+        port.pool.alloc_bulk(n * nseg, &mut segs);
         let frames = segs.len() / nseg;
         let mut it = segs.drain(..frames * nseg);
         'frames: for _ in 0..frames {
@@ -256,11 +281,24 @@ impl EngineState {
         let mut rx_dropped = 0u64;
         let received = match mode {
             FwdMode::TxOnly | FwdMode::FlowGen => {
-                self.generate(&ports[s.tx_port as usize], mode == FwdMode::FlowGen);
+                let mut n = self.params.burst;
+                if self.params.latency || self.params.tx_pps != 0 {
+                    n = self.measure_and_pace(s);
+                    if n == 0 {
+                        return 0;
+                    }
+                }
+                self.generate(&ports[s.tx_port as usize], mode == FwdMode::FlowGen, n);
+                if self.params.latency {
+                    Self::stamp(s, &mut self.batch);
+                }
                 0
             }
             _ => {
                 let n = s.rxq.rx_burst(&mut self.batch, self.params.burst);
+                if self.params.burst_stats {
+                    s.stats.rx_spread.record(n);
+                }
                 if n == 0 {
                     if let Some(noisy) = self.noisy.as_mut() {
                         let (txq, burst) = (&mut s.txq, self.params.burst);
@@ -270,6 +308,9 @@ impl EngineState {
                         return sent as usize;
                     }
                     return 0;
+                }
+                if self.params.latency {
+                    Self::measure(s, &self.batch);
                 }
                 if self.params.verbose.load(Ordering::Relaxed) & 1 != 0 {
                     crate::dump::burst(s.rx_port, s.queue, true, &self.batch);
@@ -350,7 +391,15 @@ impl EngineState {
             c.offer(&self.batch);
         }
         let sent = s.txq.tx_burst(&mut self.batch);
+        if self.params.burst_stats {
+            s.stats.tx_spread.record(sent);
+        }
         let dropped = self.batch.len();
+        if matches!(mode, FwdMode::TxOnly | FwdMode::FlowGen)
+            && (self.params.latency || self.params.tx_pps != 0)
+        {
+            s.lat.sent(sent, dropped);
+        }
         driver::free_bulk(&mut self.batch); // frees what did not fit
         bump(&s.stats.rx_packets, received as u64);
         bump(&s.stats.rx_dropped, rx_dropped);
@@ -359,14 +408,62 @@ impl EngineState {
         received.max(sent)
     }
 
+    /// txonly/flowgen with `--latency` or `--tx-pps`, before generating: measures what
+    /// came back, and returns how many frames the pacing allows now. Out of line: plain
+    /// txonly never comes here and its burst stays as small as before.
+    #[inline(never)]
+    fn measure_and_pace(&mut self, s: &mut Stream) -> usize {
+        let now = crate::latency::now_ns();
+        if self.params.latency {
+            self.receive_measured(s, now);
+        }
+        s.lat.allowance(self.params.tx_pps, self.params.burst, now)
+    }
+
+    /// `--latency`: records a received burst (out of line, as above).
+    #[inline(never)]
+    fn measure(s: &mut Stream, batch: &[Packet]) {
+        s.lat.measure(&s.stats.latency, batch, crate::latency::now_ns());
+    }
+
+    /// `--latency`: stamps a generated burst (out of line, as above).
+    #[inline(never)]
+    fn stamp(s: &mut Stream, batch: &mut [Packet]) {
+        s.lat.stamp(batch, crate::latency::now_ns());
+    }
+
+    /// txonly/flowgen with `--latency`: takes what came back on the stream's receive
+    /// queue (a reflecting back-end returns the frames sent), measures and frees it.
+    fn receive_measured(&mut self, s: &mut Stream, now: u64) {
+        let n = s.rxq.rx_burst(&mut self.batch, self.params.burst);
+        if self.params.burst_stats {
+            s.stats.rx_spread.record(n);
+        }
+        if n == 0 {
+            return;
+        }
+        s.lat.measure(&s.stats.latency, &self.batch, now);
+        if let Some(c) = self.params.capture.as_deref().filter(|c| c.wants(s.rx_port, s.queue, true)) {
+            c.offer(&self.batch);
+        }
+        driver::free_bulk(&mut self.batch);
+        bump(&s.stats.rx_packets, n as u64);
+    }
+
     /// Sends `bursts` bursts of txonly packets on `s` (DPDK's `start tx_first`).
     pub fn tx_first(&mut self, s: &mut Stream, ports: &[PortCtx], bursts: u32) {
         for _ in 0..bursts {
-            self.generate(&ports[s.tx_port as usize], false);
+            self.generate(&ports[s.tx_port as usize], false, self.params.burst);
+            if self.params.latency {
+                s.lat.stamp(&mut self.batch, crate::latency::now_ns());
+            }
             if let Some(c) = self.params.capture.as_deref().filter(|c| c.wants(s.tx_port, s.queue, false)) {
                 c.offer(&self.batch);
             }
             let sent = s.txq.tx_burst(&mut self.batch);
+            if self.params.latency {
+                s.lat.sent(sent, self.batch.len());
+            }
             bump(&s.stats.tx_packets, sent as u64);
             bump(&s.stats.tx_dropped, self.batch.len() as u64);
             driver::free_bulk(&mut self.batch);
@@ -455,15 +552,22 @@ pub fn forward(
             eng.tx_first(s, &ports, n);
         }
     }
+    let idle_pause = eng.params.idle_pause;
     while !stop.load(Ordering::Relaxed) {
+        let mut moved = 0;
         for i in 0..streams.len() {
             let (rp, tp) = (streams[i].rx_port as usize, streams[i].tx_port as usize);
             if ports[rp].stopped.load(Ordering::Relaxed) || ports[tp].stopped.load(Ordering::Relaxed) {
                 continue;
             }
-            eng.burst(&mut streams[i], &ports);
+            moved += eng.burst(&mut streams[i], &ports);
             if let Some(r) = routes.get(i) {
                 flush_xdp(&mut streams, i, *r);
+            }
+        }
+        if moved == 0 {
+            for _ in 0..idle_pause {
+                std::hint::spin_loop();
             }
         }
     }

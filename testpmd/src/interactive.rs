@@ -18,6 +18,7 @@ Commands:
   clear port stats all|N      reset port statistics
   show port xstats all|N      every counter of the port (per queue, XDP, control queue, pool)
   clear port xstats all|N     count extended statistics from here
+  show port N latency         latency (p50/p99/p99.9/max), loss, reordering (--latency)
   show port N rss-hash        RSS hash settings (none: VIRTIO_NET_F_RSS is not negotiated)
   show fwd stats all          forward statistics (as at stop), while forwarding runs
   clear fwd stats all         reset forward statistics
@@ -89,6 +90,9 @@ pub fn execute(app: &mut App, line: &str) -> Result<bool, String> {
         ["clear", "port", "stats", p] => app.clear_port_stats(port_arg(Some(p))?)?,
         ["show", "port", "xstats", p] => app.show_port_xstats(port_arg(Some(p))?)?,
         ["clear", "port", "xstats", p] => app.clear_port_xstats(port_arg(Some(p))?)?,
+        ["show", "port", p, "latency"] | ["show", "port", "latency", p] => {
+            app.show_port_latency(port_arg(Some(p))?)?
+        }
         ["show", "port", p, "rss-hash"] => {
             let p = port_arg(Some(p))?.ok_or("Bad arguments: show port N rss-hash needs one port number")?;
             app.show_rss_hash(p)?

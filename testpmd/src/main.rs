@@ -6,6 +6,7 @@
 //! error is one line on stderr and a non-zero exit.
 
 mod app;
+mod burst_stats;
 mod capture;
 mod config;
 mod csum;
@@ -13,7 +14,9 @@ mod dump;
 mod engine;
 mod fivetswap;
 mod interactive;
+mod latency;
 mod noisy;
+mod progress;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -116,12 +119,25 @@ fn run(args: Args) -> Result<(), String> {
     }
     let period = Duration::from_secs(cfg.stats_period);
     let mut next_stats = Instant::now() + period;
+    // The live line, on a terminal, when no statistics blocks are printed.
+    let mut progress = if period.is_zero() { progress::Progress::for_terminal() } else { None };
     while !stop.load(Ordering::Relaxed) && deadline.map_or(true, |d| Instant::now() < d) {
         std::thread::sleep(Duration::from_millis(10));
         if !period.is_zero() && Instant::now() >= next_stats {
             next_stats += period;
             app.show_port_stats(None)?;
         }
+        if let Some(p) = progress.as_mut() {
+            p.tick(|| {
+                (0..app.nb_ports())
+                    .map(|i| app.port_totals(i))
+                    .map(|t| (t.rx_packets, t.tx_packets))
+                    .collect()
+            });
+        }
+    }
+    if let Some(p) = progress {
+        p.finish();
     }
     let totals = app.stop().unwrap_or_default();
     if let Some(mut e) = embedded {

@@ -433,6 +433,33 @@ impl RawFrontend {
         self.mem.read(gpa, len)
     }
 
+    /// Sends `SET_MEM_TABLE` again with one region over the same guest addresses as
+    /// guest memory (`mem_range`), `memory_size` bytes long, backed by `fd` at offset 0
+    /// instead of our memfd. The caller owns `fd` and what is in it (a hostile table: a
+    /// file shorter than the region, or one it truncates later); our own mapping is not
+    /// touched. With REPLY_ACK a refusal is an `Err`.
+    pub fn set_mem_table_fd(&mut self, fd: std::os::fd::RawFd, memory_size: u64) -> Result<(), String> {
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: self.mem.start(),
+            memory_size,
+            userspace_addr: self.mem.start(),
+            mmap_offset: 0,
+            mmap_handle: fd,
+        };
+        self.frontend.set_mem_table(&[region]).map(|_| ()).map_err(|e| format!("SET_MEM_TABLE: {e}"))
+    }
+
+    /// Sends `SET_VRING_CALL` for queue `index` with `fd`, whatever it is (a hostile
+    /// front-end's pipe, or another queue's eventfd). The caller keeps `fd` open.
+    pub fn set_vring_call_fd(&mut self, index: u16, fd: &EventFd) -> Result<(), String> {
+        self.frontend.set_vring_call(index as usize, fd).map_err(|e| format!("SET_VRING_CALL: {e}"))
+    }
+
+    /// Sends `SET_VRING_KICK` for queue `index` with `fd`, whatever it is.
+    pub fn set_vring_kick_fd(&mut self, index: u16, fd: &EventFd) -> Result<(), String> {
+        self.frontend.set_vring_kick(index as usize, fd).map_err(|e| format!("SET_VRING_KICK: {e}"))
+    }
+
     /// Lays out a split ring of `size` entries for queue `index` in fresh guest memory
     /// and starts it: see [`RawFrontend::setup_queue_at`].
     pub fn setup_queue(&mut self, index: u16, size: u16) -> Result<(), String> {

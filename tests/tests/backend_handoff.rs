@@ -126,3 +126,27 @@ fn a_missing_peer_counts_peer_down_and_traffic_resumes() {
     let (_, db) = devs(&backend, &a, &b, |_, db| counter(db, "tx_packets") == 64);
     assert_eq!(counter(&db, "drops.peer_down"), 50, "{db}");
 }
+
+/// Frames handed over but not yet delivered when the backend stops (B posted no receive
+/// buffers, so they wait between the workers) are accounted for in the final line: each
+/// frame A's guest sent is B's `peer_down` drop, none is lost silently.
+#[test]
+fn frames_in_flight_at_shutdown_are_counted() {
+    let _g = harness::serial();
+    let dir = TempDir::new("handoff-stop");
+    let (backend, a, b) = start(&dir);
+    let (mut ga, _gb) = (guest(&a), guest(&b));
+    const N: usize = 100;
+    let frames: Vec<Vec<u8>> = (0..N).map(|i| frame(64, i as u16)).collect();
+    send_all(&mut ga, &frames);
+    ga.wait_tx_done(1, IO).unwrap();
+    let (da, db) = devs(&backend, &a, &b, |da, _| counter(da, "rx_packets") == N as u64);
+    assert_eq!((counter(&db, "tx_packets"), total_drops(&db)), (0, 0), "B holds them: {db}");
+    let _ = da;
+    let last = backend.stop();
+    let (da, db) = (harness::device(&last, &a), harness::device(&last, &b));
+    assert_eq!(counter(da, "rx_packets"), N as u64, "A: {da}");
+    assert_eq!(counter(db, "tx_packets"), 0, "B: {db}");
+    assert_eq!(counter(db, "drops.peer_down"), N as u64, "B: what was in flight at stop: {db}");
+    assert_eq!(total_drops(db), N as u64, "B: {db}");
+}

@@ -441,10 +441,10 @@ fn kind(p: &Packet, m: &RxMeta) -> Kind {
         assert_eq!(m.gso_type, net_hdr::GSO_TCPV4);
         assert_eq!(m.gso_size as usize, MSS);
         assert!(m.needs_csum());
-        assert_eq!(p.len(), GSO_PKT, "a whole super-frame");
+        assert_eq!(p.total_len(), GSO_PKT, "a whole super-frame");
         Kind::Super
     } else {
-        assert!(p.len() <= 14 + 20 + 20 + MSS, "a segment of at most one MSS: {}", p.len());
+        assert!(p.total_len() <= 14 + 20 + 20 + MSS, "a segment of at most one MSS: {}", p.total_len());
         if m.needs_csum() {
             assert_eq!((m.csum_start, m.csum_offset), (34, 16), "TCP checksum after Ethernet+IPv4");
             Kind::Partial
@@ -536,6 +536,34 @@ fn guest_offloads_change_what_the_backend_delivers() {
     // Three sets, then the attach and the detach.
     assert_eq!(counter(&d, "ctrl.commands"), 5);
     assert_eq!(counter(&d, "ctrl.errors"), 0);
+}
+
+/// `gen --gso-size` into a port with mergeable receive buffers (2 KiB pool buffers
+/// instead of 64 KiB ones): the super-frames arrive whole as multi-buffer packets with
+/// their GSO metadata, and with TSO off as segments; the pool is whole at the end.
+#[test]
+fn gen_super_frames_over_mergeable_buffers() {
+    let _serial = serial();
+    let dir = TempDir::new("ctrl-gso-mrg");
+    let sock = dir.join("gen.sock");
+    let size = GSO_PKT.to_string();
+    let mss = MSS.to_string();
+    let be = backend(&["--port", &port_arg("gen", &sock), "--pkt-size", &size, "--gso-size", &mss]);
+    let mut cfg = PortConfig::virtio_user(&sock);
+    cfg.features |= f::bit(f::NET_GUEST_CSUM) | f::bit(f::NET_GUEST_TSO4) | f::bit(f::NET_MRG_RXBUF);
+    let mut port = open(cfg).expect("open with GUEST_TSO4 and MRG_RXBUF");
+    assert_ne!(port.info().features & f::bit(f::NET_MRG_RXBUF), 0, "MRG_RXBUF negotiated");
+    let ctl = port.control();
+    let mut qp = port.queue_pair(0).unwrap();
+    expect_kind(&mut qp.rx, Kind::Super, 300);
+    ctl.set_guest_offloads(0).unwrap();
+    expect_kind(&mut qp.rx, Kind::Whole, 300);
+    let st = port.stats()[0];
+    assert_eq!((st.rx_errors, st.device_errors), (0, 0), "{st:?}");
+    let (avail, cap) = close(port, vec![qp]);
+    assert_eq!(avail, cap);
+    let d = final_device(&be.stop(), &sock);
+    assert_eq!(counter(&d, "drops.rx_buffer_too_small"), 0, "{d}");
 }
 
 /// Frames of the XDP test: 60..=1400 bytes (room for the program's growth within the

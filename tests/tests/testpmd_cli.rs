@@ -741,28 +741,37 @@ fn icmpecho_answers_arp_and_echo_requests() {
 /// in the receive ring when testpmd reset the devices).
 #[test]
 fn io_between_two_ports_keeps_every_packet() {
+    io_between_two_ports(&[], &[]);
+}
+
+/// The same with the loop probes on both sides (`--prefetch-tx` and `--idle-pause` on the
+/// backend, `--idle-pause` on testpmd): they change no count.
+#[test]
+fn io_between_two_ports_with_the_probes_on() {
+    io_between_two_ports(&["--prefetch-tx", "--idle-pause", "16"], &["--idle-pause", "16"]);
+}
+
+fn io_between_two_ports(backend_extra: &[&str], pmd_extra: &[&str]) {
     const I: u64 = 4 * 32;
     let _serial = serial();
     let dir = TempDir::new("tp-io2");
     let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
-    let backend = Backend::start(&["--port", &xconnect_arg(&a, &b)]);
-    let exit = run(
-        &[
-            "--vdev",
-            &vdev(0, &a),
-            "--vdev",
-            &vdev(1, &b),
-            "--forward-mode",
-            "io",
-            "--tx-first",
-            "4",
-            "--duration",
-            "2",
-            "--stats-format",
-            "json",
-        ],
-        RUN_TIMEOUT,
-    );
+    let backend = Backend::start(&[&["--port", &xconnect_arg(&a, &b)], backend_extra].concat());
+    let args = [
+        "--vdev",
+        &vdev(0, &a),
+        "--vdev",
+        &vdev(1, &b),
+        "--forward-mode",
+        "io",
+        "--tx-first",
+        "4",
+        "--duration",
+        "2",
+        "--stats-format",
+        "json",
+    ];
+    let exit = run(&[&args[..], pmd_extra].concat(), RUN_TIMEOUT);
     assert_ok(&exit);
     let log = backend.log();
     let fin = backend.stop();
@@ -1445,5 +1454,206 @@ fn pcap_capture_holds_exactly_the_frames() {
     assert_eq!(recs.len(), COUNT);
     for (i, ((data, orig), sent)) in recs.iter().zip(&second).enumerate() {
         assert_eq!((data, *orig as usize), (sent, sent.len()), "tx record {i}");
+    }
+}
+
+// ------------------------------------------------------------------------------ 6. latency
+
+/// The `port_latency` JSON line of `port` (`--latency --stats-format json`, at stop).
+fn latency_json(stdout: &str, port: u64) -> Value {
+    stdout
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .find(|v| v["type"] == "port_latency" && v["port"] == port)
+        .unwrap_or_else(|| panic!("no port_latency line for port {port}\n{stdout}"))
+}
+
+/// The figures of a latency report hang together: every counted sample was stamped
+/// once, in order, with min <= p50 <= p99 <= p99.9 <= max and a positive minimum.
+fn assert_latency_sane(l: &Value, samples: u64) {
+    let n = |k: &str| l[k].as_u64().unwrap_or_else(|| panic!("no {k} in {l}"));
+    assert_eq!((n("samples"), n("lost"), n("reordered"), n("stale")), (samples, 0, 0, 0), "{l}");
+    let (min, p50, p99, p999, max) = (n("min_ns"), n("p50_ns"), n("p99_ns"), n("p999_ns"), n("max_ns"));
+    assert!(0 < min && min <= p50 && p50 <= p99 && p99 <= p999 && p999 <= max, "{l}");
+    assert!(min <= n("mean_ns") && n("mean_ns") <= max, "{l}");
+}
+
+/// `--latency` round trip: txonly paced by `--tx-pps` through `reflect` measures every
+/// frame that came back exactly once, none lost or reordered; pacing never sends more
+/// than the rate allows over the run; the backend saw exactly what testpmd sent.
+#[test]
+fn latency_round_trip_through_reflect_measures_every_frame() {
+    const PPS: u64 = 20_000;
+    let _serial = serial();
+    let dir = TempDir::new("tp-lat-rt");
+    let sock = dir.join("r.sock");
+    let backend = Backend::start(&["--port", &port_arg("reflect", &sock)]);
+    let exit = run(
+        &[
+            "--vdev",
+            &vdev(0, &sock),
+            "--forward-mode",
+            "txonly",
+            "--txpkts",
+            "64",
+            "--latency",
+            "--tx-pps",
+            &PPS.to_string(),
+            "--duration",
+            "2",
+            "--stats-format",
+            "json",
+        ],
+        RUN_TIMEOUT,
+    );
+    assert_ok(&exit);
+    let js = forward_stats_json(&exit.stdout).unwrap_or_else(|| panic!("no forward_stats JSON line\n{exit}"));
+    let p = json_port_counts(&js)[0];
+    let secs = js["seconds"].as_f64().unwrap_or_else(|| panic!("no seconds in {js}"));
+    assert!(p.tx_packets > 1000, "txonly hardly sent anything: {js}");
+    assert!(p.tx_packets as f64 <= PPS as f64 * secs + BURST as f64, "pacing exceeded {PPS}/s: {js}");
+    // The backend sleeps when idle (--poll-us 50): on a loaded machine it may wake late
+    // enough for the ring to fill; refused frames are TX-dropped, retried, and give their
+    // sequence numbers back, so nothing counts as lost.
+    let lat = latency_json(&exit.stdout, 0);
+    assert_latency_sane(&lat, p.rx_packets);
+    let fin = backend.stop();
+    let dev = clean_device(&fin, &sock);
+    assert_eq!(counter(dev, "rx_packets"), p.tx_packets, "reflect received what testpmd sent\n{exit}");
+    // What reflect sent back and testpmd had not taken at stop was in flight.
+    let back = counter(dev, "tx_packets");
+    assert!(p.rx_packets <= back && back - p.rx_packets <= RING, "reflect sent {back}\n{exit}");
+}
+
+/// `--latency` one way, across processes: txonly on A, xconnect A->B, rxonly on B in
+/// another testpmd; the receiver measures exactly the frames the backend moved to B,
+/// in order, none lost, under the sender's stamps (one system-wide clock).
+#[test]
+fn latency_one_way_across_processes_counts_what_the_backend_moved() {
+    let _serial = serial();
+    let dir = TempDir::new("tp-lat-ow");
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let backend = Backend::start(&["--port", &xconnect_arg(&a, &b)]);
+    let (rx, _) = start_forwarding(&[
+        "--vdev",
+        &vdev(0, &b),
+        "--forward-mode",
+        "rxonly",
+        "--latency",
+        "--stats-format",
+        "json",
+    ]);
+    let sent = run(
+        &[
+            "--vdev",
+            &vdev(0, &a),
+            "--forward-mode",
+            "txonly",
+            "--latency",
+            "--tx-pps",
+            "50000",
+            "--duration",
+            "2",
+            "--stats-format",
+            "json",
+        ],
+        RUN_TIMEOUT,
+    );
+    assert_ok(&sent);
+    let tx = json_port_counts(&forward_stats_json(&sent.stdout).expect("sender forward_stats"))[0];
+    let moved = backend.wait_stats(TRAFFIC_TIMEOUT, |s| counter(device(s, &b), "tx_packets") > 0);
+    drop(moved);
+    thread::sleep(QUIET);
+    let exit = interrupt(rx);
+    let got = json_port_counts(&forward_stats_json(&exit.stdout).expect("receiver forward_stats"))[0];
+    let fin = backend.stop();
+    let (da, db) = (device(&fin, &a), device(&fin, &b));
+    assert_eq!((total_drops(da), total_drops(db)), (0, 0), "{fin}");
+    assert_eq!(counter(db, "tx_packets"), counter(da, "rx_packets"));
+    assert_eq!(got.rx_packets, counter(db, "tx_packets"), "receiver vs backend\n{exit}");
+    assert!(counter(da, "rx_packets") <= tx.tx_packets && tx.tx_packets - counter(da, "rx_packets") <= RING);
+    assert_latency_sane(&latency_json(&exit.stdout, 0), got.rx_packets);
+}
+
+/// `--record-burst-stats`: the burst spreads account for every packet: the receive
+/// spread's packets (size × calls) are the port's RX-packets, the transmit spread's its
+/// TX-packets less the `--tx-first` bursts (sent before forwarding, not burst calls of
+/// the engine); the text block shows both lines.
+#[test]
+fn record_burst_stats_accounts_for_every_packet() {
+    let _serial = serial();
+    let dir = TempDir::new("tp-bursts");
+    let sock = dir.join("r.sock");
+    let backend = Backend::start(&["--port", &port_arg("reflect", &sock)]);
+    let common = ["--vdev", &vdev(0, &sock), "--forward-mode", "io", "--tx-first", "4", "--duration", "1"];
+    let exit = run(&[&common[..], &["--record-burst-stats", "--stats-format", "json"]].concat(), RUN_TIMEOUT);
+    assert_ok(&exit);
+    let js = forward_stats_json(&exit.stdout).unwrap_or_else(|| panic!("no forward_stats JSON line\n{exit}"));
+    let p = &js["ports"][0];
+    let pkts = |k: &str| -> (u64, u64) {
+        let m = p[k].as_object().unwrap_or_else(|| panic!("no {k} in {js}"));
+        let calls = m.values().map(|c| c.as_u64().expect("count")).sum();
+        let n =
+            m.iter().map(|(size, c)| size.parse::<u64>().expect("size") * c.as_u64().expect("count")).sum();
+        (calls, n)
+    };
+    let ((rx_calls, rx), (tx_calls, tx)) = (pkts("rx_bursts"), pkts("tx_bursts"));
+    assert_eq!(rx, p["rx_packets"].as_u64().unwrap(), "{js}");
+    assert_eq!(tx + 4 * BURST as u64, p["tx_packets"].as_u64().unwrap(), "{js}");
+    assert!(rx > 10_000 && rx_calls >= tx_calls && tx_calls > 0, "{js}");
+    // The text form, from a second run.
+    let exit = run(&[&common[..], &["--record-burst-stats"]].concat(), RUN_TIMEOUT);
+    assert_ok(&exit);
+    for what in ["  RX-bursts : ", "  TX-bursts : "] {
+        assert_eq!(exit.stdout.matches(what).count(), 1, "{what}: one line in port 0's block\n{exit}");
+    }
+    drop(backend);
+}
+
+/// `--enable-lro` (DPDK's option): against `gen --gso-size`, every super-frame arrives
+/// whole (GUEST_TSO4 and mergeable buffers negotiated): RX-packets is the generator's
+/// count and RX-bytes its bytes; without the option the same stream arrives cut into
+/// MSS-sized segments.
+#[test]
+fn enable_lro_receives_super_frames_whole() {
+    const COUNT: u64 = 400;
+    const SIZE: u64 = 6000;
+    const MSS: u64 = 1448;
+    let _serial = serial();
+    let dir = TempDir::new("tp-lro");
+    let sock = dir.join("g.sock");
+    for lro in [true, false] {
+        let backend = Backend::start(&[
+            "--port",
+            &port_arg("gen", &sock),
+            "--gso-size",
+            &MSS.to_string(),
+            "--pkt-size",
+            &SIZE.to_string(),
+            "--count",
+            &COUNT.to_string(),
+        ]);
+        let vd = vdev(0, &sock);
+        let mut args = vec!["--vdev", &vd, "--forward-mode", "rxonly", "--duration", "2"];
+        if lro {
+            args.push("--enable-lro");
+        }
+        let exit = run(&args, RUN_TIMEOUT);
+        assert_ok(&exit);
+        let nic = nic_stats(&exit.stdout, 0).unwrap_or_else(|| panic!("no NIC statistics\n{exit}"));
+        let fin = backend.stop();
+        let dev = clean_device(&fin, &sock);
+        assert_eq!(counter(dev, "generated"), COUNT, "{exit}");
+        // Payload per super-frame: SIZE less Ethernet, IPv4 and TCP headers.
+        let payload = SIZE - 54;
+        let segs = payload.div_ceil(MSS);
+        if lro {
+            assert_eq!((nic.rx_packets, nic.rx_bytes), (COUNT, COUNT * SIZE), "{exit}");
+        } else {
+            assert_eq!(nic.rx_packets, COUNT * segs, "{exit}");
+            assert_eq!(nic.rx_bytes, COUNT * (payload + segs * 54), "{exit}");
+        }
+        assert_eq!(nic.rx_errors, 0, "{exit}");
     }
 }

@@ -30,14 +30,11 @@ pub fn offered_features(params: &DeviceParams) -> u64 {
         | f::bit(vn::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
         | (params.guest_offloads & ctrl::GUEST_OFFLOADS)
         | params.host_offloads;
-    if matches!(params.kind, PortKind::Reflect | PortKind::Xconnect | PortKind::Tap | PortKind::Sink) {
-        // Forwarded frames may be larger than one receive buffer (`port::mrg`). `sink`
-        // delivers nothing, but a driver sizes its receive buffers for the MTU: without
-        // mergeable buffers one at `--mtu 9000` would need 9 KiB buffers (ours and DPDK's
-        // virtio-user refuse to start without them). `gen` writes each frame into one
-        // buffer and does not offer it.
-        v |= f::bit(f::NET_MRG_RXBUF);
-    }
+    // Forwarded and generated frames may be larger than one receive buffer (`port::mrg`).
+    // `sink` delivers nothing, but a driver sizes its receive buffers for the MTU: without
+    // mergeable buffers one at `--mtu 9000` would need 9 KiB buffers (ours and DPDK's
+    // virtio-user refuse to start without them).
+    v |= f::bit(f::NET_MRG_RXBUF);
     if params.queue_pairs > 1 {
         v |= f::bit(f::NET_MQ);
     }

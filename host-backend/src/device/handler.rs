@@ -11,9 +11,20 @@ use super::*;
 /// crate's `BackendReqHandler` calls it from the device's control thread).
 pub struct Handler(pub Arc<Device>);
 
-fn eventfd_from(file: Option<File>) -> Option<Arc<EventFd>> {
-    // SAFETY: `into_raw_fd` hands over sole ownership of a valid fd to the EventFd.
-    file.map(|f| Arc::new(unsafe { EventFd::from_raw_fd(f.into_raw_fd()) }))
+/// The eventfd in `file`, validated and non-blocking (see `fds.rs`); a refusal is
+/// logged and counted (`peer.fds_refused`) and ends the connection (as every refused
+/// request does, after the error reply).
+fn eventfd_from(dev: &Device, what: &str, index: u8, file: Option<File>) -> VuResult<Option<Arc<EventFd>>> {
+    let Some(file) = file else { return Ok(None) };
+    match fds::eventfd(file) {
+        Ok(e) => Ok(Some(Arc::new(e))),
+        Err(why) => {
+            warn!("{}: {what} {index} refused: {why}", dev.params.socket.display());
+            // Relaxed: a statistics counter.
+            dev.peer.fds_refused.fetch_add(1, Ordering::Relaxed);
+            Err(VuError::InvalidParam)
+        }
+    }
 }
 
 impl VhostUserBackendReqHandler for Handler {
@@ -60,7 +71,7 @@ impl VhostUserBackendReqHandler for Handler {
                 };
             }
         }
-        self.0.engine.sync();
+        self.0.resync();
         Ok(())
     }
     fn set_mem_table(
@@ -79,12 +90,15 @@ impl VhostUserBackendReqHandler for Handler {
             })
             .collect();
         let mem = GuestMemory::map(&regions, files).map_err(|e| {
-            warn!("{}: {e}", self.0.params.socket.display());
+            // Refused: the previous table (if any) stays in effect.
+            warn!("{}: SET_MEM_TABLE refused: {e}", self.0.params.socket.display());
+            // Relaxed: a statistics counter.
+            self.0.peer.mem_table_refused.fetch_add(1, Ordering::Relaxed);
             VuError::InvalidParam
         })?;
         info!("{}: memory table with {} region(s)", self.0.params.socket.display(), mem.region_count());
         self.0.lock().mem = Some(Arc::new(mem));
-        self.0.engine.sync();
+        self.0.resync();
         Ok(None)
     }
     fn set_vring_num(&self, index: u32, num: u32) -> VuResult<()> {
@@ -156,7 +170,7 @@ impl VhostUserBackendReqHandler for Handler {
     }
     fn set_vring_kick(&self, index: u8, fd: Option<File>) -> VuResult<()> {
         log::debug!("{}: SET_VRING_KICK {index} (fd: {})", self.0.params.socket.display(), fd.is_some());
-        let kick = eventfd_from(fd);
+        let kick = eventfd_from(&self.0, "SET_VRING_KICK", index, fd)?;
         self.0.change_queue(index as u32, |q| {
             q.kick = kick;
             q.started = true;
@@ -164,14 +178,14 @@ impl VhostUserBackendReqHandler for Handler {
         })
     }
     fn set_vring_call(&self, index: u8, fd: Option<File>) -> VuResult<()> {
-        let call = eventfd_from(fd);
+        let call = eventfd_from(&self.0, "SET_VRING_CALL", index, fd)?;
         self.0.change_queue(index as u32, |q| {
             q.call = call;
             Ok(())
         })
     }
     fn set_vring_err(&self, index: u8, fd: Option<File>) -> VuResult<()> {
-        let err = eventfd_from(fd);
+        let err = eventfd_from(&self.0, "SET_VRING_ERR", index, fd)?;
         self.0.change_queue(index as u32, |q| {
             q.err = err;
             Ok(())

@@ -74,12 +74,20 @@ impl Device {
     /// translations (a resync). An error closes the connection.
     pub fn handle_iotlb_request(&self, sock: &UnixStream, hdr: &Header) -> Result<(), ChannelError> {
         let ok = match iotlb_channel::read_request(sock, hdr)? {
-            Request::BackendChannel(s) => {
-                *self.backend_channel.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(BackendChannel::new(s)?);
-                debug!("{}: backend channel set", self.params.socket.display());
-                true
-            }
+            Request::BackendChannel(s) => match super::fds::socket(s.as_raw_fd()) {
+                Ok(()) => {
+                    *self.backend_channel.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(BackendChannel::new(s)?);
+                    debug!("{}: backend channel set", self.params.socket.display());
+                    true
+                }
+                Err(why) => {
+                    warn!("{}: SET_BACKEND_REQ_FD refused: {why}", self.params.socket.display());
+                    // Relaxed: a statistics counter.
+                    self.peer.fds_refused.fetch_add(1, Ordering::Relaxed);
+                    false
+                }
+            },
             Request::Iotlb(m) => {
                 let st = self.lock();
                 let (platform, tlb) = (st.acked(f::ACCESS_PLATFORM), st.iotlb.clone());
@@ -93,15 +101,20 @@ impl Device {
                         // permission or target: resync as for an invalidation. A waiting
                         // ring retries (and its worker wakes) through the resync too.
                         if self.iotlb_waiting.swap(false, Ordering::Relaxed) || replaced {
-                            self.engine.sync();
+                            self.resync();
                         }
                     }),
                     MSG_INVALIDATE => {
-                        if tlb.invalidate(m.iova, m.size) {
-                            self.engine.sync();
-                        }
                         self.iotlb_stats.invalidates.fetch_add(1, Ordering::Relaxed);
-                        Ok(())
+                        if tlb.invalidate(m.iova, m.size) && !self.resync() {
+                            // A worker may still hold the old translation: never
+                            // acknowledge; the device stops instead.
+                            self.break_all(RingFault::NotQuiescent);
+                            Err("a worker did not drop the old translation in time; device stopped"
+                                .to_string())
+                        } else {
+                            Ok(())
+                        }
                     }
                     other => Err(format!("IOTLB message type {other} is not served")),
                 };

@@ -8,8 +8,9 @@
 //! waiting for workers (it would deadlock their resync).
 //!
 //! Every message that changes a queue or the memory table is applied under the lock and
-//! then followed by [`Engine::sync`], which returns once every worker has dropped what
-//! it held and re-activated what may run. A change to a queue that is running first
+//! then followed by [`Device::resync`] (this device's epoch, then [`Engine::sync`]),
+//! which returns once every worker has dropped what it held of this device and
+//! re-activated what may run; other devices' rings are not touched. A change to a queue that is running first
 //! pauses it (sync), so the worker's final position is written back before the change.
 //!
 //! The control queue (virtio 1.2 §5.1.6.5) changes device state the same way: the
@@ -28,10 +29,11 @@
 //!
 //! Here: the device's state, its parameters, and the ring hand-over, control commands and
 //! statistics. In `handler`: the vhost-user request handler; in `features`: what is
-//! offered; in `iotlb`: the device's side of the IOTLB protocol; `tests`: unit tests.
+//! offered; in `fds`: the checks on file descriptors a front-end sends; in `iotlb`: the
+//! device's side of the IOTLB protocol; `tests`: unit tests.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,10 +56,11 @@ use crate::memory::{GuestMemory, RegionDesc};
 use crate::packed_ring::PackedRing;
 use crate::ring::AnyRing;
 use crate::split_ring::{signal, DeviceRing, RingConfig, RingFault};
-use crate::stats::{CtrlSnapshot, DeviceSnapshot, DropReason, IotlbSnapshot, PairStats};
+use crate::stats::{CtrlSnapshot, DeviceSnapshot, DropReason, IotlbSnapshot, PairStats, PeerSnapshot};
 use crate::worker::Engine;
 use virtio_bindings::virtio_net as vn;
 
+mod fds;
 mod features;
 mod handler;
 mod iotlb;
@@ -122,6 +125,8 @@ pub struct DeviceParams {
     pub packed: bool,
     /// `sink`: copy each frame out before completing it (`--sink-read`).
     pub sink_read: bool,
+    /// Forwarding: prefetch a burst's transmitted frames first (`--prefetch-tx`).
+    pub prefetch_tx: bool,
     /// `tap`: the interface the device is joined to (for the statistics).
     pub tap: Option<String>,
 }
@@ -249,7 +254,29 @@ pub struct Device {
     /// A ring waits for a translation: the next update resyncs the workers (which
     /// retries ring activation and wakes a sleeping worker).
     iotlb_waiting: AtomicBool,
+    /// What a hostile or broken front-end had refused or taken away.
+    pub peer: PeerCounters,
+    /// Bumped by every change of this device's state that workers must pick up: a
+    /// worker re-activates only the paths whose devices' epochs moved (see
+    /// [`Device::resync`]), so one front-end's messages do not re-sync other devices.
+    epoch: AtomicU64,
+    /// Rings handed to workers (activations), over the device's life.
+    pub activations: AtomicU64,
     engine: Arc<Engine>,
+}
+
+/// Front-end messages refused and memory lost on one device (totals over all
+/// connections).
+#[derive(Debug, Default)]
+pub struct PeerCounters {
+    /// `SET_MEM_TABLE` messages refused (a region longer than its file, not a regular
+    /// file, overlapping or overflowing regions, a failed mapping).
+    pub mem_table_refused: AtomicU64,
+    /// Kick, call or error file descriptors refused (not an eventfd).
+    pub fds_refused: AtomicU64,
+    /// Memory tables found truncated under the device (each counted once; its rings are
+    /// broken).
+    pub mem_faults: AtomicU64,
 }
 
 /// What the IOTLB protocol did on one device (totals over all connections).
@@ -286,8 +313,36 @@ impl Device {
             backend_channel: Mutex::new(None),
             logged_iotlb: AtomicBool::new(false),
             iotlb_waiting: AtomicBool::new(false),
+            peer: PeerCounters::default(),
+            epoch: AtomicU64::new(1),
+            activations: AtomicU64::new(0),
             engine,
         })
+    }
+
+    /// This device's epoch (see the field): a worker compares it with the one its
+    /// path last took rings at.
+    pub fn epoch(&self) -> u64 {
+        // Acquire: pairs with the Release increment in `resync`; the worker then reads
+        // the state under the mutex anyway.
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Makes every worker re-activate this device's rings from its current state and
+    /// returns once all have (or [`Engine::sync`]'s bound passed: then `false`). Only the
+    /// paths of this device let go of their rings; a worker without any just notes the
+    /// generation.
+    fn resync(&self) -> bool {
+        // Release: the state change before it is visible to a worker that sees the epoch.
+        self.epoch.fetch_add(1, Ordering::Release);
+        self.engine.sync()
+    }
+
+    /// [`resync`](Self::resync) waiting for the data workers only (the control worker
+    /// applies control commands from inside its burst).
+    fn resync_workers(&self) -> bool {
+        self.epoch.fetch_add(1, Ordering::Release);
+        self.engine.sync_workers()
     }
 
     /// Internal index of the control queue (`2N`).
@@ -349,6 +404,11 @@ impl Device {
             return None;
         }
         let mem = st.mem.clone()?;
+        if mem.faulted() {
+            drop(st);
+            self.mark_broken(q, RingFault::MemoryGone);
+            return None;
+        }
         let feats = st.acked_features;
         let qs = &st.queues[q as usize];
         let cfg = RingConfig {
@@ -375,7 +435,11 @@ impl Device {
             DeviceRing::new(&cfg, mem.clone(), call_fd, iotlb).map(AnyRing::Split)
         };
         match ring {
-            Ok(ring) => Some(ActiveRing { ring, mem, kick, rx, _call: call }),
+            Ok(ring) => {
+                // Relaxed: a statistics counter.
+                self.activations.fetch_add(1, Ordering::Relaxed);
+                Some(ActiveRing { ring, mem, kick, rx, _call: call })
+            }
             Err(RingFault::IotlbMiss { iova, write }) => {
                 // Not the driver's fault (yet): ask, and retry when the answer arrives.
                 drop(st);
@@ -400,21 +464,47 @@ impl Device {
         }
     }
 
+    /// Marks every queue of the device broken with `bad` (see [`mark_broken`](Self::mark_broken)).
+    fn break_all(&self, bad: RingFault) {
+        let ctrl = self.lock().acked(f::NET_CTRL_VQ);
+        let last = if ctrl { self.ctrl_queue() + 1 } else { self.ctrl_queue() };
+        for q in 0..last {
+            self.mark_broken(q, bad);
+        }
+    }
+
     /// Marks queue `q` broken: counted, logged once per device, its error eventfd
     /// signalled, and never activated again until the front-end sets it up anew.
+    ///
+    /// When the device's memory was truncated under it (`sigbus.rs`), whatever the ring
+    /// engine found is a consequence (the burst that faulted read zeros: an avail index
+    /// that jumped back, a zero descriptor), so the fault is [`RingFault::MemoryGone`]
+    /// whatever `bad` says: no drop is counted, the lost table once in `peer.mem_faults`.
     pub fn mark_broken(&self, q: u16, bad: RingFault) {
-        let err = {
+        let (err, bad) = {
             let mut st = self.lock();
+            let bad = match &st.mem {
+                Some(m) if m.faulted() => {
+                    if m.take_fault() {
+                        // Relaxed: a statistics counter.
+                        self.peer.mem_faults.fetch_add(1, Ordering::Relaxed);
+                    }
+                    RingFault::MemoryGone
+                }
+                _ => bad,
+            };
             let Some(qs) = st.queues.get_mut(q as usize) else {
                 return;
             };
             qs.broken = true;
-            qs.err.clone()
+            (qs.err.clone(), bad)
         };
         match self.stats.get(q as usize / 2) {
             Some(pair) => {
                 pair.broken.store(true, Ordering::Relaxed);
-                pair.drops[DropReason::BadDescriptor as usize].fetch_add(1, Ordering::Relaxed);
+                if !matches!(bad, RingFault::MemoryGone | RingFault::NotQuiescent) {
+                    pair.drops[DropReason::BadDescriptor as usize].fetch_add(1, Ordering::Relaxed);
+                }
             }
             // The control queue. Relaxed: a statistics flag; the queue itself is stopped
             // through `qs.broken` under the lock.
@@ -485,7 +575,7 @@ impl Device {
                 // A command that changes nothing (the driver repeating itself) costs the
                 // data workers no resync.
                 if changed {
-                    self.engine.sync_workers();
+                    self.resync_workers();
                 }
                 // Relaxed: statistics counters, ordered with nothing else.
                 self.ctrl_ok.fetch_add(1, Ordering::Relaxed);
@@ -540,6 +630,12 @@ impl Device {
             rx_filter: rx.to_json(),
             iotlb,
             tap: self.params.tap.clone(),
+            activations: self.activations.load(Ordering::Relaxed),
+            peer: PeerSnapshot {
+                mem_table_refused: self.peer.mem_table_refused.load(Ordering::Relaxed),
+                fds_refused: self.peer.fds_refused.load(Ordering::Relaxed),
+                mem_faults: self.peer.mem_faults.load(Ordering::Relaxed),
+            },
         }
     }
 
@@ -551,14 +647,14 @@ impl Device {
         self.logged_ctrl.store(false, Ordering::Relaxed);
         self.logged_iotlb.store(false, Ordering::Relaxed);
         info!("{}: front-end connected", self.params.socket.display());
-        self.engine.sync();
+        self.resync();
     }
 
     /// The front-end went away: reset the device (workers drop its rings and memory).
     pub fn disconnect(&self) {
         *self.lock() = State::reset(&self.params, false);
         *self.backend_channel.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.engine.sync();
+        self.resync();
         info!("{}: front-end disconnected, device reset", self.params.socket.display());
     }
 
@@ -586,8 +682,12 @@ impl Device {
             }
             (q, running)
         };
-        if running {
-            self.engine.sync();
+        if running && !self.resync() {
+            // The worker may still hold the ring (its position not written back): a base
+            // read or set now would be wrong. The ring breaks instead.
+            self.lock().queues[q].paused = false;
+            self.mark_broken(q as u16, RingFault::NotQuiescent);
+            return Err(VuError::BackendInternalError);
         }
         let res = {
             let mut st = self.lock();
@@ -595,7 +695,7 @@ impl Device {
             qs.paused = false;
             change(qs)
         };
-        self.engine.sync();
+        self.resync();
         res.map(|()| q)
     }
 }

@@ -17,6 +17,7 @@ fn device(pairs: u16, guest_offloads: u64) -> Arc<Device> {
         iommu: false,
         packed: true,
         sink_read: false,
+        prefetch_tx: false,
         tap: None,
     };
     // No workers: every sync returns at once.
@@ -120,4 +121,47 @@ fn packed_ring_base_has_an_avail_and_a_used_half() {
     assert_eq!({ h.get_vring_base(0).unwrap().num }, 0x8000_8000);
     h.set_vring_base(0, 0x8003).unwrap();
     assert_eq!({ h.get_vring_base(0).unwrap().num }, 0x8003_8003);
+}
+
+/// A worker that never reaches a burst boundary (here: a data worker slot with no thread)
+/// cannot write a running ring's position back: `SET_VRING_BASE` and `GET_VRING_BASE`
+/// on that ring fail and break it (counted as broken, no drop), instead of reporting or
+/// replacing a base the worker may still move.
+#[test]
+fn a_change_a_worker_never_acknowledges_breaks_the_ring() {
+    use std::os::fd::FromRawFd;
+    let params = DeviceParams {
+        socket: "/nonexistent/test.sock".into(),
+        kind: PortKind::Sink,
+        queue_pairs: 1,
+        mac: MAC,
+        mtu: 1500,
+        guest_offloads: 0,
+        host_offloads: 0,
+        iommu: false,
+        packed: false,
+        sink_read: false,
+        prefetch_tx: false,
+        tap: None,
+    };
+    let engine = Engine::with_sync_timeout(1, 0, std::time::Duration::from_millis(20)).unwrap();
+    let d = Device::new(params, engine, None);
+    d.connect();
+    let h = Handler(d.clone());
+    let mem = crate::memory::tests::memfd(0x10000);
+    let region = VhostUserMemoryRegion::new(0, 0x10000, 0x10000, 0);
+    h.set_mem_table(&[region], vec![mem], None).unwrap();
+    h.set_features(f::bit(f::VERSION_1)).unwrap();
+    h.set_vring_num(1, 8).unwrap();
+    h.set_vring_addr(1, VhostUserVringAddrFlags::empty(), 0x10000, 0x12000, 0x11000, 0).unwrap();
+    let kick = EventFd::new(0).unwrap();
+    // SAFETY: duplicates an open fd into a fresh owned one.
+    let kick_file = unsafe { File::from_raw_fd(libc::dup(kick.as_raw_fd())) };
+    h.set_vring_kick(1, Some(kick_file)).unwrap();
+    assert!(h.set_vring_base(1, 0).is_err(), "the worker never let go: no base change");
+    let snap = d.snapshot();
+    assert!(snap.pairs[0].broken);
+    assert_eq!(snap.pairs[0].drops.iter().sum::<u64>(), 0, "not the driver's fault: no drop");
+    // Broken: no longer running, so reading its base needs no worker.
+    assert_eq!(h.get_vring_base(1).map(|s| s.num).ok(), Some(0));
 }

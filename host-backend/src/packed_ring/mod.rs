@@ -48,7 +48,7 @@ use spec::prefetch::WritePrefetch;
 
 use crate::iotlb::IovaView;
 use crate::memory::{GuestMemory, Hint};
-use crate::split_ring::{prefetch_lines, signal, RingFault};
+use crate::split_ring::{prefetch_lines, prefetch_lines_read, signal, RingFault};
 
 mod setup;
 mod walk;
@@ -288,6 +288,23 @@ impl PackedRing {
         }
         let Some((ptr, n)) = self.mem.translate(&mut self.hint, d.addr, d.len as u64) else { return };
         prefetch_lines(pw, ptr, n, lines);
+    }
+
+    /// [`prefetch_write`](Self::prefetch_write)'s counterpart for a buffer the burst
+    /// will read (`--prefetch-tx`).
+    #[inline]
+    pub fn prefetch_read(&mut self, i: u16, lines: usize) {
+        if self.iova.is_some() || i >= self.found {
+            return;
+        }
+        let at = self.chains[i as usize];
+        // SAFETY: `at.pos < size`.
+        let d = unsafe { walk::read_ring_desc(self.desc, at.pos) };
+        if d.flags & DESC_F_INDIRECT != 0 {
+            return;
+        }
+        let Some((ptr, n)) = self.mem.translate(&mut self.hint, d.addr, d.len as u64) else { return };
+        prefetch_lines_read(ptr, n, lines);
     }
 
     /// Writes the used descriptor for `head` with `len` bytes written, after the ones

@@ -688,3 +688,27 @@ fn ring_base_round_trips_with_the_wrap_counter() {
     let r = PackedRing::new(&config(5, f.ring.last_avail(), false), mem, None, None).unwrap();
     assert_eq!((r.avail_pos, r.avail_wrap, r.used_pos, r.used_wrap), (1, false, 1, false));
 }
+
+/// Work bound: an indirect table with more entries than a port can use is abandoned
+/// after `MAX_SEGS + 1` of them (its last entry, outside guest memory, is never read);
+/// the chain is truncated, which every port drops.
+#[test]
+fn a_long_indirect_table_is_abandoned() {
+    let long = 100u16;
+    let mut f = fixture(128, 0, true, false);
+    for i in 0..long {
+        let addr = if i + 1 == long { BASE + MEM } else { DATA };
+        let e = PackedDescriptor { addr, len: 64, id: 0, flags: 0 };
+        f.drv.write_desc(INDIRECT + i as u64 * 16, e, false);
+    }
+    let flags = packed::avail_flags(true) | DESC_F_INDIRECT;
+    raw(&f, 0, PackedDescriptor { addr: INDIRECT, len: 16 * long as u32, id: 3, flags });
+    let n = f.ring.poll_avail().unwrap();
+    assert_eq!(n, 1);
+    let mut c = Chain::default();
+    let h = f.ring.walk_avail(&f.mem, 0, Dir::DeviceReads, &mut c).unwrap();
+    assert_eq!((h.id, h.count), (3, 1));
+    assert!(c.truncated);
+    assert_eq!(c.segs().len(), crate::split_ring::MAX_SEGS);
+    assert_eq!(c.total, 64 * (crate::split_ring::MAX_SEGS as u64 + 1));
+}

@@ -173,6 +173,11 @@ impl PackedRing {
                         return Err(RingFault::BadIndirect { len: e.len });
                     }
                     self.buffer(mem, e, dir, &mut writing, out)?;
+                    if out.truncated {
+                        // More pieces than a port can use: the port drops the chain
+                        // (`too_many_segments`); the rest of the table is not read.
+                        break;
+                    }
                 }
             } else {
                 self.buffer(mem, d, dir, &mut writing, out)?;

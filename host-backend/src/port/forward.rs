@@ -53,6 +53,7 @@ impl PortPath {
         swap_mac: bool,
     ) -> Result<usize, (Side, RingFault)> {
         let max_frame = self.max_frame;
+        let prefetch_tx = self.prefetch_tx;
         let (Some(src), Some(dst)) = (self.src.as_mut(), self.dst.as_mut()) else {
             return Ok(0);
         };
@@ -91,6 +92,13 @@ impl PortPath {
         let mut dside = dside.map(|(r, m)| (r, m, self.dst_chain.chain(m)));
         let schain = self.src_chain.chain(smem);
         let mrg_chain = &mut self.mrg_chain;
+        if prefetch_tx {
+            // `--prefetch-tx`: the transmitted frames' first two lines, for the whole
+            // burst, before any walk (see `DeviceRing::prefetch_read`).
+            for j in 0..ntx {
+                sring.prefetch_read(j, 2);
+            }
+        }
         if let Some((dr, _, _)) = dside.as_mut() {
             // The receive buffers' header line and first frame line, for the whole
             // burst, before any copy (see `DeviceRing::prefetch_write`).

@@ -1,7 +1,8 @@
 //! The `gen` port's bursts: generated frames into the guest's receive buffers, UDP or, with
 //! `--gso-size`, TCP super-frames (see [`crate::gso`]).
 //!
-//! Owns: filling receive buffers with generated frames, the generator's budget
+//! Owns: filling receive buffers with generated frames (a frame larger than one buffer
+//! over several with mergeable receive buffers, through `mrg`), the generator's budget
 //! (`--count`) per burst, and the UDP frame template ([`udp_frame`]).
 //! Must not: read guest buffers or change device state other than through
 //! `QueueSlot::fail` and the device's generator budget.
@@ -10,7 +11,7 @@ use std::sync::atomic::Ordering;
 
 use spec::layout::NET_HDR_LEN;
 
-use super::{PathKind, PortPath, Side, BURST, FILTER_BYTES, GEN_MAGIC, GEN_SEQ_OFFSET};
+use super::{mrg, PathKind, PortPath, Side, BURST, FILTER_BYTES, GEN_MAGIC, GEN_SEQ_OFFSET};
 use crate::ring::Ring;
 use crate::split_ring::{scatter, Dir, RingFault};
 use crate::stats::{BurstCounts, DropReason};
@@ -57,23 +58,70 @@ impl PortPath {
         let mut failed = None;
         let need = frame.len() as u64;
         let chain = self.dst_chain.chain(mem);
-        for i in 0..n {
-            let head = match ring.walk_avail(mem, i, Dir::DeviceWrites, chain) {
+        // Receive chains used: one per frame, or several for a frame spread over
+        // mergeable buffers (then fewer than `n` frames fit, and the rest of the budget
+        // goes back); `nrx` is how many chains the ring has shown this burst.
+        let mut used = 0u16;
+        let mut nrx = avail;
+        while used < n {
+            let head = match ring.walk_avail(mem, used, Dir::DeviceWrites, chain) {
                 Ok(h) => h,
                 Err(b) => {
                     failed = Some(b);
                     break;
                 }
             };
+            let at = NET_HDR_LEN + GEN_SEQ_OFFSET + GEN_MAGIC.len();
             let capacity: u64 = chain.segs().iter().map(|s| s.len as u64).sum();
             if capacity < need {
-                // The guest's buffer cannot hold the frame: drop the frame, leave the
-                // buffer where it is (as DPDK's vhost does without mergeable buffers).
-                c.drop(DropReason::RxBufferTooSmall);
-                dropped += 1;
-                break;
+                // Larger than the guest's buffer: spread over several with mergeable
+                // receive buffers (out of line, `mrg`), else dropped with the buffer left
+                // where it is (as DPDK's vhost does without mergeable buffers).
+                let placed = if rx.mrg_rxbuf && capacity >= NET_HDR_LEN as u64 {
+                    frame[at..at + 8].copy_from_slice(&seq.to_le_bytes());
+                    let mut hdr = [0u8; NET_HDR_LEN];
+                    hdr.copy_from_slice(&frame[..NET_HDR_LEN]);
+                    let body = &frame[NET_HDR_LEN..];
+                    let src = mrg::FrameSrc::Bytes(body);
+                    match mrg::scatter(
+                        ring,
+                        mem,
+                        &mut nrx,
+                        used,
+                        chain,
+                        head,
+                        &mut self.mrg_chain,
+                        hdr,
+                        src,
+                        body.len(),
+                    ) {
+                        Ok(p) => p,
+                        Err(b) => {
+                            failed = Some(b);
+                            break;
+                        }
+                    }
+                } else {
+                    mrg::Placed::NoFit
+                };
+                match placed {
+                    mrg::Placed::Done(k) => {
+                        *seq += 1;
+                        used += k;
+                        c.tx_packets += 1;
+                        c.tx_bytes += need - NET_HDR_LEN as u64;
+                        done += 1;
+                        continue;
+                    }
+                    // The ring has too few buffers now: the frame waits for the next burst.
+                    mrg::Placed::Wait => break,
+                    mrg::Placed::NoFit => {
+                        c.drop(DropReason::RxBufferTooSmall);
+                        dropped += 1;
+                        break;
+                    }
+                }
             }
-            let at = NET_HDR_LEN + GEN_SEQ_OFFSET + GEN_MAGIC.len();
             frame[at..at + 8].copy_from_slice(&seq.to_le_bytes());
             *seq += 1;
             scatter(chain, 0, frame);
@@ -81,8 +129,9 @@ impl PortPath {
             c.tx_packets += 1;
             c.tx_bytes += need - NET_HDR_LEN as u64;
             done += 1;
+            used += 1;
         }
-        ring.consume(done);
+        ring.consume(used);
         ring.publish_used();
         dev.stats[pair].flush_tx(&c);
         dev.generated.fetch_add((done + dropped) as u64, Ordering::Relaxed);
@@ -150,6 +199,43 @@ impl PortPath {
             };
             let capacity: u64 = chain.segs().iter().map(|s| s.len as u64).sum();
             if capacity < tcp.next_len(tso) as u64 {
+                if rx.mrg_rxbuf && capacity >= NET_HDR_LEN as u64 {
+                    // Over several mergeable buffers, as in `run_gen` (out of line).
+                    let (out, off, len) = tcp.next_frame(tso, csum);
+                    let mut hdr = [0u8; NET_HDR_LEN];
+                    hdr.copy_from_slice(&out[..NET_HDR_LEN]);
+                    let src = mrg::FrameSrc::Parts(&out[NET_HDR_LEN..], &tcp.payload()[off..off + len]);
+                    let flen = out.len() - NET_HDR_LEN + len;
+                    let mut nrx = avail;
+                    match mrg::scatter(
+                        ring,
+                        mem,
+                        &mut nrx,
+                        i,
+                        chain,
+                        head,
+                        &mut self.mrg_chain,
+                        hdr,
+                        src,
+                        flen,
+                    ) {
+                        Ok(mrg::Placed::Done(k)) => {
+                            tcp.advance(off, len);
+                            c.tx_packets += 1;
+                            c.tx_bytes += flen as u64;
+                            done += k;
+                            // The chains after this one were used too: end the burst here
+                            // (the next burst polls on from them).
+                            break;
+                        }
+                        Ok(mrg::Placed::Wait) => break,
+                        Ok(mrg::Placed::NoFit) => {}
+                        Err(b) => {
+                            failed = Some(b);
+                            break;
+                        }
+                    }
+                }
                 // As in `run_gen`: the frame is dropped, the buffer stays.
                 tcp.abort();
                 c.drop(DropReason::RxBufferTooSmall);

@@ -6,9 +6,10 @@
 //! counts. Must not: touch the other worker's rings.
 
 use super::{PathKind, PortPath, Side, BURST};
+use crate::handoff::FRAMES;
 use crate::ring::Ring;
-use crate::split_ring::RingFault;
-use crate::stats::BurstCounts;
+use crate::split_ring::{DeviceRing, RingFault};
+use crate::stats::{BurstCounts, DropReason};
 
 impl PortPath {
     #[inline]
@@ -42,5 +43,35 @@ impl PortPath {
         );
         dev.stats[pair].flush_tx(&c);
         res.map_err(|b| (Side::Dst, b))
+    }
+
+    /// At shutdown, once every worker has stopped (called for every path's sending half
+    /// first, then for every receiving half): frames still between the two halves of a
+    /// handoff are counted where they would have been delivered, as `peer_down` drops of
+    /// the receiving device, so what the sender took from its guest is accounted for.
+    pub fn account_in_flight(&mut self) {
+        match &mut self.kind {
+            PathKind::HandOut(sender) => sender.flush(),
+            PathKind::HandIn(receiver) => {
+                let Some(dst) = self.dst.as_ref() else { return };
+                let mut c = BurstCounts::default();
+                loop {
+                    let before = c.drops[DropReason::PeerDown as usize];
+                    // No ring: everything the receiver holds or finds is dropped.
+                    let _ = receiver.run::<DeviceRing>(
+                        None,
+                        &mut self.dst_chain,
+                        &mut self.mrg_chain,
+                        FRAMES,
+                        &mut c,
+                    );
+                    if c.drops[DropReason::PeerDown as usize] == before {
+                        break;
+                    }
+                }
+                dst.dev.stats[dst.pair()].flush_tx(&c);
+            }
+            _ => {}
+        }
     }
 }

@@ -184,6 +184,12 @@ pub struct PortPath {
     /// Whether the source and the destination ring are packed (set when rings are
     /// taken): the engine a burst runs with, chosen once per burst.
     packed: (bool, bool),
+    /// The epochs of the source's and the destination's devices when the path last took
+    /// its rings (see `Device::epoch`).
+    epochs: [u64; 2],
+    /// `--prefetch-tx`: a forwarding burst first asks for the lines of every frame it
+    /// will read (a probe for issue 24's loop levels; off by default).
+    prefetch_tx: bool,
     /// `run` takes this path's bursts out of line ([`run_other`](Self::run_other)): a
     /// packed ring, a `sink --sink-read` or a tap (set with the rings). The split-ring
     /// bursts inlined in `run` are the 64-byte benchmarks': every other kind's code
@@ -210,6 +216,8 @@ impl PortPath {
             // MTU plus Ethernet header plus one VLAN tag.
             max_frame: mtu as u64 + ETH_HLEN + 4,
             packed: (false, false),
+            epochs: [0, 0],
+            prefetch_tx: false,
             out_of_line: false,
         }
     }
@@ -255,6 +263,7 @@ impl PortPath {
         if src.params.host_offloads != 0 {
             p.staging = Some(Box::new(offload::Staging::new(p.max_frame as usize)));
         }
+        p.prefetch_tx = src.params.prefetch_tx;
         p
     }
 
@@ -301,6 +310,15 @@ impl PortPath {
         self.out_of_line = false;
     }
 
+    /// Records the epochs of the path's devices and returns whether any moved since the
+    /// last call (or `force`): then the path must let go of its rings and take them anew.
+    pub fn take_epochs(&mut self, force: bool) -> bool {
+        let now = [&self.src, &self.dst].map(|s| s.as_ref().map_or(0, |s| s.dev.epoch()));
+        let moved = force || now != self.epochs;
+        self.epochs = now;
+        moved
+    }
+
     /// Takes every ring that may run now.
     pub fn attach(&mut self) {
         for s in self.slots() {
@@ -322,6 +340,11 @@ impl PortPath {
             self.dst.as_ref().map(|s| s.q),
             self.dst.as_ref().is_some_and(|s| s.active.is_some()),
         );
+    }
+
+    /// Whether this is the sending half of a `--handoff` cross-connect.
+    pub fn is_hand_out(&self) -> bool {
+        matches!(self.kind, PathKind::HandOut(_))
     }
 
     /// Whether any of the path's rings is active, or it is a handoff path (which may

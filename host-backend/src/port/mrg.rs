@@ -30,6 +30,9 @@ pub(crate) enum FrameSrc<'a, 'm> {
     Chain(&'a Chain<'m>, usize),
     /// Bytes in host memory (a staged or segmented frame).
     Bytes(&'a [u8]),
+    /// Bytes in host memory in two pieces, the frame being the first followed by the
+    /// second (a generated frame's headers and its payload).
+    Parts(&'a [u8], &'a [u8]),
 }
 
 impl FrameSrc<'_, '_> {
@@ -42,6 +45,19 @@ impl FrameSrc<'_, '_> {
                 Some(part) => scatter_into(dst, dst_off, part),
                 None => 0,
             },
+            FrameSrc::Parts(a, b) => {
+                // The part of `off .. off + len` in `a`, then the rest from `b`.
+                let in_a = a.len().saturating_sub(off).min(len);
+                let mut n = 0;
+                if in_a > 0 {
+                    n += scatter_into(dst, dst_off, &a[off..off + in_a]);
+                }
+                let from_b = off + in_a - a.len().min(off + in_a);
+                match b.get(from_b..from_b + (len - in_a)) {
+                    Some(part) if n == in_a => n + scatter_into(dst, dst_off + n, part),
+                    _ => n,
+                }
+            }
         }
     }
 }
@@ -126,4 +142,27 @@ pub(crate) fn scatter<'m, D: Ring>(
         done += n;
     }
     Ok(Placed::Done(count))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Parts` copies any range of the two pieces as if they were one frame.
+    #[test]
+    fn parts_copy_like_one_frame() {
+        let a: Vec<u8> = (0..7).collect();
+        let b: Vec<u8> = (7..20).collect();
+        let whole: Vec<u8> = (0..20).collect();
+        let src = FrameSrc::Parts(&a, &b);
+        for off in 0..=20 {
+            for len in 0..=20 - off {
+                let mut buf = vec![0xeeu8; 32];
+                let n = src.copy_to(off, &Chain::over(&mut buf), 3, len);
+                assert_eq!(n, len, "off {off} len {len}");
+                assert_eq!(&buf[3..3 + len], &whole[off..off + len], "off {off} len {len}");
+                assert!(buf[..3].iter().chain(&buf[3 + len..]).all(|&x| x == 0xee), "off {off} len {len}");
+            }
+        }
+    }
 }

@@ -38,12 +38,23 @@ pub(crate) enum RingFault {
     /// available under the wrap counter that position has (a wrap-counter lie, or a
     /// head made available before the rest of its chain).
     ChainNotAvailable { pos: u16 },
+    /// Split ring: an avail entry names a head whose chain (of several descriptors) is
+    /// available at an earlier position the device has not consumed yet.
+    HeadInFlight { head: u16 },
     /// Packed ring: a buffer id the device holds already (walked in this burst and not
     /// yet used) is made available again.
     IdInFlight { id: u16 },
     /// Packed ring: the ring base (`SET_VRING_BASE`: offset, wrap counter in bit 15)
     /// names an offset outside the ring.
     BadBase { base: u16 },
+    /// The front-end took guest memory away (its file was truncated after it was
+    /// shared): an access was repaired by the SIGBUS handler (`sigbus.rs`). Not a
+    /// chain's fault, so no drop is counted for it.
+    MemoryGone,
+    /// A worker did not let go of the ring within the control plane's bound, so a change
+    /// (a base the front-end reads or sets, an IOTLB invalidation) could not be applied
+    /// safely: the ring is broken instead. Not the driver's fault: no drop is counted.
+    NotQuiescent,
 }
 
 impl std::fmt::Display for RingFault {
@@ -70,8 +81,17 @@ impl std::fmt::Display for RingFault {
             RingFault::ChainNotAvailable { pos } => {
                 write!(f, "descriptor chain continues into descriptor {pos}, which is not available")
             }
+            RingFault::HeadInFlight { head } => {
+                write!(f, "head {head} made available again while its chain is in flight")
+            }
             RingFault::IdInFlight { id } => write!(f, "buffer id {id} made available while in flight"),
             RingFault::BadBase { base } => write!(f, "ring base {base:#x} outside the ring"),
+            RingFault::NotQuiescent => {
+                write!(f, "a worker did not let go of the ring in time; the change could not be applied")
+            }
+            RingFault::MemoryGone => {
+                write!(f, "guest memory was truncated under the device (its file shrank after SET_MEM_TABLE)")
+            }
         }
     }
 }

@@ -128,6 +128,26 @@ pub(crate) unsafe fn read_desc_words_aligned(p: *const u8) -> (u64, u64) {
     }
 }
 
+/// Asks for the first `lines` cache lines of the `n` bytes at `ptr` (to read): a hint
+/// only, it never faults whatever the address.
+#[inline(always)]
+pub(crate) fn prefetch_lines_read(ptr: *const u8, n: u64, lines: usize) {
+    let end = ptr as usize + n as usize;
+    let mut line = ptr as usize & !63;
+    for _ in 0..lines {
+        if line >= end {
+            break;
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: PREFETCHT0 (SSE, present on every x86_64 CPU) only hints the cache: it
+        // reads no architectural state and does not fault on any address.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line as *const i8)
+        };
+        line += 64;
+    }
+}
+
 /// Asks for the first `lines` cache lines of the `n` bytes at `ptr` in a writable state
 /// (the receive-buffer hint both engines give before a burst's copies).
 #[inline(always)]
@@ -174,6 +194,14 @@ pub(crate) struct DeviceRing {
     write_prefetch: Option<WritePrefetch>,
     /// Calls made to the driver (used-buffer notifications).
     pub calls: u64,
+    /// Avail entries consumed since activation (`last_avail` without wrapping).
+    consumed: u64,
+    /// Per head: 1 + the unwrapped avail position at which a chain of several
+    /// descriptors last started there (0: never). A head found again at a later position
+    /// while that earlier one is not consumed yet is available twice
+    /// ([`RingFault::HeadInFlight`]). Only the out-of-line walk keeps it: a
+    /// one-descriptor chain costs the same whether its head is duplicated or not.
+    walked_at: Box<[u64]>,
 }
 
 // SAFETY: the raw pointers point into `mem`'s mappings, which the `Arc` keeps alive; a
@@ -302,6 +330,24 @@ impl DeviceRing {
         prefetch_lines(pw, ptr, n, lines);
     }
 
+    /// [`prefetch_write`](Self::prefetch_write)'s counterpart for a transmitted frame the
+    /// burst will read (`--prefetch-tx`): its lines were written last by the driver, on
+    /// the other core.
+    #[inline(always)]
+    pub fn prefetch_read(&mut self, i: u16, lines: usize) {
+        if self.iova.is_some() {
+            return;
+        }
+        let Ok(head) = self.head(i) else { return };
+        // SAFETY: `head < size` (checked by `head`), the main table's length.
+        let d = unsafe { Self::read_desc(self.areas.desc, head) };
+        if d.flags & DESC_F_INDIRECT != 0 {
+            return;
+        }
+        let Some((ptr, n)) = self.mem.translate(&mut self.hint, d.addr, d.len as u64) else { return };
+        prefetch_lines_read(ptr, n, lines);
+    }
+
     /// Reads descriptor `i` of the descriptor table at `table` (volatile: the driver owns
     /// this memory).
     ///
@@ -334,7 +380,7 @@ impl DeviceRing {
         out: &mut Chain<'m>,
     ) -> Result<u16, RingFault> {
         let head = self.head(i)?;
-        self.walk(mem, head, dir, out)?;
+        self.walk(mem, i, head, dir, out)?;
         Ok(head)
     }
 
@@ -354,6 +400,7 @@ impl DeviceRing {
     fn walk<'m>(
         &mut self,
         mem: &'m GuestMemory,
+        i: u16,
         head: u16,
         dir: Dir,
         out: &mut Chain<'m>,
@@ -372,18 +419,34 @@ impl DeviceRing {
                 }
             }
         }
-        self.walk_chain(mem, head, dir, out)
+        self.walk_chain(mem, i, head, dir, out)
     }
 
     /// [`walk`](Self::walk) for any chain: links, indirect tables, several regions.
+    ///
+    /// Work bounds: the walk stops as soon as the chain has more pieces than a port can
+    /// use ([`MAX_SEGS`]): the chain is then `truncated`, which every port drops and
+    /// counts (`too_many_segments`), without reading the rest of it; so one chain costs
+    /// at most `MAX_SEGS + 1` buffer descriptors (plus one indirect one) whatever its
+    /// length. A head whose chain is already available at an earlier unconsumed
+    /// position (`walked_at`) breaks the queue: a hostile driver cannot make the device
+    /// walk one long chain for every avail entry of a burst.
     #[inline(never)]
     fn walk_chain<'m>(
         &mut self,
         mem: &'m GuestMemory,
+        i: u16,
         head: u16,
         dir: Dir,
         out: &mut Chain<'m>,
     ) -> Result<(), RingFault> {
+        let pos = self.consumed.wrapping_add(i as u64);
+        if let Some(at) = self.walked_at.get_mut(head as usize) {
+            if *at > self.consumed && *at - 1 < pos {
+                return Err(RingFault::HeadInFlight { head });
+            }
+            *at = pos + 1;
+        }
         out.clear();
         let mut table = self.areas.desc as *const u8;
         let mut table_len = self.size as u32;
@@ -440,7 +503,8 @@ impl DeviceRing {
             if !writable {
                 out.readable += d.len as u64;
             }
-            if d.flags & DESC_F_NEXT == 0 {
+            if d.flags & DESC_F_NEXT == 0 || out.truncated {
+                // The end, or more than a port can use: abandoned here (see above).
                 return Ok(());
             }
             if d.next as u32 >= table_len {
@@ -489,6 +553,7 @@ impl DeviceRing {
     #[inline]
     pub fn consume(&mut self, n: u16) {
         self.last_avail = self.last_avail.wrapping_add(n);
+        self.consumed = self.consumed.wrapping_add(n as u64);
     }
 
     /// Publishes every pending used element with one `Release` store of `used.idx` and

@@ -103,6 +103,8 @@ impl DeviceRing {
             notify_fd: call_fd,
             write_prefetch: WritePrefetch::detect(),
             calls: 0,
+            consumed: 0,
+            walked_at: vec![0; size as usize].into_boxed_slice(),
         };
         // Publish where we stand, so a driver that restarts reads a consistent used idx.
         ring.used_idx_field().store(cfg.base, Ordering::Release);

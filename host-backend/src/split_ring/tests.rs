@@ -227,7 +227,7 @@ proptest! {
             for (i, (head, bufs)) in posted.iter().enumerate() {
                 let h = f.ring.head(i as u16).unwrap();
                 prop_assert_eq!(h, *head);
-                f.ring.walk(&f.mem, h, dir, &mut chain).unwrap();
+                f.ring.walk(&f.mem, 0, h, dir, &mut chain).unwrap();
                 prop_assert_eq!(&chain_gpas(&f, &chain), bufs);
                 prop_assert_eq!(chain.total, bufs.iter().map(|b| b.1 as u64).sum::<u64>());
                 let (oh, odescs) = &orc[i];
@@ -277,7 +277,7 @@ fn bad_walk(setup: impl FnOnce(&mut Fixture)) -> Result<(), RingFault> {
     f.ring.prefetch_write(0, 64);
     let h = f.ring.head(0)?;
     let mut c = Chain::default();
-    f.ring.walk(&f.mem, h, Dir::DeviceReads, &mut c)
+    f.ring.walk(&f.mem, 0, h, Dir::DeviceReads, &mut c)
 }
 
 /// A long burst across the u16 wrap: nothing is visible before the one publish, and
@@ -292,7 +292,7 @@ fn a_long_burst_publishes_every_element_at_once() {
     let mut c = Chain::default();
     for i in 0..n {
         let h = f.ring.head(i).unwrap();
-        f.ring.walk(&f.mem, h, Dir::DeviceWrites, &mut c).unwrap();
+        f.ring.walk(&f.mem, 0, h, Dir::DeviceWrites, &mut c).unwrap();
         f.ring.add_used(h, 1000 + i as u32);
     }
     f.ring.consume(n);
@@ -320,7 +320,7 @@ fn a_pair_publish_is_two_publishes() {
         assert_eq!(f.ring.poll_avail().unwrap(), n);
         for i in 0..n {
             let h = f.ring.head(i).unwrap();
-            f.ring.walk(&f.mem, h, Dir::DeviceReads, &mut c).unwrap();
+            f.ring.walk(&f.mem, 0, h, Dir::DeviceReads, &mut c).unwrap();
             f.ring.add_used(h, 100 + i as u32);
         }
         f.ring.consume(n);
@@ -500,7 +500,7 @@ fn notifies_once_per_burst_as_the_driver_asks() {
         let n = f.ring.poll_avail().unwrap();
         for i in 0..n {
             let h = f.ring.head(i).unwrap();
-            f.ring.walk(&f.mem, h, Dir::DeviceReads, &mut c).unwrap();
+            f.ring.walk(&f.mem, 0, h, Dir::DeviceReads, &mut c).unwrap();
             f.ring.add_used(h, 0);
         }
         f.ring.consume(n);
@@ -524,7 +524,7 @@ fn notifies_once_per_burst_as_the_driver_asks() {
         let n = f.ring.poll_avail().unwrap();
         for i in 0..n {
             let h = f.ring.head(i).unwrap();
-            f.ring.walk(&f.mem, h, Dir::DeviceReads, &mut c).unwrap();
+            f.ring.walk(&f.mem, 0, h, Dir::DeviceReads, &mut c).unwrap();
             f.ring.add_used(h, 0);
         }
         f.ring.consume(n);
@@ -657,7 +657,9 @@ fn control_chains_are_reads_then_writes() {
         assert_eq!(f.ring.poll_avail().unwrap(), 1);
         let h = f.ring.head(0).unwrap();
         let mut c = Chain::default();
-        f.ring.walk(&f.mem, h, Dir::ReadsThenWrites, &mut c).map(|()| (c.readable, c.total, c.segs().len()))
+        f.ring
+            .walk(&f.mem, 0, h, Dir::ReadsThenWrites, &mut c)
+            .map(|()| (c.readable, c.total, c.segs().len()))
     };
     let mut f = fixture(8, 0, false);
     f.drv.write_desc(DESC, 0, d(DATA, 2, DESC_F_NEXT, 1));
@@ -687,4 +689,47 @@ fn control_chains_are_reads_then_writes() {
     f.drv.write_desc(DESC, 2, d(DATA + 128, 6, 0, 0));
     raw_avail(&mut f, 0);
     assert_eq!(walk(&mut f), Err(RingFault::Direction));
+}
+
+/// Work bounds: a chain with more pieces than a port can use is abandoned after
+/// `MAX_SEGS + 1` of them (a bad address further on is never read), through links and
+/// in an indirect table; a head made available again while its chain is still
+/// unconsumed breaks the queue, and is fine again once the first one is consumed.
+#[test]
+fn long_chains_are_abandoned_and_duplicate_heads_refused() {
+    let d = |addr, len, flags, next| Descriptor { addr, len, flags, next };
+    let mut f = fixture(256, 0, false);
+    let long = 100u16;
+    // 0 -> 1 -> ... -> 99, the last one outside guest memory.
+    for i in 0..long {
+        let (addr, flags) = if i + 1 == long { (BASE + MEM, 0) } else { (DATA, DESC_F_NEXT) };
+        f.drv.write_desc(DESC, i, d(addr, 64, flags, i + 1));
+    }
+    // The same in an indirect table at head 200.
+    for i in 0..long {
+        let (addr, flags) = if i + 1 == long { (BASE + MEM, 0) } else { (DATA, DESC_F_NEXT) };
+        f.drv.write_desc(INDIRECT, i, d(addr, 64, flags, i + 1));
+    }
+    f.drv.write_desc(DESC, 200, d(INDIRECT, 16 * long as u32, DESC_F_INDIRECT, 0));
+    for head in [0, 200, 0] {
+        raw_avail(&mut f, head);
+    }
+    f.drv.publish();
+    assert_eq!(f.ring.poll_avail().unwrap(), 3);
+    let mut c = Chain::default();
+    for i in 0..2 {
+        f.ring.walk_avail(&f.mem, i, Dir::DeviceReads, &mut c).unwrap();
+        assert!(c.truncated, "entry {i}");
+        assert_eq!(c.segs().len(), MAX_SEGS, "entry {i}");
+        assert_eq!(c.total, 64 * (MAX_SEGS as u64 + 1), "entry {i}: walked one piece past what fits");
+    }
+    assert_eq!(
+        f.ring.walk_avail(&f.mem, 2, Dir::DeviceReads, &mut c).map(|_| ()),
+        Err(RingFault::HeadInFlight { head: 0 })
+    );
+    // Walking the same entry again (a frame that waited) is no duplicate.
+    assert!(f.ring.walk_avail(&f.mem, 0, Dir::DeviceReads, &mut c).is_ok());
+    f.ring.consume(1);
+    // Head 0's first entry is consumed: its second one (now entry 1) is fine.
+    assert!(f.ring.walk_avail(&f.mem, 1, Dir::DeviceReads, &mut c).is_ok());
 }

@@ -108,6 +108,8 @@ pub struct App {
     xdp: Vec<Option<XdpProg>>,
     /// (rx port, tx port) of each stream, in `stream_stats` order (set with the streams).
     meta: Vec<(u16, u16)>,
+    /// Runs started (`start`): the nonce of the next run's latency stamps.
+    runs: u8,
 }
 
 /// The program `--xdp-prog` names.
@@ -189,6 +191,15 @@ impl App {
             let want_mrg = cfg.max_pkt_len.is_some_and(|m| m > frame_room);
             if want_mrg {
                 pc.features |= driver::layout::features::bit(driver::layout::features::NET_MRG_RXBUF);
+            }
+            if cfg.enable_lro {
+                // DPDK's virtio PMD takes `--enable-lro` as GUEST_TSO4/6 (with the
+                // checksum offload they need); super-frames need mergeable buffers here.
+                use driver::layout::features::{
+                    bit, NET_GUEST_CSUM, NET_GUEST_TSO4, NET_GUEST_TSO6, NET_MRG_RXBUF,
+                };
+                pc.features |=
+                    bit(NET_GUEST_CSUM) | bit(NET_GUEST_TSO4) | bit(NET_GUEST_TSO6) | bit(NET_MRG_RXBUF);
             }
             let data_room = pc.buf_size as usize - pc.headroom as usize;
             if let Some(big) = cfg.tx_segs.iter().find(|&&l| l > data_room) {
@@ -279,6 +290,9 @@ impl App {
             capture: None,
             xdp: vec![cfg.xdp; n],
             meta: Vec::new(),
+            // Seeded from the clock: a restarted testpmd's stamps differ from the last
+            // process's for a receiver that outlives it.
+            runs: (crate::latency::now_ns() >> 10) as u8,
             csum,
             cfg,
             ports,
@@ -322,8 +336,9 @@ impl App {
                     tx_port: peer as u16,
                     rxq,
                     txq,
-                    stats: Arc::new(StreamStats::default()),
+                    stats: Arc::new(StreamStats::new(self.cfg.burst_stats)),
                     fifo: Default::default(),
+                    lat: crate::latency::StreamLatency::new(peer as u16, q as u16),
                 });
             }
         }
@@ -385,6 +400,15 @@ impl App {
             for c in [&s.rx_packets, &s.rx_dropped, &s.tx_packets, &s.tx_dropped] {
                 c.store(0, Ordering::Relaxed);
             }
+            s.latency.reset();
+            s.rx_spread.reset();
+            s.tx_spread.reset();
+        }
+        // Each run's stamps carry a new nonce: frames of an earlier run still in a ring
+        // are told apart (counted stale, not measured).
+        self.runs = self.runs.wrapping_add(1);
+        for s in self.streams.iter_mut() {
+            s.lat.reset(self.runs);
         }
         self.fwd_base.iter_mut().for_each(|b| *b = FwdTotals::default());
         let params = FwdParams {
@@ -398,6 +422,10 @@ impl App {
             verbose: self.verbose.clone(),
             capture: self.capture.clone(),
             noisy: self.cfg.noisy,
+            latency: self.cfg.latency,
+            tx_pps: self.cfg.tx_pps,
+            burst_stats: self.cfg.burst_stats,
+            idle_pause: self.cfg.idle_pause,
         };
         // XDP Tx/Redirect packets of queue q go out on queue q of another stream: all
         // streams of one queue index share a thread, so no packet crosses threads

@@ -99,13 +99,31 @@ impl App {
         t
     }
 
+    /// `--record-burst-stats`: port `i`'s receive and transmit burst spreads (its
+    /// streams' added up).
+    fn burst_spreads(&self, i: usize) -> (Vec<u64>, Vec<u64>) {
+        let (mut rx, mut tx) = (Vec::new(), Vec::new());
+        for ((r, t), st) in self.stream_meta().into_iter().zip(&self.stream_stats) {
+            if r as usize == i {
+                st.rx_spread.add_to(&mut rx);
+            }
+            if t as usize == i {
+                st.tx_spread.add_to(&mut tx);
+            }
+        }
+        (rx, tx)
+    }
+
     /// (rx port, tx port) of each stream, in `stream_stats` order.
     pub(super) fn stream_meta(&self) -> Vec<(u16, u16)> {
         self.meta.clone()
     }
 
     pub(super) fn print_fwd_stats(&mut self, totals: &[FwdTotals], secs: f64) {
-        self.print_fwd_stats_inner(totals, secs, true)
+        self.print_fwd_stats_inner(totals, secs, true);
+        if self.cfg.latency {
+            let _ = self.show_port_latency(None);
+        }
     }
 
     fn print_fwd_stats_inner(&mut self, totals: &[FwdTotals], secs: f64, done: bool) {
@@ -114,8 +132,22 @@ impl App {
                 .iter()
                 .enumerate()
                 .map(|(i, t)| {
-                    serde_json::json!({"port": i, "rx_packets": t.rx_packets, "rx_dropped": t.rx_dropped,
-                        "tx_packets": t.tx_packets, "tx_dropped": t.tx_dropped})
+                    let mut v = serde_json::json!({"port": i, "rx_packets": t.rx_packets,
+                        "rx_dropped": t.rx_dropped, "tx_packets": t.tx_packets, "tx_dropped": t.tx_dropped});
+                    if self.cfg.burst_stats {
+                        let (rx, tx) = self.burst_spreads(i);
+                        // Burst size -> calls, sizes that occurred only.
+                        let nz = |c: &[u64]| -> serde_json::Map<String, serde_json::Value> {
+                            c.iter()
+                                .enumerate()
+                                .filter(|(_, &n)| n > 0)
+                                .map(|(k, &n)| (k.to_string(), n.into()))
+                                .collect()
+                        };
+                        v["rx_bursts"] = nz(&rx).into();
+                        v["tx_bursts"] = nz(&tx).into();
+                    }
+                    v
                 })
                 .collect();
             let line = serde_json::json!({"type": "forward_stats", "seconds": secs, "ports": ports});
@@ -129,6 +161,11 @@ impl App {
                 "\n  ---------------------- Forward statistics for port {i}  ----------------------\n"
             );
             s += &fwd_lines(t);
+            if self.cfg.burst_stats {
+                let (rx, tx) = self.burst_spreads(i);
+                s += &crate::burst_stats::line("RX", &rx).unwrap_or_default();
+                s += &crate::burst_stats::line("TX", &tx).unwrap_or_default();
+            }
             s += "  ----------------------------------------------------------------------------\n";
             acc.rx_packets += t.rx_packets;
             acc.rx_dropped += t.rx_dropped;
@@ -142,6 +179,31 @@ impl App {
             s += "\nDone.\n";
         }
         self.say(&s);
+    }
+
+    /// `show port N latency` (and at stop with `--latency`): each port's receiving
+    /// streams merged; figures since the last `start`.
+    pub fn show_port_latency(&mut self, which: Option<usize>) -> Result<(), String> {
+        if !self.cfg.latency {
+            return Err("latency is not measured: start testpmd with --latency".into());
+        }
+        let mut s = String::new();
+        for i in self.port_range(which)? {
+            let r = crate::latency::report(
+                self.stream_meta()
+                    .into_iter()
+                    .zip(&self.stream_stats)
+                    .filter(|((rx, _), _)| *rx as usize == i)
+                    .map(|(_, st)| &st.latency),
+            );
+            if self.cfg.stats_format == StatsFormat::Json {
+                s += &format!("{}\n", r.json(i));
+            } else {
+                s += &r.text(i);
+            }
+        }
+        self.say(&s);
+        Ok(())
     }
 
     /// `show port stats all|N`.

@@ -1,0 +1,168 @@
+#!/bin/bash
+# Tap port rates: guest frames into the kernel and kernel frames into the guest through
+# a tap device, our backend's `tap` port against DPDK's `net_tap` forwarded by DPDK's
+# vhost (`dpdk-testpmd` with net_vhost0 and net_tap0 in `io` mode), interleaved. The
+# front-end is our testpmd on a virtio-user port in both, so the rows compare the
+# back-ends' tap paths. Each tap lives in a private network namespace made here and
+# removed at the end (the host's interfaces are never touched).
+#
+#   tap-gtx  testpmd txonly -> back-end -> tap; rate: the tap's rx_packets in the kernel
+#            (frames the kernel took; it drops them as addressed to another host)
+#   tap-grx  pkt_flood (AF_PACKET, sendmmsg, in the namespace) -> tap -> back-end ->
+#            testpmd rxonly; rate: testpmd's Rx-pps. The sender is a third busy process
+#            on a 2-core machine: these rows are bounded by the kernel's sending side.
+#
+# QEMU's own tap back-end (-netdev tap, vhost=off) needs a guest, and guests run under
+# TCG here: its rate would be the emulated guest's, not the tap path's; not run.
+#
+# Usage (root, from the workspace, after cargo build --release -p testpmd -p host-backend
+# --example core_rtt --example pkt_flood): host-backend/bench/tap.sh
+# Environment: RUNS (3), DUR (5), WARM (2), SIZES ("64 1514"), ROWS ("tap-gtx tap-grx"),
+# HOST_CPU/GUEST_CPU (1/0), BIN, PMD, PMD_ARGS (--hugepages).
+# Output: per (row, size, back-end) the median of the run means and p10/p50/p90 of the
+# 1-s samples (Mpps), the ratios ours/DPDK, then every run's mean with the round trip.
+set -u
+RUNS=${RUNS:-3}
+DUR=${DUR:-5}
+WARM=${WARM:-2}
+SIZES=${SIZES:-"64 1514"}
+ROWS=${ROWS:-"tap-gtx tap-grx"}
+HOST_CPU=${HOST_CPU:-1}
+GUEST_CPU=${GUEST_CPU:-0}
+BIN=${BIN:-target/release/host-backend}
+PMD=${PMD:-target/release/testpmd}
+PMD_ARGS=${PMD_ARGS---hugepages}
+RTT=${RTT:-target/release/examples/core_rtt}
+FLOOD=${FLOOD:-target/release/examples/pkt_flood}
+
+[ "$(id -u)" = 0 ] || { echo "tap.sh: must run as root (taps, namespaces, hugepages)" >&2; exit 1; }
+command -v dpdk-testpmd >/dev/null || { echo "tap.sh: dpdk-testpmd missing (apt-get install dpdk-dev)" >&2; exit 1; }
+for f in "$BIN" "$PMD" "$RTT" "$FLOOD"; do
+    [ -x "$f" ] || { echo "tap.sh: $f missing (cargo build --release -p testpmd -p host-backend --example core_rtt --example pkt_flood)" >&2; exit 1; }
+done
+
+WORK=$(mktemp -d /tmp/vnet-tapbench.XXXXXX)
+SOCK=$WORK/vhost.sock
+NS=vnt-tapbench-$$
+IF=vtb$$
+PIDS=""
+ip netns add "$NS" || exit 1
+cleanup() {
+    for p in $PIDS; do kill -TERM "$p" 2>/dev/null; done
+    sleep 0.5
+    for p in $PIDS; do kill -KILL "$p" 2>/dev/null; done
+    ip netns del "$NS" 2>/dev/null
+    ip link del "$IF" 2>/dev/null
+    rm -rf "$WORK" /dev/hugepages/vnettap-*
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_for() { # file pattern timeout_s
+    local i
+    for i in $(seq $(( $3 * 10 ))); do grep -q -- "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+    return 1
+}
+rtt() {
+    "$RTT" "$GUEST_CPU" "$HOST_CPU" 0.3 2>/dev/null | sed -n 's/^rtt_ns=\([0-9]*\).*/\1/p' | grep . || echo -
+}
+# Moves the tap the back-end made into the namespace and brings it up there.
+take_tap() {
+    local i; for i in $(seq 50); do ip link show "$IF" >/dev/null 2>&1 && break; sleep 0.1; done
+    ip link set "$IF" netns "$NS" && ip -n "$NS" link set "$IF" up
+}
+kernel_rx() { ip netns exec "$NS" cat "/sys/class/net/$IF/statistics/rx_packets"; }
+
+# run_one WHO ROW SIZE TAG -> $WORK/TAG.samples (pps, one per second)
+run_one() {
+    local who=$1 row=$2 size=$3 tag=$4 fwd=txonly
+    [ "$row" = tap-grx ] && fwd=rxonly
+    rm -f "$SOCK"; PIDS=""
+    if [ "$who" = ours ]; then
+        "$BIN" --port "tap:$SOCK,$IF" --cores "$HOST_CPU" --poll-us 0 >"$WORK/$tag.host.log" 2>&1 &
+        PIDS=$!
+        wait_for "$WORK/$tag.host.log" "listening on" 10 || return 1
+        take_tap || return 1
+    else
+        mkfifo "$WORK/$tag.hin"; exec 7<>"$WORK/$tag.hin"
+        stdbuf -oL dpdk-testpmd --lcores="0@${GUEST_CPU},1@${HOST_CPU}" --no-pci --file-prefix=vnettap-host -m 512 \
+            --vdev "net_vhost0,iface=$SOCK,queues=1" --vdev "net_tap0,iface=$IF" -- -i --nb-cores=1 \
+            --total-num-mbufs=16384 <"$WORK/$tag.hin" >"$WORK/$tag.host.log" 2>&1 7>&- &
+        PIDS=$!
+        wait_for "$WORK/$tag.host.log" "testpmd>" 20 || return 1
+        take_tap || return 1
+        { echo "set fwd io"; echo start; } >&7
+    fi
+    "$PMD" --vdev "virtio_user0,path=$SOCK" --forward-mode "$fwd" --txpkts "$size" --cores "$GUEST_CPU" \
+        $PMD_ARGS --stats-period 1 --duration $(( WARM + DUR + 1 )) >"$WORK/$tag.guest.log" 2>&1 &
+    local gpid=$!
+    PIDS="$PIDS $gpid"
+    wait_for "$WORK/$tag.guest.log" "packet forwarding" 10 || return 1
+    if [ "$row" = tap-gtx ]; then
+        sleep "$WARM"
+        local last now s
+        last=$(kernel_rx)
+        for s in $(seq "$DUR"); do
+            sleep 1; now=$(kernel_rx); echo $(( now - last )); last=$now
+        done >"$WORK/$tag.samples"
+    else
+        ip netns exec "$NS" "$FLOOD" "$IF" "$size" $(( WARM + DUR + 1 )) >"$WORK/$tag.flood.log" 2>&1 &
+        PIDS="$PIDS $!"
+    fi
+    wait "$gpid" 2>/dev/null
+    if [ "$who" = dpdk ]; then { echo stop; echo quit; } >&7 2>/dev/null; fi
+    local k; for k in $(seq 30); do kill -0 $PIDS 2>/dev/null || break; sleep 0.1; done
+    kill -TERM $PIDS 2>/dev/null; wait $PIDS 2>/dev/null; PIDS=""
+    exec 7>&- 2>/dev/null
+    # The tap goes with its back-end; a DPDK one may linger in the namespace.
+    ip -n "$NS" link del "$IF" 2>/dev/null
+    if [ "$row" = tap-grx ]; then
+        awk -v w="$WARM" -v d="$DUR" '$1 == "Rx-pps:" {n++; if (n > w && n <= w + d) print $2}' \
+            "$WORK/$tag.guest.log" >"$WORK/$tag.samples"
+    fi
+    [ -s "$WORK/$tag.samples" ]
+}
+
+summary() { # files... -> "median p10 p50 p90" (Mpps)
+    local means
+    means=$(for f in "$@"; do awk '{s+=$1; n++} END {if (n) printf "%d\n", s/n}' "$f"; done | sort -n)
+    cat "$@" | sort -n | awk -v means="$means" '
+        {a[NR]=$1}
+        END {
+            nm = split(means, m, "\n");
+            med = (nm % 2) ? m[(nm+1)/2] : (m[nm/2] + m[nm/2+1]) / 2;
+            r10 = int(0.1*NR+0.999); r50 = int(0.5*NR+0.999); r90 = int(0.9*NR+0.999);
+            if (r10 < 1) r10 = 1;
+            printf "%.3f %.3f %.3f %.3f\n", med/1e6, a[r10]/1e6, a[r50]/1e6, a[r90]/1e6
+        }'
+}
+
+echo "# $(date -u +%FT%TZ) tap rows, $(git rev-parse --short HEAD 2>/dev/null) | $(dpdk-testpmd -v 2>&1 | grep -o 'DPDK [0-9.]*' | head -1) | kernel $(uname -r)"
+printf "%-8s %5s  %-34s %-34s %s\n" row size "ours: median (p10/p50/p90)" "DPDK net_tap: median (p10/p50/p90)" "ratio p90/median"
+runs=""
+for row in $ROWS; do
+    for size in $SIZES; do
+        for r in $(seq "$RUNS"); do
+            for who in ours dpdk; do
+                tag=$row.$size.$who.$r
+                before=$(rtt)
+                if run_one "$who" "$row" "$size" "$tag"; then
+                    mean=$(awk '{s+=$1; n++} END {printf "%.3f", s/n/1e6}' "$WORK/$tag.samples")
+                    runs="$runs$row $size $who run $r: $mean Mpps, rtt before ${before} ns"$'\n'
+                else
+                    runs="$runs$row $size $who run $r: FAILED"$'\n'
+                    tail -n 5 "$WORK/$tag".*.log >&2
+                    rm -f "$WORK/$tag.samples"
+                fi
+            done
+        done
+        o=$(ls "$WORK/$row.$size.ours".*.samples 2>/dev/null); d=$(ls "$WORK/$row.$size.dpdk".*.samples 2>/dev/null)
+        if [ -z "$o" ] || [ -z "$d" ]; then echo "$row $size: no successful run of one contender"; continue; fi
+        read -r om o10 o50 o90 <<<"$(summary $o)"; read -r dm d10 d50 d90 <<<"$(summary $d)"
+        printf "%-8s %5s  %-34s %-34s %s / %s\n" "$row" "$size" "$om ($o10/$o50/$o90)" "$dm ($d10/$d50/$d90)" \
+            "$(awk -v a="$o90" -v b="$d90" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}')" \
+            "$(awk -v a="$om" -v b="$dm" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}')"
+    done
+done
+echo "# runs:"
+printf "%s" "$runs"
