@@ -452,6 +452,7 @@ impl HandlerSession {
             iommu,
             packed: true,
             sink_read: false,
+            prefetch_tx: false,
             tap: None,
         };
         // No workers: every resync returns at once; `activate_all` plays the worker.
