@@ -16,6 +16,9 @@
 # missing, it prints one line saying what and exits 1; when everything is there it runs
 # the tests as the current user (the cross-process tests then fail on what needs root).
 # Leftovers of crashed DPDK runs of the tests (file prefix vnettest-*) are removed first.
+# Before the tests, a smoke run of every fuzz target (tests/fuzz/run.sh all
+# $FUZZ_SMOKE_SECS, default 20 s each, stable toolchain); FUZZ_SMOKE=0 skips it, and it is
+# skipped when arguments select tests.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -105,6 +108,15 @@ if ! tests/vm/build-image.sh >"$log" 2>&1; then
     die "tests/vm/build-image.sh failed (log: $log)"
 fi
 say "$(tail -n 1 "$log")"
+
+# --- fuzz smoke (stable toolchain; builds libFuzzer once, then runs each target) -------
+if [ "${FUZZ_SMOKE:-1}" != 0 ] && [ $# -eq 0 ]; then
+    secs=${FUZZ_SMOKE_SECS:-20}
+    say "fuzz smoke: tests/fuzz/run.sh all $secs"
+    started=$(date +%s)
+    tests/fuzz/run.sh all "$secs" || die "fuzz smoke failed (inputs under tests/fuzz/artifacts/)"
+    say "fuzz smoke took $(( $(date +%s) - started )) s"
+fi
 
 # --- the tests ------------------------------------------------------------------------
 say "cargo test --workspace --release $*"

@@ -7,6 +7,9 @@
 //! virtual address (DPDK's convention); a VFIO transport with an IOMMU maps the arena at
 //! an IOVA base of its choosing; without an IOMMU it installs the physical address of
 //! every hugepage ([`IovaMap::Pages`]), and allocations then never cross a page.
+//! The memfd's size is sealed (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`) before the
+//! fd exists anywhere else: a back-end that receives it cannot truncate the memory
+//! under our mapping (a SIGBUS on our next access).
 //! Must not: allocate on the data path (rings and pools take their memory once).
 //!
 //! Why our own code instead of `vm-memory`: the driver needs exactly one contiguous
@@ -56,7 +59,8 @@ impl DmaArena {
     /// when `hugepages`), mapped shared and populated.
     pub fn new(len: usize, hugepages: bool) -> Result<DmaArena> {
         let len = if hugepages { len.div_ceil(HUGE_2M) * HUGE_2M } else { len.div_ceil(4096) * 4096 };
-        let mut flags = libc::MFD_CLOEXEC;
+        // Sealable: the size is sealed below, before the fd is ever shared.
+        let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
         if hugepages {
             flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
         }
@@ -68,6 +72,17 @@ impl DmaArena {
         // SAFETY: `fd` is a fresh descriptor we own.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(len as u64).map_err(|e| Error::io("sizing the DMA arena", e))?;
+        // The back-end gets this fd (`SET_MEM_TABLE`) and could truncate it, which would
+        // make every access of ours past the new end a SIGBUS: seal its size first (and
+        // seal the seals, so nobody adds one that stops our own writes). The back-end can
+        // then rely on the size too (fstat tells it the region is all there).
+        // SAFETY: plain fcntl on a descriptor we own; the result is checked.
+        let sealed = unsafe {
+            libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL)
+        };
+        if sealed != 0 {
+            return Err(Error::io("sealing the DMA arena's size", std::io::Error::last_os_error()));
+        }
         // SAFETY: maps `len` bytes of our own memfd; the result is checked. MAP_POPULATE
         // faults the pages in now, so the data path never takes a page fault.
         let va = unsafe {
@@ -242,6 +257,30 @@ impl Drop for DmaArena {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_arena_size_is_sealed_before_it_is_shared() {
+        let a = DmaArena::new(64 << 10, false).unwrap();
+        let fd = a.file().as_raw_fd();
+        // SAFETY: plain fcntl on the arena's descriptor.
+        let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        assert_eq!(seals & want, want, "seals {seals:#x}");
+        // What a back-end holding a duplicate of the fd would try.
+        let dup = a.file().try_clone().unwrap();
+        let e = dup.set_len(4096).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "shrinking: {e}");
+        let e = dup.set_len(1 << 20).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "growing: {e}");
+        // SAFETY: plain fcntl; must fail (the seals are sealed).
+        let rc = unsafe { libc::fcntl(dup.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_FUTURE_WRITE) };
+        assert_eq!(rc, -1, "a new seal was added");
+        assert_eq!(dup.metadata().unwrap().len(), 64 << 10);
+        // The memory is still ours to write, end to end.
+        let (p, _) = a.alloc(64 << 10, 4096).unwrap();
+        // SAFETY: the whole arena, just allocated.
+        unsafe { std::ptr::write_bytes(p, 0xa5, 64 << 10) };
+    }
 
     #[test]
     fn allocates_aligned_and_reports_exhaustion() {

@@ -112,6 +112,16 @@ pub enum Error {
     /// Hugepages were asked for but none are available.
     #[error("no hugepages available for the DMA arena ({0}); reserve some in /proc/sys/vm/nr_hugepages")]
     NoHugepages(io::Error),
+    /// A vhost-user back-end did not answer a request in time
+    /// ([`PortConfig::vhost_user_timeout`](crate::PortConfig::vhost_user_timeout)); the
+    /// connection is closed.
+    #[error("vhost-user {request}: no answer from the back-end within {waited_ms} ms (connection closed)")]
+    VhostUserTimeout {
+        /// The request.
+        request: &'static str,
+        /// How long it waited.
+        waited_ms: u64,
+    },
     /// A vhost-user request failed.
     #[error("vhost-user {request}: {reason}")]
     VhostUser {

@@ -52,6 +52,9 @@ pub mod ctrl;
 pub mod devargs;
 pub mod dma;
 pub mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz_api;
 pub mod mempool;
 pub mod port;
 pub mod queue;

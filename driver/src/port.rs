@@ -103,6 +103,14 @@ pub struct PortConfig {
     pub mac: Option<[u8; 6]>,
     /// How long a control command waits for the device's acknowledgement.
     pub ctrl_timeout: Duration,
+    /// virtio-user: how long one vhost-user request may wait for the back-end's answer
+    /// before it fails with [`Error::VhostUserTimeout`] (and the connection is closed),
+    /// so that a back-end that stops answering cannot hang `open`, `close` or a control
+    /// call.
+    pub vhost_user_timeout: Duration,
+    /// virtio-user: the user id the back-end's process must run as, checked on the
+    /// connected socket (`SO_PEERCRED`) before anything is sent; `None`: any.
+    pub vhost_user_peer_uid: Option<u32>,
     /// Use the packed virtqueue layout (virtio 1.2 §2.8, `VIRTIO_F_RING_PACKED`) for
     /// every ring, the control queue's included; opening fails if the device does not
     /// offer it. `false` (the default): split rings. Packed ring sizes need not be
@@ -153,6 +161,8 @@ impl PortConfig {
             hugepages: false,
             mac: None,
             ctrl_timeout: Duration::from_secs(1),
+            vhost_user_timeout: Duration::from_secs(10),
+            vhost_user_peer_uid: None,
             packed: false,
             packed_if_offered: false,
             pool: None,
@@ -350,7 +360,12 @@ impl Port {
         mempool::check_geometry(buffers_upper, cfg.buf_size, cfg.headroom)?;
         let mac = cfg.mac.unwrap_or_else(random_mac);
         let mut transport: Box<dyn Transport> = match &cfg.transport {
-            TransportConfig::VirtioUser { path } => Box::new(VhostUserTransport::connect(path, mac)?),
+            TransportConfig::VirtioUser { path } => Box::new(VhostUserTransport::connect(
+                path,
+                mac,
+                cfg.vhost_user_timeout,
+                cfg.vhost_user_peer_uid,
+            )?),
             TransportConfig::VfioPci { bdf } => Box::new(PciTransport::open(bdf, mac)?),
         };
         // The ring layout, before the arena is planned for it: "packed if offered" turns

@@ -39,6 +39,9 @@ pub mod config;
 pub(crate) mod ctrl;
 pub(crate) mod device;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz_api;
 pub(crate) mod gso;
 pub(crate) mod handoff;
 pub(crate) mod iotlb;

@@ -8,7 +8,7 @@
 //!
 //! # The device
 //!
-//! `evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order] [--packed] [--mtu N]` listens on `SOCKET`, serves one
+//! `evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order] [--packed] [--mtu N] [--hang-on-stop]` listens on `SOCKET`, serves one
 //! front-end with the `vhost` crate's back-end request handler and exits when it goes
 //! away (or after `--lifetime` seconds, default 60, so that no test can hang on it). It
 //! offers `VERSION_1 | MAC | STATUS | MTU | MRG_RXBUF | VHOST_USER_F_PROTOCOL_FEATURES` (plus
@@ -49,6 +49,10 @@
 //! flags (with a release store) after all the others, so the driver sees them together.
 //! `idx-jump` has no packed form (there is no used index); the packed modes need a
 //! packed ring: the device stops (`BROKEN ...`) if the negotiated layout does not fit.
+//!
+//! With `--hang-on-stop` the device never answers `GET_VRING_BASE` (what a front-end
+//! sends to stop a ring, at close): it prints `HANG GET_VRING_BASE` and blocks its
+//! request loop until its lifetime ends, a back-end that stops answering.
 //!
 //! In receive-queue modes both trigger frames are completed correctly on the transmit
 //! queue; in transmit-queue modes nothing is written to the receive queue.
@@ -543,6 +547,8 @@ struct State {
     packed: bool,
     /// The MTU in the config space (`--mtu`).
     mtu: u16,
+    /// Never answer `GET_VRING_BASE` (`--hang-on-stop`).
+    hang_on_stop: bool,
     acked_features: u64,
     regions: Vec<Region>,
     queues: [Queue; 2],
@@ -568,6 +574,7 @@ impl State {
             in_order,
             packed,
             mtu: DEVICE_MTU,
+            hang_on_stop: false,
             acked_features: 0,
             regions: Vec::new(),
             queues: [Queue::default(), Queue::default()],
@@ -1162,6 +1169,14 @@ impl VhostUserBackendReqHandler for Handler {
         })
     }
     fn get_vring_base(&self, index: u32) -> VuResult<VhostUserVringState> {
+        if self.0.lock().hang_on_stop {
+            println!("HANG GET_VRING_BASE");
+            let _ = std::io::stdout().flush();
+            // The lifetime thread ends the process.
+            loop {
+                thread::sleep(Duration::from_secs(3600));
+            }
+        }
         // Stops the ring. The data path runs under the same lock, so once this returns
         // the device touches neither the ring nor its buffers.
         let is_packed = self.0.lock().packed_ring();
@@ -1265,7 +1280,8 @@ impl VhostUserBackendReqHandler for Handler {
 // ------------------------------------------------------------------------------ device main
 
 const USAGE: &str =
-    "usage: evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order] [--packed] [--mtu N]";
+    "usage: evil-device SOCKET MODE [--good N] [--lifetime SECS] [--in-order] [--packed] [--mtu N] \
+                     [--hang-on-stop]";
 
 /// The `evil-device` binary: serves one front-end on the socket in `args`, then exits.
 /// Returns the process exit code.
@@ -1276,6 +1292,7 @@ pub fn device_main(args: Vec<OsString>) -> i32 {
     let mut in_order = false;
     let mut packed = false;
     let mut mtu = DEVICE_MTU;
+    let mut hang_on_stop = false;
     let mut it = args.into_iter().map(|a| a.to_string_lossy().into_owned());
     while let Some(a) = it.next() {
         let mut num = |name: &str| -> Option<u64> {
@@ -1296,6 +1313,7 @@ pub fn device_main(args: Vec<OsString>) -> i32 {
             },
             "--in-order" => in_order = true,
             "--packed" => packed = true,
+            "--hang-on-stop" => hang_on_stop = true,
             "--mtu" => match num("--mtu").and_then(|n| u16::try_from(n).ok()) {
                 Some(n) => mtu = n,
                 None => return 2,
@@ -1331,6 +1349,7 @@ pub fn device_main(args: Vec<OsString>) -> i32 {
 
     let mut state = State::new(mode, good, in_order, packed);
     state.mtu = mtu;
+    state.hang_on_stop = hang_on_stop;
     let shared = Arc::new(Shared { state: Mutex::new(state) });
     let mut listener = match Listener::new(sock, true) {
         Ok(l) => l,

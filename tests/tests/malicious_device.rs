@@ -827,3 +827,137 @@ fn packed_rx_merge_beyond_used() {
 fn packed_rx_merge_empty_later_buffer() {
     bad_device_opts(rx(Fault::MrgBadLen), false, true);
 }
+
+// ------------------------------------------------------------------ a silent back-end
+
+/// The vhost-user header: request, flags, payload size (u32 each).
+const VU_HEADER: usize = 12;
+
+/// A back-end that accepts the connection, reads every request and never answers:
+/// `Port::open` fails after `vhost_user_timeout` on the first request that waits for an
+/// answer (`GET_FEATURES`, after `SET_OWNER`, which needs none), instead of hanging, and
+/// the driver closes the connection.
+#[test]
+fn a_back_end_that_never_answers_fails_open_after_the_timeout() {
+    use std::io::Read;
+    use std::os::unix::net::UnixListener;
+    let _serial = harness::serial();
+    let dir = harness::TempDir::new("silent-backend");
+    let sock = dir.join("silent.sock");
+    let listener = UnixListener::bind(&sock).expect("bind");
+    let backend = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        // Bounded: the driver shuts the connection down at its deadline.
+        conn.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).map(|_| got)
+    });
+    let mut cfg = PortConfig::virtio_user(&sock);
+    cfg.vhost_user_timeout = Duration::from_millis(500);
+    let started = Instant::now();
+    let err = match Port::open(cfg) {
+        Ok(_) => panic!("Port::open succeeded on a back-end that never answers"),
+        Err(e) => e,
+    };
+    let waited = started.elapsed();
+    assert!(
+        matches!(err, driver::Error::VhostUserTimeout { request: "GET_FEATURES", waited_ms: 500 }),
+        "{err}"
+    );
+    assert!(waited >= Duration::from_millis(500), "failed before its deadline: {waited:?}");
+    assert!(err.to_string().contains("no answer from the back-end within 500 ms"), "{err}");
+    // The back-end saw exactly the two requests, then the connection closed.
+    let got = backend.join().expect("back-end thread").expect("read until the driver closed");
+    assert_eq!(got.len(), 2 * VU_HEADER, "SET_OWNER and GET_FEATURES: {got:02x?}");
+    assert_eq!(u32::from_le_bytes(got[0..4].try_into().unwrap()), 3, "SET_OWNER");
+    assert_eq!(u32::from_le_bytes(got[12..16].try_into().unwrap()), 1, "GET_FEATURES");
+}
+
+/// A back-end that serves the port, then stops answering when it is asked to stop its
+/// rings (`GET_VRING_BASE`, at close): `Port::close` fails after `vhost_user_timeout`
+/// instead of hanging, and every buffer still comes back to the pool exactly once.
+#[test]
+fn a_back_end_that_stops_answering_fails_close_after_the_timeout() {
+    let _serial = harness::serial();
+    let dev =
+        EvilDevice::spawn_args(Path::new(BIN), Mode::GOOD, GOOD_FRAMES, false, false, &["--hang-on-stop"]);
+    let mut cfg = PortConfig::virtio_user(dev.socket());
+    cfg.vhost_user_timeout = Duration::from_secs(1);
+    let mut port = Port::open(cfg).unwrap_or_else(|e| panic!("open: {e}; log:\n{}", dev.log()));
+    let pool = port.pool().clone();
+    let mut qp = port.queue_pair(0).expect("queue pair 0");
+    // The device works: frames come back byte for byte.
+    let frames: Vec<Vec<u8>> = (0..4).map(|i| frame(SIZES[i], i as u32)).collect();
+    let mut tx: Vec<Packet> = frames
+        .iter()
+        .map(|f| {
+            let mut p = pool.alloc().expect("a buffer");
+            p.set_data(f).expect("fits");
+            p
+        })
+        .collect();
+    assert_eq!(qp.tx.tx_burst(&mut tx), frames.len());
+    let mut rx = Vec::with_capacity(8);
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while rx.len() < frames.len() && Instant::now() < deadline {
+        qp.rx.rx_burst(&mut rx, 8);
+        thread::yield_now();
+    }
+    let got: Vec<&[u8]> = rx.iter().map(|p| p.data()).collect();
+    assert_eq!(got, frames.iter().map(|f| &f[..]).collect::<Vec<_>>(), "log:\n{}", dev.log());
+    drop(rx);
+
+    let started = Instant::now();
+    let err = port.close(vec![qp]).expect_err("close succeeded although the back-end never answered");
+    assert!(
+        matches!(err, driver::Error::VhostUserTimeout { request: "GET_VRING_BASE", waited_ms: 1000 }),
+        "{err}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(dev.wait_line("HANG GET_VRING_BASE", IO_TIMEOUT).is_some(), "log:\n{}", dev.log());
+    // The connection is closed; every buffer is back, once.
+    assert_eq!(pool.available(), pool.capacity());
+}
+
+/// `PortConfig::vhost_user_peer_uid`: a back-end running as another user is refused
+/// before the driver sends it anything (its memory, in particular); the expected user
+/// is accepted.
+#[test]
+fn a_back_end_of_another_user_is_refused_before_anything_is_sent() {
+    use std::io::Read;
+    use std::os::unix::net::UnixListener;
+    let _serial = harness::serial();
+    let dir = harness::TempDir::new("peer-uid");
+    let sock = dir.join("peer.sock");
+    let listener = UnixListener::bind(&sock).expect("bind");
+    let backend = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        conn.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).map(|_| got)
+    });
+    // SAFETY: getuid has no preconditions.
+    let me = unsafe { libc::getuid() };
+    let mut cfg = PortConfig::virtio_user(&sock);
+    cfg.vhost_user_peer_uid = Some(me.wrapping_add(1));
+    let err = match Port::open(cfg) {
+        Ok(_) => panic!("Port::open accepted a back-end of another user"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, driver::Error::Connect { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&format!("runs as uid {me}, not the expected uid {}", me.wrapping_add(1))),
+        "{err}"
+    );
+    let got = backend.join().expect("back-end thread").expect("read until the driver closed");
+    assert!(got.is_empty(), "the driver sent {} bytes to a refused back-end", got.len());
+
+    // The expected user: the port opens (on a faithful device) and works.
+    let dev = EvilDevice::spawn(Path::new(BIN), Mode::GOOD, GOOD_FRAMES);
+    let mut cfg = PortConfig::virtio_user(dev.socket());
+    cfg.vhost_user_peer_uid = Some(me);
+    let port =
+        Port::open(cfg).unwrap_or_else(|e| panic!("open with the right uid: {e}; log:\n{}", dev.log()));
+    assert_eq!(port.info().mac, DEVICE_MAC);
+    port.close(Vec::new()).expect("close");
+}

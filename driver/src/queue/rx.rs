@@ -20,7 +20,7 @@ use crate::layout::NET_HDR_LEN;
 use crate::mempool::{Mempool, Packet};
 use crate::ring::{AnyRing, DriverRing, PackedRing, PostSource, Ring, UsedSink};
 
-use super::rx_meta::RxMeta;
+use super::rx_meta::{HdrRules, RxMeta};
 use super::stats::{bump, PairStats};
 use super::tx::TxQueue;
 use super::xdp::{self, Verdicts, XdpOut, XdpProgram};
@@ -69,6 +69,8 @@ pub(super) struct RxHalf<R: Ring> {
     pub(super) mtu: u16,
     /// `VIRTIO_NET_F_MRG_RXBUF` negotiated: frames may span several buffers.
     mrg: bool,
+    /// What the device may write into a frame's header (negotiated features).
+    pub(super) hdr_rules: HdrRules,
 }
 
 /// The buffers of one refill: pool indices taken under one lock, posted at their
@@ -238,6 +240,7 @@ impl<R: Ring> RxHalf<R> {
             stopped,
             xdp: None,
             xdp_out: XdpOut::default(),
+            hdr_rules: HdrRules::from_features(control.features()),
             control,
             mtu,
             mrg,
@@ -313,8 +316,6 @@ impl<R: Ring> RxHalf<R> {
                 continue;
             }
             let data_len = len - NET_HDR_LEN as u32;
-            frames += 1;
-            bytes += data_len as u64;
             let m = if need_hdr {
                 // SAFETY: `idx` is a token of this ring: a buffer of the pool (`RxSink::used`).
                 let (base, _) = unsafe { self.pool.buf(idx) };
@@ -324,10 +325,22 @@ impl<R: Ring> RxHalf<R> {
                 let h = unsafe {
                     std::ptr::read(base.add(self.headroom as usize - NET_HDR_LEN) as *const [u8; NET_HDR_LEN])
                 };
-                RxMeta::parse(&h)
+                match RxMeta::checked(&h, self.hdr_rules, data_len) {
+                    Some(m) => m,
+                    None => {
+                        // A header the device may not write: the frame is dropped and
+                        // counted, never shown.
+                        errors += 1;
+                        // SAFETY: a buffer of ours (see `RxSink::used`), given back once.
+                        unsafe { rec.put(idx) };
+                        continue;
+                    }
+                }
             } else {
                 RxMeta::default()
             };
+            frames += 1;
+            bytes += data_len as u64;
             // SAFETY: a buffer of ours (see `RxSink::used`), data at the headroom within the
             // posted length.
             let p = unsafe { self.pool.packet(idx, self.headroom, data_len as u16) };

@@ -4,6 +4,7 @@
 //! vhost-user socket; virtio-PCI over VFIO) and the [`Notifier`] a queue kicks with.
 //! Must not: hold data-path state; after setup the data path only uses a `Notifier`.
 
+mod deadline;
 pub mod pci;
 pub mod vhost_user;
 
@@ -95,6 +96,36 @@ pub struct NetConfig {
     pub mtu_reported: bool,
 }
 
+impl NetConfig {
+    /// Range-checks what the device reported for `features` (virtio 1.2 §5.1.4.1): with
+    /// `MQ`, `max_virtqueue_pairs` must be 1..=0x8000 (an error otherwise: queue set-up
+    /// would follow it); with `MAC`, an address that is multicast or all zero cannot be
+    /// a station's, and `fallback` (the port's configured or random address) is used
+    /// instead, with a warning, as Linux does. The MTU is checked where it is used
+    /// (`Port::open`, against what the port asks for).
+    pub(crate) fn checked(mut self, features: u64, fallback: [u8; 6], device: &str) -> Result<NetConfig> {
+        use crate::layout::ctrl::{MQ_VQ_PAIRS_MAX, MQ_VQ_PAIRS_MIN};
+        use crate::layout::features as f;
+        if features & f::bit(f::NET_MQ) != 0
+            && !(MQ_VQ_PAIRS_MIN..=MQ_VQ_PAIRS_MAX).contains(&self.max_queue_pairs)
+        {
+            return Err(crate::Error::Config(format!(
+                "{device}: the device reports max_virtqueue_pairs {}, outside {MQ_VQ_PAIRS_MIN}..={MQ_VQ_PAIRS_MAX}",
+                self.max_queue_pairs
+            )));
+        }
+        if features & f::bit(f::NET_MAC) != 0 && (self.mac[0] & 1 != 0 || self.mac == [0; 6]) {
+            log::warn!(
+                "{device}: the device reports MAC {:02x?}, not a station address: using {:02x?}",
+                self.mac,
+                fallback
+            );
+            self.mac = fallback;
+        }
+        Ok(self)
+    }
+}
+
 /// A way to reach a virtio device: feature negotiation, config space, queue setup,
 /// start and reset (virtio 1.2 §3.1 "Device Initialization").
 pub trait Transport: Send {
@@ -151,4 +182,43 @@ pub trait Transport: Send {
     }
     /// Resets the device: it stops using every ring and buffer.
     fn reset(&mut self) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::features as f;
+
+    const FALLBACK: [u8; 6] = [0x02, 0, 0, 0, 0, 0x42];
+
+    fn cfg(mac: [u8; 6], pairs: u16) -> NetConfig {
+        NetConfig { mac, status: 1, max_queue_pairs: pairs, mtu: 1500, mtu_reported: true }
+    }
+
+    #[test]
+    fn config_values_are_range_checked() {
+        let mq = f::bit(f::NET_MQ);
+        let mac = f::bit(f::NET_MAC);
+        let good = [0x52, 0x54, 0, 1, 2, 3];
+        for pairs in [1, 2, 0x8000] {
+            assert_eq!(cfg(good, pairs).checked(mq | mac, FALLBACK, "t").unwrap(), cfg(good, pairs));
+        }
+        for pairs in [0, 0x8001, u16::MAX] {
+            let e = cfg(good, pairs).checked(mq, FALLBACK, "t").unwrap_err();
+            assert!(
+                e.to_string().contains(&format!("max_virtqueue_pairs {pairs}, outside 1..=32768")),
+                "{e}"
+            );
+            // Without MQ the field is not read: nothing to check.
+            assert!(cfg(good, pairs).checked(mac, FALLBACK, "t").is_ok());
+        }
+        for bad in [[0; 6], [0x01, 0, 0x5e, 0, 0, 1], [0xff; 6], [0x33, 0x33, 0, 0, 0, 1]] {
+            assert_eq!(cfg(bad, 1).checked(mac, FALLBACK, "t").unwrap().mac, FALLBACK, "{bad:02x?}");
+        }
+        // Locally administered unicast is a station address.
+        assert_eq!(
+            cfg([0x02, 0xe7, 0x11, 0xde, 0x71, 0xce], 1).checked(mac, FALLBACK, "t").unwrap().mac[0],
+            0x02
+        );
+    }
 }

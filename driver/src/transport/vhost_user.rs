@@ -6,17 +6,25 @@
 //! kick and call eventfds, and the vhost-user message sequence for init and reset.
 //! Must not: touch rings (the data path polls them directly and kicks through a
 //! `Notifier`).
+//!
+//! Every request is bounded in time ([`super::deadline`]): a back-end that stops
+//! answering makes the request fail with [`Error::VhostUserTimeout`] (and the connection
+//! is closed), so `Port::open`, `Port::close` and every other call that talks to the
+//! back-end return after at most that bound per request, never hang.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures, VHOST_USER_MAX_VRINGS};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::deadline::Deadline;
 use super::{NetConfig, Notifier, Transport};
 use crate::dma::DmaArena;
 use crate::error::{Error, Result};
@@ -31,6 +39,8 @@ const WANTED_PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
 pub struct VhostUserTransport {
     path: PathBuf,
     fe: Frontend,
+    /// Bounds each request (see the module comment).
+    deadline: Deadline,
     /// The DMA arena as one memory region (set by `map_dma`; then other ports' arenas
     /// shared with `share_dma`), and the fd each names: our own duplicate, so a region
     /// stays valid whatever happens to the arena's handles.
@@ -53,8 +63,10 @@ fn vu(request: &'static str) -> impl Fn(vhost::Error) -> Error {
 impl VhostUserTransport {
     /// Connects to the back-end at `path` and takes ownership of the device; the DMA
     /// arena given to [`Transport::map_dma`] becomes its guest memory. `mac` is the
-    /// address used when the back-end does not provide config space.
-    pub fn connect(path: &Path, mac: [u8; 6]) -> Result<Self> {
+    /// address used when the back-end does not provide config space. Each request,
+    /// `SET_OWNER` here included, fails after `timeout` without an answer. With
+    /// `peer_uid`, the back-end's process must run as that user (`SO_PEERCRED`).
+    pub fn connect(path: &Path, mac: [u8; 6], timeout: Duration, peer_uid: Option<u32>) -> Result<Self> {
         let connect_err = |reason: String| Error::Connect { path: path.into(), reason };
         match std::fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -68,21 +80,100 @@ impl VhostUserTransport {
                 }
             }
         }
+        if timeout.is_zero() {
+            return Err(Error::Config("a vhost-user request timeout of 0".into()));
+        }
+        // A back-end may not listen yet: retry a refused connection a few times (as the
+        // `vhost` crate's own `connect` does).
+        let mut tries = 5;
+        let sock = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries > 0 => {
+                    tries -= 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(connect_err(e.to_string())),
+            }
+        };
+        if let Some(want) = peer_uid {
+            let (uid, pid) = peer_credentials(&sock).map_err(|e| connect_err(format!("SO_PEERCRED: {e}")))?;
+            if uid != want {
+                return Err(connect_err(format!(
+                    "the back-end (pid {pid}) runs as uid {uid}, not the expected uid {want}"
+                )));
+            }
+        }
+        let watch = sock.try_clone().map_err(|e| Error::io("duplicating the vhost-user socket", e))?;
+        let deadline =
+            Deadline::new(watch, timeout).map_err(|e| Error::io("starting the request watchdog", e))?;
         // Queue indices are bounded by vhost-user's limit; which exist is the device's
         // business (data queues, then the control queue at 2 * max_virtqueue_pairs).
-        let fe = Frontend::connect(path, VHOST_USER_MAX_VRINGS).map_err(|e| connect_err(e.to_string()))?;
-        fe.set_owner().map_err(vu("SET_OWNER"))?;
-        Ok(VhostUserTransport {
+        let fe = Frontend::from_stream(sock, VHOST_USER_MAX_VRINGS);
+        let mut t = VhostUserTransport {
             path: path.into(),
             fe,
+            deadline,
             regions: Vec::new(),
             protocol: VhostUserProtocolFeatures::empty(),
             fallback_mac: mac,
             queues: Vec::new(),
             protocol_negotiated: false,
             packed: false,
-        })
+        };
+        t.call("SET_OWNER", |fe| fe.set_owner())?;
+        Ok(t)
     }
+
+    /// Runs one request under the deadline; its error becomes `Error::VhostUser`, or
+    /// `Error::VhostUserTimeout` when the back-end did not answer in time.
+    fn call<T>(
+        &mut self,
+        request: &'static str,
+        f: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+    ) -> Result<T> {
+        self.call_or(request, f, vu(request))
+    }
+
+    /// [`call`](Self::call) with the request's own error mapping.
+    fn call_or<T>(
+        &mut self,
+        request: &'static str,
+        f: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+        map: impl FnOnce(vhost::Error) -> Error,
+    ) -> Result<T> {
+        let fe = &mut self.fe;
+        let (r, fired) = self.deadline.run(|| f(fe));
+        if fired {
+            return Err(Error::VhostUserTimeout {
+                request,
+                waited_ms: self.deadline.limit().as_millis() as u64,
+            });
+        }
+        r.map_err(map)
+    }
+}
+
+/// The user id and process id of the socket's peer, as the kernel recorded them when
+/// it connected (`SO_PEERCRED`).
+fn peer_credentials(sock: &UnixStream) -> std::io::Result<(u32, i32)> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are ours and sized for SO_PEERCRED's `struct ucred`; the
+    // result is checked.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((cred.uid, cred.pid))
 }
 
 impl Transport for VhostUserTransport {
@@ -116,7 +207,7 @@ impl Transport for VhostUserTransport {
     }
 
     fn device_features(&mut self) -> Result<u64> {
-        self.fe.get_features().map_err(vu("GET_FEATURES"))
+        self.call("GET_FEATURES", |fe| fe.get_features())
     }
 
     fn negotiate(&mut self, features: u64) -> Result<()> {
@@ -126,9 +217,10 @@ impl Transport for VhostUserTransport {
         if offered & proto_bit != 0 {
             features |= proto_bit;
             self.protocol_negotiated = true;
-            let p = self.fe.get_protocol_features().map_err(vu("GET_PROTOCOL_FEATURES"))?;
+            let p = self.call("GET_PROTOCOL_FEATURES", |fe| fe.get_protocol_features())?;
             self.protocol = p & WANTED_PROTOCOL;
-            self.fe.set_protocol_features(self.protocol).map_err(vu("SET_PROTOCOL_FEATURES"))?;
+            let p = self.protocol;
+            self.call("SET_PROTOCOL_FEATURES", |fe| fe.set_protocol_features(p))?;
             if self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
                 // Every later request waits for the back-end's acknowledgement, so a
                 // refusal (of features, memory, rings) is an error here, not silence.
@@ -138,16 +230,20 @@ impl Transport for VhostUserTransport {
         if features & !offered != 0 {
             return Err(Error::FeaturesRefused(features & !offered));
         }
-        self.fe.set_features(features).map_err(|e| match e {
-            vhost::Error::VhostUserProtocol(_) => Error::FeaturesRefused(features),
-            e => vu("SET_FEATURES")(e),
-        })?;
+        self.call_or(
+            "SET_FEATURES",
+            |fe| fe.set_features(features),
+            |e| match e {
+                vhost::Error::VhostUserProtocol(_) => Error::FeaturesRefused(features),
+                e => vu("SET_FEATURES")(e),
+            },
+        )?;
         self.packed = features & f::bit(f::RING_PACKED) != 0;
         if self.regions.is_empty() {
             return Err(Error::Config("virtio-user: no DMA arena shared before negotiation".into()));
         }
         let regions: Vec<VhostUserMemoryRegionInfo> = self.regions.iter().map(|(r, _)| *r).collect();
-        self.fe.set_mem_table(&regions).map_err(vu("SET_MEM_TABLE"))?;
+        self.call("SET_MEM_TABLE", |fe| fe.set_mem_table(&regions))?;
         Ok(())
     }
 
@@ -163,10 +259,9 @@ impl Transport for VhostUserTransport {
             return Ok(cfg);
         }
         let buf = [0u8; net_config::LEN];
-        let (_, data) = self
-            .fe
-            .get_config(0, net_config::LEN as u32, VhostUserConfigFlags::WRITABLE, &buf)
-            .map_err(vu("GET_CONFIG"))?;
+        let (_, data) = self.call("GET_CONFIG", |fe| {
+            fe.get_config(0, net_config::LEN as u32, VhostUserConfigFlags::WRITABLE, &buf)
+        })?;
         if data.len() < net_config::LEN {
             return Err(Error::VhostUser {
                 request: "GET_CONFIG",
@@ -181,13 +276,13 @@ impl Transport for VhostUserTransport {
             cfg.status = u16_at(net_config::STATUS);
         }
         if features & f::bit(f::NET_MQ) != 0 {
-            cfg.max_queue_pairs = u16_at(net_config::MAX_VQ_PAIRS).max(1);
+            cfg.max_queue_pairs = u16_at(net_config::MAX_VQ_PAIRS);
         }
         if features & f::bit(f::NET_MTU) != 0 {
             cfg.mtu = u16_at(net_config::MTU);
             cfg.mtu_reported = true;
         }
-        Ok(cfg)
+        cfg.checked(features, self.fallback_mac, &self.describe())
     }
 
     fn setup_queue(&mut self, index: u16, size: u16, addrs: crate::ring::RingAddrs) -> Result<Notifier> {
@@ -200,7 +295,7 @@ impl Transport for VhostUserTransport {
         }
         let kick = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?);
         let call = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?;
-        self.fe.set_vring_num(i, size).map_err(vu("SET_VRING_NUM"))?;
+        self.call("SET_VRING_NUM", |fe| fe.set_vring_num(i, size))?;
         let cfg = VringConfigData {
             queue_max_size: size,
             queue_size: size,
@@ -210,16 +305,16 @@ impl Transport for VhostUserTransport {
             avail_ring_addr: addrs.avail,
             log_addr: None,
         };
-        self.fe.set_vring_addr(i, &cfg).map_err(vu("SET_VRING_ADDR"))?;
+        self.call("SET_VRING_ADDR", |fe| fe.set_vring_addr(i, &cfg))?;
         // For a packed ring the three addresses are the descriptor ring, the driver and
         // the device event suppression areas, and the base carries the avail wrap counter
         // in bit 15 (1 on a fresh ring, §2.8.1), as DPDK's virtio-user sends it.
         let base = if self.packed { spec::packed::event_off_wrap(0, true) } else { 0 };
-        self.fe.set_vring_base(i, base).map_err(vu("SET_VRING_BASE"))?;
+        self.call("SET_VRING_BASE", |fe| fe.set_vring_base(i, base))?;
         // We poll and ask the device not to interrupt us; the call eventfd exists because
         // vhost-user requires one, and is never read.
-        self.fe.set_vring_call(i, &call).map_err(vu("SET_VRING_CALL"))?;
-        self.fe.set_vring_kick(i, &kick).map_err(vu("SET_VRING_KICK"))?;
+        self.call("SET_VRING_CALL", |fe| fe.set_vring_call(i, &call))?;
+        self.call("SET_VRING_KICK", |fe| fe.set_vring_kick(i, &kick))?;
         self.queues[i] = Some((kick.clone(), call));
         Ok(Notifier::EventFd(kick))
     }
@@ -232,14 +327,14 @@ impl Transport for VhostUserTransport {
         // have not opened yet (a frame injected at once, as `--tx-first` does, was lost
         // in about one start in fifteen). A back-end handles requests one at a time, so
         // the reply to one more request means it has finished with all before it.
-        self.fe.get_features().map_err(vu("GET_FEATURES"))?;
+        self.call("GET_FEATURES", |fe| fe.get_features())?;
         Ok(())
     }
 
     fn enable_queue(&mut self, index: u16) -> Result<()> {
         // Without protocol features rings start enabled (vhost-user "Ring states").
         if self.protocol_negotiated {
-            self.fe.set_vring_enable(index as usize, true).map_err(vu("SET_VRING_ENABLE"))?;
+            self.call("SET_VRING_ENABLE", |fe| fe.set_vring_enable(index as usize, true))?;
         }
         Ok(())
     }
@@ -256,8 +351,8 @@ impl Transport for VhostUserTransport {
             if self.queues[q].is_none() {
                 continue;
             }
-            if let Err(e) = self.fe.get_vring_base(q) {
-                first_err.get_or_insert(vu("GET_VRING_BASE")(e));
+            if let Err(e) = self.call("GET_VRING_BASE", |fe| fe.get_vring_base(q)) {
+                first_err.get_or_insert(e);
             }
             self.queues[q] = None;
         }

@@ -118,9 +118,22 @@ impl<R: Ring> RxHalf<R> {
                     break 'frames;
                 }
             }
+            let m = if meta.is_some() || self.xdp.is_some() {
+                match RxMeta::checked(&h, self.hdr_rules, total) {
+                    Some(m) => m,
+                    None => {
+                        // A header the device may not write: the whole frame is dropped
+                        // (its buffers go back with the chain) and counted.
+                        errors += 1;
+                        rec.packet(p);
+                        continue;
+                    }
+                }
+            } else {
+                RxMeta::default()
+            };
             frames += 1;
             bytes += total as u64;
-            let m = if meta.is_some() || self.xdp.is_some() { RxMeta::parse(&h) } else { RxMeta::default() };
             let p = match self.xdp.as_mut() {
                 // A program sees one buffer as one frame: a merged frame is aborted as a
                 // super-frame is.

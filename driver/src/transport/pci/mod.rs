@@ -20,25 +20,26 @@
 //! access.
 //!
 //! One job per file: `caps.rs` (the PCI registers and virtio capabilities), `window.rs`
-//! (bounds-checked MMIO access); this file holds [`PciTransport`], the device handshake
-//! and queue setup.
+//! (bounds-checked MMIO access), `handshake.rs` (the register steps of the handshake,
+//! each value the device returns checked: all-ones or garbage is an error); this file
+//! holds [`PciTransport`]: mapping, the order of the steps, doorbells.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
-    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_FAILED,
 };
 
 use super::{Doorbell, NetConfig, Notifier, Transport};
 use crate::dma::DmaArena;
 use crate::error::{Error, Result};
-use crate::layout::{features as f, net_config};
+use crate::layout::features as f;
 use crate::ring::RingAddrs;
 use crate::vfio::{IommuMode, RegionMap, VfioDevice};
 
 mod caps;
+mod handshake;
 mod window;
 
 #[cfg(test)]
@@ -162,8 +163,8 @@ impl PciTransport {
         };
         // §3.1.1 steps 1-3.
         t.reset_device()?;
-        t.add_status(VIRTIO_CONFIG_S_ACKNOWLEDGE as u8);
-        t.add_status(VIRTIO_CONFIG_S_DRIVER as u8);
+        t.add_status(VIRTIO_CONFIG_S_ACKNOWLEDGE as u8)?;
+        t.add_status(VIRTIO_CONFIG_S_DRIVER as u8)?;
         t.common.w16(common::CONFIG_MSIX_VECTOR, common::NO_VECTOR);
         t.num_queues = t.common.r16(common::NUM_QUEUES);
         log::debug!(
@@ -179,33 +180,15 @@ impl PciTransport {
         Error::VirtioPci { bdf: self.bdf.clone(), reason: reason.into() }
     }
 
-    fn status(&self) -> u8 {
-        self.common.r8(common::DEVICE_STATUS)
-    }
-
-    fn add_status(&mut self, bits: u8) {
-        let s = self.status();
-        self.common.w8(common::DEVICE_STATUS, s | bits);
+    fn add_status(&mut self, bits: u8) -> Result<()> {
         self.dirty = true;
+        handshake::add_status(&self.common, bits).map_err(|e| self.err(e))
     }
 
     /// Writes 0 to `device_status` and waits until the device reads back 0 (§4.1.4.3.2):
     /// from then on it uses no ring or buffer.
     fn reset_device(&mut self) -> Result<()> {
-        self.common.w8(common::DEVICE_STATUS, 0);
-        let start = Instant::now();
-        let mut spins = 0u32;
-        while self.status() != 0 {
-            if start.elapsed() > RESET_TIMEOUT {
-                return Err(self.err(format!("device did not finish its reset within {RESET_TIMEOUT:?}")));
-            }
-            spins += 1;
-            if spins < 1000 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
+        handshake::reset(&self.common, RESET_TIMEOUT).map_err(|e| self.err(e))?;
         self.dirty = false;
         Ok(())
     }
@@ -227,11 +210,7 @@ impl PciTransport {
     }
 
     fn read_features(&self) -> u64 {
-        self.common.w32(common::DEVICE_FEATURE_SELECT, 0);
-        let lo = self.common.r32(common::DEVICE_FEATURE) as u64;
-        self.common.w32(common::DEVICE_FEATURE_SELECT, 1);
-        let hi = self.common.r32(common::DEVICE_FEATURE) as u64;
-        lo | hi << 32
+        handshake::read_features(&self.common)
     }
 }
 
@@ -279,123 +258,51 @@ impl Transport for PciTransport {
                  and VIRTIO_NET_F_CTRL_VQ was not negotiated: use one queue pair",
             ));
         }
-        self.common.w32(common::DRIVER_FEATURE_SELECT, 0);
-        self.common.w32(common::DRIVER_FEATURE, features as u32);
-        self.common.w32(common::DRIVER_FEATURE_SELECT, 1);
-        self.common.w32(common::DRIVER_FEATURE, (features >> 32) as u32);
-        self.add_status(VIRTIO_CONFIG_S_FEATURES_OK as u8);
+        self.dirty = true;
         // §3.1.1 step 6: the device may refuse the subset by clearing FEATURES_OK.
-        if self.status() & VIRTIO_CONFIG_S_FEATURES_OK as u8 == 0 {
-            self.add_status(VIRTIO_CONFIG_S_FAILED as u8);
+        if !handshake::write_features(&self.common, features).map_err(|e| self.err(e))? {
+            let _ = self.add_status(VIRTIO_CONFIG_S_FAILED as u8);
             return Err(Error::FeaturesRefused(features));
         }
         Ok(())
     }
 
     fn config(&mut self, features: u64) -> Result<NetConfig> {
-        let mut cfg = NetConfig {
-            mac: self.fallback_mac,
-            status: net_config::S_LINK_UP,
-            max_queue_pairs: 1,
-            mtu: 1500,
-            mtu_reported: false,
-        };
-        let Some(w) = &self.device_cfg else {
-            return Ok(cfg);
-        };
-        let need = [
-            (f::NET_MAC, net_config::MAC + 6),
-            (f::NET_STATUS, net_config::STATUS + 2),
-            (f::NET_MQ, net_config::MAX_VQ_PAIRS + 2),
-            (f::NET_MTU, net_config::MTU + 2),
-        ];
-        for (bit, end) in need {
-            if features & f::bit(bit) != 0 && w.len() < end {
-                return Err(self.err(format!(
-                    "device config of {} bytes lacks the field of feature bit {bit}",
-                    w.len()
-                )));
-            }
-        }
-        // §4.1.4.3.1: re-read until config_generation is the same before and after.
-        for _ in 0..1000 {
-            let gen = self.common.r8(common::CONFIG_GENERATION);
-            if features & f::bit(f::NET_MAC) != 0 {
-                for (i, b) in cfg.mac.iter_mut().enumerate() {
-                    *b = w.r8(net_config::MAC + i);
-                }
-            }
-            if features & f::bit(f::NET_STATUS) != 0 {
-                cfg.status = w.r16(net_config::STATUS);
-            }
-            if features & f::bit(f::NET_MQ) != 0 {
-                cfg.max_queue_pairs = w.r16(net_config::MAX_VQ_PAIRS).max(1);
-            }
-            if features & f::bit(f::NET_MTU) != 0 {
-                cfg.mtu = w.r16(net_config::MTU);
-                cfg.mtu_reported = true;
-            }
-            if self.common.r8(common::CONFIG_GENERATION) == gen {
-                return Ok(cfg);
-            }
-        }
-        Err(self.err("device config never stable (config_generation keeps changing)"))
+        handshake::read_config(
+            &self.common,
+            self.device_cfg.as_ref(),
+            features,
+            self.fallback_mac,
+            &self.description,
+        )
+        .map_err(|e| self.err(e))
     }
 
     fn setup_queue(&mut self, index: u16, size: u16, addrs: RingAddrs) -> Result<Notifier> {
-        // Read now: the count may change with the negotiated features (QEMU's
-        // virtio-net adds its multiqueue rings when MQ is accepted).
-        self.num_queues = self.common.r16(common::NUM_QUEUES);
-        if index >= self.num_queues {
-            return Err(self.err(format!("queue {index} asked for, the device has {}", self.num_queues)));
-        }
-        let c = &self.common;
-        c.w16(common::QUEUE_SELECT, index);
-        let max = c.r16(common::QUEUE_SIZE);
-        if max == 0 {
-            return Err(self.err(format!("queue {index} is not available (size 0)")));
-        }
-        if size > max {
-            return Err(Error::Config(format!(
-                "ring size {size} is above the device's maximum {max} for queue {index}"
-            )));
-        }
-        if c.r16(common::QUEUE_ENABLE) != 0 {
-            return Err(self.err(format!("queue {index} is already enabled")));
-        }
-        c.w16(common::QUEUE_SIZE, size);
-        c.w16(common::QUEUE_MSIX_VECTOR, common::NO_VECTOR);
-        // Split ring: descriptor table, avail ring, used ring; packed ring (§2.8.10,
-        // §4.1.4.3): descriptor ring, driver and device event suppression areas.
-        c.w64(common::QUEUE_DESC, addrs.desc);
-        c.w64(common::QUEUE_DRIVER, addrs.avail);
-        c.w64(common::QUEUE_DEVICE, addrs.used);
-        // The doorbell: cap.offset + queue_notify_off * notify_off_multiplier (§4.1.4.4),
-        // checked against the notify structure's length.
-        let off = c.r16(common::QUEUE_NOTIFY_OFF) as u64 * self.notify_off_multiplier as u64;
         let (map, base, len) = &self.notify;
-        if off + 2 > *len {
-            return Err(self.err(format!(
-                "queue {index}'s doorbell at notify+{off:#x} is beyond the {len:#x}-byte notify structure"
-            )));
-        }
+        let (off, num_queues) =
+            handshake::setup_queue(&self.common, index, size, addrs, self.notify_off_multiplier, *len)
+                .map_err(|e| match e {
+                    handshake::QueueRefused::TooLarge { max } => Error::Config(format!(
+                        "ring size {size} is above the device's maximum {max} for queue {index}"
+                    )),
+                    handshake::QueueRefused::Device(why) => self.err(why),
+                })?;
+        self.num_queues = num_queues;
         let doorbell = Doorbell::new(map.clone(), base + off, index).ok_or_else(|| {
             self.err(format!("queue {index}'s doorbell at notify+{off:#x} is not mapped or aligned"))
         })?;
-        c.w16(common::QUEUE_ENABLE, 1);
+        handshake::enable_queue(&self.common);
         self.dirty = true;
         Ok(Notifier::Mmio(doorbell))
     }
 
     fn start(&mut self) -> Result<()> {
-        self.add_status(VIRTIO_CONFIG_S_DRIVER_OK as u8);
-        let s = self.status();
-        if s & (VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED) as u8 != 0
-            || s & VIRTIO_CONFIG_S_DRIVER_OK as u8 == 0
-        {
+        self.dirty = true;
+        if let Err(why) = handshake::start(&self.common) {
             // Stop it before the caller frees the rings.
             let _ = self.reset_device();
-            return Err(self.err(format!("device status {s:#x} after DRIVER_OK")));
+            return Err(self.err(why));
         }
         Ok(())
     }

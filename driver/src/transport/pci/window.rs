@@ -63,9 +63,4 @@ impl Window {
         // SAFETY: as in `r8`.
         unsafe { self.at::<u32>(off).write_volatile(v.to_le()) }
     }
-    /// A 64-bit field written as its low then high 32-bit halves (§4.1.3.1 allows it).
-    pub(super) fn w64(&self, off: usize, v: u64) {
-        self.w32(off, v as u32);
-        self.w32(off + 4, (v >> 32) as u32);
-    }
 }
