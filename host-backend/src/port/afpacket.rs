@@ -137,6 +137,8 @@ impl PortPath {
         let offloads = features & offload::HOST_OFFLOADS != 0;
         let n = ring.poll_avail().map_err(|b| (Side::Src, b))?.min(BURST);
         if n == 0 {
+            // Slots a refused flush (`EAGAIN`/`ENOBUFS`) left requested go out now.
+            let _ = t.sock.flush();
             return Ok(0);
         }
         let chain = self.src_chain.chain(mem);
