@@ -16,7 +16,7 @@ pub struct PortSpec {
     pub kind: PortKind,
     /// One socket, or two for `xconnect`.
     pub sockets: Vec<PathBuf>,
-    /// `tap`: the interface name.
+    /// `tap`, `afpacket`: the interface name.
     pub ifname: Option<String>,
 }
 
@@ -110,18 +110,20 @@ pub fn parse_port(s: &str) -> Result<PortSpec> {
         "reflect" => PortKind::Reflect,
         "xconnect" => PortKind::Xconnect,
         "tap" => PortKind::Tap,
+        "afpacket" => PortKind::AfPacket,
         other => {
             return Err(Error::Config(format!(
-                "unknown port kind '{other}' (expected sink, gen, reflect, xconnect or tap)"
+                "unknown port kind '{other}' (expected sink, gen, reflect, xconnect, tap or afpacket)"
             )))
         }
     };
-    if kind == PortKind::Tap {
+    if matches!(kind, PortKind::Tap | PortKind::AfPacket) {
+        let usage = || Error::Config(format!("port '{s}': {} takes SOCKET,IFNAME", kind.name()));
         let Some((sock, ifname)) = rest.split_once(',') else {
-            return Err(Error::Config(format!("port '{s}': tap takes SOCKET,IFNAME")));
+            return Err(usage());
         };
         if sock.is_empty() {
-            return Err(Error::Config(format!("port '{s}': tap takes SOCKET,IFNAME")));
+            return Err(usage());
         }
         if !crate::tap::valid_name(ifname) {
             return Err(Error::Config(format!(
@@ -254,7 +256,7 @@ impl Config {
         let mut names: Vec<&str> = Vec::new();
         for n in self.ports.iter().filter_map(|p| p.ifname.as_deref()) {
             if names.contains(&n) {
-                return Err(Error::Config(format!("tap interface {n} used twice")));
+                return Err(Error::Config(format!("interface {n} used twice")));
             }
             names.push(n);
         }
@@ -286,6 +288,9 @@ mod tests {
         assert!(parse_port("tap:,vnt0").is_err());
         assert!(parse_port("tap:/a,vnt0,x").unwrap_err().to_string().contains("interface name"));
         assert!(parse_port("tap:/a,a234567890123456").is_err());
+        let a = parse_port("afpacket:/tmp/a.sock,veth0").unwrap();
+        assert_eq!((a.kind, a.ifname.as_deref()), (PortKind::AfPacket, Some("veth0")));
+        assert!(parse_port("afpacket:/tmp/a.sock").is_err());
         assert_eq!(parse_port("xconnect:/a,/b").unwrap().sockets.len(), 2);
         assert!(parse_port("bogus:/a").unwrap_err().to_string().contains("unknown port kind 'bogus'"));
         assert!(parse_port("sink").is_err());

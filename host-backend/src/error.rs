@@ -36,6 +36,14 @@ pub enum Error {
         /// What went wrong, in one line.
         msg: String,
     },
+    /// An AF_PACKET socket could not be opened, bound or given its rings.
+    #[error("afpacket {ifname}: {msg}")]
+    AfPacket {
+        /// The interface name.
+        ifname: String,
+        /// What went wrong, in one line.
+        msg: String,
+    },
     /// Any other I/O failure, with context.
     #[error("{context}: {source}")]
     Io {

@@ -35,6 +35,7 @@
 //! `worker` (busy-poll threads and the control worker), `server` (sockets), `tap` (tap
 //! devices' descriptors).
 
+pub(crate) mod afpacket;
 pub mod config;
 pub(crate) mod ctrl;
 pub(crate) mod device;
@@ -157,14 +158,18 @@ impl Backend {
                                 gso_offloads()
                             } else if forwards {
                                 forward_offloads().1
-                            } else if spec.kind == PortKind::Tap && !cfg.no_offloads {
+                            } else if matches!(spec.kind, PortKind::Tap | PortKind::AfPacket)
+                                && !cfg.no_offloads
+                            {
                                 tap_offloads().1
                             } else {
                                 0
                             },
                             host_offloads: if forwards {
                                 forward_offloads().0
-                            } else if spec.kind == PortKind::Tap && !cfg.no_offloads {
+                            } else if matches!(spec.kind, PortKind::Tap | PortKind::AfPacket)
+                                && !cfg.no_offloads
+                            {
                                 tap_offloads().0
                             } else {
                                 0
@@ -189,6 +194,18 @@ impl Backend {
             let mut tap_queues = match (&spec.kind, &spec.ifname) {
                 (PortKind::Tap, Some(name)) => tap::open(name, cfg.queue_pairs)?.queues.into_iter(),
                 _ => Vec::new().into_iter(),
+            };
+            // An afpacket port's socket and rings, likewise opened now (one queue pair).
+            let mut afp = match (&spec.kind, &spec.ifname) {
+                (PortKind::AfPacket, Some(name)) => {
+                    if cfg.queue_pairs != 1 {
+                        return Err(Error::Config(format!(
+                            "afpacket {name}: one queue pair only (--queues 1)"
+                        )));
+                    }
+                    Some(afpacket::open(name)?)
+                }
+                _ => None,
             };
             let device_groups =
                 (spec.kind == PortKind::Xconnect && cfg.handoff).then(|| (next_group(), next_group()));
@@ -220,6 +237,14 @@ impl Backend {
                             Error::Config("tap port without an interface name (use tap:SOCKET,IFNAME)".into())
                         })?;
                         paths.push((next_group(), PortPath::tap(&devs[0], txq, rxq, q)));
+                    }
+                    PortKind::AfPacket => {
+                        let s = afp.take().ok_or_else(|| {
+                            Error::Config(
+                                "afpacket port without an interface name (use afpacket:SOCKET,IFNAME)".into(),
+                            )
+                        })?;
+                        paths.push((next_group(), PortPath::afpacket(&devs[0], txq, rxq, s)));
                     }
                 }
             }

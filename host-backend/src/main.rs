@@ -26,12 +26,13 @@ enum StatsFormat {
 /// sink:SOCK (count and drop what the guest sends), gen:SOCK (send generated UDP
 /// frames), reflect:SOCK (send each frame back), xconnect:SOCK_A,SOCK_B (A's TX to B's
 /// RX and back), tap:SOCK,IFNAME (the device joined to a kernel tap interface, created
-/// if it does not exist and removed at exit if we created it).
+/// if it does not exist and removed at exit if we created it), afpacket:SOCK,IFNAME (the
+/// device joined to an existing interface through an AF_PACKET socket with mmap rings).
 #[derive(Parser, Debug)]
 #[command(name = "host-backend", version)]
 struct Args {
     /// A port: sink:SOCK, gen:SOCK, reflect:SOCK, xconnect:SOCK_A,SOCK_B or
-    /// tap:SOCK,IFNAME (repeatable).
+    /// tap:SOCK,IFNAME or afpacket:SOCK,IFNAME (repeatable).
     #[arg(long = "port", value_name = "KIND:SOCKET", required = true)]
     ports: Vec<String>,
     /// Queue pairs per device.

@@ -50,10 +50,13 @@ pub enum DropReason {
     /// `tap`: a frame the kernel sent to the tap had no receive buffer to go to (the
     /// guest's receive queue is not running), so it was read and dropped.
     NoBuffer,
+    /// `afpacket`: frames the kernel dropped because the socket's receive ring was full
+    /// (its `PACKET_STATISTICS` `tp_drops`).
+    KernelRingFull,
 }
 
 /// Number of drop reasons.
-pub const DROP_REASONS: usize = 13;
+pub const DROP_REASONS: usize = 14;
 /// JSON/text names of the drop reasons, in `DropReason` order.
 pub const DROP_NAMES: [&str; DROP_REASONS] = [
     "bad_descriptor",
@@ -69,6 +72,7 @@ pub const DROP_NAMES: [&str; DROP_REASONS] = [
     "truncated_header",
     "kernel_refused",
     "no_buffer",
+    "kernel_ring_full",
 ];
 
 /// What the host offloads did with the frames a queue pair's driver transmitted that

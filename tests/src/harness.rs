@@ -214,7 +214,7 @@ impl Backend {
     /// (each unless `args` already has it), stdout piped (JSON lines), stderr captured
     /// to a log file in a temp dir (see [`Backend::log`]). Waits (max 10 s) until every
     /// socket path named in `--port` args exists (port syntax is `KIND:PATH`,
-    /// `xconnect:PATH_A,PATH_B` or `tap:PATH,IFNAME`), else panics with the log.
+    /// `xconnect:PATH_A,PATH_B` `tap:PATH,IFNAME` or `afpacket:PATH,IFNAME`), else panics with the log.
     pub fn start(args: &[&str]) -> Backend {
         Backend::start_with(&workspace_bin("host-backend"), args)
     }
@@ -452,8 +452,8 @@ fn port_sockets(args: &[&str]) -> Vec<PathBuf> {
         };
         if kind == "xconnect" {
             out.extend(rest.split(',').map(PathBuf::from));
-        } else if kind == "tap" {
-            // tap:SOCKET,IFNAME
+        } else if kind == "tap" || kind == "afpacket" {
+            // tap:SOCKET,IFNAME, afpacket:SOCKET,IFNAME
             out.push(PathBuf::from(rest.split(',').next().unwrap_or(rest)));
         } else {
             out.push(PathBuf::from(rest));

@@ -84,6 +84,9 @@ pub enum PortKind {
     /// A device joined to a kernel tap interface: its transmit queue goes to the tap,
     /// what the kernel sends to the tap comes back in its receive queue.
     Tap,
+    /// A queue pair to and from an AF_PACKET socket with mmap rings on an existing
+    /// interface.
+    AfPacket,
 }
 
 impl PortKind {
@@ -95,6 +98,7 @@ impl PortKind {
             PortKind::Reflect => "reflect",
             PortKind::Xconnect => "xconnect",
             PortKind::Tap => "tap",
+            PortKind::AfPacket => "afpacket",
         }
     }
 }

@@ -44,12 +44,13 @@ use crate::packed_ring::PackedRing;
 use crate::ring::Ring;
 use crate::split_ring::{ChainBuf, DeviceRing, RingFault};
 
+mod afpacket;
 mod control;
 mod forward;
 mod gen;
 mod handoff;
 pub(crate) mod mrg;
-mod offload;
+pub(crate) mod offload;
 mod sink;
 mod tap;
 
@@ -161,6 +162,8 @@ pub enum PathKind {
     /// `tap`: what `src` (a transmit queue) sends goes to a tap queue, what the kernel
     /// sends to it comes into `dst` (the same pair's receive queue).
     Tap(Box<tap::TapState>),
+    /// `afpacket`: as `Tap`, through an AF_PACKET socket's mmap rings.
+    AfPacket(Box<afpacket::AfpState>),
 }
 
 /// One path of a port: a unit of work a worker runs every loop, one kind of work on
@@ -295,6 +298,17 @@ impl PortPath {
         )
     }
 
+    /// An afpacket port's queue pair `txq`/`rxq` of `dev`, joined to the socket `s`.
+    pub fn afpacket(dev: &Arc<Device>, txq: u16, rxq: u16, s: crate::afpacket::AfPacket) -> PortPath {
+        let max_frame = dev.params.mtu as u64 + ETH_HLEN + 4;
+        PortPath::new(
+            PathKind::AfPacket(Box::new(afpacket::AfpState::new(s, max_frame))),
+            Some(QueueSlot::new(dev, txq)),
+            Some(QueueSlot::new(dev, rxq)),
+            dev.params.mtu,
+        )
+    }
+
     fn slots(&mut self) -> impl Iterator<Item = &mut QueueSlot> {
         self.src.iter_mut().chain(self.dst.iter_mut())
     }
@@ -332,7 +346,10 @@ impl PortPath {
             t.configure(rx, self.max_frame);
         }
         self.out_of_line = self.packed != (false, false)
-            || matches!(self.kind, PathKind::Sink { copy: Some(_) } | PathKind::Tap(_));
+            || matches!(
+                self.kind,
+                PathKind::Sink { copy: Some(_) } | PathKind::Tap(_) | PathKind::AfPacket(_)
+            );
         log::debug!(
             "path attached: src {:?} active {}, dst {:?} active {}",
             self.src.as_ref().map(|s| s.q),
@@ -375,8 +392,10 @@ impl PortPath {
     /// Descriptors other than kick eventfds whose readiness means work for this path (a
     /// tap's): the worker sleeps on them too, edge-triggered, and never reads them.
     pub fn poll_fds(&self, out: &mut Vec<i32>) {
-        if let PathKind::Tap(t) = &self.kind {
-            out.push(t.raw_fd());
+        match &self.kind {
+            PathKind::Tap(t) => out.push(t.raw_fd()),
+            PathKind::AfPacket(a) => out.push(a.raw_fd()),
+            _ => {}
         }
     }
 
@@ -416,7 +435,7 @@ impl PortPath {
                 PathKind::HandOut(_) => self.run_hand_out::<DeviceRing>(),
                 PathKind::HandIn(_) => self.run_hand_in::<DeviceRing>(),
                 // Never here: a tap path is always out of line (`attach`).
-                PathKind::Tap(_) => Ok(0),
+                PathKind::Tap(_) | PathKind::AfPacket(_) => Ok(0),
             }
         };
         match res {
@@ -475,6 +494,8 @@ impl PortPath {
             // Both rings are the one device's: both packed, or both split.
             PathKind::Tap(_) if sp || dp => self.run_tap::<P>(),
             PathKind::Tap(_) => self.run_tap::<S>(),
+            PathKind::AfPacket(_) if sp || dp => self.run_afp::<P>(),
+            PathKind::AfPacket(_) => self.run_afp::<S>(),
         }
     }
 }

@@ -127,7 +127,7 @@ impl TapState {
 }
 
 /// What the offload bits of a guest's header need negotiated, or why it is refused.
-fn tx_header_ok(hdr: &[u8; NET_HDR_LEN], features: u64) -> Result<bool, DropReason> {
+pub(super) fn tx_header_ok(hdr: &[u8; NET_HDR_LEN], features: u64) -> Result<bool, DropReason> {
     let mut need = 0;
     if hdr[net_hdr::FLAGS] & net_hdr::F_NEEDS_CSUM != 0 {
         need |= bit(f::NET_CSUM);

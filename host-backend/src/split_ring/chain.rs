@@ -108,8 +108,8 @@ impl<'m> Chain<'m> {
     }
 
     /// A chain of one segment over `buf`, as a walk of a one-descriptor chain records it
-    /// (for unit tests: the chain borrows the test's buffer instead of guest memory).
-    #[cfg(test)]
+    /// (unit tests, and `port::afpacket`'s staging of a received frame: the chain borrows
+    /// a buffer of ours instead of guest memory).
     pub fn over(buf: &'m mut [u8]) -> Chain<'m> {
         let mut c = Chain::default();
         c.push(buf.as_mut_ptr(), buf.len() as u32);
