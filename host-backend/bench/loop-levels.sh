@@ -37,26 +37,10 @@ for f in "$BIN" "$PMD" "$RTT"; do
     [ -x "$f" ] || { echo "loop-levels.sh: $f missing (cargo build --release -p testpmd -p host-backend --example core_rtt)" >&2; exit 1; }
 done
 
-WORK=$(mktemp -d /tmp/vnet-levels.XXXXXX)
+. "$(dirname "$0")/common.sh"
+bench_init levels vnetlvl-
 SOCK=$WORK/vhost.sock
-PIDS=""
-cleanup() {
-    for p in $PIDS; do kill -TERM "$p" 2>/dev/null; done
-    sleep 0.5
-    for p in $PIDS; do kill -KILL "$p" 2>/dev/null; done
-    rm -rf "$WORK" /dev/hugepages/vnetlvl-*
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
-wait_for() { # file pattern timeout_s
-    local i
-    for i in $(seq $(( $3 * 10 ))); do grep -q -- "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
-    return 1
-}
-rtt() {
-    "$RTT" "$GUEST_CPU" "$HOST_CPU" 0.3 2>/dev/null | sed -n 's/^rtt_ns=\([0-9]*\).*/\1/p' | grep . || echo -
-}
 stop_pids() {
     local k; for k in $(seq 30); do kill -0 $PIDS 2>/dev/null || break; sleep 0.1; done
     kill -TERM $PIDS 2>/dev/null; wait $PIDS 2>/dev/null; PIDS=""

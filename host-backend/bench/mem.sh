@@ -18,17 +18,8 @@ DUR=${DUR:-3}
 BIN=${BIN:-target/release/host-backend}
 PMD=${PMD:-target/release/testpmd}
 [ "$(id -u)" = 0 ] || { echo "mem.sh: must run as root (hugepages)" >&2; exit 1; }
-WORK=$(mktemp -d /tmp/vnet-mem.XXXXXX)
-PIDS=""
-cleanup() {
-    for p in $PIDS; do kill -TERM "$p" 2>/dev/null; done
-    sleep 0.5
-    for p in $PIDS; do kill -KILL "$p" 2>/dev/null; done
-    rm -rf "$WORK" /dev/hugepages/vnetmem-*
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-wait_for() { local i; for i in $(seq $(( $3 * 10 ))); do grep -q -- "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+. "$(dirname "$0")/common.sh"
+bench_init mem vnetmem-
 # "rss_MiB hwm_MiB hugetlb_MiB" of PID
 mem_of() {
     local rss hwm huge

@@ -49,34 +49,20 @@ for f in "$BIN" "$PMD" "$RTT" "$FLOOD"; do
     [ -x "$f" ] || { echo "tap.sh: $f missing (cargo build --release -p testpmd -p host-backend --example core_rtt --example pkt_flood)" >&2; exit 1; }
 done
 
-WORK=$(mktemp -d /tmp/vnet-tapbench.XXXXXX)
+. "$(dirname "$0")/common.sh"
+bench_init tapbench vnettap-
 SOCK=$WORK/vhost.sock
 NS=vnt-tapbench-$$
 IF=vtb$$
 # afp rows: the veth end in the namespace (ours, $IF, stays here for the back-end).
 IFP=vtp$$
 KIF=$IF
-PIDS=""
 ip netns add "$NS" || exit 1
-cleanup() {
-    for p in $PIDS; do kill -TERM "$p" 2>/dev/null; done
-    sleep 0.5
-    for p in $PIDS; do kill -KILL "$p" 2>/dev/null; done
+bench_extra_cleanup() {
     ip netns del "$NS" 2>/dev/null
     ip link del "$IF" 2>/dev/null
-    rm -rf "$WORK" /dev/hugepages/vnettap-*
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
-wait_for() { # file pattern timeout_s
-    local i
-    for i in $(seq $(( $3 * 10 ))); do grep -q -- "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
-    return 1
-}
-rtt() {
-    "$RTT" "$GUEST_CPU" "$HOST_CPU" 0.3 2>/dev/null | sed -n 's/^rtt_ns=\([0-9]*\).*/\1/p' | grep . || echo -
-}
 # Moves the tap the back-end made into the namespace and brings it up there.
 take_tap() {
     local i; for i in $(seq 50); do ip link show "$IF" >/dev/null 2>&1 && break; sleep 0.1; done

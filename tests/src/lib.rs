@@ -3,10 +3,11 @@
 //! vhost-user front-end that writes rings by hand ([`rawfront`]); QEMU guests
 //! running our driver through VFIO ([`vm`]) and the scenarios
 //! the VM tests run in both IOMMU modes ([`vmtest`]); private network namespaces
-//! ([`netns`]).
+//! ([`netns`]); reading the l2fwd example's output ([`l2fwd`]).
 pub mod dpdk;
 pub mod evildevice;
 pub mod harness;
+pub mod l2fwd;
 pub mod netns;
 pub mod rawfront;
 pub mod testpmd_proc;

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use driver::{Port, PortConfig};
 use vnet_tests::harness::{counter, device, serial, total_drops, workspace_example, Backend, TempDir};
+use vnet_tests::l2fwd::{port_stat, printed_mac, queue_stats};
 use vnet_tests::testpmd_proc::{Spawn, Testpmd};
 
 /// Frames the backend's gen sends.
@@ -26,44 +27,6 @@ const TRAFFIC_TIMEOUT: Duration = Duration::from_secs(60);
 const QUIET: Duration = Duration::from_millis(300);
 /// gen's frame size.
 const FRAME: usize = 64;
-
-/// `Statistics for port P` block's line `key` as a number.
-fn port_stat(out: &str, port: usize, key: &str) -> u64 {
-    let start = out
-        .rfind(&format!("Statistics for port {port} "))
-        .unwrap_or_else(|| panic!("no statistics for port {port} in:\n{out}"));
-    let line = out[start..]
-        .lines()
-        .find(|l| l.starts_with(key))
-        .unwrap_or_else(|| panic!("no '{key}' for port {port} in:\n{out}"));
-    line[key.len()..].trim().parse().unwrap_or_else(|_| panic!("bad line '{line}'"))
-}
-
-/// `queue Q: received R sent S` lines of port `port`'s final block: [(R, S)] per queue.
-fn queue_stats(out: &str, port: usize) -> Vec<(u64, u64)> {
-    let start = out.rfind(&format!("Statistics for port {port} ")).expect("port block");
-    out[start..]
-        .lines()
-        .skip(1)
-        .take_while(|l| !l.starts_with("Statistics for port") && !l.starts_with("Aggregate"))
-        .filter_map(|l| l.trim().strip_prefix("queue "))
-        .map(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            (w[2].parse().expect("received"), w[4].parse().expect("sent"))
-        })
-        .collect()
-}
-
-/// The MAC l2fwd printed for `port` ("Port P: MAC AA:BB:..").
-fn printed_mac(out: &str, port: usize) -> [u8; 6] {
-    let key = format!("Port {port}: MAC ");
-    let at = out.find(&key).unwrap_or_else(|| panic!("no '{key}' in:\n{out}")) + key.len();
-    let mut mac = [0u8; 6];
-    for (m, h) in mac.iter_mut().zip(out[at..at + 17].split(':')) {
-        *m = u8::from_str_radix(h, 16).expect("hex MAC");
-    }
-    mac
-}
 
 fn run(queues: u16) {
     let _serial = serial();

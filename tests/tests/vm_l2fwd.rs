@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use driver::{Port, PortConfig, QueuePair};
 use vnet_tests::harness::{counter, device, serial, total_drops, Backend, TempDir};
+use vnet_tests::l2fwd::{port_stat, printed_mac, queue_stats};
 use vnet_tests::vm::{build_image, GuestReport, Qemu, VmConfig};
 
 /// Frames gen sends.
@@ -40,42 +41,6 @@ fn l2fwd_output(r: &GuestReport) -> String {
         }
     }
     out
-}
-
-/// The number after `key` in port `port`'s last statistics block.
-fn port_stat(out: &str, port: usize, key: &str) -> u64 {
-    let start = out
-        .rfind(&format!("Statistics for port {port} "))
-        .unwrap_or_else(|| panic!("no port {port} in:\n{out}"));
-    let line =
-        out[start..].lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key}:\n{out}"));
-    line[key.len()..].trim().parse().unwrap_or_else(|_| panic!("bad line {line}"))
-}
-
-/// `queue Q: received R sent S` of port `port`'s last block.
-fn queue_stats(out: &str, port: usize) -> Vec<(u64, u64)> {
-    let start = out.rfind(&format!("Statistics for port {port} ")).expect("port block");
-    out[start..]
-        .lines()
-        .skip(1)
-        .take_while(|l| !l.starts_with("Statistics for port") && !l.starts_with("Aggregate"))
-        .filter_map(|l| l.trim().strip_prefix("queue "))
-        .map(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            (w[2].parse().expect("received"), w[4].parse().expect("sent"))
-        })
-        .collect()
-}
-
-/// The MAC l2fwd printed for `port` ("Port P: MAC AA:BB:..").
-fn printed_mac(out: &str, port: usize) -> [u8; 6] {
-    let key = format!("Port {port}: MAC ");
-    let at = out.find(&key).unwrap_or_else(|| panic!("no '{key}' in:\n{out}")) + key.len();
-    let mut mac = [0u8; 6];
-    for (m, h) in mac.iter_mut().zip(out[at..at + 17].split(':')) {
-        *m = u8::from_str_radix(h, 16).expect("hex MAC");
-    }
-    mac
 }
 
 /// What C received: frames, those with a wrong destination MAC or length, the distinct

@@ -277,34 +277,34 @@ impl PackedRing {
     #[inline]
     pub fn prefetch_write(&mut self, i: u16, lines: usize) {
         let Some(pw) = self.write_prefetch else { return };
+        if let Some((ptr, n)) = self.first_buffer(i) {
+            prefetch_lines(pw, ptr, n, lines);
+        }
+    }
+
+    /// The first buffer of the `i`-th chain the last poll found, translated, for the
+    /// prefetch hints (none behind an IOMMU or for an indirect table).
+    #[inline(always)]
+    fn first_buffer(&mut self, i: u16) -> Option<(*mut u8, u64)> {
         if self.iova.is_some() || i >= self.found {
-            return;
+            return None;
         }
         let at = self.chains[i as usize];
         // SAFETY: `at.pos < size`.
         let d = unsafe { walk::read_ring_desc(self.desc, at.pos) };
         if d.flags & DESC_F_INDIRECT != 0 {
-            return;
+            return None;
         }
-        let Some((ptr, n)) = self.mem.translate(&mut self.hint, d.addr, d.len as u64) else { return };
-        prefetch_lines(pw, ptr, n, lines);
+        self.mem.translate(&mut self.hint, d.addr, d.len as u64)
     }
 
     /// [`prefetch_write`](Self::prefetch_write)'s counterpart for a buffer the burst
     /// will read (`--prefetch-tx`).
     #[inline]
     pub fn prefetch_read(&mut self, i: u16, lines: usize) {
-        if self.iova.is_some() || i >= self.found {
-            return;
+        if let Some((ptr, n)) = self.first_buffer(i) {
+            prefetch_lines_read(ptr, n, lines);
         }
-        let at = self.chains[i as usize];
-        // SAFETY: `at.pos < size`.
-        let d = unsafe { walk::read_ring_desc(self.desc, at.pos) };
-        if d.flags & DESC_F_INDIRECT != 0 {
-            return;
-        }
-        let Some((ptr, n)) = self.mem.translate(&mut self.hint, d.addr, d.len as u64) else { return };
-        prefetch_lines_read(ptr, n, lines);
     }
 
     /// Writes the used descriptor for `head` with `len` bytes written, after the ones

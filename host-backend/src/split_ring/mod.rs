@@ -317,17 +317,26 @@ impl DeviceRing {
     #[inline(always)]
     pub fn prefetch_write(&mut self, i: u16, lines: usize) {
         let Some(pw) = self.write_prefetch else { return };
-        if self.iova.is_some() {
-            return;
+        if let Some((ptr, n)) = self.first_buffer(i) {
+            prefetch_lines(pw, ptr, n, lines);
         }
-        let Ok(head) = self.head(i) else { return };
+    }
+
+    /// The first buffer of the `i`-th available chain, translated, for the prefetch
+    /// hints: none behind an IOMMU (a miss must not be raised for a hint) or for an
+    /// indirect table.
+    #[inline(always)]
+    fn first_buffer(&mut self, i: u16) -> Option<(*mut u8, u64)> {
+        if self.iova.is_some() {
+            return None;
+        }
+        let head = self.head(i).ok()?;
         // SAFETY: `head < size` (checked by `head`), the main table's length.
         let d = unsafe { Self::read_desc(self.areas.desc, head) };
         if d.flags & DESC_F_INDIRECT != 0 {
-            return;
+            return None;
         }
-        let Some((ptr, n)) = self.mem.translate(&mut self.hint, d.addr, d.len as u64) else { return };
-        prefetch_lines(pw, ptr, n, lines);
+        self.mem.translate(&mut self.hint, d.addr, d.len as u64)
     }
 
     /// [`prefetch_write`](Self::prefetch_write)'s counterpart for a transmitted frame the
@@ -335,17 +344,9 @@ impl DeviceRing {
     /// the other core.
     #[inline(always)]
     pub fn prefetch_read(&mut self, i: u16, lines: usize) {
-        if self.iova.is_some() {
-            return;
+        if let Some((ptr, n)) = self.first_buffer(i) {
+            prefetch_lines_read(ptr, n, lines);
         }
-        let Ok(head) = self.head(i) else { return };
-        // SAFETY: `head < size` (checked by `head`), the main table's length.
-        let d = unsafe { Self::read_desc(self.areas.desc, head) };
-        if d.flags & DESC_F_INDIRECT != 0 {
-            return;
-        }
-        let Some((ptr, n)) = self.mem.translate(&mut self.hint, d.addr, d.len as u64) else { return };
-        prefetch_lines_read(ptr, n, lines);
     }
 
     /// Reads descriptor `i` of the descriptor table at `table` (volatile: the driver owns

@@ -1,0 +1,36 @@
+# Shared by the benchmark scripts (sourced, not run): the work directory, the processes a
+# run started and their cleanup, waiting for a line in a log, and the core-to-core round
+# trip (examples/core_rtt.rs) that every rate here follows.
+
+# bench_init TAG HUGE_PREFIX: WORK (a new directory /tmp/vnet-TAG.XXXXXX), PIDS (the
+# processes the current run started; the script keeps it up to date), and on exit: every
+# process in PIDS killed, the script's own bench_extra_cleanup run if it defines one, WORK
+# and the hugepage files /dev/hugepages/HUGE_PREFIX* (DPDK's --file-prefix) removed.
+bench_init() {
+    [ -n "$2" ] || { echo "bench_init: a hugepage file prefix is required" >&2; exit 2; }
+    WORK=$(mktemp -d "/tmp/vnet-$1.XXXXXX")
+    PIDS=""
+    BENCH_HUGE=$2
+    trap bench_cleanup EXIT
+    trap 'exit 130' INT TERM
+}
+
+bench_cleanup() {
+    for p in $PIDS; do kill -TERM "$p" 2>/dev/null; done
+    sleep 0.5
+    for p in $PIDS; do kill -KILL "$p" 2>/dev/null; done
+    if declare -F bench_extra_cleanup >/dev/null; then bench_extra_cleanup; fi
+    rm -rf "$WORK" /dev/hugepages/"$BENCH_HUGE"*
+}
+
+# wait_for FILE PATTERN TIMEOUT_S: until FILE has a line matching PATTERN.
+wait_for() {
+    local i
+    for i in $(seq $(( $3 * 10 ))); do grep -q -- "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+    return 1
+}
+
+# The round trip between GUEST_CPU and HOST_CPU now, in ns ("-" if it cannot be measured).
+rtt() {
+    "$RTT" "$GUEST_CPU" "$HOST_CPU" 0.3 2>/dev/null | sed -n 's/^rtt_ns=\([0-9]*\).*/\1/p' | grep . || echo -
+}
