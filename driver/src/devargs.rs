@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::layout::features as f;
 use crate::port::PortConfig;
 
-/// A virtio-user port from `--vdev virtio_user<N>,path=SOCK[,queues=N][,queue_size=N][,mac=..][,packed_vq=0|1][,in_order=0|1][,mrg_rxbuf=0|1]`
+/// A virtio-user port from `--vdev virtio_user<N>,path=SOCK[,server=0|1][,queues=N][,queue_size=N][,mac=..][,packed_vq=0|1][,in_order=0|1][,mrg_rxbuf=0|1]`
 /// (the `net_` prefix is optional).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VdevSpec {
@@ -33,6 +33,8 @@ pub struct VdevSpec {
     /// Negotiate `VIRTIO_NET_F_MRG_RXBUF` when offered (DPDK's `mrg_rxbuf=`; default 0
     /// here, so receive stays on flat frames unless asked).
     pub mrg_rxbuf: bool,
+    /// Server role (DPDK's `server=1`): listen on `path` for the back-end.
+    pub server: bool,
 }
 
 impl VdevSpec {
@@ -46,13 +48,18 @@ impl VdevSpec {
             in_order: true,
             packed_vq: false,
             mrg_rxbuf: false,
+            server: false,
         }
     }
 
     /// The port configuration these arguments ask for (other fields at their defaults;
     /// `queue_pairs` from `queues=`, else 1).
     pub fn port_config(&self) -> PortConfig {
-        let mut pc = PortConfig::virtio_user(&self.path);
+        let mut pc = if self.server {
+            PortConfig::virtio_user_server(&self.path)
+        } else {
+            PortConfig::virtio_user(&self.path)
+        };
         pc.ring_size = self.queue_size;
         pc.mac = self.mac;
         pc.packed = self.packed_vq;
@@ -152,6 +159,7 @@ pub fn parse_vdev(s: &str) -> Result<VdevSpec> {
             "in_order" => spec.in_order = flag(k, v)?,
             "packed_vq" => spec.packed_vq = flag(k, v)?,
             "mrg_rxbuf" => spec.mrg_rxbuf = flag(k, v)?,
+            "server" => spec.server = flag(k, v)?,
             other => return Err(bad(format!("unknown argument '{other}'"))),
         }
     }
@@ -185,8 +193,13 @@ mod tests {
         assert_eq!((v.queues, v.queue_size, v.mac), (Some(2), 512, Some([2, 0, 0, 0, 0, 5])));
         let pc = v.port_config();
         assert_eq!((pc.queue_pairs, pc.ring_size, pc.packed), (2, 512, false));
-        let v = parse_vdev("virtio_user1,path=/x,packed_vq=1,queue_size=100,in_order=0,mrg_rxbuf=1").unwrap();
-        assert!(v.packed_vq && !v.in_order && v.mrg_rxbuf);
+        assert!(
+            !v.server && matches!(pc.transport, crate::TransportConfig::VirtioUser { server: false, .. })
+        );
+        let v = parse_vdev("virtio_user1,path=/x,packed_vq=1,queue_size=100,in_order=0,mrg_rxbuf=1,server=1")
+            .unwrap();
+        assert!(v.packed_vq && !v.in_order && v.mrg_rxbuf && v.server);
+        assert!(matches!(v.port_config().transport, crate::TransportConfig::VirtioUser { server: true, .. }));
         let pc = v.port_config();
         assert_eq!(pc.features & f::bit(f::IN_ORDER), 0);
         assert_ne!(pc.features & f::bit(f::NET_MRG_RXBUF), 0);

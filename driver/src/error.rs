@@ -238,6 +238,16 @@ pub enum Error {
     /// The port was closed (its device reset): no command can be sent any more.
     #[error("{0}: the port is closed")]
     PortClosed(String),
+    /// The port's link is down (its back-end went away and has not come back yet): a
+    /// control command cannot reach the device now. Settings made before are replayed
+    /// when the port reconnects.
+    #[error("{device}: the link is down ({reason}): control commands wait for the device to come back")]
+    LinkDown {
+        /// The port.
+        device: String,
+        /// Why the link is down.
+        reason: String,
+    },
     /// An XDP program cannot be attached because receive offloads that merge frames
     /// (guest TSO/UFO/ECN/USO) are on and the device cannot switch them off.
     #[error(

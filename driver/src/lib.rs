@@ -46,7 +46,9 @@
 //! re-exported from the `vnet-spec` crate), [`dma`] (the DMA arena), [`mempool`] (buffers and packets), [`ring`] (the driver-side split and packed rings),
 //! [`queue`] (rx/tx bursts, the XDP hook), [`ctrl`] (the control queue), [`transport`]
 //! (virtio-user and virtio-PCI), [`vfio`] (userspace VFIO: groups, BARs, DMA mapping),
-//! [`port`] (device init), [`devargs`] (DPDK-style `--vdev`/`-a` port arguments).
+//! [`port`] (device init), [`link`] (link state, change notifications, the ring reset
+//! after a back-end restart; the supervisor thread that reconnects lives in
+//! `supervisor.rs`), [`devargs`] (DPDK-style `--vdev`/`-a` port arguments).
 
 pub mod ctrl;
 pub mod devargs;
@@ -55,10 +57,12 @@ pub mod error;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz_api;
+pub mod link;
 pub mod mempool;
 pub mod port;
 pub mod queue;
 pub mod ring;
+mod supervisor;
 pub mod transport;
 pub mod vfio;
 
@@ -69,6 +73,7 @@ pub use spec::{frame, layout, offload, packed};
 
 pub use ctrl::{Control, ControlCounts};
 pub use error::{DeviceError, Error, Result};
+pub use link::{LinkStatus, LinkWatch};
 pub use mempool::{free_bulk, Mempool, Packet, TxCsum, TxGso, TxOffload};
 pub use port::{Port, PortConfig, PortInfo, TransportConfig};
 pub use queue::{QueuePair, QueueStatsSnapshot, RxMeta, RxQueue, TxQueue, XdpOut, XdpProgram, XdpVerdict};

@@ -40,16 +40,18 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::ctrl::{Control, ControlParams, ControlQueue, CTRL_RING_SIZE};
 use crate::dma::{ArenaPlan, DmaArena};
 use crate::error::{Error, Result};
 use crate::layout::{self, ctrl, features as f};
+use crate::link::{LinkShared, LinkStatus, LinkWatch};
 use crate::mempool::{self, Mempool, DEFAULT_BUF_SIZE, DEFAULT_HEADROOM, MAX_BUF_SIZE};
 use crate::queue::{PairStats, QueuePair, QueueStatsSnapshot, RxQueue, TxQueue};
 use crate::ring::{AnyRing, DriverRing, PackedRing, RingFeatures};
+use crate::supervisor::{Supervisor, Watched};
 use crate::transport::pci::PciTransport;
 use crate::transport::vhost_user::VhostUserTransport;
 use crate::transport::{NetConfig, Transport};
@@ -61,6 +63,11 @@ pub enum TransportConfig {
     VirtioUser {
         /// The back-end's unix socket.
         path: PathBuf,
+        /// Server role (DPDK's `server=1`): the driver listens on `path` and the back-end
+        /// connects (ours with `--client`, DPDK's `net_vhost` with `client=1`), at open
+        /// and again after it restarts. Otherwise the driver connects, and reconnects
+        /// with backoff after the back-end went away.
+        server: bool,
     },
     /// VFIO-PCI: a virtio-net PCI device bound to `vfio-pci` (type-1 IOMMU or no-IOMMU
     /// mode, whichever its VFIO group is; no-IOMMU forces hugepages).
@@ -138,7 +145,14 @@ impl PortConfig {
     /// Defaults for a virtio-user port on `path`: one queue pair, 256-entry rings,
     /// 256-byte headroom in 2304-byte buffers.
     pub fn virtio_user(path: impl Into<PathBuf>) -> PortConfig {
-        Self::with_transport(TransportConfig::VirtioUser { path: path.into() })
+        Self::with_transport(TransportConfig::VirtioUser { path: path.into(), server: false })
+    }
+
+    /// As [`PortConfig::virtio_user`] in the server role (DPDK's `server=1`): the driver
+    /// listens on `path`, and `open` waits up to `vhost_user_timeout` for the back-end to
+    /// connect.
+    pub fn virtio_user_server(path: impl Into<PathBuf>) -> PortConfig {
+        Self::with_transport(TransportConfig::VirtioUser { path: path.into(), server: true })
     }
 
     /// Defaults for a VFIO-PCI port on the device at `bdf` (bound to `vfio-pci`): as
@@ -281,18 +295,29 @@ struct Opened {
     stats: Vec<Arc<PairStats>>,
     stopped: Arc<AtomicBool>,
     control: Control,
+    link: Arc<LinkShared>,
 }
 
 /// An open virtio-net port.
 pub struct Port {
-    transport: Box<dyn Transport>,
+    /// Shared with the supervisor (control path only).
+    transport: Arc<Mutex<Box<dyn Transport>>>,
     info: PortInfo,
     pool: Mempool,
-    pairs: Vec<Option<QueuePair>>,
+    /// Queue pairs not taken yet (the supervisor resets their rings after a reconnection).
+    pairs: Arc<Mutex<Vec<Option<QueuePair>>>>,
     stats: Vec<Arc<PairStats>>,
     stopped: Arc<AtomicBool>,
     control: Control,
+    link: Arc<LinkShared>,
+    /// Watches the device and reconnects (`supervisor.rs`); stopped first at close.
+    supervisor: Option<Supervisor>,
     closed: bool,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Each holder leaves the value consistent between its calls.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn random_mac() -> [u8; 6] {
@@ -360,7 +385,13 @@ impl Port {
         mempool::check_geometry(buffers_upper, cfg.buf_size, cfg.headroom)?;
         let mac = cfg.mac.unwrap_or_else(random_mac);
         let mut transport: Box<dyn Transport> = match &cfg.transport {
-            TransportConfig::VirtioUser { path } => Box::new(VhostUserTransport::connect(
+            TransportConfig::VirtioUser { path, server: false } => Box::new(VhostUserTransport::connect(
+                path,
+                mac,
+                cfg.vhost_user_timeout,
+                cfg.vhost_user_peer_uid,
+            )?),
+            TransportConfig::VirtioUser { path, server: true } => Box::new(VhostUserTransport::listen(
                 path,
                 mac,
                 cfg.vhost_user_timeout,
@@ -414,16 +445,35 @@ impl Port {
         let arena = Arc::new(arena);
         let mut setup = None;
         match Self::init(&cfg, transport.as_mut(), &arena, frame_room, &mut setup) {
-            Ok(p) => Ok(Port {
-                transport,
-                info: p.info,
-                pool: p.pool,
-                pairs: p.pairs,
-                stats: p.stats,
-                stopped: p.stopped,
-                control: p.control,
-                closed: false,
-            }),
+            Ok(p) => {
+                let transport = Arc::new(Mutex::new(transport));
+                let pairs = Arc::new(Mutex::new(p.pairs));
+                let supervisor = Supervisor::start(Watched {
+                    transport: transport.clone(),
+                    link: p.link.clone(),
+                    control: p.control.clone(),
+                    untaken: pairs.clone(),
+                    features: p.info.features,
+                    device: p.info.description.clone(),
+                })
+                .map_err(|e| Error::io("starting the port's supervisor thread", e));
+                let port = Port {
+                    transport,
+                    info: p.info,
+                    pool: p.pool,
+                    pairs,
+                    stats: p.stats,
+                    stopped: p.stopped,
+                    control: p.control,
+                    link: p.link,
+                    supervisor: None,
+                    closed: false,
+                };
+                // Dropping the port on an error resets the device.
+                let mut port = port;
+                port.supervisor = Some(supervisor?);
+                Ok(port)
+            }
             Err(e) => {
                 // Stop the device before the rings and buffers it may know go away (the
                 // arena itself lives until after this reset), then let the queues built
@@ -565,6 +615,8 @@ impl Port {
             ctrl_queue.map(|(_, q)| q),
         );
         let stopped = Arc::new(AtomicBool::new(false));
+        let link_up = config.status & layout::net_config::S_LINK_UP != 0;
+        let link = LinkShared::new(2 * setup as usize, link_up);
         let mut pairs = Vec::new();
         let mut stats = Vec::new();
         for p in 0..setup {
@@ -592,8 +644,10 @@ impl Port {
                 config.mtu,
                 mrg,
             );
+            rx.set_reset_point(link.reset_point(2 * p as usize));
             rx.refill();
-            let tx = TxQueue::new(tx_ring, pool.clone(), st.clone(), stopped.clone(), features);
+            let mut tx = TxQueue::new(tx_ring, pool.clone(), st.clone(), stopped.clone(), features);
+            tx.set_reset_point(link.reset_point(2 * p as usize + 1));
             pairs.push(Some(QueuePair { index: p, rx, tx }));
             stats.push(st);
         }
@@ -632,7 +686,7 @@ impl Port {
             description: transport.describe(),
             mac: config.mac,
             mtu: config.mtu,
-            link_up: config.status & layout::net_config::S_LINK_UP != 0,
+            link_up,
             features,
             queue_pairs: setup,
             max_queue_pairs: dev_max,
@@ -640,7 +694,7 @@ impl Port {
             ring_size: cfg.ring_size,
             packed: features & f::bit(f::RING_PACKED) != 0,
         };
-        Ok(Opened { info, pool, pairs, stats, stopped, control })
+        Ok(Opened { info, pool, pairs, stats, stopped, control, link })
     }
 
     /// The port's control queue: commands (RX mode, MAC and VLAN filters, queue pairs,
@@ -659,15 +713,27 @@ impl Port {
         &self.pool
     }
 
+    /// The link now: up or down and why, changes and reconnections so far.
+    pub fn link(&self) -> LinkStatus {
+        self.link.status()
+    }
+
+    /// A handle to watch the link from any thread: poll it or wait for a change (DPDK's
+    /// link state change event).
+    pub fn link_watch(&self) -> LinkWatch {
+        LinkWatch::new(self.link.clone())
+    }
+
     /// Takes queue pair `i` (each pair can be taken once; its halves may go to
-    /// different threads).
+    /// different threads). A queue must then be polled for the port to come back after
+    /// its back-end restarted (see `supervisor.rs`).
     pub fn queue_pair(&mut self, i: u16) -> Option<QueuePair> {
-        self.pairs.get_mut(i as usize)?.take()
+        lock(&self.pairs).get_mut(i as usize)?.take()
     }
 
     /// Takes every queue pair not taken yet.
     pub fn take_queue_pairs(&mut self) -> Vec<QueuePair> {
-        self.pairs.iter_mut().filter_map(Option::take).collect()
+        lock(&self.pairs).iter_mut().filter_map(Option::take).collect()
     }
 
     /// Counters of every queue pair.
@@ -682,7 +748,7 @@ impl Port {
     pub fn close(mut self, pairs: Vec<QueuePair>) -> Result<()> {
         let res = self.shutdown();
         drop(pairs);
-        self.pairs.clear();
+        lock(&self.pairs).clear();
         res
     }
 
@@ -691,9 +757,12 @@ impl Port {
             return Ok(());
         }
         self.closed = true;
+        // No reconnection races with the reset.
+        self.supervisor = None;
         // No command may race with the reset (a command in progress finishes first).
         self.control.close();
-        let res = self.transport.reset();
+        let res = lock(&self.transport).reset();
+        self.link.close();
         // Release: the queues' drop (acquire) sees the device reset before reusing buffers.
         self.stopped.store(true, Ordering::Release);
         res

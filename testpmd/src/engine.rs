@@ -281,6 +281,12 @@ impl EngineState {
         let mut rx_dropped = 0u64;
         let received = match mode {
             FwdMode::TxOnly | FwdMode::FlowGen => {
+                if s.rxq.reset_pending() && !self.params.latency {
+                    // The receive queue this engine never reads still resets its ring
+                    // when its back-end went away (what the old one delivered is freed).
+                    s.rxq.rx_burst(&mut self.batch, self.params.burst);
+                    driver::free_bulk(&mut self.batch);
+                }
                 let mut n = self.params.burst;
                 if self.params.latency || self.params.tx_pps != 0 {
                     n = self.measure_and_pace(s);
@@ -300,6 +306,12 @@ impl EngineState {
                     s.stats.rx_spread.record(n);
                 }
                 if n == 0 {
+                    // An idle transmit queue still resets its ring when its back-end
+                    // went away (the driver's `reset_pending`), so the port comes back
+                    // whole.
+                    if s.txq.reset_pending() {
+                        s.txq.reclaim();
+                    }
                     if let Some(noisy) = self.noisy.as_mut() {
                         let (txq, burst) = (&mut s.txq, self.params.burst);
                         let (sent, dropped) = noisy.flush(&mut s.fifo, burst, &mut |v| txq.tx_burst(v));

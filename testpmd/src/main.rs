@@ -90,9 +90,14 @@ fn run(args: Args) -> Result<(), String> {
         eprintln!("testpmd: no port given: embedded host backend (reflect) on {}", sock.display());
         cfg.vdevs = vec![VdevSpec::new(sock)];
         cfg.duration = cfg.duration.or(Some(10.0));
-        // 8 bursts of 32 fill a 256-entry ring: enough packets in the loop to keep both
-        // pollers busy (DPDK's loopback test injects with `start tx_first`, too).
-        cfg.tx_first = cfg.tx_first.or(Some(8));
+        // 6 bursts of 32 fill three quarters of a 256-entry ring: enough packets in the
+        // loop to keep both pollers busy (DPDK's loopback test injects with `start
+        // tx_first`, too), with room for one back-end burst (64): the reflect port
+        // publishes a burst's receive side before its transmit completions (a back-end
+        // that dies between the two then loses no frame uncounted), so frames can come
+        // back while their own transmit slots are still taken, and a full ring would
+        // drop them.
+        cfg.tx_first = cfg.tx_first.or(Some(6));
         embedded = Some(e);
     }
     let mut app = App::open(cfg.clone(), Box::new(std::io::stdout()))?;

@@ -60,9 +60,22 @@ pub(crate) struct ControlParams {
     pub active_pairs: u16,
 }
 
+/// A MAC table as last set: unicast and multicast addresses.
+type MacTable = (Vec<[u8; 6]>, Vec<[u8; 6]>);
+
 struct State {
     queue: Option<ControlQueue>,
     closed: bool,
+    /// The link is down (the device went away), with the reason: commands fail at once.
+    down: Option<String>,
+    /// What the application set, replayed on a new device after a reconnection
+    /// ([`Control::replay`]); `None`: never set (the device's default).
+    promisc: Option<bool>,
+    allmulti: Option<bool>,
+    mac: Option<[u8; 6]>,
+    mac_table: Option<MacTable>,
+    /// VLANs added and not deleted, in order.
+    vlans: Vec<u16>,
     active_pairs: u16,
     /// The receive offloads the application wants (initially every negotiated one).
     wanted_offloads: u64,
@@ -124,6 +137,12 @@ impl Control {
         let state = State {
             queue,
             closed: false,
+            down: None,
+            promisc: None,
+            allmulti: None,
+            mac: None,
+            mac_table: None,
+            vlans: Vec::new(),
             active_pairs: p.active_pairs,
             wanted_offloads: offloads,
             offloads,
@@ -196,6 +215,9 @@ impl Control {
         if s.closed {
             return Err(Error::PortClosed(self.shared.p.device.clone()));
         }
+        if let Some(reason) = &s.down {
+            return Err(Error::LinkDown { device: self.shared.p.device.clone(), reason: reason.clone() });
+        }
         let p = &self.shared.p;
         let Some(q) = s.queue.as_mut() else {
             return Err(Error::Unsupported {
@@ -216,12 +238,16 @@ impl Control {
 
     /// Promiscuous mode on or off (`VIRTIO_NET_F_CTRL_RX`).
     pub fn set_promisc(&self, on: bool) -> Result<()> {
-        self.run(Command::Promisc(on))
+        self.run(Command::Promisc(on))?;
+        self.lock().promisc = Some(on);
+        Ok(())
     }
 
     /// All-multicast mode on or off (`VIRTIO_NET_F_CTRL_RX`).
     pub fn set_allmulti(&self, on: bool) -> Result<()> {
-        self.run(Command::AllMulti(on))
+        self.run(Command::AllMulti(on))?;
+        self.lock().allmulti = Some(on);
+        Ok(())
     }
 
     /// The unicast and multicast addresses accepted besides the device's own
@@ -233,7 +259,9 @@ impl Control {
         if let Some(m) = multicast.iter().find(|m| m[0] & 1 == 0) {
             return Err(Error::Config(format!("{m:02x?} in the multicast table is a unicast address")));
         }
-        self.run(Command::MacTable { unicast, multicast })
+        self.run(Command::MacTable { unicast, multicast })?;
+        self.lock().mac_table = Some((unicast.to_vec(), multicast.to_vec()));
+        Ok(())
     }
 
     /// The device's own MAC address (`VIRTIO_NET_F_CTRL_MAC_ADDR`).
@@ -241,19 +269,28 @@ impl Control {
         if mac[0] & 1 != 0 {
             return Err(Error::Config(format!("{mac:02x?} is a multicast address")));
         }
-        self.run(Command::MacAddr(mac))
+        self.run(Command::MacAddr(mac))?;
+        self.lock().mac = Some(mac);
+        Ok(())
     }
 
     /// Accepts frames of VLAN `vid` (0..=4095; `VIRTIO_NET_F_CTRL_VLAN`).
     pub fn vlan_add(&self, vid: u16) -> Result<()> {
         check_vid(vid)?;
-        self.run(Command::VlanAdd(vid))
+        self.run(Command::VlanAdd(vid))?;
+        let mut s = self.lock();
+        if !s.vlans.contains(&vid) {
+            s.vlans.push(vid);
+        }
+        Ok(())
     }
 
     /// Stops accepting frames of VLAN `vid` (`VIRTIO_NET_F_CTRL_VLAN`).
     pub fn vlan_del(&self, vid: u16) -> Result<()> {
         check_vid(vid)?;
-        self.run(Command::VlanDel(vid))
+        self.run(Command::VlanDel(vid))?;
+        self.lock().vlans.retain(|v| *v != vid);
+        Ok(())
     }
 
     /// Makes the device use the first `n` queue pairs (`VIRTIO_NET_F_MQ`), 1 up to the
@@ -349,6 +386,68 @@ impl Control {
     /// The port is closing: no command goes out any more.
     pub(crate) fn close(&self) {
         self.lock().closed = true;
+    }
+
+    /// The device went away (`reason`): commands fail at once with
+    /// [`Error::LinkDown`] until [`replay`](Self::replay); the control ring is put back
+    /// in its initial state for the next device (a command left unanswered is
+    /// forgotten: the old device is gone). Control path (the port's supervisor).
+    pub(crate) fn device_gone(&self, reason: &str) {
+        let mut s = self.lock();
+        s.down = Some(reason.to_string());
+        if let Some(q) = s.queue.as_mut() {
+            q.reset_for_new_device();
+        }
+    }
+
+    /// The port is on a new device, started: commands go out again, and what the
+    /// application had set is sent to it, in the order a fresh port would: the MAC, the
+    /// receive modes, the MAC table, the VLANs, the queue pairs in use and the receive
+    /// offloads. Stops at the first command that gets no answer (a back-end that does
+    /// not serve the control queue, as DPDK's `net_vhost`: the pairs in use are then
+    /// the rings enabled over vhost-user). Returns how many commands were sent and the
+    /// first error, if any.
+    pub(crate) fn replay(&self) -> (u32, Option<Error>) {
+        let mut s = self.lock();
+        s.down = None;
+        if s.queue.is_none() || s.closed {
+            return (0, None);
+        }
+        let p = &self.shared.p;
+        let mut cmds: Vec<Command<'_>> = Vec::new();
+        // Owned copies: the commands borrow them while the state is locked.
+        let (mac, promisc, allmulti, table, vlans) =
+            (s.mac, s.promisc, s.allmulti, s.mac_table.clone(), s.vlans.clone());
+        if let Some(m) = mac {
+            cmds.push(Command::MacAddr(m));
+        }
+        if let Some(on) = promisc {
+            cmds.push(Command::Promisc(on));
+        }
+        if let Some(on) = allmulti {
+            cmds.push(Command::AllMulti(on));
+        }
+        if let Some((u, m)) = &table {
+            cmds.push(Command::MacTable { unicast: u, multicast: m });
+        }
+        cmds.extend(vlans.iter().map(|v| Command::VlanAdd(*v)));
+        if p.features & f::bit(f::NET_MQ) != 0 && p.pairs > 1 {
+            cmds.push(Command::QueuePairs(s.active_pairs));
+        }
+        if s.offloads != p.features & f::GUEST_OFFLOADS {
+            cmds.push(Command::GuestOffloads(s.offloads));
+        }
+        let mut sent = 0;
+        for c in &cmds {
+            if p.features & f::bit(c.feature()) == 0 {
+                continue;
+            }
+            sent += 1;
+            if let Err(e) = self.send(&mut s, c) {
+                return (sent, Some(e));
+            }
+        }
+        (sent, None)
     }
 }
 

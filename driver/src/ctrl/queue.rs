@@ -82,6 +82,16 @@ impl ControlQueue {
         &mut self.ring
     }
 
+    /// The device went away: the ring goes back to its initial state for the next one,
+    /// a command left unanswered is forgotten (its buffer is ours again), and whether
+    /// the device serves the queue is learnt again.
+    pub(crate) fn reset_for_new_device(&mut self) {
+        self.ring.drain_and_reset();
+        self.pending = None;
+        self.answered = false;
+        self.broken = None;
+    }
+
     /// The token of the next completed command, if one completed.
     fn reap(&mut self) -> std::result::Result<Option<u32>, DeviceError> {
         Ok(self.ring.pop_one()?.map(|(token, _)| token))

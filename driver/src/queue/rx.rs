@@ -17,6 +17,7 @@ use std::sync::Arc;
 use crate::ctrl::Control;
 use crate::error::DeviceError;
 use crate::layout::NET_HDR_LEN;
+use crate::link::ResetPoint;
 use crate::mempool::{Mempool, Packet};
 use crate::ring::{AnyRing, DriverRing, PackedRing, PostSource, Ring, UsedSink};
 
@@ -71,6 +72,8 @@ pub(super) struct RxHalf<R: Ring> {
     mrg: bool,
     /// What the device may write into a frame's header (negotiated features).
     pub(super) hdr_rules: HdrRules,
+    /// Tells the half when the device its ring was set up on went away (`link.rs`).
+    reset: ResetPoint,
 }
 
 /// The buffers of one refill: pool indices taken under one lock, posted at their
@@ -160,6 +163,30 @@ impl RxQueue {
         })
     }
 
+    /// Joins the port's reset handshake (`link.rs`).
+    pub(crate) fn set_reset_point(&mut self, rp: ResetPoint) {
+        on_half!(&mut self.0, h => h.reset = rp)
+    }
+
+    /// Whether the device this queue's ring was set up on went away and the ring waits
+    /// to be reset: the next `rx_burst` does it (frames the old device completed are
+    /// received first). An application that leaves this queue idle (a transmit-only
+    /// engine) should poll it when this is true, or the port comes back without it. One
+    /// atomic load.
+    #[inline]
+    pub fn reset_pending(&self) -> bool {
+        on_half!(&self.0, h => h.reset.pending())
+    }
+
+    /// For a queue nobody polls (not taken from its port): if the device went away,
+    /// resets the ring now, without receiving what the old device left in it (those
+    /// buffers go back to the pool with the rest).
+    pub(crate) fn reset_if_pending(&mut self) {
+        on_half!(&mut self.0, h => if h.reset.pending() {
+            h.reset_ring()
+        })
+    }
+
     /// The half on its ring's layout.
     pub(super) fn half(&mut self) -> &mut RxKind {
         &mut self.0
@@ -244,6 +271,7 @@ impl<R: Ring> RxHalf<R> {
             control,
             mtu,
             mrg,
+            reset: ResetPoint::standalone(),
         }
     }
 
@@ -276,7 +304,44 @@ impl<R: Ring> RxHalf<R> {
         self.ring.publish();
     }
 
-    fn rx_inner(&mut self, batch: &mut Vec<Packet>, mut meta: Option<&mut Vec<RxMeta>>, max: usize) -> usize {
+    fn rx_inner(&mut self, batch: &mut Vec<Packet>, meta: Option<&mut Vec<RxMeta>>, max: usize) -> usize {
+        if self.reset.pending() {
+            return self.device_gone(batch, meta, max);
+        }
+        self.rx_ring(batch, meta, max)
+    }
+
+    /// The device this ring was set up on went away (`link.rs`): first the frames it
+    /// completed before (its used index was published then), as usual; once there are
+    /// none, every buffer still posted goes back to the pool (no frame is in them), the
+    /// ring goes back to its initial state (a queue the old device broke included) and
+    /// is filled again for the next device, which starts at index 0.
+    #[cold]
+    fn device_gone(&mut self, batch: &mut Vec<Packet>, meta: Option<&mut Vec<RxMeta>>, max: usize) -> usize {
+        if self.error.is_none() {
+            let n = self.rx_ring(batch, meta, max);
+            if n > 0 {
+                return n;
+            }
+        }
+        self.reset_ring();
+        0
+    }
+
+    /// Every posted buffer back to the pool, the ring in its initial state and filled
+    /// again, the reset acknowledged (`device_gone`).
+    fn reset_ring(&mut self) {
+        let idx = self.ring.drain_in_flight();
+        // SAFETY: the tokens of the buffers posted to the old device, which is gone (the
+        // epoch moves only after its connection closed): ours again, each given back once.
+        unsafe { self.pool.put_indices(&idx) };
+        self.ring.reset();
+        self.error = None;
+        self.refill();
+        self.reset.done();
+    }
+
+    fn rx_ring(&mut self, batch: &mut Vec<Packet>, mut meta: Option<&mut Vec<RxMeta>>, max: usize) -> usize {
         if self.error.is_some() {
             return 0;
         }

@@ -56,6 +56,9 @@ pub struct TxStats {
     pub errors: AtomicU64,
     /// Protocol violations by the device (the queue stopped).
     pub device_errors: AtomicU64,
+    /// Packets the device held when it went away (a back-end that restarted or died):
+    /// freed when the ring was reset for the next device; sent or not, never sent again.
+    pub lost: AtomicU64,
 }
 
 /// A plain copy of one queue pair's counters.
@@ -82,6 +85,8 @@ pub struct QueueStatsSnapshot {
     /// Packets refused and dropped: a bad or unnegotiated offload request, a chain too
     /// long.
     pub tx_errors: u64,
+    /// Packets the device held when it went away (freed at the ring's reset).
+    pub tx_lost: u64,
     /// Device protocol violations seen on either queue.
     pub device_errors: u64,
     /// XDP Pass verdicts.
@@ -120,6 +125,7 @@ impl PairStats {
             tx_copied: l(&self.tx.copied),
             tx_nobuf: l(&self.tx.nobuf),
             tx_errors: l(&self.tx.errors),
+            tx_lost: l(&self.tx.lost),
             device_errors: l(&self.rx.device_errors) + l(&self.tx.device_errors),
             xdp_pass: l(&self.rx.xdp_pass),
             xdp_drop: l(&self.rx.xdp_drop),

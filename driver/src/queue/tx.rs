@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use crate::error::DeviceError;
 use crate::layout::NET_HDR_LEN;
+use crate::link::ResetPoint;
 use crate::mempool::{Mempool, Packet};
 use crate::ring::{AnyRing, DriverRing, PackedRing, PostSource, Ring, TokenSink};
 use spec::prefetch::WritePrefetch;
@@ -62,6 +63,8 @@ struct TxHalf<R: Ring> {
     iova_delta: Option<u64>,
     /// The transmit offloads the device accepted.
     caps: TxCaps,
+    /// Tells the half when the device its ring was set up on went away (`link.rs`).
+    reset: ResetPoint,
 }
 
 /// Most descriptors one packet may take (its segments); a longer chain is refused and
@@ -165,6 +168,29 @@ impl TxQueue {
         })
     }
 
+    /// Joins the port's reset handshake (`link.rs`).
+    pub(crate) fn set_reset_point(&mut self, rp: ResetPoint) {
+        on_half!(&mut self.0, h => h.reset = rp)
+    }
+
+    /// Whether the device this queue's ring was set up on went away and the ring waits
+    /// to be reset: the next `tx_burst` or [`reclaim`](Self::reclaim) does it (what the
+    /// old device held is counted in `tx_lost`). An application that may leave this
+    /// queue idle should call `reclaim` when this is true, or the port comes back
+    /// without it (and the frames it held stay uncounted). One atomic load.
+    #[inline]
+    pub fn reset_pending(&self) -> bool {
+        on_half!(&self.0, h => h.reset.pending())
+    }
+
+    /// For a queue nobody polls (not taken from its port): if the device went away,
+    /// counts what it held as lost and resets the ring now.
+    pub(crate) fn reset_if_pending(&mut self) {
+        on_half!(&mut self.0, h => if h.reset.pending() {
+            h.reset_ring()
+        })
+    }
+
     /// Reclaims buffers the device has finished with (in one batch per pool lock);
     /// returns how many.
     pub fn reclaim(&mut self) -> usize {
@@ -209,10 +235,48 @@ impl<R: Ring> TxHalf<R> {
             prefetchw: WritePrefetch::detect(),
             iova_delta,
             caps,
+            reset: ResetPoint::standalone(),
         }
     }
 
     fn reclaim(&mut self) -> usize {
+        if self.reset.pending() {
+            return self.device_gone();
+        }
+        self.reclaim_ring()
+    }
+
+    /// The device this ring was set up on went away (`link.rs`): the packets it
+    /// completed before are reclaimed as usual, every other packet it held is freed and
+    /// counted in `tx_lost` (it may or may not have been sent: it is not sent again), and
+    /// the ring goes back to its initial state for the next device (a queue the old
+    /// device broke included).
+    #[cold]
+    fn device_gone(&mut self) -> usize {
+        let done = self.reclaim_ring();
+        self.reset_ring();
+        done
+    }
+
+    /// Frees (and counts as lost) every packet still in flight, puts the ring in its
+    /// initial state and acknowledges the reset (`device_gone`).
+    fn reset_ring(&mut self) {
+        // The ring's tokens are the `inflight` slots, emptied below.
+        drop(self.ring.drain_in_flight());
+        let mut lost = 0;
+        for p in self.inflight.iter_mut().filter_map(Option::take) {
+            lost += 1;
+            // The old device is gone (the epoch moves only after its connection
+            // closed): the buffer is ours again.
+            drop(p);
+        }
+        bump(&self.stats.tx.lost, lost);
+        self.ring.reset();
+        self.error = None;
+        self.reset.done();
+    }
+
+    fn reclaim_ring(&mut self) -> usize {
         if self.error.is_some() {
             return 0;
         }

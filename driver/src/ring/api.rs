@@ -48,6 +48,9 @@ pub trait Ring {
     fn pop_used_tokens(&mut self, n: u16, sink: &mut impl TokenSink) -> Result<u16, (u16, DeviceError)>;
     /// Tokens of every buffer still in flight (at close, after the device reset).
     fn drain_in_flight(&mut self) -> Vec<u32>;
+    /// Back to the initial state for a new device, once drained; see
+    /// [`DriverRing::reset`].
+    fn reset(&mut self);
 }
 
 impl Ring for DriverRing {
@@ -105,6 +108,9 @@ impl Ring for DriverRing {
     fn drain_in_flight(&mut self) -> Vec<u32> {
         DriverRing::drain_in_flight(self).collect()
     }
+    fn reset(&mut self) {
+        DriverRing::reset(self)
+    }
 }
 
 impl Ring for PackedRing {
@@ -161,6 +167,9 @@ impl Ring for PackedRing {
     }
     fn drain_in_flight(&mut self) -> Vec<u32> {
         PackedRing::drain_in_flight(self).collect()
+    }
+    fn reset(&mut self) {
+        PackedRing::reset(self)
     }
 }
 
@@ -225,6 +234,20 @@ impl AnyRing {
                 _ => r.pop_used().map(Some),
             },
             AnyRing::Packed(r) => r.pop_used(),
+        }
+    }
+    /// Forgets every buffer in flight and goes back to the initial state, for a new
+    /// device (control path; see [`DriverRing::reset`]).
+    pub fn drain_and_reset(&mut self) {
+        match self {
+            AnyRing::Split(r) => {
+                r.drain_in_flight().for_each(drop);
+                r.reset();
+            }
+            AnyRing::Packed(r) => {
+                r.drain_in_flight().for_each(drop);
+                r.reset();
+            }
         }
     }
 }

@@ -190,13 +190,50 @@ impl DriverRing {
             kicks: 0,
             _arena: arena.clone(),
         };
-        // We poll: ask the device not to interrupt us.
-        if event_idx {
-            r.used_event().store(u16::MAX, Ordering::Relaxed);
-        } else {
-            r.avail_flags().store(layout::AVAIL_F_NO_INTERRUPT, Ordering::Relaxed);
-        }
+        let mut r = r;
+        r.reset();
         Ok(r)
+    }
+
+    /// Puts the ring in its initial state: ring memory zeroed, every descriptor free,
+    /// indices at 0, the device asked not to interrupt. At creation, and for a new device
+    /// after the one the ring was set up on went away (a back-end restart): every buffer
+    /// must have been taken back first ([`drain_in_flight`](Self::drain_in_flight)). The
+    /// notifier and the kick count stay. Control path only.
+    pub fn reset(&mut self) {
+        debug_assert_eq!(self.heads, 0, "buffers still in flight");
+        let [d, a, u] = Self::allocations(self.size);
+        // SAFETY: the three areas are this ring's, of these sizes (`allocations`); no
+        // device uses them now (new, or the caller's contract: the device it was set up
+        // on is gone and the next gets it only after this), so plain writes race with
+        // nothing.
+        unsafe {
+            std::ptr::write_bytes(self.desc, 0, d.0);
+            std::ptr::write_bytes(self.avail, 0, a.0);
+            std::ptr::write_bytes(self.used, 0, u.0);
+        }
+        let size = self.size;
+        for (i, f) in self.free.iter_mut().enumerate() {
+            *f = size - 1 - i as u16;
+        }
+        self.nfree = size;
+        self.tokens.fill(NO_TOKEN);
+        self.posted_len.fill(0);
+        self.links.fill(NO_NEXT);
+        self.next_desc = 0;
+        self.used_desc = 0;
+        self.batch_id = NO_BATCH;
+        self.batch_len = 0;
+        self.heads = 0;
+        self.avail_idx = 0;
+        self.published = 0;
+        self.last_used = 0;
+        // We poll: ask the device not to interrupt us.
+        if self.event_idx {
+            self.used_event().store(u16::MAX, Ordering::Relaxed);
+        } else {
+            self.avail_flags().store(layout::AVAIL_F_NO_INTERRUPT, Ordering::Relaxed);
+        }
     }
 
     /// What [`DriverRing::new`] takes from the arena, in order: `(bytes, alignment)` of

@@ -78,14 +78,15 @@ impl Deadline {
         self.limit
     }
 
-    /// Runs `f` (one request) under the deadline. Returns its result and whether the
-    /// deadline fired (then the connection is shut down, whatever `f` returned).
-    pub(crate) fn run<T>(&self, f: impl FnOnce() -> T) -> (T, bool) {
+    /// Runs `f` (one request) under a deadline of `limit` (the connection's
+    /// [`limit`](Self::limit), or a heartbeat's, shorter). Returns its result and whether
+    /// the deadline fired (then the connection is shut down, whatever `f` returned).
+    pub(crate) fn run_within<T>(&self, limit: Duration, f: impl FnOnce() -> T) -> (T, bool) {
         let (m, cv) = &*self.shared;
         {
             let mut st = lock(m);
             if !st.fired {
-                st.armed = Some(Instant::now() + self.limit);
+                st.armed = Some(Instant::now() + limit);
             }
         }
         cv.notify_one();

@@ -182,6 +182,47 @@ pub trait Transport: Send {
     }
     /// Resets the device: it stops using every ring and buffer.
     fn reset(&mut self) -> Result<()>;
+
+    /// Whether the device is still there and what its link is (the port's supervisor
+    /// asks every 100 ms; a call is bounded in time). With `heartbeat`, a device that
+    /// is there but stopped answering is found too (a request it must answer), and the
+    /// link bit is read again. Once it said [`Probe::Gone`], the device touches the rings
+    /// no more and the transport waits for [`reconnect`](Self::reconnect).
+    fn probe(&mut self, _heartbeat: bool) -> Probe {
+        Probe::Alive { link_up: true }
+    }
+    /// After [`Probe::Gone`]: reaches the device again (a new connection, a device
+    /// reset) and negotiates `features` on it, ready for
+    /// [`restore_queues`](Self::restore_queues). An error is either temporary (tried
+    /// again later: the back-end is not back yet) or, for [`Error::Config`] and
+    /// [`Error::FeaturesRefused`], permanent.
+    fn reconnect(&mut self, _features: u64) -> Result<()> {
+        Err(crate::Error::Config(format!("{}: this transport cannot reconnect", self.describe())))
+    }
+    /// Sets the queues that were set up before and that `which` names up again (same
+    /// rings, whose state the queues reset, and the same notifiers), enables those of
+    /// them that were enabled, and makes sure the device has acted on it all (as
+    /// [`start`](Self::start)). Called once after [`reconnect`](Self::reconnect) for the
+    /// queues ready then, and again for each queue that becomes ready later.
+    fn restore_queues(&mut self, _which: &dyn Fn(u16) -> bool) -> Result<()> {
+        Err(crate::Error::Config(format!("{}: this transport cannot reconnect", self.describe())))
+    }
+}
+
+/// What [`Transport::probe`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// The device answers; `link_up` is its `VIRTIO_NET_S_LINK_UP` (true when it has no
+    /// status).
+    Alive {
+        /// The link bit.
+        link_up: bool,
+    },
+    /// The device went away (the reason): it uses the rings no more; the port can
+    /// reconnect.
+    Gone(String),
+    /// The device failed in a way this transport cannot recover from (the reason).
+    Failed(String),
 }
 
 #[cfg(test)]

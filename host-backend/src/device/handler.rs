@@ -204,6 +204,14 @@ impl VhostUserBackendReqHandler for Handler {
     }
     fn set_vring_enable(&self, index: u32, enable: bool) -> VuResult<()> {
         log::debug!("{}: SET_VRING_ENABLE {index} {enable}", self.0.params.socket.display());
+        // Enabling a ring that runs already (started by its kick fd, never disabled: the
+        // order DPDK's virtio-user, QEMU and our driver use) changes nothing a worker
+        // sees, so it is recorded without pausing the ring: a pause would stop, for one
+        // resync, the receive ring a `reflect` or `xconnect` path forwards into, and the
+        // frames taken meanwhile would be dropped as `peer_down`.
+        if enable && self.0.enable_running_queue(index) {
+            return Ok(());
+        }
         self.0.change_queue(index, |q| {
             q.enabled = Some(enable);
             Ok(())

@@ -665,6 +665,22 @@ impl Device {
     /// Applies `change` to the front-end's queue `index`: pauses it first if it is
     /// running, so that the worker's position is written back before the change, then
     /// lets workers pick up the result.
+    /// `SET_VRING_ENABLE(true)` for a queue whose runnability it does not change (not
+    /// disabled now): recorded in place, no resync. Returns whether it was (false: go
+    /// through [`change_queue`](Self::change_queue)).
+    pub(crate) fn enable_running_queue(&self, index: u32) -> bool {
+        let mut st = self.lock();
+        let Some(q) = st.queue_index(index) else {
+            return false;
+        };
+        let qs = &mut st.queues[q];
+        if qs.enabled == Some(false) {
+            return false;
+        }
+        qs.enabled = Some(true);
+        true
+    }
+
     fn change_queue(&self, index: u32, change: impl FnOnce(&mut QueueState) -> VuResult<()>) -> VuResult<()> {
         self.change_queue_at(index, change).map(|_| ())
     }

@@ -316,7 +316,11 @@ impl PortPath {
         match dside {
             Some((dr, _, _)) => {
                 dr.consume(rx_done);
-                publish_used_pair(sring, dr);
+                // The receive side first: if this process dies between the two stores,
+                // the frames are delivered and the sender (whose transmit ring then
+                // still holds them) counts them as lost in flight, never the other way
+                // (frames completed on transmit but delivered nowhere, counted by no one).
+                publish_used_pair(dr, sring);
             }
             None => {
                 sring.publish_used();

@@ -112,6 +112,34 @@ pub struct App {
     runs: u8,
 }
 
+/// Prints DPDK testpmd's `Port N: link state change event` (and what the link is now)
+/// each time port `i`'s link changes, from a thread of its own (as DPDK's callback runs
+/// on its interrupt thread), until the port is closed.
+fn link_events(i: usize, watch: driver::LinkWatch) {
+    let spawned = std::thread::Builder::new().name(format!("link-{i}")).spawn(move || {
+        let mut seen = watch.status().changes;
+        loop {
+            let s = watch.wait_change(seen, std::time::Duration::from_secs(3600));
+            if s.closed {
+                return;
+            }
+            if s.changes == seen {
+                continue;
+            }
+            seen = s.changes;
+            let now = if s.up {
+                format!("up (reconnections: {})", s.reconnects)
+            } else {
+                format!("down: {}", s.reason.as_deref().unwrap_or("no reason given"))
+            };
+            println!("\nPort {i}: link state change event\nPort {i}: link {now}");
+        }
+    });
+    if let Err(e) = spawned {
+        log::warn!("port {i}: no link state events: {e}");
+    }
+}
+
 /// The program `--xdp-prog` names.
 pub(super) fn xdp_program(p: XdpProg) -> Box<dyn driver::XdpProgram> {
     match p {
@@ -206,6 +234,7 @@ impl App {
                 }
             }
             let port = Port::open(pc).map_err(|e| format!("port {i} ({name}): {e}"))?;
+            link_events(i, port.link_watch());
             let info = port.info().clone();
             let mrg =
                 info.features & driver::layout::features::bit(driver::layout::features::NET_MRG_RXBUF) != 0;
@@ -520,6 +549,13 @@ impl App {
         drop(halves);
         if let Err(e) = self.set_capture(None) {
             res = res.and(Err(e));
+        }
+        // Every buffer is back once the ports are closed and the queues dropped (frames
+        // lost to a back-end restart included): a shortfall here is a leak.
+        let pools: Vec<(u32, u32)> =
+            self.ctx.iter().map(|c| (c.pool.available(), c.pool.capacity())).collect();
+        for (i, (free, cap)) in pools.into_iter().enumerate() {
+            self.say(&format!("Port {i}: buffers free in pool: {free} of {cap}\n"));
         }
         self.say("\nBye...\n");
         res

@@ -27,6 +27,7 @@ pub(super) fn sum(v: &[QueueStatsSnapshot]) -> QueueStatsSnapshot {
         t.tx_copied += s.tx_copied;
         t.tx_nobuf += s.tx_nobuf;
         t.tx_errors += s.tx_errors;
+        t.tx_lost += s.tx_lost;
         t.device_errors += s.device_errors;
         t.xdp_pass += s.xdp_pass;
         t.xdp_drop += s.xdp_drop;
@@ -49,6 +50,7 @@ fn sub(a: QueueStatsSnapshot, b: QueueStatsSnapshot) -> QueueStatsSnapshot {
         tx_copied: a.tx_copied - b.tx_copied,
         tx_nobuf: a.tx_nobuf - b.tx_nobuf,
         tx_errors: a.tx_errors - b.tx_errors,
+        tx_lost: a.tx_lost - b.tx_lost,
         device_errors: a.device_errors - b.device_errors,
         xdp_pass: a.xdp_pass - b.xdp_pass,
         xdp_drop: a.xdp_drop - b.xdp_drop,
@@ -249,6 +251,10 @@ impl App {
                 "  TX-packets: {:<10} TX-errors: {:<10} TX-bytes:  {}\n",
                 d.tx_packets, d.tx_errors, d.tx_bytes
             );
+            if d.tx_lost > 0 {
+                // Frames the device held when its back-end went away (not in DPDK's block).
+                s += &format!("  TX-lost-in-flight: {}\n", d.tx_lost);
+            }
             if self.xdp[i].is_some()
                 || d.xdp_pass + d.xdp_drop + d.xdp_tx + d.xdp_redirect + d.xdp_aborted > 0
             {
@@ -295,7 +301,12 @@ impl App {
             s += &format!("\n********************* Infos for port {i}  *********************\n");
             s += &format!("MAC address: {}\n", mac_str(&self.ctx[i].mac));
             s += &format!("Device: {}\n", info.description);
-            s += &format!("Link status: {}\n", if info.link_up { "up" } else { "down" });
+            let link = self.ports[i].dev()?.link();
+            s += &format!("Link status: {}\n", if link.up { "up" } else { "down" });
+            if let Some(why) = &link.reason {
+                s += &format!("Link down because: {why}{}\n", if link.failed { " (for good)" } else { "" });
+            }
+            s += &format!("Link changes: {}, reconnections: {}\n", link.changes, link.reconnects);
             s += &format!("MTU: {}\n", self.ports[i].mtu);
             s += &format!("Negotiated features: {:#x}\n", info.features);
             let ctl = self.ports[i].dev()?.control();

@@ -50,6 +50,7 @@ pub fn xstats(
             ("ring_full", s.tx_full),
             ("copied", s.tx_copied),
             ("nobuf", s.tx_nobuf),
+            ("lost_in_flight", s.tx_lost),
         ];
         v.extend(tx.iter().map(|(n, c)| (format!("tx_q{q}_{n}"), *c)));
         v.push((format!("q{q}_ring_faults"), s.device_errors));

@@ -117,14 +117,6 @@ impl PackedRing {
         let (desc, desc_iova) = arena.alloc(d.0, d.1)?;
         let (driver_event, driver_iova) = arena.alloc(a.0, a.1)?;
         let (device_event, device_iova) = arena.alloc(u.0, u.1)?;
-        // SAFETY: the three areas were just carved for this ring (sizes from
-        // `allocations`); no device knows them yet. Zero flags are "used in wrap 0",
-        // which the device (starting at wrap 1) does not take as available.
-        unsafe {
-            std::ptr::write_bytes(desc, 0, d.0);
-            std::ptr::write_bytes(driver_event, 0, a.0);
-            std::ptr::write_bytes(device_event, 0, u.0);
-        }
         let r = PackedRing {
             desc,
             driver_event,
@@ -152,9 +144,51 @@ impl PackedRing {
             kicks: 0,
             _arena: arena.clone(),
         };
-        // We poll: ask the device not to notify us (§2.8.10).
-        r.event_u16(r.driver_event, p::EVENT_FLAGS).store(p::EVENT_FLAG_DISABLE.to_le(), Ordering::Relaxed);
+        let mut r = r;
+        r.reset();
         Ok(r)
+    }
+
+    /// Puts the ring in its initial state: ring memory zeroed, every descriptor and id
+    /// free, positions at 0 with both wrap counters 1, the device asked not to notify.
+    /// At creation, and for a new device after the one the ring was set up on went away
+    /// (a back-end restart): every buffer must have been taken back first
+    /// ([`drain_in_flight`](Self::drain_in_flight)). The notifier and the kick count
+    /// stay. Control path only.
+    pub fn reset(&mut self) {
+        debug_assert_eq!(self.heads, 0, "buffers still in flight");
+        let [d, a, u] = Self::allocations(self.size);
+        // SAFETY: the three areas are this ring's, of these sizes (`allocations`); no
+        // device uses them now (new, or the caller's contract: the device it was set up
+        // on is gone and the next gets it only after this), so plain writes race with
+        // nothing. Zero flags are "used in wrap 0", which the device (starting at wrap 1)
+        // does not take as available.
+        unsafe {
+            std::ptr::write_bytes(self.desc, 0, d.0);
+            std::ptr::write_bytes(self.driver_event, 0, a.0);
+            std::ptr::write_bytes(self.device_event, 0, u.0);
+        }
+        let size = self.size;
+        self.next_avail = 0;
+        self.avail_wrap = true;
+        self.next_used = 0;
+        self.used_wrap = true;
+        self.free_slots = size;
+        for (i, f) in self.free_ids.iter_mut().enumerate() {
+            *f = size - 1 - i as u16;
+        }
+        self.nfree_ids = size;
+        self.slots.fill(Slot { token: NO_TOKEN, len: 0, ndesc: 0 });
+        self.heads = 0;
+        self.unpublished = 0;
+        self.unpublished_descs = 0;
+        self.pending_head = 0;
+        self.pending_flags = 0;
+        self.batch_id = NO_BATCH;
+        self.batch_len = 0;
+        // We poll: ask the device not to notify us (§2.8.10).
+        self.event_u16(self.driver_event, p::EVENT_FLAGS)
+            .store(p::EVENT_FLAG_DISABLE.to_le(), Ordering::Relaxed);
     }
 
     /// What [`PackedRing::new`] takes from the arena, in order: `(bytes, alignment)` of
