@@ -242,6 +242,34 @@ pub(super) fn enable_queue(c: &impl Regs) {
     c.w16(common::QUEUE_ENABLE, 1);
 }
 
+/// What a running device shows now (the port's supervisor asks): gone (all-ones),
+/// failed (`DEVICE_NEEDS_RESET` or `FAILED` set, which this driver does not recover from:
+/// it would need the whole initialisation again), or alive with its link bit
+/// (`VIRTIO_NET_S_LINK_UP`, read when `VIRTIO_NET_F_STATUS` was negotiated).
+pub(super) fn probe(c: &impl Regs, dev: Option<&impl Regs>, features: u64) -> crate::transport::Probe {
+    use crate::transport::Probe;
+    let s = c.r8(common::DEVICE_STATUS);
+    if s == ALL_ONES {
+        return Probe::Failed("device status reads all-ones (device gone or its BAR broken)".into());
+    }
+    if s & VIRTIO_CONFIG_S_NEEDS_RESET as u8 != 0 {
+        return Probe::Failed(format!(
+            "the device needs a reset (DEVICE_NEEDS_RESET, status {s:#x}); this driver does not re-initialise \
+             a running VFIO device: close and open the port again"
+        ));
+    }
+    if s & VIRTIO_CONFIG_S_FAILED as u8 != 0 {
+        return Probe::Failed(format!("the device reports FAILED (status {s:#x})"));
+    }
+    let link_up = match dev {
+        Some(d) if features & f::bit(f::NET_STATUS) != 0 && d.len() >= net_config::STATUS + 2 => {
+            d.r16(net_config::STATUS) & net_config::S_LINK_UP != 0
+        }
+        _ => true,
+    };
+    Probe::Alive { link_up }
+}
+
 /// Sets DRIVER_OK and checks the device took it.
 pub(super) fn start(c: &impl Regs) -> Result<(), String> {
     add_status(c, VIRTIO_CONFIG_S_DRIVER_OK as u8)?;

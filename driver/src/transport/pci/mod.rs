@@ -31,7 +31,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_FAILED,
 };
 
-use super::{Doorbell, NetConfig, Notifier, Transport};
+use super::{Doorbell, NetConfig, Notifier, Probe, Transport};
 use crate::dma::DmaArena;
 use crate::error::{Error, Result};
 use crate::layout::features as f;
@@ -62,6 +62,8 @@ pub struct PciTransport {
     fallback_mac: [u8; 6],
     /// The device was told something since the last reset (status is not 0).
     dirty: bool,
+    /// Features negotiated (the link bit is read with `VIRTIO_NET_F_STATUS`).
+    features: u64,
     /// Keeps the windows' BARs mapped.
     _bars: Vec<Arc<RegionMap>>,
     // Last: dropped after the BAR maps, and its drop unmaps DMA after our reset.
@@ -158,6 +160,7 @@ impl PciTransport {
             num_queues: 0,
             fallback_mac: mac,
             dirty: true,
+            features: 0,
             _bars: bars,
             vfio,
         };
@@ -259,6 +262,7 @@ impl Transport for PciTransport {
             ));
         }
         self.dirty = true;
+        self.features = features;
         // §3.1.1 step 6: the device may refuse the subset by clearing FEATURES_OK.
         if !handshake::write_features(&self.common, features).map_err(|e| self.err(e))? {
             let _ = self.add_status(VIRTIO_CONFIG_S_FAILED as u8);
@@ -309,6 +313,13 @@ impl Transport for PciTransport {
 
     fn reset(&mut self) -> Result<()> {
         self.reset_device()
+    }
+
+    fn probe(&mut self, _heartbeat: bool) -> Probe {
+        // Two register reads (no heartbeat needed: a device that stops is its own
+        // emulator's business; QEMU clears the link bit when its vhost-user back-end goes
+        // away and restores the rings itself when it comes back).
+        handshake::probe(&self.common, self.device_cfg.as_ref(), self.features)
     }
 }
 
