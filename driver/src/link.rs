@@ -10,6 +10,12 @@
 //! acknowledges with the epoch ([`ResetPoint`]). The supervisor sets the rings up on the
 //! new device only once every half has acknowledged, so no ring is touched by two sides
 //! that disagree about its state, and no lock is held across a burst.
+//!
+//! The same word carries the transmit hold: while the device says its link is down
+//! (QEMU does while its vhost-user back-end is away) transmit queues take nothing, since
+//! QEMU completes and discards whatever a guest transmits then; the frames stay with the
+//! application, which counts them, as the kernel's `virtio_net` stops its queues at
+//! carrier off. Transmit checks reset and hold with the same single load.
 //! Must not: touch rings or the transport (the queues and the supervisor do).
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -38,10 +44,14 @@ pub struct LinkStatus {
 /// A queue half's acknowledgement slot value for a half that no longer exists (dropped):
 /// the supervisor does not wait for it.
 const GONE: u32 = u32::MAX;
+/// The epoch word's top bit: transmit held (the epoch is the other 31 bits, so an
+/// acknowledged epoch is never [`GONE`]).
+const HOLD: u32 = 1 << 31;
 
 /// The state a port, its supervisor and its queues share.
 pub(crate) struct LinkShared {
-    /// Bumped (never to [`GONE`]) each time the rings must be reset.
+    /// Bumped each time the rings must be reset (the low 31 bits), with [`HOLD`].
+    /// Written by the supervisor only.
     epoch: AtomicU32,
     /// Per queue half: the epoch it has reset its ring for (or [`GONE`]).
     acks: Box<[AtomicU32]>,
@@ -54,7 +64,7 @@ impl LinkShared {
     pub(crate) fn new(halves: usize, up: bool) -> Arc<LinkShared> {
         let reason = (!up).then(|| "the device reports its link down".to_string());
         Arc::new(LinkShared {
-            epoch: AtomicU32::new(0),
+            epoch: AtomicU32::new(if up { 0 } else { HOLD }),
             acks: (0..halves).map(|_| AtomicU32::new(0)).collect(),
             status: Mutex::new(LinkStatus { up, reason, ..LinkStatus::default() }),
             changed: Condvar::new(),
@@ -68,7 +78,7 @@ impl LinkShared {
 
     /// The reset point of queue half `slot` (rx of pair p: 2p, tx: 2p + 1).
     pub(crate) fn reset_point(self: &Arc<Self>, slot: usize) -> ResetPoint {
-        ResetPoint { shared: self.clone(), slot, seen: self.epoch.load(Ordering::Acquire) }
+        ResetPoint { shared: self.clone(), slot, seen: self.epoch.load(Ordering::Acquire) & !HOLD }
     }
 
     pub(crate) fn status(&self) -> LinkStatus {
@@ -102,14 +112,24 @@ impl LinkShared {
     /// Starts a reset: every queue half must reset its ring before the rings are set up
     /// on a device again. Returns the new epoch.
     pub(crate) fn begin_reset(&self) -> u32 {
-        let mut e = self.epoch.load(Ordering::Relaxed).wrapping_add(1);
-        if e == GONE {
-            e = 0;
-        }
+        // Relaxed: the supervisor is the only writer.
+        let w = self.epoch.load(Ordering::Relaxed);
+        let e = (w & !HOLD).wrapping_add(1) & !HOLD;
         // Release: a half that sees the new epoch also sees the device gone (the
         // transport closed the connection before this).
-        self.epoch.store(e, Ordering::Release);
+        self.epoch.store(e | (w & HOLD), Ordering::Release);
         e
+    }
+
+    /// Holds transmit (`true`: the device reports its link down) or lets it go.
+    pub(crate) fn hold_tx(&self, hold: bool) {
+        // Relaxed load: the supervisor is the only writer; the store needs no ordering
+        // (no memory is handed over with it).
+        let w = self.epoch.load(Ordering::Relaxed);
+        let n = if hold { w | HOLD } else { w & !HOLD };
+        if n != w {
+            self.epoch.store(n, Ordering::Relaxed);
+        }
     }
 
     /// Whether every queue half has reset its ring for `epoch` (or no longer exists).
@@ -205,13 +225,26 @@ impl ResetPoint {
     #[inline(always)]
     pub(crate) fn pending(&self) -> bool {
         // Acquire: pairs with `begin_reset`.
+        self.shared.epoch.load(Ordering::Acquire) & !HOLD != self.seen
+    }
+
+    /// A reset pending or transmit held: the one load of a transmit burst; the rare
+    /// `true` is sorted out by [`pending`](Self::pending) and [`tx_held`](Self::tx_held).
+    #[inline(always)]
+    pub(crate) fn tx_attention(&self) -> bool {
+        // Acquire: pairs with `begin_reset`.
         self.shared.epoch.load(Ordering::Acquire) != self.seen
+    }
+
+    /// Whether transmit is held (the device reports its link down).
+    pub(crate) fn tx_held(&self) -> bool {
+        self.shared.epoch.load(Ordering::Relaxed) & HOLD != 0
     }
 
     /// The ring has been reset for the current epoch (call after [`pending`](Self::pending)
     /// and the reset): the supervisor may set it up on the new device.
     pub(crate) fn done(&mut self) {
-        let e = self.shared.epoch.load(Ordering::Acquire);
+        let e = self.shared.epoch.load(Ordering::Acquire) & !HOLD;
         self.seen = e;
         // Release: the ring's reset (its memory and indices) happens before the
         // supervisor, which acquires this, hands the ring to a new device.
@@ -249,6 +282,25 @@ mod tests {
         assert!(l.wait_all_reset(e, || panic!("must not wait")));
         let e2 = l.begin_reset();
         assert!(!l.wait_all_reset(e2, || true));
+    }
+
+    #[test]
+    fn transmit_hold_shares_the_word_without_touching_the_epoch() {
+        let l = LinkShared::new(2, true);
+        let mut a = l.reset_point(0);
+        assert!(!a.tx_attention() && !a.tx_held());
+        l.hold_tx(true);
+        assert!(a.tx_attention() && a.tx_held() && !a.pending());
+        // A reset while held: the epoch moves, the hold stays.
+        let e = l.begin_reset();
+        assert!(a.pending() && a.tx_held());
+        a.done();
+        assert!(!a.pending() && a.tx_attention() && l.is_reset(0, e) && !l.is_reset(1, e));
+        l.hold_tx(false);
+        assert!(!a.tx_attention() && !a.tx_held());
+        // The epoch wraps within its 31 bits and never reaches GONE.
+        l.epoch.store(HOLD - 1, Ordering::Relaxed);
+        assert_eq!(l.begin_reset(), 0);
     }
 
     #[test]

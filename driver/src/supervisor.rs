@@ -1,7 +1,8 @@
 //! A port's supervisor: the thread that watches the device behind an open port and
 //! brings the port back when its back-end restarts.
 //!
-//! Owns: the watch loop (every [`TICK`]: [`Transport::probe`], which sees a hang-up at
+//! Owns: the watch loop (every [`Transport::probe_every`], by default [`TICK`]:
+//! [`Transport::probe`], which sees a hang-up at
 //! once and sends a heartbeat every few ticks), the link state it reports (`link.rs`),
 //! and the recovery sequence: link down, control commands refused, reset epoch bumped
 //! (each queue then resets its own ring at its next burst, lock-free), reconnection with
@@ -21,7 +22,8 @@
 //! its frames wait in its ring meanwhile. Queues the application has not taken are
 //! reset here. A failure the transport cannot recover from (a back-end that comes back
 //! without the features negotiated before, a device that needs a reset over VFIO) is
-//! reported as a failed link, with the reason, and the supervisor ends.
+//! reported as a failed link, with the reason, and the supervisor ends. While the
+//! device itself reports its link down, transmit is held (`link.rs`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,7 +36,7 @@ use crate::link::LinkShared;
 use crate::queue::QueuePair;
 use crate::transport::{Probe, Transport};
 
-/// How often the supervisor looks at the device.
+/// How often the supervisor looks at the device, unless its transport says otherwise.
 pub const TICK: Duration = Duration::from_millis(100);
 /// How often while queue halves wait to be set up again after a reconnection.
 const STRAGGLER_TICK: Duration = Duration::from_millis(2);
@@ -115,8 +117,9 @@ struct Stragglers {
 fn run(w: &Watched, stop: &AtomicBool) {
     let mut last_heartbeat = Instant::now();
     let mut stragglers: Option<Stragglers> = None;
+    let every = lock(&w.transport).probe_every();
     // While queue halves wait to be set up, look at them often: their frames wait too.
-    while nap(if stragglers.is_some() { STRAGGLER_TICK } else { TICK }, stop) {
+    while nap(if stragglers.is_some() { STRAGGLER_TICK.min(every) } else { every }, stop) {
         let heartbeat = last_heartbeat.elapsed() >= HEARTBEAT;
         if heartbeat {
             last_heartbeat = Instant::now();
@@ -140,6 +143,7 @@ fn run(w: &Watched, stop: &AtomicBool) {
                         if link_up { "up" } else { "down (the device says so)" }
                     );
                 }
+                w.link.hold_tx(!link_up);
                 w.link.set(link_up, Some("the device reports its link down".into()), false);
             }
             Probe::Failed(why) => {
@@ -252,6 +256,7 @@ fn recover(w: &Watched, stop: &AtomicBool, first_why: String) -> Option<Straggle
             Some(e) => log::warn!("{}: replaying the control state: {e}", w.device),
         }
         w.link.count_reconnect();
+        w.link.hold_tx(false);
         w.link.set(true, None, false);
         let slots: Vec<usize> = (0..halves).filter(|&h| !ready[h]).collect();
         if slots.is_empty() {

@@ -320,10 +320,11 @@ impl Backend {
 
     /// Stops workers and control threads, closes connections, removes the sockets, and
     /// returns the final statistics.
+    ///
+    /// In that order: a front-end takes a closed connection as the back-end gone and
+    /// may hand its rings to the next back-end at once (QEMU with `reconnect=` restarts
+    /// each ring from its used index), so no worker may touch a ring after the close.
     pub fn shutdown(self) -> Vec<DeviceSnapshot> {
-        for (h, _) in &self.servers {
-            h.shutdown();
-        }
         self.engine.stop();
         let mut paths: Vec<PortPath> = Vec::new();
         for w in self.workers {
@@ -337,6 +338,9 @@ impl Backend {
             p.account_in_flight();
         }
         drop(paths);
+        for (h, _) in &self.servers {
+            h.shutdown();
+        }
         for (_, j) in self.servers {
             let _ = j.join();
         }

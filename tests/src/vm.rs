@@ -126,6 +126,9 @@ pub struct VmConfig {
     /// Queue pairs per device: more than 1 adds the netdev's `queues=N` and the NIC's
     /// `mq=on,vectors=2N+2`.
     pub queues: u16,
+    /// The chardev reconnects to a back-end that went away (`reconnect=1`: QEMU tries
+    /// again every second, and replays the device's state to the new back-end).
+    pub reconnect: bool,
 }
 
 impl VmConfig {
@@ -143,6 +146,7 @@ impl VmConfig {
             nic_opts: String::new(),
             socket2: None,
             queues: 1,
+            reconnect: false,
         }
     }
 
@@ -231,6 +235,7 @@ impl Qemu {
             nic.push_str(&format!(",mq=on,vectors={}", 2 * cfg.queues + 2));
         }
         let netq = if cfg.queues > 1 { format!(",queues={}", cfg.queues) } else { String::new() };
+        let reconnect = if cfg.reconnect { ",reconnect=1" } else { "" };
         let mut socks = vec![cfg.socket.clone()];
         socks.extend(cfg.socket2.clone());
         for (i, sock) in socks.iter().enumerate() {
@@ -240,7 +245,7 @@ impl Qemu {
                 nic.replace("netdev=n0", &format!("netdev=n{i}")).replace("bus=rp0", &format!("bus=rp{i}"));
             args.extend::<Vec<String>>(vec![
                 "-chardev".into(),
-                format!("socket,id=c{i},path={}", sock.display()),
+                format!("socket,id=c{i},path={}{reconnect}", sock.display()),
                 "-netdev".into(),
                 format!("vhost-user,id=n{i},chardev=c{i}{netq}"),
                 "-device".into(),

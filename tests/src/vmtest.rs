@@ -26,12 +26,12 @@ use crate::harness::{counter, device, total_drops, Backend, TempDir};
 use crate::vm::{build_image, GuestReport, Image, Qemu, VmConfig};
 
 /// QEMU start to the guest's /init (measured: 5-9 s on 2 shared cores).
-const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 /// /init to the device bound to vfio-pci (measured: about 1 s).
-const BIND_TIMEOUT: Duration = Duration::from_secs(120);
+pub const BIND_TIMEOUT: Duration = Duration::from_secs(120);
 /// testpmd's burst size (its default) and the bursts io mode injects first (guest-init.sh).
-const BURST: u64 = 32;
-const IO_TX_FIRST: u64 = 4;
+pub const BURST: u64 = 32;
+pub const IO_TX_FIRST: u64 = 4;
 
 /// How the guest reaches its device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,13 +121,13 @@ impl Clock {
     }
 }
 
-fn connected(stats: &Value, sock: &Path) -> bool {
+pub fn connected(stats: &Value, sock: &Path) -> bool {
     device(stats, sock).get("connected").and_then(Value::as_bool) == Some(true)
 }
 
 /// Waits until the backend's stats show the device connected; panics with the backend's
 /// and QEMU's logs if QEMU exits or `timeout` passes first.
-fn wait_connected(backend: &Backend, qemu: &mut Qemu, sock: &Path, timeout: Duration) {
+pub fn wait_connected(backend: &Backend, qemu: &mut Qemu, sock: &Path, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while !backend.latest_stats().is_some_and(|s| connected(&s, sock)) {
         let why = if qemu.has_exited() {

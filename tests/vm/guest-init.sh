@@ -17,6 +17,7 @@
 #                             load vfio with enable_unsafe_noiommu_mode=1 (the rebuilt
 #                             vfio-noiommu.ko), or use a vIOMMU (default noiommu); or
 #                             kernel: no VFIO, the kernel's virtio_net drives the NIC
+#   (testpmd takes every virtio-net device, port i the i-th in PCI order)
 #   vt.fwd=none|txonly|rxonly|io|...   testpmd --forward-mode; none = bind only (default none)
 #   vt.secs=N                 testpmd --duration (default 5)
 #   vt.txfirst=N              --tx-first N (default 4 in io mode, none otherwise)
@@ -122,9 +123,6 @@ for BDF in $BDFS; do
     [ -c /dev/vfio/vfio ] || fail "/dev/vfio/vfio does not exist"
     echo "VNET-VFIO-OK $NODE"
 done
-# testpmd takes the first device
-BDF=${BDFS# }
-BDF=${BDF%% *}
 
 # ---- hugepages ------------------------------------------------------------------------------
 echo "$HUGEPAGES" > /proc/sys/vm/nr_hugepages
@@ -150,7 +148,10 @@ fi
 [ "$FWD" = none ] && finish PASS "bind-only"
 
 # ---- testpmd --------------------------------------------------------------------------------
-set -- testpmd -a "$BDF" --forward-mode="$FWD" --duration "$SECS" --stats-format json
+# testpmd takes every device (port i is the i-th in PCI order)
+set -- testpmd
+for b in $BDFS; do set -- "$@" -a "$b"; done
+set -- "$@" --forward-mode="$FWD" --duration "$SECS" --stats-format json
 [ -n "$TXFIRST" ] && set -- "$@" --tx-first "$TXFIRST"
 # shellcheck disable=SC2086 # TPEXTRA is a word list on purpose
 set -- "$@" $TPEXTRA

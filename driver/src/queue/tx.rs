@@ -203,7 +203,9 @@ impl TxQueue {
     /// `tx_nobuf` when a packet from another port's memory found no buffer to be copied
     /// into, in `tx_errors` when its offload request was refused or its chain has more
     /// than [`MAX_TX_SEGS`] segments or more than the ring holds). Packets from this
-    /// port's pool go out without a copy; a chain as one descriptor chain.
+    /// port's pool go out without a copy; a chain as one descriptor chain. While the
+    /// device reports its link down it takes nothing (QEMU would discard the frames
+    /// unseen, see `link.rs`).
     pub fn tx_burst(&mut self, pkts: &mut Vec<Packet>) -> usize {
         on_half!(&mut self.0, h => h.tx_burst(pkts))
     }
@@ -244,6 +246,20 @@ impl<R: Ring> TxHalf<R> {
             return self.device_gone();
         }
         self.reclaim_ring()
+    }
+
+    /// A reset pending (done now) or transmit held: returns whether transmit is held (the
+    /// burst takes nothing; what the device completes is still reclaimed).
+    #[cold]
+    fn attend(&mut self) -> bool {
+        if self.reset.pending() {
+            self.device_gone();
+        }
+        if !self.reset.tx_held() {
+            return false;
+        }
+        self.reclaim_ring();
+        true
     }
 
     /// The device this ring was set up on went away (`link.rs`): the packets it
@@ -305,7 +321,11 @@ impl<R: Ring> TxHalf<R> {
 
     #[inline(always)]
     fn tx_burst(&mut self, pkts: &mut Vec<Packet>) -> usize {
-        self.reclaim();
+        // One load for both: a reset pending, or transmit held (`link.rs`).
+        if self.reset.tx_attention() && self.attend() {
+            return 0;
+        }
+        self.reclaim_ring();
         if self.error.is_some() {
             return 0;
         }

@@ -183,8 +183,13 @@ pub trait Transport: Send {
     /// Resets the device: it stops using every ring and buffer.
     fn reset(&mut self) -> Result<()>;
 
+    /// How often the port's supervisor calls [`probe`](Self::probe).
+    fn probe_every(&self) -> std::time::Duration {
+        crate::supervisor::TICK
+    }
+
     /// Whether the device is still there and what its link is (the port's supervisor
-    /// asks every 100 ms; a call is bounded in time). With `heartbeat`, a device that
+    /// asks every [`probe_every`](Self::probe_every); a call is bounded in time). With `heartbeat`, a device that
     /// is there but stopped answering is found too (a request it must answer), and the
     /// link bit is read again. Once it said [`Probe::Gone`], the device touches the rings
     /// no more and the transport waits for [`reconnect`](Self::reconnect).
