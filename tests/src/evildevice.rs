@@ -67,7 +67,8 @@
 //! `DISCONNECTED`. It reads commands on stdin: `snap Q` answers
 //! `SNAP q=Q avail_idx=I hash=H`, a hash of everything the driver writes into queue Q's
 //! memory (descriptor table and avail ring), or `SNAP q=Q none`; `stats` answers
-//! `STATS frames=F dead=D`.
+//! `STATS frames=F dead=D`; `link down` / `link up` clear or set `VIRTIO_NET_S_LINK_UP`
+//! in the config space the driver reads (`LINK down` / `LINK up`).
 //!
 //! Ring memory is only touched through raw pointers with volatile or atomic accesses,
 //! never through Rust references, as the driver and the host backend do.
@@ -554,6 +555,8 @@ struct State {
     queues: [Queue; 2],
     /// Frames reflected faithfully.
     frames: u64,
+    /// The config space's `VIRTIO_NET_S_LINK_UP` is clear (stdin `link down`).
+    link_down: bool,
     /// The bad entry is written (or the driver broke the protocol): rings untouched.
     dead: bool,
     started: bool,
@@ -579,6 +582,7 @@ impl State {
             regions: Vec::new(),
             queues: [Queue::default(), Queue::default()],
             frames: 0,
+            link_down: false,
             dead: false,
             started: false,
         }
@@ -1058,10 +1062,11 @@ fn offered_protocol() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG
 }
 
-fn config_space(mtu: u16) -> [u8; net_config::LEN] {
+fn config_space(mtu: u16, link_down: bool) -> [u8; net_config::LEN] {
     let mut c = [0u8; net_config::LEN];
     c[net_config::MAC..net_config::MAC + 6].copy_from_slice(&DEVICE_MAC);
-    c[net_config::STATUS..net_config::STATUS + 2].copy_from_slice(&net_config::S_LINK_UP.to_le_bytes());
+    let status = if link_down { 0 } else { net_config::S_LINK_UP };
+    c[net_config::STATUS..net_config::STATUS + 2].copy_from_slice(&status.to_le_bytes());
     c[net_config::MAX_VQ_PAIRS..net_config::MAX_VQ_PAIRS + 2].copy_from_slice(&1u16.to_le_bytes());
     c[net_config::MTU..net_config::MTU + 2].copy_from_slice(&mtu.to_le_bytes());
     c
@@ -1224,7 +1229,10 @@ impl VhostUserBackendReqHandler for Handler {
         })
     }
     fn get_config(&self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
-        let cfg = config_space(self.0.lock().mtu);
+        let cfg = {
+            let st = self.0.lock();
+            config_space(st.mtu, st.link_down)
+        };
         let end = offset.checked_add(size).ok_or(VuError::InvalidParam)? as usize;
         cfg.get(offset as usize..end).map(<[u8]>::to_vec).ok_or(VuError::InvalidParam)
     }
@@ -1381,6 +1389,10 @@ pub fn device_main(args: Vec<OsString>) -> i32 {
                     ["stats"] => {
                         let st = shared.lock();
                         format!("STATS frames={} dead={}", st.frames, st.dead)
+                    }
+                    ["link", how @ ("up" | "down")] => {
+                        shared.lock().link_down = *how == "down";
+                        format!("LINK {how}")
                     }
                     _ => format!("ERR unknown command {line:?}"),
                 };

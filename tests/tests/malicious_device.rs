@@ -532,6 +532,66 @@ fn good_device(packed: bool) {
     s.close_and_check_buffers();
 }
 
+/// The device clears `VIRTIO_NET_S_LINK_UP` (as QEMU does while its back-end is away,
+/// discarding what the guest transmits then): the port reports the link down within its
+/// heartbeat, `tx_burst` takes nothing while it is down (the packets stay with the
+/// caller), and once the bit is back every packet goes out, reflected exactly once.
+#[test]
+fn link_down_holds_transmit_until_link_up() {
+    const BURST: usize = 8;
+    let _serial = harness::serial();
+    let mut s = open_opts(Mode::GOOD, false, false);
+    let frames: Vec<Vec<u8>> = (0..BURST).map(|i| frame(64, i as u32)).collect();
+    let wait_link = |s: &Setup, up: bool| {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while s.port.link().up != up {
+            assert!(Instant::now() < deadline, "link not {up} within 3 s: {:?}", s.port.link());
+            thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let reflect = |s: &mut Setup, pending: &mut Vec<Packet>, want: u64| {
+        let mut rx = Vec::with_capacity(64);
+        let mut got = 0;
+        let deadline = Instant::now() + IO_TIMEOUT;
+        while got < BURST {
+            s.qp.tx.tx_burst(pending);
+            s.qp.rx.rx_burst(&mut rx, 64);
+            for p in rx.drain(..) {
+                assert_eq!(p.data(), &frames[got][..], "frame {got} reflected byte-for-byte");
+                got += 1;
+            }
+            assert!(Instant::now() < deadline, "{got} of {BURST} frames back; log:\n{}", s.dev.log());
+            thread::yield_now();
+        }
+        assert!(pending.is_empty());
+        assert_eq!(s.dev.frames(), want, "frames the device reflected");
+    };
+    let mut pending: Vec<Packet> = frames.iter().map(|f| s.packet(f)).collect();
+    reflect(&mut s, &mut pending, BURST as u64);
+
+    assert_eq!(s.dev.request("link down", "LINK"), "LINK down");
+    wait_link(&s, false);
+    let changes = s.port.link().changes;
+    let mut pending: Vec<Packet> = frames.iter().map(|f| s.packet(f)).collect();
+    for _ in 0..100 {
+        assert_eq!(s.qp.tx.tx_burst(&mut pending), 0, "transmit while the device says its link is down");
+    }
+    assert_eq!(pending.len(), BURST, "the packets stay with the caller");
+    thread::sleep(Duration::from_millis(50));
+    assert_eq!(s.dev.frames(), BURST as u64, "nothing reached the device while its link was down");
+    s.check_pool(BURST, "while held");
+
+    assert_eq!(s.dev.request("link up", "LINK"), "LINK up");
+    wait_link(&s, true);
+    assert_eq!(s.port.link().changes, changes + 1);
+    assert_eq!(s.port.link().reconnects, 0, "a link bit is no reconnection");
+    reflect(&mut s, &mut pending, 2 * BURST as u64);
+    let st = s.port.stats();
+    assert_eq!((st[0].tx_packets, st[0].rx_packets), (2 * BURST as u64, 2 * BURST as u64), "{:?}", st[0]);
+    s.check_pool(0, "after the link came back");
+    s.close_and_check_buffers();
+}
+
 /// A receive buffer's posted length must never exceed the buffer: a tailroom larger than
 /// the buffer is a configuration error (it used to wrap `buf_size - headroom - tailroom`
 /// and post ~4 GiB receive descriptors, letting used lengths run past the buffer).
