@@ -467,7 +467,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Sends `sig` to `pid` (errors such as ESRCH are ignored: the process is gone).
-pub(crate) fn signal(pid: u32, sig: libc::c_int) {
+pub fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) takes plain integers; the pid is one of our own children that has
     // not been reaped yet, so it cannot have been recycled for another process.
     unsafe {

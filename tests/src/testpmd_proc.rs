@@ -298,6 +298,28 @@ pub fn accumulated_forward_stats(stdout: &str) -> Option<PortCounts> {
     parse_forward_stats(block(stdout, "Accumulated forward statistics for all ports")?)
 }
 
+/// The "TX-lost-in-flight" of port `port`'s last NIC statistics block in `stdout` (0
+/// when absent: testpmd prints the line only when it is not 0).
+pub fn tx_lost(stdout: &str, port: usize) -> u64 {
+    let key = format!("NIC statistics for port {port} ");
+    let Some(at) = stdout.rfind(&key) else { return 0 };
+    let block = &stdout[at..];
+    let end = block[key.len()..].find("NIC statistics for port").map_or(block.len(), |e| e + key.len());
+    number_after(&block[..end], "TX-lost-in-flight:").unwrap_or(0)
+}
+
+/// Checks testpmd's exit lines "Port P: buffers free in pool: X of Y" for ports
+/// `0..ports`: each present, X == Y (every pool whole).
+pub fn assert_pools_whole(stdout: &str, ports: usize) {
+    for p in 0..ports {
+        let key = format!("Port {p}: buffers free in pool: ");
+        let line =
+            stdout.lines().rev().find(|l| l.starts_with(&key)).unwrap_or_else(|| panic!("no {key:?} line"));
+        let (free, cap) = line[key.len()..].split_once(" of ").expect("X of Y");
+        assert_eq!(free.trim(), cap.trim(), "port {p}: pool not whole at exit: {line}");
+    }
+}
+
 /// `key` followed by a number in `text` (first occurrence).
 pub fn number_after(text: &str, key: &str) -> Option<u64> {
     let rest = &text[text.find(key)? + key.len()..];

@@ -19,39 +19,14 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vnet_tests::harness::{counter, device, serial, Backend, TempDir};
-use vnet_tests::testpmd_proc::{forward_stats, number_after, Testpmd};
+use vnet_tests::harness::{counter, device, serial, signal, Backend, TempDir};
+use vnet_tests::testpmd_proc::{assert_pools_whole, forward_stats, tx_lost, Testpmd};
 
 /// Frames A generates: enough to keep frames flowing through every restart below on a
 /// loaded 2-core machine (A sends at several Mpps; the test waits for all of them).
 const FRAMES: u64 = 100_000_000;
 /// Restarts of K per test.
 const KILLS: usize = 3;
-
-fn kill(pid: u32, sig: libc::c_int) {
-    // SAFETY: kill(2) on a child process id we started; no memory is involved.
-    unsafe { libc::kill(pid as libc::pid_t, sig) };
-}
-
-/// The "TX-lost-in-flight" of port `port`'s last NIC statistics block (0 when absent).
-fn tx_lost(stdout: &str, port: usize) -> u64 {
-    let key = format!("NIC statistics for port {port} ");
-    let Some(at) = stdout.rfind(&key) else { return 0 };
-    let block = &stdout[at..];
-    let end = block[key.len()..].find("NIC statistics for port").map_or(block.len(), |e| e + key.len());
-    number_after(&block[..end], "TX-lost-in-flight:").unwrap_or(0)
-}
-
-/// Checks testpmd's "buffers free in pool: X of Y" lines: every pool whole.
-fn pools_whole(stdout: &str, ports: usize) {
-    for p in 0..ports {
-        let key = format!("Port {p}: buffers free in pool: ");
-        let line =
-            stdout.lines().rev().find(|l| l.starts_with(&key)).unwrap_or_else(|| panic!("no {key:?} line"));
-        let (free, cap) = line[key.len()..].split_once(" of ").expect("X of Y");
-        assert_eq!(free, cap, "port {p}: pool not whole at exit: {line}");
-    }
-}
 
 /// Waits until port 0's NIC statistics show `want` received frames.
 fn wait_port0_rx(t: &mut Testpmd, want: u64, timeout: Duration) {
@@ -123,7 +98,7 @@ fn restart_under_io(server: bool, packed: bool) {
         // Frames flow through this K before it dies.
         let kp = k_proc.take().expect("K runs");
         kp.wait_stats(Duration::from_secs(10), |s| counter(device(s, &k_sock), "tx_packets") > 0);
-        kill(kp.pid(), libc::SIGKILL);
+        signal(kp.pid(), libc::SIGKILL);
         drop(kp);
         // The reason is usually "the back-end closed the connection", sometimes a heartbeat
         // that met the reset connection first.
@@ -199,7 +174,7 @@ fn restart_under_io(server: bool, packed: bool) {
     assert_eq!(out.stdout.matches("Port 1: link state change event").count(), 2 * KILLS + 1, "{out}");
     assert_eq!(out.stdout.matches("Port 0: link state change event").count(), 0, "{out}");
     assert!(out.stdout.contains(&format!("reconnections: {KILLS}")), "{out}");
-    pools_whole(&out.stdout, 2);
+    assert_pools_whole(&out.stdout, 2);
     for (i, d) in resumed.iter().enumerate() {
         assert!(*d < Duration::from_secs(1), "restart {}: link up {d:?} after the back-end was back", i + 1);
     }
@@ -238,11 +213,11 @@ fn backend_stopped_is_reported_and_resumes_after_sigcont() {
     let mut t =
         Testpmd::spawn(&["--vdev", &vdev0, "--vdev", &vdev1, "--forward-mode", "io", "--stats-period", "1"]);
     kp.wait_stats(Duration::from_secs(10), |s| counter(device(s, &k_sock), "tx_packets") > 0);
-    kill(kp.pid(), libc::SIGSTOP);
+    signal(kp.pid(), libc::SIGSTOP);
     let stopped = Instant::now();
     t.wait_stdout("Port 1: link down: the back-end did not answer a heartbeat", Duration::from_secs(6));
     let detected = stopped.elapsed();
-    kill(kp.pid(), libc::SIGCONT);
+    signal(kp.pid(), libc::SIGCONT);
     t.wait_stdout("Port 1: link up (reconnections: 1)", Duration::from_secs(10));
     let before = counter(device(&kp.latest_stats().expect("stats"), &k_sock), "tx_packets");
     kp.wait_stats(Duration::from_secs(10), |s| counter(device(s, &k_sock), "tx_packets") > before + 1000);
@@ -257,5 +232,5 @@ fn backend_stopped_is_reported_and_resumes_after_sigcont() {
     // the supervisor's 100 ms tick.
     assert!(detected <= Duration::from_millis(3000), "a stopped back-end found after {detected:?}");
     assert!(out.stdout.contains("Port 1: link up (reconnections: 1)"), "{out}");
-    pools_whole(&out.stdout, 2);
+    assert_pools_whole(&out.stdout, 2);
 }

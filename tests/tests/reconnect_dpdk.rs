@@ -77,8 +77,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use vnet_tests::dpdk::{PortCounts, Role, Testpmd as Dpdk};
-use vnet_tests::harness::{serial, TempDir};
-use vnet_tests::testpmd_proc::{forward_stats, nic_stats, number_after, Spawn, Testpmd};
+use vnet_tests::harness::{serial, signal, TempDir};
+use vnet_tests::testpmd_proc::{
+    assert_pools_whole, forward_stats, nic_stats, number_after, tx_lost, Spawn, Testpmd,
+};
 
 /// Restarts of DPDK per test.
 const KILLS: usize = 3;
@@ -89,30 +91,9 @@ const DPDK_FWD_CPU: u32 = 1;
 /// How long our txonly runs in the exact phase.
 const EXACT_PHASE: Duration = Duration::from_secs(2);
 
-fn kill(pid: u32, sig: libc::c_int) {
-    // SAFETY: kill(2) on a child process id we started; no memory is involved.
-    unsafe { libc::kill(pid as libc::pid_t, sig) };
-}
-
 /// The text from the last `header` on (the last statistics block of that kind).
 fn last_block<'a>(text: &'a str, header: &str) -> Option<&'a str> {
     text.rfind(header).map(|at| &text[at..])
-}
-
-/// The "TX-lost-in-flight" of port 0's last NIC statistics block (0 when absent: our
-/// testpmd prints the line only when it is not 0).
-fn tx_lost(stdout: &str) -> u64 {
-    let Some(block) = last_block(stdout, "NIC statistics for port 0 ") else { return 0 };
-    let end = block.find("Tx-pps").unwrap_or(block.len());
-    number_after(&block[..end], "TX-lost-in-flight:").unwrap_or(0)
-}
-
-/// Checks our testpmd's "Port 0: buffers free in pool: X of Y" line: X == Y.
-fn pool_whole(stdout: &str) {
-    let key = "Port 0: buffers free in pool: ";
-    let line = stdout.lines().rev().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key:?} line"));
-    let (free, cap) = line[key.len()..].split_once(" of ").expect("X of Y");
-    assert_eq!(free.trim(), cap.trim(), "pool not whole at exit: {line}");
 }
 
 /// Sends `line` to our testpmd and waits until `pattern` has appeared once more.
@@ -324,7 +305,7 @@ fn scenario(server: bool) {
         dpdk_wait_rx(&mut d, 0, &t);
         thread::sleep(Duration::from_millis(200));
         seen_rx.push(dpdk_rx(&mut d));
-        kill(d.pid(), libc::SIGKILL);
+        signal(d.pid(), libc::SIGKILL);
         drop(d);
         t.wait_stdout_n("Port 0: link down: ", i, Duration::from_secs(5));
         if server {
@@ -378,7 +359,7 @@ fn scenario(server: bool) {
     ours_cmd(&mut t, "stop", "Forward statistics for port 0");
     // Our port's counters since it opened (every kill behind us, nothing sent any more).
     let across = ours_port_stats(&mut t);
-    let lost = tx_lost(&across);
+    let lost = tx_lost(&across, 0);
     let tx_before = number_after(&across, "TX-packets:").expect("TX-packets");
     seen_rx.push(dpdk_settled_rx(&mut d));
     dpdk_cmd(&mut d, "stop", "Forward statistics for port 0");
@@ -413,7 +394,7 @@ fn scenario(server: bool) {
     assert_eq!(got.rx_dropped, 0, "DPDK dropped frames: {got:?}");
     assert_eq!(got.tx_packets, 0, "DPDK rxonly sent frames: {got:?}");
     assert_eq!(nic.tx_packets, fwd.tx_packets, "our NIC TX-packets vs our forward TX-packets");
-    assert_eq!(tx_lost(&phase), 0, "frames counted lost in flight with the back-end alive");
+    assert_eq!(tx_lost(&phase, 0), 0, "frames counted lost in flight with the back-end alive");
     assert_eq!(got.rx_packets, fwd.tx_packets, "frames our port sent != frames the last DPDK received");
     assert_eq!(settled, got.rx_packets + seen_rx[KILLS], "DPDK's port total");
     // Across the kills.
@@ -426,7 +407,7 @@ fn scenario(server: bool) {
     assert_eq!(out.stdout.matches("Port 0: link down: ").count(), KILLS + 1, "{out}");
     assert_eq!(out.stdout.matches("Port 0: link up (reconnections: ").count(), KILLS, "{out}");
     assert!(out.stdout.contains(&format!("Port 0: link up (reconnections: {KILLS})")), "{out}");
-    pool_whole(&out.stdout);
+    assert_pools_whole(&out.stdout, 1);
     // See the module doc for the bounds.
     let bound = if server { Duration::from_secs(1) } else { Duration::from_millis(1500) };
     for (i, r) in timings.iter().enumerate() {

@@ -31,7 +31,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vnet_tests::harness::{counter, device, serial, total_drops, Backend, TempDir};
+use vnet_tests::harness::{counter, device, serial, signal, total_drops, Backend, TempDir};
+use vnet_tests::testpmd_proc::assert_pools_whole;
 use vnet_tests::vm::{build_image, GuestReport, Qemu, VmConfig};
 use vnet_tests::vmtest::{self, Clock, BIND_TIMEOUT, BOOT_TIMEOUT};
 
@@ -71,11 +72,6 @@ fn wait_flowing(b: &Backend, qemu: &mut Qemu, sock: &Path, what: &str) -> Durati
     d
 }
 
-fn kill(pid: u32) {
-    // SAFETY: kill(2) on a child process id we started; no memory is involved.
-    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-}
-
 /// Counts over the back-ends whose final counts are known.
 #[derive(Default, Debug)]
 struct Sums {
@@ -94,13 +90,6 @@ impl Sums {
         self.other_drops += total_drops(dev) - pd;
         assert_eq!(counter(dev, "broken_queues"), 0, "{dev}");
     }
-}
-
-/// The `Port {port}: buffers free in pool: X of Y` line shows X == Y.
-fn pool_whole(out: &str, port: usize) -> bool {
-    let key = format!("Port {port}: buffers free in pool: ");
-    let line = out.lines().find(|l| l.starts_with(&key)).unwrap_or_default();
-    matches!(line.trim_start_matches(&key).split_once(" of "), Some((a, b)) if !a.is_empty() && a == b)
 }
 
 fn restarted_under_io(sigkill: bool) {
@@ -131,7 +120,7 @@ fn restarted_under_io(sigkill: bool) {
         // Frames flow through this K for a while.
         std::thread::sleep(Duration::from_secs(2));
         if sigkill {
-            kill(backend.pid());
+            signal(backend.pid(), libc::SIGKILL);
             drop(backend);
         } else {
             let fin = backend.stop();
@@ -207,7 +196,7 @@ fn restarted_under_io(sigkill: bool) {
     for (i, d) in resumed.iter().enumerate() {
         assert!(*d < Duration::from_secs(3), "restart {}: frames flowed again only after {d:?}", i + 1);
     }
-    assert!(pool_whole(&out, 0) && pool_whole(&out, 1), "the guest's pools are not whole\n{ctx}");
+    assert_pools_whole(&out, 2);
 }
 
 /// SIGTERM: every back-end's final counts are known, the sums are exact.

@@ -189,9 +189,9 @@ pub trait Transport: Send {
     }
 
     /// Whether the device is still there and what its link is (the port's supervisor
-    /// asks every [`probe_every`](Self::probe_every); a call is bounded in time). With `heartbeat`, a device that
-    /// is there but stopped answering is found too (a request it must answer), and the
-    /// link bit is read again. Once it said [`Probe::Gone`], the device touches the rings
+    /// asks every [`probe_every`](Self::probe_every); a call is bounded in time). With
+    /// `heartbeat`, a device that is there but stopped answering is found too (a request
+    /// it must answer), and the link bit is read again. Once it said [`Probe::Gone`], the device touches the rings
     /// no more and the transport waits for [`reconnect`](Self::reconnect).
     fn probe(&mut self, _heartbeat: bool) -> Probe {
         Probe::Alive { link_up: true }
