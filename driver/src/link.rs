@@ -32,8 +32,8 @@ pub struct LinkStatus {
     /// The link will not come back (the transport cannot reconnect, or the device failed
     /// in a way the driver cannot recover from): the reason says why.
     pub failed: bool,
-    /// Link state changes so far (up to down or down to up); a change notification is
-    /// this number moving.
+    /// Link state changes so far (up to down, down to up, or down to failed); a change
+    /// notification is this number moving.
     pub changes: u64,
     /// Times the port came back on a new connection or a reset device.
     pub reconnects: u64,
@@ -88,7 +88,9 @@ impl LinkShared {
     /// Link up, or down for `reason`; a change wakes the waiters.
     pub(crate) fn set(&self, up: bool, reason: Option<String>, failed: bool) {
         let mut s = self.lock();
-        if s.up != up {
+        // Going down for good is a change even when the link was down already (a failed
+        // reconnection): the application must hear that it will not come back.
+        if s.up != up || (failed && !s.failed) {
             s.changes += 1;
         }
         s.up = up;
@@ -323,5 +325,12 @@ mod tests {
         assert!(s.up && s.changes == 2 && s.reason.is_none());
         // Nothing new: returns at the timeout with the same state.
         assert_eq!(w.wait_change(2, Duration::from_millis(5)).changes, 2);
+        // Down, then down for good: two changes (the application hears the failure).
+        l.set(false, Some("gone".into()), false);
+        l.set(false, Some("cannot be used".into()), true);
+        let s = w.wait_change(3, Duration::from_millis(10));
+        assert!(!s.up && s.failed && s.changes == 4 && s.reason.as_deref() == Some("cannot be used"));
+        l.set(false, Some("again".into()), true);
+        assert_eq!(w.status().changes, 4, "failed twice is one change");
     }
 }

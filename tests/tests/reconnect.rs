@@ -234,3 +234,62 @@ fn backend_stopped_is_reported_and_resumes_after_sigcont() {
     assert!(out.stdout.contains("Port 1: link up (reconnections: 1)"), "{out}");
     assert_pools_whole(&out.stdout, 2);
 }
+
+/// A back-end that comes back without a feature the port negotiated (here: K restarted
+/// with `--no-offloads` under a port that negotiated GUEST_CSUM/GUEST_TSO with
+/// `--enable-lro`) cannot take the port's state: the driver reports a permanent failure
+/// with its reason instead of retrying or carrying on with other features. The port's
+/// link stays down, nothing more reaches the new back-end, the frames the old one held
+/// are counted lost, and the pools are whole at exit. This is the same path a VFIO
+/// device that sets DEVICE_NEEDS_RESET takes (`transport/pci/handshake.rs::probe`).
+#[test]
+fn backend_back_without_a_negotiated_feature_fails_for_good() {
+    let _g = serial();
+    let dir = TempDir::new("reconnect-fail");
+    let (a_sock, k_sock) = (dir.join("a.sock"), dir.join("k.sock"));
+    let (a, k) = (a_sock.to_str().unwrap(), k_sock.to_str().unwrap());
+    let gen = Backend::start(&["--port", &format!("gen:{a}")]);
+    let kp = Backend::start(&["--port", &format!("reflect:{k}")]);
+    let (vdev0, vdev1) = (format!("virtio_user0,path={a}"), format!("virtio_user1,path={k}"));
+    let mut t = Testpmd::spawn(&[
+        "--vdev",
+        &vdev0,
+        "--vdev",
+        &vdev1,
+        "--forward-mode",
+        "io",
+        "--enable-lro",
+        "--stats-period",
+        "1",
+    ]);
+    kp.wait_stats(Duration::from_secs(10), |s| counter(device(s, &k_sock), "tx_packets") > 0);
+    signal(kp.pid(), libc::SIGKILL);
+    drop(kp);
+    t.wait_stdout("Port 1: link down: ", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(200));
+    let k2 = Backend::start(&["--port", &format!("reflect:{k}"), "--no-offloads"]);
+    t.wait_stdout(
+        "Port 1: link down for good: the back-end came back but cannot be used",
+        Duration::from_secs(10),
+    );
+    // For good: no reconnection follows, and the new back-end gets no frame.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mid = t.stdout();
+    assert!(!mid.contains("Port 1: link up"), "the port came back on a back-end it cannot use:\n{mid}");
+    assert!(t.running(), "testpmd exited:\n{}", t.outputs());
+    t.signal(libc::SIGINT);
+    let out = t.wait(Duration::from_secs(20));
+    assert_eq!(out.code(), 0, "testpmd failed:\n{out}");
+    let k2_final = k2.stop();
+    drop(gen);
+    let kd = device(&k2_final, &k_sock);
+    assert_eq!((counter(kd, "rx_packets"), counter(kd, "tx_packets")), (0, 0), "K2 moved frames: {kd}");
+    let reason = out.stdout.lines().find(|l| l.contains("down for good")).unwrap_or_default().to_string();
+    eprintln!("permanent failure reported as: {reason}");
+    assert!(
+        reason.contains("refused") || reason.contains("feature"),
+        "the reason names no feature: {reason}"
+    );
+    assert_eq!(out.stdout.matches("Port 1: link up").count(), 0, "{out}");
+    assert_pools_whole(&out.stdout, 2);
+}

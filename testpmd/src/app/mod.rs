@@ -129,6 +129,8 @@ fn link_events(i: usize, watch: driver::LinkWatch) {
             seen = s.changes;
             let now = if s.up {
                 format!("up (reconnections: {})", s.reconnects)
+            } else if s.failed {
+                format!("down for good: {}", s.reason.as_deref().unwrap_or("no reason given"))
             } else {
                 format!("down: {}", s.reason.as_deref().unwrap_or("no reason given"))
             };

@@ -268,3 +268,56 @@ fn a_device_that_reads_garbage_never_panics_or_hangs() {
     // two generation reads agree about once in 256 tries, within 1000 tries.
     assert!(config_ok > 0 && reset_ok > 0, "config {config_ok}, reset {reset_ok}, queue {queue_ok}");
 }
+
+/// A device with a fixed status byte and a fixed net config `status` field.
+fn status_device(status: u8, net_status: u16) -> (FakeRegs, FakeRegs) {
+    let c = FakeRegs {
+        len: common::LEN,
+        read: Box::new(move |off, _| if off == common::DEVICE_STATUS { status as u64 } else { 0 }),
+        writes: Cell::new(0),
+    };
+    let dev = FakeRegs {
+        len: net_config::LEN,
+        read: Box::new(move |off, _| if off == net_config::STATUS { net_status as u64 } else { 0 }),
+        writes: Cell::new(0),
+    };
+    (c, dev)
+}
+
+#[test]
+fn the_probe_tells_a_failed_or_vanished_device_from_a_link_change() {
+    use crate::transport::Probe;
+    use virtio_bindings::virtio_config::{
+        VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+        VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    };
+    let running = (VIRTIO_CONFIG_S_ACKNOWLEDGE
+        | VIRTIO_CONFIG_S_DRIVER
+        | VIRTIO_CONFIG_S_FEATURES_OK
+        | VIRTIO_CONFIG_S_DRIVER_OK) as u8;
+    let with_status = f::bit(f::NET_STATUS);
+    let probe = |status: u8, net: u16, features: u64| {
+        let (c, dev) = status_device(status, net);
+        let p = handshake::probe(&c, Some(&dev), features);
+        assert_eq!(c.writes.get() + dev.writes.get(), 0, "a probe only reads");
+        p
+    };
+    assert!(matches!(probe(running, net_config::S_LINK_UP, with_status), Probe::Alive { link_up: true }));
+    assert!(matches!(probe(running, 0, with_status), Probe::Alive { link_up: false }));
+    // Without VIRTIO_NET_F_STATUS the link is up whatever the field says.
+    assert!(matches!(probe(running, 0, 0), Probe::Alive { link_up: true }));
+    match probe(running | VIRTIO_CONFIG_S_NEEDS_RESET as u8, net_config::S_LINK_UP, with_status) {
+        Probe::Failed(why) => {
+            assert!(why.contains("DEVICE_NEEDS_RESET") && why.contains("open the port again"), "{why}")
+        }
+        p => panic!("NEEDS_RESET probed as {p:?}"),
+    }
+    match probe(running | VIRTIO_CONFIG_S_FAILED as u8, net_config::S_LINK_UP, with_status) {
+        Probe::Failed(why) => assert!(why.contains("FAILED"), "{why}"),
+        p => panic!("FAILED probed as {p:?}"),
+    }
+    match probe(0xff, 0xffff, with_status) {
+        Probe::Failed(why) => assert!(why.contains("all-ones"), "{why}"),
+        p => panic!("all-ones probed as {p:?}"),
+    }
+}
