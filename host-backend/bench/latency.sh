@@ -8,11 +8,16 @@
 # load, same measurement: the rows compare the back-ends' latency; the driver's own
 # share is in both.
 #
+# The `dpdk-pair` row swaps the driver too: DPDK's own pair, its virtio-user PMD in
+# `dpdk_latency.c` (the same stamp, pacing and receive-then-transmit loop as our testpmd's,
+# on DPDK's ethdev API; built here with gcc and pkg-config libdpdk) against DPDK's
+# net_vhost `io`. Read `ours` against `dpdk-pair` for pair against pair.
+#
 # Usage (root, from the workspace, after cargo build --release -p testpmd -p host-backend
 # --example core_rtt): host-backend/bench/latency.sh
-# Back-ends (WHO): ours (busy polling, --poll-us 0), ours-sleep (--poll-us 50: the worker
+# Rows (WHO): ours (busy polling, --poll-us 0), ours-sleep (--poll-us 50: the worker
 # sleeps on the kick eventfd after 50 us without work, so each frame at a low rate pays
-# a wake-up), dpdk.
+# a wake-up), dpdk (our driver on DPDK's back-end), dpdk-pair (DPDK's driver and back-end).
 # Environment: RATES ("10000 100000 1000000" frames/s), RUNS (3, interleaved),
 # DUR (5 s per run), HOST_CPU/GUEST_CPU (1/0), BIN, PMD, PMD_ARGS (--hugepages).
 # Output: per (rate, back-end) the median over runs of p50, p99, p99.9 and max (us),
@@ -21,7 +26,7 @@
 set -u
 RATES=${RATES:-"10000 100000 1000000"}
 RUNS=${RUNS:-3}
-WHO=${WHO:-"ours ours-sleep dpdk"}
+WHO=${WHO:-"ours ours-sleep dpdk dpdk-pair"}
 DUR=${DUR:-5}
 HOST_CPU=${HOST_CPU:-1}
 GUEST_CPU=${GUEST_CPU:-0}
@@ -39,12 +44,19 @@ done
 . "$(dirname "$0")/common.sh"
 bench_init lat vnetlat-
 SOCK=$WORK/vhost.sock
+LAT=$WORK/dpdk_latency
+if [[ " $WHO " == *" dpdk-pair "* ]]; then
+    command -v gcc >/dev/null || { echo "latency.sh: gcc missing (dpdk-pair row)" >&2; exit 1; }
+    # shellcheck disable=SC2046
+    gcc -O2 -Wall -o "$LAT" "$(dirname "$0")/dpdk_latency.c" $(pkg-config --cflags --libs libdpdk) \
+        || { echo "latency.sh: cannot build dpdk_latency.c (dpdk-dev, pkg-config)" >&2; exit 1; }
+fi
 
 # run_one WHO RATE TAG -> prints "p50 p99 p999 max samples lost" (ns) or fails
 run_one() {
     local who=$1 rate=$2 tag=$3
     rm -f "$SOCK"; PIDS=""
-    if [ "$who" != dpdk ]; then
+    if [ "${who#dpdk}" = "$who" ]; then
         local poll=0
         [ "$who" = ours-sleep ] && poll=50
         "$BIN" --port "reflect:$SOCK" --cores "$HOST_CPU" --poll-us "$poll" >"$WORK/$tag.host.log" 2>&1 &
@@ -61,12 +73,17 @@ run_one() {
     fi
     local bpid=${PIDS%% *} t0 t1
     t0=$(awk '{print $14 + $15}' "/proc/$bpid/stat")
-    "$PMD" --vdev "virtio_user0,path=$SOCK" --forward-mode txonly --txpkts 64 --latency --tx-pps "$rate" \
-        --cores "$GUEST_CPU" $PMD_ARGS --stats-format json --duration "$DUR" >"$WORK/$tag.guest.log" 2>&1
+    if [ "$who" = dpdk-pair ]; then
+        "$LAT" --lcores="0@${GUEST_CPU}" --no-pci --file-prefix=vnetlat-guest -m 256 --single-file-segments \
+            --vdev "net_virtio_user0,path=$SOCK,queues=1" -- "$rate" "$DUR" >"$WORK/$tag.guest.log" 2>&1
+    else
+        "$PMD" --vdev "virtio_user0,path=$SOCK" --forward-mode txonly --txpkts 64 --latency --tx-pps "$rate" \
+            --cores "$GUEST_CPU" $PMD_ARGS --stats-format json --duration "$DUR" >"$WORK/$tag.guest.log" 2>&1
+    fi
     # The back-end's CPU use over the run (user + system clock ticks).
     t1=$(awk '{print $14 + $15}' "/proc/$bpid/stat")
     echo $(( (t1 - t0) * 100 / $(getconf CLK_TCK) / DUR )) >"$WORK/$tag.cpu"
-    if [ "$who" = dpdk ]; then { echo stop; echo quit; } >&7 2>/dev/null; fi
+    if [ "$who" != "${who#dpdk}" ]; then { echo stop; echo quit; } >&7 2>/dev/null; fi
     local k; for k in $(seq 30); do kill -0 $PIDS 2>/dev/null || break; sleep 0.1; done
     kill -TERM $PIDS 2>/dev/null; wait $PIDS 2>/dev/null; PIDS=""
     exec 7>&- 2>/dev/null
@@ -86,7 +103,7 @@ PY
 }
 
 echo "# $(date -u +%FT%TZ) $(dpdk-testpmd -v 2>&1 | grep -o 'DPDK [0-9.]*' | head -1) | $(lscpu | sed -n 's/^Model name: *//p') x $(nproc)"
-echo "# round trip, 64 B, our testpmd --latency --tx-pps RATE through each back-end; ${RUNS} runs of ${DUR} s each"
+echo "# round trip, 64 B, our testpmd --latency --tx-pps RATE through each back-end (dpdk-pair: dpdk_latency.c on DPDK's virtio-user); ${RUNS} runs of ${DUR} s each"
 printf "%-9s %-10s %9s %9s %9s %9s %10s %6s %6s\n" rate backend p50_us p99_us p999_us max_us samples lost cpu
 runs=""
 for rate in $RATES; do
