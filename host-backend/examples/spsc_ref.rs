@@ -92,7 +92,8 @@ fn main() {
                 let s = ring.slots[(tail as usize) & (SLOTS - 1)].0.get() as *const u64;
                 // SAFETY: `tail < head`: the producer finished this slot (see `Sync`); words
                 // 0 and 7 of its eight are read (the line's first and last).
-                let (first, last) = unsafe { (std::ptr::read_volatile(s), std::ptr::read_volatile(s.add(7))) };
+                let (first, last) =
+                    unsafe { (std::ptr::read_volatile(s), std::ptr::read_volatile(s.add(7))) };
                 bad += (first != tail) as u64 + (last != tail) as u64;
                 tail += 1;
                 if tail % BATCH == 0 || tail == head {

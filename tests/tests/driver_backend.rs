@@ -564,3 +564,82 @@ fn open_sets_the_mtu_asked_for_within_the_devices() {
     let fin = backend.stop();
     check_clean(device(&fin, &sock));
 }
+
+/// CPU time (user + system clock ticks) of the backend's data worker thread so far.
+fn worker_ticks(backend: &Backend) -> u64 {
+    let dir = format!("/proc/{}/task", backend.pid());
+    for t in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{dir}: {e}")).flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "vnet-worker-0" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).expect("task stat");
+        // Fields after the ")" that ends the command name: utime and stime are 14 and 15.
+        let f: Vec<&str> = stat.rsplit_once(')').expect("stat format").1.split_whitespace().collect();
+        return f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    }
+    panic!("no vnet-worker-0 thread in {dir}");
+}
+
+/// `reflect` with its default `--poll-us 50`: a worker sleeps once its source ring has
+/// had nothing for 50 µs, even though the driver keeps receive buffers posted (those are
+/// no work by themselves: counted as work, they kept forwarding workers spinning for
+/// ever), and the driver's kick wakes it. Two bursts of 32 frames with an idle second
+/// between them: every frame comes back exactly once, and over the idle second the
+/// worker used a small part of its core (a spinning worker uses all of it).
+#[test]
+fn an_idle_reflect_worker_sleeps_and_wakes_on_the_next_frame() {
+    const ROUND: u64 = BURST as u64;
+    let _serial = serial();
+    let dir = TempDir::new("drv-reflect-sleep");
+    let sock = dir.join("reflect.sock");
+    let backend = start_backend("reflect", &sock, &["--swap-mac", "--poll-us", "50"]);
+    let mut port = open(PortConfig::virtio_user(&sock)).unwrap_or_else(|e| panic!("Port::open: {e}"));
+    let mut qp = port.queue_pair(0).expect("queue pair 0");
+    let pool = port.pool().clone();
+    let mut batch: Vec<Packet> = Vec::with_capacity(BURST);
+    let mut sender = Sender::new(2 * ROUND);
+    let mut next = 0u64;
+    // SAFETY: sysconf reads a configuration value; no pointers.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    let mut idle_share = Vec::new();
+    for round in 1..=2u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        sender.total = round * ROUND;
+        while next < round * ROUND {
+            if !sender.done() {
+                sender.pump(&pool, &mut qp.tx);
+            }
+            if qp.rx.rx_burst(&mut batch, BURST) > 0 {
+                check_reflected(&mut batch, &mut next);
+            }
+            assert!(Instant::now() < deadline, "round {round}: {next} of {} back", round * ROUND);
+        }
+        qp.tx.reclaim();
+        if round == 1 {
+            // Idle: the driver posts its buffers and sends nothing.
+            thread::sleep(Duration::from_millis(200));
+            let (t0, c0) = (Instant::now(), worker_ticks(&backend));
+            thread::sleep(Duration::from_secs(1));
+            let ticks = worker_ticks(&backend) - c0;
+            idle_share.push(ticks as f64 / (t0.elapsed().as_secs_f64() * tck as f64));
+        }
+    }
+    eprintln!("reflect --poll-us 50: worker busy {:.1}% of an idle second", idle_share[0] * 100.0);
+    assert!(
+        idle_share[0] < 0.3,
+        "the worker kept polling an idle device: {:.0}% of a core",
+        idle_share[0] * 100.0
+    );
+    let quiet = Instant::now() + QUIET;
+    while Instant::now() < quiet {
+        assert_eq!(qp.rx.rx_burst(&mut batch, BURST), 0, "extra frame: {batch:?}");
+    }
+    drain_tx(&mut qp.tx, Instant::now() + Duration::from_secs(5));
+    let (avail, cap) = close(port, vec![qp]);
+    assert_eq!(avail, cap, "every buffer back in the pool after close");
+    let fin = backend.stop();
+    let dev = device(&fin, &sock);
+    assert_eq!((counter(dev, "rx_packets"), counter(dev, "tx_packets")), (2 * ROUND, 2 * ROUND), "{dev}");
+    check_clean(dev);
+}

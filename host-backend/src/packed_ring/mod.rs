@@ -113,8 +113,7 @@ pub(crate) struct PackedRing {
     /// Chains the last poll found, in ring order from `avail_pos`.
     found: u16,
     chains: [ChainAt; MAX_BURST],
-    /// Where the last poll stopped looking (and its wrap counter): what `set_kicks`
-    /// checks for news.
+    /// Where the last poll stopped looking (and its wrap counter).
     seen_pos: u16,
     seen_wrap: bool,
     /// Chains of this burst walked so far with their ids marked in flight.
@@ -467,8 +466,9 @@ impl PackedRing {
 
     /// Enables (before the worker sleeps) or disables (while it polls) the driver's
     /// available-buffer notifications through the device event suppression area. When
-    /// enabling, returns whether a descriptor became available where the last poll
-    /// stopped (the caller must then poll instead of sleeping).
+    /// enabling, returns whether the next descriptor to consume is available: a new
+    /// chain, or one a burst found and left (its destination had no room); either way
+    /// the caller must poll instead of sleeping.
     pub fn set_kicks(&mut self, enable: bool) -> bool {
         let flags = if enable { packed::EVENT_FLAG_ENABLE } else { packed::EVENT_FLAG_DISABLE };
         self.event_u16(self.device, packed::EVENT_FLAGS).store(flags.to_le(), Ordering::Relaxed);
@@ -477,9 +477,9 @@ impl PackedRing {
         }
         // Store (event flags) → load (descriptor flags): full fence, see module doc.
         fence(Ordering::SeqCst);
-        // SAFETY: `seen_pos < size`.
-        let f = unsafe { self.flags_at(self.seen_pos) }.load(Ordering::Acquire);
-        packed::is_avail(u16::from_le(f), self.seen_wrap)
+        // SAFETY: `avail_pos < size`.
+        let f = unsafe { self.flags_at(self.avail_pos) }.load(Ordering::Acquire);
+        packed::is_avail(u16::from_le(f), self.avail_wrap)
     }
 }
 

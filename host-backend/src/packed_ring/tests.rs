@@ -668,6 +668,9 @@ fn kick_suppression_and_rearm() {
     assert_eq!(f.drv.device_event_flags(), packed::EVENT_FLAG_ENABLE);
     f.drv.post(&[64], false, 0);
     assert!(f.ring.set_kicks(true), "a chain arrived: do not sleep");
+    // Polled but left (the destination had no room): still work, whatever the poll saw.
+    assert_eq!(f.ring.poll_avail(), Ok(1));
+    assert!(f.ring.set_kicks(true), "a chain found and not consumed: do not sleep");
     f.ring.set_kicks(false);
     assert_eq!(f.drv.device_event_flags(), packed::EVENT_FLAG_DISABLE);
     complete_all(&mut f);

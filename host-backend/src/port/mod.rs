@@ -399,16 +399,22 @@ impl PortPath {
         }
     }
 
-    /// Enables or suppresses kicks on every active ring; when enabling, returns whether
-    /// work arrived meanwhile.
+    /// Enables or suppresses kicks on the ring this path's work arrives on; when enabling,
+    /// returns whether work arrived meanwhile.
+    ///
+    /// That ring is the source (frames to take) when the path has one, else the
+    /// destination (a `gen` path's receive ring: buffers to fill). A forwarding path's
+    /// destination is left alone: the buffers a driver keeps posted there are no work by
+    /// themselves (counted as work, they kept a `--poll-us` worker from ever sleeping),
+    /// and with its kicks on the driver would kick on every refill. A frame that waits for
+    /// buffers is still unconsumed in the source ring, which counts as work (the rings'
+    /// `set_kicks`), so the worker polls on instead of sleeping on it.
     pub fn set_kicks(&mut self, enable: bool) -> bool {
-        let mut arrived = false;
-        for s in self.slots() {
-            if let Some(a) = s.active.as_mut() {
-                arrived |= a.ring.set_kicks(enable);
-            }
+        let slot = if self.src.is_some() { self.src.as_mut() } else { self.dst.as_mut() };
+        match slot.and_then(|s| s.active.as_mut()) {
+            Some(a) => a.ring.set_kicks(enable),
+            None => false,
         }
-        arrived
     }
 
     /// Runs one burst; returns the number of chains it completed.

@@ -182,7 +182,6 @@ pub(crate) struct DeviceRing {
     last_avail: u16,
     used_idx: u16,
     pending_used: u16,
-    avail_cached: u16,
     event_idx: bool,
     indirect: bool,
     mem: Arc<GuestMemory>,
@@ -279,7 +278,6 @@ impl DeviceRing {
         if n > self.size {
             return Err(RingFault::AvailJump { last_avail: self.last_avail, avail });
         }
-        self.avail_cached = avail;
         Ok(n)
     }
 
@@ -619,8 +617,9 @@ impl DeviceRing {
 
     /// Enables (before the worker sleeps) or suppresses (while it polls) the driver's
     /// available-buffer notifications: `avail_event` with EVENT_IDX, else
-    /// `VRING_USED_F_NO_NOTIFY`. When enabling, returns whether new buffers arrived in
-    /// the meantime (the caller must then poll instead of sleeping).
+    /// `VRING_USED_F_NO_NOTIFY`. When enabling, returns whether any chain is available
+    /// and not consumed yet: new ones, or ones a burst found and left (its destination
+    /// had no room); either way the caller must poll instead of sleeping.
     pub fn set_kicks(&mut self, enable: bool) -> bool {
         if self.event_idx {
             // Kick me when avail idx moves past what I have consumed (enable), or only
@@ -637,7 +636,7 @@ impl DeviceRing {
         // Store (event/flags) → load (avail.idx): full fence, see module doc.
         fence(Ordering::SeqCst);
         let avail = self.avail_idx().load(Ordering::Acquire);
-        avail != self.avail_cached
+        avail != self.last_avail
     }
 }
 

@@ -94,7 +94,6 @@ impl DeviceRing {
             last_avail: cfg.base,
             used_idx: cfg.base,
             pending_used: 0,
-            avail_cached: cfg.base,
             event_idx: cfg.event_idx,
             indirect: cfg.indirect,
             mem,

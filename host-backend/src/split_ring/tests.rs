@@ -550,6 +550,15 @@ fn kick_suppression_and_rearm() {
     f.drv.post(&[64], false, 0);
     f.drv.publish();
     assert!(f.ring.set_kicks(true), "a buffer arrived: do not sleep");
+    // Polled but left (the destination had no room): still work, whatever the poll saw.
+    assert_eq!(f.ring.poll_avail(), Ok(1));
+    assert!(f.ring.set_kicks(true), "a chain found and not consumed: do not sleep");
+    let mut c = Chain::default();
+    let h = f.ring.walk_avail(&f.mem, 0, Dir::DeviceReads, &mut c).unwrap();
+    f.ring.add_used(h, 0);
+    f.ring.consume(1);
+    f.ring.publish_used();
+    assert!(!f.ring.set_kicks(true), "everything consumed: sleep");
 
     let mut f = fixture(16, 100, true);
     let ev = GuestAddress(f.drv.used() + layout::avail_event(16) as u64);
