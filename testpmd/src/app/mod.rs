@@ -451,6 +451,9 @@ impl App {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
+        // Before the first thread runs: the rates and `--tx-pps` checks divide by this
+        // time, and a thread may forward before `start` returns.
+        let started = Instant::now();
         for (i, streams) in per.into_iter().enumerate() {
             let (ports, params, stop) = (self.ctx.clone(), params.clone(), stop.clone());
             let cpu = self.cfg.cores.as_ref().and_then(|c| c.get(i).copied());
@@ -469,7 +472,7 @@ impl App {
             self.cfg.burst
         );
         self.say(&msg);
-        self.running = Some(Running { stop, threads, started: Instant::now() });
+        self.running = Some(Running { stop, threads, started });
     }
 
     /// Stops forwarding and prints the forward statistics; returns the per-port totals.
