@@ -14,10 +14,6 @@
 //! layout" line in the guest, the backend's "(packed rings)"/"(split rings)" log line),
 //! so a packed run cannot pass on split rings.
 //!
-//! txonly into a sink and rxonly from gen run from `tests/vm/scenarios/*.json` through the
-//! VM runner ([`crate::scenario`], the `vm-runner` users run), with the checks above
-//! asserted on its report; the other scenarios boot through [`run_guest`] here.
-//!
 //! QEMU under TCG takes a whole CPU: callers hold the cross-process lock
 //! ([`crate::harness::serial`]) and boot one VM at a time.
 
