@@ -34,28 +34,18 @@ pub struct Image {
 /// Longest a (cold) image build may take: it downloads about 215 MB of Debian packages.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
 
-/// Where the images and their cache live: `target/vm` (beside `target/<profile>/testpmd`).
-pub fn vm_dir() -> PathBuf {
-    let testpmd = workspace_bin("testpmd");
-    testpmd
-        .parent()
-        .and_then(Path::parent)
-        .expect("build_image: testpmd is not in target/<profile>/")
-        .join("vm")
-}
-
 /// Builds (or reuses) the guest image with `tests/vm/build-image.sh`, putting our
 /// `testpmd` of the test's own build profile into it. Panics with the script's output if
 /// it fails (a missing prerequisite is a failure, never a skip).
 pub fn build_image() -> Image {
-    build_image_with(&[])
-}
-
-/// [`build_image`] with `build-image.sh`'s options for a user's image (`--add SRC[:DEST]`,
-/// `--init SCRIPT`, `--no-bind`, `--out DIR`); with none, the default image.
-pub fn build_image_with(options: &[String]) -> Image {
     let testpmd = workspace_bin("testpmd");
-    let vm_dir = vm_dir();
+    // target/<profile>/testpmd -> target/vm
+    let target_dir = testpmd
+        .parent()
+        .and_then(Path::parent)
+        .expect("build_image: testpmd is not in target/<profile>/")
+        .to_path_buf();
+    let vm_dir = target_dir.join("vm");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/build-image.sh");
     let dir = TempDir::new("vm-build");
     let log_path = dir.join("build-image.log");
@@ -63,7 +53,6 @@ pub fn build_image_with(options: &[String]) -> Image {
     let t0 = Instant::now();
     let mut child = Command::new("bash")
         .arg(&script)
-        .args(options)
         .env("VNET_TESTPMD", &testpmd)
         .env("VNET_L2FWD", workspace_example("vnet-driver", "l2fwd"))
         .env("VNET_VM_DIR", &vm_dir)
@@ -140,8 +129,6 @@ pub struct VmConfig {
     /// The chardev reconnects to a back-end that went away (`reconnect=1`: QEMU tries
     /// again every second, and replays the device's state to the new back-end).
     pub reconnect: bool,
-    /// QEMU's accelerator: `tcg` (software emulation, what works on this machine) or `kvm`.
-    pub accel: String,
 }
 
 impl VmConfig {
@@ -160,7 +147,6 @@ impl VmConfig {
             socket2: None,
             queues: 1,
             reconnect: false,
-            accel: "tcg".into(),
         }
     }
 
@@ -194,7 +180,7 @@ impl VmConfig {
     }
 }
 
-/// A running QEMU guest (TCG unless [`VmConfig::accel`] says otherwise); killed on drop.
+/// A running QEMU (TCG) guest; killed on drop.
 pub struct Qemu {
     child: Option<Child>,
     started: Instant,
@@ -229,7 +215,7 @@ impl Qemu {
         }
         let mut args: Vec<String> = vec![
             "-accel".into(),
-            cfg.accel.clone(),
+            "tcg".into(),
             "-machine".into(),
             "q35".into(),
             "-cpu".into(),

@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::harness::{counter, device, total_drops, Backend, TempDir};
-use crate::scenario::{self, GuestMode};
 use crate::vm::{build_image, GuestReport, Image, Qemu, VmConfig};
 
 /// QEMU start to the guest's /init (measured: 5-9 s on 2 shared cores).
@@ -310,81 +309,50 @@ pub fn boot_bind_and_reconnect(mode: Mode) -> Value {
     dev
 }
 
-/// Runs a scenario file of `tests/vm/scenarios/` through the VM runner
-/// ([`crate::scenario`], what `vm-runner` runs) in `mode` on `rings`, and checks what
-/// every scenario must show beyond the file's own checks: the guest passed, the IOMMU
-/// mode's markers, and both sides on `rings`. Returns the runner's report. TCG only: KVM
-/// cannot run these guests on this machine, and the tests do not spend a try on it.
-fn run_scenario_file(file: &str, mode: Mode, rings: Rings) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/scenarios").join(file);
-    let mut sc = scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    sc.mode = match mode {
-        Mode::NoIommu => GuestMode::NoIommu,
-        // Hugepages: the arena is mapped in 2 MiB IOMMU pages, so the backend's IOTLB
-        // needs a handful of translations instead of thousands.
-        Mode::VIommu => {
-            sc.params.push_str(" vt.tp=--hugepages");
-            GuestMode::VIommu
-        }
-    };
-    sc.devices[0].packed = rings == Rings::Packed;
-    sc.name = format!("{}-{}-{}", sc.name, mode.name(), rings.name());
-    sc.accel = "tcg".into();
-    let r = scenario::run(&sc);
-    let ctx = serde_json::to_string_pretty(&r).unwrap_or_default();
-    eprintln!("[{}] {:.1} s, checks {}", sc.name, r["seconds"].as_f64().unwrap_or(0.0), r["checks"]);
-    assert_eq!(r["guest"]["passed"], true, "the guest did not pass\n{ctx}");
-    for c in r["checks"].as_array().expect("checks") {
-        assert_eq!(c["ok"], true, "check {} failed\n{ctx}", c["check"]);
-    }
-    let markers: Vec<&str> =
-        r["guest"]["markers"].as_array().expect("markers").iter().filter_map(Value::as_str).collect();
-    let has = |m: &str| markers.iter().any(|l| l.contains(m));
-    match mode {
-        Mode::NoIommu => {
-            assert!(has("VNET-NOIOMMU enable_unsafe_noiommu_mode=Y"), "no-IOMMU mode is off\n{ctx}");
-            assert!(has("VNET-VFIO-OK /dev/vfio/noiommu-"), "no /dev/vfio/noiommu-N\n{ctx}");
-        }
-        Mode::VIommu => assert!(
-            markers.iter().any(|l| l.contains("VNET-VFIO-OK /dev/vfio/") && !l.contains("noiommu")),
-            "no type-1 group node /dev/vfio/N\n{ctx}"
-        ),
-    }
-    let out = r["guest"]["testpmd_output"].as_str().unwrap_or_default();
-    assert!(
-        out.contains(rings.testpmd_layout()),
-        "testpmd in the guest did not print {:?}\n{ctx}",
-        rings.testpmd_layout()
-    );
-    let log: Vec<&str> =
-        r["backend_log"].as_array().expect("backend_log").iter().filter_map(Value::as_str).collect();
-    assert_eq!(
-        backend_rings(&log.join("\n")),
-        Some(rings.name()),
-        "the backend's last feature negotiation was not on {} rings\n{ctx}",
-        rings.name()
-    );
-    r
-}
-
-/// Guest testpmd txonly into a sink (`scenarios/txonly-to-sink.json`): guest TX ==
-/// backend rx, no drops. Returns the sink's device statistics.
+/// Guest testpmd txonly into a sink: guest TX == backend rx, no drops.
 pub fn txonly_to_sink(mode: Mode, rings: Rings) -> Value {
-    let r = run_scenario_file("txonly-to-sink.json", mode, rings);
-    r["backend"]["sink"].clone()
+    let Setup { mut clock, image, backend, sock, _dir } = setup(mode, rings, "txonly", "sink", &[]);
+    let report = run_guest(&mut clock, mode, rings, &image, &backend, &sock, "txonly", 5);
+    let dev = finish_backend(backend, &sock);
+    let g_tx = report.fwd_counter(0, "tx_packets");
+    let g_txdrop = report.fwd_counter(0, "tx_dropped");
+    let b_rx = counter(&dev, "rx_packets");
+    eprintln!(
+        "[{}] guest TX-packets {g_tx} (TX-dropped {g_txdrop}); backend rx_packets {b_rx}, drops {}",
+        clock.name,
+        total_drops(&dev)
+    );
+    print_iotlb(&clock, &dev);
+    assert!(g_tx > 0, "the guest sent nothing\n{}", report.serial);
+    assert_eq!(g_tx, b_rx, "guest TX != backend rx\nbackend: {dev}\n{}", report.testpmd_output());
+    assert_eq!(total_drops(&dev), 0, "backend drops: {dev}");
+    assert_eq!(counter(&dev, "broken_queues"), 0, "{dev}");
+    dev
 }
 
-/// A gen port with `--count` frames into guest testpmd rxonly
-/// (`scenarios/rxonly-from-gen.json`): every frame generated is either received by the
-/// guest or counted as a backend drop. Returns the gen port's device statistics.
+/// A gen port with `--count` frames into guest testpmd rxonly: every frame generated
+/// is either received by the guest or counted as a backend drop.
 pub fn rxonly_from_gen(mode: Mode, rings: Rings) -> Value {
     // About 1 Mpps reach the guest's testpmd under TCG: this takes 1-2 s of the 8.
     const COUNT: u64 = 1_000_000;
-    let r = run_scenario_file("rxonly-from-gen.json", mode, rings);
-    let dev = r["backend"]["gen"].clone();
-    let (b_tx, drops) = (counter(&dev, "tx_packets"), total_drops(&dev));
-    assert_eq!(counter(&dev, "generated"), COUNT, "the scenario's --count changed: {dev}");
+    let count = COUNT.to_string();
+    let Setup { mut clock, image, backend, sock, _dir } =
+        setup(mode, rings, "rxonly", "gen", &["--count", &count]);
+    let report = run_guest(&mut clock, mode, rings, &image, &backend, &sock, "rxonly", 8);
+    let dev = finish_backend(backend, &sock);
+    let g_rx = report.fwd_counter(0, "rx_packets");
+    let b_tx = counter(&dev, "tx_packets");
+    let drops = total_drops(&dev);
+    eprintln!(
+        "[{}] guest RX-packets {g_rx}; backend tx_packets {b_tx}, generated {}, drops {drops} (--count {COUNT})",
+        clock.name,
+        counter(&dev, "generated")
+    );
+    print_iotlb(&clock, &dev);
+    assert_eq!(counter(&dev, "generated"), COUNT, "the backend did not generate --count frames: {dev}");
     assert_eq!(b_tx, COUNT - drops, "backend tx + drops != --count: {dev}");
+    assert_eq!(g_rx, b_tx, "guest RX != backend tx\nbackend: {dev}\n{}", report.testpmd_output());
+    assert_eq!(counter(&dev, "broken_queues"), 0, "{dev}");
     dev
 }
 

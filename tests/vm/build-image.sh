@@ -8,21 +8,6 @@
 #
 #   tests/vm/build-image.sh          # -> target/vm/image/{vmlinuz,initrd.img,manifest}
 #
-# A user's image: the same guest plus the user's own files, in a directory of its own (the
-# default image is never touched):
-#   tests/vm/build-image.sh --add ./myapp --add ./cfg.txt:/etc/myapp.cfg --init ./run.sh [--no-bind] [--out DIR]
-#   --add SRC[:DEST]   copy SRC into the image at DEST (default /bin/<name>); a dynamically
-#                      linked ELF brings the shared libraries `ldd` lists for it
-#   --init SCRIPT      /init runs SCRIPT (with sh) once the devices are bound (or, with
-#                      --no-bind, once the kernel's virtio_net has brought every NIC up);
-#                      its output is streamed prefixed "APP| ", between "===== VNET-APP
-#                      BEGIN =====" and "===== VNET-APP END rc=N =====", and the guest's
-#                      result is PASS when it exits 0. A line "VNET-VALUE name=N" it prints
-#                      is a value the VM runner's checks can name (guest.name).
-#   --no-bind          leave the virtio-net devices to the kernel's own virtio_net driver
-#                      (interfaces up, no address) instead of binding them to vfio-pci
-#   --out DIR          where the image goes (default: <vm dir>/user-image)
-#
 # Everything it downloads or builds is cached under target/vm/ (gitignored with target/):
 # a warm run only re-checks testpmd with cargo and repacks the initramfs if an input
 # changed (a few seconds). It needs root only to apt-get install missing host tools.
@@ -52,29 +37,6 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-
-# ---- options (a user's image) -------------------------------------------------------------
-ADD_SRC=() ADD_DEST=() USER_INIT="" NO_BIND=0 OUT=""
-usage() { echo "usage: build-image.sh [--add SRC[:DEST]]... [--init SCRIPT] [--no-bind] [--out DIR]" >&2; exit 2; }
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --add) [ $# -ge 2 ] || usage
-            src=${2%%:*} dest=${2#*:}
-            [ "$dest" = "$2" ] && dest=/bin/$(basename "$src")
-            case "$dest" in /*) ;; *) echo "build-image.sh: ERROR: --add $2: DEST must be an absolute path" >&2; exit 2 ;; esac
-            [ -f "$src" ] || { echo "build-image.sh: ERROR: --add $2: $src is not a file" >&2; exit 2; }
-            ADD_SRC+=("$(cd "$(dirname "$src")" && pwd)/$(basename "$src")"); ADD_DEST+=("$dest"); shift 2 ;;
-        --init) [ $# -ge 2 ] || usage
-            [ -f "$2" ] || { echo "build-image.sh: ERROR: --init $2: not a file" >&2; exit 2; }
-            USER_INIT="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
-        --no-bind) NO_BIND=1; shift ;;
-        --out) [ $# -ge 2 ] || usage; OUT=$2; shift 2 ;;
-        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed 's/^# \{0,1\}//;/^set -euo/d'; exit 0 ;;
-        *) echo "build-image.sh: ERROR: unknown argument $1" >&2; usage ;;
-    esac
-done
-USER_IMAGE=0
-if [ ${#ADD_SRC[@]} -gt 0 ] || [ -n "$USER_INIT" ] || [ "$NO_BIND" = 1 ] || [ -n "$OUT" ]; then USER_IMAGE=1; fi
 # current_kernel: "<ABI> <VERSION>" of the kernel linux-image-amd64's candidate depends on.
 current_kernel() {
     local v
@@ -99,11 +61,6 @@ KVER=$KABI-amd64                         # uname -r of the guest
 VM=${VNET_VM_DIR:-${CARGO_TARGET_DIR:-$REPO/target}/vm}
 CACHE=$VM/cache
 IMG=$VM/image
-if [ "$USER_IMAGE" = 1 ]; then
-    IMG=${OUT:-$VM/user-image}
-    mkdir -p "$IMG"
-    IMG=$(cd "$IMG" && pwd)
-fi
 T0=${EPOCHREALTIME/./}
 
 say() { local t=$(( ${EPOCHREALTIME/./} - T0 )); printf '[build-image %3d.%ds] %s\n' $((t / 1000000)) $((t / 100000 % 10)) "$*" >&2; }
@@ -275,13 +232,6 @@ ETHTOOL=$(command -v ethtool)
 # an absolute path)
 mapfile -t LIBS < <(ldd "$TP" "$L2" "$ETHTOOL" | awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]+ \(/ {print $1}' | sort -u)
 [ ${#LIBS[@]} -gt 0 ] || die "ldd $TP listed no libraries"
-# the user's files: a dynamically linked ELF brings its libraries too
-for f in "${ADD_SRC[@]}"; do
-    if head -c 4 "$f" | grep -q 'ELF' && ldd "$f" >/dev/null 2>&1; then
-        mapfile -t -O "${#LIBS[@]}" LIBS < <(ldd "$f" | awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]+ \(/ {print $1}')
-    fi
-done
-mapfile -t LIBS < <(printf '%s\n' "${LIBS[@]}" | sort -u)
 # glibc dlopen()s libgcc_s for pthread_cancel/unwinding: make sure it is there
 if ! printf '%s\n' "${LIBS[@]}" | grep -q libgcc_s; then
     g=$(ldconfig -p | awk '/libgcc_s\.so\.1 .*x86-64/ {print $NF; exit}')
@@ -290,11 +240,9 @@ fi
 
 # ---- 6. rootfs + initramfs (only when an input changed) ------------------------------------
 INPUTS=("$HERE/guest-init.sh" "$HERE/guest-kernel-net.sh" "$TP" "$L2" "$ETHTOOL" "${LIBS[@]}" "$B/bin/busybox" "$K/vmlinuz")
-INPUTS+=("${ADD_SRC[@]}")
-if [ -n "$USER_INIT" ]; then INPUTS+=("$USER_INIT"); fi
 for m in "${MODS[@]}" "${NETMODS[@]}"; do INPUTS+=("$K/modules/$m.ko"); done
 if [ "$NOIOMMU_BUILTIN" = 0 ]; then INPUTS+=("$N/vfio.ko"); fi
-KEY=$( { echo "$KVER $KVERSION ${MODS[*]} ${NETMODS[*]} dest=${ADD_DEST[*]} nobind=$NO_BIND init=${USER_INIT:+1}"; sha256sum "${INPUTS[@]}" | cut -d' ' -f1; } | sha256sum | cut -d' ' -f1)
+KEY=$( { echo "$KVER $KVERSION ${MODS[*]} ${NETMODS[*]}"; sha256sum "${INPUTS[@]}" | cut -d' ' -f1; } | sha256sum | cut -d' ' -f1)
 if [ -s "$IMG/initrd.img" ] && [ -s "$IMG/vmlinuz" ] && [ "$(cat "$IMG/.key" 2>/dev/null)" = "$KEY" ]; then
     say "image up to date"
 else
@@ -329,12 +277,6 @@ else
         cp -L "$l" "$R$l"
     done
     install -m 0755 "$HERE/guest-init.sh" "$R/init"
-    for i in "${!ADD_SRC[@]}"; do
-        mkdir -p "$R$(dirname "${ADD_DEST[$i]}")"
-        cp -L "${ADD_SRC[$i]}" "$R${ADD_DEST[$i]}"
-    done
-    if [ -n "$USER_INIT" ]; then install -m 0755 "$USER_INIT" "$R/etc/vnet-user-init"; fi
-    if [ "$NO_BIND" = 1 ]; then : > "$R/etc/vnet-no-bind"; fi
     {
         echo "kernel $KVER $KVERSION"
         echo "testpmd $(sha256sum "$TP" | cut -d' ' -f1) $TP"
@@ -344,9 +286,6 @@ else
         echo "ethtool $($ETHTOOL --version | head -n1)"
         echo "libs ${LIBS[*]}"
         echo "noiommu-vfio $([ "$NOIOMMU_BUILTIN" = 0 ] && echo rebuilt || echo builtin)"
-        for i in "${!ADD_SRC[@]}"; do echo "add ${ADD_DEST[$i]} $(sha256sum "${ADD_SRC[$i]}" | cut -d' ' -f1) ${ADD_SRC[$i]}"; done
-        if [ -n "$USER_INIT" ]; then echo "init $USER_INIT"; fi
-        if [ "$NO_BIND" = 1 ]; then echo "no-bind"; fi
     } > "$R/etc/vnet-image"
     cp "$K/vmlinuz" "$IMG/vmlinuz.tmp"
     (cd "$R" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet -R 0:0) \

@@ -28,15 +28,6 @@
 #                             SIGINT; stdout lines prefixed "L2| ", between
 #                             ===== VNET-L2FWD BEGIN ... ===== and ===== VNET-L2FWD END rc=N =====
 #   vt.l2=A,B,...             extra l2fwd arguments, commas become spaces
-#   vt.app=user               run the image's own application (/etc/vnet-user-init, from
-#                             build-image.sh --init; the default when the image has one) once
-#                             the devices are bound, with VNET_BDFS set to their addresses;
-#                             output prefixed "APP| " between ===== VNET-APP BEGIN ... =====
-#                             and ===== VNET-APP END rc=N =====; PASS when it exits 0.
-#                             In an image built with --no-bind (/etc/vnet-no-bind) nothing is
-#                             bound: the kernel's virtio_net takes the NICs, IPv6 is turned
-#                             off (the kernel then sends nothing by itself), every interface
-#                             is set up (VNET_IFACES lists them) and then the application runs.
 #   vt.shell=1                start a shell instead of powering off (debugging)
 export PATH=/bin:/sbin
 mount -t proc proc /proc
@@ -49,8 +40,6 @@ echo
 echo "VNET-INIT uptime=$(uptime_s) kernel=$(uname -r) cpus=$(nproc) mem=$(awk '/MemTotal/ {print $2 "kB"}' /proc/meminfo)"
 
 MODE=noiommu FWD=none SECS=5 TXFIRST="" TPEXTRA="" HUGEPAGES=128 DEBUG_SHELL=0 APP=testpmd L2EXTRA=""
-# An image with a user's application runs it unless vt.app says otherwise.
-[ -e /etc/vnet-user-init ] && APP=user
 for a in $(cat /proc/cmdline); do
     case "$a" in
         vt.mode=*) MODE=${a#*=} ;;
@@ -77,39 +66,13 @@ fail() {
     dmesg | grep -iE 'vfio|iommu|virtio|pci 0000:0[1-9]' | tail -n 15 | sed 's/^/VNET-DMESG /'
     finish FAIL "$*"
 }
-# The image's own application (build-image.sh --init), then the result.
-run_user_app() {
-    [ -e /etc/vnet-user-init ] || fail "vt.app=user but the image has no application (build-image.sh --init)"
-    echo "===== VNET-APP BEGIN /etc/vnet-user-init ====="
-    { sh /etc/vnet-user-init 2>&1 </dev/null; echo $? > /tmp/app.rc; } | sed 's/^/APP| /'
-    RC=$(cat /tmp/app.rc)
-    echo "===== VNET-APP END rc=$RC ====="
-    [ "$RC" = 0 ] || fail "the application exited with $RC"
-    finish PASS "app"
-}
 
 # ---- a stock Linux guest: the kernel's virtio-net driver -------------------------------------
-if [ "$MODE" = kernel ] || [ -e /etc/vnet-no-bind ]; then
+if [ "$MODE" = kernel ]; then
     for ko in $(cat /lib/modules/net-load-order); do
         insmod "/lib/modules/$ko" 2>/tmp/insmod.err || { echo "VNET-MODULE FAIL $ko: $(cat /tmp/insmod.err)"; fail "insmod $ko"; }
     done
     echo "VNET-MODULE ok $(tr '\n' ' ' < /lib/modules/net-load-order)"
-    if [ "$APP" = user ]; then
-        # IPv6 off before any link is up: the kernel then sends nothing on its own (no
-        # neighbour discovery, no MLD), so a back-end's counts are the application's.
-        echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6 2>/dev/null
-        echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 2>/dev/null
-        VNET_IFACES=""
-        for i in /sys/class/net/*; do
-            n=${i##*/}
-            [ "$n" = lo ] && continue
-            ip link set dev "$n" up && VNET_IFACES="$VNET_IFACES $n"
-        done
-        export VNET_IFACES=${VNET_IFACES# }
-        echo "VNET-IFACES $VNET_IFACES"
-        [ -n "$VNET_IFACES" ] || fail "no network interface"
-        run_user_app
-    fi
     . /bin/guest-kernel-net.sh
     fail "guest-kernel-net.sh returned"
 fi
@@ -165,12 +128,6 @@ done
 echo "$HUGEPAGES" > /proc/sys/vm/nr_hugepages
 mount -t hugetlbfs nodev /dev/hugepages
 echo "VNET-HUGEPAGES $(awk '/HugePages_Total/ {t=$2} /HugePages_Free/ {f=$2} END {print "total=" t " free=" f}' /proc/meminfo)"
-
-# ---- the image's own application ----------------------------------------------------------
-if [ "$APP" = user ]; then
-    export VNET_BDFS=${BDFS# }
-    run_user_app
-fi
 
 # ---- l2fwd (the driver's example) on every device ---------------------------------------------
 if [ "$APP" = l2fwd ]; then
