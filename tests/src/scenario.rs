@@ -347,10 +347,11 @@ impl Scenario {
             }
             if !PORT_KINDS.contains(&p.kind.as_str()) {
                 return Err(err(format!(
-                    "port '{}': unknown port kind '{}' (expected {})",
+                    "port '{}': unknown port kind '{}' (expected {} or {})",
                     p.name,
                     p.kind,
-                    PORT_KINDS.join(", ")
+                    PORT_KINDS[..PORT_KINDS.len() - 1].join(", "),
+                    PORT_KINDS[PORT_KINDS.len() - 1]
                 )));
             }
             let needs_if = p.kind == "tap" || p.kind == "afpacket";
