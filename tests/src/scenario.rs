@@ -774,8 +774,9 @@ pub fn guest_values(serial: &str) -> BTreeMap<String, i128> {
                 }
             }
         }
-        if let Some(i) = line.find("{\"type\":\"forward_stats\"") {
-            if let Ok(v) = serde_json::from_str::<Value>(&line[i..]) {
+        if let Some(i) = line.find('{').filter(|_| line.contains("\"forward_stats\"")) {
+            let v = serde_json::from_str::<Value>(&line[i..]).ok();
+            if let Some(v) = v.filter(|v| v.get("type").and_then(Value::as_str) == Some("forward_stats")) {
                 for (n, p) in v.get("ports").and_then(Value::as_array).into_iter().flatten().enumerate() {
                     for (k, x) in p.as_object().into_iter().flatten() {
                         if let Some(x) = x.as_u64() {
@@ -817,7 +818,7 @@ mod tests {
         backend.insert("x.b".to_string(), serde_json::json!({"tx_packets": 7}));
         let guest = guest_values(
             "APP| VNET-VALUE sent=1000 bytes=60000\n\
-             TP| {\"type\":\"forward_stats\",\"ports\":[{\"tx_packets\":5,\"tx_dropped\":2}]}\n\
+             TP| {\"ports\":[{\"tx_packets\":5,\"tx_dropped\":2}],\"type\":\"forward_stats\"}\n\
              ===== VNET-APP END rc=0 =====\n",
         );
         V { backend, guest }
