@@ -326,6 +326,13 @@ impl Scenario {
         if f.guest.smp == 0 || f.guest.smp > 8 {
             return Err(err(format!("guest.smp = {}: expected 1 to 8", f.guest.smp)));
         }
+        // base64 on the kernel command line, which holds 2048 bytes on x86 in all
+        if f.guest.command.as_ref().is_some_and(|c| c.len() > 1024) {
+            return Err(err("guest.command: longer than 1024 bytes (put it in an --init script)".into()));
+        }
+        if f.guest.params.len() > 512 {
+            return Err(err("guest.params: longer than 512 bytes".into()));
+        }
         if f.guest.mem_mib < 256 {
             return Err(err(format!("guest.mem_mib = {}: at least 256 MiB", f.guest.mem_mib)));
         }
