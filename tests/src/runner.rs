@@ -6,7 +6,8 @@
 //! kernel's banner, TCG otherwise), our `host-backend` with the scenario's ports, QEMU
 //! with its devices (one boot or several, one after the other), the serial console
 //! (streamed to stderr when asked, the whole run bounded by `timeout_secs`), the backend's
-//! final statistics per port end, and the checks. Every process it starts is killed when
+//! final statistics per port end, and the checks (`timeout_secs` bounds the boots, from the
+//! first QEMU start; an image build has its own bound). Every process it starts is killed when
 //! the run ends or fails. A guest that fails or a check that does not hold is part of the
 //! report (`passed: false`); an `Err` means the run itself could not happen (a missing
 //! tool, an image build or a backend that failed), one line first, details after.
@@ -320,7 +321,6 @@ impl Run {
     /// The image (built if the scenario asks), the accelerator, the backend.
     pub fn start(sc: &Scenario, tools: &Tools, stream: bool) -> Result<Run, String> {
         let t0 = Instant::now();
-        let deadline = t0 + Duration::from_secs(sc.timeout_secs);
         let image = match &sc.image {
             ImageSource::Default => tools.image.run().map_err(|e| format!("image build failed: {e}"))?,
             ImageSource::Dir(d) => Image::in_dir(d, Duration::ZERO),
@@ -396,7 +396,8 @@ impl Run {
             qemu_argv: Vec::new(),
             stream,
             t0,
-            deadline,
+            // set when the boots start: an image build is bounded on its own
+            deadline: Instant::now() + Duration::from_secs(sc.timeout_secs),
             _dir: dir,
         })
     }
@@ -463,6 +464,7 @@ impl Run {
     /// Boots the guest `boots` times, one after the other; each boot's failures are in
     /// the report. `Err` only when QEMU cannot be started.
     pub fn boot_all(&mut self) -> Result<(), String> {
+        self.deadline = Instant::now() + Duration::from_secs(self.sc.timeout_secs);
         for n in 0..self.sc.boots {
             let boot = self.boot(n)?;
             let stop = boot.result == "none";

@@ -10,7 +10,7 @@
 //!
 //! ```toml
 //! name = "txonly-to-sink"
-//! timeout_secs = 300                  # the whole run (default 300)
+//! timeout_secs = 300                  # the boots, all of them (default 300)
 //! accel = "auto"                      # auto (KVM when it works, else TCG) | kvm | tcg
 //! boots = 1                           # boot the guest this many times, one after the other
 //! checks = ["backend.s.rx_packets == guest.port0.tx_packets", "backend.s.drops == 0"]

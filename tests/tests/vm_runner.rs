@@ -14,6 +14,10 @@
 //!   sent, no drops); one more check, added on purpose, does not, and the runner exits
 //!   1 naming it with both values.
 //!
+//! * `vm_runner_time_limit_kills_the_guest`: a guest that would run testpmd for 60 s
+//!   under a 6 s `timeout_secs` is killed at the limit; the run fails naming the limit, and
+//!   no QEMU on the run's sockets outlives the runner.
+//!
 //! Needs root and qemu-system-x86 (as the other vm_* tests) and gcc-12; one VM at a time
 //! under the [`serial`] lock, the runner bounded by the scenario's `timeout_secs` and
 //! this test's own limit.
@@ -238,4 +242,63 @@ fn vm_runner_foreign_afpacket_program() {
     // A user image of its own: not the default image our other VM tests boot.
     let initrd = report["image"]["initrd"].as_str().unwrap_or_default();
     assert!(initrd.contains("/vm/user-images/") && !initrd.contains("/vm/image/"), "{initrd}");
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_with(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        if !e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                out.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn vm_runner_time_limit_kills_the_guest() {
+    let _g = serial();
+    for p in
+        [workspace_bin("host-backend"), workspace_bin("testpmd"), workspace_example("vnet-driver", "l2fwd")]
+    {
+        assert!(p.is_file(), "{}", p.display());
+    }
+    let dir = TempDir::new("runner-limit");
+    let scenario = dir.join("slow.toml");
+    let text = format!("timeout_secs = 6\naccel = \"tcg\"\n[guest]\nparams = \"vt.fwd=txonly vt.secs=60\"\n{PORT}[[devices]]\nport = \"s\"\n");
+    std::fs::write(&scenario, text).expect("write scenario");
+    let report_path = dir.join("report.json");
+    let (out, took) = run_bounded(
+        Command::new(RUNNER).arg(&scenario).arg("--report").arg(&report_path).arg("--quiet"),
+        Duration::from_secs(300),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&report_path).expect("the report"))
+        .expect("report JSON");
+    assert_eq!(
+        report["failures"],
+        serde_json::json!([
+            "timeout: the run took more than timeout_secs = 6 (QEMU killed)",
+            "the guest printed no VNET-RESULT line"
+        ]),
+        "{stderr}"
+    );
+    assert_eq!(report["boots"][0]["qemu_exit"], "killed at the time limit", "{report}");
+    assert_eq!(report["accel"], "tcg");
+    assert_eq!(report["accel_note"], "tcg: the scenario asks for it");
+    // The boot took the limit, not testpmd's 60 s (the image check and teardown add a few).
+    let boot_s = report["boots"][0]["elapsed_s"].as_f64().expect("elapsed_s");
+    assert!((6.0..12.0).contains(&boot_s), "boot took {boot_s} s");
+    assert!(took < Duration::from_secs(60), "the runner took {took:?}");
+    // Nothing of the run is left: QEMU and the backend named the run's sockets.
+    let cmd = report["qemu"]["command"].as_str().expect("command");
+    let sock = cmd.split("path=").nth(1).and_then(|s| s.split([',', ' ']).next()).expect("a socket path");
+    assert!(processes_with(sock).is_empty(), "still running: {:?}", processes_with(sock));
 }
