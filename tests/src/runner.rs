@@ -498,7 +498,7 @@ impl Run {
         let qemu_exit = loop {
             let console = qemu.serial();
             if self.stream {
-                streamed = stream_lines(&console, streamed);
+                streamed = stream_lines(&mut std::io::stderr().lock(), &console, streamed);
             }
             if let Some(s) = self.backend.latest_stats() {
                 for (name, sock) in &devs {
@@ -513,7 +513,7 @@ impl Run {
             if let Some(st) = qemu.exit_status() {
                 // the console may have grown right before the exit
                 if self.stream {
-                    stream_lines(&qemu.serial(), streamed);
+                    stream_lines(&mut std::io::stderr().lock(), &qemu.serial(), streamed);
                 }
                 if !st.success() {
                     failures.push(format!("{tag}QEMU exited with {st}: {}", last_line(&qemu.qemu_log())));
@@ -623,14 +623,13 @@ fn device_of<'a>(stats: &'a Value, sock: &Path) -> Option<&'a Value> {
     stats.get("devices")?.as_array()?.iter().find(|d| d.get("socket").and_then(Value::as_str) == Some(&want))
 }
 
-/// Writes the complete lines of `console` after byte `from` to stderr, prefixed
+/// Writes the complete lines of `console` after byte `from` to `out` (stderr), prefixed
 /// `guest| `; returns where the next call starts.
-fn stream_lines(console: &str, from: usize) -> usize {
+fn stream_lines(out: &mut dyn Write, console: &str, from: usize) -> usize {
     let Some(new) = console.get(from..) else { return from };
     let Some(end) = new.rfind('\n') else { return from };
-    let mut err = std::io::stderr().lock();
     for l in new[..end].lines() {
-        let _ = writeln!(err, "guest| {l}");
+        let _ = writeln!(out, "guest| {l}");
     }
     from + end + 1
 }
@@ -676,8 +675,10 @@ mod tests {
 
     #[test]
     fn streaming_prints_whole_lines_once() {
-        assert_eq!(stream_lines("abc", 0), 0);
-        assert_eq!(stream_lines("abc\nde", 0), 4);
-        assert_eq!(stream_lines("abc\ndef\n", 4), 8);
+        let mut out = Vec::new();
+        assert_eq!(stream_lines(&mut out, "abc", 0), 0);
+        assert_eq!(stream_lines(&mut out, "abc\nde", 0), 4);
+        assert_eq!(stream_lines(&mut out, "abc\ndef\n", 4), 8);
+        assert_eq!(String::from_utf8_lossy(&out), "guest| abc\nguest| def\n");
     }
 }
