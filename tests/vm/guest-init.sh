@@ -118,15 +118,21 @@ if [ "$MODE" = kernel ]; then
     done
     echo "VNET-MODULE ok $(tr '\n' ' ' < /lib/modules/net-load-order)"
     if [ "$APP" = user ]; then
-        # every virtio_net interface, in PCI order of their devices
-        VNET_IFACES=""
+        # every virtio-net device's interface, in PCI order of the devices (waiting up to
+        # 5 s for the driver to have registered them all)
+        NDEV=0
+        for d in /sys/bus/pci/devices/*; do
+            [ "$(cat "$d/vendor")" = 0x1af4 ] && [ "$(cat "$d/device")" = 0x1041 ] && NDEV=$((NDEV + 1))
+        done
         for i in $(seq 1 50); do
-            VNET_IFACES=""
+            VNET_IFACES="" n_if=0
             for d in /sys/bus/pci/drivers/virtio-pci/0000:*; do
                 [ -d "$d" ] || continue
-                for n in "$d"/virtio*/net/*; do [ -d "$n" ] && VNET_IFACES="$VNET_IFACES ${n##*/}"; done
+                for n in "$d"/virtio*/net/*; do
+                    [ -d "$n" ] && VNET_IFACES="$VNET_IFACES ${n##*/}" && n_if=$((n_if + 1))
+                done
             done
-            [ -n "$VNET_IFACES" ] && break
+            [ "$n_if" -ge "$NDEV" ] && [ "$n_if" -gt 0 ] && break
             sleep 0.1
         done
         export VNET_IFACES=${VNET_IFACES# }
