@@ -28,6 +28,9 @@ HUGE_DIR=/dev/hugepages
 VM_PACKAGES=(qemu-system-x86 cpio xz-utils make gcc-12 binutils libelf1 libssl3 ethtool tcpdump)
 # The tap tests (tests/tests/backend_tap.rs): `ip netns`, `ping`, `sha256sum`.
 VM_PACKAGES+=(iproute2 iputils-ping coreutils)
+# The VM runner's test (tests/tests/vm_runner.rs) builds a static C program with gcc-12
+# (libc's static archive, libc.a, is in libc6-dev).
+VM_PACKAGES+=(libc6-dev)
 
 say() { printf 'tests/run.sh: %s\n' "$*" >&2; }
 die() { say "ERROR: $*"; exit 1; }

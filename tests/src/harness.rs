@@ -222,10 +222,15 @@ impl Backend {
     /// Like [`Backend::start`] with another executable that speaks the same CLI and
     /// stats protocol.
     pub fn start_with(bin: &Path, args: &[&str]) -> Backend {
+        Backend::try_start_with(bin, args).unwrap_or_else(|e| panic!("Backend::start: {e}"))
+    }
+
+    /// [`Backend::start_with`], with the error (its first line says what happened, the
+    /// backend's log follows) instead of a panic.
+    pub fn try_start_with(bin: &Path, args: &[&str]) -> Result<Backend, String> {
         let dir = TempDir::new("backend");
         let log_path = dir.join("host-backend.stderr");
-        let log = File::create(&log_path)
-            .unwrap_or_else(|e| panic!("Backend::start: create {}: {e}", log_path.display()));
+        let log = File::create(&log_path).map_err(|e| format!("create {}: {e}", log_path.display()))?;
 
         let has = |flag: &str| args.iter().any(|a| *a == flag || a.starts_with(&format!("{flag}=")));
         let mut argv: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -239,7 +244,7 @@ impl Backend {
 
         let mut tries = 0;
         let mut child = loop {
-            let err = log.try_clone().unwrap_or_else(|e| panic!("Backend::start: dup log fd: {e}"));
+            let err = log.try_clone().map_err(|e| format!("dup log fd: {e}"))?;
             match Command::new(bin)
                 .args(&argv)
                 .stdin(Stdio::null())
@@ -254,18 +259,18 @@ impl Backend {
                     tries += 1;
                     thread::sleep(Duration::from_millis(10));
                 }
-                Err(e) => panic!("Backend::start: spawn {}: {e}", bin.display()),
+                Err(e) => return Err(format!("cannot run {}: {e}", bin.display())),
             }
         };
         let pid = child.id();
-        let stdout = child.stdout.take().expect("Backend::start: piped stdout");
+        let stdout = child.stdout.take().ok_or("host-backend: no piped stdout")?;
         let state = Arc::new(Mutex::new(StdoutState::default()));
         let reader = {
             let state = Arc::clone(&state);
             thread::Builder::new()
                 .name(format!("backend-{pid}-stdout"))
                 .spawn(move || read_stats(stdout, &state))
-                .expect("Backend::start: spawn stdout reader thread")
+                .map_err(|e| format!("spawn the stdout reader thread: {e}"))?
         };
         let mut backend =
             Backend { child: Mutex::new(Some(child)), pid, state, reader: Some(reader), log_path, _dir: dir };
@@ -274,23 +279,26 @@ impl Backend {
         for sock in &sockets {
             while !sock.exists() {
                 if !backend.is_running() {
-                    panic!(
-                        "host-backend {argv:?} exited before creating {}; log:\n{}",
-                        sock.display(),
-                        backend.log()
-                    );
+                    // Its last log line is usually why (a bad option, a busy socket).
+                    let log = backend.log();
+                    let why =
+                        log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+                    return Err(format!(
+                        "host-backend exited before creating {}: {why}\n{argv:?}; log:\n{log}",
+                        sock.display()
+                    ));
                 }
                 if Instant::now() > deadline {
-                    panic!(
+                    return Err(format!(
                         "host-backend {argv:?}: socket {} not created within 10 s; log:\n{}",
                         sock.display(),
                         backend.log()
-                    );
+                    ));
                 }
                 thread::sleep(Duration::from_millis(20));
             }
         }
-        backend
+        Ok(backend)
     }
 
     /// Latest JSON stats object seen on stdout.
@@ -329,8 +337,13 @@ impl Backend {
 
     /// Sends SIGTERM, waits (max 10 s, then SIGKILL and panic), asserts exit status 0,
     /// and returns the final stats object (the JSON line with `"final": true`).
-    pub fn stop(mut self) -> Value {
-        let mut child = lock(&self.child).take().expect("Backend::stop: child present");
+    pub fn stop(self) -> Value {
+        self.try_stop().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Backend::stop`], with the error instead of a panic.
+    pub fn try_stop(mut self) -> Result<Value, String> {
+        let mut child = lock(&self.child).take().ok_or("Backend::stop: the backend was already stopped")?;
         if matches!(child.try_wait(), Ok(None)) {
             signal(self.pid, libc::SIGTERM);
         }
@@ -339,7 +352,10 @@ impl Backend {
             None => {
                 signal(self.pid, libc::SIGKILL);
                 let _ = child.wait();
-                panic!("host-backend did not exit within 10 s of SIGTERM (killed); log:\n{}", self.log());
+                return Err(format!(
+                    "host-backend did not exit within 10 s of SIGTERM (killed); log:\n{}",
+                    self.log()
+                ));
             }
         };
         // The pipe closes when the process is gone: the reader has seen every line.
@@ -347,11 +363,11 @@ impl Backend {
             let _ = r.join();
         }
         if !status.success() {
-            panic!("host-backend exited with {status} after SIGTERM; log:\n{}", self.log());
+            return Err(format!("host-backend exited with {status} after SIGTERM; log:\n{}", self.log()));
         }
         let fin = lock(&self.state).final_stats.clone();
-        fin.unwrap_or_else(|| {
-            panic!(
+        fin.ok_or_else(|| {
+            format!(
                 "host-backend printed no stats line with \"final\": true; last stats: {}\nlog:\n{}",
                 self.stats_text(),
                 self.log()
@@ -380,7 +396,7 @@ impl Backend {
     }
 
     /// Whether the child has exited (reaping it if so; `Child` keeps the status).
-    fn has_exited(&self) -> bool {
+    pub fn has_exited(&self) -> bool {
         match lock(&self.child).as_mut() {
             Some(c) => !matches!(c.try_wait(), Ok(None)),
             None => true,

@@ -2,8 +2,8 @@
 //!
 //! * [`build_image`] runs `tests/vm/build-image.sh`: a Debian kernel and an initramfs with
 //!   the VFIO modules, our `testpmd` and `tests/vm/guest-init.sh` as `/init`, cached
-//!   under `<target>/vm/`.
-//! * [`Qemu`] boots it under TCG with one `virtio-net-pci` device (split rings, or
+//!   under `<target>/vm/`; [`ImageBuild`] runs it with a user's files too.
+//! * [`Qemu`] boots it under TCG (or KVM, [`VmConfig::kvm`]) with `virtio-net-pci` devices (split rings, or
 //!   `packed=on`) whose data plane is a vhost-user socket (our backend's), the serial
 //!   console in a file; it is killed on drop.
 //! * [`GuestReport`] reads what `/init` printed: its `VNET-` markers, the testpmd output
@@ -38,58 +38,98 @@ const BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
 /// `testpmd` of the test's own build profile into it. Panics with the script's output if
 /// it fails (a missing prerequisite is a failure, never a skip).
 pub fn build_image() -> Image {
-    let testpmd = workspace_bin("testpmd");
-    // target/<profile>/testpmd -> target/vm
-    let target_dir = testpmd
-        .parent()
-        .and_then(Path::parent)
-        .expect("build_image: testpmd is not in target/<profile>/")
-        .to_path_buf();
-    let vm_dir = target_dir.join("vm");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/build-image.sh");
-    let dir = TempDir::new("vm-build");
-    let log_path = dir.join("build-image.log");
-    let log = File::create(&log_path).expect("build_image: create log");
-    let t0 = Instant::now();
-    let mut child = Command::new("bash")
-        .arg(&script)
-        .env("VNET_TESTPMD", &testpmd)
-        .env("VNET_L2FWD", workspace_example("vnet-driver", "l2fwd"))
-        .env("VNET_VM_DIR", &vm_dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log.try_clone().expect("build_image: dup log")))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap_or_else(|e| panic!("build_image: cannot run {}: {e}", script.display()));
-    let status = wait_timeout(&mut child, BUILD_TIMEOUT).unwrap_or_else(|| {
-        signal(child.id(), libc::SIGKILL);
-        let _ = child.wait();
-        panic!(
-            "build_image: {} did not finish within {BUILD_TIMEOUT:?}:\n{}",
-            script.display(),
-            read_lossy(&log_path)
-        )
-    });
-    let out = read_lossy(&log_path);
-    if !status.success() {
-        panic!("build_image: {} failed ({status}):\n{out}", script.display());
+    ImageBuild::for_tests(Vec::new()).run().unwrap_or_else(|e| panic!("build_image: {e}"))
+}
+
+/// One run of `tests/vm/build-image.sh`.
+#[derive(Debug, Clone)]
+pub struct ImageBuild {
+    /// Our testpmd to put in the image (`None`: the script builds it with cargo).
+    pub testpmd: Option<PathBuf>,
+    /// The l2fwd example to put in it (`None`: the script builds it).
+    pub l2fwd: Option<PathBuf>,
+    /// The cache and default output directory (`VNET_VM_DIR`; `None`: the script's
+    /// default, `<cargo target dir>/vm`).
+    pub vm_dir: Option<PathBuf>,
+    /// The script's options for a user's image (`--add`, `--init`, `--no-bind`, `--out`);
+    /// none: the default image.
+    pub options: Vec<String>,
+}
+
+impl ImageBuild {
+    /// With the binaries of the test's own build profile (built if needed) and the cache
+    /// in `target/vm`.
+    pub fn for_tests(options: Vec<String>) -> ImageBuild {
+        let testpmd = workspace_bin("testpmd");
+        // target/<profile>/testpmd -> target/vm
+        let vm_dir = testpmd.parent().and_then(Path::parent).map(|t| t.join("vm"));
+        ImageBuild {
+            testpmd: Some(testpmd),
+            l2fwd: Some(workspace_example("vnet-driver", "l2fwd")),
+            vm_dir,
+            options,
+        }
     }
-    let img_dir = out
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("VNET-IMAGE "))
-        .map(|s| PathBuf::from(s.trim()))
-        .unwrap_or_else(|| panic!("build_image: no VNET-IMAGE line in the output:\n{out}"));
-    let image = Image {
-        vmlinuz: img_dir.join("vmlinuz"),
-        initrd: img_dir.join("initrd.img"),
-        build_time: t0.elapsed(),
-    };
-    assert!(
-        image.vmlinuz.exists() && image.initrd.exists(),
-        "build_image: {img_dir:?} lacks vmlinuz/initrd.img"
-    );
-    image
+
+    /// Runs the script (bounded by [`BUILD_TIMEOUT`]); the error is one line, and the
+    /// script's output follows it when it failed.
+    pub fn run(&self) -> Result<Image, String> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/build-image.sh");
+        let dir = TempDir::new("vm-build");
+        let log_path = dir.join("build-image.log");
+        let log = File::create(&log_path).map_err(|e| format!("create {}: {e}", log_path.display()))?;
+        let log2 = log.try_clone().map_err(|e| format!("dup log: {e}"))?;
+        let t0 = Instant::now();
+        let mut cmd = Command::new("bash");
+        cmd.arg(&script)
+            .args(&self.options)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log2))
+            .stderr(Stdio::from(log));
+        if let Some(p) = &self.testpmd {
+            cmd.env("VNET_TESTPMD", p);
+        }
+        if let Some(p) = &self.l2fwd {
+            cmd.env("VNET_L2FWD", p);
+        }
+        if let Some(p) = &self.vm_dir {
+            cmd.env("VNET_VM_DIR", p);
+        }
+        let mut child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        let Some(status) = wait_timeout(&mut child, BUILD_TIMEOUT) else {
+            signal(child.id(), libc::SIGKILL);
+            let _ = child.wait();
+            return Err(format!(
+                "{} did not finish within {BUILD_TIMEOUT:?}:\n{}",
+                script.display(),
+                read_lossy(&log_path)
+            ));
+        };
+        let out = read_lossy(&log_path);
+        if !status.success() {
+            // The script's own error line first (build-image.sh: ERROR: ...), then its output.
+            let why = out.lines().rev().find(|l| l.contains("ERROR:")).unwrap_or("").trim().to_string();
+            return Err(format!("{} failed ({status}): {why}\n{out}", script.display()));
+        }
+        let img_dir = out
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("VNET-IMAGE "))
+            .map(|s| PathBuf::from(s.trim()))
+            .ok_or_else(|| format!("no VNET-IMAGE line in the output of {}:\n{out}", script.display()))?;
+        let image = Image::in_dir(&img_dir, t0.elapsed());
+        if !(image.vmlinuz.exists() && image.initrd.exists()) {
+            return Err(format!("{} lacks vmlinuz/initrd.img", img_dir.display()));
+        }
+        Ok(image)
+    }
+}
+
+impl Image {
+    /// The image in `dir` (`vmlinuz`, `initrd.img`).
+    pub fn in_dir(dir: &Path, build_time: Duration) -> Image {
+        Image { vmlinuz: dir.join("vmlinuz"), initrd: dir.join("initrd.img"), build_time }
+    }
 }
 
 /// `mac` (aa:bb:..:ff) with `add` added to its last byte.
@@ -129,6 +169,24 @@ pub struct VmConfig {
     /// The chardev reconnects to a back-end that went away (`reconnect=1`: QEMU tries
     /// again every second, and replays the device's state to the new back-end).
     pub reconnect: bool,
+    /// Devices each with their own options (the VM runner's): when not empty, these are the
+    /// guest's NICs instead of `socket`/`socket2` with the shared options above.
+    pub nics: Vec<Nic>,
+    /// `-accel kvm` instead of TCG (with `kernel-irqchip=split` under a vIOMMU, which
+    /// interrupt remapping needs).
+    pub kvm: bool,
+}
+
+/// One `virtio-net-pci` device on a vhost-user socket (see [`VmConfig::nics`]).
+#[derive(Debug, Clone)]
+pub struct Nic {
+    pub socket: PathBuf,
+    pub mac: String,
+    pub packed: bool,
+    /// Queue pairs (more than 1: `mq=on`).
+    pub queues: u16,
+    /// More `virtio-net-pci` properties, comma-separated (e.g. `host_mtu=9000,vectors=0`).
+    pub opts: String,
 }
 
 impl VmConfig {
@@ -147,6 +205,8 @@ impl VmConfig {
             socket2: None,
             queues: 1,
             reconnect: false,
+            nics: Vec::new(),
+            kvm: false,
         }
     }
 
@@ -194,30 +254,42 @@ impl Qemu {
     /// Boots `image` with `cfg` under TCG: q35, a pcie-root-port with a modern-only
     /// `virtio-net-pci` (no option ROM) on `-netdev vhost-user`, guest RAM from a shared
     /// memfd (the backend maps it), serial console into a file, no display, no reboot.
+    /// Panics if QEMU cannot be started.
     pub fn start(image: &Image, cfg: &VmConfig) -> Qemu {
-        let dir = TempDir::new("vm-qemu");
-        let serial_path = dir.join("serial.log");
-        let log_path = dir.join("qemu.log");
+        Qemu::try_start(image, cfg).unwrap_or_else(|e| panic!("Qemu::start: {e}"))
+    }
+
+    /// The devices of `cfg`: its [`VmConfig::nics`], or `socket` (and `socket2`) with the
+    /// shared options, the MAC counting up.
+    fn nics(cfg: &VmConfig) -> Vec<Nic> {
+        if !cfg.nics.is_empty() {
+            return cfg.nics.clone();
+        }
+        let mut socks = vec![cfg.socket.clone()];
+        socks.extend(cfg.socket2.clone());
+        socks
+            .into_iter()
+            .enumerate()
+            .map(|(i, socket)| Nic {
+                socket,
+                mac: if i == 0 { cfg.mac.clone() } else { next_mac(&cfg.mac, i as u8) },
+                packed: cfg.packed,
+                queues: cfg.queues,
+                opts: cfg.nic_opts.clone(),
+            })
+            .collect()
+    }
+
+    /// The QEMU arguments for `image` and `cfg`.
+    pub fn args(image: &Image, cfg: &VmConfig, serial_path: &Path) -> Vec<String> {
         let mem = format!("{}M", cfg.mem_mib);
         let append = format!("console=ttyS0 panic=-1 quiet loglevel=4 {}", cfg.params);
-        let mut nic = format!("virtio-net-pci,netdev=n0,mac={},romfile=,bus=rp0,disable-legacy=on", cfg.mac);
-        let mut iommu: Vec<String> = Vec::new();
-        if cfg.packed {
-            nic.push_str(",packed=on");
-        }
-        if !cfg.nic_opts.is_empty() {
-            nic.push(',');
-            nic.push_str(&cfg.nic_opts);
-        }
-        if cfg.viommu {
-            nic.push_str(",iommu_platform=on,ats=on");
-            iommu = vec!["-device".into(), "intel-iommu,intremap=on,device-iotlb=on".into()];
-        }
+        let machine = if cfg.kvm && cfg.viommu { "q35,kernel-irqchip=split" } else { "q35" };
         let mut args: Vec<String> = vec![
             "-accel".into(),
-            "tcg".into(),
+            if cfg.kvm { "kvm" } else { "tcg" }.into(),
             "-machine".into(),
-            "q35".into(),
+            machine.into(),
             "-cpu".into(),
             "max".into(),
             "-smp".into(),
@@ -230,31 +302,44 @@ impl Qemu {
             "node,memdev=mem".into(),
         ];
         // The IOMMU must exist before the devices behind it.
-        args.extend(iommu);
-        if cfg.queues > 1 {
-            nic.push_str(&format!(",mq=on,vectors={}", 2 * cfg.queues + 2));
+        if cfg.viommu {
+            args.extend(["-device".into(), "intel-iommu,intremap=on,device-iotlb=on".into()]);
         }
-        let netq = if cfg.queues > 1 { format!(",queues={}", cfg.queues) } else { String::new() };
         let reconnect = if cfg.reconnect { ",reconnect=1" } else { "" };
-        let mut socks = vec![cfg.socket.clone()];
-        socks.extend(cfg.socket2.clone());
-        for (i, sock) in socks.iter().enumerate() {
-            // Device i: its own chardev, netdev and root port; the MAC counts up.
-            let mac = if i == 0 { cfg.mac.clone() } else { next_mac(&cfg.mac, i as u8) };
-            let nic_i =
-                nic.replace("netdev=n0", &format!("netdev=n{i}")).replace("bus=rp0", &format!("bus=rp{i}"));
-            args.extend::<Vec<String>>(vec![
+        for (i, nic) in Qemu::nics(cfg).iter().enumerate() {
+            // Device i: its own chardev, netdev and root port.
+            let mut dev =
+                format!("virtio-net-pci,netdev=n{i},mac={},romfile=,bus=rp{i},disable-legacy=on", nic.mac);
+            if nic.packed {
+                dev.push_str(",packed=on");
+            }
+            if !nic.opts.is_empty() {
+                dev.push(',');
+                dev.push_str(nic.opts.trim_start_matches(','));
+            }
+            if cfg.viommu {
+                dev.push_str(",iommu_platform=on,ats=on");
+            }
+            if nic.queues > 1 {
+                dev.push_str(",mq=on");
+                // vectors=0 in `opts` (a guest kernel's driver: legacy interrupts) stays.
+                if !nic.opts.contains("vectors=") {
+                    dev.push_str(&format!(",vectors={}", 2 * nic.queues + 2));
+                }
+            }
+            let netq = if nic.queues > 1 { format!(",queues={}", nic.queues) } else { String::new() };
+            args.extend([
                 "-chardev".into(),
-                format!("socket,id=c{i},path={}{reconnect}", sock.display()),
+                format!("socket,id=c{i},path={}{reconnect}", nic.socket.display()),
                 "-netdev".into(),
                 format!("vhost-user,id=n{i},chardev=c{i}{netq}"),
                 "-device".into(),
                 format!("pcie-root-port,id=rp{i},chassis={},slot={}", i + 1, i + 1),
                 "-device".into(),
-                nic_i.replace(&format!("mac={}", cfg.mac), &format!("mac={mac}")),
+                dev,
             ]);
         }
-        args.extend::<Vec<String>>(vec![
+        args.extend([
             "-kernel".into(),
             image.vmlinuz.display().to_string(),
             "-initrd".into(),
@@ -268,19 +353,27 @@ impl Qemu {
             "none".into(),
             "-no-reboot".into(),
         ]);
-        let log = File::create(&log_path).expect("Qemu::start: create qemu.log");
+        args
+    }
+
+    /// [`Qemu::start`], with the error instead of a panic when QEMU cannot be started.
+    pub fn try_start(image: &Image, cfg: &VmConfig) -> Result<Qemu, String> {
+        let dir = TempDir::new("vm-qemu");
+        let serial_path = dir.join("serial.log");
+        let log_path = dir.join("qemu.log");
+        let args = Qemu::args(image, cfg, &serial_path);
+        let log = File::create(&log_path).map_err(|e| format!("create {}: {e}", log_path.display()))?;
+        let log2 = log.try_clone().map_err(|e| format!("dup qemu.log: {e}"))?;
         let child = Command::new("qemu-system-x86_64")
             .args(&args)
             .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone().expect("Qemu::start: dup log")))
+            .stdout(Stdio::from(log2))
             .stderr(Stdio::from(log))
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!("Qemu::start: cannot run qemu-system-x86_64 ({e}); apt-get install qemu-system-x86")
-            });
+            .map_err(|e| format!("cannot run qemu-system-x86_64 ({e}); apt-get install qemu-system-x86"))?;
         let mut cmdline = vec!["qemu-system-x86_64".to_string()];
         cmdline.extend(args);
-        Qemu { child: Some(child), started: Instant::now(), serial_path, log_path, cmdline, _dir: dir }
+        Ok(Qemu { child: Some(child), started: Instant::now(), serial_path, log_path, cmdline, _dir: dir })
     }
 
     /// The serial console so far, without carriage returns.
@@ -296,6 +389,16 @@ impl Qemu {
     /// The QEMU command line.
     pub fn cmdline(&self) -> String {
         self.cmdline.join(" ")
+    }
+
+    /// The QEMU command line, one argument each.
+    pub fn argv(&self) -> &[String] {
+        &self.cmdline
+    }
+
+    /// QEMU's exit status once it has exited (`None` while it runs).
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Time since QEMU was started.

@@ -9,6 +9,11 @@
 //! what port 0's queue q received is what port 1's queue q sent. With two queue pairs
 //! QEMU has `mq=on` and the driver sets the pair count through the control queue over PCI.
 //!
+//! The layout and the backend's exact counts are `tests/vm/scenarios/l2fwd-two-devices.toml`,
+//! run with the VM runner's steps (`Run::start`, C opened on the scenario's free end
+//! `x.b`, `boot_all`, `finish`); what C received and l2fwd's own statistics are checked
+//! here.
+//!
 //! Needs root and qemu-system-x86 (as the other vm_* tests); one VM at a time under the
 //! [`serial`] lock, each step bounded, QEMU and the backend killed on failure.
 
@@ -17,31 +22,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use driver::{Port, PortConfig, QueuePair};
-use vnet_tests::harness::{counter, device, serial, total_drops, Backend, TempDir};
+use vnet_tests::harness::{counter, device, serial};
 use vnet_tests::l2fwd::{port_stat, printed_mac, queue_stats};
-use vnet_tests::vm::{build_image, GuestReport, Qemu, VmConfig};
+use vnet_tests::runner::{Run, Tools};
+use vnet_tests::scenario::{Mode, Scenario};
+use vnet_tests::vmtest::scenario_path;
 
-/// Frames gen sends.
+/// Frames gen sends (`--count` in the scenario file).
 const N: u64 = 20_000;
-/// Seconds l2fwd runs in the guest before its SIGINT.
-const SECS: u64 = 15;
-
-/// l2fwd's output between the guest's BEGIN/END markers, without the prefixes.
-fn l2fwd_output(r: &GuestReport) -> String {
-    let mut out = String::new();
-    let mut inside = false;
-    for l in r.serial.lines() {
-        if l.contains("VNET-L2FWD BEGIN") {
-            inside = true;
-        } else if l.contains("VNET-L2FWD END") {
-            inside = false;
-        } else if inside {
-            out.push_str(l.strip_prefix("L2| ").or_else(|| l.strip_prefix("L2! ")).unwrap_or(l));
-            out.push('\n');
-        }
-    }
-    out
-}
 
 /// What C received: frames, those with a wrong destination MAC or length, the distinct
 /// source MACs.
@@ -82,17 +70,14 @@ fn receive(mut pairs: Vec<QueuePair>, stop: Arc<AtomicBool>) -> (Vec<QueuePair>,
 
 fn run(viommu: bool, queues: u16) {
     let _g = serial();
-    let image = build_image();
-    let dir = TempDir::new("vm-l2fwd");
-    let (a, b, c) = (dir.join("gen.sock"), dir.join("b.sock"), dir.join("c.sock"));
-    let (pa, pb) = (format!("gen:{}", a.display()), format!("xconnect:{},{}", b.display(), c.display()));
-    let (n, q) = (N.to_string(), queues.to_string());
-    let mut args = vec!["--port", &pa, "--port", &pb, "--count", &n, "--queues", &q, "--poll-us", "1000"];
-    if viommu {
-        args.push("--iommu");
-    }
-    let backend = Backend::start(&args);
-    // C first, so that the cross-connect has both ends when l2fwd starts sending.
+    let mut sc = Scenario::load(&scenario_path("l2fwd-two-devices")).unwrap_or_else(|e| panic!("{e}"));
+    sc.mode = if viommu { Mode::VIommu } else { Mode::NoIommu };
+    sc.devices.iter_mut().for_each(|d| d.queues = queues);
+    sc.guest.params = sc.guest.params.replace("vt.l2=", &format!("vt.l2=--queues,{queues},"));
+    // The image, the backend (gen, xconnect x.a/x.b); C goes on the free end x.b first,
+    // so that the cross-connect has both ends when l2fwd starts sending.
+    let mut run = Run::start(&sc, &Tools::for_tests(), false).unwrap_or_else(|e| panic!("{e}"));
+    let c = run.socket("x.b").expect("the scenario's free end x.b").to_path_buf();
     let mut pc = PortConfig::virtio_user(&c);
     pc.queue_pairs = queues;
     let mut port_c = Port::open(pc).expect("open C");
@@ -101,44 +86,30 @@ fn run(viommu: bool, queues: u16) {
         let (pairs, stop) = (port_c.take_queue_pairs(), stop.clone());
         std::thread::spawn(move || receive(pairs, stop))
     };
-
-    // -q 2: one thread per queue index, each serving both ports' queue q.
-    let params = format!("vt.app=l2fwd vt.secs={SECS} vt.l2=-q,2,--queues,{queues},--hugepages");
-    let mut cfg = if viommu { VmConfig::viommu(&a, &params) } else { VmConfig::noiommu(&a, &params) };
-    cfg.socket2 = Some(b.clone());
-    cfg.queues = queues;
-    let mut qemu = Qemu::start(&image, &cfg);
-    qemu.wait_serial("VNET-L2FWD END", Duration::from_secs(SECS + 240));
-    let (status, _) = qemu.wait_exit(Duration::from_secs(60));
-    let report = GuestReport::new(qemu.serial());
-    let diag = qemu.diagnostics();
-    assert!(status.success(), "QEMU exited with {status}\n{diag}");
-    assert_eq!(report.passed(), Some(true), "no VNET-RESULT PASS\n{diag}");
-    let out = l2fwd_output(&report);
-    eprintln!("guest l2fwd output:\n{out}");
-
-    let (da, db) = (a.clone(), b.clone());
-    backend.wait_stats(Duration::from_secs(10), |s| {
-        device(s, &da)["connected"] == false && device(s, &db)["connected"] == false
-    });
+    run.boot_all().unwrap_or_else(|e| panic!("{e}"));
     // The backend has moved all N to C (or the wait fails with its stats); then C's
     // receiver drains what is still in its rings.
     let dc = c.clone();
-    backend.wait_stats(Duration::from_secs(10), |s| counter(device(s, &dc), "tx_packets") >= N);
+    run.backend().wait_stats(Duration::from_secs(10), |s| counter(device(s, &dc), "tx_packets") >= N);
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
     let (pairs, got) = receiver.join().expect("receiver thread");
     port_c.close(pairs).expect("close C");
-    let stats = backend.stop();
-    let (dg, ds, dc) = (device(&stats, &a), device(&stats, &b), device(&stats, &c));
-    assert_eq!((counter(dg, "generated"), counter(dg, "tx_packets")), (N, N), "{dg}");
+    let report = run.finish().unwrap_or_else(|e| panic!("{e}"));
+    let out = report.output();
+    eprintln!("guest l2fwd output:\n{out}");
+    for c in &report.checks {
+        eprintln!("{}", c.message);
+    }
+    assert!(
+        report.passed(),
+        "failures: {:?}\n{}",
+        report.failures(),
+        serde_json::to_string_pretty(&report.to_json()).unwrap_or_default()
+    );
+    assert_eq!(report.last().reason.split_whitespace().next(), Some("l2fwd"), "{}", report.last().console);
     assert_eq!(port_stat(&out, 0, "Packets received:"), N, "{out}");
     assert_eq!(port_stat(&out, 1, "Packets sent:"), N, "{out}");
-    assert_eq!(counter(ds, "rx_packets"), N, "B: {ds}");
-    assert_eq!(counter(dc, "tx_packets"), N, "C: {dc}");
-    for d in [dg, ds, dc] {
-        assert_eq!(total_drops(d), 0, "{d}");
-    }
     // C received every frame once, each with l2fwd's MAC rewrite.
     assert_eq!((got.got, got.bad), (N, 0), "frames at C (bad: wrong length or destination)");
     assert_eq!(got.srcs, [printed_mac(&out, 1)], "source MACs must all be the guest's port 1's");
@@ -148,6 +119,7 @@ fn run(viommu: bool, queues: u16) {
         assert_eq!(q0[i].0, q1[i].1, "queue {i}: port 0 received, port 1 sent: {q0:?} {q1:?}");
     }
     // The backend's per-queue view of B adds up to the same.
+    let ds = report.device("x.a");
     let b_q: u64 = ds["queues"].as_array().expect("queues").iter().map(|q| counter(q, "rx_packets")).sum();
     assert_eq!(b_q, N, "{ds}");
 }

@@ -8,6 +8,24 @@
 #
 #   tests/vm/build-image.sh          # -> target/vm/image/{vmlinuz,initrd.img,manifest}
 #
+# A user's image: the same guest with the user's own files in it, written to a directory of
+# its own (the default image, which our tests boot, is never touched):
+#
+#   tests/vm/build-image.sh --add ./myapp --add ./app.conf:/etc/app.conf --init ./run.sh [--no-bind] [--out DIR]
+#
+#   --add SRC[:DEST]   copy SRC into the image at DEST (default /bin/<name of SRC>); may
+#                      repeat. A dynamically linked program brings the shared libraries
+#                      `ldd` lists for it.
+#   --init SCRIPT      the guest's /init runs SCRIPT (with sh) once the virtio-net devices
+#                      are bound to vfio-pci (their addresses in $VNET_BDFS, hugepages
+#                      mounted), or, with --no-bind, once the kernel's virtio_net has brought
+#                      the interfaces up (their names in $VNET_IFACES); see guest-init.sh.
+#   --no-bind          leave the virtio-net devices to the kernel's own virtio_net driver
+#                      instead of binding them to vfio-pci (IPv6 off, so the kernel sends
+#                      nothing by itself; no addresses). Boot it with vt.mode=kernel.
+#   --out DIR          where the image goes (default: <vm dir>/user-images/<hash of the
+#                      inputs>, so images with different inputs never overwrite each other)
+#
 # Everything it downloads or builds is cached under target/vm/ (gitignored with target/):
 # a warm run only re-checks testpmd with cargo and repacks the initramfs if an input
 # changed (a few seconds). It needs root only to apt-get install missing host tools.
@@ -37,6 +55,39 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
+
+# ---- options: a user's image ---------------------------------------------------------------
+# Errors in the options are one line on stderr and exit status 2, before anything is built.
+usage_error() { echo "build-image.sh: ERROR: $*" >&2; exit 2; }
+abspath() { echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; }
+ADD_SRC=() ADD_DEST=() USER_INIT="" NO_BIND=0 OUT=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --add)
+            [ $# -ge 2 ] || usage_error "--add needs SRC[:DEST]"
+            src=${2%%:*} dest=${2#*:}
+            [ "$dest" != "$2" ] || dest=/bin/$(basename "$src")
+            [ -f "$src" ] || usage_error "--add $2: $src: no such file"
+            case "$dest" in /*) ;; *) usage_error "--add $2: DEST must be an absolute path in the guest" ;; esac
+            case "$dest" in /init | /etc/vnet-* | */../* | */..) usage_error "--add $2: DEST $dest is reserved" ;; esac
+            ADD_SRC+=("$(abspath "$src")") ADD_DEST+=("$dest")
+            shift 2 ;;
+        --init)
+            [ $# -ge 2 ] || usage_error "--init needs SCRIPT"
+            [ -f "$2" ] || usage_error "--init $2: no such file"
+            USER_INIT=$(abspath "$2")
+            shift 2 ;;
+        --no-bind) NO_BIND=1; shift ;;
+        --out)
+            [ $# -ge 2 ] || usage_error "--out needs DIR"
+            OUT=$2; shift 2 ;;
+        -h | --help) sed -n '2,/^set -euo pipefail/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) usage_error "unknown argument '$1' (build-image.sh --help)" ;;
+    esac
+done
+USER_IMAGE=0
+if [ ${#ADD_SRC[@]} -gt 0 ] || [ -n "$USER_INIT" ] || [ "$NO_BIND" = 1 ] || [ -n "$OUT" ]; then USER_IMAGE=1; fi
+
 # current_kernel: "<ABI> <VERSION>" of the kernel linux-image-amd64's candidate depends on.
 current_kernel() {
     local v
@@ -91,7 +142,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 command -v cargo >/dev/null || [ -n "${VNET_TESTPMD:-}" ] || die "cargo not found in PATH (or set VNET_TESTPMD)"
 
-mkdir -p "$CACHE/debs" "$IMG"
+mkdir -p "$CACHE/debs"
 # apt-get download runs as the unprivileged _apt user where it can: let it write here
 chmod 0777 "$CACHE/debs" 2>/dev/null || true
 
@@ -232,6 +283,15 @@ ETHTOOL=$(command -v ethtool)
 # an absolute path)
 mapfile -t LIBS < <(ldd "$TP" "$L2" "$ETHTOOL" | awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]+ \(/ {print $1}' | sort -u)
 [ ${#LIBS[@]} -gt 0 ] || die "ldd $TP listed no libraries"
+# the user's programs: a dynamically linked one brings what ldd lists (a static program or
+# a script lists nothing)
+for f in "${ADD_SRC[@]}"; do
+    if out=$(ldd "$f" 2>/dev/null); then
+        mapfile -t -O "${#LIBS[@]}" LIBS < <(awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]+ \(/ {print $1}' <<<"$out")
+        if grep -q 'not found' <<<"$out"; then die "ldd $f: $(grep 'not found' <<<"$out" | head -n1 | xargs)"; fi
+    fi
+done
+mapfile -t LIBS < <(printf '%s\n' "${LIBS[@]}" | sort -u)
 # glibc dlopen()s libgcc_s for pthread_cancel/unwinding: make sure it is there
 if ! printf '%s\n' "${LIBS[@]}" | grep -q libgcc_s; then
     g=$(ldconfig -p | awk '/libgcc_s\.so\.1 .*x86-64/ {print $NF; exit}')
@@ -240,14 +300,24 @@ fi
 
 # ---- 6. rootfs + initramfs (only when an input changed) ------------------------------------
 INPUTS=("$HERE/guest-init.sh" "$HERE/guest-kernel-net.sh" "$TP" "$L2" "$ETHTOOL" "${LIBS[@]}" "$B/bin/busybox" "$K/vmlinuz")
+INPUTS+=("${ADD_SRC[@]}")
+if [ -n "$USER_INIT" ]; then INPUTS+=("$USER_INIT"); fi
 for m in "${MODS[@]}" "${NETMODS[@]}"; do INPUTS+=("$K/modules/$m.ko"); done
 if [ "$NOIOMMU_BUILTIN" = 0 ]; then INPUTS+=("$N/vfio.ko"); fi
-KEY=$( { echo "$KVER $KVERSION ${MODS[*]} ${NETMODS[*]}"; sha256sum "${INPUTS[@]}" | cut -d' ' -f1; } | sha256sum | cut -d' ' -f1)
+KEY=$( { echo "$KVER $KVERSION ${MODS[*]} ${NETMODS[*]}"
+         echo "add ${ADD_DEST[*]} init ${USER_INIT:+yes} no-bind $NO_BIND"
+         sha256sum "${INPUTS[@]}" | cut -d' ' -f1; } | sha256sum | cut -d' ' -f1)
+if [ "$USER_IMAGE" = 1 ]; then
+    IMG=${OUT:-$VM/user-images/${KEY:0:16}}
+fi
+mkdir -p "$IMG"
+IMG=$(cd "$IMG" && pwd)
 if [ -s "$IMG/initrd.img" ] && [ -s "$IMG/vmlinuz" ] && [ "$(cat "$IMG/.key" 2>/dev/null)" = "$KEY" ]; then
     say "image up to date"
 else
-    R=$CACHE/rootfs
-    rm -rf "$R"
+    # a staging tree of this build's own (two builds may run side by side)
+    R=$(mktemp -d "$CACHE/rootfs.XXXXXX")
+    trap 'rm -rf "$R"' EXIT
     mkdir -p "$R"/{bin,sbin,dev,proc,sys,tmp,run,etc,lib/modules,var/run,dev/hugepages}
     cp "$B/bin/busybox" "$R/bin/busybox"
     # `busybox --list` includes "busybox" itself: linking it onto the binary would be a loop
@@ -277,6 +347,12 @@ else
         cp -L "$l" "$R$l"
     done
     install -m 0755 "$HERE/guest-init.sh" "$R/init"
+    for i in "${!ADD_SRC[@]}"; do
+        mkdir -p "$R$(dirname "${ADD_DEST[$i]}")"
+        cp -L "${ADD_SRC[$i]}" "$R${ADD_DEST[$i]}"
+    done
+    if [ -n "$USER_INIT" ]; then install -m 0755 "$USER_INIT" "$R/etc/vnet-app-init"; fi
+    if [ "$NO_BIND" = 1 ]; then : > "$R/etc/vnet-no-bind"; fi
     {
         echo "kernel $KVER $KVERSION"
         echo "testpmd $(sha256sum "$TP" | cut -d' ' -f1) $TP"
@@ -286,6 +362,9 @@ else
         echo "ethtool $($ETHTOOL --version | head -n1)"
         echo "libs ${LIBS[*]}"
         echo "noiommu-vfio $([ "$NOIOMMU_BUILTIN" = 0 ] && echo rebuilt || echo builtin)"
+        for i in "${!ADD_SRC[@]}"; do echo "add ${ADD_DEST[$i]} $(sha256sum "${ADD_SRC[$i]}" | cut -d' ' -f1) ${ADD_SRC[$i]}"; done
+        if [ -n "$USER_INIT" ]; then echo "init $(sha256sum "$USER_INIT" | cut -d' ' -f1) $USER_INIT"; fi
+        if [ "$NO_BIND" = 1 ]; then echo "no-bind"; fi
     } > "$R/etc/vnet-image"
     cp "$K/vmlinuz" "$IMG/vmlinuz.tmp"
     (cd "$R" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet -R 0:0) \

@@ -28,6 +28,23 @@
 #                             SIGINT; stdout lines prefixed "L2| ", between
 #                             ===== VNET-L2FWD BEGIN ... ===== and ===== VNET-L2FWD END rc=N =====
 #   vt.l2=A,B,...             extra l2fwd arguments, commas become spaces
+#   vt.cmd=BASE64             a shell command line (base64 of it: the kernel command line
+#                             splits on spaces) that the guest runs as the application, after
+#                             the image's own --init script when it has one
+#   vt.app=user               run the user's application: the image's /etc/vnet-app-init
+#                             (build-image.sh --init) and then vt.cmd, once the devices are
+#                             bound to vfio-pci ($VNET_BDFS: their addresses, hugepages
+#                             mounted); the default when the image has one or vt.cmd is set.
+#                             Their output (stderr too) is prefixed "APP| ", between
+#                             ===== VNET-APP BEGIN ===== and ===== VNET-APP END rc=N =====;
+#                             the result is PASS when both exit 0. A line "VNET-VALUE name=N"
+#                             is a value the VM runner's checks can name (guest.name).
+#                             In vt.mode=kernel, or in an image built with --no-bind
+#                             (/etc/vnet-no-bind), nothing is bound: the kernel's virtio_net
+#                             takes the NICs, IPv6 is turned off before any link is up (the
+#                             kernel then sends nothing by itself), every interface is set up
+#                             without an address ($VNET_IFACES: their names, in PCI order),
+#                             then the application runs.
 #   vt.shell=1                start a shell instead of powering off (debugging)
 export PATH=/bin:/sbin
 mount -t proc proc /proc
@@ -39,7 +56,8 @@ uptime_s() { cut -d' ' -f1 /proc/uptime; }
 echo
 echo "VNET-INIT uptime=$(uptime_s) kernel=$(uname -r) cpus=$(nproc) mem=$(awk '/MemTotal/ {print $2 "kB"}' /proc/meminfo)"
 
-MODE=noiommu FWD=none SECS=5 TXFIRST="" TPEXTRA="" HUGEPAGES=128 DEBUG_SHELL=0 APP=testpmd L2EXTRA=""
+MODE=noiommu FWD=none SECS=5 TXFIRST="" TPEXTRA="" HUGEPAGES=128 DEBUG_SHELL=0 APP=testpmd L2EXTRA="" CMD=""
+APP_SET=0
 for a in $(cat /proc/cmdline); do
     case "$a" in
         vt.mode=*) MODE=${a#*=} ;;
@@ -49,11 +67,15 @@ for a in $(cat /proc/cmdline); do
         vt.tp=*) TPEXTRA=$(echo "${a#*=}" | tr ',' ' ') ;;
         vt.hugepages=*) HUGEPAGES=${a#*=} ;;
         vt.shell=1) DEBUG_SHELL=1 ;;
-        vt.app=*) APP=${a#*=} ;;
+        vt.app=*) APP=${a#*=} APP_SET=1 ;;
+        vt.cmd=*) CMD=$(echo "${a#*=}" | base64 -d 2>/dev/null) || CMD="" ;;
         vt.l2=*) L2EXTRA=$(echo "${a#*=}" | tr ',' ' ') ;;
     esac
 done
 [ "$FWD" = io ] && [ -z "$TXFIRST" ] && TXFIRST=4
+# An image with the user's application, or a command on the kernel command line, runs it
+# unless vt.app says otherwise.
+if [ "$APP_SET" = 0 ] && { [ -e /etc/vnet-app-init ] || [ -n "$CMD" ]; }; then APP=user; fi
 echo "VNET-PARAMS mode=$MODE fwd=$FWD secs=$SECS txfirst=${TXFIRST:-none} tp='$TPEXTRA' hugepages=$HUGEPAGES"
 
 finish() {
@@ -66,13 +88,62 @@ fail() {
     dmesg | grep -iE 'vfio|iommu|virtio|pci 0000:0[1-9]' | tail -n 15 | sed 's/^/VNET-DMESG /'
     finish FAIL "$*"
 }
+# The user's application: the image's --init script, then vt.cmd; then the result.
+run_user_app() {
+    [ -e /etc/vnet-app-init ] || [ -n "$CMD" ] || fail "vt.app=user: the image has no --init script and vt.cmd is empty"
+    echo "===== VNET-APP BEGIN ====="
+    {
+        rc=0
+        if [ -e /etc/vnet-app-init ]; then sh /etc/vnet-app-init </dev/null 2>&1 || rc=$?; fi
+        if [ "$rc" = 0 ] && [ -n "$CMD" ]; then sh -c "$CMD" </dev/null 2>&1 || rc=$?; fi
+        echo "$rc" > /tmp/app.rc
+    } | sed 's/^/APP| /'
+    RC=$(cat /tmp/app.rc)
+    echo "===== VNET-APP END rc=$RC ====="
+    [ "$RC" = 0 ] || fail "the application exited with $RC"
+    finish PASS "app"
+}
 
 # ---- a stock Linux guest: the kernel's virtio-net driver -------------------------------------
+[ -e /etc/vnet-no-bind ] && MODE=kernel
 if [ "$MODE" = kernel ]; then
+    if [ "$APP" = user ]; then
+        # Before the driver: its interfaces then never get IPv6 (no neighbour discovery, no
+        # MLD), so what the back-end counts is what the application sent.
+        echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6
+        echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6
+    fi
     for ko in $(cat /lib/modules/net-load-order); do
         insmod "/lib/modules/$ko" 2>/tmp/insmod.err || { echo "VNET-MODULE FAIL $ko: $(cat /tmp/insmod.err)"; fail "insmod $ko"; }
     done
     echo "VNET-MODULE ok $(tr '\n' ' ' < /lib/modules/net-load-order)"
+    if [ "$APP" = user ]; then
+        # every virtio-net device's interface, in PCI order of the devices (waiting up to
+        # 5 s for the driver to have registered them all)
+        NDEV=0
+        for d in /sys/bus/pci/devices/*; do
+            [ "$(cat "$d/vendor")" = 0x1af4 ] && [ "$(cat "$d/device")" = 0x1041 ] && NDEV=$((NDEV + 1))
+        done
+        for i in $(seq 1 50); do
+            VNET_IFACES="" n_if=0
+            for d in /sys/bus/pci/drivers/virtio-pci/0000:*; do
+                [ -d "$d" ] || continue
+                for n in "$d"/virtio*/net/*; do
+                    [ -d "$n" ] && VNET_IFACES="$VNET_IFACES ${n##*/}" && n_if=$((n_if + 1))
+                done
+            done
+            [ "$n_if" -ge "$NDEV" ] && [ "$n_if" -gt 0 ] && break
+            sleep 0.1
+        done
+        export VNET_IFACES=${VNET_IFACES# }
+        [ -n "$VNET_IFACES" ] || { ls /sys/class/net | sed 's/^/VNET-NETDEV /'; fail "no network interface bound to virtio_net"; }
+        ip link set lo up
+        for n in $VNET_IFACES; do
+            ip link set dev "$n" up 2>/tmp/up.err || fail "ip link set $n up: $(cat /tmp/up.err)"
+            echo "VNET-IFACE $n mac=$(cat /sys/class/net/$n/address) mtu=$(cat /sys/class/net/$n/mtu)"
+        done
+        run_user_app
+    fi
     . /bin/guest-kernel-net.sh
     fail "guest-kernel-net.sh returned"
 fi
@@ -128,6 +199,12 @@ done
 echo "$HUGEPAGES" > /proc/sys/vm/nr_hugepages
 mount -t hugetlbfs nodev /dev/hugepages
 echo "VNET-HUGEPAGES $(awk '/HugePages_Total/ {t=$2} /HugePages_Free/ {f=$2} END {print "total=" t " free=" f}' /proc/meminfo)"
+
+# ---- the user's application on the bound devices ---------------------------------------------
+if [ "$APP" = user ]; then
+    export VNET_BDFS=${BDFS# }
+    run_user_app
+fi
 
 # ---- l2fwd (the driver's example) on every device ---------------------------------------------
 if [ "$APP" = l2fwd ]; then
