@@ -7,8 +7,8 @@
 //! the cheapest correct SPSC handshake). 256 slots (16 KiB), as the DPDK anchor notes' C ring.
 //!
 //! Each word is its own volatile access: a volatile read or write of the whole 64-byte
-//! array compiled to a copy through the stack and ran this ring at 12-20 M slots/s, a
-//! tenth of the same ring in C (2026-12-04).
+//! array compiles to a copy through the stack, which made this ring several times slower
+//! than the same ring in C (numbers: commit f0d64de, docs/PERFORMANCE.md).
 //!
 //! Why: every 64 B forwarding row moves at least one 64-byte frame and its ring entries
 //! between the two cores; this ring moves only the frame's line, so a row's rate over

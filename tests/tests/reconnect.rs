@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 use vnet_tests::harness::{counter, device, serial, signal, Backend, TempDir};
 use vnet_tests::testpmd_proc::{assert_pools_whole, forward_stats, tx_lost, Testpmd};
 
-/// Frames A generates: enough to keep frames flowing through every restart below (A sends
-/// at 10-20 Mpps when nothing else spins; the test waits for all of them). 100 M ran out
-/// before the last restart once idle back-end workers slept instead of spinning.
+/// Frames A generates: enough to keep frames flowing through every restart below, also
+/// when A runs fast because idle back-end workers sleep instead of taking its CPU (the
+/// test waits for all of them, so not many more than that).
 const FRAMES: u64 = 300_000_000;
 /// Restarts of K per test.
 const KILLS: usize = 3;
@@ -196,6 +196,32 @@ fn backend_killed_and_restarted_server_role() {
     restart_under_io(true, false);
 }
 
+/// The topology of the single-restart tests: `gen` A on testpmd's port 0, `reflect` K on
+/// port 1, testpmd in io mode (with `extra` arguments), K forwarding already.
+struct GenReflect {
+    _dir: TempDir,
+    k_sock: std::path::PathBuf,
+    gen: Backend,
+    kp: Backend,
+    t: Testpmd,
+}
+
+fn gen_reflect_io(tag: &str, extra: &[&str]) -> GenReflect {
+    let dir = TempDir::new(tag);
+    let (a_sock, k_sock) = (dir.join("a.sock"), dir.join("k.sock"));
+    let gen = Backend::start(&["--port", &format!("gen:{}", a_sock.display())]);
+    let kp = Backend::start(&["--port", &format!("reflect:{}", k_sock.display())]);
+    let (vdev0, vdev1) = (
+        format!("virtio_user0,path={}", a_sock.display()),
+        format!("virtio_user1,path={}", k_sock.display()),
+    );
+    let mut args = vec!["--vdev", &vdev0, "--vdev", &vdev1, "--forward-mode", "io", "--stats-period", "1"];
+    args.extend_from_slice(extra);
+    let t = Testpmd::spawn(&args);
+    kp.wait_stats(Duration::from_secs(10), |s| counter(device(s, &k_sock), "tx_packets") > 0);
+    GenReflect { _dir: dir, k_sock, gen, kp, t }
+}
+
 /// A back-end that is alive but stops answering (SIGSTOP) is found by the heartbeat
 /// within a bounded time (500 ms between heartbeats, 2 s for an answer) and reported;
 /// after SIGCONT it serves again and the port reconnects to it. The frames it held are
@@ -205,15 +231,7 @@ fn backend_killed_and_restarted_server_role() {
 #[test]
 fn backend_stopped_is_reported_and_resumes_after_sigcont() {
     let _g = serial();
-    let dir = TempDir::new("reconnect-stop");
-    let (a_sock, k_sock) = (dir.join("a.sock"), dir.join("k.sock"));
-    let (a, k) = (a_sock.to_str().unwrap(), k_sock.to_str().unwrap());
-    let gen = Backend::start(&["--port", &format!("gen:{a}")]);
-    let kp = Backend::start(&["--port", &format!("reflect:{k}")]);
-    let (vdev0, vdev1) = (format!("virtio_user0,path={a}"), format!("virtio_user1,path={k}"));
-    let mut t =
-        Testpmd::spawn(&["--vdev", &vdev0, "--vdev", &vdev1, "--forward-mode", "io", "--stats-period", "1"]);
-    kp.wait_stats(Duration::from_secs(10), |s| counter(device(s, &k_sock), "tx_packets") > 0);
+    let GenReflect { _dir, k_sock, gen, kp, mut t } = gen_reflect_io("reconnect-stop", &[]);
     signal(kp.pid(), libc::SIGSTOP);
     let stopped = Instant::now();
     t.wait_stdout("Port 1: link down: the back-end did not answer a heartbeat", Duration::from_secs(6));
@@ -246,29 +264,12 @@ fn backend_stopped_is_reported_and_resumes_after_sigcont() {
 #[test]
 fn backend_back_without_a_negotiated_feature_fails_for_good() {
     let _g = serial();
-    let dir = TempDir::new("reconnect-fail");
-    let (a_sock, k_sock) = (dir.join("a.sock"), dir.join("k.sock"));
-    let (a, k) = (a_sock.to_str().unwrap(), k_sock.to_str().unwrap());
-    let gen = Backend::start(&["--port", &format!("gen:{a}")]);
-    let kp = Backend::start(&["--port", &format!("reflect:{k}")]);
-    let (vdev0, vdev1) = (format!("virtio_user0,path={a}"), format!("virtio_user1,path={k}"));
-    let mut t = Testpmd::spawn(&[
-        "--vdev",
-        &vdev0,
-        "--vdev",
-        &vdev1,
-        "--forward-mode",
-        "io",
-        "--enable-lro",
-        "--stats-period",
-        "1",
-    ]);
-    kp.wait_stats(Duration::from_secs(10), |s| counter(device(s, &k_sock), "tx_packets") > 0);
+    let GenReflect { _dir, k_sock, gen, kp, mut t } = gen_reflect_io("reconnect-fail", &["--enable-lro"]);
     signal(kp.pid(), libc::SIGKILL);
     drop(kp);
     t.wait_stdout("Port 1: link down: ", Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(200));
-    let k2 = Backend::start(&["--port", &format!("reflect:{k}"), "--no-offloads"]);
+    let k2 = Backend::start(&["--port", &format!("reflect:{}", k_sock.display()), "--no-offloads"]);
     t.wait_stdout(
         "Port 1: link down for good: the back-end came back but cannot be used",
         Duration::from_secs(10),
