@@ -25,7 +25,8 @@
 # --example core_rtt --example pkt_flood): host-backend/bench/tap.sh
 # Environment: RUNS (3), DUR (5), WARM (2), SIZES ("64 1514"), ROWS ("tap-gtx tap-grx";
 # also "afp-gtx afp-grx"), AFP_ARGS (DPDK net_af_packet devargs after iface=),
-# HOST_CPU/GUEST_CPU (1/0), BIN, PMD, PMD_ARGS (--hugepages).
+# HOST_CPU/GUEST_CPU (1/0), BIN, PMD, PMD_ARGS (--hugepages), HOST_ARGS (more options for
+# our back-end, e.g. --tap-syscalls).
 # Output: per (row, size, back-end) the median of the run means and p10/p50/p90 of the
 # 1-s samples (Mpps), the ratios ours/DPDK, then every run's mean with the round trip.
 set -u
@@ -42,6 +43,7 @@ PMD_ARGS=${PMD_ARGS---hugepages}
 RTT=${RTT:-target/release/examples/core_rtt}
 FLOOD=${FLOOD:-target/release/examples/pkt_flood}
 AFP_ARGS=${AFP_ARGS:-}
+HOST_ARGS=${HOST_ARGS:-}
 
 [ "$(id -u)" = 0 ] || { echo "tap.sh: must run as root (taps, namespaces, hugepages)" >&2; exit 1; }
 command -v dpdk-testpmd >/dev/null || { echo "tap.sh: dpdk-testpmd missing (apt-get install dpdk-dev)" >&2; exit 1; }
@@ -84,7 +86,7 @@ run_one() {
     rm -f "$SOCK"; PIDS=""
     if [ "$kind" = afpacket ]; then make_veth || return 1; fi
     if [ "$who" = ours ]; then
-        "$BIN" --port "$kind:$SOCK,$IF" --cores "$HOST_CPU" --poll-us 0 >"$WORK/$tag.host.log" 2>&1 &
+        "$BIN" --port "$kind:$SOCK,$IF" --cores "$HOST_CPU" --poll-us 0 $HOST_ARGS >"$WORK/$tag.host.log" 2>&1 &
         PIDS=$!
         wait_for "$WORK/$tag.host.log" "listening on" 10 || return 1
         if [ "$kind" = tap ]; then take_tap || return 1; fi

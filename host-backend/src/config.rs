@@ -61,6 +61,9 @@ pub struct Config {
     /// offloads forwarded super-frames need (`GUEST_CSUM`, `GUEST_TSO4/6`) on `reflect`
     /// and `xconnect` (`--no-offloads`).
     pub no_offloads: bool,
+    /// `tap`: one `write` system call per transmitted frame instead of one io_uring
+    /// submission per burst (`--tap-syscalls`; used anyway where io_uring is refused).
+    pub tap_syscalls: bool,
     /// MTU reported in config space.
     pub mtu: u16,
     /// MAC of the first device (later devices count up in the last byte).
@@ -89,6 +92,7 @@ impl Default for Config {
             no_packed: false,
             handoff: false,
             no_offloads: false,
+            tap_syscalls: false,
             mtu: 1500,
             mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
             socket: crate::socket::Access::default(),

@@ -454,6 +454,7 @@ impl HandlerSession {
             sink_read: false,
             prefetch_tx: false,
             tap: None,
+            tap_syscalls: false,
         };
         // No workers: every resync returns at once; `activate_all` plays the worker.
         let engine = Engine::new(0, 0).expect("engine");

@@ -179,6 +179,7 @@ impl Backend {
                             sink_read: cfg.sink_read,
                             prefetch_tx: cfg.prefetch_tx,
                             tap: spec.ifname.clone(),
+                            tap_syscalls: cfg.tap_syscalls,
                         },
                         engine.clone(),
                         (spec.kind == PortKind::Gen).then_some(cfg.gen_count).flatten(),

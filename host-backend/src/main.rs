@@ -77,6 +77,10 @@ struct Args {
     /// rxonly copies each into an mbuf; without it the sink completes frames unread.
     #[arg(long)]
     sink_read: bool,
+    /// tap ports: write each transmitted frame with a system call of its own instead of
+    /// one io_uring submission per burst (the default, where the kernel allows io_uring).
+    #[arg(long)]
+    tap_syscalls: bool,
     /// Offer VIRTIO_F_ACCESS_PLATFORM and serve the vhost-user IOTLB protocol, for
     /// front-ends behind a vIOMMU (QEMU: intel-iommu and iommu_platform=on).
     #[arg(long)]
@@ -128,6 +132,7 @@ fn config_from(args: &Args) -> host_backend::Result<Config> {
         gen_count: args.count,
         swap_mac: args.swap_mac,
         sink_read: args.sink_read,
+        tap_syscalls: args.tap_syscalls,
         iommu: args.iommu,
         no_packed: args.no_packed,
         handoff: args.handoff,

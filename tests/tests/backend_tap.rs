@@ -70,7 +70,15 @@ fn settle(backend: &Backend) {
 
 #[test]
 fn ping_and_tcp_cross_two_namespaces_through_testpmd() {
-    cross_namespaces(1, "", &[]);
+    cross_namespaces(1, "", &[], &[]);
+}
+
+/// The same with one `write` system call per transmitted frame (`--tap-syscalls`, what
+/// the backend falls back to where io_uring is refused) instead of one io_uring
+/// submission per burst.
+#[test]
+fn ping_and_tcp_cross_with_one_write_per_frame() {
+    cross_namespaces(1, "", &[], &["--tap-syscalls"]);
 }
 
 /// The same with mergeable receive buffers of 768 bytes: each full-size frame from the
@@ -78,20 +86,20 @@ fn ping_and_tcp_cross_two_namespaces_through_testpmd() {
 /// two buffers (one `writev` over both).
 #[test]
 fn ping_and_tcp_cross_with_mergeable_buffers_over_small_chains() {
-    cross_namespaces(1, ",mrg_rxbuf=1", &["--mbuf-size", "1024", "--max-pkt-len", "1518"]);
+    cross_namespaces(1, ",mrg_rxbuf=1", &["--mbuf-size", "1024", "--max-pkt-len", "1518"], &[]);
 }
 
 /// Packed rings (`packed_vq=1`): the same paths over the packed-ring engine.
 #[test]
 fn ping_and_tcp_cross_packed_rings() {
-    cross_namespaces(1, ",packed_vq=1", &[]);
+    cross_namespaces(1, ",packed_vq=1", &[], &[]);
 }
 
 /// `--queues 2`: multi-queue taps (`IFF_MULTI_QUEUE`), one tap queue per queue pair;
 /// 16 TCP connections of 4 MiB each, which the kernel spreads over both tap queues.
 #[test]
 fn ping_and_tcp_cross_multi_queue_taps() {
-    cross_namespaces(2, ",queues=2", &["--rxq", "2", "--txq", "2"]);
+    cross_namespaces(2, ",queues=2", &["--rxq", "2", "--txq", "2"], &[]);
 }
 
 /// Sends `XFER` bytes from `ns_a` to 10.77.0.2:5001 in `ns_b` over `flows` TCP
@@ -195,11 +203,28 @@ impl TwoTaps {
     }
 }
 
-fn cross_namespaces(queues: u16, devargs: &str, testpmd_args: &[&str]) {
+fn cross_namespaces(queues: u16, devargs: &str, testpmd_args: &[&str], backend_args: &[&str]) {
     let _lock = serial();
     let nq = queues.to_string();
+    let mut bargs = vec!["--queues", &nq];
+    bargs.extend_from_slice(backend_args);
     // Bound last, dropped first: the backend (whose exit removes the taps) before the namespaces.
-    let TwoTaps { _dir, ns_a, ns_b, sa, sb, tap_a, tap_b, backend } = TwoTaps::new(&["--queues", &nq]);
+    let TwoTaps { _dir, ns_a, ns_b, sa, sb, tap_a, tap_b, backend } = TwoTaps::new(&bargs);
+    // How the transmit side writes to the taps: what was asked, or io_uring where the
+    // kernel allows it (the log says when a tap queue writes frame by frame, and why).
+    let io_uring_allowed =
+        std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").map_or(true, |v| v.trim() == "0");
+    let per_frame = backend.log().matches("one write per transmitted frame").count();
+    if backend_args.contains(&"--tap-syscalls") {
+        assert_eq!(
+            per_frame,
+            2 * queues as usize,
+            "every tap queue writes frame by frame:\n{}",
+            backend.log()
+        );
+    } else if io_uring_allowed {
+        assert_eq!(per_frame, 0, "every tap queue batches through io_uring:\n{}", backend.log());
+    }
 
     let vdev_a = format!("virtio_user0,path={}{devargs}", sa.display());
     let vdev_b = format!("virtio_user1,path={}{devargs}", sb.display());

@@ -133,6 +133,8 @@ pub struct DeviceParams {
     pub prefetch_tx: bool,
     /// `tap`: the interface the device is joined to (for the statistics).
     pub tap: Option<String>,
+    /// `tap`: one system call per transmitted frame (`--tap-syscalls`).
+    pub tap_syscalls: bool,
 }
 
 #[derive(Default)]

@@ -19,6 +19,7 @@ fn device(pairs: u16, guest_offloads: u64) -> Arc<Device> {
         sink_read: false,
         prefetch_tx: false,
         tap: None,
+        tap_syscalls: false,
     };
     // No workers: every sync returns at once.
     let d = Device::new(params, Engine::new(0, 0).unwrap(), None);
@@ -143,6 +144,7 @@ fn a_change_a_worker_never_acknowledges_breaks_the_ring() {
         sink_read: false,
         prefetch_tx: false,
         tap: None,
+        tap_syscalls: false,
     };
     let engine = Engine::with_sync_timeout(1, 0, std::time::Duration::from_millis(20)).unwrap();
     let d = Device::new(params, engine, None);

@@ -291,7 +291,7 @@ impl PortPath {
         // The path's largest frame, as `new` computes it.
         let max_frame = dev.params.mtu as u64 + ETH_HLEN + 4;
         PortPath::new(
-            PathKind::Tap(Box::new(tap::TapState::new(q, max_frame))),
+            PathKind::Tap(Box::new(tap::TapState::new(q, max_frame, !dev.params.tap_syscalls))),
             Some(QueueSlot::new(dev, txq)),
             Some(QueueSlot::new(dev, rxq)),
             dev.params.mtu,

@@ -2,9 +2,11 @@
 //! and what the kernel sends to the tap read into the device's receive queue.
 //!
 //! Owns: per queue pair, one path holding both rings of the pair and one tap queue
-//! ([`TapState`]): guest → kernel, each transmit chain is one `writev` (the guest's
-//! virtio-net header, checked against what the guest negotiated and copied out of guest
-//! memory first, then the frame's buffers straight from guest memory); kernel → guest,
+//! ([`TapState`]): guest → kernel, a burst's transmit chains go in one batch of writes
+//! (`crate::tap::batch`: one `io_uring_enter`, or one `write` each without io_uring),
+//! each frame the guest's virtio-net header, checked against what the guest negotiated
+//! and copied out of guest memory first, then the frame (a small one copied beside the
+//! header, a larger one as iovecs straight into guest memory); kernel → guest,
 //! each frame is one `readv` straight into the guest's receive buffers (over as many
 //! receive chains as a largest frame needs with mergeable buffers) when they can take any
 //! frame the kernel may send, else into the path's staging buffer and from there into
@@ -15,10 +17,11 @@
 //! Must not: bring the interface up or down or change anything else about it
 //! (`crate::tap`), or change device state other than through `QueueSlot::fail`.
 //!
-//! System calls: one per frame each way (the tap character device reads and writes one
-//! frame per call; there is no batched call for it), none per frame otherwise. A
-//! transmit frame the kernel would block on (`EAGAIN`, `ENOBUFS`) stays in the ring
-//! (backpressure); any other write error drops it as `kernel_refused`. A frame with a
+//! System calls: one per transmit burst (io_uring), one per received frame (the tap
+//! character device reads one frame per call), none per frame otherwise. A transmit
+//! frame the kernel would block on (`EAGAIN`, `ENOBUFS`) stays in the ring
+//! (backpressure) unless a later frame of its batch went through, which overtook it: then
+//! it is dropped as `kernel_refused`, as is a frame of any other write error. A frame with a
 //! checksum or segmentation request that the kernel took counts as `csum_requests` or
 //! `gso_requests` and `passed_whole` in the pair's `offloads` (the kernel does the work).
 
@@ -36,6 +39,7 @@ use crate::memory::GuestMemory;
 use crate::ring::Ring;
 use crate::split_ring::{gather, scatter, Chain, Dir, RingFault};
 use crate::stats::{BurstCounts, DropReason, OffloadCounts, OffloadEvent};
+use crate::tap::batch::{self, TxBatch};
 use crate::tap::{Offloads, TapQueue};
 
 /// How often frames are drained from a tap whose receive queue does not run (not every
@@ -62,6 +66,8 @@ impl Iov {
 /// One tap queue and the path's state for it.
 pub(crate) struct TapState {
     tap: TapQueue,
+    /// The transmit burst's writes.
+    tx: TxBatch,
     iov: Iov,
     /// A frame read from the kernel that did not go straight into receive buffers:
     /// header and frame, `staged` bytes of it waiting for receive buffers.
@@ -79,9 +85,16 @@ pub(crate) struct TapState {
 }
 
 impl TapState {
-    pub fn new(tap: TapQueue, max_frame: u64) -> TapState {
+    /// `batched`: write a burst in one system call (io_uring) if the kernel allows.
+    pub fn new(tap: TapQueue, max_frame: u64, batched: bool) -> TapState {
+        let tx = TxBatch::new(tap.raw_fd(), BURST as usize, IOV_MAX, batched);
+        match tx.per_frame_reason() {
+            None => log::debug!("tap {}: transmit bursts in one io_uring_enter each", tap.name()),
+            Some(why) => log::info!("tap {}: one write per transmitted frame ({why})", tap.name()),
+        }
         TapState {
             tap,
+            tx,
             iov: Iov::new(),
             // One byte more than any frame: a read that fills it was cut short.
             staging: vec![0u8; NET_HDR_LEN + MAX_SUPER_FRAME + 1].into_boxed_slice(),
@@ -168,6 +181,50 @@ fn push_iov(iov: &mut [libc::iovec], mut n: usize, chain: &Chain<'_>, mut off: u
     Some(n)
 }
 
+/// What a walked transmit chain became in a burst.
+#[derive(Clone, Copy)]
+enum Tx {
+    /// Refused before the kernel saw it.
+    Drop(DropReason),
+    /// Queued in the batch: its frame length and the offload its header requests.
+    Write { len: u32, ev: Option<OffloadEvent> },
+}
+
+/// What a batched write's result `r` means for its frame, the `k`th written of a batch
+/// whose last written frame that went through is `last_ok`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// The kernel took it.
+    Sent,
+    /// The kernel would block and nothing after it went through: it stays in the ring,
+    /// with every frame after it (backpressure, order kept).
+    Stays,
+    /// Refused: an error, or a would-block that a later frame of the batch overtook (the
+    /// writes are independent); dropped as `kernel_refused`.
+    Refused,
+}
+
+fn fate(r: i32, k: usize, last_ok: Option<usize>) -> Fate {
+    if r >= 0 {
+        Fate::Sent
+    } else if batch::would_block(r) && !last_ok.is_some_and(|l| k < l) {
+        Fate::Stays
+    } else {
+        Fate::Refused
+    }
+}
+
+/// The offload a (checked) header requests of the kernel, if any.
+fn offload_event(hdr: &[u8; NET_HDR_LEN]) -> Option<OffloadEvent> {
+    if hdr[net_hdr::GSO_TYPE] != net_hdr::GSO_NONE {
+        Some(OffloadEvent::GsoRequests)
+    } else if hdr[net_hdr::FLAGS] & net_hdr::F_NEEDS_CSUM != 0 {
+        Some(OffloadEvent::CsumRequests)
+    } else {
+        None
+    }
+}
+
 fn would_block(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::ENOBUFS))
 }
@@ -184,7 +241,8 @@ impl PortPath {
         }
     }
 
-    /// Guest → kernel: up to [`BURST`] transmit chains, one `writev` each.
+    /// Guest → kernel: up to [`BURST`] transmit chains, written in one batch
+    /// (`crate::tap::batch`).
     fn tap_tx<S: Ring>(&mut self) -> Result<usize, (Side, RingFault)> {
         let max_frame = self.max_frame;
         let PathKind::Tap(t) = &mut self.kind else { return Ok(0) };
@@ -201,8 +259,10 @@ impl PortPath {
         let chain = self.src_chain.chain(mem);
         let mut c = BurstCounts::default();
         let mut oc = OffloadCounts::default();
-        let mut done = 0u16;
         let mut failed = None;
+        // What each walked chain became, in ring order.
+        let mut walked: [Option<(S::Head, Tx)>; BURST as usize] = [None; BURST as usize];
+        let mut w = 0;
         let mut hdr = [0u8; NET_HDR_LEN];
         for i in 0..n {
             let head = match ring.walk_avail(mem, i, Dir::DeviceReads, chain) {
@@ -235,43 +295,61 @@ impl PortPath {
                     if len > limit {
                         Err(DropReason::Oversize)
                     } else {
-                        Ok(len)
+                        Ok(len as usize)
                     }
                 })
             };
-            match verdict {
-                Ok(len) => {
-                    let iov = &mut t.iov.0;
-                    iov[0] =
-                        libc::iovec { iov_base: hdr.as_mut_ptr() as *mut libc::c_void, iov_len: NET_HDR_LEN };
-                    match push_iov(iov, 1, chain, NET_HDR_LEN) {
-                        None => c.drop(DropReason::TooManySegments),
-                        Some(cnt) => {
-                            // SAFETY: entry 0 is `hdr`, a local; the others lie inside the
-                            // chain's buffers, inside the guest memory `mem` keeps mapped
-                            // for this burst; the kernel only reads them.
-                            match unsafe { t.tap.writev(&iov[..cnt]) } {
-                                Ok(_) => {
-                                    c.rx_packets += 1;
-                                    c.rx_bytes += len;
-                                    if hdr[net_hdr::GSO_TYPE] != net_hdr::GSO_NONE {
-                                        oc.add(OffloadEvent::GsoRequests, 1);
-                                        oc.add(OffloadEvent::PassedWhole, 1);
-                                    } else if hdr[net_hdr::FLAGS] & net_hdr::F_NEEDS_CSUM != 0 {
-                                        oc.add(OffloadEvent::CsumRequests, 1);
-                                        oc.add(OffloadEvent::PassedWhole, 1);
-                                    }
-                                }
-                                Err(e) if would_block(&e) => break, // stays in the ring
-                                Err(e) => {
-                                    log::debug!("tap {}: write: {e}", t.tap.name());
-                                    c.drop(DropReason::KernelRefused);
-                                }
+            let tx = match verdict {
+                Err(why) => Tx::Drop(why),
+                Ok(len) if NET_HDR_LEN + len <= batch::SLOT => {
+                    // Small: header and frame copied into a slot, one buffer.
+                    let Some(slot) = t.tx.slot() else { break };
+                    slot[..NET_HDR_LEN].copy_from_slice(&hdr);
+                    gather(chain, NET_HDR_LEN, &mut slot[NET_HDR_LEN..NET_HDR_LEN + len]);
+                    t.tx.queue_copy(NET_HDR_LEN + len);
+                    Tx::Write { len: len as u32, ev: offload_event(&hdr) }
+                }
+                Ok(len) => match push_iov(t.tx.iov_room(), 0, chain, NET_HDR_LEN) {
+                    Some(cnt) => {
+                        // SAFETY: the entries lie inside the chain's buffers, inside the
+                        // guest memory `mem` keeps mapped for this burst, which outlasts
+                        // the `submit` below; the kernel only reads them.
+                        unsafe { t.tx.queue_iov(hdr, cnt) };
+                        Tx::Write { len: len as u32, ev: offload_event(&hdr) }
+                    }
+                    None if t.tx.len() == 0 => Tx::Drop(DropReason::TooManySegments),
+                    None => break, // no iovec room left: the chain waits for the next burst
+                },
+            };
+            walked[w] = Some((head, tx));
+            w += 1;
+        }
+        let res = t.tx.submit();
+        let last_ok = res.iter().rposition(|&r| r >= 0);
+        let mut k = 0;
+        let mut done = 0u16;
+        for &(head, tx) in walked[..w].iter().flatten() {
+            match tx {
+                Tx::Drop(why) => c.drop(why),
+                Tx::Write { len, ev } => {
+                    match fate(res[k], k, last_ok) {
+                        Fate::Sent => {
+                            c.rx_packets += 1;
+                            c.rx_bytes += len as u64;
+                            if let Some(ev) = ev {
+                                oc.add(ev, 1);
+                                oc.add(OffloadEvent::PassedWhole, 1);
                             }
                         }
+                        Fate::Stays => break,
+                        Fate::Refused => {
+                            let e = io::Error::from_raw_os_error(-res[k]);
+                            log::debug!("tap {}: write: {e}", t.tap.name());
+                            c.drop(DropReason::KernelRefused);
+                        }
                     }
+                    k += 1;
                 }
-                Err(why) => c.drop(why),
             }
             ring.add_used(head, 0);
             done += 1;
@@ -556,6 +634,21 @@ mod tests {
         let ecn = hdr(net_hdr::F_NEEDS_CSUM, net_hdr::GSO_TCPV4 | net_hdr::GSO_ECN);
         assert_eq!(tx_header_ok(&ecn, tso4), Err(DropReason::OffloadNotNegotiated));
         assert_eq!(tx_header_ok(&hdr(0, 0x42), tso4), Err(DropReason::BadGso));
+    }
+
+    #[test]
+    fn a_blocked_write_stays_unless_a_later_one_overtook_it() {
+        let eagain = -libc::EAGAIN;
+        // [ok, EAGAIN, EAGAIN]: the two stay (the first of them breaks the burst).
+        assert_eq!(fate(60, 0, Some(0)), Fate::Sent);
+        assert_eq!(fate(eagain, 1, Some(0)), Fate::Stays);
+        // Nothing went: the first stays.
+        assert_eq!(fate(-libc::ENOBUFS, 0, None), Fate::Stays);
+        // [EAGAIN, ok]: the second overtook the first, which is refused.
+        assert_eq!(fate(eagain, 0, Some(1)), Fate::Refused);
+        // Any other error is refused wherever it is.
+        assert_eq!(fate(-libc::EIO, 0, None), Fate::Refused);
+        assert_eq!(fate(-libc::EINVAL, 2, Some(1)), Fate::Refused);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Owns: creating a tap interface (or attaching to an existing one) with
 //! `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` through `/dev/net/tun`, its virtio-net header
 //! size (`TUNSETVNETHDRSZ`), the offloads the kernel may use towards us
-//! (`TUNSETOFFLOAD`), non-blocking `readv`/`writev` on the descriptor, and the one-line
+//! (`TUNSETOFFLOAD`), non-blocking `readv`/`writev` on the descriptor (a burst's writes
+//! batched through io_uring in [`batch`]), and the one-line
 //! errors for what can go wrong at open (no `/dev/net/tun`, no `CAP_NET_ADMIN`, the
 //! device busy, a name that is not a tap).
 //! Must not: bring any interface up or down, change its addresses, MTU or namespace
@@ -22,6 +23,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use spec::layout::NET_HDR_LEN;
 
 use crate::error::{Error, Result};
+
+pub(crate) mod batch;
 
 /// Longest interface name (`IFNAMSIZ` - 1).
 pub(crate) const MAX_IFNAME: usize = libc::IFNAMSIZ - 1;
@@ -231,22 +234,6 @@ impl TapQueue {
         }
         self.offloads = Some(o);
         Ok(())
-    }
-
-    /// One frame (virtio-net header first) out to the kernel.
-    ///
-    /// # Safety
-    /// Each of `iov`'s entries must describe memory readable for its length for the
-    /// duration of the call.
-    pub unsafe fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        // SAFETY: the caller guarantees every entry is readable memory; the count is the
-        // slice's length.
-        let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
     }
 
     /// One frame (virtio-net header first) in from the kernel: its length, or
