@@ -1,7 +1,10 @@
 //! Batched writes to one tap queue: a burst's frames go to the kernel in one
 //! `io_uring_enter` instead of one `writev` each.
 //!
-//! Owns: one io_uring instance per tap queue, the burst's copy slots for small frames, header copies and iovecs for
+//! Owns: one io_uring instance per tap queue (the tap descriptor registered as its one
+//! fixed file, which spares the kernel a descriptor lookup per write; unregistered
+//! explicitly on drop, since the instance's own teardown is asynchronous and would keep a
+//! tap we created alive after we exit), the burst's copy slots for small frames, header copies and iovecs for
 //! larger ones, and each queued frame's result.
 //! Must not: know about rings or statistics (the port's burst, `port::tap`, walks the
 //! chains and decides what each result means), or leave anything in flight when
@@ -82,7 +85,7 @@ impl TxBatch {
         } else if let Some(limit) = send_buffer_limit(fd) {
             (None, Some(format!("the tap has a send buffer limit ({limit} bytes)")))
         } else {
-            match setup(cap) {
+            match setup(fd, cap) {
                 Ok(u) => (Some(u), None),
                 Err(e) => (None, Some(format!("io_uring: {e}"))),
             }
@@ -203,16 +206,14 @@ impl TxBatch {
             let mut sq = uring.submission();
             for (k, op) in self.ops[..n].iter().enumerate() {
                 let e = match *op {
-                    Op::Copy { len } => opcode::Write::new(types::Fd(self.fd), self.slots[k].as_ptr(), len)
+                    Op::Copy { len } => opcode::Write::new(types::Fixed(0), self.slots[k].as_ptr(), len)
                         .rw_flags(libc::RWF_NOWAIT)
                         .build(),
-                    Op::Iov { start, cnt } => opcode::Writev::new(
-                        types::Fd(self.fd),
-                        self.iov[start as usize..].as_ptr(),
-                        cnt as u32,
-                    )
-                    .rw_flags(libc::RWF_NOWAIT)
-                    .build(),
+                    Op::Iov { start, cnt } => {
+                        opcode::Writev::new(types::Fixed(0), self.iov[start as usize..].as_ptr(), cnt as u32)
+                            .rw_flags(libc::RWF_NOWAIT)
+                            .build()
+                    }
                 };
                 // SAFETY: the entry points at a slot, a header copy and iovecs owned by
                 // `self`, or at guest memory the caller keeps readable (`queue_iov`), all
@@ -273,6 +274,18 @@ impl TxBatch {
     }
 }
 
+impl Drop for TxBatch {
+    fn drop(&mut self) {
+        if let Some(u) = &self.uring {
+            // The registered tap descriptor is released now, not in the instance's
+            // asynchronous teardown (see the module comment). Nothing is in flight.
+            if let Err(e) = u.submitter().unregister_files() {
+                log::debug!("tap: io_uring unregister: {e}");
+            }
+        }
+    }
+}
+
 /// The tap's send buffer limit, if it has one (`TUNSETSNDBUF` by whoever made it).
 fn send_buffer_limit(fd: RawFd) -> Option<libc::c_int> {
     let mut v: libc::c_int = 0;
@@ -283,13 +296,11 @@ fn send_buffer_limit(fd: RawFd) -> Option<libc::c_int> {
     (v != libc::c_int::MAX).then_some(v)
 }
 
-fn setup(cap: usize) -> io::Result<IoUring> {
+fn setup(fd: RawFd, cap: usize) -> io::Result<IoUring> {
     let entries = (cap as u32).next_power_of_two();
     // Completions are reaped by the submitting thread right away: no interrupt for them.
     let uring = IoUring::builder().setup_coop_taskrun().build(entries).or_else(|_| IoUring::new(entries))?;
-    // The descriptor is not registered with the instance: a registered file lives until
-    // the kernel's asynchronous teardown of the instance, so a tap we created would
-    // outlive our exit by an unknown time.
+    uring.submitter().register_files(&[fd])?;
     Ok(uring)
 }
 
