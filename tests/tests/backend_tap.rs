@@ -24,6 +24,12 @@
 //!   kernel sends that port no further super-frame.
 //! * `frames_without_a_guest_are_dropped_as_no_buffer`: no front-end; what the kernel
 //!   sends into the tap is counted as `no_buffer`, exactly the tap's own `tx_packets`.
+//! * `frames_waiting_for_buffers_arrive_when_the_guest_refills`: a guest (our driver in
+//!   this process) that stops taking frames while the kernel sends 600 (an AF_PACKET
+//!   socket on the tap in the namespace); the worker
+//!   (default `--poll-us`) sleeps with frames waiting in the kernel for receive buffers;
+//!   once the guest takes frames again, its refill wakes the worker and all 600 arrive,
+//!   sooner than the worker's own sleep timeout could have.
 //! * `tap_errors_are_one_line_and_exit_1`: without CAP_NET_ADMIN (as `nobody`), a tap
 //!   held by another backend (busy), `lo` (not a tap), a bad name: one line, exit 1.
 //!
@@ -300,6 +306,112 @@ fn cross_namespaces(queues: u16, devargs: &str, testpmd_args: &[&str], backend_a
         let links = run("ip", &["-n", &ns.name, "-o", "link", "show"]);
         assert!(!links.contains("vnt"), "a tap left in {}:\n{links}", ns.name);
     }
+}
+
+/// A guest that stops taking frames: see the module comment.
+#[test]
+fn frames_waiting_for_buffers_arrive_when_the_guest_refills() {
+    use driver::{Packet, Port, PortConfig};
+    const SENT: usize = 600;
+    let _lock = serial();
+    let tap = format!("vntw{}", std::process::id());
+    let ns = Netns::new("w");
+    let dir = TempDir::new("tap");
+    let sock = dir.join("w.sock");
+    let spec = format!("tap:{},{tap}", sock.display());
+    // The default --poll-us: an idle worker sleeps.
+    let backend = Backend::start(&["--port", &spec, "--cores", "1"]);
+    ns.take(&tap, "10.77.0.1/24");
+    let cfg = PortConfig::virtio_user(&sock);
+    let mut port = within("Port::open", WAIT, move || Port::open(cfg)).expect("Port::open");
+    let ring = port.info().ring_size as usize;
+    assert!(
+        ring < SENT && SENT - ring < 500,
+        "more frames than buffers, fewer than the tap queues: ring {ring}"
+    );
+    let mut qp = port.queue_pair(0).expect("queue pair 0");
+    ns.up(&tap);
+    // SENT frames of an experimental ethertype (0x88b5), each sent once through an
+    // AF_PACKET socket on the tap (the kernel queues them for the tap's reader).
+    let ifname = tap.clone();
+    let sent = ns
+        .spawn(move || {
+            // SAFETY: socket() with constant arguments; the result is checked.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            let name = std::ffi::CString::new(ifname).expect("no NUL");
+            // SAFETY: a NUL-terminated name that outlives the call.
+            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            // SAFETY: all zeros is a valid sockaddr_ll.
+            let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sa.sll_family = libc::AF_PACKET as u16;
+            sa.sll_ifindex = index as i32;
+            sa.sll_halen = 6;
+            let mut n = 0;
+            for i in 0..SENT {
+                let mut f = [0u8; 64];
+                f[..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+                f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+                f[12..14].copy_from_slice(&[0x88, 0xb5]);
+                f[14..16].copy_from_slice(&(i as u16).to_be_bytes());
+                // SAFETY: `f` and `sa` are locals, readable for the lengths given.
+                let r = unsafe {
+                    libc::sendto(
+                        fd,
+                        f.as_ptr().cast(),
+                        f.len(),
+                        0,
+                        &sa as *const libc::sockaddr_ll as *const libc::sockaddr,
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    )
+                };
+                if r == f.len() as isize {
+                    n += 1;
+                }
+            }
+            // SAFETY: our descriptor, closed once.
+            unsafe { libc::close(fd) };
+            n
+        })
+        .join()
+        .expect("sender thread");
+    assert_eq!(sent, SENT, "frames the AF_PACKET socket sent");
+    let stat = |name: &str| -> u64 {
+        ns.exec("cat", &[&format!("/sys/class/net/{tap}/statistics/{name}")])
+            .trim()
+            .parse()
+            .expect("a number")
+    };
+    // The guest's buffers are full, the rest waits in the kernel; the worker is asleep.
+    settle(&backend);
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(stat("tx_dropped"), 0, "the tap queue held what the guest had no room for");
+    let mut batch: Vec<Packet> = Vec::with_capacity(64);
+    let (mut ours, mut others) = (0usize, 0usize);
+    let start = std::time::Instant::now();
+    while ours < SENT && start.elapsed() < Duration::from_secs(5) {
+        qp.rx.rx_burst(&mut batch, 64);
+        for p in batch.drain(..) {
+            let d = p.data();
+            if d.len() >= 16 && d[12..14] == [0x88, 0xb5] {
+                assert_eq!(u16::from_be_bytes([d[14], d[15]]) as usize, ours, "in order");
+                ours += 1;
+            } else {
+                others += 1;
+            }
+        }
+    }
+    let took = start.elapsed();
+    assert_eq!(ours, SENT, "every frame reached the guest ({others} other frames)");
+    // A worker that slept on until its timeout (1 s) would take that long for the second
+    // ring's worth; the refill's kick wakes it at once.
+    assert!(took < Duration::from_millis(500), "the queued frames took {took:?} after the guest refilled");
+    drop(qp);
+    drop(port);
+    let fin = backend.stop();
+    let d = device(&fin, &sock);
+    assert_eq!(counter(d, "tx_packets"), (ours + others) as u64, "the backend's count: {d}");
+    assert_eq!(total_drops(d), 0, "no drop: {d}");
 }
 
 /// `host-backend` with `args`, run to its exit (bounded): its exit code and stderr.

@@ -53,6 +53,12 @@ pub(crate) struct AfpState {
 }
 
 impl AfpState {
+    /// A frame taken from the kernel waits for receive buffers (held, or staged in
+    /// part): the guest's refill is work for the path (`PortPath::set_kicks`).
+    pub(super) fn rx_waiting(&self) -> bool {
+        self.held.is_some() || self.staging.pending()
+    }
+
     pub fn new(sock: AfPacket, max_frame: u64) -> AfpState {
         AfpState {
             sock,

@@ -409,11 +409,29 @@ impl PortPath {
     /// and with its kicks on the driver would kick on every refill. A frame that waits for
     /// buffers is still unconsumed in the source ring, which counts as work (the rings'
     /// `set_kicks`), so the worker polls on instead of sleeping on it.
+    ///
+    /// A kernel port (tap, AF_PACKET) whose frames wait for receive buffers has work on
+    /// its destination too: the guest's refill. Its kicks are enabled then (else a worker
+    /// asleep with the kernel's queue full would only wake on its timeout: nothing else
+    /// signals), and always suppressed again after the sleep.
     pub fn set_kicks(&mut self, enable: bool) -> bool {
+        let waits = match &self.kind {
+            PathKind::Tap(t) => Some(t.rx_waiting),
+            PathKind::AfPacket(a) => Some(a.rx_waiting()),
+            _ => None,
+        };
+        let mut arrived = false;
+        if let Some(waits) = waits {
+            if let Some(a) = self.dst.as_mut().and_then(|s| s.active.as_mut()) {
+                if waits || !enable {
+                    arrived |= a.ring.set_kicks(enable && waits);
+                }
+            }
+        }
         let slot = if self.src.is_some() { self.src.as_mut() } else { self.dst.as_mut() };
         match slot.and_then(|s| s.active.as_mut()) {
-            Some(a) => a.ring.set_kicks(enable),
-            None => false,
+            Some(a) => arrived | a.ring.set_kicks(enable),
+            None => arrived,
         }
     }
 

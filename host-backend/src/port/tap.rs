@@ -80,6 +80,9 @@ pub(crate) struct TapState {
     mrg: bool,
     /// A failed `TUNSETOFFLOAD` or read was logged already.
     warned: bool,
+    /// The last receive burst stopped for want of receive buffers, with a frame staged
+    /// or (maybe) more in the kernel's queue: the guest's refill is work for the path.
+    pub(super) rx_waiting: bool,
     /// When frames were last drained while the receive queue does not run.
     last_drain: Option<Instant>,
 }
@@ -102,6 +105,7 @@ impl TapState {
             max_rx: NET_HDR_LEN + max_frame as usize,
             mrg: false,
             warned: false,
+            rx_waiting: false,
             last_drain: None,
         }
     }
@@ -418,6 +422,7 @@ impl PortPath {
         more_buf: &mut crate::split_ring::ChainBuf,
         c: &mut BurstCounts,
     ) -> Result<usize, RingFault> {
+        t.rx_waiting = false;
         let mut nrx = dr.poll_avail_max(BURST)?;
         let mut rx_done = 0u16;
         let first = first_buf.chain(dmem);
@@ -443,7 +448,10 @@ impl PortPath {
                         c.tx_packets += 1;
                         c.tx_bytes += bytes.len() as u64;
                     }
-                    mrg::Placed::Wait => break,
+                    mrg::Placed::Wait => {
+                        t.rx_waiting = true;
+                        break;
+                    }
                     mrg::Placed::NoFit => c.drop(DropReason::RxBufferTooSmall),
                 }
                 t.staged = None;
@@ -459,7 +467,9 @@ impl PortPath {
                     }
                 };
                 if rx_done >= nrx {
-                    break; // no receive buffer: the frames wait in the kernel's queue
+                    // No receive buffer: the frames wait in the kernel's queue.
+                    t.rx_waiting = true;
+                    break;
                 }
             }
             // Receive chains for the largest frame the kernel may send: the first one,
