@@ -97,13 +97,18 @@ fn forward_offloads() -> (u64, u64) {
 }
 
 /// Offloads a `tap` port offers unless `--no-offloads`: the host side passes a guest's
-/// checksum and TCP segmentation requests to the kernel in the tap's virtio-net header
+/// checksum, TCP (also with ECN) and UDP segmentation requests to the kernel in the
+/// tap's virtio-net header
 /// (the kernel completes and segments them), and the guest side lets the kernel hand
 /// partially checksummed frames and TCP super-frames to a guest that takes them
 /// (`TUNSETOFFLOAD`, set from what the guest negotiated, `port::tap`).
 fn tap_offloads() -> (u64, u64) {
     use spec::layout::features::{self as f, bit};
-    let host = bit(f::NET_CSUM) | bit(f::NET_HOST_TSO4) | bit(f::NET_HOST_TSO6);
+    let host = bit(f::NET_CSUM)
+        | bit(f::NET_HOST_TSO4)
+        | bit(f::NET_HOST_TSO6)
+        | bit(f::NET_HOST_USO)
+        | bit(f::NET_HOST_ECN);
     let guest = bit(f::NET_GUEST_CSUM) | bit(f::NET_GUEST_TSO4) | bit(f::NET_GUEST_TSO6);
     (host, guest)
 }

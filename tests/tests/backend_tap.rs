@@ -22,6 +22,11 @@
 //!   the other kernel (the backend's `offloads` counters equal what the bridge saw); then
 //!   guest TSO switched off on one port (GUEST_OFFLOADS_SET) and a second 64 MiB: the
 //!   kernel sends that port no further super-frame.
+//! * `udp_super_frames_are_segmented_by_the_kernel`: our driver (in this process)
+//!   negotiates CSUM and HOST_USO on a tap port and sends UDP super-frames (8000 bytes of
+//!   payload cut at 1000, IPv4); a UDP socket in the namespace receives exactly 8
+//!   datagrams of 1000 bytes per super-frame, equal to the payload in order; the backend
+//!   counts each request passed whole to the kernel.
 //! * `frames_without_a_guest_are_dropped_as_no_buffer`: no front-end; what the kernel
 //!   sends into the tap is counted as `no_buffer`, exactly the tap's own `tx_packets`.
 //! * `frames_waiting_for_buffers_arrive_when_the_guest_refills`: a guest (our driver in
@@ -306,6 +311,114 @@ fn cross_namespaces(queues: u16, devargs: &str, testpmd_args: &[&str], backend_a
         let links = run("ip", &["-n", &ns.name, "-o", "link", "show"]);
         assert!(!links.contains("vnt"), "a tap left in {}:\n{links}", ns.name);
     }
+}
+
+/// USO through a tap: see the module comment.
+#[test]
+fn udp_super_frames_are_segmented_by_the_kernel() {
+    use driver::layout::features as f;
+    use driver::offload::GsoKind;
+    use driver::{Packet, Port, PortConfig, TxCsum, TxGso, TxOffload};
+    const SUPER: usize = 3;
+    const PAYLOAD: usize = 8000;
+    const MSS: usize = 1000;
+    let _lock = serial();
+    let tap = format!("vntu{}", std::process::id());
+    let ns = Netns::new("u");
+    let dir = TempDir::new("tap");
+    let sock = dir.join("u.sock");
+    let spec = format!("tap:{},{tap}", sock.display());
+    let backend = Backend::start(&["--port", &spec, "--cores", "1"]);
+    ns.take(&tap, "10.77.0.1/24");
+    let want = f::bit(f::NET_CSUM) | f::bit(f::NET_HOST_USO);
+    let mut cfg = PortConfig::virtio_user(&sock);
+    cfg.features |= want;
+    let mut port = within("Port::open", WAIT, move || Port::open(cfg)).expect("Port::open");
+    assert_eq!(port.info().features & want, want, "the tap port offers CSUM and HOST_USO");
+    let mut qp = port.queue_pair(0).expect("queue pair 0");
+    ns.up(&tap);
+    let mac: Vec<u8> = ns
+        .exec("cat", &[&format!("/sys/class/net/{tap}/address")])
+        .trim()
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).expect("hex"))
+        .collect();
+    // The receiver, bound before anything is sent.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = ns.spawn(move || {
+        let s = std::net::UdpSocket::bind("10.77.0.1:5300").expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        ready_tx.send(()).expect("ready");
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while got.len() < SUPER * PAYLOAD / MSS {
+            match s.recv(&mut buf) {
+                Ok(n) => got.push(buf[..n].to_vec()),
+                Err(_) => break,
+            }
+        }
+        got
+    });
+    ready_rx.recv().expect("receiver ready");
+    let payload: Vec<u8> = (0..SUPER * PAYLOAD).map(|i| (i * 7 + i / 251) as u8).collect();
+    for k in 0..SUPER {
+        let data = &payload[k * PAYLOAD..(k + 1) * PAYLOAD];
+        // Ethernet, IPv4 (header checksum), UDP (partial checksum: the pseudo-header's).
+        let mut fr = Vec::with_capacity(42 + PAYLOAD);
+        fr.extend_from_slice(&mac);
+        fr.extend_from_slice(&[2, 0, 0, 0, 0, 2, 0x08, 0x00]);
+        let ip_len = (20 + 8 + PAYLOAD) as u16;
+        let mut ip = [0x45, 0, 0, 0, 0, k as u8, 0, 0, 64, 17, 0, 0, 10, 77, 0, 2, 10, 77, 0, 1];
+        ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+        let fold = |mut a: u32| {
+            while a >> 16 != 0 {
+                a = (a & 0xffff) + (a >> 16);
+            }
+            a as u16
+        };
+        let sum = fold(ip.chunks(2).map(|w| u16::from_be_bytes([w[0], w[1]]) as u32).sum());
+        ip[10..12].copy_from_slice(&(!sum).to_be_bytes());
+        fr.extend_from_slice(&ip);
+        let udp_len = (8 + PAYLOAD) as u16;
+        let pseudo = fold(0x0a4d + 0x0002 + 0x0a4d + 0x0001 + 17 + udp_len as u32);
+        fr.extend_from_slice(&4000u16.to_be_bytes());
+        fr.extend_from_slice(&5300u16.to_be_bytes());
+        fr.extend_from_slice(&udp_len.to_be_bytes());
+        fr.extend_from_slice(&pseudo.to_be_bytes());
+        fr.extend_from_slice(data);
+        let mut head: Option<Packet> = None;
+        for part in fr.chunks(2000) {
+            let mut p = port.pool().alloc().expect("a pool buffer");
+            p.set_data(part).expect("2000 bytes fit a buffer");
+            match head.as_mut() {
+                None => head = Some(p),
+                Some(h) => h.append(p).expect("same pool"),
+            }
+        }
+        let mut pkt = head.expect("a frame");
+        pkt.set_tx_offload(TxOffload {
+            csum: Some(TxCsum { start: 34, offset: 6 }),
+            gso: Some(TxGso { kind: GsoKind::UdpL4, size: MSS as u16, hdr_len: 42 }),
+        });
+        let mut v = vec![pkt];
+        let deadline = std::time::Instant::now() + WAIT;
+        while !v.is_empty() {
+            qp.tx.tx_burst(&mut v);
+            assert!(std::time::Instant::now() < deadline, "transmit ring stuck: {:?}", qp.tx.error());
+        }
+    }
+    let got = receiver.join().expect("receiver");
+    assert_eq!(got.len(), SUPER * PAYLOAD / MSS, "datagrams received");
+    assert!(got.iter().all(|d| d.len() == MSS), "each a segment of {MSS} bytes");
+    assert_eq!(got.concat(), payload, "the payloads in order, byte for byte");
+    drop(qp);
+    drop(port);
+    let fin = backend.stop();
+    let d = device(&fin, &sock);
+    let off = |k: &str| d["offloads"][k].as_u64().unwrap_or_else(|| panic!("offloads.{k} in {d}"));
+    assert_eq!((off("gso_requests"), off("passed_whole")), (SUPER as u64, SUPER as u64), "{d}");
+    assert_eq!(counter(d, "rx_packets"), SUPER as u64, "{d}");
+    assert_eq!(total_drops(d), 0, "{d}");
 }
 
 /// A guest that stops taking frames: see the module comment.
