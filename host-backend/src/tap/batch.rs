@@ -4,8 +4,8 @@
 //! Owns: one io_uring instance per tap queue (the tap descriptor registered as its one
 //! fixed file, which spares the kernel a descriptor lookup per write; unregistered
 //! explicitly on drop, since the instance's own teardown is asynchronous and would keep a
-//! tap we created alive after we exit), the burst's copy slots for small frames, header copies and iovecs for
-//! larger ones, and each queued frame's result.
+//! tap we created alive after we exit), the burst's copy slots for small frames, header
+//! copies and iovecs for larger ones, and each queued frame's result.
 //! Must not: know about rings or statistics (the port's burst, `port::tap`, walks the
 //! chains and decides what each result means), or leave anything in flight when
 //! [`TxBatch::submit`] returns: it waits for every frame it queued, so no pointer it
@@ -16,10 +16,10 @@
 //! call. The kernel completes each write inline, so one `io_uring_enter` submits the
 //! burst and finds every result in the completion ring. Each write carries `RWF_NOWAIT`:
 //! one the kernel would block on fails with `EAGAIN` at once (without it, io_uring would
-//! wait for the descriptor to become writable, holding the worker). The
-//! writes are not linked (`IOSQE_IO_LINK` makes the kernel run each through task work and
-//! costs most of the gain), so they are independent: see [`TxBatch::submit`] for what
-//! that means for a write the kernel would block on.
+//! wait for the descriptor to become writable, holding the worker). The writes are not
+//! linked (`IOSQE_IO_LINK` makes the kernel run each through task work and costs most of
+//! the gain), so they are independent: see [`TxBatch::submit`] for what that means for a
+//! write the kernel would block on.
 //!
 //! Frames up to a full Ethernet frame (header and frame up to [`SLOT`] bytes) are copied
 //! into a slot and written as one buffer: the kernel's one-buffer path costs less than
