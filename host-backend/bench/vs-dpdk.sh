@@ -14,7 +14,9 @@
 #   1-second samples too) PACKED=0 (1: every front-end, ours and DPDK's virtio-user, asks
 #   for packed rings with packed_vq=1; DPDK's net_vhost and our backend offer them)
 #   RING=256 (entries per virtqueue on both sides) BURST=32 (packets per burst call of
-#   both testpmds; our backend's burst is fixed at 64)
+#   both testpmds; our backend's burst is fixed at 64) QUEUES=1 (queue pairs per port on
+#   both sides, all polled by the one forwarding core of each side: our testpmd --rxq/--txq
+#   and our backend --queues, DPDK's queues=N with --rxq/--txq=N)
 #   MODES="be-gtx be-grx be-loop fe-gtx fe-grx fe-loop e2e-gtx e2e-grx e2e-loop"
 #   HOST_CPU=1 GUEST_CPU=0 BIN=target/release/host-backend PMD=target/release/testpmd
 #   PMD_ARGS="--hugepages" (extra arguments of our testpmd: by default its DMA arena is
@@ -69,6 +71,7 @@ SAMPLES=${SAMPLES:-0}
 PACKED=${PACKED:-0}
 RING=${RING:-256}
 BURST=${BURST:-32}
+QUEUES=${QUEUES:-1}
 OUR_PACKED=""; [ "$PACKED" = 1 ] && OUR_PACKED=",packed_vq=1"
 
 [ "$(id -u)" = 0 ] || { echo "vs-dpdk.sh: must run as root (hugepages)" >&2; exit 1; }
@@ -108,6 +111,11 @@ size_args() { # SIZE
         DEV_X=",queue_size=$RING"
         DPDK_X="--rxd=$RING --txd=$RING"
     fi
+    if [ "$QUEUES" != 1 ]; then
+        DEV_X="$DEV_X,queues=$QUEUES"
+        OURS_X="$OURS_X --rxq $QUEUES --txq $QUEUES"
+        BE_X="$BE_X --queues $QUEUES"
+    fi
     if [ "$BURST" != 32 ]; then
         DPDK_X="$DPDK_X --burst=$BURST"
         OURS_X="--burst $BURST"
@@ -119,14 +127,14 @@ size_args() { # SIZE
         DPDK_VX="--enable-scatter"
         DEV_X="$DEV_X,mrg_rxbuf=1"
         OURS_X="$OURS_X --max-pkt-len $(( $1 + 18 ))"
-        BE_X="--mtu 9000"
+        BE_X="$BE_X --mtu 9000"
     fi
 }
 
 start_dpdk_vhost() { # FWD SIZE TAG -> sets HPID, fd 7 is its stdin
     mkfifo "$WORK/$3.hin"; exec 7<>"$WORK/$3.hin"
     stdbuf -oL dpdk-testpmd --lcores="0@${GUEST_CPU},1@${HOST_CPU}" --no-pci --file-prefix=vnetbench-host -m 512 \
-        --vdev "net_vhost0,iface=$SOCK,queues=1" -- -i --nb-cores=1 --rxq=1 --txq=1 \
+        --vdev "net_vhost0,iface=$SOCK,queues=$QUEUES" -- -i --nb-cores=1 --rxq="$QUEUES" --txq="$QUEUES" \
         --txpkts="$TXPKTS" $DPDK_X --total-num-mbufs=16384 <"$WORK/$3.hin" >"$WORK/$3.host.log" 2>&1 7>&- &
     HPID=$!
     wait_for "$WORK/$3.host.log" "testpmd>" 20 || return 1
@@ -136,8 +144,8 @@ start_dpdk_vhost() { # FWD SIZE TAG -> sets HPID, fd 7 is its stdin
 start_dpdk_virtio() { # FWD SIZE TAG -> sets GPID, fd 8 is its stdin
     mkfifo "$WORK/$3.gin"; exec 8<>"$WORK/$3.gin"
     stdbuf -oL dpdk-testpmd --lcores="0@${HOST_CPU},1@${GUEST_CPU}" --no-pci --file-prefix=vnetbench-guest -m 512 \
-        --single-file-segments --vdev "net_virtio_user0,path=$SOCK,queues=1,packed_vq=$PACKED$DEV_X" \
-        -- -i --nb-cores=1 --rxq=1 --txq=1 --txpkts="$TXPKTS" $DPDK_X $DPDK_VX --total-num-mbufs=16384 \
+        --single-file-segments --vdev "net_virtio_user0,path=$SOCK,packed_vq=$PACKED$DEV_X" \
+        -- -i --nb-cores=1 --rxq="$QUEUES" --txq="$QUEUES" --txpkts="$TXPKTS" $DPDK_X $DPDK_VX --total-num-mbufs=16384 \
         <"$WORK/$3.gin" >"$WORK/$3.guest.log" 2>&1 7>&- 8>&- &
     GPID=$!
     wait_for "$WORK/$3.guest.log" "testpmd>" 20 || return 1
