@@ -446,6 +446,69 @@ fn mrg_frame_waits_for_enough_buffers() {
     assert_eq!(total_drops(dev), 0, "{dev}");
 }
 
+/// A frame no receive ring can ever hold does not block the frames behind it: the guest
+/// (mergeable buffers, an 8-entry receive ring) posts chains of two 512-byte
+/// descriptors, so the full ring holds 4 chains, 4 KiB. A 5000-byte frame through
+/// `reflect` first waits while the ring has free descriptors (3 chains posted: the guest
+/// may post more), then, once the 4th chain fills the ring, is dropped and counted as
+/// `rx_ring_too_small` (its transmit buffer completed); the three frames sent after it
+/// arrive byte for byte, one chain each with `num_buffers` 1, and the counts are exact.
+/// (Before, a ring that can never show `size` chains made such a frame wait for ever.)
+#[test]
+fn a_frame_no_receive_ring_can_hold_is_dropped_and_the_rest_flow() {
+    use driver::layout::{Descriptor, DESC_F_NEXT, DESC_F_WRITE};
+    const RX_RING: u16 = 8;
+    let _serial = serial();
+    let dir = TempDir::new("offload-ringsmall");
+    let sock = dir.join("r.sock");
+    let backend = Backend::start(&["--port", &port("reflect", &sock), "--mtu", "9000", "--cores", "1"]);
+    let mut fe = RawFrontend::connect(&sock, MEM, mrg()).unwrap();
+    fe.setup_queue(RX, RX_RING).unwrap();
+    fe.setup_queue(TX, RING).unwrap();
+    wait_connected(&backend, &[&sock]);
+    // Chain c: descriptors 2c -> 2c+1, 512 bytes each.
+    let mut bufs = Vec::new();
+    let mut post = |fe: &mut RawFrontend, c: u16| {
+        let (a, b) = (fe.alloc(512, 64).unwrap(), fe.alloc(512, 64).unwrap());
+        let d = |addr, flags, next| Descriptor { addr, len: 512, flags, next };
+        fe.write_desc(RX, 2 * c, d(a, DESC_F_WRITE | DESC_F_NEXT, 2 * c + 1)).unwrap();
+        fe.write_desc(RX, 2 * c + 1, d(b, DESC_F_WRITE, 0)).unwrap();
+        fe.write_avail_slot(RX, c, 2 * c).unwrap();
+        fe.set_avail_idx(RX, c + 1).unwrap();
+        fe.kick(RX).unwrap();
+        bufs.push(a);
+    };
+    for c in 0..3 {
+        post(&mut fe, c);
+    }
+    let jumbo = test_frame(5000, 1);
+    fe.send_frames(TX, std::slice::from_ref(&jumbo)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fe.in_flight(TX).unwrap(), 1, "with free descriptors in the ring the frame waits");
+    assert_eq!(fe.used_idx(RX).unwrap(), 0);
+    post(&mut fe, 3);
+    fe.wait_tx_done(TX, IO_TIMEOUT).unwrap();
+    assert_eq!(fe.used_idx(RX).unwrap(), 0, "nothing of the dropped frame delivered");
+    let small: Vec<Vec<u8>> = [100, 100, 300].iter().zip(2u16..).map(|(&l, s)| test_frame(l, s)).collect();
+    fe.send_frames(TX, &small).unwrap();
+    fe.wait_tx_done(TX, IO_TIMEOUT).unwrap();
+    fe.wait_used_idx(RX, 3, IO_TIMEOUT).unwrap();
+    for (k, f) in small.iter().enumerate() {
+        let (id, len) = fe.used_elem(RX, k as u16).unwrap();
+        assert_eq!((id, len as usize), (2 * k as u32, NET_HDR_LEN + f.len()), "frame {k}: used element");
+        let got = fe.read_mem(bufs[k], NET_HDR_LEN + f.len()).unwrap();
+        assert_eq!(num_buffers(&got), 1, "frame {k}");
+        assert_eq!(&got[NET_HDR_LEN..], &f[..], "frame {k}: bytes");
+    }
+    let fin = backend.stop();
+    let dev = device(&fin, &sock);
+    assert_eq!((counter(dev, "rx_packets"), counter(dev, "tx_packets")), (4, 3), "{dev}");
+    assert_eq!(counter(dev, "tx_bytes"), 500);
+    assert_eq!(counter(dev, "drops.rx_ring_too_small"), 1, "{dev}");
+    assert_eq!(total_drops(dev), 1, "{dev}");
+    assert_eq!(dev["broken_queues"].as_u64(), Some(0));
+}
+
 /// `xconnect` with mergeable buffers on one side only: A (mergeable) receives jumbo
 /// frames from B in several buffers; B (without) gets what fits one buffer and counts
 /// the rest as `rx_buffer_too_small`.

@@ -367,6 +367,7 @@ impl PortPath {
                     }
                     mrg::Placed::Wait => break,
                     mrg::Placed::NoFit => c.drop(DropReason::RxBufferTooSmall),
+                    mrg::Placed::RingTooSmall => c.drop(DropReason::RxRingTooSmall),
                 }
                 t.staged = None;
                 frames += 1;
