@@ -269,6 +269,9 @@ pub struct PortInfo {
     pub mac: [u8; 6],
     /// MTU.
     pub mtu: u16,
+    /// The largest MTU the device carries: its `VIRTIO_NET_F_MTU`, else [`MAX_MTU`] (what
+    /// [`RxQueue::set_mtu`](crate::RxQueue::set_mtu) may set).
+    pub max_mtu: u16,
     /// Link status.
     pub link_up: bool,
     /// Negotiated feature bits.
@@ -543,8 +546,9 @@ impl Port {
             log::info!("{}: device MTU {} used as {MAX_MTU}", transport.describe(), config.mtu);
             config.mtu = MAX_MTU;
         }
+        let max_mtu = if config.mtu_reported { config.mtu } else { MAX_MTU };
         if let Some(mtu) = cfg.mtu {
-            let max = if config.mtu_reported { config.mtu } else { MAX_MTU };
+            let max = max_mtu;
             if !(MIN_MTU..=max).contains(&mtu) {
                 return Err(Error::Config(format!(
                     "MTU {mtu} asked for: this device carries {MIN_MTU}..={max}{}",
@@ -645,6 +649,7 @@ impl Port {
                 mrg,
             );
             rx.set_reset_point(link.reset_point(2 * p as usize));
+            rx.set_max_mtu(max_mtu);
             rx.refill();
             let mut tx = TxQueue::new(tx_ring, pool.clone(), st.clone(), stopped.clone(), features);
             tx.set_reset_point(link.reset_point(2 * p as usize + 1));
@@ -686,6 +691,7 @@ impl Port {
             description: transport.describe(),
             mac: config.mac,
             mtu: config.mtu,
+            max_mtu,
             link_up,
             features,
             queue_pairs: setup,

@@ -277,6 +277,12 @@ impl Receiver {
                         c.drop(DropReason::RxBufferTooSmall);
                         break;
                     }
+                    Placed::RingTooSmall => {
+                        taken += 1;
+                        self.done.push(t);
+                        c.drop(DropReason::RxRingTooSmall);
+                        break;
+                    }
                 }
             }
             taken += 1;

@@ -38,6 +38,11 @@ pub(crate) trait Ring {
     /// Entries (descriptors) in the ring: a frame that needs more chains than a full
     /// ring can show can never be delivered.
     fn size(&self) -> u16;
+    /// Ring descriptors the first `chains` available chains occupy (an indirect table
+    /// counts as its one descriptor), at most [`size`](Ring::size): when they fill the
+    /// ring the driver can post nothing more until the device uses some. Out of line: only
+    /// a frame that found too few receive chains asks (`port::mrg`).
+    fn avail_slots(&mut self, chains: u16) -> u16;
     /// Walks the `i`-th available chain into `out`.
     fn walk_avail<'m>(
         &mut self,
@@ -83,6 +88,9 @@ impl Ring for DeviceRing {
     #[inline]
     fn size(&self) -> u16 {
         DeviceRing::size(self)
+    }
+    fn avail_slots(&mut self, chains: u16) -> u16 {
+        DeviceRing::avail_slots(self, chains)
     }
     #[inline(always)]
     fn walk_avail<'m>(
@@ -149,6 +157,9 @@ impl Ring for PackedRing {
     #[inline]
     fn size(&self) -> u16 {
         PackedRing::size(self)
+    }
+    fn avail_slots(&mut self, chains: u16) -> u16 {
+        PackedRing::avail_slots(self, chains)
     }
     #[inline(always)]
     fn walk_avail<'m>(

@@ -53,10 +53,16 @@ pub enum DropReason {
     /// `afpacket`: frames the kernel dropped because the socket's receive ring was full
     /// (its `PACKET_STATISTICS` `tp_drops`).
     KernelRingFull,
+    /// With mergeable receive buffers: a frame that needs more receive buffers than the
+    /// guest's receive ring can ever offer at once (every descriptor of the ring is
+    /// posted and their room is too small, or it would take more than `port::mrg`'s
+    /// limit of chains). Dropped rather than waited for: no buffer the guest can post
+    /// would make it fit, and the frames behind it keep flowing.
+    RxRingTooSmall,
 }
 
 /// Number of drop reasons.
-pub const DROP_REASONS: usize = 14;
+pub const DROP_REASONS: usize = 15;
 /// JSON/text names of the drop reasons, in `DropReason` order.
 pub const DROP_NAMES: [&str; DROP_REASONS] = [
     "bad_descriptor",
@@ -73,6 +79,7 @@ pub const DROP_NAMES: [&str; DROP_REASONS] = [
     "kernel_refused",
     "no_buffer",
     "kernel_ring_full",
+    "rx_ring_too_small",
 ];
 
 /// What the host offloads did with the frames a queue pair's driver transmitted that

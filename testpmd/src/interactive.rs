@@ -47,7 +47,8 @@ Commands:
   mac_addr set N MAC          the port's MAC address (control queue)
   rx_vlan add|rm ID all|N     accept / stop accepting VLAN ID (control queue)
   port config all rxq|txq N   use N queue pairs on every port (forwarding stopped)
-  port config all max-pkt-len N  every port's MTU becomes N - 18 (see port config mtu)
+  port config all|P max-pkt-len N  ports stopped: from the next port start, frames above
+                              N bytes are dropped on receive and the MTU is N - 18
   help                        this text
   quit                        stop, close the ports and exit
 ";
@@ -186,10 +187,11 @@ pub fn execute(app: &mut App, line: &str) -> Result<bool, String> {
                 id.parse().map_err(|_| format!("Bad arguments: VLAN id '{id}' is not a number"))?;
             app.rx_vlan(*op == "add", vid, port_arg(Some(p))?)?
         }
-        ["port", "config", "all", "max-pkt-len", n] => {
+        ["port", "config", p, "max-pkt-len", n] => {
+            let p = port_arg(Some(p))?;
             let n: usize =
                 n.parse().map_err(|_| format!("Bad arguments: max-pkt-len '{n}' is not a number"))?;
-            app.port_config_max_pkt_len(n)?
+            app.port_config_max_pkt_len(p, n)?
         }
         ["port", "config", "all", "rxq" | "txq", n] => {
             let n: u16 = n.parse().map_err(|_| format!("Bad arguments: '{n}' is not a number of queues"))?;

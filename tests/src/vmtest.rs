@@ -142,7 +142,14 @@ pub fn run_scenario(name: &str, mode: Mode, rings: Rings) -> Report {
     if mode == Mode::VIommu {
         // Hugepages: the arena is mapped in 2 MiB IOMMU pages, so the backend's IOTLB
         // needs a handful of translations instead of thousands.
-        sc.guest.params.push_str(" vt.tp=--hugepages");
+        // Added to the scenario's own `vt.tp=` if it has one (guest-init takes the last).
+        sc.guest.params = match sc.guest.params.find("vt.tp=") {
+            Some(at) => {
+                let end = sc.guest.params[at..].find(' ').map_or(sc.guest.params.len(), |e| at + e);
+                format!("{},--hugepages{}", &sc.guest.params[..end], &sc.guest.params[end..])
+            }
+            None => format!("{} vt.tp=--hugepages", sc.guest.params),
+        };
     }
     sc.devices.iter_mut().for_each(|d| d.packed = rings == Rings::Packed);
     let report = run(&sc, &Tools::for_tests(), false).unwrap_or_else(|e| panic!("[{}] {e}", clock.name()));
@@ -240,6 +247,22 @@ pub fn txonly_to_sink(mode: Mode, rings: Rings) -> Value {
 /// is either received by the guest or counted as a backend drop.
 pub fn rxonly_from_gen(mode: Mode, rings: Rings) -> Value {
     only_device(&run_scenario("rxonly-from-gen", mode, rings))
+}
+
+/// 9014-byte frames from a gen port into guest testpmd rxonly with `--max-pkt-len 9018`:
+/// mergeable receive buffers negotiated over VFIO-PCI, every frame received (the counts
+/// are in the scenario file).
+pub fn rxonly_jumbo_mrg_from_gen(mode: Mode, rings: Rings) -> Value {
+    let report = run_scenario("rxonly-jumbo-mrg-from-gen", mode, rings);
+    // testpmd's port info in the guest: VIRTIO_NET_F_MRG_RXBUF (bit 15) negotiated.
+    let out = report.output();
+    let features = out
+        .lines()
+        .find_map(|l| l.split("Negotiated features: 0x").nth(1))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no negotiated features in the guest's testpmd output:\n{out}"));
+    assert_ne!(features & 1 << 15, 0, "MRG_RXBUF not negotiated: {features:#x}\n{out}");
+    only_device(&report)
 }
 
 /// io with `--tx-first 4` through a reflect port (the accounting is in the scenario

@@ -96,7 +96,11 @@ struct Peer {
 
 impl Peer {
     fn open(sock: &Path) -> Peer {
-        let cfg = PortConfig::virtio_user(sock);
+        Self::open_with(sock, PortConfig::virtio_user(sock))
+    }
+
+    /// As [`Peer::open`] with `cfg` (a virtio-user port on `sock`).
+    fn open_with(sock: &Path, cfg: PortConfig) -> Peer {
         let mut port = within("Port::open", Duration::from_secs(20), move || Port::open(cfg))
             .unwrap_or_else(|e| panic!("Port::open({}): {e}", sock.display()));
         let qp = port.queue_pair(0).expect("queue pair 0");
@@ -125,8 +129,8 @@ impl Peer {
         let mut got = Vec::new();
         while next < frames.len() || !pending.is_empty() || got.len() < expect {
             while pending.len() < BURST && next < frames.len() && next < got.len() + WINDOW {
-                let Some(mut p) = pool.alloc() else { break };
-                p.set_data(&frames[next]).expect("a test frame fits a buffer");
+                // A frame larger than one buffer goes out as a chain.
+                let Some(p) = pool.alloc_chain(&frames[next], usize::MAX) else { break };
                 pending.push(p);
                 next += 1;
             }
@@ -1085,11 +1089,19 @@ fn prompt_port_stop_xstats_verbose_and_fwd_stats() {
     command(&mut tp, "port config mtu 0 60000", "Set MTU failed");
     tp.send("port config mtu 0 1000");
     command(&mut tp, "show port info 0", "Infos for port 0");
-    // max-pkt-len beyond one receive buffer needs mergeable buffers from the start.
-    command(&mut tp, "port config all max-pkt-len 9018", "opened without mergeable receive buffers");
+    // max-pkt-len: the port stopped first, within the device's MTU (1500), effective at
+    // port start (`port_config_max_pkt_len_applies_at_port_start` checks the frames).
+    command(&mut tp, "port config all max-pkt-len 1218", "Please stop port 0 first");
     command(&mut tp, "port config all max-pkt-len 20", "out of range 64..=9018");
     assert!(tp.stdout().contains("MTU: 1000\n"), "{}", tp.outputs());
-    tp.send("port config all max-pkt-len 1218");
+    command(&mut tp, "port stop all", "Port 0 stopped");
+    command(&mut tp, "port config all max-pkt-len 1519", "outside 68..=1500");
+    command(
+        &mut tp,
+        "port config all max-pkt-len 1218",
+        "Port 0: max-pkt-len 1218 (MTU 1200) from the next port start",
+    );
+    command(&mut tp, "port start all", "Done");
     command(&mut tp, "show port info 0", "Infos for port 0");
     command(&mut tp, "set link-down port 0", "Set link down fail: not supported");
     tp.send("quit");
@@ -1201,6 +1213,113 @@ fn mac_addr_add_opens_the_device_filter() {
     assert_eq!(fwd(&exit.stdout, 0).rx_packets, N as u64, "{exit}");
     peer.close();
     backend.stop();
+}
+
+/// `port config all|P max-pkt-len N` as DPDK's: refused while the port runs and beyond
+/// the device's MTU (8000 here: at most 8018), effective only at `port start` (which
+/// forwarding must not be running for). testpmd on A (`--max-pkt-len 8018`: mergeable
+/// buffers) in rxonly with `set verbose 1`; our driver on B sends 10 frames of each
+/// length per round through `xconnect:A,B`. At max-pkt-len 1518 the 60- and 1518-byte
+/// frames arrive and the 1519- and 4018-byte ones are dropped and counted
+/// (`rx_q0_too_long_errors`, in `rx_errors`); at 4018 the 1519- and 4018-byte ones
+/// (above the old limit) arrive and the 4019- and 8018-byte ones are dropped. The
+/// backend delivered every frame (its counts are exact, nothing dropped there); the
+/// verbose dump shows exactly the frames that passed, by length.
+#[test]
+fn port_config_max_pkt_len_applies_at_port_start() {
+    const N: u32 = 10;
+    let _serial = serial();
+    let dir = TempDir::new("tp-maxpkt");
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let backend = Backend::start(&["--port", &xconnect_arg(&a, &b), "--mtu", "8000"]);
+    let mut tp = Testpmd::spawn_with(
+        &["-i", "--vdev", &vdev(0, &a), "--forward-mode", "rxonly", "--max-pkt-len", "8018"],
+        Spawn { stdin: true, user: None },
+    );
+    tp.wait_stdout("testpmd> ", Duration::from_secs(20));
+    let mut cfg = PortConfig::virtio_user(&b);
+    cfg.features |= driver::layout::features::bit(driver::layout::features::NET_MRG_RXBUF);
+    let mut peer = Peer::open_with(&b, cfg);
+    let a_mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    let dev_a = |s: &Value, name: &str| counter(device(s, &a), name);
+    let mut seq = 0u32;
+    let mut sent = 0u64;
+    let mut round = |peer: &mut Peer, lens: &[usize]| {
+        let mut frames = Vec::new();
+        for _ in 0..N {
+            for &l in lens {
+                frames.push(test_frame(l, a_mac, peer.mac(), seq));
+                seq += 1;
+            }
+        }
+        let back = peer.exchange(&frames, 0, &String::new);
+        assert!(back.is_empty(), "rxonly sent frames back");
+        sent += frames.len() as u64;
+        backend.wait_stats(Duration::from_secs(20), |s| dev_a(s, "tx_packets") == sent);
+        // Everything is in testpmd's receive ring; give the forwarding thread a moment.
+        thread::sleep(Duration::from_millis(300));
+    };
+
+    command(&mut tp, "set verbose 1", "Change verbose level from 0 to 1");
+    command(&mut tp, "start", "rxonly packet forwarding - ports=1");
+    command(&mut tp, "port config all max-pkt-len 1518", "Please stop port 0 first");
+    command(&mut tp, "port stop all", "Port 0 stopped");
+    command(&mut tp, "port config all max-pkt-len 8019", "outside 68..=8000");
+    command(&mut tp, "port config 1 max-pkt-len 1518", "Invalid port 1");
+    command(
+        &mut tp,
+        "port config 0 max-pkt-len 1518",
+        "Port 0: max-pkt-len 1518 (MTU 1500) from the next port start",
+    );
+    command(&mut tp, "show port info 0", "Infos for port 0");
+    let out = tp.stdout();
+    assert!(out.contains("MTU: 8000\n"), "not in force before port start\n{}", tp.outputs());
+    assert!(out.contains("max-pkt-len at the next port start: 1518\n"), "{}", tp.outputs());
+    command(&mut tp, "port start all", "Please stop forwarding first");
+    command(&mut tp, "stop", "Forward statistics for port 0");
+    command(&mut tp, "port start all", "Done");
+    command(&mut tp, "start", "rxonly packet forwarding - ports=1");
+    round(&mut peer, &[60, 1518, 1519, 4018]);
+    command(&mut tp, "show port xstats 0", "NIC extended statistics for port 0");
+    let out = tp.stdout();
+    assert_eq!(xstat(&out, 0, "rx_good_packets"), 2 * N as u64);
+    assert_eq!(xstat(&out, 0, "rx_good_bytes"), N as u64 * (60 + 1518));
+    assert_eq!(xstat(&out, 0, "rx_q0_too_long_errors"), 2 * N as u64);
+    assert_eq!(xstat(&out, 0, "rx_errors"), 2 * N as u64);
+
+    command(&mut tp, "stop", "Forward statistics for port 0");
+    command(&mut tp, "port stop 0", "Port 0 stopped");
+    command(
+        &mut tp,
+        "port config all max-pkt-len 4018",
+        "Port 0: max-pkt-len 4018 (MTU 4000) from the next port start",
+    );
+    command(&mut tp, "port start 0", "Done");
+    command(&mut tp, "start", "rxonly packet forwarding - ports=1");
+    round(&mut peer, &[1519, 4018, 4019, 8018]);
+    command(&mut tp, "show port xstats 0", "NIC extended statistics for port 0");
+    let out = tp.stdout();
+    assert_eq!(xstat(&out, 0, "rx_good_packets"), 4 * N as u64);
+    assert_eq!(xstat(&out, 0, "rx_good_bytes"), N as u64 * (60 + 1518 + 1519 + 4018));
+    assert_eq!(xstat(&out, 0, "rx_q0_too_long_errors"), 4 * N as u64);
+    assert_eq!(xstat(&out, 0, "rx_errors"), 4 * N as u64);
+    command(&mut tp, "show port info 0", "Infos for port 0");
+    let out = tp.stdout();
+    assert!(out.contains("MTU: 4000\nMax RX frame: 4018 (port config max-pkt-len)\n"), "{}", tp.outputs());
+    command(&mut tp, "stop", "Forward statistics for port 0");
+    tp.send("quit");
+    let exit = tp.wait(Duration::from_secs(20));
+    assert_ok(&exit);
+    // The per-frame dump: exactly the frames that passed, by length.
+    for (len, n) in [(60, N), (1518, N), (1519, N), (4018, N), (4019, 0), (8018, 0)] {
+        let pat = format!(" - length={len} - nb_segs=");
+        assert_eq!(exit.stdout.matches(&pat).count(), n as usize, "dumped frames of {len} bytes\n{exit}");
+    }
+    peer.close();
+    let fin = backend.stop();
+    let dev = clean_device(&fin, &a);
+    assert_eq!((counter(dev, "tx_packets"), counter(dev, "rx_packets")), (8 * N as u64, 0));
+    assert_eq!(counter(device(&fin, &b), "rx_packets"), 8 * N as u64);
 }
 
 /// 5tswap: our driver on B sends 1000 distinct UDP/IPv4 frames through `xconnect:A,B`

@@ -47,10 +47,11 @@ const MRG_RXBUF: usize = 15;
 
 /// Drop reasons that must stay zero: a frame a stock guest sent or was sent that the
 /// backend refused, truncated or could not place.
-const NO_DROPS: [&str; 8] = [
+const NO_DROPS: [&str; 9] = [
     "bad_descriptor",
     "oversize",
     "rx_buffer_too_small",
+    "rx_ring_too_small",
     "short_frame",
     "too_many_segments",
     "offload_not_negotiated",

@@ -41,6 +41,14 @@ fn vm_noiommu_rxonly_from_gen() {
     assert_no_iotlb(&vmtest::rxonly_from_gen(Mode::NoIommu, Rings::Split));
 }
 
+/// Mergeable receive buffers over VFIO-PCI: 9014-byte frames into testpmd with
+/// `--max-pkt-len 9018` (see the scenario file), every one received.
+#[test]
+fn vm_noiommu_rxonly_jumbo_mrg_from_gen() {
+    let _g = serial();
+    assert_no_iotlb(&vmtest::rxonly_jumbo_mrg_from_gen(Mode::NoIommu, Rings::Split));
+}
+
 #[test]
 fn vm_noiommu_io_through_reflect() {
     let _g = serial();

@@ -46,6 +46,13 @@ fn vm_viommu_rxonly_from_gen() {
     assert_used_iotlb(&vmtest::rxonly_from_gen(Mode::VIommu, Rings::Split));
 }
 
+/// [`vm_viommu_rxonly_from_gen`]'s jumbo variant with mergeable receive buffers.
+#[test]
+fn vm_viommu_rxonly_jumbo_mrg_from_gen() {
+    let _g = serial();
+    assert_used_iotlb(&vmtest::rxonly_jumbo_mrg_from_gen(Mode::VIommu, Rings::Split));
+}
+
 #[test]
 fn vm_viommu_io_through_reflect() {
     let _g = serial();

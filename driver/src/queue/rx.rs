@@ -9,7 +9,8 @@
 //! The XDP hook's own parts (verdicts, attach, detach) live in `xdp.rs`; the mergeable
 //! receive path (`VIRTIO_NET_F_MRG_RXBUF`: a frame over several buffers, returned as a
 //! chain) in `rx/merge.rs`, taken only when that feature was negotiated, so the plain
-//! burst is compiled as before.
+//! burst is compiled as before; the frame-length limit an application may set
+//! ([`RxQueue::set_mtu`]) in `rx/limit.rs`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use super::tx::TxQueue;
 use super::xdp::{self, Verdicts, XdpOut, XdpProgram};
 use super::{Recycle, Stopped, BATCH};
 
+mod limit;
 mod merge;
 pub use merge::MAX_MERGED_FRAME;
 
@@ -68,6 +70,11 @@ pub(super) struct RxHalf<R: Ring> {
     pub(super) xdp_out: XdpOut,
     pub(super) control: Control,
     pub(super) mtu: u16,
+    /// The largest MTU [`RxQueue::set_mtu`] may set: the device's (`limit.rs`).
+    max_mtu: u16,
+    /// Longest frame delivered (`set_mtu`: MTU + 18); longer ones that are not
+    /// super-frames are dropped and counted. `u32::MAX` until `set_mtu`.
+    rx_limit: u32,
     /// `VIRTIO_NET_F_MRG_RXBUF` negotiated: frames may span several buffers.
     mrg: bool,
     /// What the device may write into a frame's header (negotiated features).
@@ -106,6 +113,10 @@ struct RxSink<'a, 'b> {
     headroom: u16,
     bytes: u64,
     errors: u64,
+    /// The queue's frame-length limit (`limit.rs`) and the frames dropped for it.
+    limit: u32,
+    gso: bool,
+    too_long: u64,
 }
 
 impl UsedSink for RxSink<'_, '_> {
@@ -121,6 +132,9 @@ impl UsedSink for RxSink<'_, '_> {
             return;
         }
         let data_len = len - NET_HDR_LEN as u32;
+        if data_len > self.limit && self.drop_too_long(idx) {
+            return;
+        }
         self.bytes += data_len as u64;
         // SAFETY: a buffer of ours (above), data at the headroom within the posted length.
         self.batch.push(unsafe { self.rec.pool.packet(idx, self.headroom, data_len as u16) });
@@ -270,6 +284,8 @@ impl<R: Ring> RxHalf<R> {
             hdr_rules: HdrRules::from_features(control.features()),
             control,
             mtu,
+            max_mtu: mtu,
+            rx_limit: u32::MAX,
             mrg,
             reset: ResetPoint::standalone(),
         }
@@ -361,6 +377,7 @@ impl<R: Ring> RxHalf<R> {
             return self.rx_plain(batch, n);
         }
         let (mut got, mut frames, mut bytes, mut errors) = (0usize, 0u64, 0u64, 0u64);
+        let mut too_long = 0u64;
         let mut v = Verdicts::default();
         let mut failed = None;
         let mut rec = Recycle { pool: &self.pool, idx: [0; BATCH], n: 0 };
@@ -404,6 +421,12 @@ impl<R: Ring> RxHalf<R> {
             } else {
                 RxMeta::default()
             };
+            if data_len > self.rx_limit && !m.is_gso() {
+                too_long += 1;
+                // SAFETY: a buffer of ours (see `RxSink::used`), given back once.
+                unsafe { rec.put(idx) };
+                continue;
+            }
             frames += 1;
             bytes += data_len as u64;
             // SAFETY: a buffer of ours (see `RxSink::used`), data at the headroom within the
@@ -429,6 +452,7 @@ impl<R: Ring> RxHalf<R> {
         bump(&rx.packets, frames);
         bump(&rx.bytes, bytes);
         bump(&rx.errors, errors);
+        bump(&rx.too_long, too_long);
         v.count(rx);
         if let Some(e) = failed {
             self.fail(e);
@@ -449,15 +473,19 @@ impl<R: Ring> RxHalf<R> {
             headroom: self.headroom,
             bytes: 0,
             errors: 0,
+            limit: self.rx_limit,
+            gso: self.hdr_rules.gso(),
+            too_long: 0,
         };
         let res = self.ring.pop_used_burst(n as u16, &mut sink);
         sink.rec.flush();
-        let (bytes, errors) = (sink.bytes, sink.errors);
+        let (bytes, errors, too_long) = (sink.bytes, sink.errors, sink.too_long);
         let got = batch.len() - before;
         let rx = &self.stats.rx;
         bump(&rx.packets, got as u64);
         bump(&rx.bytes, bytes);
         bump(&rx.errors, errors);
+        bump(&rx.too_long, too_long);
         match res {
             Ok(_) => self.refill(),
             Err((_, e)) => {

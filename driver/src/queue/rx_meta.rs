@@ -39,6 +39,11 @@ impl HdrRules {
             ecn: has(f::NET_GUEST_ECN),
         }
     }
+
+    /// Whether the device may send segmentation super-frames (any `GUEST_*` GSO type).
+    pub(crate) fn gso(self) -> bool {
+        self.tso4 || self.tso6 || self.ufo || self.uso
+    }
 }
 
 /// What the device said about a received frame: its virtio-net header (§5.1.6.4).

@@ -30,6 +30,9 @@ pub struct RxStats {
     pub xdp_aborted: AtomicU64,
     /// Buffers the device returned too short to hold a header (recycled).
     pub errors: AtomicU64,
+    /// Frames longer than the queue's MTU allows ([`RxQueue::set_mtu`](crate::RxQueue::set_mtu)),
+    /// dropped (recycled).
+    pub too_long: AtomicU64,
     /// Refills that found the pool empty.
     pub nombuf: AtomicU64,
     /// Protocol violations by the device (the queue stopped).
@@ -68,8 +71,10 @@ pub struct QueueStatsSnapshot {
     pub rx_packets: u64,
     /// Bytes received.
     pub rx_bytes: u64,
-    /// Receive errors.
+    /// Receive errors (`rx_too_long` included).
     pub rx_errors: u64,
+    /// Frames dropped for being longer than the queue's MTU allows.
+    pub rx_too_long: u64,
     /// Refills without buffers.
     pub rx_nombuf: u64,
     /// Packets transmitted.
@@ -117,7 +122,8 @@ impl PairStats {
         QueueStatsSnapshot {
             rx_packets: l(&self.rx.packets),
             rx_bytes: l(&self.rx.bytes),
-            rx_errors: l(&self.rx.errors),
+            rx_errors: l(&self.rx.errors) + l(&self.rx.too_long),
+            rx_too_long: l(&self.rx.too_long),
             rx_nombuf: l(&self.rx.nombuf),
             tx_packets: l(&self.tx.packets),
             tx_bytes: l(&self.tx.bytes),

@@ -650,3 +650,74 @@ fn an_xdp_program_sees_single_buffer_frames_and_merged_ones_are_aborted() {
     drop(batch);
     assert_eq!(r.pool.available(), 64 - RING as u32, "the aborted frame's buffers are back");
 }
+
+/// `set_mtu`: its bounds (68 up to the device's MTU; one buffer without MRG_RXBUF), and
+/// frames above MTU + 18 dropped and counted on every receive path (plain, with
+/// metadata, merged), super-frames exempt when GSO was negotiated; every dropped
+/// frame's buffers back in the pool.
+#[test]
+fn set_mtu_holds_frames_to_its_limit() {
+    let mut r = rig();
+    assert_eq!(r.rx.max_frame_len(), None, "no limit until set_mtu");
+    for bad in [67, 1501] {
+        assert!(matches!(r.rx.set_mtu(bad), Err(Error::Config(_))), "MTU {bad}");
+    }
+    r.rx.set_max_mtu(9000);
+    // 1984 frame bytes per buffer: MTU 1970 fits (+14), 1971 does not.
+    assert!(matches!(r.rx.set_mtu(1971), Err(Error::Config(_))));
+    r.rx.set_mtu(1970).unwrap();
+    r.rx.set_mtu(100).unwrap();
+    assert_eq!(r.rx.max_frame_len(), Some(118));
+    let mut batch = Vec::with_capacity(16);
+    let mut meta = Vec::with_capacity(16);
+    for with_meta in [false, true] {
+        for len in [118, 119, 60, 1984] {
+            r.deliver(&frame(len as u8, len));
+        }
+        let got = if with_meta {
+            r.rx.rx_burst_meta(&mut batch, &mut meta, 16)
+        } else {
+            r.rx.rx_burst(&mut batch, 16)
+        };
+        assert_eq!(got, 2);
+        assert_eq!(batch.iter().map(|p| p.len()).collect::<Vec<_>>(), vec![118, 60]);
+        batch.clear();
+    }
+    let s = r.snapshot();
+    assert_eq!((s.rx_packets, s.rx_bytes, s.rx_too_long, s.rx_errors), (4, 2 * 178, 4, 4));
+    assert_eq!(r.pool.available(), 64 - RING as u32, "dropped buffers back");
+
+    // GSO negotiated: a super-frame above the limit passes, a plain frame does not.
+    let mut r = rig_with(256, 1500, f::bit(f::NET_GUEST_CSUM) | f::bit(f::NET_GUEST_TSO4));
+    r.rx.set_mtu(100).unwrap();
+    let mut hdr = [0u8; NET_HDR_LEN];
+    hdr[net_hdr::GSO_TYPE] = net_hdr::GSO_TCPV4;
+    hdr[net_hdr::HDR_LEN..net_hdr::HDR_LEN + 2].copy_from_slice(&54u16.to_le_bytes());
+    hdr[net_hdr::GSO_SIZE..net_hdr::GSO_SIZE + 2].copy_from_slice(&100u16.to_le_bytes());
+    r.deliver_with(hdr, &frame(1, 1000));
+    r.deliver(&frame(2, 1000));
+    assert_eq!(r.rx.rx_burst(&mut batch, 16), 1);
+    assert_eq!(batch[0].data(), &frame(1, 1000)[..]);
+    batch.clear();
+    assert_eq!(r.snapshot().rx_too_long, 1);
+
+    // Mergeable buffers: the limit may exceed a buffer; a merged frame above it is
+    // dropped whole.
+    let mut r = mrg_rig();
+    r.rx.set_max_mtu(9000);
+    r.rx.set_mtu(4000).unwrap();
+    assert_eq!(r.rx.max_frame_len(), Some(4018));
+    for len in [4018, 4019, 9000, 60] {
+        r.deliver_merged(&frame(len as u8, len), None, None);
+    }
+    let mut got = 0;
+    for _ in 0..3 {
+        got += r.rx.rx_burst(&mut batch, 16);
+    }
+    assert_eq!(got, 2);
+    assert_eq!(batch.iter().map(|p| p.total_len()).collect::<Vec<_>>(), vec![4018, 60]);
+    batch.clear();
+    let s = r.snapshot();
+    assert_eq!((s.rx_packets, s.rx_too_long, s.device_errors), (2, 2, 0));
+    assert_eq!(r.pool.available(), 64 - RING as u32, "dropped chains back");
+}

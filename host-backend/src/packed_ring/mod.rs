@@ -552,6 +552,14 @@ impl PackedRing {
     pub fn size(&self) -> u16 {
         self.size
     }
+
+    /// Ring descriptors the first `chains` of the chains the last poll found occupy (an
+    /// indirect descriptor counts as one), at most `size`.
+    pub fn avail_slots(&mut self, chains: u16) -> u16 {
+        let n = chains.min(self.found) as usize;
+        let total: u32 = self.chains[..n].iter().map(|c| c.count as u32).sum();
+        total.min(self.size as u32) as u16
+    }
 }
 
 #[cfg(test)]

@@ -715,3 +715,18 @@ fn a_long_indirect_table_is_abandoned() {
     assert_eq!(c.segs().len(), crate::split_ring::MAX_SEGS);
     assert_eq!(c.total, 64 * (crate::split_ring::MAX_SEGS as u64 + 1));
 }
+
+/// `avail_slots` adds the ring descriptors of the chains the poll found (an indirect
+/// chain is one), up to the ring's size.
+#[test]
+fn avail_slots_counts_ring_descriptors() {
+    let mut f = fixture(8, 6, true, false);
+    f.drv.post(&[64, 64], false, DESC_F_WRITE);
+    f.drv.post(&[64, 64, 64], true, DESC_F_WRITE);
+    f.drv.post(&[64, 64, 64], false, DESC_F_WRITE);
+    assert_eq!(f.ring.poll_avail().unwrap(), 3);
+    assert_eq!((0..=4).map(|n| f.ring.avail_slots(n)).collect::<Vec<_>>(), vec![0, 2, 3, 6, 6]);
+    f.drv.post(&[64, 64], false, DESC_F_WRITE);
+    assert_eq!(f.ring.poll_more().unwrap(), 4);
+    assert_eq!(f.ring.avail_slots(4), 8, "every descriptor posted");
+}

@@ -305,6 +305,7 @@ impl PortPath {
                     }
                     Ok(Placed::Wait) => break,
                     Ok(Placed::NoFit) => c.drop(DropReason::RxBufferTooSmall),
+                    Ok(Placed::RingTooSmall) => c.drop(DropReason::RxRingTooSmall),
                     Err(b) => {
                         res = Err(b);
                         break;

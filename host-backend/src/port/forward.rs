@@ -293,6 +293,14 @@ impl PortPath {
                         dc.drop(DropReason::RxBufferTooSmall);
                         break; // the receive buffer stays; this frame is dropped
                     }
+                    Placed::RingTooSmall => {
+                        // No buffer the guest can post would make it fit: dropped, so
+                        // the frames behind it do not wait forever.
+                        sring.add_used(th, 0);
+                        tx_done += 1;
+                        dc.drop(DropReason::RxRingTooSmall);
+                        break;
+                    }
                 }
             }
             sring.add_used(th, 0);

@@ -120,6 +120,11 @@ impl PortPath {
                         dropped += 1;
                         break;
                     }
+                    mrg::Placed::RingTooSmall => {
+                        c.drop(DropReason::RxRingTooSmall);
+                        dropped += 1;
+                        break;
+                    }
                 }
             }
             frame[at..at + 8].copy_from_slice(&seq.to_le_bytes());
@@ -230,6 +235,11 @@ impl PortPath {
                         }
                         Ok(mrg::Placed::Wait) => break,
                         Ok(mrg::Placed::NoFit) => {}
+                        Ok(mrg::Placed::RingTooSmall) => {
+                            tcp.abort();
+                            c.drop(DropReason::RxRingTooSmall);
+                            break;
+                        }
                         Err(b) => {
                             failed = Some(b);
                             break;

@@ -69,9 +69,14 @@ pub(crate) enum Placed {
     Done(u16),
     /// Not enough receive chains now; more may come (nothing was written or completed).
     Wait,
-    /// It can never fit: the chains a full ring (or [`MAX_BUFFERS`]) can hold are too
-    /// small. Nothing was written or completed.
+    /// It can never fit the chain it starts in, and may not spread over several (no
+    /// mergeable buffers, or a first chain without room for the headers): the callers'
+    /// `rx_buffer_too_small`. Nothing was written or completed.
     NoFit,
+    /// It can never fit the ring: the chains a full ring holds (every descriptor posted),
+    /// or [`MAX_BUFFERS`] of them, are too small: `rx_ring_too_small`. Nothing was written
+    /// or completed.
+    RingTooSmall,
 }
 
 /// Bytes a walked receive chain can take (its recorded pieces). Always inlined: out of
@@ -111,16 +116,17 @@ pub(crate) fn scatter<'m, D: Ring>(
     let chain = more.chain(dmem);
     while cap < need {
         if end - first_i == MAX_BUFFERS {
-            return Ok(Placed::NoFit);
+            return Ok(Placed::RingTooSmall);
         }
         if end >= *nrx {
             *nrx = dr.poll_more()?;
             if end >= *nrx {
-                // The whole ring is posted (every chain one descriptor) and it is not
-                // enough: it never will be. A frame that does not start the burst gets
-                // a fresh look at the next one.
-                let full = first_i == 0 && *nrx >= dr.size();
-                return Ok(if full { Placed::NoFit } else { Placed::Wait });
+                // The chains posted fill every descriptor of the ring and it is not
+                // enough: it never will be (the driver can post nothing more until this
+                // frame is gone). A frame that does not start the burst gets a fresh look
+                // at the next one.
+                let full = first_i == 0 && (*nrx >= dr.size() || dr.avail_slots(*nrx) >= dr.size());
+                return Ok(if full { Placed::RingTooSmall } else { Placed::Wait });
             }
         }
         dr.walk_avail(dmem, end, Dir::DeviceWrites, chain)?;
@@ -147,6 +153,39 @@ pub(crate) fn scatter<'m, D: Ring>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A frame larger than every chain the receive ring can hold at once: with the
+    /// ring's descriptors not all posted it waits (the driver may post more); once the
+    /// posted chains fill every descriptor it is `RingTooSmall` (chains of two
+    /// descriptors: before, a ring that could never show `size` chains made it wait for
+    /// ever); a frame that fits those chains is delivered over them, `num_buffers` set.
+    #[test]
+    fn a_frame_the_full_ring_cannot_hold_is_ring_too_small() {
+        use crate::split_ring::tests::{fixture, Fixture};
+        use spec::layout::DESC_F_WRITE;
+        // 8 descriptors; chains of two 512-byte buffers: 4 chains, 4 KiB, fill the ring.
+        let mut f = fixture(8, 0, false);
+        let place = |f: &mut Fixture, len: usize| -> Placed {
+            let mem = f.mem.clone();
+            let mut nrx = f.ring.poll_avail().unwrap();
+            let (mut first, mut more) = (ChainBuf::default(), ChainBuf::default());
+            let c = first.chain(&mem);
+            let head = f.ring.walk_avail(&mem, 0, Dir::DeviceWrites, c).unwrap();
+            let frame: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let src = FrameSrc::Bytes(&frame);
+            scatter(&mut f.ring, &mem, &mut nrx, 0, c, head, &mut more, [0; NET_HDR_LEN], src, len).unwrap()
+        };
+        for _ in 0..3 {
+            f.drv.post(&[512, 512], false, DESC_F_WRITE);
+        }
+        f.drv.publish();
+        assert_eq!(place(&mut f, 5000), Placed::Wait, "6 of 8 descriptors posted");
+        f.drv.post(&[512, 512], false, DESC_F_WRITE);
+        f.drv.publish();
+        assert_eq!(place(&mut f, 5000), Placed::RingTooSmall);
+        assert_eq!(place(&mut f, 4096 - NET_HDR_LEN + 1), Placed::RingTooSmall);
+        assert_eq!(place(&mut f, 4096 - NET_HDR_LEN), Placed::Done(4));
+    }
 
     /// `Parts` copies any range of the two pieces as if they were one frame.
     #[test]

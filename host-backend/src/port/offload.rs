@@ -286,6 +286,7 @@ impl Staging {
                     }
                     Placed::Wait => return Ok(()),
                     Placed::NoFit => dc.drop(DropReason::RxBufferTooSmall),
+                    Placed::RingTooSmall => dc.drop(DropReason::RxRingTooSmall),
                 }
                 self.mode = Mode::Idle;
             }
@@ -314,6 +315,10 @@ impl Staging {
                         }
                         Placed::NoFit => {
                             dc.drops[DropReason::RxBufferTooSmall as usize] += (count - next) as u64;
+                            break;
+                        }
+                        Placed::RingTooSmall => {
+                            dc.drops[DropReason::RxRingTooSmall as usize] += (count - next) as u64;
                             break;
                         }
                     }

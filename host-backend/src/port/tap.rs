@@ -453,6 +453,7 @@ impl PortPath {
                         break;
                     }
                     mrg::Placed::NoFit => c.drop(DropReason::RxBufferTooSmall),
+                    mrg::Placed::RingTooSmall => c.drop(DropReason::RxRingTooSmall),
                 }
                 t.staged = None;
                 frames += 1;

@@ -24,7 +24,7 @@ const DATA: u64 = BASE + 0x10_0000;
 
 /// The driver's side of a test ring: writes through vm-memory's own accessors, so the
 /// device under test and the test do not share translation code.
-struct TestDriver {
+pub(crate) struct TestDriver {
     gm: GuestMemoryMmap,
     size: u16,
     avail_idx: u16,
@@ -53,7 +53,7 @@ impl TestDriver {
         a
     }
     /// Posts one chain; returns its head and the (addr, len) list the device must see.
-    fn post(&mut self, lens: &[u32], indirect: bool, flags: u16) -> (u16, Vec<(u64, u32)>) {
+    pub(crate) fn post(&mut self, lens: &[u32], indirect: bool, flags: u16) -> (u16, Vec<(u64, u32)>) {
         let bufs: Vec<(u64, u32)> = lens.iter().map(|&l| (self.buf(l), l)).collect();
         let head;
         if indirect {
@@ -94,7 +94,7 @@ impl TestDriver {
         self.avail_idx = self.avail_idx.wrapping_add(1);
         (head, bufs)
     }
-    fn publish(&self) {
+    pub(crate) fn publish(&self) {
         self.gm.write_obj(self.avail_idx.to_le(), GuestAddress(self.avail() + 2)).unwrap();
     }
     fn used_idx(&self) -> u16 {
@@ -106,14 +106,15 @@ impl TestDriver {
     }
 }
 
-struct Fixture {
-    drv: TestDriver,
-    ring: DeviceRing,
-    mem: Arc<GuestMemory>,
+/// A ring and the test driver that posts into it (also for `port::mrg`'s tests).
+pub(crate) struct Fixture {
+    pub(crate) drv: TestDriver,
+    pub(crate) ring: DeviceRing,
+    pub(crate) mem: Arc<GuestMemory>,
     call: EventFd,
 }
 
-fn fixture(size: u16, base: u16, event_idx: bool) -> Fixture {
+pub(crate) fn fixture(size: u16, base: u16, event_idx: bool) -> Fixture {
     let file = memfd(MEM);
     let gm = GuestMemoryMmap::<()>::from_ranges_with_files([(
         GuestAddress(BASE),
@@ -741,4 +742,28 @@ fn long_chains_are_abandoned_and_duplicate_heads_refused() {
     f.ring.consume(1);
     // Head 0's first entry is consumed: its second one (now entry 1) is fine.
     assert!(f.ring.walk_avail(&f.mem, 1, Dir::DeviceReads, &mut c).is_ok());
+}
+
+/// `avail_slots` counts the main-table descriptors of the available chains: a chain of
+/// three is three, an indirect one is one; it stops at the ring's size.
+#[test]
+fn avail_slots_counts_ring_descriptors() {
+    let mut f = fixture(16, 65534, false);
+    f.drv.post(&[64], false, DESC_F_WRITE);
+    f.drv.post(&[64, 64, 64], false, DESC_F_WRITE);
+    f.drv.post(&[64, 64, 64, 64], true, DESC_F_WRITE);
+    f.drv.publish();
+    assert_eq!(f.ring.poll_avail().unwrap(), 3);
+    assert_eq!((0..=3).map(|n| f.ring.avail_slots(n)).collect::<Vec<_>>(), vec![0, 1, 4, 5]);
+    for _ in 0..5 {
+        f.drv.post(&[64, 64], false, DESC_F_WRITE);
+    }
+    f.drv.publish();
+    assert_eq!(f.ring.poll_avail().unwrap(), 8);
+    assert_eq!(f.ring.avail_slots(7), 13);
+    assert_eq!(f.ring.avail_slots(8), 15);
+    f.drv.post(&[64], false, DESC_F_WRITE);
+    f.drv.publish();
+    assert_eq!(f.ring.poll_avail().unwrap(), 9);
+    assert_eq!(f.ring.avail_slots(9), 16, "every descriptor posted");
 }

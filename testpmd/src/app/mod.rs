@@ -46,6 +46,10 @@ struct PortState {
     xbase: Vec<(String, u64)>,
     /// Largest frame the port receives (one buffer's room; unbounded with MRG_RXBUF).
     rx_room: usize,
+    /// `port config max-pkt-len`: the receive limit in force (set at `port start`).
+    rx_max_pkt_len: Option<usize>,
+    /// `port config max-pkt-len` given while the port was stopped, for its next start.
+    pending_max_pkt_len: Option<usize>,
 }
 
 impl PortState {
@@ -271,6 +275,8 @@ impl App {
                 macs: Vec::new(),
                 xbase: Vec::new(),
                 rx_room: if mrg { usize::MAX } else { frame_room },
+                rx_max_pkt_len: None,
+                pending_max_pkt_len: None,
             });
         }
         let n = ports.len();

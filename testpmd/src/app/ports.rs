@@ -1,11 +1,12 @@
 //! The prompt's port-level commands: `port stop|start all|N`, `port config mtu N V`,
-//! `mac_addr add|remove N MAC`, `set nbcore N`, `set link-up|link-down port N` and
-//! `set verbose N`.
+//! `port config all|N max-pkt-len L` (applied at `port start`), `mac_addr add|remove N
+//! MAC`, `set nbcore N`, `set link-up|link-down port N` and `set verbose N`.
 //!
 //! Owns: each command's checks, its effect on the app's per-port state, and the line it
 //! prints (DPDK testpmd's wording where it has one). Must not: parse the prompt
 //! (interactive.rs does) or touch the data path beyond the flags the forwarding threads
-//! read once per burst (a port's `stopped`, the verbose level).
+//! read once per burst (a port's `stopped`, the verbose level) and, with forwarding
+//! stopped, the receive queues' frame limit (`RxQueue::set_mtu`, at `port start`).
 //!
 //! `port stop` differs from DPDK's in one way: DPDK refuses it while forwarding runs;
 //! here it pauses the port's streams (those receiving or transmitting on it) at once,
@@ -37,17 +38,43 @@ impl App {
         Ok(())
     }
 
-    /// `port start all|N`.
+    /// `port start all|N`. A `port config max-pkt-len` given while the port was stopped
+    /// takes effect here (forwarding stopped: it changes every receive queue of the port).
     pub fn port_start(&mut self, which: Option<usize>) -> Result<(), String> {
-        for i in self.port_range(which)? {
+        let list = self.port_range(which)?;
+        let pending = |i: &&usize| self.is_stopped(**i) && self.ports[**i].pending_max_pkt_len.is_some();
+        if let (Some(i), true) = (list.iter().find(pending), self.running.is_some()) {
+            return Err(format!(
+                "Please stop forwarding first (port {i}'s max-pkt-len applies at port start)"
+            ));
+        }
+        for i in list {
             if !self.is_stopped(i) {
                 self.say(&format!("Port {i} is now not stopped\n"));
                 continue;
+            }
+            if let Some(len) = self.ports[i].pending_max_pkt_len.take() {
+                self.apply_max_pkt_len(i, len)?;
             }
             self.ctx[i].stopped.store(false, Ordering::Relaxed);
             self.say(&format!("Port {i}: {}\n", mac_str(&self.ctx[i].mac)));
         }
         self.say("Done\n");
+        Ok(())
+    }
+
+    /// Port `i`'s receive queues hold frames to `len` bytes (MTU `len` - 18, see
+    /// `RxQueue::set_mtu`), and testpmd its transmitted frames to that MTU. On a
+    /// refusal the port stays stopped.
+    fn apply_max_pkt_len(&mut self, i: usize, len: usize) -> Result<(), String> {
+        let mtu = (len - 18) as u16;
+        let in_streams = self.streams.iter_mut().filter(|s| s.rx_port as usize == i).map(|s| &mut s.rxq);
+        for rx in in_streams.chain(self.halves[i].rx.iter_mut().flatten()) {
+            rx.set_mtu(mtu)
+                .map_err(|e| format!("Port {i}: max-pkt-len {len} refused, port stays stopped: {e}"))?;
+        }
+        self.ports[i].mtu = mtu;
+        self.ports[i].rx_max_pkt_len = Some(len);
         Ok(())
     }
 
@@ -107,26 +134,53 @@ impl App {
         Ok(())
     }
 
-    /// `port config all max-pkt-len N`: as DPDK, every port's MTU becomes N less the
-    /// Ethernet header and CRC (18 bytes), within what each device carries. Receiving
-    /// frames larger than one buffer needs mergeable buffers, negotiated when the port
-    /// opened: a port opened without them refuses a length beyond its buffer's room.
-    pub fn port_config_max_pkt_len(&mut self, len: usize) -> Result<(), String> {
+    /// `port config all|P max-pkt-len N`: as DPDK, the ports must be stopped (`port stop`)
+    /// and the length takes effect at the next `port start`: each port's MTU becomes N
+    /// less the Ethernet header and CRC (18 bytes), received frames longer than N bytes
+    /// are dropped and counted (`rx_too_long`, in RX-errors) and transmitted ones are held
+    /// to the MTU. N may not exceed what the device carries (its MTU + 18), nor, on a
+    /// port opened without mergeable receive buffers, one buffer's room.
+    pub fn port_config_max_pkt_len(&mut self, which: Option<usize>, len: usize) -> Result<(), String> {
         if !(64..=crate::config::MAX_FRAME).contains(&len) {
             return Err(format!("max-pkt-len {len} out of range 64..={}", crate::config::MAX_FRAME));
         }
-        let ports = self.port_range(None)?;
+        let ports = self.port_range(which)?;
+        if let Some(i) = ports.iter().find(|&&i| !self.is_stopped(i)) {
+            return Err(format!(
+                "Please stop port {i} first (port stop {}): max-pkt-len changes at port start",
+                which.map_or("all".to_string(), |p| p.to_string())
+            ));
+        }
+        let mtu = len as i64 - 18;
         for &i in &ports {
+            let max = self.ports[i].dev()?.info().max_mtu;
+            if !(68..=max as i64).contains(&mtu) {
+                return Err(format!(
+                    "max-pkt-len {len} refused: port {i}'s MTU would be {mtu}, outside 68..={max} \
+                     (what its device carries: max-pkt-len {}..={})",
+                    68 + 18,
+                    max as usize + 18
+                ));
+            }
             let room = self.ports[i].rx_room;
             if len > room {
                 return Err(format!(
-                    "port {i} receives frames of at most {room} bytes (opened without mergeable \
-                     receive buffers): start testpmd with --max-pkt-len {len}"
+                    "max-pkt-len {len} refused: port {i} receives frames of at most {room} bytes (opened \
+                     without mergeable receive buffers): start testpmd with --max-pkt-len {len}"
+                ));
+            }
+            let frame = self.cfg.tx_segs.iter().sum::<usize>();
+            if matches!(self.cfg.mode, crate::config::FwdMode::TxOnly | crate::config::FwdMode::FlowGen)
+                && frame as i64 > mtu + 14
+            {
+                return Err(format!(
+                    "max-pkt-len {len} refused: port {i} sends {frame}-byte frames (set txpkts first)"
                 ));
             }
         }
         for i in ports {
-            self.port_config_mtu(i, (len - 18) as u16)?;
+            self.ports[i].pending_max_pkt_len = Some(len);
+            self.say(&format!("Port {i}: max-pkt-len {len} (MTU {mtu}) from the next port start\n"));
         }
         Ok(())
     }

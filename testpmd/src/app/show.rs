@@ -20,6 +20,7 @@ pub(super) fn sum(v: &[QueueStatsSnapshot]) -> QueueStatsSnapshot {
         t.rx_packets += s.rx_packets;
         t.rx_bytes += s.rx_bytes;
         t.rx_errors += s.rx_errors;
+        t.rx_too_long += s.rx_too_long;
         t.rx_nombuf += s.rx_nombuf;
         t.tx_packets += s.tx_packets;
         t.tx_bytes += s.tx_bytes;
@@ -43,6 +44,7 @@ fn sub(a: QueueStatsSnapshot, b: QueueStatsSnapshot) -> QueueStatsSnapshot {
         rx_packets: a.rx_packets - b.rx_packets,
         rx_bytes: a.rx_bytes - b.rx_bytes,
         rx_errors: a.rx_errors - b.rx_errors,
+        rx_too_long: a.rx_too_long - b.rx_too_long,
         rx_nombuf: a.rx_nombuf - b.rx_nombuf,
         tx_packets: a.tx_packets - b.tx_packets,
         tx_bytes: a.tx_bytes - b.tx_bytes,
@@ -308,6 +310,12 @@ impl App {
             }
             s += &format!("Link changes: {}, reconnections: {}\n", link.changes, link.reconnects);
             s += &format!("MTU: {}\n", self.ports[i].mtu);
+            if let Some(len) = self.ports[i].rx_max_pkt_len {
+                s += &format!("Max RX frame: {len} (port config max-pkt-len)\n");
+            }
+            if let Some(len) = self.ports[i].pending_max_pkt_len {
+                s += &format!("max-pkt-len at the next port start: {len}\n");
+            }
             s += &format!("Negotiated features: {:#x}\n", info.features);
             let ctl = self.ports[i].dev()?.control();
             s += &format!("Current number of RX queues: {}\n", ctl.queue_pairs());

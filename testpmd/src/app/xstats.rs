@@ -35,6 +35,7 @@ pub fn xstats(
             ("packets", s.rx_packets),
             ("bytes", s.rx_bytes),
             ("errors", s.rx_errors),
+            ("too_long_errors", s.rx_too_long),
             ("nombuf", s.rx_nombuf),
             ("xdp_pass", s.xdp_pass),
             ("xdp_drop", s.xdp_drop),

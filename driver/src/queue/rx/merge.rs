@@ -9,6 +9,7 @@
 //! used, every later buffer non-empty, the frame no longer than [`MAX_MERGED_FRAME`].
 //! A violation is a [`DeviceError`] that stops the queue, as a bad used id does; the
 //! buffers of the frame taken so far go back to the pool (the device returned them).
+//! A frame longer than the queue's limit (`limit.rs`) is no fault: dropped whole, counted.
 //! Must not: run when MRG_RXBUF was not negotiated (the header's `num_buffers` means
 //! nothing then), or read a buffer the ring has not returned.
 //!
@@ -49,6 +50,7 @@ impl<R: Ring> RxHalf<R> {
         let target = self.ring.rx_take(polled) as usize;
         let mut left = polled as usize;
         let (mut got, mut frames, mut bytes, mut errors) = (0usize, 0u64, 0u64, 0u64);
+        let mut too_long = 0u64;
         let mut v = Verdicts::default();
         let mut failed = None;
         let mut rec = Recycle { pool: &self.pool, idx: [0; BATCH], n: 0 };
@@ -132,6 +134,12 @@ impl<R: Ring> RxHalf<R> {
             } else {
                 RxMeta::default()
             };
+            if total > self.rx_limit && !self.exempt(&h) {
+                // Longer than `set_mtu` allows: the whole frame is dropped and counted.
+                too_long += 1;
+                rec.packet(p);
+                continue;
+            }
             frames += 1;
             bytes += total as u64;
             let p = match self.xdp.as_mut() {
@@ -157,6 +165,7 @@ impl<R: Ring> RxHalf<R> {
         bump(&rx.packets, frames);
         bump(&rx.bytes, bytes);
         bump(&rx.errors, errors);
+        bump(&rx.too_long, too_long);
         v.count(rx);
         match failed {
             Some(e) => {
