@@ -117,6 +117,7 @@ impl Recycle<'_> {
             drop(p);
         }
     }
+    #[inline]
     fn flush(&mut self) {
         // SAFETY: every queued index came through `put`, under its contract.
         unsafe { self.pool.put_indices(&self.idx[..self.n]) };

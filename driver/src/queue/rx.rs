@@ -30,6 +30,7 @@ use super::{Recycle, Stopped, BATCH};
 
 mod limit;
 mod merge;
+use limit::FrameLimit;
 pub use merge::MAX_MERGED_FRAME;
 
 /// The receive half of a queue pair. The ring's layout (split or packed) is matched
@@ -106,20 +107,19 @@ impl PostSource for RefillSource<'_> {
     }
 }
 
-/// Where one plain receive burst puts its frames (see `rx_plain`).
-struct RxSink<'a, 'b> {
+/// Where one plain receive burst puts its frames (see `rx_plain`). `L`: the queue's
+/// frame-length limit (`rx/limit.rs`), [`NoLimit`] (a zero-sized type: the loop is the
+/// one without a limit, field for field) or [`Limit`].
+struct RxSink<'a, 'b, L: FrameLimit> {
     batch: &'b mut Vec<Packet>,
     rec: Recycle<'a>,
     headroom: u16,
     bytes: u64,
     errors: u64,
-    /// The queue's frame-length limit (`limit.rs`) and the frames dropped for it.
-    limit: u32,
-    gso: bool,
-    too_long: u64,
+    limit: L,
 }
 
-impl UsedSink for RxSink<'_, '_> {
+impl<L: FrameLimit> UsedSink for RxSink<'_, '_, L> {
     #[inline(always)]
     fn used(&mut self, idx: u32, len: u32) {
         // The ring hands back the token each buffer was posted with: a buffer of this
@@ -132,7 +132,9 @@ impl UsedSink for RxSink<'_, '_> {
             return;
         }
         let data_len = len - NET_HDR_LEN as u32;
-        if data_len > self.limit && self.drop_too_long(idx) {
+        if self.limit.drops(self.rec.pool, idx, self.headroom, data_len) {
+            // SAFETY: a buffer of ours (above), given back once.
+            unsafe { self.rec.put(idx) };
             return;
         }
         self.bytes += data_len as u64;
@@ -357,7 +359,7 @@ impl<R: Ring> RxHalf<R> {
         self.reset.done();
     }
 
-    fn rx_ring(&mut self, batch: &mut Vec<Packet>, mut meta: Option<&mut Vec<RxMeta>>, max: usize) -> usize {
+    fn rx_ring(&mut self, batch: &mut Vec<Packet>, meta: Option<&mut Vec<RxMeta>>, max: usize) -> usize {
         if self.error.is_some() {
             return 0;
         }
@@ -376,6 +378,13 @@ impl<R: Ring> RxHalf<R> {
         if meta.is_none() && self.xdp.is_none() {
             return self.rx_plain(batch, n);
         }
+        self.rx_headers(batch, meta, n)
+    }
+
+    /// `rx_ring` with an XDP program or metadata: each of `n` used buffers' headers read
+    /// and checked. Out of line, so that `rx_ring`'s plain loop is compiled on its own.
+    #[inline(never)]
+    fn rx_headers(&mut self, batch: &mut Vec<Packet>, mut meta: Option<&mut Vec<RxMeta>>, n: usize) -> usize {
         let (mut got, mut frames, mut bytes, mut errors) = (0usize, 0u64, 0u64, 0u64);
         let mut too_long = 0u64;
         let mut v = Verdicts::default();
@@ -466,6 +475,29 @@ impl<R: Ring> RxHalf<R> {
     /// allowed them) straight into `batch`, in one ring loop.
     #[inline(always)]
     fn rx_plain(&mut self, batch: &mut Vec<Packet>, n: usize) -> usize {
+        if self.rx_limit == u32::MAX {
+            self.rx_plain_unlimited(batch, n)
+        } else {
+            self.rx_plain_limited(batch, n)
+        }
+    }
+
+    /// `rx_plain` on a queue without a frame-length limit, a function of its own: its
+    /// loop's registers do not depend on what else `rx_ring` holds.
+    #[inline(never)]
+    fn rx_plain_unlimited(&mut self, batch: &mut Vec<Packet>, n: usize) -> usize {
+        self.rx_plain_as(batch, n, limit::NoLimit)
+    }
+
+    /// `rx_plain` on a queue with a frame-length limit, out of line.
+    #[inline(never)]
+    fn rx_plain_limited(&mut self, batch: &mut Vec<Packet>, n: usize) -> usize {
+        let l = limit::Limit { limit: self.rx_limit, gso: self.hdr_rules.gso(), too_long: 0 };
+        self.rx_plain_as(batch, n, l)
+    }
+
+    #[inline(always)]
+    fn rx_plain_as<L: FrameLimit>(&mut self, batch: &mut Vec<Packet>, n: usize, limit: L) -> usize {
         let before = batch.len();
         let mut sink = RxSink {
             batch,
@@ -473,13 +505,11 @@ impl<R: Ring> RxHalf<R> {
             headroom: self.headroom,
             bytes: 0,
             errors: 0,
-            limit: self.rx_limit,
-            gso: self.hdr_rules.gso(),
-            too_long: 0,
+            limit,
         };
         let res = self.ring.pop_used_burst(n as u16, &mut sink);
         sink.rec.flush();
-        let (bytes, errors, too_long) = (sink.bytes, sink.errors, sink.too_long);
+        let (bytes, errors, too_long) = (sink.bytes, sink.errors, sink.limit.too_long());
         let got = batch.len() - before;
         let rx = &self.stats.rx;
         bump(&rx.packets, got as u64);
