@@ -34,3 +34,20 @@ wait_for() {
 rtt() {
     "$RTT" "$GUEST_CPU" "$HOST_CPU" 0.3 2>/dev/null | sed -n 's/^rtt_ns=\([0-9]*\).*/\1/p' | grep . || echo -
 }
+
+# summary FILES...: over files of 1-s samples (pps, one per line, one file per run) ->
+# "median p10 p50 p90" in Mpps: the median of the run means, and the percentiles of all
+# the samples together.
+summary() { # files... -> "median p10 p50 p90" (Mpps)
+    local means
+    means=$(for f in "$@"; do awk '{s+=$1; n++} END {if (n) printf "%d\n", s/n}' "$f"; done | sort -n)
+    cat "$@" | sort -n | awk -v means="$means" '
+        {a[NR]=$1}
+        END {
+            nm = split(means, m, "\n");
+            med = (nm % 2) ? m[(nm+1)/2] : (m[nm/2] + m[nm/2+1]) / 2;
+            r10 = int(0.1*NR+0.999); r50 = int(0.5*NR+0.999); r90 = int(0.9*NR+0.999);
+            if (r10 < 1) r10 = 1;
+            printf "%.3f %.3f %.3f %.3f\n", med/1e6, a[r10]/1e6, a[r50]/1e6, a[r90]/1e6
+        }'
+}

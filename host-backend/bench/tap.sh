@@ -131,20 +131,6 @@ run_one() {
     [ -s "$WORK/$tag.samples" ]
 }
 
-summary() { # files... -> "median p10 p50 p90" (Mpps)
-    local means
-    means=$(for f in "$@"; do awk '{s+=$1; n++} END {if (n) printf "%d\n", s/n}' "$f"; done | sort -n)
-    cat "$@" | sort -n | awk -v means="$means" '
-        {a[NR]=$1}
-        END {
-            nm = split(means, m, "\n");
-            med = (nm % 2) ? m[(nm+1)/2] : (m[nm/2] + m[nm/2+1]) / 2;
-            r10 = int(0.1*NR+0.999); r50 = int(0.5*NR+0.999); r90 = int(0.9*NR+0.999);
-            if (r10 < 1) r10 = 1;
-            printf "%.3f %.3f %.3f %.3f\n", med/1e6, a[r10]/1e6, a[r50]/1e6, a[r90]/1e6
-        }'
-}
-
 echo "# $(date -u +%FT%TZ) tap rows, $(git rev-parse --short HEAD 2>/dev/null) | $(dpdk-testpmd -v 2>&1 | grep -o 'DPDK [0-9.]*' | head -1) | kernel $(uname -r)"
 printf "%-8s %5s  %-34s %-34s %s\n" row size "ours: median (p10/p50/p90)" "DPDK net_tap/af_packet: med (p10/p50/p90)" "ratio p90/median"
 runs=""
