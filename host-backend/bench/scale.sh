@@ -26,6 +26,8 @@ PMD=${PMD:-target/release/testpmd}
 PMD_ARGS=${PMD_ARGS---hugepages}
 RTT=${RTT:-target/release/examples/core_rtt}
 OUT=${OUT:-}
+# A new CSV file starts with its header (plot.py reads columns by name).
+if [ -n "$OUT" ] && [ ! -s "$OUT" ]; then echo "devs,backend,run,aggregate_pps,min_pps,mean_pps,rtt_ns" >"$OUT"; fi
 
 [ "$(id -u)" = 0 ] || { echo "scale.sh: must run as root (hugepages)" >&2; exit 1; }
 command -v dpdk-testpmd >/dev/null || { echo "scale.sh: dpdk-testpmd missing" >&2; exit 1; }
