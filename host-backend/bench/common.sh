@@ -51,3 +51,31 @@ summary() { # files... -> "median p10 p50 p90" (Mpps)
             printf "%.3f %.3f %.3f %.3f\n", med/1e6, a[r10]/1e6, a[r50]/1e6, a[r90]/1e6
         }'
 }
+
+# record_run WHO ROW SIZE R: runs the script's own `run_one WHO ROW SIZE TAG` (TAG =
+# ROW.SIZE.WHO.R, leaving $WORK/TAG.samples) and appends the run's mean, its samples and
+# the round trip before it (or FAILED, with the tails of its logs on stderr) to RUNS_LOG.
+record_run() {
+    local who=$1 row=$2 size=$3 r=$4 tag=$2.$3.$1.$4 before mean
+    before=$(rtt)
+    if run_one "$who" "$row" "$size" "$tag"; then
+        mean=$(awk '{s+=$1; n++} END {printf "%.3f", s/n/1e6}' "$WORK/$tag.samples")
+        RUNS_LOG="$RUNS_LOG$row $size $who run $r: $mean Mpps ($(tr '\n' ' ' <"$WORK/$tag.samples")), rtt before ${before} ns"$'\n'
+    else
+        RUNS_LOG="$RUNS_LOG$row $size $who run $r: FAILED"$'\n'
+        tail -n 5 "$WORK/$tag".*.log >&2
+        rm -f "$WORK/$tag.samples"
+    fi
+}
+
+# report_row ROW SIZE THEM: the row's line from the recorded runs, ours against THEM:
+# "median (p10/p50/p90)" of each (`summary`) and the ratios ours/THEM at p90 and median.
+report_row() {
+    local row=$1 size=$2 them=$3 o t om o10 o50 o90 tm t10 t50 t90
+    o=$(ls "$WORK/$row.$size.ours".*.samples 2>/dev/null); t=$(ls "$WORK/$row.$size.$them".*.samples 2>/dev/null)
+    if [ -z "$o" ] || [ -z "$t" ]; then echo "$row $size: no successful run of one contender"; return; fi
+    read -r om o10 o50 o90 <<<"$(summary $o)"; read -r tm t10 t50 t90 <<<"$(summary $t)"
+    printf "%-8s %5s  %-34s %-34s %s / %s\n" "$row" "$size" "$om ($o10/$o50/$o90)" "$tm ($t10/$t50/$t90)" \
+        "$(awk -v a="$o90" -v b="$t90" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}')" \
+        "$(awk -v a="$om" -v b="$tm" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}')"
+}

@@ -133,30 +133,14 @@ run_one() {
 
 echo "# $(date -u +%FT%TZ) tap rows, $(git rev-parse --short HEAD 2>/dev/null) | $(dpdk-testpmd -v 2>&1 | grep -o 'DPDK [0-9.]*' | head -1) | kernel $(uname -r)"
 printf "%-8s %5s  %-34s %-34s %s\n" row size "ours: median (p10/p50/p90)" "DPDK net_tap/af_packet: med (p10/p50/p90)" "ratio p90/median"
-runs=""
+RUNS_LOG=""
 for row in $ROWS; do
     for size in $SIZES; do
         for r in $(seq "$RUNS"); do
-            for who in ours dpdk; do
-                tag=$row.$size.$who.$r
-                before=$(rtt)
-                if run_one "$who" "$row" "$size" "$tag"; then
-                    mean=$(awk '{s+=$1; n++} END {printf "%.3f", s/n/1e6}' "$WORK/$tag.samples")
-                    runs="$runs$row $size $who run $r: $mean Mpps, rtt before ${before} ns"$'\n'
-                else
-                    runs="$runs$row $size $who run $r: FAILED"$'\n'
-                    tail -n 5 "$WORK/$tag".*.log >&2
-                    rm -f "$WORK/$tag.samples"
-                fi
-            done
+            for who in ours dpdk; do record_run "$who" "$row" "$size" "$r"; done
         done
-        o=$(ls "$WORK/$row.$size.ours".*.samples 2>/dev/null); d=$(ls "$WORK/$row.$size.dpdk".*.samples 2>/dev/null)
-        if [ -z "$o" ] || [ -z "$d" ]; then echo "$row $size: no successful run of one contender"; continue; fi
-        read -r om o10 o50 o90 <<<"$(summary $o)"; read -r dm d10 d50 d90 <<<"$(summary $d)"
-        printf "%-8s %5s  %-34s %-34s %s / %s\n" "$row" "$size" "$om ($o10/$o50/$o90)" "$dm ($d10/$d50/$d90)" \
-            "$(awk -v a="$o90" -v b="$d90" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}')" \
-            "$(awk -v a="$om" -v b="$dm" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}')"
+        report_row "$row" "$size" dpdk
     done
 done
 echo "# runs:"
-printf "%s" "$runs"
+printf "%s" "$RUNS_LOG"

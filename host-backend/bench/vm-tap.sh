@@ -110,30 +110,14 @@ run_one() {
 
 echo "# $(date -u +%FT%TZ) vm-tap rows, $(git rev-parse --short HEAD 2>/dev/null) | $(qemu-system-x86_64 --version | head -1) | kernel $(uname -r)"
 printf "%-8s %5s  %-34s %-34s %s\n" row size "ours: median (p10/p50/p90)" "QEMU tap: median (p10/p50/p90)" "ratio p90/median"
-runs=""
+RUNS_LOG=""
 for row in $ROWS; do
-  for size in $SIZES; do
-    for r in $(seq "$RUNS"); do
-        for who in ours qemu; do
-            tag=$row.$size.$who.$r
-            before=$(rtt)
-            if run_one "$who" "$row" "$size" "$tag"; then
-                mean=$(awk '{s+=$1; n++} END {printf "%.3f", s/n/1e6}' "$WORK/$tag.samples")
-                runs="${runs}$row $size $who run $r: $mean Mpps ($(tr '\n' ' ' <"$WORK/$tag.samples")), rtt before ${before} ns"$'\n'
-            else
-                runs="${runs}$row $size $who run $r: FAILED"$'\n'
-                tail -n 5 "$WORK/$tag".*.log >&2
-                rm -f "$WORK/$tag.samples"
-            fi
+    for size in $SIZES; do
+        for r in $(seq "$RUNS"); do
+            for who in ours qemu; do record_run "$who" "$row" "$size" "$r"; done
         done
+        report_row "$row" "$size" qemu
     done
-    o=$(ls "$WORK/$row.$size.ours".*.samples 2>/dev/null); q=$(ls "$WORK/$row.$size.qemu".*.samples 2>/dev/null)
-    if [ -z "$o" ] || [ -z "$q" ]; then echo "$row $size: no successful run of one contender"; continue; fi
-    read -r om o10 o50 o90 <<<"$(summary $o)"; read -r qm q10 q50 q90 <<<"$(summary $q)"
-    printf "%-8s %5s  %-34s %-34s %s / %s\n" "$row" "$size" "$om ($o10/$o50/$o90)" "$qm ($q10/$q50/$q90)" \
-        "$(awk -v a="$o90" -v b="$q90" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}')" \
-        "$(awk -v a="$om" -v b="$qm" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}')"
-  done
 done
 echo "# runs:"
-printf "%s" "$runs"
+printf "%s" "$RUNS_LOG"
