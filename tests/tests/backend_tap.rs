@@ -313,6 +313,21 @@ fn cross_namespaces(queues: u16, devargs: &str, testpmd_args: &[&str], backend_a
     }
 }
 
+/// One `tap` port (backend on one pinned worker, default `--poll-us`) whose tap is in
+/// a new namespace as 10.77.0.1/24, still down: (namespace, tap, its directory, the
+/// socket, backend). Bound in this order, the backend is dropped first (the taps go with
+/// it before the namespace does).
+fn one_tap(tag: &str) -> (Netns, String, TempDir, std::path::PathBuf, Backend) {
+    let tap = format!("vnt{tag}{}", std::process::id());
+    let ns = Netns::new(tag);
+    let dir = TempDir::new("tap");
+    let sock = dir.join(&format!("{tag}.sock"));
+    let spec = format!("tap:{},{tap}", sock.display());
+    let backend = Backend::start(&["--port", &spec, "--cores", "1"]);
+    ns.take(&tap, "10.77.0.1/24");
+    (ns, tap, dir, sock, backend)
+}
+
 /// USO through a tap: see the module comment.
 #[test]
 fn udp_super_frames_are_segmented_by_the_kernel() {
@@ -323,13 +338,7 @@ fn udp_super_frames_are_segmented_by_the_kernel() {
     const PAYLOAD: usize = 8000;
     const MSS: usize = 1000;
     let _lock = serial();
-    let tap = format!("vntu{}", std::process::id());
-    let ns = Netns::new("u");
-    let dir = TempDir::new("tap");
-    let sock = dir.join("u.sock");
-    let spec = format!("tap:{},{tap}", sock.display());
-    let backend = Backend::start(&["--port", &spec, "--cores", "1"]);
-    ns.take(&tap, "10.77.0.1/24");
+    let (ns, tap, _dir, sock, backend) = one_tap("u");
     let want = f::bit(f::NET_CSUM) | f::bit(f::NET_HOST_USO);
     let mut cfg = PortConfig::virtio_user(&sock);
     cfg.features |= want;
@@ -427,14 +436,8 @@ fn frames_waiting_for_buffers_arrive_when_the_guest_refills() {
     use driver::{Packet, Port, PortConfig};
     const SENT: usize = 600;
     let _lock = serial();
-    let tap = format!("vntw{}", std::process::id());
-    let ns = Netns::new("w");
-    let dir = TempDir::new("tap");
-    let sock = dir.join("w.sock");
-    let spec = format!("tap:{},{tap}", sock.display());
     // The default --poll-us: an idle worker sleeps.
-    let backend = Backend::start(&["--port", &spec, "--cores", "1"]);
-    ns.take(&tap, "10.77.0.1/24");
+    let (ns, tap, _dir, sock, backend) = one_tap("w");
     let cfg = PortConfig::virtio_user(&sock);
     let mut port = within("Port::open", WAIT, move || Port::open(cfg)).expect("Port::open");
     let ring = port.info().ring_size as usize;
