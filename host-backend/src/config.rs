@@ -61,7 +61,7 @@ pub struct Config {
     /// offloads forwarded super-frames need (`GUEST_CSUM`, `GUEST_TSO4/6`) on `reflect`
     /// and `xconnect` (`--no-offloads`).
     pub no_offloads: bool,
-    /// `tap`: one `write` system call per transmitted frame instead of one io_uring
+    /// `tap`: one `write` or `read` system call per frame instead of one io_uring
     /// submission per burst (`--tap-syscalls`; used anyway where io_uring is refused).
     pub tap_syscalls: bool,
     /// MTU reported in config space.

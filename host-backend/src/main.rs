@@ -77,8 +77,8 @@ struct Args {
     /// rxonly copies each into an mbuf; without it the sink completes frames unread.
     #[arg(long)]
     sink_read: bool,
-    /// tap ports: write each transmitted frame with a system call of its own instead of
-    /// one io_uring submission per burst (the default, where the kernel allows io_uring).
+    /// tap ports: one write or read system call per frame instead of one io_uring
+    /// submission per burst (the default, where the kernel allows io_uring).
     #[arg(long)]
     tap_syscalls: bool,
     /// Offer VIRTIO_F_ACCESS_PLATFORM and serve the vhost-user IOTLB protocol, for

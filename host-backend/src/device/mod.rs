@@ -133,7 +133,7 @@ pub struct DeviceParams {
     pub prefetch_tx: bool,
     /// `tap`: the interface the device is joined to (for the statistics).
     pub tap: Option<String>,
-    /// `tap`: one system call per transmitted frame (`--tap-syscalls`).
+    /// `tap`: one system call per frame each way (`--tap-syscalls`).
     pub tap_syscalls: bool,
 }
 

@@ -6,19 +6,21 @@
 //! (`crate::tap::batch`: one `io_uring_enter`, or one `write` each without io_uring),
 //! each frame the guest's virtio-net header, checked against what the guest negotiated
 //! and copied out of guest memory first, then the frame (a small one copied beside the
-//! header, a larger one as iovecs straight into guest memory); kernel → guest,
-//! each frame is one `readv` straight into the guest's receive buffers (over as many
-//! receive chains as a largest frame needs with mergeable buffers) when they can take any
-//! frame the kernel may send, else into the path's staging buffer and from there into
-//! the receive chains with `mrg` (`offload::deliver`), the rest waiting in the staging
-//! buffer for more buffers. Both directions are bounded per burst ([`BURST`] frames).
+//! header, a larger one as iovecs straight into guest memory); kernel → guest, while
+//! each receive chain can take any frame the kernel may send, a batch of reads, one
+//! straight into each chain (`tap_rx_batch`); otherwise one `readv` per frame over as many
+//! receive chains as a largest frame needs (mergeable buffers), or into the path's
+//! staging buffer and from there into the receive chains with `mrg` (`offload::deliver`),
+//! the rest waiting in the staging buffer for more buffers. Both directions are bounded
+//! per burst ([`BURST`] frames).
 //! The kernel's offloads towards the guest follow the guest's negotiated `GUEST_*`
 //! offloads (`TUNSETOFFLOAD`, set when the rings are taken).
 //! Must not: bring the interface up or down or change anything else about it
 //! (`crate::tap`), or change device state other than through `QueueSlot::fail`.
 //!
-//! System calls: one per transmit burst (io_uring), one per received frame (the tap
-//! character device reads one frame per call), none per frame otherwise. A transmit
+//! System calls: one per transmit burst and one per receive batch (io_uring: the tap
+//! character device moves one frame per `read`/`write`), one per received frame that
+//! needs several chains or staging, none per frame otherwise. A transmit
 //! frame the kernel would block on (`EAGAIN`, `ENOBUFS`) stays in the ring
 //! (backpressure) unless a later frame of its batch went through, which overtook it: then
 //! it is dropped as `kernel_refused`, as is a frame of any other write error. A frame with a
@@ -37,9 +39,9 @@ use super::{PathKind, PortPath, Side, BURST, ETH_HLEN, FILTER_BYTES};
 use crate::ctrl::RxConfig;
 use crate::memory::GuestMemory;
 use crate::ring::Ring;
-use crate::split_ring::{gather, scatter, Chain, Dir, RingFault};
+use crate::split_ring::{copy_chain, gather, scatter, Chain, Dir, RingFault};
 use crate::stats::{BurstCounts, DropReason, OffloadCounts, OffloadEvent};
-use crate::tap::batch::{self, TxBatch};
+use crate::tap::batch::{self, Batch};
 use crate::tap::{Offloads, TapQueue};
 
 /// How often frames are drained from a tap whose receive queue does not run (not every
@@ -66,8 +68,11 @@ impl Iov {
 /// One tap queue and the path's state for it.
 pub(crate) struct TapState {
     tap: TapQueue,
-    /// The transmit burst's writes.
-    tx: TxBatch,
+    /// The transmit burst's writes, then the receive burst's reads.
+    io: Batch,
+    /// Reads the next receive batch queues: twice what the last one found, so an idle
+    /// tap costs one read per poll and a busy one a whole burst per system call.
+    rx_want: u16,
     iov: Iov,
     /// A frame read from the kernel that did not go straight into receive buffers:
     /// header and frame, `staged` bytes of it waiting for receive buffers.
@@ -90,14 +95,15 @@ pub(crate) struct TapState {
 impl TapState {
     /// `batched`: write a burst in one system call (io_uring) if the kernel allows.
     pub fn new(tap: TapQueue, max_frame: u64, batched: bool) -> TapState {
-        let tx = TxBatch::new(tap.raw_fd(), BURST as usize, IOV_MAX, batched);
-        match tx.per_frame_reason() {
-            None => log::debug!("tap {}: transmit bursts in one io_uring_enter each", tap.name()),
-            Some(why) => log::info!("tap {}: one write per transmitted frame ({why})", tap.name()),
+        let io = Batch::new(tap.raw_fd(), BURST as usize, IOV_MAX, batched);
+        match io.per_frame_reason() {
+            None => log::debug!("tap {}: bursts in one io_uring_enter each", tap.name()),
+            Some(why) => log::info!("tap {}: one system call per frame ({why})", tap.name()),
         }
         TapState {
             tap,
-            tx,
+            io,
+            rx_want: 1,
             iov: Iov::new(),
             // One byte more than any frame: a read that fills it was cut short.
             staging: vec![0u8; NET_HDR_LEN + MAX_SUPER_FRAME + 1].into_boxed_slice(),
@@ -183,6 +189,18 @@ fn push_iov(iov: &mut [libc::iovec], mut n: usize, chain: &Chain<'_>, mut off: u
         n += 1;
     }
     Some(n)
+}
+
+/// What a receive batch did.
+#[derive(Clone, Copy)]
+enum RxBatch {
+    /// The next receive chain cannot take every frame the kernel may send: nothing read.
+    Unsuited,
+    /// No receive chain is available: nothing read.
+    NoBuffer,
+    /// `frames` frames read (delivered or dropped); `empty`: a read found nothing, so the
+    /// kernel had no more.
+    Read { frames: u16, empty: bool },
 }
 
 /// What a walked transmit chain became in a burst.
@@ -307,28 +325,28 @@ impl PortPath {
                 Err(why) => Tx::Drop(why),
                 Ok(len) if NET_HDR_LEN + len <= batch::SLOT => {
                     // Small: header and frame copied into a slot, one buffer.
-                    let Some(slot) = t.tx.slot() else { break };
+                    let Some(slot) = t.io.slot() else { break };
                     slot[..NET_HDR_LEN].copy_from_slice(&hdr);
                     gather(chain, NET_HDR_LEN, &mut slot[NET_HDR_LEN..NET_HDR_LEN + len]);
-                    t.tx.queue_copy(NET_HDR_LEN + len);
+                    t.io.queue_copy(NET_HDR_LEN + len);
                     Tx::Write { len: len as u32, ev: offload_event(&hdr) }
                 }
-                Ok(len) => match push_iov(t.tx.iov_room(), 0, chain, NET_HDR_LEN) {
+                Ok(len) => match push_iov(t.io.iov_room(), 0, chain, NET_HDR_LEN) {
                     Some(cnt) => {
                         // SAFETY: the entries lie inside the chain's buffers, inside the
                         // guest memory `mem` keeps mapped for this burst, which outlasts
                         // the `submit` below; the kernel only reads them.
-                        unsafe { t.tx.queue_iov(hdr, cnt) };
+                        unsafe { t.io.queue_iov(hdr, cnt) };
                         Tx::Write { len: len as u32, ev: offload_event(&hdr) }
                     }
-                    None if t.tx.len() == 0 => Tx::Drop(DropReason::TooManySegments),
+                    None if t.io.len() == 0 => Tx::Drop(DropReason::TooManySegments),
                     None => break, // no iovec room left: the chain waits for the next burst
                 },
             };
             walked[w] = Some((head, tx));
             w += 1;
         }
-        let res = t.tx.submit();
+        let res = t.io.submit();
         let last_ok = res.iter().rposition(|&r| r >= 0);
         let mut k = 0;
         let mut done = 0u16;
@@ -368,7 +386,8 @@ impl PortPath {
         }
     }
 
-    /// Kernel → guest: up to [`BURST`] frames, one `readv` each.
+    /// Kernel → guest: up to [`BURST`] frames, in batches of reads where the receive
+    /// chains allow (see the module comment).
     fn tap_rx<D: Ring>(&mut self) -> Result<usize, (Side, RingFault)> {
         let PathKind::Tap(t) = &mut self.kind else { return Ok(0) };
         let Some(dst) = self.dst.as_mut() else { return Ok(0) };
@@ -458,6 +477,41 @@ impl PortPath {
                 t.staged = None;
                 frames += 1;
                 continue;
+            }
+            // Frames that fit one receive chain each: a batch of reads.
+            let (got, fault) = Self::tap_rx_batch(
+                t,
+                dr,
+                dmem,
+                filter,
+                (&mut *first, &mut *more_buf),
+                (&mut nrx, &mut rx_done),
+                BURST - frames,
+                c,
+            );
+            if let Some(b) = fault {
+                if let RxBatch::Read { frames: f, .. } = got {
+                    frames += f;
+                }
+                res = Err(b);
+                break;
+            }
+            match got {
+                RxBatch::Read { frames: f, empty } => {
+                    frames += f;
+                    if empty {
+                        break;
+                    }
+                    continue;
+                }
+                RxBatch::NoBuffer => {
+                    // No receive buffer: the frames wait in the kernel's queue.
+                    t.rx_waiting = true;
+                    break;
+                }
+                // The next chain cannot take every frame the kernel may send: one read
+                // over several chains, or into the staging buffer (below).
+                RxBatch::Unsuited => {}
             }
             if rx_done >= nrx {
                 nrx = match dr.poll_more() {
@@ -608,6 +662,131 @@ impl PortPath {
         dr.consume(rx_done);
         dr.publish_used();
         res.map(|()| frames as usize)
+    }
+
+    /// Up to `max` frames in one batch of reads (`crate::tap::batch`), each straight
+    /// into a receive chain of its own that can take any frame the kernel may send now;
+    /// queues at most [`TapState::rx_want`] reads. A read that found nothing leaves its
+    /// chain available; so does a frame that is dropped (short, cut short, filtered). A
+    /// frame read into a chain after such a one is copied down into the first chain left
+    /// available, so chains complete in ring order. Also returns the fault that stopped
+    /// the walk or the refill, after delivering what was read.
+    #[allow(clippy::too_many_arguments, reason = "the burst's receive side, borrowed piece by piece")]
+    fn tap_rx_batch<'m, D: Ring>(
+        t: &mut TapState,
+        dr: &mut D,
+        dmem: &'m GuestMemory,
+        filter: Option<&RxConfig>,
+        (first, more_buf): (&mut Chain<'m>, &mut crate::split_ring::ChainBuf),
+        (nrx, rx_done): (&mut u16, &mut u16),
+        max: u16,
+        c: &mut BurstCounts,
+    ) -> (RxBatch, Option<RingFault>) {
+        let want = t.rx_want.min(max) as usize;
+        let mut heads: [Option<D::Head>; BURST as usize] = [None; BURST as usize];
+        let mut caps = [0usize; BURST as usize];
+        let mut fault = None;
+        let mut k = 0;
+        let mut no_buffer = false;
+        while k < want {
+            let i = *rx_done + k as u16;
+            if i >= *nrx {
+                match dr.poll_more() {
+                    Ok(n) => *nrx = n,
+                    Err(b) => {
+                        fault = Some(b);
+                        break;
+                    }
+                }
+                if i >= *nrx {
+                    no_buffer = true;
+                    break;
+                }
+            }
+            let head = match dr.walk_avail(dmem, i, Dir::DeviceWrites, first) {
+                Ok(h) => h,
+                Err(b) => {
+                    fault = Some(b);
+                    break;
+                }
+            };
+            let cap = mrg::capacity(first) as usize;
+            if cap <= t.max_rx || cap < NET_HDR_LEN + ETH_HLEN as usize {
+                break;
+            }
+            let Some(cnt) = push_iov(t.io.read_room(), 0, first, 0) else { break };
+            // SAFETY: the entries lie inside the walked chain's device-writable buffers,
+            // inside the guest memory `dmem` keeps mapped for this burst, which outlasts
+            // the `submit` below; no Rust reference into them exists.
+            unsafe { t.io.queue_read(cnt) };
+            heads[k] = Some(head);
+            caps[k] = cap;
+            k += 1;
+        }
+        if k == 0 {
+            let b = if no_buffer { RxBatch::NoBuffer } else { RxBatch::Unsuited };
+            return (b, fault);
+        }
+        let mut got = [0i32; BURST as usize];
+        got[..k].copy_from_slice(t.io.submit());
+        let (mut w, mut frames, mut stop) = (0usize, 0u16, false);
+        for j in 0..k {
+            let r = got[j];
+            if r < 0 {
+                // Nothing read: the kernel's queue is empty (or the read failed).
+                Self::read_error(t, io::Error::from_raw_os_error(-r));
+                stop = true;
+                continue;
+            }
+            frames += 1;
+            let n = r as usize;
+            if n < NET_HDR_LEN + ETH_HLEN as usize {
+                c.drop(DropReason::ShortFrame); // the chain stays available
+                continue;
+            }
+            if n >= caps[j] {
+                c.drop(DropReason::RxBufferTooSmall); // cut short: the chain stays
+                continue;
+            }
+            // The chain holding the frame, walked again (the walks above reused one
+            // chain buffer).
+            let src = more_buf.chain(dmem);
+            if let Err(b) = dr.walk_avail(dmem, *rx_done + j as u16, Dir::DeviceWrites, src) {
+                fault = Some(b);
+                break;
+            }
+            if let Some(rx) = filter {
+                let mut h = [0u8; FILTER_BYTES];
+                let got = gather(src, NET_HDR_LEN, &mut h);
+                if !rx.accepts(&h[..got]) {
+                    c.drop(DropReason::Filtered);
+                    continue;
+                }
+            }
+            let into = if w == j {
+                &*src
+            } else {
+                // A chain before it was left available: the frame moves down into it.
+                if let Err(b) = dr.walk_avail(dmem, *rx_done + w as u16, Dir::DeviceWrites, first) {
+                    fault = Some(b);
+                    break;
+                }
+                copy_chain(src, 0, first, 0, n);
+                &*first
+            };
+            // The kernel wrote the first 10 bytes of the header; `num_buffers` is ours.
+            scatter(into, NET_HDR_NUM_BUFFERS, &1u16.to_le_bytes());
+            if let Some(h) = heads[w] {
+                dr.add_used(h, n as u32);
+            }
+            w += 1;
+            c.tx_packets += 1;
+            c.tx_bytes += (n - NET_HDR_LEN) as u64;
+        }
+        *rx_done += w as u16;
+        let next = if stop { 2 * frames } else { 2 * k as u16 };
+        t.rx_want = next.clamp(1, BURST);
+        (RxBatch::Read { frames, empty: stop }, fault)
     }
 
     #[cold]

@@ -1,25 +1,28 @@
-//! Batched writes to one tap queue: a burst's frames go to the kernel in one
-//! `io_uring_enter` instead of one `writev` each.
+//! Batched writes and reads on one tap queue: a burst's frames go to the kernel, or come
+//! from it, in one `io_uring_enter` instead of one `writev`/`readv` each.
 //!
 //! Owns: one io_uring instance per tap queue (the tap descriptor registered as its one
-//! fixed file, which spares the kernel a descriptor lookup per write; unregistered
+//! fixed file, which spares the kernel a descriptor lookup per frame; unregistered
 //! explicitly on drop, since the instance's own teardown is asynchronous and would keep a
 //! tap we created alive after we exit), the burst's copy slots for small frames, header
-//! copies and iovecs for larger ones, and each queued frame's result.
+//! copies and iovecs, and each queued frame's result.
 //! Must not: know about rings or statistics (the port's burst, `port::tap`, walks the
 //! chains and decides what each result means), or leave anything in flight when
-//! [`TxBatch::submit`] returns: it waits for every frame it queued, so no pointer it
+//! [`Batch::submit`] returns: it waits for every operation it queued, so no pointer it
 //! handed the kernel is used after the burst.
 //!
-//! Why our own code over the `io-uring` crate: the tap character device takes one frame
-//! per `write`, and io_uring is Linux's only way to hand it several frames in one system
-//! call. The kernel completes each write inline, so one `io_uring_enter` submits the
-//! burst and finds every result in the completion ring. Each write carries `RWF_NOWAIT`:
-//! one the kernel would block on fails with `EAGAIN` at once (without it, io_uring would
-//! wait for the descriptor to become writable, holding the worker). The writes are not
-//! linked (`IOSQE_IO_LINK` makes the kernel run each through task work and costs most of
-//! the gain), so they are independent: see [`TxBatch::submit`] for what that means for a
-//! write the kernel would block on.
+//! Why our own code over the `io-uring` crate: the tap character device takes or gives
+//! one frame per `write`/`read`, and io_uring is Linux's only way to move several frames
+//! through it in one system call. The kernel completes each operation inline, so one
+//! `io_uring_enter` submits the burst and finds every result in the completion ring. Each
+//! carries `RWF_NOWAIT`: a write the kernel would block on, or a read with no frame
+//! queued, fails with `EAGAIN` at once (without it, io_uring would wait for the
+//! descriptor, holding the worker). The operations are not linked (`IOSQE_IO_LINK` makes
+//! the kernel run each through task work and costs most of the gain), so they are
+//! independent: see [`Batch::submit`] for what that means for a write the kernel would
+//! block on, and a read that found nothing may be followed by one that found a frame
+//! which arrived in between. A batch holds writes or reads, never both (a transmit burst
+//! submits before the receive burst queues).
 //!
 //! Frames up to a full Ethernet frame (header and frame up to [`SLOT`] bytes) are copied
 //! into a slot and written as one buffer: the kernel's one-buffer path costs less than
@@ -48,10 +51,12 @@ enum Op {
     Copy { len: u32 },
     /// Header copy `k`, then `cnt` iovecs from `start` (entry `start` is the header).
     Iov { start: u16, cnt: u16 },
+    /// A read into the `cnt` iovecs from `start`.
+    Read { start: u16, cnt: u16 },
 }
 
-/// A burst's queued writes to one tap queue; see the module comment.
-pub(crate) struct TxBatch {
+/// A burst's queued writes or reads on one tap queue; see the module comment.
+pub(crate) struct Batch {
     fd: RawFd,
     uring: Option<IoUring>,
     /// Why the batch does not use io_uring (for the log, once).
@@ -69,17 +74,17 @@ pub(crate) struct TxBatch {
 // read by the same burst's `submit`; what a previous burst left is never read. The
 // io_uring instance is owned, used by one thread at a time. Moving it to a worker is
 // harmless.
-unsafe impl Send for TxBatch {}
+unsafe impl Send for Batch {}
 
 /// Whether a result is "the kernel would block" (nothing written).
 pub(crate) fn would_block(res: i32) -> bool {
     res == -libc::EAGAIN || res == -libc::ENOBUFS
 }
 
-impl TxBatch {
+impl Batch {
     /// Room for `cap` frames and `iov_cap` iovec entries over the tap descriptor `fd`;
     /// `batched`: use io_uring if it can be set up.
-    pub fn new(fd: RawFd, cap: usize, iov_cap: usize, batched: bool) -> TxBatch {
+    pub fn new(fd: RawFd, cap: usize, iov_cap: usize, batched: bool) -> Batch {
         let (uring, why_not) = if !batched {
             (None, Some("--tap-syscalls".to_string()))
         } else if let Some(limit) = send_buffer_limit(fd) {
@@ -90,7 +95,7 @@ impl TxBatch {
                 Err(e) => (None, Some(format!("io_uring: {e}"))),
             }
         };
-        TxBatch {
+        Batch {
             fd,
             uring,
             why_not,
@@ -157,13 +162,36 @@ impl TxBatch {
         self.n += 1;
     }
 
-    /// Writes every queued frame and returns the results in queue order: bytes written,
-    /// or `-errno`. The batch is empty afterwards.
+    /// Free iovec entries for [`Self::queue_read`]; empty when the batch is full or has
+    /// no iovec room left.
+    pub fn read_room(&mut self) -> &mut [libc::iovec] {
+        if self.is_full() {
+            return &mut [];
+        }
+        &mut self.iov[self.iov_used..]
+    }
+
+    /// Queues a read of one frame into the first `cnt` entries of [`Self::read_room`].
     ///
-    /// With io_uring the writes are independent: a write the kernel would block on
+    /// # Safety
+    /// Those entries must describe memory writable for their lengths, with no Rust
+    /// reference to it, until the next [`Self::submit`] returns.
+    pub unsafe fn queue_read(&mut self, cnt: usize) {
+        debug_assert!(!self.is_full() && cnt > 0 && self.iov_used + cnt <= self.iov.len());
+        let start = self.iov_used;
+        self.iov_used += cnt;
+        self.ops[self.n] = Op::Read { start: start as u16, cnt: cnt as u16 };
+        self.n += 1;
+    }
+
+    /// Writes or reads every queued frame and returns the results in queue order: bytes
+    /// written or read, or `-errno`. The batch is empty afterwards.
+    ///
+    /// With io_uring the operations are independent: a write the kernel would block on
     /// (which needs a send buffer limit, refused at setup, or memory pressure) can be
-    /// followed by one that went through. Without it, the first such write stops the
-    /// burst and the frames after it report `-EAGAIN` unwritten.
+    /// followed by one that went through, and a read that found no frame by one that
+    /// found a frame queued in between. Without it, the first would-block stops the
+    /// burst and the operations after it report `-EAGAIN` undone.
     pub fn submit(&mut self) -> &[i32] {
         let n = self.n;
         self.n = 0;
@@ -173,13 +201,14 @@ impl TxBatch {
         }
         if self.uring.is_some() {
             match self.submit_uring(n) {
-                // A kernel whose tap does not take non-blocking io_uring writes refuses
-                // every one: the same frames again, one system call each, from now on.
+                // A kernel whose tap does not take non-blocking io_uring operations
+                // refuses every one: the same frames again, one system call each, from
+                // now on.
                 Ok(()) if self.res[..n].iter().all(|&r| r == -libc::EOPNOTSUPP) => {
                     log::warn!(
-                        "tap: io_uring writes refused (EOPNOTSUPP); writing one frame per system call"
+                        "tap: io_uring operations refused (EOPNOTSUPP); one frame per system call from now on"
                     );
-                    self.why_not = Some("the kernel refuses non-blocking io_uring writes".into());
+                    self.why_not = Some("the kernel refuses non-blocking io_uring operations".into());
                     self.uring = None;
                     self.submit_each(n);
                 }
@@ -189,7 +218,7 @@ impl TxBatch {
                     // refused; dropping the instance cancels what it still holds (its
                     // pointers are into `self`, which stays, and guest memory, which the
                     // burst still holds). Per-frame calls from now on.
-                    log::warn!("tap: io_uring_enter: {e}; writing one frame per system call from now on");
+                    log::warn!("tap: io_uring_enter: {e}; one frame per system call from now on");
                     self.why_not = Some(format!("io_uring_enter: {e}"));
                     self.uring = None;
                 }
@@ -214,10 +243,16 @@ impl TxBatch {
                             .rw_flags(libc::RWF_NOWAIT)
                             .build()
                     }
+                    Op::Read { start, cnt } => {
+                        opcode::Readv::new(types::Fixed(0), self.iov[start as usize..].as_ptr(), cnt as u32)
+                            .rw_flags(libc::RWF_NOWAIT)
+                            .build()
+                    }
                 };
                 // SAFETY: the entry points at a slot, a header copy and iovecs owned by
-                // `self`, or at guest memory the caller keeps readable (`queue_iov`), all
-                // alive until this function has reaped the entry's completion below.
+                // `self`, or at guest memory the caller keeps readable (`queue_iov`) or
+                // writable (`queue_read`), all alive until this function has reaped the
+                // entry's completion below.
                 // The submission ring has room for `cap` entries and `n <= cap`; it was
                 // emptied by the previous submit.
                 unsafe { sq.push(&e.user_data(k as u64)) }.expect("room for a whole batch");
@@ -263,6 +298,11 @@ impl TxBatch {
                 Op::Iov { start, cnt } => unsafe {
                     libc::writev(self.fd, self.iov[start as usize..].as_ptr(), cnt as libc::c_int)
                 },
+                // SAFETY: the iovecs point at memory the caller keeps writable and
+                // unreferenced (`queue_read`); `cnt` entries from `start` were written.
+                Op::Read { start, cnt } => unsafe {
+                    libc::readv(self.fd, self.iov[start as usize..].as_ptr(), cnt as libc::c_int)
+                },
             };
             self.res[k] = if r < 0 {
                 -io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
@@ -274,7 +314,7 @@ impl TxBatch {
     }
 }
 
-impl Drop for TxBatch {
+impl Drop for Batch {
     fn drop(&mut self) {
         if let Some(u) = &self.uring {
             // The registered tap descriptor is released now, not in the instance's
@@ -355,7 +395,7 @@ mod tests {
 
     /// Queues frame `i` of `len` bytes (header included): a copy if it fits a slot,
     /// else the header and the rest as two iovecs over `store`.
-    fn queue(b: &mut TxBatch, i: usize, len: usize, store: &mut Vec<Vec<u8>>) {
+    fn queue(b: &mut Batch, i: usize, len: usize, store: &mut Vec<Vec<u8>>) {
         let f = frame(i, len);
         if len <= SLOT {
             b.slot().expect("room")[..len].copy_from_slice(&f);
@@ -382,7 +422,7 @@ mod tests {
     fn a_burst_of_copies_and_iovecs_arrives_whole_and_in_order_both_ways() {
         for batched in [true, false] {
             let (a, b) = pair(None);
-            let mut tx = TxBatch::new(a.as_raw_fd(), 32, 1024, batched);
+            let mut tx = Batch::new(a.as_raw_fd(), 32, 1024, batched);
             assert_eq!(
                 tx.per_frame_reason().is_none(),
                 batched && io_uring_allowed(),
@@ -414,7 +454,7 @@ mod tests {
     fn writes_the_peer_cannot_take_report_would_block_as_a_suffix() {
         for batched in [true, false] {
             let (a, b) = pair(Some(4096));
-            let mut tx = TxBatch::new(a.as_raw_fd(), 64, 1024, batched);
+            let mut tx = Batch::new(a.as_raw_fd(), 64, 1024, batched);
             let mut store = Vec::new();
             for i in 0..64 {
                 queue(&mut tx, i, 1000, &mut store);
@@ -430,11 +470,43 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_of_reads_takes_what_is_queued_in_order_and_finds_the_rest_empty() {
+        for batched in [true, false] {
+            let (a, b) = pair(None);
+            let mut rx = Batch::new(b.as_raw_fd(), 8, 16, batched);
+            let lens = [60, 1514, 9000, 100, 61];
+            for (i, &len) in lens.iter().enumerate() {
+                let f = frame(i, len);
+                // SAFETY: `f` is ours and readable for its length.
+                let r = unsafe { libc::send(a.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+                assert_eq!(r, len as isize);
+            }
+            // Eight reads, each into two buffers (the second only used by larger frames).
+            let mut bufs = vec![[0u8; 2 * 4096 + 1000]; 8];
+            for buf in bufs.iter_mut() {
+                let (x, y) = buf.split_at_mut(4096);
+                let room = rx.read_room();
+                room[0] = libc::iovec { iov_base: x.as_mut_ptr().cast(), iov_len: x.len() };
+                room[1] = libc::iovec { iov_base: y.as_mut_ptr().cast(), iov_len: y.len() };
+                // SAFETY: both entries point into `bufs`, not borrowed until after `submit`.
+                unsafe { rx.queue_read(2) };
+            }
+            assert!(rx.is_full() && rx.read_room().is_empty());
+            let res = rx.submit().to_vec();
+            let want: Vec<i32> = lens.iter().map(|&l| l as i32).chain([-libc::EAGAIN; 3]).collect();
+            assert_eq!(res, want, "batched {batched}");
+            for (i, &len) in lens.iter().enumerate() {
+                assert_eq!(&bufs[i][..len], &frame(i, len)[..], "frame {i}, batched {batched}");
+            }
+        }
+    }
+
+    #[test]
     fn a_refused_write_is_its_errno_and_the_others_go() {
         // A write to a peer that closed: EPIPE for every frame; the batch reports it per
         // frame and stays usable.
         let (a, b) = pair(None);
-        let mut tx = TxBatch::new(a.as_raw_fd(), 8, 16, true);
+        let mut tx = Batch::new(a.as_raw_fd(), 8, 16, true);
         drop(b);
         let mut store = Vec::new();
         for i in 0..3 {
