@@ -59,7 +59,7 @@ pub struct Config {
     pub handoff: bool,
     /// Do not offer host offloads (`CSUM`, `HOST_TSO4/6`, `HOST_USO`) nor the guest
     /// offloads forwarded super-frames need (`GUEST_CSUM`, `GUEST_TSO4/6`) on `reflect`
-    /// and `xconnect` (`--no-offloads`).
+    /// and `xconnect`, nor the host offloads on `sink` (`--no-offloads`).
     pub no_offloads: bool,
     /// `tap`: one `write` or `read` system call per frame instead of one io_uring
     /// submission per burst (`--tap-syscalls`; used anyway where io_uring is refused).

@@ -159,7 +159,7 @@ impl Sender {
         }
         let n = ring.poll_avail()?.min(burst).min(self.idle.len() as u16);
         let (idle, store, out) = (&mut self.idle, &self.store, &mut self.out);
-        let res = PortPath::consume_tx(ring, mem, buf, n, max_frame, c, |chain, len| {
+        let res = PortPath::consume_tx(ring, mem, buf, n, max_frame, 0, c, |chain, len| {
             let idx = idle.pop().expect("n <= idle");
             // SAFETY: `idx` came from `idle`: this side owns it.
             let slot = unsafe { store.slot(idx) };

@@ -88,7 +88,8 @@ fn gso_offloads() -> u64 {
 /// `--handoff`, whose frame store carries no super-frames or headers): the host side
 /// (the device completes checksums and segments TCPv4/TCPv6/UDP super-frames a guest
 /// sends, `port::offload`), and the guest side, so that a super-frame reaches a guest
-/// that takes it whole.
+/// that takes it whole. A `sink` offers the host side too (it drops every frame, and
+/// takes a super-frame whole, `port::sink`).
 fn forward_offloads() -> (u64, u64) {
     use spec::layout::features::{self as f, bit};
     let host = bit(f::NET_CSUM) | bit(f::NET_HOST_TSO4) | bit(f::NET_HOST_TSO6) | bit(f::NET_HOST_USO);
@@ -170,7 +171,7 @@ impl Backend {
                             } else {
                                 0
                             },
-                            host_offloads: if forwards {
+                            host_offloads: if forwards || (spec.kind == PortKind::Sink && !cfg.no_offloads) {
                                 forward_offloads().0
                             } else if matches!(spec.kind, PortKind::Tap | PortKind::AfPacket)
                                 && !cfg.no_offloads

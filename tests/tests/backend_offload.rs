@@ -919,6 +919,56 @@ fn tso_super_frames_segmented_or_whole() {
     }
 }
 
+/// A `sink` offers the host offloads and takes a super-frame of a negotiated type whole:
+/// TSO super-frames (TCPv4 of 20 000 and 64 000 payload bytes, TCPv6 of 20 000) and a
+/// frame asking for a checksum are each counted as one frame of their length, with and
+/// without `--sink-read`; a frame over the MTU without a segmentation request is still
+/// dropped as `oversize`; a driver that negotiated no host offload has its super-frame
+/// dropped as `oversize` too.
+#[test]
+fn sink_takes_super_frames_whole() {
+    let _serial = serial();
+    for read in [false, true] {
+        let dir = TempDir::new("offload-sink");
+        let (s1, s2) = (dir.join("s1.sock"), dir.join("s2.sock"));
+        let (p1, p2) = (port("sink", &s1), port("sink", &s2));
+        let mut args = vec!["--port", p1.as_str(), "--port", p2.as_str(), "--cores", "1"];
+        if read {
+            args.push("--sink-read");
+        }
+        let backend = Backend::start(&args);
+        let mut a = raw(&s1, host_offloads() | mrg());
+        let mut plain = raw(&s2, mrg());
+        assert_eq!(a.features() & host_offloads(), host_offloads(), "sink offers the host offloads");
+        assert_eq!(plain.features() & host_offloads(), 0);
+        wait_connected(&backend, &[&s1, &s2]);
+        let mut pkts = Vec::new();
+        for (v6, len) in [(false, 20_000), (false, 64_000), (true, 20_000)] {
+            pkts.push(tso_packet(v6, &payload(len, 3), if v6 { 1440 } else { 1448 }).0);
+        }
+        let csum = with_partial_csum(tcp_frame(false, &payload(1000, 5)), false, 16);
+        let mut p = hdr(net_hdr::F_NEEDS_CSUM, 0, 0, 0, l4(false) as u16, 16);
+        p.extend_from_slice(&csum);
+        pkts.push(p);
+        let whole: u64 = pkts.iter().map(|p| (p.len() - NET_HDR_LEN) as u64).sum();
+        let mut big = hdr(0, 0, 0, 0, 0, 0);
+        big.extend_from_slice(&tcp_frame(false, &payload(3000, 7)));
+        pkts.push(big.clone());
+        for p in &pkts {
+            a.send_packets(TX, std::slice::from_ref(p)).unwrap();
+            a.wait_tx_done(TX, IO_TIMEOUT).unwrap();
+        }
+        plain.send_packets(TX, &[pkts[0].clone()]).unwrap();
+        plain.wait_tx_done(TX, IO_TIMEOUT).unwrap();
+        let fin = backend.stop();
+        let (d1, d2) = (device(&fin, &s1), device(&fin, &s2));
+        assert_eq!((counter(d1, "rx_packets"), counter(d1, "rx_bytes")), (4, whole), "read {read}: {d1}");
+        assert_eq!((counter(d1, "drops.oversize"), total_drops(d1)), (1, 1), "read {read}: {d1}");
+        assert_eq!(counter(d2, "rx_packets"), 0, "{d2}");
+        assert_eq!((counter(d2, "drops.oversize"), total_drops(d2)), (1, 1), "{d2}");
+    }
+}
+
 /// A device's `offloads` counters, in the README's order.
 fn offloads(dev: &Value) -> [u64; 6] {
     ["csum_requests", "gso_requests", "passed_whole", "sw_csum", "sw_gso", "sw_segments"]

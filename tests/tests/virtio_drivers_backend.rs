@@ -531,6 +531,11 @@ fn config_mac_and_features() {
         // A sink offers mergeable buffers (a driver sizes its receive buffers for the
         // MTU, 9000 here).
         features::NET_MRG_RXBUF,
+        // And the host offloads (it takes a super-frame whole and drops it).
+        features::NET_CSUM,
+        features::NET_HOST_TSO4,
+        features::NET_HOST_TSO6,
+        features::NET_HOST_USO,
         // The control queue and its commands (no MQ with one pair, no guest offloads
         // without `gen --gso-size`).
         virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_VQ,

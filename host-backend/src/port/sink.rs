@@ -3,12 +3,19 @@
 //!
 //! Owns: classifying a transmitted chain ([`PortPath::tx_frame`]), completing a burst of
 //! transmit chains ([`PortPath::consume_tx`]) and `sink`'s count-and-drop (with
-//! `--sink-read`, each frame copied out first).
+//! `--sink-read`, each frame copied out first). A `sink` offers the host offloads (unless
+//! `--no-offloads`): a checksum request is dropped with its frame like any other, and a
+//! segmentation super-frame of a type the driver negotiated is taken whole, up to 64 KiB,
+//! and counted as one frame of its length ([`super_frame`]).
 //! Must not: write into guest buffers (a transmit chain is device-readable) or change
 //! device state other than through `QueueSlot::fail`.
 
 use spec::layout::NET_HDR_LEN;
 
+use spec::layout::features::{self as f, bit};
+use spec::offload::{GsoKind, NetHdr};
+
+use super::offload::MAX_SUPER_FRAME;
 use super::{PathKind, PortPath, QueueSlot, Side, BURST, ETH_HLEN};
 use crate::memory::GuestMemory;
 use crate::ring::Ring;
@@ -48,7 +55,12 @@ impl PortPath {
         let mut k = 0;
         Self::sink_burst::<R>(self.src.as_mut(), &mut self.src_chain, max_frame, |chain, len| {
             let at = (k % BURST as usize) * slot;
-            gather(chain, NET_HDR_LEN, &mut slots[at..at + len as usize]);
+            let len = len as usize;
+            if len <= slot {
+                gather(chain, NET_HDR_LEN, &mut slots[at..at + len]);
+            } else {
+                read_super_frame(chain, len, &mut slots[at..at + slot]);
+            }
             k += 1;
         })
     }
@@ -66,13 +78,14 @@ impl PortPath {
             return Ok(0);
         };
         let pair = src.pair();
+        let gso = src.active.as_ref().map_or(0, |a| a.rx.features & SINK_GSO);
         let Some((ring, mem)) = src.ring::<R>() else { return Ok(0) };
         let n = ring.poll_avail().map_err(|b| (Side::Src, b))?.min(BURST);
         if n == 0 {
             return Ok(0);
         }
         let mut c = BurstCounts::default();
-        let res = Self::consume_tx(ring, mem, buf, n, max_frame, &mut c, frame);
+        let res = Self::consume_tx(ring, mem, buf, n, max_frame, gso, &mut c, frame);
         src.dev.stats[pair].flush_rx(&c);
         res.map_err(|b| (Side::Src, b))
     }
@@ -80,16 +93,21 @@ impl PortPath {
     /// Takes `n` available chains from `ring` (a guest's transmit queue, `n` at most
     /// what `poll_avail` reported): each is walked (through `mem`, into `buf`) and classified
     /// ([`tx_frame`](Self::tx_frame)); a frame is counted in `c` and handed to
-    /// `frame(chain, len)`, a bad one counted as a drop. Every chain is completed with
+    /// `frame(chain, len)`, a bad one counted as a drop. A frame longer than `max_frame`
+    /// is a super-frame taken whole when its header asks for a segmentation type among
+    /// `gso` (the driver's negotiated `HOST_TSO4/TSO6/USO` bits, 0: none; [`super_frame`]).
+    /// Every chain is completed with
     /// length 0 and the used index published once. Returns the chains completed, or the
     /// bad descriptor that stopped the burst (the chains before it are completed).
     #[inline(always)]
+    #[allow(clippy::too_many_arguments, reason = "the burst's state, borrowed piece by piece")]
     pub(crate) fn consume_tx<R: Ring>(
         ring: &mut R,
         mem: &GuestMemory,
         buf: &mut ChainBuf,
         n: u16,
         max_frame: u64,
+        gso: u64,
         c: &mut BurstCounts,
         mut frame: impl FnMut(&Chain<'_>, u64),
     ) -> Result<usize, RingFault> {
@@ -114,6 +132,12 @@ impl PortPath {
                     bytes += len;
                     frame(chain, len);
                 }
+                Err(DropReason::Oversize) if gso != 0 && super_frame(chain, gso) => {
+                    let len = chain.total - NET_HDR_LEN as u64;
+                    packets += 1;
+                    bytes += len;
+                    frame(chain, len);
+                }
                 Err(why) => c.drop(why),
             }
             ring.add_used(head, 0);
@@ -127,5 +151,41 @@ impl PortPath {
             Some(b) => Err(b),
             None => Ok(done as usize),
         }
+    }
+}
+
+/// The host segmentation offloads whose super-frames a `sink` takes whole.
+const SINK_GSO: u64 = bit(f::NET_HOST_TSO4) | bit(f::NET_HOST_TSO6) | bit(f::NET_HOST_USO);
+
+/// Whether a transmitted chain longer than the largest frame is a super-frame a sink
+/// takes: its header asks for a segmentation type whose feature is among `gso`, and it
+/// is at most 64 KiB of IP packet behind Ethernet and two VLAN tags. Its headers are not
+/// checked (the frame is dropped anyway). Out of line: only oversize frames come here.
+#[cold]
+#[inline(never)]
+fn super_frame(chain: &Chain<'_>, gso: u64) -> bool {
+    let mut h = [0u8; NET_HDR_LEN];
+    if chain.truncated || gather(chain, 0, &mut h) != NET_HDR_LEN {
+        return false;
+    }
+    let need = match NetHdr::from_bytes(h).gso_kind() {
+        Ok(Some(GsoKind::TcpV4)) => bit(f::NET_HOST_TSO4),
+        Ok(Some(GsoKind::TcpV6)) => bit(f::NET_HOST_TSO6),
+        Ok(Some(GsoKind::UdpL4)) => bit(f::NET_HOST_USO),
+        _ => return false,
+    };
+    gso & need != 0 && chain.total - NET_HDR_LEN as u64 <= MAX_SUPER_FRAME as u64
+}
+
+/// `--sink-read` of a super-frame longer than one slot: every byte read, a slot at a
+/// time (out of line, as [`super_frame`]).
+#[cold]
+#[inline(never)]
+fn read_super_frame(chain: &Chain<'_>, len: usize, slot: &mut [u8]) {
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(slot.len());
+        gather(chain, NET_HDR_LEN + at, &mut slot[..n]);
+        at += n;
     }
 }
