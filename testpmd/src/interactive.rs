@@ -49,6 +49,8 @@ Commands:
   port config all rxq|txq N   use N queue pairs on every port (forwarding stopped)
   port config all|P max-pkt-len N  ports stopped: from the next port start, frames above
                               N bytes are dropped on receive and the MTU is N - 18
+  port config all|N rx_offload tcp_lro on|off  whether the device may send TCP super-frames
+                              (GUEST_TSO4/6, negotiated with --enable-lro; control queue)
   help                        this text
   quit                        stop, close the ports and exit
 ";
@@ -192,6 +194,9 @@ pub fn execute(app: &mut App, line: &str) -> Result<bool, String> {
             let n: usize =
                 n.parse().map_err(|_| format!("Bad arguments: max-pkt-len '{n}' is not a number"))?;
             app.port_config_max_pkt_len(p, n)?
+        }
+        ["port", "config", p, "rx_offload", "tcp_lro", v] => {
+            app.config_rx_lro(port_arg(Some(p))?, on_off(v)?)?
         }
         ["port", "config", "all", "rxq" | "txq", n] => {
             let n: u16 = n.parse().map_err(|_| format!("Bad arguments: '{n}' is not a number of queues"))?;

@@ -1785,3 +1785,68 @@ fn enable_lro_receives_super_frames_whole() {
         assert_eq!(nic.rx_errors, 0, "{exit}");
     }
 }
+
+/// `port config N rx_offload tcp_lro off|on` (DPDK's command) switches the device's
+/// guest TSO through the control queue: after `off`, `gen --gso-size` cuts its TCP
+/// super-frames into MSS-sized segments for the port (what it had put in the ring
+/// before stays whole: frame and byte counts fit exactly one split); `on` is accepted
+/// once forwarding stops. Refused while forwarding runs and on a port that did not
+/// negotiate guest TSO (no `--enable-lro`).
+#[test]
+fn rx_offload_tcp_lro_switches_guest_tso() {
+    const COUNT: u64 = 2000;
+    const SIZE: u64 = 6000;
+    const MSS: u64 = 1448;
+    let _serial = serial();
+    let dir = TempDir::new("tp-lro-switch");
+    let sock = dir.join("g.sock");
+    let payload = SIZE - 54;
+    let segs = payload.div_ceil(MSS);
+    for lro in [true, false] {
+        let backend = Backend::start(&[
+            "--port",
+            &port_arg("gen", &sock),
+            "--gso-size",
+            &MSS.to_string(),
+            "--pkt-size",
+            &SIZE.to_string(),
+            "--count",
+            &COUNT.to_string(),
+        ]);
+        let vd = vdev(0, &sock);
+        let mut args = vec!["-i", "--vdev", &vd, "--forward-mode", "rxonly"];
+        if lro {
+            args.push("--enable-lro");
+        }
+        let mut tp = Testpmd::spawn_with(&args, Spawn { stdin: true, user: None });
+        tp.wait_stdout("testpmd> ", Duration::from_secs(20));
+        if !lro {
+            command(&mut tp, "port config 0 rx_offload tcp_lro off", "tcp_lro was not negotiated");
+            tp.send("quit");
+            assert_ok(&tp.wait(Duration::from_secs(20)));
+            backend.stop();
+            continue;
+        }
+        command(&mut tp, "port config 0 rx_offload tcp_lro off", "Port 0: rx_offload tcp_lro off");
+        command(&mut tp, "start", "rxonly packet forwarding - ports=1");
+        command(&mut tp, "port config all rx_offload tcp_lro on", "Please stop forwarding first");
+        backend.wait_stats(Duration::from_secs(20), |s| counter(device(s, &sock), "generated") == COUNT);
+        thread::sleep(QUIET);
+        command(&mut tp, "stop", "Forward statistics for port 0");
+        let out = tp.stdout();
+        let fs = fwd(&out, 0);
+        // `whole` super-frames were in the ring before the switch; the rest came cut.
+        let whole = (segs * COUNT - fs.rx_packets) / (segs - 1);
+        assert_eq!(whole * (segs - 1), segs * COUNT - fs.rx_packets, "{out}");
+        assert!(whole <= RING, "{whole} whole super-frames: more than the ring held\n{out}");
+        command(&mut tp, "show port stats 0", "Tx-pps");
+        let nic = nic_stats(&tp.stdout(), 0).expect("NIC statistics");
+        assert_eq!(nic.rx_bytes, whole * SIZE + (COUNT - whole) * (payload + segs * 54), "{out}");
+        command(&mut tp, "port config all rx_offload tcp_lro on", "Port 0: rx_offload tcp_lro on");
+        tp.send("quit");
+        assert_ok(&tp.wait(Duration::from_secs(20)));
+        let fin = backend.stop();
+        let dev = clean_device(&fin, &sock);
+        assert_eq!(counter(dev, "tx_packets"), fs.rx_packets, "{dev}");
+    }
+}

@@ -1,5 +1,6 @@
 //! The prompt's control commands on the ports: `set promisc|allmulti`, `mac_addr set`,
-//! `rx_vlan add|rm`, `port config all rxq|txq N`, each through the port's control queue
+//! `rx_vlan add|rm`, `port config all rxq|txq N`, `port config all|N rx_offload tcp_lro
+//! on|off`, each through the port's control queue
 //! ([`driver::Control`]); and the `csum` engine's per-port settings, `csum set|show` and
 //! `tso set|show` (checked against the transmit offloads the port negotiated).
 //!
@@ -75,6 +76,35 @@ impl App {
         self.cfg.queues = n;
         self.build_streams()?;
         self.say(&format!("All ports: {n} queue pair(s) (rxq = txq = {n})\n"));
+        Ok(())
+    }
+
+    /// `port config all|N rx_offload tcp_lro on|off`: whether the device may send the
+    /// port TCP super-frames (GUEST_TSO4/TSO6, switched through the control queue's
+    /// `GUEST_OFFLOADS_SET` at once, forwarding stopped; GUEST_CSUM and the other receive
+    /// offloads stay as they are). The port must have negotiated them (`--enable-lro`): as
+    /// DPDK's virtio PMD takes `tcp_lro` as GUEST_TSO4/TSO6. With LRO off, the device
+    /// segments what it would have sent whole (ours: `port::offload`).
+    pub fn config_rx_lro(&mut self, which: Option<usize>, on: bool) -> Result<(), String> {
+        if self.running.is_some() {
+            return Err("Please stop forwarding first (port config needs the ports stopped)".into());
+        }
+        let tso = f::bit(f::NET_GUEST_TSO4) | f::bit(f::NET_GUEST_TSO6);
+        for i in self.port_range(which)? {
+            let feats = self.features(i)?;
+            if feats & tso == 0 {
+                return Err(format!(
+                    "port {i}: tcp_lro was not negotiated (VIRTIO_NET_F_GUEST_TSO4/TSO6; start with --enable-lro)"
+                ));
+            }
+            let c = self.ports[i].dev()?.control();
+            let now = c.guest_offloads();
+            // ECN rides on TSO: it goes off with it and comes back with it if negotiated.
+            let ecn = f::bit(f::NET_GUEST_ECN);
+            let want = if on { now | (feats & (tso | ecn)) } else { now & !(tso | ecn) };
+            c.set_guest_offloads(want).map_err(|e| format!("port {i}: {e}"))?;
+            self.say(&format!("Port {i}: rx_offload tcp_lro {}\n", if on { "on" } else { "off" }));
+        }
         Ok(())
     }
 
