@@ -299,6 +299,12 @@ pub struct Args {
     /// (as buffer chains, with their GSO metadata) instead of as segments.
     #[arg(long = "enable-lro")]
     pub enable_lro: bool,
+    /// A stream whose transmit ring cannot take all of a burst keeps the rest and sends
+    /// it first at its next turn, receiving nothing until it has gone (no frame is
+    /// dropped: the backlog holds the receive ring, and the device behind it waits).
+    /// DPDK's testpmd drops what does not fit (with `retry`, it waits in place).
+    #[arg(long = "hold-tx")]
+    pub hold_tx: bool,
     /// Count the packets of every receive and transmit burst call and show how they
     /// spread with the forward statistics (DPDK's option of the same name).
     #[arg(long = "record-burst-stats")]
@@ -369,6 +375,8 @@ pub struct Config {
     pub idle_pause: u32,
     /// `--enable-lro`.
     pub enable_lro: bool,
+    /// `--hold-tx`.
+    pub hold_tx: bool,
     /// Pool size per port.
     pub mbufs: Option<u32>,
     /// Headroom.
@@ -478,6 +486,7 @@ impl Config {
             burst_stats: a.record_burst_stats,
             idle_pause: a.idle_pause,
             enable_lro: a.enable_lro,
+            hold_tx: a.hold_tx,
             mbufs: a.total_num_mbufs,
             headroom: a.headroom,
             interactive: a.interactive,

@@ -105,6 +105,8 @@ pub struct FwdParams {
     pub burst_stats: bool,
     /// `--idle-pause`: pause instructions after a pass that moved nothing.
     pub idle_pause: u32,
+    /// `--hold-tx`: what the transmit ring does not take waits in [`Stream::held`].
+    pub hold_tx: bool,
 }
 
 /// One receive queue → one transmit queue.
@@ -123,6 +125,9 @@ pub struct Stream {
     pub stats: Arc<StreamStats>,
     /// `noisy` mode: frames held back.
     pub fifo: crate::noisy::Fifo,
+    /// `--hold-tx`: frames the transmit ring did not take, sent before anything is
+    /// received again (at most a burst).
+    pub held: Vec<Packet>,
     /// `--latency` / `--tx-pps`: stamps, pacing and sequence state.
     pub lat: crate::latency::StreamLatency,
 }
@@ -301,6 +306,9 @@ impl EngineState {
                 0
             }
             _ => {
+                if self.params.hold_tx && !s.held.is_empty() && !Self::send_held(s) {
+                    return 0;
+                }
                 let n = s.rxq.rx_burst(&mut self.batch, self.params.burst);
                 if self.params.burst_stats {
                     s.stats.rx_spread.record(n);
@@ -406,6 +414,12 @@ impl EngineState {
         if self.params.burst_stats {
             s.stats.tx_spread.record(sent);
         }
+        if self.params.hold_tx
+            && !self.batch.is_empty()
+            && !matches!(mode, FwdMode::TxOnly | FwdMode::FlowGen)
+        {
+            s.held.append(&mut self.batch);
+        }
         let dropped = self.batch.len();
         if matches!(mode, FwdMode::TxOnly | FwdMode::FlowGen)
             && (self.params.latency || self.params.tx_pps != 0)
@@ -418,6 +432,15 @@ impl EngineState {
         bump(&s.stats.tx_packets, sent as u64);
         bump(&s.stats.tx_dropped, dropped as u64);
         received.max(sent)
+    }
+
+    /// `--hold-tx`: sends what the stream holds; returns whether all of it went (out of
+    /// line: without the option, or with nothing held, a burst never comes here).
+    #[inline(never)]
+    fn send_held(s: &mut Stream) -> bool {
+        let sent = s.txq.tx_burst(&mut s.held);
+        bump(&s.stats.tx_packets, sent as u64);
+        s.held.is_empty()
     }
 
     /// txonly/flowgen with `--latency` or `--tx-pps`, before generating: measures what
@@ -558,6 +581,11 @@ pub fn forward(
             s.fifo.reserve(params.noisy.bufsz);
         }
     }
+    if params.hold_tx {
+        for s in streams.iter_mut() {
+            s.held.reserve(params.burst);
+        }
+    }
     let mut eng = EngineState::new(params, &ports);
     if let Some(n) = tx_first {
         for s in streams.iter_mut() {
@@ -582,6 +610,14 @@ pub fn forward(
                 std::hint::spin_loop();
             }
         }
+    }
+    // --hold-tx: what is still held goes out now if the ring takes it, else it is
+    // dropped and counted.
+    for s in streams.iter_mut().filter(|s| !s.held.is_empty()) {
+        let sent = s.txq.tx_burst(&mut s.held);
+        bump(&s.stats.tx_packets, sent as u64);
+        bump(&s.stats.tx_dropped, s.held.len() as u64);
+        driver::free_bulk(&mut s.held);
     }
     // noisy: what the FIFOs still hold goes out now (or is dropped and counted).
     if let Some(noisy) = eng.noisy.as_mut() {

@@ -358,6 +358,7 @@ impl App {
                     txq,
                     stats: Arc::new(StreamStats::new(self.cfg.burst_stats)),
                     fifo: Default::default(),
+                    held: Vec::new(),
                     lat: crate::latency::StreamLatency::new(peer as u16, q as u16),
                 });
             }
@@ -446,6 +447,7 @@ impl App {
             tx_pps: self.cfg.tx_pps,
             burst_stats: self.cfg.burst_stats,
             idle_pause: self.cfg.idle_pause,
+            hold_tx: self.cfg.hold_tx,
         };
         // XDP Tx/Redirect packets of queue q go out on queue q of another stream: all
         // streams of one queue index share a thread, so no packet crosses threads
