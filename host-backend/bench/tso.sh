@@ -95,6 +95,10 @@ PMD_ARGS=${PMD_ARGS---hugepages}
 RTT=${RTT:-target/release/examples/core_rtt}
 HDRS=54
 SIZE=$(( HDRS + SEGS * MSS ))
+# With BUF, 1024 buffers per port (the prompt's default pool is sized for 8 queue pairs:
+# 8192 buffers of 64 KiB would not fit the hugepages of four ports).
+OURS_X=""
+[ -n "$BUF" ] && OURS_X="--mbuf-size $BUF --total-num-mbufs 1024"
 
 [ "$(id -u)" = 0 ] || { echo "tso.sh: must run as root (hugepages)" >&2; exit 1; }
 command -v dpdk-testpmd >/dev/null || { echo "tso.sh: dpdk-testpmd missing (apt-get install dpdk-dev)" >&2; exit 1; }
@@ -169,7 +173,7 @@ run_ours() {
     wait_for "$WORK/$tag.host.log" "serving 4 device" 10 || return 1
     mkfifo "$WORK/$tag.gin"; exec 8<>"$WORK/$tag.gin"
     # shellcheck disable=SC2086
-    "$PMD" -i --enable-lro --hold-tx --forward-mode csum --cores "$GUEST_CPU" $PMD_ARGS ${BUF:+--mbuf-size "$BUF"} \
+    "$PMD" -i --enable-lro --hold-tx --forward-mode csum --cores "$GUEST_CPU" $PMD_ARGS $OURS_X \
         --vdev "virtio_user0,path=$g" --vdev "virtio_user1,path=$a" --vdev "virtio_user2,path=$b" \
         --vdev "virtio_user3,path=$s" <"$WORK/$tag.gin" >"$WORK/$tag.guest.log" 2>&1 8>&- &
     tpid=$!; PIDS="$PIDS $tpid"
