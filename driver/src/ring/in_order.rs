@@ -169,12 +169,15 @@ impl DriverRing {
                 // registers; anything else (a batch) goes through `pop_used_in_order`.
                 // The ring's addresses in locals too, so that they stay in registers
                 // whatever `sink` stores.
-                let (mask, mut used_desc, mut last_used) = (self.mask, self.used_desc, self.last_used);
+                // The loop counts with `last_used` alone (up to `end`) and frees by
+                // `used_desc` alone; what it took and freed follows from the two at the
+                // end, so that fewer counters compete for registers.
+                let (mask, first_desc, first_used) = (self.mask, self.used_desc, self.last_used);
                 let (used, tokens, posted_len, links) =
                     (self.used, self.tokens.as_ptr(), self.posted_len.as_ptr(), self.links.as_ptr());
-                let mut freed = 0u16;
-                let start = k;
-                while k < n {
+                let end = first_used.wrapping_add(n - k);
+                let (mut used_desc, mut last_used) = (first_desc, first_used);
+                while last_used != end {
                     let head = used_desc & mask;
                     // SAFETY: `used` is this ring's device area; the slot is masked below
                     // `size`.
@@ -196,14 +199,14 @@ impl DriverRing {
                     }
                     used_desc = used_desc.wrapping_add(nd);
                     last_used = last_used.wrapping_add(1);
-                    freed += nd;
-                    k += 1;
                     sink.used(token, len);
                 }
+                let took = last_used.wrapping_sub(first_used);
+                k += took;
                 self.used_desc = used_desc;
                 self.last_used = last_used;
-                self.nfree += freed;
-                self.heads -= k - start;
+                self.nfree += used_desc.wrapping_sub(first_desc);
+                self.heads -= took;
                 if k == n {
                     break;
                 }
