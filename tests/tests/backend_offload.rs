@@ -523,13 +523,92 @@ fn a_frame_no_receive_ring_can_hold_is_dropped_and_the_rest_flow() {
         assert_eq!(num_buffers(&got), 1, "frame {k}");
         assert_eq!(&got[NET_HDR_LEN..], &f[..], "frame {k}: bytes");
     }
+    one_dropped_as_ring_too_small(backend, &sock);
+}
+
+/// The final counts of the `rx_ring_too_small` tests: four frames received, the three
+/// small ones (500 bytes) delivered, the jumbo one dropped as `rx_ring_too_small`, and
+/// nothing else; no queue broken.
+fn one_dropped_as_ring_too_small(backend: Backend, sock: &Path) {
     let fin = backend.stop();
-    let dev = device(&fin, &sock);
+    let dev = device(&fin, sock);
     assert_eq!((counter(dev, "rx_packets"), counter(dev, "tx_packets")), (4, 3), "{dev}");
     assert_eq!(counter(dev, "tx_bytes"), 500);
     assert_eq!(counter(dev, "drops.rx_ring_too_small"), 1, "{dev}");
     assert_eq!(total_drops(dev), 1, "{dev}");
     assert_eq!(dev["broken_queues"].as_u64(), Some(0));
+}
+
+/// [`a_frame_no_receive_ring_can_hold_is_dropped_and_the_rest_flow`] on packed rings
+/// (`VIRTIO_F_RING_PACKED` negotiated, rings written by hand): the same 8-entry receive
+/// ring of chains of two 512-byte descriptors (chain c at positions 2c, 2c+1, its buffer
+/// id c in both), the same 5000-byte frame through `reflect`: it waits while the ring has
+/// free descriptors (its transmit descriptor stays available, no receive descriptor
+/// used), then, once the 4th chain fills the ring, is dropped as `rx_ring_too_small` (its
+/// transmit descriptor used); the three frames after it arrive byte for byte, each in one
+/// chain (used descriptors at positions 0, 2, 4 with ids 0, 1, 2, `num_buffers` 1), and
+/// the counts are exact.
+#[test]
+fn a_frame_no_packed_receive_ring_can_hold_is_dropped_and_the_rest_flow() {
+    use driver::packed::{self, PackedDescriptor, DESC_F_NEXT, DESC_F_WRITE};
+    const RX_RING: u16 = 8;
+    const AV: u16 = packed::avail_flags(true);
+    let _serial = serial();
+    let dir = TempDir::new("offload-ringsmall-packed");
+    let sock = dir.join("r.sock");
+    let backend = Backend::start(&["--port", &port("reflect", &sock), "--mtu", "9000", "--cores", "1"]);
+    let want = mrg() | features::bit(features::RING_PACKED);
+    let mut fe = RawFrontend::connect(&sock, MEM, want).unwrap();
+    assert_eq!(fe.features() & want, want, "packed rings and mergeable buffers negotiated");
+    fe.setup_packed_queue(RX, RX_RING).unwrap();
+    fe.setup_packed_queue(TX, RING).unwrap();
+    wait_connected(&backend, &[&sock]);
+    let pdesc = |addr, len, id, flags| PackedDescriptor { addr, len, id, flags };
+    // Chain c: its second descriptor first, then the head, whose flags make it available.
+    let mut bufs = Vec::new();
+    let mut post = |fe: &mut RawFrontend, c: u16| {
+        let (a, b) = (fe.alloc(512, 64).unwrap(), fe.alloc(512, 64).unwrap());
+        fe.write_packed_desc(RX, 2 * c + 1, pdesc(b, 512, c, AV | DESC_F_WRITE)).unwrap();
+        fe.write_packed_desc(RX, 2 * c, pdesc(a, 512, c, AV | DESC_F_WRITE | DESC_F_NEXT)).unwrap();
+        fe.kick(RX).unwrap();
+        bufs.push(a);
+    };
+    // Frame k goes out in transmit descriptor k (header and frame in one buffer).
+    let send = |fe: &mut RawFrontend, k: u16, frame: &[u8]| {
+        let mut p = vec![0u8; NET_HDR_LEN];
+        p.extend_from_slice(frame);
+        let g = fe.alloc(p.len(), 64).unwrap();
+        fe.write_mem(g, &p).unwrap();
+        fe.write_packed_desc(TX, k, pdesc(g, p.len() as u32, k, AV)).unwrap();
+        fe.kick(TX).unwrap();
+    };
+    let used =
+        |fe: &RawFrontend, q: u16, pos: u16| packed::is_used(fe.packed_desc(q, pos).unwrap().flags, true);
+    for c in 0..3 {
+        post(&mut fe, c);
+    }
+    let jumbo = test_frame(5000, 1);
+    send(&mut fe, 0, &jumbo);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!used(&fe, TX, 0), "with free descriptors in the ring the frame waits");
+    assert!(!used(&fe, RX, 0));
+    post(&mut fe, 3);
+    fe.wait_packed_used(TX, 0, true, IO_TIMEOUT).unwrap();
+    assert!(!used(&fe, RX, 0), "nothing of the dropped frame delivered");
+    let small: Vec<Vec<u8>> = [100, 100, 300].iter().zip(2u16..).map(|(&l, s)| test_frame(l, s)).collect();
+    for (k, f) in small.iter().enumerate() {
+        send(&mut fe, 1 + k as u16, f);
+    }
+    fe.wait_packed_used(TX, 3, true, IO_TIMEOUT).unwrap();
+    for (k, f) in small.iter().enumerate() {
+        let u = fe.wait_packed_used(RX, 2 * k as u16, true, IO_TIMEOUT).unwrap();
+        assert_eq!((u.id, u.len as usize), (k as u16, NET_HDR_LEN + f.len()), "frame {k}: used descriptor");
+        let got = fe.read_mem(bufs[k], NET_HDR_LEN + f.len()).unwrap();
+        assert_eq!(num_buffers(&got), 1, "frame {k}");
+        assert_eq!(&got[NET_HDR_LEN..], &f[..], "frame {k}: bytes");
+    }
+    assert!(!used(&fe, RX, 6), "the 4th chain stays available");
+    one_dropped_as_ring_too_small(backend, &sock);
 }
 
 /// `xconnect` with mergeable buffers on one side only: A (mergeable) receives jumbo
