@@ -227,7 +227,7 @@ impl Backend {
                         let max_frame = cfg.mtu as usize + 18;
                         // Offload events are counted on the sending device's pair.
                         let counted = |d: &Arc<Device>| {
-                            forwards.then(|| handoff::OffloadStats { dev: d.clone(), pair: p as usize })
+                            forwards.then(|| handoff::OffloadStats::new(d.clone(), p as usize))
                         };
                         let (s_ab, r_ab) = handoff::channel(max_frame, counted(&devs[0]));
                         let (s_ba, r_ba) = handoff::channel(max_frame, counted(&devs[1]));

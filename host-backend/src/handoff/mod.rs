@@ -70,7 +70,7 @@ use crate::port::{PortPath, Took};
 use crate::ptr_ring::{Consumer, Producer, PtrRing};
 use crate::ring::Ring;
 use crate::split_ring::{gather, scatter, Chain, ChainBuf, Dir, RingFault};
-use crate::stats::{BurstCounts, DropReason, OffloadCounts};
+use crate::stats::{BurstCounts, DropReason, OffloadCounts, OFFLOAD_EVENTS};
 
 /// Frame buffers per direction (also the capacity of both rings, so returns always fit).
 pub const FRAMES: usize = 1024;
@@ -197,12 +197,24 @@ pub struct OffloadStats {
     pub dev: Arc<Device>,
     /// Its queue pair.
     pub pair: usize,
+    /// Events of this burst not added yet: both workers add to that pair's counters, so
+    /// each does so once per burst, not per frame (the line would bounce between them).
+    counts: OffloadCounts,
 }
 
 impl OffloadStats {
-    fn count(&self, oc: &OffloadCounts) {
-        if let Some(s) = self.dev.stats.get(self.pair) {
-            s.flush_offloads(oc);
+    /// Counts offload events on `dev`'s queue pair `pair`.
+    pub fn new(dev: Arc<Device>, pair: usize) -> OffloadStats {
+        OffloadStats { dev, pair, counts: OffloadCounts::default() }
+    }
+
+    /// Adds the burst's events to the pair's counters.
+    fn flush(&mut self) {
+        if self.counts.0 != [0; OFFLOAD_EVENTS] {
+            if let Some(s) = self.dev.stats.get(self.pair) {
+                s.flush_offloads(&self.counts);
+            }
+            self.counts = OffloadCounts::default();
         }
     }
 }
@@ -376,6 +388,9 @@ impl Sender {
                 out.push(token(idx, len as usize));
             })
         });
+        if let Some(o) = off {
+            o.stats.flush();
+        }
         self.full.produce_batch(&mut self.out);
         res
     }
@@ -423,9 +438,7 @@ impl TxOffload {
                     store.headers.store(true, Ordering::Relaxed);
                 }
                 out.push(token_hdr(idx, len));
-                let mut oc = OffloadCounts::default();
-                oc.add(offload::request_event(&hdr), 1);
-                self.stats.count(&oc);
+                self.stats.counts.add(offload::request_event(&hdr), 1);
                 Took::Frame(len as u64)
             }
             Err(why) => {
@@ -613,6 +626,7 @@ impl Receiver {
         self.free.produce_batch(&mut self.done);
         if let Some(o) = self.offload.as_deref_mut().filter(|_| OFFLOAD) {
             o.free.produce_batch(&mut o.done);
+            o.stats.flush();
         }
         match failed {
             Some(b) => Err(b),
@@ -692,9 +706,7 @@ impl RxOffload {
             let mut h = [0u8; NET_HDR_LEN];
             let n = hdr.len().min(NET_HDR_LEN);
             h[..n].copy_from_slice(&hdr[..n]);
-            let mut oc = OffloadCounts::default();
-            self.out.plan(NetHdr::from_bytes(h), frame, rx, &mut oc);
-            self.stats.count(&oc);
+            self.out.plan(NetHdr::from_bytes(h), frame, rx, &mut self.stats.counts);
         }
         self.out.drain(frame, &mut self.seg, ring, mem, nrx, used, chain, more, rx.mrg_rxbuf, c)?;
         if self.out.pending() {

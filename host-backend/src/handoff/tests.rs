@@ -102,7 +102,7 @@ fn receive(r: &mut Receiver, rx: Option<(&mut Fixture, &RxConfig)>, c: &mut Burs
 #[test]
 fn a_super_frame_crosses_whole_or_in_segments() {
     let dev = device();
-    let (mut s, mut r) = channel(MAX_FRAME as usize, Some(OffloadStats { dev: dev.clone(), pair: 0 }));
+    let (mut s, mut r) = channel(MAX_FRAME as usize, Some(OffloadStats::new(dev.clone(), 0)));
     let (mut tx, mut rx) = (fixture(16, 0, false), fixture(16, 0, false));
     let super_frame = tcp4(4000);
     let plain = tcp4(100);
@@ -167,7 +167,7 @@ fn a_super_frame_crosses_whole_or_in_segments() {
 #[test]
 fn requests_are_checked_on_the_sending_side() {
     let dev = device();
-    let (mut s, r) = channel(MAX_FRAME as usize, Some(OffloadStats { dev: dev.clone(), pair: 0 }));
+    let (mut s, r) = channel(MAX_FRAME as usize, Some(OffloadStats::new(dev.clone(), 0)));
     let mut tx = fixture(16, 0, false);
     transmit(&mut tx, &[packet(tso4(1448), &tcp4(4000))]);
     let mut c = BurstCounts::default();
@@ -188,7 +188,7 @@ fn requests_are_checked_on_the_sending_side() {
 #[test]
 fn a_super_frame_waits_for_a_big_buffer() {
     let dev = device();
-    let (mut s, mut r) = channel(MAX_FRAME as usize, Some(OffloadStats { dev, pair: 0 }));
+    let (mut s, mut r) = channel(MAX_FRAME as usize, Some(OffloadStats::new(dev, 0)));
     let mut tx = fixture(32, 0, false);
     let pkts = vec![packet(tso4(1448), &tcp4(4000)); BIG_FRAMES + 1];
     transmit(&mut tx, &pkts);
@@ -208,7 +208,7 @@ fn a_super_frame_waits_for_a_big_buffer() {
 #[test]
 fn segments_left_when_the_peer_goes_are_counted() {
     let dev = device();
-    let (mut s, mut r) = channel(MAX_FRAME as usize, Some(OffloadStats { dev, pair: 0 }));
+    let (mut s, mut r) = channel(MAX_FRAME as usize, Some(OffloadStats::new(dev, 0)));
     let (mut tx, mut rx) = (fixture(16, 0, false), fixture(16, 0, false));
     transmit(&mut tx, &[packet(tso4(1448), &tcp4(4000))]);
     let mut c = BurstCounts::default();
