@@ -261,14 +261,31 @@ run_dpdk() {
              printf "  port 2 frames dumped: %d, with RX_LRO: %d, lengths:%s\n", n, l, s}' "$fl" >>"$WORK/$tag.check"
 }
 
+# reap: every process the last run left (one that failed midway returns before its own
+# stop) asked to stop, killed after 2 s, and waited for; the control fifos closed.
+reap() {
+    local p _
+    for p in $PIDS; do kill -TERM "$p" 2>/dev/null; done
+    for _ in $(seq 20); do
+        for p in $PIDS; do kill -0 "$p" 2>/dev/null && break; p=""; done
+        [ -z "$p" ] && break
+        sleep 0.1
+    done
+    for p in $PIDS; do kill -KILL "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+    PIDS=""
+    exec 7>&- 8>&-
+}
+
 run_one() { # WHO TAG
+    local rc=0
     rm -f "$WORK/$2".*.sock
     case $1 in
-    whole|seg) run_ours "$1" "$2" ;;
-    dpdk) run_dpdk "$2" ;;
+    whole|seg) run_ours "$1" "$2" || rc=1 ;;
+    dpdk) run_dpdk "$2" || rc=1 ;;
     *) echo "tso.sh: unknown row $1" >&2; return 1 ;;
     esac
-    [ -s "$WORK/$2.samples" ]
+    reap
+    [ "$rc" = 0 ] && [ -s "$WORK/$2.samples" ]
 }
 
 echo "# $(date -u +%FT%TZ) TSO through a cross-connect, $(git rev-parse --short HEAD 2>/dev/null) | $(dpdk-testpmd -v 2>&1 | grep -o 'DPDK [0-9.]*' | head -1) | super-frame $SIZE B ($SEGS x $MSS payload), our testpmd's --mbuf-size ${BUF:-default}, DPDK's front-end mbufs $DPDK_MBUF"

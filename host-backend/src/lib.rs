@@ -84,12 +84,12 @@ fn gso_offloads() -> u64 {
     bit(vn::VIRTIO_NET_F_GUEST_CSUM) | bit(vn::VIRTIO_NET_F_GUEST_TSO4) | bit(vn::VIRTIO_NET_F_GUEST_TSO6)
 }
 
-/// Offloads a forwarding port (`reflect`, `xconnect`) offers unless `--no-offloads` (or
-/// `--handoff`, whose frame store carries no super-frames or headers): the host side
-/// (the device completes checksums and segments TCPv4/TCPv6/UDP super-frames a guest
-/// sends, `port::offload`), and the guest side, so that a super-frame reaches a guest
-/// that takes it whole. A `sink` offers the host side too (it drops every frame, and
-/// takes a super-frame whole, `port::sink`).
+/// Offloads a forwarding port (`reflect`, `xconnect`, also with `--handoff`) offers
+/// unless `--no-offloads`: the host side (the device completes checksums and segments
+/// TCPv4/TCPv6/UDP super-frames a guest sends, `port::offload`; with `--handoff` the
+/// frames and their headers cross between the workers, `handoff`), and the guest side, so
+/// that a super-frame reaches a guest that takes it whole. A `sink` offers the host side
+/// too (it drops every frame, and takes a super-frame whole, `port::sink`).
 fn forward_offloads() -> (u64, u64) {
     use spec::layout::features::{self as f, bit};
     let host = bit(f::NET_CSUM) | bit(f::NET_HOST_TSO4) | bit(f::NET_HOST_TSO6) | bit(f::NET_HOST_USO);
@@ -144,9 +144,7 @@ impl Backend {
             group - 1
         };
         for spec in &cfg.ports {
-            let forwards = matches!(spec.kind, PortKind::Reflect | PortKind::Xconnect)
-                && !cfg.no_offloads
-                && !(spec.kind == PortKind::Xconnect && cfg.handoff);
+            let forwards = matches!(spec.kind, PortKind::Reflect | PortKind::Xconnect) && !cfg.no_offloads;
             let devs: Vec<Arc<Device>> = spec
                 .sockets
                 .iter()
@@ -228,8 +226,12 @@ impl Backend {
                     PortKind::Xconnect if device_groups.is_some() => {
                         let (ga, gb) = device_groups.expect("checked by the guard");
                         let max_frame = cfg.mtu as usize + 18;
-                        let (s_ab, r_ab) = handoff::channel(max_frame);
-                        let (s_ba, r_ba) = handoff::channel(max_frame);
+                        // Offload events are counted on the sending device's pair.
+                        let counted = |d: &Arc<Device>| {
+                            forwards.then(|| handoff::OffloadStats::new(d.clone(), p as usize))
+                        };
+                        let (s_ab, r_ab) = handoff::channel(max_frame, counted(&devs[0]));
+                        let (s_ba, r_ba) = handoff::channel(max_frame, counted(&devs[1]));
                         paths.push((ga, PortPath::hand_out(&devs[0], txq, s_ab)));
                         paths.push((ga, PortPath::hand_in(&devs[0], rxq, r_ba)));
                         paths.push((gb, PortPath::hand_out(&devs[1], txq, s_ba)));

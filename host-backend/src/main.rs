@@ -92,9 +92,9 @@ struct Args {
     /// frames between the workers through batched pointer rings.
     #[arg(long)]
     handoff: bool,
-    /// reflect, xconnect, tap, sink: do not offer checksum and segmentation offloads
-    /// (CSUM, HOST_TSO4/6, HOST_USO, GUEST_CSUM, GUEST_TSO4/6; offered by default, not
-    /// with --handoff; a sink takes super-frames whole and drops them).
+    /// reflect, xconnect (also with --handoff), tap, sink: do not offer checksum and
+    /// segmentation offloads (CSUM, HOST_TSO4/6, HOST_USO, GUEST_CSUM, GUEST_TSO4/6;
+    /// offered by default; a sink takes super-frames whole and drops them).
     #[arg(long)]
     no_offloads: bool,
     /// MTU reported to front-ends.

@@ -108,7 +108,8 @@ pub const OFFLOAD_EVENTS: usize = 6;
 pub const OFFLOAD_NAMES: [&str; OFFLOAD_EVENTS] =
     ["csum_requests", "gso_requests", "passed_whole", "sw_csum", "sw_gso", "sw_segments"];
 
-/// Offload events of one frame (or a few), added to [`PairStats`] right away: the
+/// Offload events of one frame (or a few), added to [`PairStats`] right away (`--handoff`:
+/// at the end of the burst, as both of its workers add to the sending pair's): the
 /// offload path is out of line and per super-frame, so the 64-byte bursts' accumulator
 /// ([`BurstCounts`]) does not carry them.
 #[derive(Debug, Default, Clone, Copy)]

@@ -2,7 +2,10 @@
 //! (checksum and segmentation) through `reflect` and `xconnect`, against front-ends we
 //! control byte for byte ([`RawFrontend`]), against DPDK's virtio-user, and with our
 //! driver on both ends (`driver_tso_through_xconnect_*`: its TSO requests segmented here
-//! for a receiver without GUEST_TSO, or delivered whole to one with it).
+//! for a receiver without GUEST_TSO, or delivered whole to one with it). The offload
+//! tests of `xconnect` run twice: on one worker, and with `--handoff` (`*_handoff*`: each
+//! device on its own worker, the frames and their headers handed between the two), with
+//! the same outcomes and counts.
 //!
 //! Every test takes the cross-binary [`serial`] lock, bounds every wait, stops every
 //! process it started (the `Backend` and `Testpmd` guards kill theirs when a test
@@ -49,10 +52,30 @@ fn port(kind: &str, sock: &Path) -> String {
 /// A backend with one `xconnect` pair (sockets `a.sock`, `b.sock` in a new temporary
 /// directory tagged `tag`) on one worker, plus `extra` arguments.
 fn xconnect(tag: &str, extra: &[&str]) -> (TempDir, std::path::PathBuf, std::path::PathBuf, Backend) {
+    xconnect_on(tag, false, extra)
+}
+
+/// The workers: one, or with `handoff` two, each device of a cross-connect on its own
+/// (`--handoff`: frames handed between the two workers through the pointer rings).
+fn workers(handoff: bool) -> &'static [&'static str] {
+    if handoff {
+        &["--handoff", "--cores", "0,1"]
+    } else {
+        &["--cores", "1"]
+    }
+}
+
+/// [`xconnect`], or with `handoff` each device on its own worker ([`workers`]).
+fn xconnect_on(
+    tag: &str,
+    handoff: bool,
+    extra: &[&str],
+) -> (TempDir, std::path::PathBuf, std::path::PathBuf, Backend) {
     let dir = TempDir::new(tag);
     let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
     let xc = format!("xconnect:{},{}", sa.display(), sb.display());
-    let mut args = vec!["--port", xc.as_str(), "--cores", "1"];
+    let mut args = vec!["--port", xc.as_str()];
+    args.extend_from_slice(workers(handoff));
     args.extend_from_slice(extra);
     let backend = Backend::start(&args);
     (dir, sa, sb, backend)
@@ -500,13 +523,92 @@ fn a_frame_no_receive_ring_can_hold_is_dropped_and_the_rest_flow() {
         assert_eq!(num_buffers(&got), 1, "frame {k}");
         assert_eq!(&got[NET_HDR_LEN..], &f[..], "frame {k}: bytes");
     }
+    one_dropped_as_ring_too_small(backend, &sock);
+}
+
+/// The final counts of the `rx_ring_too_small` tests: four frames received, the three
+/// small ones (500 bytes) delivered, the jumbo one dropped as `rx_ring_too_small`, and
+/// nothing else; no queue broken.
+fn one_dropped_as_ring_too_small(backend: Backend, sock: &Path) {
     let fin = backend.stop();
-    let dev = device(&fin, &sock);
+    let dev = device(&fin, sock);
     assert_eq!((counter(dev, "rx_packets"), counter(dev, "tx_packets")), (4, 3), "{dev}");
     assert_eq!(counter(dev, "tx_bytes"), 500);
     assert_eq!(counter(dev, "drops.rx_ring_too_small"), 1, "{dev}");
     assert_eq!(total_drops(dev), 1, "{dev}");
     assert_eq!(dev["broken_queues"].as_u64(), Some(0));
+}
+
+/// [`a_frame_no_receive_ring_can_hold_is_dropped_and_the_rest_flow`] on packed rings
+/// (`VIRTIO_F_RING_PACKED` negotiated, rings written by hand): the same 8-entry receive
+/// ring of chains of two 512-byte descriptors (chain c at positions 2c, 2c+1, its buffer
+/// id c in both), the same 5000-byte frame through `reflect`: it waits while the ring has
+/// free descriptors (its transmit descriptor stays available, no receive descriptor
+/// used), then, once the 4th chain fills the ring, is dropped as `rx_ring_too_small` (its
+/// transmit descriptor used); the three frames after it arrive byte for byte, each in one
+/// chain (used descriptors at positions 0, 2, 4 with ids 0, 1, 2, `num_buffers` 1), and
+/// the counts are exact.
+#[test]
+fn a_frame_no_packed_receive_ring_can_hold_is_dropped_and_the_rest_flow() {
+    use driver::packed::{self, PackedDescriptor, DESC_F_NEXT, DESC_F_WRITE};
+    const RX_RING: u16 = 8;
+    const AV: u16 = packed::avail_flags(true);
+    let _serial = serial();
+    let dir = TempDir::new("offload-ringsmall-packed");
+    let sock = dir.join("r.sock");
+    let backend = Backend::start(&["--port", &port("reflect", &sock), "--mtu", "9000", "--cores", "1"]);
+    let want = mrg() | features::bit(features::RING_PACKED);
+    let mut fe = RawFrontend::connect(&sock, MEM, want).unwrap();
+    assert_eq!(fe.features() & want, want, "packed rings and mergeable buffers negotiated");
+    fe.setup_packed_queue(RX, RX_RING).unwrap();
+    fe.setup_packed_queue(TX, RING).unwrap();
+    wait_connected(&backend, &[&sock]);
+    let pdesc = |addr, len, id, flags| PackedDescriptor { addr, len, id, flags };
+    // Chain c: its second descriptor first, then the head, whose flags make it available.
+    let mut bufs = Vec::new();
+    let mut post = |fe: &mut RawFrontend, c: u16| {
+        let (a, b) = (fe.alloc(512, 64).unwrap(), fe.alloc(512, 64).unwrap());
+        fe.write_packed_desc(RX, 2 * c + 1, pdesc(b, 512, c, AV | DESC_F_WRITE)).unwrap();
+        fe.write_packed_desc(RX, 2 * c, pdesc(a, 512, c, AV | DESC_F_WRITE | DESC_F_NEXT)).unwrap();
+        fe.kick(RX).unwrap();
+        bufs.push(a);
+    };
+    // Frame k goes out in transmit descriptor k (header and frame in one buffer).
+    let send = |fe: &mut RawFrontend, k: u16, frame: &[u8]| {
+        let mut p = vec![0u8; NET_HDR_LEN];
+        p.extend_from_slice(frame);
+        let g = fe.alloc(p.len(), 64).unwrap();
+        fe.write_mem(g, &p).unwrap();
+        fe.write_packed_desc(TX, k, pdesc(g, p.len() as u32, k, AV)).unwrap();
+        fe.kick(TX).unwrap();
+    };
+    let used =
+        |fe: &RawFrontend, q: u16, pos: u16| packed::is_used(fe.packed_desc(q, pos).unwrap().flags, true);
+    for c in 0..3 {
+        post(&mut fe, c);
+    }
+    let jumbo = test_frame(5000, 1);
+    send(&mut fe, 0, &jumbo);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!used(&fe, TX, 0), "with free descriptors in the ring the frame waits");
+    assert!(!used(&fe, RX, 0));
+    post(&mut fe, 3);
+    fe.wait_packed_used(TX, 0, true, IO_TIMEOUT).unwrap();
+    assert!(!used(&fe, RX, 0), "nothing of the dropped frame delivered");
+    let small: Vec<Vec<u8>> = [100, 100, 300].iter().zip(2u16..).map(|(&l, s)| test_frame(l, s)).collect();
+    for (k, f) in small.iter().enumerate() {
+        send(&mut fe, 1 + k as u16, f);
+    }
+    fe.wait_packed_used(TX, 3, true, IO_TIMEOUT).unwrap();
+    for (k, f) in small.iter().enumerate() {
+        let u = fe.wait_packed_used(RX, 2 * k as u16, true, IO_TIMEOUT).unwrap();
+        assert_eq!((u.id, u.len as usize), (k as u16, NET_HDR_LEN + f.len()), "frame {k}: used descriptor");
+        let got = fe.read_mem(bufs[k], NET_HDR_LEN + f.len()).unwrap();
+        assert_eq!(num_buffers(&got), 1, "frame {k}");
+        assert_eq!(&got[NET_HDR_LEN..], &f[..], "frame {k}: bytes");
+    }
+    assert!(!used(&fe, RX, 6), "the 4th chain stays available");
+    one_dropped_as_ring_too_small(backend, &sock);
 }
 
 /// `xconnect` with mergeable buffers on one side only: A (mergeable) receives jumbo
@@ -851,9 +953,19 @@ fn check_segment(frame: &[u8], v6: bool) -> (u32, (bool, bool), Option<u16>, Vec
 /// receives the super-frame whole with its GSO header.
 #[test]
 fn tso_super_frames_segmented_or_whole() {
+    tso_super_frames(false);
+}
+
+/// [`tso_super_frames_segmented_or_whole`] with `--handoff`.
+#[test]
+fn tso_super_frames_segmented_or_whole_handoff() {
+    tso_super_frames(true);
+}
+
+fn tso_super_frames(handoff: bool) {
     let _serial = serial();
     for b_whole in [false, true] {
-        let (_dir, sa, sb, backend) = xconnect("offload-tso", &[]);
+        let (_dir, sa, sb, backend) = xconnect_on("offload-tso", handoff, &[]);
         let mut a = raw(&sa, host_offloads() | mrg());
         let b_want = if b_whole { guest_offloads() | mrg() } else { 0 };
         let mut b = raw(&sb, b_want);
@@ -981,9 +1093,19 @@ fn offloads(dev: &Value) -> [u64; 6] {
 /// request in its header.
 #[test]
 fn needs_csum_completed_for_a_peer_without_guest_csum() {
+    needs_csum(false);
+}
+
+/// [`needs_csum_completed_for_a_peer_without_guest_csum`] with `--handoff`.
+#[test]
+fn needs_csum_completed_for_a_peer_without_guest_csum_handoff() {
+    needs_csum(true);
+}
+
+fn needs_csum(handoff: bool) {
     let _serial = serial();
     for b_csum in [false, true] {
-        let (_dir, sa, sb, backend) = xconnect("offload-csum", &[]);
+        let (_dir, sa, sb, backend) = xconnect_on("offload-csum", handoff, &[]);
         let mut a = raw(&sa, bits(&[features::NET_CSUM]));
         let b_want = if b_csum { bits(&[features::NET_GUEST_CSUM]) } else { 0 };
         let mut b = raw(&sb, b_want);
@@ -1032,11 +1154,25 @@ fn needs_csum_completed_for_a_peer_without_guest_csum() {
 /// counts byte for byte all along.
 #[test]
 fn hostile_offload_requests_are_dropped_and_counted() {
+    hostile_offload_requests(false);
+}
+
+/// [`hostile_offload_requests_are_dropped_and_counted`] with `--handoff` (A and the
+/// `reflect` device on one worker, B on the other): refused on A's side, as there.
+#[test]
+fn hostile_offload_requests_are_dropped_and_counted_handoff() {
+    hostile_offload_requests(true);
+}
+
+fn hostile_offload_requests(handoff: bool) {
     let _serial = serial();
     let dir = TempDir::new("offload-hostile");
     let (sa, sb, sg) = (dir.join("a.sock"), dir.join("b.sock"), dir.join("good.sock"));
     let xc = format!("xconnect:{},{}", sa.display(), sb.display());
-    let backend = Backend::start(&["--port", &xc, "--port", &port("reflect", &sg), "--cores", "1"]);
+    let reflect = port("reflect", &sg);
+    let mut args = vec!["--port", xc.as_str(), "--port", reflect.as_str()];
+    args.extend_from_slice(workers(handoff));
+    let backend = Backend::start(&args);
     let tso4_only = bits(&[features::NET_CSUM, features::NET_HOST_TSO4]);
     let mut a = raw(&sa, tso4_only);
     let mut b = raw(&sb, 0);
@@ -1123,9 +1259,19 @@ fn udp_frame(v6: bool, payload: &[u8]) -> Vec<u8> {
 /// counted as segmented on A.
 #[test]
 fn uso_super_frames_segmented_into_valid_datagrams() {
+    uso_super_frames(false);
+}
+
+/// [`uso_super_frames_segmented_into_valid_datagrams`] with `--handoff`.
+#[test]
+fn uso_super_frames_segmented_into_valid_datagrams_handoff() {
+    uso_super_frames(true);
+}
+
+fn uso_super_frames(handoff: bool) {
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
     let _serial = serial();
-    let (_dir, sa, sb, backend) = xconnect("offload-uso", &[]);
+    let (_dir, sa, sb, backend) = xconnect_on("offload-uso", handoff, &[]);
     let uso = bits(&[features::NET_CSUM, features::NET_HOST_USO]);
     let mut a = raw(&sa, uso);
     let mut b = raw(&sb, 0);
@@ -1195,10 +1341,11 @@ fn uso_super_frames_segmented_into_valid_datagrams() {
 /// buffers) with their TSO request on the packet; B, without receive offloads, gets
 /// valid segments (checked independently) whose payloads concatenate to the original;
 /// with GUEST_CSUM, GUEST_TSO4/6 and MRG_RXBUF it gets each super-frame whole (merged
-/// from several buffers) with the request in its receive metadata.
-fn driver_tso_through_xconnect(b_whole: bool) {
+/// from several buffers) with the request in its receive metadata. With `handoff`, each
+/// device on its own worker (`--handoff`).
+fn driver_tso_through_xconnect(b_whole: bool, handoff: bool) {
     let _serial = serial();
-    let (_dir, sa, sb, backend) = xconnect("offload-drv-tso", &[]);
+    let (_dir, sa, sb, backend) = xconnect_on("offload-drv-tso", handoff, &[]);
     let mut a = driver_common::open(PortConfig { features: host_offloads(), ..PortConfig::virtio_user(&sa) })
         .unwrap_or_else(|e| panic!("open A: {e}"));
     let b_features = if b_whole { guest_offloads() | mrg() } else { 0 };
@@ -1307,10 +1454,20 @@ fn driver_tso_through_xconnect(b_whole: bool) {
 
 #[test]
 fn driver_tso_through_xconnect_segmented() {
-    driver_tso_through_xconnect(false);
+    driver_tso_through_xconnect(false, false);
 }
 
 #[test]
 fn driver_tso_through_xconnect_whole() {
-    driver_tso_through_xconnect(true);
+    driver_tso_through_xconnect(true, false);
+}
+
+#[test]
+fn driver_tso_through_xconnect_handoff_segmented() {
+    driver_tso_through_xconnect(false, true);
+}
+
+#[test]
+fn driver_tso_through_xconnect_handoff_whole() {
+    driver_tso_through_xconnect(true, true);
 }

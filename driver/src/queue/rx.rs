@@ -84,35 +84,64 @@ pub(super) struct RxHalf<R: Ring> {
     reset: ResetPoint,
 }
 
+/// How a refill finds the device address of a pool buffer: one implementation per
+/// pool kind, so that the refill loop has no branch on it.
+trait BufIova {
+    /// The device address of the first byte of buffer `i`, a buffer the refill took
+    /// from the pool.
+    fn iova(&self, i: u32) -> u64;
+}
+
+/// A linearly mapped pool ([`Mempool::linear_iova`]): `base + i * step`.
+struct LinearIova {
+    base: u64,
+    step: u64,
+}
+
+impl BufIova for LinearIova {
+    #[inline(always)]
+    fn iova(&self, i: u32) -> u64 {
+        self.base + i as u64 * self.step
+    }
+}
+
+/// Any other pool: the arena's translation per buffer.
+struct PoolIova<'a>(&'a Mempool);
+
+impl BufIova for PoolIova<'_> {
+    #[inline(always)]
+    fn iova(&self, i: u32) -> u64 {
+        // SAFETY: `i` was taken from the pool by this refill (`BufIova`): a buffer index.
+        unsafe { self.0.buf(i).1 }
+    }
+}
+
 /// The buffers of one refill: pool indices taken under one lock, posted at their
 /// header slots.
-struct RefillSource<'a> {
+struct RefillSource<A: BufIova> {
     idx: [u32; BATCH],
-    pool: &'a Mempool,
-    linear: Option<(u64, u64)>,
+    addr: A,
     off: u64,
     post_len: u32,
 }
 
-impl PostSource for RefillSource<'_> {
+impl<A: BufIova> PostSource for RefillSource<A> {
     #[inline(always)]
     fn buffer(&mut self, k: usize, _id: u16) -> (u64, u32, u32) {
         let i = self.idx[k & (BATCH - 1)]; // k < BATCH
-        let iova = match self.linear {
-            Some((base, step)) => base + i as u64 * step,
-            // SAFETY: `i` was taken from the pool by this refill: a buffer index.
-            None => unsafe { self.pool.buf(i).1 },
-        };
-        (iova + self.off, self.post_len, i)
+        (self.addr.iova(i) + self.off, self.post_len, i)
     }
 }
 
 /// Where one plain receive burst puts its frames (see `rx_plain`). `L`: the queue's
 /// frame-length limit (`rx/limit.rs`), [`NoLimit`] (a zero-sized type: the loop is the
 /// one without a limit, field for field) or [`Limit`].
-struct RxSink<'a, 'b, L: FrameLimit> {
-    batch: &'b mut Vec<Packet>,
-    rec: Recycle<'a>,
+struct RxSink<'a, 'r, L: FrameLimit> {
+    /// The spare capacity of the caller's vector, reserved for the whole burst
+    /// (`rx_plain_as`): each frame is written in place, the length set once at the end.
+    out: *mut Packet,
+    got: usize,
+    rec: &'r mut Recycle<'a>,
     headroom: u16,
     bytes: u64,
     errors: u64,
@@ -138,8 +167,14 @@ impl<L: FrameLimit> UsedSink for RxSink<'_, '_, L> {
             return;
         }
         self.bytes += data_len as u64;
-        // SAFETY: a buffer of ours (above), data at the headroom within the posted length.
-        self.batch.push(unsafe { self.rec.pool.packet(idx, self.headroom, data_len as u16) });
+        // SAFETY: a buffer of ours (above), data at the headroom within the posted length;
+        // written into the reserved capacity: the ring passes at most the `n` buffers
+        // asked for (`rx_plain_as` reserved them), so `got < n`.
+        unsafe {
+            let p = self.rec.pool.packet(idx, self.headroom, data_len as u16);
+            self.out.add(self.got).write(p);
+        }
+        self.got += 1;
     }
 }
 
@@ -297,29 +332,48 @@ impl<R: Ring> RxHalf<R> {
     /// line of free descriptors) or the pool is empty (one pool lock per batch, one avail
     /// publish).
     fn refill(&mut self) {
-        let mut src = RefillSource {
-            idx: [0u32; BATCH],
-            pool: &self.pool,
-            linear: self.linear_iova,
-            // Where the device writes: the header slot, the 12 bytes before the data.
-            off: self.headroom as u64 - NET_HDR_LEN as u64,
-            post_len: self.post_len,
-        };
+        // Where the device writes: the header slot, the 12 bytes before the data.
+        let off = self.headroom as u64 - NET_HDR_LEN as u64;
+        match self.linear_iova {
+            Some((base, step)) => {
+                let src = RefillSource {
+                    idx: [0; BATCH],
+                    addr: LinearIova { base, step },
+                    off,
+                    post_len: self.post_len,
+                };
+                Self::refill_from(&mut self.ring, &self.pool, &self.stats, src)
+            }
+            None => {
+                let src = RefillSource {
+                    idx: [0; BATCH],
+                    addr: PoolIova(&self.pool),
+                    off,
+                    post_len: self.post_len,
+                };
+                Self::refill_from(&mut self.ring, &self.pool, &self.stats, src)
+            }
+        }
+    }
+
+    /// `refill` with the buffers' addresses from `src.addr`.
+    #[inline(always)]
+    fn refill_from<A: BufIova>(ring: &mut R, pool: &Mempool, stats: &PairStats, mut src: RefillSource<A>) {
         loop {
             // Whole lines of descriptors on packed rings (`Ring::refill_take`).
-            let want = self.ring.refill_take((self.ring.free_count() as usize).min(BATCH) as u16) as usize;
+            let want = ring.refill_take((ring.free_count() as usize).min(BATCH) as u16) as usize;
             if want == 0 {
                 break;
             }
-            let got = self.pool.take_indices(&mut src.idx[..want]);
+            let got = pool.take_indices(&mut src.idx[..want]);
             // `got <= want <= free_count`: every index taken is posted.
-            self.ring.post_burst(got as u16, true, &mut src);
+            ring.post_burst(got as u16, true, &mut src);
             if got < want {
-                bump(&self.stats.rx.nombuf, 1);
+                bump(&stats.rx.nombuf, 1);
                 break;
             }
         }
-        self.ring.publish();
+        ring.publish();
     }
 
     fn rx_inner(&mut self, batch: &mut Vec<Packet>, meta: Option<&mut Vec<RxMeta>>, max: usize) -> usize {
@@ -498,19 +552,27 @@ impl<R: Ring> RxHalf<R> {
 
     #[inline(always)]
     fn rx_plain_as<L: FrameLimit>(&mut self, batch: &mut Vec<Packet>, n: usize, limit: L) -> usize {
+        // Allocates only if the caller's vector lacks the capacity (see `rx_burst`).
+        batch.reserve(n);
         let before = batch.len();
+        let mut rec = Recycle { pool: &self.pool, idx: [0; BATCH], n: 0 };
         let mut sink = RxSink {
-            batch,
-            rec: Recycle { pool: &self.pool, idx: [0; BATCH], n: 0 },
+            // SAFETY: `before <= capacity`: the pointer stays inside (or one past) the
+            // vector's allocation.
+            out: unsafe { batch.as_mut_ptr().add(before) },
+            got: 0,
+            rec: &mut rec,
             headroom: self.headroom,
             bytes: 0,
             errors: 0,
             limit,
         };
         let res = self.ring.pop_used_burst(n as u16, &mut sink);
-        sink.rec.flush();
-        let (bytes, errors, too_long) = (sink.bytes, sink.errors, sink.limit.too_long());
-        let got = batch.len() - before;
+        let (got, bytes, errors, too_long) = (sink.got, sink.bytes, sink.errors, sink.limit.too_long());
+        // SAFETY: the sink wrote `got <= n` packets into the reserved capacity right after
+        // the first `before`, in order: now the vector's.
+        unsafe { batch.set_len(before + got) };
+        rec.flush();
         let rx = &self.stats.rx;
         bump(&rx.packets, got as u64);
         bump(&rx.bytes, bytes);

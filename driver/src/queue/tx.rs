@@ -12,6 +12,12 @@
 //! Plain packets of this port's pool (one buffer, no offload request) take the burst
 //! loop; anything else (a chain, an offload request, a packet from another port's
 //! memory) takes `tx_general`, which posts one packet at a time.
+//!
+//! What the ring holds for each in-flight packet is its token: for a plain packet of
+//! this port's pool, the bare buffer index (the packet gave its buffer up with
+//! `Packet::into_raw`: reclaiming it is returning that index to the pool, nothing else
+//! is stored or read per packet); for any other packet, its head's descriptor id tagged
+//! with [`IN_SLOT`], the packet itself waiting whole in `inflight[id]`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -52,7 +58,9 @@ struct TxHalf<R: Ring> {
     ring: R,
     pool: Mempool,
     stats: Arc<PairStats>,
-    /// The packet each in-flight descriptor carries, by descriptor token.
+    /// The packets posted with an [`IN_SLOT`] token, by their head's descriptor id
+    /// (plain packets of the pool are only a buffer index in the ring: see the module
+    /// comment).
     inflight: Box<[Option<Packet>]>,
     error: Option<DeviceError>,
     stopped: Stopped,
@@ -71,8 +79,13 @@ struct TxHalf<R: Ring> {
 /// counted in `tx_errors`.
 pub const MAX_TX_SEGS: usize = 64;
 
-/// The packets of one transmit burst, moved out of the caller's vector into
-/// `inflight` as they are posted (see `tx_burst`).
+/// Tags a ring token that names an `inflight` slot (the packet's head descriptor id);
+/// a token without it is a buffer index of this port's pool, which is below 2^30
+/// (`mempool::check_geometry`).
+const IN_SLOT: u32 = 1 << 31;
+
+/// The packets of one transmit burst, moved out of the caller's vector as they are
+/// posted, each giving up its buffer to the ring as a bare index (see `tx_burst`).
 struct TxSource<'a> {
     /// The first packet of the burst; the vector's length is 0 meanwhile.
     pkts: *const Packet,
@@ -81,13 +94,12 @@ struct TxSource<'a> {
     /// Device address minus host address in the pool, when that is one constant (see
     /// [`Mempool::linear_iova`]).
     iova_delta: Option<u64>,
-    inflight: &'a mut [Option<Packet>],
     bytes: u64,
 }
 
 impl PostSource for TxSource<'_> {
     #[inline(always)]
-    fn buffer(&mut self, k: usize, id: u16) -> (u64, u32, u32) {
+    fn buffer(&mut self, k: usize, _id: u16) -> (u64, u32, u32) {
         // SAFETY: `k` < the burst's count <= the packets initialized behind `pkts`, and
         // each is read out exactly once (`tx_burst`).
         let p = unsafe { std::ptr::read(self.pkts.add(k)) };
@@ -106,15 +118,10 @@ impl PostSource for TxSource<'_> {
         }
         let len = p.len() as u32 + NET_HDR_LEN as u32;
         self.bytes += p.len() as u64;
-        // The descriptor id (< ring size = `inflight.len()`) is the token: the packet
-        // waits in `inflight[id]`, which is empty (a descriptor is free only once its
-        // packet was taken out by `reclaim`): written without dropping the old value.
-        let slot = &mut self.inflight[id as usize];
-        debug_assert!(slot.is_none());
-        // SAFETY: `slot` is a valid, aligned `Option<Packet>`; overwriting `None` leaks
-        // nothing.
-        unsafe { std::ptr::write(slot, Some(p)) };
-        (iova, len, id as u32)
+        // The token is the buffer index: the ring holds the buffer until `reclaim` gives
+        // the index back to the pool (a plain packet: `tx_burst` checked).
+        let (idx, _, _) = p.into_raw();
+        (iova, len, idx)
     }
 }
 
@@ -146,8 +153,25 @@ struct ReclaimSink<'a> {
 impl TokenSink for ReclaimSink<'_> {
     #[inline(always)]
     fn token(&mut self, token: u32) {
-        // The token is the descriptor id (< ring size, the length of `inflight`).
-        if let Some(p) = self.inflight.get_mut(token as usize).and_then(Option::take) {
+        if token & IN_SLOT == 0 {
+            // SAFETY: an untagged token is the buffer index a plain packet of this pool
+            // gave up when posted (`TxSource`, `tx_general`); the device is done with it
+            // and the ring hands each token back once.
+            unsafe { self.rec.put(token) };
+        } else {
+            self.slot(token);
+        }
+    }
+}
+
+impl ReclaimSink<'_> {
+    /// The packet waiting in the slot a tagged token names (out of line: chains and
+    /// packets with an offload request only).
+    #[cold]
+    #[inline(never)]
+    fn slot(&mut self, token: u32) {
+        // The tagged descriptor id (< ring size, the length of `inflight`).
+        if let Some(p) = self.inflight.get_mut((token & !IN_SLOT) as usize).and_then(Option::take) {
             self.rec.packet(p);
         }
     }
@@ -277,19 +301,26 @@ impl<R: Ring> TxHalf<R> {
     /// Frees (and counts as lost) every packet still in flight, puts the ring in its
     /// initial state and acknowledges the reset (`device_gone`).
     fn reset_ring(&mut self) {
-        // The ring's tokens are the `inflight` slots, emptied below.
-        drop(self.ring.drain_in_flight());
-        let mut lost = 0;
-        for p in self.inflight.iter_mut().filter_map(Option::take) {
-            lost += 1;
-            // The old device is gone (the epoch moves only after its connection
-            // closed): the buffer is ours again.
-            drop(p);
-        }
+        // The old device is gone (the epoch moves only after its connection closed):
+        // every buffer it held is ours again.
+        let lost = self.free_in_flight();
         bump(&self.stats.tx.lost, lost);
         self.ring.reset();
         self.error = None;
         self.reset.done();
+    }
+
+    /// Takes every packet the ring holds back (the device is reset or gone): buffer
+    /// indices go back to the pool, `inflight` packets are dropped. Returns how many.
+    fn free_in_flight(&mut self) -> u64 {
+        let tokens = self.ring.drain_in_flight();
+        let plain: Vec<u32> = tokens.iter().copied().filter(|t| t & IN_SLOT == 0).collect();
+        // SAFETY: untagged tokens are buffer indices plain packets of this pool gave up
+        // when posted (see `ReclaimSink::token`), each drained once; the caller's device
+        // no longer reads them.
+        unsafe { self.pool.put_indices(&plain) };
+        let slots = self.inflight.iter_mut().filter_map(Option::take).count();
+        (plain.len() + slots) as u64
     }
 
     fn reclaim_ring(&mut self) -> usize {
@@ -355,13 +386,8 @@ impl<R: Ring> TxHalf<R> {
         // between would leak them, never drop one twice).
         // SAFETY: shrinking the length only.
         unsafe { pkts.set_len(0) };
-        let mut src = TxSource {
-            pkts: pkts.as_ptr(),
-            pool: &self.pool,
-            iova_delta: self.iova_delta,
-            inflight: &mut self.inflight,
-            bytes: 0,
-        };
+        let mut src =
+            TxSource { pkts: pkts.as_ptr(), pool: &self.pool, iova_delta: self.iova_delta, bytes: 0 };
         let sent = self.ring.post_burst(k as u16, false, &mut src) as usize;
         let (bytes, base) = (src.bytes, src.pkts);
         debug_assert_eq!(sent, k, "free descriptors were counted above");
@@ -452,11 +478,14 @@ impl<R: Ring> TxHalf<R> {
             }
             let len = p.len() as u32 + NET_HDR_LEN as u32;
             bytes += p.total_len() as u64;
-            // The descriptor id (of the chain's head) is the token: the packet waits in
-            // `inflight[id]`.
-            let id = if segs == 1 {
-                self.ring.post(iova, len, false, None)
+            if self.pool.owns_plain(&p) {
+                // The buffer index is the token, as in `tx_burst`.
+                let (idx, _, _) = p.into_raw();
+                let Some(_) = self.ring.post(iova, len, false, Some(idx)) else {
+                    unreachable!("free descriptors were counted above")
+                };
             } else {
+                // The tagged head id is the token: the packet waits in `inflight[id]`.
                 let mut parts = [(0u64, 0u32, false); MAX_TX_SEGS];
                 parts[0] = (iova, len, false);
                 let mut n = 1;
@@ -464,10 +493,11 @@ impl<R: Ring> TxHalf<R> {
                     parts[n] = (addr, slen as u32, false);
                     n += 1;
                 });
-                self.ring.post_chain_id(&parts[..n])
-            };
-            let Some(id) = id else { unreachable!("free descriptors were counted above") };
-            self.inflight[id as usize] = Some(p);
+                let Some(id) = self.ring.post_chain_id(&parts[..n], IN_SLOT) else {
+                    unreachable!("free descriptors were counted above")
+                };
+                self.inflight[id as usize] = Some(p);
+            }
             sent += 1;
             taken += 1;
         }
@@ -527,11 +557,14 @@ fn copy_into(pool: &Mempool, p: &Packet) -> Option<Packet> {
 impl<R: Ring> Drop for TxHalf<R> {
     fn drop(&mut self) {
         if !self.stopped.load(Ordering::Acquire) {
-            // The device may still read these buffers: leak them rather than reuse them.
+            // The device may still read these buffers: leak them rather than reuse them
+            // (the buffer indices in the ring are simply never given back).
             for p in self.inflight.iter_mut().filter_map(Option::take) {
                 std::mem::forget(p);
             }
+            return;
         }
-        // Otherwise dropping `inflight` returns every packet to its pool.
+        // The device is reset: every buffer goes back to its pool.
+        self.free_in_flight();
     }
 }

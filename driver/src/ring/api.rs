@@ -25,8 +25,8 @@ pub trait Ring {
     /// Posts one buffer; see [`DriverRing::post`].
     fn post(&mut self, addr: u64, len: u32, device_writes: bool, token: Option<u32>) -> Option<u16>;
     /// Posts one buffer of several parts as a descriptor chain whose token is its head's
-    /// id; see [`DriverRing::post_chain_id`].
-    fn post_chain_id(&mut self, parts: &[(u64, u32, bool)]) -> Option<u16>;
+    /// id or'd with `tag`; see [`DriverRing::post_chain_id`].
+    fn post_chain_id(&mut self, parts: &[(u64, u32, bool)], tag: u32) -> Option<u16>;
     /// Posts a burst of buffers; see [`DriverRing::post_burst`].
     fn post_burst(&mut self, n: u16, device_writes: bool, src: &mut impl PostSource) -> u16;
     /// Publishes and makes the kick decision; see [`DriverRing::publish`].
@@ -70,8 +70,8 @@ impl Ring for DriverRing {
     fn post(&mut self, addr: u64, len: u32, device_writes: bool, token: Option<u32>) -> Option<u16> {
         DriverRing::post(self, addr, len, device_writes, token)
     }
-    fn post_chain_id(&mut self, parts: &[(u64, u32, bool)]) -> Option<u16> {
-        DriverRing::post_chain_id(self, parts)
+    fn post_chain_id(&mut self, parts: &[(u64, u32, bool)], tag: u32) -> Option<u16> {
+        DriverRing::post_chain_id(self, parts, tag)
     }
     #[inline(always)]
     fn post_burst(&mut self, n: u16, device_writes: bool, src: &mut impl PostSource) -> u16 {
@@ -130,8 +130,8 @@ impl Ring for PackedRing {
     fn post(&mut self, addr: u64, len: u32, device_writes: bool, token: Option<u32>) -> Option<u16> {
         PackedRing::post(self, addr, len, device_writes, token)
     }
-    fn post_chain_id(&mut self, parts: &[(u64, u32, bool)]) -> Option<u16> {
-        PackedRing::post_chain_id(self, parts)
+    fn post_chain_id(&mut self, parts: &[(u64, u32, bool)], tag: u32) -> Option<u16> {
+        PackedRing::post_chain_id(self, parts, tag)
     }
     #[inline(always)]
     fn post_burst(&mut self, n: u16, device_writes: bool, src: &mut impl PostSource) -> u16 {

@@ -73,25 +73,41 @@ impl DriverRing {
         (head, total)
     }
 
-    /// [`DriverRing::post_burst`] in order, `n <= free_count`.
+    /// [`DriverRing::post_burst`] in order, `n <= free_count`. The ring's addresses and
+    /// counters are copied into locals for the loop, so that they stay in registers
+    /// whatever `src` stores.
     #[inline(always)]
     pub(super) fn post_burst_in_order(&mut self, n: u16, flags: u16, src: &mut impl PostSource) -> u16 {
-        let (mask, mut next_desc) = (self.mask, self.next_desc);
+        let (mask, mut next_desc, mut avail_idx) = (self.mask, self.next_desc, self.avail_idx);
+        let (desc, avail) = (self.desc, self.avail);
+        let (tokens, posted_len, links) =
+            (self.tokens.as_mut_ptr(), self.posted_len.as_mut_ptr(), self.links.as_mut_ptr());
         for k in 0..n as usize {
             let id = next_desc & mask;
             let (addr, len, token) = src.buffer(k, id);
-            // SAFETY: `id <= mask < size`.
-            unsafe { self.write_desc(id, addr, len, flags, 0) };
-            self.push_avail_if_changed(id);
-            // SAFETY: (the three stores) `id <= mask < size`, the length of each array.
+            // SAFETY: (both) `desc` and `avail` are this ring's table and driver area, `id`
+            // and the slot are masked below `size`. The avail entry usually holds `id`
+            // from the previous lap: then it is left alone, so the line stays clean in the
+            // device's cache; only the driver writes it.
             unsafe {
-                *self.tokens.get_unchecked_mut(id as usize) = token;
-                *self.posted_len.get_unchecked_mut(id as usize) = len;
-                *self.links.get_unchecked_mut(id as usize) = 1;
+                Self::write_desc_at(desc, id, addr, len, flags, 0);
+                let e = Self::avail_entry_at(avail, avail_idx & mask);
+                if std::ptr::read_volatile(e) != id.to_le() {
+                    std::ptr::write_volatile(e, id.to_le());
+                }
+            }
+            // SAFETY: (the three stores) `id <= mask < size`, the length of each array;
+            // driver-private memory, not borrowed elsewhere during the loop.
+            unsafe {
+                *tokens.add(id as usize) = token;
+                *posted_len.add(id as usize) = len;
+                *links.add(id as usize) = 1;
             }
             next_desc = next_desc.wrapping_add(1);
+            avail_idx = avail_idx.wrapping_add(1);
         }
         self.next_desc = next_desc;
+        self.avail_idx = avail_idx;
         self.nfree -= n;
         self.heads += n;
         n
@@ -151,23 +167,31 @@ impl DriverRing {
             if self.batch_id == NO_BATCH {
                 // The common case, one used element per buffer, with the counters in
                 // registers; anything else (a batch) goes through `pop_used_in_order`.
-                let (mask, mut used_desc, mut last_used) = (self.mask, self.used_desc, self.last_used);
-                let mut freed = 0u16;
-                let start = k;
-                while k < n {
+                // The ring's addresses in locals too, so that they stay in registers
+                // whatever `sink` stores.
+                // The loop counts with `last_used` alone (up to `end`) and frees by
+                // `used_desc` alone; what it took and freed follows from the two at the
+                // end, so that fewer counters compete for registers.
+                let (mask, first_desc, first_used) = (self.mask, self.used_desc, self.last_used);
+                let (used, tokens, posted_len, links) =
+                    (self.used, self.tokens.as_ptr(), self.posted_len.as_ptr(), self.links.as_ptr());
+                let end = first_used.wrapping_add(n - k);
+                let (mut used_desc, mut last_used) = (first_desc, first_used);
+                while last_used != end {
                     let head = used_desc & mask;
-                    // SAFETY: `self.used` is this ring's device area; the slot is masked
-                    // below `size`.
-                    let (id, len) = unsafe { Self::read_used_at(self.used, last_used & mask) };
+                    // SAFETY: `used` is this ring's device area; the slot is masked below
+                    // `size`.
+                    let (id, len) = unsafe { Self::read_used_at(used, last_used & mask) };
                     if id != head as u32 {
                         break;
                     }
-                    // SAFETY: (the three loads) `head <= mask < size`, each array's length.
+                    // SAFETY: (the three loads) `head <= mask < size`, each array's length;
+                    // driver-private memory, not written during the loop.
                     let (posted, nd, token) = unsafe {
                         (
-                            *self.posted_len.get_unchecked(head as usize),
-                            *self.links.get_unchecked(head as usize),
-                            *self.tokens.get_unchecked(head as usize),
+                            *posted_len.add(head as usize),
+                            *links.add(head as usize),
+                            *tokens.add(head as usize),
                         )
                     };
                     if len > posted {
@@ -175,14 +199,14 @@ impl DriverRing {
                     }
                     used_desc = used_desc.wrapping_add(nd);
                     last_used = last_used.wrapping_add(1);
-                    freed += nd;
-                    k += 1;
                     sink.used(token, len);
                 }
+                let took = last_used.wrapping_sub(first_used);
+                k += took;
                 self.used_desc = used_desc;
                 self.last_used = last_used;
-                self.nfree += freed;
-                self.heads -= k - start;
+                self.nfree += used_desc.wrapping_sub(first_desc);
+                self.heads -= took;
                 if k == n {
                     break;
                 }
@@ -204,13 +228,13 @@ impl DriverRing {
         sink: &mut impl TokenSink,
     ) -> std::result::Result<u16, (u16, DeviceError)> {
         let (mask, mut used_desc) = (self.mask, self.used_desc);
+        let (tokens, links) = (self.tokens.as_ptr(), self.links.as_ptr());
         let mut freed = 0u16;
         for _ in 0..n {
             let head = used_desc & mask;
-            // SAFETY: `head <= mask < size`, each array's length.
-            let (nd, token) = unsafe {
-                (*self.links.get_unchecked(head as usize), *self.tokens.get_unchecked(head as usize))
-            };
+            // SAFETY: `head <= mask < size`, each array's length; driver-private memory,
+            // not written during the loop.
+            let (nd, token) = unsafe { (*links.add(head as usize), *tokens.add(head as usize)) };
             used_desc = used_desc.wrapping_add(nd);
             freed += nd;
             sink.token(token);

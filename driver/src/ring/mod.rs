@@ -332,13 +332,24 @@ impl DriverRing {
     /// `id < size`.
     #[inline(always)]
     unsafe fn write_desc(&mut self, id: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        // SAFETY: `desc` is this ring's table and `id < size` (the caller's promise).
+        unsafe { Self::write_desc_at(self.desc, id, addr, len, flags, next) }
+    }
+
+    /// Writes descriptor `id` of the table at `desc` as two aligned 64-bit volatile
+    /// stores (the burst loops keep the table's address in a register).
+    ///
+    /// # Safety
+    /// `desc` is the descriptor table of a ring of more than `id` entries.
+    #[inline(always)]
+    unsafe fn write_desc_at(desc: *mut u8, id: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let tail = len as u64 | (flags as u64) << 32 | (next as u64) << 48;
         // SAFETY: `id < size` (the caller's promise): the descriptor is inside the table,
         // 16-aligned (the table is 4096-aligned); the device does not read it before the
         // avail index we publish later names it (it may still read a stale copy of a
         // descriptor it is done with, which only hurts itself).
         unsafe {
-            let d = self.desc.add(id as usize * layout::DESC_SIZE) as *mut u64;
+            let d = desc.add(id as usize * layout::DESC_SIZE) as *mut u64;
             std::ptr::write_volatile(d, addr.to_le());
             std::ptr::write_volatile(d.add(1), tail.to_le());
         }
@@ -347,10 +358,19 @@ impl DriverRing {
     /// The avail entry of the next avail slot (not yet visible).
     #[inline(always)]
     fn next_avail_entry(&self) -> *mut u16 {
-        let slot = self.avail_idx & self.mask;
+        // SAFETY: `avail` is this ring's driver area, the slot is masked below `size`.
+        unsafe { Self::avail_entry_at(self.avail, self.avail_idx & self.mask) }
+    }
+
+    /// Avail entry `slot` of the driver area `avail`.
+    ///
+    /// # Safety
+    /// `avail` is the driver area of a ring of more than `slot` entries.
+    #[inline(always)]
+    unsafe fn avail_entry_at(avail: *mut u8, slot: u16) -> *mut u16 {
         // SAFETY: `avail_entry(slot)` with `slot < size` is inside the driver area,
         // 2-aligned; only the driver writes it.
-        unsafe { self.avail.add(layout::avail_entry(slot)) as *mut u16 }
+        unsafe { avail.add(layout::avail_entry(slot)) as *mut u16 }
     }
 
     /// Puts chain head `id` in the next avail slot (not yet visible).
@@ -442,12 +462,14 @@ impl DriverRing {
         Some(head)
     }
 
-    /// [`post_chain`](Self::post_chain) with the head's descriptor id as the token (the
-    /// transmit path keeps each packet by the id its chain starts on, as it does for a
-    /// single descriptor posted with no token).
-    pub fn post_chain_id(&mut self, parts: &[(u64, u32, bool)]) -> Option<u16> {
+    /// [`post_chain`](Self::post_chain) with the head's descriptor id, or'd with `tag`
+    /// (bits no id has: `tag & 0xffff == 0`), as the token (the
+    /// transmit path keeps such a packet by the id its chain starts on, tagged to tell it
+    /// from a bare buffer index).
+    pub fn post_chain_id(&mut self, parts: &[(u64, u32, bool)], tag: u32) -> Option<u16> {
+        debug_assert_eq!(tag & 0xffff, 0);
         let head = self.post_chain(parts, NO_TOKEN - 1)?;
-        self.tokens[head as usize] = head as u32;
+        self.tokens[head as usize] = head as u32 | tag;
         Some(head)
     }
 

@@ -458,7 +458,7 @@ proptest::proptest! {
                 let head = if nparts == 1 {
                     r.post(parts[0].0, parts[0].1, false, None).unwrap()
                 } else {
-                    r.post_chain_id(&parts).unwrap()
+                    r.post_chain_id(&parts, 0).unwrap()
                 };
                 proptest::prop_assert!(posted.insert(head, parts.iter().map(|p| (p.0, p.1)).collect()).is_none());
                 descs += nparts;

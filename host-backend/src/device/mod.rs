@@ -137,6 +137,28 @@ pub struct DeviceParams {
     pub tap_syscalls: bool,
 }
 
+#[cfg(test)]
+impl DeviceParams {
+    /// A unit test's device of `kind`: one queue pair, MTU 1500, nothing optional offered.
+    pub(crate) fn for_test(kind: PortKind) -> DeviceParams {
+        DeviceParams {
+            socket: "/nonexistent/test.sock".into(),
+            kind,
+            queue_pairs: 1,
+            mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+            mtu: 1500,
+            guest_offloads: 0,
+            host_offloads: 0,
+            iommu: false,
+            packed: false,
+            sink_read: false,
+            prefetch_tx: false,
+            tap: None,
+            tap_syscalls: false,
+        }
+    }
+}
+
 #[derive(Default)]
 struct QueueState {
     size: u16,

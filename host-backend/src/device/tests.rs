@@ -7,19 +7,11 @@ const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 
 fn device(pairs: u16, guest_offloads: u64) -> Arc<Device> {
     let params = DeviceParams {
-        socket: "/nonexistent/test.sock".into(),
-        kind: PortKind::Reflect,
         queue_pairs: pairs,
         mac: MAC,
-        mtu: 1500,
         guest_offloads,
-        host_offloads: 0,
-        iommu: false,
         packed: true,
-        sink_read: false,
-        prefetch_tx: false,
-        tap: None,
-        tap_syscalls: false,
+        ..DeviceParams::for_test(PortKind::Reflect)
     };
     // No workers: every sync returns at once.
     let d = Device::new(params, Engine::new(0, 0).unwrap(), None);
@@ -131,21 +123,7 @@ fn packed_ring_base_has_an_avail_and_a_used_half() {
 #[test]
 fn a_change_a_worker_never_acknowledges_breaks_the_ring() {
     use std::os::fd::FromRawFd;
-    let params = DeviceParams {
-        socket: "/nonexistent/test.sock".into(),
-        kind: PortKind::Sink,
-        queue_pairs: 1,
-        mac: MAC,
-        mtu: 1500,
-        guest_offloads: 0,
-        host_offloads: 0,
-        iommu: false,
-        packed: false,
-        sink_read: false,
-        prefetch_tx: false,
-        tap: None,
-        tap_syscalls: false,
-    };
+    let params = DeviceParams { mac: MAC, ..DeviceParams::for_test(PortKind::Sink) };
     let engine = Engine::with_sync_timeout(1, 0, std::time::Duration::from_millis(20)).unwrap();
     let d = Device::new(params, engine, None);
     d.connect();

@@ -271,8 +271,10 @@ impl PortPath {
         let first = self.dst_chain.chain(dmem);
         while frames < BURST as usize {
             if t.staging.pending() {
+                let (out, frame, seg) = t.staging.parts();
+                let more = &mut self.mrg_chain;
                 if let Err(b) =
-                    t.staging.drain(dr, dmem, &mut nrx, &mut rx_done, first, &mut self.mrg_chain, mrg, &mut c)
+                    out.drain(frame, seg, dr, dmem, &mut nrx, &mut rx_done, first, more, mrg, &mut c)
                 {
                     res = Err(b);
                     break;

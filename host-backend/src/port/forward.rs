@@ -119,7 +119,10 @@ impl PortPath {
                 Some((dr, dmem, dchain)) => {
                     // Copies lent to the out-of-line code (see below).
                     let (mut n, mut done, mut c) = (nrx, rx_done, BurstCounts::default());
-                    let res = st.drain(&mut **dr, dmem, &mut n, &mut done, dchain, mrg_chain, mrg, &mut c);
+                    let (out, frame, seg) = st.parts();
+                    let res = out.drain(
+                        frame, seg, &mut **dr, dmem, &mut n, &mut done, dchain, mrg_chain, mrg, &mut c,
+                    );
                     (nrx, rx_done) = (n, done);
                     dc.add(&c);
                     if let Err(b) = res {

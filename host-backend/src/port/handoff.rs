@@ -6,7 +6,7 @@
 //! counts. Must not: touch the other worker's rings.
 
 use super::{PathKind, PortPath, Side, BURST};
-use crate::handoff::FRAMES;
+use crate::handoff::{TxSide, FRAMES};
 use crate::ring::Ring;
 use crate::split_ring::{DeviceRing, RingFault};
 use crate::stats::{BurstCounts, DropReason};
@@ -17,12 +17,13 @@ impl PortPath {
         let PathKind::HandOut(sender) = &mut self.kind else { return Ok(0) };
         let Some(src) = self.src.as_mut() else { return Ok(0) };
         let pair = src.pair();
-        let Some((ring, mem)) = src.ring::<R>() else {
+        let Some((ring, mem, rx)) = src.ring_rx::<R>() else {
             sender.flush();
             return Ok(0);
         };
         let mut c = BurstCounts::default();
-        let res = sender.run(ring, mem, &mut self.src_chain, BURST, self.max_frame, &mut c);
+        let (buf, max_frame, features) = (&mut *self.src_chain, self.max_frame, rx.features);
+        let res = sender.run(TxSide { ring, mem, buf, burst: BURST, max_frame, features }, &mut c);
         src.dev.stats[pair].flush_rx(&c);
         res.map_err(|b| (Side::Src, b))
     }

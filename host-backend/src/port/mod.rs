@@ -55,6 +55,7 @@ mod sink;
 mod tap;
 
 pub(crate) use gen::udp_frame;
+pub(crate) use sink::Took;
 
 /// Most chains handled per ring per burst.
 pub const BURST: u16 = 64;

@@ -5,13 +5,16 @@
 //! offload, §5.1.6.4) or completed and segmented here, each segment its own received
 //! frame, with `spec::offload` doing the checksums and Linux's segmentation rules.
 //!
-//! Owns: the staging buffer of one path (allocated once, with the path: a super-frame
-//! is up to 64 KiB, one segment up to the path's largest frame), the checks that turn a
-//! request into a counted drop (not negotiated, malformed, too large for the MTU, a
-//! chain that ends inside the headers), the choice between whole and segmented delivery,
-//! and a staged frame's delivery across bursts: the transmit chain is completed as soon
-//! as its frame is staged, and what the receive ring cannot take yet waits here (the
-//! path takes no new transmit frame meanwhile, so frames stay in order).
+//! Owns: the checks that turn a request into a counted drop (not negotiated, malformed,
+//! too large for the MTU, a chain that ends inside the headers: [`check`]), the choice
+//! between whole and segmented delivery and a checked frame's delivery across bursts
+//! ([`Delivery`]), and the staging buffer of one path ([`Staging`], allocated once, with
+//! the path: a super-frame is up to 64 KiB, one segment up to the path's largest frame):
+//! the transmit chain is completed as soon as its frame is staged, and what the receive
+//! ring cannot take yet waits here (the path takes no new transmit frame meanwhile, so
+//! frames stay in order). `--handoff` uses [`check`] and [`Delivery`] with its own frame
+//! buffers (`crate::handoff`: checked by the sending worker, planned and delivered by the
+//! receiving one).
 //! Must not: parse or build headers itself (`spec::offload` does), walk transmit
 //! chains, or allocate per frame.
 //!
@@ -49,15 +52,29 @@ pub(crate) fn requested(chain: &Chain<'_>) -> bool {
     (b[0] & net_hdr::F_NEEDS_CSUM) | b[1] != 0
 }
 
-/// What is left to deliver of the staged frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What is left to deliver of a checked frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Mode {
     /// Nothing staged.
+    #[default]
     Idle,
-    /// The frame as it is, behind `Staging::out_hdr`.
+    /// The frame as it is, behind `Delivery::out_hdr`.
     Whole,
     /// Segments `next .. count` of the super-frame.
     Segments { next: usize, count: usize },
+}
+
+/// How one checked frame (see [`check`]) reaches a receive queue, and how much of it
+/// has: planned once for the receiver ([`plan`](Self::plan)), then delivered over as
+/// many bursts as its receive buffers take ([`drain`](Self::drain)). The frame's bytes
+/// stay with their owner (a path's [`Staging`] buffer, or a `--handoff` frame buffer,
+/// `crate::handoff`), lent to each call.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Delivery {
+    hdr: NetHdr,
+    /// The header a whole delivery writes (`num_buffers` set at delivery).
+    out_hdr: [u8; NET_HDR_LEN],
+    mode: Mode,
 }
 
 /// One path's staging buffer and the frame in it.
@@ -65,10 +82,8 @@ pub(crate) struct Staging {
     frame: Box<[u8]>,
     len: usize,
     hdr: NetHdr,
-    /// The header a whole delivery writes (`num_buffers` set at delivery).
-    out_hdr: [u8; NET_HDR_LEN],
     seg: Box<[u8]>,
-    mode: Mode,
+    out: Delivery,
 }
 
 /// The drop reason for what `spec::offload` refused.
@@ -88,32 +103,93 @@ fn reason(e: OffloadError) -> DropReason {
     }
 }
 
-impl Staging {
-    /// A staging buffer for a path whose frames are at most `max_frame` bytes.
-    pub fn new(max_frame: usize) -> Staging {
-        Staging {
-            frame: vec![0u8; MAX_SUPER_FRAME].into_boxed_slice(),
-            len: 0,
-            hdr: NetHdr::default(),
-            out_hdr: [0; NET_HDR_LEN],
-            seg: vec![0u8; max_frame].into_boxed_slice(),
-            mode: Mode::Idle,
+/// Takes a transmitted chain whose header asks for an offload ([`requested`]): checks the
+/// request against the features the sending driver negotiated (`features`) and against
+/// the frame, and copies the frame into `buf` (`swap_mac`: addresses swapped there).
+/// Returns the frame's length and its header, or why it is dropped (`Oversize` also for a
+/// frame longer than `buf`). The caller completes the chain either way.
+///
+/// A GSO request must make segments that fit `max_frame` (a `gso_size` larger than the
+/// MTU allows is refused; one larger than the payload is one segment, as Linux takes it);
+/// a checksum request without GSO must name two bytes inside the frame at an even offset.
+#[inline(never)]
+pub(crate) fn check(
+    chain: &Chain<'_>,
+    features: u64,
+    max_frame: u64,
+    swap_mac: bool,
+    buf: &mut [u8],
+) -> Result<(usize, NetHdr), DropReason> {
+    if chain.truncated {
+        return Err(DropReason::TooManySegments);
+    }
+    if chain.total < NET_HDR_LEN as u64 + ETH_HLEN {
+        return Err(DropReason::ShortFrame);
+    }
+    let mut h = [0u8; NET_HDR_LEN];
+    gather(chain, 0, &mut h);
+    let hdr = NetHdr::from_bytes(h);
+    let kind = hdr.gso_kind().map_err(reason)?;
+    let mut need = if hdr.needs_csum() { bit(f::NET_CSUM) } else { 0 };
+    need |= match kind {
+        None => 0,
+        Some(GsoKind::TcpV4) => bit(f::NET_HOST_TSO4),
+        Some(GsoKind::TcpV6) => bit(f::NET_HOST_TSO6),
+        Some(GsoKind::UdpL4) => bit(f::NET_HOST_USO),
+    };
+    if hdr.gso_type & net_hdr::GSO_ECN != 0 {
+        need |= bit(f::NET_HOST_ECN);
+    }
+    if features & need != need {
+        return Err(DropReason::OffloadNotNegotiated);
+    }
+    let len = (chain.total - NET_HDR_LEN as u64) as usize;
+    let limit = if kind.is_some() { MAX_SUPER_FRAME } else { max_frame as usize };
+    if len > limit || len > buf.len() {
+        return Err(DropReason::Oversize);
+    }
+    let frame = &mut buf[..len];
+    if gather(chain, NET_HDR_LEN, frame) != len {
+        return Err(DropReason::ShortFrame);
+    }
+    match kind {
+        Some(_) => {
+            let gso = Gso::new(frame, &hdr).map_err(reason)?;
+            if gso.max_segment_len() as u64 > max_frame || gso.segments() > MAX_SEGMENTS {
+                return Err(DropReason::BadGso);
+            }
+        }
+        None => {
+            let (start, off) = (hdr.csum_start as usize, hdr.csum_offset as usize);
+            if off % 2 != 0 || start + off + 2 > len {
+                return Err(DropReason::BadCsum);
+            }
         }
     }
+    if swap_mac {
+        frame[..12].rotate_left(6);
+    }
+    Ok((len, hdr))
+}
 
-    /// Whether a staged frame (or some of its segments) still waits for receive buffers.
+/// The event a checked request counts on the sending pair.
+pub(crate) fn request_event(hdr: &NetHdr) -> OffloadEvent {
+    if hdr.gso_type == 0 {
+        OffloadEvent::CsumRequests
+    } else {
+        OffloadEvent::GsoRequests
+    }
+}
+
+impl Delivery {
+    /// Whether a planned frame (or some of its segments) still waits for receive buffers.
     #[inline]
     pub fn pending(&self) -> bool {
         self.mode != Mode::Idle
     }
 
-    /// The staged frame's first bytes, for the receive filter.
-    pub fn head(&self) -> &[u8] {
-        &self.frame[..self.len.min(16)]
-    }
-
-    /// Lets go of the staged frame (filtered, or its receiver went away); returns how many
-    /// frames that drops (the segments not delivered yet, or 1).
+    /// Lets go of the planned frame (its receiver went away); returns how many frames
+    /// that drops (the segments not delivered yet, or 1; 0 if nothing was planned).
     #[inline(never)]
     pub fn discard(&mut self) -> u64 {
         let n = match self.mode {
@@ -125,88 +201,15 @@ impl Staging {
         n
     }
 
-    /// Takes a transmitted chain whose header asks for an offload (`requested`): checks
-    /// the request against the features the sending driver negotiated (`features`) and
-    /// against the frame, and copies the frame into the staging buffer (`swap_mac`:
-    /// addresses swapped there). Returns the frame's length, or why it is dropped. The
-    /// caller completes the chain either way, then calls [`plan`](Self::plan).
-    ///
-    /// A GSO request must make segments that fit `max_frame` (a `gso_size` larger than
-    /// the MTU allows is refused; one larger than the payload is one segment, as Linux
-    /// takes it); a checksum request without GSO must name two bytes inside the frame at
-    /// an even offset.
+    /// Decides how a checked frame (`frame`, asking what `hdr` says) reaches a receive
+    /// queue configured `rx`: whole, with its header, when the driver there takes it
+    /// (`GUEST_CSUM` for a partial checksum; `GUEST_TSO4`/`GUEST_TSO6` and `GUEST_CSUM`
+    /// for a TCP super-frame that carries `NEEDS_CSUM`), else its checksum completed here
+    /// (in `frame`) and it goes without offload fields, or it is cut into segments.
+    /// Counts the choice into `oc`.
     #[inline(never)]
-    pub fn stage(
-        &mut self,
-        chain: &Chain<'_>,
-        features: u64,
-        max_frame: u64,
-        swap_mac: bool,
-    ) -> Result<u64, DropReason> {
-        debug_assert!(!self.pending());
-        if chain.truncated {
-            return Err(DropReason::TooManySegments);
-        }
-        if chain.total < NET_HDR_LEN as u64 + ETH_HLEN {
-            return Err(DropReason::ShortFrame);
-        }
-        let mut h = [0u8; NET_HDR_LEN];
-        gather(chain, 0, &mut h);
-        let hdr = NetHdr::from_bytes(h);
-        let kind = hdr.gso_kind().map_err(reason)?;
-        let mut need = if hdr.needs_csum() { bit(f::NET_CSUM) } else { 0 };
-        need |= match kind {
-            None => 0,
-            Some(GsoKind::TcpV4) => bit(f::NET_HOST_TSO4),
-            Some(GsoKind::TcpV6) => bit(f::NET_HOST_TSO6),
-            Some(GsoKind::UdpL4) => bit(f::NET_HOST_USO),
-        };
-        if hdr.gso_type & net_hdr::GSO_ECN != 0 {
-            need |= bit(f::NET_HOST_ECN);
-        }
-        if features & need != need {
-            return Err(DropReason::OffloadNotNegotiated);
-        }
-        let len = (chain.total - NET_HDR_LEN as u64) as usize;
-        let limit = if kind.is_some() { MAX_SUPER_FRAME } else { max_frame as usize };
-        if len > limit {
-            return Err(DropReason::Oversize);
-        }
-        let frame = &mut self.frame[..len];
-        if gather(chain, NET_HDR_LEN, frame) != len {
-            return Err(DropReason::ShortFrame);
-        }
-        match kind {
-            Some(_) => {
-                let gso = Gso::new(frame, &hdr).map_err(reason)?;
-                if gso.max_segment_len() as u64 > max_frame || gso.segments() > MAX_SEGMENTS {
-                    return Err(DropReason::BadGso);
-                }
-            }
-            None => {
-                let (start, off) = (hdr.csum_start as usize, hdr.csum_offset as usize);
-                if off % 2 != 0 || start + off + 2 > len {
-                    return Err(DropReason::BadCsum);
-                }
-            }
-        }
-        if swap_mac {
-            frame[..12].rotate_left(6);
-        }
-        self.len = len;
+    pub fn plan(&mut self, hdr: NetHdr, frame: &mut [u8], rx: &RxConfig, oc: &mut OffloadCounts) {
         self.hdr = hdr;
-        Ok(len as u64)
-    }
-
-    /// Decides how the staged frame reaches a receive queue configured `rx`: whole, with
-    /// its header, when the driver there takes it (`GUEST_CSUM` for a partial checksum;
-    /// `GUEST_TSO4`/`GUEST_TSO6` and `GUEST_CSUM` for a TCP super-frame that carries
-    /// `NEEDS_CSUM`), else its checksum completed here and it goes without offload
-    /// fields, or it is cut into segments. Counts the choice into `oc`.
-    #[inline(never)]
-    pub fn plan(&mut self, rx: &RxConfig, oc: &mut OffloadCounts) {
-        let frame = &mut self.frame[..self.len];
-        let hdr = self.hdr;
         self.mode = match hdr.gso_kind() {
             Ok(None) => {
                 if rx.csum() {
@@ -217,7 +220,7 @@ impl Staging {
                     self.out_hdr = [0; NET_HDR_LEN];
                     Mode::Whole
                 } else {
-                    Mode::Idle // `stage` checked what `complete_csum` checks
+                    Mode::Idle // `check` checked what `complete_csum` checks
                 }
             }
             Ok(Some(kind)) => {
@@ -240,7 +243,7 @@ impl Staging {
                         Mode::Whole
                     }
                     Ok(gso) => Mode::Segments { next: 0, count: gso.segments() },
-                    Err(_) => Mode::Idle, // `stage` checked it
+                    Err(_) => Mode::Idle, // `check` checked it
                 }
             }
             Err(_) => Mode::Idle,
@@ -256,15 +259,18 @@ impl Staging {
         }
     }
 
-    /// Delivers what is staged into the receive chains `*rx_done ..` of `dr` (`nrx`
-    /// known available; `first` and `more` the path's chain rooms; `mrg`: the driver
+    /// Delivers what is left of the planned `frame` (the same bytes `plan` saw; `seg`:
+    /// room for one segment) into the receive chains `*rx_done ..` of `dr` (`nrx` known
+    /// available; `first` and `more` the path's chain rooms; `mrg`: the driver
     /// negotiated mergeable buffers), as far as they go, counting into `dc`; what does
-    /// not fit yet stays staged. A chain that breaks the protocol is the receive ring's
+    /// not fit yet stays pending. A chain that breaks the protocol is the receive ring's
     /// fault.
     #[inline(never)]
     #[allow(clippy::too_many_arguments, reason = "the burst's receive side, borrowed piece by piece")]
     pub fn drain<'m, D: Ring>(
         &mut self,
+        frame: &[u8],
+        seg: &mut [u8],
         dr: &mut D,
         dmem: &'m GuestMemory,
         nrx: &mut u16,
@@ -277,12 +283,11 @@ impl Staging {
         match self.mode {
             Mode::Idle => {}
             Mode::Whole => {
-                let bytes = &self.frame[..self.len];
-                match deliver(dr, dmem, nrx, *rx_done, first, more, mrg, self.out_hdr, bytes)? {
+                match deliver(dr, dmem, nrx, *rx_done, first, more, mrg, self.out_hdr, frame)? {
                     Placed::Done(k) => {
                         *rx_done += k;
                         dc.tx_packets += 1;
-                        dc.tx_bytes += bytes.len() as u64;
+                        dc.tx_bytes += frame.len() as u64;
                     }
                     Placed::Wait => return Ok(()),
                     Placed::NoFit => dc.drop(DropReason::RxBufferTooSmall),
@@ -291,18 +296,18 @@ impl Staging {
                 self.mode = Mode::Idle;
             }
             Mode::Segments { mut next, count } => {
-                let Ok(gso) = Gso::new(&self.frame[..self.len], &self.hdr) else {
+                let Ok(gso) = Gso::new(frame, &self.hdr) else {
                     dc.drops[DropReason::BadGso as usize] += (count - next) as u64;
                     self.mode = Mode::Idle;
                     return Ok(());
                 };
                 while next < count {
-                    let Ok(n) = gso.write_segment(next, &mut self.seg) else {
+                    let Ok(n) = gso.write_segment(next, seg) else {
                         dc.drops[DropReason::BadGso as usize] += (count - next) as u64;
                         break;
                     };
-                    let seg = &self.seg[..n];
-                    match deliver(dr, dmem, nrx, *rx_done, first, more, mrg, [0; NET_HDR_LEN], seg)? {
+                    let bytes = &seg[..n];
+                    match deliver(dr, dmem, nrx, *rx_done, first, more, mrg, [0; NET_HDR_LEN], bytes)? {
                         Placed::Done(k) => {
                             *rx_done += k;
                             dc.tx_packets += 1;
@@ -327,6 +332,64 @@ impl Staging {
             }
         }
         Ok(())
+    }
+}
+
+impl Staging {
+    /// A staging buffer for a path whose frames are at most `max_frame` bytes.
+    pub fn new(max_frame: usize) -> Staging {
+        Staging {
+            frame: vec![0u8; MAX_SUPER_FRAME].into_boxed_slice(),
+            len: 0,
+            hdr: NetHdr::default(),
+            seg: vec![0u8; max_frame].into_boxed_slice(),
+            out: Delivery::default(),
+        }
+    }
+
+    /// Whether a staged frame (or some of its segments) still waits for receive buffers.
+    #[inline]
+    pub fn pending(&self) -> bool {
+        self.out.pending()
+    }
+
+    /// The staged frame's first bytes, for the receive filter.
+    pub fn head(&self) -> &[u8] {
+        &self.frame[..self.len.min(16)]
+    }
+
+    /// Lets go of the staged frame (filtered, or its receiver went away); returns how many
+    /// frames that drops (the segments not delivered yet, or 1).
+    pub fn discard(&mut self) -> u64 {
+        self.out.discard()
+    }
+
+    /// [`check`]s a transmitted chain into the staging buffer and keeps its header.
+    /// Returns the frame's length, or why it is dropped. The caller completes the chain
+    /// either way, then calls [`plan`](Self::plan).
+    pub fn stage(
+        &mut self,
+        chain: &Chain<'_>,
+        features: u64,
+        max_frame: u64,
+        swap_mac: bool,
+    ) -> Result<u64, DropReason> {
+        debug_assert!(!self.pending());
+        let (len, hdr) = check(chain, features, max_frame, swap_mac, &mut self.frame)?;
+        self.len = len;
+        self.hdr = hdr;
+        Ok(len as u64)
+    }
+
+    /// [`Delivery::plan`] for the staged frame.
+    pub fn plan(&mut self, rx: &RxConfig, oc: &mut OffloadCounts) {
+        self.out.plan(self.hdr, &mut self.frame[..self.len], rx, oc);
+    }
+
+    /// What [`Delivery::drain`] works on for the staged frame: its delivery, the frame,
+    /// room for a segment.
+    pub fn parts(&mut self) -> (&mut Delivery, &[u8], &mut [u8]) {
+        (&mut self.out, &self.frame[..self.len], &mut self.seg)
     }
 }
 
@@ -379,7 +442,7 @@ pub(crate) fn forward<'m, D: Ring>(
     };
     sc.rx_packets += 1;
     sc.rx_bytes += len;
-    oc.add(if st.hdr.gso_type == 0 { OffloadEvent::CsumRequests } else { OffloadEvent::GsoRequests }, 1);
+    oc.add(request_event(&st.hdr), 1);
     let Some((dr, dmem, dchain, rx)) = rx else {
         sc.drop(DropReason::PeerDown);
         return Ok(false);
@@ -389,7 +452,8 @@ pub(crate) fn forward<'m, D: Ring>(
         return Ok(false);
     }
     st.plan(rx, oc);
-    st.drain(dr, dmem, nrx, rx_done, dchain, more, cx.mrg, dc)?;
+    let (out, frame, seg) = st.parts();
+    out.drain(frame, seg, dr, dmem, nrx, rx_done, dchain, more, cx.mrg, dc)?;
     Ok(st.pending())
 }
 
@@ -431,14 +495,14 @@ pub(super) fn deliver<'m, D: Ring>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ctrl::RxConfig;
 
     const MAX_FRAME: u64 = 1518;
 
     /// Ethernet + IPv4 + TCP (no options) + `payload` bytes; checksum fields zero.
-    fn tcp4(payload: usize) -> Vec<u8> {
+    pub(crate) fn tcp4(payload: usize) -> Vec<u8> {
         let mut f = vec![0u8; 14 + 20 + 20 + payload];
         f[12..14].copy_from_slice(&[0x08, 0x00]);
         f[14] = 0x45;
@@ -452,13 +516,13 @@ mod tests {
         f
     }
 
-    fn packet(h: NetHdr, frame: &[u8]) -> Vec<u8> {
+    pub(crate) fn packet(h: NetHdr, frame: &[u8]) -> Vec<u8> {
         let mut p = h.to_bytes().to_vec();
         p.extend_from_slice(frame);
         p
     }
 
-    fn tso4(mss: u16) -> NetHdr {
+    pub(crate) fn tso4(mss: u16) -> NetHdr {
         NetHdr {
             flags: net_hdr::F_NEEDS_CSUM,
             gso_type: net_hdr::GSO_TCPV4,
@@ -470,7 +534,7 @@ mod tests {
         }
     }
 
-    fn all() -> u64 {
+    pub(crate) fn all() -> u64 {
         bit(f::NET_CSUM) | bit(f::NET_HOST_TSO4) | bit(f::NET_HOST_TSO6) | bit(f::NET_HOST_USO)
     }
 
@@ -540,12 +604,12 @@ mod tests {
         let mut oc = OffloadCounts::default();
         stage(&mut st, packet(tso4(1448), &tcp4(4000)), all()).unwrap();
         st.plan(&none, &mut oc);
-        assert_eq!(st.mode, Mode::Segments { next: 0, count: 3 });
+        assert_eq!(st.out.mode, Mode::Segments { next: 0, count: 3 });
         assert_eq!(st.discard(), 3);
         stage(&mut st, packet(tso4(1448), &tcp4(4000)), all()).unwrap();
         st.plan(&tso, &mut oc);
-        assert_eq!(st.mode, Mode::Whole);
-        let out = NetHdr::from_bytes(st.out_hdr);
+        assert_eq!(st.out.mode, Mode::Whole);
+        let out = NetHdr::from_bytes(st.out.out_hdr);
         assert_eq!(out, NetHdr { num_buffers: 0, ..tso4(1448) });
         assert_eq!(st.discard(), 1);
         // A partial checksum for a receiver without GUEST_CSUM is completed here.
@@ -553,7 +617,7 @@ mod tests {
         let frame = tcp4(100);
         stage(&mut st, packet(csum, &frame), all()).unwrap();
         st.plan(&none, &mut oc);
-        assert_eq!((st.mode, st.out_hdr), (Mode::Whole, [0; NET_HDR_LEN]));
+        assert_eq!((st.out.mode, st.out.out_hdr), (Mode::Whole, [0; NET_HDR_LEN]));
         // One each of segmented (into 3), passed whole, completed here.
         assert_eq!(oc.0, [0, 0, 1, 1, 1, 3]);
         let mut want = frame.clone();

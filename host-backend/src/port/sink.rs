@@ -22,6 +22,17 @@ use crate::ring::Ring;
 use crate::split_ring::{gather, Chain, ChainBuf, Dir, RingFault};
 use crate::stats::{BurstCounts, DropReason};
 
+/// What became of a transmitted chain [`PortPath::consume_tx`] handed over.
+pub(crate) enum Took {
+    /// A frame of this many bytes, taken (counted as received); the chain is completed.
+    Frame(u64),
+    /// Dropped for this reason (counted); the chain is completed.
+    Dropped(DropReason),
+    /// Left in the ring, with the chains after it, for a later burst (what it needs is
+    /// not free now).
+    Left,
+}
+
 impl PortPath {
     /// Classifies a transmitted chain: the frame length, or why it is dropped.
     pub(crate) fn tx_frame(chain: &Chain<'_>, max_frame: u64) -> Result<u64, DropReason> {
@@ -72,7 +83,7 @@ impl PortPath {
         src: Option<&mut QueueSlot>,
         buf: &mut ChainBuf,
         max_frame: u64,
-        frame: impl FnMut(&Chain<'_>, u64),
+        mut frame: impl FnMut(&Chain<'_>, u64),
     ) -> Result<usize, (Side, RingFault)> {
         let Some(src) = src else {
             return Ok(0);
@@ -85,31 +96,50 @@ impl PortPath {
             return Ok(0);
         }
         let mut c = BurstCounts::default();
-        let res = Self::consume_tx(ring, mem, buf, n, max_frame, gso, &mut c, frame);
+        let res = Self::consume_tx(ring, mem, buf, n, &mut c, |chain| match Self::tx_frame(chain, max_frame) {
+            Ok(len) => {
+                frame(chain, len);
+                Took::Frame(len)
+            }
+            Err(DropReason::Oversize) if gso != 0 && super_frame(chain, gso) => {
+                let len = chain.total - NET_HDR_LEN as u64;
+                frame(chain, len);
+                Took::Frame(len)
+            }
+            Err(why) => Took::Dropped(why),
+        });
         src.dev.stats[pair].flush_rx(&c);
         res.map_err(|b| (Side::Src, b))
     }
 
-    /// Takes `n` available chains from `ring` (a guest's transmit queue, `n` at most
-    /// what `poll_avail` reported): each is walked (through `mem`, into `buf`) and classified
-    /// ([`tx_frame`](Self::tx_frame)); a frame is counted in `c` and handed to
-    /// `frame(chain, len)`, a bad one counted as a drop. A frame longer than `max_frame`
-    /// is a super-frame taken whole when its header asks for a segmentation type among
-    /// `gso` (the driver's negotiated `HOST_TSO4/TSO6/USO` bits, 0: none; [`super_frame`]).
-    /// Every chain is completed with
-    /// length 0 and the used index published once. Returns the chains completed, or the
-    /// bad descriptor that stopped the burst (the chains before it are completed).
+    /// A transmitted chain as [`consume_tx`](Self::consume_tx)'s callers usually take it:
+    /// classified ([`tx_frame`](Self::tx_frame)), and a frame handed to `frame(chain, len)`.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments, reason = "the burst's state, borrowed piece by piece")]
+    pub(crate) fn take_frame(chain: &Chain<'_>, max_frame: u64, frame: impl FnOnce(&Chain<'_>, u64)) -> Took {
+        match Self::tx_frame(chain, max_frame) {
+            Ok(len) => {
+                frame(chain, len);
+                Took::Frame(len)
+            }
+            Err(why) => Took::Dropped(why),
+        }
+    }
+
+    /// Takes `n` available chains from `ring` (a guest's transmit queue, `n` at most
+    /// what `poll_avail` reported): each is walked (through `mem`, into `buf`) and handed
+    /// to `take`, which says what became of it ([`take_frame`](Self::take_frame) for a
+    /// plain frame); a frame is counted in `c`, a bad one counted as a drop, and both
+    /// completed with length 0; a chain `take` leaves stops the burst. The used index is
+    /// published once. Returns the chains completed, or the bad descriptor that stopped
+    /// the burst (the chains before it are completed).
+    #[inline(always)]
     pub(crate) fn consume_tx<R: Ring>(
         ring: &mut R,
         mem: &GuestMemory,
         buf: &mut ChainBuf,
         n: u16,
-        max_frame: u64,
-        gso: u64,
         c: &mut BurstCounts,
-        mut frame: impl FnMut(&Chain<'_>, u64),
+        mut take: impl FnMut(&Chain<'_>) -> Took,
     ) -> Result<usize, RingFault> {
         let chain = buf.chain(mem);
         let mut done = 0;
@@ -126,19 +156,13 @@ impl PortPath {
                     break;
                 }
             };
-            match Self::tx_frame(chain, max_frame) {
-                Ok(len) => {
+            match take(chain) {
+                Took::Frame(len) => {
                     packets += 1;
                     bytes += len;
-                    frame(chain, len);
                 }
-                Err(DropReason::Oversize) if gso != 0 && super_frame(chain, gso) => {
-                    let len = chain.total - NET_HDR_LEN as u64;
-                    packets += 1;
-                    bytes += len;
-                    frame(chain, len);
-                }
-                Err(why) => c.drop(why),
+                Took::Dropped(why) => c.drop(why),
+                Took::Left => break,
             }
             ring.add_used(head, 0);
             done += 1;

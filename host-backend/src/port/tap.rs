@@ -685,6 +685,9 @@ impl PortPath {
         let want = t.rx_want.min(max) as usize;
         let mut heads: [Option<D::Head>; BURST as usize] = [None; BURST as usize];
         let mut caps = [0usize; BURST as usize];
+        // Where each chain's `num_buffers` is, when its first piece holds the whole
+        // header (else null: the chain is walked again to write it).
+        let mut num_at = [std::ptr::null_mut::<u8>(); BURST as usize];
         let mut fault = None;
         let mut k = 0;
         let mut no_buffer = false;
@@ -721,6 +724,10 @@ impl PortPath {
             unsafe { t.io.queue_read(cnt) };
             heads[k] = Some(head);
             caps[k] = cap;
+            if let Some(p) = first.segs().first().filter(|p| p.len as usize >= NET_HDR_LEN) {
+                // SAFETY: `NET_HDR_NUM_BUFFERS < NET_HDR_LEN <= p.len`: inside the piece.
+                num_at[k] = unsafe { p.ptr.add(NET_HDR_NUM_BUFFERS) };
+            }
             k += 1;
         }
         if k == 0 {
@@ -748,34 +755,43 @@ impl PortPath {
                 c.drop(DropReason::RxBufferTooSmall); // cut short: the chain stays
                 continue;
             }
-            // The chain holding the frame, walked again (the walks above reused one
-            // chain buffer).
-            let src = more_buf.chain(dmem);
-            if let Err(b) = dr.walk_avail(dmem, *rx_done + j as u16, Dir::DeviceWrites, src) {
-                fault = Some(b);
-                break;
-            }
-            if let Some(rx) = filter {
-                let mut h = [0u8; FILTER_BYTES];
-                let got = gather(src, NET_HDR_LEN, &mut h);
-                if !rx.accepts(&h[..got]) {
-                    c.drop(DropReason::Filtered);
-                    continue;
-                }
-            }
-            let into = if w == j {
-                &*src
+            if w == j && filter.is_none() && !num_at[j].is_null() {
+                // Delivered where it was read: only `num_buffers` to write (the kernel
+                // wrote the first 10 bytes of the header), without walking again.
+                // SAFETY: `num_at[j]` points at two bytes inside the device-writable
+                // first piece of chain `j`, in the guest memory `dmem` keeps mapped for
+                // this burst; no Rust reference into it exists.
+                unsafe { std::ptr::copy(1u16.to_le_bytes().as_ptr(), num_at[j], 2) };
             } else {
-                // A chain before it was left available: the frame moves down into it.
-                if let Err(b) = dr.walk_avail(dmem, *rx_done + w as u16, Dir::DeviceWrites, first) {
+                // The chain holding the frame, walked again (the walks above reused one
+                // chain buffer).
+                let src = more_buf.chain(dmem);
+                if let Err(b) = dr.walk_avail(dmem, *rx_done + j as u16, Dir::DeviceWrites, src) {
                     fault = Some(b);
                     break;
                 }
-                copy_chain(src, 0, first, 0, n);
-                &*first
-            };
-            // The kernel wrote the first 10 bytes of the header; `num_buffers` is ours.
-            scatter(into, NET_HDR_NUM_BUFFERS, &1u16.to_le_bytes());
+                if let Some(rx) = filter {
+                    let mut h = [0u8; FILTER_BYTES];
+                    let got = gather(src, NET_HDR_LEN, &mut h);
+                    if !rx.accepts(&h[..got]) {
+                        c.drop(DropReason::Filtered);
+                        continue;
+                    }
+                }
+                let into = if w == j {
+                    &*src
+                } else {
+                    // A chain before it was left available: the frame moves down into it.
+                    if let Err(b) = dr.walk_avail(dmem, *rx_done + w as u16, Dir::DeviceWrites, first) {
+                        fault = Some(b);
+                        break;
+                    }
+                    copy_chain(src, 0, first, 0, n);
+                    &*first
+                };
+                // The kernel wrote the first 10 bytes of the header; `num_buffers` is ours.
+                scatter(into, NET_HDR_NUM_BUFFERS, &1u16.to_le_bytes());
+            }
             if let Some(h) = heads[w] {
                 dr.add_used(h, n as u32);
             }

@@ -97,10 +97,24 @@ impl TestDriver {
     pub(crate) fn publish(&self) {
         self.gm.write_obj(self.avail_idx.to_le(), GuestAddress(self.avail() + 2)).unwrap();
     }
-    fn used_idx(&self) -> u16 {
+    pub(crate) fn used_idx(&self) -> u16 {
         self.gm.read_obj(GuestAddress(self.used() + 2)).unwrap()
     }
-    fn used_elem(&self, slot: u16) -> (u32, u32) {
+    /// Writes `bytes` at guest address `gpa` (a posted buffer's contents).
+    pub(crate) fn write(&self, gpa: u64, bytes: &[u8]) {
+        self.gm.write_slice(bytes, GuestAddress(gpa)).unwrap();
+    }
+    /// The buffer address of descriptor `i` (a direct chain's head: its first buffer).
+    pub(crate) fn addr_of(&self, i: u16) -> u64 {
+        u64::from_le(self.gm.read_obj(GuestAddress(DESC + i as u64 * 16)).unwrap())
+    }
+    /// Reads `len` bytes at guest address `gpa`.
+    pub(crate) fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        self.gm.read_slice(&mut out, GuestAddress(gpa)).unwrap();
+        out
+    }
+    pub(crate) fn used_elem(&self, slot: u16) -> (u32, u32) {
         let a = self.used() + layout::used_entry(slot & (self.size - 1)) as u64;
         (self.gm.read_obj(GuestAddress(a)).unwrap(), self.gm.read_obj(GuestAddress(a + 4)).unwrap())
     }

@@ -357,11 +357,13 @@ impl PackedRing {
         Some(id)
     }
 
-    /// [`post_chain`](Self::post_chain) with the buffer id as the token (as
-    /// [`post`](Self::post) with no token).
-    pub fn post_chain_id(&mut self, parts: &[(u64, u32, bool)]) -> Option<u16> {
+    /// [`post_chain`](Self::post_chain) with the buffer id, or'd with `tag` (bits no id
+    /// has: `tag & 0xffff == 0`), as the token (as
+    /// [`DriverRing::post_chain_id`](crate::ring::DriverRing::post_chain_id)).
+    pub fn post_chain_id(&mut self, parts: &[(u64, u32, bool)], tag: u32) -> Option<u16> {
+        debug_assert_eq!(tag & 0xffff, 0);
         let id = self.post_chain(parts, NO_TOKEN - 1)?;
-        self.slots[id as usize].token = id as u32;
+        self.slots[id as usize].token = id as u32 | tag;
         Some(id)
     }
 

@@ -450,7 +450,7 @@ proptest! {
                 let id = if nparts == 1 {
                     r.post(parts[0].0, parts[0].1, false, None).unwrap()
                 } else {
-                    r.post_chain_id(&parts).unwrap()
+                    r.post_chain_id(&parts, 0).unwrap()
                 };
                 prop_assert!(posted.insert(id, parts.iter().map(|p| (p.0, p.1)).collect()).is_none());
                 descs += nparts as u16;
