@@ -254,6 +254,15 @@ impl Mempool {
         }
     }
 
+    /// The first buffer's address and the buffer size when the pool is one chunk (a
+    /// contiguous arena, the common case): buffer `i` then starts at `base + i * size`,
+    /// so a burst reads the pool's geometry once instead of per packet.
+    #[inline]
+    pub(crate) fn single_chunk(&self) -> Option<(*mut u8, usize)> {
+        let i = self.inner();
+        (i.per_chunk >= i.count).then_some((i.base, i.buf_size as usize))
+    }
+
     /// Returns buffer indices (ring reclaim) under one lock.
     ///
     /// # Safety
@@ -591,6 +600,13 @@ impl Packet {
         self.len = bytes.len() as u16;
         self.data_mut().copy_from_slice(bytes);
         Ok(())
+    }
+
+    /// The packet's buffer index and data offset (its header slot is the 12 bytes
+    /// before the offset).
+    #[inline(always)]
+    pub(crate) fn buf_off(&self) -> (u32, u16) {
+        (self.idx, self.off)
     }
 
     /// Gives up ownership of a plain packet's buffer without returning it: (index,

@@ -84,31 +84,69 @@ pub const MAX_TX_SEGS: usize = 64;
 /// (`mempool::check_geometry`).
 const IN_SLOT: u32 = 1 << 31;
 
+/// How a transmit burst finds a packet's header slot and its device address: one
+/// implementation per pool kind, so that the burst loop has no branch on it.
+trait HdrAddr {
+    /// The header slot of `p` and its device address.
+    ///
+    /// # Safety
+    /// `p` is a packet of the burst's pool.
+    unsafe fn header(&self, pool: &Mempool, p: &Packet) -> (*mut u8, u64);
+}
+
+/// A pool in one chunk of a linearly mapped arena: the geometry and the device offset
+/// read once per burst.
+struct LinearHdr {
+    /// The first buffer and the buffer size ([`Mempool::single_chunk`]).
+    base: *mut u8,
+    step: usize,
+    /// Device address minus host address ([`Mempool::linear_iova`]).
+    delta: u64,
+}
+
+impl HdrAddr for LinearHdr {
+    #[inline(always)]
+    unsafe fn header(&self, _: &Mempool, p: &Packet) -> (*mut u8, u64) {
+        let (idx, off) = p.buf_off();
+        // SAFETY: `p` is a packet of the pool (the caller's promise), which is one chunk
+        // from `base`: its buffer `idx < count` starts at `base + idx * step`, and its
+        // `off >= NET_HDR_LEN` (the headroom invariant): the slot is inside the buffer.
+        let hdr = unsafe { self.base.add(idx as usize * self.step + off as usize - NET_HDR_LEN) };
+        (hdr, (hdr as u64).wrapping_add(self.delta))
+    }
+}
+
+/// Any other pool: its geometry and the arena's translation per packet.
+struct PoolHdr;
+
+impl HdrAddr for PoolHdr {
+    #[inline(always)]
+    unsafe fn header(&self, pool: &Mempool, p: &Packet) -> (*mut u8, u64) {
+        // SAFETY: `p` is a packet of `pool` (the caller's promise).
+        let hdr = unsafe { pool.header_ptr(p) };
+        (hdr, p.header_slot().1)
+    }
+}
+
 /// The packets of one transmit burst, moved out of the caller's vector as they are
 /// posted, each giving up its buffer to the ring as a bare index (see `tx_burst`).
-struct TxSource<'a> {
+struct TxSource<'a, A: HdrAddr> {
     /// The first packet of the burst; the vector's length is 0 meanwhile.
     pkts: *const Packet,
     /// The pool every packet of the burst comes from.
     pool: &'a Mempool,
-    /// Device address minus host address in the pool, when that is one constant (see
-    /// [`Mempool::linear_iova`]).
-    iova_delta: Option<u64>,
+    addr: A,
     bytes: u64,
 }
 
-impl PostSource for TxSource<'_> {
+impl<A: HdrAddr> PostSource for TxSource<'_, A> {
     #[inline(always)]
     fn buffer(&mut self, k: usize, _id: u16) -> (u64, u32, u32) {
         // SAFETY: `k` < the burst's count <= the packets initialized behind `pkts`, and
         // each is read out exactly once (`tx_burst`).
         let p = unsafe { std::ptr::read(self.pkts.add(k)) };
         // SAFETY: every packet of the burst is from this pool (`tx_burst` checked).
-        let hdr = unsafe { self.pool.header_ptr(&p) };
-        let iova = match self.iova_delta {
-            Some(d) => (hdr as u64).wrapping_add(d),
-            None => p.header_slot().1,
-        };
+        let (hdr, iova) = unsafe { self.addr.header(self.pool, &p) };
         // SAFETY: the 12 bytes before the data are this packet's header slot (the pool
         // keeps `off >= NET_HDR_LEN`); the packet is ours until posted.
         unsafe {
@@ -386,10 +424,18 @@ impl<R: Ring> TxHalf<R> {
         // between would leak them, never drop one twice).
         // SAFETY: shrinking the length only.
         unsafe { pkts.set_len(0) };
-        let mut src =
-            TxSource { pkts: pkts.as_ptr(), pool: &self.pool, iova_delta: self.iova_delta, bytes: 0 };
-        let sent = self.ring.post_burst(k as u16, false, &mut src) as usize;
-        let (bytes, base) = (src.bytes, src.pkts);
+        let (base, pool) = (pkts.as_ptr(), &self.pool);
+        let (sent, bytes) = match (self.iova_delta, pool.single_chunk()) {
+            (Some(delta), Some((first, step))) => {
+                let addr = LinearHdr { base: first, step, delta };
+                let mut src = TxSource { pkts: base, pool, addr, bytes: 0 };
+                (self.ring.post_burst(k as u16, false, &mut src) as usize, src.bytes)
+            }
+            _ => {
+                let mut src = TxSource { pkts: base, pool, addr: PoolHdr, bytes: 0 };
+                (self.ring.post_burst(k as u16, false, &mut src) as usize, src.bytes)
+            }
+        };
         debug_assert_eq!(sent, k, "free descriptors were counted above");
         // SAFETY: the first `k` packets were moved out above; the other `total - k` are
         // still initialized in the buffer: shift them down and own them again.
