@@ -74,6 +74,6 @@ pub use spec::{frame, layout, offload, packed};
 pub use ctrl::{Control, ControlCounts};
 pub use error::{DeviceError, Error, Result};
 pub use link::{LinkStatus, LinkWatch};
-pub use mempool::{free_bulk, Mempool, Packet, TxCsum, TxGso, TxOffload};
+pub use mempool::{for_each_data_mut, free_bulk, Mempool, Packet, TxCsum, TxGso, TxOffload};
 pub use port::{Port, PortConfig, PortInfo, TransportConfig};
 pub use queue::{QueuePair, QueueStatsSnapshot, RxMeta, RxQueue, TxQueue, XdpOut, XdpProgram, XdpVerdict};

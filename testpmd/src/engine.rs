@@ -350,13 +350,12 @@ impl EngineState {
             }
             FwdMode::Mac => {
                 let tx = &ports[s.tx_port as usize];
-                for p in self.batch.iter_mut() {
-                    let d = p.data_mut();
+                driver::for_each_data_mut(&mut self.batch, |d| {
                     if d.len() >= 12 {
                         d[0..6].copy_from_slice(&tx.peer);
                         d[6..12].copy_from_slice(&tx.mac);
                     }
-                }
+                });
             }
             FwdMode::Csum => {
                 let tx = &ports[s.tx_port as usize];
@@ -370,15 +369,12 @@ impl EngineState {
                     }
                 }
             }
-            FwdMode::MacSwap => {
-                for p in self.batch.iter_mut() {
-                    let d = p.data_mut();
-                    if d.len() >= 12 {
-                        let (a, b) = d[..12].split_at_mut(6);
-                        a.swap_with_slice(b);
-                    }
+            FwdMode::MacSwap => driver::for_each_data_mut(&mut self.batch, |d| {
+                if d.len() >= 12 {
+                    let (a, b) = d[..12].split_at_mut(6);
+                    a.swap_with_slice(b);
                 }
-            }
+            }),
             FwdMode::FiveTSwap => {
                 for p in self.batch.iter_mut() {
                     crate::fivetswap::swap_5tuple(p.data_mut());

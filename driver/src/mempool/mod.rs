@@ -330,6 +330,36 @@ impl Mempool {
     }
 }
 
+/// Hands each packet's bytes, writable, to `f`, in order: [`Packet::data_mut`] over a
+/// burst. When the first packet's pool is one chunk (a contiguous arena, the common case)
+/// its geometry is read once and every packet of that pool finds its bytes from it, so a
+/// per-packet edit (a forwarding engine's address swap) does not look its buffer up
+/// through the pool each time; a packet of another pool takes `data_mut`.
+#[inline]
+pub fn for_each_data_mut(pkts: &mut [Packet], mut f: impl FnMut(&mut [u8])) {
+    let Some(first) = pkts.first() else { return };
+    let (pool, i) = (first.pool_ptr(), first.inner());
+    if i.per_chunk < i.count {
+        pkts.iter_mut().for_each(|p| f(p.data_mut()));
+        return;
+    }
+    let (base, step) = (i.base, i.buf_size as usize);
+    for p in pkts.iter_mut() {
+        if p.pool_ptr() != pool {
+            f(p.data_mut());
+            continue;
+        }
+        // SAFETY: `p`'s pool is the one read above, in one chunk from `base`: its buffer
+        // `idx < count` starts at `base + idx * step` (as `buf_ptr` computes it), and
+        // `off + len <= buf_size` (every constructor's invariant); `&mut p` makes the
+        // access exclusive, as in `data_mut`.
+        let d = unsafe {
+            std::slice::from_raw_parts_mut(base.add(p.idx as usize * step + p.off as usize), p.len as usize)
+        };
+        f(d);
+    }
+}
+
 /// Drops every packet in `pkts`, returning each run of packets from the same pool under
 /// one lock (dropping them one by one takes the pool lock per packet).
 pub fn free_bulk(pkts: &mut Vec<Packet>) {

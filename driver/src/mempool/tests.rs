@@ -101,6 +101,39 @@ fn free_bulk_returns_packets_to_their_own_pools() {
 }
 
 #[test]
+fn for_each_data_mut_finds_every_packets_own_bytes_across_pools() {
+    // A pool in one chunk and one in 4 KiB pages (two buffers a chunk): each packet's
+    // bytes are its own, whichever pool comes first and however the pools interleave.
+    let a = pool(40);
+    let mut arena = DmaArena::new(64 * 4096, false).unwrap();
+    arena.set_iova_map(crate::dma::IovaMap::Pages { shift: 12, pa: (0..64u64).map(|i| i << 12).collect() });
+    let b = Mempool::new(Arc::new(arena), 20, 1536, 256).unwrap();
+    for first_is_a in [true, false] {
+        let mut v = Vec::new();
+        let (x, y) = if first_is_a { (&a, &b) } else { (&b, &a) };
+        x.alloc_bulk(3, &mut v);
+        y.alloc_bulk(4, &mut v);
+        x.alloc_bulk(5, &mut v);
+        for (k, p) in v.iter_mut().enumerate() {
+            let d = p.push_tail(10 + k).unwrap();
+            d.iter_mut().enumerate().for_each(|(i, b)| *b = (k * 31 + i) as u8);
+        }
+        let mut k = 0;
+        for_each_data_mut(&mut v, |d| {
+            assert_eq!(d.len(), 10 + k);
+            assert!(d.iter().enumerate().all(|(i, b)| *b == (k * 31 + i) as u8), "packet {k}");
+            d[0] = 0xEE;
+            k += 1;
+        });
+        assert_eq!(k, 12);
+        assert!(v.iter().all(|p| p.data()[0] == 0xEE));
+        free_bulk(&mut v);
+    }
+    for_each_data_mut(&mut [], |_| unreachable!());
+    assert_eq!((a.available(), b.available()), (40, 20));
+}
+
+#[test]
 fn pool_outlives_its_last_handle_while_packets_are_out() {
     let p = pool(8);
     let mut pkt = p.alloc().unwrap();

@@ -96,18 +96,19 @@ impl PortPath {
             return Ok(0);
         }
         let mut c = BurstCounts::default();
-        let res = Self::consume_tx(ring, mem, buf, n, &mut c, |chain| match Self::tx_frame(chain, max_frame) {
-            Ok(len) => {
-                frame(chain, len);
-                Took::Frame(len)
-            }
-            Err(DropReason::Oversize) if gso != 0 && super_frame(chain, gso) => {
-                let len = chain.total - NET_HDR_LEN as u64;
-                frame(chain, len);
-                Took::Frame(len)
-            }
-            Err(why) => Took::Dropped(why),
-        });
+        let res =
+            Self::consume_tx(ring, mem, buf, n, &mut c, |chain| match Self::tx_frame(chain, max_frame) {
+                Ok(len) => {
+                    frame(chain, len);
+                    Took::Frame(len)
+                }
+                Err(DropReason::Oversize) if gso != 0 && super_frame(chain, gso) => {
+                    let len = chain.total - NET_HDR_LEN as u64;
+                    frame(chain, len);
+                    Took::Frame(len)
+                }
+                Err(why) => Took::Dropped(why),
+            });
         src.dev.stats[pair].flush_rx(&c);
         res.map_err(|b| (Side::Src, b))
     }
