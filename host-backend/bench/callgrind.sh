@@ -61,7 +61,10 @@
 #   traffic for time-bounded paths; callgrind runs the measured side ~50x slower),
 #   GEN_COUNT=2000000 (be-grx), PACKED=0|1 (ring layout), CG_CPU=1 PEER_CPU=0, TOP=5 (functions by self cost
 #   listed per path), KEEP=1 (keep the work directory with the callgrind files),
-#   BIN=target/release/host-backend PMD=target/release/testpmd,
+#   BIN=target/release/host-backend PMD=target/release/testpmd, SIZE=64 (frame bytes;
+#   above 1514 a jumbo frame as vs-dpdk.sh sends it: a chain of 2000-byte segments,
+#   mergeable receive buffers on both virtio-users, ports at max-pkt-len SIZE+18, our
+#   backend at --mtu 9000),
 #   VG_EXTRA="..." (extra valgrind options, e.g. --dump-instr=yes for per-instruction costs),
 #   VNET_LOCK_HELD=1 if the caller already holds /tmp/vnet-tests.lock (the script takes it
 #   otherwise, so it never runs next to the cross-process tests).
@@ -78,7 +81,15 @@ TOP=${TOP:-5}
 KEEP=${KEEP:-}
 BIN=${BIN:-target/release/host-backend}
 PMD=${PMD:-target/release/testpmd}
-SIZE=64
+SIZE=${SIZE:-64}
+TXPKTS=$SIZE DEV_J="" DPDK_J=() DPDK_VJ=() OURS_J=() BE_J=()
+if [ "$SIZE" -gt 1514 ]; then
+    TXPKTS="" left=$SIZE
+    while [ "$left" -gt 2000 ]; do TXPKTS="${TXPKTS}2000,"; left=$(( left - 2000 )); done
+    TXPKTS="$TXPKTS$left" DEV_J=",mrg_rxbuf=1"
+    DPDK_J=(--max-pkt-len=$(( SIZE + 18 )) --tx-offloads=0x8000) DPDK_VJ=(--enable-scatter)
+    OURS_J=(--max-pkt-len $(( SIZE + 18 ))) BE_J=(--mtu 9000)
+fi
 STARTUP_S=120 # bound on a start-up under valgrind (DPDK's EAL init takes ~10 s there)
 EXIT_S=120    # bound on a shutdown under valgrind (callgrind writes its files then)
 
@@ -151,11 +162,12 @@ stop_proc() { # TAG SIGNAL SECONDS: signal (unless empty), wait up to SECONDS, t
 # (--no-huge), natively on PEER_CPU with hugepages. Waits for the prompt.
 dpdk_start() {
     local tag=$1 role=$2 cg=$3 cpu vdev prefix fd
-    local -a pre=() mem=()
+    local -a pre=() mem=() jx=()
     if [ "$role" = vhost ]; then
         vdev="net_vhost0,iface=$SOCK,queues=1"; prefix=vnetcg-host
     else
-        vdev="net_virtio_user0,path=$SOCK,queues=1,packed_vq=$PACKED"; prefix=vnetcg-guest
+        vdev="net_virtio_user0,path=$SOCK,queues=1,packed_vq=$PACKED$DEV_J"; prefix=vnetcg-guest
+        jx=("${DPDK_VJ[@]}")
     fi
     if [ "$cg" = yes ]; then
         cpu=$CG_CPU; pre=("${VG[@]}" --callgrind-out-file="$WORK/$tag.cg"); mem=(--no-huge -m 512 --iova-mode=va)
@@ -167,7 +179,7 @@ dpdk_start() {
     FD[$tag]=$fd
     taskset -c "$cpu" "${pre[@]}" dpdk-testpmd --lcores="0@$cpu,1@$cpu" --no-pci --file-prefix=$prefix \
         "${mem[@]}" --log-level=pmd.net.virtio.init:info --vdev "$vdev" \
-        -- -i --nb-cores=1 --rxq=1 --txq=1 --txpkts=$SIZE --total-num-mbufs=16384 \
+        -- -i --nb-cores=1 --rxq=1 --txq=1 --txpkts=$TXPKTS "${DPDK_J[@]}" "${jx[@]}" --total-num-mbufs=16384 \
         <"$WORK/$tag.in" >"$WORK/$tag.log" 2>&1 {fd}>&- 9>&- &
     PID[$tag]=$!
     wait_for "$WORK/$tag.log" "testpmd>" "$STARTUP_S" "${PID[$tag]}"
@@ -181,7 +193,7 @@ dpdk_count() {
 
 ours_backend_start() { # TAG ARGS...: our host-backend under callgrind, waits until it listens
     local tag=$1; shift
-    taskset -c "$CG_CPU" "${VG[@]}" --callgrind-out-file="$WORK/$tag.cg" "$BIN" "$@" --cores "$CG_CPU" \
+    taskset -c "$CG_CPU" "${VG[@]}" --callgrind-out-file="$WORK/$tag.cg" "$BIN" "$@" "${BE_J[@]}" --cores "$CG_CPU" \
         --stats-format json >"$WORK/$tag.log" 2>&1 9>&- &
     PID[$tag]=$!
     wait_for "$WORK/$tag.log" "listening on" "$STARTUP_S" "${PID[$tag]}"
@@ -189,8 +201,8 @@ ours_backend_start() { # TAG ARGS...: our host-backend under callgrind, waits un
 ours_testpmd_start() { # TAG MODE [ARGS...]: our testpmd under callgrind for TRAFFIC_S seconds of forwarding
     local tag=$1 mode=$2
     shift 2
-    taskset -c "$CG_CPU" "${VG[@]}" --callgrind-out-file="$WORK/$tag.cg" "$PMD" --vdev "virtio_user0,path=$SOCK$OUR_PACKED" \
-        --forward-mode "$mode" --txpkts $SIZE --cores "$CG_CPU" --duration "$TRAFFIC_S" --stats-format json "$@" \
+    taskset -c "$CG_CPU" "${VG[@]}" --callgrind-out-file="$WORK/$tag.cg" "$PMD" --vdev "virtio_user0,path=$SOCK$OUR_PACKED$DEV_J" \
+        --forward-mode "$mode" --txpkts "$TXPKTS" "${OURS_J[@]}" --cores "$CG_CPU" --duration "$TRAFFIC_S" --stats-format json "$@" \
         >"$WORK/$tag.log" 2>&1 9>&- &
     PID[$tag]=$!
     wait_for "$WORK/$tag.log" "packet forwarding" "$STARTUP_S" "${PID[$tag]}"

@@ -130,6 +130,23 @@ impl PoolInner {
     }
 }
 
+/// Why [`Packet::append`] refused `tail` (out of line: building the message is not on
+/// the path of an append that works).
+#[cold]
+#[inline(never)]
+fn append_refused(head: &Packet, tail: &Packet) -> Error {
+    if tail.pool_ptr() != head.pool_ptr() {
+        return Error::Config("a segment must come from the packet's own pool".into());
+    }
+    Error::Config(format!(
+        "a chain of {} + {} segments and {} + {} bytes is too long",
+        head.nb_segs(),
+        tail.nb_segs(),
+        head.total_len(),
+        tail.total_len()
+    ))
+}
+
 /// The segments of a packet, head first, as byte slices ([`Packet::segments`]).
 pub struct Segments<'a> {
     pkt: &'a Packet,
@@ -172,22 +189,33 @@ impl Packet {
         // SAFETY: this packet owns its buffer, `idx < count`.
         unsafe { self.inner().meta_get(self.idx) }
     }
+    /// The head's entry, to read one field of it (a whole entry is about 40 bytes: the
+    /// chain paths read the field they need).
+    #[inline]
+    fn head_entry(&self) -> *const BufMeta {
+        // SAFETY: this packet owns its buffer, `idx < count`.
+        unsafe { self.inner().meta(self.idx) }
+    }
     /// The first segment after the head (`NO_SEG` if none).
     fn first_seg(&self) -> u32 {
         if self.tags() & TAG_CHAIN == 0 {
             return NO_SEG;
         }
-        self.head_meta().next
+        // SAFETY: the head's entry, which this packet owns.
+        unsafe { (*self.head_entry()).next }
     }
     /// Segment `idx` of this chain: (next, data pointer, length).
     fn seg_at(&self, idx: u32) -> (u32, *const u8, usize) {
         let inner = self.inner();
         // SAFETY: `idx` is a segment of this chain (the caller walks the head's links),
         // so a buffer of the pool this packet owns.
-        let m = unsafe { inner.meta_get(idx) };
+        let (next, off, len) = unsafe {
+            let m = inner.meta(idx);
+            ((*m).next, (*m).off, (*m).len)
+        };
         // SAFETY: as above; `off` lies inside the buffer.
-        let p = unsafe { inner.buf_ptr(idx).add(m.off as usize) };
-        (m.next, p, m.len as usize)
+        let p = unsafe { inner.buf_ptr(idx).add(off as usize) };
+        (next, p, len as usize)
     }
 
     /// Segments in the chain, the head included (1 for a plain packet: DPDK's
@@ -196,14 +224,16 @@ impl Packet {
         if self.tags() & TAG_CHAIN == 0 {
             return 1;
         }
-        1 + self.head_meta().nseg as usize
+        // SAFETY: as in `first_seg`.
+        1 + unsafe { (*self.head_entry()).nseg } as usize
     }
     /// Bytes in the whole chain (DPDK's `pkt_len`); [`len`](Self::len) is the head's.
     pub fn total_len(&self) -> usize {
         if self.tags() & TAG_CHAIN == 0 {
             return self.len as usize;
         }
-        self.len as usize + self.head_meta().rest as usize
+        // SAFETY: as in `first_seg`.
+        self.len as usize + unsafe { (*self.head_entry()).rest } as usize
     }
     /// Whether the packet heads a chain of more than one buffer.
     pub fn is_chained(&self) -> bool {
@@ -254,57 +284,81 @@ impl Packet {
     /// another pool or the chain would exceed [`MAX_SEGS`] segments or 4 GiB.
     pub fn append(&mut self, tail: Packet) -> Result<()> {
         if tail.pool_ptr() != self.pool_ptr() {
-            return Err(Error::Config("a segment must come from the packet's own pool".into()));
+            return Err(append_refused(self, &tail));
         }
         let add_segs = tail.nb_segs();
         let add_bytes = tail.total_len();
         if self.nb_segs() + add_segs > MAX_SEGS || self.total_len() + add_bytes > u32::MAX as usize {
-            return Err(Error::Config(format!(
-                "a chain of {} + {add_segs} segments and {} + {add_bytes} bytes is too long",
-                self.nb_segs(),
-                self.total_len()
-            )));
+            return Err(append_refused(self, &tail));
         }
-        let inner = self.inner();
         let t_first = tail.first_seg();
-        let t_meta = tail.head_meta();
-        // The tail's head becomes a segment with its own offset and length.
-        let seg = BufMeta {
-            next: t_first,
-            off: tail.off,
-            len: tail.len,
-            last: NO_SEG,
-            nseg: 0,
-            rest: 0,
-            tx: TxOffload::default(),
-        };
-        let new_last = if t_first == NO_SEG { tail.idx } else { t_meta.last };
-        let t_idx = tail.idx;
+        // SAFETY: the tail's head entry, which the tail owns.
+        let new_last = if t_first == NO_SEG { tail.idx } else { unsafe { (*tail.head_entry()).last } };
+        let (t_idx, t_off, t_len) = (tail.idx, tail.off, tail.len);
         // The tail's buffers are ours now (forgotten without being returned).
         std::mem::forget(tail);
-        // SAFETY: (every meta access below) buffers this packet owns: its head, its
-        // segments, and the tail's buffers just taken over.
+        // SAFETY: the tail's buffers were just taken over; its head becomes a segment
+        // with its own offset and length, followed by its own segments.
         unsafe {
-            inner.meta_set(t_idx, seg);
-            let mut head = if self.is_chained() {
-                self.head_meta()
+            self.link(
+                t_idx,
+                t_off,
+                t_len,
+                t_first,
+                new_last,
+                add_segs as u16 - 1,
+                add_bytes as u32 - t_len as u32,
+            )
+        };
+        Ok(())
+    }
+
+    /// Links buffer `idx` (data `off`, `len`), followed by the segments from `next` to
+    /// `last` (`NO_SEG`: none; `more` of them, `more_bytes` bytes after `len`), at the end of
+    /// this chain. Writes only the fields a link changes: the new segment's `next`, `off`
+    /// and `len`, the old last segment's `next`, the head's `next`/`last`/`nseg`/`rest`
+    /// (the head's offload request stays), so that building a chain does not copy whole
+    /// entries per segment.
+    ///
+    /// # Safety
+    /// The caller owns buffer `idx` and the segments after it and gives them to this
+    /// chain; `off + len <= buf_size`; the chain stays within [`MAX_SEGS`] segments and
+    /// `u32::MAX` bytes.
+    #[inline]
+    unsafe fn link(
+        &mut self,
+        idx: u32,
+        off: u16,
+        len: u16,
+        next: u32,
+        last: u32,
+        more: u16,
+        more_bytes: u32,
+    ) {
+        let inner = self.inner();
+        // SAFETY: (every entry below) buffers this packet owns: its head, its segments,
+        // and those the caller gives it; each entry is touched through its own pointer,
+        // no two live at once.
+        unsafe {
+            let m = inner.meta(idx);
+            (*m).next = next;
+            (*m).off = off;
+            (*m).len = len;
+            let h = inner.meta(self.idx);
+            let add = 1 + more;
+            let bytes = len as u32 + more_bytes;
+            if self.is_chained() {
+                (*inner.meta((*h).last)).next = idx;
+                (*h).nseg += add;
+                (*h).rest += bytes;
             } else {
-                BufMeta { tx: self.head_meta().tx, ..BufMeta::default() }
-            };
-            if head.next == NO_SEG {
-                head.next = t_idx;
-            } else {
-                let mut last = inner.meta_get(head.last);
-                last.next = t_idx;
-                inner.meta_set(head.last, last);
+                (*h).next = idx;
+                (*h).nseg = add;
+                (*h).rest = bytes;
             }
-            head.last = new_last;
-            head.nseg += add_segs as u16;
-            head.rest += add_bytes as u32;
-            inner.meta_set(self.idx, head);
+            (*h).last = if last == NO_SEG { idx } else { last };
         }
         self.set_tag(TAG_CHAIN, true);
-        Ok(())
     }
 
     /// Appends buffer `idx` of this packet's pool as a segment with `len` bytes at `off`
@@ -314,31 +368,9 @@ impl Packet {
     /// The caller owns buffer `idx` (and gives it to this chain), `off + len <= buf_size`,
     /// and the chain stays within [`MAX_SEGS`] segments.
     pub(crate) unsafe fn push_segment_raw(&mut self, idx: u32, off: u16, len: u16) {
-        let inner = self.inner();
-        debug_assert!(idx < inner.count && off as u32 + len as u32 <= inner.buf_size);
-        let seg = BufMeta { next: NO_SEG, off, len, ..BufMeta::default() };
-        // SAFETY: (every meta access) the caller gives us `idx`; the head and its
-        // segments are ours.
-        unsafe {
-            inner.meta_set(idx, seg);
-            let mut head = if self.is_chained() {
-                self.head_meta()
-            } else {
-                BufMeta { tx: self.head_meta().tx, ..BufMeta::default() }
-            };
-            if head.next == NO_SEG {
-                head.next = idx;
-            } else {
-                let mut last = inner.meta_get(head.last);
-                last.next = idx;
-                inner.meta_set(head.last, last);
-            }
-            head.last = idx;
-            head.nseg += 1;
-            head.rest += len as u32;
-            inner.meta_set(self.idx, head);
-        }
-        self.set_tag(TAG_CHAIN, true);
+        debug_assert!(idx < self.inner().count && off as u32 + len as u32 <= self.inner().buf_size);
+        // SAFETY: per the contract.
+        unsafe { self.link(idx, off, len, NO_SEG, NO_SEG, 0, 0) };
     }
 
     /// Calls `f(idx, off, len)` for each segment after the head, in order (the transmit
@@ -348,9 +380,12 @@ impl Packet {
         let mut idx = self.first_seg();
         for _ in 1..self.nb_segs() {
             // SAFETY: a segment of this chain: a buffer this packet owns.
-            let m = unsafe { inner.meta_get(idx) };
-            f(idx, m.off, m.len);
-            idx = m.next;
+            let (next, off, len) = unsafe {
+                let m = inner.meta(idx);
+                ((*m).next, (*m).off, (*m).len)
+            };
+            f(idx, off, len);
+            idx = next;
         }
     }
 
