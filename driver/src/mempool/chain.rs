@@ -282,6 +282,7 @@ impl Packet {
     /// last segment: its segments become this chain's, and its transmit offload request,
     /// if any, is dropped. Nothing allocates. Fails (and drops `tail`) if `tail` is from
     /// another pool or the chain would exceed [`MAX_SEGS`] segments or 4 GiB.
+    #[inline]
     pub fn append(&mut self, tail: Packet) -> Result<()> {
         if tail.pool_ptr() != self.pool_ptr() {
             return Err(append_refused(self, &tail));
