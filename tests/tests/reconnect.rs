@@ -133,10 +133,14 @@ fn restart_under_io(server: bool, packed: bool) {
     // may still hold frames, which K then drops (counted by K, as `peer_down`).
     std::thread::sleep(Duration::from_millis(500));
     let k_final = kp.stop();
-    t.wait_stdout_n(
-        "Port 1: link down: the back-end closed the connection",
-        KILLS + 1,
-        Duration::from_secs(5),
+    // One link down per kill (for either reason above) and one for this stop, which
+    // closes the connection in order.
+    t.wait_stdout_n("Port 1: link down: ", KILLS + 1, Duration::from_secs(5));
+    let last_down = t.stdout().rsplit("Port 1: link down: ").next().unwrap_or("").to_string();
+    assert!(
+        last_down.starts_with("the back-end closed the connection"),
+        "the stopped back-end's link down: {}",
+        last_down.lines().next().unwrap_or("")
     );
     t.signal(libc::SIGINT);
     let out = t.wait(Duration::from_secs(20));
