@@ -35,10 +35,11 @@ rtt() {
     "$RTT" "$GUEST_CPU" "$HOST_CPU" 0.3 2>/dev/null | sed -n 's/^rtt_ns=\([0-9]*\).*/\1/p' | grep . || echo -
 }
 
-# summary FILES...: over files of 1-s samples (pps, one per line, one file per run) ->
-# "median p10 p50 p90" in Mpps: the median of the run means, and the percentiles of all
-# the samples together.
-summary() { # files... -> "median p10 p50 p90" (Mpps)
+# run_stats FILES...: over files of 1-s samples (pps, one per line, one file per run) ->
+# "median min max p10 p50 p90 slow n" in pps: the median, smallest and largest of the run
+# means; the percentiles of all the samples together; how many of the n samples sat below
+# half the p90 (the machine's slow level).
+run_stats() {
     local means
     means=$(for f in "$@"; do awk '{s+=$1; n++} END {if (n) printf "%d\n", s/n}' "$f"; done | sort -n)
     cat "$@" | sort -n | awk -v means="$means" '
@@ -48,8 +49,14 @@ summary() { # files... -> "median p10 p50 p90" (Mpps)
             med = (nm % 2) ? m[(nm+1)/2] : (m[nm/2] + m[nm/2+1]) / 2;
             r10 = int(0.1*NR+0.999); r50 = int(0.5*NR+0.999); r90 = int(0.9*NR+0.999);
             if (r10 < 1) r10 = 1;
-            printf "%.3f %.3f %.3f %.3f\n", med/1e6, a[r10]/1e6, a[r50]/1e6, a[r90]/1e6
+            slow = 0; for (i = 1; i <= NR; i++) if (a[i] < a[r90]/2) slow++;
+            printf "%.1f %d %d %d %d %d %d %d\n", med, m[1], m[nm], a[r10], a[r50], a[r90], slow, NR
         }'
+}
+
+# summary FILES...: "median p10 p50 p90" of run_stats, in Mpps.
+summary() {
+    run_stats "$@" | awk '{printf "%.3f %.3f %.3f %.3f\n", $1 / 1e6, $4 / 1e6, $5 / 1e6, $6 / 1e6}'
 }
 
 # record_run WHO ROW SIZE R: runs the script's own `run_one WHO ROW SIZE TAG` (TAG =

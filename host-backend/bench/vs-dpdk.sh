@@ -81,23 +81,9 @@ command -v dpdk-testpmd >/dev/null || { echo "vs-dpdk.sh: dpdk-testpmd missing (
 [ -x "$RTT" ] || { echo "vs-dpdk.sh: $RTT missing (cargo build --release -p host-backend --example core_rtt)" >&2; exit 1; }
 [ "$(awk '/HugePages_Free/ {print $2}' /proc/meminfo)" -ge 400 ] || { echo "vs-dpdk.sh: need >= 400 free 2 MiB hugepages" >&2; exit 1; }
 
-WORK=$(mktemp -d /tmp/vnet-bench.XXXXXX)
+. "$(dirname "$0")/common.sh"
+bench_init bench vnetbench-
 SOCK=$WORK/vhost.sock
-PIDS=""
-cleanup() {
-    for p in $PIDS; do kill -TERM "$p" 2>/dev/null; done
-    sleep 0.5
-    for p in $PIDS; do kill -KILL "$p" 2>/dev/null; done
-    rm -rf "$WORK" /dev/hugepages/vnetbench-*
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-wait_for() { # file pattern timeout_s
-    local i
-    for i in $(seq $(( $3 * 10 ))); do grep -q -- "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
-    return 1
-}
 
 # Per-size arguments: TXPKTS (testpmd --txpkts), DPDK_X (DPDK testpmd's extra options; its
 # virtio-user also DPDK_VX: net_vhost has no scattered receive), DEV_X (virtio-user
@@ -249,25 +235,6 @@ run_one() {
     [ -s "$WORK/$tag.samples" ] || return 1
 }
 
-rtt() { # the machine's core-to-core round trip now, in ns ("-" if it cannot be measured)
-    "$RTT" "$GUEST_CPU" "$HOST_CPU" 0.3 2>/dev/null | sed -n 's/^rtt_ns=\([0-9]*\).*/\1/p' | grep . || echo -
-}
-
-summary() { # files... -> "median min max | p10 p50 p90 slow"
-    local means
-    means=$(for f in "$@"; do awk '{s+=$1; n++} END {if (n) printf "%d\n", s/n}' "$f"; done | sort -n)
-    cat "$@" | sort -n | awk -v means="$means" '
-        {a[NR]=$1}
-        END {
-            nm = split(means, m, "\n");
-            med = (nm % 2) ? m[(nm+1)/2] : (m[nm/2] + m[nm/2+1]) / 2;
-            r10 = int(0.1*NR+0.999); r50 = int(0.5*NR+0.999); r90 = int(0.9*NR+0.999);
-            if (r10 < 1) r10 = 1;
-            slow = 0; for (i = 1; i <= NR; i++) if (a[i] < a[r90]/2) slow++;
-            printf "%.2f %.2f %.2f %.2f %.2f %.2f %d/%d\n", med/1e6, m[1]/1e6, m[nm]/1e6, a[r10]/1e6, a[r50]/1e6, a[r90]/1e6, slow, NR
-        }'
-}
-
 echo "# $(date -u +%FT%TZ) $(dpdk-testpmd -v 2>&1 | grep -o 'DPDK [0-9.]*' | head -1) | $(lscpu | sed -n 's/^Model name: *//p') x $(nproc)"
 echo "# RUNS=$RUNS DUR=${DUR}s WARM=${WARM}s; rings: $([ "$PACKED" = 1 ] && echo packed || echo split) of $RING, burst $BURST; backend on cpu$HOST_CPU, virtio-user on cpu$GUEST_CPU; our testpmd: $PMD_ARGS; Mpps"
 for mode in $MODES; do
@@ -287,7 +254,8 @@ for mode in $MODES; do
         for be in ours dpdk; do
             files=$(ls "$WORK"/${mode}_${size}_${be}_*.samples 2>/dev/null)
             if [ -z "$files" ]; then res[$be]=""; echo "$mode ${size}B $be: FAILED"; continue; fi
-            res[$be]=$(summary $files)
+            res[$be]=$(run_stats $files | awk '{printf "%.2f %.2f %.2f %.2f %.2f %.2f %d/%d\n",
+                $1 / 1e6, $2 / 1e6, $3 / 1e6, $4 / 1e6, $5 / 1e6, $6 / 1e6, $7, $8}')
             set -- ${res[$be]}
             printf "%s %sB %-4s: median %s (min %s max %s) | 1s p10/p50/p90 %s/%s/%s | slow samples %s\n" \
                 "$mode" "$size" "$be" "$1" "$2" "$3" "$4" "$5" "$6" "$7"
