@@ -17,23 +17,11 @@
 //! ring's worth), 2 s, cpu 1. Output: one line, `frames_per_s=N gbytes_per_s=G` with the
 //! median of 0.1-second windows.
 
-use std::time::{Duration, Instant};
+#[path = "common/pin.rs"]
+mod common_pin;
+use common_pin::pin;
 
-fn pin(cpu: usize) -> std::io::Result<()> {
-    // SAFETY: `set` is a plain C struct initialised by CPU_ZERO/CPU_SET; the call only
-    // reads it.
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
+use std::time::{Duration, Instant};
 
 fn arg<T: std::str::FromStr>(args: &[String], i: usize, default: T) -> Result<T, String> {
     match args.get(i) {

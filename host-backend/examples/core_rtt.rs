@@ -14,6 +14,10 @@
 //! ```
 //! Defaults: cpus 0 and 1, 0.5 s. Output: one line, `rtt_ns=N windows=W min=A max=B`.
 
+#[path = "common/pin.rs"]
+mod common_pin;
+use common_pin::pin;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,22 +25,6 @@ use std::time::{Duration, Instant};
 /// One counter on its own cache line.
 #[repr(align(64))]
 struct Line(AtomicU64);
-
-fn pin(cpu: usize) -> std::io::Result<()> {
-    // SAFETY: `set` is a plain C struct initialised by CPU_ZERO/CPU_SET; the call only
-    // reads it.
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
 
 fn arg<T: std::str::FromStr>(args: &[String], i: usize, default: T) -> T {
     match args.get(i) {

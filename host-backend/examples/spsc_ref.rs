@@ -21,6 +21,10 @@
 //! ```
 //! Output: one line, `slots_per_s=N seconds=S`.
 
+#[path = "common/pin.rs"]
+mod common_pin;
+use common_pin::pin;
+
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -48,15 +52,9 @@ struct Ring {
 // the indices order every access, so no slot is read and written at once.
 unsafe impl Sync for Ring {}
 
-fn pin(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t filled by CPU_SET; the call only reads it.
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if rc != 0 {
-        eprintln!("spsc_ref: cannot pin to cpu {cpu}: {}", std::io::Error::last_os_error());
+fn pin_or_exit(cpu: usize) {
+    if let Err(e) = pin(cpu) {
+        eprintln!("spsc_ref: cannot pin to cpu {cpu}: {e}");
         std::process::exit(1);
     }
 }
@@ -81,7 +79,7 @@ fn main() {
     let consumer = {
         let (ring, stop) = (ring.clone(), stop.clone());
         std::thread::spawn(move || {
-            pin(cb as usize);
+            pin_or_exit(cb as usize);
             let (mut tail, mut head, mut bad) = (0u64, 0u64, 0u64);
             while !stop.load(Ordering::Relaxed) {
                 if tail == head {
@@ -104,7 +102,7 @@ fn main() {
             (tail, bad)
         })
     };
-    pin(ca as usize);
+    pin_or_exit(ca as usize);
     let (mut head, mut tail) = (0u64, 0u64);
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(secs);

@@ -1739,6 +1739,21 @@ fn record_burst_stats_accounts_for_every_packet() {
     drop(backend);
 }
 
+/// A `gen` back-end on `sock` sending `count` TCP super-frames of `size` bytes that ask
+/// for segmentation at `mss`.
+fn gso_gen(sock: &Path, mss: u64, size: u64, count: u64) -> Backend {
+    Backend::start(&[
+        "--port",
+        &port_arg("gen", sock),
+        "--gso-size",
+        &mss.to_string(),
+        "--pkt-size",
+        &size.to_string(),
+        "--count",
+        &count.to_string(),
+    ])
+}
+
 /// `--enable-lro` (DPDK's option): against `gen --gso-size`, every super-frame arrives
 /// whole (GUEST_TSO4 and mergeable buffers negotiated): RX-packets is the generator's
 /// count and RX-bytes its bytes; without the option the same stream arrives cut into
@@ -1752,16 +1767,7 @@ fn enable_lro_receives_super_frames_whole() {
     let dir = TempDir::new("tp-lro");
     let sock = dir.join("g.sock");
     for lro in [true, false] {
-        let backend = Backend::start(&[
-            "--port",
-            &port_arg("gen", &sock),
-            "--gso-size",
-            &MSS.to_string(),
-            "--pkt-size",
-            &SIZE.to_string(),
-            "--count",
-            &COUNT.to_string(),
-        ]);
+        let backend = gso_gen(&sock, MSS, SIZE, COUNT);
         let vd = vdev(0, &sock);
         let mut args = vec!["--vdev", &vd, "--forward-mode", "rxonly", "--duration", "2"];
         if lro {
@@ -1803,16 +1809,7 @@ fn rx_offload_tcp_lro_switches_guest_tso() {
     let payload = SIZE - 54;
     let segs = payload.div_ceil(MSS);
     for lro in [true, false] {
-        let backend = Backend::start(&[
-            "--port",
-            &port_arg("gen", &sock),
-            "--gso-size",
-            &MSS.to_string(),
-            "--pkt-size",
-            &SIZE.to_string(),
-            "--count",
-            &COUNT.to_string(),
-        ]);
+        let backend = gso_gen(&sock, MSS, SIZE, COUNT);
         let vd = vdev(0, &sock);
         let mut args = vec!["-i", "--vdev", &vd, "--forward-mode", "rxonly"];
         if lro {

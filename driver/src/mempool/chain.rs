@@ -130,6 +130,21 @@ impl PoolInner {
     }
 }
 
+/// The segments that follow a buffer [`Packet::link`] adds (the rest of an appended
+/// chain): the first of them and the last (`NO_SEG`: none), how many, and their bytes.
+#[derive(Clone, Copy)]
+struct After {
+    next: u32,
+    last: u32,
+    segs: u16,
+    bytes: u32,
+}
+
+impl After {
+    /// Nothing follows: a single buffer is linked.
+    const NONE: After = After { next: NO_SEG, last: NO_SEG, segs: 0, bytes: 0 };
+}
+
 /// Why [`Packet::append`] refused `tail` (out of line: building the message is not on
 /// the path of an append that works).
 #[cold]
@@ -298,25 +313,20 @@ impl Packet {
         let (t_idx, t_off, t_len) = (tail.idx, tail.off, tail.len);
         // The tail's buffers are ours now (forgotten without being returned).
         std::mem::forget(tail);
+        let after = After {
+            next: t_first,
+            last: new_last,
+            segs: add_segs as u16 - 1,
+            bytes: add_bytes as u32 - t_len as u32,
+        };
         // SAFETY: the tail's buffers were just taken over; its head becomes a segment
         // with its own offset and length, followed by its own segments.
-        unsafe {
-            self.link(
-                t_idx,
-                t_off,
-                t_len,
-                t_first,
-                new_last,
-                add_segs as u16 - 1,
-                add_bytes as u32 - t_len as u32,
-            )
-        };
+        unsafe { self.link(t_idx, t_off, t_len, after) };
         Ok(())
     }
 
-    /// Links buffer `idx` (data `off`, `len`), followed by the segments from `next` to
-    /// `last` (`NO_SEG`: none; `more` of them, `more_bytes` bytes after `len`), at the end of
-    /// this chain. Writes only the fields a link changes: the new segment's `next`, `off`
+    /// Links buffer `idx` (data `off`, `len`), followed by the segments `after` says, at
+    /// the end of this chain. Writes only the fields a link changes: the new segment's `next`, `off`
     /// and `len`, the old last segment's `next`, the head's `next`/`last`/`nseg`/`rest`
     /// (the head's offload request stays), so that building a chain does not copy whole
     /// entries per segment.
@@ -326,16 +336,8 @@ impl Packet {
     /// chain; `off + len <= buf_size`; the chain stays within [`MAX_SEGS`] segments and
     /// `u32::MAX` bytes.
     #[inline]
-    unsafe fn link(
-        &mut self,
-        idx: u32,
-        off: u16,
-        len: u16,
-        next: u32,
-        last: u32,
-        more: u16,
-        more_bytes: u32,
-    ) {
+    unsafe fn link(&mut self, idx: u32, off: u16, len: u16, after: After) {
+        let After { next, last, segs: more, bytes: more_bytes } = after;
         let inner = self.inner();
         // SAFETY: (every entry below) buffers this packet owns: its head, its segments,
         // and those the caller gives it; each entry is touched through its own pointer,
@@ -371,7 +373,7 @@ impl Packet {
     pub(crate) unsafe fn push_segment_raw(&mut self, idx: u32, off: u16, len: u16) {
         debug_assert!(idx < self.inner().count && off as u32 + len as u32 <= self.inner().buf_size);
         // SAFETY: per the contract.
-        unsafe { self.link(idx, off, len, NO_SEG, NO_SEG, 0, 0) };
+        unsafe { self.link(idx, off, len, After::NONE) };
     }
 
     /// Calls `f(idx, off, len)` for each segment after the head, in order (the transmit
