@@ -103,6 +103,15 @@ fn reason(e: OffloadError) -> DropReason {
     }
 }
 
+/// The feature a driver negotiates to send super-frames of `kind` (virtio 1.2 §5.1.6.2).
+pub(super) fn host_gso_feature(kind: GsoKind) -> u64 {
+    match kind {
+        GsoKind::TcpV4 => bit(f::NET_HOST_TSO4),
+        GsoKind::TcpV6 => bit(f::NET_HOST_TSO6),
+        GsoKind::UdpL4 => bit(f::NET_HOST_USO),
+    }
+}
+
 /// Takes a transmitted chain whose header asks for an offload ([`requested`]): checks the
 /// request against the features the sending driver negotiated (`features`) and against
 /// the frame, and copies the frame into `buf` (`swap_mac`: addresses swapped there).
@@ -131,12 +140,7 @@ pub(crate) fn check(
     let hdr = NetHdr::from_bytes(h);
     let kind = hdr.gso_kind().map_err(reason)?;
     let mut need = if hdr.needs_csum() { bit(f::NET_CSUM) } else { 0 };
-    need |= match kind {
-        None => 0,
-        Some(GsoKind::TcpV4) => bit(f::NET_HOST_TSO4),
-        Some(GsoKind::TcpV6) => bit(f::NET_HOST_TSO6),
-        Some(GsoKind::UdpL4) => bit(f::NET_HOST_USO),
-    };
+    need |= kind.map_or(0, host_gso_feature);
     if hdr.gso_type & net_hdr::GSO_ECN != 0 {
         need |= bit(f::NET_HOST_ECN);
     }

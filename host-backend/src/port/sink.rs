@@ -13,9 +13,9 @@
 use spec::layout::NET_HDR_LEN;
 
 use spec::layout::features::{self as f, bit};
-use spec::offload::{GsoKind, NetHdr};
+use spec::offload::NetHdr;
 
-use super::offload::MAX_SUPER_FRAME;
+use super::offload::{host_gso_feature, MAX_SUPER_FRAME};
 use super::{PathKind, PortPath, QueueSlot, Side, BURST, ETH_HLEN};
 use crate::memory::GuestMemory;
 use crate::ring::Ring;
@@ -96,19 +96,16 @@ impl PortPath {
             return Ok(0);
         }
         let mut c = BurstCounts::default();
-        let res =
-            Self::consume_tx(ring, mem, buf, n, &mut c, |chain| match Self::tx_frame(chain, max_frame) {
-                Ok(len) => {
-                    frame(chain, len);
-                    Took::Frame(len)
-                }
-                Err(DropReason::Oversize) if gso != 0 && super_frame(chain, gso) => {
+        let res = Self::consume_tx(ring, mem, buf, n, &mut c, |chain| {
+            match Self::take_frame(chain, max_frame, &mut frame) {
+                Took::Dropped(DropReason::Oversize) if gso != 0 && super_frame(chain, gso) => {
                     let len = chain.total - NET_HDR_LEN as u64;
                     frame(chain, len);
                     Took::Frame(len)
                 }
-                Err(why) => Took::Dropped(why),
-            });
+                took => took,
+            }
+        });
         src.dev.stats[pair].flush_rx(&c);
         res.map_err(|b| (Side::Src, b))
     }
@@ -193,13 +190,10 @@ fn super_frame(chain: &Chain<'_>, gso: u64) -> bool {
     if chain.truncated || gather(chain, 0, &mut h) != NET_HDR_LEN {
         return false;
     }
-    let need = match NetHdr::from_bytes(h).gso_kind() {
-        Ok(Some(GsoKind::TcpV4)) => bit(f::NET_HOST_TSO4),
-        Ok(Some(GsoKind::TcpV6)) => bit(f::NET_HOST_TSO6),
-        Ok(Some(GsoKind::UdpL4)) => bit(f::NET_HOST_USO),
-        _ => return false,
+    let Ok(Some(kind)) = NetHdr::from_bytes(h).gso_kind() else {
+        return false;
     };
-    gso & need != 0 && chain.total - NET_HDR_LEN as u64 <= MAX_SUPER_FRAME as u64
+    gso & host_gso_feature(kind) != 0 && chain.total - NET_HDR_LEN as u64 <= MAX_SUPER_FRAME as u64
 }
 
 /// `--sink-read` of a super-frame longer than one slot: every byte read, a slot at a

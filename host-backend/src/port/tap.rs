@@ -620,13 +620,9 @@ impl PortPath {
                 c.drop(DropReason::RxBufferTooSmall); // cut short: the chains stay available
                 continue;
             }
-            if let Some(rx) = filter {
-                let mut h = [0u8; FILTER_BYTES];
-                let got = gather(first, NET_HDR_LEN, &mut h);
-                if !rx.accepts(&h[..got]) {
-                    c.drop(DropReason::Filtered);
-                    continue;
-                }
+            if filter.is_some_and(|rx| !accepts_chain(rx, first)) {
+                c.drop(DropReason::Filtered);
+                continue;
             }
             // The bytes went over the chains in order: complete as many as they filled,
             // the first (with the header) first.
@@ -770,13 +766,9 @@ impl PortPath {
                     fault = Some(b);
                     break;
                 }
-                if let Some(rx) = filter {
-                    let mut h = [0u8; FILTER_BYTES];
-                    let got = gather(src, NET_HDR_LEN, &mut h);
-                    if !rx.accepts(&h[..got]) {
-                        c.drop(DropReason::Filtered);
-                        continue;
-                    }
+                if filter.is_some_and(|rx| !accepts_chain(rx, src)) {
+                    c.drop(DropReason::Filtered);
+                    continue;
                 }
                 let into = if w == j {
                     &*src
@@ -812,6 +804,14 @@ impl PortPath {
             t.warned = true;
         }
     }
+}
+
+/// Whether the guest's receive filter accepts the frame the kernel read into `chain`
+/// (its first bytes after the virtio-net header).
+fn accepts_chain(rx: &RxConfig, chain: &Chain<'_>) -> bool {
+    let mut h = [0u8; FILTER_BYTES];
+    let got = gather(chain, NET_HDR_LEN, &mut h);
+    rx.accepts(&h[..got])
 }
 
 #[cfg(test)]
