@@ -202,6 +202,37 @@ fn forwarded_frames_go_out_with_a_zero_header() {
     }
 }
 
+/// The same for chains (the general transmit path): a received frame with a second
+/// segment appended goes out with an all-zero header whether its slot held what the
+/// device wrote or was zero already.
+#[test]
+fn forwarded_chains_go_out_with_a_zero_header() {
+    let mut r = rig();
+    let dirty = [1u8, 3, 14, 0, 0xb4, 5, 34, 0, 16, 0, 1, 0];
+    let frames: Vec<Vec<u8>> = (0..4u8).map(|t| frame(t, 60 + t as usize)).collect();
+    for (k, fr) in frames.iter().enumerate() {
+        r.deliver_with(if k % 2 == 0 { dirty } else { [0; NET_HDR_LEN] }, fr);
+    }
+    let mut batch = Vec::with_capacity(32);
+    assert_eq!(r.rx.rx_burst(&mut batch, 32), 4);
+    let tail: Vec<u8> = (0..100u8).collect();
+    for p in batch.iter_mut() {
+        let mut seg = r.pool.alloc().unwrap();
+        seg.set_data(&tail).unwrap();
+        p.append(seg).unwrap();
+        assert_eq!(p.nb_segs(), 2);
+    }
+    assert_eq!(r.tx.tx_burst(&mut batch), 4);
+    let out = transmitted_chains(&mut r);
+    assert_eq!(out.len(), 4);
+    for (fr, (hdr, got, descs)) in frames.iter().zip(&out) {
+        assert_eq!(hdr, &vec![0u8; NET_HDR_LEN]);
+        assert_eq!(&got[..fr.len()], fr.as_slice());
+        assert_eq!(&got[fr.len()..], tail.as_slice());
+        assert_eq!(*descs, 2);
+    }
+}
+
 #[test]
 fn rx_burst_xdp_bounces_tx_packets_on_the_same_thread() {
     let mut r = rig();

@@ -518,10 +518,13 @@ impl<R: Ring> TxHalf<R> {
                 },
             };
             let (hdr, iova) = p.header_slot();
+            // A zero header that is zero already is left alone (as in `tx_burst`): the
+            // device read that line last, and a store would wait for it to come back.
             // SAFETY: the 12 bytes before the data are this packet's header slot (the
             // pool keeps `off >= NET_HDR_LEN`); the packet is ours until posted.
             unsafe {
                 match hdr_val {
+                    None if header_is_zero(hdr) => {}
                     None => std::ptr::write_bytes(hdr, 0, NET_HDR_LEN),
                     Some(h) => std::ptr::copy_nonoverlapping(h.to_bytes().as_ptr(), hdr, NET_HDR_LEN),
                 }
