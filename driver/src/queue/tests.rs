@@ -177,6 +177,17 @@ fn every_verdict_does_what_it_says_with_head_and_tail_adjusted() {
     assert_eq!(r.pool.available(), full - RING as u32, "no buffer lost");
 }
 
+/// Delivers `n` frames, the even ones with a header the device filled in (offload flags,
+/// `num_buffers` 1) and the odd ones with a zero header; returns the frames.
+fn deliver_dirty_and_clean(r: &mut Rig, n: u8) -> Vec<Vec<u8>> {
+    let dirty = [1u8, 3, 14, 0, 0xb4, 5, 34, 0, 16, 0, 1, 0];
+    let frames: Vec<Vec<u8>> = (0..n).map(|t| frame(t, 60 + t as usize)).collect();
+    for (k, fr) in frames.iter().enumerate() {
+        r.deliver_with(if k % 2 == 0 { dirty } else { [0; NET_HDR_LEN] }, fr);
+    }
+    frames
+}
+
 /// A received frame sent back out carries an all-zero virtio-net header whatever the
 /// device wrote into the header slot (offload flags, `num_buffers` 1), and one whose
 /// slot is already zero goes out unchanged: the transmit path rewrites a header only
@@ -184,11 +195,7 @@ fn every_verdict_does_what_it_says_with_head_and_tail_adjusted() {
 #[test]
 fn forwarded_frames_go_out_with_a_zero_header() {
     let mut r = rig();
-    let dirty = [1u8, 3, 14, 0, 0xb4, 5, 34, 0, 16, 0, 1, 0];
-    let frames: Vec<Vec<u8>> = (0..6u8).map(|t| frame(t, 60 + t as usize)).collect();
-    for (k, fr) in frames.iter().enumerate() {
-        r.deliver_with(if k % 2 == 0 { dirty } else { [0; NET_HDR_LEN] }, fr);
-    }
+    let frames = deliver_dirty_and_clean(&mut r, 6);
     let mut batch = Vec::with_capacity(32);
     // Two bursts (4 and 2: the first ends on a line of descriptors).
     assert_eq!(r.rx.rx_burst(&mut batch, 32), 4);
@@ -208,11 +215,7 @@ fn forwarded_frames_go_out_with_a_zero_header() {
 #[test]
 fn forwarded_chains_go_out_with_a_zero_header() {
     let mut r = rig();
-    let dirty = [1u8, 3, 14, 0, 0xb4, 5, 34, 0, 16, 0, 1, 0];
-    let frames: Vec<Vec<u8>> = (0..4u8).map(|t| frame(t, 60 + t as usize)).collect();
-    for (k, fr) in frames.iter().enumerate() {
-        r.deliver_with(if k % 2 == 0 { dirty } else { [0; NET_HDR_LEN] }, fr);
-    }
+    let frames = deliver_dirty_and_clean(&mut r, 4);
     let mut batch = Vec::with_capacity(32);
     assert_eq!(r.rx.rx_burst(&mut batch, 32), 4);
     let tail: Vec<u8> = (0..100u8).collect();
