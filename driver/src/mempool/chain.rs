@@ -119,6 +119,19 @@ impl PoolInner {
         // SAFETY: per the contract: the entry of a buffer the caller owns.
         unsafe { *self.meta(idx) }
     }
+    /// Buffer `idx`'s link fields as a segment: (next, data offset, length), read
+    /// alone (the segment walks need no more of the entry).
+    ///
+    /// # Safety
+    /// As [`PoolInner::meta`].
+    #[inline]
+    unsafe fn seg_fields(&self, idx: u32) -> (u32, u16, u16) {
+        // SAFETY: per the contract: the entry of a buffer the caller owns.
+        unsafe {
+            let m = self.meta(idx);
+            ((*m).next, (*m).off, (*m).len)
+        }
+    }
     /// Buffer `idx`'s metadata entry, written.
     ///
     /// # Safety
@@ -224,10 +237,7 @@ impl Packet {
         let inner = self.inner();
         // SAFETY: `idx` is a segment of this chain (the caller walks the head's links),
         // so a buffer of the pool this packet owns.
-        let (next, off, len) = unsafe {
-            let m = inner.meta(idx);
-            ((*m).next, (*m).off, (*m).len)
-        };
+        let (next, off, len) = unsafe { inner.seg_fields(idx) };
         // SAFETY: as above; `off` lies inside the buffer.
         let p = unsafe { inner.buf_ptr(idx).add(off as usize) };
         (next, p, len as usize)
@@ -383,10 +393,7 @@ impl Packet {
         let mut idx = self.first_seg();
         for _ in 1..self.nb_segs() {
             // SAFETY: a segment of this chain: a buffer this packet owns.
-            let (next, off, len) = unsafe {
-                let m = inner.meta(idx);
-                ((*m).next, (*m).off, (*m).len)
-            };
+            let (next, off, len) = unsafe { inner.seg_fields(idx) };
             f(idx, off, len);
             idx = next;
         }
