@@ -4,8 +4,8 @@
 //! positions (the next available descriptor and the next used one, each with its wrap
 //! counter, §2.8.1), the avail/used/notification protocol (§2.8.6-§2.8.10) and the
 //! validation of everything the driver wrote: AVAIL/USED bits against the wrap counter,
-//! chain extents, buffer ids in flight, indirect tables, buffer directions and
-//! addresses (the walk is in `walk`).
+//! chain extents and buffer ids in flight (the poll), indirect tables, buffer directions
+//! and addresses (the walk, in `walk`).
 //! Must not: decide what a packet means (the ports do), allocate, lock, or make a
 //! syscall other than the one call-eventfd write a burst may need; nor share state with
 //! the split engine (`split_ring`), whose chain types, copies, faults and address
@@ -30,8 +30,8 @@
 //!   store before that load (store→load), pairing with the driver's full barrier.
 //!
 //! A burst looks as with the split engine: [`PackedRing::poll_avail`] (finds up to
-//! [`MAX_BURST`] available chains in ring order and remembers where each starts and how
-//! many descriptors it has), [`PackedRing::walk_avail`] (`walk`) over them, one
+//! [`MAX_BURST`] available chains in ring order, checks their buffer ids and remembers
+//! where each starts, how many descriptors it has and its id), [`PackedRing::walk_avail`] (`walk`) over them, one
 //! [`PackedRing::add_used`] per finished chain, [`PackedRing::consume`], then one
 //! [`PackedRing::publish_used`].
 //!
@@ -60,28 +60,89 @@ pub(crate) const MAX_BURST: usize = 64;
 /// Entries of the walked-id table: one per possible buffer id (ids are 16 bits).
 const IDS: usize = u16::MAX as usize + 1;
 
-/// Where one available chain lies in the ring, as the poll found it.
-#[derive(Debug, Clone, Copy, Default)]
-struct ChainAt {
+/// Where one available chain lies in the ring and its buffer id, as the poll found them.
+///
+/// One word (offset in bits 0-15, ring descriptors in 16-31, buffer id in 32-47, the
+/// avail wrap counter at the offset in bit 48; an indirect descriptor counts as one): the
+/// poll's loop stores one word per chain, not four fields.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ChainAt(u64);
+
+impl ChainAt {
+    #[inline(always)]
+    fn new(pos: u16, count: u16, id: u16, wrap: bool) -> ChainAt {
+        ChainAt(pos as u64 | (count as u64) << 16 | (id as u64) << 32 | (wrap as u64) << 48)
+    }
+
     /// Offset of its first descriptor.
-    pos: u16,
-    /// Descriptors it occupies in the ring (an indirect one counts as one).
-    count: u16,
+    #[inline(always)]
+    fn pos(self) -> u16 {
+        self.0 as u16
+    }
+
+    /// Descriptors it occupies in the ring.
+    #[inline(always)]
+    fn count(self) -> u16 {
+        (self.0 >> 16) as u16
+    }
+
+    /// Its buffer id (the last descriptor's, §2.8.6).
+    #[inline(always)]
+    fn id(self) -> u16 {
+        (self.0 >> 32) as u16
+    }
+
     /// The avail wrap counter at `pos`.
-    wrap: bool,
+    #[inline(always)]
+    fn wrap(self) -> bool {
+        self.0 >> 48 & 1 != 0
+    }
 }
 
 /// What [`PackedRing::walk_avail`] hands back for [`PackedRing::add_used`]: the buffer
 /// id (the last descriptor's, §2.8.6), how many ring descriptors the chain used (the
 /// used position skips them, §2.8.6), and whether the device only reads it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct PackedHead {
+///
+/// One word (id in bits 0-15, count in 16-31, reads-only in bit 32) rather than a struct
+/// of three fields: a burst loop passes it from the walk to `add_used` in one register;
+/// as a struct the compiler assembled it on the stack for every chain
+/// (`bench/callgrind.sh` be-gtx, per-instruction costs).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PackedHead(u64);
+
+impl PackedHead {
+    #[inline(always)]
+    pub fn new(id: u16, count: u16, reads_only: bool) -> PackedHead {
+        PackedHead(id as u64 | (count as u64) << 16 | (reads_only as u64) << 32)
+    }
+
     /// Buffer id to return.
-    pub id: u16,
+    #[inline(always)]
+    pub fn id(self) -> u16 {
+        self.0 as u16
+    }
+
     /// Ring descriptors the chain occupies.
-    pub count: u16,
+    #[inline(always)]
+    pub fn count(self) -> u16 {
+        (self.0 >> 16) as u16
+    }
+
     /// No descriptor of the chain is device-writable (a transmit buffer).
-    pub reads_only: bool,
+    #[inline(always)]
+    pub fn reads_only(self) -> bool {
+        self.0 >> 32 != 0
+    }
+}
+
+impl std::fmt::Debug for PackedHead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedHead")
+            .field("id", &self.id())
+            .field("count", &self.count())
+            .field("reads_only", &self.reads_only())
+            .finish()
+    }
 }
 
 /// The first half of a publication, for the notification decision after the fence: the
@@ -116,13 +177,14 @@ pub(crate) struct PackedRing {
     /// Where the last poll stopped looking (and its wrap counter).
     seen_pos: u16,
     seen_wrap: bool,
-    /// Chains of this burst walked so far with their ids marked in flight.
-    walked: u16,
-    /// By buffer id: the burst (`burst`) that last walked it. An id whose entry holds
-    /// the current burst is in flight in it; a new burst needs no clearing, only a new
-    /// number (the table is cleared when the number wraps).
-    walked_in: Box<[u16]>,
+    /// By buffer id: the burst (`burst`) whose poll last found it. An id whose entry
+    /// holds the current burst is in flight in it; a new burst needs no clearing, only a
+    /// new number (the table is cleared when the number wraps).
+    found_in: Box<[u16]>,
     burst: u16,
+    /// An id the poll found twice in one burst ([`RingFault::IdInFlight`]): the chains
+    /// before it were returned; every later poll reports it (the queue is broken).
+    id_fault: Option<RingFault>,
     /// Used descriptors written and not yet published.
     pending: u16,
     /// The first pending used descriptor: its offset and the flags it gets at publication.
@@ -209,8 +271,12 @@ impl PackedRing {
     /// then take); [`poll_avail_max`](Self::poll_avail_max) with that bound. A chain
     /// whose `NEXT` leads into a descriptor that is not available
     /// is [`RingFault::ChainNotAvailable`], one longer than the ring
-    /// [`RingFault::ChainTooLong`]; the chains before a bad one are returned first, and the
-    /// fault comes with the next poll. Also ends the previous burst's in-flight ids.
+    /// [`RingFault::ChainTooLong`], one whose buffer id another chain found in this burst
+    /// has [`RingFault::IdInFlight`] (the driver must not make an id available again
+    /// before the device used it, §2.8.6; a burst completes in ring order, so the ids a
+    /// burst finds are exactly those it may still complete); the chains before a bad one
+    /// are returned first, and the fault comes with the next poll. Also ends the previous
+    /// burst's in-flight ids.
     #[inline(always)]
     pub fn poll_avail(&mut self) -> Result<u16, RingFault> {
         self.poll_avail_max(MAX_BURST as u16)
@@ -222,10 +288,12 @@ impl PackedRing {
     #[inline]
     pub fn poll_avail_max(&mut self, max: u16) -> Result<u16, RingFault> {
         let max = (max as usize).min(MAX_BURST);
-        self.walked = 0;
+        if let Some(f) = self.id_fault {
+            return Err(f);
+        }
         self.burst = self.burst.wrapping_add(1);
         if self.burst == 0 {
-            self.walked_in.fill(0);
+            self.found_in.fill(0);
             self.burst = 1;
         }
         let (mut pos, mut wrap) = (self.avail_pos, self.avail_wrap);
@@ -233,25 +301,32 @@ impl PackedRing {
         // The common case first, in a loop of its own with the ring's fields in locals:
         // single descriptors (no NEXT), available in this wrap, up to the ring's end.
         let desc = self.desc;
+        let burst = self.burst;
         const MASK: u16 = packed::DESC_F_AVAIL | packed::DESC_F_USED | DESC_F_NEXT;
-        loop {
+        let mut fault = 'singles: loop {
             let want = packed::avail_flags(wrap);
             let end = (n + (self.size - pos) as usize).min(max);
             let start = n;
             while n < end {
                 // SAFETY: `pos < size`: `end - n` positions remain before the ring's end.
-                // Inside the ring validated in `new`, the flags word 2-aligned. Acquire:
-                // see the module doc.
-                let f = unsafe {
-                    AtomicU16::from_ptr(
-                        desc.add(pos as usize * packed::DESC_SIZE + packed::DESC_FLAGS) as *mut u16
-                    )
+                // Inside the ring validated in `new` (16-byte aligned: the flags and id
+                // words are 2-aligned).
+                let id = unsafe {
+                    let d = desc.add(pos as usize * packed::DESC_SIZE);
+                    // Acquire: see the module doc.
+                    let f =
+                        AtomicU16::from_ptr(d.add(packed::DESC_FLAGS) as *mut u16).load(Ordering::Acquire);
+                    if u16::from_le(f) & MASK != want {
+                        break;
+                    }
+                    // After the acquire: the id the driver published with the flags.
+                    // Volatile: the driver owns this memory.
+                    u16::from_le(std::ptr::read_volatile(d.add(packed::DESC_ID) as *const u16))
+                };
+                if !self.mark_found(id, burst) {
+                    break 'singles Some(RingFault::IdInFlight { id });
                 }
-                .load(Ordering::Acquire);
-                if u16::from_le(f) & MASK != want {
-                    break;
-                }
-                self.chains[n] = ChainAt { pos, count: 1, wrap };
+                self.chains[n] = ChainAt::new(pos, 1, id, wrap);
                 n += 1;
                 pos += 1;
             }
@@ -259,21 +334,58 @@ impl PackedRing {
                 (pos, wrap) = (0, !wrap);
             }
             if n == start || n == max || n < end {
-                break;
+                break None;
             }
+        };
+        if fault.is_none() {
+            fault = self.find_chains(&mut n, &mut pos, &mut wrap, max);
         }
-        let fault = self.find_chains(&mut n, &mut pos, &mut wrap, max);
         (self.seen_pos, self.seen_wrap) = (pos, wrap);
         self.found = n as u16;
+        self.take_fault(fault, n)
+    }
+
+    /// Marks `id` found in burst `burst` and returns true, or returns false when this
+    /// burst already found it.
+    #[inline(always)]
+    fn mark_found(&mut self, id: u16, burst: u16) -> bool {
+        debug_assert_eq!(self.found_in.len(), IDS);
+        // SAFETY: `found_in` has an entry for every u16 (built with `IDS` entries in
+        // `new` and never resized), so no bounds check is needed.
+        let seen = unsafe { self.found_in.get_unchecked_mut(id as usize) };
+        if *seen == burst {
+            return false;
+        }
+        *seen = burst;
+        true
+    }
+
+    /// What a poll that found `n` chains and stopped at `fault` returns: the chains, if
+    /// there are any, else the fault. An id found twice is kept for every later poll
+    /// (the poll that finds the chain again would otherwise find the id free: the chains
+    /// before it are completed by then).
+    #[inline(always)]
+    fn take_fault(&mut self, fault: Option<RingFault>, n: usize) -> Result<u16, RingFault> {
         match fault {
-            Some(f) if n == 0 => Err(f),
-            _ => Ok(n as u16),
+            Some(f) => {
+                if matches!(f, RingFault::IdInFlight { .. }) {
+                    self.id_fault = Some(f);
+                }
+                if n == 0 {
+                    Err(f)
+                } else {
+                    Ok(n as u16)
+                }
+            }
+            None => Ok(n as u16),
         }
     }
 
     /// Asks for the first `lines` cache lines of the buffer of the `i`-th chain the last
     /// poll found in a writable state (a hint only; see `DeviceRing::prefetch_write`).
-    #[inline]
+    /// Always inlined, as the split engine's: behind the port's generic `Ring` call the
+    /// compiler kept it out of line, a call per frame in `reflect`'s burst.
+    #[inline(always)]
     pub fn prefetch_write(&mut self, i: u16, lines: usize) {
         let Some(pw) = self.write_prefetch else { return };
         if let Some((ptr, n)) = self.first_buffer(i) {
@@ -289,8 +401,8 @@ impl PackedRing {
             return None;
         }
         let at = self.chains[i as usize];
-        // SAFETY: `at.pos < size`.
-        let d = unsafe { walk::read_ring_desc(self.desc, at.pos) };
+        // SAFETY: `at.pos() < size`.
+        let d = unsafe { walk::read_ring_desc(self.desc, at.pos()) };
         if d.flags & DESC_F_INDIRECT != 0 {
             return None;
         }
@@ -299,7 +411,7 @@ impl PackedRing {
 
     /// [`prefetch_write`](Self::prefetch_write)'s counterpart for a buffer the burst
     /// will read (`--prefetch-tx`).
-    #[inline]
+    #[inline(always)]
     pub fn prefetch_read(&mut self, i: u16, lines: usize) {
         if let Some((ptr, n)) = self.first_buffer(i) {
             prefetch_lines_read(ptr, n, lines);
@@ -322,14 +434,14 @@ impl PackedRing {
     /// Device-writable chains always get their own descriptor: their lengths matter.
     #[inline(always)]
     pub fn add_used(&mut self, head: PackedHead, len: u32) {
-        let coalesce = self.in_order && head.reads_only && len == 0;
+        let coalesce = self.in_order && head.reads_only() && len == 0;
         if coalesce && self.run_pos.is_some() {
             // Folded into the open run: its descriptor is renamed and the used position
             // moved on when the run closes.
             // No clamp to the ring size here: `close_run` moves on by whole laps, so any
             // sum of counts keeps the position inside the ring.
-            self.run_id = head.id;
-            self.run_skip += head.count as u32;
+            self.run_id = head.id();
+            self.run_skip += head.count() as u32;
             return;
         }
         self.close_run();
@@ -341,7 +453,7 @@ impl PackedRing {
         unsafe {
             let p = self.desc.add(pos as usize * packed::DESC_SIZE);
             std::ptr::write_volatile(p.add(packed::DESC_LEN) as *mut u32, len.to_le());
-            std::ptr::write_volatile(p.add(packed::DESC_ID) as *mut u16, head.id.to_le());
+            std::ptr::write_volatile(p.add(packed::DESC_ID) as *mut u16, head.id().to_le());
         }
         // WRITE marks a used length the driver should read (§2.8.4).
         let flags = packed::used_flags(self.used_wrap) | if len > 0 { DESC_F_WRITE } else { 0 };
@@ -353,7 +465,7 @@ impl PackedRing {
             unsafe { self.flags_at(pos) }.store(flags.to_le(), Ordering::Relaxed);
         }
         self.pending += 1;
-        (self.used_pos, self.used_wrap) = self.advance(pos, self.used_wrap, head.count.min(self.size));
+        (self.used_pos, self.used_wrap) = self.advance(pos, self.used_wrap, head.count().min(self.size));
     }
 
     /// Closes the open run, if chains were folded into it: its used descriptor takes the
@@ -390,7 +502,7 @@ impl PackedRing {
         let n = n.min(self.found);
         if n > 0 {
             let c = self.chains[n as usize - 1];
-            (self.avail_pos, self.avail_wrap) = self.advance(c.pos, c.wrap, c.count);
+            (self.avail_pos, self.avail_wrap) = self.advance(c.pos(), c.wrap(), c.count());
         }
         self.found = 0;
     }
@@ -488,7 +600,7 @@ impl PackedRing {
     /// ring order, recorded in `chains[*n..]` until `max` are found or the next is not
     /// available; `pos`, `wrap` and `n` move past what was found. Returns the fault that
     /// stopped it, if any: a chain whose `NEXT` leads into a descriptor that is not
-    /// available, or one longer than the ring. Shared by [`poll_avail_max`]
+    /// available, one longer than the ring, or one whose id this burst already found. Shared by [`poll_avail_max`]
     /// (after its loop over single descriptors) and [`poll_more`](Self::poll_more).
     ///
     /// [`poll_avail_max`]: Self::poll_avail_max
@@ -509,6 +621,7 @@ impl PackedRing {
             }
             let mut count = 1u16;
             let mut flags = head;
+            let mut last = *pos;
             let (mut p, mut w) = self.advance(*pos, *wrap, 1);
             while flags & DESC_F_NEXT != 0 {
                 if count == self.size {
@@ -520,9 +633,15 @@ impl PackedRing {
                     return Some(RingFault::ChainNotAvailable { pos: p });
                 }
                 count += 1;
+                last = p;
                 (p, w) = self.advance(p, w, 1);
             }
-            self.chains[*n] = ChainAt { pos: *pos, count, wrap: *wrap };
+            // The buffer id is the last descriptor's (§2.8.6). SAFETY: `last < size`.
+            let id = unsafe { walk::read_ring_desc(self.desc, last) }.id;
+            if !self.mark_found(id, self.burst) {
+                return Some(RingFault::IdInFlight { id });
+            }
+            self.chains[*n] = ChainAt::new(*pos, count, id, *wrap);
             *n += 1;
             (*pos, *wrap) = (p, w);
         }
@@ -537,13 +656,19 @@ impl PackedRing {
     /// stopped is the fault, as [`poll_avail`](Self::poll_avail) would report it next:
     /// the caller would otherwise wait forever for buffers behind it.
     pub fn poll_more(&mut self) -> Result<u16, RingFault> {
+        if let Some(f) = self.id_fault {
+            return Err(f);
+        }
         let mut n = self.found as usize;
         let (mut pos, mut wrap) = (self.seen_pos, self.seen_wrap);
         let fault = self.find_chains(&mut n, &mut pos, &mut wrap, MAX_BURST);
         (self.seen_pos, self.seen_wrap) = (pos, wrap);
         self.found = n as u16;
         match fault {
-            Some(f) => Err(f),
+            Some(f) => {
+                self.take_fault(Some(f), n)?;
+                Err(f)
+            }
             None => Ok(n as u16),
         }
     }
@@ -557,7 +682,7 @@ impl PackedRing {
     /// indirect descriptor counts as one), at most `size`.
     pub fn avail_slots(&mut self, chains: u16) -> u16 {
         let n = chains.min(self.found) as usize;
-        let total: u32 = self.chains[..n].iter().map(|c| c.count as u32).sum();
+        let total: u32 = self.chains[..n].iter().map(|c| c.count() as u32).sum();
         total.min(self.size as u32) as u16
     }
 }

@@ -51,10 +51,8 @@ impl PackedRing {
     /// chain then borrows, as with the split engine). Returns the buffer id and the
     /// chain's extent, for [`add_used`](Self::add_used).
     ///
-    /// The first walk of each chain in a burst marks its id in flight; an id already in
-    /// flight is [`RingFault::IdInFlight`] (the driver must not reuse an id before the
-    /// device used it, §2.8.6; in-order completion means every id walked in a burst is
-    /// either used by it or walked again by the next).
+    /// The id is the one the poll found and checked (not one in flight): a driver that
+    /// rewrites it after the poll changes nothing here.
     #[inline(always)]
     pub fn walk_avail<'m>(
         &mut self,
@@ -69,41 +67,23 @@ impl PackedRing {
         }
         let at = self.chains[i as usize];
         // The common case decided inline, returning straight from here: one direct
-        // descriptor in one memory region without an IOMMU, its id not seen in this
-        // burst. Anything else (and every case that fails a check) goes the general way,
+        // descriptor in one memory region without an IOMMU. Anything else (and every case that fails a check) goes the general way,
         // which reads the descriptors again and decides everything itself, so the result
         // never depends on the shortcut.
-        if at.count == 1 && self.iova.is_none() {
-            // SAFETY: `at.pos < size`, the ring's length.
-            let d = unsafe { read_ring_desc(self.desc, at.pos) };
+        if at.count() == 1 && self.iova.is_none() {
+            // SAFETY: `at.pos() < size`, the ring's length.
+            let d = unsafe { read_ring_desc(self.desc, at.pos()) };
             let writable = d.flags & DESC_F_WRITE != 0;
             if d.flags & DESC_F_INDIRECT == 0 && d.len > 0 && dir.admits(writable, false) {
                 if let Some((ptr, n)) = mem.translate(&mut self.hint, d.addr, d.len as u64) {
-                    if n == d.len as u64 && (i != self.walked || self.mark_walked(d.id)) {
+                    if n == d.len as u64 {
                         out.set_single(ptr, d.len, !writable);
-                        return Ok(PackedHead { id: d.id, count: 1, reads_only: !writable });
+                        return Ok(PackedHead::new(at.id(), 1, !writable));
                     }
                 }
             }
         }
-        self.walk_avail_general(mem, i, at, dir, out)
-    }
-
-    /// Marks `id` walked in this burst (the next chain in ring order was walked for the
-    /// first time) and returns true, or returns false when it already was (the general
-    /// walk then reports [`RingFault::IdInFlight`]).
-    #[inline(always)]
-    fn mark_walked(&mut self, id: u16) -> bool {
-        debug_assert_eq!(self.walked_in.len(), u16::MAX as usize + 1);
-        // SAFETY: `walked_in` has an entry for every u16 (built with `IDS` entries in
-        // `new` and never resized), so no bounds check is needed.
-        let seen = unsafe { self.walked_in.get_unchecked_mut(id as usize) };
-        if *seen == self.burst {
-            return false;
-        }
-        *seen = self.burst;
-        self.walked += 1;
-        true
+        self.walk_avail_general(mem, at, dir, out)
     }
 
     /// [`walk_avail`](Self::walk_avail) for every case the inline one does not take.
@@ -111,21 +91,16 @@ impl PackedRing {
     fn walk_avail_general<'m>(
         &mut self,
         mem: &'m GuestMemory,
-        i: u16,
         at: ChainAt,
         dir: Dir,
         out: &mut Chain<'m>,
     ) -> Result<PackedHead, RingFault> {
-        let (id, reads_only) = self.walk_chain(mem, at, dir, out)?;
-        if i == self.walked && !self.mark_walked(id) {
-            return Err(RingFault::IdInFlight { id });
-        }
-        Ok(PackedHead { id, count: at.count, reads_only })
+        let reads_only = self.walk_chain(mem, at, dir, out)?;
+        Ok(PackedHead::new(at.id(), at.count(), reads_only))
     }
 
     /// The walk of any chain: several descriptors, an indirect table, several regions,
-    /// an IOMMU. Returns the buffer id and whether no buffer of the chain is
-    /// device-writable.
+    /// an IOMMU. Returns whether no buffer of the chain is device-writable.
     #[inline]
     fn walk_chain<'m>(
         &mut self,
@@ -133,22 +108,19 @@ impl PackedRing {
         at: ChainAt,
         dir: Dir,
         out: &mut Chain<'m>,
-    ) -> Result<(u16, bool), RingFault> {
+    ) -> Result<bool, RingFault> {
         out.clear();
         let mut writing = false;
-        let mut pos = at.pos;
-        let mut id = 0;
-        for _ in 0..at.count {
+        let mut pos = at.pos();
+        for _ in 0..at.count() {
             // SAFETY: `pos < size` (every position is).
             let d = unsafe { read_ring_desc(self.desc, pos) };
-            // The buffer id is the last descriptor's (§2.8.6).
-            id = d.id;
             if d.flags & DESC_F_INDIRECT != 0 {
                 // A driver must not put an indirect descriptor in a list linked by NEXT
                 // (§2.8.19, driver requirements on indirect descriptors): it is a chain
                 // of its own.
                 let n = d.len / DESC_SIZE as u32;
-                if at.count != 1
+                if at.count() != 1
                     || !self.indirect
                     || d.len == 0
                     || d.len % DESC_SIZE as u32 != 0
@@ -184,7 +156,7 @@ impl PackedRing {
             }
             (pos, _) = self.advance(pos, false, 1);
         }
-        Ok((id, !writing))
+        Ok(!writing)
     }
 
     /// One buffer of a chain: its direction checked against the queue's (and against
