@@ -302,17 +302,28 @@ impl PackedRing {
         // single descriptors (no NEXT), available in this wrap, up to the ring's end.
         let desc = self.desc;
         let burst = self.burst;
+        // The id table and the chain records through raw pointers held in locals: stores
+        // through them in the loop do not make the compiler load the table's address
+        // again for every descriptor.
+        let table = self.found_in.as_mut_ptr();
+        let chains = self.chains.as_mut_ptr();
         const MASK: u16 = packed::DESC_F_AVAIL | packed::DESC_F_USED | DESC_F_NEXT;
         let mut fault = 'singles: loop {
             let want = packed::avail_flags(wrap);
             let end = (n + (self.size - pos) as usize).min(max);
             let start = n;
+            // A single descriptor at `pos` in this wrap, as a `ChainAt` without its
+            // offset and id.
+            let single = ChainAt::new(0, 1, 0, wrap).0;
+            // The offset as a machine word in the loop (no 16-bit arithmetic per descriptor).
+            let first = pos as usize - n;
             while n < end {
-                // SAFETY: `pos < size`: `end - n` positions remain before the ring's end.
+                let at = first + n;
+                // SAFETY: `at < size`: `end - n` positions remain before the ring's end.
                 // Inside the ring validated in `new` (16-byte aligned: the flags and id
                 // words are 2-aligned).
                 let id = unsafe {
-                    let d = desc.add(pos as usize * packed::DESC_SIZE);
+                    let d = desc.add(at * packed::DESC_SIZE);
                     // Acquire: see the module doc.
                     let f =
                         AtomicU16::from_ptr(d.add(packed::DESC_FLAGS) as *mut u16).load(Ordering::Acquire);
@@ -323,13 +334,20 @@ impl PackedRing {
                     // Volatile: the driver owns this memory.
                     u16::from_le(std::ptr::read_volatile(d.add(packed::DESC_ID) as *const u16))
                 };
-                if !self.mark_found(id, burst) {
-                    break 'singles Some(RingFault::IdInFlight { id });
+                // SAFETY: `found_in` has an entry for every u16 (`IDS`, never resized);
+                // our own memory, which nothing else touches during the poll.
+                unsafe {
+                    let seen = table.add(id as usize);
+                    if *seen == burst {
+                        break 'singles Some(RingFault::IdInFlight { id });
+                    }
+                    *seen = burst;
                 }
-                self.chains[n] = ChainAt::new(pos, 1, id, wrap);
+                // SAFETY: `n < end <= max <= MAX_BURST`, the length of `chains`.
+                unsafe { chains.add(n).write(ChainAt(single | at as u64 | (id as u64) << 32)) };
                 n += 1;
-                pos += 1;
             }
+            pos = (first + n) as u16;
             if pos == self.size {
                 (pos, wrap) = (0, !wrap);
             }
