@@ -493,6 +493,15 @@ impl PortPath {
         self.run_sink::<DeviceRing>()
     }
 
+    /// The forwarding burst between two packed rings (`reflect` on a packed device, or
+    /// `xconnect` between two) in a function of its own, as the split sink's: inside
+    /// [`run_other`](Self::run_other), among every other packed burst, the loop kept
+    /// fewer of its values in registers.
+    #[inline(never)]
+    fn run_forward_packed(&mut self, swap_mac: bool) -> Result<usize, (Side, RingFault)> {
+        self.run_forward::<PackedRing, PackedRing>(swap_mac)
+    }
+
     /// [`run`](Self::run)'s bursts for a path with a packed ring (on either side: a
     /// cross-connect may join a split and a packed device), and `sink --sink-read`'s on
     /// either layout. Out of line, so the split
@@ -509,7 +518,7 @@ impl PortPath {
             PathKind::Gen { tcp: None, .. } => self.run_gen::<P>(),
             PathKind::Gen { tcp: Some(_), .. } => self.run_gen_tcp::<P>(),
             PathKind::Forward { swap_mac } => match (sp, dp) {
-                (true, true) => self.run_forward::<P, P>(swap_mac),
+                (true, true) => self.run_forward_packed(swap_mac),
                 (true, false) => self.run_forward::<P, S>(swap_mac),
                 (false, _) => self.run_forward::<S, P>(swap_mac),
             },
