@@ -424,6 +424,48 @@ fn an_in_order_batch_id_that_skips_is_an_error() {
     assert_eq!(r.pop_used_burst(8, &mut g), Ok(0));
 }
 
+#[test]
+fn in_order_receive_takes_singles_then_a_batch_then_stops_at_an_error() {
+    // Two buffers with used descriptors of their own, then a batch of two (one used
+    // descriptor naming the last): one call takes all four, lengths as written / whole.
+    let (mut r, mut dev, ids) = posted4(true);
+    dev.push_used(ids[0], 10, 1);
+    dev.push_used(ids[1], 11, 1);
+    dev.write_used(ids[3], 12, p::used_flags(true));
+    dev.skip(2);
+    let mut g = Got::default();
+    assert_eq!(r.pop_used_burst(8, &mut g), Ok(4));
+    assert_eq!(g.0, vec![(0, 10), (1, 11), (2, 1002), (3, 12)]);
+    assert_eq!((r.in_flight(), r.free_count()), (0, 8));
+    // Good buffers before a bad one are handed out and counted; the error names the
+    // bad one; nothing past it is taken.
+    for bad in 0..3 {
+        let (mut r, mut dev, ids) = posted4(true);
+        dev.push_used(ids[0], 10, 1);
+        dev.push_used(ids[1], 11, 1);
+        let want = match bad {
+            0 => {
+                dev.write_used(ids[2], 5000, p::used_flags(true));
+                DeviceError::UsedLenTooLarge { len: 5000, posted: 1002 }
+            }
+            1 => {
+                dev.write_used(ids[2], 0, p::used_flags(false));
+                DeviceError::UsedWrongWrap { pos: 2, flags: p::used_flags(false) }
+            }
+            _ => {
+                // Buffer 1 again, at buffer 2's position: an in-order id behind the used
+                // position names no buffer in flight.
+                dev.write_used(ids[1], 0, p::used_flags(true));
+                DeviceError::UsedIdNotInFlight { id: ids[1] as u32 }
+            }
+        };
+        let mut g = Got::default();
+        assert_eq!(r.pop_used_burst(8, &mut g), Err((2, want)), "case {bad}");
+        assert_eq!(g.0, vec![(0, 10), (1, 11)], "case {bad}");
+        assert_eq!((r.in_flight(), r.free_count()), (2, 6), "case {bad}");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
     /// Chains posted with `post_chain_id` (the transmit path's multi-segment packets) and
