@@ -315,10 +315,12 @@ impl PackedRing {
             // A single descriptor at `pos` in this wrap, as a `ChainAt` without its
             // offset and id.
             let single = ChainAt::new(0, 1, 0, wrap).0;
-            // The offset as a machine word in the loop (no 16-bit arithmetic per descriptor).
-            let first = pos as usize - n;
+            // The offset as a machine word in the loop (no 16-bit arithmetic per
+            // descriptor): `first + n` is `pos` (wrapping: after the ring's end `pos` is 0
+            // and `n` is not, so `first` alone may wrap below zero).
+            let first = (pos as usize).wrapping_sub(n);
             while n < end {
-                let at = first + n;
+                let at = first.wrapping_add(n);
                 // SAFETY: `at < size`: `end - n` positions remain before the ring's end.
                 // Inside the ring validated in `new` (16-byte aligned: the flags and id
                 // words are 2-aligned).
@@ -347,7 +349,7 @@ impl PackedRing {
                 unsafe { chains.add(n).write(ChainAt(single | at as u64 | (id as u64) << 32)) };
                 n += 1;
             }
-            pos = (first + n) as u16;
+            pos = first.wrapping_add(n) as u16;
             if pos == self.size {
                 (pos, wrap) = (0, !wrap);
             }

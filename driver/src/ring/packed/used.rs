@@ -77,13 +77,7 @@ impl PackedRing {
     /// counter at the ring's end.
     #[inline(always)]
     fn advance_used(&mut self, n: u16) {
-        let next = self.next_used as u32 + n as u32;
-        if next >= self.size as u32 {
-            self.next_used = (next - self.size as u32) as u16;
-            self.used_wrap = !self.used_wrap;
-        } else {
-            self.next_used = next as u16;
-        }
+        (self.next_used, self.used_wrap) = step(self.size, self.next_used, self.used_wrap, n);
     }
 
     /// Retires in-flight buffer `id` (checked by the caller) and returns its token.
@@ -245,13 +239,7 @@ impl PackedRing {
             sink.used(token, len);
             took += 1;
             freed += ndesc;
-            let next = pos as u32 + ndesc as u32;
-            if next >= self.size as u32 {
-                pos = (next - self.size as u32) as u16;
-                wrap = !wrap;
-            } else {
-                pos = next as u16;
-            }
+            (pos, wrap) = step(self.size, pos, wrap, ndesc);
         }
         (self.next_used, self.used_wrap) = (pos, wrap);
         self.free_slots += freed;
@@ -306,13 +294,7 @@ impl PackedRing {
             took += 1;
             freed += ndesc;
             let last = pos as u32 == self.batch_id || self.heads - took == 0;
-            let next = pos as u32 + ndesc as u32;
-            if next >= self.size as u32 {
-                pos = (next - self.size as u32) as u16;
-                wrap = !wrap;
-            } else {
-                pos = next as u16;
-            }
+            (pos, wrap) = step(self.size, pos, wrap, ndesc);
             if last {
                 self.batch_id = NO_BATCH;
                 break;
@@ -336,5 +318,17 @@ impl PackedRing {
         self.unpublished = 0;
         self.batch_id = NO_BATCH;
         out.into_iter()
+    }
+}
+
+/// Ring position `pos` of a ring of `size` moved on by `n` descriptors (`n <= size`),
+/// with its wrap counter flipped past the ring's end.
+#[inline(always)]
+fn step(size: u16, pos: u16, wrap: bool, n: u16) -> (u16, bool) {
+    let next = pos as u32 + n as u32;
+    if next >= size as u32 {
+        ((next - size as u32) as u16, !wrap)
+    } else {
+        (next as u16, wrap)
     }
 }
