@@ -341,7 +341,7 @@ impl PackedRing {
                 unsafe {
                     let seen = table.add(id as usize);
                     if *seen == burst {
-                        break 'singles Some(RingFault::IdInFlight { id });
+                        break 'singles Some(self.id_in_flight(id));
                     }
                     *seen = burst;
                 }
@@ -362,7 +362,10 @@ impl PackedRing {
         }
         (self.seen_pos, self.seen_wrap) = (pos, wrap);
         self.found = n as u16;
-        self.take_fault(fault, n)
+        match fault {
+            Some(f) if n == 0 => Err(f),
+            _ => Ok(n as u16),
+        }
     }
 
     /// Marks `id` found in burst `burst` and returns true, or returns false when this
@@ -380,25 +383,14 @@ impl PackedRing {
         true
     }
 
-    /// What a poll that found `n` chains and stopped at `fault` returns: the chains, if
-    /// there are any, else the fault. An id found twice is kept for every later poll
-    /// (the poll that finds the chain again would otherwise find the id free: the chains
-    /// before it are completed by then).
-    #[inline(always)]
-    fn take_fault(&mut self, fault: Option<RingFault>, n: usize) -> Result<u16, RingFault> {
-        match fault {
-            Some(f) => {
-                if matches!(f, RingFault::IdInFlight { .. }) {
-                    self.id_fault = Some(f);
-                }
-                if n == 0 {
-                    Err(f)
-                } else {
-                    Ok(n as u16)
-                }
-            }
-            None => Ok(n as u16),
-        }
+    /// The fault for an id this burst already found, kept for every later poll (the poll
+    /// that finds the chain again would otherwise find the id free: the chains before it
+    /// are completed by then).
+    #[cold]
+    fn id_in_flight(&mut self, id: u16) -> RingFault {
+        let f = RingFault::IdInFlight { id };
+        self.id_fault = Some(f);
+        f
     }
 
     /// Asks for the first `lines` cache lines of the buffer of the `i`-th chain the last
@@ -659,7 +651,7 @@ impl PackedRing {
             // The buffer id is the last descriptor's (§2.8.6). SAFETY: `last < size`.
             let id = unsafe { walk::read_ring_desc(self.desc, last) }.id;
             if !self.mark_found(id, self.burst) {
-                return Some(RingFault::IdInFlight { id });
+                return Some(self.id_in_flight(id));
             }
             self.chains[*n] = ChainAt::new(*pos, count, id, *wrap);
             *n += 1;
@@ -685,10 +677,7 @@ impl PackedRing {
         (self.seen_pos, self.seen_wrap) = (pos, wrap);
         self.found = n as u16;
         match fault {
-            Some(f) => {
-                self.take_fault(Some(f), n)?;
-                Err(f)
-            }
+            Some(f) => Err(f),
             None => Ok(n as u16),
         }
     }

@@ -262,12 +262,7 @@ impl PackedRing {
         // device does not read this descriptor before it sees its flags (or those of
         // the burst's first descriptor) marked available, which happens after these
         // stores (release at publish).
-        unsafe {
-            let d = self.desc.add(pos as usize * p::DESC_SIZE);
-            std::ptr::write_volatile(d as *mut u64, addr.to_le());
-            std::ptr::write_volatile(d.add(p::DESC_LEN) as *mut u32, len.to_le());
-            std::ptr::write_volatile(d.add(p::DESC_ID) as *mut u16, id.to_le());
-        }
+        unsafe { store_fields(self.desc.add(pos as usize * p::DESC_SIZE), addr, len, id) };
         if self.unpublished_descs == 0 {
             self.pending_head = pos;
             self.pending_flags = flags;
@@ -413,9 +408,7 @@ impl PackedRing {
             // (see `write_desc`); the flags word is written last.
             unsafe {
                 let d = desc.add(pos as usize * p::DESC_SIZE);
-                std::ptr::write_volatile(d as *mut u64, addr.to_le());
-                std::ptr::write_volatile(d.add(p::DESC_LEN) as *mut u32, len.to_le());
-                std::ptr::write_volatile(d.add(p::DESC_ID) as *mut u16, id.to_le());
+                store_fields(d, addr, len, id);
                 if first {
                     // The burst's first descriptor: its flags wait for `publish`.
                     (self.pending_head, self.pending_flags) = (pos, flags);
@@ -505,5 +498,21 @@ impl PackedRing {
             // ENABLE, DESC without EVENT_IDX (not allowed: kicking is safe) or reserved.
             _ => true,
         }
+    }
+}
+
+/// Writes address, length and id (not the flags) of the descriptor at `d`, with volatile
+/// stores (the device shares the ring).
+///
+/// # Safety
+/// `d` must point to a descriptor of a live ring (16-aligned, inside it) that the device
+/// does not read before the flags that make it available are published.
+#[inline(always)]
+unsafe fn store_fields(d: *mut u8, addr: u64, len: u32, id: u16) {
+    // SAFETY: the caller's promise: 16 bytes inside the ring, each field aligned.
+    unsafe {
+        std::ptr::write_volatile(d as *mut u64, addr.to_le());
+        std::ptr::write_volatile(d.add(p::DESC_LEN) as *mut u32, len.to_le());
+        std::ptr::write_volatile(d.add(p::DESC_ID) as *mut u16, id.to_le());
     }
 }
