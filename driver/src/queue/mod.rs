@@ -98,13 +98,28 @@ impl Recycle<'_> {
     /// given back once.
     #[inline]
     unsafe fn put(&mut self, i: u32) {
-        self.idx[self.n] = i;
-        self.n += 1;
+        // `n < BATCH` always (it goes back to 0 on reaching it), so `n % BATCH` is `n`:
+        // a mask instead of a bounds check, and `n` read once (a store into `idx`
+        // would otherwise make the compiler load it again).
+        let n = self.n % BATCH;
+        self.idx[n] = i;
+        self.n = n + 1;
         if self.n == BATCH {
             // SAFETY: every queued index came through `put`, under its contract.
             unsafe { self.pool.put_indices(&self.idx) };
             self.n = 0;
         }
+    }
+    /// [`put`](Self::put) out of line, for a loop's rare branch (a frame dropped on
+    /// receive): inlined there, it cost the loop's common path registers.
+    ///
+    /// # Safety
+    /// As for [`put`](Self::put).
+    #[cold]
+    #[inline(never)]
+    unsafe fn put_cold(&mut self, i: u32) {
+        // SAFETY: the caller's promise.
+        unsafe { self.put(i) }
     }
     /// Returns `p`'s buffer: batched if it is a plain packet of ours, else (a chain, a
     /// packet of another pool) through its own drop.

@@ -157,13 +157,13 @@ impl<L: FrameLimit> UsedSink for RxSink<'_, '_, L> {
         if (len as usize) < NET_HDR_LEN {
             self.errors += 1;
             // SAFETY: a buffer of ours (above), given back once.
-            unsafe { self.rec.put(idx) };
+            unsafe { self.rec.put_cold(idx) };
             return;
         }
         let data_len = len - NET_HDR_LEN as u32;
         if self.limit.drops(self.rec.pool, idx, self.headroom, data_len) {
             // SAFETY: a buffer of ours (above), given back once.
-            unsafe { self.rec.put(idx) };
+            unsafe { self.rec.put_cold(idx) };
             return;
         }
         self.bytes += data_len as u64;

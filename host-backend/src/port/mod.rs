@@ -493,6 +493,12 @@ impl PortPath {
         self.run_sink::<DeviceRing>()
     }
 
+    /// The packed-ring sink burst out of line, as the split one's.
+    #[inline(never)]
+    fn run_sink_packed(&mut self) -> Result<usize, (Side, RingFault)> {
+        self.run_sink::<PackedRing>()
+    }
+
     /// The forwarding burst between two packed rings (`reflect` on a packed device, or
     /// `xconnect` between two) in a function of its own, as the split sink's: inside
     /// [`run_other`](Self::run_other), among every other packed burst, the loop kept
@@ -512,7 +518,7 @@ impl PortPath {
         type P = PackedRing;
         let (sp, dp) = self.packed;
         match self.kind {
-            PathKind::Sink { copy: None } => self.run_sink::<P>(),
+            PathKind::Sink { copy: None } => self.run_sink_packed(),
             PathKind::Sink { copy: Some(_) } if sp => self.run_sink_read::<P>(),
             PathKind::Sink { copy: Some(_) } => self.run_sink_read::<S>(),
             PathKind::Gen { tcp: None, .. } => self.run_gen::<P>(),

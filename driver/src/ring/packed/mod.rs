@@ -53,7 +53,10 @@ const NO_BATCH: u32 = u32::MAX;
 
 /// What the ring keeps of one buffer id: the token (`NO_TOKEN` when the id is not in
 /// flight), the bytes posted, and the descriptors the buffer occupies in the ring.
+/// 16 bytes, a descriptor's size: an in-order ring finds a buffer's slot and its
+/// descriptor at the same offset (the id is the position), computed once.
 #[derive(Debug, Clone, Copy)]
+#[repr(align(16))]
 struct Slot {
     token: u32,
     len: u32,
@@ -396,30 +399,40 @@ impl PackedRing {
     #[inline(always)]
     fn post_singles<const IN_ORDER: bool>(&mut self, n: u16, wflag: u16, src: &mut impl PostSource) {
         debug_assert!(n > 0 && n <= self.free_slots && IN_ORDER == self.in_order);
-        let (desc, size) = (self.desc, self.size);
+        let (desc, size, slots) = (self.desc, self.size, self.slots.as_mut_ptr());
         let (mut pos, mut wrap) = (self.next_avail, self.avail_wrap);
         let mut first = self.unpublished_descs == 0;
-        for k in 0..n as usize {
+        let mut k = 0usize;
+        while k < n as usize {
+            // One stretch of positions without the ring's end inside, so one wrap counter
+            // and one flags value for all of it (no wrap test per descriptor).
             let flags = wflag | p::avail_flags(wrap);
-            let id = if IN_ORDER { pos } else { self.take_id(pos) };
-            let (addr, len, token) = src.buffer(k, id);
-            // SAFETY: `pos < size` (moved on below as `take_avail_pos` does): inside the
-            // ring, 16-aligned. The device reads none of it before the burst's publish
-            // (see `write_desc`); the flags word is written last.
-            unsafe {
-                let d = desc.add(pos as usize * p::DESC_SIZE);
-                store_fields(d, addr, len, id);
-                if first {
-                    // The burst's first descriptor: its flags wait for `publish`.
-                    (self.pending_head, self.pending_flags) = (pos, flags);
-                    first = false;
-                } else {
-                    AtomicU16::from_ptr(d.add(p::DESC_FLAGS) as *mut u16)
-                        .store(flags.to_le(), Ordering::Relaxed);
+            let end = k + (n as usize - k).min((size - pos) as usize);
+            while k < end {
+                let id = if IN_ORDER { pos } else { self.take_id(pos) };
+                let (addr, len, token) = src.buffer(k, id);
+                // SAFETY: `pos < size` (the stretch ends at the ring's end at the latest):
+                // inside the ring, 16-aligned. The device reads none of it before the
+                // burst's publish (see `write_desc`); the flags word is written last.
+                unsafe {
+                    let d = desc.add(pos as usize * p::DESC_SIZE);
+                    store_fields(d, addr, len, id);
+                    if first {
+                        // The burst's first descriptor: its flags wait for `publish`.
+                        (self.pending_head, self.pending_flags) = (pos, flags);
+                        first = false;
+                    } else {
+                        AtomicU16::from_ptr(d.add(p::DESC_FLAGS) as *mut u16)
+                            .store(flags.to_le(), Ordering::Relaxed);
+                    }
                 }
+                debug_assert!(id < size);
+                // SAFETY: ids are `< size`, the length of `slots` (in order the position;
+                // else from `free_ids`, which holds ids only); driver-private memory.
+                unsafe { slots.add(id as usize).write(Slot { token, len, ndesc: 1 }) };
+                pos += 1;
+                k += 1;
             }
-            self.slots[id as usize] = Slot { token, len, ndesc: 1 };
-            pos += 1;
             if pos == size {
                 (pos, wrap) = (0, !wrap);
             }

@@ -15,7 +15,7 @@
 //! counter (AVAIL = USED = w); anything else is a used descriptor written with the wrong
 //! wrap counter, a [`DeviceError::UsedWrongWrap`].
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU16, Ordering};
 
 use spec::packed as p;
 
@@ -200,24 +200,32 @@ impl PackedRing {
     ) -> Result<u16, (u16, DeviceError)> {
         debug_assert!(self.in_order && self.batch_id == NO_BATCH);
         let max = max.min(self.heads - self.unpublished);
+        // The ring's fields the loop reads, in locals: the sink writes memory the
+        // compiler cannot tell apart from `self`, which would reload them per buffer.
+        let (size, desc, slots) = (self.size, self.desc, self.slots.as_mut_ptr());
         let (mut pos, mut wrap) = (self.next_used, self.used_wrap);
+        // The two flags states a position in flight can hold in this lap (see the
+        // module comment), flipped with the wrap counter.
+        let (mut used, mut avail) = (p::used_flags(wrap), p::avail_flags(wrap));
         let (mut took, mut freed) = (0u16, 0u16);
         let mut failed = None;
         while took < max {
-            // SAFETY: `pos < size` (moved on below as `advance_used` does). Acquire: as
-            // in `peek_flags`.
-            let f = u16::from_le(unsafe { self.flags_at(pos) }.load(Ordering::Acquire));
+            let d = desc.wrapping_add(pos as usize * p::DESC_SIZE);
+            // SAFETY: `pos < size` (moved on below as `step` does): `d` is a descriptor of
+            // the ring, 16-aligned, its flags 2-aligned; atomics may alias device writes.
+            // Acquire: as in `peek_flags`.
+            let f = unsafe { AtomicU16::from_ptr(d.add(p::DESC_FLAGS) as *mut u16) }.load(Ordering::Acquire);
+            let f = u16::from_le(f);
             let state = f & (p::DESC_F_AVAIL | p::DESC_F_USED);
-            if state != p::used_flags(wrap) {
-                if state != p::avail_flags(wrap) {
+            if state != used {
+                if state != avail {
                     failed = Some(DeviceError::UsedWrongWrap { pos, flags: f });
                 }
                 break;
             }
-            // SAFETY: `pos < size`: inside the ring, 16-aligned. Volatile: the device
-            // wrote these before its release store of the flags we acquired.
+            // SAFETY: `d` is a descriptor of the ring (above). Volatile: the device wrote
+            // these before its release store of the flags we acquired.
             let (id, len) = unsafe {
-                let d = self.desc.add(pos as usize * p::DESC_SIZE);
                 let len = std::ptr::read_volatile(d.add(p::DESC_LEN) as *const u32);
                 let id = std::ptr::read_volatile(d.add(p::DESC_ID) as *const u16);
                 (u16::from_le(id), u32::from_le(len))
@@ -225,11 +233,13 @@ impl PackedRing {
             if id != pos {
                 break;
             }
-            let slot = &mut self.slots[pos as usize];
-            if slot.token == NO_TOKEN {
-                failed = Some(DeviceError::UsedIdNotInFlight { id: id as u32 });
-                break;
-            }
+            // SAFETY: `pos < size`, the length of `slots`; driver-private memory that
+            // the sink does not touch.
+            let slot = unsafe { &mut *slots.add(pos as usize) };
+            // In order, the buffers in flight and published start at the used position
+            // and follow each other, each with its position as id; fewer than those are
+            // taken (`max`), so the one at `pos` is in flight.
+            debug_assert!(slot.token != NO_TOKEN);
             if len > slot.len {
                 failed = Some(DeviceError::UsedLenTooLarge { len, posted: slot.len });
                 break;
@@ -239,7 +249,14 @@ impl PackedRing {
             sink.used(token, len);
             took += 1;
             freed += ndesc;
-            (pos, wrap) = step(self.size, pos, wrap, ndesc);
+            // `pos + ndesc <= 2 * 32768 - 1`: no overflow.
+            let next = pos + ndesc;
+            if next >= size {
+                (pos, wrap) = (next - size, !wrap);
+                (used, avail) = (p::used_flags(wrap), p::avail_flags(wrap));
+            } else {
+                pos = next;
+            }
         }
         (self.next_used, self.used_wrap) = (pos, wrap);
         self.free_slots += freed;
@@ -282,23 +299,41 @@ impl PackedRing {
     #[inline(always)]
     fn take_batch_tokens(&mut self, max: u16, sink: &mut impl TokenSink) -> u16 {
         debug_assert!(self.in_order && self.batch_id != NO_BATCH && max > 0 && self.heads > 0);
+        // In locals, as in `pop_in_order_singles`; at most the buffers in flight are taken
+        // (the batch cannot end beyond them; `batch_step`'s guard). `batch_id` is a
+        // checked id, so `< size`.
+        let (size, slots, end) = (self.size, self.slots.as_mut_ptr(), self.batch_id as u16);
+        let max = max.min(self.heads);
         let (mut pos, mut wrap) = (self.next_used, self.used_wrap);
         let (mut took, mut freed) = (0u16, 0u16);
-        while took < max {
-            // In order, the buffer at the used position is in flight with id `pos`
-            // (`take_id`), so `pos < size`, an index of `slots`.
-            let slot = &mut self.slots[pos as usize];
-            let (token, ndesc) = (slot.token, slot.ndesc);
-            slot.token = NO_TOKEN;
-            sink.token(token);
-            took += 1;
-            freed += ndesc;
-            let last = pos as u32 == self.batch_id || self.heads - took == 0;
-            (pos, wrap) = step(self.size, pos, wrap, ndesc);
-            if last {
-                self.batch_id = NO_BATCH;
-                break;
+        let mut ended = false;
+        while took < max && !ended {
+            // One stretch of positions without the ring's end inside: up to the batch's
+            // last buffer if it lies ahead in this lap, else up to the ring's last
+            // position (the batch goes on after the wrap). In a stretch a buffer costs
+            // no wrap test and no end test: positions only grow.
+            let last = if end >= pos { end } else { size - 1 };
+            let from = pos;
+            while took < max && pos <= last {
+                // SAFETY: in order, the buffer at the used position is in flight with
+                // id `pos` (`take_id`), so `pos < size`, the length of `slots`;
+                // driver-private memory that the sink does not touch.
+                let slot = unsafe { &mut *slots.add(pos as usize) };
+                let token = std::mem::replace(&mut slot.token, NO_TOKEN);
+                sink.token(token);
+                took += 1;
+                // `pos + ndesc <= 2 * 32768 - 1`: no overflow.
+                pos += slot.ndesc;
             }
+            freed += pos - from;
+            // Past `end` in the stretch that stops there: its buffer was taken.
+            ended = last == end && pos > end;
+            if pos >= size {
+                (pos, wrap) = (pos - size, !wrap);
+            }
+        }
+        if ended || took == self.heads {
+            self.batch_id = NO_BATCH;
         }
         (self.next_used, self.used_wrap) = (pos, wrap);
         self.free_slots += freed;
