@@ -43,6 +43,13 @@ pub(crate) trait Ring {
     /// ring the driver can post nothing more until the device uses some. Out of line: only
     /// a frame that found too few receive chains asks (`port::mrg`).
     fn avail_slots(&mut self, chains: u16) -> u16;
+    /// Whether [`direct`](Ring::direct) can find anything: a forwarding burst compiles
+    /// its loop for plain frames only for rings where it can.
+    const DIRECT: bool;
+    /// The `i`-th available chain when it is one plain buffer of direction `dir`, lying
+    /// whole in guest memory: its host address, length and head; `None` for anything
+    /// else (walk it). Checks as [`walk_avail`](Ring::walk_avail) does for that case.
+    fn direct(&mut self, mem: &GuestMemory, i: u16, dir: Dir) -> Option<(*mut u8, u32, Self::Head)>;
     /// Walks the `i`-th available chain into `out`.
     fn walk_avail<'m>(
         &mut self,
@@ -91,6 +98,12 @@ impl Ring for DeviceRing {
     }
     fn avail_slots(&mut self, chains: u16) -> u16 {
         DeviceRing::avail_slots(self, chains)
+    }
+    // The split engine's forwarding bursts walk every chain (not built for it).
+    const DIRECT: bool = false;
+    #[inline(always)]
+    fn direct(&mut self, _mem: &GuestMemory, _i: u16, _dir: Dir) -> Option<(*mut u8, u32, u16)> {
+        None
     }
     #[inline(always)]
     fn walk_avail<'m>(
@@ -160,6 +173,11 @@ impl Ring for PackedRing {
     }
     fn avail_slots(&mut self, chains: u16) -> u16 {
         PackedRing::avail_slots(self, chains)
+    }
+    const DIRECT: bool = true;
+    #[inline(always)]
+    fn direct(&mut self, mem: &GuestMemory, i: u16, dir: Dir) -> Option<(*mut u8, u32, PackedHead)> {
+        PackedRing::direct(self, mem, i, dir)
     }
     #[inline(always)]
     fn walk_avail<'m>(

@@ -1297,6 +1297,85 @@ fn packed_benign_lies_are_served_or_ignored_exactly() {
     check(&last);
 }
 
+/// A packed `reflect` burst whose plain frames are forwarded by the backend's loop for
+/// plain frames (`port/plain.rs`) until a frame that is not plain, where the general loop
+/// takes over within the same burst: five frames made available at once (the first
+/// one's flags written last), five receive buffers before them. Frame 1 is too short
+/// (a counted drop, completed, no receive buffer used), frame 3 an indirect table (the
+/// general walk); every other frame, and frame 3, arrives byte for byte in the next
+/// receive buffer, with a header saying one buffer, in order.
+#[test]
+fn packed_reflect_hands_plain_frames_over_to_the_general_loop_mid_burst() {
+    let _serial = harness::serial();
+    let dir = TempDir::new("packed-plain");
+    let path = dir.join("reflect.sock");
+    let mut args = vec!["--port".to_string(), format!("reflect:{}", path.display())];
+    args.extend(STATS_ARGS.iter().map(|s| s.to_string()));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut backend = Backend::start(&argv);
+    let mut fe = RawFrontend::connect(&path, MEM, want_packed()).unwrap();
+    packed_queues(&mut fe).unwrap();
+
+    let mut rx = Vec::new();
+    for id in 0..5u16 {
+        let b = fe.alloc(RX_BUF as usize, 64).unwrap();
+        rx.push(pdesc(b, RX_BUF, id, AV | P_WRITE));
+    }
+    packed_offer(&fe, RX, 0, &rx).unwrap();
+    // Frame lengths (without the header); 10 is shorter than an Ethernet header.
+    let lens = [64usize, 10, 100, 80, 70];
+    let mut tx = Vec::new();
+    let mut frames = Vec::new();
+    for (id, &len) in lens.iter().enumerate() {
+        let f = if len >= 14 { frame(len, id as u8) } else { vec![0xab; len] };
+        let mut bytes = vec![0u8; NET_HDR_LEN];
+        bytes.extend_from_slice(&f);
+        let g = buf(&mut fe, &bytes).unwrap();
+        let d = if id == 3 {
+            let t = ptable(&mut fe, &[pdesc(g, bytes.len() as u32, 0, 0)]).unwrap();
+            pdesc(t, packed::DESC_SIZE as u32, id as u16, AV | P_INDIRECT)
+        } else {
+            pdesc(g, bytes.len() as u32, id as u16, AV)
+        };
+        tx.push(d);
+        frames.push(f);
+    }
+    packed_offer(&fe, TX, 0, &tx).unwrap();
+
+    // Every transmitted chain is completed (no IN_ORDER: one used descriptor each).
+    for pos in 0..5u16 {
+        let u = fe.wait_packed_used(TX, pos, true, IO_TIMEOUT).unwrap();
+        assert_eq!((u.id, u.len), (pos, 0), "TX used descriptor {pos}");
+    }
+    // Frames 0, 2, 3, 4 in receive buffers 0..4, in order; buffer 4 left.
+    let mut hdr = [0u8; NET_HDR_LEN];
+    hdr[driver::layout::NET_HDR_NUM_BUFFERS] = 1;
+    for (pos, k) in [0usize, 2, 3, 4].into_iter().enumerate() {
+        let u = fe.wait_packed_used(RX, pos as u16, true, IO_TIMEOUT).unwrap();
+        let want_len = (NET_HDR_LEN + lens[k]) as u32;
+        assert_eq!((u.id, u.len), (pos as u16, want_len), "RX used descriptor {pos} (frame {k})");
+        let got = fe.read_mem(rx[pos].addr, want_len as usize).unwrap();
+        assert_eq!(&got[..NET_HDR_LEN], &hdr[..], "header of frame {k}");
+        assert_eq!(&got[NET_HDR_LEN..], &frames[k][..], "bytes of frame {k}");
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!packed::is_used(fe.packed_desc(RX, 4).unwrap().flags, true), "receive buffer 4 used");
+
+    let check = |s: &Value| {
+        let dev = harness::device(s, &path);
+        assert_eq!(harness::counter(dev, "rx_bytes"), (64 + 100 + 80 + 70) as u64, "rx_bytes: {dev}");
+        assert_eq!(harness::counter(dev, "tx_bytes"), (64 + 100 + 80 + 70) as u64, "tx_bytes: {dev}");
+        assert_unbroken(s, &path, "packed reflect", 4, 4, 1, 0);
+    };
+    let stats = backend.wait_stats(STATS_TIMEOUT, |s| {
+        find_dev(s, &path).is_some_and(|d| d["tx_packets"].as_u64() == Some(4))
+    });
+    check(&stats);
+    assert!(backend.is_running(), "backend died; log:\n{}", backend.log());
+    let last = backend.stop();
+    check(&last);
+}
+
 /// Sets up RX normally and TX as a packed ring whose area `which` is moved to `at`, or
 /// (`which` = "base") whose `SET_VRING_BASE` is `at`; then makes a valid packet available
 /// at position 0 where the descriptor ring is reachable, and kicks. The backend may

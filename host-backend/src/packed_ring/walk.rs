@@ -65,25 +65,48 @@ impl PackedRing {
             // Not a guest's doing: a port asked past its poll. No chain there.
             return Err(RingFault::HeadOutOfRange { head: i });
         }
+        // The common case decided inline, returning straight from here (see `direct`).
+        // Anything else (and every case that fails a check) goes the general way, which
+        // reads the descriptors again and decides everything itself, so the result never
+        // depends on the shortcut.
         let at = self.chains[i as usize];
-        // The common case decided inline, returning straight from here: one direct
-        // descriptor in one memory region without an IOMMU. Anything else (and every case that fails a check) goes the general way,
-        // which reads the descriptors again and decides everything itself, so the result
-        // never depends on the shortcut.
-        if at.count() == 1 && self.iova.is_none() {
-            // SAFETY: `at.pos() < size`, the ring's length.
-            let d = unsafe { read_ring_desc(self.desc, at.pos()) };
-            let writable = d.flags & DESC_F_WRITE != 0;
-            if d.flags & DESC_F_INDIRECT == 0 && d.len > 0 && dir.admits(writable, false) {
-                if let Some((ptr, n)) = mem.translate(&mut self.hint, d.addr, d.len as u64) {
-                    if n == d.len as u64 {
-                        out.set_single(ptr, d.len, !writable);
-                        return Ok(PackedHead::new(at.id(), 1, !writable));
-                    }
-                }
-            }
+        if let Some((ptr, len, head)) = self.direct_at(mem, at, dir) {
+            out.set_single(ptr, len, head.reads_only());
+            return Ok(head);
         }
         self.walk_avail_general(mem, at, dir, out)
+    }
+
+    /// The `i`-th chain the last poll found, when it is the common case: one direct
+    /// descriptor, not empty, of direction `dir`, whose buffer lies whole in one memory
+    /// region, on a ring without an IOMMU. Returns the buffer's host address and length
+    /// and the head for [`add_used`](Self::add_used); `None` for anything else (the
+    /// general walk then decides, and reports what is wrong). The walk's inline case, and
+    /// a forwarding burst's plain frames, which need no [`Chain`] (`port::forward`).
+    #[inline(always)]
+    pub fn direct(&mut self, mem: &GuestMemory, i: u16, dir: Dir) -> Option<(*mut u8, u32, PackedHead)> {
+        if i >= self.found {
+            return None;
+        }
+        self.direct_at(mem, self.chains[i as usize], dir)
+    }
+
+    /// [`direct`](Self::direct) of the chain the poll recorded as `at`.
+    #[inline(always)]
+    fn direct_at(&mut self, mem: &GuestMemory, at: ChainAt, dir: Dir) -> Option<(*mut u8, u32, PackedHead)> {
+        if at.count() != 1 || self.iova.is_some() {
+            return None;
+        }
+        // SAFETY: `at.pos() < size`, the ring's length.
+        let d = unsafe { read_ring_desc(self.desc, at.pos()) };
+        let writable = d.flags & DESC_F_WRITE != 0;
+        if d.flags & DESC_F_INDIRECT != 0 || d.len == 0 || !dir.admits(writable, false) {
+            return None;
+        }
+        match mem.translate(&mut self.hint, d.addr, d.len as u64) {
+            Some((ptr, n)) if n == d.len as u64 => Some((ptr, d.len, PackedHead::new(at.id(), 1, !writable))),
+            _ => None,
+        }
     }
 
     /// [`walk_avail`](Self::walk_avail) for every case the inline one does not take.

@@ -51,6 +51,7 @@ mod gen;
 mod handoff;
 pub(crate) mod mrg;
 pub(crate) mod offload;
+mod plain;
 mod sink;
 mod tap;
 
