@@ -82,7 +82,7 @@ impl PackedRing {
     /// region, on a ring without an IOMMU. Returns the buffer's host address and length
     /// and the head for [`add_used`](Self::add_used); `None` for anything else (the
     /// general walk then decides, and reports what is wrong). The walk's inline case, and
-    /// a forwarding burst's plain frames, which need no [`Chain`] (`port::forward`).
+    /// a forwarding burst's plain frames, which need no [`Chain`] (`port/plain.rs`).
     #[inline(always)]
     pub fn direct(&mut self, mem: &GuestMemory, i: u16, dir: Dir) -> Option<(*mut u8, u32, PackedHead)> {
         if i >= self.found {

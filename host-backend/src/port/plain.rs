@@ -1,6 +1,6 @@
 //! The forwarding burst's loop for plain frames, on rings that hand out direct buffers
 //! ([`Ring::DIRECT`]: the packed engine): a one-descriptor chain on each side, a frame
-//! that passes [`PortPath::tx_frame`]'s checks and fits its receive buffer, and nothing
+//! that passes `PortPath::tx_frame`'s checks and fits its receive buffer, and nothing
 //! asked of the device but the copy (no offload, no receive filter). `forward.rs` runs it
 //! first in a burst; the general loop takes over at the first frame that is not plain.
 //!
