@@ -7,11 +7,11 @@
 //! decision, and the one publish for both rings.
 //! Must not: change device state other than through `QueueSlot::fail`.
 
-use spec::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
+use spec::layout::NET_HDR_LEN;
 
 use super::mrg::{self, FrameSrc, Placed};
 use super::offload;
-use super::{plain, PortPath, Side, BURST, ETH_HLEN, FILTER_BYTES};
+use super::{plain, PortPath, Side, BURST, ETH_HLEN, FILTER_BYTES, ONE_BUFFER_HDR};
 use crate::ring::{publish_used_pair, Ring};
 use crate::split_ring::{copy_chain, gather, scatter, Dir, RingFault};
 use crate::stats::{BurstCounts, DropReason, OffloadCounts};
@@ -148,7 +148,8 @@ impl PortPath {
                 let (k, bytes) =
                     plain::forward(sring, smem, &mut **dr, dmem, ntx.min(nrx), max_frame, swap_mac);
                 (first, tx_done, rx_done) = (k, k, k);
-                (rx_packets, rx_bytes, tx_packets, tx_bytes) = (k as u64, bytes, k as u64, bytes);
+                (rx_packets, rx_bytes) = (rx_packets + k as u64, rx_bytes + bytes);
+                (tx_packets, tx_bytes) = (tx_packets + k as u64, tx_bytes + bytes);
             }
         }
         for i in first..ntx {
@@ -325,9 +326,7 @@ impl PortPath {
             }
             sring.add_used(th, 0);
             tx_done += 1;
-            let mut hdr = [0u8; NET_HDR_LEN];
-            hdr[NET_HDR_NUM_BUFFERS..NET_HDR_NUM_BUFFERS + 2].copy_from_slice(&1u16.to_le_bytes());
-            scatter(dchain, 0, &hdr);
+            scatter(dchain, 0, &ONE_BUFFER_HDR);
             copy_chain(schain, NET_HDR_LEN, dchain, NET_HDR_LEN, len as usize);
             if swap_mac {
                 let mut macs = [0u8; 12];

@@ -66,6 +66,13 @@ pub const CTRL_BURST: u16 = 16;
 const FILTER_BYTES: usize = 16;
 /// Ethernet header length.
 const ETH_HLEN: u64 = 14;
+/// The virtio-net header of a frame delivered whole in one receive buffer: nothing
+/// asked of the driver, `num_buffers` 1 (little-endian).
+const ONE_BUFFER_HDR: [u8; NET_HDR_LEN] = {
+    let mut h = [0u8; NET_HDR_LEN];
+    h[NET_HDR_NUM_BUFFERS] = 1;
+    h
+};
 /// Offset of the generator's magic and sequence number in its frames (after
 /// Ethernet, IPv4 and UDP headers).
 pub const GEN_SEQ_OFFSET: usize = 14 + 20 + 8;

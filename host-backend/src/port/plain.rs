@@ -1,6 +1,6 @@
 //! The forwarding burst's loop for plain frames, on rings that hand out direct buffers
 //! ([`Ring::DIRECT`]: the packed engine): a one-descriptor chain on each side, a frame
-//! that passes `PortPath::tx_frame`'s checks and fits its receive buffer, and nothing
+//! that passes [`PortPath::tx_frame`]'s checks and fits its receive buffer, and nothing
 //! asked of the device but the copy (no offload, no receive filter). `forward.rs` runs it
 //! first in a burst; the general loop takes over at the first frame that is not plain.
 //!
@@ -14,9 +14,9 @@
 //! decide anything about a frame that is not plain: it stops there and leaves that frame
 //! and everything after it to the general loop, which applies its own rules.
 
-use spec::layout::{NET_HDR_LEN, NET_HDR_NUM_BUFFERS};
+use spec::layout::NET_HDR_LEN;
 
-use super::ETH_HLEN;
+use super::{PortPath, ONE_BUFFER_HDR};
 use crate::memory::GuestMemory;
 use crate::ring::Ring;
 use crate::split_ring::Dir;
@@ -35,21 +35,16 @@ pub(super) fn forward<S: Ring, D: Ring>(
     max_frame: u64,
     swap_mac: bool,
 ) -> (u16, u64) {
-    let mut hdr = [0u8; NET_HDR_LEN];
-    hdr[NET_HDR_NUM_BUFFERS..NET_HDR_NUM_BUFFERS + 2].copy_from_slice(&1u16.to_le_bytes());
     let (mut done, mut bytes) = (0u16, 0u64);
     while done < n {
         let Some((from, total, th)) = src.direct(smem, done, Dir::DeviceReads) else { break };
-        // `PortPath::tx_frame`'s rules: a frame that breaks them is the general loop's.
-        let total64 = total as u64;
-        if total64 < NET_HDR_LEN as u64 + ETH_HLEN || total64 - NET_HDR_LEN as u64 > max_frame {
-            break;
-        }
+        // A frame `tx_frame` would drop is the general loop's.
+        let Ok(len) = PortPath::frame_len(total as u64, max_frame) else { break };
         let Some((to, room, rh)) = dst.direct(dmem, done, Dir::DeviceWrites) else { break };
         if room < total {
             break; // several receive buffers (or none big enough): the general loop's
         }
-        let len = total as usize - NET_HDR_LEN;
+        let len = len as usize;
         // SAFETY: `from .. + total` lies whole in guest memory (translated by `direct`,
         // mapped while `smem` is borrowed), `to .. + room` likewise in `dmem`, device-
         // writable, and `total <= room`; the frame is at least an Ethernet header long,
@@ -57,7 +52,7 @@ pub(super) fn forward<S: Ring, D: Ring>(
         // memory is foreign and a driver may point both buffers at the same bytes; bytes
         // it rewrites meanwhile arrive torn, which only harms that driver.
         unsafe {
-            std::ptr::copy(hdr.as_ptr(), to, NET_HDR_LEN);
+            std::ptr::copy(ONE_BUFFER_HDR.as_ptr(), to, NET_HDR_LEN);
             std::ptr::copy(from.add(NET_HDR_LEN), to.add(NET_HDR_LEN), len);
             if swap_mac {
                 let mut macs = [0u8; 12];

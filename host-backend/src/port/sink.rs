@@ -38,12 +38,21 @@ impl PortPath {
     pub(crate) fn tx_frame(chain: &Chain<'_>, max_frame: u64) -> Result<u64, DropReason> {
         if chain.truncated {
             Err(DropReason::TooManySegments)
-        } else if chain.total < NET_HDR_LEN as u64 + ETH_HLEN {
+        } else {
+            Self::frame_len(chain.total, max_frame)
+        }
+    }
+
+    /// The frame length of a transmitted buffer of `total` bytes (the header included),
+    /// or why it is dropped: [`tx_frame`](Self::tx_frame)'s checks on the length.
+    #[inline(always)]
+    pub(crate) fn frame_len(total: u64, max_frame: u64) -> Result<u64, DropReason> {
+        if total < NET_HDR_LEN as u64 + ETH_HLEN {
             Err(DropReason::ShortFrame)
-        } else if chain.total - NET_HDR_LEN as u64 > max_frame {
+        } else if total - NET_HDR_LEN as u64 > max_frame {
             Err(DropReason::Oversize)
         } else {
-            Ok(chain.total - NET_HDR_LEN as u64)
+            Ok(total - NET_HDR_LEN as u64)
         }
     }
 
